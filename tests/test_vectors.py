@@ -1,0 +1,70 @@
+"""The CPython side against the shared vectors (the MicroPython side: tests/firmware/test_vectors.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import identifier, wire
+from tests.vecload import from_json, load, same
+
+IDS = load("identifiers.json")
+MSGS = load("messages.json")
+CBOR = load("cbor.json")
+
+
+def _input(v: dict) -> str | bytes:
+    return bytes.fromhex(v["input_hex"]) if "input_hex" in v else v["input"]
+
+
+@pytest.mark.parametrize("v", IDS["valid"], ids=lambda v: v["input"][:40])
+def test_valid_identifier(v: dict) -> None:
+    ident = identifier.parse(v["input"])
+    assert (str(ident), ident.prefix, ident.suffix) == (v["normalised"], v["prefix"], v["suffix"])
+    assert identifier.parse(v["input"].encode()) == ident
+
+
+@pytest.mark.parametrize("v", IDS["invalid"], ids=lambda v: repr(_input(v))[:40])
+def test_invalid_identifier(v: dict) -> None:
+    with pytest.raises(identifier.IdentifierError) as e:
+        identifier.parse(_input(v))
+    assert e.value.reason == v["reason"]
+    assert e.value.reason in identifier.REASONS
+
+
+@pytest.mark.parametrize("v", MSGS["messages"], ids=lambda v: f"{v['message']}-{v['description']}")
+def test_message_vector(v: dict) -> None:
+    fields = from_json(v["fields"])
+    assert wire.encode(v["message"], fields).hex() == v["hex"]
+    assert same(wire.decode(v["message"], bytes.fromhex(v["hex"])), fields)
+
+
+@pytest.mark.parametrize("v", MSGS["invalid"], ids=lambda v: f"{v['message']}-{v['description']}")
+def test_invalid_message_vector(v: dict) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode(v["message"], bytes.fromhex(v["hex"]))
+
+
+@pytest.mark.parametrize("v", CBOR["items"], ids=lambda v: v["hex"][:24])
+def test_cbor_item(v: dict) -> None:
+    value = from_json(v["value"])
+    assert wire.dumps(value).hex() == v["hex"]
+    assert same(wire.loads(bytes.fromhex(v["hex"])), value)
+
+
+@pytest.mark.parametrize("v", CBOR["decode"], ids=lambda v: v["hex"])
+def test_cbor_decode_only(v: dict) -> None:
+    assert same(wire.loads(bytes.fromhex(v["hex"])), from_json(v["value"]))
+
+
+@pytest.mark.parametrize("v", CBOR["reject"], ids=lambda v: v["why"])
+def test_cbor_reject(v: dict) -> None:
+    with pytest.raises(wire.WireError):
+        wire.loads(bytes.fromhex(v["hex"]))
+
+
+def test_every_message_type_has_a_vector() -> None:
+    assert {v["message"] for v in MSGS["messages"]} == set(wire.MESSAGES)
+
+
+def test_every_reason_has_a_vector() -> None:
+    assert {v["reason"] for v in IDS["invalid"]} == set(identifier.REASONS)

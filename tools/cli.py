@@ -1,0 +1,59 @@
+"""The `ida` command: one entry point, one subcommand per job. Subcommands live in their own modules and
+register themselves through ``SUBCOMMANDS`` (module path, function that adds the parser)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+
+# (name, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
+]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback, exit code 2 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ida",
+        description="Industrial identifier resolution at the edge: gateway, recursive-node simulator, "
+        "factory flashing, technician console, fleet simulator and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"ida {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in SUBCOMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CliError as e:
+        print(f"ida {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
