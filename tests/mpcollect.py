@@ -50,7 +50,7 @@ class MicroPythonModule(pytest.File):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
         except subprocess.TimeoutExpired as e:
-            return {"<module>": {"ok": False, "error": f"micropython run timed out after {TIMEOUT}s: {e.stdout}"}}
+            return {"<module>": {"ok": False, "error": f"micropython run timed out after {TIMEOUT}s: {e.stdout!r}"}}
         results: dict[str, dict[str, Any]] = {}
         for line in proc.stdout.splitlines():
             if line.startswith("@@MPTEST "):
