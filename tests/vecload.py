@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(os.environ.get("IDA_VECTORS") or Path(__file__).parent / "vectors")
 
 
 def from_json(v: Any) -> Any:

@@ -1,8 +1,9 @@
 # Tiny assertion helpers and vector loading for firmware tests running under micropython.
 import json
+import os
 
 OUT = []
-VECTORS = "tests/vectors/"
+VECTORS = (os.getenv("IDA_VECTORS") or "tests/vectors").rstrip("/") + "/"
 
 
 class Skip(Exception):
