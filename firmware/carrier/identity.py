@@ -1,0 +1,127 @@
+# The device's identity: identifier, per-device key, gateway addresses, transport, Wi-Fi credentials.
+# Stored as <data>/identity.json (written by the flashing tool, `ida device run` or the console's
+# `provision` command):
+#   {"id": "88.123.99/PUMP-0001", "transport": "coap" | "mqtt",
+#    "coap": "coap://host[:5683]", "mqtt": "mqtt://host[:1883]",
+#    "key": "<hex, 16-32 bytes>",                       (optional here: else the kv/NVS secret "key")
+#    "wifi": {"ssid": "...", "psk": "..."}}              (ESP32 only)
+# Writes are atomic (identity.json.tmp, then rename), so a power cut leaves the old or the new file; a
+# stale .tmp is ignored. The key is bytes and is never logged or printed: show fingerprint(key) instead.
+import json
+import hashlib
+import binascii
+
+from carrier import hal, ident
+
+FILE = "identity.json"
+KV_KEY = "key"
+TRANSPORTS = ("coap", "mqtt")
+PORTS = {"coap": 5683, "mqtt": 1883}
+
+
+class IdentityError(ValueError):
+    pass
+
+
+def parse_url(url, scheme):
+    """'coap://host:port' -> (host, port); IdentityError when malformed."""
+    if type(url) is not str or not url.startswith(scheme + "://"):
+        raise IdentityError("%s address must be %s://host[:port]" % (scheme, scheme))
+    rest = url[len(scheme) + 3:].rstrip("/")
+    port = PORTS[scheme]
+    if rest.startswith("["):  # [v6]:port
+        end = rest.find("]")
+        host = rest[1:end]
+        rest = rest[end + 1:]
+        if rest.startswith(":"):
+            port = rest[1:]
+    elif ":" in rest:
+        host, port = rest.rsplit(":", 1)
+    else:
+        host = rest
+    try:
+        port = int(port)
+    except ValueError:
+        port = 0
+    if not host or "/" in host or not 0 < port < 65536:
+        raise IdentityError("bad %s address" % scheme)
+    return host, port
+
+
+def fingerprint(key):
+    """Short, non-reversible name of the key for consoles and logs."""
+    return str(binascii.hexlify(hashlib.sha256(key).digest()[:4]), "ascii")
+
+
+class Identity:
+    def __init__(self, d, key=None):
+        if type(d) is not dict:
+            raise IdentityError("identity must be a JSON object")
+        try:
+            self.id = ident.parse(d.get("id") or "")
+        except ident.IdentError as e:
+            raise IdentityError("bad identifier: " + e.reason)
+        self.idb = self.id.encode()
+        t = d.get("transport") or "coap"
+        if t not in TRANSPORTS:
+            raise IdentityError("transport must be coap or mqtt")
+        self.transport = t
+        self.urls = {}
+        self.coap = self.mqtt = None
+        for s in TRANSPORTS:
+            if d.get(s):
+                setattr(self, s, parse_url(d[s], s))
+                self.urls[s] = d[s]
+        if not self.urls.get(t):
+            raise IdentityError("no %s gateway address" % t)
+        k = d.get("key")
+        if k is not None:
+            try:
+                key = binascii.unhexlify(k)
+            except (ValueError, TypeError):
+                raise IdentityError("key must be hex")
+        if not key or not 16 <= len(key) <= 32:
+            raise IdentityError("key must be 16-32 bytes")
+        self.key = key
+        w = d.get("wifi")
+        self.wifi = (w.get("ssid"), w.get("psk") or "") if type(w) is dict and w.get("ssid") else None
+
+    def fingerprint(self):
+        return fingerprint(self.key)
+
+    def to_dict(self):
+        """The file form, without the key (kept in the secret store)."""
+        d = {"id": self.id, "transport": self.transport}
+        for s in self.urls:
+            d[s] = self.urls[s]
+        if self.wifi:
+            d["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
+        return d
+
+
+def load(h):
+    """The stored identity; None when the device is not provisioned; IdentityError when it is invalid."""
+    data = hal.read(h.root + FILE)
+    if data is None:
+        return None
+    try:
+        d = json.loads(data)
+    except ValueError:
+        raise IdentityError(FILE + " is not valid JSON")
+    key = None
+    if type(d) is dict and d.get("key") is None:
+        key = h.kv_get(KV_KEY)
+    return Identity(d, key)
+
+
+def save(h, ident_obj):
+    """Persist atomically: the key to the secret store, the rest to identity.json."""
+    if h.kv_get(KV_KEY) != ident_obj.key:
+        h.kv_set(KV_KEY, ident_obj.key)
+    hal.write_atomic(h.root + FILE, json.dumps(ident_obj.to_dict()).encode())
+
+
+def erase(h):
+    hal.remove(h.root + FILE)
+    hal.remove(h.root + FILE + ".tmp")
+    h.kv_del(KV_KEY)

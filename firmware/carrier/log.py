@@ -1,0 +1,78 @@
+# Structured log lines: "<L> <tag> key=value ...", e.g. "I app boot=3 safe=0". Each line goes to a sink
+# (the console sets one; default print) and into a preallocated ring buffer that `log [n]` reads back.
+# Callers format their message only when something happens (never per loop); the device key must never
+# be passed here (identity exposes only a fingerprint).
+RING = 2048
+MAX_LINE = 160
+
+_ring = bytearray(RING)
+_end = 0  # write position
+_wrapped = False
+sink = None  # callable(str); None -> print
+
+
+def _put(b):
+    global _end, _wrapped
+    n = len(b)
+    if n > MAX_LINE:
+        n = MAX_LINE
+        while b[n] & 0xC0 == 0x80:  # cut at a UTF-8 character boundary
+            n -= 1
+    i = 0
+    while i < n:
+        room = RING - _end
+        k = n - i if n - i < room else room
+        _ring[_end:_end + k] = b[i:i + k]
+        _end += k
+        i += k
+        if _end == RING:
+            _end = 0
+            _wrapped = True
+    _ring[_end] = 10
+    _end += 1
+    if _end == RING:
+        _end = 0
+        _wrapped = True
+
+
+def log(level, tag, msg):
+    line = level + " " + tag + " " + msg
+    _put(line.encode())
+    if sink is None:
+        print(line)
+    else:
+        sink(line)
+
+
+def i(tag, msg):
+    log("I", tag, msg)
+
+
+def w(tag, msg):
+    log("W", tag, msg)
+
+
+def e(tag, msg):
+    log("E", tag, msg)
+
+
+def tail(n):
+    """The last n logged lines, oldest first (allocates: console use only)."""
+    if _wrapped:
+        data = bytes(_ring[_end:]) + bytes(_ring[:_end])
+        data = data[data.find(b"\n") + 1:]  # first line may be cut by the wrap
+    else:
+        data = bytes(_ring[:_end])
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    out = []
+    for b in lines[-n:] if n > 0 else ():
+        out.append(str(b, "utf-8"))
+    return out
+
+
+def clear():
+    global _end, _wrapped
+    _end = 0
+    _wrapped = False
