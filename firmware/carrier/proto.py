@@ -41,9 +41,12 @@ VALUES_NOT_FOUND = const(200)
 NOT_MODIFIED = const(203)
 BAD_REQUEST = const(400)
 FORBIDDEN = const(403)
+TOO_LARGE = const(413)
 RATE_LIMITED = const(429)
+INTERNAL = const(500)
 UPSTREAM_UNAVAILABLE = const(503)
 UPSTREAM_TIMEOUT = const(504)
+NO_RESPONSE = const(-1)  # device-local, never on the wire: the gateway/broker did not answer in time
 
 # Type letter of each key (index = key): b token/etag bytes(1-8), s text, u uint, i int, V values,
 # S text list, U uint list, M sensors map, T text map, B bool, I interval, R source.

@@ -1,0 +1,60 @@
+# Tiny on-device cache of resolve answers, shared by the CoAP and MQTT transports. An entry keeps the
+# gateway's raw CBOR answer, its ETag and an expiry from Max-Age (CoAP) or ttl (MQTT). A fresh entry is
+# served without asking; an expired one with an ETag is revalidated (2.03 / code 203 refreshes it).
+# Bounded by entry count and payload bytes; least recently used goes first.
+import time
+
+MAX_AGE_CAP = 86400  # s; keeps ticks arithmetic inside half the ticks period
+
+
+class Cache:
+    def __init__(self, entries=4, max_bytes=1024):
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self._e = []  # [key, etag, expires_ticks, payload], least recently used first
+        self.bytes = 0
+        self.hits = 0
+
+    def get(self, key):
+        for e in self._e:
+            if e[0] == key:
+                self._e.remove(e)
+                self._e.append(e)
+                return e
+        return None
+
+    @staticmethod
+    def fresh(e, now):
+        return time.ticks_diff(e[2], now) > 0
+
+    def put(self, key, etag, max_age, payload, now):
+        self.drop(key)
+        n = len(payload)
+        if n > self.max_bytes or (max_age <= 0 and not etag):
+            return None
+        while self._e and (len(self._e) >= self.entries or self.bytes + n > self.max_bytes):
+            self.bytes -= len(self._e.pop(0)[3])
+        e = [key, etag, time.ticks_add(now, min(max_age, MAX_AGE_CAP) * 1000), payload]
+        self._e.append(e)
+        self.bytes += n
+        return e
+
+    def refresh(self, key, max_age, now):
+        e = self.get(key)
+        if e:
+            e[2] = time.ticks_add(now, min(max_age, MAX_AGE_CAP) * 1000)
+        return e
+
+    def drop(self, key):
+        for e in self._e:
+            if e[0] == key:
+                self._e.remove(e)
+                self.bytes -= len(e[3])
+                return
+
+    def clear(self):
+        self._e = []
+        self.bytes = 0
+
+    def __len__(self):
+        return len(self._e)
