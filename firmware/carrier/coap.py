@@ -414,7 +414,7 @@ class Client:
         e = self.cache.get(key)
         if e and self.cache.fresh(e, now):
             self.cache.hits += 1
-            cb(_answer(proto.OK, target, e[3], -1))
+            cb(rcache.answer(target, e[3], -1))
             return True
         ex = self._slot()
         if ex is None:
@@ -628,12 +628,12 @@ class Client:
             now = self.now
             if code == CONTENT:
                 data = bytes(pl)
-                res = _answer(proto.OK, target, data, None)
+                res = rcache.answer(target, data)
                 if res[0] == proto.OK:
                     self.cache.put(arg, m.etag, m.max_age, data, now)
             elif code == VALID:
                 e = self.cache.refresh(arg, m.max_age, now)
-                res = _answer(proto.OK, target, e[3], -2) if e else (proto.INTERNAL, target, None, 0, "2.03 without entry")
+                res = rcache.answer(target, e[3], -2) if e else (proto.INTERNAL, target, None, 0, "2.03 without entry")
             else:
                 res = _failure(code, target, pl)
             cb(res)
@@ -654,15 +654,6 @@ class Client:
                     self._obs = ex.tok
                 if self.on_config:
                     self.on_config(bytes(pl))
-
-
-def _answer(code, target, payload, src):
-    """(code, id, values, src, msg) from a cached/received resolve_response payload."""
-    try:
-        r = proto.decode("resolve_response", payload)
-    except proto.ProtoError as e:
-        return (proto.BAD_REQUEST, target, None, 0, str(e))
-    return (r[proto.K_CODE], r[proto.K_ID], r[proto.K_VALUES], r.get(proto.K_SOURCE, 0) if src is None else src, None)
 
 
 def _failure(code, target, pl):

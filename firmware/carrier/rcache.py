@@ -4,6 +4,8 @@
 # Bounded by entry count and payload bytes; least recently used goes first.
 import time
 
+from carrier import proto
+
 MAX_AGE_CAP = 86400  # s; keeps ticks arithmetic inside half the ticks period
 
 
@@ -58,3 +60,14 @@ class Cache:
 
     def __len__(self):
         return len(self._e)
+
+
+def answer(target, payload, src=None):
+    """Result tuple (code, id, values, src, msg) of a resolve_response payload. src: the gateway's source
+    (0 zone, 1 cache, 2 upstream, 3 stale) or, when given, -1 served by the device cache / -2 revalidated."""
+    try:
+        r = proto.decode("resolve_response", payload)
+    except proto.ProtoError as e:
+        return (proto.BAD_REQUEST, target, None, 0, str(e))
+    return (r[proto.K_CODE], r[proto.K_ID], r[proto.K_VALUES], r.get(proto.K_SOURCE, 0) if src is None else src,
+            None)
