@@ -13,6 +13,7 @@ from gateway import __version__
 # (name, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
+    ("flash", "tools.flash.cli", "factory flashing and provisioning"),
 ]
 
 

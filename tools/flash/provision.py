@@ -1,0 +1,304 @@
+"""Flash one chip: detect, allocate its identifier, write what is needed, verify, reset, record, register.
+
+:func:`flash_device` is the whole per-chip procedure over a :class:`~tools.flash.programmer.Programmer`, so the
+same code runs against a real chip (esptool) and a simulated one. What gets written:
+
+* the runtime (MicroPython; merged image at the bootloader offset, or app image + partition table) only with
+  ``full`` or when the chip has none (no ESP image magic 0xE9 at the bootloader and app offsets);
+* the filesystem: nothing when the chip's vfs region already holds this chip's image (MD5 computed on the
+  chip); only the changed 4 KiB blocks when it holds the batch image (the usual case on a line where chips
+  were pre-loaded with ``factory.bin``); the whole image otherwise or with ``full``.
+
+Ledger states follow the work: ``allocated`` before the first write, ``flashed`` after it, ``verified`` after
+the read-back, ``failed`` on any error after allocation (the identifier stays bound to the chip's MAC: see
+``ledger.py``). Errors before allocation (busy port, no chip, wrong chip) touch neither ledger nor chip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools.boards import Board
+
+from . import image as im
+from .builder import Build, RuntimeInfo, load_runtime
+from .errors import (
+    FlashError,
+    FlashTooSmall,
+    RuntimeMissing,
+    VerifyFailed,
+    WrongChip,
+)
+from .identity import Identity, personalise
+from .keystore import Keystore
+from .ledger import Checksums, Ledger
+from .programmer import Parts, Programmer
+from .register import Registration, register_device
+
+CHUNK = 256 * 1024  # write in chunks this size so progress can be shown
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class IdentityTemplate:
+    """What every chip of a batch shares in its identity file."""
+
+    gateways: tuple[str, ...]
+    transport: str = "coap"
+    wifi: tuple[str, str] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Station:
+    """Where results go: the data dir (ledger, keystore), the zone file, who is flashing."""
+
+    data_dir: Path
+    operator: str | None = None
+    station: str | None = None
+    zone_file: Path | None = None  # default <data dir>/zone.json; register=False skips it
+    register: bool = True
+
+    def ledger(self) -> Ledger:
+        return Ledger.in_dir(self.data_dir)
+
+    def keystore(self) -> Keystore:
+        return Keystore.in_dir(self.data_dir)
+
+    @property
+    def zone(self) -> Path:
+        return self.zone_file or self.data_dir / "zone.json"
+
+
+@dataclass(frozen=True)
+class Write:
+    what: str  # "runtime", "partition-table", "fs-delta", "fs"
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Result:
+    identifier: str
+    mac: str
+    chip: str
+    reused: bool  # the MAC already had this identifier
+    fs_mode: str  # "unchanged", "delta", "full"
+    writes: tuple[Write, ...]
+    key_fingerprint: str
+    seconds: float
+    console: str | None = None
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.size for w in self.writes)
+
+    @property
+    def blocks_written(self) -> int:
+        return sum(-(-w.size // 4096) for w in self.writes)
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def check_chip(programmer: Programmer, board: Board) -> str:
+    """Connect; refuse a chip that is not the board's or has too little flash. Returns the chip's MAC."""
+    info = programmer.detect()
+    if info.chip != board.chip:
+        programmer.close()
+        raise WrongChip(f"{info.chip} ({info.description})", board.chip, board.name)
+    if board.flash and info.flash_size is not None and info.flash_size < board.flash.size:
+        programmer.close()
+        raise FlashTooSmall(
+            f"chip has {info.flash_size >> 20} MB of flash, board {board.name!r} needs {board.flash.size >> 20} MB"
+        )
+    return programmer.read_mac()
+
+
+def runtime_present(programmer: Programmer, board: Board) -> bool:
+    """A bootloader, a partition table and an app are on the chip (magic bytes at the board's offsets)."""
+    bl = programmer.read_flash(board.bootloader.offset, 4)
+    pt = programmer.read_flash(board.partition_table.offset, 2)
+    app = programmer.read_flash(board.app.offset, 4)
+    return bl[0] == im.ESP_IMAGE_MAGIC and pt == im.PT_MAGIC and app[0] == im.ESP_IMAGE_MAGIC
+
+
+def runtime_parts(build: Build, info: RuntimeInfo, data: bytes, bootloader_present: bool) -> list[tuple[str, int, bytes]]:
+    board = build.board
+    if info.kind == "merged":
+        return [("runtime", info.offset, _pad(data))]
+    if not bootloader_present:
+        raise RuntimeMissing(
+            f"{info.path} is an app-only image and the chip has no bootloader at 0x{board.bootloader.offset:x}",
+            "give MicroPython's merged firmware.bin for this chip instead",
+        )
+    table = (build.directory / build.manifest.partition_table["file"]).read_bytes()
+    return [("partition-table", board.partition_table.offset, _pad(table)), ("runtime", info.offset, _pad(data))]
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\xff" * (-len(data) % 4096)
+
+
+def flash_device(
+    programmer: Programmer,
+    build: Build,
+    station: Station,
+    template: IdentityTemplate,
+    *,
+    identifier: str | None = None,
+    full: bool = False,
+    runtime: str | os.PathLike[str] | None = None,
+    console: Callable[[str], str] | None = None,
+    progress: ProgressFn = _noop,
+) -> Result:
+    """Provision the chip behind ``programmer`` with ``identifier`` (None: the MAC's own, else the next free
+    one). ``console(identifier)`` (optional) waits for the reset device to report it and returns that line."""
+    t0 = time.monotonic()
+    board, params, man = build.board, build.params, build.manifest
+    progress("detect", 0, 1)
+    mac = check_chip(programmer, board)
+
+    with station.ledger() as ledger:
+        alloc = ledger.allocate(
+            mac, board.name, identifier=identifier, operator=station.operator, station=station.station
+        )
+        key = station.keystore().get_or_create(alloc.identifier)
+        ident = Identity(alloc.identifier, key, template.gateways, template.transport, template.wifi)
+        checks = Checksums(
+            firmware_version=man.firmware_version,
+            fs_sha256=man.fs_image["sha256"],
+            runtime_sha256=man.runtime.sha256 if man.runtime else None,
+            key_fingerprint=ident.fingerprint,
+        )
+        try:
+            chip_image = personalise(params, build.fs_image, ident)
+            checks = Checksums(**{**vars(checks), "image_sha256": im.sha256(chip_image.image)})
+            plan, fs_mode = _plan(programmer, build, chip_image.image, chip_image.delta, full, runtime)
+            parts: Parts = [(off, data) for _, off, data in plan]
+            _write(programmer, plan, progress)
+            ledger.record(alloc.identifier, "flashed", checks)
+            progress("verify", 0, 1)
+            bad = programmer.verify(parts)
+            if board.partitions and programmer.flash_md5(board.vfs.offset, board.vfs.size) != im.md5(chip_image.image):
+                bad.append((board.vfs.offset, board.vfs.size))
+            if bad:
+                raise VerifyFailed(bad)
+            progress("verify", 1, 1)
+            ledger.record(alloc.identifier, "verified", checks)
+        except (FlashError, OSError) as e:
+            ledger.record(alloc.identifier, "failed", checks, detail=str(e)[:500])
+            programmer.close()
+            raise
+
+    progress("reset", 0, 1)
+    programmer.reset()
+    if station.register:
+        register_device(
+            Registration(alloc.identifier, mac, board.name, man.firmware_version, _dt.datetime.now(_dt.UTC)),
+            station.zone,
+        )
+    line = None
+    if console is not None:
+        progress("console", 0, 1)
+        line = console(alloc.identifier)
+    writes = tuple(Write(what, off, len(data)) for what, off, data in plan)
+    return Result(alloc.identifier, mac, board.chip, alloc.reused, fs_mode, writes, ident.fingerprint,
+                  time.monotonic() - t0, line)  # fmt: skip
+
+
+def _plan(
+    programmer: Programmer,
+    build: Build,
+    chip_image: bytes,
+    delta: tuple[tuple[int, bytes], ...],
+    full: bool,
+    runtime: str | os.PathLike[str] | None,
+) -> tuple[list[tuple[str, int, bytes]], str]:
+    """What to write, as (what, offset, data), and how the filesystem is brought up to date."""
+    board, man = build.board, build.manifest
+    plan: list[tuple[str, int, bytes]] = []
+    if not board.partitions:
+        raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
+    present = runtime_present(programmer, board)
+    if full or not present:
+        path = runtime or (man.runtime.path if man.runtime else None)
+        if path is None:
+            why = "--full writes the runtime" if full else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
+            raise RuntimeMissing(f"{why}, and none was given")
+        expect = man.runtime.sha256 if man.runtime and runtime is None else None
+        info, data = load_runtime(board, path, expect)
+        bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
+        plan += runtime_parts(build, info, data, bl_present)
+
+    vfs = board.vfs
+    if full:
+        fs_mode = "full"
+    else:
+        on_chip = programmer.flash_md5(vfs.offset, vfs.size)
+        if on_chip == im.md5(chip_image):
+            fs_mode = "unchanged"
+        elif on_chip == im.md5(build.fs_image):
+            fs_mode = "delta"
+        else:
+            fs_mode = "full"
+    if fs_mode == "delta":
+        plan += [("fs-delta", vfs.offset + off, data) for off, data in delta]
+    elif fs_mode == "full":
+        plan.append(("fs", vfs.offset, chip_image))
+    return plan, fs_mode
+
+
+def _write(programmer: Programmer, plan: list[tuple[str, int, bytes]], progress: ProgressFn) -> None:
+    total = sum(len(d) for _, _, d in plan)
+    done = 0
+    progress("write", 0, total)
+    for what, off, data in plan:
+        for i in range(0, len(data), CHUNK):
+            chunk = data[i : i + CHUNK]
+            programmer.write_flash([(off + i, chunk)])
+            done += len(chunk)
+            progress(f"write {what}", done, total)
+
+
+def wait_console(port: str, baud: int, timeout: float = 20.0) -> Callable[[str], str]:
+    """A ``console`` callback for :func:`flash_device`: open the port without touching DTR/RTS (no reset),
+    ask ``id`` every second and return the first line that contains the identifier."""
+
+    def wait(identifier: str) -> str:
+        import serial
+
+        from .errors import ConsoleTimeout
+
+        ser = serial.Serial()
+        ser.port, ser.baudrate, ser.timeout = port, baud, 0.2
+        ser.dtr = ser.rts = False
+        try:
+            ser.open()
+        except (serial.SerialException, OSError) as e:
+            raise ConsoleTimeout(f"{port}: cannot open the console ({e})") from None
+        buf = b""
+        deadline = time.monotonic() + timeout
+        next_ask = 0.0
+        want = identifier.encode()
+        try:
+            while time.monotonic() < deadline:
+                if time.monotonic() >= next_ask:
+                    ser.write(b"\r\nid\r\n")
+                    next_ask = time.monotonic() + 1.0
+                buf += ser.read(256)
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    if want in raw:
+                        return raw.decode("utf-8", "replace").strip()
+                buf = buf[-4096:]
+        finally:
+            ser.close()
+        raise ConsoleTimeout(f"{port}: the device did not report {identifier} within {timeout:.0f} s")
+
+    return wait
