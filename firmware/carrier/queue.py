@@ -1,0 +1,303 @@
+# Bounded queue of unacknowledged reports in flash: one append-only file of records
+#     kind u8 | len u16 | boot u32 | seq u32 | payload[len] | crc32 u32 (over the 11-byte head + payload)
+# kinds: REPORT (payload = the CBOR report), ACK and DROP (remove boot/seq; DROP also counts it as dropped),
+# HEAD (first record of a file; boot field = the dropped counter). Little-endian.
+# Flash wears out, so records are first collected in a preallocated RAM buffer and written together when
+# BATCH reports are waiting, the oldest buffered record is FLUSH_MS old, or flush() is called (before a
+# reboot or deep sleep). A report acknowledged while still in RAM never touches flash: a device that is
+# online writes nothing. When the queue is full the oldest report goes (counted, persisted). At boot the
+# file is replayed; a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
+# temp file + rename) with the live reports only, as it is whenever it grows past max_file or drains.
+import struct
+import binascii
+import time
+import os
+from array import array
+from micropython import const
+
+from carrier import hal
+
+REPORT = const(1)
+ACK = const(2)
+DROP = const(3)
+HEAD = const(4)
+HDR = const(11)
+REC = const(15)  # head + crc
+MAX_PAYLOAD = const(480)
+BUF = const(1024)
+BATCH = const(4)
+FLUSH_MS = const(60000)
+
+
+class Queue:
+    def __init__(self, path, cap=64, batch=BATCH, flush_ms=FLUSH_MS, max_file=16384):
+        self.path = path
+        self.cap = cap
+        self.batch = batch
+        self.flush_ms = flush_ms
+        self.max_file = max_file
+        self._boot = array("I", bytes(4 * cap))
+        self._seq = array("I", bytes(4 * cap))
+        self._off = array("i", bytes(4 * cap))  # >= 0: payload offset in the file; < 0: -1 - offset in _buf
+        self._len = array("H", bytes(2 * cap))
+        self.count = 0
+        self.dropped = 0
+        self.corrupt = 0   # torn/corrupt records found at boot
+        self.errors = 0    # flash write errors
+        self.writes = 0    # flash writes (appends and compactions)
+        self._buf = bytearray(BUF)
+        self._bv = memoryview(self._buf)
+        self._blen = 0
+        self._breps = 0    # REPORT records in _buf
+        self._bsince = 0   # ticks when _buf got its first record
+        self._rd = bytearray(HDR + MAX_PAYLOAD + 4)
+        self._rv = memoryview(self._rd)
+        self._hb = bytearray(HDR)
+        self._cb = bytearray(4)
+        self._size = 0     # bytes of valid records in the file
+        self._dead = 0     # records in the file that no longer matter
+        self._compact = False
+        self._load()
+
+    # -- index
+    def _find(self, boot, seq):
+        for i in range(self.count):
+            if self._seq[i] == seq and self._boot[i] == boot:
+                return i
+        return -1
+
+    def _remove(self, i):
+        for j in range(i, self.count - 1):
+            self._boot[j] = self._boot[j + 1]
+            self._seq[j] = self._seq[j + 1]
+            self._off[j] = self._off[j + 1]
+            self._len[j] = self._len[j + 1]
+        self.count -= 1
+
+    def key(self, i=0):
+        return self._boot[i], self._seq[i]
+
+    def payload(self, i=0):
+        """The report's CBOR bytes as a memoryview, valid until the next queue call."""
+        n = self._len[i]
+        off = self._off[i]
+        if off < 0:
+            p = -1 - off
+            return self._bv[p + HDR:p + HDR + n]
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            f.readinto(self._rv[:n])
+        return self._rv[:n]
+
+    # -- records in RAM
+    def _append(self, kind, boot, seq, payload, now):
+        n = len(payload) if payload else 0
+        if self._blen + REC + n > BUF:
+            self.flush()
+        p = self._blen
+        b = self._buf
+        struct.pack_into("<BHII", b, p, kind, n, boot, seq)
+        if n:
+            b[p + HDR:p + HDR + n] = payload
+        struct.pack_into("<I", b, p + HDR + n, binascii.crc32(self._bv[p:p + HDR + n]))
+        if not self._blen:
+            self._bsince = now
+        self._blen = p + REC + n
+        return p
+
+    def _unbuffer(self, p):
+        """Cut the record at _buf[p:] out of the buffer and fix the index offsets behind it."""
+        n = REC + struct.unpack_from("<H", self._buf, p + 1)[0]
+        end = self._blen
+        self._bv[p:end - n] = self._bv[p + n:end]
+        self._blen = end - n
+        for j in range(self.count):
+            o = self._off[j]
+            if o < 0 and -1 - o > p:
+                self._off[j] = o + n
+
+    # -- API
+    def put(self, boot, seq, payload, now=0):
+        """Queue a report; False when it is too big to ever be queued."""
+        n = len(payload)
+        if n > MAX_PAYLOAD:
+            return False
+        while self.count >= self.cap:
+            self._drop_oldest(now)
+        p = self._append(REPORT, boot, seq, payload, now)
+        i = self.count
+        self._boot[i] = boot
+        self._seq[i] = seq
+        self._off[i] = -1 - p
+        self._len[i] = n
+        self.count = i + 1
+        self._breps += 1
+        if self._breps >= self.batch:
+            self.flush()
+        return True
+
+    def _drop_oldest(self, now):
+        self.dropped += 1
+        boot, seq = self._boot[0], self._seq[0]
+        off = self._off[0]
+        self._remove(0)
+        if off < 0:
+            self._unbuffer(-1 - off)
+            self._breps -= 1
+        else:
+            self._dead += 1
+        self._append(DROP, boot, seq, None, now)  # persists the dropped counter
+
+    def ack(self, boot, seq, now=0):
+        """Remove an acknowledged report; False when it is not queued (already gone)."""
+        i = self._find(boot, seq)
+        if i < 0:
+            return False
+        off = self._off[i]
+        self._remove(i)
+        if off < 0:
+            self._unbuffer(-1 - off)
+            self._breps -= 1
+        else:
+            self._dead += 1
+            if self.count == 0 and self._breps == 0:
+                self._compact = True  # drained: next poll rewrites the file as just its HEAD
+            else:
+                self._append(ACK, boot, seq, None, now)
+        return True
+
+    def poll(self, now):
+        if self._compact:
+            self._compact = False
+            self.compact()
+        elif self._blen and time.ticks_diff(now, self._bsince) >= self.flush_ms:
+            self.flush()
+
+    def flush(self):
+        """Write the buffered records to flash (one append)."""
+        if not self._blen:
+            return
+        if self._size + self._blen > self.max_file or self._size == 0:
+            self.compact()
+            return
+        try:
+            with open(self.path, "ab") as f:
+                f.write(self._bv[:self._blen])
+        except OSError:
+            self.errors += 1
+            return  # stays in RAM; the next flush tries again
+        self.writes += 1
+        base = self._size
+        for j in range(self.count):
+            o = self._off[j]
+            if o < 0:
+                self._off[j] = base - 1 - o + HDR
+        p = 0
+        while p < self._blen:
+            k = self._buf[p]
+            if k == ACK or k == DROP:
+                self._dead += 1
+            p += REC + struct.unpack_from("<H", self._buf, p + 1)[0]
+        self._size += self._blen
+        self._blen = 0
+        self._breps = 0
+
+    def compact(self):
+        """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically."""
+        tmp = self.path + ".tmp"
+        hb = self._hb
+        cb = self._cb
+        offs = array("i", bytes(4 * self.count))
+        try:
+            with open(tmp, "wb") as f:
+                struct.pack_into("<BHII", hb, 0, HEAD, 0, self.dropped, 0)
+                struct.pack_into("<I", cb, 0, binascii.crc32(hb))
+                f.write(hb)
+                f.write(cb)
+                pos = REC
+                for i in range(self.count):
+                    n = self._len[i]
+                    mv = self.payload(i)
+                    struct.pack_into("<BHII", hb, 0, REPORT, n, self._boot[i], self._seq[i])
+                    struct.pack_into("<I", cb, 0, binascii.crc32(mv, binascii.crc32(hb)))
+                    f.write(hb)
+                    f.write(mv)
+                    f.write(cb)
+                    offs[i] = pos + HDR
+                    pos += REC + n
+            os.rename(tmp, self.path)
+        except OSError:
+            self.errors += 1
+            hal.remove(tmp)
+            return
+        self.writes += 1
+        for i in range(self.count):
+            self._off[i] = offs[i]
+        self._size = pos
+        self._dead = 0
+        self._blen = 0
+        self._breps = 0
+
+    def clear(self):
+        """Forget everything, counters included (factory reset)."""
+        self.count = self._blen = self._breps = self._size = self._dead = 0
+        self.dropped = 0
+        hal.remove(self.path)
+        hal.remove(self.path + ".tmp")
+
+    def depth(self):
+        return self.count
+
+    # -- boot
+    def _load(self):
+        hal.remove(self.path + ".tmp")  # a compaction cut short: the old file is still whole
+        try:
+            f = open(self.path, "rb")
+        except OSError:
+            return
+        hv = self._rv[:HDR]
+        pos = 0
+        torn = False
+        with f:
+            while True:
+                k = f.readinto(hv)
+                if not k:
+                    break
+                if k != HDR:
+                    torn = True
+                    break
+                kind, n, boot, seq = struct.unpack("<BHII", hv)
+                if not REPORT <= kind <= HEAD or n > MAX_PAYLOAD or (kind != REPORT and n):
+                    torn = True
+                    break
+                body = self._rv[HDR:HDR + n + 4]
+                if f.readinto(body) != n + 4 or \
+                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", self._rd, HDR + n)[0]:
+                    torn = True
+                    break
+                if kind == REPORT:
+                    if self.count >= self.cap:
+                        self._remove(0)
+                        self.dropped += 1
+                        self._dead += 1
+                    i = self.count
+                    self._boot[i] = boot
+                    self._seq[i] = seq
+                    self._off[i] = pos + HDR
+                    self._len[i] = n
+                    self.count = i + 1
+                elif kind == HEAD:
+                    self.dropped = boot
+                else:
+                    i = self._find(boot, seq)
+                    if i >= 0:
+                        self._remove(i)
+                        self._dead += 1
+                    self._dead += 1
+                    if kind == DROP:
+                        self.dropped += 1
+                pos += REC + n
+        self._size = pos
+        if torn:
+            self.corrupt += 1
+            self.compact()  # drop the bad tail so later appends follow valid records
