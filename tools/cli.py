@@ -14,6 +14,7 @@ from gateway import __version__
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
     ("flash", "tools.flash.cli", "factory flashing and provisioning"),
+    ("resolve", "tools.resolve_cmd", "resolve an identifier through the gateway engine (zone, cache, upstreams)"),
 ]
 
 

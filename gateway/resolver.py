@@ -1,0 +1,328 @@
+"""The resolver: local zone, then cache, then one shared upstream request per key, then serve-stale.
+
+:class:`Resolver` implements :class:`gateway.resolution.Resolving`. One resolution:
+
+1. normalise the identifier (IdentifierError propagates: the front end answers 400);
+2. the local zone answers if it has the handle (source SOURCE_ZONE; the filters are applied here);
+3. a fresh cache entry answers (SOURCE_CACHE); if it is in the last 10 % of its lifetime a background
+   refresh starts, once per entry;
+4. otherwise one upstream request per key is in flight at a time (single-flight): concurrent callers
+   for the same key await the same request. Its answer is cached and returned (SOURCE_UPSTREAM). If it
+   fails, every caller waiting on it gets the failure -- or the stale entry if the cache still keeps one
+   (SOURCE_STALE, max-age ``stale_reply_ttl``). The failure itself is not remembered: the next caller
+   starts a new request. (The pool's node cooldown is what makes repeated requests to dead nodes cheap.)
+5. With a stale entry available the caller waits at most ``stale_answer_after`` (RFC 8767's client
+   response timer, 1.8 s) for the upstream; after that it gets the stale answer while the request goes
+   on and refreshes the cache when it completes.
+
+Errors raised: IdentifierError; AllUpstreamsFailed (no node could answer; -> 503) and UpstreamTimeout
+(the overall upstream timeout expired; -> 504), both only when nothing stale is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway import identifier, wire
+from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
+from gateway.records import Record
+from gateway.resolution import Answer, etag_of
+from gateway.upstream.pool import NodeStats, UpstreamPool
+from gateway.zone import Zone
+
+__all__ = ["Resolver", "ResolverConfig", "ResolverStats", "DEFAULT_UPSTREAM", "CACHE_FILE", "ZONE_FILE",
+           "default_upstreams"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPSTREAM = "hdl://127.0.0.1:2641"
+CACHE_FILE = "cache.sqlite3"
+ZONE_FILE = "zone.json"
+
+
+@dataclass
+class ResolverConfig:
+    """Everything the resolver needs; the TOML loader fills it (field names = config keys).
+
+    Times are seconds. ``data_dir`` None keeps the cache in memory only; otherwise the cache lives in
+    ``<data_dir>/cache.sqlite3`` and the zone in ``zone_file`` (default ``<data_dir>/zone.json``).
+    """
+
+    upstreams: list[str] = field(default_factory=lambda: [DEFAULT_UPSTREAM])
+    timeout: float = 5.0  # one resolution, all nodes together
+    attempt_timeout: float = 2.0  # one request to one node
+    hedge_delay: float | None = None  # ask a second node when the first is silent this long (None/0 = off)
+    failure_threshold: int = 3  # consecutive failures before a node is put in cooldown
+    cooldown: float = 1.0  # first cooldown, doubling up to max_cooldown
+    max_cooldown: float = 30.0
+    stale_answer_after: float = 1.8  # with a stale entry, wait this long for upstream, then answer stale
+    stale_reply_ttl: float = 30.0  # max-age of a stale answer
+    cache_max_entries: int = 100_000
+    cache_max_bytes: int = 64 << 20
+    min_ttl: float = 0.0
+    max_ttl: float = 3600.0
+    negative_ttl: float = 60.0
+    negative_max_ttl: float = 300.0
+    max_stale: float = 86400.0
+    prefetch: bool = True  # refresh entries hit in the last prefetch_fraction of their lifetime
+    prefetch_fraction: float = 0.1
+    persist: bool = True  # with a data_dir: keep the cache in SQLite
+    flush_interval: float = 0.5  # cache write-behind period
+    purge_interval: float = 300.0  # drop entries more than max_stale past expiry this often
+    data_dir: Path | None = None
+    zone_file: Path | None = None
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            max_entries=self.cache_max_entries,
+            max_bytes=self.cache_max_bytes,
+            min_ttl=self.min_ttl,
+            max_ttl=self.max_ttl,
+            negative_ttl=self.negative_ttl,
+            negative_max_ttl=self.negative_max_ttl,
+            max_stale=self.max_stale,
+            prefetch_fraction=self.prefetch_fraction,
+            flush_interval=self.flush_interval,
+        )
+
+    def cache_path(self) -> Path | None:
+        return None if self.data_dir is None or not self.persist else Path(self.data_dir) / CACHE_FILE
+
+    def zone_path(self) -> Path | None:
+        if self.zone_file is not None:
+            return Path(self.zone_file)
+        return None if self.data_dir is None else Path(self.data_dir) / ZONE_FILE
+
+
+@dataclass(frozen=True)
+class ResolverStats:
+    """Counters for metrics: cache counters, per-node upstream counters, resolver-level counters."""
+
+    cache: CacheStats
+    upstream: dict[str, NodeStats]
+    zone_hits: int
+    upstream_fetches: int  # upstream requests started by the resolver (after single-flight)
+    coalesced: int  # callers that joined a request already in flight
+    upstream_errors: int  # fetches that failed
+    stale_answers: int
+    inflight: int
+    zone_records: int
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["upstream"] = {name: asdict(s) for name, s in self.upstream.items()}
+        return out
+
+
+class Resolver:
+    """Zone > cache > single-flight upstream > stale. Build with a config; parts may be injected (tests)."""
+
+    def __init__(
+        self,
+        config: ResolverConfig | None = None,
+        *,
+        pool: UpstreamPool | None = None,
+        cache: Cache | None = None,
+        zone: Zone | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = cfg = config or ResolverConfig()
+        self._clock = clock
+        self.pool = pool if pool is not None else UpstreamPool.from_urls(
+            cfg.upstreams,
+            timeout=cfg.timeout,
+            attempt_timeout=cfg.attempt_timeout,
+            hedge_delay=cfg.hedge_delay,
+            failure_threshold=cfg.failure_threshold,
+            cooldown=cfg.cooldown,
+            max_cooldown=cfg.max_cooldown,
+        )
+        if cache is None:
+            path = cfg.cache_path()
+            cache = Cache(cfg.cache_config(), path=path, clock=clock)
+        self.cache = cache
+        if zone is None:
+            zpath = cfg.zone_path()
+            zone = Zone.load(zpath) if zpath is not None and os.path.exists(zpath) else Zone(path=zpath)
+        self.zone = zone
+        self._inflight: dict[CacheKey, asyncio.Task[Answer]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._closed = False
+        self._zone_hits = 0
+        self._fetches = 0
+        self._coalesced = 0
+        self._upstream_errors = 0
+        self._stale_answers = 0
+
+    # -- the Resolving interface ---------------------------------------------------------------------
+    async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer:
+        name = identifier.normalise(handle)
+        types = tuple(types)
+        indexes = tuple(int(i) for i in indexes)
+        if self._closed:
+            raise RuntimeError("resolver is closed")
+        self._start_housekeeping()
+
+        zrec = self.zone.get(name)
+        if zrec is not None:
+            self._zone_hits += 1
+            return self._zone_answer(name, zrec, types, indexes)
+
+        key = cache_key(name, types, indexes)
+        entry = self.cache.get(key)
+        if entry is not None:
+            if (self.config.prefetch and not entry.prefetched and key not in self._inflight
+                    and entry.in_prefetch_window(self._clock(), self.cache.config.prefetch_fraction)):
+                self.cache.note_prefetch(entry)
+                log.debug("resolver.prefetch handle=%s", name)
+                self._fetch_task(key, types, indexes)
+            return self._answer(entry, wire.SOURCE_CACHE)
+
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._fetch_task(key, types, indexes)
+        else:
+            self._coalesced += 1
+        stale_available = self.cache.peek(key) is not None
+        try:
+            if stale_available:
+                async with asyncio.timeout(self.config.stale_answer_after):
+                    return await asyncio.shield(task)
+            return await asyncio.shield(task)
+        except TimeoutError:
+            # Only the client response timer above raises TimeoutError (the pool raises UpstreamTimeout).
+            stale = self._stale(key)
+            if stale is not None:
+                log.info("resolver.stale handle=%s reason=slow-upstream", name)
+                return stale
+            return await asyncio.shield(task)
+        except Exception as e:  # the shared fetch failed: each waiter falls back to stale on its own
+            stale = self._stale(key)
+            if stale is not None:
+                log.info("resolver.stale handle=%s reason=%r", name, str(e))
+                return stale
+            raise
+
+    # -- upstream ------------------------------------------------------------------------------------
+    def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> asyncio.Task[Answer]:
+        task = asyncio.create_task(self._fetch(key, types, indexes), name=f"resolve {key[0]}")
+        self._inflight[key] = task
+        self._background.add(task)
+        task.add_done_callback(self._fetch_done)
+        self._fetches += 1
+        return task
+
+    def _fetch_done(self, task: asyncio.Task[Answer]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: waiters may all be gone
+            self._upstream_errors += 1
+
+    async def _fetch(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> Answer:
+        name = key[0]
+        try:
+            res = await self.pool.resolve(name, types, indexes)
+            code = res.code
+            record: Record | None = None
+            if code == wire.OK:
+                record = Record(name, res.values).select(types, indexes)
+                if not record.values and (types or indexes):
+                    code, record = wire.VALUES_NOT_FOUND, None
+            entry = self.cache.put(key, code, record)
+            if entry is not None:
+                log.debug("resolver.fetched handle=%s code=%d node=%s ttl=%.0f", name, code, res.node,
+                          entry.lifetime)
+                return self._answer(entry, wire.SOURCE_UPSTREAM)
+            now = self._clock()
+            return Answer(code, name, record, wire.SOURCE_UPSTREAM, now + self.cache.lifetime(code, record, now),
+                          etag_of(record, code))
+        finally:
+            # Before any waiter wakes up: a caller arriving after this starts a new request.
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
+
+    # -- answers -------------------------------------------------------------------------------------
+    def _answer(self, entry: CacheEntry, source: int) -> Answer:
+        return Answer(entry.code, entry.key[0], entry.record, source, entry.expires_at, entry.etag)
+
+    def _stale(self, key: CacheKey) -> Answer | None:
+        entry = self.cache.stale(key)
+        if entry is None:
+            return None
+        self._stale_answers += 1
+        return Answer(entry.code, entry.key[0], entry.record, wire.SOURCE_STALE,
+                      self._clock() + self.config.stale_reply_ttl, entry.etag)
+
+    def _zone_answer(self, name: str, rec: Record, types: tuple[str, ...], indexes: tuple[int, ...]) -> Answer:
+        now = self._clock()
+        sel = rec.select(types, indexes)
+        if not sel.values and (types or indexes):
+            code, out = wire.VALUES_NOT_FOUND, None
+        else:
+            code, out = wire.OK, Record(name, sel.values)
+        return Answer(code, name, out, wire.SOURCE_ZONE, now + self.cache.lifetime(code, out, now),
+                      etag_of(out, code))
+
+    # -- housekeeping --------------------------------------------------------------------------------
+    def _start_housekeeping(self) -> None:
+        if self._housekeeper is None:
+            self._housekeeper = asyncio.create_task(self._housekeeping(), name="resolver housekeeping")
+
+    async def _housekeeping(self) -> None:
+        last_purge = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            try:
+                self.cache.maybe_flush()
+                if time.monotonic() - last_purge >= self.config.purge_interval:
+                    last_purge = time.monotonic()
+                    self.cache.purge()
+            except Exception:  # never let bookkeeping kill resolution
+                log.exception("resolver.housekeeping_failed")
+
+    def stats(self) -> ResolverStats:
+        return ResolverStats(
+            cache=CacheStats(**self.cache.stats.as_dict()),
+            upstream=self.pool.stats(),
+            zone_hits=self._zone_hits,
+            upstream_fetches=self._fetches,
+            coalesced=self._coalesced,
+            upstream_errors=self._upstream_errors,
+            stale_answers=self._stale_answers,
+            inflight=len(self._inflight),
+            zone_records=len(self.zone),
+        )
+
+    async def close(self) -> None:
+        """Cancel background work, close the upstream clients, flush and close the cache."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._background)
+        if self._housekeeper is not None:
+            tasks.append(self._housekeeper)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pool.close()
+        self.cache.close()
+
+    async def __aenter__(self) -> Resolver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def default_upstreams() -> list[str]:
+    """Upstream URLs when none are configured: ``$IDA_UPSTREAM`` (space or comma separated), else
+    ``hdl://127.0.0.1:2641``."""
+    env = os.environ.get("IDA_UPSTREAM", "").replace(",", " ").split()
+    return env or [DEFAULT_UPSTREAM]
