@@ -258,7 +258,7 @@ def _check_outcome(status: int, body: bytes) -> None:
         v.type.encode()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(statuses, record_obj)
 def test_malformed_json_records_only_raise_documented_errors(status: int, obj: Any) -> None:
     try:
@@ -268,7 +268,7 @@ def test_malformed_json_records_only_raise_documented_errors(status: int, obj: A
     _check_outcome(status, body)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(nearly_valid_value, max_size=4), odd_text | st.just(H))
 def test_nearly_valid_records_only_raise_protocol_error(values: list[Any], handle: str) -> None:
     body = json.dumps({"responseCode": 1, "handle": handle, "values": values}).encode()
@@ -289,7 +289,7 @@ def test_random_bytes_only_raise_documented_errors(status: int, body: bytes) -> 
     _check_outcome(status, body)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.binary(max_size=100) | record_obj.map(lambda o: json.dumps(o).encode("utf-8", "surrogatepass")))
 async def test_malformed_bodies_through_http(body: bytes) -> None:
     n = await RestNode([], {"88.1/fuzz": (200, body, 0)}).start()
