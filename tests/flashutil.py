@@ -103,3 +103,36 @@ def esptool(*argv: str) -> str:
         except Exception as e:
             raise AssertionError(f"esptool {' '.join(argv)} failed: {e}\n{out.getvalue()}") from None
     return out.getvalue()
+
+
+def standin_runtime(board_name: str, tmp: Path, version: str = "v1.26.1") -> tuple[Path, dict[str, bytes]]:
+    """A stand-in for MicroPython's merged ``firmware.bin`` for a board, made the way MicroPython's build
+    makes the real one: ``esptool elf2image`` for bootloader and app, the partition table binary, then
+    ``esptool merge-bin`` at the bootloader offset. Returns the file and its parts by name."""
+    from tools.boards import load_board
+    from tools.flash import image as im
+
+    board = load_board(board_name)
+    assert board.flash is not None
+    flash = ["--flash-mode", board.flash.mode, "--flash-freq", board.flash.freq, "--flash-size", board.flash.size_name]
+    parts = {}
+    for name, ver in (("bootloader", None), ("app", version)):
+        machine, iram, drom = CHIP_CODE[board.chip]
+        sections = [(".text", iram, bytes(range(64)))]
+        if ver is not None:
+            sections.insert(0, (".flash.appdesc", drom, app_desc(ver)))
+        elf = tmp / f"{board_name}-{name}.elf"
+        elf.write_bytes(tiny_elf(machine, iram, sections))
+        out = tmp / f"{board_name}-{name}.bin"
+        esptool("--chip", board.chip, "elf2image", *flash, "-o", str(out), str(elf))
+        parts[name] = out.read_bytes()
+    parts["partition-table"] = im.encode_partition_table(im.board_partitions(board))
+    (tmp / f"{board_name}-partition-table.bin").write_bytes(parts["partition-table"])
+    runtime = tmp / f"{board_name}-firmware.bin"
+    esptool(
+        "--chip", board.chip, "merge-bin", "-o", str(runtime), "--target-offset", hex(board.bootloader.offset),
+        hex(board.bootloader.offset), str(tmp / f"{board_name}-bootloader.bin"),
+        hex(board.partition_table.offset), str(tmp / f"{board_name}-partition-table.bin"),
+        hex(board.app.offset), str(tmp / f"{board_name}-app.bin"),
+    )  # fmt: skip
+    return runtime, parts

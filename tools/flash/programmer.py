@@ -79,8 +79,8 @@ class Programmer(ABC):
 class SimulatedChip(Programmer):
     """A chip in memory: flash is erased (0xFF) unless given. Switches: ``busy`` / ``absent`` / ``silent``
     make ``detect`` fail like a busy port, a missing port, no chip answering; ``flip_after_write`` is a flash
-    address whose byte is corrupted after every write (verify must catch it); ``fail_write`` raises in the
-    middle of a write after the first part."""
+    address whose byte is corrupted after every write (verify must catch it); ``fail_after_writes`` = n makes
+    the write after the first n (offset, data) parts fail, as a cable pulled mid-write."""
 
     chip: str = "esp32"
     mac: str = "24:0a:c4:00:00:01"
@@ -91,7 +91,7 @@ class SimulatedChip(Programmer):
     absent: bool = False
     silent: bool = False
     flip_after_write: int | None = None
-    fail_write: bool = False
+    fail_after_writes: int | None = None
     # what happened, for tests and measurements
     written: list[tuple[int, int]] = field(default_factory=list)
     resets: int = 0
@@ -124,10 +124,10 @@ class SimulatedChip(Programmer):
         return hashlib.md5(self.read_flash(offset, size)).hexdigest()
 
     def write_flash(self, parts: Parts) -> None:
-        for i, (off, data) in enumerate(parts):
+        for off, data in parts:
             if off % 4096:
                 raise WriteFailed(f"write at 0x{off:x} is not sector-aligned")
-            if self.fail_write and i > 0:
+            if self.fail_after_writes is not None and len(self.written) >= self.fail_after_writes:
                 raise WriteFailed(f"{self.port}: serial link lost while writing at 0x{off:x}")
             self._bounds(off, len(data))
             self.flash[off : off + len(data)] = data

@@ -164,6 +164,11 @@ def flash_device(
     progress("detect", 0, 1)
     mac = check_chip(programmer, board)
 
+    if not board.partitions:
+        raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
+    # what the runtime needs is known before any identifier is spent: a missing runtime costs nothing
+    plan = _runtime_plan(programmer, build, full, runtime)
+
     with station.ledger() as ledger:
         alloc = ledger.allocate(
             mac, board.name, identifier=identifier, operator=station.operator, station=station.station
@@ -179,13 +184,14 @@ def flash_device(
         try:
             chip_image = personalise(params, build.fs_image, ident)
             checks = Checksums(**{**vars(checks), "image_sha256": im.sha256(chip_image.image)})
-            plan, fs_mode = _plan(programmer, build, chip_image.image, chip_image.delta, full, runtime)
+            fs_mode = "full" if full else _fs_state(programmer, build, chip_image.image)
+            plan += _fs_plan(board, fs_mode, chip_image.image, chip_image.delta)
             parts: Parts = [(off, data) for _, off, data in plan]
             _write(programmer, plan, progress)
             ledger.record(alloc.identifier, "flashed", checks)
             progress("verify", 0, 1)
             bad = programmer.verify(parts)
-            if board.partitions and programmer.flash_md5(board.vfs.offset, board.vfs.size) != im.md5(chip_image.image):
+            if programmer.flash_md5(board.vfs.offset, board.vfs.size) != im.md5(chip_image.image):
                 bad.append((board.vfs.offset, board.vfs.size))
             if bad:
                 raise VerifyFailed(bad)
@@ -212,46 +218,44 @@ def flash_device(
                   time.monotonic() - t0, line)  # fmt: skip
 
 
-def _plan(
-    programmer: Programmer,
-    build: Build,
-    chip_image: bytes,
-    delta: tuple[tuple[int, bytes], ...],
-    full: bool,
-    runtime: str | os.PathLike[str] | None,
-) -> tuple[list[tuple[str, int, bytes]], str]:
-    """What to write, as (what, offset, data), and how the filesystem is brought up to date."""
+def _runtime_plan(
+    programmer: Programmer, build: Build, full: bool, runtime: str | os.PathLike[str] | None
+) -> list[tuple[str, int, bytes]]:
+    """The runtime parts to write: none when the chip has one (unless ``full``)."""
     board, man = build.board, build.manifest
-    plan: list[tuple[str, int, bytes]] = []
-    if not board.partitions:
-        raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
-    present = runtime_present(programmer, board)
-    if full or not present:
-        path = runtime or (man.runtime.path if man.runtime else None)
-        if path is None:
-            why = "--full writes the runtime" if full else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
-            raise RuntimeMissing(f"{why}, and none was given")
-        expect = man.runtime.sha256 if man.runtime and runtime is None else None
-        info, data = load_runtime(board, path, expect)
-        bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
-        plan += runtime_parts(build, info, data, bl_present)
+    if not full and runtime_present(programmer, board):
+        return []
+    path = runtime or (man.runtime.path if man.runtime else None)
+    if path is None:
+        programmer.close()
+        why = "--full writes the runtime" if full else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
+        raise RuntimeMissing(f"{why}, and none was given")
+    expect = man.runtime.sha256 if man.runtime and runtime is None else None
+    info, data = load_runtime(board, path, expect)
+    bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
+    return runtime_parts(build, info, data, bl_present)
 
-    vfs = board.vfs
-    if full:
-        fs_mode = "full"
-    else:
-        on_chip = programmer.flash_md5(vfs.offset, vfs.size)
-        if on_chip == im.md5(chip_image):
-            fs_mode = "unchanged"
-        elif on_chip == im.md5(build.fs_image):
-            fs_mode = "delta"
-        else:
-            fs_mode = "full"
+
+def _fs_state(programmer: Programmer, build: Build, chip_image: bytes) -> str:
+    """How the chip's vfs region compares (MD5 on the chip): ``unchanged`` (already this chip's image),
+    ``delta`` (the batch image: write the changed blocks) or ``full``."""
+    vfs = build.board.vfs
+    on_chip = programmer.flash_md5(vfs.offset, vfs.size)
+    if on_chip == im.md5(chip_image):
+        return "unchanged"
+    if on_chip == im.md5(build.fs_image):
+        return "delta"
+    return "full"
+
+
+def _fs_plan(
+    board: Board, fs_mode: str, chip_image: bytes, delta: tuple[tuple[int, bytes], ...]
+) -> list[tuple[str, int, bytes]]:
     if fs_mode == "delta":
-        plan += [("fs-delta", vfs.offset + off, data) for off, data in delta]
-    elif fs_mode == "full":
-        plan.append(("fs", vfs.offset, chip_image))
-    return plan, fs_mode
+        return [("fs-delta", board.vfs.offset + off, data) for off, data in delta]
+    if fs_mode == "full":
+        return [("fs", board.vfs.offset, chip_image)]
+    return []
 
 
 def _write(programmer: Programmer, plan: list[tuple[str, int, bytes]], progress: ProgressFn) -> None:
