@@ -444,3 +444,22 @@ def test_malformed_answers_only_raise_documented_errors(answer: tuple[str, bytes
             server.close()
 
     asyncio.run(run())
+
+
+async def test_nobody_listening_fails_fast_not_after_the_timeout() -> None:
+    """ICMP port unreachable ends the UDP wait at once; TCP is refused too: an error well before the timeout."""
+    import socket
+    import time
+
+    from gateway.errors import UpstreamError as _UpstreamError
+    from gateway.handle.client import HandleClient as _Client
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens on this UDP (nor TCP) port now
+    async with _Client("127.0.0.1", port, timeout=5.0, retries=3, backoff=0.2) as c:
+        t0 = time.monotonic()
+        with pytest.raises(_UpstreamError):
+            await c.resolve("88.123.99/PUMP-0001")
+        assert time.monotonic() - t0 < 2.0

@@ -76,9 +76,16 @@ class _Truncated:
 _TRUNCATED = _Truncated()
 
 
+class _Refused:
+    """Marker result: ICMP port unreachable on the UDP socket (nobody listens at the node's port)."""
+
+
+_REFUSED = _Refused()
+
+
 @dataclass(eq=False)
 class _Pending:
-    future: asyncio.Future[bytes | _Truncated]
+    future: asyncio.Future[bytes | _Truncated | _Refused]
     reassembler: Reassembler = field(default_factory=Reassembler)
 
 
@@ -90,8 +97,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._client._on_datagram(data)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable, ...) on the connected socket: the request times out or falls back.
+        # ICMP errors on the connected socket. Port unreachable ends the waiting requests at once (they go
+        # to TCP when allowed) instead of letting them time out; other errors: the request times out.
         log.debug("handle.udp.error node=%s error=%s", self._client.node, _q(exc))
+        if isinstance(exc, ConnectionRefusedError):
+            self._client._on_udp_refused()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client._on_udp_lost()
@@ -215,6 +225,11 @@ class HandleClient:
     def _on_udp_lost(self) -> None:
         self._udp = None
 
+    def _on_udp_refused(self) -> None:
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_result(_REFUSED)
+
     def _on_datagram(self, data: bytes) -> None:
         try:
             env = decode_envelope(data, max_size=self.max_udp_message)
@@ -270,6 +285,9 @@ class HandleClient:
                     if isinstance(outcome, _Truncated):
                         reason = "truncated"
                         break
+                    if isinstance(outcome, _Refused):
+                        reason = "port-unreachable"
+                        break
                     return outcome
                 if pending.reassembler.received:
                     reason = f"missing-datagrams={list(pending.reassembler.missing)}"
@@ -286,6 +304,8 @@ class HandleClient:
             if pending.future.done() and not pending.future.cancelled():
                 pending.future.exception()  # mark retrieved
 
+        if reason == "port-unreachable" and not self.tcp_fallback:
+            raise UpstreamError(f"{handle}: UDP port unreachable at {self.host}:{self.port}", self.node)
         if reason != "timeout":
             log.info(
                 "handle.tcp.fallback node=%s id=%08x handle=%s reason=%s",
