@@ -13,6 +13,7 @@
 import os
 import time
 import socket
+from errno import EAGAIN
 from micropython import const
 
 from carrier import cbor, proto, rcache
@@ -41,7 +42,7 @@ ACK_TIMEOUT = const(2000)      # ms
 ACK_RANDOM = const(1000)       # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
 MAX_RETRANSMIT = const(4)
 SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
-SLOTS = const(3)
+SLOTS = const(4)
 RX_MAX = const(1152)           # RFC 7252 4.6 upper bound of a message
 BODY_MAX = const(2048)         # largest Block2-reassembled answer
 DEDUP = const(8)
@@ -290,8 +291,7 @@ class Client:
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self._ex = [_Ex(size) for _ in range(SLOTS)]
-        self._rx = bytearray(RX_MAX)
-        self._rxv = memoryview(self._rx)
+        self._rxv = None  # memoryview of the datagram being handled
         self._body = None  # Block2 reassembly buffer, allocated on first use
         self._blen = 0
         self._m = Msg()
@@ -497,13 +497,15 @@ class Client:
             return
         for _ in range(8):  # bounded work per call
             try:
-                n = s.readinto(self._rx)
-            except OSError:  # ECONNREFUSED from an ICMP unreachable, ...
-                self.errors += 1
+                # recv, not readinto: a stream read would join several datagrams into one buffer
+                d = s.recv(RX_MAX)
+            except OSError as e:
+                if e.errno != EAGAIN:  # ECONNREFUSED after an ICMP port unreachable, ...
+                    self.errors += 1
                 break
-            if not n:
+            if not d:
                 break
-            self.datagram(n, now)
+            self.datagram(d, now)
             if self.sock is None:
                 return
         for ex in self._ex:
@@ -528,11 +530,12 @@ class Client:
         except OSError:
             self.errors += 1
 
-    def datagram(self, n, now):
-        """Handle one received datagram in the receive buffer."""
+    def datagram(self, data, now):
+        """Handle one received datagram."""
         m = self._m
+        self._rxv = memoryview(data)
         try:
-            decode(self._rxv, n, m)
+            decode(self._rxv, len(data), m)
         except CoapError:
             self.errors += 1
             return

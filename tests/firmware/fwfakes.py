@@ -194,6 +194,14 @@ class FakeSock:
             self.rx.insert(0, c[k:])
         return k
 
+    def recv(self, n):
+        if not self.rx:
+            raise OSError(11)
+        c = self.rx.pop(0)
+        if isinstance(c, OSError):
+            raise c
+        return c
+
     def send(self, b):
         self.tx.append(bytes(b))
         return len(b)
@@ -205,3 +213,96 @@ class FakeSock:
 
     def close(self):
         self.closed = True
+
+
+class CoapServer:
+    """A loopback CoAP gateway for firmware tests, served from the test's own loop (serve() is
+    non-blocking): POST .../rpt -> 2.04 report_ack, GET /r/... -> 2.05 resolve_response (or 4.04 for
+    suffixes starting with "missing"), GET .../cfg -> 2.05 `cfg` when set else 4.04, POST .../cfg -> 2.04
+    (the config_ack is kept in cfg_acks). `down` makes it drop everything."""
+
+    def __init__(self):
+        import socket
+        from carrier import coap
+        self.coap = coap
+        self.sock = None
+        for port in range(47300, 47400):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+            except OSError:
+                s.close()
+                continue
+            self.sock = s
+            self.port = port
+            break
+        self.sock.setblocking(False)
+        self.reports = []
+        self.cfg_acks = []
+        self.resolves = []
+        self.cfg = None
+        self.down = False
+        self._buf = bytearray(1200)
+        self._out = bytearray(1200)
+        self._m = coap.Msg()
+
+    def close(self):
+        self.sock.close()
+
+    def serve(self):
+        from carrier import cbor
+        coap = self.coap
+        for _ in range(16):
+            try:
+                data, addr = self.sock.recvfrom(1200)
+            except OSError:
+                return
+            n = len(data)
+            self._buf[:n] = data
+            if self.down:
+                continue
+            m = coap.decode(memoryview(self._buf), n, self._m)
+            path = []
+            pos = 4 + m.tkl
+            num = 0
+            mv = memoryview(self._buf)
+            while pos < n and self._buf[pos] != 0xFF:
+                b = self._buf[pos]
+                d, pos = coap._ext(mv, pos + 1, n, b >> 4)
+                ln, pos = coap._ext(mv, pos, n, b & 15)
+                num += d
+                if num == coap.O_URI_PATH:
+                    path.append(str(bytes(mv[pos:pos + ln]), "utf-8"))
+                pos += ln
+            body = bytes(mv[m.pl:n])
+            code, opts, payload = 132, (), None
+            if path and path[0] == "d" and path[-1] == "rpt":
+                rep = cbor.loads(body)
+                self.reports.append(rep)
+                code, payload = 68, cbor.dumps({10: rep[10], 11: rep[11], 3: 1})
+            elif path and path[0] == "d" and path[-1] == "cfg":
+                if m.code == 2:
+                    self.cfg_acks.append(cbor.loads(body))
+                    code = 68
+                elif self.cfg is not None:
+                    code, opts, payload = 69, ((coap.O_OBSERVE, 1), (coap.O_CF, 60)), cbor.dumps(self.cfg)
+            elif path and path[0] == "r":
+                ident = path[1] + "/" + "/".join(path[2:])
+                self.resolves.append(ident)
+                if path[2].startswith("missing"):
+                    payload = cbor.dumps({3: 100, 9: "handle not found"})
+                else:
+                    code = 69
+                    opts = ((coap.O_ETAG, b"\x00\x01\x02\x03\x04\x05\x06\x07"), (coap.O_CF, 60), (coap.O_MAX_AGE, 300))
+                    payload = cbor.dumps({3: 1, 2: ident, 4: [[1, "URL", "https://example.org/" + ident, 300]], 23: 2})
+            o = self._out
+            p = coap.header(o, coap.ACK, code, m.mid, m.tok, m.tkl)
+            last = 0
+            for num, val in opts:
+                p = coap.uint_opt(o, p, num - last, val) if type(val) is int else coap.opt(o, p, num - last, val)
+                last = num
+            if payload:
+                o[p] = 0xFF
+                o[p + 1:p + 1 + len(payload)] = payload
+                p += 1 + len(payload)
+            self.sock.sendto(memoryview(o)[:p], addr)

@@ -66,7 +66,7 @@ class Hal:
         return time.ticks_ms()
 
     def time(self):
-        return time.time()
+        return int(time.time())
 
     def sleep_ms(self, ms):
         time.sleep_ms(ms)

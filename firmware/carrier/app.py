@@ -1,0 +1,405 @@
+# The device: boot sequence, then one cooperative poll loop.
+#
+# Why a poll loop and not uasyncio: every component is already a non-blocking state machine driven by
+# poll(now) (CoAP exchanges, the MQTT client, reporter, queue, console), so one loop that calls them in
+# turn and then sleeps in select.poll() on the sockets and the console for at most IDLE_MS is all the
+# scheduling the device needs. It costs no task objects, closures or event-loop heap, keeps the longest
+# blocking call visible (that one poll(), bounded), makes the watchdog feed point obvious (once per
+# iteration: a stuck component trips it), and lets tests drive step(now) with a fake clock.
+#
+# Boot: board + identity (none -> console-only provisioning mode), boot counter (persisted) and a crash
+# streak in RTC memory (SAFE_AFTER quick crashes in a row -> safe mode: console only, no network; the
+# button held at boot does the same), config, queue, network, transport (coap or mqtt), one resolve of
+# the device's own identifier (logged), then reports + queue drain + remote config + console. Transport
+# errors are caught at its boundary, counted and retried with backoff: the device keeps running.
+import gc
+import os
+import sys
+import time
+import struct
+import select
+
+from carrier import VERSION, hal, log, ident as _ident, identity
+from carrier.config import Config, ack_payload
+from carrier.queue import Queue
+from carrier.reporter import Reporter
+from carrier.console import Console
+
+SAFE_AFTER = 3         # crashes within STABLE_MS of boot, in a row, before safe mode
+STABLE_MS = 60000      # uptime after which a boot counts as good
+IDLE_MS = 50           # longest sleep of the loop
+WDT_MS = 30000
+RETRY_MIN = 2000       # transport restart backoff
+RETRY_MAX = 120000
+CFG_REFRESH_MS = 600000  # re-register the CoAP /cfg observation
+RTC_MAGIC = b"IDA1"
+KV_BOOT = "boot"
+
+
+class App:
+    def __init__(self, h, wdt_ms=WDT_MS, interval=None, fault=None):
+        self.h = h
+        self.wdt_ms = wdt_ms
+        self.default_interval = interval
+        self.fault = fault  # test hook: "boot" raises after the crash streak is counted
+        self.poller = select.poll()
+        self.ident = None
+        self.ident_error = None
+        self.t = None
+        self.t_on = False
+        self.rep = None
+        self.safe = False
+        self.errors = 0
+        self.last_error = None
+        self._terr = (OSError, ValueError)
+        self._pending = None  # identity saved from the console, applied at the next boot
+        self._retry = 0
+        self._backoff = RETRY_MIN
+        self._reboot = False
+        self._first = False    # own identifier resolved after the transport came up
+        self._cfg_at = 0
+        self.up_ms = 0
+        self._last = 0
+        self._con_reg = False
+        self._stable = False
+
+    # ---- boot
+    def boot(self):
+        h = self.h
+        now = h.ticks()
+        self._last = now
+        self.boot_n = self._count_boot()
+        self.streak = self._streak(1)
+        self.safe = self.streak > SAFE_AFTER or h.button()
+        self.console = Console(self, h.con_write, echo=h.board.console != "stdio")
+        log.sink = self.console.log_line
+        try:
+            self.ident = identity.load(h)
+        except identity.IdentityError as e:
+            self.ident_error = str(e)
+        self.cfg = Config(h, self.default_interval or 60)
+        self.q = Queue(h.root + "q.dat")
+        log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
+            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.q.count, self.q.dropped,
+            self.q.corrupt))
+        if self.cfg.error:
+            log.w("cfg", self.cfg.error)
+        if h.con is not None:
+            self.poller.register(h.con, select.POLLIN)
+            self._con_reg = True
+        h.wdt_start(self.wdt_ms)
+        if self.ident is None:
+            log.w("app", "not provisioned (%s): console only; use: provision <id> <url>" % (
+                self.ident_error or "no identity.json"))
+            return
+        i = self.ident
+        log.i("app", "id=%s transport=%s key=%s" % (i.id, i.transport, i.fingerprint()))
+        if self.safe:
+            log.w("app", "safe mode: %d quick crashes in a row (or button held): console only, no network"
+                  % (self.streak - 1))
+            return
+        self.rep = Reporter(h, i.id, self.q, self.boot_n, self.cfg.interval, h.board.name, VERSION)
+        self.rep.start(now)
+        self.cfg.on_change = self._cfg_changed
+        if self.fault == "boot":
+            raise RuntimeError("injected boot fault")
+        h.net_set(True, i.wifi)
+        if i.transport == "mqtt":
+            from carrier.mqtt import Transport, MQTTError as Error
+        else:
+            from carrier.coap import Client as Transport, CoapError as Error
+        self.t = Transport(i, self.poller)
+        self._terr = (OSError, ValueError, Error)
+        self.t.on_config = self._on_config
+
+    def _count_boot(self):
+        b = self.h.kv_get(KV_BOOT)
+        n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
+        self.h.kv_set(KV_BOOT, struct.pack("<I", n))
+        return n
+
+    def _streak(self, add):
+        """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
+        d = self.h.rtc_get()
+        s = d[4] if len(d) >= 5 and d[:4] == RTC_MAGIC else 0
+        s = 0 if add is None else min(s + add, 255)
+        self.h.rtc_set(RTC_MAGIC + bytes((s,)))
+        return s
+
+    # ---- loop
+    def run(self):
+        self.boot()
+        h = self.h
+        while True:
+            self.step(h.ticks())
+            if self._reboot:
+                self.shutdown()
+                h.reset()
+            if self.console.eof and self._con_reg:
+                self.poller.unregister(h.con)
+                self._con_reg = False
+            for _ in self.poller.ipoll(IDLE_MS):
+                break
+
+    def step(self, now):
+        """One loop iteration: never blocks."""
+        h = self.h
+        h.wdt_feed()
+        self.up_ms += time.ticks_diff(now, self._last)
+        self._last = now
+        if not self._stable and self.up_ms >= STABLE_MS:
+            self._stable = True
+            if not self.safe:
+                self._streak(None)
+        t = self.t
+        if t is not None:
+            h.net_poll(now)
+            self._transport(now, h.net_up())
+        if self.rep:
+            self.rep.poll(now, t if self.t_on else None, self.up_ms // 1000)
+        self.q.poll(now)
+        self.console.poll(h.con_read)
+        h.led(self.t_on)
+
+    def _transport(self, now, net):
+        t = self.t
+        if not net:
+            if self.t_on:
+                log.w("net", "down: reports queue in flash")
+                self._stop()
+            return
+        try:
+            if not self.t_on:
+                if time.ticks_diff(now, self._retry) < 0:
+                    return
+                t.start(now)
+                self.t_on = True
+                self._first = False
+                self._cfg_at = now
+                t.get_config()
+                log.i("net", "%s started" % t.name)
+            t.poll(now)
+            if not self._first and t.ready():
+                self._first = True
+                t.resolve(self.ident.id, self._first_resolved)
+            if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
+                self._cfg_at = now
+            self._backoff = RETRY_MIN
+        except self._terr as e:
+            self.errors += 1
+            self.last_error = "%s: %s" % (type(e).__name__, e)
+            log.w("net", "%s error %s; retry in %d ms" % (t.name, self.last_error, self._backoff))
+            self._stop()
+            self._retry = time.ticks_add(now, self._backoff)
+            self._backoff = min(self._backoff * 2, RETRY_MAX)
+
+    def _stop(self):
+        self.t_on = False
+        try:
+            self.t.stop()
+        except self._terr:
+            pass
+
+    def _first_resolved(self, res):
+        code, ident, values, src, msg = res
+        log.i("app", "resolve id=%s code=%d values=%d src=%s%s" % (
+            ident, code, len(values) if values else 0, src, " msg=" + msg if msg else ""))
+
+    def _on_config(self, payload):
+        code, v, msg = self.cfg.apply(payload)
+        log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
+        if self.t_on:
+            self.t.cfg_ack(ack_payload(self.ident.id, code, v, msg))
+
+    def _cfg_changed(self):
+        if self.rep:
+            self.rep.set_interval(self.cfg.interval)
+
+    def shutdown(self, clean=True):
+        """Before a reset or deep sleep: persist the queue; a clean one also clears the crash streak."""
+        try:
+            self.q.flush()
+        except (OSError, AttributeError):
+            pass
+        if clean:
+            self._streak(None)
+        if self.t_on:
+            self._stop()
+
+    def request_reboot(self):
+        self._reboot = True
+
+    def deepsleep(self, ms):
+        self.shutdown()
+        self.h.deepsleep(ms)
+
+    # ---- console services
+    def info_id(self):
+        i = self.ident
+        d = [("id", i.id if i else None)]
+        if i:
+            d += [("transport", i.transport), ("key", i.fingerprint())]
+        else:
+            d.append(("error", self.ident_error or "not provisioned"))
+        return d + [("uid", self.h.uid().hex()), ("board", self.h.board.name), ("fw", VERSION)]
+
+    def info_status(self):
+        gc.collect()
+        r = self.rep
+        t = self.t
+        return [("id", self.ident.id if self.ident else None), ("boot", self.boot_n), ("seq", r.seq if r else 0),
+                ("uptime", self.up_ms // 1000), ("safe", self.safe),
+                ("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()),
+                ("transport", t.name if t else None), ("transport_on", self.t_on),
+                ("queue", self.q.count), ("dropped", self.q.dropped), ("acked", r.acked if r else 0),
+                ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
+                ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
+                ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
+
+    def info_net(self):
+        return [("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()), ("transport_on", self.t_on)]
+
+    def set_net(self, on):
+        self.h.net_set(on, self.ident.wifi if self.ident else None)
+
+    def resolve(self, text, cb, qtype=None):
+        """Start a resolve for the console; an error text when it cannot start."""
+        try:
+            target = _ident.parse(text)
+        except _ident.IdentError as e:
+            return "bad identifier: " + e.reason
+        if not self.t_on:
+            return "offline" if self.t else "no transport (safe mode or not provisioned)"
+        if not self.t.resolve(target, cb, qtype):
+            return "busy: try again"
+        return None
+
+    def report_now(self):
+        if not self.rep:
+            raise ValueError("no reporter (safe mode or not provisioned)")
+        seq = self.rep.make(self.up_ms // 1000)
+        return [("seq", seq), ("queue", self.q.count)]
+
+    def config_get(self, key):
+        i = self.ident
+        d = []
+        if i:
+            d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
+                 ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
+        d += [("interval", self.cfg.interval), ("cfgver", self.cfg.cfgver), ("meta", self.cfg.meta),
+              ("board", self.h.board.name), ("fw", VERSION)]
+        if key is None:
+            return d
+        for kv in d:
+            if kv[0] == key:
+                return [kv]
+        raise ValueError("unknown key: " + key)
+
+    def config_set(self, key, value):
+        if key == "interval":
+            try:
+                s = int(value)
+            except ValueError:
+                raise ValueError("interval must be a number of seconds")
+            self.cfg.set_interval(s)
+            return {"interval": s}
+        if key in ("transport", "coap", "mqtt"):
+            if self.ident is None:
+                raise ValueError("not provisioned")
+            base = self._pending or self.ident
+            d = base.to_dict()
+            d[key] = value
+            new = identity.Identity(d, base.key)
+            identity.save(self.h, new)
+            self._pending = new
+            return [(key, value), ("note", "saved; reboot to apply")]
+        raise ValueError("settable keys: interval, transport, coap, mqtt")
+
+    def provision(self, text, url, keyhex):
+        if self.ident is not None:
+            raise ValueError("already provisioned (factory-reset first)")
+        scheme = url.split(":", 1)[0]
+        if scheme not in identity.TRANSPORTS:
+            raise ValueError("gateway URL must start with coap:// or mqtt://")
+        key = None
+        if keyhex is None:
+            key = os.urandom(16)
+        d = {"id": text, "transport": scheme, scheme: url}
+        if keyhex is not None:
+            d["key"] = keyhex
+        new = identity.Identity(d, key)
+        identity.save(self.h, new)
+        log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
+        self.request_reboot()
+        return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
+
+    def factory_reset(self):
+        log.w("app", "factory reset")
+        identity.erase(self.h)
+        hal.remove(self.h.root + "config.json")
+        self.q.clear()
+        if self.t_on:
+            self._stop()
+        self.t = None
+        self._streak(None)
+        self.request_reboot()
+
+    def selftest(self):
+        from carrier import cbor, proto
+        c = {}
+        try:
+            m = {proto.K_ID: "0.NA/TEST", proto.K_ONLINE: True}
+            c["cbor"] = proto.decode("status", proto.encode("status", m)) == m
+        except ValueError:
+            c["cbor"] = False
+        p = self.h.root + "selftest.tmp"
+        try:
+            hal.write_atomic(p, b"selftest")
+            c["fs"] = hal.read(p) == b"selftest"
+            hal.remove(p)
+        except OSError:
+            c["fs"] = False
+        c["identity"] = self.ident is not None
+        c["queue"] = self.q.errors == 0
+        gc.collect()
+        c["heap"] = gc.mem_free() > 16384
+        c["net"] = bool(self.h.net_up())
+        c["transport"] = self.t_on
+        c["safe_mode"] = not self.safe
+        ok = True
+        for k in c:
+            ok = ok and c[k]
+        return [("pass", ok), ("checks", c)]
+
+
+def main(root=None, uid=None, board=None, wdt_ms=WDT_MS, interval=None, fault=None):
+    """Run the device forever; a reset on the unix port restarts it in-process."""
+    while True:
+        kw = {}
+        if root:
+            kw["root"] = root
+        if uid:
+            kw["uid"] = uid
+        if board:
+            kw["board"] = board
+        h = hal.load(**kw)
+        a = App(h, wdt_ms, interval, fault)
+        try:
+            a.run()
+        except hal.Reset:
+            continue
+        except KeyboardInterrupt:
+            try:
+                a.shutdown()
+            except AttributeError:  # interrupted during boot
+                pass
+            raise
+        except Exception as e:  # a bug: log it, persist what we have, reset (counts towards safe mode)
+            log.e("app", "crash %s: %s" % (type(e).__name__, e))
+            sys.print_exception(e)
+            a.shutdown(False)
+            h.sleep_ms(500)
+            try:
+                h.reset()
+            except hal.Reset:
+                continue

@@ -1,0 +1,104 @@
+# Self-report: every `interval` seconds a `report` (docs/protocol.md) goes into the flash queue, and the
+# queue is drained oldest first, one report in flight, whenever a transport is ready. An acknowledgement
+# (code 1, also for a duplicate) removes the report; no answer or a 5.xx/4.29 backs off exponentially and
+# retries the same report; a permanent rejection (other 4.xx) removes it so it cannot block the queue.
+# (boot, seq) names every report: boot is persisted and incremented at each boot, seq restarts at 1.
+import gc
+import time
+
+from carrier import proto, log
+
+RETRY_MIN = 2000     # ms
+RETRY_MAX = 300000
+
+
+class Reporter:
+    def __init__(self, h, ident, q, boot, interval, board, fw):
+        self.h = h
+        self.id = ident
+        self.q = q
+        self.boot = boot
+        self.interval = interval
+        self.board = board
+        self.fw = fw
+        self.seq = 0
+        self.sensors = None   # hook: () -> {name: int|float|str|bool} or None
+        self.inflight = None  # (boot, seq) sent, waiting for its ack
+        self.now = 0
+        self._next = None     # ticks of the next report; None until start()
+        self._retry = 0       # ticks before which nothing is sent
+        self._backoff = RETRY_MIN
+        self.made = self.acked = self.failed = self.rejected = 0
+        self.last_code = None
+
+    def start(self, now, delay_ms=0):
+        self.now = now
+        self._next = time.ticks_add(now, delay_ms)
+
+    def report_now(self):
+        self._next = self.now
+
+    def set_interval(self, s):
+        if self._next is not None:
+            self._next = time.ticks_add(self.now, min(s, self.interval) * 1000)
+        self.interval = s
+
+    def make(self, uptime_s):
+        """Build the next report and queue it; returns its seq."""
+        self.seq += 1
+        m = {proto.K_ID: self.id, proto.K_BOOT: self.boot, proto.K_SEQ: self.seq, proto.K_UPTIME: uptime_s,
+             proto.K_HEAP: gc.mem_free(), proto.K_RSSI: self.h.rssi(), proto.K_QUEUE: self.q.count,
+             proto.K_BOARD: self.board, proto.K_FW: self.fw, proto.K_DROPPED: self.q.dropped}
+        t = self.h.time()
+        if t:
+            m[proto.K_TIME] = t
+        if self.sensors:
+            try:
+                s = self.sensors()
+                if s:
+                    m[proto.K_SENSORS] = s
+            except Exception as e:  # a sensor fault must not stop reporting
+                log.w("rpt", "sensors failed: %s" % e)
+        try:
+            payload = proto.encode("report", m)
+        except proto.ProtoError as e:  # a bad sensor value: report without sensors
+            log.w("rpt", "report dropped sensors: %s" % e)
+            m.pop(proto.K_SENSORS, None)
+            payload = proto.encode("report", m)
+        self.q.put(self.boot, self.seq, payload, self.now)
+        self.made += 1
+        return self.seq
+
+    def poll(self, now, t, uptime_s):
+        """Make a report when due; hand the oldest queued one to transport t (None when offline)."""
+        self.now = now
+        if self._next is not None and time.ticks_diff(now, self._next) >= 0:
+            self.make(uptime_s)
+            self._next = time.ticks_add(now, self.interval * 1000)
+        if t is None or self.inflight is not None or not self.q.count:
+            return
+        if time.ticks_diff(now, self._retry) < 0 or not t.ready():
+            return
+        boot, seq = self.q.key(0)
+        if t.report(self.q.payload(0), boot, seq, self.done):
+            if self.q.count and self.q.key(0) == (boot, seq):  # not already answered synchronously
+                self.inflight = (boot, seq)
+
+    def done(self, code, boot, seq):
+        """Transport callback: the gateway's report_ack code, or proto.NO_RESPONSE."""
+        if self.inflight == (boot, seq):
+            self.inflight = None
+        self.last_code = code
+        if code == proto.OK:
+            if self.q.ack(boot, seq, self.now):
+                self.acked += 1
+            self._backoff = RETRY_MIN
+            self._retry = self.now
+        elif code == proto.NO_RESPONSE or code == proto.RATE_LIMITED or code >= 500:
+            self.failed += 1
+            self._retry = time.ticks_add(self.now, self._backoff)
+            self._backoff = min(self._backoff * 2, RETRY_MAX)
+        else:
+            self.rejected += 1
+            log.w("rpt", "report boot=%d seq=%d rejected code=%d" % (boot, seq, code))
+            self.q.ack(boot, seq, self.now)
