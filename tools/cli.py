@@ -15,6 +15,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
     ("flash", "tools.flash.cli", "factory flashing and provisioning"),
     ("resolve", "tools.resolve_cmd", "resolve an identifier through the gateway engine (zone, cache, upstreams)"),
+    ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
 ]
 
 
