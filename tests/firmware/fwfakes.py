@@ -1,6 +1,7 @@
 # Test doubles for firmware tests under micropython: temp data dirs, a RAM block device holding a real
 # LittleFS (with a snapshot after every block write, to simulate a power cut at any point), a fake HAL
 # with controllable time, and fake sockets.
+import json
 import os
 import vfs
 
@@ -306,3 +307,52 @@ class CoapServer:
                 o[p + 1:p + 1 + len(payload)] = payload
                 p += 1 + len(payload)
             self.sock.sendto(memoryview(o)[:p], addr)
+
+
+# ---- a whole device on the fake HAL against the loopback gateway -----------------------------------------
+KEY = "00112233445566778899aabbccddeeff"
+ID = "88.123.99/PUMP-0001"
+
+
+class Rig:
+    def __init__(self, provision=True, transport="coap"):
+        self.root = tmpdir("app")
+        self.srv = CoapServer()
+        self.h = FakeHal(self.root)
+        if provision:
+            d = {"id": ID, "transport": transport, "coap": "coap://127.0.0.1:%d" % self.srv.port, "key": KEY}
+            with open(self.root + "identity.json", "w") as f:
+                json.dump(d, f)
+        self.app = None
+
+    def boot(self, **kw):
+        h2 = FakeHal(self.root)  # a reboot: same flash, kv and RTC memory; fresh RAM
+        h2.kv = self.h.kv
+        h2.rtc = self.h.rtc
+        h2.now = self.h.now
+        h2.net = self.h.net
+        self.h = h2
+        from carrier import app as A
+        self.app = A.App(h2, **kw)
+        self.app.boot()
+        return self.app
+
+    def run(self, ms, until=None):
+        end = self.h.now + ms
+        while self.h.now < end:
+            self.app.step(self.h.now)
+            self.srv.serve()
+            if until and until():
+                return True
+            self.h.now += 10  # loopback datagrams arrive at once: no real sleeping needed
+        return False
+
+    def con(self, line):
+        self.h.output()
+        self.h.inp.extend(line.encode() + b"\n")
+        self.app.step(self.h.now)
+        return self.h.output()
+
+    def close(self):
+        self.srv.close()
+        rmtree(self.root[:-1])
