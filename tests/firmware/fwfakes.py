@@ -350,7 +350,10 @@ class Rig:
     def con(self, line):
         self.h.output()
         self.h.inp.extend(line.encode() + b"\n")
-        self.app.step(self.h.now)
+        for _ in range(50):  # the console takes at most READ_MAX bytes per loop
+            self.app.step(self.h.now)
+            if not self.h.inp:
+                break
         return self.h.output()
 
     def close(self):
