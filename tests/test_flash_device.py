@@ -285,3 +285,37 @@ def test_manifest_records_runtime(built: fb.Build) -> None:
     assert rt is not None and rt.kind == "merged" and rt.offset == 0x1000 and rt.version == "v1.26.1"
     doc = json.loads((built.directory / fb.MANIFEST).read_text())
     assert doc["runtime"]["sha256"] == rt.sha256 and os.path.isabs(doc["runtime"]["path"])
+
+
+def test_wait_console_finds_the_identifier_on_a_pty() -> None:
+    """The real console wait (pyserial) against a pseudo-terminal playing the device: it asks `id` and
+    returns the line with the identifier; a silent device times out with ConsoleTimeout."""
+    import pty
+    import threading
+
+    from tools.flash.errors import ConsoleTimeout
+    from tools.flash.provision import wait_console
+
+    master, slave = pty.openpty()
+    port = os.ttyname(slave)
+    stop = threading.Event()
+
+    def device() -> None:
+        os.write(master, b"I app boot=1 noise\r\n\x00\xff garbage\r\n")
+        buf = b""
+        while not stop.is_set():
+            buf += os.read(master, 256)
+            if b"id\r" in buf:
+                os.write(master, b"id: 88.123.99/PUMP-000009\r\ntransport: coap\r\n")
+                return
+
+    t = threading.Thread(target=device, daemon=True)
+    t.start()
+    try:
+        assert wait_console(port, 115200, timeout=10)("88.123.99/PUMP-000009") == "id: 88.123.99/PUMP-000009"
+        with pytest.raises(ConsoleTimeout, match="did not report"):
+            wait_console(port, 115200, timeout=1.2)("88.123.99/PUMP-000010")
+    finally:
+        stop.set()
+        os.close(master)
+        os.close(slave)

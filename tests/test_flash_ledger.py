@@ -80,6 +80,7 @@ def test_reflash_same_mac_keeps_identifier(ledger: Ledger) -> None:
     ledger.record(first.identifier, "verified")
     again = ledger.allocate(mac(1).upper(), "esp32-devkitc")
     assert again.identifier == first.identifier and again.reused
+    assert ledger.device_by_mac("240AC4000001").identifier == first.identifier  # type: ignore[union-attr]
     assert ledger.allocate(mac(2), "esp32-devkitc").identifier != first.identifier
 
 

@@ -16,6 +16,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("flash", "tools.flash.cli", "factory flashing and provisioning"),
     ("resolve", "tools.resolve_cmd", "resolve an identifier through the gateway engine (zone, cache, upstreams)"),
     ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
+    ("bench", "tools.bench.cli", "benchmarks against anchors measured in the same run"),
 ]
 
 

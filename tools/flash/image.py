@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from littlefs import LittleFS, LittleFSError, UserContext
@@ -310,7 +310,3 @@ def check_table_against_board(entries: list[PartitionEntry], board: Board) -> li
             )
     return problems
 
-
-def iter_blocks(data: bytes, block_size: int) -> Iterator[tuple[int, bytes]]:
-    for off in range(0, len(data), block_size):
-        yield off, data[off : off + block_size]

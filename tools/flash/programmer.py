@@ -147,16 +147,18 @@ class SimulatedChip(Programmer):
 
 
 def port_error(port: str, exc: BaseException) -> PortError:
-    """esptool's / pyserial's error for a port, as one of ours."""
+    """esptool's / pyserial's error for a port, as one of ours (esptool's own hint text dropped: ours says
+    the same, once)."""
     text = str(exc)
     low = text.lower()
     if "errno 2]" in low or "no such file" in low or "filenotfound" in low:
-        return PortMissing(port, f"no such serial port ({text.strip()})")
+        return PortMissing(port, "no such serial port")
     if "permission denied" in low:
         return PortError(port, "permission denied", "add the user to the dialout group (then log in again)")
     if "could not open" in low or "busy" in low or "lock" in low or "errno 16" in low or "errno 11" in low:
-        return PortBusy(port, f"the port is busy ({' '.join(text.split())})")
-    return NoChip(port, f"no ESP chip answered ({' '.join(text.split())[:200]})")
+        return PortBusy(port, "the port is busy (another program has it open)")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return NoChip(port, f"no ESP chip answered ({first.split(' For troubleshooting')[0]})")
 
 
 class EsptoolProgrammer(Programmer):

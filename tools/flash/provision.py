@@ -161,13 +161,16 @@ def flash_device(
     one). ``console(identifier)`` (optional) waits for the reset device to report it and returns that line."""
     t0 = time.monotonic()
     board, params, man = build.board, build.params, build.manifest
-    progress("detect", 0, 1)
-    mac = check_chip(programmer, board)
-
     if not board.partitions:
         raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
+    progress("detect", 0, 1)
+    mac = check_chip(programmer, board)
     # what the runtime needs is known before any identifier is spent: a missing runtime costs nothing
-    plan = _runtime_plan(programmer, build, full, runtime)
+    try:
+        plan, rt = _runtime_plan(programmer, build, full, runtime)
+    except BaseException:
+        programmer.close()
+        raise
 
     with station.ledger() as ledger:
         alloc = ledger.allocate(
@@ -178,7 +181,7 @@ def flash_device(
         checks = Checksums(
             firmware_version=man.firmware_version,
             fs_sha256=man.fs_image["sha256"],
-            runtime_sha256=man.runtime.sha256 if man.runtime else None,
+            runtime_sha256=rt.sha256 if rt else man.runtime.sha256 if man.runtime else None,
             key_fingerprint=ident.fingerprint,
         )
         try:
@@ -197,8 +200,8 @@ def flash_device(
                 raise VerifyFailed(bad)
             progress("verify", 1, 1)
             ledger.record(alloc.identifier, "verified", checks)
-        except (FlashError, OSError) as e:
-            ledger.record(alloc.identifier, "failed", checks, detail=str(e)[:500])
+        except BaseException as e:  # Ctrl-C mid-write too: the chip's state is unknown, the identifier stays its
+            ledger.record(alloc.identifier, "failed", checks, detail=(str(e) or type(e).__name__)[:500])
             programmer.close()
             raise
 
@@ -220,20 +223,20 @@ def flash_device(
 
 def _runtime_plan(
     programmer: Programmer, build: Build, full: bool, runtime: str | os.PathLike[str] | None
-) -> list[tuple[str, int, bytes]]:
-    """The runtime parts to write: none when the chip has one (unless ``full``)."""
+) -> tuple[list[tuple[str, int, bytes]], RuntimeInfo | None]:
+    """The runtime parts to write and the runtime they come from: none when the chip has one (unless
+    ``full``)."""
     board, man = build.board, build.manifest
     if not full and runtime_present(programmer, board):
-        return []
+        return [], None
     path = runtime or (man.runtime.path if man.runtime else None)
     if path is None:
-        programmer.close()
         why = "--full writes the runtime" if full else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
         raise RuntimeMissing(f"{why}, and none was given")
     expect = man.runtime.sha256 if man.runtime and runtime is None else None
     info, data = load_runtime(board, path, expect)
     bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
-    return runtime_parts(build, info, data, bl_present)
+    return runtime_parts(build, info, data, bl_present), info
 
 
 def _fs_state(programmer: Programmer, build: Build, chip_image: bytes) -> str:

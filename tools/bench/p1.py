@@ -1,0 +1,92 @@
+"""P1: cached resolve over CoAP through the real gateway, against the anchors, at 32 requests in flight.
+
+Setup: ``ida node`` (no added latency) and ``ida gateway`` with that node as its only upstream, both as
+subprocesses; one GET warms the cache and gives the exact answer (payload, ETag, Max-Age) the anchors then
+serve. Measured side by side under the same load generator: the gateway, ``raw_udp``, ``raw_udp_drain``,
+``aiocoap`` and ``libcoap`` (:mod:`tools.bench.anchors`). Every request is the same 28-byte confirmable
+``GET /r/88.123.99/PUMP-0001``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tools.bench.anchors import Anchors, ResponseShape, Target
+from tools.bench.coapmsg import OPT_ETAG, OPT_MAX_AGE
+from tools.bench.procs import BenchError
+from tools.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway, resolve_path
+from tools.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
+
+__all__ = ["run_p1", "GOAL_P1"]
+
+GOAL_P1 = "throughput >= 1.0x coap-server-notls (libcoap), p99 <= 3 ms at 32 in flight"
+COLUMNS = ("target", "req/s", "p50 ms", "p99 ms", "server CPU", "req/CPU-s", "gateway / this")
+
+
+def _shape(gw: GatewayProcess) -> tuple[ResponseShape, int | None]:
+    code, opts, payload = gw.get(SAMPLE_ID)
+    if code != 0x45:
+        raise BenchError(f"gateway answered {code >> 5}.{code & 31:02d} for {SAMPLE_ID}")
+    o = dict(opts)
+    max_age = int.from_bytes(o[OPT_MAX_AGE], "big") if OPT_MAX_AGE in o else None
+    source: int | None = None
+    try:
+        import cbor2
+
+        source = cbor2.loads(payload).get(23)
+    except Exception:
+        pass
+    return ResponseShape(payload, o.get(OPT_ETAG), max_age), source
+
+
+@scenario("P1", "cached resolve over CoAP (gateway vs anchors)", GOAL_P1)
+def run_p1(opts: BenchOptions) -> ScenarioResult:
+    require_gateway()
+    log_dir = opts.logs()
+    res = ScenarioResult("P1", "cached resolve over CoAP (gateway vs anchors)", GOAL_P1, columns=COLUMNS)
+    path = resolve_path(SAMPLE_ID)
+    with NodeProcess(log_dir, name="p1-node") as node, GatewayProcess(log_dir, node.url, name="p1-gateway") as gw:
+        assert gw.child is not None
+        shape, source = _shape(gw)
+        if source != 1:
+            res.notes.append(f"warm-up answer had source={source}, expected 1 (cache)")
+        gateway = Target("gateway", "ida gateway (aiocoap front end), cache hit", gw.host, gw.port, (path,), gw.child)
+        with Anchors(shape, path, log_dir) as anchors:
+            for name, why in anchors.missing.items():
+                res.notes.append(f"anchor {name} missing: {why.splitlines()[0]}")
+            opts.say(f"  payload {len(shape.payload)} B, request 28 B, {opts.n_rounds} round(s) x "
+                     f"{opts.measure_s:g} s, {opts.concurrency} in flight, {opts.workers} load process(es)")  # fmt: skip
+            ms = measure_targets([gateway, *anchors.targets], opts)
+            for t in anchors.targets:
+                res.notes.extend(f"{t.name}: {n}" for n in t.notes)
+    g = ms["gateway"]
+    figs: dict[str, Any] = {"rps": round(g.rps, 1), "p50_ms": g.figures()["p50_ms"], "p99_ms": g.figures()["p99_ms"],
+                            "server_cpu": g.figures()["server_cpu"], "concurrency": opts.concurrency}  # fmt: skip
+    for name in ("libcoap", "aiocoap", "raw_udp", "raw_udp_drain"):
+        a = ms.get(name)
+        figs[f"ratio_{name}"] = ratio(g.rps, a.rps) if a else None
+    for name, m in ms.items():
+        if name != "gateway":
+            figs[f"{name}_rps"] = round(m.rps, 1)
+            figs[f"{name}_server_cpu"] = m.figures()["server_cpu"]
+    lib = ms.get("libcoap")
+    if lib is not None:  # the headroom: what Python itself reaches against the C server
+        for name in ("raw_udp", "raw_udp_drain", "aiocoap"):
+            if name in ms:
+                figs[f"{name}_vs_libcoap"] = ratio(ms[name].rps, lib.rps)
+        figs["ratio_libcoap_per_cpu"] = ratio(g.rps_per_cpu, lib.rps_per_cpu)
+    p99 = g.result.p99_ms
+    figs["meets_goal"] = bool(figs.get("ratio_libcoap") is not None and figs["ratio_libcoap"] >= 1.0 and p99 <= 3.0)
+    res.figures = figs
+    for name, m in ms.items():
+        f = m.figures()
+        res.rows.append((m.label if name != "gateway" else f"**{m.label}**", f["rps"], f["p50_ms"], f["p99_ms"],
+                         f["server_cpu"], f["rps_per_cpu"], "" if name == "gateway" else ratio(g.rps, m.rps)))  # fmt: skip
+    unsat = [n for n, m in ms.items() if m.server_cpu is not None and m.server_cpu < 0.85]
+    if unsat:
+        res.notes.append("not saturated (server CPU < 0.85 of a core; the load generator, the 32-in-flight loop or "
+                         f"other load on the machine was the limit): {', '.join(unsat)}")  # fmt: skip
+    bad = {n: (m.result.errors, m.result.timeouts) for n, m in ms.items() if m.result.errors or m.result.timeouts}
+    if bad:
+        res.notes.append("errors/timeouts: " + ", ".join(f"{n} {e}/{t}" for n, (e, t) in bad.items()))
+    return res

@@ -1,0 +1,11 @@
+"""P2: not written yet."""
+
+from __future__ import annotations
+
+from tools.bench.procs import BenchError
+from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
+
+
+@scenario("P2", "P2", "see issue 7")
+def run_p2(opts: BenchOptions) -> ScenarioResult:
+    raise BenchError("not implemented yet")

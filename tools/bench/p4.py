@@ -1,0 +1,11 @@
+"""P4: not written yet."""
+
+from __future__ import annotations
+
+from tools.bench.procs import BenchError
+from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
+
+
+@scenario("P4", "P4", "see issue 7")
+def run_p4(opts: BenchOptions) -> ScenarioResult:
+    raise BenchError("not implemented yet")
