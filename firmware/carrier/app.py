@@ -51,7 +51,6 @@ class App:
         self.safe = False
         self.errors = 0
         self.last_error = None
-        self._terr = (OSError, ValueError)
         self._pending = None  # identity saved from the console, applied at the next boot
         self._retry = 0
         self._backoff = RETRY_MIN
@@ -104,13 +103,17 @@ class App:
         if self.fault == "boot":
             raise RuntimeError("injected boot fault")
         h.net_set(True, i.wifi)
+        t = self._make_transport(i)
+        t.on_config = self._on_config
+        self.t = t
+
+    def _make_transport(self, i):
+        # imported here: a device loads only the transport it uses
         if i.transport == "mqtt":
-            from carrier.mqtt import Transport, MQTTError as Error
-        else:
-            from carrier.coap import Client as Transport, CoapError as Error
-        self.t = Transport(i, self.poller)
-        self._terr = (OSError, ValueError, Error)
-        self.t.on_config = self._on_config
+            from carrier import mqtt
+            return mqtt.Transport(i, self.poller)
+        from carrier import coap
+        return coap.Client(i, self.poller)
 
     def _count_boot(self):
         b = self.h.kv_get(KV_BOOT)
@@ -154,15 +157,14 @@ class App:
         t = self.t
         if t is not None:
             h.net_poll(now)
-            self._transport(now, h.net_up())
+            self._transport(t, now, h.net_up())
         if self.rep:
             self.rep.poll(now, t if self.t_on else None, self.up_ms // 1000)
         self.q.poll(now)
         self.console.poll(h.con_read)
         h.led(self.t_on)
 
-    def _transport(self, now, net):
-        t = self.t
+    def _transport(self, t, now, net):
         if not net:
             if self.t_on:
                 log.w("net", "down: reports queue in flash")
@@ -179,13 +181,14 @@ class App:
                 t.get_config()
                 log.i("net", "%s started" % t.name)
             t.poll(now)
-            if not self._first and t.ready():
+            i = self.ident
+            if not self._first and i is not None and t.ready():
                 self._first = True
-                t.resolve(self.ident.id, self._first_resolved)
+                t.resolve(i.id, self._first_resolved)
             if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
                 self._cfg_at = now
             self._backoff = RETRY_MIN
-        except self._terr as e:
+        except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, ProtoError, CBORError
             self.errors += 1
             self.last_error = "%s: %s" % (type(e).__name__, e)
             log.w("net", "%s error %s; retry in %d ms" % (t.name, self.last_error, self._backoff))
@@ -195,9 +198,12 @@ class App:
 
     def _stop(self):
         self.t_on = False
+        t = self.t
+        if t is None:
+            return
         try:
-            self.t.stop()
-        except self._terr:
+            t.stop()
+        except (OSError, ValueError):
             pass
 
     def _first_resolved(self, res):
@@ -208,8 +214,10 @@ class App:
     def _on_config(self, payload):
         code, v, msg = self.cfg.apply(payload)
         log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
-        if self.t_on:
-            self.t.cfg_ack(ack_payload(self.ident.id, code, v, msg))
+        t = self.t
+        i = self.ident
+        if self.t_on and t is not None and i is not None:
+            t.cfg_ack(ack_payload(i.id, code, v, msg))
 
     def _cfg_changed(self):
         if self.rep:
@@ -268,9 +276,12 @@ class App:
             target = _ident.parse(text)
         except _ident.IdentError as e:
             return "bad identifier: " + e.reason
+        t = self.t
+        if t is None:
+            return "no transport (safe mode or not provisioned)"
         if not self.t_on:
-            return "offline" if self.t else "no transport (safe mode or not provisioned)"
-        if not self.t.resolve(target, cb, qtype):
+            return "offline"
+        if not t.resolve(target, cb, qtype):
             return "busy: try again"
         return None
 

@@ -291,8 +291,8 @@ class Client:
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self._ex = [_Ex(size) for _ in range(SLOTS)]
-        self._rxv = None  # memoryview of the datagram being handled
-        self._body = None  # Block2 reassembly buffer, allocated on first use
+        self._rxv = memoryview(b"")  # the datagram being handled
+        self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
         self._blen = 0
         self._m = Msg()
         self._mid = _rand(0x10000)
@@ -374,8 +374,11 @@ class Client:
             ex.tmo = ACK_TIMEOUT + _rand(ACK_RANDOM + 1)
             ex.st = _WAIT_ACK
         ex.due = time.ticks_add(now, ex.tmo)
+        s = self.sock
+        if s is None:
+            return
         try:
-            self.sock.send(memoryview(ex.buf)[:ex.n])
+            s.send(memoryview(ex.buf)[:ex.n])
         except OSError:
             self.errors += 1  # lost like a datagram: the retransmission timer covers it
 
@@ -525,8 +528,11 @@ class Client:
         a[1] = 0
         a[2] = mid >> 8
         a[3] = mid & 255
+        s = self.sock
+        if s is None:
+            return
         try:
-            self.sock.send(a)
+            s.send(a)
         except OSError:
             self.errors += 1
 
@@ -599,7 +605,7 @@ class Client:
             if num == 0:
                 ex.etag = m.etag
                 self._blen = 0
-                if self._body is None:
+                if not len(self._body):
                     self._body = bytearray(BODY_MAX)
             k = len(pl)
             if self._blen + k > BODY_MAX:

@@ -8,7 +8,13 @@ MAX_LINE = 160
 _ring = bytearray(RING)
 _end = 0  # write position
 _wrapped = False
-sink = None  # callable(str); None -> print
+
+
+def _print(line):
+    print(line)
+
+
+sink = _print  # callable(str): where lines go besides the ring (the console sets its own)
 
 
 def _put(b):
@@ -38,10 +44,7 @@ def _put(b):
 def log(level, tag, msg):
     line = level + " " + tag + " " + msg
     _put(line.encode())
-    if sink is None:
-        print(line)
-    else:
-        sink(line)
+    sink(line)
 
 
 def i(tag, msg):

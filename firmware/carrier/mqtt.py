@@ -39,12 +39,20 @@ BACKOFF_MIN = const(1000)
 BACKOFF_MAX = const(120000)
 
 
-class MQTTError(Exception):
+class MQTTError(ValueError):
     """The peer broke the protocol, refused us (code = CONNACK return code) or went silent."""
 
     def __init__(self, msg, code=0):
         super().__init__(msg)
         self.code = code
+
+
+def _errno(e):
+    return e.args[0] if e.args and type(e.args[0]) is int else 0
+
+
+def _nop(*a):
+    pass
 
 
 # ---- codec --------------------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class Client:
             try:
                 self._flush()
             except OSError as e:
-                self.close("socket error %d" % (e.errno if e.args else 0))
+                self.close("socket error %d" % _errno(e))
 
     def poll(self, now):
         """Do pending I/O and timers; never blocks. Errors close the connection (see reason)."""
@@ -361,12 +369,15 @@ class Client:
             if self.state:
                 self._flush()
         except OSError as e:
-            self.close("socket error %d" % (e.errno if e.args else 0))
+            self.close("socket error %d" % _errno(e))
         except MQTTError as e:
             self.close(str(e))
 
     def _connecting(self, now):
-        for _obj, ev in self._p.ipoll(0):
+        p = self._p
+        if p is None:
+            return
+        for _obj, ev in p.ipoll(0):
             if ev & (select.POLLERR | select.POLLHUP):
                 raise MQTTError("connection refused")
             if ev & select.POLLOUT:
@@ -381,9 +392,10 @@ class Client:
             raise MQTTError("connect timeout")
 
     def _flush(self):
-        if not self._on:
+        s = self.sock
+        if not self._on or s is None:
             return
-        k = self.sock.write(self._ov[:self._on])
+        k = s.write(self._ov[:self._on])
         if k:
             rest = self._on - k
             if rest:
@@ -392,8 +404,11 @@ class Client:
 
     def _read(self, now):
         r = self._r
+        s = self.sock
         for _ in range(8):  # bounded work per poll
-            k = self.sock.readinto(r.space())
+            if s is None:
+                return
+            k = s.readinto(r.space())
             if k is None:
                 return
             if k == 0:
@@ -514,7 +529,7 @@ class Session:
                     self._addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
                 c.open(self._addr, now)
             except OSError as e:
-                c.reason = "connect failed %d" % (e.errno if e.args else 0)
+                c.reason = "connect failed %d" % _errno(e)
                 self._later(now)
                 return
         was = c.state
@@ -558,10 +573,10 @@ class Transport:
         self._tok = int.from_bytes(os.urandom(2), "big")
         self._res = []  # pending resolves: [token, key, cb, due, tries]
         self._rep = None  # pending report: [boot, seq, due]
-        self._rep_cb = None
+        self._rep_cb = _nop
         self.on_config = None
         self.errors = 0
-        self.now = 0
+        self.now = time.ticks_ms()
 
     @property
     def sock(self):
@@ -686,8 +701,7 @@ class Transport:
             boot, seq = m[proto.K_BOOT], m[proto.K_SEQ]
             if self._rep and self._rep[0] == boot and self._rep[1] == seq:
                 self._rep = None
-            if self._rep_cb:
-                self._rep_cb(m[proto.K_CODE], boot, seq)  # late acks still clear the queue
+            self._rep_cb(m[proto.K_CODE], boot, seq)  # late acks still clear the queue
         elif kind == b"res":
             self._resolved(m, payload)
 

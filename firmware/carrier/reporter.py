@@ -24,9 +24,9 @@ class Reporter:
         self.seq = 0
         self.sensors = None   # hook: () -> {name: int|float|str|bool} or None
         self.inflight = None  # (boot, seq) sent, waiting for its ack
-        self.now = 0
+        self.now = time.ticks_ms()
         self._next = None     # ticks of the next report; None until start()
-        self._retry = 0       # ticks before which nothing is sent
+        self._retry = self.now  # ticks before which nothing is sent
         self._backoff = RETRY_MIN
         self.made = self.acked = self.failed = self.rejected = 0
         self.last_code = None

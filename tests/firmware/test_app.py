@@ -13,7 +13,7 @@ def _with(fn, **kw):
     try:
         fn(r)
     finally:
-        log.sink = None
+        log.sink = log._print
         r.close()
 
 

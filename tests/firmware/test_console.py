@@ -14,7 +14,7 @@ def _with(fn, **kw):
         r.run(3000, lambda: r.app.rep.acked)
         fn(r)
     finally:
-        log.sink = None
+        log.sink = log._print
         r.close()
 
 

@@ -22,7 +22,7 @@ class Hal:
         self._wlan = network.WLAN(network.STA_IF)
         self._wifi = None  # (ssid, psk)
         self._want = False
-        self._next = 0
+        self._next = time.ticks_ms()
         self._retry = NET_RETRY_MS
         self._wdt = None
         self._nvs = esp32.NVS(NVS_NS)
@@ -45,7 +45,10 @@ class Hal:
         self._btn_on = 0
         if self.board.button:
             pin, active_low = self.board.button
-            self._btn = machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP if active_low else None)
+            if active_low:
+                self._btn = machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP)
+            else:
+                self._btn = machine.Pin(pin, machine.Pin.IN)
             self._btn_on = 0 if active_low else 1
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
@@ -126,7 +129,8 @@ class Hal:
             self._led.value(self._led_on if on else 1 - self._led_on)
 
     def button(self):
-        return bool(self._btn) and self._btn.value() == self._btn_on
+        b = self._btn
+        return b is not None and b.value() == self._btn_on
 
     # storage: NVS blobs (wear-levelled by ESP-IDF)
     def kv_get(self, name):

@@ -15,7 +15,7 @@ NET_CHECK_MS = 500
 
 # one watchdog per process, like the hardware one: it survives an in-process reboot
 _wdt_ms = 0
-_fed = 0
+_fed = time.ticks_ms()
 _wdt_thread = False
 
 
