@@ -33,6 +33,7 @@ class Reporter:
 
     def start(self, now, delay_ms=0):
         self.now = now
+        self._retry = now
         self._next = time.ticks_add(now, delay_ms)
 
     def report_now(self):
