@@ -1,0 +1,150 @@
+# Symmetric primitives for OSCORE (carrier/oscore.py), built on what MicroPython offers everywhere:
+# hashlib.sha256 and cryptolib.aes in ECB mode (mode 1; CBC/CTR are not available on every port).
+#   hmac_sha256(key, *parts)        HMAC-SHA256 (RFC 2104) over the concatenation of parts
+#   hkdf(salt, ikm, info, length)   HKDF-SHA256 (RFC 5869): extract then expand
+#   CCM(key)                        AES-CCM (RFC 3610) with M = 8 (64-bit tag), L = 2 (13-byte nonce): COSE
+#                                   algorithm 10, AES-CCM-16-64-128, the OSCORE default. encrypt()/decrypt()
+#                                   work on caller buffers (in place allowed) with three preallocated 16-byte
+#                                   blocks: no allocation per message.
+# Keys and derived material never leave these objects except through the caller; nothing here logs.
+import hashlib
+import cryptolib
+from micropython import const
+
+TAG = const(8)        # CCM tag bytes (M)
+NONCE = const(13)     # CCM nonce bytes (15 - L)
+_ECB = const(1)
+_B0_FLAGS = const(0x19)  # (M-2)/2 << 3 | (L-1): 3 << 3 | 1; +0x40 when there is associated data
+_A_FLAGS = const(1)      # L - 1
+_MAX_AAD = const(0xFEFF)  # 2-byte length prefix form (RFC 3610 2.2)
+_MAX_MSG = const(0xFFFF)  # L = 2
+
+_pad = bytearray(64)  # HMAC key block (shared scratch: the firmware is single-threaded)
+
+
+def hmac_sha256(key, *parts):
+    """HMAC-SHA256 of the concatenation of parts (bytes-like) under key; 32 bytes."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    p = _pad
+    n = len(key)
+    for i in range(64):
+        p[i] = (key[i] if i < n else 0) ^ 0x36
+    h = hashlib.sha256(p)
+    for x in parts:
+        h.update(x)
+    inner = h.digest()
+    for i in range(64):
+        p[i] ^= 0x6A  # 0x36 ^ 0x5C: inner pad -> outer pad
+    h = hashlib.sha256(p)
+    h.update(inner)
+    for i in range(64):
+        p[i] = 0
+    return h.digest()
+
+
+def hkdf(salt, ikm, info, length):
+    """HKDF-SHA256 (RFC 5869); an empty or None salt means 32 zero bytes. Returns length bytes (<= 8160)."""
+    if length > 255 * 32:
+        raise ValueError("hkdf length")
+    prk = hmac_sha256(salt or bytes(32), ikm)
+    out = bytearray(length)
+    t = b""
+    pos = 0
+    i = 0
+    while pos < length:
+        i += 1
+        t = hmac_sha256(prk, t, info, bytes((i,)))
+        k = min(32, length - pos)
+        out[pos:pos + k] = t[:k]
+        pos += k
+    return bytes(out)
+
+
+class CCM:
+    """AES-CCM-16-64-128 under one 16-byte key (RFC 3610 with M = 8, L = 2)."""
+
+    def __init__(self, key):
+        if len(key) != 16:
+            raise ValueError("AES-128 key must be 16 bytes")
+        self._e = cryptolib.aes(key, _ECB).encrypt
+        self._x = bytearray(16)  # CBC-MAC chaining value
+        self._a = bytearray(16)  # counter block A_i
+        self._s = bytearray(16)  # key stream block S_i
+
+    def _absorb(self, data, n, j):
+        """CBC-MAC over data[:n] continuing at byte j of the current block; returns the new j."""
+        x = self._x
+        e = self._e
+        for k in range(n):
+            x[j] ^= data[k]
+            j += 1
+            if j == 16:
+                e(x, x)
+                j = 0
+        return j
+
+    def _mac(self, nonce, aad, msg, n):
+        """T (in self._x[:8]) for msg[:n] under nonce with associated data aad."""
+        x = self._x
+        la = len(aad)
+        x[0] = _B0_FLAGS | (0x40 if la else 0)
+        x[1:14] = nonce
+        x[14] = n >> 8
+        x[15] = n & 255
+        self._e(x, x)
+        if la:
+            x[0] ^= la >> 8
+            x[1] ^= la & 255
+            j = self._absorb(aad, la, 2)
+            if j:
+                self._e(x, x)
+        if n:
+            if self._absorb(msg, n, 0):
+                self._e(x, x)
+
+    def _stream(self, nonce, i):
+        """S_i = E(K, A_i) into self._s."""
+        a = self._a
+        a[0] = _A_FLAGS
+        a[1:14] = nonce
+        a[14] = i >> 8
+        a[15] = i & 255
+        self._e(a, self._s)
+
+    def _ctr(self, nonce, src, dst, n):
+        s = self._s
+        for k in range(n):
+            j = k & 15
+            if j == 0:
+                self._stream(nonce, (k >> 4) + 1)
+            dst[k] = src[k] ^ s[j]
+
+    def encrypt(self, nonce, aad, src, n, dst):
+        """dst[:n] = ciphertext of src[:n], dst[n:n+8] = tag; returns n + 8. dst may be src (in place)."""
+        if len(nonce) != NONCE or len(aad) > _MAX_AAD or n > _MAX_MSG:
+            raise ValueError("CCM parameters")
+        self._mac(nonce, aad, src, n)
+        self._ctr(nonce, src, dst, n)
+        self._stream(nonce, 0)
+        x = self._x
+        s = self._s
+        for j in range(TAG):
+            dst[n + j] = x[j] ^ s[j]
+        return n + TAG
+
+    def decrypt(self, nonce, aad, src, n, dst):
+        """Decrypt and verify src[:n] (ciphertext then 8-byte tag) into dst[:n-8]; returns the plaintext length,
+        or -1 when the tag does not match (dst then holds garbage, not a plaintext: do not use it)."""
+        if n < TAG or len(nonce) != NONCE or len(aad) > _MAX_AAD:
+            return -1
+        m = n - TAG
+        self._ctr(nonce, src, dst, m)
+        self._mac(nonce, aad, dst, m)
+        self._stream(nonce, 0)
+        x = self._x
+        s = self._s
+        diff = 0
+        for j in range(TAG):  # constant time over the tag
+            diff |= src[m + j] ^ x[j] ^ s[j]
+        return m if diff == 0 else -1
