@@ -20,6 +20,10 @@ __all__ = ["as_json", "as_text", "as_markdown", "machine_info"]
 def _cell(v: Any) -> str:
     if v is None:
         return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
         return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
@@ -85,6 +89,15 @@ def _headline(r: ScenarioResult) -> str:
     if r.key == "P3":
         return (f"P3 upstream requests for {f.get('concurrent_misses')} concurrent misses: {f.get('upstream_requests')}"
                 f" | miss overhead p50 {_cell(f.get('miss_overhead_p50_ms'))} ms")  # fmt: skip
+    if r.key == "P2":
+        return (f"P2 gateway {_cell(f.get('rps'))} req/s over MQTT, p50 {_cell(f.get('p50_ms'))} ms, p99 "
+                f"{_cell(f.get('p99_ms'))} ms | x bare MQTT responder {_cell(f.get('ratio_mqtt_raw'))}")  # fmt: skip
+    if r.key == "P4":
+        return (f"P4 heap {_cell(f.get('heap_bytes'))} B, .mpy {_cell(f.get('mpy_bytes'))} B, resolve request "
+                f"{_cell(f.get('request_bytes'))} B")  # fmt: skip
+    if r.key == "P5":
+        return (f"P5 gateway CPU {_cell(f.get('gateway_cpu'))} of a core for {_cell(f.get('reports_per_s'))} reports/s "
+                f"({_cell(f.get('reports_acked'))}/{_cell(f.get('reports_sent'))} acknowledged)")  # fmt: skip
     keys = [k for k in f if k not in ("meets_goal",)][:5]
     return f"{r.key} " + ", ".join(f"{k} {_cell(f[k])}" for k in keys)
 

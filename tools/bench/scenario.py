@@ -27,7 +27,7 @@ from typing import Any
 
 from tools.bench.anchors import Target
 from tools.bench.loadgen import LoadResult, LoadSpec, run_load
-from tools.bench.procs import BenchError
+from tools.bench.procs import BenchError, Child
 
 __all__ = ["BenchOptions", "Measurement", "ScenarioResult", "Scenario", "SCENARIOS", "scenario", "skipped",
            "measure_targets", "run_scenarios", "ratio"]  # fmt: skip
@@ -81,6 +81,7 @@ class Measurement:
     result: LoadResult
     server_cpu: float | None  # fraction of one core used by the server process during the load run
     rounds_rps: list[float] = field(default_factory=list)
+    other_cpu: dict[str, float] = field(default_factory=dict)  # watched processes (e.g. the broker)
 
     @property
     def rps(self) -> float:
@@ -166,44 +167,65 @@ def skipped(key: str, why: str) -> ScenarioResult:
     return ScenarioResult(key, sc.title, sc.goal, skipped=why)
 
 
-def _cpu(t: Target) -> float | None:
-    if t.child is None or not t.child.alive():
+def _cpu(child: Child | None) -> float | None:
+    if child is None or not child.alive():
         return None
     try:
-        return t.child.cpu_seconds()
+        return child.cpu_seconds()
     except OSError:
         return None
 
 
-def measure_once(t: Target, spec: LoadSpec, workers: int) -> tuple[LoadResult, float | None]:
-    c0, w0 = _cpu(t), time.monotonic()
-    res = run_load(spec, workers=workers)
-    c1, w1 = _cpu(t), time.monotonic()
+def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Child] | None = None,
+                 ) -> tuple[LoadResult, float | None, dict[str, float]]:  # fmt: skip
+    """Run ``load``; the target's CPU share and each watched process's over the run."""
+    watch = watch or {}
+    c0, w0 = _cpu(t.child), time.monotonic()
+    o0 = {k: _cpu(c) for k, c in watch.items()}
+    res = load()
+    c1, w1 = _cpu(t.child), time.monotonic()
+    o1 = {k: _cpu(c) for k, c in watch.items()}
     if t.child is not None and not t.child.alive():
         raise t.child.fail("died under load")
     share = None if c0 is None or c1 is None else (c1 - c0) / (w1 - w0)
-    return res, share
+    others = {}
+    for k, v in o0.items():
+        after = o1[k]
+        if v is not None and after is not None:
+            others[k] = (after - v) / (w1 - w0)
+    return res, share, others
 
 
-def measure_targets(targets: Sequence[Target], opts: BenchOptions, *, concurrency: int | None = None,
-                    confirmable: bool = True) -> dict[str, Measurement]:  # fmt: skip
-    """Measure each target ``opts.n_rounds`` times in rotating order; each target's median round."""
-    runs: dict[str, list[tuple[LoadResult, float | None]]] = {t.name: [] for t in targets}
+def coap_load(t: Target, opts: BenchOptions, *, concurrency: int | None = None,
+              confirmable: bool = True) -> Callable[[], LoadResult]:  # fmt: skip
+    spec = LoadSpec(t.host, t.port, t.paths, concurrency=concurrency or opts.concurrency,
+                    duration=opts.measure_s, warmup=opts.warmup_s, confirmable=confirmable)  # fmt: skip
+    return lambda: run_load(spec, workers=opts.workers)
+
+
+def measure_targets(targets: Sequence[Target], opts: BenchOptions, *,
+                    load: Callable[[Target], Callable[[], LoadResult]] | None = None,
+                    watch: dict[str, Child] | None = None) -> dict[str, Measurement]:  # fmt: skip
+    """Measure each target ``opts.n_rounds`` times in rotating order; each target's median round.
+
+    ``load(target)`` gives the function that runs one measurement (default: the CoAP generator with the
+    run's options); ``watch`` names other processes whose CPU share is recorded too (e.g. the broker)."""
+    make = load or (lambda t: coap_load(t, opts))
+    runs: dict[str, list[tuple[LoadResult, float | None, dict[str, float]]]] = {t.name: [] for t in targets}
     n = len(targets)
     for rnd in range(opts.n_rounds):
         for i in range(n):
             t = targets[(i + rnd) % n]
-            spec = LoadSpec(t.host, t.port, t.paths, concurrency=concurrency or opts.concurrency,
-                            duration=opts.measure_s, warmup=opts.warmup_s, confirmable=confirmable)  # fmt: skip
-            res, share = measure_once(t, spec, opts.workers)
+            res, share, others = measure_once(t, make(t), watch)
+            extra = "".join(f"  {k} cpu {v:.2f}" for k, v in others.items())
             opts.say(f"  {t.name:<14} round {rnd + 1}: {res.rps:9.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
-                     f"p99 {res.p99_ms:7.3f} ms  server cpu {share if share is not None else float('nan'):.2f}")  # fmt: skip
-            runs[t.name].append((res, share))
+                     f"p99 {res.p99_ms:7.3f} ms  server cpu {share if share is not None else float('nan'):.2f}{extra}")  # fmt: skip
+            runs[t.name].append((res, share, others))
     out = {}
     for t in targets:
         rs = runs[t.name]
         med = sorted(rs, key=lambda x: x[0].rps)[(len(rs) - 1) // 2]
-        out[t.name] = Measurement(t.name, t.label, med[0], med[1], [round(r.rps, 1) for r, _ in rs])
+        out[t.name] = Measurement(t.name, t.label, med[0], med[1], [round(r.rps, 1) for r, _, _ in rs], med[2])
     return out
 
 

@@ -5,6 +5,8 @@
   what a Python asyncio CoAP server can do on this machine.
 * ``raw-drain`` -- the same responder, but after each datagram asyncio delivers it reads and answers whatever
   else is queued on the socket: the ceiling for a Python server that batches its reads.
+* ``mqtt`` -- a bare MQTT client behind the broker at ``--host``/``--port`` answering every
+  ``<root>/+/req`` with a fixed resolve answer (the request's token patched in): the MQTT ceiling.
 * ``aiocoap`` -- a plain aiocoap server with one resource under ``/r`` returning the same payload, ETag and
   Max-Age: what aiocoap costs without any of the gateway's work.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -160,6 +163,62 @@ def _aiocoap_port(ctx: Any, default: int) -> int:
     return default
 
 
+class MqttResponder(asyncio.Protocol):
+    """A bare MQTT client answering every ``<root>/+/req`` resolve request with a fixed answer on ``…/res``
+    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker."""
+
+    def __init__(self, root: str, pre: bytes, post: bytes, ready: asyncio.Future[None]) -> None:
+        from tools.bench.mqttmsg import PacketReader
+
+        self.root = root
+        self.pre, self.post = pre, post
+        self.reader = PacketReader()
+        self.ready = ready
+        self.transport: asyncio.Transport | None = None
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from tools.bench.mqttmsg import encode_connect, encode_subscribe
+
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(encode_connect(f"bench-responder-{os.getpid()}", keepalive=120)
+                             + encode_subscribe(1, f"{self.root}/+/req", 0))  # fmt: skip
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        from tools.bench.mqttmsg import PUBLISH, SUBACK, parse_publish, publish_header
+
+        out = []
+        for ptype, flags, body in self.reader.feed(data):
+            if ptype == PUBLISH:
+                topic, payload = parse_publish(flags, body)
+                if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
+                    continue
+                answer = self.pre + payload[3:7] + self.post
+                out.append(publish_header(topic[:-3] + "res", len(answer)) + answer)
+                self.answered += 1
+            elif ptype == SUBACK and not self.ready.done():
+                self.ready.set_result(None)
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+async def serve_mqtt(host: str, port: int, root: str, pre: bytes, post: bytes, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: MqttResponder(root, pre, post, ready), host, port)
+    await asyncio.wait_for(ready, 10)
+    _ready(port)
+    try:
+        await stop.wait()
+    finally:
+        transport.write(b"\xe0\x00")
+        transport.close()
+
+
 def _ready(port: int) -> None:
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
@@ -171,6 +230,10 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if args.kind == "mqtt":
+        pre, _, post = args.payload.partition(":")
+        await serve_mqtt(args.host, args.port, args.root, bytes.fromhex(pre), bytes.fromhex(post), stop)
+        return
     payload = bytes.fromhex(args.payload)
     etag = bytes.fromhex(args.etag) if args.etag else None
     if args.kind in ("raw", "raw-drain"):
@@ -181,12 +244,13 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench.servers", description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=("raw", "raw-drain", "aiocoap"))
+    p.add_argument("kind", choices=("raw", "raw-drain", "aiocoap", "mqtt"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--payload", default="", help="response payload, hex")
+    p.add_argument("--payload", default="", help="response payload, hex (mqtt: PRE:POST around the token)")
     p.add_argument("--etag", default="", help="ETag option, hex (empty = none)")
     p.add_argument("--max-age", type=int, default=None)
+    p.add_argument("--root", default="bench/v1/d", help="mqtt: topic root answered (<root>/+/req)")
     args = p.parse_args(argv)
     asyncio.run(_main(args))
     return 0
