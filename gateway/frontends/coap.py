@@ -1,0 +1,324 @@
+"""CoAP front end (aiocoap), exactly as docs/protocol.md "CoAP" says.
+
+    GET  /r/<prefix>/<suffix segments...>[?type=T&index=N]   resolve (CF 60 CBOR default, CF 50 JSON on Accept: 50)
+    POST /d/<id segments...>/rpt                              report -> 2.04 report_ack
+    GET  /d/<id segments...>/cfg   (observable)               desired config -> 2.05 config / 4.04
+    POST /d/<id segments...>/cfg                              config_ack -> 2.04
+    GET  /.well-known/core                                    link format
+
+Resolve answers carry ``Max-Age`` (remaining lifetime) and an 8-byte ``ETag``; a request whose ETag matches
+gets 2.03 Valid. Answers larger than one block go block-wise (RFC 7959): aiocoap's ``Block2Cache`` splits any
+response bigger than the peer's maximum payload (1024 B over UDP) and serves the later blocks from the
+assembled response. Errors carry an ``error`` payload (CF 60).
+
+Routing uses aiocoap's ``Site``: the two resources under ``/r`` and ``/d`` are ``PathCapable`` and receive the
+rest of the path as ``uri_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiocoap
+from aiocoap import resource
+from aiocoap.numbers import ContentFormat
+from aiocoap.numbers.codes import Code
+from aiocoap.util.linkformat import Link, LinkFormat
+
+from gateway import identifier, wire
+from gateway.frontends.common import DeviceRegistry, InFlight, failure, json_etag, parse_filters
+from gateway.logfmt import kv
+from gateway.metrics import Metrics
+from gateway.resolution import Answer, Resolving, etag_of
+
+log = logging.getLogger(__name__)
+
+CF_CBOR = ContentFormat.CBOR  # 60
+CF_JSON = ContentFormat.JSON  # 50
+
+# docs/protocol.md "Codes": wire code -> CoAP response code.
+COAP_CODE: dict[int, Code] = {
+    wire.OK: Code.CONTENT,
+    wire.NOT_FOUND: Code.NOT_FOUND,
+    wire.VALUES_NOT_FOUND: Code.NOT_FOUND,
+    wire.NOT_MODIFIED: Code.VALID,
+    wire.BAD_REQUEST: Code.BAD_REQUEST,
+    wire.FORBIDDEN: Code.FORBIDDEN,
+    wire.TOO_LARGE: Code.REQUEST_ENTITY_TOO_LARGE,
+    wire.RATE_LIMITED: Code.TOO_MANY_REQUESTS,
+    wire.INTERNAL: Code.INTERNAL_SERVER_ERROR,
+    wire.UPSTREAM_UNAVAILABLE: Code.SERVICE_UNAVAILABLE,
+    wire.UPSTREAM_TIMEOUT: Code.GATEWAY_TIMEOUT,
+}
+
+REPORT = "rpt"
+CONFIG = "cfg"
+
+
+def error_message(code: int, msg: str, *, ident: str | None = None, max_age: int | None = None) -> aiocoap.Message:
+    """An error response: the CoAP code for ``code`` and an ``error`` payload (CF 60)."""
+    fields: dict[str, Any] = {"code": code, "msg": msg}
+    if ident is not None:
+        fields["id"] = ident
+    if max_age is not None and code in (wire.NOT_FOUND, wire.VALUES_NOT_FOUND, wire.RATE_LIMITED):
+        fields["ttl"] = max_age
+    m = aiocoap.Message(code=COAP_CODE[code], payload=wire.encode("error", fields), content_format=CF_CBOR)
+    if max_age is not None:
+        m.opt.max_age = max_age
+    elif code >= 500:
+        m.opt.max_age = 0  # do not let an intermediary keep a failure for the default 60 s
+    return m
+
+
+class CoapFrontEnd:
+    """The CoAP server. ``start()`` binds (port 0 = any free port) and returns the bound (host, port)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        resolver: Resolving,
+        registry: DeviceRegistry,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._bind = (host, port)
+        self.resolver = resolver
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self._ctx: aiocoap.Context | None = None
+        self._inflight = InFlight()
+        self._closing = False
+        self.address: tuple[str, int] | None = None
+        self.site = resource.Site()
+        self.site.add_resource(
+            (".well-known", "core"), resource.WKCResource(self.site.get_resources_as_linkheader, impl_info=None)
+        )
+        self.site.add_resource(("r",), _ResolveResource(self))
+        self.devices = _DeviceResource(self)
+        self.site.add_resource(("d",), self.devices)
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight.count
+
+    async def start(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+
+        def changed(ident: str, _fields: dict[str, Any]) -> None:  # may be called from another thread
+            loop.call_soon_threadsafe(self.devices.notify, ident)
+
+        self.registry.on_config_change(changed)
+        self._ctx = await aiocoap.Context.create_server_context(
+            self.site, bind=self._bind, transports=["udp6"], loggername="coap-server"
+        )
+        self.address = (self._bind[0], _bound_port(self._ctx))
+        return self.address
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Answer new requests with 5.03, wait up to ``timeout`` s for those in flight, then close the socket."""
+        self._closing = True
+        if not await self._inflight.drain(timeout):
+            log.warning("coap stopping with requests still in flight %s", kv(count=self._inflight.count))
+        if self._ctx is not None:
+            await self._ctx.shutdown()
+            self._ctx = None
+
+    # -- request handling ----------------------------------------------------------------------------------
+    def _finish(self, code: int, response: aiocoap.Message) -> aiocoap.Message:
+        self.metrics.count_request("coap", code)
+        return response
+
+    def _fail(self, code: int, msg: str, **kw: Any) -> aiocoap.Message:
+        return self._finish(code, error_message(code, msg, **kw))
+
+    async def resolve(self, request: aiocoap.Message) -> aiocoap.Message:
+        if self._closing:
+            return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+        with self._inflight:
+            accept = request.opt.accept
+            if accept is not None and accept not in (CF_CBOR, CF_JSON):
+                return self._finish(
+                    wire.BAD_REQUEST,
+                    aiocoap.Message(code=Code.NOT_ACCEPTABLE, payload=wire.encode(
+                        "error", {"code": wire.BAD_REQUEST, "msg": "Accept must be 60 (CBOR) or 50 (JSON)"}),
+                        content_format=CF_CBOR),
+                )  # fmt: skip
+            ident = "/".join(request.opt.uri_path)
+            try:
+                types, indexes = _query(request)
+                answer = await self.resolver.resolve(ident, types, indexes)
+            except Exception as e:
+                code, msg = failure(e)
+                return self._fail(code, msg)
+            return self._answer(request, answer, accept == CF_JSON)
+
+    def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
+        now = self.clock()
+        max_age = answer.max_age(now)
+        if answer.code != wire.OK or answer.record is None:
+            msg = "handle not found" if answer.code == wire.NOT_FOUND else "no value matches the filter"
+            return self._fail(answer.code, msg, ident=answer.handle, max_age=max_age)
+        etag = answer.etag or etag_of(answer.record, answer.code)
+        if as_json:
+            etag = json_etag(etag)
+        if etag in request.opt.etags:
+            valid = aiocoap.Message(code=Code.VALID)
+            valid.opt.etag = etag
+            valid.opt.max_age = max_age
+            return self._finish(wire.NOT_MODIFIED, valid)
+        if as_json:
+            payload = json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
+        else:
+            payload = wire.encode("resolve_response", {
+                "code": wire.OK, "id": answer.handle, "values": answer.record.to_device_values(now),
+                "source": answer.source})  # fmt: skip
+        response = aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_JSON if as_json else CF_CBOR)
+        response.opt.etag = etag
+        response.opt.max_age = max_age
+        return self._finish(wire.OK, response)
+
+    async def device(self, request: aiocoap.Message) -> aiocoap.Message:
+        """POST .../rpt, GET .../cfg, POST .../cfg (the path is what follows /d/)."""
+        if self._closing:
+            return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+        with self._inflight:
+            path = request.opt.uri_path
+            leaf = path[-1] if path else ""
+            if leaf not in (REPORT, CONFIG) or len(path) < 2:
+                return self._fail(wire.NOT_FOUND, "no such resource: use /d/<id>/rpt or /d/<id>/cfg")
+            allowed = (Code.POST,) if leaf == REPORT else (Code.GET, Code.POST)
+            if request.code not in allowed:
+                return self._finish(wire.BAD_REQUEST, aiocoap.Message(code=Code.METHOD_NOT_ALLOWED))
+            if request.code == Code.POST and request.opt.content_format not in (None, CF_CBOR):
+                return self._finish(wire.BAD_REQUEST, aiocoap.Message(code=Code.UNSUPPORTED_CONTENT_FORMAT))
+            try:
+                ident = identifier.normalise("/".join(path[:-1]))
+                if leaf == CONFIG and request.code == Code.GET:
+                    return self._get_config(ident)
+                name = "report" if leaf == REPORT else "config_ack"
+                fields = wire.decode(name, request.payload)
+                if identifier.normalise(fields["id"]) != ident:
+                    return self._fail(wire.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path")
+                if leaf == REPORT:
+                    return self._report(request, ident, fields)
+                self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
+                log.info("config ack %s", kv(device=ident, cfgver=fields["cfgver"], code=fields["code"]))
+                return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED))
+            except Exception as e:
+                code, msg = failure(e)
+                return self._fail(code, msg)
+
+    def _report(self, request: aiocoap.Message, ident: str, fields: dict[str, Any]) -> aiocoap.Message:
+        new = self.registry.record_report(ident, fields, "coap", _peer(request))
+        log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
+        ack = wire.encode("report_ack", {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK})
+        return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR))
+
+    def _get_config(self, ident: str) -> aiocoap.Message:
+        desired = self.registry.desired_config(ident)
+        if desired is None:
+            return self._fail(wire.NOT_FOUND, "no desired config", ident=ident)
+        keys = wire.MESSAGES["config"][0] + wire.MESSAGES["config"][1]
+        payload = wire.encode("config", {k: v for k, v in desired.items() if k in keys and v is not None})
+        return self._finish(wire.OK, aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR))
+
+
+class _ResolveResource(resource.Resource, resource.PathCapable):
+    """``/r/<identifier path>``: receives the identifier's segments as ``uri_path``."""
+
+    def __init__(self, frontend: CoapFrontEnd) -> None:
+        super().__init__()
+        self._fe = frontend
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._fe.resolve(request)
+
+    def get_resources_as_linkheader(self) -> LinkFormat:
+        return LinkFormat([Link("", [("rt", "ida.resolve"), ("ct", "60 50")])])
+
+
+class _DeviceResource(resource.ObservableResource, resource.PathCapable):
+    """``/d/<identifier path>/<rpt|cfg>``; GET .../cfg is observable (notified on a desired-config change)."""
+
+    def __init__(self, frontend: CoapFrontEnd) -> None:
+        super().__init__()
+        self._fe = frontend
+        self._watchers: dict[str, set[Any]] = {}
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._fe.device(request)
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._fe.device(request)
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        path = request.opt.uri_path
+        if request.code != Code.GET or len(path) < 2 or path[-1] != CONFIG:
+            return
+        try:
+            ident = identifier.normalise("/".join(path[:-1]))
+        except identifier.IdentifierError:
+            return
+        watchers = self._watchers.setdefault(ident, set())
+        watchers.add(serverobservation)
+
+        def cancel() -> None:
+            watchers.discard(serverobservation)
+            if not watchers and self._watchers.get(ident) is watchers:
+                del self._watchers[ident]
+
+        serverobservation.accept(cancel)
+
+    def observers(self, ident: str) -> int:
+        return len(self._watchers.get(ident, ()))
+
+    def notify(self, ident: str) -> None:
+        """Re-render GET .../cfg for everyone observing ``ident`` (called when its desired config changed)."""
+        try:
+            ident = identifier.normalise(ident)
+        except identifier.IdentifierError:
+            return
+        for obs in list(self._watchers.get(ident, ())):
+            obs.trigger()
+
+    def get_resources_as_linkheader(self) -> LinkFormat:
+        return LinkFormat([Link("", [("rt", "ida.device"), ("ct", "60")])])
+
+
+def _query(request: aiocoap.Message) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    types: list[str] = []
+    indexes: list[str] = []
+    for q in request.opt.uri_query:
+        key, _, value = q.partition("=")
+        if key == "type":
+            types.append(value)
+        elif key == "index":
+            indexes.append(value)
+    return parse_filters(types, indexes)
+
+
+def _peer(request: aiocoap.Message) -> str | None:
+    try:
+        return str(request.remote.hostinfo)
+    except Exception:  # a transport without host info (not udp6)
+        return None
+
+
+def _bound_port(ctx: aiocoap.Context) -> int:
+    """The UDP port the server socket got (for bind port 0). aiocoap has no public accessor; this walks
+    Context -> TokenManager -> MessageManager -> MessageInterfaceUDP6 (aiocoap 0.4.x)."""
+    for ri in ctx.request_interfaces:
+        mi = getattr(getattr(ri, "token_interface", None), "message_interface", None)
+        transport = getattr(mi, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            return int(sock.getsockname()[1])
+    raise RuntimeError("cannot find the CoAP server socket (aiocoap internals changed?)")

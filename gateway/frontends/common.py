@@ -1,0 +1,121 @@
+"""What the CoAP, MQTT and HTTP front ends share: the registry interface, failure -> code mapping, query
+filters and the in-flight request count used for graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Protocol
+
+from gateway import wire
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.identifier import IdentifierError
+
+log = logging.getLogger(__name__)
+
+# docs/protocol.md "Codes": wire code -> HTTP status.
+HTTP_STATUS = {
+    wire.OK: 200, wire.NOT_FOUND: 404, wire.VALUES_NOT_FOUND: 200, wire.NOT_MODIFIED: 304,
+    wire.BAD_REQUEST: 400, wire.FORBIDDEN: 403, wire.TOO_LARGE: 413, wire.RATE_LIMITED: 429,
+    wire.INTERNAL: 500, wire.UPSTREAM_UNAVAILABLE: 503, wire.UPSTREAM_TIMEOUT: 504,
+}  # fmt: skip
+
+
+class DeviceRegistry(Protocol):
+    """The part of gateway.registry.Registry the front ends use (R's SQLite registry implements it)."""
+
+    def record_report(self, identifier: str, fields: dict[str, Any], transport: str, peer: str | None = None) -> bool: ...
+
+    def set_desired_config(
+        self, identifier: str, interval: int | None = None, meta: dict[str, str] | None = None
+    ) -> dict[str, Any]: ...
+
+    def desired_config(self, identifier: str) -> dict[str, Any] | None: ...
+
+    def record_config_ack(self, identifier: str, cfgver: int, code: int, msg: str | None = None) -> None: ...
+
+    def on_config_change(self, callback: Callable[[str, dict[str, Any]], None]) -> None: ...
+
+    def devices(self) -> list[dict[str, Any]]: ...
+
+    def device(self, identifier: str) -> dict[str, Any] | None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def failure(exc: BaseException) -> tuple[int, str]:
+    """The wire code and a message for an exception raised while answering a request.
+
+    IdentifierError / WireError / ValueError -> 400, UpstreamTimeout -> 504, any other UpstreamError
+    (AllUpstreamsFailed) -> 503, anything else -> 500 (logged with its traceback: that is a bug).
+    """
+    if isinstance(exc, IdentifierError):
+        return wire.BAD_REQUEST, f"bad identifier: {exc}"
+    if isinstance(exc, wire.WireError | FilterError):
+        return wire.BAD_REQUEST, str(exc)
+    if isinstance(exc, UpstreamTimeout):
+        return wire.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
+    if isinstance(exc, UpstreamError):
+        return wire.UPSTREAM_UNAVAILABLE, str(exc) or "no upstream answered"
+    log.error("internal error answering a request", exc_info=exc)
+    return wire.INTERNAL, "internal error"
+
+
+def json_etag(etag: bytes) -> bytes:
+    """The ETag of the JSON representation (CoAP CF 50, HTTP) of an answer whose device-form tag is ``etag``:
+    a different representation needs a different tag."""
+    return hashlib.blake2b(b"json" + etag, digest_size=8).digest()
+
+
+class FilterError(ValueError):
+    """A ``type=`` / ``index=`` query that is not usable (400)."""
+
+
+def parse_filters(types: Iterable[str], indexes: Iterable[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Repeatable ``type=`` and ``index=`` query values -> resolver filters (empty values are ignored)."""
+    out_types = tuple(t for t in types if t)
+    out_indexes = []
+    for raw in indexes:
+        if not raw:
+            continue
+        if not raw.isdigit() or int(raw) > 0xFFFFFFFF:
+            raise FilterError(f"index must be an unsigned 32-bit integer, got {raw!r}")
+        out_indexes.append(int(raw))
+    return out_types, tuple(out_indexes)
+
+
+class InFlight:
+    """Counts requests being answered, so that a stopping front end can wait until they are done.
+
+    ``with inflight:`` around each request; ``await inflight.drain(timeout)`` after the listener closed.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def __enter__(self) -> InFlight:
+        self._count += 1
+        self._idle.clear()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """True when every request finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

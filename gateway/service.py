@@ -1,0 +1,274 @@
+"""The gateway process: resolver + registry + outbox + front ends, assembled from a :class:`GatewayConfig`.
+
+    gw = Gateway(config)
+    await gw.start()          # binds CoAP and HTTP (and MQTT when [mqtt] url is set), logs each address
+    ...
+    await gw.stop()           # graceful: stop accepting, answer what is in flight, flush cache and SQLite
+
+Start order: data dir, resolver, outbox + registry (one SQLite file, ``registry.sqlite3``), outbox delivery, then
+the front ends (CoAP, HTTP, MQTT). Stop runs the other way round: front ends first (each stops accepting and
+answers its requests in flight), then outbox delivery, then the resolver (flushes the cache to SQLite), then the
+SQLite files are closed. ``run()`` does both around a SIGTERM/SIGINT wait (``ida gateway``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.config import ConfigError, GatewayConfig
+from gateway.frontends.coap import CoapFrontEnd
+from gateway.frontends.http import HttpFrontEnd
+from gateway.logfmt import kv
+from gateway.metrics import HistogramSample, Metrics, Sample
+from gateway.outbox import Outbox, Sink, make_sink
+from gateway.registry import Registry
+from gateway.resolution import Resolving
+from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite3"
+STOP_TIMEOUT = 5.0  # seconds each front end gets to answer its requests in flight
+
+
+class FrontEnd(Protocol):
+    async def stop(self, timeout: float = ...) -> None: ...
+
+
+def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
+    """The resolver's settings from the [upstream], [cache] and [zone] sections and the data dir."""
+    up, c = cfg.upstream, cfg.cache
+    data_dir = cfg.data_dir if c.persist else None
+    zone = Path(cfg.zone.file) if cfg.zone.file else cfg.data_dir / ZONE_FILE
+    return ResolverConfig(
+        upstreams=list(up.urls) or default_upstreams(),
+        timeout=up.timeout,
+        attempt_timeout=up.attempt_timeout,
+        hedge_delay=up.hedge or None,
+        failure_threshold=up.failure_threshold,
+        cooldown=up.cooldown,
+        max_cooldown=up.max_cooldown,
+        stale_answer_after=c.stale_answer_after,
+        stale_reply_ttl=c.stale_reply_ttl,
+        cache_max_entries=c.max_entries,
+        cache_max_bytes=c.max_bytes,
+        min_ttl=c.min_ttl,
+        max_ttl=c.max_ttl,
+        negative_ttl=c.negative_ttl,
+        negative_max_ttl=c.negative_max_ttl,
+        max_stale=c.max_stale,
+        prefetch_fraction=c.prefetch_fraction,
+        flush_interval=c.flush_interval,
+        data_dir=data_dir,
+        zone_file=zone,
+    )
+
+
+def outbox_sinks(cfg: GatewayConfig) -> list[Sink]:
+    """Northbound sinks from [outbox]: the MQTT topic (on [outbox] mqtt_url, else [mqtt] url) and the webhook."""
+    out: list[Sink] = []
+    ob = cfg.outbox
+    if ob.mqtt_topic:
+        out.append(make_sink(ob.mqtt_url or cfg.mqtt.url, ob.mqtt_topic))
+    if ob.webhook_url:
+        out.append(make_sink(ob.webhook_url))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    coap: tuple[str, int] | None = None
+    http: tuple[str, int] | None = None
+
+
+class Gateway:
+    """One gateway process. ``resolver`` may be injected (tests); otherwise built from the config."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        resolver: Resolving | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._clock = clock
+        self._given_resolver = resolver
+        self.resolver: Resolving | None = None
+        self.outbox: Outbox | None = None
+        self.registry: Registry | None = None
+        self.coap: CoapFrontEnd | None = None
+        self.http: HttpFrontEnd | None = None
+        self.mqtt: Any = None  # gateway.frontends.mqtt.MqttFrontEnd, imported only when [mqtt] url is set
+        self._started_at = time.monotonic()
+        self._running = False
+
+    @property
+    def addresses(self) -> Addresses:
+        return Addresses(
+            coap=self.coap.address if self.coap else None,
+            http=self.http.address if self.http else None,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build and start everything; on failure, stop what already started and re-raise."""
+        cfg = self.config
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"[data] dir: cannot create {str(cfg.data_dir)!r}: {e.strerror}") from None
+        self._running = True
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, cfg: GatewayConfig) -> None:
+        resolver = self._given_resolver
+        if resolver is None:
+            rcfg = resolver_config(cfg)
+            try:
+                resolver = Resolver(rcfg, clock=self._clock)
+            except ValueError as e:  # settings the resolver refuses (e.g. a zone file that does not parse)
+                raise ConfigError(f"resolver: {e}") from None
+            log.info("resolver ready %s", kv(upstreams=",".join(rcfg.upstreams), cache=rcfg.cache_path() or "memory"))
+        self.resolver = resolver
+        db = cfg.data_dir / REGISTRY_FILE
+        self.outbox = Outbox(db, outbox_sinks(cfg))
+        self.registry = Registry(db, self.outbox)
+        self._add_collectors()
+        await self.outbox.start()
+
+        self.coap = CoapFrontEnd(cfg.coap.host, cfg.coap.port, resolver, self.registry, self.metrics, clock=self._clock)
+        try:
+            host, port = await self.coap.start()
+        except OSError as e:
+            raise OSError(e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}") from None
+        log.info("coap listening on %s", _hostport(host, port))
+
+        self.http = HttpFrontEnd(cfg.http.host, cfg.http.port, resolver, self.registry, self.metrics,
+                                 health=self.health, clock=self._clock, shutdown_timeout=STOP_TIMEOUT)  # fmt: skip
+        try:
+            host, port = await self.http.start()
+        except OSError as e:
+            raise OSError(e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}") from None
+        log.info("http listening on %s", _hostport(host, port))
+
+        if cfg.mqtt.url:
+            # R's MQTT front end; imported here so paho stays out of a gateway that does not use MQTT.
+            from gateway.frontends.mqtt import MqttFrontEnd
+
+            self.mqtt = MqttFrontEnd(cfg.mqtt.url, resolver, self.registry, self.metrics, group=cfg.mqtt.group or None)
+            await self.mqtt.start()
+            log.info("mqtt connected to %s", cfg.mqtt.url)
+
+    async def stop(self) -> None:
+        """Graceful stop; safe to call twice and after a failed start."""
+        if not self._running:
+            return
+        self._running = False
+        frontends: list[tuple[str, FrontEnd | None]] = [("http", self.http), ("coap", self.coap), ("mqtt", self.mqtt)]
+        for name, fe in frontends:
+            if fe is not None:
+                await _quietly(name, fe.stop(STOP_TIMEOUT))
+        if self.outbox is not None:
+            await _quietly("outbox", self.outbox.stop(STOP_TIMEOUT))
+        close = getattr(self.resolver, "close", None)
+        if close is not None and self._given_resolver is None:
+            await _quietly("resolver", close())
+        for name, closer in (("registry", self.registry), ("outbox", self.outbox)):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:
+                    log.exception("%s close failed", name)
+        log.info("gateway stopped %s", kv(uptime=round(time.monotonic() - self._started_at, 1)))
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Start, wait for SIGTERM/SIGINT (or ``stop``), stop."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            await self.start()
+            log.info("gateway running %s", kv(data=str(self.config.data_dir)))
+            await stop.wait()
+            log.info("gateway stopping")
+        finally:
+            await self.stop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    # -- health and metrics ----------------------------------------------------------------------------------
+    def health(self) -> dict[str, str]:
+        """Component -> state, for /healthz. "down" marks the gateway degraded."""
+        out: dict[str, str] = {
+            "coap": "listening" if self.coap and self.coap.address else "off",
+            "http": "listening" if self.http and self.http.address else "off",
+            "mqtt": "off" if self.mqtt is None else ("ready" if self.mqtt.ready else "down"),
+            "outbox": "off" if self.outbox is None or not self.outbox.active else "delivering",
+        }
+        if isinstance(self.resolver, Resolver):
+            nodes = self.resolver.pool.stats()
+            healthy = sum(1 for n in nodes.values() if n.healthy)
+            out["upstream"] = "down" if nodes and not healthy else f"{healthy}/{len(nodes)} healthy"
+        return out
+
+    def _add_collectors(self) -> None:
+        if isinstance(self.resolver, Resolver):
+            self.metrics.add_collector(_resolver_samples(self.resolver))
+        registry = self.registry
+        if registry is not None:
+
+            def registry_samples() -> Iterable[Sample]:
+                s = registry.stats()
+                yield "ida_devices_online", {}, s["devices_online"]
+                yield "ida_outbox_depth", {}, s["outbox_depth"]
+                yield "ida_reports_total", {}, s["reports_total"]
+                yield "ida_reports_duplicate_total", {}, s["duplicates_total"]
+
+            self.metrics.add_collector(registry_samples)
+
+
+def _resolver_samples(resolver: Resolver) -> Callable[[], Iterable[Sample]]:
+    def collect() -> Iterable[Sample]:
+        st = resolver.stats()
+        c = st.cache
+        yield "ida_cache_hits_total", {}, c.hits
+        yield "ida_cache_misses_total", {}, c.misses
+        yield "ida_cache_stale_total", {}, st.stale_answers
+        yield "ida_cache_prefetches_total", {}, c.prefetches
+        yield "ida_cache_evictions_total", {}, c.evictions
+        yield "ida_cache_entries", {}, c.entries
+        for node, n in st.upstream.items():
+            yield "ida_upstream_requests_total", {"node": node}, n.requests
+            cumulative = tuple((le, cnt) for le, cnt in n.latency.cumulative() if le != float("inf"))
+            yield "ida_upstream_latency_seconds", {"node": node}, HistogramSample(cumulative, n.latency.sum, n.latency.count)
+
+    return collect
+
+
+async def _quietly(name: str, aw: Any) -> None:
+    try:
+        await aw
+    except Exception:
+        log.exception("%s stop failed", name)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,207 @@
+"""The assembled gateway: `ida gateway` as a real process (start, serve, SIGTERM -> clean exit 0) and the
+in-process Gateway across a restart (reports de-duplicated, outbox delivers once, cache warm)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiocoap
+import aiohttp
+import pytest
+from aiocoap.numbers.codes import Code
+from aiohttp import web
+
+from gateway import config as gwconfig
+from gateway import wire
+from gateway.service import Gateway
+from tests.gwhelpers import PUMP, RestNode, report_fields, sample_records
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"(coap|http) listening on (\S+):(\d+)")
+
+
+async def _spawn(*args: str, data_dir: Path) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if k not in ("IDA_DATA", "IDA_UPSTREAM")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tools.cli", "gateway", "--data-dir", str(data_dir), *args,
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _wait_listening(proc: asyncio.subprocess.Process, log: list[str]) -> dict[str, int]:
+    ports: dict[str, int] = {}
+    assert proc.stderr is not None
+    while len(ports) < 2:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line, "gateway exited before listening:\n" + "".join(log)
+        log.append(line)
+        m = LISTENING.search(line)
+        if m:
+            ports[m.group(1)] = int(m.group(3))
+    return ports
+
+
+async def test_ida_gateway_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    node = RestNode()
+    await node.start()
+    proc = await _spawn("--coap", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream", node.url,
+                        data_dir=tmp_path / "data")  # fmt: skip
+    log: list[str] = []
+    client = None
+    try:
+        ports = await _wait_listening(proc, log)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{ports['http']}/healthz") as r:
+                assert r.status == 200 and (await r.json())["status"] == "ok"
+            async with session.get(f"http://127.0.0.1:{ports['http']}/api/handles/{PUMP}") as r:
+                assert await r.json() == sample_records()[PUMP].to_rest()
+        client = await aiocoap.Context.create_client_context(transports=["udp6"])
+        msg = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{ports['coap']}/r/{PUMP}")
+        resp = await asyncio.wait_for(client.request(msg).response, 10)
+        assert resp.code == Code.CONTENT
+        assert wire.decode("resolve_response", resp.payload)["source"] == wire.SOURCE_CACHE
+
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        assert proc.stderr is not None
+        log.append((await proc.stderr.read()).decode())
+        text = "".join(log)
+        assert rc == 0, text
+        assert "gateway stopping" in text and "gateway stopped" in text
+        assert "Traceback" not in text
+        assert (tmp_path / "data" / "registry.sqlite3").exists() and (tmp_path / "data" / "cache.sqlite3").exists()
+    finally:
+        if client is not None:
+            await client.shutdown()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await node.stop()
+
+
+async def test_ida_gateway_sigint_and_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = await _spawn("--coap", "127.0.0.1:0", "--http", f"127.0.0.1:{port}", data_dir=tmp_path / "d1")
+        _out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1, err.decode()
+    assert f"http: cannot listen on 127.0.0.1:{port}" in err.decode()
+
+    proc = await _spawn("--coap", "127.0.0.1:0", "--http", "127.0.0.1:0", data_dir=tmp_path / "d2")
+    await _wait_listening(proc, [])
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+class Webhook:
+    """A northbound consumer: records every report POSTed by the outbox."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.received.append(await request.json())
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/reports", self._post)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/reports"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def _until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_restart_keeps_reports_deduplicated_and_cache_warm(tmp_path: Path) -> None:
+    node, hook = RestNode(), Webhook()
+    await node.start()
+    await hook.start()
+    base = gwconfig.load(None, env={})
+    cfg = gwconfig.with_overrides(base, upstream=[node.url], coap="127.0.0.1:0", http="127.0.0.1:0",
+                                  data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(webhook_url=hook.url))
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    report = wire.encode("report", report_fields(boot=4, seq=11))
+
+    async def post_report(gw: Gateway) -> aiocoap.Message:
+        assert gw.addresses.coap is not None
+        uri = f"coap://127.0.0.1:{gw.addresses.coap[1]}/d/{PUMP}/rpt"
+        msg = aiocoap.Message(code=Code.POST, uri=uri, payload=report, content_format=60)
+        return await asyncio.wait_for(client.request(msg).response, 10)
+
+    async def resolve(gw: Gateway) -> aiocoap.Message:
+        assert gw.addresses.coap is not None
+        msg = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{gw.addresses.coap[1]}/r/{PUMP}")
+        return await asyncio.wait_for(client.request(msg).response, 10)
+
+    try:
+        gw = Gateway(cfg)
+        await gw.start()
+        for _ in range(2):
+            assert wire.decode("report_ack", (await post_report(gw)).payload)["code"] == wire.OK
+        assert wire.decode("resolve_response", (await resolve(gw)).payload)["source"] == wire.SOURCE_UPSTREAM
+        await _until(lambda: len(hook.received) == 1)
+        await gw.stop()
+        await node.stop()  # the upstream is gone for the second run
+
+        gw = Gateway(cfg)
+        await gw.start()
+        try:
+            ack = await post_report(gw)
+            assert wire.decode("report_ack", ack.payload) == {"boot": 4, "seq": 11, "code": wire.OK}
+            warm = await resolve(gw)
+            assert warm.code == Code.CONTENT
+            assert wire.decode("resolve_response", warm.payload)["source"] == wire.SOURCE_CACHE
+            assert gw.registry is not None
+            stats = gw.registry.stats()
+            assert stats["reports_total"] == 1 and stats["duplicates_total"] == 2 and stats["outbox_depth"] == 0
+            await asyncio.sleep(0.2)  # a second delivery would show up by now
+            assert gw.metrics.value("ida_reports_duplicate_total") == 2
+        finally:
+            await gw.stop()
+        assert len(hook.received) == 1
+        delivered = hook.received[0]
+        assert (delivered["id"], delivered["boot"], delivered["seq"], delivered["transport"]) == (PUMP, 4, 11, "coap")
+    finally:
+        await client.shutdown()
+        await hook.stop()
+        await node.stop()
+
+
+async def test_gateway_start_failure_cleans_up(tmp_path: Path) -> None:
+    cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
+                                  data_dir=str(tmp_path / "data"))  # fmt: skip
+    first = Gateway(cfg)
+    await first.start()
+    try:
+        assert first.addresses.http is not None
+        taken = gwconfig.with_overrides(cfg, http=f"127.0.0.1:{first.addresses.http[1]}")
+        second = Gateway(taken)
+        with pytest.raises(OSError, match="http: cannot listen"):
+            await second.start()
+        assert second.coap is not None and second.coap.address is not None  # had started, and was stopped again
+    finally:
+        await first.stop()
