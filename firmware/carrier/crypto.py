@@ -72,11 +72,11 @@ class CCM:
         self._a = bytearray(16)  # counter block A_i
         self._s = bytearray(16)  # key stream block S_i
 
-    def _absorb(self, data, n, j):
-        """CBC-MAC over data[:n] continuing at byte j of the current block; returns the new j."""
+    def _absorb(self, data, off, n, j):
+        """CBC-MAC over data[off:off+n] continuing at byte j of the current block; returns the new j."""
         x = self._x
         e = self._e
-        for k in range(n):
+        for k in range(off, off + n):
             x[j] ^= data[k]
             j += 1
             if j == 16:
@@ -84,67 +84,71 @@ class CCM:
                 j = 0
         return j
 
-    def _mac(self, nonce, aad, msg, n):
-        """T (in self._x[:8]) for msg[:n] under nonce with associated data aad."""
+    def _mac(self, nonce, aad, la, msg, off, n):
+        """T (in self._x[:8]) for msg[off:off+n] under nonce with associated data aad[:la]."""
         x = self._x
-        la = len(aad)
         x[0] = _B0_FLAGS | (0x40 if la else 0)
-        x[1:14] = nonce
+        for k in range(13):
+            x[1 + k] = nonce[k]
         x[14] = n >> 8
         x[15] = n & 255
         self._e(x, x)
         if la:
             x[0] ^= la >> 8
             x[1] ^= la & 255
-            j = self._absorb(aad, la, 2)
+            j = self._absorb(aad, 0, la, 2)
             if j:
                 self._e(x, x)
         if n:
-            if self._absorb(msg, n, 0):
+            if self._absorb(msg, off, n, 0):
                 self._e(x, x)
 
     def _stream(self, nonce, i):
         """S_i = E(K, A_i) into self._s."""
         a = self._a
         a[0] = _A_FLAGS
-        a[1:14] = nonce
+        for k in range(13):
+            a[1 + k] = nonce[k]
         a[14] = i >> 8
         a[15] = i & 255
         self._e(a, self._s)
 
-    def _ctr(self, nonce, src, dst, n):
+    def _ctr(self, nonce, src, so, dst, do, n):
         s = self._s
         for k in range(n):
             j = k & 15
             if j == 0:
                 self._stream(nonce, (k >> 4) + 1)
-            dst[k] = src[k] ^ s[j]
+            dst[do + k] = src[so + k] ^ s[j]
 
-    def encrypt(self, nonce, aad, src, n, dst):
-        """dst[:n] = ciphertext of src[:n], dst[n:n+8] = tag; returns n + 8. dst may be src (in place)."""
-        if len(nonce) != NONCE or len(aad) > _MAX_AAD or n > _MAX_MSG:
+    def encrypt(self, nonce, aad, src, n, dst, alen=-1, so=0, do=0):
+        """dst[do:do+n] = ciphertext of src[so:so+n], then the 8-byte tag; returns n + 8. The associated data is
+        aad[:alen] (all of aad by default). dst may be src at the same offset (in place)."""
+        la = len(aad) if alen < 0 else alen
+        if len(nonce) != NONCE or la > _MAX_AAD or n > _MAX_MSG:
             raise ValueError("CCM parameters")
-        self._mac(nonce, aad, src, n)
-        self._ctr(nonce, src, dst, n)
+        self._mac(nonce, aad, la, src, so, n)
+        self._ctr(nonce, src, so, dst, do, n)
         self._stream(nonce, 0)
         x = self._x
         s = self._s
         for j in range(TAG):
-            dst[n + j] = x[j] ^ s[j]
+            dst[do + n + j] = x[j] ^ s[j]
         return n + TAG
 
-    def decrypt(self, nonce, aad, src, n, dst):
-        """Decrypt and verify src[:n] (ciphertext then 8-byte tag) into dst[:n-8]; returns the plaintext length,
-        or -1 when the tag does not match (dst then holds garbage, not a plaintext: do not use it)."""
-        if n < TAG or len(nonce) != NONCE or len(aad) > _MAX_AAD:
+    def decrypt(self, nonce, aad, src, n, dst, alen=-1, so=0, do=0):
+        """Decrypt and verify src[so:so+n] (ciphertext then 8-byte tag) into dst[do:do+n-8]; returns the plaintext
+        length, or -1 when the tag does not match (dst then holds garbage, not a plaintext: do not use it)."""
+        la = len(aad) if alen < 0 else alen
+        if n < TAG or len(nonce) != NONCE or la > _MAX_AAD:
             return -1
         m = n - TAG
-        self._ctr(nonce, src, dst, m)
-        self._mac(nonce, aad, dst, m)
+        self._ctr(nonce, src, so, dst, do, m)
+        self._mac(nonce, aad, la, dst, do, m)
         self._stream(nonce, 0)
         x = self._x
         s = self._s
         diff = 0
         for j in range(TAG):  # constant time over the tag
-            diff |= src[m + j] ^ x[j] ^ s[j]
+            diff |= src[so + m + j] ^ x[j] ^ s[j]
         return m if diff == 0 else -1

@@ -4,6 +4,7 @@
 #   {"id": "88.123.99/PUMP-0001", "transport": "coap" | "mqtt",
 #    "coap": "coap://host[:5683]", "mqtt": "mqtt://host[:1883]",
 #    "key": "<hex, 16-32 bytes>",                       (optional here: else the kv/NVS secret "key")
+#    "secure": true,                                    (CoAP requests OSCORE-protected: docs/security.md)
 #    "wifi": {"ssid": "...", "psk": "..."}}              (ESP32 only)
 # Writes are atomic (identity.json.tmp, then rename), so a power cut leaves the old or the new file; a
 # stale .tmp is ignored. The key is bytes and is never logged or printed: show fingerprint(key) instead.
@@ -83,6 +84,10 @@ class Identity:
         if not key or not 16 <= len(key) <= 32:
             raise IdentityError("key must be 16-32 bytes")
         self.key = key
+        s = d.get("secure", False)
+        if type(s) is not bool:
+            raise IdentityError("secure must be true or false")
+        self.secure = s
         w = d.get("wifi")
         self.wifi = (w.get("ssid"), w.get("psk") or "") if type(w) is dict and w.get("ssid") else None
 
@@ -94,6 +99,8 @@ class Identity:
         d = {"id": self.id, "transport": self.transport}
         for s in self.urls:
             d[s] = self.urls[s]
+        if self.secure:
+            d["secure"] = True
         if self.wifi:
             d["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
         return d
