@@ -254,6 +254,8 @@ async def test_bad_reports(env: Env) -> None:
     msg = aiocoap.Message(code=Code.GET, uri=f"{env.base}/d/{PUMP}/rpt")
     assert (await env.client.request(msg).response).code == Code.METHOD_NOT_ALLOWED
     assert (await env.post(f"/d/{PUMP}/nope", b"")).code == Code.NOT_FOUND
+    huge = await env.post(f"/d/{PUMP}/rpt", wire.encode("report", report_fields(boot=2**63)))
+    assert huge.code == Code.BAD_REQUEST and "boot" in _error(huge)["msg"]  # refused by the registry, not a 5.00
 
 
 async def test_config_fetch_ack_and_observe(env: Env) -> None:

@@ -123,6 +123,9 @@ async def test_set_desired_config_over_http(env: Env) -> None:
         assert r.status == 400 and "colour" in (await r.json())["error"]
     async with env.session.put(url, data=b"{not json") as r:
         assert r.status == 400
+    big = {f"TYPE{i}": "x" * 100 for i in range(40)}  # more than a device is asked to hold
+    async with env.session.put(url, json={"meta": big}) as r:
+        assert r.status == 400 and "bytes" in (await r.json())["error"]
 
 
 async def test_devices_cli_talks_to_the_http_api(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

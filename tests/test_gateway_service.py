@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -189,6 +190,85 @@ async def test_restart_keeps_reports_deduplicated_and_cache_warm(tmp_path: Path)
         await client.shutdown()
         await hook.stop()
         await node.stop()
+
+
+class NorthboundSubscriber:
+    """A northbound consumer on the broker: every outbox message on ``topic``, decoded."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from gateway.mqttlink import parse_url
+
+        self.received: list[dict] = []
+        self._subscribed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        addr = parse_url(url)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="north-consumer", protocol=paho.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._loop.call_soon_threadsafe(self._subscribed.set)
+        self.client.on_message = lambda c, u, m: self._loop.call_soon_threadsafe(
+            self.received.append, json.loads(m.payload))
+        self.client.connect_async(addr.host, addr.port)
+        self.client.loop_start()
+
+    async def ready(self) -> None:
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """docs: "a report published over MQTT and one posted over CoAP both appear in /api/devices/<id> and in the
+    outbox sink once, even when sent twice or across a gateway restart"."""
+    from tests.brokers import Device
+
+    mqtt_dev, coap_dev = "88.123.99/MQTT-0001", "88.123.99/COAP-0001"
+    north = NorthboundSubscriber(mosquitto.url, "ida/v1/north/reports")
+    await north.ready()
+    cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
+                                  mqtt=mosquitto.url, data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(mqtt_topic="ida/v1/north/reports"))
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    device = Device(mosquitto.url, mqtt_dev)
+    await device.connect()
+    coap_report = wire.encode("report", report_fields(coap_dev, boot=1, seq=1))
+    try:
+        for run in range(2):
+            gw = Gateway(cfg)
+            await gw.start()
+            try:
+                assert gw.mqtt is not None and gw.mqtt.ready
+                assert gw.addresses.coap is not None and gw.addresses.http is not None
+                for _ in range(2):
+                    device.report(boot=1, seq=1)
+                    assert (await device.recv_message("ack", "report_ack")) == {"boot": 1, "seq": 1, "code": 1}
+                    uri = f"coap://127.0.0.1:{gw.addresses.coap[1]}/d/{coap_dev}/rpt"
+                    msg = aiocoap.Message(code=Code.POST, uri=uri, payload=coap_report, content_format=60)
+                    ack = await asyncio.wait_for(client.request(msg).response, 10)
+                    assert wire.decode("report_ack", ack.payload)["code"] == wire.OK
+                await _until(lambda: len(north.received) >= 2)
+                base = f"http://127.0.0.1:{gw.addresses.http[1]}"
+                async with aiohttp.ClientSession() as session:
+                    for ident, transport in ((mqtt_dev, "mqtt"), (coap_dev, "coap")):
+                        async with session.get(f"{base}/api/devices/{ident}") as r:
+                            dev = await r.json()
+                        assert dev["last_report"]["seq"] == 1 and dev["transport"] == transport
+                        assert dev["reports_total"] == 1 and dev["duplicates_total"] == 2 * run + 1
+                    async with session.get(f"{base}/healthz") as r:
+                        assert (await r.json())["components"]["mqtt"] == "ready"
+                assert gw.metrics.value("ida_requests_total", {"frontend": "mqtt", "code": "1"}) >= 2
+            finally:
+                await gw.stop()
+        await asyncio.sleep(0.3)  # a duplicate delivery would have arrived by now
+        assert sorted((m["id"], m["transport"]) for m in north.received) == [(coap_dev, "coap"), (mqtt_dev, "mqtt")]
+    finally:
+        device.disconnect()
+        north.stop()
+        await client.shutdown()
 
 
 async def test_gateway_start_failure_cleans_up(tmp_path: Path) -> None:

@@ -212,9 +212,12 @@ class CoapFrontEnd:
                 self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
                 log.info("config ack %s", kv(device=ident, cfgver=fields["cfgver"], code=fields["code"]))
                 return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED))
+            except (identifier.IdentifierError, wire.WireError) as e:
+                return self._fail(*failure(e))
+            except ValueError as e:  # the registry refuses a field (e.g. a boot count beyond SQLite's integers)
+                return self._fail(wire.BAD_REQUEST, str(e))
             except Exception as e:
-                code, msg = failure(e)
-                return self._fail(code, msg)
+                return self._fail(*failure(e))
 
     def _report(self, request: aiocoap.Message, ident: str, fields: dict[str, Any]) -> aiocoap.Message:
         new = self.registry.record_report(ident, fields, "coap", _peer(request))

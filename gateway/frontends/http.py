@@ -144,7 +144,10 @@ class HttpFrontEnd:
             return self._json(wire.BAD_REQUEST, {"error": f"bad identifier: {e}"})
         except (ValueError, UnicodeDecodeError) as e:
             return self._json(wire.BAD_REQUEST, {"error": str(e) if isinstance(e, _BodyError) else f"body is not JSON: {e}"})
-        fields = self.registry.set_desired_config(ident, interval=interval, meta=meta)
+        try:
+            fields = self.registry.set_desired_config(ident, interval=interval, meta=meta)
+        except ValueError as e:  # e.g. a config too big for a device to hold
+            return self._json(wire.BAD_REQUEST, {"error": str(e)})
         log.info("desired config set %s", kv(device=ident, cfgver=fields.get("cfgver"), interval=interval,
                                               meta=None if meta is None else ",".join(sorted(meta))))  # fmt: skip
         return self._json(wire.OK, {"id": ident, "config": fields})
