@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.frontends.coap import CoapFrontEnd
@@ -32,6 +32,9 @@ from gateway.outbox import Outbox, Sink, make_sink
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
+
+if TYPE_CHECKING:
+    from gateway.frontends.mqtt import MqttFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +106,13 @@ class Gateway:
         self.metrics = Metrics()
         self._clock = clock
         self._given_resolver = resolver
+        self._own_resolver: Resolver | None = None  # built here, so closed here
         self.resolver: Resolving | None = None
         self.outbox: Outbox | None = None
         self.registry: Registry | None = None
         self.coap: CoapFrontEnd | None = None
         self.http: HttpFrontEnd | None = None
-        self.mqtt: Any = None  # gateway.frontends.mqtt.MqttFrontEnd, imported only when [mqtt] url is set
+        self.mqtt: MqttFrontEnd | None = None  # only when [mqtt] url is set
         self._started_at = time.monotonic()
         self._running = False
 
@@ -139,7 +143,7 @@ class Gateway:
         if resolver is None:
             rcfg = resolver_config(cfg)
             try:
-                resolver = Resolver(rcfg, clock=self._clock)
+                resolver = self._own_resolver = Resolver(rcfg, clock=self._clock)
             except ValueError as e:  # settings the resolver refuses (e.g. a zone file that does not parse)
                 raise ConfigError(f"resolver: {e}") from None
             log.info("resolver ready %s", kv(upstreams=",".join(rcfg.upstreams), cache=rcfg.cache_path() or "memory"))
@@ -166,12 +170,12 @@ class Gateway:
         log.info("http listening on %s", _hostport(host, port))
 
         if cfg.mqtt.url:
-            # R's MQTT front end; imported here so paho stays out of a gateway that does not use MQTT.
+            # Imported here so that paho stays out of a gateway that does not use MQTT.
             from gateway.frontends.mqtt import MqttFrontEnd
 
             self.mqtt = MqttFrontEnd(cfg.mqtt.url, resolver, self.registry, self.metrics, group=cfg.mqtt.group or None)
-            await self.mqtt.start()
-            log.info("mqtt connected to %s", cfg.mqtt.url)
+            await self.mqtt.start()  # returns after its ready timeout even when the broker is not there yet
+            log.info("mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url)
 
     async def stop(self) -> None:
         """Graceful stop; safe to call twice and after a failed start."""
@@ -184,9 +188,8 @@ class Gateway:
                 await _quietly(name, fe.stop(STOP_TIMEOUT))
         if self.outbox is not None:
             await _quietly("outbox", self.outbox.stop(STOP_TIMEOUT))
-        close = getattr(self.resolver, "close", None)
-        if close is not None and self._given_resolver is None:
-            await _quietly("resolver", close())
+        if self._own_resolver is not None:
+            await _quietly("resolver", self._own_resolver.close())
         for name, closer in (("registry", self.registry), ("outbox", self.outbox)):
             if closer is not None:
                 try:
