@@ -41,3 +41,10 @@ def test_identifier_command() -> None:
 def test_no_command_prints_help() -> None:
     r = ida()
     assert r.returncode == 2 and "COMMAND" in r.stdout
+
+
+def test_every_subcommand_module_loads() -> None:
+    from tools.cli import build_parser
+
+    parser = build_parser()  # imports every subcommand module and adds its arguments
+    assert parser.prog == "ida"

@@ -30,7 +30,9 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. Subcommand modules are imported lazily: with ``only`` set, just that one is imported
+    (its arguments are needed); the others get a bare sub-parser, which is all ``ida --help`` shows."""
     parser = argparse.ArgumentParser(
         prog="ida",
         description="Industrial identifier resolution at the edge: gateway, recursive-node simulator, "
@@ -39,15 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ida {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_text in SUBCOMMANDS:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if only is None or only == name:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
+def _chosen(argv: Sequence[str]) -> str | None:
+    names = {name for name, _m, _h in SUBCOMMANDS}
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in names else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = _chosen(argv)
+    parser = build_parser(only=chosen or "")
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
