@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STUBS := $(VENV)/mpstubs
 STAMP := $(VENV)/.installed
-APT_PACKAGES := mosquitto libcoap3-bin redis-server
 
 .PHONY: setup system-packages test lint typecheck firmware-check pytest demo clean
 
@@ -17,6 +16,8 @@ system-packages:
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v coap-client-openssl >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "setup: installing$$missing"; \
