@@ -24,6 +24,9 @@ from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
 __all__ = ["run_p3", "concurrent_misses", "GOAL_P3"]
 
 GOAL_P3 = "1,000 concurrent misses for one identifier -> exactly 1 upstream request; miss overhead <= 1 ms p50"
+LIMITS_P3 = ("The overhead is a difference of two p50s over a few hundred single requests each: on a shared "
+             "machine sub-millisecond differences are close to the noise. Both sides use Python clients (the "
+             "gateway's own HandleClient directly; the bench's CoAP client through the gateway).")
 MISS_LATENCY_MS = 20.0
 OVERHEAD_LATENCY_MS = 5.0
 CONCURRENT = 1000
@@ -102,7 +105,7 @@ def miss_overhead(opts: BenchOptions, n: int) -> dict[str, Any]:
     }
 
 
-@scenario("P3", "misses: single-flight and gateway overhead", GOAL_P3)
+@scenario("P3", "misses: single-flight and gateway overhead", GOAL_P3, LIMITS_P3)
 def run_p3(opts: BenchOptions) -> ScenarioResult:
     require_gateway()
     log_dir = opts.logs()

@@ -42,7 +42,7 @@ def machine_info() -> dict[str, Any]:
     exe = shutil.which("coap-server-notls")
     if exe:
         try:
-            out = subprocess.run([exe, "-h", "x"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=5)  # usage, then exit
             first = (out.stdout + out.stderr).split("\n")
             ver = next((line for line in first if "coap-server" in line and " v" in line), "")
             info["libcoap"] = ver.split(" -- ")[0].strip()
@@ -156,6 +156,8 @@ def as_markdown(results: Sequence[ScenarioResult], command: str, info: dict[str,
         out += [f"- {n}" for n in r.notes]
         if r.notes:
             out.append("")
+        if r.limits:
+            out += [f"What limits it: {r.limits}", ""]
     out.append(f"Reproduce: `{command}` (Python {sys.version.split()[0]}).")
     out.append("")
     return "\n".join(out)

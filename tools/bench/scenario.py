@@ -81,7 +81,7 @@ class Measurement:
     result: LoadResult
     server_cpu: float | None  # fraction of one core used by the server process during the load run
     rounds_rps: list[float] = field(default_factory=list)
-    other_cpu: dict[str, float] = field(default_factory=dict)  # watched processes (e.g. the broker)
+    other_cpu: dict[str, float] = field(default_factory=dict)  # load generator, watched processes (broker)
 
     @property
     def rps(self) -> float:
@@ -101,6 +101,7 @@ class Measurement:
             "p99_ms": _r3(r.p99_ms),
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 3),
             "rps_per_cpu": None if self.rps_per_cpu is None else round(self.rps_per_cpu, 1),
+            "loadgen_cpu": round(self.other_cpu["loadgen"], 3) if "loadgen" in self.other_cpu else None,
             "errors": r.errors,
             "timeouts": r.timeouts,
         }
@@ -128,6 +129,7 @@ class ScenarioResult:
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
     seconds: float = 0.0
+    limits: str = ""  # what limits the figure (Markdown report)
 
     def as_json(self) -> dict[str, Any]:
         if self.skipped is not None:
@@ -147,16 +149,17 @@ class Scenario:
     title: str
     goal: str
     fn: ScenarioFn
+    limits: str = ""
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(key: str, title: str, goal: str) -> Callable[[ScenarioFn], ScenarioFn]:
-    """Register a scenario function under ``key`` (``"P1"``...)."""
+def scenario(key: str, title: str, goal: str, limits: str = "") -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register a scenario function under ``key`` (``"P1"``...); ``limits`` says what limits its figure."""
 
     def register(fn: ScenarioFn) -> ScenarioFn:
-        SCENARIOS[key] = Scenario(key, title, goal, fn)
+        SCENARIOS[key] = Scenario(key, title, goal, fn, limits)
         return fn
 
     return register
@@ -188,7 +191,7 @@ def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Chi
     if t.child is not None and not t.child.alive():
         raise t.child.fail("died under load")
     share = None if c0 is None or c1 is None else (c1 - c0) / (w1 - w0)
-    others = {}
+    others = {"loadgen": res.cpu_s / (w1 - w0)}
     for k, v in o0.items():
         after = o1[k]
         if v is not None and after is not None:
@@ -241,6 +244,7 @@ def run_scenarios(keys: Sequence[str], opts: BenchOptions) -> list[ScenarioResul
         except BenchError as e:
             res = skipped(key, str(e))
         res.seconds = round(time.monotonic() - t0, 1)
+        res.limits = res.limits or sc.limits
         results.append(res)
     return results
 
