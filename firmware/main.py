@@ -10,7 +10,8 @@
 #   IDA_UID       unique id as hex (default 020000000001)
 #   IDA_WDT_MS    watchdog timeout in ms, 0 = off (default 30000; a software watchdog kills the process)
 #   IDA_INTERVAL  report interval in s until the gateway configures one (default 60; 10-86400)
-#   IDA_FAULT     test hook: "boot" crashes every boot after the crash counter (exercises safe mode)
+#   IDA_FAULT     test hooks: "boot" crashes every boot after the crash counter (exercises safe mode),
+#                 "hang" stops the loop after the watchdog started (exercises the watchdog)
 # The console is stdin/stdout: type `help`, or `json on` for one JSON object per line. Without an
 # identity the device starts in provisioning mode: `provision <id> coap://host:port`.
 # A <IDA_DATA>/netdown file (or `net down`) simulates a network outage.

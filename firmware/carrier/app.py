@@ -41,7 +41,7 @@ class App:
         self.h = h
         self.wdt_ms = wdt_ms
         self.default_interval = interval
-        self.fault = fault  # test hook: "boot" raises after the crash streak is counted
+        self.fault = fault  # test hooks: "boot" raises after the crash streak is counted, "hang" stops feeding
         self.poller = select.poll()
         self.ident = None
         self.ident_error = None
@@ -87,6 +87,9 @@ class App:
             self.poller.register(h.con, select.POLLIN)
             self._con_reg = True
         h.wdt_start(self.wdt_ms)
+        if self.fault == "hang":  # test hook: a stuck loop, which the watchdog must end
+            while True:
+                h.sleep_ms(100)
         if self.ident is None:
             log.w("app", "not provisioned (%s): console only; use: provision <id> <url>" % (
                 self.ident_error or "no identity.json"))

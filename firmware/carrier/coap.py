@@ -13,7 +13,7 @@
 import os
 import time
 import socket
-from errno import EAGAIN
+from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
 from carrier import cbor, proto, rcache
@@ -302,7 +302,7 @@ class Client:
         self._ack = bytearray(4)
         self._obs = -1  # token of the /cfg observation
         self.on_config = None
-        self.now = 0  # ticks of the last start()/poll(): requests are timed from it
+        self.now = time.ticks_ms()  # ticks of the last start()/poll(): requests are timed from it
         self.errors = 0   # socket errors, malformed datagrams, unanswered exchanges
         self.retrans = 0
         self.dups = 0
@@ -503,7 +503,14 @@ class Client:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
                 d = s.recv(RX_MAX)
             except OSError as e:
-                if e.errno != EAGAIN:  # ECONNREFUSED after an ICMP port unreachable, ...
+                if e.args and e.args[0] == ECONNREFUSED:
+                    # ICMP port unreachable: nothing listens there now; fail fast rather than
+                    # retransmitting for 93 s (the reporter backs off and retries)
+                    self.errors += 1
+                    for ex in self._ex:
+                        if ex.st == _WAIT_ACK:
+                            self._finish(ex, proto.NO_RESPONSE, None)
+                elif not e.args or e.args[0] != EAGAIN:
                     self.errors += 1
                 break
             if not d:

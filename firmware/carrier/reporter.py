@@ -40,8 +40,11 @@ class Reporter:
         self._next = self.now
 
     def set_interval(self, s):
+        """A shorter interval brings the next report forward; a longer one applies after it."""
         if self._next is not None:
-            self._next = time.ticks_add(self.now, min(s, self.interval) * 1000)
+            t = time.ticks_add(self.now, s * 1000)
+            if time.ticks_diff(t, self._next) < 0:
+                self._next = t
         self.interval = s
 
     def make(self, uptime_s):
