@@ -55,6 +55,8 @@ def test_gateway_sequence_numbers_never_repeat_across_processes_and_restarts(tmp
     assert len(set(got)) == len(got)
     restarted = cs.SequenceNumbers(path, block=10)
     assert restarted.take() > max(got)
+    other_host = cs.SequenceNumbers(tmp_path / "elsewhere" / cs.SEQ_FILE, block=10, instance=1)
+    assert other_host.take() == 1 << 32  # another host's numbers never meet this one's
     path.write_text("garbage")
     with pytest.raises(oscore.ContextUnavailable):
         cs.SequenceNumbers(path).take()

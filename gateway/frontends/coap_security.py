@@ -105,25 +105,29 @@ def authenticated_device(request: aiocoap.Message) -> str | None:
 class SequenceNumbers:
     """One counter for every device context's responses with a Partial IV: unique per key because unique overall.
     Blocks of ``block`` numbers are reserved in ``path`` (JSON ``{"next": n}``) under an exclusive flock before
-    any number of the block is used."""
+    any number of the block is used. ``instance`` (0-255) goes in the top 8 of the 40 bits: gateways on
+    different hosts (different files) that may answer the same device must have different instances."""
 
-    def __init__(self, path: str | os.PathLike[str], block: int = 1000) -> None:
+    def __init__(self, path: str | os.PathLike[str], block: int = 1000, instance: int = 0) -> None:
+        if not 0 <= instance <= 255:
+            raise ValueError("gateway instance must be 0-255")
         self.path = Path(path)
         self.block = block
+        self.base = instance << 32
         self._next = 0
         self._limit = 0
 
     def peek(self) -> int:
-        return self._next
+        return self.base | self._next
 
     def take(self) -> int:
         if self._next >= self._limit:
             self._reserve()
         n = self._next
-        if n >= oscore.MAX_SEQNO:
+        if n >= 1 << 32:
             raise oscore.ContextUnavailable("gateway sequence numbers exhausted")
         self._next += 1
-        return n
+        return self.base | n
 
     def _reserve(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,13 +437,15 @@ class CoapSecurity:
     """Mode, credentials and counters of the secured CoAP front end."""
 
     def __init__(self, mode: str, keystore: str | os.PathLike[str], data_dir: str | os.PathLike[str], *,
-                 plain_resolve: bool = False, metrics: Any = None) -> None:  # fmt: skip
+                 plain_resolve: bool = False, metrics: Any = None, instance: int = 0) -> None:  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"[coap] security must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.plain_resolve = plain_resolve
         self.metrics = metrics
-        self.credentials = KeystoreCredentials(keystore, SequenceNumbers(Path(data_dir) / SEQ_FILE))
+        self.credentials = KeystoreCredentials(
+            keystore, SequenceNumbers(Path(data_dir) / SEQ_FILE, instance=instance)
+        )
         self.counts = {"protected": 0, "authenticated": 0, "unauthenticated": 0, "forbidden": 0, "plain": 0}
 
     def open_path(self, path: tuple[str, ...]) -> bool:
@@ -468,10 +474,12 @@ class CoapSecurity:
 
 
 def secure_frontend(fe: CoapFrontEnd, mode: str, keystore: str | os.PathLike[str], data_dir: str | os.PathLike[str],
-                    *, plain_resolve: bool = False) -> CoapSecurity:  # fmt: skip
+                    *, plain_resolve: bool = False, instance: int = 0) -> CoapSecurity:  # fmt: skip
     """Wrap ``fe.site`` (call before ``fe.start()``), register metrics, log the mode. Returns the CoapSecurity
-    (``.health()`` for /healthz)."""
-    sec = CoapSecurity(mode, keystore, data_dir, plain_resolve=plain_resolve, metrics=fe.metrics)
+    (``.health()`` for /healthz). ``instance``: see :class:`SequenceNumbers`."""
+    sec = CoapSecurity(
+        mode, keystore, data_dir, plain_resolve=plain_resolve, metrics=fe.metrics, instance=instance
+    )
     fe.site = sec.wrap(fe.site)
     m = fe.metrics
     m.declare(
