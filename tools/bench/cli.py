@@ -1,7 +1,7 @@
 """`ida bench`: the benchmark suite (issue 7), figures measured against anchors started in the same run.
 
     ida bench                          full run (3 rounds x 5 s per target), text report
-    ida bench --quick                  1 round x 1 s per target
+    ida bench --quick                  2 rounds x 0.6 s per target
     ida bench --quick --json           one JSON object {"P1": {...}, "P3": {...}, ...}
     ida bench --only P1,P3             some scenarios
     ida bench --out docs/benchmarks.md a Markdown table of the run as well
@@ -24,14 +24,14 @@ from tools.cli import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="short run: 1 round x 1 s per target")
+    p.add_argument("--quick", action="store_true", help="short run: 2 rounds x 0.6 s per target")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--only", metavar="P1,P3", help=f"scenarios to run (default all: {','.join(SCENARIO_KEYS)})")
     p.add_argument("--out", metavar="FILE", help="also write the run as a Markdown report (e.g. docs/benchmarks.md)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="load generator processes (default 1)")
     p.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight (default 32)")
-    p.add_argument("--duration", type=float, metavar="S", help="seconds per measurement (default 1 quick, 5 full)")
-    p.add_argument("--rounds", type=int, metavar="N", help="rounds per target (default 1 quick, 3 full)")
+    p.add_argument("--duration", type=float, metavar="S", help="seconds per measurement (default 0.6 quick, 5 full)")
+    p.add_argument("--rounds", type=int, metavar="N", help="rounds per target (default 2 quick, 3 full)")
     p.add_argument("--log-dir", metavar="DIR", help="keep the servers' logs and data here (default a temp dir)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 

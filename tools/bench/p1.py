@@ -26,7 +26,8 @@ LIMITS_P1 = ("Python's cost per datagram. `raw_udp` (asyncio, one datagram per e
              "2 shared cores (see its server CPU): its req/s is then a lower bound and a ratio against it an upper "
              "bound; req/CPU-s compares the cost per request regardless. With 32 requests in flight on loopback, "
              "throughput is latency-bound whenever neither side is saturated.")
-COLUMNS = ("target", "req/s", "p50 ms", "p99 ms", "server CPU", "load gen CPU", "req/CPU-s", "gateway / this")
+COLUMNS = ("target", "req/s", "p50 ms", "p99 ms", "server CPU", "load gen CPU", "other load", "req/CPU-s",
+           "gateway / this")
 
 
 def _shape(gw: GatewayProcess) -> tuple[ResponseShape, int | None]:
@@ -88,7 +89,7 @@ def run_p1(opts: BenchOptions) -> ScenarioResult:
     for name, m in ms.items():
         f = m.figures()
         res.rows.append((m.label if name != "gateway" else f"**{m.label}**", f["rps"], f["p50_ms"], f["p99_ms"],
-                         f["server_cpu"], f["loadgen_cpu"], f["rps_per_cpu"],
+                         f["server_cpu"], f["loadgen_cpu"], f["other_load"], f["rps_per_cpu"],
                          "" if name == "gateway" else ratio(g.rps, m.rps)))  # fmt: skip
     unsat = [n for n, m in ms.items() if m.server_cpu is not None and m.server_cpu < 0.85]
     if unsat:
@@ -96,6 +97,9 @@ def run_p1(opts: BenchOptions) -> ScenarioResult:
                          f"other load on the machine was the limit): {', '.join(unsat)}. Their req/s is a lower "
                          "bound of what they can do, so a ratio against them is an upper bound; req/CPU-s "
                          "compares cost per request independently of saturation")  # fmt: skip
+    busy = [f"{n} {m.other_cpu['other']:.2f}" for n, m in ms.items() if m.other_cpu.get("other", 0) > 0.3]
+    if busy:
+        res.notes.append("other processes used CPU during (cores): " + ", ".join(busy))
     bad = {n: (m.result.errors, m.result.timeouts) for n, m in ms.items() if m.result.errors or m.result.timeouts}
     if bad:
         res.notes.append("errors/timeouts: " + ", ".join(f"{n} {e}/{t}" for n, (e, t) in bad.items()))

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-__all__ = ["BenchError", "Child", "cpu_seconds", "free_port", "repo_root", "python_module_cmd"]
+__all__ = ["BenchError", "Child", "cpu_seconds", "free_port", "machine_busy", "repo_root", "python_module_cmd"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -46,6 +46,17 @@ def cpu_seconds(pid: int) -> float:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) "; field 3 (state) is fields[0]
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float | None:
+    """CPU-seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq, steal), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    v = [int(x) for x in first[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, also_tcp: bool = False, host: str = "127.0.0.1") -> int:

@@ -8,7 +8,9 @@ why -- never a made-up number.
 
 Measuring (:func:`measure_targets`): every target is measured ``rounds`` times, the order rotating each
 round so a slow patch of the (shared, noisy) machine does not hit one target only; each target's figure is
-its median round. The server's CPU share (``/proc/<pid>/stat``, fraction of one core over the load run) is
+its best round (other load on the machine only ever slows a run down, so the best round is the least
+disturbed one). The CPU the rest of the machine used meanwhile (``/proc/stat`` minus the processes of
+the measurement; interrupt and softirq time included) is recorded as ``other`` load, in cores. The server's CPU share (``/proc/<pid>/stat``, fraction of one core over the load run) is
 recorded with every figure: a server below ~0.9 was not saturated (the machine or the load generator was
 the limit) -- ``rps_per_cpu`` (requests per CPU-second of the server) is the saturation-independent
 cross-check.
@@ -27,7 +29,7 @@ from typing import Any
 
 from tools.bench.anchors import Target
 from tools.bench.loadgen import LoadResult, LoadSpec, run_load
-from tools.bench.procs import BenchError, Child
+from tools.bench.procs import BenchError, Child, machine_busy
 
 __all__ = ["BenchOptions", "Measurement", "ScenarioResult", "Scenario", "SCENARIOS", "scenario", "skipped",
            "measure_targets", "run_scenarios", "ratio"]  # fmt: skip
@@ -51,15 +53,15 @@ class BenchOptions:
 
     @property
     def measure_s(self) -> float:
-        return self.duration if self.duration is not None else (1.0 if self.quick else 5.0)
+        return self.duration if self.duration is not None else (0.6 if self.quick else 5.0)
 
     @property
     def warmup_s(self) -> float:
-        return self.warmup if self.warmup is not None else (0.3 if self.quick else 1.0)
+        return self.warmup if self.warmup is not None else (0.2 if self.quick else 1.0)
 
     @property
     def n_rounds(self) -> int:
-        return self.rounds if self.rounds is not None else (1 if self.quick else 3)
+        return self.rounds if self.rounds is not None else (2 if self.quick else 3)
 
     def logs(self) -> Path:
         if self.log_dir is None:
@@ -74,7 +76,7 @@ class BenchOptions:
 
 @dataclass
 class Measurement:
-    """One target's figure: its median round, plus every round's throughput."""
+    """One target's figure: its best round, plus every round's throughput."""
 
     name: str
     label: str
@@ -102,6 +104,7 @@ class Measurement:
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 3),
             "rps_per_cpu": None if self.rps_per_cpu is None else round(self.rps_per_cpu, 1),
             "loadgen_cpu": round(self.other_cpu["loadgen"], 3) if "loadgen" in self.other_cpu else None,
+            "other_load": round(self.other_cpu["other"], 2) if "other" in self.other_cpu else None,
             "errors": r.errors,
             "timeouts": r.timeouts,
         }
@@ -183,10 +186,10 @@ def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Chi
                  ) -> tuple[LoadResult, float | None, dict[str, float]]:  # fmt: skip
     """Run ``load``; the target's CPU share and each watched process's over the run."""
     watch = watch or {}
-    c0, w0 = _cpu(t.child), time.monotonic()
+    b0, c0, w0 = machine_busy(), _cpu(t.child), time.monotonic()
     o0 = {k: _cpu(c) for k, c in watch.items()}
     res = load()
-    c1, w1 = _cpu(t.child), time.monotonic()
+    b1, c1, w1 = machine_busy(), _cpu(t.child), time.monotonic()
     o1 = {k: _cpu(c) for k, c in watch.items()}
     if t.child is not None and not t.child.alive():
         raise t.child.fail("died under load")
@@ -196,6 +199,8 @@ def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Chi
         after = o1[k]
         if v is not None and after is not None:
             others[k] = (after - v) / (w1 - w0)
+    if b0 is not None and b1 is not None:  # everything else the machine did meanwhile (other users' work)
+        others["other"] = max(0.0, (b1 - b0) / (w1 - w0) - (share or 0.0) - sum(others.values()))
     return res, share, others
 
 
@@ -209,7 +214,7 @@ def coap_load(t: Target, opts: BenchOptions, *, concurrency: int | None = None,
 def measure_targets(targets: Sequence[Target], opts: BenchOptions, *,
                     load: Callable[[Target], Callable[[], LoadResult]] | None = None,
                     watch: dict[str, Child] | None = None) -> dict[str, Measurement]:  # fmt: skip
-    """Measure each target ``opts.n_rounds`` times in rotating order; each target's median round.
+    """Measure each target ``opts.n_rounds`` times in rotating order; each target's best round.
 
     ``load(target)`` gives the function that runs one measurement (default: the CoAP generator with the
     run's options); ``watch`` names other processes whose CPU share is recorded too (e.g. the broker)."""
@@ -227,8 +232,8 @@ def measure_targets(targets: Sequence[Target], opts: BenchOptions, *,
     out = {}
     for t in targets:
         rs = runs[t.name]
-        med = sorted(rs, key=lambda x: x[0].rps)[(len(rs) - 1) // 2]
-        out[t.name] = Measurement(t.name, t.label, med[0], med[1], [round(r.rps, 1) for r, _, _ in rs], med[2])
+        best = max(rs, key=lambda x: x[0].rps)
+        out[t.name] = Measurement(t.name, t.label, best[0], best[1], [round(r.rps, 1) for r, _, _ in rs], best[2])
     return out
 
 
