@@ -6,10 +6,8 @@ the watchdog, and the heap a booted device uses (code as source, as .mpy, and in
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import cbor2
 import pytest
 
 from tests.fwdevice import KEY, CoapGateway, DeviceProc, compile_firmware, provision, romfs_image, wait_for
@@ -148,12 +146,13 @@ def test_safe_mode_after_repeated_crashes(tmp_path: Path, gateway: CoapGateway) 
 
 def test_watchdog_kills_a_stuck_loop(tmp_path: Path, gateway: CoapGateway) -> None:
     dev = _device(tmp_path, gateway, IDA_FAULT="hang", IDA_WDT_MS="1000")
-    dev.start()
+    proc = dev.start().proc
+    assert proc is not None
     try:
-        dev.proc.wait(10)
+        proc.wait(10)
     finally:
         dev.stop()
-    assert dev.proc.returncode == -9
+    assert proc.returncode == -9
     assert any("watchdog expired" in line for line in dev.err)
 
 

@@ -66,7 +66,7 @@ class Paho:
         self.lock = threading.Lock()
         self.handler: Any = None
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-        self.c.reconnect_delay_set(0.2, 1)
+        self.c.reconnect_delay_set(1, 1)
         self.topics = topics
         self.connected = threading.Event()
         self.c.on_connect = self._on_connect

@@ -8,6 +8,8 @@
 #  * Session: the thin reconnect layer: exponential backoff with jitter, on_up() after each CONNACK;
 #  * Transport: the device protocol on top (docs/protocol.md#mqtt): status/last will, resolve over
 #    req/res with tokens, reports on rpt acknowledged on ack, retained desired config on cfg, cfgack.
+#    Username = the topic key <dev> (for a broker ACL `pattern readwrite ida/v1/d/%u/#`), password =
+#    password(key) below, client id = <dev>, cut to 23 bytes if the broker rejects a longer one.
 import os
 import time
 import errno
@@ -543,6 +545,15 @@ class Session:
                 self.on_up(now)
 
 
+def password(key):
+    """The MQTT password: derived from the device key (32 hex digits), never the key itself, so a broker
+    or a sniffer on a plain-TCP link learns nothing that protects CoAP (OSCORE) traffic. The broker's
+    password file holds the same value for username <dev> (tools derive it from the key the same way)."""
+    import hashlib
+    import binascii
+    return binascii.hexlify(hashlib.sha256(b"ida/mqtt/password/v1" + key).digest()[:16])
+
+
 # ---- the device protocol over MQTT --------------------------------------------------------------------
 RESOLVE_WAIT = const(5000)   # ms before a resolve request is retried with a new token
 RESOLVE_TRIES = const(2)
@@ -563,9 +574,7 @@ class Transport:
         self._subs = [((base + s).encode(), 1) for s in ("res", "ack", "cfg")]
         self._blen = len(base)
         will = (self.t_status, proto.encode("status", {proto.K_ID: ident.id, proto.K_ONLINE: False}), 1, True)
-        key = ident.key
-        self.c = Client(dev.encode(), keepalive, will, dev.encode(), bytes(key.hex(), "ascii"),
-                        retry_ms=retry_ms)
+        self.c = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms)
         self.c.poller = poller
         self.c.on_msg = self._msg
         self.s = Session(self.c, ident.mqtt[0], ident.mqtt[1], self._up)
@@ -614,6 +623,11 @@ class Transport:
         self.now = now
         was = self.c.state
         self.s.poll(now)
+        c = self.c
+        if c.refused == 2 and len(c.cid) > 23:  # "identifier rejected": MQTT 3.1.1 only promises 23 bytes
+            c.cid = c.cid[:23]
+            c.refused = 0
+            self.s._next = now  # retry at once with the short id
         if was == UP and self.c.state != UP:
             self.errors += 1
             # the pending report's PUBACK/ack may be lost: the reporter resends it from the queue

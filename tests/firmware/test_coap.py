@@ -355,3 +355,13 @@ def test_config_observe_and_notifications():
     m, d = _sent(c)
     eq(m.code, coap.POST)
     ok(d.find(b"\x03cfg") > 0)
+
+
+def test_icmp_unreachable_fails_fast():
+    c = _client()
+    got = []
+    c.resolve("88.1/X", got.append)
+    c.sock.rx.append(OSError(111))  # ECONNREFUSED: nothing listens on the gateway port
+    c.poll(1100)
+    eq(got[0][0], proto.NO_RESPONSE)
+    ok(c.ready())

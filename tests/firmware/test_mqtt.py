@@ -357,3 +357,29 @@ def test_transport_report_ack_and_config():
     ok(t.report(b"\xa0", 2, 2, cb))
     t.poll(t.now + mqtt.REPORT_WAIT + 1)
     eq(acks[-1], (proto.NO_RESPONSE, 2, 2))
+
+
+def test_password_is_derived_not_the_key():
+    key = bytes.fromhex("00112233445566778899aabbccddeeff")
+    pw = mqtt.password(key)
+    eq(len(pw), 32)
+    ok(key.hex().encode() not in pw)
+    import hashlib
+    eq(pw, hashlib.sha256(b"ida/mqtt/password/v1" + key).digest()[:16].hex().encode())
+    t = _transport()
+    eq(t.c.pwd, pw)
+
+
+def test_client_id_cut_to_23_bytes_when_rejected():
+    t = _transport()
+    eq(t.c.cid, b"88.123.99%2FPUMP-0001")  # 21 bytes: fine
+    idt = Identity({"id": "88.123.99/A-RATHER-LONG-DEVICE-NAME", "transport": "mqtt", "mqtt": "mqtt://127.0.0.1",
+                    "key": "00112233445566778899aabbccddeeff"})
+    t = mqtt.Transport(idt, keepalive=30)
+    t.c.sock = FakeSock()
+    t.c.state = mqtt.WAIT_CONNACK
+    t.s.enabled = True
+    t.c.sock.rx.append(h("20 02 00 02"))  # identifier rejected
+    t.poll(0)
+    eq(t.c.state, mqtt.IDLE)
+    eq(t.c.cid, b"88.123.99%2FA-RATHER-LO")
