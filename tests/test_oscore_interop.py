@@ -40,7 +40,7 @@ ID_C = "88.123.99/PUMP-0003-ABCD"  # never provisioned
 KEY_A = bytes.fromhex("00112233445566778899aabbccddeeff")
 KEY_B = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")
 WRONG = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
-DEVICE = ROOT / "tests" / "oscore_device.py"
+DEVICE = ROOT / "tests" / "firmware" / "oscore_device.py"
 
 
 class Resolver:

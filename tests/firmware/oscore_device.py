@@ -1,5 +1,5 @@
-# A device for tests/test_oscore_interop.py, run by the real micropython (MICROPYPATH=firmware):
-#   micropython tests/oscore_device.py <data dir> <identity JSON> <action> [<action>...]
+# A device for tests/test_oscore_interop.py (not a test module), run by the real micropython (MICROPYPATH=firmware):
+#   micropython tests/firmware/oscore_device.py <data dir> <identity JSON> <action> [<action>...]
 # It talks to the gateway with carrier.oscore.Client (identity "secure": true) or carrier.coap.Client, and
 # prints one JSON line per action result, so the test can read them as they come:
 #   resolve[=ID]       resolve ID (default: own id)            -> {"a": "resolve", "code": .., "values": ..}
