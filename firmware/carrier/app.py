@@ -61,6 +61,7 @@ class App:
         self._last = 0
         self._con_reg = False
         self._stable = False
+        self._led = None
 
     # ---- boot
     def boot(self):
@@ -165,7 +166,9 @@ class App:
             self.rep.poll(now, t if self.t_on else None, self.up_ms // 1000)
         self.q.poll(now)
         self.console.poll(h.con_read)
-        h.led(self.t_on)
+        if self.t_on != self._led:  # status LED: lit while the transport runs (written on change only)
+            self._led = self.t_on
+            h.led(self._led)
 
     def _transport(self, t, now, net):
         if not net:
@@ -359,7 +362,7 @@ class App:
         self.request_reboot()
 
     def selftest(self):
-        from carrier import cbor, proto
+        from carrier import proto
         c = {}
         try:
             m = {proto.K_ID: "0.NA/TEST", proto.K_ONLINE: True}

@@ -1,9 +1,8 @@
 # The device as a whole, on a fake HAL (settable clock, network switch, console) against a loopback CoAP
 # gateway served from the test: provisioning mode, boot counter and seq, crash streak and safe mode, first
 # report and resolve, offline queueing and drain, remote config, and the key never reaching any output.
-import json
 from mptest import eq, ok, raises, note
-from carrier import app as A, identity, hal, log, proto
+from carrier import app as A, log, proto
 
 from fwfakes import Rig, KEY, ID
 

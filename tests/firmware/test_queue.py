@@ -1,7 +1,7 @@
 # The flash report queue: batching (an online device writes nothing), drop-oldest with a persisted
 # counter, acks, compaction, and recovery from a file truncated or corrupted at every offset.
 import os
-from mptest import eq, ok, raises, note
+from mptest import eq, ok, note
 from fwfakes import tmpdir, rmtree
 from carrier import queue as q
 
