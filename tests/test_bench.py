@@ -106,6 +106,13 @@ def test_ida_bench_quick_json_p1_p3(tmp_path: Path) -> None:
     """The suite end to end: real gateway and node subprocesses, the anchors, P1 and P3; numbers, not timings."""
     if shutil.which("coap-server-notls") is None:
         pytest.skip("coap-server-notls not installed (make setup installs libcoap3-bin)")
+    from tools.bench.procs import BenchError
+    from tools.bench.project import require_gateway
+
+    try:
+        require_gateway()
+    except BenchError as e:
+        pytest.skip(str(e))
     r = subprocess.run(
         [IDA, "bench", "--quick", "--json", "--only", "P1,P3", "--duration", "0.3", "-q", "--log-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,

@@ -177,5 +177,9 @@ def require_gateway() -> None:
             __import__(mod)
         except ImportError as e:
             missing.append(f"{mod} ({e})")
+    from tools.cli import SUBCOMMANDS
+
+    names = {name for name, _, _ in SUBCOMMANDS}
+    missing += [f"`ida {n}`" for n in ("gateway", "node") if n not in names]
     if missing:
         raise BenchError("not in the tree yet: " + ", ".join(missing))
