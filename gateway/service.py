@@ -32,6 +32,7 @@ from gateway.outbox import Outbox, Sink, make_sink
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
+from gateway.status import recording
 
 if TYPE_CHECKING:
     from gateway.frontends.mqtt import MqttFrontEnd
@@ -154,14 +155,14 @@ class Gateway:
         self._add_collectors()
         await self.outbox.start()
 
-        self.coap = CoapFrontEnd(cfg.coap.host, cfg.coap.port, resolver, self.registry, self.metrics, clock=self._clock)
+        self.coap = CoapFrontEnd(cfg.coap.host, cfg.coap.port, recording(resolver, "coap"), self.registry, self.metrics, clock=self._clock)
         try:
             host, port = await self.coap.start()
         except OSError as e:
             raise OSError(e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}") from None
         log.info("coap listening on %s", _hostport(host, port))
 
-        self.http = HttpFrontEnd(cfg.http.host, cfg.http.port, resolver, self.registry, self.metrics,
+        self.http = HttpFrontEnd(cfg.http.host, cfg.http.port, recording(resolver, "http"), self.registry, self.metrics,
                                  health=self.health, clock=self._clock, shutdown_timeout=STOP_TIMEOUT)  # fmt: skip
         try:
             host, port = await self.http.start()
@@ -173,7 +174,7 @@ class Gateway:
             # Imported here so that paho stays out of a gateway that does not use MQTT.
             from gateway.frontends.mqtt import MqttFrontEnd
 
-            self.mqtt = MqttFrontEnd(cfg.mqtt.url, resolver, self.registry, self.metrics, group=cfg.mqtt.group or None)
+            self.mqtt = MqttFrontEnd(cfg.mqtt.url, recording(resolver, "mqtt"), self.registry, self.metrics, group=cfg.mqtt.group or None)
             await self.mqtt.start()  # returns after its ready timeout even when the broker is not there yet
             log.info("mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__, identifier, wire
+from gateway import __version__, identifier, status, wire
 from gateway.frontends.common import HTTP_STATUS, DeviceRegistry, failure, json_etag, parse_filters
 from gateway.identifier import IdentifierError
 from gateway.logfmt import kv
@@ -77,6 +77,7 @@ class HttpFrontEnd:
         app.router.add_get("/api/devices/{id:.*}", self.get_device)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.get_metrics)
+        status.add_routes(app, self.resolver, self.registry, health=self.health)  # GET /, /status, /api/status
         return app
 
     async def start(self) -> tuple[str, int]:
