@@ -125,8 +125,11 @@ def check(name, m):
         if k not in m:
             raise ProtoError("%s: missing %s" % (name, NAMES[k]))
     for k in m:
-        if (k in req or k in opt) and not _ok(_TYPES[k], m[k]):
-            raise ProtoError("%s: bad %s" % (name, NAMES[k]))
+        if k in req or k in opt:
+            if type(k) is float:  # 10.0 == 10 finds the key, but the message says integer keys
+                raise ProtoError("%s: key %r is not an integer" % (name, k))
+            if not _ok(_TYPES[k], m[k]):
+                raise ProtoError("%s: bad %s" % (name, NAMES[k]))
     return m
 
 
