@@ -75,7 +75,7 @@ class SimConfig:
             raise SimError("--duration must not be negative")
         if self.resolve_every < 0 or self.summary_every < 0 or self.drain < 0:
             raise SimError("--resolve-every, --summary-every and drain must not be negative")
-        if self.first < 0 or self.coap_sockets < 0 or self.mqtt_connections < 0 or self.queue_cap < 1:
+        if self.first < 0 or self.coap_sockets < 0 or self.mqtt_connections < 0 or self.queue_cap < 2:
             raise SimError("bad device numbering, socket or connection count")
         if self.uses("coap"):
             parse_url(self.gateway, "coap")
