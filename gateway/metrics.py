@@ -100,6 +100,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._families: dict[str, _Family] = {}
         self._collectors: list[Collector] = []
+        self._adders: list[Collector] = []
         for name, (kind, help_text, labelnames) in STANDARD.items():
             self.declare(name, kind, help_text, labelnames)
 
@@ -123,11 +124,13 @@ class Metrics:
                 return
             self._families[name] = _Family(kind, help_text, bool(labelnames), tuple(sorted(buckets)))
 
-    def add_collector(self, collector: Collector) -> None:
+    def add_collector(self, collector: Collector, *, add: bool = False) -> None:
         """Called at every :meth:`render`; its samples (float, or HistogramSample for a histogram) replace the
-        series of declared families with the same name and labels."""
+        series of declared families with the same name and labels. With ``add=True`` its (float) samples are
+        added to the series instead, after every replacing collector ran: counts kept outside (e.g. the CoAP
+        fast path's integer counters) on top of those counted here."""
         with self._lock:
-            self._collectors.append(collector)
+            (self._adders if add else self._collectors).append(collector)
 
     # -- recording ---------------------------------------------------------------------------------------
     def inc(self, name: str, value: float = 1.0, labels: Mapping[str, str] | None = None) -> None:
@@ -178,6 +181,7 @@ class Metrics:
     def _snapshot(self) -> dict[str, dict[Labels, Value]]:
         with self._lock:
             collectors = list(self._collectors)
+            adders = list(self._adders)
             out: dict[str, dict[Labels, Value]] = {}
             for name, fam in self._families.items():
                 series: dict[Labels, Value] = dict(fam.values)
@@ -192,6 +196,18 @@ class Metrics:
             for name, labels, value in samples:
                 if name in out:
                     out[name][_labels(labels)] = value if isinstance(value, HistogramSample) else float(value)
+        for collect in adders:
+            try:
+                samples = list(collect())
+            except Exception:
+                log.exception("metrics collector %r failed", collect)
+                continue
+            for name, labels, value in samples:
+                target = out.get(name)
+                if target is not None and not isinstance(value, HistogramSample):
+                    key = _labels(labels)
+                    old = target.get(key, 0.0)
+                    target[key] = (0.0 if isinstance(old, HistogramSample) else old) + float(value)
         return out
 
     def render(self) -> str:

@@ -11,6 +11,10 @@ gets 2.03 Valid. Answers larger than one block go block-wise (RFC 7959): aiocoap
 response bigger than the peer's maximum payload (1024 B over UDP) and serves the later blocks from the
 assembled response. Errors carry an ``error`` payload (CF 60).
 
+Cached resolutions are answered by the fast path (``gateway/frontends/coap_fast.py``), which owns the UDP socket
+and hands every other datagram to aiocoap; :meth:`CoapFrontEnd.resolve` tells it (``learn``) each answer it may
+serve from then on. ``fast_path=False`` serves everything through aiocoap's own udp6 transport.
+
 Routing uses aiocoap's ``Site``: the two resources under ``/r`` and ``/d`` are ``PathCapable`` and receive the
 rest of the path as ``uri_path``.
 """
@@ -22,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiocoap
 from aiocoap import resource
@@ -35,6 +39,9 @@ from gateway.frontends.common import DeviceRegistry, InFlight, failure, json_eta
 from gateway.logfmt import kv
 from gateway.metrics import Metrics
 from gateway.resolution import Answer, Resolving, etag_of
+
+if TYPE_CHECKING:
+    from gateway.frontends.coap_fast import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,7 @@ class CoapFrontEnd:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
     ) -> None:
         self._bind = (host, port)
         self.resolver = resolver
@@ -104,6 +112,9 @@ class CoapFrontEnd:
         self.site.add_resource(("r",), _ResolveResource(self))
         self.devices = _DeviceResource(self)
         self.site.add_resource(("d",), self.devices)
+        self._plain_site = self.site  # a wrapper (OSCORE) put in its place turns the fast path's learning off
+        self._fast_path = fast_path
+        self.fast: FastPath | None = None
 
     @property
     def in_flight(self) -> int:
@@ -116,6 +127,15 @@ class CoapFrontEnd:
             loop.call_soon_threadsafe(self.devices.notify, ident)
 
         self.registry.on_config_change(changed)
+        if self._fast_path:
+            from gateway.frontends.coap_fast import FastPath
+
+            self.fast = FastPath(self.resolver, clock=self.clock, limiter=lambda: getattr(self, "limiter", None),
+                                 learning=self.site is self._plain_site)  # fmt: skip
+            self._ctx = await self.fast.start(self.site, *self._bind)
+            self.metrics.add_collector(self.fast.samples, add=True)
+            self.address = self.fast.address
+            return self.address
         self._ctx = await aiocoap.Context.create_server_context(
             self.site, bind=self._bind, transports=["udp6"], loggername="coap-server"
         )
@@ -125,6 +145,8 @@ class CoapFrontEnd:
     async def stop(self, timeout: float = 5.0) -> None:
         """Answer new requests with 5.03, wait up to ``timeout`` s for those in flight, then close the socket."""
         self._closing = True
+        if self.fast is not None:
+            self.fast.serving = False  # every request goes to aiocoap, which answers 5.03
         if not await self._inflight.drain(timeout):
             log.warning("coap stopping with requests still in flight %s", kv(count=self._inflight.count))
         if self._ctx is not None:
@@ -158,7 +180,10 @@ class CoapFrontEnd:
             except Exception as e:
                 code, msg = failure(e)
                 return self._fail(code, msg)
-            return self._answer(request, answer, accept == CF_JSON)
+            response = self._answer(request, answer, accept == CF_JSON)
+            if self.fast is not None:
+                self.fast.learn(request, answer, types, indexes, accept == CF_JSON)
+            return response
 
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()
