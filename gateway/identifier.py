@@ -66,6 +66,11 @@ def parse(text: str | bytes) -> Identifier:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError:
             raise IdentifierError(NOT_UTF8, "identifier is not valid UTF-8") from None
+    elif not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 form, cannot go upstream or into SQLite
+            raise IdentifierError(NOT_UTF8, "identifier is not valid UTF-8 (lone surrogate)") from None
     if not text:
         raise IdentifierError(EMPTY, "identifier is empty")
     if len(text) > MAX_LENGTH:

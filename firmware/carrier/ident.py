@@ -26,25 +26,48 @@ def _prefix_char(c):
 
 def parse(text):
     """Return the normalised identifier (prefix upper-cased) as str, or raise IdentError(reason)."""
-    if isinstance(text, str):
-        b = text.encode()
-    else:
-        b = bytes(text)
-        try:
-            str(b, "utf-8")
-        except UnicodeError:
-            raise IdentError(NOT_UTF8, "not valid UTF-8")
+    # UTF-8 is checked here, strictly (RFC 3629): MicroPython's str(b, "utf-8") lets overlong forms,
+    # surrogates and code points past U+10FFFF through, and its str can hold such bytes.
+    b = text.encode() if isinstance(text, str) else bytes(text)
     if not b:
         raise IdentError(EMPTY)
     n = 0  # characters
     prev = 0
     ctl = False
+    need = 0  # continuation bytes still expected
+    lo = 0x80  # allowed range of the next continuation byte
+    hi = 0xBF
     for c in b:
+        if need:
+            if c < lo or c > hi:
+                raise IdentError(NOT_UTF8, "not valid UTF-8")
+            lo = 0x80
+            hi = 0xBF
+            need -= 1
+        elif c >= 0x80:
+            if 0xC2 <= c <= 0xDF:
+                need = 1
+            elif 0xE0 <= c <= 0xEF:
+                need = 2
+                if c == 0xE0:
+                    lo = 0xA0  # no overlong 3-byte forms
+                elif c == 0xED:
+                    hi = 0x9F  # no surrogates
+            elif 0xF0 <= c <= 0xF4:
+                need = 3
+                if c == 0xF0:
+                    lo = 0x90  # no overlong 4-byte forms
+                elif c == 0xF4:
+                    hi = 0x8F  # nothing past U+10FFFF
+            else:
+                raise IdentError(NOT_UTF8, "not valid UTF-8")
         if c & 0xC0 != 0x80:
             n += 1
         if c < 0x20 or c == 0x7F or (prev == 0xC2 and 0x80 <= c <= 0x9F):
             ctl = True
         prev = c
+    if need:
+        raise IdentError(NOT_UTF8, "not valid UTF-8")
     if n > MAX_LENGTH:
         raise IdentError(TOO_LONG, "%d characters" % n)
     if ctl:

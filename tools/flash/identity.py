@@ -88,7 +88,9 @@ class Identity:
             doc[url.partition("://")[0]] = url
         if self.wifi:
             doc["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        # ensure_ascii=False: MicroPython's json decodes a \ud83d\ude00 escape pair as two surrogates (CESU-8),
+        # which would corrupt an identifier or SSID with a character beyond U+FFFF; raw UTF-8 reads back intact.
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     def __repr__(self) -> str:  # never print the key or the Wi-Fi passphrase
         return f"Identity({self.identifier!r}, key={self.fingerprint}, {self.transport}, {self.gateways})"
