@@ -88,6 +88,12 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
+def _rate(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise _Bad("expected a number of requests per second >= 0 (0 = no limit)")
+    return float(v)
+
+
 def _positive_seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
         raise _Bad("expected a number of seconds > 0")
@@ -164,6 +170,9 @@ class HttpConfig:
 class MqttConfig:
     url: str = _opt("", _url(MQTT_SCHEMES, True), "broker the MQTT front end connects to; empty = MQTT off")
     group: str = _opt("ida-gw", _text, "MQTT v5 shared-subscription group ($share/<group>/...)")
+    username: str = _opt("", _text, "this gateway's broker username (ida broker config --gateway NAME); empty = none")
+    password_file: str = _opt("", _text, "file holding the gateway's broker password (first line); empty = none")
+    ca_file: str = _opt("", _text, "CA (PEM) the broker's certificate must chain to, for mqtts://; empty = system CAs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +216,15 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    device_rate: float = _opt(10.0, _rate, "requests per second per device (CoAP /d/<id>, MQTT topic key); 0 = no limit")
+    device_burst: int = _opt(20, _positive_int, "requests a device may send at once before device_rate applies")
+    source_rate: float = _opt(0.0, _rate, "requests per second per source IP address (CoAP, HTTP /api); 0 = no limit")
+    source_burst: int = _opt(100, _positive_int, "requests a source address may send at once")
+    max_buckets: int = _opt(100_000, _positive_int, "most devices and most addresses tracked (least recently used out)")
+
+
+@dataclass(frozen=True, slots=True)
 class DataConfig:
     dir: Path = _opt(Path("data"), lambda v: Path(_text(v) or "."), "runtime state (SQLite files); default $IDA_DATA or ./data")
 
@@ -225,6 +243,7 @@ class GatewayConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     zone: ZoneConfig = field(default_factory=ZoneConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -279,6 +298,11 @@ def check(cfg: GatewayConfig) -> None:
         raise ConfigError("[outbox] mqtt_topic: needs a broker: set [outbox] mqtt_url or [mqtt] url")
     if cfg.outbox.mqtt_url and not cfg.outbox.mqtt_topic:
         raise ConfigError("[outbox] mqtt_url: set [outbox] mqtt_topic too (the topic reports are published to)")
+    for where, url in (("[mqtt] url", cfg.mqtt.url), ("[outbox] mqtt_url", cfg.outbox.mqtt_url)):
+        if url and urlsplit(url).password is not None:
+            raise ConfigError(f"{where}: no password in the URL (URLs are logged); use [mqtt] username and password_file")
+    if cfg.mqtt.password_file and not cfg.mqtt.username:
+        raise ConfigError("[mqtt] password_file: set [mqtt] username too")
 
 
 def _section(name: str, table: Mapping[str, Any]) -> Any:

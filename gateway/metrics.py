@@ -49,6 +49,7 @@ STANDARD: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ida_outbox_depth": (GAUGE, "Reports waiting to go northbound.", ()),
     "ida_reports_total": (COUNTER, "Reports accepted (new, not duplicates).", ()),
     "ida_reports_duplicate_total": (COUNTER, "Reports received again and acknowledged without storing.", ()),
+    "ida_ratelimited_total": (COUNTER, "Requests refused by a rate limit (CoAP 4.29, HTTP 429, MQTT dropped), by front end and limit (device, source).", ("frontend", "limit")),
 }  # fmt: skip
 
 
@@ -159,6 +160,10 @@ class Metrics:
     def count_request(self, frontend: str, code: int) -> None:
         """One answered request of a front end (``coap``, ``mqtt``, ``http``) with its wire result code."""
         self.inc("ida_requests_total", 1.0, {"frontend": frontend, "code": str(code)})
+
+    def count_ratelimited(self, frontend: str, limit: str) -> None:
+        """One request refused by a rate limit (``limit``: "device" or "source")."""
+        self.inc("ida_ratelimited_total", 1.0, {"frontend": frontend, "limit": limit})
 
     def observe_upstream(self, node: str, seconds: float) -> None:
         """One upstream round trip: counts the request and records its latency."""

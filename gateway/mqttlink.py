@@ -16,7 +16,8 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,7 +44,7 @@ class BrokerAddress:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
 
     def __str__(self) -> str:
@@ -67,6 +68,30 @@ def parse_url(url: str) -> BrokerAddress:
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return BrokerAddress(parts.hostname, port, user, password, tls)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAuth:
+    """The gateway's own broker credentials and the CA its TLS connection verifies the broker against
+    (``[mqtt] username``, ``password_file``, ``ca_file``). The password never reaches a log line or a repr."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+    @classmethod
+    def from_files(cls, username: str = "", password_file: str = "", ca_file: str = "") -> MqttAuth:
+        """Read the password file (its first line); ValueError naming the file (never its content)."""
+        password = None
+        if password_file:
+            try:
+                password = Path(password_file).read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, UnicodeDecodeError, IndexError) as e:
+                raise ValueError(f"[mqtt] password_file: cannot read a password from {password_file!r}: "
+                                 f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}") from None  # fmt: skip
+        if ca_file and not Path(ca_file).is_file():
+            raise ValueError(f"[mqtt] ca_file: no such file {ca_file!r}")
+        return cls(username or None, password, ca_file or None)
 
 
 def default_client_id(prefix: str = "ida-gw") -> str:
@@ -97,8 +122,10 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         on_message: Callable[[str, bytes, bool], None] | None = None,
         name: str = "mqtt",
+        auth: MqttAuth | None = None,
     ) -> None:
         self.address = parse_url(url)
+        self.auth = auth or MqttAuth()
         self.client_id = client_id or default_client_id()
         self.name = name
         self._keepalive = keepalive
@@ -117,10 +144,11 @@ class MqttLink:
             protocol=paho.MQTTv5,
         )
         c.reconnect_delay_set(min_delay=reconnect_min, max_delay=max(reconnect_min, reconnect_max))
-        if self.address.username is not None:
-            c.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            c.tls_set()
+        username = self.auth.username or self.address.username
+        if username is not None:
+            c.username_pw_set(username, self.auth.password if self.auth.username else self.address.password)
+        if self.address.tls:  # the broker's certificate must chain to ca_file and name the host
+            c.tls_set(ca_certs=self.auth.ca_file)
         c.on_socket_open = self._paho_socket_open
         c.on_connect = self._paho_connect
         c.on_disconnect = self._paho_disconnect
@@ -141,7 +169,11 @@ class MqttLink:
             self.address.host, self.address.port, keepalive=self._keepalive, clean_start=True
         )
         self._client.loop_start()
-        log.info("mqtt connecting %s", kv(link=self.name, broker=self.address, client_id=self.client_id))
+        user = self.auth.username or self.address.username or "-"
+        log.info("mqtt connecting %s", kv(link=self.name, broker=self.address, client_id=self.client_id, user=user))
+        if not self.address.tls:
+            log.warning("mqtt INSECURE plain mode: no TLS, traffic%s in clear; factory bench only %s",
+                        " and password" if user != "-" else "", kv(link=self.name, broker=self.address))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Send DISCONNECT (queued after what is already queued) and stop paho's thread."""

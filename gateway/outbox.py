@@ -175,6 +175,7 @@ class MqttSink:
         timeout: float = 10.0,
         require_subscriber: bool = True,
         reconnect_max: int = 30,
+        auth: Any = None,  # gateway.mqttlink.MqttAuth: the gateway's broker credentials and CA
     ) -> None:
         from gateway.mqttlink import MqttLink, default_client_id
 
@@ -191,6 +192,7 @@ class MqttSink:
             client_id=client_id or default_client_id("ida-north"),
             name="north",
             reconnect_max=reconnect_max,
+            auth=auth,
         )
 
     async def start(self) -> None:
@@ -214,12 +216,12 @@ class MqttSink:
         await self._link.stop()
 
 
-def make_sink(url: str, topic: str = DEFAULT_TOPIC) -> Sink:
+def make_sink(url: str, topic: str = DEFAULT_TOPIC, auth: Any = None) -> Sink:
     """A sink from a URL: ``mqtt://host:port`` (publishing on ``topic``) or ``http(s)://…`` (webhook)."""
     if url.startswith(("http://", "https://")):
         return WebhookSink(url)
     if url.startswith(("mqtt://", "mqtts://")):
-        return MqttSink(url, topic)
+        return MqttSink(url, topic, auth=auth)
     raise ValueError(f"outbox sink {url!r}: use mqtt://host:port or http(s)://…")
 
 

@@ -29,6 +29,7 @@ from gateway.frontends.http import HttpFrontEnd
 from gateway.logfmt import kv
 from gateway.metrics import HistogramSample, Metrics, Sample
 from gateway.outbox import Outbox, Sink, make_sink
+from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
@@ -76,12 +77,32 @@ def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
     )
 
 
+def rate_limiter(cfg: GatewayConfig) -> RateLimiter:
+    """The [limits] token buckets, shared by the front ends (a device is one device on every transport)."""
+    lim = cfg.limits
+    return RateLimiter(Limits(lim.device_rate, lim.device_burst, lim.source_rate, lim.source_burst, lim.max_buckets))
+
+
+def mqtt_auth(cfg: GatewayConfig) -> Any:
+    """The gateway's broker credentials ([mqtt] username, password_file, ca_file) as a mqttlink.MqttAuth."""
+    from gateway.mqttlink import MqttAuth
+
+    m = cfg.mqtt
+    try:
+        return MqttAuth.from_files(m.username, m.password_file, m.ca_file)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def outbox_sinks(cfg: GatewayConfig) -> list[Sink]:
-    """Northbound sinks from [outbox]: the MQTT topic (on [outbox] mqtt_url, else [mqtt] url) and the webhook."""
+    """Northbound sinks from [outbox]: the MQTT topic (on [outbox] mqtt_url, else [mqtt] url, with the [mqtt]
+    credentials) and the webhook."""
     out: list[Sink] = []
     ob = cfg.outbox
     if ob.mqtt_topic:
-        out.append(make_sink(ob.mqtt_url or cfg.mqtt.url, ob.mqtt_topic))
+        same_broker = not ob.mqtt_url or ob.mqtt_url == cfg.mqtt.url
+        auth = mqtt_auth(cfg) if same_broker and (cfg.mqtt.username or cfg.mqtt.ca_file) else None
+        out.append(make_sink(ob.mqtt_url or cfg.mqtt.url, ob.mqtt_topic, auth=auth))
     if ob.webhook_url:
         out.append(make_sink(ob.webhook_url))
     return out
@@ -114,6 +135,7 @@ class Gateway:
         self.coap: CoapFrontEnd | None = None
         self.http: HttpFrontEnd | None = None
         self.mqtt: MqttFrontEnd | None = None  # only when [mqtt] url is set
+        self.limiter = rate_limiter(config)
         self._started_at = time.monotonic()
         self._running = False
 
@@ -160,6 +182,7 @@ class Gateway:
             host, port = await self.coap.start()
         except OSError as e:
             raise OSError(e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}") from None
+        self.coap.limiter = self.limiter
         log.info("coap listening on %s", _hostport(host, port))
 
         self.http = HttpFrontEnd(cfg.http.host, cfg.http.port, recording(resolver, "http"), self.registry, self.metrics,
@@ -168,13 +191,15 @@ class Gateway:
             host, port = await self.http.start()
         except OSError as e:
             raise OSError(e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}") from None
+        self.http.limiter = self.limiter
         log.info("http listening on %s", _hostport(host, port))
 
         if cfg.mqtt.url:
             # Imported here so that paho stays out of a gateway that does not use MQTT.
             from gateway.frontends.mqtt import MqttFrontEnd
 
-            self.mqtt = MqttFrontEnd(cfg.mqtt.url, recording(resolver, "mqtt"), self.registry, self.metrics, group=cfg.mqtt.group or None)
+            self.mqtt = MqttFrontEnd(cfg.mqtt.url, recording(resolver, "mqtt"), self.registry, self.metrics, group=cfg.mqtt.group or None,
+                                     auth=mqtt_auth(cfg), limiter=self.limiter)  # fmt: skip
             await self.mqtt.start()  # returns after its ready timeout even when the broker is not there yet
             log.info("mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url)
 

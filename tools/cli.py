@@ -19,6 +19,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("resolve", "tools.resolve_cmd", "resolve an identifier through the gateway engine (zone, cache, upstreams)"),
     ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
     ("bench", "tools.bench.cli", "benchmarks against anchors measured in the same run"),
+    ("broker", "tools.broker_config", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
     ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
 ]
 

@@ -2,7 +2,9 @@
 # Stored as <data>/identity.json (written by the flashing tool, `ida device run` or the console's
 # `provision` command):
 #   {"id": "88.123.99/PUMP-0001", "transport": "coap" | "mqtt",
-#    "coap": "coap://host[:5683]", "mqtt": "mqtt://host[:1883]",
+#    "coap": "coap://host[:5683]", "mqtt": "mqtt://host[:1883]" | "mqtts://host[:8883]" (TLS),
+#    "ca": "ca.crt",                                    (mqtts: the broker's CA, DER or PEM, under the data
+#                                                        root unless absolute; default ca.crt)
 #    "key": "<hex, 16-32 bytes>",                       (optional here: else the kv/NVS secret "key")
 #    "secure": true,                                    (CoAP requests OSCORE-protected: docs/security.md)
 #    "wifi": {"ssid": "...", "psk": "..."}}              (ESP32 only)
@@ -17,7 +19,8 @@ from carrier import hal, ident
 FILE = "identity.json"
 KV_KEY = "key"
 TRANSPORTS = ("coap", "mqtt")
-PORTS = {"coap": 5683, "mqtt": 1883}
+PORTS = {"coap": 5683, "mqtt": 1883, "mqtts": 8883}
+CA_FILE = "ca.crt"
 
 
 class IdentityError(ValueError):
@@ -70,9 +73,17 @@ class Identity:
         self.urls = {}
         self.coap = self.mqtt = None
         for s in TRANSPORTS:
-            if d.get(s):
-                setattr(self, s, parse_url(d[s], s))
-                self.urls[s] = d[s]
+            u = d.get(s)
+            if u:
+                tls = s == "mqtt" and type(u) is str and u.startswith("mqtts://")
+                setattr(self, s, parse_url(u, "mqtts" if tls else s))
+                self.urls[s] = u
+        self.mqtt_tls = self.urls.get("mqtt", "").startswith("mqtts://")
+        ca = d.get("ca")
+        if ca is not None and (type(ca) is not str or not ca):
+            raise IdentityError("ca must be a file name")
+        self.ca = ca
+        self.ca_path = ca or CA_FILE  # load() puts it under the data root
         if not self.urls.get(t):
             raise IdentityError("no %s gateway address" % t)
         k = d.get("key")
@@ -101,6 +112,8 @@ class Identity:
             d[s] = self.urls[s]
         if self.secure:
             d["secure"] = True
+        if self.ca:
+            d["ca"] = self.ca
         if self.wifi:
             d["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
         return d
@@ -118,7 +131,10 @@ def load(h):
     key = None
     if type(d) is dict and d.get("key") is None:
         key = h.kv_get(KV_KEY)
-    return Identity(d, key)
+    i = Identity(d, key)
+    if not i.ca_path.startswith("/"):
+        i.ca_path = h.root + i.ca_path
+    return i
 
 
 def save(h, ident_obj):

@@ -10,14 +10,18 @@
 #    req/res with tokens, reports on rpt acknowledged on ack, retained desired config on cfg, cfgack.
 #    Username = the topic key <dev> (for a broker ACL `pattern readwrite ida/v1/d/%u/#`), password =
 #    password(key) below, client id = <dev>, cut to 23 bytes if the broker rejects a longer one.
+# Security (docs/security-mqtt.md): an identity with an mqtts:// address connects over TLS, the broker's
+# certificate verified against the identity's CA file and host name; tools/broker_config.py writes the
+# broker's password file and ACL from the same keys. mqtt:// is the factory-bench plain mode, logged so.
 import os
 import time
 import errno
 import select
 import socket
+import binascii
 from micropython import const
 
-from carrier import cbor, proto, rcache
+from carrier import cbor, proto, rcache, log
 
 CONNECT = const(1)
 CONNACK = const(2)
@@ -55,6 +59,32 @@ def _errno(e):
 
 def _nop(*a):
     pass
+
+
+def pem_to_der(data):
+    """The first certificate of a PEM file as DER (MicroPython's mbedTLS may lack the PEM parser)."""
+    a = data.find(b"\n", data.find(b"-----BEGIN"))
+    b = data.find(b"-----END", a)
+    if a < 0 or b < 0:
+        raise MQTTError("CA file is neither PEM nor DER")
+    return binascii.a2b_base64(data[a + 1:b].replace(b"\r", b"").replace(b"\n", b""))
+
+
+def tls_context(ca_path):
+    """A TLS client context that accepts only a broker certificate chaining to the CA in ca_path."""
+    import ssl
+    try:
+        with open(ca_path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise MQTTError("no CA file " + ca_path)
+    if data.startswith(b"-----BEGIN"):
+        data = pem_to_der(data)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # MicroPython's client default is CERT_NONE; verify_mode is a property of ssl.py (missing from the stubs)
+    ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]
+    ctx.load_verify_locations(cadata=data)
+    return ctx
 
 
 # ---- codec --------------------------------------------------------------------------------------------
@@ -228,8 +258,11 @@ class Reader:
 # ---- one connection -----------------------------------------------------------------------------------
 class Client:
     def __init__(self, cid, keepalive=60, will=None, user=None, pwd=None, maxpkt=1536, outsize=1024,
-                 retry_ms=RETRY_MS):
+                 retry_ms=RETRY_MS, ca=None):
         self.cid = cid
+        self.ca = ca      # CA file: TLS with the broker's certificate verified; None = plain TCP
+        self._tls = None  # its SSLContext, made at the first connect
+        self.sni = None   # the host name the broker's certificate must carry (Session sets it)
         self.keepalive = keepalive
         self.will = will
         self.user = user
@@ -257,6 +290,8 @@ class Client:
     def open(self, addr, now):
         """Start a non-blocking TCP connect to a getaddrinfo() address entry."""
         self.close()
+        if self.ca and self._tls is None:
+            self._tls = tls_context(self.ca)
         s = socket.socket(addr[0], socket.SOCK_STREAM)
         s.setblocking(False)
         try:
@@ -374,6 +409,8 @@ class Client:
             self.close("socket error %d" % _errno(e))
         except MQTTError as e:
             self.close(str(e))
+        except ValueError as e:  # mbedTLS: certificate not trusted, wrong host name, bad record
+            self.close("tls " + str(e).strip())
 
     def _connecting(self, now):
         p = self._p
@@ -384,6 +421,9 @@ class Client:
                 raise MQTTError("connection refused")
             if ev & select.POLLOUT:
                 self._p = None
+                if self._tls is not None:  # the handshake runs in the reads and writes that follow
+                    self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.sni,
+                                                      do_handshake_on_connect=False)
                 self._on = connect(self._out, self.cid, self.keepalive, True, self.will, self.user, self.pwd)
                 self.state = WAIT_CONNACK
                 self.last_tx = self.last_rx = now
@@ -497,6 +537,7 @@ class Session:
 
     def __init__(self, client, host, port, on_up=None):
         self.c = client
+        client.sni = host
         self.host = host
         self.port = port
         self.on_up = on_up
@@ -532,6 +573,10 @@ class Session:
                 c.open(self._addr, now)
             except OSError as e:
                 c.reason = "connect failed %d" % _errno(e)
+                self._later(now)
+                return
+            except ValueError as e:  # MQTTError: no CA file; mbedTLS: a CA it cannot parse
+                c.reason = "tls " + str(e).strip()
                 self._later(now)
                 return
         was = c.state
@@ -574,7 +619,12 @@ class Transport:
         self._subs = [((base + s).encode(), 1) for s in ("res", "ack", "cfg")]
         self._blen = len(base)
         will = (self.t_status, proto.encode("status", {proto.K_ID: ident.id, proto.K_ONLINE: False}), 1, True)
-        self.c = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms)
+        tls = getattr(ident, "mqtt_tls", False)
+        self.c = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms,
+                        ca=ident.ca_path if tls else None)
+        if not tls:
+            log.w("mqtt", "INSECURE plain mode: no TLS to %s:%d, password in clear (factory bench only)"
+                  % ident.mqtt)
         self.c.poller = poller
         self.c.on_msg = self._msg
         self.s = Session(self.c, ident.mqtt[0], ident.mqtt[1], self._up)

@@ -15,6 +15,10 @@ Cached resolutions are answered by the fast path (``gateway/frontends/coap_fast.
 and hands every other datagram to aiocoap; :meth:`CoapFrontEnd.resolve` tells it (``learn``) each answer it may
 serve from then on. ``fast_path=False`` serves everything through aiocoap's own udp6 transport.
 
+Rate limits (``limiter``, gateway/ratelimit.py): per source IP for every request, and per device for
+``/d/<id>/…`` (or the OSCORE-authenticated device); over the limit the answer is 4.29 with ``Max-Age`` = whole
+seconds until a token is there, counted in ``ida_ratelimited_total{frontend="coap"}``.
+
 Routing uses aiocoap's ``Site``: the two resources under ``/r`` and ``/d`` are ``PathCapable`` and receive the
 rest of the path as ``uri_path``.
 """
@@ -38,6 +42,7 @@ from gateway import identifier, wire
 from gateway.frontends.common import DeviceRegistry, InFlight, failure, json_etag, parse_filters
 from gateway.logfmt import kv
 from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from gateway.resolution import Answer, Resolving, etag_of
 
 if TYPE_CHECKING:
@@ -94,6 +99,7 @@ class CoapFrontEnd:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
         fast_path: bool = True,
     ) -> None:
         self._bind = (host, port)
@@ -101,6 +107,7 @@ class CoapFrontEnd:
         self.registry = registry
         self.metrics = metrics
         self.clock = clock
+        self.limiter = limiter
         self._ctx: aiocoap.Context | None = None
         self._inflight = InFlight()
         self._closing = False
@@ -161,9 +168,22 @@ class CoapFrontEnd:
     def _fail(self, code: int, msg: str, **kw: Any) -> aiocoap.Message:
         return self._finish(code, error_message(code, msg, **kw))
 
+    def _limited(self, request: aiocoap.Message, device: str | None) -> aiocoap.Message | None:
+        """4.29 (Max-Age = seconds until allowed) when a rate limit refuses the request, else None."""
+        if self.limiter is None:
+            return None
+        verdict = self.limiter.check(device=_authenticated(request) or device, source=_source(request))
+        if not verdict.limited:
+            return None
+        self.metrics.count_ratelimited("coap", verdict.limit or "device")
+        wait = retry_after(verdict.wait)
+        return self._fail(wire.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait)
+
     async def resolve(self, request: aiocoap.Message) -> aiocoap.Message:
         if self._closing:
             return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+        if (limited := self._limited(request, None)) is not None:
+            return limited
         with self._inflight:
             accept = request.opt.accept
             if accept is not None and accept not in (CF_CBOR, CF_JSON):
@@ -214,6 +234,8 @@ class CoapFrontEnd:
         """POST .../rpt, GET .../cfg, POST .../cfg (the path is what follows /d/)."""
         if self._closing:
             return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+        if (limited := self._limited(request, _path_device(request.opt.uri_path))) is not None:
+            return limited
         with self._inflight:
             path = request.opt.uri_path
             leaf = path[-1] if path else ""
@@ -331,6 +353,32 @@ def _query(request: aiocoap.Message) -> tuple[tuple[str, ...], tuple[int, ...]]:
         elif key == "index":
             indexes.append(value)
     return parse_filters(types, indexes)
+
+
+def _path_device(path: tuple[str, ...]) -> str | None:
+    """The device a ``/d/<id>/<leaf>`` path names (normalised), None when it names none."""
+    if len(path) < 2:
+        return None
+    try:
+        return identifier.normalise("/".join(path[:-1]))
+    except identifier.IdentifierError:
+        return None
+
+
+def _authenticated(request: aiocoap.Message) -> str | None:
+    """The device an OSCORE-protected request was verified as (gateway/frontends/coap_security.py)."""
+    try:
+        claims = list(request.remote.authenticated_claims)
+    except Exception:
+        return None
+    return claims[0] if claims and isinstance(claims[0], str) else None
+
+
+def _source(request: aiocoap.Message) -> str | None:
+    """The requester's IP address (under OSCORE, that of the UDP datagram carrying it)."""
+    remote = getattr(request.remote, "underlying_address", None) or request.remote
+    sockaddr = getattr(remote, "sockaddr", None)
+    return source_of_sockaddr(sockaddr[0]) if sockaddr else None
 
 
 def _peer(request: aiocoap.Message) -> str | None:

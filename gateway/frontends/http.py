@@ -11,6 +11,9 @@ Handle.Net REST status codes (HANDLE.NET proxy REST API): responseCode 1 -> 200,
 200 values not found -> 200, 102 invalid handle -> 400, 2 error -> 500. A gateway adds 503 / 504 (responseCode 2
 with a message) when no upstream answered. Found and not-found answers carry ``Cache-Control: max-age`` (the
 remaining lifetime) and found ones an ``ETag``; ``If-None-Match`` gets 304.
+
+Rate limit (``limiter``, per source IP, ``/api/…`` only: health checks and scrapes are never refused): 429 with
+``Retry-After`` (whole seconds), counted in ``ida_ratelimited_total{frontend="http"}``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from gateway.frontends.common import HTTP_STATUS, DeviceRegistry, failure, json_
 from gateway.identifier import IdentifierError
 from gateway.logfmt import kv
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from gateway.records import RC_ERROR, rest_error
 from gateway.resolution import Resolving, etag_of
 
@@ -56,7 +60,9 @@ class HttpFrontEnd:
         health: Health | None = None,
         clock: Callable[[], float] = time.time,
         shutdown_timeout: float = 5.0,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self.limiter = limiter
         self._bind = (host, port)
         self.resolver = resolver
         self.registry = registry
@@ -69,7 +75,7 @@ class HttpFrontEnd:
         self.address: tuple[str, int] | None = None
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[self._rate_limit])
         app.router.add_get("/api/handles/{handle:.*}", self.get_handle)
         app.router.add_get("/api/devices", self.list_devices)
         app.router.add_route("PUT", "/api/devices/{id:.*}/config", self.set_config)
@@ -79,6 +85,18 @@ class HttpFrontEnd:
         app.router.add_get("/metrics", self.get_metrics)
         status.add_routes(app, self.resolver, self.registry, health=self.health)  # GET /, /status, /api/status
         return app
+
+    @web.middleware
+    async def _rate_limit(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.limiter is not None and request.path.startswith("/api/"):
+            verdict = self.limiter.check(source=source_of_sockaddr(request.remote))
+            if verdict.limited:
+                self.metrics.count_ratelimited("http", verdict.limit or "source")
+                wait = retry_after(verdict.wait)
+                return self._json(wire.RATE_LIMITED, {"responseCode": RC_ERROR, "message": f"rate limited; retry in {wait} s"},
+                                  headers={"Retry-After": str(wait)})  # fmt: skip
+        result: web.StreamResponse = await handler(request)
+        return result
 
     async def start(self) -> tuple[str, int]:
         self._runner = web.AppRunner(self.application(), shutdown_timeout=self._shutdown_timeout, access_log=None)

@@ -19,6 +19,13 @@ can be read from it, else dropped with a log line.
 
 Replies go to the topic key the request came in on (not one recomputed from the identifier), so a device
 always hears back on the subtree it subscribed to.
+
+Identity: with the broker configuration of ``ida broker config`` (docs/security-mqtt.md) a device can publish
+only under its own topic key (its username), so the topic key *is* the authenticated device. A report, config
+ack or status whose payload ``id`` names another device is refused (report: ack code 403; config ack: counted
+403 and ignored; status: dropped). Rate limit (``limiter``, per topic key): requests, reports and config acks
+over the limit are dropped unanswered and counted (``ida_ratelimited_total{frontend="mqtt"}``); the device's
+own retry timers bring them back later.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from typing import Any, Protocol
 from gateway import identifier, wire
 from gateway.frontends.common import InFlight, failure
 from gateway.logfmt import kv
-from gateway.mqttlink import MqttError, MqttLink, default_client_id
+from gateway.mqttlink import MqttAuth, MqttError, MqttLink, default_client_id
+from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Answer, Resolving
 
@@ -98,8 +106,11 @@ class MqttFrontEnd:
         reconnect_max: int = 30,
         ready_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        auth: MqttAuth | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.url = url
+        self.limiter = limiter
         self.resolver = resolver
         self.registry = registry
         self.metrics = metrics
@@ -116,13 +127,15 @@ class MqttFrontEnd:
             on_connect=self._on_connect,
             on_message=self._on_message,
             name="devices",
+            auth=auth,
         )
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = InFlight()
         self._closing = False
         self._started = False
-        self.counters: dict[str, int] = {"req": 0, "rpt": 0, "cfgack": 0, "status": 0, "dropped": 0}
+        self.counters: dict[str, int] = {"req": 0, "rpt": 0, "cfgack": 0, "status": 0, "dropped": 0,
+                                         "ratelimited": 0}  # fmt: skip
 
     @property
     def client_id(self) -> str:
@@ -228,6 +241,9 @@ class MqttFrontEnd:
             self._drop(topic, "unexpected topic")
             return
         key, leaf = parts[3], parts[4]
+        if leaf in LEAVES_SHARED and self.limiter is not None and self.limiter.check(device=key).limited:
+            self._ratelimited(key, leaf)
+            return
         try:
             if leaf == "req":
                 self._request(key, payload)
@@ -244,6 +260,18 @@ class MqttFrontEnd:
         except Exception:  # a bug must not stop the front end: log it and go on with the next message
             log.exception("mqtt message handling failed %s", kv(topic=topic, bytes=len(payload)))
             self._count(wire.INTERNAL)
+
+    def _ratelimited(self, key: str, leaf: str) -> None:
+        # Dropped unanswered (an answer would spend the broker bandwidth the limit protects); debug only, so a
+        # flood does not become a flood of log lines.
+        self.counters["ratelimited"] += 1
+        count = getattr(self.metrics, "count_ratelimited", None)
+        if count is not None:
+            try:
+                count(FRONTEND, "device")
+            except Exception:
+                log.exception("metrics.count_ratelimited failed")
+        log.debug("mqtt rate limited %s", kv(key=key, leaf=leaf))
 
     def _drop(self, topic: str, why: str) -> None:
         self.counters["dropped"] += 1

@@ -12,6 +12,7 @@ in MicroPython before 1.23 refuses).
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import struct
 from collections.abc import Mapping
@@ -22,6 +23,10 @@ from littlefs import LittleFS, LittleFSError, UserContext
 from tools.boards import Board, Region
 
 from .errors import BuildError
+
+# littlefs-python logs every block it reads and writes, data included, at DEBUG: the identity file (device key,
+# Wi-Fi passphrase) would be in any debug log of a flashing station. Its logger stays at INFO and above.
+logging.getLogger("littlefs").setLevel(logging.INFO)
 
 LFS_DISK_VERSION_2_0 = 0x00020000
 ERASED = 0xFF
