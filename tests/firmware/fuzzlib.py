@@ -134,3 +134,63 @@ def key():
     if k == 8:
         return pick(TEXTS[:4])
     return pick(INTS)
+
+
+def _typed(t):
+    """A valid value for a type letter of carrier.proto._TYPES."""
+    if t == "b":
+        return rbytes(1 + below(8))
+    if t == "s":
+        return pick(TEXTS)
+    if t == "u":
+        return pick(INTS[:18])
+    if t == "i":
+        return pick(INTS)
+    if t == "B":
+        return chance(2)
+    if t == "I":
+        return pick((10, 60, 86400))
+    if t == "R":
+        return below(4)
+    if t == "V":
+        return [[pick(INTS[:18]), pick(TEXTS), pick((pick(TEXTS), rbytes(below(6)))), pick(INTS[:18])]
+                for _ in range(below(3))]
+    if t == "S":
+        return [pick(TEXTS) for _ in range(below(3))]
+    if t == "U":
+        return [pick(INTS[:18]) for _ in range(below(3))]
+    if t == "M":
+        return {pick(TEXTS[:4]): pick((1, -1, 1.5, "x", True)) for _ in range(below(3))}
+    if t == "T":
+        return {pick(TEXTS[:4]): pick(TEXTS) for _ in range(below(3))}
+    return None
+
+
+def message(name):
+    """A protocol message `name` as an int-keyed map: mostly valid, then 0-3 perturbations (a key dropped,
+    a value of another type, a key replaced by an equal float or bool, an unknown key added)."""
+    from carrier import proto
+    req, opt = proto.MESSAGES[name]
+    m = {}
+    for k in req:
+        m[k] = _typed(proto._TYPES[k])
+    for k in opt:
+        if chance(2):
+            m[k] = _typed(proto._TYPES[k])
+    for _ in range(below(4)):
+        keys = list(m)
+        op = below(5)
+        if op == 0 and keys:
+            del m[pick(keys)]
+        elif op == 1 and keys:
+            m[pick(keys)] = value(1)
+        elif op == 2 and keys:
+            k = pick(keys)
+            v = m.pop(k)
+            m[float(k) if type(k) is int and chance(2) else k] = v
+        elif op == 3:
+            m[key()] = value(1)
+        elif op == 4 and keys:
+            k = pick(keys)
+            m[k] = _typed(pick("bsuiBIRVSUMT"))
+    return m

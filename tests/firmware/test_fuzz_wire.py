@@ -36,9 +36,12 @@ def _inputs(n):
         elif k == 1:
             yield F.mutate(F.pick(CORPUS), CORPUS)
         else:
-            m = {}
-            for _ in range(F.below(8)):
-                m[F.key()] = F.value(1)
+            if r % 2:
+                m = F.message(F.pick(NAMES))
+            else:
+                m = {}
+                for _ in range(F.below(8)):
+                    m[F.key()] = F.value(1)
             try:
                 yield cbor.dumps(m)
             except cbor.CBORError:
