@@ -175,6 +175,10 @@ class Queue:
 
     def flush(self):
         """Write the buffered records to flash (one append)."""
+        if self._compact:  # an ack drained the queue and left no ACK record: rewrite now, or a reboot resends it
+            self._compact = False
+            self.compact()
+            return
         if not self._blen:
             return
         if self._size + self._blen > self.max_file or self._size == 0:
