@@ -116,6 +116,9 @@ class App:
         if i.transport == "mqtt":
             from carrier import mqtt
             return mqtt.Transport(i, self.poller)
+        if i.secure:  # OSCORE-protected CoAP (docs/security.md)
+            from carrier import oscore
+            return oscore.Client(i, self.poller, store=self.h)
         from carrier import coap
         return coap.Client(i, self.poller)
 
