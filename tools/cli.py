@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
     ("bench", "tools.bench.cli", "benchmarks against anchors measured in the same run"),
     ("broker", "tools.broker_config", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
+    ("console", "tools.console.cli", "technician's serial console"),
     ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
 ]
 
