@@ -22,6 +22,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("broker", "tools.broker_config", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
     ("console", "tools.console.cli", "technician's serial console"),
     ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
+    ("demo", "tools.demo", "run the whole system locally with narration (make demo)"),
 ]
 
 
