@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from gateway import wire
 from gateway.cache import Cache
+from gateway.errors import AllUpstreamsFailed, UpstreamError
 from gateway.frontends import coap_fast
 from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.coap_fast import FastPath, classify
@@ -128,7 +129,7 @@ class Env:
 
     def counts(self) -> tuple[int, int, int, int]:
         f = self.fast
-        return f.answered, f.valid, f.replayed, f.slow
+        return f.answered, f.valid, f.replayed, f.slow + f.misses  # the last: not answered from the table
 
 
 async def _env(tmp_path: Any, resolver: Any, clock: Clock, **kw: Any) -> AsyncIterator[Env]:
@@ -303,7 +304,7 @@ async def test_other_options_go_to_the_slow_path(
     await env.raw.ask(request(1, b"w"))
     r = await env.raw.ask(request(2, b"o", extra=extra))
     assert (code is None or r.code == code) and r.token == b"o"
-    assert env.fast.answered == 0 and env.fast.slow == 2
+    assert env.fast.answered == 0 and env.fast.misses + env.fast.slow == 2
 
 
 async def test_requests_that_are_not_cached_resolutions(env: Env) -> None:
@@ -363,6 +364,76 @@ async def test_source_rate_limit_applies_to_fast_answers(env: Env) -> None:
     assert env.fast.answered == 3
 
 
+# -- the miss path ----------------------------------------------------------------------------------------
+async def test_miss_path_answers_as_aiocoap_does(tmp_path: Any) -> None:
+    """A miss skips aiocoap's routing: byte for byte the answer aiocoap's own path gives (same MID, token)."""
+    clock = Clock()
+    cases = [
+        request(0x6001, b"a1"),
+        request(0x6002, b"a2", extra=[(OPT_URI_QUERY, b"type=EMAIL"), (OPT_URI_QUERY, b"index=3")]),
+        request(0x6003, b"a3", extra=[(OPT_ACCEPT, uint_value(50))]),
+        request(0x6004, b"a4", extra=[(OPT_ACCEPT, uint_value(40))]),
+        request(0x6005, b"a5", extra=[(OPT_ETAG, etag_of(sample_records()[PUMP], wire.OK))]),
+        request(0x6006, b"a6", ident="88.123.99/NOPE"),
+        request(0x6007, b"a7", ident="88.1/DOWN"),
+        request(0x6008, b"a8", extra=[(OPT_URI_QUERY, b"index=x")]),
+        request(0x6009, b"a9", ident=BIG),  # block 0 of a block-wise answer
+        request(0x600A, b"aa", mtype=NON),
+        encode_message(CON, GET, 0x600B, b"ab", [(OPT_URI_PATH, b"r"), (OPT_URI_PATH, b"88.123.99")]),
+    ]
+    answers: dict[bool, list[bytes]] = {}
+    for fast_path in (True, False):
+        registry = Registry(tmp_path / f"registry-{fast_path}.sqlite3")
+        resolver = FakeResolver(clock=clock)
+        resolver.errors["88.1/DOWN"] = AllUpstreamsFailed({"hdl://10.0.0.1:2641": UpstreamError("refused")})
+        fe = CoapFrontEnd("127.0.0.1", 0, resolver, registry, Metrics(), clock=clock, fast_path=fast_path)
+        _h, port = await fe.start()
+        raw = RawClient(port)
+        try:
+            got = []
+            for data in cases:
+                if fe.fast is not None:
+                    fe.fast.table.clear()  # every one a miss
+                r = await raw.ask(data)
+                got.append(r.raw if r.mtype != NON else r.raw[:2] + r.raw[4:])  # a NON's Message ID is ours
+            answers[fast_path] = got
+            if fe.fast is not None:
+                assert fe.fast.misses == len(cases) and fe.fast.slow == 0
+        finally:
+            raw.close()
+            await fe.stop()
+            registry.close()
+    for data, fast, slow in zip(cases, answers[True], answers[False], strict=True):
+        assert fast == slow, data
+
+
+async def test_slow_miss_gets_an_empty_ack_then_a_separate_response(env: Env) -> None:
+    gate = env.resolver.gates.setdefault(PUMP, asyncio.Event())
+    await env.raw.send(request(0x7001, b"slow"))
+    ack = await env.raw.recv()
+    assert (ack.mtype, ack.code, ack.mid, ack.token) == (ACK, 0, 0x7001, b"")  # after EMPTY_ACK_DELAY
+    again = await env.raw.ask(request(0x7001, b"slow"))  # a duplicate gets the same empty ACK
+    assert again.raw == ack.raw
+    gate.set()
+    sep = await env.raw.recv()
+    assert (sep.mtype, sep.code, sep.token) == (CON, 0x45, b"slow")
+    await env.raw.send(encode_message(ACK, 0, sep.mid, b""))  # acknowledged: no retransmission
+    assert await env.raw.nothing(0.5)
+    assert env.fast.misses == 1 and len(env.resolver.calls) == 1
+    assert env.metrics.value("ida_requests_total", {"frontend": "coap", "code": "1"}) == 1
+
+
+async def test_duplicate_of_a_miss_in_flight_is_not_resolved_twice(env: Env) -> None:
+    gate = env.resolver.gates.setdefault(PUMP, asyncio.Event())
+    await env.raw.send(request(0x7101, b"d", mtype=NON))
+    await env.raw.send(request(0x7101, b"d", mtype=NON))
+    await asyncio.sleep(0.05)
+    gate.set()
+    first = await env.raw.recv()
+    assert first.code == 0x45 and await env.raw.nothing(0.3)
+    assert len(env.resolver.calls) == 1
+
+
 # -- the real resolver: cache hits, prefetch, refresh, zone ------------------------------------------------
 async def test_with_the_resolver_cache(renv: Env) -> None:
     resolver: Resolver = renv.resolver
@@ -389,9 +460,9 @@ async def test_prefetch_window_hands_one_request_to_the_resolver(renv: Env) -> N
     assert entry is not None
     life = entry.expires_at - entry.stored_at
     renv.clock.advance(life * 0.95)  # in the last 10 %
-    slow_before = renv.fast.slow
+    slow_before = renv.fast.misses
     r1 = await renv.raw.ask(request(2, b"b"))
-    assert r1.code == 0x45 and renv.fast.slow == slow_before + 1  # handed to the resolver once
+    assert r1.code == 0x45 and renv.fast.misses == slow_before + 1  # handed to the resolver once
     assert resolver.cache.stats.prefetches == 1
     for _ in range(50):  # the background refresh replaces the cache entry
         if resolver.cache.peek(entry.key) is not entry:

@@ -116,7 +116,8 @@ class CoapFrontEnd:
         self.site.add_resource(
             (".well-known", "core"), resource.WKCResource(self.site.get_resources_as_linkheader, impl_info=None)
         )
-        self.site.add_resource(("r",), _ResolveResource(self))
+        self._resolve_resource = _ResolveResource(self)
+        self.site.add_resource(("r",), self._resolve_resource)
         self.devices = _DeviceResource(self)
         self.site.add_resource(("d",), self.devices)
         self._plain_site = self.site  # a wrapper (OSCORE) put in its place turns the fast path's learning off
@@ -138,7 +139,7 @@ class CoapFrontEnd:
             from gateway.frontends.coap_fast import FastPath
 
             self.fast = FastPath(self.resolver, clock=self.clock, limiter=lambda: getattr(self, "limiter", None),
-                                 learning=self.site is self._plain_site)  # fmt: skip
+                                 learning=self.site is self._plain_site, miss=self.render_resolve)  # fmt: skip
             self._ctx = await self.fast.start(self.site, *self._bind)
             self.metrics.add_collector(self.fast.samples, add=True)
             self.address = self.fast.address
@@ -202,8 +203,14 @@ class CoapFrontEnd:
                 return self._fail(code, msg)
             response = self._answer(request, answer, accept == CF_JSON)
             if self.fast is not None:
-                self.fast.learn(request, answer, types, indexes, accept == CF_JSON)
+                self.fast.learn(request, answer, types, indexes, accept == CF_JSON, response)
             return response
+
+    async def render_resolve(self, request: aiocoap.Message) -> aiocoap.Message:
+        """``GET /r/...`` rendered as the ``/r`` resource renders it, block-wise (RFC 7959) included, for a request
+        that did not come through aiocoap's routing (the fast path's misses; ``uri_path`` is what follows ``r``)."""
+        res = self._resolve_resource
+        return await res._block2.extract_or_insert(request, lambda: res.render(request))
 
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()

@@ -66,7 +66,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiocoap
@@ -78,6 +78,7 @@ from aiocoap.tokenmanager import TokenManager
 from aiocoap.util import hostportjoin
 
 from gateway import wire
+from gateway.cache import cache_key
 from gateway.frontends.common import json_etag
 from gateway.metrics import Sample
 from gateway.records import TTL_ABSOLUTE
@@ -233,7 +234,7 @@ class _Entry:
     __slots__ = ("key", "answer", "as_json", "etag", "expires", "refresh_at", "refreshing", "ref", "cache_key",
                  "dynamic", "age", "until", "tail", "vtail", "_etag_opt", "_cf_opt", "_payload")  # fmt: skip
 
-    def __init__(self, key: bytes, answer: Answer, as_json: bool, etag: bytes, payload: bytes, refresh_at: float,
+    def __init__(self, key: bytes, answer: Answer, as_json: bool, etag: bytes, payload: bytes | None, refresh_at: float,
                  ref: Any, cache_key: Any, dynamic: bool) -> None:  # fmt: skip
         self.key = key
         self.answer = answer
@@ -247,17 +248,20 @@ class _Entry:
         self.dynamic = dynamic  # value TTLs in the payload count down (absolute TTLs): re-render every second
         self._etag_opt = _option(OPT_ETAG, etag)
         self._cf_opt = _option(OPT_CONTENT_FORMAT - OPT_ETAG, _uint(CF_JSON if as_json else CF_CBOR))
-        self._payload = payload
+        self._payload = payload  # None: rendered on first use
         self.age = -1
         self.until = -math.inf
         self.tail = b""  # 2.05: options and payload after the token
         self.vtail = b""  # 2.03: options after the token
 
-    def render(self, now: float) -> None:
-        """Encode the tails for the Max-Age at ``now`` and compute until when they hold (``until``)."""
+    def render(self, now: float) -> bool:
+        """Encode the tails for the Max-Age at ``now`` and compute until when they hold (``until``); False when
+        the answer does not fit in one datagram after all."""
         age = int(self.expires - now)
-        if self.dynamic and now >= self.until:
-            self._payload = render_payload(self.answer, False, now)
+        if self._payload is None or (self.dynamic and now >= self.until):
+            self._payload = render_payload(self.answer, self.as_json, now)
+            if len(self._payload) > MAX_PAYLOAD:
+                return False
         if age != self.age or self.dynamic:
             self.age = age
             value = _uint(age)
@@ -270,6 +274,7 @@ class _Entry:
         if self.dynamic:
             until = min(until, math.floor(now) + 1.0)  # value TTLs change on whole seconds
         self.until = until
+        return True
 
 
 # -- aiocoap glue ------------------------------------------------------------------------------------------
@@ -364,15 +369,20 @@ class FastPath:
     ``resolver`` is the front end's (a :class:`gateway.resolver.Resolver`, possibly wrapped, enables the cache
     checks); ``clock`` the front end's wall clock; ``limiter`` returns the front end's rate limiter (read once
     per wake-up: the service sets it after start). ``learning`` false keeps the table empty (every request
-    goes to aiocoap, e.g. when OSCORE wraps the site)."""
+    goes to aiocoap, e.g. when OSCORE wraps the site). ``miss`` renders ``GET /r/...`` (the request's
+    ``uri_path`` = the identifier's segments) as the ``/r`` resource does: with it, misses skip aiocoap's
+    routing (the miss path)."""
 
     def __init__(self, resolver: Any, *, clock: Callable[[], float] = time.time,
                  limiter: Callable[[], Any] | None = None, learning: bool = True,
+                 miss: Callable[[aiocoap.Message], Awaitable[aiocoap.Message]] | None = None,
                  max_entries: int = MAX_ENTRIES, prefetch_fraction: float | None = None) -> None:  # fmt: skip
         self.resolver = resolver
         self.clock = clock
         self._limiter = limiter or (lambda: None)
         self.learning = learning
+        self._miss = miss if learning else None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.max_entries = max_entries
         self.serving = True
         self.table: dict[bytes, _Entry] = {}
@@ -399,6 +409,7 @@ class FastPath:
         self.valid = 0  # 2.03 from the table
         self.replayed = 0  # CON duplicates answered with the same bytes again
         self.slow = 0  # datagrams handed to aiocoap
+        self.misses = 0  # requests that took the miss path
         self.learned = 0  # entries stored
         self.dropped = 0  # answers the socket would not take
         self.unparsable = 0  # datagrams aiocoap could not decode either
@@ -426,6 +437,8 @@ class FastPath:
 
     def close(self) -> None:
         self.serving = False
+        for task in self._tasks:
+            task.cancel()
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
@@ -617,9 +630,68 @@ class FastPath:
                 self.send(out, addr, pktinfo)
                 return 2 if hit else 1
         if dk is not None:
-            self._seen[dk] = _SLOW
-        self._to_slow(data, addr, pktinfo, None if fast is None else fast[0])
+            self._seen[dk] = (
+                _SLOW  # a duplicate goes to aiocoap, which de-duplicates (the miss path registers it)
+            )
+        if fast is not None and serving and self._miss is not None:
+            self._start_miss(data, addr, pktinfo, fast[0])
+        else:
+            self._to_slow(data, addr, pktinfo, None if fast is None else fast[0])
         return 0
+
+    def _start_miss(self, data: bytes, addr: Any, pktinfo: bytes | None, key: bytes) -> None:
+        """The miss path: a GET the fast path could serve but has no fresh entry for goes straight to the ``/r``
+        resource (``miss``), without aiocoap's routing, pipes and copies; aiocoap's message layer still does
+        de-duplication, the piggybacked ACK (or an empty ACK after EMPTY_ACK_DELAY and a separate response)
+        and retransmission, exactly as for a request it routed itself."""
+        iface = self._iface
+        if iface is None or self._loop is None:
+            return
+        mman = iface.mman
+        self.misses += 1
+        remote = _Remote(addr, iface, pktinfo, key)
+        try:
+            request = aiocoap.Message.decode(data, remote)
+        except Exception:  # classify() accepted it, so this would be a decoder difference: let aiocoap judge
+            self._to_slow(data, addr, pktinfo)
+            return
+        request.direction = Direction.INCOMING
+        if mman._deduplicate_message(request):  # registers the exchange for aiocoap's duplicate handling
+            return
+        if request.mtype is aiocoap.CON:
+            # as MessageManager._process_request: an empty ACK if the answer takes longer than EMPTY_ACK_DELAY
+            handle = self._loop.call_later(request.transport_tuning.EMPTY_ACK_DELAY, self._empty_ack, request)
+            mman._piggyback_opportunities[(request.remote, request.token)] = (request.mid, handle)
+        request.opt.uri_path = request.opt.uri_path[1:]  # what aiocoap's Site hands the /r resource
+        task = self._loop.create_task(self._answer_miss(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _empty_ack(self, request: aiocoap.Message) -> None:
+        iface = self._iface
+        if iface is None:
+            return
+        opportunity = iface.mman._piggyback_opportunities.pop((request.remote, request.token), None)
+        if opportunity is not None:
+            iface.mman._send_empty_ack(request.remote, opportunity[0], "Response took too long to prepare")
+
+    async def _answer_miss(self, request: aiocoap.Message) -> None:
+        assert self._miss is not None
+        try:
+            response = await self._miss(request)
+        except Exception:
+            log.exception("coap: answering a resolution failed")
+            response = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
+        iface = self._iface
+        if iface is None:
+            return
+        response.token = request.token
+        response.remote = request.remote.as_response_address()
+        response.request = request
+        try:
+            iface.mman.send_message(response, _no_monitor)
+        except Exception:
+            log.exception("coap: sending a resolution answer failed")
 
     def _to_slow(self, data: bytes, addr: Any, pktinfo: bytes | None, fast_key: bytes | None = None) -> None:
         iface = self._iface
@@ -655,7 +727,9 @@ class FastPath:
         if not entry.refreshing and now >= entry.refresh_at:
             entry.refreshing = True
             return False  # once: the resolver sees this hit and starts its prefetch
-        entry.render(now)
+        if not entry.render(now):
+            self._forget(entry)
+            return False
         return True
 
     def _forget(self, entry: _Entry) -> None:
@@ -664,8 +738,12 @@ class FastPath:
 
     # -- learning ------------------------------------------------------------------------------------------
     def learn(self, request: aiocoap.Message, answer: Answer, types: tuple[str, ...], indexes: tuple[int, ...],
-              as_json: bool) -> bool:  # fmt: skip
-        """Remember the slow path's answer to ``request`` when the fast path may serve it from now on."""
+              as_json: bool, response: aiocoap.Message | None = None) -> bool:  # fmt: skip
+        """Remember the slow path's answer to ``request`` when the fast path may serve it from now on.
+
+        ``response`` is what the slow path answers: a 2.05's payload is taken over (with ``source`` = cache)
+        instead of being rendered again. The entry's options are encoded on its first hit, so a miss that is
+        never asked again costs little here."""
         key = getattr(request.remote, "fast_key", None)
         if key is None or not self.learning or answer.code != wire.OK or answer.record is None:
             return False
@@ -678,8 +756,6 @@ class FastPath:
         ckey: Any = None
         fraction = self.prefetch_fraction if self._prefetch else 0.0
         if self._cache is not None:
-            from gateway.cache import cache_key
-
             ckey = cache_key(answer.handle, types, indexes)
             ref = self._cache.peek(ckey)
             if ref is None or ref.expires_at != answer.expires_at:
@@ -697,12 +773,16 @@ class FastPath:
         etag = answer.etag or etag_of(answer.record, answer.code)
         if as_json:
             etag = json_etag(etag)
-        payload = render_payload(answer, as_json, now)
-        if len(payload) > MAX_PAYLOAD:
-            return False
         dynamic = not as_json and any(v.ttl_type == TTL_ABSOLUTE for v in answer.record.values)
+        payload: bytes | None = None
+        if response is not None and response.code == aiocoap.CONTENT and not dynamic:
+            payload = bytes(response.payload)
+            if len(payload) > MAX_PAYLOAD:
+                return False  # block-wise: aiocoap's
+            if not as_json:  # the CBOR map ends with key 23 (source): say "cache", as the resolver would now
+                source = bytes((0x17, answer.source))
+                payload = payload[:-1] + bytes((wire.SOURCE_CACHE,)) if payload.endswith(source) else None
         entry = _Entry(key, answer, as_json, etag, payload, refresh_at, ref, ckey, dynamic)
-        entry.render(now)
         if key not in self.table and len(self.table) >= self.max_entries:
             self.table.clear()  # rare (more hot keys than entries); the slow path refills what is asked
         self.table[key] = entry
@@ -717,8 +797,12 @@ class FastPath:
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self.table), "answered": self.answered, "valid": self.valid,
-                "replayed": self.replayed, "slow": self.slow, "learned": self.learned, "dropped": self.dropped,
-                "unparsable": self.unparsable}  # fmt: skip
+                "replayed": self.replayed, "slow": self.slow, "misses": self.misses, "learned": self.learned,
+                "dropped": self.dropped, "unparsable": self.unparsable}  # fmt: skip
+
+
+def _no_monitor() -> None:
+    """aiocoap's message-error callback for a separate CON answer the peer never acknowledged: nothing to stop."""
 
 
 def _anc(pktinfo: bytes) -> list[tuple[int, int, bytes]]:

@@ -166,13 +166,14 @@ class HandleClient:
             log.warning("handle.malformed node=%s handle=%s error=%s", self.node, _q(handle), _q(e))
             raise ProtocolError(f"{handle}: {e}", self.node) from None
         result = to_result(response, handle=handle, node=self.node)
-        log.debug(
-            "handle.answer node=%s handle=%s code=%d values=%d",
-            self.node,
-            _q(handle),
-            result.code,
-            len(result.values),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # _q() costs a pass over the handle: not for every request
+            log.debug(
+                "handle.answer node=%s handle=%s code=%d values=%d",
+                self.node,
+                _q(handle),
+                result.code,
+                len(result.values),
+            )
         return result
 
     async def close(self) -> None:
@@ -270,13 +271,14 @@ class HandleClient:
             while True:
                 udp.sendto(request)
                 sends += 1
-                log.debug(
-                    "handle.send node=%s id=%08x handle=%s transport=udp attempt=%d",
-                    self.node,
-                    rid,
-                    _q(handle),
-                    sends,
-                )
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "handle.send node=%s id=%08x handle=%s transport=udp attempt=%d",
+                        self.node,
+                        rid,
+                        _q(handle),
+                        sends,
+                    )
                 left = deadline - loop.time()
                 wait = min(self.backoff * 2 ** (sends - 1), left) if sends <= self.retries else left
                 done, _ = await asyncio.wait({pending.future}, timeout=max(wait, 0.0))

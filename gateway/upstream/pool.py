@@ -40,6 +40,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamRefused, UpstreamTimeout
@@ -288,6 +289,8 @@ class UpstreamPool:
             last = {n.name: n.last_error or UpstreamError("node is in cooldown", n.name) for n in self._nodes}
             log.info("upstream.all_sick handle=%s nodes=%d", handle, len(self._nodes))
             raise AllUpstreamsFailed(last)
+        if len(queue) == 1:  # nothing to fail over or hedge to: ask it in this task (no task, no wait)
+            return await self._only(queue[0], handle, tuple(types), tuple(indexes), deadline)
         errors: dict[str, UpstreamError] = {}
         pending: dict[asyncio.Task[PoolAnswer], _Node] = {}
         hedge_at: float | None = None
@@ -334,6 +337,22 @@ class UpstreamPool:
         finally:
             for task in pending:
                 task.cancel()
+        self._all_failed(handle, errors)
+
+    async def _only(self, node: _Node, handle: str, types: tuple[str, ...], indexes: tuple[int, ...],
+                    deadline: float) -> PoolAnswer:  # fmt: skip
+        """:meth:`resolve` when ``node`` is the only one eligible: the same outcome, two event-loop turns less."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._attempt(node, handle, types, indexes)
+        except TimeoutError:  # the overall timeout (an attempt's own timeout comes back as UpstreamTimeout)
+            log.info("upstream.timeout handle=%s timeout=%g waiting=%s", handle, self.timeout, node.name)
+            raise UpstreamTimeout(f"{handle}: no upstream answered within {self.timeout:g}s "
+                                  f"(waiting for {node.name})") from None  # fmt: skip
+        except UpstreamError as e:
+            self._all_failed(handle, {node.name: e})
+
+    def _all_failed(self, handle: str, errors: dict[str, UpstreamError]) -> NoReturn:
         for n in self._nodes:  # nodes skipped while cooling down: their last error explains why
             if n.name not in errors and n.last_error is not None:
                 errors[n.name] = n.last_error
