@@ -332,16 +332,23 @@ class Cache:
         self.stats.prefetches += 1
 
     # -- updates -------------------------------------------------------------------------------------
-    def put(self, key: CacheKey, code: int, record: Record | None) -> CacheEntry | None:
+    def put(self, key: CacheKey, code: int, record: Record | None, *, stored_at: float | None = None,
+            expires_at: float | None = None) -> CacheEntry | None:
         """Store an answer; returns its entry, or None when it alone exceeds ``max_bytes``.
 
-        Raises ValueError for a code that is not an answer (errors are never cached).
+        ``stored_at`` and ``expires_at`` (both or neither) keep times decided elsewhere -- an answer taken from
+        the shared tier (gateway/shared_cache.py) keeps the expiry the first gateway computed, even when that
+        is already past (kept for serve-stale). Raises ValueError for a code that is not an answer (errors
+        are never cached).
         """
         if code not in ANSWER_CODES:
             raise ValueError(f"only answers are cached (codes {ANSWER_CODES}), not code {code}")
         now = self._clock()
         rec = record if code == wire.OK else None
-        life = self.lifetime(code, rec, now)
+        if stored_at is not None and expires_at is not None:
+            now, life = stored_at, max(0.0, expires_at - stored_at)
+        else:
+            life = self.lifetime(code, rec, now)
         blob = encode_record(code, key[0], rec)
         kblob = _key_blob(key)
         size = len(blob) + len(kblob) + ENTRY_OVERHEAD

@@ -123,6 +123,27 @@ def _check_url(v: str, schemes: tuple[str, ...]) -> str:
     return v
 
 
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
+def _redis_url(v: Any) -> str:
+    expected = "expected a URL redis://host:port/db, rediss://, unix:///path or redis+cluster://host:port (empty = off)"
+    if not isinstance(v, str):
+        raise _Bad(expected)
+    if v == "":
+        return v
+    try:
+        parts = urlsplit(v)
+        _ = parts.port
+    except ValueError:
+        raise _Bad(expected) from None
+    if parts.password is not None:
+        raise _Bad("no password in the URL (URLs are logged); use [cache] redis_password_file")
+    if (parts.scheme in REDIS_SCHEMES and parts.hostname) or (parts.scheme == "unix" and parts.path):
+        return v
+    raise _Bad(expected)
+
+
 def _upstream_urls(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise _Bad("expected a list of URL strings")
@@ -201,6 +222,11 @@ class CacheConfig:
     prefetch_fraction: float = _opt(0.1, _fraction, "refresh entries hit in this last part of their lifetime; 0 = never")
     persist: bool = _opt(True, _bool, "keep the cache in <data dir>/cache.sqlite3 so a restart starts warm")
     flush_interval: float = _opt(0.5, _positive_seconds, "how often cache changes are written to SQLite (s)")
+    redis_url: str = _opt("", _redis_url, "shared cache tier under the local cache (redis://host:6379/0, rediss://, "
+                          "unix:///path, redis+cluster://seed:port); empty = local cache only")
+    redis_password_file: str = _opt("", _text, "file whose first line is the Redis password; empty = none")
+    redis_lock_wait: float = _opt(1.0, _seconds, "longest wait for another gateway's upstream answer to the same key (s)")
+    redis_timeout: float = _opt(0.25, _positive_seconds, "one Redis call; slower or failing = local-only for a while (s)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import identifier, wire
 from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
@@ -36,6 +36,9 @@ from gateway.records import Record
 from gateway.resolution import Answer, etag_of
 from gateway.upstream.pool import NodeStats, UpstreamPool
 from gateway.zone import Zone
+
+if TYPE_CHECKING:
+    from gateway.shared_cache import SharedTier
 
 __all__ = ["Resolver", "ResolverConfig", "ResolverStats", "DEFAULT_UPSTREAM", "CACHE_FILE", "ZONE_FILE",
            "default_upstreams"]
@@ -132,8 +135,10 @@ class Resolver:
         cache: Cache | None = None,
         zone: Zone | None = None,
         clock: Callable[[], float] = time.time,
+        shared: SharedTier | None = None,
     ) -> None:
         self.config = cfg = config or ResolverConfig()
+        self.shared = shared  # the Redis tier under the local cache (gateway/shared_cache.py); the caller closes it
         self._clock = clock
         self.pool = pool if pool is not None else UpstreamPool.from_urls(
             cfg.upstreams,
@@ -227,7 +232,12 @@ class Resolver:
 
     async def _fetch(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> Answer:
         name = key[0]
+        flight = None
         try:
+            if self.shared is not None:  # local miss: the shared tier may answer, or make us wait for another gateway
+                flight = await self.shared.begin(key, self.cache)
+                if flight.entry is not None:
+                    return self._answer(flight.entry, wire.SOURCE_CACHE)
             res = await self.pool.resolve(name, types, indexes)
             code = res.code
             record: Record | None = None
@@ -236,6 +246,8 @@ class Resolver:
                 if not record.values and (types or indexes):
                     code, record = wire.VALUES_NOT_FOUND, None
             entry = self.cache.put(key, code, record)
+            if flight is not None:
+                flight.publish(entry)
             if entry is not None:
                 log.debug("resolver.fetched handle=%s code=%d node=%s ttl=%.0f", name, code, res.node,
                           entry.lifetime)
@@ -244,6 +256,8 @@ class Resolver:
             return Answer(code, name, record, wire.SOURCE_UPSTREAM, now + self.cache.lifetime(code, record, now),
                           etag_of(record, code))
         finally:
+            if flight is not None:
+                flight.end()
             # Before any waiter wakes up: a caller arriving after this starts a new request.
             if self._inflight.get(key) is asyncio.current_task():
                 del self._inflight[key]

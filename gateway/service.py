@@ -37,6 +37,7 @@ from gateway.status import recording
 
 if TYPE_CHECKING:
     from gateway.frontends.mqtt import MqttFrontEnd
+    from gateway.shared_cache import RedisSharedCache
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,27 @@ def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
         data_dir=data_dir,
         zone_file=zone,
     )
+
+
+def shared_cache(cfg: GatewayConfig) -> RedisSharedCache | None:
+    """The Redis tier under the local cache ([cache] redis_url), or None (docs/reliability.md)."""
+    c = cfg.cache
+    if not c.redis_url:
+        return None
+    from gateway.shared_cache import RedisSharedCache  # redis stays out of a gateway that does not use it
+
+    password = None
+    if c.redis_password_file:
+        try:
+            password = Path(c.redis_password_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as e:
+            raise ConfigError(f"[cache] redis_password_file: cannot read a password from {c.redis_password_file!r}: "
+                              f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}") from None  # fmt: skip
+    try:
+        return RedisSharedCache(c.redis_url, max_stale=c.max_stale, lock_wait=c.redis_lock_wait,
+                                lock_ttl=cfg.upstream.timeout + 1.0, timeout=c.redis_timeout, password=password)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"[cache] redis_url: {e}") from None
 
 
 def rate_limiter(cfg: GatewayConfig) -> RateLimiter:
@@ -129,6 +151,7 @@ class Gateway:
         self._clock = clock
         self._given_resolver = resolver
         self._own_resolver: Resolver | None = None  # built here, so closed here
+        self.shared: RedisSharedCache | None = None  # [cache] redis_url: the shared tier of the resolver built here
         self.resolver: Resolving | None = None
         self.outbox: Outbox | None = None
         self.registry: Registry | None = None
@@ -165,8 +188,13 @@ class Gateway:
         resolver = self._given_resolver
         if resolver is None:
             rcfg = resolver_config(cfg)
+            self.shared = shared_cache(cfg)
+            if self.shared is not None:
+                up = await self.shared.ping()
+                log.info("shared cache %s %s", "at" if up else "not answering (local-only until it does) at",
+                         kv(redis=_redact(cfg.cache.redis_url)))  # fmt: skip
             try:
-                resolver = self._own_resolver = Resolver(rcfg, clock=self._clock)
+                resolver = self._own_resolver = Resolver(rcfg, clock=self._clock, shared=self.shared)
             except ValueError as e:  # settings the resolver refuses (e.g. a zone file that does not parse)
                 raise ConfigError(f"resolver: {e}") from None
             log.info("resolver ready %s", kv(upstreams=",".join(rcfg.upstreams), cache=rcfg.cache_path() or "memory"))
@@ -216,6 +244,8 @@ class Gateway:
             await _quietly("outbox", self.outbox.stop(STOP_TIMEOUT))
         if self._own_resolver is not None:
             await _quietly("resolver", self._own_resolver.close())
+        if self.shared is not None:
+            await _quietly("shared cache", self.shared.close())
         for name, closer in (("registry", self.registry), ("outbox", self.outbox)):
             if closer is not None:
                 try:
@@ -256,11 +286,15 @@ class Gateway:
             nodes = self.resolver.pool.stats()
             healthy = sum(1 for n in nodes.values() if n.healthy)
             out["upstream"] = "down" if nodes and not healthy else f"{healthy}/{len(nodes)} healthy"
+        if self.shared is not None:
+            out["shared_cache"] = "up" if self.shared.up else "down"
         return out
 
     def _add_collectors(self) -> None:
         if isinstance(self.resolver, Resolver):
             self.metrics.add_collector(_resolver_samples(self.resolver))
+        if self.shared is not None:
+            self.metrics.add_collector(_shared_samples(self.metrics, self.shared))
         registry = self.registry
         if registry is not None:
 
@@ -290,6 +324,40 @@ def _resolver_samples(resolver: Resolver) -> Callable[[], Iterable[Sample]]:
             yield "ida_upstream_latency_seconds", {"node": node}, HistogramSample(cumulative, n.latency.sum, n.latency.count)
 
     return collect
+
+
+def _shared_samples(metrics: Metrics, shared: RedisSharedCache) -> Callable[[], Iterable[Sample]]:
+    for name, kind, text, labels in SHARED_METRICS:
+        metrics.declare(name, kind, text, labels)
+
+    def collect() -> Iterable[Sample]:
+        s = shared.stats
+        for result, n in (("hit", s.hits), ("stale", s.stale), ("miss", s.misses), ("skipped", s.skipped)):
+            yield "ida_shared_cache_lookups_total", {"result": result}, n
+        yield "ida_shared_cache_locks_total", {}, s.locks
+        for result, n in (("hit", s.wait_hits), ("fallback", s.wait_fallbacks)):
+            yield "ida_shared_cache_waits_total", {"result": result}, n
+        yield "ida_shared_cache_writes_total", {}, s.writes
+        yield "ida_shared_cache_errors_total", {}, s.errors
+        yield "ida_shared_cache_up", {}, s.up
+
+    return collect
+
+
+SHARED_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("ida_shared_cache_lookups_total", "counter", "Local misses looked up in the shared tier, by result (hit, stale, miss, skipped while Redis is down).", ("result",)),
+    ("ida_shared_cache_locks_total", "counter", "Cross-gateway locks taken: upstream requests made for every gateway.", ()),
+    ("ida_shared_cache_waits_total", "counter", "Waits for another gateway's upstream answer, by result (hit, fallback to an own request).", ("result",)),
+    ("ida_shared_cache_writes_total", "counter", "Answers written to the shared tier.", ()),
+    ("ida_shared_cache_errors_total", "counter", "Redis calls that failed or timed out (each opens the local-only circuit).", ()),
+    ("ida_shared_cache_up", "gauge", "1 while Redis answers, 0 while resolving local-only.", ()),
+)  # fmt: skip
+
+
+def _redact(url: str) -> str:
+    from gateway.shared_cache import redact_url
+
+    return redact_url(url)
 
 
 async def _quietly(name: str, aw: Any) -> None:

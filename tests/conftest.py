@@ -28,3 +28,20 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
 def mqtt_url(mosquitto: Broker) -> str:
     """The URL (mqtt://127.0.0.1:<port>) of the ``mosquitto`` fixture's broker."""
     return mosquitto.url
+
+
+# -- Redis: a real redis-server per test (tests/faultkit.py; shared cache tier, fault tests) -------------
+from tests.faultkit import RedisServer, redis_binary  # noqa: E402
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server on a free loopback port (``.url``, ``.stop()``/``.start()``, ``.kill()``)."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (make setup installs it)")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
