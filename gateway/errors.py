@@ -51,3 +51,8 @@ class AllUpstreamsFailed(UpstreamError):
         detail = "; ".join(f"{n}: {e}" for n, e in errors.items()) or "no upstream configured"
         super().__init__(f"all upstreams failed ({detail})")
         self.errors = errors
+
+
+class StorageError(GatewayError):
+    """The gateway's SQLite could not be written (disk full, I/O error, file size limit): nothing was stored;
+    the front ends answer 5.00 / 500 with this message (the device keeps the report and sends it again)."""

@@ -21,16 +21,19 @@ Identifiers are stored normalised (``gateway.identifier.normalise``). Times are 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from gateway import wire
+from gateway.errors import StorageError
 from gateway.identifier import normalise
 from gateway.logfmt import kv
 from gateway.outbox import Outbox, connect, report_payload, transaction
@@ -75,6 +78,22 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE INDEX IF NOT EXISTS reports_by_device ON reports(device, id);
 """
+
+
+@contextlib.contextmanager
+def _storage(what: str, path: Path) -> Iterator[None]:
+    """Turn a failed SQLite write (disk full, I/O error, file size limit) into StorageError, logged once here.
+    SQLite rolls the transaction back; nothing is half-stored and the next write works once space is back."""
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as e:
+        name = getattr(e, "sqlite_errorname", "") or ""
+        full = name == "SQLITE_FULL" or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        if not (full or name.startswith("SQLITE_IOERR") or isinstance(e, OSError)):
+            raise  # locked, busy, a bug: not a storage fault
+        kind = "disk full" if full else "disk write failed"
+        log.error("%s: %s not stored %s", kind, what, kv(path=path, error=str(e)))
+        raise StorageError(f"{kind}: {what} not stored") from e
 
 
 def _uint(fields: Mapping[str, Any], name: str) -> int:
@@ -137,7 +156,8 @@ class Registry:
 
         A new report is stored and enqueued to the outbox in one transaction. Raises ValueError (incl.
         IdentifierError and wire.WireError) for a bad identifier or fields, or when ``fields['id']`` names
-        another device (front ends check that first and answer 403).
+        another device (front ends check that first and answer 403); StorageError when the disk is full (or
+        the write fails): nothing stored, the front end answers 5.00 and the device sends it again.
         """
         ident = normalise(identifier)
         if "id" in fields and normalise(str(fields["id"])) != ident:
@@ -147,7 +167,7 @@ class Registry:
         wire.encode("report", {**body, "id": ident})  # same checks as a decoded payload (WireError)
         now = self._clock()
         stored = {**body, "received": round(now, 3), "transport": transport}
-        with self._lock:
+        with self._lock, _storage("report", self.path):
             with transaction(self._conn) as c:
                 self._ensure_device(c, ident, now)
                 cur = c.execute(

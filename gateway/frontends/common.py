@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from gateway import wire
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import StorageError, UpstreamError, UpstreamTimeout
 from gateway.identifier import IdentifierError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def failure(exc: BaseException) -> tuple[int, str]:
     """The wire code and a message for an exception raised while answering a request.
 
     IdentifierError / WireError / ValueError -> 400, UpstreamTimeout -> 504, any other UpstreamError
-    (AllUpstreamsFailed) -> 503, anything else -> 500 (logged with its traceback: that is a bug).
+    (AllUpstreamsFailed) -> 503, StorageError (disk full) -> 500 with its message, anything else -> 500 (logged
+    with its traceback: that is a bug).
     """
     if isinstance(exc, IdentifierError):
         return wire.BAD_REQUEST, f"bad identifier: {exc}"
@@ -60,6 +61,8 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return wire.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
     if isinstance(exc, UpstreamError):
         return wire.UPSTREAM_UNAVAILABLE, str(exc) or "no upstream answered"
+    if isinstance(exc, StorageError):  # logged where it happened (registry), without a traceback
+        return wire.INTERNAL, str(exc)
     log.error("internal error answering a request", exc_info=exc)
     return wire.INTERNAL, "internal error"
 
