@@ -573,20 +573,20 @@ class Demo:
         except (OSError, ValueError, DemoError) as e:
             self.say(f"gateway status not available: {e}")
             return
+        # cache hits and misses from /metrics: they include the CoAP fast path's hits, which the status page's
+        # list of recent resolutions (resolutions by source) does not see
         reports = int(m.get("ida_reports_total", 0))
-        res = st.get("resolutions", {})
+        hits, misses = int(m.get("ida_cache_hits_total", 0)), int(m.get("ida_cache_misses_total", 0))
+        ratio = f" (hit ratio {100 * hits / (hits + misses):.0f} %)" if hits + misses else ""
         cache = st.get("cache", {})
-        hr = cache.get("hit_ratio")
-        ratio = f"cache hit ratio {hr * 100:.0f} %" if isinstance(hr, int | float) else "no cache lookups yet"
         ups = [u for u in st.get("upstream", []) if u.get("requests")]
         lat = ""
         if ups and ups[0].get("latency_mean_ms") is not None:
             lat = f", upstream {ups[0]['requests']} requests, {ups[0]['latency_mean_ms']:.1f} ms mean"
         depth = (st.get("outbox") or {}).get("depth")
         self.say(f"gateway{' (final)' if final else ''}: {reports} reports stored, {st.get('devices_online', 0)} of "
-                 f"{st.get('devices_total', 0)} devices online, {res.get('total', 0)} resolutions "
-                 f"({res.get('cache', 0)} from cache, {res.get('upstream', 0)} from upstream), {ratio}, "
-                 f"{cache.get('entries', 0)} cache entries{lat}"
+                 f"{st.get('devices_total', 0)} devices online, {hits + misses} cache lookups: {hits} hits, "
+                 f"{misses} misses{ratio}, {cache.get('entries', 0)} cache entries{lat}"
                  + (f", outbox {depth}" if depth is not None else ""))  # fmt: skip
 
     # ---- scripted actions
