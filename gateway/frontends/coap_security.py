@@ -429,6 +429,16 @@ class _Gate(_Resource):
             if path[:1] != (".well-known",):
                 self._sec.counts["plain"] += 1
         else:
+            try:
+                oscore.verify_start(request)
+            except (oscore.DecodeError, IndexError):
+                # Fuzz finding: aiocoap's site wrapper lets these out of a malformed OSCORE option (reserved
+                # bits, a kid context or Partial IV announced but missing): 5.00 and an ERROR traceback per
+                # datagram, on demand. RFC 8613 8.2: 4.02 Bad Option.
+                self._sec.metrics_count(wire.BAD_REQUEST)
+                bad = _error(Code.BAD_OPTION, wire.BAD_REQUEST, "malformed OSCORE option")
+                pipe.add_response(bad, is_last=True)
+                return
             self._sec.counts["protected"] += 1
         await self._inner.render_to_pipe(pipe)
 
