@@ -57,6 +57,7 @@ class App:
         self._reboot = False
         self._first = False    # own identifier resolved after the transport came up
         self._cfg_at = 0
+        self._cfg_acked = 0  # reporter acks seen by the config check
         self.up_ms = 0
         self._last = 0
         self._con_reg = False
@@ -196,6 +197,13 @@ class App:
                 t.resolve(i.id, self._first_resolved)
             if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
                 self._cfg_at = now
+            r = self.rep
+            if r is not None and r.acked != self._cfg_acked:
+                # CoAP: no observation when the last fetch found no desired config (a 4.04 ends it); fetch and
+                # observe again after each acknowledged report, so a config set later arrives within an interval
+                self._cfg_acked = r.acked
+                if t.name == "coap" and not t.observing():
+                    t.get_config()
             self._backoff = RETRY_MIN
         except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, ProtoError, CBORError
             self.errors += 1

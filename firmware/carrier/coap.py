@@ -349,6 +349,10 @@ class Client:
                 n += 1
         return n
 
+    def observing(self):
+        """True while the gateway has confirmed our observation of /cfg."""
+        return self._obs >= 0
+
     # -- requests
     def _slot(self):
         if self.sock is None:
