@@ -23,6 +23,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("console", "tools.console.cli", "technician's serial console"),
     ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
     ("demo", "tools.demo", "run the whole system locally with narration (make demo)"),
+    ("device", "tools.device_cmd", "run one simulated device (the real firmware under micropython) in the foreground"),
 ]
 
 
