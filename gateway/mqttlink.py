@@ -10,6 +10,7 @@ and wake paho's select loop).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -106,7 +107,9 @@ class MqttLink:
     ``loop_misc``): paho's reconnect with back-off (``reconnect_delay_set``), keepalive and the re-sending of
     unacknowledged QoS 1 messages all live in ``loop_forever``; integrating with asyncio would mean
     re-implementing the reconnect loop and doing a blocking ``connect()`` (DNS + TCP) on the event loop. The cost
-    is one thread per broker connection and one ``call_soon_threadsafe`` hop per message (microseconds).
+    is one thread per broker connection and one ``call_soon_threadsafe`` hop per burst of messages: messages queue
+    in a deque and the loop is woken only when it was empty, so under load one wake-up of the loop handles
+    every message paho read meanwhile.
 
     ``on_connect`` and ``on_message(topic, payload, retained)`` run on the asyncio loop.
     """
@@ -136,6 +139,8 @@ class MqttLink:
         self._pending_pub: dict[int, asyncio.Future[int]] = {}  # mid -> PUBACK reason code
         self._pending_sub: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._started = False
+        self._inbox: collections.deque[tuple[str, bytes, bool]] = collections.deque()  # paho thread -> loop
+        self._inbox_posted = False  # a drain of the inbox is scheduled on the loop
         self.connects = 0  # successful CONNACKs so far (a reconnect makes it > 1)
 
         c = paho.Client(
@@ -294,7 +299,10 @@ class MqttLink:
         self._post(self._disconnected_in_loop, str(reason_code))
 
     def _paho_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._post(self._message_in_loop, msg.topic, bytes(msg.payload), bool(msg.retain))
+        self._inbox.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+        if not self._inbox_posted:  # the loop clears the flag before it drains: no message is left behind
+            self._inbox_posted = True
+            self._post(self._drain_inbox)
 
     def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
                       properties: Any) -> None:  # fmt: skip
@@ -329,6 +337,16 @@ class MqttLink:
             log.warning(
                 "mqtt disconnected, reconnecting %s", kv(link=self.name, broker=self.address, reason=reason)
             )
+
+    def _drain_inbox(self) -> None:
+        self._inbox_posted = False
+        inbox = self._inbox
+        while inbox:
+            topic, payload, retained = inbox.popleft()
+            try:
+                self._message_in_loop(topic, payload, retained)
+            except Exception:  # one bad message must not hold back the ones queued behind it
+                log.exception("mqtt message handler failed %s", kv(link=self.name, topic=topic))
 
     def _message_in_loop(self, topic: str, payload: bytes, retained: bool) -> None:
         if self._on_message_cb is None or not self._started:

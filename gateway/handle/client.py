@@ -281,9 +281,14 @@ class HandleClient:
                     )
                 left = deadline - loop.time()
                 wait = min(self.backoff * 2 ** (sends - 1), left) if sends <= self.retries else left
-                done, _ = await asyncio.wait({pending.future}, timeout=max(wait, 0.0))
+                try:  # awaited directly (one event-loop turn less than asyncio.wait); a timeout cancels it
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        outcome = await pending.future  # raises ProtocolError / UpstreamError (closed)
+                    done = True
+                except TimeoutError:
+                    done = False
+                    pending.future = loop.create_future()  # for the next send's answer
                 if done:
-                    outcome = pending.future.result()  # raises ProtocolError / UpstreamError (closed)
                     if isinstance(outcome, _Truncated):
                         reason = "truncated"
                         break

@@ -343,6 +343,8 @@ class UpstreamPool:
                     deadline: float) -> PoolAnswer:  # fmt: skip
         """:meth:`resolve` when ``node`` is the only one eligible: the same outcome, two event-loop turns less."""
         try:
+            if asyncio.get_running_loop().time() + self.attempt_timeout <= deadline:
+                return await self._attempt(node, handle, types, indexes)  # its own timeout comes first: no 2nd timer
             async with asyncio.timeout_at(deadline):
                 return await self._attempt(node, handle, types, indexes)
         except TimeoutError:  # the overall timeout (an attempt's own timeout comes back as UpstreamTimeout)

@@ -110,10 +110,18 @@ class NodeProcess:
         self.stop()
 
 
+BENCH_CONFIG = """# ida bench: a few synthetic devices send thousands of requests per second; the per-device rate limit
+# ([limits] device_rate, 10/s by default) is for real devices and would drop nearly all of them.
+[limits]
+device_rate = 0
+"""
+
+
 class GatewayProcess:
     """``ida gateway`` with CoAP on a free port, HTTP on any port, MQTT off unless ``mqtt`` is given, the data
     dir under ``log_dir``, and ``upstream`` as its only node. ``start()`` returns once ``probe`` (an identifier)
-    resolves with 2.05 over CoAP -- which also puts it in the cache."""
+    resolves with 2.05 over CoAP -- which also puts it in the cache. Unless ``extra`` names a ``--config``,
+    the gateway runs with :data:`BENCH_CONFIG` (no per-device rate limit)."""
 
     def __init__(self, log_dir: Path, upstream: str, *, probe: str = SAMPLE_ID, mqtt: str = "",
                  name: str = "gateway", log_level: str = "warning", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -131,8 +139,13 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.port = free_port()
         data = self.log_dir / f"{self.name}-data"
+        config: tuple[str, ...] = ()
+        if "--config" not in self.extra and "-c" not in self.extra:
+            cfg_file = self.log_dir / f"{self.name}.toml"
+            cfg_file.write_text(BENCH_CONFIG)
+            config = ("--config", str(cfg_file))
         args = ["gateway", "--coap", f"{self.host}:{self.port}", "--http", f"{self.host}:0", "--mqtt", self.mqtt,
-                "--data-dir", str(data), "-u", self.upstream, "--log-level", self.log_level, *self.extra]  # fmt: skip
+                "--data-dir", str(data), "-u", self.upstream, "--log-level", self.log_level, *config, *self.extra]  # fmt: skip
         self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start()
         deadline = time.monotonic() + timeout
         path = resolve_path(self.probe)
