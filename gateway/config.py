@@ -167,6 +167,12 @@ def _level(v: Any) -> str:
     return v.lower()
 
 
+def _security_mode(v: Any) -> str:
+    if v not in ("plain", "oscore"):
+        raise _Bad('expected "plain" (factory bench, unauthenticated) or "oscore"')
+    return str(v)
+
+
 def _opt(default: Any, check: Check, doc: str) -> Any:
     """A config field: default, check (TOML value -> field value) and a one-line description."""
     if isinstance(default, list | dict):
@@ -179,6 +185,10 @@ def _opt(default: Any, check: Check, doc: str) -> Any:
 class CoapConfig:
     host: str = _opt("127.0.0.1", _host, "address the CoAP server binds (UDP)")
     port: int = _opt(5683, _port, "UDP port of the CoAP server")
+    security: str = _opt("plain", _security_mode, '"oscore": devices must OSCORE-protect requests with their key; '
+                         '"plain": unauthenticated (factory bench only, logged and flagged in /healthz)')
+    keystore: str = _opt("", _text, "per-device keys written by ida flash; empty = <data dir>/keystore.json")
+    plain_resolve: bool = _opt(False, _bool, "with oscore: still answer unprotected GET /r/ (resolution data is public)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.frontends.coap import CoapFrontEnd
+from gateway.frontends.coap_security import PLAIN_WARNING, CoapSecurity, secure_frontend
 from gateway.frontends.http import HttpFrontEnd
 from gateway.logfmt import kv
 from gateway.metrics import HistogramSample, Metrics, Sample
@@ -156,6 +157,7 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.registry: Registry | None = None
         self.coap: CoapFrontEnd | None = None
+        self.coap_security: CoapSecurity | None = None
         self.http: HttpFrontEnd | None = None
         self.mqtt: MqttFrontEnd | None = None  # only when [mqtt] url is set
         self.limiter = rate_limiter(config)
@@ -206,6 +208,7 @@ class Gateway:
         await self.outbox.start()
 
         self.coap = CoapFrontEnd(cfg.coap.host, cfg.coap.port, recording(resolver, "coap"), self.registry, self.metrics, clock=self._clock)
+        self._secure_coap(cfg)
         try:
             host, port = await self.coap.start()
         except OSError as e:
@@ -273,6 +276,18 @@ class Gateway:
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
+    def _secure_coap(self, cfg: GatewayConfig) -> None:
+        """OSCORE (docs/security.md) in front of the CoAP site. In plain mode with no keystore there is no key
+        to verify anything with: the site stays unwrapped (the fast path keeps learning) and the mode is flagged."""
+        assert self.coap is not None
+        keystore = Path(cfg.coap.keystore) if cfg.coap.keystore else cfg.data_dir / "keystore.json"
+        if cfg.coap.security == "oscore" or keystore.exists():
+            self.coap_security = secure_frontend(self.coap, cfg.coap.security, keystore, cfg.data_dir,
+                                                 plain_resolve=cfg.coap.plain_resolve)  # fmt: skip
+        else:
+            log.warning("coap security is PLAIN: unauthenticated requests are served (factory bench only) %s",
+                        kv(keystore="none"))  # fmt: skip
+
     # -- health and metrics ----------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:
         """Component -> state, for /healthz. "down" marks the gateway degraded."""
@@ -288,6 +303,8 @@ class Gateway:
             out["upstream"] = "down" if nodes and not healthy else f"{healthy}/{len(nodes)} healthy"
         if self.shared is not None:
             out["shared_cache"] = "up" if self.shared.up else "down"
+        if self.coap is not None:
+            out["coap_security"] = self.coap_security.label() if self.coap_security else PLAIN_WARNING
         return out
 
     def _add_collectors(self) -> None:

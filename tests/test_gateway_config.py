@@ -76,7 +76,7 @@ level = "DEBUG"
     ('[coap]\nport = "x"', '[coap] port: expected a port number 0-65535 (0 = any free port), got "x"'),
     ("[coap]\nport = 70000", "[coap] port: expected a port number 0-65535 (0 = any free port), got 70000"),
     ("[coap]\nport = true", "[coap] port: expected a port number 0-65535 (0 = any free port), got true"),
-    ("[coap]\nprot = 5683", "[coap] prot: unknown key (known: host, port)"),
+    ("[coap]\nprot = 5683", "[coap] prot: unknown key (known: host, port, security, keystore, plain_resolve)"),
     ("[coap]\nhost = ''", '[coap] host: expected a host name or IP address, got ""'),
     ("[colour]\nx = 1", "[colour]: unknown section"),
     ('coap = "x"', 'coap: expected a [coap] table, got "x"'),

@@ -40,6 +40,7 @@ NOT_FOUND = const(100)
 VALUES_NOT_FOUND = const(200)
 NOT_MODIFIED = const(203)
 BAD_REQUEST = const(400)
+UNAUTHORIZED = const(401)  # device-local: CoAP 4.01 (OSCORE key not accepted); not a payload code
 FORBIDDEN = const(403)
 TOO_LARGE = const(413)
 RATE_LIMITED = const(429)

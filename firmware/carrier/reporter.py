@@ -98,7 +98,8 @@ class Reporter:
                 self.acked += 1
             self._backoff = RETRY_MIN
             self._retry = self.now
-        elif code == proto.NO_RESPONSE or code == proto.RATE_LIMITED or code >= 500:
+        elif code == proto.NO_RESPONSE or code == proto.RATE_LIMITED or code == proto.UNAUTHORIZED or code >= 500:
+            # kept and retried with backoff: 4.01 means the gateway does not (yet) hold this device's key
             self.failed += 1
             self._retry = time.ticks_add(self.now, self._backoff)
             self._backoff = min(self._backoff * 2, RETRY_MAX)
