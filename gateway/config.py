@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -82,20 +83,25 @@ def _positive_int(v: Any) -> int:
     return v
 
 
+def _finite(v: Any) -> bool:
+    """An int, or a float that is not nan or inf (TOML has both; nan passes every < and <= check)."""
+    return isinstance(v, int) or math.isfinite(v)
+
+
 def _seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v < 0:
         raise _Bad("expected a number of seconds >= 0")
     return float(v)
 
 
 def _rate(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v < 0:
         raise _Bad("expected a number of requests per second >= 0 (0 = no limit)")
     return float(v)
 
 
 def _positive_seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v <= 0:
         raise _Bad("expected a number of seconds > 0")
     return float(v)
 
@@ -370,6 +376,10 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deeply") from None
     try:
         return from_mapping(doc, env)
     except ConfigError as e:
