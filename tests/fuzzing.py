@@ -2,17 +2,19 @@
 hypothesis strategies for CBOR values and protocol messages, and a raw CoAP encoder that can write what
 aiocoap never would (bad versions, token lengths, option deltas, truncated extended fields).
 
-Campaign size: ``IDA_FUZZ_EXAMPLES`` multiplies every test's ``max_examples`` (default 1 in ``make test``; a
-by-hand campaign sets e.g. 50)."""
+Campaign size: ``IDA_FUZZ_EXAMPLES`` multiplies every test's ``max_examples`` (unset in ``make test``: fixed,
+derandomized examples; a by-hand campaign sets e.g. 50 and gets new random examples every run). The firmware
+side (tests/firmware/fuzzlib.py) has ``IDA_FUZZ_SCALE`` and ``IDA_FUZZ_SEED``."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +28,9 @@ SCALE = max(1, int(os.environ.get("IDA_FUZZ_EXAMPLES", "1")))
 
 
 def fuzz_settings(examples: int, **kw: Any) -> settings:
-    """Bounded settings for `make test` (scaled by IDA_FUZZ_EXAMPLES for a by-hand campaign)."""
+    """Bounded settings for `make test` (scaled by IDA_FUZZ_EXAMPLES for a by-hand campaign). `make test` draws
+    the same examples every run (derandomized); a campaign (IDA_FUZZ_EXAMPLES set) draws new ones each time."""
+    kw.setdefault("derandomize", "IDA_FUZZ_EXAMPLES" not in os.environ)
     return settings(
         max_examples=examples * SCALE,
         deadline=None,
@@ -106,6 +110,63 @@ def watch_logs(allow: tuple[str, ...] = (), level: int = logging.DEBUG) -> Itera
     finally:
         root.removeHandler(w)
         root.setLevel(old)
+
+
+# -- a service on its own event loop ---------------------------------------------------------------------------
+class LoopThread:
+    """Runs ``setup`` (returns the CoAP port and a teardown coroutine factory) on a private event loop."""
+
+    def __init__(
+        self, watch: LogWatch, setup: Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
+    ) -> None:
+        self.watch = watch
+        self._setup = setup
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(watch.loop_handler)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="fuzz-loop", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            self.port, teardown = await self._setup()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        gc.collect()  # lost tasks report "Task exception was never retrieved" when collected
+        await asyncio.sleep(0.05)
+        await teardown()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        assert self.port, "the gateway did not start"
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self.loop.close()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the gateway's loop and return its result (for reading state without races)."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
 
 # -- CBOR values and protocol messages --------------------------------------------------------------------

@@ -175,7 +175,7 @@ def _load(tmp_path: Path, data: bytes) -> None:
     _is_finite_config(cfg)
 
 
-@fuzz_settings(300)
+@fuzz_settings(100)
 @given(documents())
 def test_fuzz_random_documents(tmp_path: Path, doc: dict[str, Any]) -> None:
     _load(tmp_path, dumps(doc).encode())
@@ -186,13 +186,13 @@ def test_fuzz_random_documents(tmp_path: Path, doc: dict[str, Any]) -> None:
     _is_finite_config(cfg)
 
 
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(mutated_example() | st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_fuzz_raw_files(tmp_path: Path, data: bytes) -> None:
     _load(tmp_path, data)
 
 
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(st.text(max_size=40), st.sampled_from(["upstream", "coap", "http", "mqtt", "data_dir", "log_level"]))
 def test_fuzz_overrides(text: str, which: str) -> None:
     base = gwconfig.load(None, env={})

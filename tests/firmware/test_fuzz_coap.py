@@ -181,7 +181,7 @@ def test_fuzz_decode_only_coap_error():
                     PAYLOADS[0]),
              _reply(coap.CON, 69, 1, 2, 2, ((coap.O_OBSERVE, 5), (300, b"x" * 20)), b"")]
     n = 0
-    for r in range(F.rounds(4000)):
+    for r in range(F.rounds(2000)):
         d = F.rbytes(F.below(24)) if r % 2 else F.mutate(F.pick(seeds), seeds)
         n += 1
         try:
@@ -199,7 +199,7 @@ def test_fuzz_client_exchanges():
     r = Rig()
     try:
         n = 0
-        for i in range(F.rounds(1500)):
+        for i in range(F.rounds(800)):
             if F.chance(2):
                 _start_something(r)
             r.feed(_datagram(r))

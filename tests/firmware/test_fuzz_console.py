@@ -49,7 +49,7 @@ def test_fuzz_console_lines():
         r.boot()
         ok(r.run(3000, lambda: r.app.rep.acked), "first report")
         acked = r.app.rep.acked
-        for i in range(F.rounds(400)):
+        for i in range(F.rounds(250)):
             data = _line() + _ending()
             if data.strip() in (b"YES", b"reboot") or data.startswith(b"provision") or b"reboot" in data:
                 continue
@@ -86,7 +86,7 @@ def test_fuzz_console_lines():
         r.con("")  # end a line left half typed
         out = r.con("status")
         ok("boot: 1" in out, out)
-        note(sent, "bytes in", F.rounds(400), "lines; errors", r.app.console.errors, "lines", r.app.console.lines)
+        note(sent, "bytes in", F.rounds(250), "lines; errors", r.app.console.errors, "lines", r.app.console.lines)
     finally:
         log.sink = log._print
         r.close()

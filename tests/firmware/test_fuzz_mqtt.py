@@ -42,7 +42,7 @@ def test_fuzz_reader_stream():
     F.seed("mqtt-reader")
     size = 64
     n_packets = n_dropped = 0
-    for _ in range(F.rounds(150)):
+    for _ in range(F.rounds(80)):
         r = mqtt.Reader(size)
         want = []
         stream = b""
@@ -185,7 +185,7 @@ def test_fuzz_transport():
     t = r.t
     try:
         framed = garbage = 0
-        for i in range(F.rounds(1500)):
+        for i in range(F.rounds(800)):
             if F.chance(3) and len(t._res) < 2:
                 t.resolve(F.pick(("88.1/X", "88.1/Y", "0.NA/88.1")), r.resolved, F.pick((None, "URL")))
             if F.chance(5) and t._rep is None:

@@ -65,7 +65,7 @@ def test_fuzz_boot_from_random_file():
 
     def t(p):
         nonlocal_n = 0
-        for r in range(F.rounds(300)):
+        for r in range(F.rounds(120)):
             k = r % 3
             if k == 0:
                 data = F.rbytes(F.below(60))
@@ -116,7 +116,7 @@ def test_fuzz_operations_against_model():
 
     def t(p):
         ops = 0
-        for r in range(F.rounds(25)):
+        for r in range(F.rounds(10)):
             cap = F.pick((1, 2, 5, 16))
             kw = {"cap": cap, "batch": F.pick((1, 3, 4)), "flush_ms": 50, "max_file": F.pick((100, 700, 16384))}
             with open(p, "wb"):
