@@ -185,7 +185,7 @@ def test_chip_image_adds_identity_in_few_blocks(built: fb.Build, tmp_path: Path)
         patched[off : off + len(data)] = data
     assert bytes(patched) == chip.image
     out, _ = mp_mount(tmp_path, chip.image)
-    assert out["identity"] == json.loads(ident.to_json())
+    assert out["identity"] == json.loads(ident.to_json(compact=True))
     assert out["identity"]["id"] == "88.123.99/pump-000042"  # prefix normalised (already upper), suffix kept
     assert parse_identity(im.read_files(built.params, chip.image)[IDENTITY_PATH]) == ident
     # a longer identity (Wi-Fi credentials, both transports) still costs at most two blocks

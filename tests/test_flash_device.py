@@ -213,7 +213,7 @@ def test_registered_in_the_local_zone(built: fb.Build, station: Station) -> None
     assert rec is not None
     values = {v.type: v.text() for v in rec.values}
     assert values["MAC"] == r.mac and values["BOARD"] == BOARD
-    assert values["FW_VERSION"] == built.manifest.firmware_version and values["PRODUCED"].endswith("Z")
+    assert values["FW_VERSION"] == built.manifest.firmware_version and (values["PRODUCED"] or "").endswith("Z")
     # the key is nowhere in the zone
     key = Keystore.in_dir(station.data_dir).get(r.identifier)
     assert key is not None and key.hex() not in station.zone.read_text()
@@ -287,6 +287,26 @@ def test_manifest_records_runtime(built: fb.Build) -> None:
     assert doc["runtime"]["sha256"] == rt.sha256 and os.path.isabs(doc["runtime"]["path"])
 
 
+def test_espressif_ports_are_the_console_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch mode finds ports with the console tool's find_ports: the board's VID:PID only, sorted."""
+    from types import SimpleNamespace
+
+    from serial.tools import list_ports
+
+    from tools.boards import UsbId
+    from tools.flash.batch import espressif_ports
+
+    seen = [SimpleNamespace(device=d, vid=v, pid=p, description="", serial_number=None)
+            for d, v, p in (("/dev/ttyUSB1", 0x10C4, 0xEA60), ("/dev/ttyACM0", 0x303A, 0x1001),
+                            ("/dev/ttyUSB0", 0x10C4, 0xEA60), ("/dev/ttyS0", None, None))]  # fmt: skip
+    monkeypatch.setattr(list_ports, "comports", lambda: seen)
+    assert espressif_ports([UsbId(0x10C4, 0xEA60)]) == ["/dev/ttyUSB0", "/dev/ttyUSB1"]
+    assert espressif_ports([UsbId(0x10C4, 0xEA60), UsbId(0x303A, 0x1001)]) == [
+        "/dev/ttyACM0", "/dev/ttyUSB0", "/dev/ttyUSB1"
+    ]  # fmt: skip
+    assert espressif_ports([]) == []
+
+
 def test_wait_console_finds_the_identifier_on_a_pty() -> None:
     """The real console wait (pyserial) against a pseudo-terminal playing the device: it asks `id` and
     returns the line with the identifier; a silent device times out with ConsoleTimeout."""
@@ -315,6 +335,16 @@ def test_wait_console_finds_the_identifier_on_a_pty() -> None:
         assert wait_console(port, 115200, timeout=10)("88.123.99/PUMP-000009") == "id: 88.123.99/PUMP-000009"
         with pytest.raises(ConsoleTimeout, match="did not report"):
             wait_console(port, 115200, timeout=1.2)("88.123.99/PUMP-000010")
+        # opened like `ida console` does (tools.console.open_port): exclusively, so a port another program
+        # holds is a clear error, not a garbled session
+        from tools.console import open_port
+
+        held = open_port(port)
+        try:
+            with pytest.raises(ConsoleTimeout, match="cannot open the console: .*busy"):
+                wait_console(port, 115200, timeout=1)("88.123.99/PUMP-000009")
+        finally:
+            held.close()
     finally:
         stop.set()
         os.close(master)

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ def test_partition_table_binary_format() -> None:
 
 
 @pytest.fixture
-def pty_port() -> tuple[int, str]:
+def pty_port() -> Iterator[tuple[int, str]]:
     master, slave = pty.openpty()
     yield master, os.ttyname(slave)
     os.close(master)

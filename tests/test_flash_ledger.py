@@ -190,3 +190,30 @@ def test_cli_pool_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     with pytest.raises(CliError, match="--prefix"):
         run_cli(tmp_path, "pool", "add", "--pattern", "X-{n}")
+
+
+def test_a_ledger_from_before_the_security_columns_is_upgraded(tmp_path: Path) -> None:
+    """A ledger file made before ``previous_key_fingerprint`` and ``security`` existed opens, gains the
+    columns, and keeps its rows."""
+    import sqlite3
+
+    from tools.flash import ledger as lm
+
+    old_schema = "\n".join(line for line in lm._SCHEMA.splitlines() if not any(c in line for c in lm._ADDED_COLUMNS))
+    db = sqlite3.connect(tmp_path / lm.FILENAME)
+    db.executescript(old_schema)
+    db.execute("INSERT INTO devices (identifier, fold, mac, board, state, key_fingerprint, created, updated) "
+               "VALUES ('88.123.99/OLD-1', '88.123.99/OLD-1', ?, 'esp32-devkitc', 'verified', 'aabbccdd', 't', 't')",
+               (mac(9),))  # fmt: skip
+    db.commit()
+    db.close()
+    with Ledger.in_dir(tmp_path) as led:
+        old = led.device("88.123.99/OLD-1")
+        assert old is not None and old.key_fingerprint == "aabbccdd" and old.security is None
+        led.allocate(mac(9), "esp32-devkitc")
+        dev = led.record("88.123.99/OLD-1", "verified",
+                         Checksums(key_fingerprint="11223344", previous_key_fingerprint="aabbccdd", security="oscore"))  # fmt: skip
+        assert (dev.key_fingerprint, dev.previous_key_fingerprint, dev.security) == ("11223344", "aabbccdd", "oscore")
+        assert led.events()[-1]["security"] == "oscore"
+    with Ledger.in_dir(tmp_path) as led:  # opening again changes nothing
+        assert led.device("88.123.99/OLD-1").security == "oscore"  # type: ignore[union-attr]

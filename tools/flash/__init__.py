@@ -2,8 +2,8 @@
 
 Per batch, :func:`build` compiles the firmware (mpy-cross) and builds the board's LittleFS image once. Per
 chip, :func:`flash_device` detects the chip through a :class:`Programmer` (esptool, or a simulated chip), binds
-an identifier to its MAC in the :class:`Ledger`, adds ``/identity.json`` (:class:`Identity`, key from the
-:class:`Keystore`) to the batch image, writes only the blocks that differ, verifies, resets and registers the
+an identifier to its MAC in the :class:`Ledger`, adds ``/identity.json`` (:class:`Identity`, ``"secure": true``,
+a new key in the :class:`Keystore` whenever the chip's filesystem is written) to the batch image, writes only the blocks that differ, verifies, resets and registers the
 device in the gateway's local zone. :func:`run_batch` does that for every chip that appears. See
 docs/flashing.md.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .batch import Summary, espressif_ports, run_batch
 from .builder import Build, Manifest, RuntimeInfo, build, inspect_runtime, load_build
+from .ca import CaCert, CaError, load_ca
 from .errors import (
     BuildError,
     ConsoleTimeout,
@@ -38,11 +39,11 @@ from .provision import IdentityTemplate, Result, Station, Write, flash_device, w
 from .register import Registration, register_device
 
 __all__ = [
-    "Allocation", "Build", "BuildError", "Checksums", "ChipImage", "ChipInfo", "ConsoleTimeout", "Device",
+    "Allocation", "Build", "BuildError", "CaCert", "CaError", "Checksums", "ChipImage", "ChipInfo", "ConsoleTimeout", "Device",
     "EsptoolProgrammer", "FlashError", "FlashTooSmall", "IdentifierConflict", "Identity", "IdentityTemplate",
     "Keystore", "Ledger", "LedgerError", "LfsParams", "Manifest", "NoChip", "PoolExhausted", "PortBusy",
     "PortError", "PortMissing", "Programmer", "Registration", "Result", "RuntimeInfo", "RuntimeMissing",
     "SimulatedChip", "Station", "Summary", "VerifyFailed", "Write", "WriteFailed", "WrongChip", "build",
     "espressif_ports", "file_identifiers", "flash_device", "inspect_runtime", "key_fingerprint", "lfs_params",
-    "load_build", "parse_identity", "pattern_identifiers", "personalise", "register_device", "run_batch", "wait_console",
+    "load_build", "load_ca", "parse_identity", "pattern_identifiers", "personalise", "register_device", "run_batch", "wait_console",
 ]  # fmt: skip

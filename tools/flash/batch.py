@@ -45,11 +45,11 @@ def bar(done: int, total: int, width: int = 30) -> str:
 
 
 def espressif_ports(usb_ids: Iterable[UsbId]) -> list[str]:
-    """Serial ports whose USB VID:PID is one of ``usb_ids``, sorted by device name."""
-    from serial.tools import list_ports
+    """Serial ports whose USB VID:PID is one of ``usb_ids``, sorted by device name (the console tool's
+    :func:`tools.console.find_ports`)."""
+    from tools.console import find_ports
 
-    wanted = {(u.vid, u.pid) for u in usb_ids}
-    return sorted(p.device for p in list_ports.comports() if (p.vid, p.pid) in wanted)
+    return sorted(p.device for p in find_ports(list(usb_ids)))
 
 
 @dataclass
@@ -147,6 +147,7 @@ def _one(
         summary.passed.append(result)
         out.write(
             big("PASS") + f"\n  PASS {port}: {result.identifier}  {result.mac}  "
-            f"{result.fs_mode}, {result.bytes_written} bytes in {result.seconds:.1f} s\n"
+            f"{result.fs_mode}, {result.bytes_written} bytes in {result.seconds:.1f} s, key {result.key_fingerprint}"
+            f"{'' if result.secure else ', INSECURE (no OSCORE)'}\n"
         )
     out.flush()

@@ -11,7 +11,8 @@ Output directory (everything a station needs to flash the batch, nothing per chi
 
 The filesystem holds ``/main.py`` (and ``/boot.py``) as source, every other firmware ``.py`` compiled with
 mpy-cross to ``.mpy`` (plain bytecode: architecture-independent, so the same files run on every chip and on the
-unix port; ``march`` adds native code for one architecture), and ``/board.json``.
+unix port; ``march`` adds native code for one architecture), ``/board.json``, and with ``ca`` the broker's CA
+certificate as ``/ca.crt`` (DER; devices with an ``mqtts://`` address verify the broker with it, ``ca.py``).
 
 The MicroPython runtime is never downloaded: the user supplies the ``.bin`` for the chip and only its checksum
 (and version, when its app description says) is recorded. Two shapes are accepted: the merged ``firmware.bin``
@@ -38,7 +39,9 @@ from typing import Any
 from tools.boards import BOARDS_DIR, Board, load_board
 
 from . import image as im
+from .ca import load_ca
 from .errors import BuildError, RuntimeMissing
+from .identity import CA_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE_DIR = ROOT / "firmware"
@@ -82,6 +85,7 @@ class Manifest:
     partition_table: dict[str, Any]
     runtime: RuntimeInfo | None
     factory_image: dict[str, Any] | None
+    ca: dict[str, Any] | None = None  # the broker's CA in the image (ca.py): file, source, sha256, subject
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -270,13 +274,22 @@ def build(
     firmware_dir: Path = FIRMWARE_DIR,
     march: str | None = None,
     now: _dt.datetime | None = None,
+    ca: str | os.PathLike[str] | None = None,
 ) -> Manifest:
-    """Build the batch artefacts for ``board_name`` into ``out_dir`` and return the manifest written there."""
+    """Build the batch artefacts for ``board_name`` into ``out_dir`` and return the manifest written there.
+    ``ca``: the broker's CA certificate (PEM or DER), put into the image as ``/ca.crt``."""
     board = load_board(board_name)
     params = im.lfs_params(board)
+    ca_cert = load_ca(ca) if ca is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, entries = device_files(board, firmware_dir, march)
+    ca_info: dict[str, Any] | None = None
+    if ca is not None and ca_cert is not None:
+        source = str(Path(ca).resolve())
+        files[CA_PATH] = ca_cert.der
+        entries = sorted([*entries, FileEntry(CA_PATH, source, len(ca_cert.der), ca_cert.sha256)], key=lambda e: e.path)
+        ca_info = ca_cert.manifest(source)
     fs = im.make_fs_image(params, files)
 
     app_dir = out / "app"
@@ -320,6 +333,7 @@ def build(
         partition_table=pt_info,
         runtime=rt_info,
         factory_image=factory,
+        ca=ca_info,
     )
     _write(out / MANIFEST, manifest.to_json().encode())
     return manifest

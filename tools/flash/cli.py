@@ -14,7 +14,9 @@ from tools.cli import CliError
 
 from . import batch as batch_mod
 from .builder import FIRMWARE_DIR, build, esptool_command, load_build
+from .ca import load_ca
 from .errors import BuildError, FlashError, LedgerError, RuntimeMissing
+from .identity import SCHEMES
 from .ledger import Ledger, file_identifiers, pattern_identifiers
 from .programmer import EsptoolProgrammer
 from .provision import IdentityTemplate, Station, flash_device, wait_console
@@ -38,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--runtime", help="MicroPython .bin for the chip (never downloaded); only its checksum is kept")
     b.add_argument("--native", action="store_true", help="let mpy-cross emit native code for the board's arch")
     b.add_argument("--firmware", type=Path, default=FIRMWARE_DIR, help="firmware tree (default: firmware/)")
+    b.add_argument("--ca", metavar="FILE",
+                   help="the MQTT broker's CA certificate (PEM or DER), put into the image as /ca.crt")  # fmt: skip
     b.set_defaults(_flash=_build)
 
     def station_args(q: argparse.ArgumentParser) -> None:
@@ -45,8 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--build", dest="build_dir", help="build directory (default build/flash/<board>)")
         q.add_argument("--runtime", help="MicroPython .bin to write when the chip has none or with --full")
         q.add_argument("--gateway", action="append", default=[], metavar="URL",
-                       help="coap://HOST[:PORT] and/or mqtt://HOST[:PORT] written into the identity")  # fmt: skip
+                       help="coap://HOST[:PORT] and/or mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (MQTT over TLS) "
+                            "written into the identity")  # fmt: skip
         q.add_argument("--transport", choices=("coap", "mqtt"), help="default: the first --gateway's scheme")
+        q.add_argument("--ca", metavar="FILE", help="broker CA (PEM or DER) for mqtts:// when the build has none "
+                                                   "(added to each chip; better: ida flash build --ca)")  # fmt: skip
+        q.add_argument("--insecure", action="store_true",
+                       help="factory bench only: CoAP without OSCORE (identity without \"secure\": true); "
+                            "logged and recorded in the ledger")  # fmt: skip
         q.add_argument("--wifi-ssid", default=os.environ.get("IDA_WIFI_SSID"))
         q.add_argument("--wifi-psk", default=os.environ.get("IDA_WIFI_PSK"), help="default $IDA_WIFI_PSK")
         q.add_argument("--operator", default=os.environ.get("USER"), help="recorded in the ledger (default $USER)")
@@ -117,10 +127,13 @@ def run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     board = load_board(args.board)
     out = Path(args.out) if args.out else default_build_dir(board.name)
-    m = build(board.name, out, args.runtime, args.firmware, board.micropython.mpy_arch if args.native else None)
+    m = build(board.name, out, args.runtime, args.firmware, board.micropython.mpy_arch if args.native else None,
+              ca=args.ca)  # fmt: skip
     fs = m.fs_image
     print(f"built {m.board} firmware {m.firmware_version} into {out}")
     print(f"  files: {len(m.files)} ({sum(f.size for f in m.files)} bytes), mpy-cross: {m.mpy_cross}")
+    if m.ca:
+        print(f"  ca.crt: {m.ca['subject']} (until {m.ca['not_after']}), {m.ca['size']} bytes DER, for mqtts://")
     print(f"  fs.bin: {fs['size']} bytes = {fs['block_count']} x {fs['block_size']}, {fs['used_blocks']} blocks used, "
           f"for 0x{fs['offset'] or 0:x}, sha256 {fs['sha256']}")  # fmt: skip
     if m.runtime:
@@ -136,10 +149,11 @@ def _build(args: argparse.Namespace) -> int:
 
 def _template(args: argparse.Namespace) -> IdentityTemplate:
     if not args.gateway:
-        raise CliError("give the gateway address the devices use: --gateway coap://HOST[:PORT] (or mqtt://...)")
-    transport = args.transport or args.gateway[0].partition("://")[0]
+        raise CliError("give the gateway address the devices use: --gateway coap://HOST[:PORT] (or mqtt(s)://...)")
+    transport = args.transport or SCHEMES.get(args.gateway[0].partition("://")[0], "coap")
     wifi = (args.wifi_ssid, args.wifi_psk or "") if args.wifi_ssid else None
-    return IdentityTemplate(tuple(args.gateway), transport, wifi)
+    ca = load_ca(args.ca).der if args.ca else None
+    return IdentityTemplate(tuple(args.gateway), transport, wifi, secure=not args.insecure, ca=ca)
 
 
 def _station(args: argparse.Namespace) -> Station:
@@ -176,8 +190,13 @@ def _device(args: argparse.Namespace) -> int:
     finally:
         progress.end()
     print(f"PASS {r.identifier} on {r.chip} {r.mac}{' (re-flash, same identifier)' if r.reused else ''}")
+    key = "new key" if r.new_key else "key kept"
+    if r.previous_key_fingerprint:
+        key += f", replaces {r.previous_key_fingerprint}"
     print(f"  wrote {r.bytes_written} bytes in {r.blocks_written} block(s), filesystem {r.fs_mode}, "
-          f"key fingerprint {r.key_fingerprint}, {r.seconds:.1f} s")  # fmt: skip
+          f"key fingerprint {r.key_fingerprint} ({key}), {r.seconds:.1f} s")  # fmt: skip
+    if not r.secure:
+        print("  WARNING: INSECURE identity (--insecure): CoAP without OSCORE, factory bench only")
     for w in r.writes:
         print(f"    {w.what:16} 0x{w.offset:06x} +{w.size}")
     if r.console:

@@ -1,4 +1,4 @@
-"""The keystore: every provisioned device's key, by identifier, for the gateway (DTLS PSK / MQTT auth).
+"""The keystore: every provisioned device's key, by identifier, for the gateway (OSCORE, MQTT credentials).
 
 File ``<data dir>/keystore.json``, mode 0600 (directory created 0700), UTF-8 JSON::
 
@@ -6,11 +6,14 @@ File ``<data dir>/keystore.json``, mode 0600 (directory created 0700), UTF-8 JSO
      "keys": {"88.123.99/PUMP-000001": {"key": "<32 hex digits>", "fingerprint": "1a2b3c4d",
                                         "created": "2026-11-22T10:00:00Z"}}}
 
-Identifiers are normalised (prefix upper-case). The key is generated when an identifier is first flashed and
-kept across re-flashes of that identifier, so the gateway's copy stays valid. Writes take an exclusive
-``flock`` on ``keystore.json.lock`` (two stations may share a data dir), re-read the file, write a temp file
-(0600 from the start), fsync and ``os.replace`` it: a crash leaves the old or the new file. This file and the
-devices are the only places a key is stored; the ledger holds only its fingerprint.
+Identifiers are normalised (prefix upper-case). ``ida flash`` stores a new key (:meth:`Keystore.rekey`) every
+time it writes any block of a chip's filesystem or over its ``nvs`` partition -- the device's OSCORE sequence
+number starts again with that storage rewritten, and a reused key would then reuse nonces -- and it does so
+before it writes, so the gateway (which re-reads this file when it changes) knows the new key by the time the
+chip boots with it. Only a re-flash that writes neither keeps the key. Writes take an exclusive ``flock`` on
+``keystore.json.lock`` (two stations may share a data dir), re-read the file, write a temp file (0600 from the
+start), fsync and ``os.replace`` it: a crash leaves the old or the new file. This file and the devices are the
+only places a key is stored; the ledger holds only its fingerprint.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ class Keystore:
             keys[h] = _entry(key)
             self._write(keys)
             return key
+
+    def rekey(self, identifier: str, key: bytes | None = None) -> bytes:
+        """Store a new random key (or ``key``) for the identifier, replacing any old one; returns it. Durable
+        (fsynced, renamed into place) when it returns."""
+        key = new_key() if key is None else key
+        self.put(identifier, key)
+        return key
 
     def put(self, identifier: str, key: bytes) -> None:
         if len(key) != KEY_BYTES:

@@ -7,7 +7,9 @@ writer at a time, others wait up to ``BUSY_TIMEOUT_S``), so two stations never r
 Tables
   ``pool``     identifiers that may be issued, in issue order (``seq``); ``free`` = not bound to any chip.
   ``devices``  one row per identifier ever bound: identifier (primary key) <-> MAC (unique), board, state,
-               image checksums, firmware version, key fingerprint (never the key), operator, station, times.
+               image checksums, firmware version, key fingerprint (never the key) and the fingerprint of the
+               key it replaced, security (``oscore``, or ``insecure`` for a ``--insecure`` identity),
+               operator, station, times.
   ``events``   append-only history of every allocation, result and release.
 
 Rules
@@ -62,6 +64,8 @@ CREATE TABLE IF NOT EXISTS devices (
     image_sha256     TEXT,
     runtime_sha256   TEXT,
     key_fingerprint  TEXT,
+    previous_key_fingerprint TEXT,
+    security         TEXT,
     operator         TEXT,
     station          TEXT,
     created          TEXT NOT NULL,
@@ -80,11 +84,15 @@ CREATE TABLE IF NOT EXISTS events (
     image_sha256     TEXT,
     runtime_sha256   TEXT,
     key_fingerprint  TEXT,
+    previous_key_fingerprint TEXT,
+    security         TEXT,
     operator         TEXT,
     station          TEXT,
     detail           TEXT
 );
 """
+# columns added after the first release: a ledger made before gets them on open (ALTER TABLE ... ADD COLUMN)
+_ADDED_COLUMNS = ("previous_key_fingerprint", "security")
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -122,6 +130,8 @@ class Device:
     image_sha256: str | None
     runtime_sha256: str | None
     key_fingerprint: str | None
+    previous_key_fingerprint: str | None  # the key this one replaced (a re-flash that rewrote the filesystem)
+    security: str | None  # "oscore" or "insecure"
     operator: str | None
     station: str | None
     created: str
@@ -153,6 +163,8 @@ class Checksums:
     image_sha256: str | None = None
     runtime_sha256: str | None = None
     key_fingerprint: str | None = None
+    previous_key_fingerprint: str | None = None
+    security: str | None = None  # "oscore" / "insecure"
 
 
 def pattern_identifiers(prefix: str, pattern: str, first: int, last: int) -> Iterator[str]:
@@ -193,6 +205,11 @@ class Ledger:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            for table in ("devices", "events"):
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                for col in _ADDED_COLUMNS:
+                    if col not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT")
 
     @classmethod
     def in_dir(cls, data_dir: str | os.PathLike[str]) -> Ledger:
@@ -386,9 +403,11 @@ class Ledger:
         c = checks or {}
         db.execute(
             "INSERT INTO events (time, identifier, mac, board, result, firmware_version, fs_sha256, image_sha256, "
-            "runtime_sha256, key_fingerprint, operator, station, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "runtime_sha256, key_fingerprint, previous_key_fingerprint, security, operator, station, detail) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (_now(), identifier, mac, board, result, c.get("firmware_version"), c.get("fs_sha256"),
-             c.get("image_sha256"), c.get("runtime_sha256"), c.get("key_fingerprint"), operator, station, detail),
+             c.get("image_sha256"), c.get("runtime_sha256"), c.get("key_fingerprint"),
+             c.get("previous_key_fingerprint"), c.get("security"), operator, station, detail),
         )  # fmt: skip
 
 

@@ -9,6 +9,19 @@ same code runs against a real chip (esptool) and a simulated one. What gets writ
   chip); only the changed 4 KiB blocks when it holds the batch image (the usual case on a line where chips
   were pre-loaded with ``factory.bin``); the whole image otherwise or with ``full``.
 
+Keys are fresh whenever the device's state is reset. The device keeps its OSCORE sender sequence number in its
+own storage (the filesystem on the unix port, the ``nvs`` partition on the ESP32): once that is rewritten, the
+old key with a restarted sequence number would repeat nonces. So the chip keeps its key only when its vfs region
+already holds exactly its image under that key (nothing written there) and no write touches ``nvs`` (MicroPython's
+merged ``firmware.bin``, written from the bootloader offset, spans and erases it; an app-only runtime does not).
+Otherwise it gets a new random key, stored in the keystore (durably, under its lock) before the first byte goes
+to the chip; a chip that holds its previous image gets only the blocks that differ from it. The ledger records
+both fingerprints, never a key.
+
+Identities are ``"secure": true`` (CoAP protected with OSCORE under the key) unless the template says
+``secure=False`` (``--insecure``, factory bench): that is logged as a warning and recorded in the ledger
+(``security`` = ``insecure``).
+
 Ledger states follow the work: ``allocated`` before the first write, ``flashed`` after it, ``verified`` after
 the read-back, ``failed`` on any error after allocation (the identifier stays bound to the chip's MAC: see
 ``ledger.py``). Errors before allocation (busy port, no chip, wrong chip) touch neither ledger nor chip.
@@ -17,6 +30,8 @@ the read-back, ``failed`` on any error after allocation (the identifier stays bo
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -34,7 +49,17 @@ from .errors import (
     VerifyFailed,
     WrongChip,
 )
-from .identity import Identity, personalise
+from .identity import (
+    CA_NAME,
+    CA_PATH,
+    ChipImage,
+    Identity,
+    check_gateways,
+    key_fingerprint,
+    new_key,
+    personalise,
+    uses_tls,
+)
 from .keystore import Keystore
 from .ledger import Checksums, Ledger
 from .programmer import Parts, Programmer
@@ -42,15 +67,31 @@ from .register import Registration, register_device
 
 CHUNK = 256 * 1024  # write in chunks this size so progress can be shown
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+log = logging.getLogger("tools.flash")
+# where the ESP32 firmware keeps its OSCORE sequence-number reservation (kv "oscseq" in NVS, carrier/hal/esp32.py):
+# a write over it resets that state just as a filesystem write does on the unix port
+STATE_PARTITIONS = ("nvs",)
 
 
 @dataclass(frozen=True)
 class IdentityTemplate:
-    """What every chip of a batch shares in its identity file."""
+    """What every chip of a batch shares in its identity file. ``secure`` (default): CoAP protected with
+    OSCORE; False only for a factory bench (``--insecure``). ``ca``: the broker's CA (DER) to add to each chip
+    when the build has none (``mqtts://`` needs one; a CA in the batch image costs nothing per chip)."""
 
     gateways: tuple[str, ...]
     transport: str = "coap"
     wifi: tuple[str, str] | None = field(default=None, repr=False)
+    secure: bool = True
+    ca: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_gateways(self.gateways, self.transport)
+
+    @property
+    def security(self) -> str:
+        """What the ledger records: ``oscore`` or ``insecure``."""
+        return "oscore" if self.secure else "insecure"
 
 
 @dataclass(frozen=True)
@@ -92,6 +133,13 @@ class Result:
     key_fingerprint: str
     seconds: float
     console: str | None = None
+    secure: bool = True
+    previous_key_fingerprint: str | None = None  # set when a new key replaced one (the filesystem was written)
+
+    @property
+    def new_key(self) -> bool:
+        """The chip got a new key (always, unless nothing was written to its filesystem)."""
+        return self.fs_mode != "unchanged"
 
     @property
     def bytes_written(self) -> int:
@@ -163,6 +211,7 @@ def flash_device(
     board, params, man = build.board, build.params, build.manifest
     if not board.partitions:
         raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
+    extra, ca_ref = _ca_files(build, template)  # a CA problem is found before anything is spent
     progress("detect", 0, 1)
     mac = check_chip(programmer, board)
     # what the runtime needs is known before any identifier is spent: a missing runtime costs nothing
@@ -176,19 +225,54 @@ def flash_device(
         alloc = ledger.allocate(
             mac, board.name, identifier=identifier, operator=station.operator, station=station.station
         )
-        key = station.keystore().get_or_create(alloc.identifier)
-        ident = Identity(alloc.identifier, key, template.gateways, template.transport, template.wifi)
+
+        def chip_for(key: bytes) -> tuple[Identity, ChipImage]:
+            ident = Identity(alloc.identifier, key, template.gateways, template.transport, template.wifi,
+                             template.secure, ca_ref)  # fmt: skip
+            return ident, personalise(params, build.fs_image, ident, extra)
+
+        if not template.secure:
+            log.warning("INSECURE identity for %s: CoAP without OSCORE (--insecure, factory bench only)",
+                        alloc.identifier)  # fmt: skip
+        keystore = station.keystore()
         checks = Checksums(
             firmware_version=man.firmware_version,
             fs_sha256=man.fs_image["sha256"],
             runtime_sha256=rt.sha256 if rt else man.runtime.sha256 if man.runtime else None,
-            key_fingerprint=ident.fingerprint,
+            security=template.security,
         )
         try:
-            chip_image = personalise(params, build.fs_image, ident)
-            checks = Checksums(**{**vars(checks), "image_sha256": im.sha256(chip_image.image)})
-            fs_mode = "full" if full else _fs_state(programmer, build, chip_image.image)
-            plan += _fs_plan(board, fs_mode, chip_image.image, chip_image.delta)
+            old_key = keystore.get(alloc.identifier)
+            on_chip = None if full else programmer.flash_md5(board.vfs.offset, board.vfs.size)
+            wipes_nvs = _touches(plan, board, STATE_PARTITIONS)
+            fs_mode, base = "", None  # base: the image the chip's vfs region holds, when known
+            if on_chip is not None and on_chip == im.md5(build.fs_image):
+                base = build.fs_image
+            elif old_key is not None and on_chip is not None:
+                ident, chip_image = chip_for(old_key)
+                if on_chip == im.md5(chip_image.image):
+                    base = chip_image.image
+                    if not wipes_nvs:
+                        fs_mode = "unchanged"  # its image under its key, state kept: nothing written, key kept
+            previous = None
+            delta: tuple[tuple[int, bytes], ...] = ()
+            if fs_mode != "unchanged":
+                # the device's state is reset (its filesystem written, or its nvs erased), and with it its OSCORE
+                # sequence number: a new key, in the keystore (durably) before the first byte goes to the chip
+                ident, chip_image = chip_for(new_key())
+                if base is None:
+                    fs_mode = "full"
+                else:
+                    fs_mode = "delta"
+                    delta = tuple(im.changed_blocks(base, chip_image.image, params.block_size))
+                keystore.rekey(alloc.identifier, ident.key)
+                previous = key_fingerprint(old_key) if old_key is not None else None
+                log.info("%s: new key %s%s (%s)", alloc.identifier, ident.fingerprint,
+                         f", replacing {previous}" if previous else "",
+                         "the runtime write erases nvs" if wipes_nvs else "the filesystem is written")  # fmt: skip
+            checks = Checksums(**{**vars(checks), "image_sha256": im.sha256(chip_image.image),
+                                  "key_fingerprint": ident.fingerprint, "previous_key_fingerprint": previous})  # fmt: skip
+            plan += _fs_plan(board, fs_mode, chip_image.image, delta)
             parts: Parts = [(off, data) for _, off, data in plan]
             _write(programmer, plan, progress)
             ledger.record(alloc.identifier, "flashed", checks)
@@ -218,7 +302,39 @@ def flash_device(
         line = console(alloc.identifier)
     writes = tuple(Write(what, off, len(data)) for what, off, data in plan)
     return Result(alloc.identifier, mac, board.chip, alloc.reused, fs_mode, writes, ident.fingerprint,
-                  time.monotonic() - t0, line)  # fmt: skip
+                  time.monotonic() - t0, line, template.secure, previous)  # fmt: skip
+
+
+def _touches(plan: list[tuple[str, int, bytes]], board: Board, names: tuple[str, ...]) -> bool:
+    """A part of ``plan`` overlaps one of the board's partitions ``names``."""
+    regions = [board.partitions[n] for n in names if n in board.partitions]
+    return any(off < r.end and r.offset < off + len(data) for _, off, data in plan for r in regions)
+
+
+def _ca_files(build: Build, template: IdentityTemplate) -> tuple[dict[str, bytes], str | None]:
+    """Per-chip files for the CA and the identity's ``ca`` reference. An ``mqtts://`` address needs the broker's
+    CA: from the batch image (``ida flash build --ca``: nothing per chip) or from ``template.ca`` (added to each
+    chip). Refused: TLS without any CA, a CA that differs from the batch image's, a CA with no mqtts:// use."""
+    tls = uses_tls(template.gateways)
+    in_build = build.manifest.ca
+    if template.ca is not None:
+        if not tls:
+            raise FlashError("a CA was given but no mqtts:// gateway address: the devices would not use it")
+        if in_build is not None and in_build["sha256"] != hashlib.sha256(template.ca).hexdigest():
+            raise FlashError(
+                f"the CA given differs from the one in the build ({in_build['subject']}, from {in_build['source']})",
+                "leave out --ca to use the build's CA, or rebuild with `ida flash build --ca FILE`",
+            )
+    if not tls:
+        return {}, None
+    if in_build is not None:
+        return {}, CA_NAME
+    if template.ca is None:
+        raise FlashError(
+            "an mqtts:// gateway address needs the broker's CA on the device, and the build has none",
+            "rebuild with `ida flash build --ca FILE` (nothing extra per chip), or give --ca FILE",
+        )
+    return {CA_PATH: template.ca}, CA_NAME
 
 
 def _runtime_plan(
@@ -237,18 +353,6 @@ def _runtime_plan(
     info, data = load_runtime(board, path, expect)
     bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
     return runtime_parts(build, info, data, bl_present), info
-
-
-def _fs_state(programmer: Programmer, build: Build, chip_image: bytes) -> str:
-    """How the chip's vfs region compares (MD5 on the chip): ``unchanged`` (already this chip's image),
-    ``delta`` (the batch image: write the changed blocks) or ``full``."""
-    vfs = build.board.vfs
-    on_chip = programmer.flash_md5(vfs.offset, vfs.size)
-    if on_chip == im.md5(chip_image):
-        return "unchanged"
-    if on_chip == im.md5(build.fs_image):
-        return "delta"
-    return "full"
 
 
 def _fs_plan(
@@ -274,21 +378,19 @@ def _write(programmer: Programmer, plan: list[tuple[str, int, bytes]], progress:
 
 
 def wait_console(port: str, baud: int, timeout: float = 20.0) -> Callable[[str], str]:
-    """A ``console`` callback for :func:`flash_device`: open the port without touching DTR/RTS (no reset),
-    ask ``id`` every second and return the first line that contains the identifier."""
+    """A ``console`` callback for :func:`flash_device`: open the port the way ``ida console`` does
+    (:func:`tools.console.open_port`: DTR/RTS released before the open, so no reset; exclusive), ask ``id``
+    every second and return the first line that contains the identifier."""
 
     def wait(identifier: str) -> str:
-        import serial
+        from tools.console import PortError, open_port
 
         from .errors import ConsoleTimeout
 
-        ser = serial.Serial()
-        ser.port, ser.baudrate, ser.timeout = port, baud, 0.2
-        ser.dtr = ser.rts = False
         try:
-            ser.open()
-        except (serial.SerialException, OSError) as e:
-            raise ConsoleTimeout(f"{port}: cannot open the console ({e})") from None
+            ser = open_port(port, baud, timeout=0.2)
+        except PortError as e:
+            raise ConsoleTimeout(f"cannot open the console: {e.args[0]}") from None
         buf = b""
         deadline = time.monotonic() + timeout
         next_ask = 0.0
