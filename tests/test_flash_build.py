@@ -15,6 +15,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -299,3 +300,63 @@ def read_until(stream: IO[bytes], marker: bytes, timeout: float, settle: float =
         buf += chunk
         seen = seen or marker in buf
     return buf.splitlines(keepends=True)
+
+
+@pytest.mark.skipif(not FIRMWARE_MAIN.exists(), reason="firmware/main.py has not landed yet: nothing to boot")
+def test_factory_image_device_reports_to_a_running_gateway(built: fb.Build, tmp_path: Path) -> None:
+    """Issue 6's proof that the factory image works: the firmware extracted from a provisioned chip image
+    (secure identity, as `ida flash` writes it) boots on the unix port and its first report, OSCORE-protected
+    with the provisioned key, is stored by a running `ida gateway` (security = "oscore", same keystore)."""
+    import urllib.error
+    import urllib.request
+
+    from tools.flash.keystore import Keystore
+
+    data = tmp_path / "gw"
+    data.mkdir()
+    ident_text = "88.123.99/PUMP-000043"
+    key = new_key()
+    Keystore.in_dir(data).put(ident_text, key)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(f'[coap]\nhost = "127.0.0.1"\nport = 0\nsecurity = "oscore"\n[http]\nhost = "127.0.0.1"\n'
+                    f'port = 0\n[data]\ndir = "{data}"\n[upstream]\nurls = ["hdl://127.0.0.1:9"]\n')  # fmt: skip
+    gw = subprocess.Popen([sys.executable, "-c",
+                           "import sys; from tools.cli import main; sys.exit(main())", "gateway", "--config", str(conf)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    dev: subprocess.Popen[bytes] | None = None
+    try:
+        assert gw.stdout is not None
+        lines = read_until(gw.stdout, b"http listening on", timeout=30)
+        text = b"".join(lines).decode()
+        coap = text.split("coap listening on ")[1].split()[0]
+        http = text.split("http listening on ")[1].split()[0]
+
+        ident = Identity(ident_text, key, (f"coap://{coap}",), "coap", secure=True)
+        chip = personalise(built.params, built.fs_image, ident)
+        root = tmp_path / "flash"
+        for path, blob in im.read_files(built.params, chip.image).items():
+            dest = root / path[1:]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(blob)
+        env = dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0")
+        dev = subprocess.Popen([micropython_binary(), "main.py"], cwd=root, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://{http}/api/devices/{ident_text}"
+        deadline = time.monotonic() + 40
+        record = None
+        while record is None:
+            assert time.monotonic() < deadline, "the factory-image device's report never reached the gateway"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    record = json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                assert e.code == 404
+                time.sleep(0.3)
+    finally:
+        if dev is not None:
+            dev.kill()
+            dev.wait()
+        gw.terminate()
+        gw.wait(10)
+    assert record["id"] == ident_text and record["board"] == "esp32-devkitc", record
+    assert record["transport"] == "coap"
