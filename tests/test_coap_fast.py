@@ -241,6 +241,13 @@ async def test_max_age_counts_down_on_whole_seconds(env: Env) -> None:
         assert r.max_age == int(expires - env.clock())
     assert ages[0] == POSITIVE_TTL - 1 and ages == sorted(ages, reverse=True)
     assert env.fast.answered == 6 and len(env.resolver.calls) == 1
+    # encoded once per whole second, not per request
+    (entry,) = env.fast.table.values()
+    tail = entry.tail
+    await env.raw.ask(request(1, b"s1"))
+    env.clock.advance(0.001)
+    await env.raw.ask(request(2, b"s2"))
+    assert entry.tail is tail
 
 
 async def test_etag_revalidation(env: Env) -> None:
@@ -432,6 +439,23 @@ async def test_duplicate_of_a_miss_in_flight_is_not_resolved_twice(env: Env) -> 
     first = await env.raw.recv()
     assert first.code == 0x45 and await env.raw.nothing(0.3)
     assert len(env.resolver.calls) == 1
+
+
+async def test_status_page_sees_fast_hits_once_a_second(tmp_path: Any) -> None:
+    from gateway.status import StatusBoard, recording
+
+    clock = Clock()
+    resolver = recording(FakeResolver(clock=clock), "coap")
+    board = resolver.board = StatusBoard()
+    async for e in _env(tmp_path, resolver, clock):
+        await e.raw.ask(request(1, b"w"))  # the miss: recorded by the wrapper
+        for i in range(5):
+            await e.raw.ask(request(10 + i, b"f"))
+        assert e.fast.answered == 5
+        assert [(r.source, r.frontend) for r in board.recent.items()] == [("cache", "coap"), ("upstream", "coap")]
+        clock.advance(1.0)
+        await e.raw.ask(request(20, b"g"))
+        assert len(board.recent) == 3 and board.recent.items()[0].id == PUMP
 
 
 # -- the real resolver: cache hits, prefetch, refresh, zone ------------------------------------------------

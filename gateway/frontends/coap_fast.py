@@ -6,19 +6,23 @@ on the (non-blocking) socket, at most ``DRAIN_MAX``, and for each one:
 1. a **hit**: a GET (CON or NON, CoAP version 1, token of 0-8 bytes) whose option bytes -- everything after the
    token, taken raw -- are a key of the table (:class:`FastPath`). Only requests the slow path validated and
    answered with a 2.05 resolution were ever put in the table, so equal bytes mean an equal, valid request:
-   ``/r/...`` with no options but Uri-Path, Uri-Query and Accept. The answer is the entry's pre-encoded
+   ``/r/...`` with no options but Uri-Path, Uri-Query, Accept and Uri-Port. The answer is the entry's pre-encoded
    response: a piggybacked ACK (CON) or a NON (NON) with the request's token, the MID echoed (ACK) or a new one
    (NON), and the entry's options and payload. ``Max-Age`` counts down: the option is re-encoded when the
    whole-second value changes (at most once per second per entry), not per request.
 2. a **revalidation**: the same with ETag options in front (ETag, option 4, is the smallest option number the
    fast path allows, so ETags come first): the key is the request without them. An ETag equal to the entry's
    gets 2.03 Valid with ETag and Max-Age; otherwise the full 2.05.
-3. anything else goes to aiocoap (the slow path, ``gateway/frontends/coap.py``), fed to it through
-   :class:`_Interface`, an aiocoap message interface over the same socket: misses, expired entries, POST/PUT,
-   Observe, block-wise, ``/d/...``, ``/.well-known/core``, unknown or malformed options, payloads, other CoAP
-   versions, empty messages, responses, RST. A GET the fast path could serve (case 1 or 2 but no entry) is
-   marked on its way (``fast_key`` on the remote); when the slow path answers it with a fresh 2.05 resolution
-   that fits in one datagram, :meth:`FastPath.learn` stores the entry.
+3. a **miss**: a GET the fast path could serve (case 1 or 2) with no fresh entry goes straight to the ``/r``
+   resource (``miss``, block-wise included) without aiocoap's routing, pipes and message copies; aiocoap's
+   message layer still de-duplicates it and sends the answer (piggybacked, or an empty ACK after
+   EMPTY_ACK_DELAY and a separate response), so the bytes are the ones aiocoap's own path sends. The request
+   carries its key (``fast_key`` on the remote); when the answer is a fresh 2.05 resolution that fits in one
+   datagram, :meth:`FastPath.learn` (called by the front end) stores the entry.
+4. anything else goes to aiocoap (the slow path, ``gateway/frontends/coap.py``), fed to it through
+   :class:`_Interface`, an aiocoap message interface over the same socket: POST/PUT, Observe, block-wise,
+   ``/d/...``, ``/.well-known/core``, unknown or malformed options, payloads, other CoAP versions, empty
+   messages, responses, RST.
 
 RFC 7252 behaviour kept on the fast path: the token is echoed; CON gets a piggybacked ACK with the request's
 Message ID, NON gets a NON; a CON whose (source, Message ID) was seen recently gets the very same bytes again
@@ -29,12 +33,12 @@ less than EXCHANGE_LIFETIME, which section 4.5 allows for idempotent requests (t
 
 Staying equal to the resolver:
 
-* an entry expires with the resolver's answer (its absolute expiry); after that the slow path answers again;
+* an entry expires with the resolver's answer (its absolute expiry); after that the miss path asks again;
 * when the resolver is a :class:`gateway.resolver.Resolver`, an entry is only stored when the answer is the one
   its cache holds, and every time the entry's Max-Age ticks (once per second while in use) it checks that the
   cache still holds that same entry and that the local zone does not have the handle: a refreshed, evicted or
   zone-overridden answer drops the entry within a second;
-* prefetch: the first hit in the last ``prefetch_fraction`` of the entry's lifetime goes to the slow path once,
+* prefetch: the first hit in the last ``prefetch_fraction`` of the entry's lifetime takes the miss path once,
   so the resolver starts its background refresh exactly as for a hit of its own;
 * zone answers (the zone can change at any time) and stale answers are never stored; neither are answers
   bigger than ``MAX_PAYLOAD`` (block-wise stays aiocoap's);
@@ -44,8 +48,9 @@ Staying equal to the resolver:
 
 Counting: hits are integer counters (:attr:`FastPath.answered`, :attr:`FastPath.valid`), added to
 ``ida_requests_total{frontend="coap"}`` at scrape time by :meth:`FastPath.samples`, and added to the resolver
-cache's hit counter once per wake-up -- never a per-request dict update. Fast hits do not appear in the status
-page's list of recent resolutions (it lists what reached the resolver).
+cache's hit counter once per wake-up -- never a per-request dict update. The status page's list of recent
+resolutions (when the resolver is a ``gateway.status`` recording wrapper) gets a fast hit at most once per entry
+per second: when the entry's Max-Age ticks.
 
 Sockets: a specific bind address is served with ``recvfrom`` / ``sendto``. A wildcard bind (``::``,
 ``0.0.0.0``) is served with ``recvmsg`` / ``sendmsg`` and the packet-info ancillary data, so that an answer leaves
@@ -258,7 +263,7 @@ class _Entry:
         """Encode the tails for the Max-Age at ``now`` and compute until when they hold (``until``); False when
         the answer does not fit in one datagram after all."""
         age = int(self.expires - now)
-        if self._payload is None or (self.dynamic and now >= self.until):
+        if self._payload is None or (self.dynamic and now > self.until):
             self._payload = render_payload(self.answer, self.as_json, now)
             if len(self._payload) > MAX_PAYLOAD:
                 return False
@@ -268,11 +273,13 @@ class _Entry:
             self.tail = (self._etag_opt + self._cf_opt + _option(OPT_MAX_AGE - OPT_CONTENT_FORMAT, value)
                          + b"\xff" + self._payload)  # fmt: skip
             self.vtail = self._etag_opt + _option(OPT_MAX_AGE - OPT_ETAG, value)
-        until = self.expires - age  # int(expires - now) stays ``age`` while now < until
-        if not self.refreshing and self.refresh_at < until:
-            until = self.refresh_at
+        # The tails hold while now <= until: int(expires - now) stays ``age`` up to expires - age, the entry is
+        # fresh while now < expires, the prefetch window opens at refresh_at, value TTLs change on whole seconds.
+        until = min(self.expires - age, math.nextafter(self.expires, -math.inf))
+        if not self.refreshing and self.refresh_at <= until:
+            until = math.nextafter(self.refresh_at, -math.inf)
         if self.dynamic:
-            until = min(until, math.floor(now) + 1.0)  # value TTLs change on whole seconds
+            until = min(until, math.nextafter(math.floor(now) + 1.0, -math.inf))
         self.until = until
         return True
 
@@ -404,6 +411,9 @@ class FastPath:
         if prefetch_fraction is None:
             prefetch_fraction = getattr(getattr(self._cache, "config", None), "prefetch_fraction", 0.1)
         self.prefetch_fraction = float(prefetch_fraction or 0.0)
+        recent = getattr(getattr(resolver, "board", None), "recent", None)  # gateway.status.RecordingResolver
+        self._recent = recent if callable(getattr(recent, "add", None)) else None
+        self._frontend = str(getattr(resolver, "frontend", "coap"))
         # counters (read by samples() and the tests)
         self.answered = 0  # 2.05 from the table
         self.valid = 0  # 2.03 from the table
@@ -515,78 +525,80 @@ class FastPath:
         answered = valid = replayed = 0
         anc: list[Any] = []
         pktinfo: bytes | None = None
-        for _ in range(DRAIN_MAX):
-            try:
-                if pk:
-                    data, cmsgs, _flags, addr = recvmsg(RECV_SIZE, ANC_SIZE)
-                    pktinfo = cmsgs[0][2] if cmsgs else None
-                    anc = _anc(pktinfo) if pktinfo else []
-                else:
-                    data, addr = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                if e.errno in (errno.EBADF, errno.ENOTSOCK):
-                    return
-                continue  # an error queued on the socket: the next read gets the next datagram
-            if serving and len(data) > 4 and data[1] == GET:
-                b0 = data[0]
-                tkl = b0 & 0x0F
-                entry = table.get(data[4 + tkl :])
-                if entry is not None:
-                    if tkl > 8 or not 0x40 <= b0 < 0x60:  # version 1, CON or NON
-                        entry = None
-                    elif now >= entry.until and not self._refresh(entry, now):
-                        entry = None
-                    elif limited is not None and limited(addr):
-                        entry = None
-                if entry is not None:
-                    if b0 >> 4 == 4:  # CON: de-duplicate, piggyback on the ACK
-                        dk = (addr, data[2] << 8 | data[3])
-                        out = seen.get(dk)
-                        if out is None:
-                            out = seen_old.get(dk)
-                        if out is None:
-                            out = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + entry.tail
-                            seen[dk] = out
+        try:
+            for _ in range(DRAIN_MAX):
+                try:
+                    if pk:
+                        data, cmsgs, _flags, addr = recvmsg(RECV_SIZE, ANC_SIZE)
+                        pktinfo = cmsgs[0][2] if cmsgs else None
+                        anc = _anc(pktinfo) if pktinfo else []
+                    else:
+                        data, addr = recvfrom(RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EBADF, errno.ENOTSOCK):
+                        return
+                    continue  # an error queued on the socket: the next read gets the next datagram
+                if serving and len(data) > 4 and data[1] == GET:
+                    b0 = data[0]
+                    tkl = b0 & 0x0F
+                    entry = table.get(data[4 + tkl :])
+                    if entry is not None:
+                        if tkl > 8 or not 0x40 <= b0 < 0x60:  # version 1, CON or NON
+                            entry = None
+                        elif now > entry.until and not self._refresh(entry, now):
+                            entry = None
+                        elif limited is not None and limited(addr):
+                            entry = None
+                    if entry is not None:
+                        if b0 >> 4 == 4:  # CON: de-duplicate, piggyback on the ACK
+                            dk = (addr, data[2] << 8 | data[3])
+                            out = seen.get(dk)
+                            if out is None:
+                                out = seen_old.get(dk)
+                            if out is None:
+                                out = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + entry.tail
+                                seen[dk] = out
+                                answered += 1
+                            elif not out:  # _SLOW: aiocoap took the original, it de-duplicates its own
+                                self._to_slow(data, addr, pktinfo)
+                                continue
+                            else:
+                                replayed += 1
+                        else:  # NON: answered with a NON of our own Message ID
+                            mid = self._mid = (self._mid + 1) & 0xFFFF
+                            out = _NON_CONTENT[tkl] + mid.to_bytes(2, "big") + data[4 : 4 + tkl] + entry.tail
                             answered += 1
-                        elif not out:  # _SLOW: aiocoap took the original, it de-duplicates its own
-                            self._to_slow(data, addr, pktinfo)
-                            continue
-                        else:
-                            replayed += 1
-                    else:  # NON: answered with a NON of our own Message ID
-                        mid = self._mid = (self._mid + 1) & 0xFFFF
-                        out = _NON_CONTENT[tkl] + mid.to_bytes(2, "big") + data[4 : 4 + tkl] + entry.tail
-                        answered += 1
-                    try:
-                        if pk:
-                            sock.sendmsg((out,), anc, 0, addr)
-                        else:
-                            sendto(out, addr)
-                    except (BlockingIOError, InterruptedError):
-                        self._queue(out, addr, anc)
-                        serving = False  # the socket is full: the rest of this batch waits in order
-                    except OSError:
-                        self.dropped += 1
-                    continue
-            res = self._other(data, addr, pktinfo, anc, now, serving, limited)
-            if res == 1:
-                answered += 1
-            elif res == 2:
-                valid += 1
-            elif res == 3:
-                replayed += 1
-        if answered or valid:
-            self.answered += answered
-            self.valid += valid
-            if self._cache is not None:
-                self._cache.stats.hits += answered + valid
-        self.replayed += replayed
-        if len(seen) >= DEDUP_GENERATION or time.monotonic() - self._seen_since >= EXCHANGE_LIFETIME / 2:
-            self._seen_old = seen
-            self._seen = {}
-            self._seen_since = time.monotonic()
+                        try:
+                            if pk:
+                                sock.sendmsg((out,), anc, 0, addr)
+                            else:
+                                sendto(out, addr)
+                        except (BlockingIOError, InterruptedError):
+                            self._queue(out, addr, anc)
+                            serving = False  # the socket is full: the rest of this batch waits in order
+                        except OSError:
+                            self.dropped += 1
+                        continue
+                res = self._other(data, addr, pktinfo, anc, now, serving, limited)
+                if res == 1:
+                    answered += 1
+                elif res == 2:
+                    valid += 1
+                elif res == 3:
+                    replayed += 1
+        finally:  # counted once per wake-up, also when a datagram's handling raised
+            if answered or valid:
+                self.answered += answered
+                self.valid += valid
+                if self._cache is not None:
+                    self._cache.stats.hits += answered + valid
+            self.replayed += replayed
+            if len(seen) >= DEDUP_GENERATION or time.monotonic() - self._seen_since >= EXCHANGE_LIFETIME / 2:
+                self._seen_old = seen
+                self._seen = {}
+                self._seen_since = time.monotonic()
 
     def _source_limited(self, addr: Any) -> bool:
         limiter = self._limiter()
@@ -615,7 +627,7 @@ class FastPath:
         if fast is not None and serving:
             key, etags = fast
             entry = self.table.get(key)
-            if entry is not None and etags and (now < entry.until or self._refresh(entry, now)) \
+            if entry is not None and etags and (now <= entry.until or self._refresh(entry, now)) \
                     and (limited is None or not limited(addr)):  # fmt: skip
                 tkl = data[0] & 0x0F
                 hit = entry.etag in etags
@@ -730,6 +742,8 @@ class FastPath:
         if not entry.render(now):
             self._forget(entry)
             return False
+        if self._recent is not None:  # the status page sees the identifier in use, once a second at most
+            self._recent.add(entry.answer.handle, self._frontend, "cache", wire.OK, 0.0)
         return True
 
     def _forget(self, entry: _Entry) -> None:

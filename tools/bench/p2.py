@@ -31,7 +31,8 @@ GOAL_P2 = "resolve round trip over MQTT through Mosquitto >= 10,000/s per gatewa
 LIMITS_P2 = ("The gateway's MQTT front end: paho's network loop runs in its own thread and the front end on the asyncio "
              "loop, and both hold the one GIL. Per request about 0.2 ms of Python in paho's thread (select, several "
              "reads, packet parsing, the hand-off) and 0.25 ms on the loop (decode, resolve, encode, paho's publish) on "
-             "this machine: one process tops out near 2,000-2,500/s with its server CPU near 0.85 of a core. The bare "
+             "this machine: one process tops out near 1,500-2,500/s at 0.75-1.0 of a core (lowest when the machine is "
+             "quiet: the two threads then run on both cores and contend for the GIL). The bare "
              "responder (asyncio MQTT framing of its own, no resolver) shows what one Python process behind this broker "
              "can do; 10,000/s needs the MQTT framing on the asyncio loop without paho and pre-encoded answers for cache "
              "hits, as the CoAP fast path has. The broker's CPU is listed with each figure.")
