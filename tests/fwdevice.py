@@ -11,6 +11,7 @@ resolve of known identifiers) from a thread with its own event loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import queue
@@ -160,6 +161,8 @@ class CoapGateway:
     def __init__(self, device_id: str, port: int | None = None) -> None:
         self.device_id = device_id
         self.port = port or free_udp_port()
+        self._auto_port = port is None  # a port chosen here may be taken by another process before we bind
+        self._started = False
         self.reports: list[dict[int, Any]] = []
         self.cfg_acks: list[dict[int, Any]] = []
         self.resolves: list[str] = []
@@ -248,7 +251,12 @@ class CoapGateway:
         self._thread.start()
         ready.wait(10)
         if errors:
-            raise errors[0]
+            e = errors[0]
+            if self._auto_port and not self._started and isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+                self.port = free_udp_port()  # lost the race for the free port: take another one
+                return self.start()
+            raise e
+        self._started = True
         return self
 
     def stop(self) -> None:
