@@ -43,6 +43,7 @@ from gateway.frontends.common import DeviceRegistry, InFlight, failure, json_eta
 from gateway.logfmt import kv
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
+from gateway.registry import Registry
 from gateway.resolution import Answer, Resolving, etag_of
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ class CoapFrontEnd:
                 if identifier.normalise(fields["id"]) != ident:
                     return self._fail(wire.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path")
                 if leaf == REPORT:
-                    return self._report(request, ident, fields)
+                    return await self._report(request, ident, fields)
                 self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
                 log.info("config ack %s", kv(device=ident, cfgver=fields["cfgver"], code=fields["code"]))
                 return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED))
@@ -273,8 +274,11 @@ class CoapFrontEnd:
             except Exception as e:
                 return self._fail(*failure(e))
 
-    def _report(self, request: aiocoap.Message, ident: str, fields: dict[str, Any]) -> aiocoap.Message:
-        new = self.registry.record_report(ident, fields, "coap", _peer(request))
+    async def _report(self, request: aiocoap.Message, ident: str, fields: dict[str, Any]) -> aiocoap.Message:
+        if isinstance(self.registry, Registry):  # group commit: answered once its batch is committed
+            new = await self.registry.record_report_async(ident, fields, "coap", _peer(request))
+        else:
+            new = self.registry.record_report(ident, fields, "coap", _peer(request))
         log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
         ack = wire.encode("report_ack", {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK})
         return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR))

@@ -401,8 +401,13 @@ class MqttFrontEnd:
             log.warning("mqtt report for another device %s", kv(topic_device=device, payload_id=claimed))
             self._ack(key, boot, seq, wire.FORBIDDEN)
             return
+        self._spawn(self._store_report(key, device, fields))
+
+    async def _store_report(self, key: str, device: str, fields: dict[str, Any]) -> None:
+        """Acknowledged only once the report's batch is committed (``Registry.record_report_async``)."""
+        boot, seq = fields["boot"], fields["seq"]
         try:
-            new = self.registry.record_report(device, fields, TRANSPORT)
+            new = await self.registry.record_report_async(device, fields, TRANSPORT)
         except ValueError as e:
             log.info("mqtt report rejected %s", kv(device=device, boot=boot, seq=seq, error=e))
             self._ack(key, boot, seq, wire.BAD_REQUEST)
