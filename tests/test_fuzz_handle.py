@@ -25,10 +25,17 @@ from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gateway.errors import UpstreamError
+from gateway.errors import ProtocolError, UpstreamError
 from gateway.handle.client import HandleClient
-from gateway.handle.codec import ResolveResult, decode_message
+from gateway.handle.codec import (
+    Reassembler,
+    ResolutionResponse,
+    ResolveResult,
+    decode_message,
+    decode_response,
+)
 from gateway.records import HandleValue
 from tests.fuzzing import fuzz_settings, watch_logs
 
@@ -284,3 +291,60 @@ def test_regression_handle_fuzz_smoke() -> None:
     ]
     for c in cases:
         asyncio.run(_scenario([PUMP], Script(udp=[c, c], tcp=[lambda rid: None]), True))
+
+
+# -- the UDP reassembler as a state machine -------------------------------------------------------------------------
+class ReassemblerMachine(RuleBasedStateMachine):
+    """Pieces of the real 3-datagram answer, mutated pieces, pieces of other answers and garbage, in any order and
+    any number: feed() returns the original message exactly once, when every original piece is in and no
+    inconsistent one was accepted first; it raises nothing but ProtocolError; ``missing`` and ``received``
+    always agree with what was accepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.r = Reassembler(struct.unpack_from(">I", MANY_PIECES[0], 8)[0])
+        self.accepted: set[int] = set()
+        self.tainted = False  # a mutated piece got in: the result may differ (it must still be one message)
+        self.done: bytes | None = None
+
+    def _feed(self, d: bytes, original: int | None) -> None:
+        try:
+            out = self.r.feed(d)
+        except ProtocolError:
+            return
+        if original is None:
+            self.tainted = True
+        else:
+            self.accepted.add(original)
+        if out is not None:
+            assert self.done is None, "a second whole message from one reassembler"
+            self.done = out
+            if not self.tainted:
+                resp = decode_response(decode_message(out))
+                assert isinstance(resp, ResolutionResponse) and len(resp.values) == 21
+
+    @rule(i=st.integers(0, 2))
+    def original(self, i: int) -> None:
+        self._feed(MANY_PIECES[i], i)
+
+    @rule(data=st.data(), i=st.integers(0, 2))
+    def mutated_piece(self, data: st.DataObject, i: int) -> None:
+        d = data.draw(edits(MANY_PIECES[i]))
+        if d != MANY_PIECES[i]:
+            self._feed(d, None)
+
+    @rule(d=st.sampled_from([FOUND, NOTFOUND, TTL]) | st.binary(max_size=530))
+    def other(self, d: bytes) -> None:
+        self._feed(d, None)
+
+    @invariant()
+    def consistent(self) -> None:
+        if self.r.expected is not None and not self.r.complete:
+            assert set(self.r.missing) | set(range(self.r.expected)) == set(range(self.r.expected))
+            assert self.r.received + len(self.r.missing) == self.r.expected
+        if not self.tainted and self.accepted == {0, 1, 2}:
+            assert self.done is not None and self.r.complete
+
+
+ReassemblerMachine.TestCase.settings = fuzz_settings(30, stateful_step_count=12)
+test_fuzz_reassembler_state_machine = ReassemblerMachine.TestCase

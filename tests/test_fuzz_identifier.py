@@ -144,7 +144,9 @@ def test_every_malformed_utf8_is_not_utf8() -> None:
             assert identifier.reason_of(b) == identifier.NOT_UTF8, b
 
 
-def test_lone_surrogate_text_is_not_utf8() -> None:
+def test_regression_gateway_lone_surrogate_identifier() -> None:
+    # finding: identifier.parse accepted text with a lone surrogate (valid Python str, no UTF-8 form), which then
+    # failed as UnicodeEncodeError in the Handle request encoder or SQLite: 500 and a traceback instead of 400
     # a str the network cannot produce (cbor2, paho and aiocoap decode UTF-8 strictly), but a caller can
     assert identifier.reason_of("88/\ud800") == identifier.NOT_UTF8
     assert identifier.reason_of("\udc80/x") == identifier.NOT_UTF8

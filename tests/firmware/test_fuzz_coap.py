@@ -4,6 +4,7 @@
 # Observe and payload), every callback gets a well-formed result, the config it passes on is applied by
 # the real config.Config without an exception, everything the client sends decodes, and afterwards a clean
 # exchange still works. Seeded and bounded (fuzzlib.py); test_regression_* hold the inputs of findings.
+import gc
 from mptest import eq, ok, note
 import fuzzlib as F
 from fwfakes import FakeSock, FakeHal, tmpdir, rmtree
@@ -95,7 +96,8 @@ class Rig:
         self.c.sock = FakeSock()
         self.c.now = self.now = 1000
         self.c.on_config = self.on_config
-        self.results = []
+        self.results = []  # the latest results (bounded: a long campaign must not fill the heap itself)
+        self.nresults = 0
         self.configs = 0
         self.sent = []  # (mid, tok, tkl) of requests the client sent
 
@@ -107,14 +109,20 @@ class Rig:
         code, v, msg = self.cfg.apply(payload)
         ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
 
+    def keep(self, res):
+        self.nresults += 1
+        self.results.append(res)
+        if len(self.results) > 64:
+            del self.results[:32]
+
     def resolved(self, res):
         ok(type(res) is tuple and len(res) == 5, "resolve result %r" % (res,))
         ok(type(res[0]) is int, "code %r" % (res[0],))
-        self.results.append(res)
+        self.keep(res)
 
     def reported(self, code, boot, seq):
         ok(type(code) is int and (boot, seq) == (7, 9), "report result %r" % ((code, boot, seq),))
-        self.results.append(code)
+        self.keep(code)
 
     def collect(self):
         """Decode what the client sent (it must all be well-formed CoAP)."""
@@ -199,6 +207,8 @@ def test_fuzz_client_exchanges():
     r = Rig()
     try:
         n = 0
+        gc.collect()
+        base = gc.mem_alloc()
         for i in range(F.rounds(800)):
             if F.chance(2):
                 _start_something(r)
@@ -207,7 +217,7 @@ def test_fuzz_client_exchanges():
             if F.chance(20):
                 r.now += F.pick((10, 2000, 5000, 61000))
                 r.feed(b"")  # just the timers
-        note(n, "datagrams,", len(r.results), "results,", r.configs, "configs, errors", r.c.errors)
+        note(n, "datagrams,", r.nresults, "results,", r.configs, "configs, errors", r.c.errors)
         # every exchange ends (answered or given up), then a clean resolve still works
         for _ in range(30):
             r.now += 10000
@@ -222,6 +232,10 @@ def test_fuzz_client_exchanges():
         r.feed(_reply(coap.ACK, coap.CONTENT, mid, tok, tkl, ((coap.O_CF, 60),),
                       cbor.dumps({3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 23: 2})))
         eq(r.results, [(1, "88.1/CLEAN", [[1, "URL", "u", 5]], 2, None)])
+        r.results = []
+        gc.collect()
+        grown = gc.mem_alloc() - base
+        ok(grown < 16384, "the client's heap grew by %d bytes" % grown)
     finally:
         r.close()
 

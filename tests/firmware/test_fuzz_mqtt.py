@@ -4,6 +4,7 @@
 # a well-framed PUBLISH, whatever its topic and payload, never costs the connection; every callback gets a
 # well-formed result; the desired config handed on is applied by the real config.Config without an
 # exception; afterwards a clean resolve still works. Seeded and bounded (fuzzlib.py).
+import gc
 from mptest import eq, ok, note
 import fuzzlib as F
 from fwfakes import FakeSock, FakeHal, tmpdir, rmtree
@@ -107,7 +108,8 @@ class Rig:
         self.t.on_config = self.on_config
         self.t.s.enabled = True
         self.now = 0
-        self.results = []
+        self.results = []  # the latest results (bounded: a long campaign must not fill the heap itself)
+        self.nresults = 0
         self.configs = 0
         self.reconnects = 0
         self.connect()
@@ -138,13 +140,19 @@ class Rig:
         code, v, msg = self.cfg.apply(payload)
         ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
 
+    def keep(self, res):
+        self.nresults += 1
+        self.results.append(res)
+        if len(self.results) > 64:
+            del self.results[:32]
+
     def resolved(self, res):
         ok(type(res) is tuple and len(res) == 5 and type(res[0]) is int, "resolve result %r" % (res,))
-        self.results.append(res)
+        self.keep(res)
 
     def reported(self, code, boot, seq):
         ok(type(code) is int and type(boot) is int and type(seq) is int, "report result %r" % ((code, boot, seq),))
-        self.results.append(code)
+        self.keep(code)
 
     def tokens(self):
         return [r[0] for r in self.t._res]
@@ -185,6 +193,8 @@ def test_fuzz_transport():
     t = r.t
     try:
         framed = garbage = 0
+        gc.collect()
+        base = gc.mem_alloc()
         for i in range(F.rounds(800)):
             if F.chance(3) and len(t._res) < 2:
                 t.resolve(F.pick(("88.1/X", "88.1/Y", "0.NA/88.1")), r.resolved, F.pick((None, "URL")))
@@ -209,7 +219,7 @@ def test_fuzz_transport():
                 r.reconnects += 1
                 r.connect()
             c.sock.tx.clear()
-        note(framed, "framed and", garbage, "garbage packets;", len(r.results), "results,", r.configs, "configs,",
+        note(framed, "framed and", garbage, "garbage packets;", r.nresults, "results,", r.configs, "configs,",
              r.reconnects, "reconnects")
         # a clean resolve still works
         for _ in range(10):
@@ -226,6 +236,10 @@ def test_fuzz_transport():
             {1: tok, 3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 5: 60, 23: 2})))
         r.poll()
         eq(r.results, [(1, "88.1/CLEAN", [[1, "URL", "u", 5]], 2, None)])
+        r.results = []
+        gc.collect()
+        grown = gc.mem_alloc() - base
+        ok(grown < 16384, "the transport's heap grew by %d bytes" % grown)
     finally:
         r.close()
 
