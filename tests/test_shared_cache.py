@@ -25,7 +25,7 @@ H = PUMP.handle
 
 
 def gateway(up: FakeUpstream, url: str, clock: Clock, *, lock_wait: float = 1.0,
-            timeout: float = 0.25) -> tuple[Resolver, RedisSharedCache]:  # fmt: skip
+            timeout: float = 2.0) -> tuple[Resolver, RedisSharedCache]:  # fmt: skip
     """One gateway's resolver: its own local (memory) cache, the shared Redis tier, the common upstream."""
     cfg = ResolverConfig(prefetch=False)
     shared = RedisSharedCache(url, max_stale=cfg.max_stale, clock=clock, lock_wait=lock_wait, timeout=timeout)
