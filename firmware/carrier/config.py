@@ -26,7 +26,7 @@ class Config:
             try:
                 d = json.loads(data)
                 self._set(int(d.get("cfgver", 0)), int(d.get("interval", default_interval)), d.get("meta") or {})
-            except (ValueError, TypeError, AttributeError) as e:
+            except (ValueError, TypeError, AttributeError, OverflowError) as e:  # OverflowError: 1e400 -> inf
                 self.error = "config.json ignored: %s" % e
 
     def _set(self, cfgver, interval, meta):

@@ -61,8 +61,11 @@ class Identity:
     def __init__(self, d, key=None):
         if type(d) is not dict:
             raise IdentityError("identity must be a JSON object")
+        i = d.get("id") or ""
+        if type(i) is not str:  # a number or list would reach bytes() in ident.parse: TypeError, not IdentityError
+            raise IdentityError("bad identifier: id must be text")
         try:
-            self.id = ident.parse(d.get("id") or "")
+            self.id = ident.parse(i)
         except ident.IdentError as e:
             raise IdentityError("bad identifier: " + e.reason)
         self.idb = self.id.encode()
