@@ -27,7 +27,8 @@ go to SQLite in one transaction on :meth:`Cache.flush`, which runs when ``flush_
 are waiting, when :meth:`Cache.maybe_flush` finds ``flush_interval`` elapsed (the resolver calls it on a
 timer), and on :meth:`Cache.close`. A crash loses at most the changes of the last interval. A file that
 is not a readable cache database is moved aside (``*.corrupt-<time>``) and a fresh one started: the cache
-is disposable. Records are stored as CBOR ``[code, handle, [[index, type, data, ttl, ttlType, timestamp,
+is disposable. A record is CBOR-encoded when it is flushed, not when it is stored (its size is computed
+without encoding). Records are stored as CBOR ``[code, handle, [[index, type, data, ttl, ttlType, timestamp,
 permissions, [[ref handle, ref index], ...]], ...]]``.
 
 No I/O except SQLite, no asyncio, no global state; time comes from the injectable ``clock``.
@@ -179,6 +180,61 @@ def encode_record(code: int, handle: str, record: Record | None) -> bytes:
     return cbor2.dumps([code, handle, values], canonical=True)
 
 
+def _head_len(n: int) -> int:
+    """Bytes of a CBOR head (major type + argument) for argument ``n`` (0 <= n < 2**64)."""
+    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 0x100000000 else 9
+
+
+def _int_len(n: int) -> int:
+    if type(n) is not int or not -(1 << 64) <= n < (1 << 64):
+        raise _Unsized
+    return _head_len(n if n >= 0 else -1 - n)
+
+
+def _str_len(s: str) -> int:
+    if type(s) is not str:
+        raise _Unsized
+    n = len(s) if s.isascii() else len(s.encode("utf-8"))
+    return _head_len(n) + n
+
+
+class _Unsized(Exception):
+    """A value the size shortcut does not handle: encode it to measure it."""
+
+
+def _record_size(code: int, handle: str, record: Record | None) -> int:
+    """``len(encode_record(code, handle, record))`` without encoding (the record is encoded when it is
+    written to SQLite, see :meth:`Cache.flush`); falls back to encoding for unusual values."""
+    try:
+        values = () if record is None else record.values
+        size = 1 + _int_len(code) + _str_len(handle) + _head_len(len(values))
+        for v in values:
+            data = v.data
+            if type(data) is not bytes:
+                raise _Unsized
+            refs = v.references
+            size += (1 + _int_len(v.index) + _str_len(v.type) + _head_len(len(data)) + len(data) + _int_len(v.ttl)
+                     + _int_len(v.ttl_type) + _int_len(v.timestamp) + _int_len(v.permissions)
+                     + _head_len(len(refs)))  # fmt: skip
+            for r in refs:
+                if len(r) != 2:
+                    raise _Unsized
+                size += 1 + _str_len(r[0]) + _int_len(r[1])
+        return size
+    except (_Unsized, UnicodeEncodeError):
+        return len(encode_record(code, handle, record))
+
+
+def _key_size(key: CacheKey) -> int:
+    """``len(_key_blob(key))`` without encoding."""
+    try:
+        types, indexes = key[1], key[2]
+        return (1 + _str_len(key[0]) + _head_len(len(types)) + sum(_str_len(t) for t in types)
+                + _head_len(len(indexes)) + sum(_int_len(i) for i in indexes))  # fmt: skip
+    except (_Unsized, UnicodeEncodeError):
+        return len(_key_blob(key))
+
+
 def decode_record(blob: bytes) -> tuple[int, Record | None]:
     code, handle, values = cbor2.loads(blob)
     if code not in ANSWER_CODES or not isinstance(handle, str) or not isinstance(values, list):
@@ -195,6 +251,11 @@ def decode_record(blob: bytes) -> tuple[int, Record | None]:
 
 # -- SQLite ------------------------------------------------------------------------------------------------
 _Row = tuple[bytes, int, float, float, bytes]  # key blob, code, stored_at, expires_at, record blob
+
+
+def _row(key: CacheKey, entry: CacheEntry) -> _Row:
+    """The SQLite row of an entry stored by :meth:`Cache.put` (its record is in memory, never a blob)."""
+    return _key_blob(key), entry.code, entry.stored_at, entry.expires_at, encode_record(entry.code, key[0], entry._record)
 
 
 class _Store:
@@ -263,7 +324,8 @@ class Cache:
         self._clock = clock
         self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
         self._bytes = 0
-        self._pending: dict[CacheKey, _Row | None] = {}  # not yet in SQLite; None = delete
+        # not yet in SQLite: an entry to encode at flush (or its row, after a failed write); None = delete
+        self._pending: dict[CacheKey, CacheEntry | _Row | None] = {}
         self._last_flush = clock()
         self.stats = CacheStats()
         self._store: _Store | None = None
@@ -349,9 +411,7 @@ class Cache:
             now, life = stored_at, max(0.0, expires_at - stored_at)
         else:
             life = self.lifetime(code, rec, now)
-        blob = encode_record(code, key[0], rec)
-        kblob = _key_blob(key)
-        size = len(blob) + len(kblob) + ENTRY_OVERHEAD
+        size = _record_size(code, key[0], rec) + _key_size(key) + ENTRY_OVERHEAD
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
@@ -366,7 +426,7 @@ class Cache:
         self._bytes += size
         self.stats.inserts += 1
         if self._store is not None:
-            self._pending[key] = (kblob, code, entry.stored_at, entry.expires_at, blob)
+            self._pending[key] = entry  # encoded when flushed
         self._evict()
         self._sync_gauges()
         if len(self._pending) >= self.config.flush_max_pending:
@@ -439,7 +499,8 @@ class Cache:
         if self._store is None or not self._pending:
             self._pending.clear()
             return
-        rows, self._pending = self._pending, {}
+        pending, self._pending = self._pending, {}
+        rows = {k: _row(k, r) if isinstance(r, CacheEntry) else r for k, r in pending.items()}
         upserts = [r for r in rows.values() if r is not None]
         deletes = [_key_blob(k) for k, r in rows.items() if r is None]
         t0 = time.perf_counter()

@@ -176,7 +176,7 @@ class Resolver:
             raise RuntimeError("resolver is closed")
         self._start_housekeeping()
 
-        zrec = self.zone.get(name)
+        zrec = self.zone.get_normalised(name)
         if zrec is not None:
             self._zone_hits += 1
             return self._zone_answer(name, zrec, types, indexes)

@@ -178,6 +178,10 @@ class Zone:
                 return None
         return rec
 
+    def get_normalised(self, name: str) -> Record | None:
+        """The record of an already normalised handle (:func:`gateway.identifier.normalise`), or None."""
+        return self._records.get(name)
+
     def add(self, record: Record | dict[str, Any], *, persist: bool = True) -> Record:
         """Add or replace one record (a Record or its Handle REST JSON form); returns it normalised.
 

@@ -10,7 +10,7 @@ import pytest
 
 from gateway import wire
 from gateway.cache import ENTRY_OVERHEAD, Cache, CacheConfig, cache_key, decode_record, encode_record
-from gateway.records import TTL_ABSOLUTE, Record
+from gateway.records import TTL_ABSOLUTE, HandleValue, Record
 from tests.upstream_fakes import PUMP, T0, Clock, record, value
 
 KEY = cache_key(PUMP.handle)
@@ -304,3 +304,35 @@ def test_cache_throughput() -> None:
             c.get(k)
     dt = time.perf_counter() - t0
     assert dt < 2.0, f"11000 cache operations took {dt:.2f}s"
+
+
+@pytest.mark.parametrize("rec", [
+    PUMP,
+    Record("88.123.99/ÄÖ-ü", (value(1, "URL", b"x" * 300, ttl=-5), value(70000, "ÉMAIL", b"", ttl=2**40))),
+    Record("88.123.99/REF", (HandleValue(3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1,
+                                         (("0.NA/88", 300), ("ü/x", -2**64))),)),
+    Record("88.123.99/BIG", (HandleValue(1, "URL", b"y", 2**70, 0, 0, 0, ()),)),  # encoded to measure
+    Record("88.123.99/EMPTY", ()),
+])  # fmt: skip
+def test_size_without_encoding_matches_the_encoded_form(rec: Record) -> None:
+    from gateway.cache import _key_blob, _key_size, _record_size
+
+    for code in (wire.OK, wire.NOT_FOUND):
+        r = rec if code == wire.OK else None
+        assert _record_size(code, rec.handle, r) == len(encode_record(code, rec.handle, r))
+    for key in (cache_key(rec.handle), cache_key(rec.handle, ("URL", "ÉMAIL"), (1, 300, 70000, 2**33))):
+        assert _key_size(key) == len(_key_blob(key))
+
+
+def test_pending_entries_are_encoded_at_flush(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    c = make(path=path)
+    c.put(KEY, wire.OK, PUMP)
+    assert c.dirty == 1 and _rows(path) == 0
+    c.flush()
+    assert _rows(path) == 1
+    con = sqlite3.connect(path)
+    (blob,) = con.execute("SELECT record FROM entries").fetchone()
+    con.close()
+    assert blob == encode_record(wire.OK, KEY[0], PUMP)
+    c.close()

@@ -230,7 +230,7 @@ class CoapFrontEnd:
         if as_json:
             payload = json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
         else:
-            payload = wire.encode("resolve_response", {
+            payload = wire.encode_resolve_response({
                 "code": wire.OK, "id": answer.handle, "values": answer.record.to_device_values(now),
                 "source": answer.source})  # fmt: skip
         response = aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_JSON if as_json else CF_CBOR)

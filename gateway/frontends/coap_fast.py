@@ -227,9 +227,9 @@ def render_payload(answer: Answer, as_json: bool, now: float) -> bytes:
     assert answer.record is not None
     if as_json:
         return json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
-    return wire.encode("resolve_response", {"code": wire.OK, "id": answer.handle,
-                                            "values": answer.record.to_device_values(now),
-                                            "source": wire.SOURCE_CACHE})  # fmt: skip
+    return wire.encode_resolve_response({"code": wire.OK, "id": answer.handle,
+                                         "values": answer.record.to_device_values(now),
+                                         "source": wire.SOURCE_CACHE})  # fmt: skip
 
 
 # -- the table ---------------------------------------------------------------------------------------------
