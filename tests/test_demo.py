@@ -138,7 +138,7 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
             except queue.Empty:
                 pass
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.wait(timeout=90)  # stop graces: devices 3 s, each of 3 services up to 10 s
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -332,6 +332,10 @@ def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, t
     assert c.resolves_not_modified > 0, "the etag of the first answer revalidates later ones"
     seen = gateway.devices(prefix)
     assert all(d["transport"] == "mqtt" for d in seen)
+    deadline = time.monotonic() + 15  # the offline statuses travel through the broker after the fleet stopped
+    while any(d["online"] for d in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = gateway.devices(prefix)
     assert not any(d["online"] for d in seen), "a clean stop publishes every device's offline status"
 
 
