@@ -207,7 +207,13 @@ def test_fuzz_overrides(text: str, which: str) -> None:
 def test_regression_config_file_not_utf8(tmp_path: Path) -> None:
     # fuzz finding: tomllib.load decodes the file itself and raised UnicodeDecodeError (not ConfigError)
     p = tmp_path / "gateway.toml"
-    for data in (b"\xff", b'[coap]\nhost = "\xc3\x28"\n', b"\xef\xbb\xbf[coap]\n", b"\xed\xa0\x80 = 1\n"):
+    for data in (
+        b"\x80",
+        b"\xff",
+        b'[coap]\nhost = "\xc3\x28"\n',
+        b"\xef\xbb\xbf[coap]\n",
+        b"\xed\xa0\x80 = 1\n",
+    ):
         p.write_bytes(data)
         try:
             gwconfig.load(p, env={})

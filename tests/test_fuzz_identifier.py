@@ -194,7 +194,7 @@ def test_regression_flashed_identifier_beyond_bmp(tmp_path: Path) -> None:
     # surrogates (CESU-8 bytes): the device's identifier was not the one flashed (and not UTF-8 at all).
     from tools.flash.identity import Identity
 
-    ident = "88.123.99/\U00020000-\U0001f600"
+    ident = "88.123.99/\U00020000-\U0001f600-\U00014607"  # U+14607: the text that showed it
     data = Identity(
         ident, bytes(16), ("coap://127.0.0.1:5683",), wifi=("caf\u00e9-\U0001f4f6", "pw")
     ).to_json()

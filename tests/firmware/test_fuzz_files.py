@@ -107,7 +107,8 @@ def test_regression_config_json_number_beyond_float():
     # of Config() at every boot -- before safe mode could help: a reset loop.
     d = tmpdir("fzr")
     try:
-        for text in ('{"cfgver": 1e400}', '{"cfgver": 1, "interval": 1e999}', '{"cfgver": -1e400}'):
+        for text in ('{"meta": 1e+300, "cfgver": "30", "interval": -1e400}',  # the exact input the fuzzer found
+                     '{"cfgver": 1e400}', '{"cfgver": 1, "interval": 1e999}', '{"cfgver": -1e400}'):
             with open(d + "config.json", "w") as f:
                 f.write(text)
             c = fwconfig.Config(FakeHal(d))
