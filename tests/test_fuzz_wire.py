@@ -136,3 +136,20 @@ def test_regression_wire_odd_payloads() -> None:
            "sensors": {"t": math.nan}}  # fmt: skip
     b = wire.encode("report", rep)
     assert wire.encode("report", wire.decode("report", b)) == b
+
+
+@fuzz_settings(60)
+@given(message_maps("resolve_response"))
+def test_fuzz_quick_resolve_response_encoder_matches_encode(m: dict[Any, Any]) -> None:
+    """wire.encode_resolve_response (the CoAP answer's fast shape check) gives encode()'s bytes or its error."""
+    fields = {wire.NAMES.get(k, str(k)) if isinstance(k, int) and not isinstance(k, bool) else str(k): v
+              for k, v in m.items()}  # fmt: skip
+    try:
+        want: bytes | None = wire.encode("resolve_response", fields)
+    except wire.WireError:
+        want = None
+    try:
+        got: bytes | None = wire.encode_resolve_response(fields)
+    except wire.WireError:
+        got = None
+    assert got == want
