@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -227,8 +228,12 @@ def start_broker(workdir: Path) -> tuple[Service, int]:
         raise DemoError("mosquitto is not installed: run `make setup` as root, or apt-get install mosquitto")
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    # As root, mosquitto switches to its own user by default, and a change of user clears the parent-death
+    # signal: a SIGKILLed demo would leave the broker behind. Stay the invoking user (loopback, throwaway broker).
+    stay = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-                    "log_type error\nlog_type warning\nlog_type notice\nmax_keepalive 300\nset_tcp_nodelay true\n")  # fmt: skip
+                    "log_type error\nlog_type warning\nlog_type notice\nmax_keepalive 300\nset_tcp_nodelay true\n"
+                    + stay)  # fmt: skip
     svc = Service("mosquitto", [exe, "-c", str(conf)], workdir).start()
     deadline = time.monotonic() + START_TIMEOUT
     while True:
