@@ -31,7 +31,7 @@ de-duplicates its own). The de-duplication memory is two generations of at most 
 each, the older dropped when the newer fills up or is ``EXCHANGE_LIFETIME`` / 2 old: under a flood it remembers
 less than EXCHANGE_LIFETIME, which section 4.5 allows for idempotent requests (the fast path only answers GETs).
 
-Staying equal to the resolver:
+Staying equal to the resolver (the checks live in ``gateway/frontends/hotpath.py``, shared with the MQTT fast path):
 
 * an entry expires with the resolver's answer (its absolute expiry); after that the miss path asks again;
 * when the resolver is a :class:`gateway.resolver.Resolver`, an entry is only stored when the answer is the one
@@ -83,8 +83,8 @@ from aiocoap.tokenmanager import TokenManager
 from aiocoap.util import hostportjoin
 
 from gateway import wire
-from gateway.cache import cache_key
 from gateway.frontends.common import json_etag
+from gateway.frontends.hotpath import DROP, SERVE, CacheGuard, HotEntry
 from gateway.metrics import Sample
 from gateway.records import TTL_ABSOLUTE
 from gateway.resolution import Answer, etag_of
@@ -233,23 +233,18 @@ def render_payload(answer: Answer, as_json: bool, now: float) -> bytes:
 
 
 # -- the table ---------------------------------------------------------------------------------------------
-class _Entry:
+class _Entry(HotEntry):
     """A cached answer: its encoded options and payload, and until when they are right."""
 
-    __slots__ = ("key", "answer", "as_json", "etag", "expires", "refresh_at", "refreshing", "ref", "cache_key",
-                 "dynamic", "age", "until", "tail", "vtail", "_etag_opt", "_cf_opt", "_payload")  # fmt: skip
+    __slots__ = ("key", "as_json", "etag", "dynamic", "age", "until", "tail", "vtail", "_etag_opt", "_cf_opt",
+                 "_payload")  # fmt: skip
 
     def __init__(self, key: bytes, answer: Answer, as_json: bool, etag: bytes, payload: bytes | None, refresh_at: float,
                  ref: Any, cache_key: Any, dynamic: bool) -> None:  # fmt: skip
+        super().__init__(answer, refresh_at, ref, cache_key)
         self.key = key
-        self.answer = answer
         self.as_json = as_json
         self.etag = etag
-        self.expires = answer.expires_at
-        self.refresh_at = refresh_at
-        self.refreshing = math.isinf(refresh_at)  # the prefetch window was handed to the slow path already
-        self.ref = ref  # the resolver's cache entry this answer is (None: not a gateway.resolver.Resolver)
-        self.cache_key = cache_key
         self.dynamic = dynamic  # value TTLs in the payload count down (absolute TTLs): re-render every second
         self._etag_opt = _option(OPT_ETAG, etag)
         self._cf_opt = _option(OPT_CONTENT_FORMAT - OPT_ETAG, _uint(CF_JSON if as_json else CF_CBOR))
@@ -403,17 +398,7 @@ class FastPath:
         self._iface: _Interface | None = None
         self._backlog: collections.deque[tuple[bytes, Any, list[Any]]] = collections.deque()
         self.address: tuple[str, int] = ("", 0)
-        cache = getattr(resolver, "cache", None)
-        self._cache = cache if hasattr(cache, "peek") and hasattr(cache, "stats") else None
-        self._zone = getattr(resolver, "zone", None) if self._cache is not None else None
-        config = getattr(resolver, "config", None)
-        self._prefetch = bool(getattr(config, "prefetch", True))
-        if prefetch_fraction is None:
-            prefetch_fraction = getattr(getattr(self._cache, "config", None), "prefetch_fraction", 0.1)
-        self.prefetch_fraction = float(prefetch_fraction or 0.0)
-        recent = getattr(getattr(resolver, "board", None), "recent", None)  # gateway.status.RecordingResolver
-        self._recent = recent if callable(getattr(recent, "add", None)) else None
-        self._frontend = str(getattr(resolver, "frontend", "coap"))
+        self.guard = CacheGuard(resolver, prefetch_fraction, str(getattr(resolver, "frontend", "coap")))
         # counters (read by samples() and the tests)
         self.answered = 0  # 2.05 from the table
         self.valid = 0  # 2.03 from the table
@@ -423,6 +408,14 @@ class FastPath:
         self.learned = 0  # entries stored
         self.dropped = 0  # answers the socket would not take
         self.unparsable = 0  # datagrams aiocoap could not decode either
+
+    @property
+    def prefetch_fraction(self) -> float:
+        return self.guard.prefetch_fraction
+
+    @prefetch_fraction.setter
+    def prefetch_fraction(self, value: float) -> None:
+        self.guard.prefetch_fraction = value
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start(self, site: Any, host: str, port: int, *, reuse_port: bool = True,
@@ -592,8 +585,7 @@ class FastPath:
             if answered or valid:
                 self.answered += answered
                 self.valid += valid
-                if self._cache is not None:
-                    self._cache.stats.hits += answered + valid
+                self.guard.count_hits(answered + valid)
             self.replayed += replayed
             if len(seen) >= DEDUP_GENERATION or time.monotonic() - self._seen_since >= EXCHANGE_LIFETIME / 2:
                 self._seen_old = seen
@@ -725,25 +717,15 @@ class FastPath:
 
     def _refresh(self, entry: _Entry, now: float) -> bool:
         """Bring ``entry`` up to ``now`` (Max-Age, payload); False when the slow path must answer instead."""
-        if now >= entry.expires:
-            self._forget(entry)
-            return False
-        cache = self._cache
-        if cache is not None:
-            if cache.peek(entry.cache_key) is not entry.ref:
-                self._forget(entry)  # refreshed, evicted or dropped by the resolver's cache
-                return False
-            if self._zone is not None and self._zone.get(entry.cache_key[0]) is not None:
-                self._forget(entry)  # the local zone answers this handle now
-                return False
-        if not entry.refreshing and now >= entry.refresh_at:
-            entry.refreshing = True
-            return False  # once: the resolver sees this hit and starts its prefetch
+        verdict = self.guard.check(entry, now)
+        if verdict != SERVE:
+            if verdict == DROP:
+                self._forget(entry)
+            return False  # ONCE: the resolver sees this hit and starts its prefetch
         if not entry.render(now):
             self._forget(entry)
             return False
-        if self._recent is not None:  # the status page sees the identifier in use, once a second at most
-            self._recent.add(entry.answer.handle, self._frontend, "cache", wire.OK, 0.0)
+        self.guard.seen(entry)  # the status page sees the identifier in use, once a second at most
         return True
 
     def _forget(self, entry: _Entry) -> None:
@@ -759,31 +741,13 @@ class FastPath:
         instead of being rendered again. The entry's options are encoded on its first hit, so a miss that is
         never asked again costs little here."""
         key = getattr(request.remote, "fast_key", None)
-        if key is None or not self.learning or answer.code != wire.OK or answer.record is None:
+        if key is None or not self.learning:
             return False
-        if answer.source not in (wire.SOURCE_CACHE, wire.SOURCE_UPSTREAM):
-            return False  # zone answers can change any time; stale ones are short-lived stand-ins
-        now = self.clock()
-        if answer.expires_at <= now:
+        admitted = self.guard.admit(answer, types, indexes, self.clock(), self.table.get(key))
+        if admitted is None:
             return False
-        ref: Any = None
-        ckey: Any = None
-        fraction = self.prefetch_fraction if self._prefetch else 0.0
-        if self._cache is not None:
-            ckey = cache_key(answer.handle, types, indexes)
-            ref = self._cache.peek(ckey)
-            if ref is None or ref.expires_at != answer.expires_at:
-                return False  # not what the cache holds (e.g. too big to cache): every request asks again
-            life = ref.expires_at - ref.stored_at
-            refresh_at = (
-                math.inf if ref.prefetched or life <= 0 or fraction <= 0 else ref.expires_at - fraction * life
-            )
-        else:
-            life = answer.expires_at - now
-            refresh_at = answer.expires_at - fraction * life if fraction > 0 else math.inf
-            old = self.table.get(key)
-            if old is not None and old.expires == answer.expires_at and old.refreshing:
-                refresh_at = math.inf  # the prefetch window was handed on already for this answer
+        ref, ckey, refresh_at = admitted
+        assert answer.record is not None
         etag = answer.etag or etag_of(answer.record, answer.code)
         if as_json:
             etag = json_etag(etag)
