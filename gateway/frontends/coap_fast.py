@@ -268,13 +268,7 @@ class _Entry(HotEntry):
             self.tail = (self._etag_opt + self._cf_opt + _option(OPT_MAX_AGE - OPT_CONTENT_FORMAT, value)
                          + b"\xff" + self._payload)  # fmt: skip
             self.vtail = self._etag_opt + _option(OPT_MAX_AGE - OPT_ETAG, value)
-        # The tails hold while now <= until: int(expires - now) stays ``age`` up to expires - age, the entry is
-        # fresh while now < expires, the prefetch window opens at refresh_at, value TTLs change on whole seconds.
-        until = min(self.expires - age, math.nextafter(self.expires, -math.inf))
-        if not self.refreshing and self.refresh_at <= until:
-            until = math.nextafter(self.refresh_at, -math.inf)
-        if self.dynamic:
-            until = min(until, math.nextafter(math.floor(now) + 1.0, -math.inf))
+        until = self.hold_until(age, now, self.dynamic)
         self.until = until
         return True
 

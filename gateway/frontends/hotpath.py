@@ -46,6 +46,17 @@ class HotEntry:
         self.ref = ref  # the resolver's cache entry this answer is (None: not a gateway.resolver.Resolver)
         self.cache_key = ckey
 
+    def hold_until(self, age: int, now: float, dynamic: bool) -> float:
+        """Until when bytes rendered at ``now`` with the remaining lifetime ``age`` (= int(expires - now)) hold:
+        ``age`` stays the same up to expires - age, the entry is fresh while now < expires, the prefetch window
+        opens at refresh_at, and ``dynamic`` (value TTLs that count down) content changes on whole seconds."""
+        until = min(self.expires - age, math.nextafter(self.expires, -math.inf))
+        if not self.refreshing and self.refresh_at <= until:
+            until = math.nextafter(self.refresh_at, -math.inf)
+        if dynamic:
+            until = min(until, math.nextafter(math.floor(now) + 1.0, -math.inf))
+        return until
+
 
 class CacheGuard:
     """Admits answers into a fast path and tells whether an entry still holds (module doc).

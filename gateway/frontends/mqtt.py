@@ -2,7 +2,8 @@
 
 Subscriptions (renewed on every connect; the broker forgets them when it restarts):
 
-    $share/<group>/ida/v1/d/+/req     resolve_request  -> resolver -> …/res (QoS 0, the request's token)
+    $share/<group>/ida/v1/d/+/req     resolve_request  -> resolver -> …/res (QoS 0, the request's token; on the
+                                      resolve link)
     $share/<group>/ida/v1/d/+/rpt     report           -> registry  -> …/ack (QoS 1, also for duplicates)
     $share/<group>/ida/v1/d/+/cfgack  config_ack       -> registry
     ida/v1/d/+/status                 status (retained, last will) -> registry (every gateway sees it)
@@ -12,8 +13,11 @@ each message goes to one member. Desired config goes the other way: on every reg
 (re)connect, each device's desired config is published retained at QoS 1 on ``…/cfg`` (re-publishing it at
 connect restores it after a broker restart without persistence; the device ignores a cfgver it already has).
 
-The paho network loop runs in paho's thread; see gateway/mqttlink.py for why. Messages are handed to the asyncio
-loop, where this module does all its work. A payload that does not decode is never fatal: it is counted
+Resolve requests and their answers (QoS 0) travel on a connection of their own, driven by the asyncio loop: the
+resolve link of ``gateway/frontends/mqtt_fast.py``, which answers repeated requests from pre-encoded answers and
+hands the rest to this module (``fast_path=False`` puts them on the paho link with the rest). Reports, config
+acks, status and desired config use the paho link: paho's network loop runs in paho's thread (see
+gateway/mqttlink.py for why); its messages are handed to the asyncio loop, where this module does all its work. A payload that does not decode is never fatal: it is counted
 (``metrics.count_request("mqtt", 400)``) and answered with an error when a token (resolve) or boot/seq (report)
 can be read from it, else dropped with a log line.
 
@@ -38,11 +42,12 @@ from typing import Any, Protocol
 
 from gateway import identifier, wire
 from gateway.frontends.common import InFlight, failure
+from gateway.frontends.mqtt_fast import ResolveLink, answer_fields, reply_name
 from gateway.logfmt import kv
 from gateway.mqttlink import MqttAuth, MqttError, MqttLink, default_client_id
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
-from gateway.resolution import Answer, Resolving
+from gateway.resolution import Resolving
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +63,10 @@ class RequestCounter(Protocol):
     def count_request(self, frontend: str, code: int) -> None: ...
 
 
-def subscriptions(group: str | None) -> list[str]:
+def subscriptions(group: str | None, leaves: tuple[str, ...] = LEAVES_SHARED) -> list[str]:
     """The topic filters a gateway subscribes to (``group`` None or "" = plain, unshared subscriptions)."""
     share = f"$share/{group}/" if group else ""
-    return [f"{share}{ROOT}/+/{leaf}" for leaf in LEAVES_SHARED] + [f"{ROOT}/+/status"]
+    return [f"{share}{ROOT}/+/{leaf}" for leaf in leaves] + [f"{ROOT}/+/status"]
 
 
 def _peek_token(payload: bytes) -> bytes | None:
@@ -108,6 +113,7 @@ class MqttFrontEnd:
         clock: Callable[[], float] = time.time,
         auth: MqttAuth | None = None,
         limiter: RateLimiter | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.url = url
         self.limiter = limiter
@@ -115,13 +121,15 @@ class MqttFrontEnd:
         self.registry = registry
         self.metrics = metrics
         self.group = group
-        self.topics = subscriptions(group)
+        # the paho link's filters: without the requests when the resolve link takes them
+        self.topics = subscriptions(group, tuple(leaf for leaf in LEAVES_SHARED if leaf != "req" or not fast_path))
         self._max_inflight = max_inflight
         self._ready_timeout = ready_timeout
         self._clock = clock
+        client_id = client_id or default_client_id("ida-gw")
         self._link = MqttLink(
             url,
-            client_id=client_id or default_client_id("ida-gw"),
+            client_id=client_id,
             keepalive=keepalive,
             reconnect_max=reconnect_max,
             on_connect=self._on_connect,
@@ -129,6 +137,15 @@ class MqttFrontEnd:
             name="devices",
             auth=auth,
         )
+        self.fast: ResolveLink | None = None
+        if fast_path:
+            self.fast = ResolveLink(url, on_message=self._on_request_message, resolver=resolver, auth=auth, group=group,
+                                    client_id=_link_client_id(client_id), keepalive=keepalive,
+                                    reconnect_max=reconnect_max, limit=self._limit_request,
+                                    limiting=self._device_limiting, clock=clock)  # fmt: skip
+            add = getattr(metrics, "add_collector", None)
+            if add is not None:
+                add(self.fast.samples, add=True)
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = InFlight()
@@ -151,6 +168,8 @@ class MqttFrontEnd:
         self._closing = False
         self.registry.on_config_change(self._config_changed)
         await self._link.start()
+        if self.fast is not None:
+            await self.fast.start()
         if not await self.wait_ready(self._ready_timeout):
             log.warning(
                 "mqtt front end not ready yet %s", kv(broker=self._link.address, waited=self._ready_timeout)
@@ -166,23 +185,29 @@ class MqttFrontEnd:
         self.registry.off_config_change(self._config_changed)
         if self._link.connected:
             self._link.unsubscribe(self.topics)
+        if self.fast is not None:
+            await self.fast.unsubscribe(min(timeout, 2.0))
         if not await self._inflight.drain(timeout):
             log.warning("mqtt stop with requests in flight %s", kv(count=self._inflight.count))
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.fast is not None:
+            await self.fast.stop()
         await self._link.stop()
         self._ready.clear()
 
     @property
     def ready(self) -> bool:
-        """Connected and subscribed."""
-        return self._ready.is_set() and self._link.connected
+        """Connected and subscribed (both links)."""
+        return self._ready.is_set() and self._link.connected and (self.fast is None or self.fast.ready)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
+            if self.fast is not None:
+                await asyncio.wait_for(self.fast.wait_ready(), timeout)
         except TimeoutError:
             return False
         return True
@@ -241,8 +266,7 @@ class MqttFrontEnd:
             self._drop(topic, "unexpected topic")
             return
         key, leaf = parts[3], parts[4]
-        if leaf in LEAVES_SHARED and self.limiter is not None and self.limiter.check(device=key).limited:
-            self._ratelimited(key, leaf)
+        if leaf in LEAVES_SHARED and self._limited(key, leaf):
             return
         try:
             if leaf == "req":
@@ -260,6 +284,25 @@ class MqttFrontEnd:
         except Exception:  # a bug must not stop the front end: log it and go on with the next message
             log.exception("mqtt message handling failed %s", kv(topic=topic, bytes=len(payload)))
             self._count(wire.INTERNAL)
+
+    def _on_request_message(self, topic: str, payload: bytes) -> None:
+        """A request the resolve link did not answer itself."""
+        self._on_message(topic, payload, False)
+
+    def _limited(self, key: str, leaf: str) -> bool:
+        """Check the rate limit for a message of ``key``; True when refused (and counted)."""
+        if self.limiter is not None and self.limiter.check(device=key).limited:
+            self._ratelimited(key, leaf)
+            return True
+        return False
+
+    def _limit_request(self, key: str) -> bool:
+        """The rate limit for a request the resolve link answers from its table (``fast.answered`` counts those;
+        ``counters`` the messages this module handled)."""
+        return self._limited(key, "req")
+
+    def _device_limiting(self) -> bool:
+        return self.limiter is not None and getattr(self.limiter, "device", None) is not None
 
     def _ratelimited(self, key: str, leaf: str) -> None:
         # Dropped unanswered (an answer would spend the broker bandwidth the limit protects); debug only, so a
@@ -291,11 +334,7 @@ class MqttFrontEnd:
 
     def _reply(self, key: str, fields: dict[str, Any]) -> None:
         """Publish an answer on the requester's ``res`` topic and count it."""
-        name = "error"
-        if fields["code"] == wire.OK:
-            name = "resolve_response"
-        elif fields["code"] == wire.NOT_MODIFIED:
-            name = "not_modified"
+        name = reply_name(fields["code"])
         try:
             payload = wire.encode(name, fields)
         except wire.WireError:  # an answer we cannot express is our bug; the device still gets a reply
@@ -306,7 +345,10 @@ class MqttFrontEnd:
             fields = {"token": fields["token"], "code": wire.TOO_LARGE,
                       "msg": f"answer of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}"}  # fmt: skip
             payload = wire.encode("error", fields)
-        self._link.publish(f"{ROOT}/{key}/res", payload, qos=0)
+        if self.fast is not None:
+            self.fast.publish_res(key, payload)
+        else:
+            self._link.publish(f"{ROOT}/{key}/res", payload, qos=0)
         self._count(fields["code"])
 
     # resolve -------------------------------------------------------------------------------------------
@@ -336,17 +378,18 @@ class MqttFrontEnd:
             return
         # Counted from now (not from when the task first runs), so a burst of requests sees the limit.
         self._inflight.__enter__()
-        self._spawn(self._resolve(key, fields))
+        self._spawn(self._resolve(key, fields, payload))
 
-    async def _resolve(self, key: str, fields: dict[str, Any]) -> None:
+    async def _resolve(self, key: str, fields: dict[str, Any], payload: bytes = b"") -> None:
         token: bytes = fields["token"]
         try:
             try:
                 handle = identifier.normalise(fields["id"])
-                answer = await self.resolver.resolve(
-                    handle, tuple(fields.get("types", ())), tuple(fields.get("indexes", ()))
-                )
-                reply = self._answer_fields(token, answer, fields.get("etag"))
+                types, indexes = tuple(fields.get("types", ())), tuple(fields.get("indexes", ()))
+                answer = await self.resolver.resolve(handle, types, indexes)
+                reply = answer_fields(token, answer, fields.get("etag"), self._clock())
+                if self.fast is not None and payload:
+                    self.fast.learn(payload, answer, types, indexes, fields.get("etag"))
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -357,20 +400,6 @@ class MqttFrontEnd:
             self._reply(key, reply)
         finally:
             self._inflight.__exit__(None, None, None)
-
-    def _answer_fields(self, token: bytes, answer: Answer, etag: bytes | None) -> dict[str, Any]:
-        now = self._clock()
-        ttl = answer.max_age(now)
-        if answer.code != wire.OK:
-            return {"token": token, "code": answer.code, "id": answer.handle, "ttl": ttl}
-        if etag is not None and answer.etag and etag == answer.etag:
-            return {"token": token, "code": wire.NOT_MODIFIED, "ttl": ttl, "etag": answer.etag}
-        values = answer.record.to_device_values(now) if answer.record is not None else []
-        out: dict[str, Any] = {"token": token, "code": wire.OK, "id": answer.handle, "values": values,
-                               "ttl": ttl, "source": answer.source}  # fmt: skip
-        if answer.etag:
-            out["etag"] = answer.etag
-        return out
 
     # reports -------------------------------------------------------------------------------------------
     def _ack(self, key: str, boot: int, seq: int, code: int) -> None:
@@ -455,3 +484,8 @@ class MqttFrontEnd:
             return
         self.registry.set_status(device, fields["online"], TRANSPORT)
         log.debug("mqtt status %s", kv(device=device, online=fields["online"]))
+
+
+def _link_client_id(client_id: str) -> str:
+    """The resolve link's client id: the paho link's with "-r", within the 23 characters of MQTT 3.1.1."""
+    return client_id[:21] + "-r"
