@@ -172,6 +172,8 @@ def parse_properties(data: bytes, pos: int) -> tuple[dict[int, object], int]:
         value: object
         if kind is None:
             raise MqttProtocolError(f"unknown property 0x{ident:02x}")
+        if pos >= end:
+            raise MqttProtocolError(f"property 0x{ident:02x} has no value")
         if kind == _BYTE:
             value, pos = data[pos], pos + 1
         elif kind == _INT2:
