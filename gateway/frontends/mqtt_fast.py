@@ -68,7 +68,6 @@ _REQ_B = b"/req"
 MAX_PACKET = 1 << 16  # announced to the broker: it does not send us anything larger (requests are far smaller)
 MAX_ENTRIES = 20_000  # entries in the table; when full it is emptied (and refilled by the slow path)
 CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
-_PUB_HEAD = tuple(bytes((0x30, n)) for n in range(128))  # QoS 0 PUBLISH fixed headers, remaining length < 128
 
 
 def reply_name(code: int) -> str:
@@ -272,6 +271,7 @@ class ResolveLink:
         self._ready = asyncio.Event()
         self._started = False
         self._pid = 0
+        self._heads: dict[int, bytes] = {}  # PUBLISH fixed header by remaining length (answers come in few sizes)
         self.serving = True  # false: every request goes to on_message (the front end is stopping)
         self.connects = 0
         # counters (samples() and the tests)
@@ -440,6 +440,7 @@ class ResolveLink:
         out: list[bytes] = []
         entries = self.table.entries if self.serving else None
         limiting = self._limit is not None and self._limiting()
+        heads = self._heads
         now = 0.0
         answered = valid = 0
         try:
@@ -474,7 +475,10 @@ class ResolveLink:
                             if limiting and self._limited(topic):
                                 continue  # refused (and counted) by the front end's rate limit
                             size = n + 3 + len(entry.head) + 1 + tl + len(entry.tail)
-                            out.append(_PUB_HEAD[size] if size < 128 else b"\x30" + mqttwire.varlen(size))
+                            head = heads.get(size)
+                            if head is None:
+                                head = heads[size] = b"\x30" + mqttwire.varlen(size)
+                            out.append(head)
                             out.append(body[: n - 1])  # topic length and topic up to "req"
                             out.append(b"res\x00")  # ... "res", and no properties
                             out.append(entry.head)
