@@ -24,6 +24,7 @@ from gateway.errors import (
     UpstreamRefused,
     UpstreamTimeout,
 )
+from gateway.handle import client as client_module
 from gateway.handle import numbers as N
 from gateway.handle.client import HandleClient
 from gateway.handle.codec import (
@@ -463,3 +464,66 @@ async def test_nobody_listening_fails_fast_not_after_the_timeout() -> None:
         with pytest.raises(_UpstreamError):
             await c.resolve("88.123.99/PUMP-0001")
         assert time.monotonic() - t0 < 2.0
+
+
+# -- the UDP request path: one future per send, resolved by the answer or a timer ------------------------------
+async def test_cancelled_request_leaves_nothing_behind(node: FakeNode) -> None:
+    node.knobs.udp_silent = True
+    async with client(node, timeout=2.0, backoff=0.5, tcp_fallback=False) as c:
+        task = asyncio.create_task(c.resolve(PUMP))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert c._pending == {}
+        await asyncio.sleep(0.6)  # past the first retransmission: its timer was cancelled, nothing was resent
+        assert len(node.udp_requests) == 1
+
+
+async def test_retransmissions_follow_the_backoff(node: FakeNode) -> None:
+    node.knobs.udp_silent = True
+    async with client(node, timeout=0.5, retries=2, backoff=0.1, tcp_fallback=False) as c:
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match=r"3 sends"):
+            await c.resolve(PUMP)
+        elapsed = time.monotonic() - t0
+    assert len(node.udp_requests) == 3 and len(set(node.udp_requests)) == 1
+    assert 0.45 <= elapsed < 1.5  # sends at 0, 0.1, 0.3; gives up at the 0.5 s timeout
+
+
+async def test_whole_tc_datagram_after_pieces_still_means_tcp(node: FakeNode) -> None:
+    """A whole datagram with TC switches to TCP even when pieces of a split answer came before it; a whole
+    datagram without TC after pieces goes to the reassembly (which refuses it: it disagrees with them)."""
+    loop = asyncio.get_running_loop()
+    c = client(node)
+    request = decode_message(c._encode(0x1234, MANY, (), ()))
+    pieces = split_datagrams(node.answer(request))
+    assert len(pieces) > 1
+    for last, expect in ((encode_truncated(request), "truncated"), (split_datagrams(encode_response(
+            request, ResolutionResponse(MANY, MANY_VALUES[:1])))[0], "error")):  # fmt: skip
+        pending = client_module._Pending(loop.create_future(), c.max_udp_message)
+        c._pending[0x1234] = pending
+        c._on_datagram(pieces[0])
+        assert pending.reassembler is not None and not pending.future.done()
+        c._on_datagram(last)
+        if expect == "truncated":
+            assert pending.future.result() is client_module._TRUNCATED
+        else:
+            assert isinstance(pending.future.exception(), ProtocolError)
+        del c._pending[0x1234]
+    await c.close()
+
+
+async def test_whole_answer_datagram_is_the_message(node: FakeNode) -> None:
+    loop = asyncio.get_running_loop()
+    c = client(node)
+    request = decode_message(c._encode(0x42, PUMP, (), ()))
+    (answer,) = split_datagrams(node.answer(request))
+    pending = client_module._Pending(loop.create_future(), c.max_udp_message)
+    c._pending[0x42] = pending
+    c._on_datagram(answer[:19])  # no envelope: dropped and counted
+    c._on_datagram(b"\x03" + answer[1:])  # another major version: dropped and counted
+    assert c.unparsable_datagrams == 2 and not pending.future.done()
+    c._on_datagram(answer)
+    assert pending.future.result() == answer and pending.reassembler is None
+    await c.close()

@@ -23,6 +23,7 @@ from gateway.handle.codec import (
     ResolutionResponse,
     ResolveResult,
     StreamFramer,
+    decode_answer,
     decode_envelope,
     decode_message,
     decode_referral,
@@ -633,3 +634,139 @@ def test_framer_random_split_points(sizes: list[int]) -> None:
 
 def test_errors_are_upstream_errors() -> None:
     assert issubclass(ProtocolError, UpstreamError)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the client's shortcuts: decode_answer and the filterless encode_request give what the general code gives
+# ------------------------------------------------------------------------------------------------------
+def _general_answer(data: bytes) -> object:
+    try:
+        return decode_response(decode_message(data, max_size=N.MAX_UDP_MESSAGE_SIZE))
+    except ProtocolError as e:
+        return ("ProtocolError", str(e))
+
+
+def _quick(data: bytes) -> object:
+    try:
+        return decode_answer(data, max_size=N.MAX_UDP_MESSAGE_SIZE)
+    except ProtocolError as e:
+        return ("ProtocolError", str(e))
+
+
+def _same_answer(data: bytes) -> None:
+    assert _quick(data) == _general_answer(data)
+    assert _quick(bytearray(data)) == _general_answer(data)
+
+
+_values = st.lists(
+    st.builds(
+        HandleValue,
+        index=st.integers(0, 2**32 - 1),
+        type=st.text(max_size=12),
+        data=st.binary(max_size=40),
+        ttl=st.integers(0, 2**32 - 1),
+        ttl_type=st.integers(0, 1),
+        timestamp=st.integers(0, 2**32 - 1),
+        permissions=st.integers(0, 255),
+        references=st.lists(st.tuples(st.text(max_size=8), st.integers(0, 2**32 - 1)), max_size=2).map(tuple),
+    ),
+    max_size=4,
+)
+
+
+@_FAST
+@given(
+    st.text(max_size=30),
+    _values,
+    st.sampled_from([b"", b"\x00\x00\x00\x00", b"\x00\x00\x00\x02ab"]),
+    st.sampled_from([0, int(N.DEFAULT_REQUEST_FLAGS), int(N.OPF_AT | N.OPF_REC), int(N.OPF_RD)]),
+)
+def test_decode_answer_is_the_general_decoding(handle: str, values: list[HandleValue], cred: bytes,
+                                                flags: int) -> None:  # fmt: skip
+    body = ResolutionResponse(handle, tuple(values))
+    req = decode_message(encode_request(handle, request_id=7))
+    if flags == int(N.OPF_RD):  # a request digest before the body: the general decoder's
+        data = encode_response(req, body, request_digest=(N.DIGEST_SHA1, bytes(20)))
+    else:
+        data = encode_response(req, body, op_flags=flags)
+    if cred:  # a credential after the body (length word + bytes), message length fixed up
+        data = data[:-4] + cred
+        data = data[:16] + struct.pack(">I", len(data) - 20) + data[20:]
+    _same_answer(data)
+    answer = _quick(data)
+    assert isinstance(answer, ResolutionResponse) and answer.values == tuple(values)
+    for n in range(0, len(data), 7):  # cut anywhere: the same error
+        _same_answer(data[:n])
+
+
+@pytest.mark.parametrize("data", [*EVERY_DATAGRAM, *(reassemble(r) for _, r in ALL.values())],
+                         ids=lambda d: f"{len(d)}B-{d[8:12].hex()}")  # fmt: skip
+def test_decode_answer_on_captures_and_their_truncations(data: bytes) -> None:
+    _same_answer(data)
+    for n in range(len(data)):
+        _same_answer(data[:n])
+    whole = _general_answer(data)
+    if isinstance(whole, (ResolutionResponse, ErrorResponse)):  # the body cut, the lengths kept consistent
+        msg = decode_message(data)
+        for n in range(len(msg.body)):
+            _same_answer(Message(msg.envelope, msg.header, msg.body[:n], msg.credential).encode())
+
+
+@_FAST
+@given(st.sampled_from(EVERY_DATAGRAM), st.data())
+def test_decode_answer_bit_flips(data: bytes, draw: st.DataObject) -> None:
+    flips = draw.draw(st.lists(st.integers(0, len(data) * 8 - 1), min_size=1, max_size=4))
+    b = bytearray(data)
+    for bit in flips:
+        b[bit // 8] ^= 1 << (bit % 8)
+    _same_answer(bytes(b))
+
+
+@_FAST
+@given(_framed_garbage())
+def test_decode_answer_framed_garbage(data: bytes) -> None:
+    _same_answer(data)
+
+
+@_FAST
+@given(st.binary(max_size=300))
+def test_decode_answer_arbitrary_bytes(data: bytes) -> None:
+    _same_answer(data)
+
+
+@_FAST
+@given(
+    st.text(max_size=40),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([(), ("URL",), ("URL", "EMAIL")]),
+    st.sampled_from([(), (1,), (1, 300)]),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 255),
+    st.sampled_from([(2, 10), (2, 1), (3, 0)]),
+)
+def test_encode_request_is_the_general_encoding(handle: str, rid: int, session: int, flags: int,
+                                                types: tuple[str, ...], indexes: tuple[int, ...], exp: int,
+                                                recursion: int, version: tuple[int, int]) -> None:  # fmt: skip
+    ours = encode_request(handle, request_id=rid, session_id=session, op_flags=flags, types=types, indexes=indexes,
+                          expiration=exp, recursion_count=recursion, version=version)  # fmt: skip
+    general = encode_message(
+        Envelope(major=version[0], minor=version[1], session_id=session, request_id=rid),
+        Header(opcode=N.OC_RESOLUTION, op_flags=flags, recursion_count=recursion, expiration=exp),
+        ResolutionRequest(handle.encode(), tuple(t.encode() for t in types), indexes).encode_body(),
+    )
+    assert ours == general
+    if version[0] == N.PROTOCOL_MAJOR:
+        assert decode_request(decode_message(ours)) == ResolutionRequest(
+            handle.encode(), tuple(t.encode() for t in types), indexes
+        )
+
+
+def test_encode_request_refuses_what_it_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        encode_request("x" * (N.MAX_FIELD_SIZE + 1), request_id=1)
+    with pytest.raises(ValueError, match="field out of range"):
+        encode_request("x", request_id=2**32)
+    with pytest.raises(ValueError, match="field out of range"):
+        encode_request("x", request_id=1, recursion_count=256)

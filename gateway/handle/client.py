@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import ProtocolError, UpstreamError, UpstreamTimeout
@@ -36,19 +37,20 @@ from gateway.handle.codec import (
     Reassembler,
     ResolveResult,
     StreamFramer,
+    decode_answer,
     decode_envelope,
-    decode_message,
-    decode_response,
     encode_request,
     to_result,
 )
 from gateway.handle.numbers import (
     DEFAULT_PORT,
     DEFAULT_REQUEST_FLAGS,
+    ENV_TC,
     ENVELOPE_SIZE,
     MAX_MESSAGE_SIZE,
     MAX_UDP_DATAGRAM,
     MAX_UDP_MESSAGE_SIZE,
+    PROTOCOL_MAJOR,
 )
 
 __all__ = ["HandleClient", "ResolveResult", "Transport"]
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 Transport = Literal["udp", "tcp"]
 
 _TCP_READ = 64 << 10
+_ENVELOPE = struct.Struct(">BBHIIII")  # major minor flags session_id request_id sequence message_length
+_TC = int(ENV_TC)
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/+@%[],")
 
 
@@ -83,10 +87,25 @@ class _Refused:
 _REFUSED = _Refused()
 
 
-@dataclass(eq=False)
+class _Expired:
+    """Marker result: the wait after one send is over (retransmit, or give up)."""
+
+
+_EXPIRED = _Expired()
+
+_Outcome = bytes | _Truncated | _Refused | _Expired
+
+
+def _expire(future: asyncio.Future[_Outcome]) -> None:
+    if not future.done():
+        future.set_result(_EXPIRED)
+
+
+@dataclass(eq=False, slots=True)
 class _Pending:
-    future: asyncio.Future[bytes | _Truncated | _Refused]
-    reassembler: Reassembler = field(default_factory=Reassembler)
+    future: asyncio.Future[_Outcome]
+    max_size: int
+    reassembler: Reassembler | None = None  # made when a datagram is not a whole message by itself
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -161,7 +180,7 @@ class HandleClient:
         else:
             raw = await self._via_udp(handle, types, indexes)
         try:
-            response = decode_response(decode_message(raw, max_size=self.max_message))
+            response = decode_answer(raw, max_size=self.max_message)
         except ProtocolError as e:
             log.warning("handle.malformed node=%s handle=%s error=%s", self.node, _q(handle), _q(e))
             raise ProtocolError(f"{handle}: {e}", self.node) from None
@@ -232,19 +251,27 @@ class HandleClient:
                 p.future.set_result(_REFUSED)
 
     def _on_datagram(self, data: bytes) -> None:
-        try:
-            env = decode_envelope(data, max_size=self.max_udp_message)
-        except ProtocolError as e:
-            self.unparsable_datagrams += 1
-            log.warning("handle.udp.drop node=%s bytes=%d reason=%s", self.node, len(data), _q(e))
+        n = len(data)
+        if n < ENVELOPE_SIZE:
+            self._drop(data)
             return
-        p = self._pending.get(env.request_id)
+        major, _minor, flags, _session, rid, seq, length = _ENVELOPE.unpack_from(data, 0)
+        if major != PROTOCOL_MAJOR or length > self.max_udp_message:
+            self._drop(data)
+            return
+        p = self._pending.get(rid)
         if p is None or p.future.done():
-            log.debug("handle.udp.unmatched node=%s id=%08x seq=%d", self.node, env.request_id, env.sequence)
+            log.debug("handle.udp.unmatched node=%s id=%08x seq=%d", self.node, rid, seq)
             return
-        if env.truncated and env.sequence == 0 and env.message_length == len(data) - ENVELOPE_SIZE:
-            p.future.set_result(_TRUNCATED)
-            return
+        if seq == 0 and length == n - ENVELOPE_SIZE:
+            if flags & _TC:  # a whole datagram saying "ask over TCP"
+                p.future.set_result(_TRUNCATED)
+                return
+            if p.reassembler is None and length:  # a whole message in one datagram: its own reassembly
+                p.future.set_result(data)
+                return
+        if p.reassembler is None:
+            p.reassembler = Reassembler(rid, max_size=p.max_size)
         try:
             whole = p.reassembler.feed(data)
         except ProtocolError as e:
@@ -253,19 +280,32 @@ class HandleClient:
         if whole is not None:
             p.future.set_result(whole)
 
+    def _drop(self, data: bytes) -> None:
+        """A datagram whose envelope does not parse: counted and logged, as decode_envelope words it."""
+        try:
+            decode_envelope(data, max_size=self.max_udp_message)
+        except ProtocolError as e:
+            self.unparsable_datagrams += 1
+            log.warning("handle.udp.drop node=%s bytes=%d reason=%s", self.node, len(data), _q(e))
+
     async def _via_udp(self, handle: str, types: Sequence[str], indexes: Sequence[int]) -> bytes:
         rid = self._new_id()
         request = self._encode(rid, handle, types, indexes)
         if len(request) > MAX_UDP_DATAGRAM:
             log.debug("handle.tcp.fallback node=%s handle=%s reason=large-request", self.node, _q(handle))
             return await self._via_tcp(handle, types, indexes)
-        udp = await self._endpoint()
+        udp = self._udp
+        if udp is None or udp.is_closing():
+            udp = await self._endpoint()
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), Reassembler(rid, max_size=self.max_udp_message))
+        # One future per send, resolved by the answer (_on_datagram) or by a timer (_EXPIRED): no timeout
+        # context, no task; a retransmission gets a fresh future, the reassembly goes on across them.
+        pending = _Pending(loop.create_future(), self.max_udp_message)
         self._pending[rid] = pending
         garbage_before = self.unparsable_datagrams
         reason = "timeout"
         sends = 0
+        timer: asyncio.TimerHandle | None = None
         try:
             deadline = loop.time() + self.timeout
             while True:
@@ -281,22 +321,20 @@ class HandleClient:
                     )
                 left = deadline - loop.time()
                 wait = min(self.backoff * 2 ** (sends - 1), left) if sends <= self.retries else left
-                try:  # awaited directly (one event-loop turn less than asyncio.wait); a timeout cancels it
-                    async with asyncio.timeout(max(wait, 0.0)):
-                        outcome = await pending.future  # raises ProtocolError / UpstreamError (closed)
-                    done = True
-                except TimeoutError:
-                    done = False
+                timer = loop.call_later(max(wait, 0.0), _expire, pending.future)
+                outcome = await pending.future  # raises ProtocolError / UpstreamError (closed)
+                timer.cancel()
+                if outcome is _EXPIRED:
                     pending.future = loop.create_future()  # for the next send's answer
-                if done:
-                    if isinstance(outcome, _Truncated):
-                        reason = "truncated"
-                        break
-                    if isinstance(outcome, _Refused):
-                        reason = "port-unreachable"
-                        break
+                elif isinstance(outcome, bytes):
                     return outcome
-                if pending.reassembler.received:
+                elif outcome is _TRUNCATED:
+                    reason = "truncated"
+                    break
+                else:
+                    reason = "port-unreachable"
+                    break
+                if pending.reassembler is not None and pending.reassembler.received:
                     reason = f"missing-datagrams={list(pending.reassembler.missing)}"
                     break
                 if loop.time() >= deadline or sends > self.retries:
@@ -307,6 +345,8 @@ class HandleClient:
             )
             raise ProtocolError(f"{handle}: {e}", self.node) from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(rid, None)
             if pending.future.done() and not pending.future.cancelled():
                 pending.future.exception()  # mark retrieved

@@ -80,6 +80,7 @@ __all__ = [
     "ResolveResult",
     "Reassembler",
     "StreamFramer",
+    "decode_answer",
     "decode_envelope",
     "decode_message",
     "decode_request",
@@ -105,6 +106,15 @@ _U32_MASK = 0xFFFFFFFF
 _MIN_VALUE = _VALUE_FIXED.size + 4 + 4 + 4  # fixed part, empty type, empty data, no references
 _MIN_REFERENCE = 4 + 4
 _MIN_TYPE = 4
+
+# Plain ints of the flags the hot paths test (an IntFlag's ``&`` runs Python code in enum).
+_CP_EC = int(ENV_CP | ENV_EC)
+_TC = int(ENV_TC)
+_RD = int(OPF_RD)
+_OC_RESOLUTION = int(OC_RESOLUTION)
+_RC_SUCCESS = int(RC_SUCCESS)
+_VALUE_HEAD = struct.Struct(">IIBIBI")  # the fixed part of a value and the length of its type
+_EMPTY_LISTS = bytes(8)  # an empty index list and an empty type list
 
 assert _ENVELOPE.size == ENVELOPE_SIZE and _HEADER.size == HEADER_SIZE
 
@@ -308,12 +318,18 @@ class Message:
 
 def encode_message(envelope: Envelope, header: Header, body: bytes, credential: bytes = b"") -> bytes:
     """Envelope + header + body + credential, with ``body_length`` and ``message_length`` filled in."""
-    header = replace(header, body_length=len(body))
     length = HEADER_SIZE + len(body) + CREDENTIAL_LENGTH_SIZE + len(credential)
     if length > MAX_MESSAGE_SIZE:
         raise ValueError(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
-    envelope = replace(envelope, message_length=length)
-    return envelope.encode() + header.encode() + body + _U32.pack(len(credential)) + credential
+    e, h = envelope, header
+    return (
+        _pack(_ENVELOPE, e.major, e.minor, e.flags, e.session_id, e.request_id, e.sequence, length)
+        + _pack(_HEADER, h.opcode, h.response_code, h.op_flags, h.site_info_serial, h.recursion_count, 0,
+                h.expiration, len(body))
+        + body
+        + _U32.pack(len(credential))
+        + credential
+    )  # fmt: skip
 
 
 def decode_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
@@ -553,6 +569,77 @@ def decode_response(msg: Message) -> ResolutionResponse | ErrorResponse:
     return ErrorResponse(code, r.blob("error message").decode("utf-8", "replace"))
 
 
+def decode_answer(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> ResolutionResponse | ErrorResponse:
+    """``decode_response(decode_message(data, max_size=max_size))``: the same result, the same errors.
+
+    The usual answer -- one whole success message without request digest, values without references -- is
+    read in one pass here; anything else (and anything that does not parse) goes through the two general
+    decoders, which also word the error."""
+    fast = _success_answer(data if type(data) is bytes else bytes(data), max_size)
+    if fast is not None:
+        return fast
+    return decode_response(decode_message(data, max_size=max_size))
+
+
+def _success_answer(data: bytes, max_size: int) -> ResolutionResponse | None:
+    """:func:`decode_answer`'s one-pass reading, None whenever the general decoders must judge."""
+    n = len(data)
+    if n < ENVELOPE_SIZE + HEADER_SIZE:
+        return None
+    major, _minor, flags, _session, _rid, _seq, length = _ENVELOPE.unpack_from(data, 0)
+    if major != PROTOCOL_MAJOR or flags & _CP_EC or length != n - ENVELOPE_SIZE or length > max_size:
+        return None
+    opcode, code, op_flags, _serial, _rec, _res, _exp, body_length = _HEADER.unpack_from(data, ENVELOPE_SIZE)
+    if code != _RC_SUCCESS or opcode != _OC_RESOLUTION or op_flags & _RD:
+        return None
+    pos = ENVELOPE_SIZE + HEADER_SIZE
+    end = pos + body_length
+    after = n - end
+    if after < 0 or (
+        after and (after < CREDENTIAL_LENGTH_SIZE or _U32.unpack_from(data, end)[0] != after - 4)
+    ):
+        return None
+    if end - pos < 8:
+        return None
+    (size,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if size > MAX_FIELD_SIZE or end - pos < size + 4:
+        return None
+    try:
+        handle = data[pos : pos + size].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    pos += size
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if count > MAX_VALUES or count * _MIN_VALUE > end - pos:
+        return None
+    values = []
+    for _ in range(count):
+        if end - pos < _VALUE_HEAD.size:
+            return None
+        index, timestamp, ttl_type, ttl, permissions, size = _VALUE_HEAD.unpack_from(data, pos)
+        pos += _VALUE_HEAD.size
+        if size > MAX_FIELD_SIZE or end - pos < size + 4:
+            return None
+        try:
+            vtype = data[pos : pos + size].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        pos += size
+        (size,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if size > MAX_FIELD_SIZE or end - pos < size + 4:
+            return None
+        vdata = data[pos : pos + size]
+        pos += size
+        if _U32.unpack_from(data, pos)[0]:  # references: the general decoder
+            return None
+        pos += 4
+        values.append(HandleValue(index, vtype, vdata, ttl, ttl_type, timestamp, permissions, ()))
+    return ResolutionResponse(handle, tuple(values))
+
+
 def decode_referral(data: bytes) -> tuple[str, tuple[HandleValue, ...]]:
     """Body of a 302/303 referral: the service handle to ask next and, when present, its values."""
     r = _Reader(data, "referral")
@@ -610,18 +697,23 @@ def encode_request(
 ) -> bytes:
     """A resolution request as ``hdl-qresolver`` sends it: version 2.5, REC|CA|PO, serial 0xffff, expiration
     now + 12 h (Unix seconds), no credential. Returns the TCP form, which is also the single UDP datagram."""
-    body = ResolutionRequest(_as_bytes(handle), tuple(_as_bytes(t) for t in types), tuple(indexes))
+    name = _as_bytes(handle)
+    if types == () and indexes == ():  # the usual request: no filters
+        body = _blob(name) + _EMPTY_LISTS
+    else:
+        body = ResolutionRequest(name, tuple(_as_bytes(t) for t in types), tuple(indexes)).encode_body()
     if expiration is None:
         expiration = int(time.time()) + DEFAULT_EXPIRATION
-    env = Envelope(major=version[0], minor=version[1], session_id=session_id, request_id=request_id)
-    header = Header(
-        opcode=OC_RESOLUTION,
-        op_flags=op_flags,
-        site_info_serial=site_info_serial,
-        recursion_count=recursion_count,
-        expiration=expiration & _U32_MASK,
-    )
-    return encode_message(env, header, body.encode_body())
+    length = HEADER_SIZE + len(body) + CREDENTIAL_LENGTH_SIZE
+    if length > MAX_MESSAGE_SIZE:
+        raise ValueError(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
+    return (
+        _pack(_ENVELOPE, version[0], version[1], 0, session_id, request_id, 0, length)
+        + _pack(_HEADER, _OC_RESOLUTION, RC_RESERVED, op_flags, site_info_serial, recursion_count, 0,
+                expiration & _U32_MASK, len(body))
+        + body
+        + b"\0\0\0\0"  # no credential
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------
