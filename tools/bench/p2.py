@@ -33,8 +33,9 @@ LIMITS_P2 = ("The machine: gateway, Mosquitto and the load generator share 2 cor
              "both cores busy. The gateway answers a cached request on its resolve link (gateway/frontends/"
              "mqtt_fast.py: MQTT framing of its own on the asyncio loop, no paho; the table's pre-encoded answer with "
              "the token put in; all answers of one socket read in one write) for about as much CPU per request as the "
-             "bare responder (server CPU / req/s: about 20 us on this machine; py-spy: socket reads and writes and the "
-             "event loop are most of it, the link's own parsing and lookup about a third). The bare responder (the "
+             "bare responder (server CPU / req/s: about 20 us on this machine; py-spy of the event loop's busy time: "
+             "the link's packet parsing, table lookup and answer building about 60 %, the socket write about 20 %, "
+             "reads and the loop the rest). The bare responder (the "
              "same framing, no resolver, no table) is what one Python process behind this broker can do. Before the "
              "resolve link, paho's network thread and the asyncio loop shared the GIL and one process topped out near "
              "2,000/s.")
