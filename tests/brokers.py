@@ -1,8 +1,9 @@
 """A real Mosquitto for tests, and a paho client that plays a device.
 
 ``Broker(workdir)`` writes a config (loopback listener on a free port, anonymous, no persistence), starts
-``mosquitto -c``, and waits until the port accepts. ``restart()`` stops it and starts it again on the same port
-(retained messages and sessions are gone, as after a real broker restart without persistence).
+``mosquitto -c``, and waits until the port accepts (tools/mosquitto.py, as the demo and the bench do). ``restart()``
+stops it and starts it again on the same port (retained messages and sessions are gone, as after a real broker
+restart without persistence).
 
 ``Device`` is a paho MQTT 3.1.1 client set up as docs/protocol.md says a device connects (clean session, last
 will = status offline retained QoS 1, online status after CONNACK, subscribed to res/ack/cfg); received
@@ -12,11 +13,8 @@ messages are handed to an asyncio queue so async tests can await them without bl
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +22,27 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import wire
-
-MOSQUITTO = os.environ.get("IDA_MOSQUITTO", "/usr/sbin/mosquitto")
-
-
-def mosquitto_binary() -> str | None:
-    if Path(MOSQUITTO).exists():
-        return MOSQUITTO
-    return shutil.which("mosquitto")
+from tools import mosquitto
+from tools.bench import procs
+from tools.mosquitto import mosquitto_binary
+from tools.sim.provision import die_with_parent
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on 127.0.0.1."""
+    return procs.free_port(socket.SOCK_STREAM)
 
 
 class Broker:
+    """Started by tools/mosquitto.py: the broker keeps the invoking user and gets SIGKILL when the thread that
+    started it ends (``PR_SET_PDEATHSIG``), so a SIGKILLed pytest leaves no broker behind."""
+
     def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port()
-        self.binary = binary or mosquitto_binary() or MOSQUITTO
+        self.binary = binary or mosquitto_binary() or "mosquitto"
         self.conf = self.workdir / "mosquitto.conf"
         self.logfile = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,38 +53,24 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
     def write_config(self) -> None:
-        self.conf.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-            "max_keepalive 120\n"
-            "set_tcp_nodelay true\n"
-        )
+        self.conf.write_text(mosquitto.config(self.port, self.host, max_keepalive=120))
 
     def start(self, timeout: float = 10.0) -> None:
         self.write_config()
-        log = open(self.logfile, "ab")  # noqa: SIM115 -- handed to the child, closed in stop()
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
-        )
-        log.close()
+        mosquitto.start([self.binary, "-c", str(self.conf)], self._spawn, self.host, self.port, timeout)
+
+    def _spawn(self, cmd: list[str]) -> Broker:
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent)  # fmt: skip
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"mosquitto did not accept on {self.port} within {timeout} s: {self.log_tail()}"
-                    ) from None
-                time.sleep(0.02)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def fail(self, why: str) -> RuntimeError:
+        return RuntimeError(f"mosquitto {why}: {self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc is None:

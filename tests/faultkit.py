@@ -37,6 +37,7 @@ from aiohttp import web
 
 from gateway import wire
 from tests.brokers import Device, free_port
+from tools.bench.procs import free_port as free_udp_port  # UDP, 127.0.0.1
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = os.environ.get("IDA_REDIS_SERVER", "/usr/bin/redis-server")
@@ -49,12 +50,6 @@ def redis_binary() -> str | None:
     if Path(REDIS_SERVER).exists():
         return REDIS_SERVER
     return shutil.which("redis-server")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import cbor2
 
 from tests.mpcollect import ROOT, micropython_binary
+from tools.bench.procs import free_port as free_udp_port  # UDP, 127.0.0.1
 
 FIRMWARE = ROOT / "firmware"
 KEY = "00112233445566778899aabbccddeeff"
@@ -40,12 +40,6 @@ def provision(data_dir: Path, identifier: str, *, coap: str | None = None, mqtt:
     if mqtt:
         doc["mqtt"] = mqtt
     (data_dir / "identity.json").write_text(json.dumps(doc))
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class DeviceProc:

@@ -10,8 +10,6 @@ The plain fixture of tests/brokers.py is left as it is.
 
 from __future__ import annotations
 
-import os
-import pwd
 import queue
 import signal
 import ssl
@@ -25,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.brokers import Broker, free_port
 from tools import broker_config as bc
+from tools import mosquitto
 
 GATEWAY = "ida-gw"
 
@@ -65,9 +64,8 @@ class SecureBroker(Broker):
         )  # fmt: skip
         generated = (self.out / bc.CONF_FILE).read_text()
         # as root, Mosquitto would drop to user "mosquitto", which cannot read the 0600 password files
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(generated + "\n# test only\n" + user + "persistence false\nlog_dest stderr\n"
-                             "log_type error\nlog_type warning\nlog_type notice\nset_tcp_nodelay true\n")  # fmt: skip
+        self.conf.write_text(generated + "\n# test only\n" + mosquitto.keep_user() + "persistence false\n"
+                             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nset_tcp_nodelay true\n")  # fmt: skip
 
     def reload(self) -> None:
         """Regenerate from the keystore and let Mosquitto re-read its password files and ACL (SIGHUP)."""

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -52,7 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tools import mosquitto
+from tools.bench.procs import free_port
 from tools.cli import CliError
+from tools.mosquitto import mosquitto_binary
 
 __all__ = ["add_arguments", "run", "leftover_processes", "DemoError"]
 
@@ -125,12 +127,6 @@ def die_with_parent() -> None:
 def _ida(*args: str) -> list[str]:
     """``ida ARGS`` with this interpreter (works without the console script on PATH)."""
     return [sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())", *args]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:
@@ -214,40 +210,18 @@ class Service:
         return p.returncode, killed
 
 
-def mosquitto_binary() -> str | None:
-    env = os.environ.get("IDA_MOSQUITTO")
-    for cand in (env, "/usr/sbin/mosquitto", shutil.which("mosquitto")):
-        if cand and Path(cand).exists():
-            return cand
-    return None
-
-
 def start_broker(workdir: Path) -> tuple[Service, int]:
+    """Mosquitto on a free loopback port (tools/mosquitto.py: it keeps the invoking user, so the parent-death
+    signal still stops it when the demo is SIGKILLed); (service, port)."""
     exe = mosquitto_binary()
     if exe is None:
         raise DemoError("mosquitto is not installed: run `make setup` as root, or apt-get install mosquitto")
-    port = free_port()
+    port = free_port(socket.SOCK_STREAM)
     conf = workdir / "mosquitto.conf"
-    # As root, mosquitto switches to its own user by default, and a change of user clears the parent-death
-    # signal: a SIGKILLed demo would leave the broker behind. Stay the invoking user (loopback, throwaway broker).
-    stay = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-                    "log_type error\nlog_type warning\nlog_type notice\nmax_keepalive 300\nset_tcp_nodelay true\n"
-                    + stay)  # fmt: skip
-    svc = Service("mosquitto", [exe, "-c", str(conf)], workdir).start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if not svc.alive():
-            raise svc.fail("exited while starting")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return svc, port
-        except OSError:
-            if time.monotonic() > deadline:
-                raise svc.fail(
-                    f"did not accept connections on port {port} within {START_TIMEOUT:.0f} s"
-                ) from None
-            time.sleep(0.05)
+    conf.write_text(mosquitto.config(port))
+    svc = mosquitto.start([exe, "-c", str(conf)], lambda cmd: Service("mosquitto", cmd, workdir).start(),
+                          "127.0.0.1", port, START_TIMEOUT)  # fmt: skip
+    return svc, port
 
 
 def start_node(workdir: Path, latency_ms: float) -> tuple[Service, int, int]:

@@ -1,25 +1,17 @@
-"""A Mosquitto broker for a benchmark run: loopback listener on a free port, anonymous, no persistence."""
+"""A Mosquitto broker for a benchmark run: loopback listener on a free port, anonymous, no persistence
+(tools/mosquitto.py; the broker's process is a :class:`~tools.bench.procs.Child`, so its CPU time can be watched)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import time
 from pathlib import Path
 from types import TracebackType
 
+from tools import mosquitto
 from tools.bench.procs import BenchError, Child, free_port
+from tools.mosquitto import mosquitto_binary
 
 __all__ = ["Mosquitto", "mosquitto_binary"]
-
-
-def mosquitto_binary() -> str | None:
-    env = os.environ.get("IDA_MOSQUITTO")
-    for cand in (env, "/usr/sbin/mosquitto", shutil.which("mosquitto")):
-        if cand and Path(cand).exists():
-            return cand
-    return None
 
 
 class Mosquitto:
@@ -40,22 +32,11 @@ class Mosquitto:
             raise BenchError("mosquitto not installed (apt-get install mosquitto)")
         self.port = free_port(kind=socket.SOCK_STREAM)
         conf = self.log_dir / f"{self.name}.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                        "log_dest stderr\nlog_type error\nlog_type warning\nmax_keepalive 300\n"
-                        "set_tcp_nodelay true\nmax_queued_messages 100000\n")  # fmt: skip
-        self.child = Child(self.name, [exe, "-c", str(conf)], log_dir=self.log_dir).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.child.alive():
-                raise self.child.fail("exited")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.child.stop()
-                    raise self.child.fail(f"not accepting after {timeout:.0f} s") from None
-                time.sleep(0.02)
+        conf.write_text(mosquitto.config(self.port, self.host, notice=False, extra="max_queued_messages 100000\n"))
+        self.child = mosquitto.start([exe, "-c", str(conf)],
+                                     lambda cmd: Child(self.name, cmd, log_dir=self.log_dir).start(),
+                                     self.host, self.port, timeout)  # fmt: skip
+        return self
 
     def stop(self) -> None:
         if self.child is not None:
