@@ -47,12 +47,6 @@ def _got(value: Any) -> str:
         return repr(value)
 
 
-def _port(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-        raise _Bad("expected a port number 0-65535 (0 = any free port)")
-    return v
-
-
 def _host(v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise _Bad("expected a host name or IP address")
@@ -71,39 +65,41 @@ def _bool(v: Any) -> bool:
     return v
 
 
-def _uint(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _Bad("expected an integer >= 0")
-    return v
-
-
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _Bad("expected an integer >= 1")
-    return v
-
-
 def _finite(v: Any) -> bool:
     """An int, or a float that is not nan or inf (TOML has both; nan passes every < and <= check)."""
     return isinstance(v, int) or math.isfinite(v)
 
 
-def _seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v < 0:
-        raise _Bad("expected a number of seconds >= 0")
-    return float(v)
+def _integer(low: int, high: float = math.inf, expected: str = "") -> Check:
+    """An int (not a bool) from ``low`` to ``high``."""
+    expected = expected or f"expected an integer >= {low}"
+
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise _Bad(expected)
+        return v
+
+    return check
 
 
-def _rate(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v < 0:
-        raise _Bad("expected a number of requests per second >= 0 (0 = no limit)")
-    return float(v)
+def _number(expected: str, *, positive: bool = False, below: float = math.inf) -> Check:
+    """An int or float (not a bool, nan or inf) >= 0 (> 0 when ``positive``) and < ``below``, as a float."""
+
+    def check(v: Any) -> float:
+        bad = isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v)
+        if bad or v < 0 or (positive and v == 0) or v >= below:
+            raise _Bad(expected)
+        return float(v)
+
+    return check
 
 
-def _positive_seconds(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not _finite(v) or v <= 0:
-        raise _Bad("expected a number of seconds > 0")
-    return float(v)
+_port = _integer(0, 65535, "expected a port number 0-65535 (0 = any free port)")
+_positive_int = _integer(1)
+_seconds = _number("expected a number of seconds >= 0")
+_positive_seconds = _number("expected a number of seconds > 0", positive=True)
+_rate = _number("expected a number of requests per second >= 0 (0 = no limit)")
+_fraction = _number("expected a number from 0 up to (not including) 1", below=1)
 
 
 def _url(schemes: tuple[str, ...], allow_empty: bool) -> Check:
@@ -159,12 +155,6 @@ def _upstream_urls(v: Any) -> tuple[str, ...]:
         except ValueError as e:
             raise _Bad(str(e)) from None
     return tuple(v)
-
-
-def _fraction(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
-        raise _Bad("expected a number from 0 up to (not including) 1")
-    return float(v)
 
 
 def _level(v: Any) -> str:
@@ -399,6 +389,14 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
         raise ConfigError(f"{what}: {e}, got {_got(text)}") from None
 
 
+def _flag(flag: str, check: Check, value: Any) -> Any:
+    """``check(value)`` for a command-line flag; a bad value is a ConfigError naming the flag."""
+    try:
+        return check(value)
+    except _Bad as e:
+        raise ConfigError(f"{flag}: {e}, got {_got(value)}") from None
+
+
 def with_overrides(
     cfg: GatewayConfig,
     *,
@@ -411,29 +409,20 @@ def with_overrides(
 ) -> GatewayConfig:
     """Apply command-line flags (None = not given) on top of a loaded config."""
     changes: dict[str, Any] = {}
-    try:
-        if upstream:
-            changes["upstream"] = dataclasses.replace(cfg.upstream, urls=_upstream_urls(list(upstream)))
-    except _Bad as e:
-        raise ConfigError(f"--upstream: {e}, got {_got(list(upstream or ()))}") from None
+    if upstream:
+        changes["upstream"] = dataclasses.replace(cfg.upstream, urls=_flag("--upstream", _upstream_urls, list(upstream)))
     if coap is not None:
         host, port = parse_hostport(coap, "--coap")
         changes["coap"] = dataclasses.replace(cfg.coap, host=host, port=port)
     if http is not None:
         host, port = parse_hostport(http, "--http")
         changes["http"] = dataclasses.replace(cfg.http, host=host, port=port)
-    try:
-        if mqtt is not None:
-            changes["mqtt"] = dataclasses.replace(cfg.mqtt, url=_url(MQTT_SCHEMES, True)(mqtt))
-    except _Bad as e:
-        raise ConfigError(f"--mqtt: {e}, got {_got(mqtt)}") from None
+    if mqtt is not None:
+        changes["mqtt"] = dataclasses.replace(cfg.mqtt, url=_flag("--mqtt", _url(MQTT_SCHEMES, True), mqtt))
     if data_dir is not None:
         changes["data"] = dataclasses.replace(cfg.data, dir=Path(data_dir))
     if log_level is not None:
-        try:
-            changes["log"] = dataclasses.replace(cfg.log, level=_level(log_level))
-        except _Bad as e:
-            raise ConfigError(f"--log-level: {e}, got {_got(log_level)}") from None
+        changes["log"] = dataclasses.replace(cfg.log, level=_flag("--log-level", _level, log_level))
     out = dataclasses.replace(cfg, **changes)
     check(out)
     return out
