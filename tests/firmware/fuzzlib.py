@@ -2,8 +2,10 @@
 # Every loop is bounded: `rounds(n)` is n times IDA_FUZZ_SCALE (default 1; a by-hand campaign sets e.g. 200),
 # and the PRNG seed is IDA_FUZZ_SEED (default fixed, so `make test` is reproducible). A failure names the
 # seed, the round and the exact input (hex), so it can be turned into a test_regression_* with that input.
+import gc
 import os
 import random
+from mptest import ok as _ok
 
 SEED = int(os.getenv("IDA_FUZZ_SEED") or "20240601")
 SCALE = max(1, int(os.getenv("IDA_FUZZ_SCALE") or "1"))
@@ -194,3 +196,50 @@ def message(name):
             k = pick(keys)
             m[k] = _typed(pick("bsuiBIRVSUMT"))
     return m
+
+
+# -- the client fuzzers' rig (test_fuzz_coap.py, test_fuzz_mqtt.py) -------------------------------------------
+def heap():
+    gc.collect()
+    return gc.mem_alloc()
+
+
+class ClientRig:
+    """What the CoAP and MQTT client fuzz rigs share: a real config.Config that every desired config handed
+    on is applied to, callbacks that check their results, and a bound on what is kept of them (a long campaign
+    must not fill the heap itself)."""
+
+    def __init__(self, tag):
+        from fwfakes import FakeHal, tmpdir
+        from carrier import config
+        self.dir = tmpdir(tag)
+        self.cfg = config.Config(FakeHal(self.dir))
+        self.results = []  # the latest results
+        self.nresults = 0
+        self.configs = 0
+
+    def close(self):
+        from fwfakes import rmtree
+        rmtree(self.dir[:-1])
+
+    def on_config(self, payload):
+        from carrier import proto
+        self.configs += 1
+        code, v, msg = self.cfg.apply(payload)
+        _ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
+
+    def keep(self, res):
+        self.nresults += 1
+        self.results.append(res)
+        if len(self.results) > 64:
+            del self.results[:32]
+
+    def resolved(self, res):
+        _ok(type(res) is tuple and len(res) == 5 and type(res[0]) is int, "resolve result %r" % (res,))
+        self.keep(res)
+
+    def check_heap(self, base, what):
+        """The heap has not grown by 16 KiB or more since ``base`` (:func:`heap`), results dropped."""
+        self.results = []
+        grown = heap() - base
+        _ok(grown < 16384, "the %s's heap grew by %d bytes" % (what, grown))

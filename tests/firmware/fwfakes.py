@@ -216,6 +216,25 @@ class FakeSock:
         self.closed = True
 
 
+def coap_reply(t, code, mid, tok, tkl, opts=(), payload=None):
+    """A CoAP message as the gateway would send it; ``opts`` are (number, bytes or int) in any order."""
+    from carrier import coap
+    buf = bytearray(1400)
+    pos = coap.header(buf, t, code, mid, tok, tkl)
+    last = 0
+    for num, val in sorted(opts, key=lambda o: o[0]):
+        if type(val) is int:
+            pos = coap.uint_opt(buf, pos, num - last, val)
+        else:
+            pos = coap.opt(buf, pos, num - last, val)
+        last = num
+    if payload:
+        buf[pos] = 0xFF
+        buf[pos + 1:pos + 1 + len(payload)] = payload
+        pos += 1 + len(payload)
+    return bytes(buf[:pos])
+
+
 class CoapServer:
     """A loopback CoAP gateway for firmware tests, served from the test's own loop (serve() is
     non-blocking): POST .../rpt -> 2.04 report_ack, GET /r/... -> 2.05 resolve_response (or 4.04 for

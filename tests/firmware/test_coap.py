@@ -2,7 +2,7 @@
 # the exchange layer (retransmission timers, matching, de-duplication, separate responses, Block2, ETag
 # revalidation, reports, config observation) against a fake socket with a fake clock.
 from mptest import eq, ok, raises, note
-from fwfakes import FakeSock
+from fwfakes import FakeSock, coap_reply
 from carrier import coap, cbor, proto
 from carrier.identity import Identity
 
@@ -113,20 +113,7 @@ def _client(idt=ID24):
 
 
 def _reply(t, code, mid, tok=None, opts=(), payload=None):
-    buf = bytearray(1200)
-    pos = coap.header(buf, t, code, mid, tok or 0, 0 if tok is None else 2)
-    last = 0
-    for num, val in opts:
-        if type(val) is int:
-            pos = coap.uint_opt(buf, pos, num - last, val)
-        else:
-            pos = coap.opt(buf, pos, num - last, val)
-        last = num
-    if payload:
-        buf[pos] = 0xFF
-        buf[pos + 1:pos + 1 + len(payload)] = payload
-        pos += 1 + len(payload)
-    return bytes(buf[:pos])
+    return coap_reply(t, code, mid, tok or 0, 0 if tok is None else 2, opts, payload)
 
 
 def _sent(c):

@@ -4,11 +4,10 @@
 # Observe and payload), every callback gets a well-formed result, the config it passes on is applied by
 # the real config.Config without an exception, everything the client sends decodes, and afterwards a clean
 # exchange still works. Seeded and bounded (fuzzlib.py); test_regression_* hold the inputs of findings.
-import gc
 from mptest import eq, ok, note
 import fuzzlib as F
-from fwfakes import FakeSock, FakeHal, tmpdir, rmtree
-from carrier import coap, cbor, proto
+from fwfakes import FakeSock, coap_reply as _reply
+from carrier import coap, cbor
 from carrier import config as fwconfig
 from carrier.identity import Identity
 
@@ -57,23 +56,6 @@ def _payload():
         return b""
 
 
-def _reply(t, code, mid, tok, tkl, opts, payload):
-    buf = bytearray(1400)
-    pos = coap.header(buf, t, code, mid, tok, tkl)
-    last = 0
-    for num, val in sorted(opts, key=lambda o: o[0]):
-        if type(val) is int:
-            pos = coap.uint_opt(buf, pos, num - last, val)
-        else:
-            pos = coap.opt(buf, pos, num - last, val)
-        last = num
-    if payload:
-        buf[pos] = 0xFF
-        buf[pos + 1:pos + 1 + len(payload)] = payload
-        pos += 1 + len(payload)
-    return bytes(buf[:pos])
-
-
 def _opts():
     out = []
     for _ in range(F.below(5)):
@@ -88,37 +70,14 @@ def _opts():
     return out
 
 
-class Rig:
+class Rig(F.ClientRig):
     def __init__(self):
-        self.dir = tmpdir("fzc")
-        self.cfg = fwconfig.Config(FakeHal(self.dir))
+        F.ClientRig.__init__(self, "fzc")
         self.c = coap.Client(Identity({"id": ID, "coap": "coap://127.0.0.1", "key": "00" * 16}))
         self.c.sock = FakeSock()
         self.c.now = self.now = 1000
         self.c.on_config = self.on_config
-        self.results = []  # the latest results (bounded: a long campaign must not fill the heap itself)
-        self.nresults = 0
-        self.configs = 0
         self.sent = []  # (mid, tok, tkl) of requests the client sent
-
-    def close(self):
-        rmtree(self.dir[:-1])
-
-    def on_config(self, payload):
-        self.configs += 1
-        code, v, msg = self.cfg.apply(payload)
-        ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
-
-    def keep(self, res):
-        self.nresults += 1
-        self.results.append(res)
-        if len(self.results) > 64:
-            del self.results[:32]
-
-    def resolved(self, res):
-        ok(type(res) is tuple and len(res) == 5, "resolve result %r" % (res,))
-        ok(type(res[0]) is int, "code %r" % (res[0],))
-        self.keep(res)
 
     def reported(self, code, boot, seq):
         ok(type(code) is int and (boot, seq) == (7, 9), "report result %r" % ((code, boot, seq),))
@@ -207,8 +166,7 @@ def test_fuzz_client_exchanges():
     r = Rig()
     try:
         n = 0
-        gc.collect()
-        base = gc.mem_alloc()
+        base = F.heap()
         for i in range(F.rounds(800)):
             if F.chance(2):
                 _start_something(r)
@@ -232,10 +190,7 @@ def test_fuzz_client_exchanges():
         r.feed(_reply(coap.ACK, coap.CONTENT, mid, tok, tkl, ((coap.O_CF, 60),),
                       cbor.dumps({3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 23: 2})))
         eq(r.results, [(1, "88.1/CLEAN", [[1, "URL", "u", 5]], 2, None)])
-        r.results = []
-        gc.collect()
-        grown = gc.mem_alloc() - base
-        ok(grown < 16384, "the client's heap grew by %d bytes" % grown)
+        r.check_heap(base, "client")
     finally:
         r.close()
 

@@ -4,12 +4,10 @@
 # a well-framed PUBLISH, whatever its topic and payload, never costs the connection; every callback gets a
 # well-formed result; the desired config handed on is applied by the real config.Config without an
 # exception; afterwards a clean resolve still works. Seeded and bounded (fuzzlib.py).
-import gc
 from mptest import eq, ok, note
 import fuzzlib as F
-from fwfakes import FakeSock, FakeHal, tmpdir, rmtree
-from carrier import mqtt, cbor, proto
-from carrier import config as fwconfig
+from fwfakes import FakeSock
+from carrier import mqtt, cbor
 from carrier.identity import Identity
 
 ID = "88.123.99/PUMP-0001"
@@ -99,23 +97,16 @@ def test_fuzz_reader_garbage():
     note(n, "garbage streams")
 
 
-class Rig:
+class Rig(F.ClientRig):
     def __init__(self):
-        self.dir = tmpdir("fzm")
-        self.cfg = fwconfig.Config(FakeHal(self.dir))
+        F.ClientRig.__init__(self, "fzm")
         idt = Identity({"id": ID, "transport": "mqtt", "mqtt": "mqtt://127.0.0.1", "key": "00" * 16})
         self.t = mqtt.Transport(idt, keepalive=30)
         self.t.on_config = self.on_config
         self.t.s.enabled = True
         self.now = 0
-        self.results = []  # the latest results (bounded: a long campaign must not fill the heap itself)
-        self.nresults = 0
-        self.configs = 0
         self.reconnects = 0
         self.connect()
-
-    def close(self):
-        rmtree(self.dir[:-1])
 
     def connect(self):
         c = self.t.c
@@ -134,21 +125,6 @@ class Rig:
         except Exception as e:
             raise AssertionError("Transport.poll raised %s: %s after %s (seed %d)" % (
                 type(e).__name__, e, bytes(what).hex(), F.SEED))
-
-    def on_config(self, payload):
-        self.configs += 1
-        code, v, msg = self.cfg.apply(payload)
-        ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
-
-    def keep(self, res):
-        self.nresults += 1
-        self.results.append(res)
-        if len(self.results) > 64:
-            del self.results[:32]
-
-    def resolved(self, res):
-        ok(type(res) is tuple and len(res) == 5 and type(res[0]) is int, "resolve result %r" % (res,))
-        self.keep(res)
 
     def reported(self, code, boot, seq):
         ok(type(code) is int and type(boot) is int and type(seq) is int, "report result %r" % ((code, boot, seq),))
@@ -193,8 +169,7 @@ def test_fuzz_transport():
     t = r.t
     try:
         framed = garbage = 0
-        gc.collect()
-        base = gc.mem_alloc()
+        base = F.heap()
         for i in range(F.rounds(800)):
             if F.chance(3) and len(t._res) < 2:
                 t.resolve(F.pick(("88.1/X", "88.1/Y", "0.NA/88.1")), r.resolved, F.pick((None, "URL")))
@@ -236,10 +211,7 @@ def test_fuzz_transport():
             {1: tok, 3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 5: 60, 23: 2})))
         r.poll()
         eq(r.results, [(1, "88.1/CLEAN", [[1, "URL", "u", 5]], 2, None)])
-        r.results = []
-        gc.collect()
-        grown = gc.mem_alloc() - base
-        ok(grown < 16384, "the transport's heap grew by %d bytes" % grown)
+        r.check_heap(base, "transport")
     finally:
         r.close()
 
