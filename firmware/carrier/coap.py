@@ -335,12 +335,7 @@ class Client:
                 self._finish(ex, proto.NO_RESPONSE, None)
 
     def ready(self):
-        if self.sock is None:
-            return False
-        for ex in self._ex:
-            if ex.st == _FREE:
-                return True
-        return False
+        return self._slot() is not None
 
     def busy(self):
         n = 0

@@ -139,21 +139,6 @@ def _wr(buf, pos, delta, src, start, ln):
     return pos + ln
 
 
-def _wuint(buf, pos, delta, v):
-    n = 0
-    x = v
-    while x:
-        n += 1
-        x >>= 8
-    t = _tmp4
-    for i in range(n):
-        t[i] = (v >> (8 * (n - 1 - i))) & 255
-    return _wr(buf, pos, delta, t, 0, n)
-
-
-_tmp4 = bytearray(4)
-
-
 def seq_store(store, key):
     """(first usable sequence number, persist(limit)) for key, kept in store's kv "oscseq" as a 4-byte tag of
     the key + the reserved limit (8 bytes BE). A new key (re-provisioning) starts at 0."""
@@ -485,7 +470,7 @@ class Client(coap.Client):
             out[i] = data[i]
         try:
             n2 = self._inner(m, ob, tkl)
-        except OscoreError:
+        except coap.CoapError:  # OscoreError, or the Observe option (coap.uint_opt) did not fit
             self.errors += 1
             return
         pt = self.ctx.pt
@@ -522,7 +507,7 @@ class Client(coap.Client):
             ln = _hd[1]
             if num != O_OBSERVE:
                 if not done and num > O_OBSERVE:
-                    p = _wuint(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
+                    p = coap.uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
                     last = O_OBSERVE
                     done = True
                 if num == O_ECHO:
@@ -531,7 +516,7 @@ class Client(coap.Client):
                 last = num
             i += ln
         if not done:
-            p = _wuint(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
+            p = coap.uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
         if i < m:
             if i + 1 == m:
                 raise OscoreError("payload marker without payload")
