@@ -124,6 +124,16 @@ class ResolverStats:
         return out
 
 
+class _Flight:
+    """The one upstream request in flight for a key (its task) and the callers waiting for its answer."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Answer] | None = None
+        self.waiters: list[asyncio.Future[Answer]] = []
+
+
 class Resolver:
     """Zone > cache > single-flight upstream > stale. Build with a config; parts may be injected (tests)."""
 
@@ -157,7 +167,7 @@ class Resolver:
             zpath = cfg.zone_path()
             zone = Zone.load(zpath) if zpath is not None and os.path.exists(zpath) else Zone(path=zpath)
         self.zone = zone
-        self._inflight: dict[CacheKey, asyncio.Task[Answer]] = {}
+        self._inflight: dict[CacheKey, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -191,24 +201,28 @@ class Resolver:
                 self._fetch_task(key, types, indexes)
             return self._answer(entry, wire.SOURCE_CACHE)
 
-        task = self._inflight.get(key)
-        if task is None:
-            task = self._fetch_task(key, types, indexes)
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = self._fetch_task(key, types, indexes)
         else:
             self._coalesced += 1
-        stale_available = self.cache.peek(key) is not None
+        # Our own future, resolved by the request's task as it ends (one loop turn, no shield): cancelling this
+        # caller cancels only it, never the request the others wait for.
+        waiter: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        flight.waiters.append(waiter)
         try:
-            if stale_available:
+            if self.cache.peek(key) is not None:  # a stale entry to fall back on
                 async with asyncio.timeout(self.config.stale_answer_after):
-                    return await asyncio.shield(task)
-            return await asyncio.shield(task)
+                    return await waiter
+            return await waiter
         except TimeoutError:
             # Only the client response timer above raises TimeoutError (the pool raises UpstreamTimeout).
             stale = self._stale(key)
             if stale is not None:
                 log.info("resolver.stale handle=%s reason=slow-upstream", name)
                 return stale
-            return await asyncio.shield(task)
+            assert flight.task is not None
+            return await asyncio.shield(flight.task)
         except Exception as e:  # the shared fetch failed: each waiter falls back to stale on its own
             stale = self._stale(key)
             if stale is not None:
@@ -217,50 +231,71 @@ class Resolver:
             raise
 
     # -- upstream ------------------------------------------------------------------------------------
-    def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> asyncio.Task[Answer]:
-        task = asyncio.create_task(self._fetch(key, types, indexes), name=f"resolve {key[0]}")
-        self._inflight[key] = task
+    def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> _Flight:
+        flight = _Flight()
+        flight.task = task = asyncio.create_task(self._fetch(key, types, indexes, flight), name=f"resolve {key[0]}")
+        self._inflight[key] = flight
         self._background.add(task)
         task.add_done_callback(self._fetch_done)
         self._fetches += 1
-        return task
+        return flight
 
     def _fetch_done(self, task: asyncio.Task[Answer]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:  # retrieved: waiters may all be gone
             self._upstream_errors += 1
 
-    async def _fetch(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> Answer:
+    async def _fetch(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...], flight: _Flight) -> Answer:
+        """The upstream request of ``flight`` (the shared tier first, when there is one); its outcome goes to
+        the flight's waiters before the task ends."""
         name = key[0]
-        flight = None
+        shared = None
         try:
             if self.shared is not None:  # local miss: the shared tier may answer, or make us wait for another gateway
-                flight = await self.shared.begin(key, self.cache)
-                if flight.entry is not None:
-                    return self._answer(flight.entry, wire.SOURCE_CACHE)
-            res = await self.pool.resolve(name, types, indexes)
-            code = res.code
-            record: Record | None = None
-            if code == wire.OK:
-                record = Record(name, res.values).select(types, indexes)
-                if not record.values and (types or indexes):
-                    code, record = wire.VALUES_NOT_FOUND, None
-            entry = self.cache.put(key, code, record)
-            if flight is not None:
-                flight.publish(entry)
-            if entry is not None:
-                log.debug("resolver.fetched handle=%s code=%d node=%s ttl=%.0f", name, code, res.node,
-                          entry.lifetime)
-                return self._answer(entry, wire.SOURCE_UPSTREAM)
-            now = self._clock()
-            return Answer(code, name, record, wire.SOURCE_UPSTREAM, now + self.cache.lifetime(code, record, now),
-                          etag_of(record, code))
-        finally:
-            if flight is not None:
-                flight.end()
-            # Before any waiter wakes up: a caller arriving after this starts a new request.
-            if self._inflight.get(key) is asyncio.current_task():
-                del self._inflight[key]
+                shared = await self.shared.begin(key, self.cache)
+            if shared is not None and shared.entry is not None:
+                answer = self._answer(shared.entry, wire.SOURCE_CACHE)
+            else:
+                res = await self.pool.resolve(name, types, indexes)
+                code = res.code
+                record: Record | None = None
+                if code == wire.OK:
+                    record = Record(name, res.values).select(types, indexes)
+                    if not record.values and (types or indexes):
+                        code, record = wire.VALUES_NOT_FOUND, None
+                entry = self.cache.put(key, code, record)
+                if shared is not None:
+                    shared.publish(entry)
+                if entry is not None:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("resolver.fetched handle=%s code=%d node=%s ttl=%.0f", name, code, res.node,
+                                  entry.lifetime)  # fmt: skip
+                    answer = self._answer(entry, wire.SOURCE_UPSTREAM)
+                else:
+                    now = self._clock()
+                    answer = Answer(code, name, record, wire.SOURCE_UPSTREAM,
+                                    now + self.cache.lifetime(code, record, now), etag_of(record, code))  # fmt: skip
+        except BaseException as e:
+            self._land(key, flight, shared)
+            for w in flight.waiters:
+                if not w.done():
+                    if isinstance(e, asyncio.CancelledError):
+                        w.cancel()  # as a shielded wait on a cancelled task: the waiter is cancelled too
+                    else:
+                        w.set_exception(e)  # each waiter falls back to stale on its own
+            raise
+        self._land(key, flight, shared)
+        for w in flight.waiters:
+            if not w.done():  # a waiter that gave up (cancelled, or answered stale) has a done future
+                w.set_result(answer)
+        return answer
+
+    def _land(self, key: CacheKey, flight: _Flight, shared: Any) -> None:
+        if shared is not None:
+            shared.end()
+        # Before any waiter wakes up: a caller arriving after this starts a new request.
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
 
     # -- answers -------------------------------------------------------------------------------------
     def _answer(self, entry: CacheEntry, source: int) -> Answer:

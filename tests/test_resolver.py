@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from pathlib import Path
 
@@ -161,6 +162,51 @@ async def test_caller_cancelled_does_not_cancel_the_shared_request() -> None:
     assert (await second).code == wire.OK
     assert up.cancelled == 0 and up.calls == 1
     await r.close()
+
+
+async def test_cancelled_waiters_leave_the_outcome_to_the_others() -> None:
+    """Callers that give up (cancelled) are skipped when the answer -- or the error -- is handed out; nothing is
+    left unretrieved (asyncio would log it)."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: unhandled.append(ctx))
+    try:
+        for error in (None, UpstreamBusy("busy")):
+            gate = asyncio.Event()
+            up = FakeUpstream([PUMP], gate=gate, error=error)
+            r = make(up)
+            callers = [asyncio.create_task(r.resolve(H)) for _ in range(4)]
+            await asyncio.sleep(0.01)
+            callers[0].cancel()  # the caller that started the request
+            callers[2].cancel()
+            gate.set()
+            results = await asyncio.gather(*callers, return_exceptions=True)
+            assert isinstance(results[0], asyncio.CancelledError) and isinstance(results[2], asyncio.CancelledError)
+            for res in (results[1], results[3]):
+                if error is None:
+                    assert not isinstance(res, BaseException) and res.code == wire.OK
+                else:
+                    assert isinstance(res, AllUpstreamsFailed)
+            assert up.calls == 1 and r.stats().inflight == 0
+            await r.close()
+            del callers, results
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_close_cancels_the_request_and_its_waiters() -> None:
+    gate = asyncio.Event()
+    up = FakeUpstream([PUMP], gate=gate)
+    r = make(up)
+    callers = [asyncio.create_task(r.resolve(H)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    await r.close()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(x, asyncio.CancelledError) for x in results)
+    assert r.stats().inflight == 0
 
 
 # -- serve-stale ----------------------------------------------------------------------------------------

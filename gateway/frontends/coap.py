@@ -203,15 +203,32 @@ class CoapFrontEnd:
                 code, msg = failure(e)
                 return self._fail(code, msg)
             response = self._answer(request, answer, accept == CF_JSON)
-            if self.fast is not None:
-                self.fast.learn(request, answer, types, indexes, accept == CF_JSON, response)
+            if self.fast is not None:  # once the answer is sent: the next loop turn, before the next datagram
+                asyncio.get_running_loop().call_soon(
+                    self.fast.learn, request, answer, types, indexes, accept == CF_JSON, response)  # fmt: skip
             return response
 
     async def render_resolve(self, request: aiocoap.Message) -> aiocoap.Message:
         """``GET /r/...`` rendered as the ``/r`` resource renders it, block-wise (RFC 7959) included, for a request
-        that did not come through aiocoap's routing (the fast path's misses; ``uri_path`` is what follows ``r``)."""
+        that did not come through aiocoap's routing (the fast path's misses; ``uri_path`` is what follows ``r``).
+
+        A request without Block2 (every miss of the fast path) is answered by :meth:`resolve` directly, and what
+        ``Resource.render`` and ``Block2Cache`` would do to it is done here: the default code (ours always carry
+        one), the No-Response option copied, an answer larger than one datagram cut into blocks."""
         res = self._resolve_resource
-        return await res._block2.extract_or_insert(request, lambda: res.render(request))
+        if request.opt.block2 is not None or request.code != Code.GET:
+            return await res._block2.extract_or_insert(request, lambda: res.render(request))
+        response = await self.resolve(request)
+        no_response = request.opt.no_response
+        if no_response is not None and response.opt.no_response is None:
+            response.opt.no_response = no_response
+        if len(response.payload) > request.remote.maximum_payload_size:  # block-wise: the /r resource's cache
+
+            async def rendered() -> aiocoap.Message:
+                return response
+
+            return await res._block2.extract_or_insert(request, rendered)
+        return response
 
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()
