@@ -22,6 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import wire
+from tests.procs import stop_process
 from tools import mosquitto
 from tools.bench import procs
 from tools.mosquitto import mosquitto_binary
@@ -73,15 +74,7 @@ class Broker:
         return RuntimeError(f"mosquitto {why}: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:

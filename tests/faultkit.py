@@ -37,6 +37,7 @@ from aiohttp import web
 
 from gateway import wire
 from tests.brokers import Device, free_port
+from tests.procs import stop_process
 from tools.bench.procs import free_port as free_udp_port  # UDP, 127.0.0.1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,13 +110,7 @@ class RedisServer:
         _wait_port("127.0.0.1", self.port, self.proc, timeout, "redis-server")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def kill(self) -> None:
@@ -281,16 +276,7 @@ class GatewayProc:
             self.proc.wait(10)
 
     def terminate(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.lines[-n:])

@@ -25,6 +25,7 @@ from typing import Any
 import cbor2
 
 from tests.mpcollect import ROOT, micropython_binary
+from tests.procs import stop_process
 from tools.bench.procs import free_port as free_udp_port  # UDP, 127.0.0.1
 
 FIRMWARE = ROOT / "firmware"
@@ -123,16 +124,7 @@ class DeviceProc:
             time.sleep(poll)
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:
