@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -167,6 +168,15 @@ class LoopThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def assert_clean(self) -> None:
+        """No problem logged since the last call (lost tasks are collected first, so they report now)."""
+        if not self.loop.is_closed():
+            self.call(gc.collect)
+            time.sleep(0.01)
+        problems = self.watch.problems()
+        self.watch.clear()
+        assert not problems, "\n".join(problems[:20])
 
 
 # -- CBOR values and protocol messages --------------------------------------------------------------------

@@ -17,7 +17,6 @@ Campaign size: IDA_FUZZ_EXAMPLES (tests/fuzzing.py) multiplies the examples.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -258,13 +257,7 @@ class Env:
         self.p = Prober(runner.port)
 
     def assert_clean(self) -> None:
-        """No problem logged since the last call (lost tasks are collected first, so they report now)."""
-        if not self.runner.loop.is_closed():
-            self.runner.call(gc.collect)
-            time.sleep(0.01)
-        problems = self.watch.problems()
-        self.watch.clear()
-        assert not problems, "\n".join(problems[:20])
+        self.runner.assert_clean()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ Campaign size: IDA_FUZZ_EXAMPLES (tests/fuzzing.py) multiplies the examples.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import queue
 import time
@@ -172,12 +171,7 @@ class Env:
         assert ack.get(3) == wire.OK, ack
 
     def assert_clean(self) -> None:
-        if not self.runner.loop.is_closed():
-            self.runner.call(gc.collect)
-            time.sleep(0.01)
-        problems = self.watch.problems()
-        self.watch.clear()
-        assert not problems, "\n".join(problems[:20])
+        self.runner.assert_clean()
 
 
 @pytest.fixture(scope="module")
