@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import wire
 from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamTimeout
-from gateway.frontends.coap import CoapFrontEnd
+from gateway.frontends.coap import CoapFrontEnd, resolve_payload
 from gateway.frontends.common import json_etag
 from gateway.metrics import Metrics
 from gateway.records import Record
@@ -339,3 +341,40 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
         # coap-client prints the payload and a newline
         assert wire.decode("report_ack", out.removesuffix(b"\n")) == {"boot": 9, "seq": 1, "code": 1}
     assert env.registry.stats()["reports_total"] == 1
+
+
+# -- the 2.05 payload: written out by the front end, the bytes wire's encoder gives ------------------------------
+_ints = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32,
+                                                              2**64 - 1, 2**64, -1, -(2**64)]), st.booleans())  # fmt: skip
+_texts = st.one_of(st.text(max_size=30), st.sampled_from(["", "x" * 23, "x" * 24, "é" * 200, "\ud800", "𝄞"]))
+_value = st.one_of(
+    st.lists(st.one_of(_ints, _texts, st.binary(max_size=300)), min_size=4, max_size=4),
+    st.tuples(_ints, _texts, st.one_of(_texts, st.binary(max_size=300)), _ints).map(list),
+    st.lists(_ints, max_size=5),
+)
+
+
+def _wire_or_error(code: object, ident: object, values: object, source: object) -> object:
+    try:
+        return wire.encode_resolve_response({"code": code, "id": ident, "values": values, "source": source})
+    except Exception as e:  # the same failure both ways
+        return type(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ints, _texts, st.lists(_value, max_size=5), st.one_of(st.integers(-1, 5), st.booleans()))
+def test_resolve_payload_is_wires_encoding(code: int, ident: str, values: list[list[object]], source: int) -> None:
+    want = _wire_or_error(code, ident, values, source)
+    try:
+        got: object = resolve_payload(code, ident, values, source)
+    except Exception as e:
+        got = type(e)
+    assert got == want
+
+
+def test_resolve_payload_of_real_records() -> None:
+    for rec in sample_records().values():
+        values = rec.to_device_values(0.0)
+        for source in (wire.SOURCE_UPSTREAM, wire.SOURCE_CACHE):
+            assert resolve_payload(wire.OK, rec.handle, values, source) == wire.encode_resolve_response(
+                {"code": wire.OK, "id": rec.handle, "values": values, "source": source})  # fmt: skip

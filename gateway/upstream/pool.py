@@ -284,6 +284,9 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.timeout
+        nodes = self._nodes
+        if len(nodes) == 1 and nodes[0].down_until <= self._clock():  # one healthy node: nothing to order
+            return await self._only(nodes[0], handle, tuple(types), tuple(indexes), deadline)
         queue = self._eligible(self._clock())
         if not queue:
             last = {n.name: n.last_error or UpstreamError("node is in cooldown", n.name) for n in self._nodes}
