@@ -180,18 +180,22 @@ class Resolver:
     # -- the Resolving interface ---------------------------------------------------------------------
     async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer:
         name = identifier.normalise(handle)
-        types = tuple(types)
-        indexes = tuple(int(i) for i in indexes)
+        if types == () and indexes == ():  # no filters (the usual request): nothing to convert or sort
+            key: CacheKey = (name, (), ())
+        else:
+            types = tuple(types)
+            indexes = tuple(int(i) for i in indexes)
+            key = cache_key(name, types, indexes)
         if self._closed:
             raise RuntimeError("resolver is closed")
-        self._start_housekeeping()
+        if self._housekeeper is None:
+            self._start_housekeeping()
 
         zrec = self.zone.get_normalised(name)
         if zrec is not None:
             self._zone_hits += 1
             return self._zone_answer(name, zrec, types, indexes)
 
-        key = cache_key(name, types, indexes)
         entry = self.cache.get(key)
         if entry is not None:
             if (self.config.prefetch and not entry.prefetched and key not in self._inflight

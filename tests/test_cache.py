@@ -336,3 +336,52 @@ def test_pending_entries_are_encoded_at_flush(tmp_path: Path) -> None:
     con.close()
     assert blob == encode_record(wire.OK, KEY[0], PUMP)
     c.close()
+
+
+_MEASURED = [
+    PUMP,
+    Record("88.123.99/ÄÖ-ü", (value(1, "URL", b"x" * 300, ttl=-5), value(70000, "ÉMAIL", b"", ttl=2**40))),
+    Record("88.123.99/REF", (HandleValue(3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1,
+                                         (("0.NA/88", 300), ("ü/x", -2**64))),)),
+    Record("88.123.99/BIG", (HandleValue(1, "URL", b"y", 2**70, 0, 0, 0, ()),)),
+    Record("88.123.99/IDX", (HandleValue(2**32, "URL", b"y", 5, 0, 0, 0, ()),)),  # etag_of cannot take this index
+    Record("88.123.99/ABS", (HandleValue(1, "URL", b"y", int(T0) + 50, TTL_ABSOLUTE, 0, 0, ()),
+                             HandleValue(2, "URL", b"z", int(T0) - 50, TTL_ABSOLUTE, 0, 0, ()),
+                             HandleValue(3, "URL", b"w", 10, 0, 0, 0, ()))),
+    Record("88.123.99/STR", (HandleValue(1, "URL", "text", 5, 0, 0, 0, ()),)),  # type: ignore[arg-type]
+    Record("88.123.99/EMPTY", ()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rec", _MEASURED, ids=lambda r: r.handle)
+def test_measure_is_min_ttl_size_and_etag(rec: Record) -> None:
+    """Cache.put's one pass gives what the three functions give (or raises what they raise)."""
+    from gateway.cache import _measure, _record_size
+    from gateway.resolution import etag_of
+
+    def three() -> object:
+        try:
+            return rec.min_ttl(T0), _record_size(wire.OK, rec.handle, rec), etag_of(rec, wire.OK)
+        except Exception as e:
+            return type(e)
+
+    try:
+        got: object = _measure(wire.OK, rec.handle, rec, T0)
+    except Exception as e:
+        got = type(e)
+    assert got == three()
+
+
+@pytest.mark.parametrize("rec", [r for r in _MEASURED if r.handle not in ("88.123.99/IDX", "88.123.99/STR")],
+                         ids=lambda r: r.handle)  # fmt: skip
+def test_put_entry_has_the_lifetime_size_and_etag_of_the_rules(rec: Record) -> None:
+    from gateway.cache import _key_blob
+    from gateway.resolution import etag_of
+
+    c = make(clock=Clock(), max_ttl=10**6)
+    e = c.put(cache_key(rec.handle), wire.OK, rec)
+    assert e is not None
+    assert e.lifetime == c.lifetime(wire.OK, rec, T0)
+    key_blob = _key_blob(cache_key(rec.handle))
+    assert e.size == len(encode_record(wire.OK, rec.handle, rec)) + len(key_blob) + ENTRY_OVERHEAD
+    assert e.etag == etag_of(rec, wire.OK)

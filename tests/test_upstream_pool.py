@@ -296,3 +296,56 @@ async def test_requests_and_latency_counted_per_node() -> None:
     assert st["fake://0"].requests == 1  # failed once, then ordered after b
     assert st["fake://1"].requests == 3 and st["fake://1"].latency.count == 3
     assert st["fake://0"].latency.count == 1
+
+
+# -- the attempt timer (asyncio.timeout's rules, spelt out) ------------------------------------------------------------
+async def test_single_node_attempt_timeout_is_upstream_timeout_and_leaves_the_task_clean() -> None:
+    p = pool(FakeUpstream([PUMP], latency=1.0), timeout=5.0, attempt_timeout=0.05)
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(AllUpstreamsFailed) as e:
+        await p.resolve(H)
+    assert isinstance(e.value.errors["fake://0"], UpstreamTimeout)
+    assert task.cancelling() == 0  # the timer's cancellation was taken back
+    s = p.stats()["fake://0"]
+    assert (s.failures, s.cancelled) == (1, 0)
+
+
+async def test_outside_cancellation_is_not_a_timeout() -> None:
+    up = FakeUpstream([PUMP], latency=1.0)
+    p = pool(up, attempt_timeout=0.5)
+    t = asyncio.create_task(p.resolve(H))
+    await asyncio.sleep(0.02)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    s = p.stats()["fake://0"]
+    assert (s.cancelled, s.failures) == (1, 0)
+
+
+async def test_cancelled_while_the_timer_is_pending_then_timer_fires_later_is_harmless() -> None:
+    """A caller that itself runs under a timeout shorter than the attempt's gets its own TimeoutError."""
+    p = pool(FakeUpstream([PUMP], latency=1.0), attempt_timeout=0.5)
+    with pytest.raises(TimeoutError) as e:
+        async with asyncio.timeout(0.05):
+            await p.resolve(H)
+    assert not isinstance(e.value, UpstreamTimeout)
+    await asyncio.sleep(0.6)  # the attempt's timer was cancelled: nothing is cancelled later
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_client_that_swallows_the_timer_still_answers() -> None:
+    class Stubborn(FakeUpstream):
+        async def resolve(self, handle, types=(), indexes=()):  # type: ignore[no-untyped-def]
+            try:
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                pass
+            return await super().resolve(handle, types, indexes)
+
+    p = pool(Stubborn([PUMP]), attempt_timeout=0.05)
+    a = await p.resolve(H)
+    assert a.code == 1
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0

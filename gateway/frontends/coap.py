@@ -447,9 +447,12 @@ def _decline(serverobservation: Any) -> None:
 
 
 def _query(request: aiocoap.Message) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    queries = request.opt.uri_query
+    if not queries:
+        return (), ()
     types: list[str] = []
     indexes: list[str] = []
-    for q in request.opt.uri_query:
+    for q in queries:
         key, _, value = q.partition("=")
         if key == "type":
             types.append(value)

@@ -369,8 +369,23 @@ class UpstreamPool:
         t0 = self._clock()
         err: UpstreamError
         try:
-            async with asyncio.timeout(self.attempt_timeout):
+            # asyncio.timeout(attempt_timeout), spelt out: a timer that cancels this task, the cancellation turned
+            # into TimeoutError when it was the timer's (the same rules; a third of the cost on a cold miss)
+            task = asyncio.current_task()
+            assert task is not None
+            cancelling = task.cancelling()
+            fired: list[bool] = []
+            timer = asyncio.get_running_loop().call_later(self.attempt_timeout, _expire, task, fired)
+            try:
                 res = await node.client.resolve(handle, types, indexes)
+            except BaseException as e:
+                timer.cancel()
+                if fired and task.uncancel() <= cancelling and isinstance(e, asyncio.CancelledError):
+                    raise TimeoutError from None
+                raise
+            timer.cancel()
+            if fired:
+                task.uncancel()
             code = res.code
             if code not in ANSWER_CODES:
                 raise UpstreamRefused(f"{handle}: unexpected response code {code}", node.name, code=code)
@@ -445,6 +460,12 @@ class UpstreamPool:
                     await res
             except Exception:  # closing must go on for the other nodes
                 log.exception("upstream.close_failed node=%s", n.name)
+
+
+def _expire(task: asyncio.Task[object], fired: list[bool]) -> None:
+    """An attempt's time is up: cancel its task (the attempt turns that into TimeoutError)."""
+    fired.append(True)
+    task.cancel()
 
 
 def _consume(task: asyncio.Task[PoolAnswer]) -> None:
