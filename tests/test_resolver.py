@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import wire
 from gateway.cache import Cache, CacheConfig, cache_key
@@ -422,3 +424,40 @@ def test_cache_config_from_resolver_config() -> None:
 
 def test_cache_key_shape() -> None:
     assert cache_key(H, ("URL",), (1,)) == (H, ("URL",), (1,))
+
+
+# -- the resolver's shortcut for plainly valid identifiers ---------------------------------------------------------
+def _normalised(text: str) -> object:
+    from gateway import identifier
+
+    try:
+        return identifier.normalise(text)
+    except identifier.IdentifierError as e:
+        return e.reason
+
+
+def _shortcut(text: str) -> object:
+    from gateway import identifier
+    from gateway.resolver import _normalise
+
+    try:
+        return _normalise(text)
+    except identifier.IdentifierError as e:
+        return e.reason
+
+
+_alphabet = st.sampled_from(list("aZ09-_./. \t\n\x7f\x80éÄ𝄞/") + ["\x00", "\x1f", "\x9f", "\ud800"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(_alphabet, max_size=30), st.text(max_size=30),
+                 st.builds(lambda p, s: f"{p}/{s}", st.text(_alphabet, max_size=12), st.text(_alphabet, max_size=12))))
+def test_normalise_shortcut_is_identifier_normalise(text: str) -> None:
+    assert _shortcut(text) == _normalised(text)
+
+
+@pytest.mark.parametrize("text", ["88.123.99/PUMP-0001", "88.abc.Xy_-z/a/b c~", "a/b", "A.b/" + "x" * 251,
+                                  "A.b/" + "x" * 252, "a..b/x", ".a/x", "a./x", "a/", "/x", "ab", "a b/x",
+                                  "a/\x7f", "a/\x1f", "88.1/Ä", ""])  # fmt: skip
+def test_normalise_shortcut_edges(text: str) -> None:
+    assert _shortcut(text) == _normalised(text)

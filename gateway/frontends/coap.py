@@ -232,7 +232,7 @@ class CoapFrontEnd:
 
     def _limited(self, request: aiocoap.Message, device: str | None) -> aiocoap.Message | None:
         """4.29 (Max-Age = seconds until allowed) when a rate limit refuses the request, else None."""
-        if self.limiter is None:
+        if self.limiter is None or not getattr(self.limiter, "enabled", True):  # no bucket: nothing to take from
             return None
         verdict = self.limiter.check(device=_authenticated(request) or device, source=_source(request))
         if not verdict.limited:
