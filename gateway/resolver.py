@@ -280,9 +280,11 @@ class Resolver:
                 code = res.code
                 record: Record | None = None
                 if code == wire.OK:
-                    record = Record(name, res.values).select(types, indexes)
-                    if not record.values and (types or indexes):
-                        code, record = wire.VALUES_NOT_FOUND, None
+                    record = Record(name, res.values)
+                    if types or indexes:
+                        record = record.select(types, indexes)
+                        if not record.values:
+                            code, record = wire.VALUES_NOT_FOUND, None
                 entry = self.cache.put(key, code, record)
                 if shared is not None:
                     shared.publish(entry)
