@@ -208,11 +208,13 @@ class RecordingResolver:
         try:
             answer = await self.inner.resolve(handle, types, indexes)
         except Exception as e:
-            self.board.recent.add(str(handle), self.frontend, SOURCE_ERROR, _error_code(e),
-                                  (time.perf_counter() - t0) * 1000)  # fmt: skip
+            asyncio.get_running_loop().call_soon(self.board.recent.add, str(handle), self.frontend, SOURCE_ERROR,
+                                                 _error_code(e), (time.perf_counter() - t0) * 1000)  # fmt: skip
             raise
-        self.board.recent.add(answer.handle, self.frontend, SOURCE_NAMES.get(answer.source, str(answer.source)),
-                              answer.code, (time.perf_counter() - t0) * 1000)  # fmt: skip
+        # noted on the next loop turn (errors too, so the list keeps its order): after the answer is sent
+        asyncio.get_running_loop().call_soon(self.board.recent.add, answer.handle, self.frontend,
+                                             SOURCE_NAMES.get(answer.source, str(answer.source)), answer.code,
+                                             (time.perf_counter() - t0) * 1000)  # fmt: skip
         return answer
 
     def __getattr__(self, name: str) -> Any:

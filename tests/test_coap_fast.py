@@ -441,6 +441,34 @@ async def test_duplicate_of_a_miss_in_flight_is_not_resolved_twice(env: Env) -> 
     assert len(env.resolver.calls) == 1
 
 
+async def test_duplicate_con_of_a_miss_is_ignored_then_answered_with_the_same_ack(env: Env) -> None:
+    gate = env.resolver.gates.setdefault(PUMP, asyncio.Event())
+    await env.raw.send(request(0x7201, b"p"))
+    await asyncio.sleep(0.02)
+    await env.raw.send(request(0x7201, b"p"))  # a retransmission while the resolver works: ignored
+    assert await env.raw.nothing(0.05)
+    gate.set()
+    first = await env.raw.recv()
+    assert (first.mtype, first.code, first.mid, first.token) == (ACK, 0x45, 0x7201, b"p")
+    assert await env.raw.nothing(0.2)  # one answer, not two
+    again = await env.raw.ask(request(0x7201, b"p"))  # a late retransmission: the very same ACK
+    assert again.raw == first.raw and len(env.resolver.calls) == 1
+    non = await env.raw.ask(request(0x7202, b"q", ident="88.123.99/NOPE", mtype=NON))  # a NON miss: a NON
+    assert (non.mtype, non.code, non.token) == (NON, 0x84, b"q")
+
+
+async def test_duplicate_after_the_empty_ack_gets_the_empty_ack_again(env: Env) -> None:
+    gate = env.resolver.gates.setdefault(PUMP, asyncio.Event())
+    empty = await env.raw.ask(request(0x7301, b"e"), timeout=3.0)  # EMPTY_ACK_DELAY passes: an empty ACK
+    assert (empty.mtype, empty.code, empty.mid, empty.token) == (ACK, 0, 0x7301, b"")
+    again = await env.raw.ask(request(0x7301, b"e"))
+    assert again.raw == empty.raw
+    gate.set()
+    sep = await env.raw.recv()
+    assert (sep.mtype, sep.code, sep.token) == (CON, 0x45, b"e") and len(env.resolver.calls) == 1
+    await env.raw.send(encode_message(ACK, 0, sep.mid, b""))
+
+
 async def test_status_page_sees_fast_hits_once_a_second(tmp_path: Any) -> None:
     from gateway.status import StatusBoard, recording
 

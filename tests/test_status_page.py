@@ -86,6 +86,7 @@ async def test_recording_resolver_notes_answers_and_failures() -> None:
                        ("no-slash", IdentifierError)):  # fmt: skip
         with pytest.raises(exc):
             await coap.resolve(ident)
+    await asyncio.sleep(0)  # noted on the next loop turn, once the answer is on its way
     got = [(r.id, r.frontend, r.source, r.code) for r in reversed(coap.board.recent.items())]
     assert got == [
         (PUMP, "coap", "upstream", 1),
@@ -108,6 +109,7 @@ async def test_snapshot_with_fake_resolver_and_registry(tmp_path: Path) -> None:
         fake = FakeResolver()
         wrapped = status.recording(fake, "coap")
         await wrapped.resolve(PUMP)
+        await asyncio.sleep(0)
         snap = status.status_snapshot(wrapped, registry, components={"coap": "listening", "mqtt": "down"}, now=now)
     finally:
         registry.close()
@@ -152,6 +154,7 @@ async def test_snapshot_with_real_resolver_cache_upstream_and_outbox(tmp_path: P
             board.series.sample(time.time() - 5, 0, 0)
             for _ in range(3):
                 await wrapped.resolve(PUMP)
+            await asyncio.sleep(0)
             snap = status.status_snapshot(wrapped, registry)
         finally:
             await resolver.close()

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.service import Gateway  # after logging is set up; pulls in aiocoap, aiohttp, SQLite
 
     try:
-        asyncio.run(Gateway(cfg).run())
+        asyncio.run(Gateway(cfg).run(freeze_gc=True))
     except gwconfig.ConfigError as e:
         raise CliError(f"ConfigError: {e}") from None
     except OSError as e:

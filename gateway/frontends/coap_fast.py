@@ -79,6 +79,7 @@ from aiocoap import interfaces
 from aiocoap.message import Direction
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers import COAP_PORT
+from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.util import hostportjoin
 
@@ -125,7 +126,10 @@ _ACK_VALID = tuple(bytes((0x40 | ACK << 4 | tkl, VALID)) for tkl in range(9))
 _NON_CONTENT = tuple(bytes((0x40 | NON << 4 | tkl, CONTENT)) for tkl in range(9))
 _NON_VALID = tuple(bytes((0x40 | NON << 4 | tkl, VALID)) for tkl in range(9))
 _SLOW = b""  # de-duplication marker: this CON went to the slow path
+_PENDING = b"\x00"  # de-duplication marker: this CON is on the miss path, no answer yet (a duplicate is ignored)
+_EMPTY_ACK_HEAD = bytes((0x40 | ACK << 4, 0))  # an empty ACK: version 1, ACK, no token, code 0.00
 
+_URI_PATH = OptionNumber.URI_PATH
 _WILDCARDS = ("", "::", "0.0.0.0", "::ffff:0.0.0.0")
 
 
@@ -359,6 +363,20 @@ class _Interface(interfaces.MessageInterface):
 
 
 # -- the fast path -----------------------------------------------------------------------------------------
+class _Miss:
+    """A request on the miss path: where its answer goes and whether the empty ACK went out already."""
+
+    __slots__ = ("dk", "addr", "pktinfo", "mid", "timer", "acked")
+
+    def __init__(self, dk: Any, addr: Any, pktinfo: bytes | None, mid: int) -> None:
+        self.dk = dk  # the de-duplication key of a CON; None for a NON
+        self.addr = addr
+        self.pktinfo = pktinfo
+        self.mid = mid
+        self.timer: asyncio.TimerHandle | None = None
+        self.acked = False
+
+
 class FastPath:
     """Owns the CoAP UDP socket, answers hits, hands the rest to aiocoap (module doc).
 
@@ -551,6 +569,9 @@ class FastPath:
                             elif not out:  # _SLOW: aiocoap took the original, it de-duplicates its own
                                 self._to_slow(data, addr, pktinfo)
                                 continue
+                            elif out is _PENDING:  # the original is on the miss path: its answer comes
+                                replayed += 1
+                                continue
                             else:
                                 replayed += 1
                         else:  # NON: answered with a NON of our own Message ID
@@ -608,6 +629,8 @@ class FastPath:
                 if not prev:  # _SLOW: aiocoap answered the original, it de-duplicates its own
                     self._to_slow(data, addr, pktinfo)
                     return 0
+                if prev is _PENDING:  # the original is on the miss path: ignored, as aiocoap ignores one
+                    return 3
                 self.send(prev, addr, pktinfo)
                 return 3
         if fast is not None and serving:
@@ -627,53 +650,63 @@ class FastPath:
                     self._seen[dk] = out
                 self.send(out, addr, pktinfo)
                 return 2 if hit else 1
-        if dk is not None:
-            self._seen[dk] = (
-                _SLOW  # a duplicate goes to aiocoap, which de-duplicates (the miss path registers it)
-            )
         if fast is not None and serving and self._miss is not None:
-            self._start_miss(data, addr, pktinfo, fast[0])
+            if not con:  # a NON on the miss path: a duplicate of it is ignored (as aiocoap ignores one)
+                ndk = (addr, data[2] << 8 | data[3])
+                if self._seen.get(ndk) is _PENDING or self._seen_old.get(ndk) is _PENDING:
+                    return 3
+                self._seen[ndk] = _PENDING
+            self._start_miss(data, addr, pktinfo, fast[0], dk)
         else:
+            if dk is not None:
+                self._seen[dk] = _SLOW  # a duplicate goes to aiocoap, which de-duplicates its own
             self._to_slow(data, addr, pktinfo, None if fast is None else fast[0])
         return 0
 
-    def _start_miss(self, data: bytes, addr: Any, pktinfo: bytes | None, key: bytes) -> None:
+    def _start_miss(self, data: bytes, addr: Any, pktinfo: bytes | None, key: bytes, dk: Any) -> None:
         """The miss path: a GET the fast path could serve but has no fresh entry for goes straight to the ``/r``
-        resource (``miss``), without aiocoap's routing, pipes and copies; aiocoap's message layer still does
-        de-duplication, the piggybacked ACK (or an empty ACK after EMPTY_ACK_DELAY and a separate response)
-        and retransmission, exactly as for a request it routed itself."""
+        resource (``miss``), without aiocoap's routing, pipes and copies, and its answer goes out from here as
+        aiocoap's message layer would send it: piggybacked on the ACK (CON) or as a NON of our own Message ID
+        (NON); when the answer takes longer than EMPTY_ACK_DELAY, an empty ACK now and the answer later as a
+        separate CON response through aiocoap (which retransmits it until acknowledged). A duplicate of the
+        CON while it is being resolved is ignored (as aiocoap ignores one); afterwards it gets the same ACK
+        again (``dk``, the de-duplication key, holds the bytes sent)."""
         iface = self._iface
-        if iface is None or self._loop is None:
+        loop = self._loop
+        if iface is None or loop is None:
             return
-        mman = iface.mman
         self.misses += 1
         remote = _Remote(addr, iface, pktinfo, key)
         try:
             request = aiocoap.Message.decode(data, remote)
         except Exception:  # classify() accepted it, so this would be a decoder difference: let aiocoap judge
+            if dk is not None:
+                self._seen[dk] = _SLOW
             self._to_slow(data, addr, pktinfo)
             return
         request.direction = Direction.INCOMING
-        if mman._deduplicate_message(request):  # registers the exchange for aiocoap's duplicate handling
-            return
-        if request.mtype is aiocoap.CON:
-            # as MessageManager._process_request: an empty ACK if the answer takes longer than EMPTY_ACK_DELAY
-            handle = self._loop.call_later(request.transport_tuning.EMPTY_ACK_DELAY, self._empty_ack, request)
-            mman._piggyback_opportunities[(request.remote, request.token)] = (request.mid, handle)
-        request.opt.uri_path = request.opt.uri_path[1:]  # what aiocoap's Site hands the /r resource
-        task = self._loop.create_task(self._answer_miss(request))
+        miss = _Miss(dk, addr, pktinfo, request.mid)
+        if dk is not None:
+            self._seen[dk] = _PENDING
+            miss.timer = loop.call_later(request.transport_tuning.EMPTY_ACK_DELAY, self._empty_ack, miss)
+        options = request.opt._options  # what aiocoap's Site hands the /r resource: the path after "r"
+        path = options[_URI_PATH]
+        del path[0]
+        if not path:
+            del options[_URI_PATH]
+        task = loop.create_task(self._answer_miss(request, miss))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _empty_ack(self, request: aiocoap.Message) -> None:
-        iface = self._iface
-        if iface is None:
+    def _empty_ack(self, miss: _Miss) -> None:
+        if miss.acked or self._sock is None:
             return
-        opportunity = iface.mman._piggyback_opportunities.pop((request.remote, request.token), None)
-        if opportunity is not None:
-            iface.mman._send_empty_ack(request.remote, opportunity[0], "Response took too long to prepare")
+        miss.acked = True
+        out = _EMPTY_ACK_HEAD + miss.mid.to_bytes(2, "big")
+        self._seen[miss.dk] = out  # a duplicate gets the empty ACK again
+        self.send(out, miss.addr, miss.pktinfo)
 
-    async def _answer_miss(self, request: aiocoap.Message) -> None:
+    async def _answer_miss(self, request: aiocoap.Message, miss: _Miss) -> None:
         assert self._miss is not None
         try:
             response = await self._miss(request)
@@ -681,12 +714,27 @@ class FastPath:
             log.exception("coap: answering a resolution failed")
             response = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
         iface = self._iface
-        if iface is None:
+        if iface is None or self._sock is None:
             return
         response.token = request.token
-        response.remote = request.remote.as_response_address()
-        response.request = request
         try:
+            if miss.dk is None or not miss.acked:
+                if miss.dk is None:  # NON: answered with a NON of our own Message ID
+                    self._mid = (self._mid + 1) & 0xFFFF
+                    response.mtype, response.mid = aiocoap.NON, self._mid
+                else:  # piggybacked on the ACK
+                    if miss.timer is not None:
+                        miss.timer.cancel()
+                    miss.acked = True
+                    response.mtype, response.mid = aiocoap.ACK, miss.mid
+                out = response.encode()
+                if miss.dk is not None:
+                    self._seen[miss.dk] = out  # a duplicate gets the same bytes
+                self.send(out, miss.addr, miss.pktinfo)
+                return
+            # the empty ACK went out: a separate CON response, retransmitted by aiocoap until acknowledged
+            response.remote = request.remote.as_response_address()
+            response.request = request
             iface.mman.send_message(response, _no_monitor)
         except Exception:
             log.exception("coap: sending a resolution answer failed")
