@@ -14,9 +14,11 @@ on the (non-blocking) socket, at most ``DRAIN_MAX``, and for each one:
    fast path allows, so ETags come first): the key is the request without them. An ETag equal to the entry's
    gets 2.03 Valid with ETag and Max-Age; otherwise the full 2.05.
 3. a **miss**: a GET the fast path could serve (case 1 or 2) with no fresh entry goes straight to the ``/r``
-   resource (``miss``, block-wise included) without aiocoap's routing, pipes and message copies; aiocoap's
-   message layer still de-duplicates it and sends the answer (piggybacked, or an empty ACK after
-   EMPTY_ACK_DELAY and a separate response), so the bytes are the ones aiocoap's own path sends. The request
+   resource (``miss``, block-wise included) without aiocoap's routing, pipes and message copies, and the
+   answer goes out from here as aiocoap's message layer would send it (the same bytes): piggybacked on the ACK
+   of a CON, a NON of our own Message ID for a NON; when it takes longer than EMPTY_ACK_DELAY, an empty ACK
+   and then a separate CON response through aiocoap, which retransmits it. De-duplication is the fast path's
+   table (below): a duplicate while the request is resolved is ignored, later ones get the same ACK. The request
    carries its key (``fast_key`` on the remote); when the answer is a fresh 2.05 resolution that fits in one
    datagram, :meth:`FastPath.learn` (called by the front end) stores the entry.
 4. anything else goes to aiocoap (the slow path, ``gateway/frontends/coap.py``), fed to it through
