@@ -126,3 +126,39 @@ def test_ida_bench_quick_json_p1_p3(tmp_path: Path) -> None:
     assert p3["upstream_requests"] >= 1
     assert isinstance(p3["miss_overhead_p50_ms"], int | float)
     assert p3["gateway_miss_p50_ms"] > 0 and p3["direct_upstream_p50_ms"] > 0
+
+
+def test_p5_fleet_retransmits_like_a_device_until_acknowledged() -> None:
+    from tools.bench import p5
+
+    class Transport:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendto(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    fleet = p5._Fleet(p5.FleetSpec("127.0.0.1", 9, devices=2))
+    src = p5._Source(fleet)
+    tr = Transport()
+    src.transport = tr  # type: ignore[assignment]
+    fleet.sources.append(src)
+    fleet.send(0, 1, 0.0)
+    fleet.send(1, 1, 0.0)
+    first, second = tr.sent
+    t0 = min(src.pending.values())
+    fleet.retransmit(t0 + int(1.9e9))
+    assert fleet.result.retransmits == 0  # not yet: ACK_TIMEOUT is 2 s
+    fleet.retransmit(t0 + int(2.1e9))
+    assert fleet.result.retransmits == 2 and tr.sent[2:] == [first, second]
+    # the first gets an empty ACK (the gateway has it), the second a piggybacked 2.04
+    fleet.on_datagram(src, encode_message(ACK, 0, int.from_bytes(first[2:4], "big"), b""))
+    tkl = second[0] & 0x0F
+    fleet.on_datagram(src, encode_message(ACK, p5.CHANGED, int.from_bytes(second[2:4], "big"), second[4 : 4 + tkl]))
+    assert fleet.result.ok == 1 and len(src.pending) == 1 and not src.unacked
+    fleet.retransmit(t0 + int(60e9))
+    assert fleet.result.retransmits == 2  # acknowledged ones are not sent again
+    # its separate CON response is acknowledged, as a device does
+    tkl = first[0] & 0x0F
+    fleet.on_datagram(src, encode_message(CON, p5.CHANGED, 0x0777, first[4 : 4 + tkl]))
+    assert fleet.result.ok == 2 and tr.sent[-1] == b"\x60\x00\x07\x77"
