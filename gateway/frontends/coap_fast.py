@@ -87,7 +87,7 @@ from aiocoap.util import hostportjoin
 
 from gateway import wire
 from gateway.frontends.common import json_etag
-from gateway.frontends.hotpath import DROP, SERVE, CacheGuard, HotEntry
+from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.metrics import Sample
 from gateway.records import TTL_ABSOLUTE
 from gateway.resolution import Answer, etag_of
@@ -761,16 +761,7 @@ class FastPath:
 
     def _refresh(self, entry: _Entry, now: float) -> bool:
         """Bring ``entry`` up to ``now`` (Max-Age, payload); False when the slow path must answer instead."""
-        verdict = self.guard.check(entry, now)
-        if verdict != SERVE:
-            if verdict == DROP:
-                self._forget(entry)
-            return False  # ONCE: the resolver sees this hit and starts its prefetch
-        if not entry.render(now):
-            self._forget(entry)
-            return False
-        self.guard.seen(entry)  # the status page sees the identifier in use, once a second at most
-        return True
+        return self.guard.refresh(entry, now, self._forget)
 
     def _forget(self, entry: _Entry) -> None:
         if self.table.get(entry.key) is entry:

@@ -21,7 +21,9 @@ per entry per second, when the guard checks it.
 
 from __future__ import annotations
 
+import abc
 import math
+from collections.abc import Callable
 from typing import Any
 
 from gateway import wire
@@ -33,7 +35,7 @@ __all__ = ["HotEntry", "CacheGuard", "SERVE", "DROP", "ONCE"]
 SERVE, DROP, ONCE = 0, 1, 2  # CacheGuard.check: answer from the entry / forget it / hand this one request on
 
 
-class HotEntry:
+class HotEntry(abc.ABC):
     """The part of a fast-path entry the guard looks after (the fast paths subclass it with their bytes)."""
 
     __slots__ = ("answer", "expires", "refresh_at", "refreshing", "ref", "cache_key")
@@ -45,6 +47,10 @@ class HotEntry:
         self.refreshing = math.isinf(refresh_at)  # the prefetch window was handed to the slow path already
         self.ref = ref  # the resolver's cache entry this answer is (None: not a gateway.resolver.Resolver)
         self.cache_key = ckey
+
+    @abc.abstractmethod
+    def render(self, now: float) -> bool:
+        """Encode the entry's bytes for ``now``; False when the answer no longer fits."""
 
     def hold_until(self, age: int, now: float, dynamic: bool) -> float:
         """Until when bytes rendered at ``now`` with the remaining lifetime ``age`` (= int(expires - now)) hold:
@@ -122,6 +128,20 @@ class CacheGuard:
             entry.refreshing = True
             return ONCE
         return SERVE
+
+    def refresh(self, entry: HotEntry, now: float, forget: Callable[[Any], None]) -> bool:
+        """Bring ``entry`` up to ``now`` (check, then render); False when the slow path must answer instead
+        (``forget(entry)`` called when the entry is of no more use)."""
+        verdict = self.check(entry, now)
+        if verdict != SERVE:
+            if verdict == DROP:
+                forget(entry)
+            return False  # ONCE: the resolver sees this request and starts its prefetch
+        if not entry.render(now):
+            forget(entry)
+            return False
+        self.seen(entry)  # the status page sees the identifier in use, once a second at most
+        return True
 
     def seen(self, entry: HotEntry) -> None:
         """Tell the status page the entry's identifier is in use (call at most once a second per entry)."""

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway import mqttwire, wire
-from gateway.frontends.hotpath import DROP, SERVE, CacheGuard, HotEntry
+from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.logfmt import kv
 from gateway.metrics import Sample
 from gateway.mqttlink import MqttAuth, parse_url
@@ -173,16 +173,7 @@ class AnswerTable:
 
     def refresh(self, entry: _Entry, now: float) -> bool:
         """Bring ``entry`` up to ``now``; False when the slow path must answer instead."""
-        verdict = self.guard.check(entry, now)
-        if verdict != SERVE:
-            if verdict == DROP:
-                self.forget(entry)
-            return False  # ONCE: the resolver sees this request and starts its prefetch
-        if not entry.render(now):
-            self.forget(entry)
-            return False
-        self.guard.seen(entry)
-        return True
+        return self.guard.refresh(entry, now, self.forget)
 
     def forget(self, entry: _Entry) -> None:
         if self.entries.get(entry.key) is entry:

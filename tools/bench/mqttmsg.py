@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import struct
 
+from gateway.mqttwire import varlen
+
 __all__ = ["CONNACK", "PUBLISH", "SUBACK", "PINGRESP", "PacketReader", "encode_connect", "encode_subscribe",
            "encode_publish", "publish_header", "parse_publish", "PINGREQ_BYTES", "DISCONNECT_BYTES"]  # fmt: skip
 
@@ -25,22 +27,13 @@ DISCONNECT_BYTES = b"\xe0\x00"
 MAX_PACKET = 1 << 20
 
 
-def _varlen(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _str(s: str) -> bytes:
     b = s.encode()
     return struct.pack("!H", len(b)) + b
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _varlen(len(body)) + body
+    return bytes((first,)) + varlen(len(body)) + body
 
 
 def encode_connect(client_id: str, keepalive: int = 60, clean: bool = True) -> bytes:
@@ -55,7 +48,7 @@ def encode_subscribe(packet_id: int, topic: str, qos: int = 0) -> bytes:
 def publish_header(topic: str, payload_len: int) -> bytes:
     """Fixed header + topic of a QoS 0 PUBLISH whose payload is ``payload_len`` bytes (append the payload)."""
     t = _str(topic)
-    return bytes((PUBLISH << 4,)) + _varlen(len(t) + payload_len) + t
+    return bytes((PUBLISH << 4,)) + varlen(len(t) + payload_len) + t
 
 
 def encode_publish(topic: str, payload: bytes) -> bytes:

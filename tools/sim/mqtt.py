@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from gateway.mqttwire import varlen
 from tools.bench.mqttmsg import PacketReader
 
 __all__ = ["MqttConn", "encode_connect", "encode_publish", "encode_subscribe", "parse_publish", "MqttError"]
@@ -40,22 +41,13 @@ class MqttError(Exception):
     pass
 
 
-def _varlen(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _str(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _varlen(len(body)) + body
+    return bytes((first,)) + varlen(len(body)) + body
 
 
 def encode_connect(client_id: str, keepalive: int = 60, *, clean: bool = True,
