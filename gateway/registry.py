@@ -205,6 +205,9 @@ class Registry:
         self.commits = 0  # report and status transactions committed (tests and diagnostics)
         self._conn = connect(self.path)
         self._conn.executescript(SCHEMA)
+        # the desired config version of every device that has one, for report acks (read without the lock)
+        self._desired: dict[str, int] = dict(
+            self._conn.execute("SELECT id, cfgver FROM devices WHERE cfg IS NOT NULL").fetchall())
         # group commit (record_report_async): touched on the event loop thread only
         self._batch: list[_Waiting] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -521,6 +524,7 @@ class Registry:
                     "UPDATE devices SET cfgver = ?, cfg = ?, cfg_set = ? WHERE id = ?",
                     (cfg["cfgver"], json.dumps(cfg, ensure_ascii=False), now, ident),
                 )
+            self._desired[ident] = cfg["cfgver"]
         log.info("desired config set %s", kv(device=ident, cfgver=cfg["cfgver"], interval=cfg.get("interval"),
                                              meta_keys=len(cfg.get("meta", {}))))  # fmt: skip
         self._notify(ident, cfg)
@@ -534,6 +538,7 @@ class Registry:
                 cur = c.execute("UPDATE devices SET cfg = NULL, cfg_set = ? WHERE id = ? AND cfg IS NOT NULL",
                                 (self._clock(), ident))  # fmt: skip
                 changed = cur.rowcount > 0
+            self._desired.pop(ident, None)
         if changed:
             log.info("desired config cleared %s", kv(device=ident))
             self._notify(ident, {})
@@ -544,6 +549,11 @@ class Registry:
         with self._lock:
             row = self._conn.execute("SELECT cfg FROM devices WHERE id = ?", (ident,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
+
+    def desired_cfgver(self, identifier: str) -> int | None:
+        """The version of the device's desired config, None when it has none (``identifier`` normalised; from
+        memory: report acks carry it, so a device that missed a config asks for it)."""
+        return self._desired.get(identifier)
 
     def desired_configs(self) -> list[tuple[str, dict[str, Any]]]:
         """(identifier, config fields) for every device with a desired config (published at MQTT connect)."""

@@ -53,7 +53,7 @@ MESSAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "not_modified": (("code",), ("token", "ttl", "etag")),
     "error": (("code",), ("token", "msg", "id", "ttl")),
     "report": (("id", "boot", "seq", "uptime", "heap", "rssi", "queue", "board", "fw"), ("sensors", "dropped", "time")),
-    "report_ack": (("boot", "seq", "code"), ()),
+    "report_ack": (("boot", "seq", "code"), ("cfgver",)),
     "config": (("cfgver",), ("interval", "meta")),
     "config_ack": (("id", "cfgver", "code"), ("msg",)),
     "status": (("id", "online"), ()),

@@ -241,6 +241,16 @@ async def test_report_is_acknowledged_and_deduplicated(env: Env) -> None:
     assert dev["peer"].startswith("127.0.0.1") or "127.0.0.1" in dev["peer"]
 
 
+async def test_report_ack_names_the_desired_config_version(env: Env) -> None:
+    env.registry.set_desired_config(PUMP, interval=120)
+    env.registry.set_desired_config(PUMP, interval=60)  # cfgver 2
+    resp = await env.post(f"/d/{PUMP}/rpt", wire.encode("report", report_fields(boot=4, seq=1)))
+    assert wire.decode("report_ack", resp.payload) == {"boot": 4, "seq": 1, "code": wire.OK, "cfgver": 2}
+    env.registry.clear_desired_config(PUMP)
+    resp = await env.post(f"/d/{PUMP}/rpt", wire.encode("report", report_fields(boot=4, seq=2)))
+    assert wire.decode("report_ack", resp.payload) == {"boot": 4, "seq": 2, "code": wire.OK}
+
+
 async def test_report_for_another_device_is_forbidden(env: Env) -> None:
     resp = await env.post("/d/88.123.99/OTHER/rpt", wire.encode("report", report_fields()))
     assert resp.code == Code.FORBIDDEN and _error(resp)["code"] == wire.FORBIDDEN

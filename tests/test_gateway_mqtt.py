@@ -175,6 +175,13 @@ async def test_report_acked_and_stored_once(gw: Gateway, device: Device) -> None
     assert gw.metrics.counts[("mqtt", wire.OK)] == 2
 
 
+async def test_report_ack_names_the_desired_config_version(gw: Gateway, device: Device) -> None:
+    gw.registry.set_desired_config(DEV, interval=90)
+    device.report(boot=2, seq=6)
+    assert wire.decode("report_ack", (await device.recv("ack"))[0]) == {"boot": 2, "seq": 6, "code": wire.OK,
+                                                                      "cfgver": 1}  # fmt: skip
+
+
 async def test_report_for_another_device_is_refused(gw: Gateway, device: Device) -> None:
     fields = {"id": "88.123.99/PUMP-0002", "boot": 1, "seq": 1, "uptime": 1, "heap": 1, "rssi": 0, "queue": 0,
               "board": "unix", "fw": "0"}  # fmt: skip

@@ -257,3 +257,23 @@ def test_devices_view_is_json_ready(reg: Registry) -> None:
     assert one["dropped"] == 3 and one["last_report"]["sensors"] == {"temp": 21.5, "ok": True}
     assert one["peer"] == "[::1]:5683" and one["transport"] == "coap" and one["online"] is None
     assert out["devices"][0]["last_report"] is None and out["devices"][0]["config"]["state"] == "pending"
+
+
+def test_desired_cfgver_follows_set_and_clear_and_survives_a_reopen(db: Path) -> None:
+    ident = "88.123.99/PUMP-0001"
+    r = Registry(db)
+    try:
+        assert r.desired_cfgver(ident) is None
+        r.set_desired_config(ident, interval=60)
+        r.set_desired_config(ident, interval=30)
+        r.set_desired_config("88.123.99/OTHER", interval=60)
+        assert r.desired_cfgver(ident) == 2
+        r.clear_desired_config("88.123.99/OTHER")
+        assert r.desired_cfgver("88.123.99/OTHER") is None
+    finally:
+        r.close()
+    again = Registry(db)
+    try:
+        assert again.desired_cfgver(ident) == 2 and again.desired_cfgver("88.123.99/OTHER") is None
+    finally:
+        again.close()

@@ -58,6 +58,7 @@ class App:
         self._first = False    # own identifier resolved after the transport came up
         self._cfg_at = 0
         self._cfg_acked = 0  # reporter acks seen by the config check
+        self._cfg_asked = 0  # the newer cfgver a report ack named and we fetched for
         self.up_ms = 0
         self._last = 0
         self._con_reg = False
@@ -204,6 +205,11 @@ class App:
                 self._cfg_acked = r.acked
                 if t.name == "coap" and not t.observing():
                     t.get_config()
+            h = t.cfg_hint
+            if h > self.cfg.cfgver and h != self._cfg_asked and t.get_config():
+                # a report ack names a newer desired config than ours: it was set while we were not observing
+                # (e.g. the gateway restarted and forgot the observation); fetch it now, once per version
+                self._cfg_asked = h
             self._backoff = RETRY_MIN
         except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, ProtoError, CBORError
             self.errors += 1

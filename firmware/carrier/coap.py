@@ -302,6 +302,7 @@ class Client:
         self._ack = bytearray(4)
         self._obs = -1  # token of the /cfg observation
         self.on_config = None
+        self.cfg_hint = 0  # the desired cfgver the last report ack named (0: none)
         self.now = time.ticks_ms()  # ticks of the last start()/poll(): requests are timed from it
         self.errors = 0   # socket errors, malformed datagrams, unanswered exchanges
         self.retrans = 0
@@ -658,6 +659,7 @@ class Client:
                 try:
                     a = proto.decode("report_ack", pl)
                     c = a[proto.K_CODE] if a[proto.K_BOOT] == boot and a[proto.K_SEQ] == seq else proto.INTERNAL
+                    self.cfg_hint = a.get(proto.K_CFGVER, self.cfg_hint)
                 except proto.ProtoError:
                     c = proto.BAD_REQUEST
             else:

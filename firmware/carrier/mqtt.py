@@ -634,6 +634,7 @@ class Transport:
         self._rep = None  # pending report: [boot, seq, due]
         self._rep_cb = _nop
         self.on_config = None
+        self.cfg_hint = 0  # the desired cfgver the last report ack named (0: none)
         self.errors = 0
         self.now = time.ticks_ms()
 
@@ -763,6 +764,7 @@ class Transport:
                 self.errors += 1
                 return
             boot, seq = m[proto.K_BOOT], m[proto.K_SEQ]
+            self.cfg_hint = m.get(proto.K_CFGVER, self.cfg_hint)
             if self._rep and self._rep[0] == boot and self._rep[1] == seq:
                 self._rep = None
             self._rep_cb(m[proto.K_CODE], boot, seq)  # late acks still clear the queue

@@ -361,7 +361,11 @@ class CoapFrontEnd:
         else:
             new = self.registry.record_report(ident, fields, "coap", _peer(request))
         log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
-        ack = wire.encode("report_ack", {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK})
+        ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK}
+        cfgver = _desired_cfgver(self.registry, ident)
+        if cfgver is not None:  # the device fetches it when it holds an older one (e.g. missed a notification)
+            ack_fields["cfgver"] = cfgver
+        ack = wire.encode("report_ack", ack_fields)
         return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR))
 
     def _get_config(self, ident: str) -> aiocoap.Message:
@@ -504,3 +508,9 @@ def _bound_port(ctx: aiocoap.Context) -> int:
         if sock is not None:
             return int(sock.getsockname()[1])
     raise RuntimeError("cannot find the CoAP server socket (aiocoap internals changed?)")
+
+
+def _desired_cfgver(registry: Any, ident: str) -> int | None:
+    """The desired config version a report ack carries (None: no desired config, or a registry without it)."""
+    get = getattr(registry, "desired_cfgver", None)
+    return get(ident) if get is not None else None

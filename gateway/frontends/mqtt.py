@@ -402,8 +402,12 @@ class MqttFrontEnd:
             self._inflight.__exit__(None, None, None)
 
     # reports -------------------------------------------------------------------------------------------
-    def _ack(self, key: str, boot: int, seq: int, code: int) -> None:
-        payload = wire.encode("report_ack", {"boot": boot, "seq": seq, "code": code})
+    def _ack(self, key: str, boot: int, seq: int, code: int, device: str | None = None) -> None:
+        fields = {"boot": boot, "seq": seq, "code": code}
+        cfgver = self.registry.desired_cfgver(device) if device is not None and code == wire.OK else None
+        if cfgver is not None:  # the device fetches it when it holds an older one
+            fields["cfgver"] = cfgver
+        payload = wire.encode("report_ack", fields)
         self._link.publish(f"{ROOT}/{key}/ack", payload, qos=1)
         self._count(code)
 
@@ -447,7 +451,7 @@ class MqttFrontEnd:
             self._count(wire.INTERNAL)
             return
         log.debug("mqtt report %s", kv(device=device, boot=boot, seq=seq, new=new))
-        self._ack(key, boot, seq, wire.OK)
+        self._ack(key, boot, seq, wire.OK, device)
 
     # config acks and status ----------------------------------------------------------------------------
     def _config_ack(self, key: str, payload: bytes) -> None:

@@ -261,6 +261,8 @@ class CoapServer:
         self.cfg_acks = []
         self.resolves = []
         self.cfg = None
+        self.desired = None  # a cfgver the report acks name (as the gateway does when a desired config is set)
+        self.cfg_gets = 0
         self.down = False
         self._buf = bytearray(1200)
         self._out = bytearray(1200)
@@ -299,12 +301,16 @@ class CoapServer:
             if path and path[0] == "d" and path[-1] == "rpt":
                 rep = cbor.loads(body)
                 self.reports.append(rep)
-                code, payload = 68, cbor.dumps({10: rep[10], 11: rep[11], 3: 1})
+                ack = {10: rep[10], 11: rep[11], 3: 1}
+                if self.desired is not None:
+                    ack[20] = self.desired
+                code, payload = 68, cbor.dumps(ack)
             elif path and path[0] == "d" and path[-1] == "cfg":
                 if m.code == 2:
                     self.cfg_acks.append(cbor.loads(body))
                     code = 68
                 elif self.cfg is not None:
+                    self.cfg_gets += 1
                     code, opts, payload = 69, ((coap.O_OBSERVE, 1), (coap.O_CF, 60)), cbor.dumps(self.cfg)
             elif path and path[0] == "r":
                 ident = path[1] + "/" + "/".join(path[2:])

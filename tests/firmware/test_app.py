@@ -94,6 +94,25 @@ def test_first_report_resolve_and_config():
     _with(t)
 
 
+def test_a_newer_config_named_by_a_report_ack_is_fetched_once():
+    def t(r):
+        r.srv.cfg = {20: 7, 21: 30}
+        a = r.boot()
+        ok(r.run(5000, lambda: r.srv.cfg_acks and a.rep.acked), "first config")
+        ok(a.t.observing(), "observing /cfg")
+        # set while the gateway had forgotten the observation (a restart): no notification will come
+        r.srv.cfg, r.srv.desired = {20: 8, 21: 40}, 8
+        gets = r.srv.cfg_gets
+        ok(r.run(35000, lambda: len(r.srv.cfg_acks) >= 2), "fetched after the next report ack")
+        eq(r.srv.cfg_acks[1], {2: ID, 20: 8, 3: 1})
+        eq((a.cfg.cfgver, a.cfg.interval), (8, 40))
+        eq(r.srv.cfg_gets, gets + 1)
+        n = len(r.srv.reports)
+        ok(r.run(90000, lambda: len(r.srv.reports) >= n + 2), "two more reports, each acked naming cfgver 8")
+        eq(r.srv.cfg_gets, gets + 1, "once per version, not after every ack")
+    _with(t)
+
+
 def test_offline_reports_queue_then_drain_in_order():
     def t(r):
         a = r.boot(interval=10)
