@@ -90,6 +90,19 @@ def test_contexts_come_from_the_keystore_and_follow_its_changes(tmp_path: Path) 
         creds.find_oscore({oscore.COSE_KID: cs.kid_of(ID_A), oscore.COSE_KID_CONTEXT: b"x"})
 
 
+def test_a_keystore_change_with_the_same_mtime_is_still_seen(tmp_path: Path) -> None:
+    ks = Keystore.in_dir(tmp_path)
+    ks.put(ID_A, KEY_A)
+    before = ks.path.stat()
+    creds = cs.KeystoreCredentials(ks.path, cs.SequenceNumbers(tmp_path / "seq"), reload_interval=0)
+    assert creds.devices == 1
+    ks.put(ID_B, KEY_B)  # within the same timestamp tick on a coarse file system: simulated by putting it back
+    os.utime(ks.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert ks.path.stat().st_mtime_ns == before.st_mtime_ns
+    creds.reload()
+    assert creds.devices == 2 and creds.context(ID_B).device == ID_B
+
+
 def test_kid_collision_is_resolved_by_trial_decryption(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

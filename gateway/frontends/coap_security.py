@@ -227,7 +227,8 @@ class _TrialContext(oscore.CanProtect, oscore.CanUnprotect):
 class KeystoreCredentials:
     """The server credentials aiocoap's OscoreSiteWrapper asks: ``find_oscore(unprotected)`` -> the context of
     the device whose kid the request carries. Keys come from the keystore file (``tools/flash/keystore.py``
-    format), re-read at most every ``reload_interval`` s when its mtime changed, so a newly flashed device is
+    format), re-read at most every ``reload_interval`` s when the file changed (mtime, ctime, size or inode: an
+    atomic replace within the file system's timestamp granularity is still seen), so a newly flashed device is
     accepted without a restart. Derived contexts are kept (LRU, ``max_contexts``)."""
 
     def __init__(self, keystore: str | os.PathLike[str], seqnos: SequenceNumbers, *, max_contexts: int = 10000,
@@ -238,7 +239,7 @@ class KeystoreCredentials:
         self.reload_interval = reload_interval
         self._keys: dict[str, bytes] = {}
         self._by_kid: dict[bytes, list[str]] = {}
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._checked = 0.0
         self._contexts: OrderedDict[str, DeviceContext] = OrderedDict()
         self.reload()
@@ -253,10 +254,11 @@ class KeystoreCredentials:
         except FileNotFoundError:
             if self._keys:
                 log.warning("keystore gone; no device can authenticate %s", kv(path=str(self.path)))
-            self._keys, self._by_kid, self._mtime = {}, {}, None
+            self._keys, self._by_kid, self._stamp = {}, {}, None
             self._contexts.clear()
             return
-        if st.st_mtime == self._mtime:
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
             return
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
@@ -280,7 +282,7 @@ class KeystoreCredentials:
             i for i, c in self._contexts.items() if keys.get(i) is None or c.fingerprint != _fp(keys[i])
         ]:
             del self._contexts[ident]  # removed or re-keyed device
-        self._keys, self._by_kid, self._mtime = keys, by_kid, st.st_mtime
+        self._keys, self._by_kid, self._stamp = keys, by_kid, stamp
         log.info("keystore loaded %s", kv(path=str(self.path), devices=len(keys)))
 
     def _maybe_reload(self) -> None:
