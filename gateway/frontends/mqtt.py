@@ -17,7 +17,9 @@ Resolve requests and their answers (QoS 0) travel on a connection of their own, 
 resolve link of ``gateway/frontends/mqtt_fast.py``, which answers repeated requests from pre-encoded answers and
 hands the rest to this module (``fast_path=False`` puts them on the paho link with the rest). Reports, config
 acks, status and desired config use the paho link: paho's network loop runs in paho's thread (see
-gateway/mqttlink.py for why); its messages are handed to the asyncio loop, where this module does all its work. A payload that does not decode is never fatal: it is counted
+gateway/mqttlink.py for why); its messages are handed to the asyncio loop, where this module does all its work.
+The two connections do not keep one device's requests and reports in order with each other (the protocol never
+promised that). A payload that does not decode is never fatal: it is counted
 (``metrics.count_request("mqtt", 400)``) and answered with an error when a token (resolve) or boot/seq (report)
 can be read from it, else dropped with a log line.
 
