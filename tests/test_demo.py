@@ -138,7 +138,20 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
             except queue.Empty:
                 pass
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)  # stop graces: devices 3 s, each of 3 services up to 10 s
+        try:
+            proc.wait(timeout=90)  # stop graces: devices 3 s, each of 3 services up to 10 s
+        except subprocess.TimeoutExpired:  # say where it hangs: the demo's threads, its children, its output
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            children = subprocess.run(["ps", "-o", "pid,stat,etime,args", "--ppid", str(proc.pid)],
+                                      capture_output=True, text=True).stdout  # fmt: skip
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            time.sleep(0.2)
+            while not lines.empty():
+                seen.append(lines.get())
+            raise AssertionError(f"the demo did not stop within 90 s of SIGINT\n--- its output:\n{''.join(seen)}"
+                                 f"\n--- its children:\n{children}\n--- its threads (SIGUSR1):\n{err}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

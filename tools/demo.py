@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import os
 import re
@@ -851,6 +852,8 @@ async def _main(demo: Demo) -> None:
 def run(args: argparse.Namespace) -> int:
     seconds = _seconds(args)
     narrator = Narrator()
+    # `kill -USR1 <pid>` prints where every thread of the demo is (stderr): for a demo that does not stop
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     workdir = Path(tempfile.mkdtemp(prefix="ida-demo-"))
     demo = Demo(workdir, seconds, narrator, args.latency)
     narrator.say("ida demo: a recursive node, an MQTT broker, the gateway and three devices running the real "
