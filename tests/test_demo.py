@@ -160,7 +160,7 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
     while not lines.empty():
         seen.append(lines.get())
     out = "".join(seen)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, out + "\n--- stderr:\n" + (proc.stderr.read() if proc.stderr else "")
     assert "SIGINT: stopping" in out and "3 devices stopped" in out, out
     assert "nothing left running" in out and "straggler" not in out, out
     assert _left_running(_workdir(out), proc.pid) == []

@@ -56,6 +56,7 @@ from tools import mosquitto
 from tools.bench.procs import free_port
 from tools.cli import CliError
 from tools.mosquitto import mosquitto_binary
+from tools.sim.provision import die_with_parent
 
 __all__ = ["add_arguments", "run", "leftover_processes", "DemoError"]
 
@@ -70,6 +71,8 @@ SUMMARY_EVERY = 20.0  # s between gateway summaries once the script has run
 START_TIMEOUT = 45.0  # per component; the machine may be busy
 DEVICE_STOP_GRACE = 3.0
 SERVICE_STOP_GRACE = 10.0
+# the whole stop: devices (grace + reader each) and services (grace + SIGKILL wait each) take at most ~60 s
+STOP_WATCHDOG_S = 75
 DEMO_DIR_ENV = "IDA_DEMO_DIR"  # set in the environment of every process the demo starts
 
 # (identifier, transport, role)
@@ -119,12 +122,6 @@ class Narrator:
 
 
 # -- processes ---------------------------------------------------------------------------------------------
-def die_with_parent() -> None:
-    from tools.sim.provision import die_with_parent as dwp
-
-    dwp()
-
-
 def _ida(*args: str) -> list[str]:
     """``ida ARGS`` with this interpreter (works without the console script on PATH)."""
     return [sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())", *args]
@@ -843,8 +840,11 @@ async def _main(demo: Demo) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         demo.say("stopping in reverse order: devices, gateway, recursive node, broker")
+        # every step of the stop is bounded; should one still hang, say where (stderr) and exit, rather than hang
+        faulthandler.dump_traceback_later(STOP_WATCHDOG_S, exit=True)
         await demo.stop_devices()
         demo.stop_services()
+        faulthandler.cancel_dump_traceback_later()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

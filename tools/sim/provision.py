@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tools.sim.config import SimError
 
@@ -113,11 +113,20 @@ def device_command(micropython: str | None = None, heap: str | None = None) -> l
     return [*cmd, str(FIRMWARE_DIR / "main.py")]
 
 
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+# Looked up once, in the parent: between fork and exec (where ``preexec_fn`` runs, possibly while another thread
+# of the parent held a lock) the child must not import, dlopen or allocate more than it has to.
+_PRCTL = _find_prctl()
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a device process: Linux sends it SIGKILL when the process that started it dies, so
     not even ``kill -9`` of the simulator leaves devices behind (a power cut, which the firmware survives)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
