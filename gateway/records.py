@@ -43,6 +43,10 @@ class AdminRef:
     permissions: int
 
     def encode(self) -> bytes:
+        if not 0 <= self.permissions <= 0xFFFF:
+            raise RecordFormatError(f"HS_ADMIN permissions {self.permissions} do not fit in 16 bits")
+        if not 0 <= self.index <= 0xFFFFFFFF:
+            raise RecordFormatError(f"HS_ADMIN index {self.index} is not an unsigned 32-bit integer")
         h = self.handle.encode()
         return struct.pack(">HI", self.permissions, len(h)) + h + struct.pack(">I", self.index)
 

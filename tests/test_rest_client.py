@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import (
@@ -270,6 +270,11 @@ def test_malformed_json_records_only_raise_documented_errors(status: int, obj: A
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(nearly_valid_value, max_size=4), odd_text | st.just(H))
+@example([{"index": 0, "type": "URL", "data": {"format": "admin", "value": {"handle": "", "index": -1,
+                                                                          "permissions": "010101010101"}}}],
+         H)  # found by this fuzzer: a negative HS_ADMIN index raised struct.error  # fmt: skip
+@example([{"index": 0, "type": "HS_ADMIN", "data": {"format": "admin", "value": {"handle": "0.NA/x", "index": 1,
+                                                                               "permissions": "1" * 17}}}], H)  # fmt: skip
 def test_nearly_valid_records_only_raise_protocol_error(values: list[Any], handle: str) -> None:
     body = json.dumps({"responseCode": 1, "handle": handle, "values": values}).encode()
     try:
