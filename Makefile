@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: setup
-	@$(BIN)/ruff check gateway tools tests --quiet && echo "lint: ruff clean"
+	@$(BIN)/ruff format --check --quiet gateway tools tests || { echo "lint: run '$(BIN)/ruff format gateway tools tests'" >&2; exit 1; }
+	@$(BIN)/ruff check gateway tools tests --quiet && echo "lint: ruff format and check clean"
 
 typecheck: setup
 	@$(BIN)/mypy --no-error-summary && echo "typecheck: mypy clean (gateway, tools)"

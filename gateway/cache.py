@@ -97,8 +97,18 @@ class CacheEntry:
 
     __slots__ = ("key", "code", "stored_at", "expires_at", "size", "prefetched", "_record", "_etag", "_blob")
 
-    def __init__(self, key: CacheKey, code: int, record: Record | None, stored_at: float, expires_at: float,
-                 size: int, etag: bytes | None = None, *, blob: bytes | None = None) -> None:
+    def __init__(
+        self,
+        key: CacheKey,
+        code: int,
+        record: Record | None,
+        stored_at: float,
+        expires_at: float,
+        size: int,
+        etag: bytes | None = None,
+        *,
+        blob: bytes | None = None,
+    ) -> None:
         self.key = key
         self.code = code
         self.stored_at = stored_at
@@ -174,10 +184,23 @@ def _key_from_blob(blob: bytes) -> CacheKey:
 
 
 def encode_record(code: int, handle: str, record: Record | None) -> bytes:
-    values = [] if record is None else [
-        [v.index, v.type, v.data, v.ttl, v.ttl_type, v.timestamp, v.permissions, [list(r) for r in v.references]]
-        for v in record.values
-    ]
+    values = (
+        []
+        if record is None
+        else [
+            [
+                v.index,
+                v.type,
+                v.data,
+                v.ttl,
+                v.ttl_type,
+                v.timestamp,
+                v.permissions,
+                [list(r) for r in v.references],
+            ]
+            for v in record.values
+        ]
+    )
     return cbor2.dumps([code, handle, values], canonical=True)
 
 
@@ -214,9 +237,18 @@ def _record_size(code: int, handle: str, record: Record | None) -> int:
             if type(data) is not bytes:
                 raise _Unsized
             refs = v.references
-            size += (1 + _int_len(v.index) + _str_len(v.type) + _head_len(len(data)) + len(data) + _int_len(v.ttl)
-                     + _int_len(v.ttl_type) + _int_len(v.timestamp) + _int_len(v.permissions)
-                     + _head_len(len(refs)))  # fmt: skip
+            size += (
+                1
+                + _int_len(v.index)
+                + _str_len(v.type)
+                + _head_len(len(data))
+                + len(data)
+                + _int_len(v.ttl)
+                + _int_len(v.ttl_type)
+                + _int_len(v.timestamp)
+                + _int_len(v.permissions)
+                + _head_len(len(refs))
+            )
             for r in refs:
                 if len(r) != 2:
                     raise _Unsized
@@ -241,17 +273,33 @@ def _measure(code: int, handle: str, record: Record, now: float) -> tuple[float 
             if type(data) is not bytes:
                 raise _Unsized
             parts.append(v.index.to_bytes(4, "big") + tb + b"\0" + data + b"\0")
-            life = max(0.0, v.ttl - now) if v.ttl_type == TTL_ABSOLUTE else float(v.ttl)  # HandleValue.lifetime
+            life = (
+                max(0.0, v.ttl - now) if v.ttl_type == TTL_ABSOLUTE else float(v.ttl)
+            )  # HandleValue.lifetime
             if ttl is None or life < ttl:
                 ttl = life
-            size += (1 + _int_len(v.index) + _head_len(len(tb)) + len(tb) + _head_len(len(data)) + len(data)
-                     + _int_len(v.ttl) + _int_len(v.ttl_type) + _int_len(v.timestamp) + _int_len(v.permissions)
-                     + _head_len(len(refs)))  # fmt: skip
+            size += (
+                1
+                + _int_len(v.index)
+                + _head_len(len(tb))
+                + len(tb)
+                + _head_len(len(data))
+                + len(data)
+                + _int_len(v.ttl)
+                + _int_len(v.ttl_type)
+                + _int_len(v.timestamp)
+                + _int_len(v.permissions)
+                + _head_len(len(refs))
+            )
             for r in refs:
                 if len(r) != 2:
                     raise _Unsized
                 size += 1 + _str_len(r[0]) + _int_len(r[1])
-        return ttl, size, hashlib.blake2b(b"".join(parts), digest_size=8).digest()  # etag_of's bytes, hashed at once
+        return (
+            ttl,
+            size,
+            hashlib.blake2b(b"".join(parts), digest_size=8).digest(),
+        )  # etag_of's bytes, hashed at once
     except (_Unsized, UnicodeEncodeError, OverflowError, AttributeError, TypeError):
         return record.min_ttl(now), _record_size(code, handle, record), etag_of(record, code)
 
@@ -260,8 +308,14 @@ def _key_size(key: CacheKey) -> int:
     """``len(_key_blob(key))`` without encoding."""
     try:
         types, indexes = key[1], key[2]
-        return (1 + _str_len(key[0]) + _head_len(len(types)) + sum(_str_len(t) for t in types)
-                + _head_len(len(indexes)) + sum(_int_len(i) for i in indexes))  # fmt: skip
+        return (
+            1
+            + _str_len(key[0])
+            + _head_len(len(types))
+            + sum(_str_len(t) for t in types)
+            + _head_len(len(indexes))
+            + sum(_int_len(i) for i in indexes)
+        )
     except (_Unsized, UnicodeEncodeError):
         return len(_key_blob(key))
 
@@ -273,8 +327,16 @@ def decode_record(blob: bytes) -> tuple[int, Record | None]:
     if code != wire.OK:
         return code, None
     vals = tuple(
-        HandleValue(index=int(i), type=str(t), data=bytes(d), ttl=int(ttl), ttl_type=int(tt), timestamp=int(ts),
-                    permissions=int(p), references=tuple((str(rh), int(ri)) for rh, ri in refs))
+        HandleValue(
+            index=int(i),
+            type=str(t),
+            data=bytes(d),
+            ttl=int(ttl),
+            ttl_type=int(tt),
+            timestamp=int(ts),
+            permissions=int(p),
+            references=tuple((str(rh), int(ri)) for rh, ri in refs),
+        )
         for i, t, d, ttl, tt, ts, p, refs in values
     )
     return code, Record(handle, vals)
@@ -286,7 +348,13 @@ _Row = tuple[bytes, int, float, float, bytes]  # key blob, code, stored_at, expi
 
 def _row(key: CacheKey, entry: CacheEntry) -> _Row:
     """The SQLite row of an entry stored by :meth:`Cache.put` (its record is in memory, never a blob)."""
-    return _key_blob(key), entry.code, entry.stored_at, entry.expires_at, encode_record(entry.code, key[0], entry._record)
+    return (
+        _key_blob(key),
+        entry.code,
+        entry.stored_at,
+        entry.expires_at,
+        encode_record(entry.code, key[0], entry._record),
+    )
 
 
 class _Store:
@@ -367,7 +435,9 @@ class Cache:
     # -- rules ---------------------------------------------------------------------------------------
     def lifetime(self, code: int, record: Record | None, now: float) -> float:
         """Seconds an answer stays fresh (module doc)."""
-        return self._clamp(code, record, record.min_ttl(now) if code == wire.OK and record is not None else None)
+        return self._clamp(
+            code, record, record.min_ttl(now) if code == wire.OK and record is not None else None
+        )
 
     def _clamp(self, code: int, record: Record | None, min_ttl: float | None) -> float:
         """:meth:`lifetime` given the record's smallest value lifetime (None: no values)."""
@@ -427,8 +497,15 @@ class Cache:
         self.stats.prefetches += 1
 
     # -- updates -------------------------------------------------------------------------------------
-    def put(self, key: CacheKey, code: int, record: Record | None, *, stored_at: float | None = None,
-            expires_at: float | None = None) -> CacheEntry | None:
+    def put(
+        self,
+        key: CacheKey,
+        code: int,
+        record: Record | None,
+        *,
+        stored_at: float | None = None,
+        expires_at: float | None = None,
+    ) -> CacheEntry | None:
         """Store an answer; returns its entry, or None when it alone exceeds ``max_bytes``.
 
         ``stored_at`` and ``expires_at`` (both or neither) keep times decided elsewhere -- an answer taken from
@@ -549,8 +626,12 @@ class Cache:
                 self._pending.setdefault(k, r)
             return
         self.stats.flushes += 1
-        log.debug("cache.flush upserts=%d deletes=%d ms=%.2f", len(upserts), len(deletes),
-                  (time.perf_counter() - t0) * 1000)
+        log.debug(
+            "cache.flush upserts=%d deletes=%d ms=%.2f",
+            len(upserts),
+            len(deletes),
+            (time.perf_counter() - t0) * 1000,
+        )
 
     def _load(self) -> None:
         assert self._store is not None
@@ -574,15 +655,18 @@ class Cache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.size
-            self._entries[key] = CacheEntry(key, code, None, float(stored_at), float(expires_at), size,
-                                            blob=blob)
+            self._entries[key] = CacheEntry(
+                key, code, None, float(stored_at), float(expires_at), size, blob=blob
+            )
             self._bytes += size
             self.stats.loaded += 1
         if bad:
             self._store.write([], bad)
         self._evict()
         self._sync_gauges()
-        log.info("cache.loaded path=%s entries=%d bytes=%d", self._store.path, len(self._entries), self._bytes)
+        log.info(
+            "cache.loaded path=%s entries=%d bytes=%d", self._store.path, len(self._entries), self._bytes
+        )
 
     def close(self) -> None:
         """Flush and close the SQLite file; the cache stays usable in memory."""

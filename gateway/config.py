@@ -181,10 +181,16 @@ def _opt(default: Any, check: Check, doc: str) -> Any:
 class CoapConfig:
     host: str = _opt("127.0.0.1", _host, "address the CoAP server binds (UDP)")
     port: int = _opt(5683, _port, "UDP port of the CoAP server")
-    security: str = _opt("plain", _security_mode, '"oscore": devices must OSCORE-protect requests with their key; '
-                         '"plain": unauthenticated (factory bench only, logged and flagged in /healthz)')
+    security: str = _opt(
+        "plain",
+        _security_mode,
+        '"oscore": devices must OSCORE-protect requests with their key; '
+        '"plain": unauthenticated (factory bench only, logged and flagged in /healthz)',
+    )
     keystore: str = _opt("", _text, "per-device keys written by ida flash; empty = <data dir>/keystore.json")
-    plain_resolve: bool = _opt(False, _bool, "with oscore: still answer unprotected GET /r/ (resolution data is public)")
+    plain_resolve: bool = _opt(
+        False, _bool, "with oscore: still answer unprotected GET /r/ (resolution data is public)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +203,25 @@ class HttpConfig:
 class MqttConfig:
     url: str = _opt("", _url(MQTT_SCHEMES, True), "broker the MQTT front end connects to; empty = MQTT off")
     group: str = _opt("ida-gw", _text, "MQTT v5 shared-subscription group ($share/<group>/...)")
-    username: str = _opt("", _text, "this gateway's broker username (ida broker config --gateway NAME); empty = none")
-    password_file: str = _opt("", _text, "file holding the gateway's broker password (first line); empty = none")
-    ca_file: str = _opt("", _text, "CA (PEM) the broker's certificate must chain to, for mqtts://; empty = system CAs")
+    username: str = _opt(
+        "", _text, "this gateway's broker username (ida broker config --gateway NAME); empty = none"
+    )
+    password_file: str = _opt(
+        "", _text, "file holding the gateway's broker password (first line); empty = none"
+    )
+    ca_file: str = _opt(
+        "", _text, "CA (PEM) the broker's certificate must chain to, for mqtts://; empty = system CAs"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    urls: tuple[str, ...] = _opt((), _upstream_urls, "recursive nodes (hdl://, hdl+tcp://, http://, https://); "
-                                 "empty = $IDA_UPSTREAM or hdl://127.0.0.1:2641")
+    urls: tuple[str, ...] = _opt(
+        (),
+        _upstream_urls,
+        "recursive nodes (hdl://, hdl+tcp://, http://, https://); "
+        "empty = $IDA_UPSTREAM or hdl://127.0.0.1:2641",
+    )
     timeout: float = _opt(5.0, _positive_seconds, "one resolution, all nodes and retries together (s)")
     attempt_timeout: float = _opt(2.0, _positive_seconds, "one request to one node (s)")
     hedge: float = _opt(0.0, _seconds, "ask a second node when the first is silent this long (s); 0 = never")
@@ -223,42 +239,72 @@ class CacheConfig:
     negative_ttl: float = _opt(60.0, _seconds, "lifetime of a not-found answer (s)")
     negative_max_ttl: float = _opt(300.0, _seconds, "upper clamp of a not-found answer's lifetime (s)")
     max_stale: float = _opt(86400.0, _seconds, "how long past expiry an answer may still be served stale (s)")
-    stale_answer_after: float = _opt(1.8, _seconds, "with a stale answer at hand, wait this long for upstream (s)")
+    stale_answer_after: float = _opt(
+        1.8, _seconds, "with a stale answer at hand, wait this long for upstream (s)"
+    )
     stale_reply_ttl: float = _opt(30.0, _seconds, "Max-Age / ttl of a stale answer (s)")
-    prefetch_fraction: float = _opt(0.1, _fraction, "refresh entries hit in this last part of their lifetime; 0 = never")
+    prefetch_fraction: float = _opt(
+        0.1, _fraction, "refresh entries hit in this last part of their lifetime; 0 = never"
+    )
     persist: bool = _opt(True, _bool, "keep the cache in <data dir>/cache.sqlite3 so a restart starts warm")
     flush_interval: float = _opt(0.5, _positive_seconds, "how often cache changes are written to SQLite (s)")
-    redis_url: str = _opt("", _redis_url, "shared cache tier under the local cache (redis://host:6379/0, rediss://, "
-                          "unix:///path, redis+cluster://seed:port); empty = local cache only")
+    redis_url: str = _opt(
+        "",
+        _redis_url,
+        "shared cache tier under the local cache (redis://host:6379/0, rediss://, "
+        "unix:///path, redis+cluster://seed:port); empty = local cache only",
+    )
     redis_password_file: str = _opt("", _text, "file whose first line is the Redis password; empty = none")
-    redis_lock_wait: float = _opt(1.0, _seconds, "longest wait for another gateway's upstream answer to the same key (s)")
-    redis_timeout: float = _opt(0.25, _positive_seconds, "one Redis call; slower or failing = local-only for a while (s)")
+    redis_lock_wait: float = _opt(
+        1.0, _seconds, "longest wait for another gateway's upstream answer to the same key (s)"
+    )
+    redis_timeout: float = _opt(
+        0.25, _positive_seconds, "one Redis call; slower or failing = local-only for a while (s)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ZoneConfig:
-    file: str = _opt("", _text, "local zone (records answered before the cache); empty = <data dir>/zone.json")
+    file: str = _opt(
+        "", _text, "local zone (records answered before the cache); empty = <data dir>/zone.json"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxConfig:
-    mqtt_url: str = _opt("", _url(MQTT_SCHEMES, True), "broker for the northbound report topic; empty = [mqtt] url")
+    mqtt_url: str = _opt(
+        "", _url(MQTT_SCHEMES, True), "broker for the northbound report topic; empty = [mqtt] url"
+    )
     mqtt_topic: str = _opt("", _text, "topic accepted reports are published to; empty = no MQTT sink")
-    webhook_url: str = _opt("", _url(("http", "https"), True), "URL accepted reports are POSTed to; empty = none")
+    webhook_url: str = _opt(
+        "", _url(("http", "https"), True), "URL accepted reports are POSTed to; empty = none"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    device_rate: float = _opt(10.0, _rate, "requests per second per device (CoAP /d/<id>, MQTT topic key); 0 = no limit")
-    device_burst: int = _opt(20, _positive_int, "requests a device may send at once before device_rate applies")
-    source_rate: float = _opt(0.0, _rate, "requests per second per source IP address (CoAP, HTTP /api); 0 = no limit")
+    device_rate: float = _opt(
+        10.0, _rate, "requests per second per device (CoAP /d/<id>, MQTT topic key); 0 = no limit"
+    )
+    device_burst: int = _opt(
+        20, _positive_int, "requests a device may send at once before device_rate applies"
+    )
+    source_rate: float = _opt(
+        0.0, _rate, "requests per second per source IP address (CoAP, HTTP /api); 0 = no limit"
+    )
     source_burst: int = _opt(100, _positive_int, "requests a source address may send at once")
-    max_buckets: int = _opt(100_000, _positive_int, "most devices and most addresses tracked (least recently used out)")
+    max_buckets: int = _opt(
+        100_000, _positive_int, "most devices and most addresses tracked (least recently used out)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class DataConfig:
-    dir: Path = _opt(Path("data"), lambda v: Path(_text(v) or "."), "runtime state (SQLite files); default $IDA_DATA or ./data")
+    dir: Path = _opt(
+        Path("data"),
+        lambda v: Path(_text(v) or "."),
+        "runtime state (SQLite files); default $IDA_DATA or ./data",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,14 +371,20 @@ def from_mapping(doc: Mapping[str, Any], env: Mapping[str, str] | None = None) -
 def check(cfg: GatewayConfig) -> None:
     """Rules that involve more than one key."""
     if cfg.cache.min_ttl > cfg.cache.max_ttl:
-        raise ConfigError(f"[cache] min_ttl: must not exceed max_ttl ({cfg.cache.max_ttl:g}), got {cfg.cache.min_ttl:g}")
+        raise ConfigError(
+            f"[cache] min_ttl: must not exceed max_ttl ({cfg.cache.max_ttl:g}), got {cfg.cache.min_ttl:g}"
+        )
     if cfg.outbox.mqtt_topic and not (cfg.outbox.mqtt_url or cfg.mqtt.url):
         raise ConfigError("[outbox] mqtt_topic: needs a broker: set [outbox] mqtt_url or [mqtt] url")
     if cfg.outbox.mqtt_url and not cfg.outbox.mqtt_topic:
-        raise ConfigError("[outbox] mqtt_url: set [outbox] mqtt_topic too (the topic reports are published to)")
+        raise ConfigError(
+            "[outbox] mqtt_url: set [outbox] mqtt_topic too (the topic reports are published to)"
+        )
     for where, url in (("[mqtt] url", cfg.mqtt.url), ("[outbox] mqtt_url", cfg.outbox.mqtt_url)):
         if url and urlsplit(url).password is not None:
-            raise ConfigError(f"{where}: no password in the URL (URLs are logged); use [mqtt] username and password_file")
+            raise ConfigError(
+                f"{where}: no password in the URL (URLs are logged); use [mqtt] username and password_file"
+            )
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         raise ConfigError("[mqtt] password_file: set [mqtt] username too")
 
@@ -410,7 +462,9 @@ def with_overrides(
     """Apply command-line flags (None = not given) on top of a loaded config."""
     changes: dict[str, Any] = {}
     if upstream:
-        changes["upstream"] = dataclasses.replace(cfg.upstream, urls=_flag("--upstream", _upstream_urls, list(upstream)))
+        changes["upstream"] = dataclasses.replace(
+            cfg.upstream, urls=_flag("--upstream", _upstream_urls, list(upstream))
+        )
     if coap is not None:
         host, port = parse_hostport(coap, "--coap")
         changes["coap"] = dataclasses.replace(cfg.coap, host=host, port=port)

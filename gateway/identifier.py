@@ -26,7 +26,17 @@ EMPTY_SEGMENT = "EMPTY_SEGMENT"
 BAD_PREFIX_CHAR = "BAD_PREFIX_CHAR"
 EMPTY_SUFFIX = "EMPTY_SUFFIX"
 
-REASONS = (EMPTY, TOO_LONG, NOT_UTF8, CONTROL_CHAR, NO_SEPARATOR, EMPTY_PREFIX, EMPTY_SEGMENT, BAD_PREFIX_CHAR, EMPTY_SUFFIX)
+REASONS = (
+    EMPTY,
+    TOO_LONG,
+    NOT_UTF8,
+    CONTROL_CHAR,
+    NO_SEPARATOR,
+    EMPTY_PREFIX,
+    EMPTY_SEGMENT,
+    BAD_PREFIX_CHAR,
+    EMPTY_SUFFIX,
+)
 
 _PREFIX_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -74,7 +84,9 @@ def parse(text: str | bytes) -> Identifier:
     if not text:
         raise IdentifierError(EMPTY, "identifier is empty")
     if len(text) > MAX_LENGTH:
-        raise IdentifierError(TOO_LONG, f"identifier has {len(text)} characters, at most {MAX_LENGTH} allowed")
+        raise IdentifierError(
+            TOO_LONG, f"identifier has {len(text)} characters, at most {MAX_LENGTH} allowed"
+        )
     for i, c in enumerate(text):
         if _is_control(c):
             raise IdentifierError(CONTROL_CHAR, f"control character U+{ord(c):04X} at position {i}")
@@ -86,7 +98,9 @@ def parse(text: str | bytes) -> Identifier:
         raise IdentifierError(EMPTY_PREFIX, "prefix before '/' is empty")
     for c in prefix:
         if c not in _PREFIX_CHARS:
-            raise IdentifierError(BAD_PREFIX_CHAR, f"prefix character {c!r} is not a letter, digit, '-', '_' or '.'")
+            raise IdentifierError(
+                BAD_PREFIX_CHAR, f"prefix character {c!r} is not a letter, digit, '-', '_' or '.'"
+            )
     if "" in prefix.split("."):
         raise IdentifierError(EMPTY_SEGMENT, "prefix has an empty segment (leading, trailing or double '.')")
     if not suffix:

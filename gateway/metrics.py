@@ -36,11 +36,19 @@ HISTOGRAM = "histogram"
 
 # name -> (type, help). Declared up front so a scrape always shows every family, even before the first event.
 STANDARD: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "ida_requests_total": (COUNTER, "Requests answered, by front end (coap, mqtt, http) and result code (docs/protocol.md codes).", ("frontend", "code")),
+    "ida_requests_total": (
+        COUNTER,
+        "Requests answered, by front end (coap, mqtt, http) and result code (docs/protocol.md codes).",
+        ("frontend", "code"),
+    ),
     "ida_cache_hits_total": (COUNTER, "Resolutions answered from the cache.", ()),
     "ida_cache_misses_total": (COUNTER, "Resolutions that had to ask an upstream node.", ()),
     "ida_cache_stale_total": (COUNTER, "Stale answers served because every upstream failed.", ()),
-    "ida_cache_prefetches_total": (COUNTER, "Refreshes started for entries hit near the end of their lifetime.", ()),
+    "ida_cache_prefetches_total": (
+        COUNTER,
+        "Refreshes started for entries hit near the end of their lifetime.",
+        (),
+    ),
     "ida_cache_evictions_total": (COUNTER, "Entries evicted to stay within the entry and byte limits.", ()),
     "ida_cache_entries": (GAUGE, "Answers in the cache.", ()),
     "ida_upstream_requests_total": (COUNTER, "Requests sent to each upstream node.", ("node",)),
@@ -49,8 +57,12 @@ STANDARD: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ida_outbox_depth": (GAUGE, "Reports waiting to go northbound.", ()),
     "ida_reports_total": (COUNTER, "Reports accepted (new, not duplicates).", ()),
     "ida_reports_duplicate_total": (COUNTER, "Reports received again and acknowledged without storing.", ()),
-    "ida_ratelimited_total": (COUNTER, "Requests refused by a rate limit (CoAP 4.29, HTTP 429, MQTT dropped), by front end and limit (device, source).", ("frontend", "limit")),
-}  # fmt: skip
+    "ida_ratelimited_total": (
+        COUNTER,
+        "Requests refused by a rate limit (CoAP 4.29, HTTP 429, MQTT dropped), by front end and limit (device, source).",
+        ("frontend", "limit"),
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,8 +88,10 @@ class MqttAuth:
             try:
                 password = Path(password_file).read_text(encoding="utf-8").splitlines()[0].strip()
             except (OSError, UnicodeDecodeError, IndexError) as e:
-                raise ValueError(f"[mqtt] password_file: cannot read a password from {password_file!r}: "
-                                 f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}") from None  # fmt: skip
+                raise ValueError(
+                    f"[mqtt] password_file: cannot read a password from {password_file!r}: "
+                    f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}"
+                ) from None
         if ca_file and not Path(ca_file).is_file():
             raise ValueError(f"[mqtt] ca_file: no such file {ca_file!r}")
         return cls(username or None, password, ca_file or None)
@@ -175,10 +177,15 @@ class MqttLink:
         )
         self._client.loop_start()
         user = self.auth.username or self.address.username or "-"
-        log.info("mqtt connecting %s", kv(link=self.name, broker=self.address, client_id=self.client_id, user=user))
+        log.info(
+            "mqtt connecting %s", kv(link=self.name, broker=self.address, client_id=self.client_id, user=user)
+        )
         if not self.address.tls:
-            log.warning("mqtt INSECURE plain mode: no TLS, traffic%s in clear; factory bench only %s",
-                        " and password" if user != "-" else "", kv(link=self.name, broker=self.address))
+            log.warning(
+                "mqtt INSECURE plain mode: no TLS, traffic%s in clear; factory bench only %s",
+                " and password" if user != "-" else "",
+                kv(link=self.name, broker=self.address),
+            )
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Send DISCONNECT (queued after what is already queued) and stop paho's thread."""
@@ -285,8 +292,9 @@ class MqttLink:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _paho_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
-                      properties: Any) -> None:  # fmt: skip
+    def _paho_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
         if reason_code.is_failure:
             log.warning(
                 "mqtt connect refused %s", kv(link=self.name, broker=self.address, reason=reason_code)
@@ -294,8 +302,9 @@ class MqttLink:
             return
         self._post(self._connected_in_loop)
 
-    def _paho_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
-                         properties: Any) -> None:  # fmt: skip
+    def _paho_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
         self._post(self._disconnected_in_loop, str(reason_code))
 
     def _paho_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -304,16 +313,19 @@ class MqttLink:
             self._inbox_posted = True
             self._post(self._drain_inbox)
 
-    def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
-                      properties: Any) -> None:  # fmt: skip
+    def _paho_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
+    ) -> None:
         self._post(self._published_in_loop, mid, reason_code.value, reason_code.is_failure, str(reason_code))
 
-    def _paho_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
-                        properties: Any) -> None:  # fmt: skip
+    def _paho_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
+    ) -> None:
         self._post(self._subscribed_in_loop, mid, list(reason_codes))
 
-    def _paho_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
-                          properties: Any) -> None:  # fmt: skip
+    def _paho_unsubscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
         pass
 
     # -- on the asyncio loop ---------------------------------------------------------------------------
@@ -322,8 +334,10 @@ class MqttLink:
             return
         self.connects += 1
         self._connected.set()
-        log.info("mqtt connected %s", kv(link=self.name, broker=self.address, client_id=self.client_id,
-                                         connects=self.connects))  # fmt: skip
+        log.info(
+            "mqtt connected %s",
+            kv(link=self.name, broker=self.address, client_id=self.client_id, connects=self.connects),
+        )
         if self._on_connect_cb is not None:
             try:
                 self._on_connect_cb()

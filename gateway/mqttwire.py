@@ -22,10 +22,34 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["MqttProtocolError", "Reader", "connect", "parse_connack", "subscribe", "parse_suback", "unsubscribe",
-           "publish", "publish_head", "parse_publish", "puback", "read_varint", "parse_properties", "parse_disconnect", "varlen", "PINGREQ",
-           "PINGRESP", "DISCONNECT", "CONNACK", "PUBLISH", "PUBACK", "SUBACK", "UNSUBACK", "PINGRESP_TYPE",
-           "DISCONNECT_TYPE", "REASONS"]  # fmt: skip
+__all__ = [
+    "MqttProtocolError",
+    "Reader",
+    "connect",
+    "parse_connack",
+    "subscribe",
+    "parse_suback",
+    "unsubscribe",
+    "publish",
+    "publish_head",
+    "parse_publish",
+    "puback",
+    "read_varint",
+    "parse_properties",
+    "parse_disconnect",
+    "varlen",
+    "PINGREQ",
+    "PINGRESP",
+    "DISCONNECT",
+    "CONNACK",
+    "PUBLISH",
+    "PUBACK",
+    "SUBACK",
+    "UNSUBACK",
+    "PINGRESP_TYPE",
+    "DISCONNECT_TYPE",
+    "REASONS",
+]
 
 CONNECT_TYPE, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
 SUBSCRIBE_TYPE, SUBACK, UNSUBSCRIBE_TYPE, UNSUBACK = 8, 9, 10, 11
@@ -38,18 +62,21 @@ DISCONNECT = b"\xe0\x00"  # normal disconnection, no properties
 # property identifier -> kind (section 2.2.2.2): 1 byte, 2/4-byte integer, variable byte integer, UTF-8 string,
 # binary data, string pair
 _BYTE, _INT2, _INT4, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
+# fmt: off
 _PROPERTY_KINDS = {
     0x01: _BYTE, 0x02: _INT4, 0x03: _UTF8, 0x08: _UTF8, 0x09: _BINARY, 0x0B: _VARINT, 0x11: _INT4, 0x12: _UTF8,
     0x13: _INT2, 0x15: _UTF8, 0x16: _BINARY, 0x17: _BYTE, 0x18: _INT4, 0x19: _BYTE, 0x1A: _UTF8, 0x1C: _UTF8,
     0x1F: _UTF8, 0x21: _INT2, 0x22: _INT2, 0x23: _INT2, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _INT4,
     0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE,
-}  # fmt: skip
+}
+# fmt: on
 PROP_SERVER_KEEP_ALIVE = 0x13
 PROP_MAXIMUM_PACKET_SIZE = 0x27
 PROP_REASON_STRING = 0x1F
 PROP_ASSIGNED_CLIENT_ID = 0x12
 
 # The reason codes worth naming in a log line (section 2.4); others print as hex.
+# fmt: off
 REASONS = {
     0x00: "success", 0x01: "granted QoS 1", 0x02: "granted QoS 2", 0x04: "disconnect with will",
     0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error", 0x83: "implementation specific error",
@@ -58,7 +85,8 @@ REASONS = {
     0x8D: "keep alive timeout", 0x8E: "session taken over", 0x8F: "topic filter invalid", 0x90: "topic name invalid",
     0x95: "packet too large", 0x97: "quota exceeded", 0x9C: "use another server", 0x9D: "server moved",
     0x9E: "shared subscriptions not supported", 0x9F: "connection rate exceeded",
-}  # fmt: skip
+}
+# fmt: on
 
 
 class MqttProtocolError(ValueError):
@@ -92,8 +120,14 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + varlen(len(body)) + body
 
 
-def connect(client_id: str, keepalive: int, *, username: str | None = None, password: str | None = None,
-            max_packet: int = 0) -> bytes:  # fmt: skip
+def connect(
+    client_id: str,
+    keepalive: int,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    max_packet: int = 0,
+) -> bytes:
     """CONNECT with clean start, no will; ``max_packet`` > 0 tells the broker not to send anything larger."""
     if not 0 <= keepalive <= 0xFFFF:
         raise ValueError("keepalive must be 0..65535 s")

@@ -334,10 +334,17 @@ class Outbox:
                 "SELECT id, payload, created, attempts, next_attempt, done, last_error FROM outbox ORDER BY id"
             )
             return [
-                {"id": r[0], "payload": json.loads(r[1]), "created": r[2], "attempts": r[3], "next_attempt": r[4],
-                 "done": [d for d in r[5].split("\n") if d], "last_error": r[6]}
+                {
+                    "id": r[0],
+                    "payload": json.loads(r[1]),
+                    "created": r[2],
+                    "attempts": r[3],
+                    "next_attempt": r[4],
+                    "done": [d for d in r[5].split("\n") if d],
+                    "last_error": r[6],
+                }
                 for r in cur.fetchall()
-            ]  # fmt: skip
+            ]
 
     # -- delivery --------------------------------------------------------------------------------------
     def backoff(self, attempts: int) -> float:

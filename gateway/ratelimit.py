@@ -68,8 +68,9 @@ def retry_after(wait: float) -> int:
 class TokenBuckets:
     """Token buckets by key, at most ``max_keys`` of them (least recently used out first). Thread-safe."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, rate: float, burst: float, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
         self.rate = float(rate)
@@ -123,10 +124,16 @@ class RateLimiter:
 
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
-        self.device = (TokenBuckets(limits.device_rate, limits.device_burst, limits.max_buckets, clock)
-                       if limits.device_rate > 0 else None)  # fmt: skip
-        self.source = (TokenBuckets(limits.source_rate, limits.source_burst, limits.max_buckets, clock)
-                       if limits.source_rate > 0 else None)  # fmt: skip
+        self.device = (
+            TokenBuckets(limits.device_rate, limits.device_burst, limits.max_buckets, clock)
+            if limits.device_rate > 0
+            else None
+        )
+        self.source = (
+            TokenBuckets(limits.source_rate, limits.source_burst, limits.max_buckets, clock)
+            if limits.source_rate > 0
+            else None
+        )
         self.refused = {DEVICE: 0, SOURCE: 0}
 
     @property

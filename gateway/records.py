@@ -103,7 +103,11 @@ class HandleValue:
                 adm = AdminRef.decode(self.data)
                 data = {
                     "format": "admin",
-                    "value": {"handle": adm.handle, "index": adm.index, "permissions": format(adm.permissions, "012b")},
+                    "value": {
+                        "handle": adm.handle,
+                        "index": adm.index,
+                        "permissions": format(adm.permissions, "012b"),
+                    },
                 }
             except RecordFormatError:
                 data = {"format": "base64", "value": base64.b64encode(self.data).decode()}
@@ -146,7 +150,9 @@ class HandleValue:
             elif fmt == "hex":
                 data = bytes.fromhex(str(raw))
             elif fmt == "admin":
-                data = AdminRef(str(raw["handle"]), int(raw["index"]), int(str(raw["permissions"]), 2)).encode()
+                data = AdminRef(
+                    str(raw["handle"]), int(raw["index"]), int(str(raw["permissions"]), 2)
+                ).encode()
             else:
                 data = str(raw).encode() if isinstance(raw, str) else repr(raw).encode()
         except (ValueError, KeyError, TypeError) as e:

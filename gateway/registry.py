@@ -181,9 +181,17 @@ def _log_status_failure(fut: asyncio.Future[None]) -> None:
 
 
 class Registry:
-    def __init__(self, path: Path, outbox: Outbox | None = None, *, history: int = 20, dedupe: int = 1024,
-                 clock: Callable[[], float] = time.time, batch_max: int = BATCH_MAX,
-                 batch_delay: float = BATCH_DELAY) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        outbox: Outbox | None = None,
+        *,
+        history: int = 20,
+        dedupe: int = 1024,
+        clock: Callable[[], float] = time.time,
+        batch_max: int = BATCH_MAX,
+        batch_delay: float = BATCH_DELAY,
+    ) -> None:
         self.path = Path(path)
         if outbox is not None and outbox.path.resolve() != self.path.resolve():
             raise ValueError(
@@ -207,7 +215,8 @@ class Registry:
         self._conn.executescript(SCHEMA)
         # the desired config version of every device that has one, for report acks (read without the lock)
         self._desired: dict[str, int] = dict(
-            self._conn.execute("SELECT id, cfgver FROM devices WHERE cfg IS NOT NULL").fetchall())
+            self._conn.execute("SELECT id, cfgver FROM devices WHERE cfg IS NOT NULL").fetchall()
+        )
         # group commit (record_report_async): touched on the event loop thread only
         self._batch: list[_Waiting] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -345,8 +354,10 @@ class Registry:
         if any(results) and self.outbox is not None:
             self.outbox.notify()
         for item, new in zip(items, results, strict=True):
-            log.debug("report %s", kv(device=item.ident, boot=item.boot, seq=item.seq, transport=item.transport,
-                                      new=new))  # fmt: skip
+            log.debug(
+                "report %s",
+                kv(device=item.ident, boot=item.boot, seq=item.seq, transport=item.transport, new=new),
+            )
         return results
 
     def _store(self, c: sqlite3.Connection, r: _Report) -> bool:
@@ -373,9 +384,16 @@ class Registry:
             "UPDATE devices SET board = COALESCE(?, board), fw = COALESCE(?, fw), transport = ?,"
             " peer = COALESCE(?, peer), last_seen = ?, last_report = ?, reports = reports + 1"
             " WHERE id = ?",
-            (body.get("board"), body.get("fw"), transport, peer, now,
-             json.dumps(stored, ensure_ascii=False), ident),
-        )  # fmt: skip
+            (
+                body.get("board"),
+                body.get("fw"),
+                transport,
+                peer,
+                now,
+                json.dumps(stored, ensure_ascii=False),
+                ident,
+            ),
+        )
         self._prune(c, "seen", ident, self._dedupe)
         self._prune(c, "reports", ident, self._history)
         if self.outbox is not None:
@@ -464,9 +482,11 @@ class Registry:
             "UPDATE devices SET status_changed = CASE WHEN online IS ? THEN status_changed ELSE ? END,"
             " online = ?, transport = ?, last_seen = CASE WHEN ? THEN ? ELSE last_seen END"
             " WHERE id = ? AND (online IS NOT ? OR transport IS NOT ?)",
-            [(flag, now, flag, transport, flag, now, ident, flag, transport)
-             for ident, (flag, transport, now) in statuses.items()],
-        )  # fmt: skip
+            [
+                (flag, now, flag, transport, flag, now, ident, flag, transport)
+                for ident, (flag, transport, now) in statuses.items()
+            ],
+        )
 
     # -- desired config --------------------------------------------------------------------------------
     def on_config_change(self, callback: ConfigListener) -> None:
@@ -490,8 +510,9 @@ class Registry:
             except Exception:
                 log.exception("config listener failed %s", kv(device=ident))
 
-    def set_desired_config(self, identifier: str, interval: int | None = None,
-                           meta: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    def set_desired_config(
+        self, identifier: str, interval: int | None = None, meta: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Issue a new desired config (next cfgver) and return its ``config`` message fields.
 
         The device need not be known yet (pre-provisioning). ValueError for a bad identifier, an interval
@@ -525,8 +546,15 @@ class Registry:
                     (cfg["cfgver"], json.dumps(cfg, ensure_ascii=False), now, ident),
                 )
             self._desired[ident] = cfg["cfgver"]
-        log.info("desired config set %s", kv(device=ident, cfgver=cfg["cfgver"], interval=cfg.get("interval"),
-                                             meta_keys=len(cfg.get("meta", {}))))  # fmt: skip
+        log.info(
+            "desired config set %s",
+            kv(
+                device=ident,
+                cfgver=cfg["cfgver"],
+                interval=cfg.get("interval"),
+                meta_keys=len(cfg.get("meta", {})),
+            ),
+        )
         self._notify(ident, cfg)
         return cfg
 
@@ -535,8 +563,10 @@ class Registry:
         ident = normalise(identifier)
         with self._lock:
             with transaction(self._conn) as c:
-                cur = c.execute("UPDATE devices SET cfg = NULL, cfg_set = ? WHERE id = ? AND cfg IS NOT NULL",
-                                (self._clock(), ident))  # fmt: skip
+                cur = c.execute(
+                    "UPDATE devices SET cfg = NULL, cfg_set = ? WHERE id = ? AND cfg IS NOT NULL",
+                    (self._clock(), ident),
+                )
                 changed = cur.rowcount > 0
             self._desired.pop(ident, None)
         if changed:
@@ -596,8 +626,27 @@ class Registry:
 
     @staticmethod
     def _device_dict(r: tuple[Any, ...]) -> dict[str, Any]:
-        (ident, board, fw, transport, peer, online, status_changed, first_seen, last_seen, last_report, reports,
-         duplicates, _issued, cfg_text, cfg_set, ack_ver, ack_code, ack_msg, ack_time) = r  # fmt: skip
+        (
+            ident,
+            board,
+            fw,
+            transport,
+            peer,
+            online,
+            status_changed,
+            first_seen,
+            last_seen,
+            last_report,
+            reports,
+            duplicates,
+            _issued,
+            cfg_text,
+            cfg_set,
+            ack_ver,
+            ack_code,
+            ack_msg,
+            ack_time,
+        ) = r
         last = json.loads(last_report) if last_report else None
         desired = json.loads(cfg_text) if cfg_text else None
         if desired is None:

@@ -53,8 +53,14 @@ class Resolving(Protocol):
     (AllUpstreamsFailed -> 503, UpstreamTimeout -> 504).
     """
 
-    async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer: ...
+    async def resolve(
+        self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
+    ) -> Answer: ...
 
 
-SOURCE_NAMES = {wire.SOURCE_ZONE: "zone", wire.SOURCE_CACHE: "cache", wire.SOURCE_UPSTREAM: "upstream",
-                wire.SOURCE_STALE: "stale"}  # fmt: skip
+SOURCE_NAMES = {
+    wire.SOURCE_ZONE: "zone",
+    wire.SOURCE_CACHE: "cache",
+    wire.SOURCE_UPSTREAM: "upstream",
+    wire.SOURCE_STALE: "stale",
+}

@@ -41,8 +41,15 @@ from gateway.zone import Zone
 if TYPE_CHECKING:
     from gateway.shared_cache import SharedTier
 
-__all__ = ["Resolver", "ResolverConfig", "ResolverStats", "DEFAULT_UPSTREAM", "CACHE_FILE", "ZONE_FILE",
-           "default_upstreams"]
+__all__ = [
+    "Resolver",
+    "ResolverConfig",
+    "ResolverStats",
+    "DEFAULT_UPSTREAM",
+    "CACHE_FILE",
+    "ZONE_FILE",
+    "default_upstreams",
+]
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +171,22 @@ class Resolver:
         shared: SharedTier | None = None,
     ) -> None:
         self.config = cfg = config or ResolverConfig()
-        self.shared = shared  # the Redis tier under the local cache (gateway/shared_cache.py); the caller closes it
+        self.shared = (
+            shared  # the Redis tier under the local cache (gateway/shared_cache.py); the caller closes it
+        )
         self._clock = clock
-        self.pool = pool if pool is not None else UpstreamPool.from_urls(
-            cfg.upstreams,
-            timeout=cfg.timeout,
-            attempt_timeout=cfg.attempt_timeout,
-            hedge_delay=cfg.hedge_delay,
-            failure_threshold=cfg.failure_threshold,
-            cooldown=cfg.cooldown,
-            max_cooldown=cfg.max_cooldown,
+        self.pool = (
+            pool
+            if pool is not None
+            else UpstreamPool.from_urls(
+                cfg.upstreams,
+                timeout=cfg.timeout,
+                attempt_timeout=cfg.attempt_timeout,
+                hedge_delay=cfg.hedge_delay,
+                failure_threshold=cfg.failure_threshold,
+                cooldown=cfg.cooldown,
+                max_cooldown=cfg.max_cooldown,
+            )
         )
         if cache is None:
             path = cfg.cache_path()
@@ -194,7 +207,9 @@ class Resolver:
         self._stale_answers = 0
 
     # -- the Resolving interface ---------------------------------------------------------------------
-    async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer:
+    async def resolve(
+        self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
+    ) -> Answer:
         name = _normalise(handle)
         if types == () and indexes == ():  # no filters (the usual request): nothing to convert or sort
             key: CacheKey = (name, (), ())
@@ -214,8 +229,12 @@ class Resolver:
 
         entry = self.cache.get(key)
         if entry is not None:
-            if (self.config.prefetch and not entry.prefetched and key not in self._inflight
-                    and entry.in_prefetch_window(self._clock(), self.cache.config.prefetch_fraction)):
+            if (
+                self.config.prefetch
+                and not entry.prefetched
+                and key not in self._inflight
+                and entry.in_prefetch_window(self._clock(), self.cache.config.prefetch_fraction)
+            ):
                 self.cache.note_prefetch(entry)
                 log.debug("resolver.prefetch handle=%s", name)
                 self._fetch_task(key, types, indexes)
@@ -253,7 +272,9 @@ class Resolver:
     # -- upstream ------------------------------------------------------------------------------------
     def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> _Flight:
         flight = _Flight()
-        flight.task = task = asyncio.create_task(self._fetch(key, types, indexes, flight), name=f"resolve {key[0]}")
+        flight.task = task = asyncio.create_task(
+            self._fetch(key, types, indexes, flight), name=f"resolve {key[0]}"
+        )
         self._inflight[key] = flight
         self._background.add(task)
         task.add_done_callback(self._fetch_done)
@@ -265,13 +286,17 @@ class Resolver:
         if not task.cancelled() and task.exception() is not None:  # retrieved: waiters may all be gone
             self._upstream_errors += 1
 
-    async def _fetch(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...], flight: _Flight) -> Answer:
+    async def _fetch(
+        self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...], flight: _Flight
+    ) -> Answer:
         """The upstream request of ``flight`` (the shared tier first, when there is one); its outcome goes to
         the flight's waiters before the task ends."""
         name = key[0]
         shared = None
         try:
-            if self.shared is not None:  # local miss: the shared tier may answer, or make us wait for another gateway
+            if (
+                self.shared is not None
+            ):  # local miss: the shared tier may answer, or make us wait for another gateway
                 shared = await self.shared.begin(key, self.cache)
             if shared is not None and shared.entry is not None:
                 answer = self._answer(shared.entry, wire.SOURCE_CACHE)
@@ -290,13 +315,24 @@ class Resolver:
                     shared.publish(entry)
                 if entry is not None:
                     if log.isEnabledFor(logging.DEBUG):
-                        log.debug("resolver.fetched handle=%s code=%d node=%s ttl=%.0f", name, code, res.node,
-                                  entry.lifetime)  # fmt: skip
+                        log.debug(
+                            "resolver.fetched handle=%s code=%d node=%s ttl=%.0f",
+                            name,
+                            code,
+                            res.node,
+                            entry.lifetime,
+                        )
                     answer = self._answer(entry, wire.SOURCE_UPSTREAM)
                 else:
                     now = self._clock()
-                    answer = Answer(code, name, record, wire.SOURCE_UPSTREAM,
-                                    now + self.cache.lifetime(code, record, now), etag_of(record, code))  # fmt: skip
+                    answer = Answer(
+                        code,
+                        name,
+                        record,
+                        wire.SOURCE_UPSTREAM,
+                        now + self.cache.lifetime(code, record, now),
+                        etag_of(record, code),
+                    )
         except BaseException as e:
             self._land(key, flight, shared)
             for w in flight.waiters:
@@ -328,18 +364,27 @@ class Resolver:
         if entry is None:
             return None
         self._stale_answers += 1
-        return Answer(entry.code, entry.key[0], entry.record, wire.SOURCE_STALE,
-                      self._clock() + self.config.stale_reply_ttl, entry.etag)
+        return Answer(
+            entry.code,
+            entry.key[0],
+            entry.record,
+            wire.SOURCE_STALE,
+            self._clock() + self.config.stale_reply_ttl,
+            entry.etag,
+        )
 
-    def _zone_answer(self, name: str, rec: Record, types: tuple[str, ...], indexes: tuple[int, ...]) -> Answer:
+    def _zone_answer(
+        self, name: str, rec: Record, types: tuple[str, ...], indexes: tuple[int, ...]
+    ) -> Answer:
         now = self._clock()
         sel = rec.select(types, indexes)
         if not sel.values and (types or indexes):
             code, out = wire.VALUES_NOT_FOUND, None
         else:
             code, out = wire.OK, Record(name, sel.values)
-        return Answer(code, name, out, wire.SOURCE_ZONE, now + self.cache.lifetime(code, out, now),
-                      etag_of(out, code))
+        return Answer(
+            code, name, out, wire.SOURCE_ZONE, now + self.cache.lifetime(code, out, now), etag_of(out, code)
+        )
 
     # -- housekeeping --------------------------------------------------------------------------------
     def _start_housekeeping(self) -> None:

@@ -92,11 +92,19 @@ def shared_cache(cfg: GatewayConfig) -> RedisSharedCache | None:
         try:
             password = Path(c.redis_password_file).read_text(encoding="utf-8").splitlines()[0].strip()
         except (OSError, UnicodeDecodeError, IndexError) as e:
-            raise ConfigError(f"[cache] redis_password_file: cannot read a password from {c.redis_password_file!r}: "
-                              f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}") from None  # fmt: skip
+            raise ConfigError(
+                f"[cache] redis_password_file: cannot read a password from {c.redis_password_file!r}: "
+                f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}"
+            ) from None
     try:
-        return RedisSharedCache(c.redis_url, max_stale=c.max_stale, lock_wait=c.redis_lock_wait,
-                                lock_ttl=cfg.upstream.timeout + 1.0, timeout=c.redis_timeout, password=password)  # fmt: skip
+        return RedisSharedCache(
+            c.redis_url,
+            max_stale=c.max_stale,
+            lock_wait=c.redis_lock_wait,
+            lock_ttl=cfg.upstream.timeout + 1.0,
+            timeout=c.redis_timeout,
+            password=password,
+        )
     except ValueError as e:
         raise ConfigError(f"[cache] redis_url: {e}") from None
 
@@ -104,7 +112,9 @@ def shared_cache(cfg: GatewayConfig) -> RedisSharedCache | None:
 def rate_limiter(cfg: GatewayConfig) -> RateLimiter:
     """The [limits] token buckets, shared by the front ends (a device is one device on every transport)."""
     lim = cfg.limits
-    return RateLimiter(Limits(lim.device_rate, lim.device_burst, lim.source_rate, lim.source_burst, lim.max_buckets))
+    return RateLimiter(
+        Limits(lim.device_rate, lim.device_burst, lim.source_rate, lim.source_burst, lim.max_buckets)
+    )
 
 
 def mqtt_auth(cfg: GatewayConfig) -> Any:
@@ -153,7 +163,9 @@ class Gateway:
         self._clock = clock
         self._given_resolver = resolver
         self._own_resolver: Resolver | None = None  # built here, so closed here
-        self.shared: RedisSharedCache | None = None  # [cache] redis_url: the shared tier of the resolver built here
+        self.shared: RedisSharedCache | None = (
+            None  # [cache] redis_url: the shared tier of the resolver built here
+        )
         self.resolver: Resolving | None = None
         self.outbox: Outbox | None = None
         self.registry: Registry | None = None
@@ -194,13 +206,19 @@ class Gateway:
             self.shared = shared_cache(cfg)
             if self.shared is not None:
                 up = await self.shared.ping()
-                log.info("shared cache %s %s", "at" if up else "not answering (local-only until it does) at",
-                         kv(redis=_redact(cfg.cache.redis_url)))  # fmt: skip
+                log.info(
+                    "shared cache %s %s",
+                    "at" if up else "not answering (local-only until it does) at",
+                    kv(redis=_redact(cfg.cache.redis_url)),
+                )
             try:
                 resolver = self._own_resolver = Resolver(rcfg, clock=self._clock, shared=self.shared)
             except ValueError as e:  # settings the resolver refuses (e.g. a zone file that does not parse)
                 raise ConfigError(f"resolver: {e}") from None
-            log.info("resolver ready %s", kv(upstreams=",".join(rcfg.upstreams), cache=rcfg.cache_path() or "memory"))
+            log.info(
+                "resolver ready %s",
+                kv(upstreams=",".join(rcfg.upstreams), cache=rcfg.cache_path() or "memory"),
+            )
         self.resolver = resolver
         db = cfg.data_dir / REGISTRY_FILE
         self.outbox = Outbox(db, outbox_sinks(cfg))
@@ -208,21 +226,40 @@ class Gateway:
         self._add_collectors()
         await self.outbox.start()
 
-        self.coap = CoapFrontEnd(cfg.coap.host, cfg.coap.port, recording(resolver, "coap"), self.registry, self.metrics, clock=self._clock)
+        self.coap = CoapFrontEnd(
+            cfg.coap.host,
+            cfg.coap.port,
+            recording(resolver, "coap"),
+            self.registry,
+            self.metrics,
+            clock=self._clock,
+        )
         self._secure_coap(cfg)
         try:
             host, port = await self.coap.start()
         except OSError as e:
-            raise OSError(e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}") from None
+            raise OSError(
+                e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}"
+            ) from None
         self.coap.limiter = self.limiter
         log.info("coap listening on %s", _hostport(host, port))
 
-        self.http = HttpFrontEnd(cfg.http.host, cfg.http.port, recording(resolver, "http"), self.registry, self.metrics,
-                                 health=self.health, clock=self._clock, shutdown_timeout=STOP_TIMEOUT)  # fmt: skip
+        self.http = HttpFrontEnd(
+            cfg.http.host,
+            cfg.http.port,
+            recording(resolver, "http"),
+            self.registry,
+            self.metrics,
+            health=self.health,
+            clock=self._clock,
+            shutdown_timeout=STOP_TIMEOUT,
+        )
         try:
             host, port = await self.http.start()
         except OSError as e:
-            raise OSError(e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}") from None
+            raise OSError(
+                e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}"
+            ) from None
         self.http.limiter = self.limiter
         log.info("http listening on %s", _hostport(host, port))
 
@@ -230,17 +267,30 @@ class Gateway:
             # Imported here so that paho stays out of a gateway that does not use MQTT.
             from gateway.frontends.mqtt import MqttFrontEnd
 
-            self.mqtt = MqttFrontEnd(cfg.mqtt.url, recording(resolver, "mqtt"), self.registry, self.metrics, group=cfg.mqtt.group or None,
-                                     auth=mqtt_auth(cfg), limiter=self.limiter)  # fmt: skip
+            self.mqtt = MqttFrontEnd(
+                cfg.mqtt.url,
+                recording(resolver, "mqtt"),
+                self.registry,
+                self.metrics,
+                group=cfg.mqtt.group or None,
+                auth=mqtt_auth(cfg),
+                limiter=self.limiter,
+            )
             await self.mqtt.start()  # returns after its ready timeout even when the broker is not there yet
-            log.info("mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url)
+            log.info(
+                "mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url
+            )
 
     async def stop(self) -> None:
         """Graceful stop; safe to call twice and after a failed start."""
         if not self._running:
             return
         self._running = False
-        frontends: list[tuple[str, FrontEnd | None]] = [("http", self.http), ("coap", self.coap), ("mqtt", self.mqtt)]
+        frontends: list[tuple[str, FrontEnd | None]] = [
+            ("http", self.http),
+            ("coap", self.coap),
+            ("mqtt", self.mqtt),
+        ]
         for name, fe in frontends:
             if fe is not None:
                 await _quietly(name, fe.stop(STOP_TIMEOUT))
@@ -290,11 +340,14 @@ class Gateway:
         assert self.coap is not None
         keystore = Path(cfg.coap.keystore) if cfg.coap.keystore else cfg.data_dir / "keystore.json"
         if cfg.coap.security == "oscore" or keystore.exists():
-            self.coap_security = secure_frontend(self.coap, cfg.coap.security, keystore, cfg.data_dir,
-                                                 plain_resolve=cfg.coap.plain_resolve)  # fmt: skip
+            self.coap_security = secure_frontend(
+                self.coap, cfg.coap.security, keystore, cfg.data_dir, plain_resolve=cfg.coap.plain_resolve
+            )
         else:
-            log.warning("coap security is PLAIN: unauthenticated requests are served (factory bench only) %s",
-                        kv(keystore="none"))  # fmt: skip
+            log.warning(
+                "coap security is PLAIN: unauthenticated requests are served (factory bench only) %s",
+                kv(keystore="none"),
+            )
 
     # -- health and metrics ----------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:
@@ -346,7 +399,11 @@ def _resolver_samples(resolver: Resolver) -> Callable[[], Iterable[Sample]]:
         for node, n in st.upstream.items():
             yield "ida_upstream_requests_total", {"node": node}, n.requests
             cumulative = tuple((le, cnt) for le, cnt in n.latency.cumulative() if le != float("inf"))
-            yield "ida_upstream_latency_seconds", {"node": node}, HistogramSample(cumulative, n.latency.sum, n.latency.count)
+            yield (
+                "ida_upstream_latency_seconds",
+                {"node": node},
+                HistogramSample(cumulative, n.latency.sum, n.latency.count),
+            )
 
     return collect
 
@@ -370,13 +427,33 @@ def _shared_samples(metrics: Metrics, shared: RedisSharedCache) -> Callable[[], 
 
 
 SHARED_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("ida_shared_cache_lookups_total", "counter", "Local misses looked up in the shared tier, by result (hit, stale, miss, skipped while Redis is down).", ("result",)),
-    ("ida_shared_cache_locks_total", "counter", "Cross-gateway locks taken: upstream requests made for every gateway.", ()),
-    ("ida_shared_cache_waits_total", "counter", "Waits for another gateway's upstream answer, by result (hit, fallback to an own request).", ("result",)),
+    (
+        "ida_shared_cache_lookups_total",
+        "counter",
+        "Local misses looked up in the shared tier, by result (hit, stale, miss, skipped while Redis is down).",
+        ("result",),
+    ),
+    (
+        "ida_shared_cache_locks_total",
+        "counter",
+        "Cross-gateway locks taken: upstream requests made for every gateway.",
+        (),
+    ),
+    (
+        "ida_shared_cache_waits_total",
+        "counter",
+        "Waits for another gateway's upstream answer, by result (hit, fallback to an own request).",
+        ("result",),
+    ),
     ("ida_shared_cache_writes_total", "counter", "Answers written to the shared tier.", ()),
-    ("ida_shared_cache_errors_total", "counter", "Redis calls that failed or timed out (each opens the local-only circuit).", ()),
+    (
+        "ida_shared_cache_errors_total",
+        "counter",
+        "Redis calls that failed or timed out (each opens the local-only circuit).",
+        (),
+    ),
     ("ida_shared_cache_up", "gauge", "1 while Redis answers, 0 while resolving local-only.", ()),
-)  # fmt: skip
+)
 
 
 def _redact(url: str) -> str:

@@ -56,8 +56,17 @@ import cbor2
 from gateway.cache import ANSWER_CODES, Cache, CacheEntry, CacheKey, decode_record, encode_record
 from gateway.logfmt import kv
 
-__all__ = ["SharedTier", "Flight", "RedisSharedCache", "SharedStats", "SharedEntry", "redis_keys",
-           "encode_value", "decode_value", "redact_url"]
+__all__ = [
+    "SharedTier",
+    "Flight",
+    "RedisSharedCache",
+    "SharedStats",
+    "SharedEntry",
+    "redis_keys",
+    "encode_value",
+    "decode_value",
+    "redact_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +130,16 @@ def redis_keys(key: CacheKey, prefix: str = "ida:") -> tuple[str, str]:
 
 def encode_value(entry: CacheEntry) -> bytes:
     blob = encode_record(entry.code, entry.key[0], entry.record)
-    return cbor2.dumps([VALUE_VERSION, round(entry.stored_at * 1000), round(entry.expires_at * 1000),
-                        list(entry.key[1]), list(entry.key[2]), blob])  # fmt: skip
+    return cbor2.dumps(
+        [
+            VALUE_VERSION,
+            round(entry.stored_at * 1000),
+            round(entry.expires_at * 1000),
+            list(entry.key[1]),
+            list(entry.key[2]),
+            blob,
+        ]
+    )
 
 
 def decode_value(data: bytes, key: CacheKey) -> SharedEntry | None:
@@ -156,7 +173,9 @@ class SharedStats:
     locks: int = 0  # cross-gateway locks taken (this gateway asked upstream for everybody)
     waits: int = 0  # lock held elsewhere: waited for that gateway's answer
     wait_hits: int = 0  # ... and got it
-    wait_fallbacks: int = 0  # ... and did not (lock_wait expired, or the holder failed): asked upstream itself
+    wait_fallbacks: int = (
+        0  # ... and did not (lock_wait expired, or the holder failed): asked upstream itself
+    )
     writes: int = 0  # answers written to Redis
     errors: int = 0  # Redis calls that failed or timed out
     skipped: int = 0  # lookups skipped while Redis was down (local-only)
@@ -170,8 +189,9 @@ class SharedStats:
 class _RedisFlight:
     __slots__ = ("_tier", "key", "entry", "_token", "_done")
 
-    def __init__(self, tier: RedisSharedCache, key: CacheKey, entry: CacheEntry | None = None,
-                 token: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, tier: RedisSharedCache, key: CacheKey, entry: CacheEntry | None = None, token: str | None = None
+    ) -> None:
         self._tier = tier
         self.key = key
         self.entry = entry
@@ -207,7 +227,9 @@ class RedisSharedCache:
         client: Any = None,
     ) -> None:
         if lock_wait < 0 or lock_ttl <= 0 or timeout <= 0 or max_stale < 0 or max_connections < 1:
-            raise ValueError("shared cache: lock_wait >= 0, lock_ttl > 0, timeout > 0, max_stale >= 0, max_connections >= 1")
+            raise ValueError(
+                "shared cache: lock_wait >= 0, lock_ttl > 0, timeout > 0, max_stale >= 0, max_connections >= 1"
+            )
         self.url = url
         self.max_stale = max_stale
         self.lock_wait = lock_wait
@@ -215,7 +237,9 @@ class RedisSharedCache:
         self.timeout = timeout
         self.prefix = prefix
         self._clock = clock
-        self._client = client if client is not None else self._connect(url, timeout, password, max_connections)
+        self._client = (
+            client if client is not None else self._connect(url, timeout, password, max_connections)
+        )
         # At most this many Redis calls at a time (so at most this many connections per Redis node): a burst of
         # misses queues here for microseconds instead of opening a connection per miss.
         self._slots = asyncio.Semaphore(max_connections)
@@ -244,7 +268,9 @@ class RedisSharedCache:
         if scheme in ("redis+cluster", "rediss+cluster"):
             return RedisCluster.from_url(scheme.split("+")[0] + sep + rest, **opts)
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"shared cache URL {redact_url(url)!r}: use redis://, rediss://, unix:// or redis+cluster://")
+            raise ValueError(
+                f"shared cache URL {redact_url(url)!r}: use redis://, rediss://, unix:// or redis+cluster://"
+            )
         return Redis.from_url(url, **opts)
 
     @property
@@ -265,10 +291,19 @@ class RedisSharedCache:
         self._down_until = time.monotonic() + self._down_for
         if self.stats.up:
             self.stats.up = 0
-            log.warning("shared cache down, resolving local-only %s",
-                        kv(redis=redact_url(self.url), op=op, error=f"{type(e).__name__}: {e}", retry_in=self._down_for))  # fmt: skip
+            log.warning(
+                "shared cache down, resolving local-only %s",
+                kv(
+                    redis=redact_url(self.url),
+                    op=op,
+                    error=f"{type(e).__name__}: {e}",
+                    retry_in=self._down_for,
+                ),
+            )
         else:
-            log.debug("shared cache still down %s", kv(op=op, error=type(e).__name__, retry_in=self._down_for))
+            log.debug(
+                "shared cache still down %s", kv(op=op, error=type(e).__name__, retry_in=self._down_for)
+            )
         self._down_for = min(DOWN_MAX, self._down_for * 2)
 
     def _worked(self) -> None:
@@ -312,7 +347,9 @@ class RedisSharedCache:
         if adopted is not None:
             return _RedisFlight(self, key, adopted)
         token = secrets.token_hex(8)
-        ok, taken = await self._call("lock", self._client.set(lkey, token, nx=True, px=max(1, round(self.lock_ttl * 1000))))
+        ok, taken = await self._call(
+            "lock", self._client.set(lkey, token, nx=True, px=max(1, round(self.lock_ttl * 1000)))
+        )
         if not ok:
             return _RedisFlight(self, key)
         if taken:

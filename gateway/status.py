@@ -93,7 +93,9 @@ class RecentResolutions:
         self._items: deque[Resolution] = deque(maxlen=size)
         self.by_source: Counter[str] = Counter()
 
-    def add(self, ident: str, frontend: str, source: str, code: int, ms: float, at: float | None = None) -> Resolution:
+    def add(
+        self, ident: str, frontend: str, source: str, code: int, ms: float, at: float | None = None
+    ) -> Resolution:
         if len(ident) > MAX_ID_CHARS:
             ident = ident[:MAX_ID_CHARS] + "\u2026"
         item = Resolution(_now() if at is None else at, ident, frontend, source, int(code), round(ms, 2))
@@ -126,7 +128,9 @@ class HitRatioSeries:
 
     def __init__(self, interval: float | None = None, points: int | None = None) -> None:
         self.interval = SAMPLE_INTERVAL if interval is None else interval
-        self._samples: deque[tuple[float, int, int]] = deque(maxlen=(SERIES_POINTS if points is None else points) + 1)
+        self._samples: deque[tuple[float, int, int]] = deque(
+            maxlen=(SERIES_POINTS if points is None else points) + 1
+        )
 
     def sample(self, t: float, hits: int, misses: int) -> None:
         self._samples.append((t, hits, misses))
@@ -138,7 +142,9 @@ class HitRatioSeries:
     def window(self) -> float:
         return self.interval * ((self._samples.maxlen or 1) - 1)
 
-    def points(self, now: float | None = None, hits: int | None = None, misses: int | None = None) -> list[dict[str, Any]]:
+    def points(
+        self, now: float | None = None, hits: int | None = None, misses: int | None = None
+    ) -> list[dict[str, Any]]:
         """One point per sampling interval: ``ratio`` = hits / lookups in that interval (None without lookups),
         ``lookups``, ``hits``, and ``total_ratio`` since start. With ``now, hits, misses`` a last, live point
         covers the time since the newest sample (once that is at least half an interval)."""
@@ -150,13 +156,15 @@ class HitRatioSeries:
         for (_t0, h0, m0), (t1, h1, m1) in zip(samples, samples[1:], strict=False):
             dh, dm = max(0, h1 - h0), max(0, m1 - m0)
             n = dh + dm
-            out.append({
-                "t": round(t1, 3),
-                "ratio": round(dh / n, 4) if n else None,
-                "lookups": n,
-                "hits": dh,
-                "total_ratio": round(h1 / (h1 + m1), 4) if h1 + m1 else None,
-            })  # fmt: skip
+            out.append(
+                {
+                    "t": round(t1, 3),
+                    "ratio": round(dh / n, 4) if n else None,
+                    "lookups": n,
+                    "hits": dh,
+                    "total_ratio": round(h1 / (h1 + m1), 4) if h1 + m1 else None,
+                }
+            )
         return out
 
 
@@ -203,18 +211,31 @@ class RecordingResolver:
         self.frontend = frontend
         self.board = board if board is not None else board_for(inner)
 
-    async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer:
+    async def resolve(
+        self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
+    ) -> Answer:
         t0 = time.perf_counter()
         try:
             answer = await self.inner.resolve(handle, types, indexes)
         except Exception as e:
-            asyncio.get_running_loop().call_soon(self.board.recent.add, str(handle), self.frontend, SOURCE_ERROR,
-                                                 _error_code(e), (time.perf_counter() - t0) * 1000)  # fmt: skip
+            asyncio.get_running_loop().call_soon(
+                self.board.recent.add,
+                str(handle),
+                self.frontend,
+                SOURCE_ERROR,
+                _error_code(e),
+                (time.perf_counter() - t0) * 1000,
+            )
             raise
         # noted on the next loop turn (errors too, so the list keeps its order): after the answer is sent
-        asyncio.get_running_loop().call_soon(self.board.recent.add, answer.handle, self.frontend,
-                                             SOURCE_NAMES.get(answer.source, str(answer.source)), answer.code,
-                                             (time.perf_counter() - t0) * 1000)  # fmt: skip
+        asyncio.get_running_loop().call_soon(
+            self.board.recent.add,
+            answer.handle,
+            self.frontend,
+            SOURCE_NAMES.get(answer.source, str(answer.source)),
+            answer.code,
+            (time.perf_counter() - t0) * 1000,
+        )
         return answer
 
     def __getattr__(self, name: str) -> Any:
@@ -310,26 +331,41 @@ def status_snapshot(
 
     # cache and upstream
     hits, misses = _cache_counters(inner, board)
-    cache: dict[str, Any] = {"hits": hits, "misses": misses,
-                             "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None}  # fmt: skip
+    cache: dict[str, Any] = {
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+    }
     upstream: list[dict[str, Any]] = []
     if isinstance(inner, Resolver):
         st = inner.stats()
         c, cfg = st.cache, inner.config
-        cache.update(entries=c.entries, bytes=c.bytes, max_entries=cfg.cache_max_entries, max_bytes=cfg.cache_max_bytes,
-                     stale=st.stale_answers, prefetches=c.prefetches, evictions=c.evictions, zone_hits=st.zone_hits,
-                     zone_records=st.zone_records, coalesced=st.coalesced, inflight=st.inflight)  # fmt: skip
+        cache.update(
+            entries=c.entries,
+            bytes=c.bytes,
+            max_entries=cfg.cache_max_entries,
+            max_bytes=cfg.cache_max_bytes,
+            stale=st.stale_answers,
+            prefetches=c.prefetches,
+            evictions=c.evictions,
+            zone_hits=st.zone_hits,
+            zone_records=st.zone_records,
+            coalesced=st.coalesced,
+            inflight=st.inflight,
+        )
         for url, n in st.upstream.items():
-            upstream.append({
-                "url": url,
-                "healthy": n.healthy,
-                "consecutive_failures": n.consecutive_failures,
-                "latency_ewma_ms": _ms(n.latency_ewma),
-                "latency_mean_ms": _ms(n.latency.sum / n.latency.count) if n.latency.count else None,
-                "requests": n.requests,
-                "answers": n.answers,
-                "failures": n.failures,
-            })  # fmt: skip
+            upstream.append(
+                {
+                    "url": url,
+                    "healthy": n.healthy,
+                    "consecutive_failures": n.consecutive_failures,
+                    "latency_ewma_ms": _ms(n.latency_ewma),
+                    "latency_mean_ms": _ms(n.latency.sum / n.latency.count) if n.latency.count else None,
+                    "requests": n.requests,
+                    "answers": n.answers,
+                    "failures": n.failures,
+                }
+            )
     else:
         cache.update(stale=board.recent.by_source["stale"])
     out["cache"] = cache
@@ -343,7 +379,10 @@ def status_snapshot(
     # resolutions
     out["recent"] = [r.as_dict() for r in board.recent.items()]
     by = board.recent.by_source
-    out["resolutions"] = {"total": sum(by.values()), **{k: by[k] for k in ("zone", "cache", "upstream", "stale", SOURCE_ERROR)}}
+    out["resolutions"] = {
+        "total": sum(by.values()),
+        **{k: by[k] for k in ("zone", "cache", "upstream", "stale", SOURCE_ERROR)},
+    }
 
     # outbox
     outbox: dict[str, Any] = {"depth": None}
@@ -387,7 +426,9 @@ def add_routes(
     async def sampler(_app: web.Application) -> AsyncIterator[None]:
         task: asyncio.Task[None] | None = None
         if board.sampler is None or board.sampler.done():  # one sampler per board, however many apps mount it
-            task = board.sampler = asyncio.create_task(_sample_forever(resolver, board), name="status sampler")
+            task = board.sampler = asyncio.create_task(
+                _sample_forever(resolver, board), name="status sampler"
+            )
         yield
         if task is not None:
             task.cancel()

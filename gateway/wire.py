@@ -14,12 +14,14 @@ from typing import Any
 import cbor2
 
 # -- the key table (docs/protocol.md) ------------------------------------------------------------------
+# fmt: off
 KEYS: dict[str, int] = {
     "token": 1, "id": 2, "code": 3, "values": 4, "ttl": 5, "etag": 6, "types": 7, "indexes": 8, "msg": 9,
     "boot": 10, "seq": 11, "uptime": 12, "heap": 13, "rssi": 14, "queue": 15, "board": 16, "fw": 17,
     "sensors": 18, "dropped": 19, "cfgver": 20, "interval": 21, "meta": 22, "source": 23, "online": 24,
     "time": 25,
-}  # fmt: skip
+}
+# fmt: on
 NAMES: dict[int, str] = {v: k for k, v in KEYS.items()}
 
 # -- codes (key 3) -------------------------------------------------------------------------------------
@@ -35,8 +37,19 @@ INTERNAL = 500
 UPSTREAM_UNAVAILABLE = 503
 UPSTREAM_TIMEOUT = 504
 
-CODES = (OK, NOT_FOUND, VALUES_NOT_FOUND, NOT_MODIFIED, BAD_REQUEST, FORBIDDEN, TOO_LARGE, RATE_LIMITED,
-         INTERNAL, UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT)  # fmt: skip
+CODES = (
+    OK,
+    NOT_FOUND,
+    VALUES_NOT_FOUND,
+    NOT_MODIFIED,
+    BAD_REQUEST,
+    FORBIDDEN,
+    TOO_LARGE,
+    RATE_LIMITED,
+    INTERNAL,
+    UPSTREAM_UNAVAILABLE,
+    UPSTREAM_TIMEOUT,
+)
 
 # source (key 23)
 SOURCE_ZONE = 0
@@ -52,7 +65,10 @@ MESSAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "resolve_response": (("code", "id", "values"), ("token", "ttl", "etag", "source")),
     "not_modified": (("code",), ("token", "ttl", "etag")),
     "error": (("code",), ("token", "msg", "id", "ttl")),
-    "report": (("id", "boot", "seq", "uptime", "heap", "rssi", "queue", "board", "fw"), ("sensors", "dropped", "time")),
+    "report": (
+        ("id", "boot", "seq", "uptime", "heap", "rssi", "queue", "board", "fw"),
+        ("sensors", "dropped", "time"),
+    ),
     "report_ack": (("boot", "seq", "code"), ("cfgver",)),
     "config": (("cfgver",), ("interval", "meta")),
     "config_ack": (("id", "cfgver", "code"), ("msg",)),
@@ -99,17 +115,23 @@ _CHECKS: dict[str, Any] = {
     "types": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "indexes": lambda v: isinstance(v, list) and all(_is_uint(x) for x in v),
     "msg": lambda v: isinstance(v, str),
-    "boot": _is_uint, "seq": _is_uint, "uptime": _is_uint, "heap": _is_uint,
-    "rssi": _is_int, "queue": _is_uint,
-    "board": lambda v: isinstance(v, str), "fw": lambda v: isinstance(v, str),
+    "boot": _is_uint,
+    "seq": _is_uint,
+    "uptime": _is_uint,
+    "heap": _is_uint,
+    "rssi": _is_int,
+    "queue": _is_uint,
+    "board": lambda v: isinstance(v, str),
+    "fw": lambda v: isinstance(v, str),
     "sensors": lambda v: _check_scalar_map(v, (int, float, str, bool)),
-    "dropped": _is_uint, "cfgver": _is_uint,
+    "dropped": _is_uint,
+    "cfgver": _is_uint,
     "interval": lambda v: _is_uint(v) and 10 <= v <= 86400,
     "meta": lambda v: _check_scalar_map(v, (str,)),
     "source": lambda v: _is_uint(v) and v <= 3,
     "online": lambda v: isinstance(v, bool),
     "time": _is_uint,
-}  # fmt: skip
+}
 
 
 def dumps(obj: Any) -> bytes:
@@ -144,10 +166,15 @@ def encode_resolve_response(fields: Mapping[str, Any]) -> bytes:
     quicker check of the shapes the gateway produces; anything else gets the full check of :func:`encode`."""
     values = fields.get("values")
     if (
-        len(fields) == 4 and type(fields.get("code")) is int and 0 <= fields["code"] <= _U64
-        and type(fields.get("id")) is str and type(fields.get("source")) is int and 0 <= fields["source"] <= 3
-        and type(values) is list and all(_quick_value(v) for v in values)
-    ):  # fmt: skip
+        len(fields) == 4
+        and type(fields.get("code")) is int
+        and 0 <= fields["code"] <= _U64
+        and type(fields.get("id")) is str
+        and type(fields.get("source")) is int
+        and 0 <= fields["source"] <= 3
+        and type(values) is list
+        and all(_quick_value(v) for v in values)
+    ):
         return cbor2.dumps({KEYS[k]: v for k, v in fields.items()}, canonical=True)
     return encode("resolve_response", fields)
 
@@ -156,8 +183,16 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _quick_value(v: Any) -> bool:
-    return (type(v) is list and len(v) == 4 and type(v[0]) is int and 0 <= v[0] <= _U64 and type(v[1]) is str
-            and type(v[2]) in (str, bytes) and type(v[3]) is int and 0 <= v[3] <= _U64)  # fmt: skip
+    return (
+        type(v) is list
+        and len(v) == 4
+        and type(v[0]) is int
+        and 0 <= v[0] <= _U64
+        and type(v[1]) is str
+        and type(v[2]) in (str, bytes)
+        and type(v[3]) is int
+        and 0 <= v[3] <= _U64
+    )
 
 
 def decode(name: str, data: bytes) -> dict[str, Any]:
@@ -206,7 +241,7 @@ def identifier_from_topic_key(key: str) -> str:
                     out.append(raw)
                     break
             else:
-                raise WireError(f"bad escape {key[i:i + 3]!r} in topic key")
+                raise WireError(f"bad escape {key[i : i + 3]!r} in topic key")
             i += 3
         else:
             out.append(c)

@@ -90,8 +90,10 @@ def parse_zone(obj: Any, source: str = "zone") -> dict[str, Record]:
 
 def dump_zone(records: Iterable[Record]) -> list[dict[str, Any]]:
     """The list form of a zone file (without responseCode), sorted by handle."""
-    return [{"handle": r.handle, "values": [v.to_rest() for v in r.values]}
-            for r in sorted(records, key=lambda r: r.handle)]
+    return [
+        {"handle": r.handle, "values": [v.to_rest() for v in r.values]}
+        for r in sorted(records, key=lambda r: r.handle)
+    ]
 
 
 def _read(path: Path) -> dict[str, Record]:
@@ -203,8 +205,12 @@ class Zone:
             self._records.update(on_disk)
         else:
             self._records[rec.handle] = rec
-        log.info("zone.add handle=%s values=%d persisted=%s", rec.handle, len(rec.values),
-                 self.path is not None and persist)
+        log.info(
+            "zone.add handle=%s values=%d persisted=%s",
+            rec.handle,
+            len(rec.values),
+            self.path is not None and persist,
+        )
         return rec
 
     def remove(self, handle: str, *, persist: bool = True) -> bool:

@@ -62,8 +62,9 @@ class Broker:
 
     def _spawn(self, cmd: list[str]) -> Broker:
         with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+            )
         self.starts += 1
         return self
 
@@ -193,8 +194,18 @@ class Device:
         self.publish("req", wire.encode("resolve_request", {"token": token, "id": handle, **extra}))
 
     def report(self, boot: int, seq: int, **extra: Any) -> dict[str, Any]:
-        fields = {"id": self.identifier, "boot": boot, "seq": seq, "uptime": 5, "heap": 90000, "rssi": -60, "queue": 0,
-                  "board": "unix", "fw": "0.1.0", **extra}  # fmt: skip
+        fields = {
+            "id": self.identifier,
+            "boot": boot,
+            "seq": seq,
+            "uptime": 5,
+            "heap": 90000,
+            "rssi": -60,
+            "queue": 0,
+            "board": "unix",
+            "fw": "0.1.0",
+            **extra,
+        }
         self.publish("rpt", wire.encode("report", fields), qos=1)
         return fields
 

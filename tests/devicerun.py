@@ -21,16 +21,23 @@ class IdaDevice(DeviceProc):
     """``ida device run --identifier ID --data-dir DIR ARGS...``; ``stderr`` lines (this command's own messages)
     land in ``err``."""
 
-    def __init__(self, data_dir: Path, identifier: str, *args: str, cwd: Path = ROOT,
-                 default_dir: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, data_dir: Path, identifier: str, *args: str, cwd: Path = ROOT, default_dir: bool = False
+    ) -> None:
         super().__init__(data_dir, cwd=cwd)
         self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
         where = () if default_dir else ("--data-dir", str(data_dir))
         self.cmd = ida_cmd("device", "run", "--identifier", identifier, *where, *args)
 
     def start(self) -> IdaDevice:
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=self.env, cwd=self.cwd)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=self.cwd,
+        )
         threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
         return self

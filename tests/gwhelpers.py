@@ -19,15 +19,23 @@ NEGATIVE_TTL = 60
 
 
 def sample_records() -> dict[str, Record]:
-    pump = Record(PUMP, (
-        HandleValue(1, "URL", b"https://example.com/pumps/0001", ttl=POSITIVE_TTL, timestamp=1700000000),
-        HandleValue(2, "EMAIL", b"service@example.com", ttl=POSITIVE_TTL, timestamp=1700000000),
-        HandleValue(3, "SERIAL", b"\x00\x01\xfe\xff", ttl=POSITIVE_TTL, timestamp=1700000000),
-    ))  # fmt: skip
-    big = Record(BIG, tuple(
-        HandleValue(i, f"PART{i}", f"https://example.com/parts/{i:04d}/datasheet.pdf".encode(), ttl=POSITIVE_TTL)
-        for i in range(1, 101)
-    ))  # fmt: skip
+    pump = Record(
+        PUMP,
+        (
+            HandleValue(1, "URL", b"https://example.com/pumps/0001", ttl=POSITIVE_TTL, timestamp=1700000000),
+            HandleValue(2, "EMAIL", b"service@example.com", ttl=POSITIVE_TTL, timestamp=1700000000),
+            HandleValue(3, "SERIAL", b"\x00\x01\xfe\xff", ttl=POSITIVE_TTL, timestamp=1700000000),
+        ),
+    )
+    big = Record(
+        BIG,
+        tuple(
+            HandleValue(
+                i, f"PART{i}", f"https://example.com/parts/{i:04d}/datasheet.pdf".encode(), ttl=POSITIVE_TTL
+            )
+            for i in range(1, 101)
+        ),
+    )
     return {PUMP: pump, BIG: big}
 
 
@@ -56,7 +64,9 @@ class FakeResolver:
         self.gates: dict[str, asyncio.Event] = {}
         self.calls: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
 
-    async def resolve(self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()) -> Answer:
+    async def resolve(
+        self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
+    ) -> Answer:
         name = identifier.normalise(handle)
         self.calls.append((name, tuple(types), tuple(indexes)))
         gate = self.gates.get(name)
@@ -67,12 +77,24 @@ class FakeResolver:
         now = self.clock()
         rec = self.records.get(name)
         if rec is None:
-            return Answer(wire.NOT_FOUND, name, None, wire.SOURCE_UPSTREAM, now + NEGATIVE_TTL,
-                          etag_of(None, wire.NOT_FOUND))  # fmt: skip
+            return Answer(
+                wire.NOT_FOUND,
+                name,
+                None,
+                wire.SOURCE_UPSTREAM,
+                now + NEGATIVE_TTL,
+                etag_of(None, wire.NOT_FOUND),
+            )
         sel = rec.select(types, indexes)
         if not sel.values:
-            return Answer(wire.VALUES_NOT_FOUND, name, None, wire.SOURCE_UPSTREAM, now + NEGATIVE_TTL,
-                          etag_of(None, wire.VALUES_NOT_FOUND))  # fmt: skip
+            return Answer(
+                wire.VALUES_NOT_FOUND,
+                name,
+                None,
+                wire.SOURCE_UPSTREAM,
+                now + NEGATIVE_TTL,
+                etag_of(None, wire.VALUES_NOT_FOUND),
+            )
         return Answer(wire.OK, name, sel, wire.SOURCE_UPSTREAM, now + POSITIVE_TTL, etag_of(sel, wire.OK))
 
 
@@ -91,7 +113,9 @@ class RestNode:
         rec = self.records.get(identifier.normalise(handle))
         if rec is None:
             return web.json_response(rest_error(100, handle), status=404)
-        sel = rec.select(tuple(request.query.getall("type", [])), tuple(int(i) for i in request.query.getall("index", [])))
+        sel = rec.select(
+            tuple(request.query.getall("type", [])), tuple(int(i) for i in request.query.getall("index", []))
+        )
         body: dict[str, Any] = sel.to_rest()
         return web.json_response(body)
 
@@ -112,7 +136,16 @@ class RestNode:
 
 
 def report_fields(ident: str = PUMP, boot: int = 1, seq: int = 1, **extra: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {"id": ident, "boot": boot, "seq": seq, "uptime": 120, "heap": 81234, "rssi": -61,
-                              "queue": 0, "board": "esp32-devkitc", "fw": "0.1.0"}  # fmt: skip
+    fields: dict[str, Any] = {
+        "id": ident,
+        "boot": boot,
+        "seq": seq,
+        "uptime": 120,
+        "heap": 81234,
+        "rssi": -61,
+        "queue": 0,
+        "board": "esp32-devkitc",
+        "fw": "0.1.0",
+    }
     fields.update(extra)
     return fields

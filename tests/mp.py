@@ -19,8 +19,15 @@ def run_mp(code: str, stdin: str = "", timeout: float = 60, heap: str = "4M", cw
     """Run `code` under micropython; return stdout, raise AssertionError with stderr on failure."""
     proc = subprocess.run(
         [micropython_binary(), "-X", f"heapsize={heap}", "-c", code],
-        input=stdin, capture_output=True, text=True, timeout=timeout, env=mp_env(), cwd=cwd or ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=mp_env(),
+        cwd=cwd or ROOT,
     )
     if proc.returncode != 0:
-        raise AssertionError(f"micropython exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"micropython exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout

@@ -50,7 +50,12 @@ class MicroPythonModule(pytest.File):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
         except subprocess.TimeoutExpired as e:
-            return {"<module>": {"ok": False, "error": f"micropython run timed out after {TIMEOUT}s: {e.stdout!r}"}}
+            return {
+                "<module>": {
+                    "ok": False,
+                    "error": f"micropython run timed out after {TIMEOUT}s: {e.stdout!r}",
+                }
+            }
         results: dict[str, dict[str, Any]] = {}
         for line in proc.stdout.splitlines():
             if line.startswith("@@MPTEST "):
@@ -59,7 +64,10 @@ class MicroPythonModule(pytest.File):
         if proc.returncode != 0 or not results:
             results.setdefault(
                 "<module>",
-                {"ok": False, "error": f"micropython exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"},
+                {
+                    "ok": False,
+                    "error": f"micropython exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}",
+                },
             )
         return results
 
@@ -97,7 +105,11 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # keep CPython's importer away from the firmware tests: they run under micropython only
-    if FIRMWARE_TESTS in collection_path.parents and collection_path.suffix == ".py" and not collection_path.name.startswith("test_"):
+    if (
+        FIRMWARE_TESTS in collection_path.parents
+        and collection_path.suffix == ".py"
+        and not collection_path.name.startswith("test_")
+    ):
         return True
     return None
 
@@ -108,7 +120,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for rep in terminalreporter.stats.get(key, []):
             if rep.when not in ("call", "setup") or (key == "passed" and rep.when != "call"):
                 continue
-            kind = "micropython" if "[micropython]" in str(getattr(rep, "location", ("", 0, ""))[2]) else "cpython"
+            kind = (
+                "micropython"
+                if "[micropython]" in str(getattr(rep, "location", ("", 0, ""))[2])
+                else "cpython"
+            )
             counts[kind][col] += 1
     c, m = counts["cpython"], counts["micropython"]
     terminalreporter.write_line(

@@ -68,8 +68,17 @@ def main():
             ms = time.ticks_diff(time.ticks_ms(), t0)
             run(t, lambda: len(subacks), 3000)  # online status out, subscriptions acknowledged
             gc.collect()
-            out({"a": "up", "ok": c.state == mqtt.UP, "ms": ms, "reason": c.reason, "refused": c.refused,
-                 "heap": gc.mem_alloc() - HEAP0, "peak": peak[0] - HEAP0})
+            out(
+                {
+                    "a": "up",
+                    "ok": c.state == mqtt.UP,
+                    "ms": ms,
+                    "reason": c.reason,
+                    "refused": c.refused,
+                    "heap": gc.mem_alloc() - HEAP0,
+                    "peak": peak[0] - HEAP0,
+                }
+            )
         elif name == "resolve":
             t.resolve(arg or ident.id, res.append)
             run(t, lambda: res)
@@ -77,8 +86,9 @@ def main():
             out({"a": "resolve", "code": r[0], "values": r[2], "msg": r[4]})
         elif name == "report":
             seq += 1
-            pl = cbor.dumps({2: arg or ident.id, 10: 1, 11: seq, 12: 5, 13: 100000, 14: 0, 15: 0, 16: "unix",
-                             17: "test"})
+            pl = cbor.dumps(
+                {2: arg or ident.id, 10: 1, 11: seq, 12: 5, 13: 100000, 14: 0, 15: 0, 16: "unix", 17: "test"}
+            )
             ok = t.report(pl, 1, seq, lambda code, b, s: res.append(code))
             run(t, lambda: res or not ok)
             out({"a": "report", "code": res[0] if res else -9})

@@ -29,8 +29,16 @@ GATEWAY = "ida-gw"
 
 
 class SecureBroker(Broker):
-    def __init__(self, workdir: Path, data_dir: Path, *, plain: bool = False, acl_mode: str = "explicit",
-                 outbox_topics: tuple[str, ...] = (), tls: bc.TlsFiles | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        data_dir: Path,
+        *,
+        plain: bool = False,
+        acl_mode: str = "explicit",
+        outbox_topics: tuple[str, ...] = (),
+        tls: bc.TlsFiles | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.data_dir = Path(data_dir)
         self.service_port = free_port()
@@ -58,14 +66,24 @@ class SecureBroker(Broker):
 
     def write_config(self) -> None:
         self.generated = bc.generate(
-            self.data_dir, self.out, tls=self.tls, port=self.port, bind=self.host, service_port=self.service_port,
-            service_bind=self.host, broker_host=self.host, plain_port=self.plain_port, acl_mode=self.acl_mode,
+            self.data_dir,
+            self.out,
+            tls=self.tls,
+            port=self.port,
+            bind=self.host,
+            service_port=self.service_port,
+            service_bind=self.host,
+            broker_host=self.host,
+            plain_port=self.plain_port,
+            acl_mode=self.acl_mode,
             outbox_topics=self.outbox_topics,
-        )  # fmt: skip
+        )
         generated = (self.out / bc.CONF_FILE).read_text()
         # as root, Mosquitto would drop to user "mosquitto", which cannot read the 0600 password files
-        self.conf.write_text(generated + "\n# test only\n" + mosquitto.keep_user() + "persistence false\n"
-                             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nset_tcp_nodelay true\n")  # fmt: skip
+        self.conf.write_text(
+            generated + "\n# test only\n" + mosquitto.keep_user() + "persistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nset_tcp_nodelay true\n"
+        )
 
     def reload(self) -> None:
         """Regenerate from the keystore and let Mosquitto re-read its password files and ACL (SIGHUP)."""
@@ -78,9 +96,18 @@ class SecureBroker(Broker):
 class Client:
     """A paho client with credentials, TLS against ``ca`` when given; messages land in ``messages``."""
 
-    def __init__(self, port: int, username: str | None, password: str | None, *, ca: Path | None = None,
-                 client_id: str = "", topics: tuple[str, ...] = (), v5: bool = False,
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
+    def __init__(
+        self,
+        port: int,
+        username: str | None,
+        password: str | None,
+        *,
+        ca: Path | None = None,
+        client_id: str = "",
+        topics: tuple[str, ...] = (),
+        v5: bool = False,
+        host: str = "127.0.0.1",
+    ) -> None:
         proto = paho.MQTTv5 if v5 else paho.MQTTv311
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
         if username is not None:

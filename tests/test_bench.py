@@ -24,7 +24,14 @@ PATH = ("r", "88.123.99", "PUMP-0001")
 def test_request_bytes() -> None:
     t = encode_request(PATH)
     d = t.datagram(0xBEEF, b"\xbe\xef")
-    assert d == bytes((0x42, 0x01, 0xBE, 0xEF, 0xBE, 0xEF, 0xB1)) + b"r" + b"\x09" + b"88.123.99" + b"\x09PUMP-0001"
+    assert (
+        d
+        == bytes((0x42, 0x01, 0xBE, 0xEF, 0xBE, 0xEF, 0xB1))
+        + b"r"
+        + b"\x09"
+        + b"88.123.99"
+        + b"\x09PUMP-0001"
+    )
     assert parse_header(d) == (CON, 0x01, 0xBEEF, b"\xbe\xef")
     opts, payload = parse_options(d)
     assert [v for _, v in opts] == [b"r", b"88.123.99", b"PUMP-0001"] and payload == b""
@@ -114,9 +121,23 @@ def test_ida_bench_quick_json_p1_p3(tmp_path: Path) -> None:
     except BenchError as e:
         pytest.skip(str(e))
     r = subprocess.run(
-        [IDA, "bench", "--quick", "--json", "--only", "P1,P3", "--duration", "0.3", "-q", "--log-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            IDA,
+            "bench",
+            "--quick",
+            "--json",
+            "--only",
+            "P1,P3",
+            "--duration",
+            "0.3",
+            "-q",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     out = json.loads(r.stdout)
     assert set(out) == {"P1", "P3"}
@@ -154,7 +175,9 @@ def test_p5_fleet_retransmits_like_a_device_until_acknowledged() -> None:
     # the first gets an empty ACK (the gateway has it), the second a piggybacked 2.04
     fleet.on_datagram(src, encode_message(ACK, 0, int.from_bytes(first[2:4], "big"), b""))
     tkl = second[0] & 0x0F
-    fleet.on_datagram(src, encode_message(ACK, p5.CHANGED, int.from_bytes(second[2:4], "big"), second[4 : 4 + tkl]))
+    fleet.on_datagram(
+        src, encode_message(ACK, p5.CHANGED, int.from_bytes(second[2:4], "big"), second[4 : 4 + tkl])
+    )
     assert fleet.result.ok == 1 and len(src.pending) == 1 and not src.unacked
     fleet.retransmit(t0 + int(60e9))
     assert fleet.result.retransmits == 2  # acknowledged ones are not sent again

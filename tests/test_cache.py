@@ -55,7 +55,9 @@ def test_lifetime_zero_ttl_is_never_fresh_but_kept_for_stale() -> None:
 
 def test_absolute_ttl_counts_down() -> None:
     c = make()
-    e = c.put(KEY, wire.OK, record(PUMP.handle, value(1, "URL", "x", ttl=int(T0) + 50, ttl_type=TTL_ABSOLUTE)))
+    e = c.put(
+        KEY, wire.OK, record(PUMP.handle, value(1, "URL", "x", ttl=int(T0) + 50, ttl_type=TTL_ABSOLUTE))
+    )
     assert e is not None and e.lifetime == 50
 
 
@@ -185,8 +187,11 @@ def test_purge_drops_entries_past_max_stale() -> None:
 
 # -- serialization and persistence --------------------------------------------------------------------
 def test_record_blob_roundtrip_keeps_everything() -> None:
-    rec = record("88.1/x", value(7, "X", b"\xff\x00", ttl=5, ttl_type=TTL_ABSOLUTE, timestamp=123, permissions=3),
-                 *PUMP.values)
+    rec = record(
+        "88.1/x",
+        value(7, "X", b"\xff\x00", ttl=5, ttl_type=TTL_ABSOLUTE, timestamp=123, permissions=3),
+        *PUMP.values,
+    )
     rec = Record(rec.handle, rec.values + (value(9, "HS_VLIST", b"", references=()),))  # type: ignore[arg-type]
     assert decode_record(encode_record(wire.OK, rec.handle, rec)) == (wire.OK, rec)
     assert decode_record(encode_record(wire.NOT_FOUND, "88.1/x", None)) == (wire.NOT_FOUND, None)
@@ -306,14 +311,25 @@ def test_cache_throughput() -> None:
     assert dt < 2.0, f"11000 cache operations took {dt:.2f}s"
 
 
-@pytest.mark.parametrize("rec", [
-    PUMP,
-    Record("88.123.99/ÄÖ-ü", (value(1, "URL", b"x" * 300, ttl=-5), value(70000, "ÉMAIL", b"", ttl=2**40))),
-    Record("88.123.99/REF", (HandleValue(3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1,
-                                         (("0.NA/88", 300), ("ü/x", -2**64))),)),
-    Record("88.123.99/BIG", (HandleValue(1, "URL", b"y", 2**70, 0, 0, 0, ()),)),  # encoded to measure
-    Record("88.123.99/EMPTY", ()),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rec",
+    [
+        PUMP,
+        Record(
+            "88.123.99/ÄÖ-ü", (value(1, "URL", b"x" * 300, ttl=-5), value(70000, "ÉMAIL", b"", ttl=2**40))
+        ),
+        Record(
+            "88.123.99/REF",
+            (
+                HandleValue(
+                    3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1, (("0.NA/88", 300), ("ü/x", -(2**64)))
+                ),
+            ),
+        ),
+        Record("88.123.99/BIG", (HandleValue(1, "URL", b"y", 2**70, 0, 0, 0, ()),)),  # encoded to measure
+        Record("88.123.99/EMPTY", ()),
+    ],
+)
 def test_size_without_encoding_matches_the_encoded_form(rec: Record) -> None:
     from gateway.cache import _key_blob, _key_size, _record_size
 
@@ -341,16 +357,29 @@ def test_pending_entries_are_encoded_at_flush(tmp_path: Path) -> None:
 _MEASURED = [
     PUMP,
     Record("88.123.99/ÄÖ-ü", (value(1, "URL", b"x" * 300, ttl=-5), value(70000, "ÉMAIL", b"", ttl=2**40))),
-    Record("88.123.99/REF", (HandleValue(3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1,
-                                         (("0.NA/88", 300), ("ü/x", -2**64))),)),
+    Record(
+        "88.123.99/REF",
+        (
+            HandleValue(
+                3, "HS_ALIAS", b"a" * 24, 0x100000000, 1, 2**63, -1, (("0.NA/88", 300), ("ü/x", -(2**64)))
+            ),
+        ),
+    ),
     Record("88.123.99/BIG", (HandleValue(1, "URL", b"y", 2**70, 0, 0, 0, ()),)),
-    Record("88.123.99/IDX", (HandleValue(2**32, "URL", b"y", 5, 0, 0, 0, ()),)),  # etag_of cannot take this index
-    Record("88.123.99/ABS", (HandleValue(1, "URL", b"y", int(T0) + 50, TTL_ABSOLUTE, 0, 0, ()),
-                             HandleValue(2, "URL", b"z", int(T0) - 50, TTL_ABSOLUTE, 0, 0, ()),
-                             HandleValue(3, "URL", b"w", 10, 0, 0, 0, ()))),
+    Record(
+        "88.123.99/IDX", (HandleValue(2**32, "URL", b"y", 5, 0, 0, 0, ()),)
+    ),  # etag_of cannot take this index
+    Record(
+        "88.123.99/ABS",
+        (
+            HandleValue(1, "URL", b"y", int(T0) + 50, TTL_ABSOLUTE, 0, 0, ()),
+            HandleValue(2, "URL", b"z", int(T0) - 50, TTL_ABSOLUTE, 0, 0, ()),
+            HandleValue(3, "URL", b"w", 10, 0, 0, 0, ()),
+        ),
+    ),
     Record("88.123.99/STR", (HandleValue(1, "URL", "text", 5, 0, 0, 0, ()),)),  # type: ignore[arg-type]
     Record("88.123.99/EMPTY", ()),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("rec", _MEASURED, ids=lambda r: r.handle)
@@ -372,8 +401,11 @@ def test_measure_is_min_ttl_size_and_etag(rec: Record) -> None:
     assert got == three()
 
 
-@pytest.mark.parametrize("rec", [r for r in _MEASURED if r.handle not in ("88.123.99/IDX", "88.123.99/STR")],
-                         ids=lambda r: r.handle)  # fmt: skip
+@pytest.mark.parametrize(
+    "rec",
+    [r for r in _MEASURED if r.handle not in ("88.123.99/IDX", "88.123.99/STR")],
+    ids=lambda r: r.handle,
+)
 def test_put_entry_has_the_lifetime_size_and_etag_of_the_rules(rec: Record) -> None:
     from gateway.cache import _key_blob
     from gateway.resolution import etag_of

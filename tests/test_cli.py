@@ -33,8 +33,13 @@ def test_identifier_command() -> None:
     r = ida("identifier", "--json", "0.na/88.123.99", "88.123.99/")
     assert r.returncode == 1
     good, bad = (json.loads(line) for line in r.stdout.splitlines())
-    assert good == {"input": "0.na/88.123.99", "valid": True, "normalised": "0.NA/88.123.99", "prefix": "0.NA",
-                    "suffix": "88.123.99"}  # fmt: skip
+    assert good == {
+        "input": "0.na/88.123.99",
+        "valid": True,
+        "normalised": "0.NA/88.123.99",
+        "prefix": "0.NA",
+        "suffix": "88.123.99",
+    }
     assert bad["valid"] is False and bad["reason"] == "EMPTY_SUFFIX"
 
 

@@ -50,8 +50,16 @@ def path_opts(ident: str = PUMP, prefix: str = "r") -> list[tuple[int, bytes]]:
     return [(OPT_URI_PATH, s.encode()) for s in (prefix, head, *rest.split("/"))]
 
 
-def request(mid: int, token: bytes, ident: str = PUMP, *, mtype: int = CON, code: int = GET,
-            extra: list[tuple[int, bytes]] | None = None, payload: bytes = b"") -> bytes:  # fmt: skip
+def request(
+    mid: int,
+    token: bytes,
+    ident: str = PUMP,
+    *,
+    mtype: int = CON,
+    code: int = GET,
+    extra: list[tuple[int, bytes]] | None = None,
+    payload: bytes = b"",
+) -> bytes:
     opts = sorted(path_opts(ident) + (extra or []), key=lambda o: o[0])
     return encode_message(mtype, code, mid, token, opts, payload)
 
@@ -157,8 +165,13 @@ async def env(tmp_path: Any) -> AsyncIterator[Env]:
 def _real_resolver(clock: Clock, up: FakeUpstream, zone: Zone | None = None) -> Resolver:
     config = ResolverConfig(upstreams=[], data_dir=None, persist=False)
     pool = UpstreamPool([("fake://0", up)])  # type: ignore[list-item]
-    return Resolver(config, pool=pool, cache=Cache(config.cache_config(), clock=clock), zone=Zone() if zone is None else zone,
-                    clock=clock)  # fmt: skip
+    return Resolver(
+        config,
+        pool=pool,
+        cache=Cache(config.cache_config(), clock=clock),
+        zone=Zone() if zone is None else zone,
+        clock=clock,
+    )
 
 
 @pytest.fixture
@@ -297,14 +310,17 @@ async def test_expired_entry_goes_to_the_slow_path(env: Env) -> None:
     assert (await env.raw.ask(request(4, b"z"))).max_age == POSITIVE_TTL and env.fast.answered == 2
 
 
-@pytest.mark.parametrize("extra, code", [
-    ([(OPT_URI_HOST, b"example.com")], 0x45),  # an option the fast path does not take: aiocoap answers
-    ([(OPT_OBSERVE, b"")], 0x45),
-    ([(OPT_BLOCK2, b"\x06")], 0x45),
-    ([(2049, b"x")], None),  # unknown critical option: whatever aiocoap answers (0.4.17: ignores it)
-    ([(2050, b"x")], 0x45),  # unknown elective option: ignored by aiocoap, still not the fast path's
-    ([(OPT_ACCEPT, uint_value(40))], 0x86),  # 4.06 from the front end
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, code",
+    [
+        ([(OPT_URI_HOST, b"example.com")], 0x45),  # an option the fast path does not take: aiocoap answers
+        ([(OPT_OBSERVE, b"")], 0x45),
+        ([(OPT_BLOCK2, b"\x06")], 0x45),
+        ([(2049, b"x")], None),  # unknown critical option: whatever aiocoap answers (0.4.17: ignores it)
+        ([(2050, b"x")], 0x45),  # unknown elective option: ignored by aiocoap, still not the fast path's
+        ([(OPT_ACCEPT, uint_value(40))], 0x86),  # 4.06 from the front end
+    ],
+)
 async def test_other_options_go_to_the_slow_path(
     env: Env, extra: list[tuple[int, bytes]], code: int | None
 ) -> None:
@@ -480,7 +496,10 @@ async def test_status_page_sees_fast_hits_once_a_second(tmp_path: Any) -> None:
         for i in range(5):
             await e.raw.ask(request(10 + i, b"f"))
         assert e.fast.answered == 5
-        assert [(r.source, r.frontend) for r in board.recent.items()] == [("cache", "coap"), ("upstream", "coap")]
+        assert [(r.source, r.frontend) for r in board.recent.items()] == [
+            ("cache", "coap"),
+            ("upstream", "coap"),
+        ]
         clock.advance(1.0)
         await e.raw.ask(request(20, b"g"))
         assert len(board.recent) == 3 and board.recent.items()[0].id == PUMP
@@ -605,8 +624,10 @@ async def test_aiocoap_client(env: Env) -> None:
         assert env.fast.answered == 1
         assert second.code == Code.CONTENT and second.opt.etag == first.opt.etag
         assert second.opt.max_age == POSITIVE_TTL and second.opt.content_format == 60
-        assert wire.decode("resolve_response", second.payload)["values"] == \
-            wire.decode("resolve_response", first.payload)["values"]  # fmt: skip
+        assert (
+            wire.decode("resolve_response", second.payload)["values"]
+            == wire.decode("resolve_response", first.payload)["values"]
+        )
         msg = aiocoap.Message(code=Code.GET, uri=uri, transport_tuning=aiocoap.Unreliable)
         non = await asyncio.wait_for(client.request(msg).response, 10)
         assert non.code == Code.CONTENT and non.mtype == aiocoap.NON and env.fast.answered == 2
@@ -620,8 +641,9 @@ async def test_aiocoap_client(env: Env) -> None:
 
 async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
     assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out, err
 
@@ -662,11 +684,25 @@ def test_classify_never_raises_on_junk(data: bytes) -> None:
 
 segment = st.text(alphabet="abcAB.-/019é", min_size=0, max_size=14)
 requests = st.builds(
-    lambda path, query, accept, etags, token, mid, mtype, port: (path, query, accept, etags, token, mid, mtype, port),
-    st.lists(segment, min_size=0, max_size=4), st.lists(segment, max_size=2), st.sampled_from([None, 50, 60, 0, 300]),
-    st.lists(st.binary(min_size=1, max_size=8), max_size=3), st.binary(max_size=8), st.integers(0, 0xFFFF),
-    st.sampled_from([aiocoap.CON, aiocoap.NON]), st.sampled_from([None, 0, 5683, 61616]),
-)  # fmt: skip
+    lambda path, query, accept, etags, token, mid, mtype, port: (
+        path,
+        query,
+        accept,
+        etags,
+        token,
+        mid,
+        mtype,
+        port,
+    ),
+    st.lists(segment, min_size=0, max_size=4),
+    st.lists(segment, max_size=2),
+    st.sampled_from([None, 50, 60, 0, 300]),
+    st.lists(st.binary(min_size=1, max_size=8), max_size=3),
+    st.binary(max_size=8),
+    st.integers(0, 0xFFFF),
+    st.sampled_from([aiocoap.CON, aiocoap.NON]),
+    st.sampled_from([None, 0, 5683, 61616]),
+)
 
 
 def _encode(req: tuple[Any, ...]) -> bytes:

@@ -28,9 +28,17 @@ def device_context(
     """The device's side as aiocoap would hold it (same parameters as carrier/oscore.py)."""
     d = tmp / ("dev-" + ident.replace("/", "_"))
     d.mkdir()
-    (d / "settings.json").write_text(json.dumps({
-        "sender-id_hex": (kid or cs.kid_of(ident)).hex(), "recipient-id_hex": "", "secret_hex": key.hex(),
-        "salt_hex": cs.SALT.hex(), "algorithm": cs.ALGORITHM}))  # fmt: skip
+    (d / "settings.json").write_text(
+        json.dumps(
+            {
+                "sender-id_hex": (kid or cs.kid_of(ident)).hex(),
+                "recipient-id_hex": "",
+                "secret_hex": key.hex(),
+                "salt_hex": cs.SALT.hex(),
+                "algorithm": cs.ALGORITHM,
+            }
+        )
+    )
     return oscore.FilesystemSecurityContext(str(d))
 
 
@@ -96,7 +104,9 @@ def test_a_keystore_change_with_the_same_mtime_is_still_seen(tmp_path: Path) -> 
     before = ks.path.stat()
     creds = cs.KeystoreCredentials(ks.path, cs.SequenceNumbers(tmp_path / "seq"), reload_interval=0)
     assert creds.devices == 1
-    ks.put(ID_B, KEY_B)  # within the same timestamp tick on a coarse file system: simulated by putting it back
+    ks.put(
+        ID_B, KEY_B
+    )  # within the same timestamp tick on a coarse file system: simulated by putting it back
     os.utime(ks.path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert ks.path.stat().st_mtime_ns == before.st_mtime_ns
     creds.reload()

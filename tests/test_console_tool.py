@@ -85,13 +85,27 @@ class GatewayThread:
         from tools.node.server import NodeServer
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        zone = [{"handle": PUMP, "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": URL}, "ttl": 86400},
-            {"index": 2, "type": "EMAIL", "data": {"format": "string", "value": "service@example.com"}, "ttl": 86400},
-        ]}]  # fmt: skip
+        zone = [
+            {
+                "handle": PUMP,
+                "values": [
+                    {"index": 1, "type": "URL", "data": {"format": "string", "value": URL}, "ttl": 86400},
+                    {
+                        "index": 2,
+                        "type": "EMAIL",
+                        "data": {"format": "string", "value": "service@example.com"},
+                        "ttl": 86400,
+                    },
+                ],
+            }
+        ]
         (data_dir / "zone.json").write_text(json.dumps(zone))
-        valve = {"handle": VALVE, "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": VALVE_URL}, "ttl": 3600}]}  # fmt: skip
+        valve = {
+            "handle": VALVE,
+            "values": [
+                {"index": 1, "type": "URL", "data": {"format": "string", "value": VALVE_URL}, "ttl": 3600}
+            ],
+        }
         self.node = NodeServer([valve], handle="127.0.0.1:0", http=None, prefixes=["88.123.99"])
         self.data_dir = data_dir
         self.gw: Any = None
@@ -106,8 +120,13 @@ class GatewayThread:
         gwconfig, Gateway = self._config
         self.thread.start()
         self._run(self.node.start())
-        cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
-                                      upstream=[self.node.handle_url], data_dir=str(self.data_dir))  # fmt: skip
+        cfg = gwconfig.with_overrides(
+            gwconfig.load(None, env={}),
+            coap="127.0.0.1:0",
+            http="127.0.0.1:0",
+            upstream=[self.node.handle_url],
+            data_dir=str(self.data_dir),
+        )
         self.gw = Gateway(cfg)
         self._run(self.gw.start())
         coap = self.gw.addresses.coap
@@ -163,8 +182,12 @@ class PtyDevice:
         e = dict(os.environ, IDA_DATA=str(self.root), IDA_WDT_MS="0", **env)
         self.proc = subprocess.Popen(
             [micropython_binary(), "-X", "heapsize=2M", str(ROOT / "firmware" / "main.py")],
-            stdin=self.master, stdout=self.master, stderr=self.stderr, env=e, cwd=self.root,
-        )  # fmt: skip
+            stdin=self.master,
+            stdout=self.master,
+            stderr=self.stderr,
+            env=e,
+            cwd=self.root,
+        )
         self.pids.append(self.proc.pid)
         if wait:  # until its boot log is out (no tool attached yet: the harness is the only reader)
             assert b"I app id=" in self.read_until(b"I app id=", BOOT_TIMEOUT), self.stderr_text()
@@ -318,8 +341,9 @@ def test_opening_the_port_does_not_restart_the_device(device: PtyDevice) -> None
     assert b"id: " + PUMP.encode() in device.terminal("id", b"fw: ")
 
 
-def test_inspect_report_and_transcript(device: PtyDevice, key: str, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_inspect_report_and_transcript(
+    device: PtyDevice, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out = ida_console(device.path, "inspect")
     assert code == 0, out
@@ -676,8 +700,11 @@ def test_scrub_keeps_fingerprints_and_removes_keys() -> None:
     for harmless in ("pass: True", "checks: fs=ok", f"id: {PUMP}", "uid: 020000000001", "keys: 3"):
         assert scrub(harmless) == harmless
     assert scrub_obj({"key": KEY, "checks": {"key": "a8faed6a"}, "lines": [f"x {KEY}"], "n": 1}) == {
-        "key": "<redacted>", "checks": {"key": "a8faed6a"}, "lines": ["x <redacted>"], "n": 1,
-    }  # fmt: skip
+        "key": "<redacted>",
+        "checks": {"key": "a8faed6a"},
+        "lines": ["x <redacted>"],
+        "n": 1,
+    }
 
 
 def test_transcript_stream_save_and_scrub(tmp_path: Path) -> None:
@@ -786,8 +813,10 @@ def test_session_matches_its_reply_among_logs_stale_replies_and_rejections() -> 
 
     def answer(line: str, port: ScriptedPort) -> bytes:
         if line == "status" and port.json:
-            return (b'{"log": "I rep seq=4"}\n{"ok": false, "cmd": "?", "error": "bad input: not UTF-8"}\n'
-                    b'{"ok": true, "cmd": "id", "id": "late"}\n' + base(line, port))  # fmt: skip
+            return (
+                b'{"log": "I rep seq=4"}\n{"ok": false, "cmd": "?", "error": "bad input: not UTF-8"}\n'
+                b'{"ok": true, "cmd": "id", "id": "late"}\n' + base(line, port)
+            )
         return base(line, port)
 
     seen: list[Any] = []
@@ -808,8 +837,10 @@ def test_session_matches_its_reply_among_logs_stale_replies_and_rejections() -> 
 def test_session_resolve_ignores_a_late_answer_for_another_identifier() -> None:
     def answer(line: str, port: ScriptedPort) -> bytes:
         if line.startswith("resolve"):
-            return (b'{"ok": true, "cmd": "resolve", "id": "88.1/OLD", "code": 1}\n'
-                    b'{"ok": false, "cmd": "resolve", "id": "88.1/new", "code": 100, "error": "not found"}\n')  # fmt: skip
+            return (
+                b'{"ok": true, "cmd": "resolve", "id": "88.1/OLD", "code": 1}\n'
+                b'{"ok": false, "cmd": "resolve", "id": "88.1/new", "code": 100, "error": "not found"}\n'
+            )
         return firmware([1])(line, port)
 
     s, _, _ = scripted(answer)
@@ -904,8 +935,11 @@ def test_factory_reset_is_confirmed_with_yes_and_waits_for_the_restart() -> None
         if getattr(port, "confirm", False):
             port.confirm = False  # type: ignore[attr-defined]
             port.json = False
-            return (b'{"ok": true, "cmd": "factory-reset", "erased": true}\n' if line == "YES" else
-                    b'{"ok": false, "cmd": "factory-reset", "error": "cancelled"}\n') + b"I app boot=1\r\n"  # fmt: skip
+            return (
+                b'{"ok": true, "cmd": "factory-reset", "erased": true}\n'
+                if line == "YES"
+                else b'{"ok": false, "cmd": "factory-reset", "error": "cancelled"}\n'
+            ) + b"I app boot=1\r\n"
         return firmware([1])(line, port)
 
     s, port, _ = scripted(answer)
@@ -976,8 +1010,15 @@ def test_factory_reset_and_provision_through_the_cli(
 
     new_key = secrets.token_hex(16)
     record = tmp_path / "provision.txt"
-    code, out = ida_console(device.path, "provision", "88.123.99/PUMP-0077", f"coap://127.0.0.1:{coap_port}", new_key,
-                            "--transcript", str(record))  # fmt: skip
+    code, out = ida_console(
+        device.path,
+        "provision",
+        "88.123.99/PUMP-0077",
+        f"coap://127.0.0.1:{coap_port}",
+        new_key,
+        "--transcript",
+        str(record),
+    )
     assert code == 0 and "rebooting: True" in out, out
     device.wait_boots(3)
     code, out = ida_console(device.path, "status")

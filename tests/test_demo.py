@@ -74,8 +74,14 @@ def _left_running(workdir: str, demo_pid: int) -> list[str]:
 @pytest.mark.slow
 def test_demo_shows_both_transports_cache_and_upstream_an_outage_and_leaves_nothing() -> None:
     t0 = time.monotonic()
-    proc = subprocess.Popen(_cmd(), cwd=ROOT, env=_env(DEMO_SECONDS="45"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(),
+        cwd=ROOT,
+        env=_env(DEMO_SECONDS="45"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=85)
     finally:
@@ -124,8 +130,9 @@ def _reader(stream: object, lines: queue.Queue[str]) -> None:
 
 
 def test_ctrl_c_stops_everything_cleanly() -> None:
-    proc = subprocess.Popen(_cmd(), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     seen: list[str] = []
@@ -143,15 +150,18 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
         except subprocess.TimeoutExpired:  # say where it hangs: the demo's threads, its children, its output
             proc.send_signal(signal.SIGUSR1)
             time.sleep(1)
-            children = subprocess.run(["ps", "-o", "pid,stat,etime,args", "--ppid", str(proc.pid)],
-                                      capture_output=True, text=True).stdout  # fmt: skip
+            children = subprocess.run(
+                ["ps", "-o", "pid,stat,etime,args", "--ppid", str(proc.pid)], capture_output=True, text=True
+            ).stdout
             proc.kill()
             _, err = proc.communicate(timeout=10)
             time.sleep(0.2)
             while not lines.empty():
                 seen.append(lines.get())
-            raise AssertionError(f"the demo did not stop within 90 s of SIGINT\n--- its output:\n{''.join(seen)}"
-                                 f"\n--- its children:\n{children}\n--- its threads (SIGUSR1):\n{err}") from None
+            raise AssertionError(
+                f"the demo did not stop within 90 s of SIGINT\n--- its output:\n{''.join(seen)}"
+                f"\n--- its children:\n{children}\n--- its threads (SIGUSR1):\n{err}"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -170,8 +180,14 @@ def test_a_component_that_does_not_start_fails_the_demo_with_its_name(tmp_path: 
     fake = tmp_path / "mosquitto"
     fake.write_text("#!/bin/sh\necho 'Error: Address already in use' >&2\nexit 1\n")
     fake.chmod(0o755)
-    proc = subprocess.Popen(_cmd(), cwd=ROOT, env=_env(IDA_MOSQUITTO=str(fake), TMPDIR=str(tmp_path)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(),
+        cwd=ROOT,
+        env=_env(IDA_MOSQUITTO=str(fake), TMPDIR=str(tmp_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=60)
     finally:
@@ -189,6 +205,7 @@ def test_a_component_that_does_not_start_fails_the_demo_with_its_name(tmp_path: 
 
 
 def test_bad_demo_seconds_is_a_usage_error() -> None:
-    proc = subprocess.run(_cmd(), cwd=ROOT, env=_env(DEMO_SECONDS="soon"), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        _cmd(), cwd=ROOT, env=_env(DEMO_SECONDS="soon"), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "DEMO_SECONDS" in proc.stderr, proc.stderr

@@ -41,16 +41,24 @@ def test_prepare_provisions_then_keeps_identity_and_key(tmp_path: Path) -> None:
     assert json.loads((d / "board.json").read_text())["name"] == "unix"
     mtime = (d / "identity.json").stat().st_mtime_ns
     again = prepare("88.123.99/pump-0001", d)  # flags left out: the stored values
-    assert again.action == "kept" and again.fingerprint == p.fingerprint and again.gateway_url.endswith(":5700")
+    assert (
+        again.action == "kept" and again.fingerprint == p.fingerprint and again.gateway_url.endswith(":5700")
+    )
     assert (d / "identity.json").stat().st_mtime_ns == mtime, "an unchanged identity is not rewritten"
     moved = prepare("88.123.99/pump-0001", d, transport="mqtt", broker="mqtt://127.0.0.1:1999")
     doc = _doc(d)
     assert moved.action == "updated" and moved.fingerprint == p.fingerprint and moved.transport == "mqtt"
-    assert doc["transport"] == "mqtt" and doc["mqtt"] == "mqtt://127.0.0.1:1999" and doc["coap"].endswith(":5700")
+    assert (
+        doc["transport"] == "mqtt"
+        and doc["mqtt"] == "mqtt://127.0.0.1:1999"
+        and doc["coap"].endswith(":5700")
+    )
     assert prepare("88.123.99/pump-0001", d).transport == "mqtt", "a re-run without --transport keeps mqtt"
 
 
-def test_prepare_default_dir_prefix_case_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_default_dir_prefix_case_and_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     p = prepare("88.abc.99/Pump/7", transport="mqtt")
     assert p.data_dir == Path("devices") / "88.ABC.99%2FPump%2F7" == default_data_dir("88.ABC.99/Pump/7")
@@ -74,7 +82,9 @@ def test_prepare_refuses_another_devices_dir_unless_forced(tmp_path: Path) -> No
     assert forced.action == "re-provisioned" and forced.fingerprint != first.fingerprint
     assert _doc(d)["id"] == "88.123.99/PUMP-0002"
     assert not (d / "q.dat").exists() and not (d / "config.json").exists()
-    assert (d / "kv" / "boot").read_bytes() == b"\x07\x00\x00\x00", "the boot counter stays: (boot, seq) unique"
+    assert (d / "kv" / "boot").read_bytes() == b"\x07\x00\x00\x00", (
+        "the boot counter stays: (boot, seq) unique"
+    )
     (d / "identity.json").write_text("not json")
     with pytest.raises(CliError, match="not valid JSON"):
         prepare("88.123.99/PUMP-0002", d)
@@ -88,7 +98,9 @@ def test_prepare_reads_the_key_the_firmware_moved_to_its_secret_store(tmp_path: 
     (d / "kv").mkdir(parents=True)
     key = bytes(range(16))
     (d / "kv" / "key").write_bytes(key)
-    (d / "identity.json").write_text(json.dumps({"id": ID, "transport": "coap", "coap": "coap://127.0.0.1:5683"}))
+    (d / "identity.json").write_text(
+        json.dumps({"id": ID, "transport": "coap", "coap": "coap://127.0.0.1:5683"})
+    )
     p = prepare(ID, d)
     assert p.action == "kept" and p.fingerprint == key_fingerprint(key)
     assert "key" not in _doc(d)
@@ -96,24 +108,29 @@ def test_prepare_reads_the_key_the_firmware_moved_to_its_secret_store(tmp_path: 
     assert p.action == "updated" and p.fingerprint == key_fingerprint(key) and _doc(d)["key"] == key.hex()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--identifier", "no-separator"], "is not valid"),
-    (["--identifier", ID, "--gateway", "http://x"], "coap://host"),
-    (["--identifier", ID, "--board", "nope"], "unknown board"),
-    (["--identifier", ID, "--board", "esp32-devkitc"], "simulated boards only (unix)"),
-    (["--identifier", ID, "--interval", "5"], "10-86400"),
-    (["--identifier", ID, "--uid", "xyz"], "--uid"),
-])  # fmt: skip
-def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
-                                   message: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--identifier", "no-separator"], "is not valid"),
+        (["--identifier", ID, "--gateway", "http://x"], "coap://host"),
+        (["--identifier", ID, "--board", "nope"], "unknown board"),
+        (["--identifier", ID, "--board", "esp32-devkitc"], "simulated boards only (unix)"),
+        (["--identifier", ID, "--interval", "5"], "10-86400"),
+        (["--identifier", ID, "--uid", "xyz"], "--uid"),
+    ],
+)
+def test_cli_rejects_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     assert main(["device", "run", "--data-dir", str(tmp_path / "d"), *args]) == 2
     assert message in capsys.readouterr().err
     assert main(["device"]) == 2
 
 
 # -- the command as a subprocess ---------------------------------------------------------------------------------
-def test_run_console_over_a_pipe_then_sigterm_and_a_second_run(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_run_console_over_a_pipe_then_sigterm_and_a_second_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "dev"
     dead = f"coap://127.0.0.1:{free_port()}"  # nothing listens: reports stay queued
     dev = IdaDevice(d, ID, "--gateway", dead, "--interval", "10").start()
@@ -121,7 +138,13 @@ def test_run_console_over_a_pipe_then_sigterm_and_a_second_run(tmp_path: Path,
         dev.expect(r"^I app id=88\.123\.99/PUMP-0001 transport=coap", 20)
         dev.json_on()
         st = dev.json("status")
-        assert st["ok"] and st["id"] == ID and st["boot"] == 1 and st["interval"] == 10 and st["transport"] == "coap"
+        assert (
+            st["ok"]
+            and st["id"] == ID
+            and st["boot"] == 1
+            and st["interval"] == 10
+            and st["transport"] == "coap"
+        )
         info = dev.json("id")
         assert info["key"] == key_fingerprint(bytes.fromhex(_doc(d)["key"]))
         assert info["uid"] == uid_from_identifier(ID) and info["board"] == "unix"
@@ -158,8 +181,20 @@ def test_ctrl_c_on_a_terminal_stops_the_device_once(tmp_path: Path) -> None:
     if pid == 0:  # the child: `ida device run` with the pty as its controlling terminal
         os.environ["PYTHONPATH"] = str(ROOT)
         os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())",
-                                  "device", "run", "--identifier", ID, "--data-dir", str(d)])  # fmt: skip
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from tools.cli import main; sys.exit(main())",
+                "device",
+                "run",
+                "--identifier",
+                ID,
+                "--data-dir",
+                str(d),
+            ],
+        )
     out = b""
 
     def read_until(token: bytes, timeout: float) -> bool:

@@ -55,11 +55,23 @@ URI_PATH = 11
 
 
 def _record(handle: str) -> dict[str, Any]:
-    return {"handle": handle, "values": [
-        {"index": 1, "type": "URL", "data": {"format": "string", "value": f"https://example.com/{handle}"},
-         "ttl": 86400},
-        {"index": 2, "type": "EMAIL", "data": {"format": "string", "value": "ops@example.com"}, "ttl": 86400},
-    ]}  # fmt: skip
+    return {
+        "handle": handle,
+        "values": [
+            {
+                "index": 1,
+                "type": "URL",
+                "data": {"format": "string", "value": f"https://example.com/{handle}"},
+                "ttl": 86400,
+            },
+            {
+                "index": 2,
+                "type": "EMAIL",
+                "data": {"format": "string", "value": "ops@example.com"},
+                "ttl": 86400,
+            },
+        ],
+    }
 
 
 # -- what runs in this test process: a webhook consumer and a UDP relay, on one asyncio loop in a thread -----------
@@ -141,10 +153,12 @@ class UdpRelay:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        _, self._front = await loop.create_datagram_endpoint(lambda: _Side(self._from_device),
-                                                             local_addr=("127.0.0.1", 0))  # fmt: skip
-        _, self._back = await loop.create_datagram_endpoint(lambda: _Side(self._from_gateway),
-                                                            local_addr=("127.0.0.1", 0))  # fmt: skip
+        _, self._front = await loop.create_datagram_endpoint(
+            lambda: _Side(self._from_device), local_addr=("127.0.0.1", 0)
+        )
+        _, self._back = await loop.create_datagram_endpoint(
+            lambda: _Side(self._from_gateway), local_addr=("127.0.0.1", 0)
+        )
         assert self._front.transport is not None
         self.port = self._front.transport.get_extra_info("sockname")[1]
 
@@ -200,8 +214,9 @@ class GatewayProc:
 
     def start(self, timeout: float = 30.0) -> None:
         self.starts += 1
-        self.child = Child(f"gateway-{self.starts}", ida_cmd("gateway", "--config", str(self.config)),
-                           log_dir=self.work).start()  # fmt: skip
+        self.child = Child(
+            f"gateway-{self.starts}", ida_cmd("gateway", "--config", str(self.config)), log_dir=self.work
+        ).start()
         deadline = time.monotonic() + timeout
         while True:
             if not self.child.alive():
@@ -226,8 +241,12 @@ class GatewayProc:
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             raw = r.read()
         return json.loads(raw) if raw.startswith((b"{", b"[")) else raw.decode()
@@ -258,7 +277,9 @@ class Env:
     broker: Broker
     coap: IdaDevice
     mqtt: IdaDevice
-    boots: dict[str, dict[int, int]] = field(default_factory=dict)  # device -> {boot: last seq}, earlier boots
+    boots: dict[str, dict[int, int]] = field(
+        default_factory=dict
+    )  # device -> {boot: last seq}, earlier boots
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -286,17 +307,33 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     gw: GatewayProc | None = None
     relay: UdpRelay | None = None
     try:
-        with Broker(work / "mosquitto") as broker, \
-                NodeProcess(work, extra_records=[_record(COAP_ID), _record(MQTT_ID)]) as node:  # fmt: skip
+        with (
+            Broker(work / "mosquitto") as broker,
+            NodeProcess(work, extra_records=[_record(COAP_ID), _record(MQTT_ID)]) as node,
+        ):
             gw = GatewayProc(work, node.url, broker.url, hook.url)
             relay = UdpRelay(gw.coap_port)
             lt.run(relay.start())
             gw.start()
             # the CoAP device talks to the relay; a report interval of a day: it reports at boot and when told
-            coap = IdaDevice(work / "dev-coap", COAP_ID, "--gateway", f"coap://127.0.0.1:{relay.port}",
-                             "--interval", "86400")  # fmt: skip
-            mqtt = IdaDevice(work / "dev-mqtt", MQTT_ID, "--transport", "mqtt", "--broker", broker.url,
-                             "--interval", "86400")  # fmt: skip
+            coap = IdaDevice(
+                work / "dev-coap",
+                COAP_ID,
+                "--gateway",
+                f"coap://127.0.0.1:{relay.port}",
+                "--interval",
+                "86400",
+            )
+            mqtt = IdaDevice(
+                work / "dev-mqtt",
+                MQTT_ID,
+                "--transport",
+                "mqtt",
+                "--broker",
+                broker.url,
+                "--interval",
+                "86400",
+            )
             devices += [coap.start(), mqtt.start()]
             yield Env(work, gw, hook, relay, broker, coap, mqtt)
     finally:
@@ -371,8 +408,11 @@ def _config_applied(dev: IdaDevice, gw: GatewayProc, ident: str, interval: int, 
     # a CoAP device without a desired config at boot has no observation: it fetches again after a report
     dev.json("report")
     wait_until(applied, 20, f"{ident} to apply interval {interval}", poll=0.3)
-    d = wait_until(lambda: (lambda x: x if x["config"]["state"] == "applied" else None)(gw.device(ident)), 10,
-                   f"the gateway to record {ident}'s acknowledgement")  # fmt: skip
+    d = wait_until(
+        lambda: (lambda x: x if x["config"]["state"] == "applied" else None)(gw.device(ident)),
+        10,
+        f"the gateway to record {ident}'s acknowledgement",
+    )
     assert d["config"]["acked_cfgver"] == cfgver and d["config"]["ack_code"] == wire.OK
     assert dev.json("status")["interval"] == interval
 
@@ -393,8 +433,9 @@ def _expected(env: Env, ident: str, st: dict[str, Any]) -> set[tuple[int, int]]:
     return out
 
 
-def test_gateway_outage_every_queued_report_is_delivered_exactly_once(env: Env,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_gateway_outage_every_queued_report_is_delivered_exactly_once(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
     gw, devs = env.gw, {COAP_ID: env.coap, MQTT_ID: env.mqtt}
     for dev in devs.values():
         dev.wait_status(lambda s: s["queue"] == 0, timeout=30)
@@ -424,19 +465,24 @@ def test_gateway_outage_every_queued_report_is_delivered_exactly_once(env: Env,
         stored = {(r["boot"], r["seq"]) for r in d["recent_reports"]}
         assert d["reports_total"] == len(expected) <= 20, "each report stored once (and all fit the history)"
         assert stored == expected, (sorted(stored ^ expected), ident)
+
         def northbound(i: str = ident, e: set[tuple[int, int]] = expected) -> bool:
             return env.hook.of(i)[1] >= e
 
         wait_until(northbound, 15, f"the webhook to receive {ident}'s reports")
         raw, dedup = env.hook.of(ident)
         assert dedup == expected and raw >= len(expected)
-        lines.append(f"{ident} ({st['transport']}): queued during the outage {queued[ident]}, made {len(expected)}"
-                     f", stored {d['reports_total']} (duplicates received and acknowledged again: "
-                     f"{d['duplicates_total']}), webhook deliveries raw {raw} / de-duplicated {len(dedup)}")
+        lines.append(
+            f"{ident} ({st['transport']}): queued during the outage {queued[ident]}, made {len(expected)}"
+            f", stored {d['reports_total']} (duplicates received and acknowledged again: "
+            f"{d['duplicates_total']}), webhook deliveries raw {raw} / de-duplicated {len(dedup)}"
+        )
     wait_until(lambda: gw.metrics().get("ida_outbox_depth") == 0, 15, "the outbox to empty")
     with capsys.disabled():  # the figures belong in the test output, captured or not
-        print(f"\n[e2e] gateway down {t_up - t_down:.1f} s; every device queue drained {drained:.1f} s after the "
-              "restart")
+        print(
+            f"\n[e2e] gateway down {t_up - t_down:.1f} s; every device queue drained {drained:.1f} s after the "
+            "restart"
+        )
         for line in lines:
             print("[e2e]   " + line)
 
@@ -445,9 +491,11 @@ def test_gateway_outage_every_queued_report_is_delivered_exactly_once(env: Env,
 def _code_heap(transport: str) -> int:
     """gc.mem_alloc() of a MicroPython process that has imported what a running device imports, nothing run."""
     mods = "app, coap" if transport == "coap" else "app, mqtt"
-    script = (f"import sys\nsys.path.insert(0, {str(FIRMWARE_DIR)!r})\nimport gc, json\n"
-              f"from carrier import {mods}, rcache, hal\nfrom carrier.hal import unix\n"
-              "gc.collect()\ngc.collect()\nprint(gc.mem_alloc())\n")  # fmt: skip
+    script = (
+        f"import sys\nsys.path.insert(0, {str(FIRMWARE_DIR)!r})\nimport gc, json\n"
+        f"from carrier import {mods}, rcache, hal\nfrom carrier.hal import unix\n"
+        "gc.collect()\ngc.collect()\nprint(gc.mem_alloc())\n"
+    )
     out = subprocess.run([micropython_binary(), "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
@@ -469,8 +517,12 @@ def test_device_heap_and_resolve_request_bytes(env: Env, capsys: pytest.CaptureF
 
 
 def _print_figures(heap: int, code: int, state: int, nbytes: int) -> None:
-    print(f"\n[e2e] device heap in use after boot + first report (gc.mem_alloc after gc.collect, status heap_used, "
-          f"64-bit unix port, code loaded as source): {heap} B in all; firmware code alone {code} B; "
-          f"application state {state} B (target <= {HEAP_TARGET} B)")  # fmt: skip
-    print(f"[e2e] CoAP resolve request for the 24-character identifier {COAP_ID}: {nbytes} bytes on the wire "
-          f"(UDP payload, target <= {REQUEST_TARGET})")  # fmt: skip
+    print(
+        f"\n[e2e] device heap in use after boot + first report (gc.mem_alloc after gc.collect, status heap_used, "
+        f"64-bit unix port, code loaded as source): {heap} B in all; firmware code alone {code} B; "
+        f"application state {state} B (target <= {HEAP_TARGET} B)"
+    )
+    print(
+        f"[e2e] CoAP resolve request for the 24-character identifier {COAP_ID}: {nbytes} bytes on the wire "
+        f"(UDP payload, target <= {REQUEST_TARGET})"
+    )

@@ -52,16 +52,36 @@ HANDLES = [f"88.123.99/PART-{i:04d}" for i in range(24)]
 
 def records(path: Path, handles: list[str], ttl: int = 3600) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([
-        {"handle": h, "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": f"https://example.com/{h}"}, "ttl": ttl},
-            {"index": 2, "type": "EMAIL", "data": {"format": "string", "value": "ops@example.com"}, "ttl": ttl}]}
-        for h in handles
-    ]))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "handle": h,
+                    "values": [
+                        {
+                            "index": 1,
+                            "type": "URL",
+                            "data": {"format": "string", "value": f"https://example.com/{h}"},
+                            "ttl": ttl,
+                        },
+                        {
+                            "index": 2,
+                            "type": "EMAIL",
+                            "data": {"format": "string", "value": "ops@example.com"},
+                            "ttl": ttl,
+                        },
+                    ],
+                }
+                for h in handles
+            ]
+        )
+    )
     return path
 
 
-def gw_config(upstreams: list[str], *, mqtt: str = "", webhook: str = "", **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def gw_config(
+    upstreams: list[str], *, mqtt: str = "", webhook: str = "", **sections: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     cfg: dict[str, dict[str, Any]] = {
         "upstream": {"urls": upstreams, "timeout": 2.0, "attempt_timeout": 0.5},
         "limits": {"device_rate": 0.0},  # the fleets here are faster than real devices
@@ -81,7 +101,9 @@ def figures(name: str, **values: Any) -> None:
 
 
 # -- CoAP as a device speaks it ------------------------------------------------------------------------------
-async def coap_get(ctx: aiocoap.Context, port: int, handle: str, timeout: float = 6.0) -> tuple[Code, dict[int, Any], int | None, float]:
+async def coap_get(
+    ctx: aiocoap.Context, port: int, handle: str, timeout: float = 6.0
+) -> tuple[Code, dict[int, Any], int | None, float]:
     t0 = time.monotonic()
     msg = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/r/{handle}")
     resp = await asyncio.wait_for(ctx.request(msg).response, timeout)
@@ -89,19 +111,37 @@ async def coap_get(ctx: aiocoap.Context, port: int, handle: str, timeout: float 
     return resp.code, body, resp.opt.max_age, time.monotonic() - t0
 
 
-async def coap_report(ctx: aiocoap.Context, port: int, ident: str, boot: int, seq: int, *, attempt: float = 3.0,
-                      give_up: float = 60.0) -> tuple[int, list[Code]]:  # fmt: skip
+async def coap_report(
+    ctx: aiocoap.Context,
+    port: int,
+    ident: str,
+    boot: int,
+    seq: int,
+    *,
+    attempt: float = 3.0,
+    give_up: float = 60.0,
+) -> tuple[int, list[Code]]:
     """POST the report until 2.04 (as the firmware's reporter: retry on no answer, 5.xx, ICMP unreachable)."""
-    fields = {"id": ident, "boot": boot, "seq": seq, "uptime": seq, "heap": 50000, "rssi": -60, "queue": 0,
-              "board": "unix", "fw": "fault"}  # fmt: skip
+    fields = {
+        "id": ident,
+        "boot": boot,
+        "seq": seq,
+        "uptime": seq,
+        "heap": 50000,
+        "rssi": -60,
+        "queue": 0,
+        "board": "unix",
+        "fw": "fault",
+    }
     payload = wire.encode("report", fields)
     t0 = time.monotonic()
     attempts = 0
     codes: list[Code] = []
     while True:
         attempts += 1
-        msg = aiocoap.Message(code=Code.POST, uri=f"coap://127.0.0.1:{port}/d/{ident}/rpt", payload=payload,
-                              content_format=60)  # fmt: skip
+        msg = aiocoap.Message(
+            code=Code.POST, uri=f"coap://127.0.0.1:{port}/d/{ident}/rpt", payload=payload, content_format=60
+        )
         try:
             resp = await asyncio.wait_for(ctx.request(msg).response, attempt)
             codes.append(resp.code)
@@ -158,10 +198,21 @@ async def test_broker_restart_mid_load_loses_nothing(tmp_path: Path, mosquitto: 
         assert gw.logged("mqtt") and mosquitto.starts == 2
         assert gw.terminate() == 0
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
-        figures("broker_restart", devices=8, resolves=total, resolves_sent=st.resolves_sent,
-                resolve_retries=st.resolve_retries, reports=total, reports_sent=st.reports_sent,
-                report_retries=st.report_retries, delivered_raw=consumer.raw, delivered_unique=consumer.unique,
-                broker_down_s=round(down, 2), recovery_s=round(recovery, 2), max_wait_s=round(max(st.gaps), 2))  # fmt: skip
+        figures(
+            "broker_restart",
+            devices=8,
+            resolves=total,
+            resolves_sent=st.resolves_sent,
+            resolve_retries=st.resolve_retries,
+            reports=total,
+            reports_sent=st.reports_sent,
+            report_retries=st.report_retries,
+            delivered_raw=consumer.raw,
+            delivered_unique=consumer.unique,
+            broker_down_s=round(down, 2),
+            recovery_s=round(recovery, 2),
+            max_wait_s=round(max(st.gaps), 2),
+        )
     finally:
         fleet.close()
         gw.kill9()
@@ -202,7 +253,9 @@ async def test_every_upstream_stopped_stale_for_cached_clear_503_for_others(tmp_
         assert status == 503 and doc["responseCode"] == 2
         status, doc, headers = await http_get(gw.http_port, f"/api/handles/{cached[0]}")
         assert status == 200 and doc["responseCode"] == 1
-        assert headers["Cache-Control"] in ("max-age=29", "max-age=30"), headers  # the stale answer's lifetime
+        assert headers["Cache-Control"] in ("max-age=29", "max-age=30"), (
+            headers
+        )  # the stale answer's lifetime
         assert max(stale_t) < 1.0 and max(err_t) < 1.0, (stale_t, err_t)  # stopped nodes refuse at once
 
         await asyncio.to_thread(nodes[0].start)  # one node comes back on its port: fresh answers again
@@ -220,16 +273,31 @@ async def test_every_upstream_stopped_stale_for_cached_clear_503_for_others(tmp_
         assert nodes[0].proc is not None
         nodes[0].proc.send_signal(signal.SIGUSR1)
         await asyncio.sleep(1.1)
-        silent = await asyncio.gather(*(coap_get(ctx, gw.coap_port, h) for h in (cached[0], cached[1], others[0], others[1])))
+        silent = await asyncio.gather(
+            *(coap_get(ctx, gw.coap_port, h) for h in (cached[0], cached[1], others[0], others[1]))
+        )
         (c1, b1, _, t1), (c2, b2, _, t2), (c3, b3, _, t3), (c4, b4, _, t4) = silent
-        assert c1 == c2 == Code.CONTENT and b1[wire.KEYS["source"]] == b2[wire.KEYS["source"]] == wire.SOURCE_STALE
-        assert max(t1, t2) < 2.0, (t1, t2)  # the pool gives up (attempt_timeout 0.5 s) or stale_answer_after (1.8 s)
+        assert (
+            c1 == c2 == Code.CONTENT
+            and b1[wire.KEYS["source"]] == b2[wire.KEYS["source"]] == wire.SOURCE_STALE
+        )
+        assert max(t1, t2) < 2.0, (
+            t1,
+            t2,
+        )  # the pool gives up (attempt_timeout 0.5 s) or stale_answer_after (1.8 s)
         assert {c3, c4} <= {Code.SERVICE_UNAVAILABLE, Code.GATEWAY_TIMEOUT}, (c3, b3, c4, b4)
         assert max(t3, t4) < 3.0, (t3, t4)  # [upstream] timeout 2 s bounds the wait for an uncached answer
-        figures("upstreams_stopped", stale_answers=len(stale_t), stale_max_ms=round(max(stale_t) * 1000, 1),
-                errors_503=len(err_t), error_max_ms=round(max(err_t) * 1000, 1),
-                fresh_again_after_s=round(fresh_after, 2), silent_stale_s=round(max(t1, t2), 2),
-                silent_error_s=round(max(t3, t4), 2), silent_error_codes=sorted({str(c3), str(c4)}))  # fmt: skip
+        figures(
+            "upstreams_stopped",
+            stale_answers=len(stale_t),
+            stale_max_ms=round(max(stale_t) * 1000, 1),
+            errors_503=len(err_t),
+            error_max_ms=round(max(err_t) * 1000, 1),
+            fresh_again_after_s=round(fresh_after, 2),
+            silent_stale_s=round(max(t1, t2), 2),
+            silent_error_s=round(max(t3, t4), 2),
+            silent_error_codes=sorted({str(c3), str(c4)}),
+        )
     finally:
         await ctx.shutdown()
         gw.kill9()
@@ -238,7 +306,9 @@ async def test_every_upstream_stopped_stale_for_cached_clear_503_for_others(tmp_
 
 
 # -- (c) kill -9 of a gateway during report ingestion -------------------------------------------------------
-async def test_kill9_during_report_ingestion_loses_and_doubles_nothing(tmp_path: Path, mosquitto: Broker) -> None:
+async def test_kill9_during_report_ingestion_loses_and_doubles_nothing(
+    tmp_path: Path, mosquitto: Broker
+) -> None:
     node = NodeProc(tmp_path / "node", records(tmp_path / "records.json", HANDLES))
     consumer = Consumer(delay=0.01)  # widens the window between delivery and the outbox delete
     await consumer.start()
@@ -293,10 +363,18 @@ async def test_kill9_during_report_ingestion_loses_and_doubles_nothing(tmp_path:
             assert code == Code.CONTENT and body[wire.KEYS["source"]] == wire.SOURCE_CACHE, (h, code, body)
         assert gw.terminate() == 0
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
-        figures("kill9_ingestion", kills=len(kills), restart_s=[round(k, 2) for k in kills],
-                reports=len(sent), mqtt_publishes=st.reports_sent, coap_posts=coap_attempts[0],
-                delivered_raw=consumer.raw, delivered_unique=consumer.unique, duplicates=consumer.duplicates,
-                by_transport=dict(consumer.by_transport))  # fmt: skip
+        figures(
+            "kill9_ingestion",
+            kills=len(kills),
+            restart_s=[round(k, 2) for k in kills],
+            reports=len(sent),
+            mqtt_publishes=st.reports_sent,
+            coap_posts=coap_attempts[0],
+            delivered_raw=consumer.raw,
+            delivered_unique=consumer.unique,
+            duplicates=consumer.duplicates,
+            by_transport=dict(consumer.by_transport),
+        )
     finally:
         fleet.close()
         await ctx.shutdown()
@@ -312,8 +390,9 @@ DEV = "88.123.99/FLASH-0001"
 
 def _writer(*args: str, stderr: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     env = dict(os.environ, MICROPYPATH=str(ROOT / "firmware"))
-    return subprocess.Popen([micropython_binary(), str(WRITER), *args], stdout=subprocess.PIPE,
-                            stderr=stderr, env=env, cwd=ROOT)  # fmt: skip
+    return subprocess.Popen(
+        [micropython_binary(), str(WRITER), *args], stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=ROOT
+    )
 
 
 def _check(data: Path) -> dict[str, Any]:
@@ -368,7 +447,7 @@ def test_device_killed_while_writing_flash_boots_and_recovers(tmp_path: Path) ->
         _consistent(state, announced)
     # a boot number is never reused, so (id, boot, seq) stays unique across kills
     for i, a in enumerate(boots_used):
-        for b in boots_used[i + 1:]:
+        for b in boots_used[i + 1 :]:
             assert not a & b, f"boot number reused after a kill: {a & b}"
     assert sum(1 for b in boots_used if b) >= runs // 2, "the kills came too early to exercise writes"
 
@@ -410,9 +489,16 @@ def test_device_killed_while_writing_flash_boots_and_recovers(tmp_path: Path) ->
     got = [(r[10], r[11]) for r in gw.reports]
     old = [k for k in got if k in set(expected)]
     assert old == expected, "every queued report delivered once, in order"
-    figures("device_flash_kills", kills=runs, writes_announced=len(announced), corrupt_tails_dropped=corrupt,
-            leftover_tmp_files=torn_tmp, torn_cuts_recovered=torn_ok, torn_tails_dropped=torn_detected,
-            drained=len(old))  # fmt: skip
+    figures(
+        "device_flash_kills",
+        kills=runs,
+        writes_announced=len(announced),
+        corrupt_tails_dropped=corrupt,
+        leftover_tmp_files=torn_tmp,
+        torn_cuts_recovered=torn_ok,
+        torn_tails_dropped=torn_detected,
+        drained=len(old),
+    )
 
 
 # -- (e) disk full on the gateway -----------------------------------------------------------------------------
@@ -426,7 +512,9 @@ async def test_disk_full_clear_error_no_corruption_recovers(tmp_path: Path, how:
     if how == "tmpfs":
         mounted = try_mount_tmpfs(data, "16m")
         if not mounted:
-            pytest.skip("cannot mount a tmpfs here (not root, or no mount permission): the rlimit case covers it")
+            pytest.skip(
+                "cannot mount a tmpfs here (not root, or no mount permission): the rlimit case covers it"
+            )
     consumer = Consumer()
     await consumer.start()
     node = NodeProc(tmp_path / "node", records(tmp_path / "records.json", HANDLES))
@@ -449,10 +537,26 @@ async def test_disk_full_clear_error_no_corruption_recovers(tmp_path: Path, how:
         refused: list[tuple[Code, str]] = []
         t0 = time.monotonic()
         for seq in range(6, 11):
-            payload = wire.encode("report", {"id": dev, "boot": 1, "seq": seq, "uptime": 1, "heap": 1, "rssi": 0,
-                                             "queue": 0, "board": "unix", "fw": "x" * 200})  # fmt: skip
-            msg = aiocoap.Message(code=Code.POST, uri=f"coap://127.0.0.1:{gw.coap_port}/d/{dev}/rpt",
-                                  payload=payload, content_format=60)  # fmt: skip
+            payload = wire.encode(
+                "report",
+                {
+                    "id": dev,
+                    "boot": 1,
+                    "seq": seq,
+                    "uptime": 1,
+                    "heap": 1,
+                    "rssi": 0,
+                    "queue": 0,
+                    "board": "unix",
+                    "fw": "x" * 200,
+                },
+            )
+            msg = aiocoap.Message(
+                code=Code.POST,
+                uri=f"coap://127.0.0.1:{gw.coap_port}/d/{dev}/rpt",
+                payload=payload,
+                content_format=60,
+            )
             resp = await asyncio.wait_for(ctx.request(msg).response, 5)
             body = wire.loads(resp.payload) if resp.payload else {}
             refused.append((resp.code, str(body.get(wire.KEYS["msg"], ""))))
@@ -481,8 +585,14 @@ async def test_disk_full_clear_error_no_corruption_recovers(tmp_path: Path, how:
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
         assert gw.terminate() == 0
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
-        figures(f"disk_full_{how}", refused=len(refused), refused_ms=round(answer_s * 1000, 1),
-                recovered_s=round(recovered, 2), delivered_raw=consumer.raw, delivered_unique=consumer.unique)  # fmt: skip
+        figures(
+            f"disk_full_{how}",
+            refused=len(refused),
+            refused_ms=round(answer_s * 1000, 1),
+            recovered_s=round(recovered, 2),
+            delivered_raw=consumer.raw,
+            delivered_unique=consumer.unique,
+        )
     finally:
         await ctx.shutdown()
         gw.kill9()
@@ -493,11 +603,15 @@ async def test_disk_full_clear_error_no_corruption_recovers(tmp_path: Path, how:
 
 
 # -- (f) two gateways, one broker, one Redis; one gateway killed under load ----------------------------------
-async def test_two_gateways_one_killed_under_load(tmp_path: Path, mosquitto: Broker, redis_server: RedisServer) -> None:
+async def test_two_gateways_one_killed_under_load(
+    tmp_path: Path, mosquitto: Broker, redis_server: RedisServer
+) -> None:
     node = NodeProc(tmp_path / "node", records(tmp_path / "records.json", HANDLES), extra=("--latency", "20"))
     consumer = Consumer()
     await consumer.start()
-    cfg = gw_config([node.url], mqtt=mosquitto.url, webhook=consumer.url, cache={"redis_url": redis_server.url})
+    cfg = gw_config(
+        [node.url], mqtt=mosquitto.url, webhook=consumer.url, cache={"redis_url": redis_server.url}
+    )
     a = GatewayProc(tmp_path / "a", cfg, name="A")
     b = GatewayProc(tmp_path / "b", cfg, name="B", coap_port=a.coap_port)  # one CoAP port: SO_REUSEPORT
     n_dev, cycles = 12, 15
@@ -505,7 +619,9 @@ async def test_two_gateways_one_killed_under_load(tmp_path: Path, mosquitto: Bro
     coap_devs = idents("TWOC", 6)
     coap_sent: set[tuple[str, int, int]] = set()
     coap_resolves: list[int] = []  # attempts per answered resolve
-    ctxs = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in coap_devs]  # own source ports
+    ctxs = [
+        await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in coap_devs
+    ]  # own source ports
 
     async def coap_device(i: int, ident: str) -> None:
         for seq in range(1, cycles + 1):
@@ -528,11 +644,15 @@ async def test_two_gateways_one_killed_under_load(tmp_path: Path, mosquitto: Bro
             await asyncio.sleep(0.05)
 
     try:
-        await asyncio.gather(asyncio.to_thread(node.start), asyncio.to_thread(a.start), asyncio.to_thread(b.start))
+        await asyncio.gather(
+            asyncio.to_thread(node.start), asyncio.to_thread(a.start), asyncio.to_thread(b.start)
+        )
         await fleet.connect()
         coap_run = asyncio.gather(*(coap_device(i, d) for i, d in enumerate(coap_devs)))
         run = asyncio.create_task(fleet.run())
-        await until(lambda: fleet.progress >= (n_dev + len(coap_devs)) * cycles * 2 * 0.3, 60, "load on both gateways")
+        await until(
+            lambda: fleet.progress >= (n_dev + len(coap_devs)) * cycles * 2 * 0.3, 60, "load on both gateways"
+        )
         served_a = sql(a.registry, "SELECT COUNT(*) FROM seen")[0][0]
         served_b = sql(b.registry, "SELECT COUNT(*) FROM seen")[0][0]
         assert served_a > 0 and served_b > 0, "the shared subscription splits the devices' reports"
@@ -554,22 +674,43 @@ async def test_two_gateways_one_killed_under_load(tmp_path: Path, mosquitto: Bro
         await until(lambda: set(consumer.keys) >= sent, 40, "every report downstream")
         await asyncio.sleep(0.3)
         assert set(consumer.keys) == sent, "exactly once after de-duplication"
-        coap_split = {g.name: sql(g.registry, "SELECT COUNT(*) FROM seen WHERE device LIKE '%TWOC%'")[0][0] for g in (a, b)}
-        stored = sql(a.registry, "SELECT COUNT(*) FROM seen")[0][0] + sql(b.registry, "SELECT COUNT(*) FROM seen")[0][0]
+        coap_split = {
+            g.name: sql(g.registry, "SELECT COUNT(*) FROM seen WHERE device LIKE '%TWOC%'")[0][0]
+            for g in (a, b)
+        }
+        stored = (
+            sql(a.registry, "SELECT COUNT(*) FROM seen")[0][0]
+            + sql(b.registry, "SELECT COUNT(*) FROM seen")[0][0]
+        )
         assert stored >= len(sent)  # a report A stored but could not acknowledge is stored again by B
         for g in (a, b):
             assert g.terminate() == 0
             assert integrity(g.registry) == "ok" and integrity(g.cache_db) == "ok"
         upstream = node.terminate()
         assert upstream is not None and upstream <= 2 * len(HANDLES), upstream  # shared cache + single-flight
-        figures("two_gateways_kill", devices=n_dev, resolves=total, resolves_sent=st.resolves_sent,
-                resolve_retries=st.resolve_retries, reports=total, reports_sent=st.reports_sent,
-                report_retries=st.report_retries, stored_in_registries=stored, delivered_raw=consumer.raw,
-                delivered_unique=consumer.unique, duplicates=consumer.duplicates, takeover_s=round(takeover, 2),
-                max_wait_s=round(max(st.gaps), 2), upstream_requests=upstream, distinct_handles=len(HANDLES),
-                served_before_kill={"A": served_a, "B": served_b}, coap_devices=len(coap_devs),
-                coap_reports=len(coap_sent), coap_resolve_retries=sum(coap_resolves) - len(coap_resolves),
-                coap_reports_by_gateway=coap_split)  # fmt: skip
+        figures(
+            "two_gateways_kill",
+            devices=n_dev,
+            resolves=total,
+            resolves_sent=st.resolves_sent,
+            resolve_retries=st.resolve_retries,
+            reports=total,
+            reports_sent=st.reports_sent,
+            report_retries=st.report_retries,
+            stored_in_registries=stored,
+            delivered_raw=consumer.raw,
+            delivered_unique=consumer.unique,
+            duplicates=consumer.duplicates,
+            takeover_s=round(takeover, 2),
+            max_wait_s=round(max(st.gaps), 2),
+            upstream_requests=upstream,
+            distinct_handles=len(HANDLES),
+            served_before_kill={"A": served_a, "B": served_b},
+            coap_devices=len(coap_devs),
+            coap_reports=len(coap_sent),
+            coap_resolve_retries=sum(coap_resolves) - len(coap_resolves),
+            coap_reports_by_gateway=coap_split,
+        )
     finally:
         for c in ctxs:
             await c.shutdown()

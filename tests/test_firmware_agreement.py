@@ -22,8 +22,12 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.integers(min_value=-30, max_value=300) | st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(
+            st.integers(min_value=-30, max_value=300) | st.text(max_size=8), children, max_size=5
+        )
+    ),
     max_leaves=20,
 )
 
@@ -42,7 +46,9 @@ for line in sys.stdin:
 """
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(st.lists(values, min_size=20, max_size=60))
 def test_firmware_cbor_matches_cbor2(items: list) -> None:
     encoded = [wire.dumps(v).hex() for v in items]
@@ -61,12 +67,14 @@ for line in sys.stdin:
         print(json.dumps({"reason": e.reason}))
 """
 
-ident_text = st.text(alphabet=st.sampled_from(list("88.123/abcXYZ-_ .$\x00\x1f\x7f\u0085\u00e9\u6c34/")), max_size=30) | st.text(
-    max_size=300
+ident_text = st.text(
+    alphabet=st.sampled_from(list("88.123/abcXYZ-_ .$\x00\x1f\x7f\u0085\u00e9\u6c34/")), max_size=30
+) | st.text(max_size=300)
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
-
-
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(ident_text, min_size=30, max_size=80))
 def test_firmware_identifier_parser_matches_gateway(texts: list[str]) -> None:
     # ensure_ascii=False: MicroPython's json turns a \ud83d\ude00 escape pair into two surrogates (CESU-8)

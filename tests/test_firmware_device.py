@@ -19,7 +19,9 @@ ID = "88.123.99/PUMP-0001"
 def gateway():
     gw = CoapGateway(ID)
     gw.add_record(ID, [[1, "URL", "https://example.org/pump-0001", 86400]])
-    gw.add_record("88.1/thing", [[1, "URL", "https://example.org/thing", 300], [2, "EMAIL", "ops@example.org", 300]])
+    gw.add_record(
+        "88.1/thing", [[1, "URL", "https://example.org/thing", 300], [2, "EMAIL", "ops@example.org", 300]]
+    )
     gw.start()
     yield gw
     gw.stop()
@@ -40,7 +42,11 @@ def test_console_provisioning_over_stdio(tmp_path: Path, gateway: CoapGateway) -
         dev.json_on()
         st = dev.json("status")
         assert st["ok"] and st["id"] is None and st["transport"] is None
-        assert dev.json("frobnicate") == {"ok": False, "cmd": "frobnicate", "error": "unknown command (try help)"}
+        assert dev.json("frobnicate") == {
+            "ok": False,
+            "cmd": "frobnicate",
+            "error": "unknown command (try help)",
+        }
         dev.send(b"\x00\x1b[A garbage \xff\xfe\n")
         dev.expect(r'"ok": false.*bad input')
         dev.send(b"x" * 500 + b"\n")
@@ -77,7 +83,11 @@ def test_reports_resolve_and_remote_config(tmp_path: Path, gateway: CoapGateway)
         bad = {20: 5, 21: 3}
         gateway.set_config(bad)
         wait_for(lambda: len(gateway.cfg_acks) >= 3, 10, "rejection")
-        assert gateway.cfg_acks[2][3] == 400 and gateway.cfg_acks[2][20] == 5 and "interval" in gateway.cfg_acks[2][9]
+        assert (
+            gateway.cfg_acks[2][3] == 400
+            and gateway.cfg_acks[2][20] == 5
+            and "interval" in gateway.cfg_acks[2][9]
+        )
         assert dev.json("config get interval")["interval"] == 20
         # resolve from the console: gateway first, then the device's cache
         r = dev.json("resolve 88.1/thing")
@@ -170,7 +180,9 @@ def test_heap_after_boot_and_first_report(tmp_path: Path, gateway: CoapGateway) 
     files = compile_firmware(mpy)
     gateway.reports.clear()
     # the same firmware as .mpy files on the file system (what ida flash writes)
-    (mpy / "boot_mpy.py").write_text(f"import sys\nsys.path.insert(0, {str(mpy)!r})\nexec(open({str(Path(__file__).parent.parent / 'firmware' / 'main.py')!r}).read())\n")
+    (mpy / "boot_mpy.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(mpy)!r})\nexec(open({str(Path(__file__).parent.parent / 'firmware' / 'main.py')!r}).read())\n"
+    )
     with DeviceProc(tmp_path / "dev", argv=[str(mpy / "boot_mpy.py")], cwd=tmp_path) as dev:
         from_mpy = _heap(dev, gateway)
     gateway.reports.clear()
@@ -183,12 +195,15 @@ def test_heap_after_boot_and_first_report(tmp_path: Path, gateway: CoapGateway) 
         "import sys, vfs\n"
         f"f = open({str(tmp_path / 'fw.romfs')!r}, 'rb')\nimg = f.read()\nf.close()\n"
         "vfs.mount(vfs.VfsRom(img), '/rom')\nsys.path.insert(0, '/rom')\n"
-        f"exec(open({str(Path(__file__).parent.parent / 'firmware' / 'main.py')!r}).read())\n")
+        f"exec(open({str(Path(__file__).parent.parent / 'firmware' / 'main.py')!r}).read())\n"
+    )
     with DeviceProc(tmp_path / "dev", argv=[str(driver)], cwd=tmp_path / "rom") as dev:
         from_rom = _heap(dev, gateway) - len(img)
     total_mpy = sum(len(v) for v in files.values())
-    print(f"device heap after boot + first report (gc.mem_alloc, 64-bit unix port): source {source} B, "
-          f".mpy {from_mpy} B, ROMFS in place {from_rom} B (image {len(img)} B excluded); "
-          f"firmware .mpy total {total_mpy} B")
+    print(
+        f"device heap after boot + first report (gc.mem_alloc, 64-bit unix port): source {source} B, "
+        f".mpy {from_mpy} B, ROMFS in place {from_rom} B (image {len(img)} B excluded); "
+        f"firmware .mpy total {total_mpy} B"
+    )
     assert total_mpy <= 64 * 1024
     assert from_rom < from_mpy <= source + 4096

@@ -105,8 +105,13 @@ class Paho:
 class Script:
     def __init__(self, port: int, keepalive: int, secs: int) -> None:
         env = dict(os.environ, MICROPYPATH=str(FIRMWARE))
-        self.proc = subprocess.Popen([micropython_binary(), "-c", CLIENT_SCRIPT, str(port), str(keepalive), str(secs)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        self.proc = subprocess.Popen(
+            [micropython_binary(), "-c", CLIENT_SCRIPT, str(port), str(keepalive), str(secs)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.all: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()

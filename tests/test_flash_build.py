@@ -58,9 +58,11 @@ def test_build_writes_manifest_image_and_table(built: fb.Build) -> None:
         assert im.sha256((built.directory / "app" / f.path[1:]).read_bytes()) == f.sha256
     table = im.decode_partition_table((built.directory / fb.PARTITION_TABLE).read_bytes())
     assert [(e.name, e.offset, e.size) for e in table] == [
-        ("nvs", 0x9000, 0x6000), ("phy_init", 0xF000, 0x1000), ("factory", 0x10000, 0x1F0000),
+        ("nvs", 0x9000, 0x6000),
+        ("phy_init", 0xF000, 0x1000),
+        ("factory", 0x10000, 0x1F0000),
         ("vfs", 0x200000, 0x200000),
-    ]  # fmt: skip
+    ]
 
 
 def test_mpy_files_are_bytecode_for_any_arch(built: fb.Build) -> None:
@@ -172,7 +174,9 @@ def test_micropython_writes_are_read_by_littlefs_python(built: fb.Build, tmp_pat
     _, after = mp_mount(tmp_path, built.fs_image, write="written by VfsLfs2")
     files = im.read_files(built.params, after)
     assert files["/probe.bin"] == b"written by VfsLfs2"
-    assert im.sha256(files["/main.py"]) == next(f.sha256 for f in built.manifest.files if f.path == "/main.py")
+    assert im.sha256(files["/main.py"]) == next(
+        f.sha256 for f in built.manifest.files if f.path == "/main.py"
+    )
 
 
 def test_chip_image_adds_identity_in_few_blocks(built: fb.Build, tmp_path: Path) -> None:
@@ -190,8 +194,13 @@ def test_chip_image_adds_identity_in_few_blocks(built: fb.Build, tmp_path: Path)
     assert out["identity"]["id"] == "88.123.99/pump-000042"  # prefix normalised (already upper), suffix kept
     assert parse_identity(im.read_files(built.params, chip.image)[IDENTITY_PATH]) == ident
     # a longer identity (Wi-Fi credentials, both transports) still costs at most two blocks
-    longer = Identity(ident.identifier, ident.key, ("coap://gw.factory.example:5683", "mqtt://gw.factory.example:1883"),
-                      "mqtt", ("factory-line-4", "correct horse battery staple"))  # fmt: skip
+    longer = Identity(
+        ident.identifier,
+        ident.key,
+        ("coap://gw.factory.example:5683", "mqtt://gw.factory.example:1883"),
+        "mqtt",
+        ("factory-line-4", "correct horse battery staple"),
+    )
     assert personalise(built.params, built.fs_image, longer).delta_blocks <= 2
 
 
@@ -228,7 +237,9 @@ def test_cli_build_without_runtime(tmp_path: Path, capsys: pytest.CaptureFixture
     fw, _ = firmware_tree(tmp_path)
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
-    args = p.parse_args(["build", "--board", "esp32-s3-devkitc-1", "--out", str(tmp_path / "s3"), "--firmware", str(fw)])
+    args = p.parse_args(
+        ["build", "--board", "esp32-s3-devkitc-1", "--out", str(tmp_path / "s3"), "--firmware", str(fw)]
+    )
     assert cli.run(args) == 0
     out = capsys.readouterr().out
     assert "runtime: none given" in out and "--runtime" in out
@@ -242,7 +253,9 @@ FIRMWARE_MAIN = fb.FIRMWARE_DIR / "main.py"
 
 
 @pytest.mark.skipif(not FIRMWARE_MAIN.exists(), reason="firmware/main.py has not landed yet: nothing to boot")
-def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(built: fb.Build, tmp_path: Path) -> None:
+def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(
+    built: fb.Build, tmp_path: Path
+) -> None:
     """The files of a chip's image, extracted, run as the device on the unix port: it loads /identity.json,
     answers `id` on its console, and talks to the gateway address from the identity (a UDP socket standing
     in for the gateway's CoAP port, decoded with aiocoap) under its own identifier."""
@@ -260,8 +273,14 @@ def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(built: 
         dest.write_bytes(data)
     assert not any(p.suffix == ".py" for p in (root / "carrier").rglob("*"))  # only the compiled .mpy run
     env = dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0")
-    proc = subprocess.Popen([micropython_binary(), "main.py"], cwd=root, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [micropython_binary(), "main.py"],
+        cwd=root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert proc.stdin is not None and proc.stdout is not None
         datagram, _ = gw.recvfrom(2048)
@@ -273,7 +292,9 @@ def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(built: 
         proc.wait()
         gw.close()
     text = b"".join(lines).decode()
-    assert f"app id={ident.identifier}" in text  # the boot log names the identity it loaded from /identity.json
+    assert (
+        f"app id={ident.identifier}" in text
+    )  # the boot log names the identity it loaded from /identity.json
     assert f"id: {ident.identifier}" in text  # the console's `id` answers with it
     assert f"key: {ident.fingerprint}" in text  # the same key fingerprint the ledger records
     assert "board: esp32-devkitc" in text  # /board.json from the image
@@ -318,11 +339,22 @@ def test_factory_image_device_reports_to_a_running_gateway(built: fb.Build, tmp_
     key = new_key()
     Keystore.in_dir(data).put(ident_text, key)
     conf = tmp_path / "gateway.toml"
-    conf.write_text(f'[coap]\nhost = "127.0.0.1"\nport = 0\nsecurity = "oscore"\n[http]\nhost = "127.0.0.1"\n'
-                    f'port = 0\n[data]\ndir = "{data}"\n[upstream]\nurls = ["hdl://127.0.0.1:9"]\n')  # fmt: skip
-    gw = subprocess.Popen([sys.executable, "-c",
-                           "import sys; from tools.cli import main; sys.exit(main())", "gateway", "--config", str(conf)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    conf.write_text(
+        f'[coap]\nhost = "127.0.0.1"\nport = 0\nsecurity = "oscore"\n[http]\nhost = "127.0.0.1"\n'
+        f'port = 0\n[data]\ndir = "{data}"\n[upstream]\nurls = ["hdl://127.0.0.1:9"]\n'
+    )
+    gw = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tools.cli import main; sys.exit(main())",
+            "gateway",
+            "--config",
+            str(conf),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     dev: subprocess.Popen[bytes] | None = None
     try:
         assert gw.stdout is not None
@@ -339,8 +371,14 @@ def test_factory_image_device_reports_to_a_running_gateway(built: fb.Build, tmp_
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(blob)
         env = dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0")
-        dev = subprocess.Popen([micropython_binary(), "main.py"], cwd=root, env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        dev = subprocess.Popen(
+            [micropython_binary(), "main.py"],
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://{http}/api/devices/{ident_text}"
         deadline = time.monotonic() + 40
         record = None

@@ -83,7 +83,9 @@ def test_chip_with_batch_image_gets_only_the_identity_blocks(built: fb.Build, st
     # the measured per-chip write: one 4 KiB block instead of the 2 MiB filesystem
     assert r.bytes_written == chip.bytes_written == 4096, r.writes
     assert all(VFS <= off < VFS + VFS_SIZE for off, _ in chip.written)
-    print(f"\nper-chip write on a chip with the batch image: {r.blocks_written} block(s), {r.bytes_written} bytes")
+    print(
+        f"\nper-chip write on a chip with the batch image: {r.blocks_written} block(s), {r.bytes_written} bytes"
+    )
     assert chip.resets == 1
     # the chip now holds the identity, with the key from the keystore
     fs = im.read_files(built.params, bytes(chip.flash[VFS : VFS + VFS_SIZE]))
@@ -93,12 +95,18 @@ def test_chip_with_batch_image_gets_only_the_identity_blocks(built: fb.Build, st
     assert ident.fingerprint == r.key_fingerprint
     (dev,) = devices(station)
     assert (dev.identifier, dev.mac, dev.state, dev.operator, dev.station) == (
-        r.identifier, chip.mac, "verified", "alice", "line-1"
-    )  # fmt: skip
+        r.identifier,
+        chip.mac,
+        "verified",
+        "alice",
+        "line-1",
+    )
     assert dev.fs_sha256 == built.manifest.fs_image["sha256"]
     assert dev.image_sha256 == im.sha256(bytes(chip.flash[VFS : VFS + VFS_SIZE]))
     assert dev.runtime_sha256 == built.manifest.runtime.sha256  # type: ignore[union-attr]
-    assert dev.key_fingerprint == r.key_fingerprint and dev.firmware_version == built.manifest.firmware_version
+    assert (
+        dev.key_fingerprint == r.key_fingerprint and dev.firmware_version == built.manifest.firmware_version
+    )
 
 
 def test_reflash_same_chip_keeps_identifier_and_writes_nothing(built: fb.Build, station: Station) -> None:
@@ -118,11 +126,15 @@ def test_blank_chip_gets_runtime_and_whole_filesystem(built: fb.Build, station: 
     assert [(w.what, w.offset) for w in r.writes] == [("runtime", 0x1000), ("fs", VFS)]
     runtime = Path(built.manifest.runtime.path).read_bytes()  # type: ignore[union-attr]
     assert bytes(chip.flash[0x1000 : 0x1000 + len(runtime)]) == runtime
-    assert chip.flash[0x1000] == chip.flash[0x10000] == 0xE9 and bytes(chip.flash[0x8000:0x8002]) == im.PT_MAGIC
+    assert (
+        chip.flash[0x1000] == chip.flash[0x10000] == 0xE9 and bytes(chip.flash[0x8000:0x8002]) == im.PT_MAGIC
+    )
     assert r.fs_mode == "full" and devices(station)[0].state == "verified"
 
 
-def test_blank_chip_without_runtime_is_refused_before_an_identifier_is_spent(tmp_path: Path, station: Station) -> None:
+def test_blank_chip_without_runtime_is_refused_before_an_identifier_is_spent(
+    tmp_path: Path, station: Station
+) -> None:
     fw, _ = firmware_tree(tmp_path)
     fb.build(BOARD, tmp_path / "noruntime", firmware_dir=fw)
     b = fb.load_build(tmp_path / "noruntime")
@@ -159,9 +171,7 @@ def test_small_flash_is_refused(built: fb.Build, station: Station) -> None:
         flash_device(SimulatedChip(flash_size=2 << 20), built, station, TEMPLATE)
 
 
-@pytest.mark.parametrize(
-    "switch, error", [("busy", PortBusy), ("absent", PortMissing), ("silent", NoChip)]
-)  # fmt: skip
+@pytest.mark.parametrize("switch, error", [("busy", PortBusy), ("absent", PortMissing), ("silent", NoChip)])
 def test_port_problems_touch_nothing(built: fb.Build, station: Station, switch: str, error: type) -> None:
     chip = SimulatedChip(**{switch: True})  # type: ignore[arg-type]
     with pytest.raises(error):
@@ -200,8 +210,14 @@ def test_explicit_identifier_and_console_callback(built: fb.Build, station: Stat
         seen.append(identifier)
         return f"id {identifier}"
 
-    r = flash_device(factory_chip(built), built, station, TEMPLATE, identifier="88.123.99/SPARE-7", console=console)
-    assert r.identifier == "88.123.99/SPARE-7" and seen == ["88.123.99/SPARE-7"] and r.console == "id 88.123.99/SPARE-7"
+    r = flash_device(
+        factory_chip(built), built, station, TEMPLATE, identifier="88.123.99/SPARE-7", console=console
+    )
+    assert (
+        r.identifier == "88.123.99/SPARE-7"
+        and seen == ["88.123.99/SPARE-7"]
+        and r.console == "id 88.123.99/SPARE-7"
+    )
 
 
 def test_registered_in_the_local_zone(built: fb.Build, station: Station) -> None:
@@ -213,7 +229,9 @@ def test_registered_in_the_local_zone(built: fb.Build, station: Station) -> None
     assert rec is not None
     values = {v.type: v.text() for v in rec.values}
     assert values["MAC"] == r.mac and values["BOARD"] == BOARD
-    assert values["FW_VERSION"] == built.manifest.firmware_version and (values["PRODUCED"] or "").endswith("Z")
+    assert values["FW_VERSION"] == built.manifest.firmware_version and (values["PRODUCED"] or "").endswith(
+        "Z"
+    )
     # the key is nowhere in the zone
     key = Keystore.in_dir(station.data_dir).get(r.identifier)
     assert key is not None and key.hex() not in station.zone.read_text()
@@ -226,7 +244,9 @@ def test_batch_flashes_chips_as_they_appear(built: fb.Build, station: Station) -
         "/dev/ttyUSB2": factory_chip(built, mac="24:0a:c4:00:00:12"),
     }
     # what list_ports would show, poll by poll: nothing, one chip, two, the first one unplugged, ...
-    timeline = iter([[], ["/dev/ttyUSB0"], ["/dev/ttyUSB0", "/dev/ttyUSB1"], ["/dev/ttyUSB1", "/dev/ttyUSB2"]])
+    timeline = iter(
+        [[], ["/dev/ttyUSB0"], ["/dev/ttyUSB0", "/dev/ttyUSB1"], ["/dev/ttyUSB1", "/dev/ttyUSB2"]]
+    )
     last: list[str] = []
 
     def ports() -> list[str]:
@@ -235,8 +255,16 @@ def test_batch_flashes_chips_as_they_appear(built: fb.Build, station: Station) -
         return last
 
     out = io.StringIO()
-    summary = run_batch(built, station, TEMPLATE, ports=ports, programmer=chips.__getitem__, count=3, out=out,
-                        sleep=lambda s: None)  # fmt: skip
+    summary = run_batch(
+        built,
+        station,
+        TEMPLATE,
+        ports=ports,
+        programmer=chips.__getitem__,
+        count=3,
+        out=out,
+        sleep=lambda s: None,
+    )
     text = out.getvalue()
     assert [r.mac for r in summary.passed] == ["24:0a:c4:00:00:10", "24:0a:c4:00:00:12"]
     assert [p for p, _ in summary.failed] == ["/dev/ttyUSB1"] and "esp32s3" in summary.failed[0][1]
@@ -261,7 +289,9 @@ def test_progress_bar_and_banner() -> None:
     assert big("PASS").count("\n") == 4
 
 
-def test_cli_device_reports_errors_without_traceback(built: fb.Build, station: Station, tmp_path: Path) -> None:
+def test_cli_device_reports_errors_without_traceback(
+    built: fb.Build, station: Station, tmp_path: Path
+) -> None:
     import argparse
 
     from tools.cli import CliError
@@ -269,9 +299,22 @@ def test_cli_device_reports_errors_without_traceback(built: fb.Build, station: S
 
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
-    args = p.parse_args(["--data-dir", str(station.data_dir), "device", "--port", str(tmp_path / "nope"),
-                         "--board", BOARD, "--build", str(built.directory), "--next",
-                         "--gateway", "coap://192.168.4.1"])  # fmt: skip
+    args = p.parse_args(
+        [
+            "--data-dir",
+            str(station.data_dir),
+            "device",
+            "--port",
+            str(tmp_path / "nope"),
+            "--board",
+            BOARD,
+            "--build",
+            str(built.directory),
+            "--next",
+            "--gateway",
+            "coap://192.168.4.1",
+        ]
+    )
     with pytest.raises(CliError) as e:
         cli.run(args)
     assert e.value.exit_code == 1 and "no such serial port" in str(e.value)
@@ -296,14 +339,22 @@ def test_espressif_ports_are_the_console_tools(monkeypatch: pytest.MonkeyPatch) 
     from tools.boards import UsbId
     from tools.flash.batch import espressif_ports
 
-    seen = [SimpleNamespace(device=d, vid=v, pid=p, description="", serial_number=None)
-            for d, v, p in (("/dev/ttyUSB1", 0x10C4, 0xEA60), ("/dev/ttyACM0", 0x303A, 0x1001),
-                            ("/dev/ttyUSB0", 0x10C4, 0xEA60), ("/dev/ttyS0", None, None))]  # fmt: skip
+    seen = [
+        SimpleNamespace(device=d, vid=v, pid=p, description="", serial_number=None)
+        for d, v, p in (
+            ("/dev/ttyUSB1", 0x10C4, 0xEA60),
+            ("/dev/ttyACM0", 0x303A, 0x1001),
+            ("/dev/ttyUSB0", 0x10C4, 0xEA60),
+            ("/dev/ttyS0", None, None),
+        )
+    ]
     monkeypatch.setattr(list_ports, "comports", lambda: seen)
     assert espressif_ports([UsbId(0x10C4, 0xEA60)]) == ["/dev/ttyUSB0", "/dev/ttyUSB1"]
     assert espressif_ports([UsbId(0x10C4, 0xEA60), UsbId(0x303A, 0x1001)]) == [
-        "/dev/ttyACM0", "/dev/ttyUSB0", "/dev/ttyUSB1"
-    ]  # fmt: skip
+        "/dev/ttyACM0",
+        "/dev/ttyUSB0",
+        "/dev/ttyUSB1",
+    ]
     assert espressif_ports([]) == []
 
 

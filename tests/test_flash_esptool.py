@@ -67,9 +67,12 @@ def test_factory_image_checked_by_esptool(name: str, tmp_path: Path, firmware: P
     head = tmp_path / "fs-head.bin"
     head.write_bytes(b.fs_image[:8192])
     hex_pairs = pairs[:-1] + [str(head)]
-    esptool("--chip", board.chip, "merge-bin", "--format", "hex", "-o", str(tmp_path / "factory.hex"), *hex_pairs)
-    proc = subprocess.run([ESPTOOL, "image-info", str(tmp_path / "factory.hex")], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    esptool(
+        "--chip", board.chip, "merge-bin", "--format", "hex", "-o", str(tmp_path / "factory.hex"), *hex_pairs
+    )
+    proc = subprocess.run(
+        [ESPTOOL, "image-info", str(tmp_path / "factory.hex")], capture_output=True, text=True, timeout=60
+    )
     info = proc.stdout + proc.stderr
     assert proc.returncode == 0, info
     offsets = [int(o, 16) for o in re.findall(r"Processing file \d+/4, offset: (0x[0-9a-f]+)", info)]
@@ -81,12 +84,22 @@ def test_factory_image_checked_by_esptool(name: str, tmp_path: Path, firmware: P
     assert info.count("Probably not a valid firmware image") == 2  # the partition table and the filesystem
 
     # 2. factory.bin from `ida flash build` == esptool's raw merge of the pieces at the board offsets
-    esptool("--chip", board.chip, "merge-bin", "-o", str(tmp_path / "raw.bin"),
-            "--target-offset", hex(board.bootloader.offset), *pairs)  # fmt: skip
+    esptool(
+        "--chip",
+        board.chip,
+        "merge-bin",
+        "-o",
+        str(tmp_path / "raw.bin"),
+        "--target-offset",
+        hex(board.bootloader.offset),
+        *pairs,
+    )
     factory = (tmp_path / "out" / fb.FACTORY_IMAGE).read_bytes()
     assert factory == (tmp_path / "raw.bin").read_bytes()
     base = board.bootloader.offset
-    table = im.decode_partition_table(factory[board.partition_table.offset - base :][: board.partition_table.size])
+    table = im.decode_partition_table(
+        factory[board.partition_table.offset - base :][: board.partition_table.size]
+    )
     assert im.check_table_against_board(table, board) == []
     assert {e.name: (e.offset, e.size) for e in table}["vfs"] == (board.vfs.offset, board.vfs.size)
     fs = factory[board.vfs.offset - base :]
@@ -98,8 +111,16 @@ def test_factory_image_checked_by_esptool(name: str, tmp_path: Path, firmware: P
     assert cmd[:3] == ["esptool", "--chip", board.chip] and "write-flash" in cmd
     args = cmd[cmd.index("write-flash") + 1 :]
     assert [int(a, 16) for a in args[::2]] == [board.bootloader.offset, board.vfs.offset]
-    esptool("--chip", board.chip, "merge-bin", "-o", str(tmp_path / "cmd.bin"),
-            "--target-offset", hex(base), *args)  # fmt: skip
+    esptool(
+        "--chip",
+        board.chip,
+        "merge-bin",
+        "-o",
+        str(tmp_path / "cmd.bin"),
+        "--target-offset",
+        hex(base),
+        *args,
+    )
     assert (tmp_path / "cmd.bin").read_bytes() == factory
 
 
@@ -130,7 +151,10 @@ def test_runtime_for_another_chip_is_refused(tmp_path: Path) -> None:
 
 def test_partition_table_binary_format() -> None:
     # gen_esp32part's format: 32-byte entries <2sBBII16sI>, MD5 entry 0xEBEB, 0xFF to 0xC00
-    entries = [im.PartitionEntry("nvs", 1, 2, 0x9000, 0x6000), im.PartitionEntry("factory", 0, 0, 0x10000, 0x1F0000)]
+    entries = [
+        im.PartitionEntry("nvs", 1, 2, 0x9000, 0x6000),
+        im.PartitionEntry("factory", 0, 0, 0x10000, 0x1F0000),
+    ]
     raw = im.encode_partition_table(entries)
     assert raw[:32] == bytes.fromhex("aa50 01 02 00900000 00600000") + b"nvs".ljust(16, b"\0") + b"\0" * 4
     assert raw[64:66] == b"\xeb\xeb" and raw[66:80] == b"\xff" * 14
@@ -184,8 +208,12 @@ def test_espressif_ports_filter_by_usb_id(monkeypatch: pytest.MonkeyPatch) -> No
         p.vid, p.pid = vid, pid
         return p
 
-    fake = [port("/dev/ttyUSB1", 0x10C4, 0xEA60), port("/dev/ttyACM0", 0x303A, 0x1001), port("/dev/ttyS0", None, None),
-            port("/dev/ttyUSB0", 0x0403, 0x6001)]  # fmt: skip
+    fake = [
+        port("/dev/ttyUSB1", 0x10C4, 0xEA60),
+        port("/dev/ttyACM0", 0x303A, 0x1001),
+        port("/dev/ttyS0", None, None),
+        port("/dev/ttyUSB0", 0x0403, 0x6001),
+    ]
     monkeypatch.setattr(list_ports, "comports", lambda: fake)
     assert espressif_ports(load_board("esp32-devkitc").usb_ids) == ["/dev/ttyUSB1"]
     assert espressif_ports(load_board("esp32-s3-devkitc-1").usb_ids) == ["/dev/ttyACM0", "/dev/ttyUSB1"]

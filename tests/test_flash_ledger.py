@@ -53,10 +53,14 @@ def test_two_processes_allocating_concurrently_never_get_the_same_identifier(tmp
     with Ledger.in_dir(tmp_path) as led:
         led.add_pool(pattern_identifiers("88.123.99", "PUMP-{n:06d}", 1, 2 * n + 50), "pumps")
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(ROOT), str(tmp_path), str(s), str(n)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(ROOT), str(tmp_path), str(s), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for s in (1, 2)
-    ]  # fmt: skip
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -150,7 +154,9 @@ def test_export_has_checksums_and_fingerprints_but_no_key(ledger: Ledger, tmp_pa
     ks = Keystore.in_dir(tmp_path)
     a = ledger.allocate(mac(1), "esp32-devkitc", operator="alice")
     key = ks.get_or_create(a.identifier)
-    ledger.record(a.identifier, "verified", Checksums("0.1.0", "f" * 64, "e" * 64, None, ks.fingerprint(a.identifier)))
+    ledger.record(
+        a.identifier, "verified", Checksums("0.1.0", "f" * 64, "e" * 64, None, ks.fingerprint(a.identifier))
+    )
     for history in (False, True):
         out = io.StringIO()
         ledger.export_csv(out, history)
@@ -172,8 +178,22 @@ def run_cli(tmp_path: Path, *argv: str) -> int:
 
 
 def test_cli_pool_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(tmp_path, "pool", "add", "--prefix", "88.123.99", "--pattern", "PUMP-{n:06d}",
-                   "--from", "1", "--to", "10000") == 0  # fmt: skip
+    assert (
+        run_cli(
+            tmp_path,
+            "pool",
+            "add",
+            "--prefix",
+            "88.123.99",
+            "--pattern",
+            "PUMP-{n:06d}",
+            "--from",
+            "1",
+            "--to",
+            "10000",
+        )
+        == 0
+    )
     assert "10000 identifier(s) added" in capsys.readouterr().out
     ids = tmp_path / "ids.txt"
     ids.write_text("88.123.99/VALVE-1\n88.123.99/VALVE-2\n")
@@ -185,7 +205,9 @@ def test_cli_pool_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         led.allocate(mac(7), "esp32-devkitc")
     assert run_cli(tmp_path, "ledger", "export", "--out", str(tmp_path / "l.csv")) == 0
     rows = list(csv.DictReader((tmp_path / "l.csv").open()))
-    assert [(r["identifier"], r["mac"], r["state"]) for r in rows] == [("88.123.99/PUMP-000001", mac(7), "allocated")]
+    assert [(r["identifier"], r["mac"], r["state"]) for r in rows] == [
+        ("88.123.99/PUMP-000001", mac(7), "allocated")
+    ]
     from tools.cli import CliError
 
     with pytest.raises(CliError, match="--prefix"):
@@ -199,21 +221,32 @@ def test_a_ledger_from_before_the_security_columns_is_upgraded(tmp_path: Path) -
 
     from tools.flash import ledger as lm
 
-    old_schema = "\n".join(line for line in lm._SCHEMA.splitlines() if not any(c in line for c in lm._ADDED_COLUMNS))
+    old_schema = "\n".join(
+        line for line in lm._SCHEMA.splitlines() if not any(c in line for c in lm._ADDED_COLUMNS)
+    )
     db = sqlite3.connect(tmp_path / lm.FILENAME)
     db.executescript(old_schema)
-    db.execute("INSERT INTO devices (identifier, fold, mac, board, state, key_fingerprint, created, updated) "
-               "VALUES ('88.123.99/OLD-1', '88.123.99/OLD-1', ?, 'esp32-devkitc', 'verified', 'aabbccdd', 't', 't')",
-               (mac(9),))  # fmt: skip
+    db.execute(
+        "INSERT INTO devices (identifier, fold, mac, board, state, key_fingerprint, created, updated) "
+        "VALUES ('88.123.99/OLD-1', '88.123.99/OLD-1', ?, 'esp32-devkitc', 'verified', 'aabbccdd', 't', 't')",
+        (mac(9),),
+    )
     db.commit()
     db.close()
     with Ledger.in_dir(tmp_path) as led:
         old = led.device("88.123.99/OLD-1")
         assert old is not None and old.key_fingerprint == "aabbccdd" and old.security is None
         led.allocate(mac(9), "esp32-devkitc")
-        dev = led.record("88.123.99/OLD-1", "verified",
-                         Checksums(key_fingerprint="11223344", previous_key_fingerprint="aabbccdd", security="oscore"))  # fmt: skip
-        assert (dev.key_fingerprint, dev.previous_key_fingerprint, dev.security) == ("11223344", "aabbccdd", "oscore")
+        dev = led.record(
+            "88.123.99/OLD-1",
+            "verified",
+            Checksums(key_fingerprint="11223344", previous_key_fingerprint="aabbccdd", security="oscore"),
+        )
+        assert (dev.key_fingerprint, dev.previous_key_fingerprint, dev.security) == (
+            "11223344",
+            "aabbccdd",
+            "oscore",
+        )
         assert led.events()[-1]["security"] == "oscore"
     with Ledger.in_dir(tmp_path) as led:  # opening again changes nothing
         assert led.device("88.123.99/OLD-1").security == "oscore"  # type: ignore[union-attr]

@@ -99,19 +99,25 @@ def test_identity_is_secure_by_default_and_fits_one_block(builds: Builds, statio
     r = flash_device(chip, builds.plain, station, COAP)
     doc, ident = chip_identity(builds.plain, chip)
     assert doc["secure"] is True and ident.secure and r.secure
-    assert "transport" not in doc  # the firmware's default (coap) is left out: the file stays inline (<= 128 B)
+    assert (
+        "transport" not in doc
+    )  # the firmware's default (coap) is left out: the file stays inline (<= 128 B)
     assert len(json.dumps(doc, separators=(",", ":"))) <= 128 and r.bytes_written == 4096
     assert ledger_row(station, r.identifier).security == "oscore"
 
 
-def test_insecure_is_logged_and_recorded(builds: Builds, station: Station, caplog: pytest.LogCaptureFixture) -> None:
+def test_insecure_is_logged_and_recorded(
+    builds: Builds, station: Station, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "tools.flash")
     chip = factory_chip(builds.plain)
     r = flash_device(chip, builds.plain, station, IdentityTemplate(COAP.gateways, secure=False))
     doc, ident = chip_identity(builds.plain, chip)
     assert "secure" not in doc and not ident.secure and not r.secure
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert warnings == [f"INSECURE identity for {r.identifier}: CoAP without OSCORE (--insecure, factory bench only)"]
+    assert warnings == [
+        f"INSECURE identity for {r.identifier}: CoAP without OSCORE (--insecure, factory bench only)"
+    ]
     assert ledger_row(station, r.identifier).security == "insecure"
     with station.ledger() as led:
         assert {e["security"] for e in led.events() if e["result"] != "allocated"} == {"insecure"}
@@ -138,8 +144,11 @@ def device_ran(built: fb.Build, chip: SimulatedChip) -> None:
     """What the firmware does to its filesystem while it runs: littlefs writes its state (the unix port's
     kv/oscseq, a report queue), so some blocks of the vfs region change."""
     region = bytes(chip.flash[VFS : VFS + VFS_SIZE])
-    after = im.add_files(built.params, region, {"/kv/oscseq": b"\x01\x02\x03\x04" + (200).to_bytes(8, "little"),
-                                                "/q.dat": b"queued report"})  # fmt: skip
+    after = im.add_files(
+        built.params,
+        region,
+        {"/kv/oscseq": b"\x01\x02\x03\x04" + (200).to_bytes(8, "little"), "/q.dat": b"queued report"},
+    )
     assert im.changed_blocks(region, after, 4096)
     chip.flash[VFS : VFS + VFS_SIZE] = after
 
@@ -149,7 +158,9 @@ def test_new_key_whenever_the_filesystem_is_written(builds: Builds, station: Sta
 
     b = builds.plain
     ks = station.keystore()
-    gateway = KeystoreCredentials(ks.path, SequenceNumbers(station.data_dir / "oscore-seq.json"), reload_interval=0)
+    gateway = KeystoreCredentials(
+        ks.path, SequenceNumbers(station.data_dir / "oscore-seq.json"), reload_interval=0
+    )
     chip = factory_chip(b, WatchedChip, keystore=ks)
     assert isinstance(chip, WatchedChip)
 
@@ -177,27 +188,42 @@ def test_new_key_whenever_the_filesystem_is_written(builds: Builds, station: Sta
     assert chip.keys_at_write and all(k == key2 for k in chip.keys_at_write)
     assert chip_identity(b, chip)[1].key == key2
     assert "/kv/oscseq" not in chip_files(b, chip)  # the old sequence state is gone with the old key
-    assert (again.previous_key_fingerprint, again.key_fingerprint) == (key_fingerprint(key1), key_fingerprint(key2))
+    assert (again.previous_key_fingerprint, again.key_fingerprint) == (
+        key_fingerprint(key1),
+        key_fingerprint(key2),
+    )
     gateway.reload()  # the gateway re-reads the changed keystore and derives a fresh context
     assert gateway.context(first.identifier).fingerprint == key_fingerprint(key2)  # type: ignore[union-attr]
 
     # 4. the ledger has both fingerprints, never a key
     dev = ledger_row(station, first.identifier)
-    assert (dev.previous_key_fingerprint, dev.key_fingerprint) == (key_fingerprint(key1), key_fingerprint(key2))
+    assert (dev.previous_key_fingerprint, dev.key_fingerprint) == (
+        key_fingerprint(key1),
+        key_fingerprint(key2),
+    )
     with station.ledger() as led:
         out = io.StringIO()
         led.export_csv(out, history=True)
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert [(r["result"], r["key_fingerprint"], r["previous_key_fingerprint"]) for r in rows if r["result"] == "verified"] == [
-        ("verified", key_fingerprint(key1), ""), ("verified", key_fingerprint(key1), ""),
+    assert [
+        (r["result"], r["key_fingerprint"], r["previous_key_fingerprint"])
+        for r in rows
+        if r["result"] == "verified"
+    ] == [
+        ("verified", key_fingerprint(key1), ""),
+        ("verified", key_fingerprint(key1), ""),
         ("verified", key_fingerprint(key2), key_fingerprint(key1)),
-    ]  # fmt: skip
+    ]
     assert key1.hex() not in out.getvalue().lower() and key2.hex() not in out.getvalue().lower()
 
     # 5. a chip back on the batch image (re-loaded with factory.bin), or --full: written, so a new key again
     chip.flash[:] = factory_chip(b).flash
     delta = flash_device(chip, b, station, COAP)
-    assert delta.fs_mode == "delta" and delta.bytes_written == 4096 and ks.get(first.identifier) not in (key1, key2)
+    assert (
+        delta.fs_mode == "delta"
+        and delta.bytes_written == 4096
+        and ks.get(first.identifier) not in (key1, key2)
+    )
     full = flash_device(chip, b, station, COAP, full=True)
     assert full.previous_key_fingerprint == delta.key_fingerprint != full.key_fingerprint
 
@@ -226,7 +252,9 @@ def test_runtime_writes_and_the_nvs_partition(builds: Builds, station: Station) 
     assert r.fs_mode == "unchanged" and not r.new_key and r.key_fingerprint == merged.key_fingerprint
 
 
-def test_failed_write_after_rekey_leaves_keystore_and_ledger_consistent(builds: Builds, station: Station) -> None:
+def test_failed_write_after_rekey_leaves_keystore_and_ledger_consistent(
+    builds: Builds, station: Station
+) -> None:
     b = builds.plain
     chip = factory_chip(b)
     first = flash_device(chip, b, station, COAP)
@@ -240,7 +268,10 @@ def test_failed_write_after_rekey_leaves_keystore_and_ledger_consistent(builds: 
     assert dev.previous_key_fingerprint == first.key_fingerprint
     chip.fail_after_writes = None
     r = flash_device(chip, b, station, COAP)  # the retry rewrites the filesystem: yet another key
-    assert r.previous_key_fingerprint == key_fingerprint(new) and ledger_row(station, r.identifier).state == "verified"
+    assert (
+        r.previous_key_fingerprint == key_fingerprint(new)
+        and ledger_row(station, r.identifier).state == "verified"
+    )
 
 
 # --- MQTT over TLS: the broker's CA ----------------------------------------------------------------------------
@@ -258,7 +289,9 @@ def test_build_with_ca_holds_it_as_der(builds: Builds) -> None:
     assert builds.plain.manifest.ca is None and CA_PATH not in im.read_files(b.params, builds.plain.fs_image)
 
 
-def test_mqtts_identity_references_the_batch_ca_and_only_the_identity_differs(builds: Builds, station: Station) -> None:
+def test_mqtts_identity_references_the_batch_ca_and_only_the_identity_differs(
+    builds: Builds, station: Station
+) -> None:
     b = builds.with_ca
     chip = factory_chip(b)
     r = flash_device(chip, b, station, MQTTS)
@@ -271,10 +304,14 @@ def test_mqtts_identity_references_the_batch_ca_and_only_the_identity_differs(bu
     # directory's metadata block: 2 blocks (a CoAP identity stays inline: 1 block).
     alone = personalise(builds.plain.params, builds.plain.fs_image, ident)
     assert r.fs_mode == "delta" and r.blocks_written == alone.delta_blocks == 2, r.writes
-    print(f"\nper-chip write, mqtts identity with the CA in the batch image: {r.blocks_written} blocks "
-          f"({len(ident.to_json(compact=True))}-byte identity)")  # fmt: skip
+    print(
+        f"\nper-chip write, mqtts identity with the CA in the batch image: {r.blocks_written} blocks "
+        f"({len(ident.to_json(compact=True))}-byte identity)"
+    )
     der = im.read_files(b.params, b.fs_image)[CA_PATH]
-    assert not any(der in bytes(chip.flash[off : off + n]) for off, n in chip.written)  # the CA is not rewritten
+    assert not any(
+        der in bytes(chip.flash[off : off + n]) for off, n in chip.written
+    )  # the CA is not rewritten
     # the CoAP identity on the same (CA) build: still 1 block
     assert flash_device(factory_chip(b, mac="24:0a:c4:00:00:02"), b, station, COAP).bytes_written == 4096
 
@@ -283,22 +320,35 @@ def test_ca_per_chip_when_the_build_has_none(builds: Builds, station: Station) -
     der = load_ca(builds.ca_pem).der
     chip = factory_chip(builds.plain)
     r = flash_device(chip, builds.plain, station, IdentityTemplate(MQTTS.gateways, "mqtt", ca=der))
-    assert chip_files(builds.plain, chip)[CA_PATH] == der and chip_identity(builds.plain, chip)[0]["ca"] == "ca.crt"
+    assert (
+        chip_files(builds.plain, chip)[CA_PATH] == der
+        and chip_identity(builds.plain, chip)[0]["ca"] == "ca.crt"
+    )
     assert r.blocks_written == 3, r.writes  # + the CA's data block
     # the same CA again with a build that has it: nothing extra per chip
-    same = flash_device(factory_chip(builds.with_ca, mac="24:0a:c4:00:00:02"), builds.with_ca, station,
-                        IdentityTemplate(MQTTS.gateways, "mqtt", ca=der))  # fmt: skip
+    same = flash_device(
+        factory_chip(builds.with_ca, mac="24:0a:c4:00:00:02"),
+        builds.with_ca,
+        station,
+        IdentityTemplate(MQTTS.gateways, "mqtt", ca=der),
+    )
     assert same.blocks_written == 2
 
 
-def test_ca_mistakes_are_refused_before_anything_is_spent(builds: Builds, station: Station, tmp_path: Path) -> None:
+def test_ca_mistakes_are_refused_before_anything_is_spent(
+    builds: Builds, station: Station, tmp_path: Path
+) -> None:
     from tools.broker_config import make_certs
 
     other = load_ca(make_certs(tmp_path / "other", ["x"]).ca).der
     der = load_ca(builds.ca_pem).der
     cases = [
         (builds.plain, MQTTS, "needs the broker's CA"),
-        (builds.with_ca, IdentityTemplate(MQTTS.gateways, "mqtt", ca=other), "differs from the one in the build"),
+        (
+            builds.with_ca,
+            IdentityTemplate(MQTTS.gateways, "mqtt", ca=other),
+            "differs from the one in the build",
+        ),
         (builds.plain, IdentityTemplate(("mqtt://192.168.4.1",), "mqtt", ca=der), "no mqtts://"),
     ]
     for built, template, message in cases:
@@ -335,10 +385,17 @@ def test_load_ca_accepts_pem_and_der_and_refuses_the_rest(builds: Builds, tmp_pa
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")])
     now = dt.datetime.now(dt.UTC)
-    leaf = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     from cryptography.hazmat.primitives.serialization import Encoding
 
     (tmp_path / "leaf.der").write_bytes(leaf.public_bytes(Encoding.DER))
@@ -348,7 +405,9 @@ def test_load_ca_accepts_pem_and_der_and_refuses_the_rest(builds: Builds, tmp_pa
         load_ca(builds.ca_pem, now=now + dt.timedelta(days=20000))
 
 
-def test_firmware_reads_the_flashed_identity_and_loads_the_ca(builds: Builds, station: Station, tmp_path: Path) -> None:
+def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
+    builds: Builds, station: Station, tmp_path: Path
+) -> None:
     """The chip's files under the real micropython: carrier.identity parses the identity (secure, mqtts, the
     CA path under its data root) and carrier.mqtt builds its TLS context from the DER CA."""
     from tests.mp import run_mp
@@ -369,7 +428,15 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(builds: Builds, st
     )
     key = station.keystore().get(chip_identity(b, chip)[1].identifier)
     assert key is not None
-    assert out.split() == ["True", "True", "mqtt", "192.168.4.1", "8883", f"{root}/ca.crt", key_fingerprint(key)]
+    assert out.split() == [
+        "True",
+        "True",
+        "mqtt",
+        "192.168.4.1",
+        "8883",
+        f"{root}/ca.crt",
+        key_fingerprint(key),
+    ]
 
 
 # --- the command line ------------------------------------------------------------------------------------------
@@ -383,12 +450,28 @@ def parse(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_cli_build_ca_and_station_options(builds: Builds, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_ca_and_station_options(
+    builds: Builds, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tools.flash import cli
 
     fw, _ = firmware_tree(tmp_path)
-    assert cli.run(parse("build", "--board", BOARD, "--out", str(tmp_path / "b"), "--firmware", str(fw),
-                         "--ca", str(builds.ca_pem))) == 0  # fmt: skip
+    assert (
+        cli.run(
+            parse(
+                "build",
+                "--board",
+                BOARD,
+                "--out",
+                str(tmp_path / "b"),
+                "--firmware",
+                str(fw),
+                "--ca",
+                str(builds.ca_pem),
+            )
+        )
+        == 0
+    )
     assert "ca.crt: CN=ida broker CA" in capsys.readouterr().out
     assert fb.load_build(tmp_path / "b").manifest.ca is not None
     base = ("device", "--port", "p", "--board", BOARD, "--next")
@@ -404,13 +487,17 @@ def test_identity_format_round_trips() -> None:
     key = new_key()
     for ident in (
         Identity("88.123.99/P-1", key, ("coap://10.0.0.1",)),
-        Identity("88.123.99/P-1", key, ("coap://10.0.0.1", "mqtts://b:8883"), "mqtt", ("s", "p"), True, "ca.crt"),
+        Identity(
+            "88.123.99/P-1", key, ("coap://10.0.0.1", "mqtts://b:8883"), "mqtt", ("s", "p"), True, "ca.crt"
+        ),
     ):
         assert parse_identity(ident.to_json()) == ident == parse_identity(ident.to_json(compact=True))
     assert b'"transport"' not in Identity("88.123.99/P-1", key, ("coap://h",)).to_json(compact=True)
     with pytest.raises(FlashError, match="one gateway address per transport"):
         Identity("88.123.99/P-1", key, ("mqtt://b", "mqtts://b"), "mqtt")
-    assert "oscore" in repr(Identity("88.123.99/P-1", key, ("coap://h",), secure=True)) and key.hex() not in repr(ident)
+    assert "oscore" in repr(
+        Identity("88.123.99/P-1", key, ("coap://h",), secure=True)
+    ) and key.hex() not in repr(ident)
 
 
 def test_result_reports_key_state() -> None:

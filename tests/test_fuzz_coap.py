@@ -52,13 +52,74 @@ from tests.fuzzing import (
 )
 from tests.gwhelpers import PUMP, FakeResolver, RestNode, report_fields
 
-OPTION_NUMBERS = [1, 3, 4, 5, 6, 7, 8, 9, 11, 11, 11, 11, 12, 14, 15, 15, 17, 20, 23, 27, 28, 35, 39, 60, 252, 258,
-                  292, 2048, 2049, 65000, 65535]  # fmt: skip
-SEGMENTS = [b"r", b"d", b"88.123.99", b"PUMP-0001", b"rpt", b"cfg", b".well-known", b"core", b"", b"..", b"\xff",
-            b"\xc0\xaf", b"\xed\xa0\x80", b"88.123.99%2F", "\u00e9".encode(), b"\x00", b"a" * 300, b"0.NA",
-            b"88.123.99/PUMP-0001"]  # fmt: skip
-QUERIES = [b"type=URL", b"index=1", b"index=", b"index=-1", b"index=99999999999", b"index=\xd9\xa1", b"type=\xff",
-           b"=", b"", b"type", b"index=1e3", b"index=\xef\xbc\x91"]  # fmt: skip
+OPTION_NUMBERS = [
+    1,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    11,
+    11,
+    11,
+    11,
+    12,
+    14,
+    15,
+    15,
+    17,
+    20,
+    23,
+    27,
+    28,
+    35,
+    39,
+    60,
+    252,
+    258,
+    292,
+    2048,
+    2049,
+    65000,
+    65535,
+]
+SEGMENTS = [
+    b"r",
+    b"d",
+    b"88.123.99",
+    b"PUMP-0001",
+    b"rpt",
+    b"cfg",
+    b".well-known",
+    b"core",
+    b"",
+    b"..",
+    b"\xff",
+    b"\xc0\xaf",
+    b"\xed\xa0\x80",
+    b"88.123.99%2F",
+    "\u00e9".encode(),
+    b"\x00",
+    b"a" * 300,
+    b"0.NA",
+    b"88.123.99/PUMP-0001",
+]
+QUERIES = [
+    b"type=URL",
+    b"index=1",
+    b"index=",
+    b"index=-1",
+    b"index=99999999999",
+    b"index=\xd9\xa1",
+    b"type=\xff",
+    b"=",
+    b"",
+    b"type",
+    b"index=1e3",
+    b"index=\xef\xbc\x91",
+]
 CODES = [1, 1, 1, 2, 2, 3, 4, 5, 6, 7, 0, 31, 32, 65, 68, 69, 160, 224, 255]
 
 
@@ -69,8 +130,10 @@ def option_values(draw: st.DrawFn, num: int) -> bytes:
     if num == 15:
         return draw(st.sampled_from(QUERIES) | st.binary(max_size=20))
     if num in (6, 12, 14, 17, 23, 27, 28, 60, 258):
-        return draw(st.sampled_from([0, 1, 50, 60, 0x7FF, 0xFFFFFF, 2**32 - 1, 2**40]).map(uint_bytes) |
-                    st.binary(max_size=6))  # fmt: skip
+        return draw(
+            st.sampled_from([0, 1, 50, 60, 0x7FF, 0xFFFFFF, 2**32 - 1, 2**40]).map(uint_bytes)
+            | st.binary(max_size=6)
+        )
     return draw(st.binary(max_size=draw(st.sampled_from([0, 4, 8, 16, 300]))))
 
 
@@ -117,7 +180,7 @@ def _valid_requests() -> list[bytes]:
                 (17, b"\x32"),
             ],
             b"",
-        ),  # fmt: skip
+        ),
         coap_encode(
             1, 0, b"\x01\x03", 2, 3, [(11, b"d"), *[(11, s) for s in p], (11, b"rpt"), (12, b"\x3c")], rep
         ),
@@ -242,8 +305,12 @@ _checks = itertools.count(1)
 def check_report(p: Prober) -> None:
     n = next(_checks)
     ident = f"88.123.99/CHECK-{os.getpid()}-{n}"
-    msg = aiocoap.Message(code=Code.POST, uri_path=("d", *ident.split("/"), "rpt"), content_format=60,
-                          payload=wire.encode("report", report_fields(ident, boot=1, seq=n)))  # fmt: skip
+    msg = aiocoap.Message(
+        code=Code.POST,
+        uri_path=("d", *ident.split("/"), "rpt"),
+        content_format=60,
+        payload=wire.encode("report", report_fields(ident, boot=1, seq=n)),
+    )
     resp = p.request(msg)
     assert resp.code == Code.CHANGED, (resp, resp.payload)
     assert wire.decode("report_ack", resp.payload) == {"boot": 1, "seq": n, "code": wire.OK}
@@ -268,12 +335,15 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         async def setup() -> tuple[int, Callable[[], Awaitable[None]]]:
             node = RestNode()
             url = await node.start()
-            cfg = gwconfig.from_mapping({
-                "coap": {"host": "127.0.0.1", "port": 0}, "http": {"host": "127.0.0.1", "port": 0},
-                "upstream": {"urls": [url], "timeout": 2, "attempt_timeout": 1},
-                "limits": {"device_rate": 2, "device_burst": 3, "source_rate": 0},
-                "data": {"dir": str(tmp / "data")},
-            })  # fmt: skip
+            cfg = gwconfig.from_mapping(
+                {
+                    "coap": {"host": "127.0.0.1", "port": 0},
+                    "http": {"host": "127.0.0.1", "port": 0},
+                    "upstream": {"urls": [url], "timeout": 2, "attempt_timeout": 1},
+                    "limits": {"device_rate": 2, "device_burst": 3, "source_rate": 0},
+                    "data": {"dir": str(tmp / "data")},
+                }
+            )
             gw = Gateway(cfg)
             await gw.start()
             assert gw.coap is not None and gw.coap.address is not None
@@ -315,14 +385,17 @@ def test_fuzz_gateway_coap_then_report(gateway_env: Env, batch: list[bytes]) -> 
 
 
 @fuzz_settings(6)
-@given(st.lists(cbor_payloads("report") | cbor_payloads("config_ack") | cbor_payloads(), min_size=1, max_size=8),
-       st.sampled_from(["rpt", "cfg"]))  # fmt: skip
+@given(
+    st.lists(cbor_payloads("report") | cbor_payloads("config_ack") | cbor_payloads(), min_size=1, max_size=8),
+    st.sampled_from(["rpt", "cfg"]),
+)
 def test_fuzz_gateway_coap_cbor_payloads(gateway_env: Env, payloads: list[bytes], leaf: str) -> None:
     """Every CBOR payload shape at POST /d/<id>/rpt and /cfg: answered 2.04 or 4.xx, never 5.00."""
     for i, payload in enumerate(payloads):
         ident = f"88.123.99/CBOR-{i % 3}"
-        msg = aiocoap.Message(code=Code.POST, uri_path=("d", *ident.split("/"), leaf), content_format=60,
-                              payload=payload)  # fmt: skip
+        msg = aiocoap.Message(
+            code=Code.POST, uri_path=("d", *ident.split("/"), leaf), content_format=60, payload=payload
+        )
         resp = gateway_env.p.request(msg)
         assert resp.code.is_successful() or resp.code.class_ == 4, (resp, payload.hex())
     gateway_env.assert_clean()
@@ -330,9 +403,16 @@ def test_fuzz_gateway_coap_cbor_payloads(gateway_env: Env, payloads: list[bytes]
 
 def test_regression_coap_fuzz_smoke(gateway_env: Env) -> None:
     """The fixed inputs that exercise the odd corners every run (also a check that the fixture works)."""
-    odd = [b"", b"\x40", b"\x40\x01\x00\x01\xff", b"\x4f\x01\x00\x01", b"\x40\x01\x00\x01\xbd\xff" + b"x" * 300,
-           b"\x40\x01\x00\x01\xe0\xff\xff", b"\x40\x02\x00\x01\xb1r\xb9" + b"\xc0\xaf" * 4 + b"\xff\xa0",
-           *VALID]  # fmt: skip
+    odd = [
+        b"",
+        b"\x40",
+        b"\x40\x01\x00\x01\xff",
+        b"\x4f\x01\x00\x01",
+        b"\x40\x01\x00\x01\xbd\xff" + b"x" * 300,
+        b"\x40\x01\x00\x01\xe0\xff\xff",
+        b"\x40\x02\x00\x01\xb1r\xb9" + b"\xc0\xaf" * 4 + b"\xff\xa0",
+        *VALID,
+    ]
     gateway_env.p.send(odd)
     check_resolve(gateway_env.p)
     check_report(gateway_env.p)
@@ -345,10 +425,12 @@ def test_regression_observe_on_a_path_that_is_not_observable(gateway_env: Env) -
     # "Task exception was never retrieved" (through aiocoap's own broken error log: TypeError) -- on demand,
     # by anyone, once per datagram.
     gateway_env.p.send([b"R\x01\x00\x04\x01\x04`Qd\t\x188.123.99\tPUMP-0001\x03cfg"])  # the exact input
-    for path, code in ((("d", "88.123.99", "PUMP-0001", "rpt"), Code.METHOD_NOT_ALLOWED),
-                       (("d", "88.123.99", "PUMP-0001"), Code.NOT_FOUND),
-                       (("d", "..", "cfg"), Code.BAD_REQUEST),
-                       (("d", "\u00e9", "x", "cfg"), Code.BAD_REQUEST)):  # fmt: skip
+    for path, code in (
+        (("d", "88.123.99", "PUMP-0001", "rpt"), Code.METHOD_NOT_ALLOWED),
+        (("d", "88.123.99", "PUMP-0001"), Code.NOT_FOUND),
+        (("d", "..", "cfg"), Code.BAD_REQUEST),
+        (("d", "\u00e9", "x", "cfg"), Code.BAD_REQUEST),
+    ):
         msg = aiocoap.Message(code=Code.GET, uri_path=path, observe=0)
         resp = gateway_env.p.request(msg)
         assert resp.code == code and resp.opt.observe is None, (path, resp)
@@ -363,9 +445,17 @@ DEVICE_KEY = bytes(range(16))
 def _device_context(tmp: Path) -> oscore.FilesystemSecurityContext:
     d = tmp / "device-ctx"
     d.mkdir()
-    (d / "settings.json").write_text(json.dumps({
-        "sender-id_hex": cs.kid_of(DEVICE).hex(), "recipient-id_hex": "", "secret_hex": DEVICE_KEY.hex(),
-        "salt_hex": cs.SALT.hex(), "algorithm": cs.ALGORITHM}))  # fmt: skip
+    (d / "settings.json").write_text(
+        json.dumps(
+            {
+                "sender-id_hex": cs.kid_of(DEVICE).hex(),
+                "recipient-id_hex": "",
+                "secret_hex": DEVICE_KEY.hex(),
+                "salt_hex": cs.SALT.hex(),
+                "algorithm": cs.ALGORITHM,
+            }
+        )
+    )
     return oscore.FilesystemSecurityContext(str(d))
 
 
@@ -426,9 +516,23 @@ def oscore_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, 
 @given(st.data())
 def test_fuzz_oscore_coap_datagrams(oscore_env: tuple[Env, list[bytes]], data: st.DataObject) -> None:
     env, seeds = oscore_env
-    oscore_opts = st.lists(st.tuples(st.just(9), st.binary(max_size=12) | st.sampled_from(
-        [b"", b"\x09", b"\x19\x01" + cs.kid_of(DEVICE), b"\x08" + cs.kid_of(DEVICE), b"\x1f" + b"\x00" * 20])),
-        min_size=1, max_size=2)  # fmt: skip
+    oscore_opts = st.lists(
+        st.tuples(
+            st.just(9),
+            st.binary(max_size=12)
+            | st.sampled_from(
+                [
+                    b"",
+                    b"\x09",
+                    b"\x19\x01" + cs.kid_of(DEVICE),
+                    b"\x08" + cs.kid_of(DEVICE),
+                    b"\x1f" + b"\x00" * 20,
+                ]
+            ),
+        ),
+        min_size=1,
+        max_size=2,
+    )
     with_oscore = st.builds(
         lambda opts, path, payload: coap_encode(
             1, 0, b"\x01", 2, 9, [*opts, *[(11, s) for s in path]], payload
@@ -476,8 +580,15 @@ def fast_gets(draw: st.DrawFn) -> bytes:
             st.lists(st.sampled_from([b"", b"\x32", b"\x3c", b"\x00\x32", b"\x01\x02\x03"]), max_size=1)
         )
     ]
-    data = coap_encode(1, draw(st.integers(0, 1)), draw(st.binary(max_size=8)), 1, draw(st.integers(0, 0xFFFF)), opts,
-                       draw(st.sampled_from([b"", b"", b"", b"x"])))  # fmt: skip
+    data = coap_encode(
+        1,
+        draw(st.integers(0, 1)),
+        draw(st.binary(max_size=8)),
+        1,
+        draw(st.integers(0, 0xFFFF)),
+        opts,
+        draw(st.sampled_from([b"", b"", b"", b"x"])),
+    )
     return draw(st.just(data) | mutated([data]))
 
 

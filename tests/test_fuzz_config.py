@@ -98,7 +98,7 @@ toml_scalars = (
             "/",
             "a" * 300,
         ]
-    )  # fmt: skip
+    )
     | st.datetimes(timezones=st.none() | st.just(dt.UTC))
     | st.dates()
     | st.times()
@@ -240,8 +240,14 @@ def test_regression_config_non_finite_numbers(tmp_path: Path) -> None:
     # fuzz finding: nan (and inf) passed the checks of every seconds / rate option (nan < 0 and nan <= 0 are
     # false), giving a config with a nan timeout, cache lifetime or rate
     p = tmp_path / "gateway.toml"
-    for section, key in (("upstream", "timeout"), ("cache", "max_ttl"), ("cache", "min_ttl"), ("limits", "device_rate"),
-                         ("upstream", "hedge"), ("cache", "flush_interval")):  # fmt: skip
+    for section, key in (
+        ("upstream", "timeout"),
+        ("cache", "max_ttl"),
+        ("cache", "min_ttl"),
+        ("limits", "device_rate"),
+        ("upstream", "hedge"),
+        ("cache", "flush_interval"),
+    ):
         for v in ("nan", "inf", "-nan"):
             p.write_text(f"[{section}]\n{key} = {v}\n")
             try:

@@ -72,10 +72,24 @@ def _readdress(datagram: bytes, rid: int) -> bytes:
 
 
 # -- mutations ------------------------------------------------------------------------------------------------
-ENV_FIELDS = {"major": (0, ">B"), "minor": (1, ">B"), "flags": (2, ">H"), "session": (4, ">I"), "rid": (8, ">I"),
-              "seq": (12, ">I"), "length": (16, ">I")}  # fmt: skip
-HDR_FIELDS = {"opcode": (20, ">I"), "code": (24, ">I"), "opflags": (28, ">I"), "serial": (32, ">H"),
-              "recursion": (34, ">B"), "expiration": (36, ">I"), "body_length": (40, ">I")}  # fmt: skip
+ENV_FIELDS = {
+    "major": (0, ">B"),
+    "minor": (1, ">B"),
+    "flags": (2, ">H"),
+    "session": (4, ">I"),
+    "rid": (8, ">I"),
+    "seq": (12, ">I"),
+    "length": (16, ">I"),
+}
+HDR_FIELDS = {
+    "opcode": (20, ">I"),
+    "code": (24, ">I"),
+    "opflags": (28, ">I"),
+    "serial": (32, ">H"),
+    "recursion": (34, ">B"),
+    "expiration": (36, ">I"),
+    "body_length": (40, ">I"),
+}
 INTERESTING = {
     ">B": [0, 1, 2, 5, 0x7F, 0xFF],
     ">H": [0, 0x8000, 0x4000, 0x2000, 0xE000, 0x0205, 0xFFFF],
@@ -227,8 +241,9 @@ async def _scenario(handles: list[str], script: Script, tcp_fallback: bool) -> l
         server, udp, port = await _serve(node)
         outcomes = []
         try:
-            async with HandleClient("127.0.0.1", port, timeout=0.15, retries=1, backoff=0.04,
-                                    tcp_fallback=tcp_fallback) as c:  # fmt: skip
+            async with HandleClient(
+                "127.0.0.1", port, timeout=0.15, retries=1, backoff=0.04, tcp_fallback=tcp_fallback
+            ) as c:
                 for h in handles:
                     try:
                         r = await c.resolve(h)

@@ -65,7 +65,10 @@ def _noncharacter(c: str) -> bool:
 # packet"), and paho resends that QoS 1 message on every reconnect: those are kept out of the topics.
 key_text = st.sampled_from(KEYS) | st.text(
     alphabet=st.characters(blacklist_characters="/+#", blacklist_categories=("Cs", "Cc")).filter(
-        lambda c: not _noncharacter(c)), max_size=30)  # fmt: skip
+        lambda c: not _noncharacter(c)
+    ),
+    max_size=30,
+)
 
 
 class Client:
@@ -90,8 +93,9 @@ class Client:
                 cl.subscribe([(t, 1) for t in self.topics])
             connected.put(True)
 
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
-                        clean_session=True)  # fmt: skip
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311, clean_session=True
+        )
         c.on_connect = on_connect
         c.on_message = lambda cl, u, m: self.inbox.put((m.topic, bytes(m.payload)))
         c.connect(self.addr.host, self.addr.port, keepalive=60)
@@ -129,8 +133,11 @@ class Env:
         self.url = url
         self.fe = fe
         self.fuzzer = Client(url, "fuzzer")
-        self.device = Client(url, wire.topic_key(PUMP)[:23], [f"{wire.TOPIC_ROOT}/{wire.topic_key(PUMP)}/{leaf}"
-                                                               for leaf in ("res", "ack")])  # fmt: skip
+        self.device = Client(
+            url,
+            wire.topic_key(PUMP)[:23],
+            [f"{wire.TOPIC_ROOT}/{wire.topic_key(PUMP)}/{leaf}" for leaf in ("res", "ack")],
+        )
         self._tok = itertools.count(1)
         self._seq = itertools.count(1)
         self.published = 0
@@ -223,8 +230,20 @@ def _payload_for(leaf: str) -> st.SearchStrategy[bytes]:
 def publications(draw: st.DrawFn) -> tuple[str, bytes, int, bool]:
     leaf = draw(st.sampled_from(LEAVES))
     key = draw(key_text)
-    topic = f"{wire.TOPIC_ROOT}/{key}/{leaf}" if draw(st.integers(0, 9)) else draw(st.sampled_from(
-        [f"{wire.TOPIC_ROOT}/{key}/{leaf}/extra", f"ida/v1/d/{key}", "ida/v1/d", f"ida/v1/d/{key}/{leaf}/"]))  # fmt: skip
+    topic = (
+        f"{wire.TOPIC_ROOT}/{key}/{leaf}"
+        if draw(st.integers(0, 9))
+        else draw(
+            st.sampled_from(
+                [
+                    f"{wire.TOPIC_ROOT}/{key}/{leaf}/extra",
+                    f"ida/v1/d/{key}",
+                    "ida/v1/d",
+                    f"ida/v1/d/{key}/{leaf}/",
+                ]
+            )
+        )
+    )
     return topic, draw(_payload_for(leaf)), draw(st.integers(0, 1)), draw(st.integers(0, 6)) == 0
 
 

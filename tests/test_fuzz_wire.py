@@ -124,16 +124,35 @@ def test_fuzz_firmware_agrees_with_gateway(cases: list[tuple[str, st.DataObject]
 
 def test_regression_wire_odd_payloads() -> None:
     """Fixed inputs: self-referencing CBOR, huge declared lengths, deep nesting, NaN keys, bignums."""
-    for hx in ("d81c81d81d00", "9bffffffffffffffff", "5b0000001000000000", "81" * 5000 + "00",
-               "a1f97e0001", "c249010000000000000000", "a10bc249010000000000000000", "bf0102ff", "a1" * 3000 + "00" * 3001):  # fmt: skip
+    for hx in (
+        "d81c81d81d00",
+        "9bffffffffffffffff",
+        "5b0000001000000000",
+        "81" * 5000 + "00",
+        "a1f97e0001",
+        "c249010000000000000000",
+        "a10bc249010000000000000000",
+        "bf0102ff",
+        "a1" * 3000 + "00" * 3001,
+    ):
         for name in NAMES:
             try:
                 wire.decode(name, bytes.fromhex(hx))
             except wire.WireError:
                 pass
     # a sensors map with NaN round-trips to the same bytes (NaN != NaN must not break re-encoding)
-    rep = {"id": "88.1/X", "boot": 1, "seq": 1, "uptime": 1, "heap": 1, "rssi": 0, "queue": 0, "board": "b", "fw": "f",
-           "sensors": {"t": math.nan}}  # fmt: skip
+    rep = {
+        "id": "88.1/X",
+        "boot": 1,
+        "seq": 1,
+        "uptime": 1,
+        "heap": 1,
+        "rssi": 0,
+        "queue": 0,
+        "board": "b",
+        "fw": "f",
+        "sensors": {"t": math.nan},
+    }
     b = wire.encode("report", rep)
     assert wire.encode("report", wire.decode("report", b)) == b
 
@@ -142,8 +161,10 @@ def test_regression_wire_odd_payloads() -> None:
 @given(message_maps("resolve_response"))
 def test_fuzz_quick_resolve_response_encoder_matches_encode(m: dict[Any, Any]) -> None:
     """wire.encode_resolve_response (the CoAP answer's fast shape check) gives encode()'s bytes or its error."""
-    fields = {wire.NAMES.get(k, str(k)) if isinstance(k, int) and not isinstance(k, bool) else str(k): v
-              for k, v in m.items()}  # fmt: skip
+    fields = {
+        wire.NAMES.get(k, str(k)) if isinstance(k, int) and not isinstance(k, bool) else str(k): v
+        for k, v in m.items()
+    }
     try:
         want: bytes | None = wire.encode("resolve_response", fields)
     except wire.WireError:

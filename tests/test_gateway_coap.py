@@ -47,8 +47,9 @@ class Env:
     clock: Clock
     client: aiocoap.Context
 
-    async def get(self, path: str, *, accept: int | None = None, etags: tuple[bytes, ...] = (),
-                  blockwise: bool = True) -> aiocoap.Message:  # fmt: skip
+    async def get(
+        self, path: str, *, accept: int | None = None, etags: tuple[bytes, ...] = (), blockwise: bool = True
+    ) -> aiocoap.Message:
         msg = aiocoap.Message(code=Code.GET, uri=self.base + path)
         if accept is not None:
             msg.opt.accept = accept
@@ -152,7 +153,9 @@ async def test_max_age_counts_down(env: Env) -> None:
 
     async def cached(handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()):  # type: ignore[no-untyped-def]
         answer = await real_resolve(handle, types, indexes)
-        return type(answer)(answer.code, answer.handle, answer.record, wire.SOURCE_CACHE, expires, answer.etag)
+        return type(answer)(
+            answer.code, answer.handle, answer.record, wire.SOURCE_CACHE, expires, answer.etag
+        )
 
     env.resolver.resolve = cached  # type: ignore[method-assign]
     ages = []
@@ -165,8 +168,10 @@ async def test_max_age_counts_down(env: Env) -> None:
 
 
 async def test_block2_for_a_big_record(env: Env) -> None:
-    expected = wire.encode("resolve_response", {
-        "code": 1, "id": BIG, "values": sample_records()[BIG].to_device_values(env.clock()), "source": 2})  # fmt: skip
+    expected = wire.encode(
+        "resolve_response",
+        {"code": 1, "id": BIG, "values": sample_records()[BIG].to_device_values(env.clock()), "source": 2},
+    )
     assert len(expected) > 4 * 1024
     raw = await env.get(f"/r/{BIG}", blockwise=False)
     assert raw.code == Code.CONTENT
@@ -190,7 +195,12 @@ async def test_errors(env: Env) -> None:
     assert missing.code == Code.NOT_FOUND
     assert missing.opt.max_age == NEGATIVE_TTL
     err = _error(missing)
-    assert err == {"code": wire.NOT_FOUND, "msg": "handle not found", "id": "88.123.99/NOPE", "ttl": NEGATIVE_TTL}
+    assert err == {
+        "code": wire.NOT_FOUND,
+        "msg": "handle not found",
+        "id": "88.123.99/NOPE",
+        "ttl": NEGATIVE_TTL,
+    }
 
     novalue = await env.get(f"/r/{PUMP}?type=NOTHING")
     assert novalue.code == Code.NOT_FOUND and _error(novalue)["code"] == wire.VALUES_NOT_FOUND
@@ -262,12 +272,16 @@ async def test_bad_reports(env: Env) -> None:
     no_seq = {k: v for k, v in report_fields().items() if k != "seq"}
     resp = await env.post(f"/d/{PUMP}/rpt", wire.dumps({wire.KEYS[k]: v for k, v in no_seq.items()}))
     assert resp.code == Code.BAD_REQUEST and "seq" in _error(resp)["msg"]
-    assert (await env.post("/d/88.123.99/rpt", wire.encode("report", report_fields()))).code == Code.BAD_REQUEST
+    assert (
+        await env.post("/d/88.123.99/rpt", wire.encode("report", report_fields()))
+    ).code == Code.BAD_REQUEST
     msg = aiocoap.Message(code=Code.GET, uri=f"{env.base}/d/{PUMP}/rpt")
     assert (await env.client.request(msg).response).code == Code.METHOD_NOT_ALLOWED
     assert (await env.post(f"/d/{PUMP}/nope", b"")).code == Code.NOT_FOUND
     huge = await env.post(f"/d/{PUMP}/rpt", wire.encode("report", report_fields(boot=2**63)))
-    assert huge.code == Code.BAD_REQUEST and "boot" in _error(huge)["msg"]  # refused by the registry, not a 5.00
+    assert (
+        huge.code == Code.BAD_REQUEST and "boot" in _error(huge)["msg"]
+    )  # refused by the registry, not a 5.00
 
 
 async def test_config_fetch_ack_and_observe(env: Env) -> None:
@@ -286,8 +300,11 @@ async def test_config_fetch_ack_and_observe(env: Env) -> None:
     notifications = obs_req.observation.__aiter__()
     second = env.registry.set_desired_config(PUMP, meta={"URL": "https://example.com/new"})
     note = await asyncio.wait_for(notifications.__anext__(), 10)
-    assert wire.decode("config", note.payload) == {"cfgver": second["cfgver"], "interval": 60,
-                                                    "meta": {"URL": "https://example.com/new"}}  # fmt: skip
+    assert wire.decode("config", note.payload) == {
+        "cfgver": second["cfgver"],
+        "interval": 60,
+        "meta": {"URL": "https://example.com/new"},
+    }
     assert env.fe.devices.observers(PUMP) == 1
     obs_req.observation.cancel()
 
@@ -322,8 +339,9 @@ async def test_stop_answers_requests_in_flight(env: Env) -> None:
 # -- libcoap -----------------------------------------------------------------------------------------------
 async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
     assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out, err
 
@@ -345,8 +363,9 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
     payload = tmp_path / "report.cbor"
     payload.write_bytes(wire.encode("report", report_fields(boot=9, seq=1)))
     for _ in range(2):
-        rc, out, err = await _coap_client("-m", "post", "-t", "60", "-f", str(payload),
-                                          f"coap://127.0.0.1:{env.port}/d/{PUMP}/rpt")  # fmt: skip
+        rc, out, err = await _coap_client(
+            "-m", "post", "-t", "60", "-f", str(payload), f"coap://127.0.0.1:{env.port}/d/{PUMP}/rpt"
+        )
         assert rc == 0, err
         # coap-client prints the payload and a newline
         assert wire.decode("report_ack", out.removesuffix(b"\n")) == {"boot": 9, "seq": 1, "code": 1}
@@ -354,8 +373,11 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
 
 
 # -- the 2.05 payload: written out by the front end, the bytes wire's encoder gives ------------------------------
-_ints = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32,
-                                                              2**64 - 1, 2**64, -1, -(2**64)]), st.booleans())  # fmt: skip
+_ints = st.one_of(
+    st.integers(0, 2**64 - 1),
+    st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1, -(2**64)]),
+    st.booleans(),
+)
 _texts = st.one_of(st.text(max_size=30), st.sampled_from(["", "x" * 23, "x" * 24, "é" * 200, "\ud800", "𝄞"]))
 _value = st.one_of(
     st.lists(st.one_of(_ints, _texts, st.binary(max_size=300)), min_size=4, max_size=4),
@@ -373,7 +395,9 @@ def _wire_or_error(code: object, ident: object, values: object, source: object) 
 
 @settings(max_examples=300, deadline=None)
 @given(_ints, _texts, st.lists(_value, max_size=5), st.one_of(st.integers(-1, 5), st.booleans()))
-def test_resolve_payload_is_wires_encoding(code: int, ident: str, values: list[list[object]], source: int) -> None:
+def test_resolve_payload_is_wires_encoding(
+    code: int, ident: str, values: list[list[object]], source: int
+) -> None:
     want = _wire_or_error(code, ident, values, source)
     try:
         got: object = resolve_payload(code, ident, values, source)
@@ -387,4 +411,5 @@ def test_resolve_payload_of_real_records() -> None:
         values = rec.to_device_values(0.0)
         for source in (wire.SOURCE_UPSTREAM, wire.SOURCE_CACHE):
             assert resolve_payload(wire.OK, rec.handle, values, source) == wire.encode_resolve_response(
-                {"code": wire.OK, "id": rec.handle, "values": values, "source": source})  # fmt: skip
+                {"code": wire.OK, "id": rec.handle, "values": values, "source": source}
+            )

@@ -34,7 +34,9 @@ def test_defaults() -> None:
 
 
 def test_full_file(tmp_path: Path) -> None:
-    cfg = _load(tmp_path, """
+    cfg = _load(
+        tmp_path,
+        """
 [coap]
 host = "::"
 port = 0
@@ -57,7 +59,9 @@ webhook_url = "https://erp.example.com/hook"
 dir = "/tmp/ida-data"
 [log]
 level = "DEBUG"
-""", env={"IDA_DATA": "/ignored"})  # fmt: skip
+""",
+        env={"IDA_DATA": "/ignored"},
+    )
     assert (cfg.coap.host, cfg.coap.port, cfg.http.port) == ("::", 0, 18080)
     assert cfg.mqtt.group == "line-3"
     assert cfg.upstream.urls == ("hdl://10.0.0.5:2641", "http://10.0.0.6:8000")
@@ -72,28 +76,43 @@ level = "DEBUG"
     assert rc.zone_file == Path("/tmp/ida-data/zone.json")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('[coap]\nport = "x"', '[coap] port: expected a port number 0-65535 (0 = any free port), got "x"'),
-    ("[coap]\nport = 70000", "[coap] port: expected a port number 0-65535 (0 = any free port), got 70000"),
-    ("[coap]\nport = true", "[coap] port: expected a port number 0-65535 (0 = any free port), got true"),
-    ("[coap]\nprot = 5683", "[coap] prot: unknown key (known: host, port, security, keystore, plain_resolve)"),
-    ("[coap]\nhost = ''", '[coap] host: expected a host name or IP address, got ""'),
-    ("[colour]\nx = 1", "[colour]: unknown section"),
-    ('coap = "x"', 'coap: expected a [coap] table, got "x"'),
-    ('[mqtt]\nurl = "tcp://broker"', "[mqtt] url: expected a URL with scheme mqtt://, mqtts://"),
-    ('[upstream]\nurls = "hdl://a"', '[upstream] urls: expected a list of URL strings, got "hdl://a"'),
-    ('[upstream]\nurls = ["ftp://a"]', "[upstream] urls: upstream URL 'ftp://a': scheme must be"),
-    ("[upstream]\ntimeout = 0", "[upstream] timeout: expected a number of seconds > 0, got 0"),
-    ("[upstream]\nhedge = -1", "[upstream] hedge: expected a number of seconds >= 0, got -1"),
-    ("[cache]\nmax_entries = 0", "[cache] max_entries: expected an integer >= 1, got 0"),
-    ("[cache]\nmax_entries = 1.5", "[cache] max_entries: expected an integer >= 1, got 1.5"),
-    ("[cache]\nprefetch_fraction = 1", "[cache] prefetch_fraction: expected a number from 0 up to (not including) 1"),
-    ('[cache]\npersist = "yes"', '[cache] persist: expected true or false, got "yes"'),
-    ("[cache]\nmin_ttl = 10\nmax_ttl = 5", "[cache] min_ttl: must not exceed max_ttl (5), got 10"),
-    ('[log]\nlevel = "loud"', '[log] level: expected one of debug, info, warning, error, got "loud"'),
-    ('[outbox]\nmqtt_topic = "north"', "[outbox] mqtt_topic: needs a broker"),
-    ('[outbox]\nwebhook_url = "ftp://x"', "[outbox] webhook_url: expected a URL with scheme http://, https://"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[coap]\nport = "x"', '[coap] port: expected a port number 0-65535 (0 = any free port), got "x"'),
+        (
+            "[coap]\nport = 70000",
+            "[coap] port: expected a port number 0-65535 (0 = any free port), got 70000",
+        ),
+        ("[coap]\nport = true", "[coap] port: expected a port number 0-65535 (0 = any free port), got true"),
+        (
+            "[coap]\nprot = 5683",
+            "[coap] prot: unknown key (known: host, port, security, keystore, plain_resolve)",
+        ),
+        ("[coap]\nhost = ''", '[coap] host: expected a host name or IP address, got ""'),
+        ("[colour]\nx = 1", "[colour]: unknown section"),
+        ('coap = "x"', 'coap: expected a [coap] table, got "x"'),
+        ('[mqtt]\nurl = "tcp://broker"', "[mqtt] url: expected a URL with scheme mqtt://, mqtts://"),
+        ('[upstream]\nurls = "hdl://a"', '[upstream] urls: expected a list of URL strings, got "hdl://a"'),
+        ('[upstream]\nurls = ["ftp://a"]', "[upstream] urls: upstream URL 'ftp://a': scheme must be"),
+        ("[upstream]\ntimeout = 0", "[upstream] timeout: expected a number of seconds > 0, got 0"),
+        ("[upstream]\nhedge = -1", "[upstream] hedge: expected a number of seconds >= 0, got -1"),
+        ("[cache]\nmax_entries = 0", "[cache] max_entries: expected an integer >= 1, got 0"),
+        ("[cache]\nmax_entries = 1.5", "[cache] max_entries: expected an integer >= 1, got 1.5"),
+        (
+            "[cache]\nprefetch_fraction = 1",
+            "[cache] prefetch_fraction: expected a number from 0 up to (not including) 1",
+        ),
+        ('[cache]\npersist = "yes"', '[cache] persist: expected true or false, got "yes"'),
+        ("[cache]\nmin_ttl = 10\nmax_ttl = 5", "[cache] min_ttl: must not exceed max_ttl (5), got 10"),
+        ('[log]\nlevel = "loud"', '[log] level: expected one of debug, info, warning, error, got "loud"'),
+        ('[outbox]\nmqtt_topic = "north"', "[outbox] mqtt_topic: needs a broker"),
+        (
+            '[outbox]\nwebhook_url = "ftp://x"',
+            "[outbox] webhook_url: expected a URL with scheme http://, https://",
+        ),
+    ],
+)
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         _load(tmp_path, text)
@@ -110,16 +129,27 @@ def test_file_errors(tmp_path: Path) -> None:
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
     cfg = _load(tmp_path, '[coap]\nport = 1\n[upstream]\nurls = ["hdl://a:1"]\n[data]\ndir = "x"')
-    out = gwconfig.with_overrides(cfg, upstream=["http://b:8000", "hdl+tcp://c:2641"], coap="[::1]:0",
-                                  http="0.0.0.0:9000", mqtt="mqtt://m:1883", data_dir="y", log_level="warning")  # fmt: skip
+    out = gwconfig.with_overrides(
+        cfg,
+        upstream=["http://b:8000", "hdl+tcp://c:2641"],
+        coap="[::1]:0",
+        http="0.0.0.0:9000",
+        mqtt="mqtt://m:1883",
+        data_dir="y",
+        log_level="warning",
+    )
     assert out.upstream.urls == ("http://b:8000", "hdl+tcp://c:2641")
     assert (out.coap.host, out.coap.port) == ("::1", 0)
     assert (out.http.host, out.http.port) == ("0.0.0.0", 9000)
     assert out.mqtt.url == "mqtt://m:1883" and out.data_dir == Path("y") and out.log.level == "warning"
     assert gwconfig.with_overrides(cfg) == cfg  # nothing given, nothing changed
     assert gwconfig.with_overrides(out, mqtt="").mqtt.url == ""
-    for kw, msg in [({"coap": "5683"}, "--coap: expected HOST:PORT"), ({"http": "h:99999"}, "--http: expected a port"),
-                    ({"upstream": ["nope"]}, "--upstream: upstream URL 'nope'"), ({"mqtt": "x"}, "--mqtt: expected")]:  # fmt: skip
+    for kw, msg in [
+        ({"coap": "5683"}, "--coap: expected HOST:PORT"),
+        ({"http": "h:99999"}, "--http: expected a port"),
+        ({"upstream": ["nope"]}, "--upstream: upstream URL 'nope'"),
+        ({"mqtt": "x"}, "--mqtt: expected"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(msg)):
             gwconfig.with_overrides(cfg, **kw)  # type: ignore[arg-type]
 
@@ -127,14 +157,22 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 def test_cli_print_config_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "g.toml"
     p.write_text('[http]\nport = 1234\n[upstream]\nurls = ["hdl://a:1"]\n')
-    assert cli.main(["gateway", "--config", str(p), "--coap", "127.0.0.1:0", "-u", "http://n:8000", "--print-config"]) == 0
+    assert (
+        cli.main(
+            ["gateway", "--config", str(p), "--coap", "127.0.0.1:0", "-u", "http://n:8000", "--print-config"]
+        )
+        == 0
+    )
     shown = json.loads(capsys.readouterr().out)
     assert shown["http"]["port"] == 1234 and shown["coap"]["port"] == 0
     assert shown["upstream"]["urls"] == ["http://n:8000"]
     p.write_text('[coap]\nport = "x"\n')
     assert cli.main(["gateway", "--config", str(p)]) == 2
     err = capsys.readouterr().err
-    assert 'ida gateway: ConfigError: [coap] port: expected a port number 0-65535 (0 = any free port), got "x"' in err
+    assert (
+        'ida gateway: ConfigError: [coap] port: expected a port number 0-65535 (0 = any free port), got "x"'
+        in err
+    )
 
 
 def test_defaults_match_the_resolver() -> None:
@@ -152,7 +190,9 @@ def test_every_option_is_documented() -> None:
     doc = (ROOT / "docs" / "gateway.md").read_text()
     example_text = (ROOT / "gateway.example.toml").read_text()
     for section, key, _default, _help in gwconfig.options():
-        assert re.search(rf"\| `\[{section}\]` \| `{key}` \|", doc), f"docs/gateway.md lacks [{section}] {key}"
+        assert re.search(rf"\| `\[{section}\]` \| `{key}` \|", doc), (
+            f"docs/gateway.md lacks [{section}] {key}"
+        )
     # the example sets every option to its default
     import tomllib
 

@@ -37,8 +37,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     resolver = FakeResolver(clock=clock)
     registry = Registry(tmp_path / "registry.sqlite3")
     metrics = Metrics()
-    fe = HttpFrontEnd("127.0.0.1", 0, resolver, registry, metrics, clock=clock,
-                      health=lambda: {"coap": "listening"})  # fmt: skip
+    fe = HttpFrontEnd(
+        "127.0.0.1", 0, resolver, registry, metrics, clock=clock, health=lambda: {"coap": "listening"}
+    )
     _host, port = await fe.start()
     async with aiohttp.ClientSession() as session:
         try:
@@ -130,17 +131,35 @@ async def test_set_desired_config_over_http(env: Env) -> None:
 
 async def test_devices_cli_talks_to_the_http_api(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env.registry.record_report(PUMP, report_fields(), "mqtt")
-    rc = await asyncio.to_thread(cli.main, ["devices", "--gateway", env.base, "config", PUMP, "--interval", "90",
-                                            "--meta", "URL=https://example.com/p"])  # fmt: skip
+    rc = await asyncio.to_thread(
+        cli.main,
+        [
+            "devices",
+            "--gateway",
+            env.base,
+            "config",
+            PUMP,
+            "--interval",
+            "90",
+            "--meta",
+            "URL=https://example.com/p",
+        ],
+    )
     assert rc == 0
     assert "cfgver=1 interval=90" in capsys.readouterr().out
-    assert env.registry.desired_config(PUMP) == {"cfgver": 1, "interval": 90, "meta": {"URL": "https://example.com/p"}}
+    assert env.registry.desired_config(PUMP) == {
+        "cfgver": 1,
+        "interval": 90,
+        "meta": {"URL": "https://example.com/p"},
+    }
     rc = await asyncio.to_thread(cli.main, ["devices", "--gateway", env.base])
     out = capsys.readouterr().out
     assert rc == 0 and PUMP in out and "config=pending" in out
     rc = await asyncio.to_thread(cli.main, ["devices", "--gateway", env.base, "show", "88.123.99/NONE"])
     assert rc == 1
-    rc = await asyncio.to_thread(cli.main, ["devices", "--gateway", env.base, "config", PUMP, "--interval", "1"])
+    rc = await asyncio.to_thread(
+        cli.main, ["devices", "--gateway", env.base, "config", PUMP, "--interval", "1"]
+    )
     assert rc == 2 and "10-86400" in capsys.readouterr().err
 
 
@@ -157,7 +176,9 @@ async def test_healthz(env: Env) -> None:
     assert body["status"] == "ok" and body["components"] == {"coap": "listening"} and body["uptime"] >= 0
 
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$'
+)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -196,8 +217,13 @@ async def test_metrics_text_format(env: Env) -> None:
 async def test_second_request_is_a_cache_hit_in_metrics(tmp_path: Path) -> None:
     node = RestNode()
     await node.start()
-    cfg = gwconfig.with_overrides(gwconfig.load(None), upstream=[node.url], coap="127.0.0.1:0", http="127.0.0.1:0",
-                                  data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = gwconfig.with_overrides(
+        gwconfig.load(None),
+        upstream=[node.url],
+        coap="127.0.0.1:0",
+        http="127.0.0.1:0",
+        data_dir=str(tmp_path / "data"),
+    )
     gw = Gateway(cfg)
     await gw.start()
     try:

@@ -20,8 +20,13 @@ from gateway.resolution import Answer, etag_of
 from tests.brokers import Broker, Device
 
 DEV = "88.123.99/PUMP-0001"
-PUMP = Record(DEV, (HandleValue(1, "URL", b"https://example.com/pump", ttl=86400),
-                    HandleValue(2, "EMAIL", b"ops@example.com", ttl=3600)))  # fmt: skip
+PUMP = Record(
+    DEV,
+    (
+        HandleValue(1, "URL", b"https://example.com/pump", ttl=86400),
+        HandleValue(2, "EMAIL", b"ops@example.com", ttl=3600),
+    ),
+)
 
 
 class FakeResolver:
@@ -104,8 +109,12 @@ async def device(mosquitto: Broker) -> AsyncIterator[Device]:
 
 
 def test_subscriptions() -> None:
-    assert subscriptions("g") == ["$share/g/ida/v1/d/+/req", "$share/g/ida/v1/d/+/rpt", "$share/g/ida/v1/d/+/cfgack",
-                                  "ida/v1/d/+/status"]  # fmt: skip
+    assert subscriptions("g") == [
+        "$share/g/ida/v1/d/+/req",
+        "$share/g/ida/v1/d/+/rpt",
+        "$share/g/ida/v1/d/+/cfgack",
+        "ida/v1/d/+/status",
+    ]
     assert subscriptions(None)[0] == "ida/v1/d/+/req"
 
 
@@ -133,9 +142,14 @@ async def test_resolve_echoes_token(gw: Gateway, device: Device) -> None:
 
 @pytest.mark.parametrize(
     ("handle", "code"),
-    [("88.123.99/MISSING", wire.NOT_FOUND), ("88.123.99/DOWN", wire.UPSTREAM_UNAVAILABLE),
-     ("88.123.99/SLOW", wire.UPSTREAM_TIMEOUT), ("no-slash", wire.BAD_REQUEST), ("88.123.99/BUG", wire.INTERNAL)],
-)  # fmt: skip
+    [
+        ("88.123.99/MISSING", wire.NOT_FOUND),
+        ("88.123.99/DOWN", wire.UPSTREAM_UNAVAILABLE),
+        ("88.123.99/SLOW", wire.UPSTREAM_TIMEOUT),
+        ("no-slash", wire.BAD_REQUEST),
+        ("88.123.99/BUG", wire.INTERNAL),
+    ],
+)
 async def test_resolve_errors(gw: Gateway, device: Device, handle: str, code: int) -> None:
     device.resolve(b"\xaa\xbb", handle)
     err = wire.decode("error", (await device.recv("res"))[0])
@@ -179,13 +193,26 @@ async def test_report_acked_and_stored_once(gw: Gateway, device: Device) -> None
 async def test_report_ack_names_the_desired_config_version(gw: Gateway, device: Device) -> None:
     gw.registry.set_desired_config(DEV, interval=90)
     device.report(boot=2, seq=6)
-    assert wire.decode("report_ack", (await device.recv("ack"))[0]) == {"boot": 2, "seq": 6, "code": wire.OK,
-                                                                      "cfgver": 1}  # fmt: skip
+    assert wire.decode("report_ack", (await device.recv("ack"))[0]) == {
+        "boot": 2,
+        "seq": 6,
+        "code": wire.OK,
+        "cfgver": 1,
+    }
 
 
 async def test_report_for_another_device_is_refused(gw: Gateway, device: Device) -> None:
-    fields = {"id": "88.123.99/PUMP-0002", "boot": 1, "seq": 1, "uptime": 1, "heap": 1, "rssi": 0, "queue": 0,
-              "board": "unix", "fw": "0"}  # fmt: skip
+    fields = {
+        "id": "88.123.99/PUMP-0002",
+        "boot": 1,
+        "seq": 1,
+        "uptime": 1,
+        "heap": 1,
+        "rssi": 0,
+        "queue": 0,
+        "board": "unix",
+        "fw": "0",
+    }
     device.publish("rpt", wire.encode("report", fields), qos=1)
     ack = wire.decode("report_ack", (await device.recv("ack"))[0])
     assert ack == {"boot": 1, "seq": 1, "code": wire.FORBIDDEN}
@@ -223,8 +250,11 @@ async def test_desired_config_delivered_and_acked(tmp_path: Path, mosquitto: Bro
     try:
         await dev.connect()  # subscribes to cfg later: gets the retained message
         payload, retained = await dev.recv("cfg")
-        assert retained and wire.decode("config", payload) == {"cfgver": 1, "interval": 120,
-                                                               "meta": {"URL": "https://example.com/pump"}}  # fmt: skip
+        assert retained and wire.decode("config", payload) == {
+            "cfgver": 1,
+            "interval": 120,
+            "meta": {"URL": "https://example.com/pump"},
+        }
         dev.publish("cfgack", wire.encode("config_ack", {"id": DEV, "cfgver": 1, "code": wire.OK}), qos=1)
         await eventually(lambda: g.registry.device(DEV)["config"]["state"] == "applied")  # type: ignore[index]
         # a change while everyone is connected

@@ -48,15 +48,38 @@ def gateway(tmp_path: Path) -> Iterator[dict[str, Any]]:
     Keystore.in_dir(data).put(GOOD, KEY)
     Keystore.in_dir(data).put(BAD, KEY)
     Keystore.in_dir(data).put(PLAIN, KEY)
-    Zone(path=data / "zone.json").add({"handle": PUMP, "values": [
-        {"index": 1, "type": "URL", "data": {"format": "string", "value": "https://example.com/pump/0001"}, "ttl": 600}]})
+    Zone(path=data / "zone.json").add(
+        {
+            "handle": PUMP,
+            "values": [
+                {
+                    "index": 1,
+                    "type": "URL",
+                    "data": {"format": "string", "value": "https://example.com/pump/0001"},
+                    "ttl": 600,
+                }
+            ],
+        }
+    )
     conf = tmp_path / "gateway.toml"
-    conf.write_text(f'[coap]\nhost = "127.0.0.1"\nport = 0\nsecurity = "oscore"\n'
-                    f'[http]\nhost = "127.0.0.1"\nport = 0\n[data]\ndir = "{data}"\n'
-                    f'[upstream]\nurls = ["hdl://127.0.0.1:9"]\n')  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())",
-                             "gateway", "--config", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    conf.write_text(
+        f'[coap]\nhost = "127.0.0.1"\nport = 0\nsecurity = "oscore"\n'
+        f'[http]\nhost = "127.0.0.1"\nport = 0\n[data]\ndir = "{data}"\n'
+        f'[upstream]\nurls = ["hdl://127.0.0.1:9"]\n'
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tools.cli import main; sys.exit(main())",
+            "gateway",
+            "--config",
+            str(conf),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         coap = _wait_line(proc, "coap listening on").rsplit(" ", 1)[1].strip()
         http = _wait_line(proc, "http listening on").rsplit(" ", 1)[1].strip()

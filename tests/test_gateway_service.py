@@ -31,9 +31,18 @@ LISTENING = re.compile(r"(coap|http) listening on (\S+):(\d+)")
 async def _spawn(*args: str, data_dir: Path) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if k not in ("IDA_DATA", "IDA_UPSTREAM")}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tools.cli", "gateway", "--data-dir", str(data_dir), *args,
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "tools.cli",
+        "gateway",
+        "--data-dir",
+        str(data_dir),
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def _wait_listening(proc: asyncio.subprocess.Process, log: list[str]) -> dict[str, int]:
@@ -52,8 +61,9 @@ async def _wait_listening(proc: asyncio.subprocess.Process, log: list[str]) -> d
 async def test_ida_gateway_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     node = RestNode()
     await node.start()
-    proc = await _spawn("--coap", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream", node.url,
-                        data_dir=tmp_path / "data")  # fmt: skip
+    proc = await _spawn(
+        "--coap", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream", node.url, data_dir=tmp_path / "data"
+    )
     log: list[str] = []
     client = None
     try:
@@ -77,7 +87,9 @@ async def test_ida_gateway_process_serves_and_stops_on_sigterm(tmp_path: Path) -
         assert rc == 0, text
         assert "gateway stopping" in text and "gateway stopped" in text
         assert "Traceback" not in text
-        assert (tmp_path / "data" / "registry.sqlite3").exists() and (tmp_path / "data" / "cache.sqlite3").exists()
+        assert (tmp_path / "data" / "registry.sqlite3").exists() and (
+            tmp_path / "data" / "cache.sqlite3"
+        ).exists()
     finally:
         if client is not None:
             await client.shutdown()
@@ -141,8 +153,9 @@ async def test_restart_keeps_reports_deduplicated_and_cache_warm(tmp_path: Path)
     await node.start()
     await hook.start()
     base = gwconfig.load(None, env={})
-    cfg = gwconfig.with_overrides(base, upstream=[node.url], coap="127.0.0.1:0", http="127.0.0.1:0",
-                                  data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = gwconfig.with_overrides(
+        base, upstream=[node.url], coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(tmp_path / "data")
+    )
     cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(webhook_url=hook.url))
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     report = wire.encode("report", report_fields(boot=4, seq=11))
@@ -178,14 +191,21 @@ async def test_restart_keeps_reports_deduplicated_and_cache_warm(tmp_path: Path)
             assert wire.decode("resolve_response", warm.payload)["source"] == wire.SOURCE_CACHE
             assert gw.registry is not None
             stats = gw.registry.stats()
-            assert stats["reports_total"] == 1 and stats["duplicates_total"] == 2 and stats["outbox_depth"] == 0
+            assert (
+                stats["reports_total"] == 1 and stats["duplicates_total"] == 2 and stats["outbox_depth"] == 0
+            )
             await asyncio.sleep(0.2)  # a second delivery would show up by now
             assert gw.metrics.value("ida_reports_duplicate_total") == 2
         finally:
             await gw.stop()
         assert len(hook.received) == 1
         delivered = hook.received[0]
-        assert (delivered["id"], delivered["boot"], delivered["seq"], delivered["transport"]) == (PUMP, 4, 11, "coap")
+        assert (delivered["id"], delivered["boot"], delivered["seq"], delivered["transport"]) == (
+            PUMP,
+            4,
+            11,
+            "coap",
+        )
     finally:
         await client.shutdown()
         await hook.stop()
@@ -205,11 +225,16 @@ class NorthboundSubscriber:
         self._subscribed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         addr = parse_url(url)
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="north-consumer", protocol=paho.MQTTv311)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="north-consumer", protocol=paho.MQTTv311
+        )
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._loop.call_soon_threadsafe(self._subscribed.set)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._loop.call_soon_threadsafe(
+            self._subscribed.set
+        )
         self.client.on_message = lambda c, u, m: self._loop.call_soon_threadsafe(
-            self.received.append, json.loads(m.payload))
+            self.received.append, json.loads(m.payload)
+        )
         self.client.connect_async(addr.host, addr.port)
         self.client.loop_start()
 
@@ -221,7 +246,9 @@ class NorthboundSubscriber:
         self.client.loop_stop()
 
 
-async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart(
+    tmp_path: Path, mosquitto
+) -> None:  # type: ignore[no-untyped-def]
     """docs: "a report published over MQTT and one posted over CoAP both appear in /api/devices/<id> and in the
     outbox sink once, even when sent twice or across a gateway restart"."""
     from tests.brokers import Device
@@ -229,8 +256,13 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
     mqtt_dev, coap_dev = "88.123.99/MQTT-0001", "88.123.99/COAP-0001"
     north = NorthboundSubscriber(mosquitto.url, "ida/v1/north/reports")
     await north.ready()
-    cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
-                                  mqtt=mosquitto.url, data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = gwconfig.with_overrides(
+        gwconfig.load(None, env={}),
+        coap="127.0.0.1:0",
+        http="127.0.0.1:0",
+        mqtt=mosquitto.url,
+        data_dir=str(tmp_path / "data"),
+    )
     cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(mqtt_topic="ida/v1/north/reports"))
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     device = Device(mosquitto.url, mqtt_dev)
@@ -245,7 +277,11 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
                 assert gw.addresses.coap is not None and gw.addresses.http is not None
                 for _ in range(2):
                     device.report(boot=1, seq=1)
-                    assert (await device.recv_message("ack", "report_ack")) == {"boot": 1, "seq": 1, "code": 1}
+                    assert (await device.recv_message("ack", "report_ack")) == {
+                        "boot": 1,
+                        "seq": 1,
+                        "code": 1,
+                    }
                     uri = f"coap://127.0.0.1:{gw.addresses.coap[1]}/d/{coap_dev}/rpt"
                     msg = aiocoap.Message(code=Code.POST, uri=uri, payload=coap_report, content_format=60)
                     ack = await asyncio.wait_for(client.request(msg).response, 10)
@@ -264,7 +300,10 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
             finally:
                 await gw.stop()
         await asyncio.sleep(0.3)  # a duplicate delivery would have arrived by now
-        assert sorted((m["id"], m["transport"]) for m in north.received) == [(coap_dev, "coap"), (mqtt_dev, "mqtt")]
+        assert sorted((m["id"], m["transport"]) for m in north.received) == [
+            (coap_dev, "coap"),
+            (mqtt_dev, "mqtt"),
+        ]
     finally:
         device.disconnect()
         north.stop()
@@ -272,8 +311,9 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
 
 
 async def test_gateway_start_failure_cleans_up(tmp_path: Path) -> None:
-    cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
-                                  data_dir=str(tmp_path / "data"))  # fmt: skip
+    cfg = gwconfig.with_overrides(
+        gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(tmp_path / "data")
+    )
     first = Gateway(cfg)
     await first.start()
     try:
@@ -282,6 +322,8 @@ async def test_gateway_start_failure_cleans_up(tmp_path: Path) -> None:
         second = Gateway(taken)
         with pytest.raises(OSError, match="http: cannot listen"):
             await second.start()
-        assert second.coap is not None and second.coap.address is not None  # had started, and was stopped again
+        assert (
+            second.coap is not None and second.coap.address is not None
+        )  # had started, and was stopped again
     finally:
         await first.stop()

@@ -499,8 +499,10 @@ async def test_whole_tc_datagram_after_pieces_still_means_tcp(node: FakeNode) ->
     request = decode_message(c._encode(0x1234, MANY, (), ()))
     pieces = split_datagrams(node.answer(request))
     assert len(pieces) > 1
-    for last, expect in ((encode_truncated(request), "truncated"), (split_datagrams(encode_response(
-            request, ResolutionResponse(MANY, MANY_VALUES[:1])))[0], "error")):  # fmt: skip
+    for last, expect in (
+        (encode_truncated(request), "truncated"),
+        (split_datagrams(encode_response(request, ResolutionResponse(MANY, MANY_VALUES[:1])))[0], "error"),
+    ):
         pending = client_module._Pending(loop.create_future(), c.max_udp_message)
         c._pending[0x1234] = pending
         c._on_datagram(pieces[0])

@@ -681,8 +681,9 @@ _values = st.lists(
     st.sampled_from([b"", b"\x00\x00\x00\x00", b"\x00\x00\x00\x02ab"]),
     st.sampled_from([0, int(N.DEFAULT_REQUEST_FLAGS), int(N.OPF_AT | N.OPF_REC), int(N.OPF_RD)]),
 )
-def test_decode_answer_is_the_general_decoding(handle: str, values: list[HandleValue], cred: bytes,
-                                                flags: int) -> None:  # fmt: skip
+def test_decode_answer_is_the_general_decoding(
+    handle: str, values: list[HandleValue], cred: bytes, flags: int
+) -> None:
     body = ResolutionResponse(handle, tuple(values))
     req = decode_message(encode_request(handle, request_id=7))
     if flags == int(N.OPF_RD):  # a request digest before the body: the general decoder's
@@ -699,8 +700,11 @@ def test_decode_answer_is_the_general_decoding(handle: str, values: list[HandleV
         _same_answer(data[:n])
 
 
-@pytest.mark.parametrize("data", [*EVERY_DATAGRAM, *(reassemble(r) for _, r in ALL.values())],
-                         ids=lambda d: f"{len(d)}B-{d[8:12].hex()}")  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [*EVERY_DATAGRAM, *(reassemble(r) for _, r in ALL.values())],
+    ids=lambda d: f"{len(d)}B-{d[8:12].hex()}",
+)
 def test_decode_answer_on_captures_and_their_truncations(data: bytes) -> None:
     _same_answer(data)
     for n in range(len(data)):
@@ -746,11 +750,28 @@ def test_decode_answer_arbitrary_bytes(data: bytes) -> None:
     st.integers(0, 255),
     st.sampled_from([(2, 10), (2, 1), (3, 0)]),
 )
-def test_encode_request_is_the_general_encoding(handle: str, rid: int, session: int, flags: int,
-                                                types: tuple[str, ...], indexes: tuple[int, ...], exp: int,
-                                                recursion: int, version: tuple[int, int]) -> None:  # fmt: skip
-    ours = encode_request(handle, request_id=rid, session_id=session, op_flags=flags, types=types, indexes=indexes,
-                          expiration=exp, recursion_count=recursion, version=version)  # fmt: skip
+def test_encode_request_is_the_general_encoding(
+    handle: str,
+    rid: int,
+    session: int,
+    flags: int,
+    types: tuple[str, ...],
+    indexes: tuple[int, ...],
+    exp: int,
+    recursion: int,
+    version: tuple[int, int],
+) -> None:
+    ours = encode_request(
+        handle,
+        request_id=rid,
+        session_id=session,
+        op_flags=flags,
+        types=types,
+        indexes=indexes,
+        expiration=exp,
+        recursion_count=recursion,
+        version=version,
+    )
     general = encode_message(
         Envelope(major=version[0], minor=version[1], session_id=session, request_id=rid),
         Header(opcode=N.OC_RESOLUTION, op_flags=flags, recursion_count=recursion, expiration=exp),

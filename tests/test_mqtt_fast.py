@@ -109,7 +109,9 @@ async def test_etag_revalidation_is_served_from_the_table(env: Env) -> None:
     nm2_raw = await env.ask(b"\x03", etag=etag)
     assert wire.decode("not_modified", nm2_raw) == {**nm1, "token": b"\x03"}
     assert env.calls() == 2 and env.link.valid == 1
-    other = wire.decode("resolve_response", await env.ask(b"\x04", etag=b"\x00" * 8))  # a different etag: full
+    other = wire.decode(
+        "resolve_response", await env.ask(b"\x04", etag=b"\x00" * 8)
+    )  # a different etag: full
     assert other["code"] == wire.OK and other["values"] == first["values"]
 
 
@@ -138,7 +140,7 @@ async def test_errors_are_not_learned_and_garbage_is_answered_by_the_slow_path(e
         assert wire.loads((await env.dev.recv("res"))[0])[3] == wire.NOT_FOUND
     await env.dev.recv("res")
     assert env.link.answered == 0 and len(env.link.table.entries) == 0
-    bad = bytes.fromhex("a2014109" "0205")  # token first, then an id that is not a string: not a request
+    bad = bytes.fromhex("a20141090205")  # token first, then an id that is not a string: not a request
     env.dev.publish("req", bad)
     err = wire.decode("error", (await env.dev.recv("res"))[0])
     assert err["code"] == wire.BAD_REQUEST and err["token"] == b"\x09"
@@ -148,8 +150,11 @@ async def test_hits_are_counted_in_metrics_and_cache_hits(env: Env) -> None:
     for i in range(5):
         await env.ask(bytes((i + 1,)))
     text = env.metrics.render()
-    line = next(x for x in text.splitlines() if x.startswith('ida_requests_total{') and 'frontend="mqtt"' in x
-                and f'code="{wire.OK}"' in x)  # fmt: skip
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith("ida_requests_total{") and 'frontend="mqtt"' in x and f'code="{wire.OK}"' in x
+    )
     assert float(line.rsplit(" ", 1)[1]) == 5  # 1 by the slow path + 4 from the table
     assert env.link.stats()["answered"] == 4
 
@@ -170,7 +175,9 @@ async def test_rate_limit_applies_to_hits(tmp_path: Path, mosquitto: Broker) -> 
 def _real_resolver(clock: Clock, zone: Zone) -> Resolver:
     config = ResolverConfig(upstreams=[], data_dir=None, persist=False)
     pool = UpstreamPool([("fake://0", FakeUpstream(list(sample_records().values())))])  # type: ignore[list-item]
-    return Resolver(config, pool=pool, cache=Cache(config.cache_config(), clock=clock), zone=zone, clock=clock)
+    return Resolver(
+        config, pool=pool, cache=Cache(config.cache_config(), clock=clock), zone=zone, clock=clock
+    )
 
 
 async def test_with_the_resolver_cache_and_zone(tmp_path: Path, mosquitto: Broker) -> None:
@@ -184,7 +191,9 @@ async def test_with_the_resolver_cache_and_zone(tmp_path: Path, mosquitto: Broke
             hits = resolver.cache.stats.hits
             for i in range(3):
                 assert await env.ask(bytes((2 + i,))) == _as_cached(first, bytes((2 + i,)))
-            assert env.link.answered == 3 and resolver.cache.stats.hits == hits + 3  # table hits are cache hits
+            assert (
+                env.link.answered == 3 and resolver.cache.stats.hits == hits + 3
+            )  # table hits are cache hits
             # the zone takes the handle over: the next check (the ttl ticks each second) drops the entry
             zone.add(Record(PUMP, (HandleValue(1, "URL", b"https://zone.example/", ttl=60),)), persist=False)
             clock.advance(1.0)
@@ -208,7 +217,15 @@ async def test_broker_restart_reconnects_and_resubscribes(tmp_path: Path, mosqui
         while not (env.link.ready and env.link.connects >= 2):
             assert time.monotonic() < deadline, "the resolve link did not come back"
             await asyncio.sleep(0.05)
-        assert wire.decode("resolve_response", await env.ask(b"\x02", ))["token"] == b"\x02"
+        assert (
+            wire.decode(
+                "resolve_response",
+                await env.ask(
+                    b"\x02",
+                ),
+            )["token"]
+            == b"\x02"
+        )
 
 
 async def test_without_the_fast_path_requests_use_the_paho_link(tmp_path: Path, mosquitto: Broker) -> None:
@@ -224,8 +241,13 @@ class FakeBroker:
     """An MQTT v5 broker that does just enough: CONNACK (``refuse`` = its reason code), SUBACK, PINGRESP when
     ``pong``; ``script(conn)`` runs after the SUBACK. Records the packets each connection sent."""
 
-    def __init__(self, *, refuse: int = 0, pong: bool = True,
-                 script: Callable[[asyncio.StreamWriter], Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        refuse: int = 0,
+        pong: bool = True,
+        script: Callable[[asyncio.StreamWriter], Any] | None = None,
+    ) -> None:
         self.refuse = refuse
         self.pong = pong
         self.script = script
@@ -274,8 +296,9 @@ class FakeBroker:
 
 
 def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> ResolveLink:
-    return ResolveLink(url, on_message=lambda t, p: handled.append((t, p)), resolver=FakeResolver(),
-                       reconnect_max=1, **kw)  # fmt: skip
+    return ResolveLink(
+        url, on_message=lambda t, p: handled.append((t, p)), resolver=FakeResolver(), reconnect_max=1, **kw
+    )
 
 
 async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -285,7 +308,9 @@ async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_garbage_from_the_broker_closes_and_reopens_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def garbage(w: asyncio.StreamWriter) -> None:
         w.write(b"\xff\xff\xff\xff\xff\x01")  # a remaining length longer than 4 bytes
 

@@ -53,14 +53,34 @@ def broker(tmp_path: Path) -> Any:
     b.stop()
 
 
-def device(broker: SecureBroker, ident: str, key: bytes, *actions: str, url: str | None = None,
-           ca: Path | None = None, timeout: float = 60) -> list[dict[str, Any]]:  # fmt: skip
+def device(
+    broker: SecureBroker,
+    ident: str,
+    key: bytes,
+    *actions: str,
+    url: str | None = None,
+    ca: Path | None = None,
+    timeout: float = 60,
+) -> list[dict[str, Any]]:
     """Run the micropython device driver; its JSON lines."""
     doc = {"id": ident, "key": key.hex(), "transport": "mqtt", "mqtt": url or broker.url}
     proc = subprocess.run(
-        [micropython_binary(), "-X", "heapsize=1M", str(DRIVER), json.dumps(doc), str(ca or broker.ca), *actions],
-        capture_output=True, text=True, errors="replace", timeout=timeout, env=mp_env(), cwd=ROOT,
-    )  # fmt: skip
+        [
+            micropython_binary(),
+            "-X",
+            "heapsize=1M",
+            str(DRIVER),
+            json.dumps(doc),
+            str(ca or broker.ca),
+            *actions,
+        ],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        env=mp_env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     results = [json.loads(line) for line in lines if line.startswith("{")]
@@ -76,8 +96,14 @@ def gateway_config(tmp_path: Path, broker: SecureBroker, *, plain: bool = False,
         mqtt["url"] = f"mqtt://127.0.0.1:{broker.plain_port}"
     else:
         mqtt.update(url=broker.gateway_url, ca_file=str(broker.ca))
-    doc = {"coap": {"port": 0}, "http": {"port": 0}, "mqtt": mqtt, "data": {"dir": str(tmp_path / "gw")},
-           "cache": {"persist": False}, "limits": limits}  # fmt: skip
+    doc = {
+        "coap": {"port": 0},
+        "http": {"port": 0},
+        "mqtt": mqtt,
+        "data": {"dir": str(tmp_path / "gw")},
+        "cache": {"persist": False},
+        "limits": limits,
+    }
     return gwconfig.from_mapping(doc, env={})
 
 
@@ -87,8 +113,14 @@ def test_generated_files(tmp_path: Path) -> None:
     keystore(tmp_path / "data", {A: KEY_A, B: KEY_B, colon: bytes(16)})
     tls = bc.make_certs(tmp_path / "tls", ["broker.example", "127.0.0.1"])
     out = tmp_path / "out"
-    res = bc.generate(tmp_path / "data", out, tls=tls, plain_port=1883, gateways=("gw-1", "gw-2"),
-                      outbox_topics=("ida/v1/north/{key}/report",))  # fmt: skip
+    res = bc.generate(
+        tmp_path / "data",
+        out,
+        tls=tls,
+        plain_port=1883,
+        gateways=("gw-1", "gw-2"),
+        outbox_topics=("ida/v1/north/{key}/report",),
+    )
     assert res.devices == 2 and res.skipped == [(colon, "contains ':' (the password file's separator)")]
     for name in (bc.PASSWD_DEVICES, bc.PASSWD_GATEWAYS, bc.PASSWD_ALL, "gateway-gw-1.secret", "ca.key"):
         path = out / name if name != "ca.key" else tmp_path / "tls" / name
@@ -133,9 +165,25 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keystore(tmp_path / "data", {A: KEY_A})
     assert cli.main(["broker", "certs", "--out", str(tmp_path / "tls"), "--host", "localhost"]) == 0
     t = tmp_path / "tls"
-    assert cli.main(["broker", "config", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
-                     "--tls-cert", str(t / "server.crt"), "--tls-key", str(t / "server.key"), "--ca",
-                     str(t / "ca.crt")]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "broker",
+                "config",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "o"),
+                "--tls-cert",
+                str(t / "server.crt"),
+                "--tls-key",
+                str(t / "server.key"),
+                "--ca",
+                str(t / "ca.crt"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "1 devices" in printed and KEY_A.hex() not in printed and bc.mqtt_password(KEY_A) not in printed
     assert cli.main(["broker", "config", "--out", str(tmp_path / "o"), "--ca", "x"]) == 2
@@ -187,8 +235,14 @@ def test_wrong_credentials_and_wrong_ca_are_refused(tmp_path: Path, broker: Secu
 
 def test_micropython_device_cannot_reach_another_devices_topics(broker: SecureBroker) -> None:
     ka, kb = wire.topic_key(A), wire.topic_key(B)
-    observer = Client(broker.service_port, GATEWAY, broker.gateway_password(), ca=broker.ca, v5=True,
-                      topics=tuple(f"ida/v1/d/+/{leaf}" for leaf in ("req", "rpt", "cfgack", "status")))  # fmt: skip
+    observer = Client(
+        broker.service_port,
+        GATEWAY,
+        broker.gateway_password(),
+        ca=broker.ca,
+        v5=True,
+        topics=tuple(f"ida/v1/d/+/{leaf}" for leaf in ("req", "rpt", "cfgack", "status")),
+    )
     assert not observer.wait().is_failure
     b = Client(broker.port, kb, bc.mqtt_password(KEY_B), ca=broker.ca, topics=(f"ida/v1/d/{kb}/res",))
     assert not b.wait().is_failure and b.connected.wait(5)
@@ -213,13 +267,31 @@ def test_acl_confines_devices_and_client_ids(tmp_path: Path, acl_mode: str) -> N
     keystore(tmp_path / "data", {A: KEY_A, B: KEY_B})
     ka, kb = wire.topic_key(A), wire.topic_key(B)
     with SecureBroker(tmp_path / "broker", tmp_path / "data", acl_mode=acl_mode) as broker:
-        observer = Client(broker.service_port, GATEWAY, broker.gateway_password(), ca=broker.ca, v5=True,
-                          topics=("ida/v1/d/+/rpt", "$share/g/ida/v1/d/+/req"))  # fmt: skip
-        b = Client(broker.port, kb, bc.mqtt_password(KEY_B), ca=broker.ca, client_id="b",
-                   topics=(f"ida/v1/d/{kb}/ack",))  # fmt: skip
+        observer = Client(
+            broker.service_port,
+            GATEWAY,
+            broker.gateway_password(),
+            ca=broker.ca,
+            v5=True,
+            topics=("ida/v1/d/+/rpt", "$share/g/ida/v1/d/+/req"),
+        )
+        b = Client(
+            broker.port,
+            kb,
+            bc.mqtt_password(KEY_B),
+            ca=broker.ca,
+            client_id="b",
+            topics=(f"ida/v1/d/{kb}/ack",),
+        )
         # A claims B's topic key as client id: the broker uses A's username instead, B stays connected
-        a = Client(broker.port, ka, bc.mqtt_password(KEY_A), ca=broker.ca, client_id=kb,
-                   topics=(f"ida/v1/d/{kb}/ack", "ida/v1/d/#"))  # fmt: skip
+        a = Client(
+            broker.port,
+            ka,
+            bc.mqtt_password(KEY_A),
+            ca=broker.ca,
+            client_id=kb,
+            topics=(f"ida/v1/d/{kb}/ack", "ida/v1/d/#"),
+        )
         for c in (observer, b, a):
             assert not c.wait().is_failure and c.connected.wait(5)
         time.sleep(0.3)
@@ -238,8 +310,9 @@ def test_acl_confines_devices_and_client_ids(tmp_path: Path, acl_mode: str) -> N
             c.close()
 
 
-async def test_plain_bench_listener_is_flagged(tmp_path: Path, broker: SecureBroker,
-                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+async def test_plain_bench_listener_is_flagged(
+    tmp_path: Path, broker: SecureBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     gw = Gateway(gateway_config(tmp_path, broker, plain=True), resolver=FakeResolver())
     await gw.start()
@@ -255,15 +328,22 @@ async def test_plain_bench_listener_is_flagged(tmp_path: Path, broker: SecureBro
         await gw.stop()
 
 
-async def test_gateway_with_a_wrong_password_is_not_ready(tmp_path: Path, broker: SecureBroker,
-                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+async def test_gateway_with_a_wrong_password_is_not_ready(
+    tmp_path: Path, broker: SecureBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     from gateway.frontends.mqtt import MqttFrontEnd
     from gateway.mqttlink import MqttAuth
     from gateway.registry import Registry
 
     reg = Registry(tmp_path / "gw.db")
-    fe = MqttFrontEnd(broker.gateway_url, FakeResolver(), reg, ready_timeout=1.0, reconnect_max=1,
-                      auth=MqttAuth(GATEWAY, "wrong-password", str(broker.ca)))  # fmt: skip
+    fe = MqttFrontEnd(
+        broker.gateway_url,
+        FakeResolver(),
+        reg,
+        ready_timeout=1.0,
+        reconnect_max=1,
+        auth=MqttAuth(GATEWAY, "wrong-password", str(broker.ca)),
+    )
     try:
         await fe.start()
         assert not fe.ready
@@ -339,12 +419,18 @@ def test_tls_cost(broker: SecureBroker) -> None:
                 sessions[n].append(relay.up + relay.down)
                 ups.append(got[0])
         relay.close()
-        figures[mode] = {"connect_ms": min(u["ms"] for u in ups), "heap": min(u["heap"] for u in ups),
-                         "peak": max(u["peak"] for u in ups), "session": min(sessions[1]),
-                         "report": min(sessions[2]) - min(sessions[1])}  # fmt: skip
+        figures[mode] = {
+            "connect_ms": min(u["ms"] for u in ups),
+            "heap": min(u["heap"] for u in ups),
+            "peak": max(u["peak"] for u in ups),
+            "session": min(sessions[1]),
+            "report": min(sessions[2]) - min(sessions[1]),
+        }
     t, p = figures["tls"], figures["plain"]
-    print(f"\nMQTT TLS cost (unix port, loopback): connect to CONNACK {p['connect_ms']} -> {t['connect_ms']} ms; "
-          f"bytes of a session (connect, online status, subscribe, offline status, disconnect) {p['session']} -> "
-          f"{t['session']}; one QoS 1 report of 5 B + PUBACK {p['report']} -> {t['report']} B; device heap after "
-          f"connect {p['heap']} -> {t['heap']} B, sampled peak while connecting {p['peak']} -> {t['peak']} B")
+    print(
+        f"\nMQTT TLS cost (unix port, loopback): connect to CONNACK {p['connect_ms']} -> {t['connect_ms']} ms; "
+        f"bytes of a session (connect, online status, subscribe, offline status, disconnect) {p['session']} -> "
+        f"{t['session']}; one QoS 1 report of 5 B + PUBACK {p['report']} -> {t['report']} B; device heap after "
+        f"connect {p['heap']} -> {t['heap']} B, sampled peak while connecting {p['peak']} -> {t['peak']} B"
+    )
     assert t["session"] > p["session"] and t["report"] > p["report"] and t["heap"] > p["heap"]

@@ -76,8 +76,12 @@ def test_publish_with_properties_and_qos1() -> None:
 
 
 def test_reader_every_split() -> None:
-    stream = (mqttwire.publish(b"x/y", b"1" * 300) + mqttwire.PINGRESP + mqttwire.publish(b"z", b"")
-              + b"\x90\x04\x00\x01\x00\x00")  # fmt: skip
+    stream = (
+        mqttwire.publish(b"x/y", b"1" * 300)
+        + mqttwire.PINGRESP
+        + mqttwire.publish(b"z", b"")
+        + b"\x90\x04\x00\x01\x00\x00"
+    )
     whole = Reader(1 << 16).feed(stream)
     assert [f >> 4 for f, _ in whole] == [3, 13, 3, 9]
     for cut in range(len(stream) + 1):

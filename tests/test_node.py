@@ -93,9 +93,18 @@ def rfc_response(data: bytes) -> dict[str, Any]:
     opcode, code, opflags, serial, recursion, _res, expiration, body_len = struct.unpack_from(
         ">IIIHBBII", data, 20
     )
-    out: dict[str, Any] = dict(version=(major, minor), flags=flags, request_id=rid, sequence=seq,
-                               length=length, opcode=opcode, code=code, op_flags=opflags, serial=serial,
-                               expiration=expiration)  # fmt: skip
+    out: dict[str, Any] = dict(
+        version=(major, minor),
+        flags=flags,
+        request_id=rid,
+        sequence=seq,
+        length=length,
+        opcode=opcode,
+        code=code,
+        op_flags=opflags,
+        serial=serial,
+        expiration=expiration,
+    )
     pos = 44
     if code != 1 or seq != 0 or length + 20 != len(data):
         return out
@@ -197,8 +206,9 @@ async def test_every_captured_exchange_is_reproduced(node: NodeServer, name: str
 
 
 async def test_many_arrives_in_three_datagrams_and_reassembles(node: NodeServer) -> None:
-    got = await udp_exchange(port_of(node), rfc_request(MANY.encode(), request_id=42, expiration=1), want=4,
-                             wait=0.3)  # fmt: skip
+    got = await udp_exchange(
+        port_of(node), rfc_request(MANY.encode(), request_id=42, expiration=1), want=4, wait=0.3
+    )
     assert [len(d) for d in got] == [512, 512, 190]
     assert [struct.unpack_from(">I", d, 12)[0] for d in got] == [0, 1, 2]  # sequence numbers
     assert {struct.unpack_from(">I", d, 8)[0] for d in got} == {42}  # request id
@@ -375,8 +385,12 @@ def test_rates_are_fractions_and_validated() -> None:
     assert abs(fates.count("busy") / 4000 - 0.2) < 0.03
     assert abs((fates.count("error") + fates.count("drop")) / 4000 - 0.3) < 0.03
     assert abs(fates.count("error") - fates.count("drop")) < 150
-    for bad in ({"failure_rate": 1.5}, {"failure_rate": 0.6, "busy_rate": 0.6}, {"latency": -1},
-                {"failure_mode": "boom"}):  # fmt: skip
+    for bad in (
+        {"failure_rate": 1.5},
+        {"failure_rate": 0.6, "busy_rate": 0.6},
+        {"latency": -1},
+        {"failure_mode": "boom"},
+    ):
         with pytest.raises(ValueError):
             Knobs(**bad)
 
@@ -394,8 +408,18 @@ async def test_records_change_at_run_time(node: NodeServer) -> None:
     async with client(node) as c:
         assert node.remove_record(PUMP) is True
         assert (await c.resolve(PUMP)).code == RC_HANDLE_NOT_FOUND  # prefix still hosted: 100, not 301
-        node.add_record({"handle": "88.123.99/pump-0001", "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": "https://example.com/v2"}}]})  # fmt: skip
+        node.add_record(
+            {
+                "handle": "88.123.99/pump-0001",
+                "values": [
+                    {
+                        "index": 1,
+                        "type": "URL",
+                        "data": {"format": "string", "value": "https://example.com/v2"},
+                    }
+                ],
+            }
+        )
         r = await c.resolve(PUMP)
         assert [v.data for v in r.values] == [b"https://example.com/v2"]
         node.add_record({"handle": "88.777/NEW", "values": []})
@@ -418,24 +442,45 @@ async def test_rest_record_json(node: NodeServer) -> None:
         "responseCode": 1,
         "handle": PUMP,
         "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": "https://example.com/pump/0001"},
-             "ttl": 86400, "timestamp": TS},
-            {"index": 2, "type": "EMAIL", "data": {"format": "string", "value": "ops@example.com"},
-             "ttl": 86400, "timestamp": TS},
-            {"index": 100, "type": "HS_ADMIN", "data": {"format": "admin", "value": {
-                "handle": "0.NA/88.123.99", "index": 300, "permissions": "111111111111"}},
-             "ttl": 86400, "timestamp": TS},
+            {
+                "index": 1,
+                "type": "URL",
+                "data": {"format": "string", "value": "https://example.com/pump/0001"},
+                "ttl": 86400,
+                "timestamp": TS,
+            },
+            {
+                "index": 2,
+                "type": "EMAIL",
+                "data": {"format": "string", "value": "ops@example.com"},
+                "ttl": 86400,
+                "timestamp": TS,
+            },
+            {
+                "index": 100,
+                "type": "HS_ADMIN",
+                "data": {
+                    "format": "admin",
+                    "value": {"handle": "0.NA/88.123.99", "index": 300, "permissions": "111111111111"},
+                },
+                "ttl": 86400,
+                "timestamp": TS,
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 async def test_rest_errors_and_filters(node: NodeServer) -> None:
     assert await http_get(node, "/api/handles/88.123.99/NOPE") == (
-        404, {"responseCode": 100, "handle": "88.123.99/NOPE"})  # fmt: skip
+        404,
+        {"responseCode": 100, "handle": "88.123.99/NOPE"},
+    )
     status, body = await http_get(node, "/api/handles/88.123.99/PUMP-0001?type=URL&index=2")
     assert status == 200 and [v["index"] for v in body["values"]] == [1, 2]
     assert await http_get(node, "/api/handles/88.123.99/PUMP-0001?type=NOPE") == (
-        200, {"responseCode": 200, "handle": PUMP, "values": []})  # fmt: skip
+        200,
+        {"responseCode": 200, "handle": PUMP, "values": []},
+    )
     status, body = await http_get(node, "/api/handles/99.1/X")
     assert (status, body["responseCode"]) == (404, 301)
     status, body = await http_get(node, "/api/handles/88.123.99/PUMP-0001?index=x")
@@ -479,27 +524,52 @@ def test_sample_file_is_a_zone_file_too() -> None:
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ([{"handle": PUMP, "values": []}, {"handle": "88.1/B", "values": [{"index": 1, "data": "x"}]}],
-         "entry 1 (88.1/B): value 0: value lacks 'type'"),
+        (
+            [{"handle": PUMP, "values": []}, {"handle": "88.1/B", "values": [{"index": 1, "data": "x"}]}],
+            "entry 1 (88.1/B): value 0: value lacks 'type'",
+        ),
         ([{"handle": "nope", "values": []}], "entry 0 ('nope'): bad handle"),
-        ([{"handle": "88.1/A", "values": [{"index": 1, "type": "URL", "data": {"value": "x"},
-                                          "permissions": "11"}]}], "entry 0 (88.1/A): value 0: permissions"),
+        (
+            [
+                {
+                    "handle": "88.1/A",
+                    "values": [{"index": 1, "type": "URL", "data": {"value": "x"}, "permissions": "11"}],
+                }
+            ],
+            "entry 0 (88.1/A): value 0: permissions",
+        ),
         ([{"handle": "88.1/A"}, {"handle": "88.1/a"}], "handle 88.1/a is given twice"),
-        ([{"handle": "88.1/A", "values": [{"index": 1, "type": "A", "data": {"value": "x"}}] * 2}],
-         "index 1 is used by two"),
+        (
+            [{"handle": "88.1/A", "values": [{"index": 1, "type": "A", "data": {"value": "x"}}] * 2}],
+            "index 1 is used by two",
+        ),
         ({"88.1/A": "x"}, "entry '88.1/A' (88.1/A): 'values' must be a list"),
         (3, "must be a JSON list"),
     ],
-)  # fmt: skip
+)
 def test_bad_records_name_the_entry(doc: Any, message: str) -> None:
     with pytest.raises(RecordsError, match=re.escape(message)):
         parse_records(doc, "f.json")
 
 
 def test_permissions_and_absolute_ttl_from_handle_json() -> None:
-    (rec,) = parse_records([{"handle": "88.1/A", "values": [
-        {"index": 1, "type": "SECRET", "data": "s", "permissions": "1100", "ttl": "2030-01-01T00:00:00Z"}]}],
-        now=1000)  # fmt: skip
+    (rec,) = parse_records(
+        [
+            {
+                "handle": "88.1/A",
+                "values": [
+                    {
+                        "index": 1,
+                        "type": "SECRET",
+                        "data": "s",
+                        "permissions": "1100",
+                        "ttl": "2030-01-01T00:00:00Z",
+                    }
+                ],
+            }
+        ],
+        now=1000,
+    )
     (v,) = rec.values
     assert (v.permissions, v.ttl_type, v.ttl, v.timestamp) == (0x0C, 1, 1893456000, 1000)
     store = RecordStore([rec])
@@ -508,8 +578,14 @@ def test_permissions_and_absolute_ttl_from_handle_json() -> None:
 
 def test_bad_records_file_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "records.json"
-    f.write_text(json.dumps([{"handle": "88.1/GOOD", "values": []},
-                             {"handle": "88.1/BAD", "values": [{"index": "one", "type": "URL", "data": "x"}]}]))  # fmt: skip
+    f.write_text(
+        json.dumps(
+            [
+                {"handle": "88.1/GOOD", "values": []},
+                {"handle": "88.1/BAD", "values": [{"index": "one", "type": "URL", "data": "x"}]},
+            ]
+        )
+    )
     assert ida_main(["node", "--records", str(f), "--handle", "127.0.0.1:0", "--http", "off"]) == 2
     err = capsys.readouterr().err
     assert "records.json: entry 1 (88.1/BAD): value 0: value index must be" in err
@@ -550,8 +626,13 @@ async def test_port_in_use_is_a_node_error(node: NodeServer) -> None:
 class NodeProcess:
     def __init__(self, *args: str) -> None:
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([IDA, "node", *args], stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [IDA, "node", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         assert self.proc.stdout is not None
         lines = [self.proc.stdout.readline() for _ in range(2)]
         found = [re.fullmatch(r"(handle udp\+tcp|http) listening on 127\.0\.0\.1:(\d+)\n", x) for x in lines]
@@ -611,13 +692,16 @@ def test_ida_resolve_through_ida_node(node_process: NodeProcess, capsys: pytest.
     hdl = f"hdl://127.0.0.1:{node_process.handle_port}"
     http = f"http://127.0.0.1:{node_process.http_port}"
     # one real `ida resolve` process, then the same entry point in-process (the machine is shared: keep it fast)
-    r = subprocess.run([IDA, "resolve", PUMP, "--upstream", hdl, "--json"], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [IDA, "resolve", PUMP, "--upstream", hdl, "--json"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     via_hdl = json.loads(r.stdout)
     assert via_hdl["responseCode"] == 1 and via_hdl["handle"] == PUMP
     assert [(v["index"], v["data"]["value"]) for v in via_hdl["values"][:2]] == [
-        (1, "https://example.com/pump/0001"), (2, "ops@example.com")]  # fmt: skip
+        (1, "https://example.com/pump/0001"),
+        (2, "ops@example.com"),
+    ]
     code, out, _ = resolve(capsys, PUMP, "--upstream", http, "--json")
     assert code == 0 and json.loads(out) == via_hdl
     for up in (hdl, http):
@@ -638,6 +722,9 @@ async def test_log_requests(node: NodeServer, caplog: pytest.LogCaptureFixture) 
         await c.resolve(PUMP)
         await rc.resolve("88.123.99/NOPE")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("node.request")]
-    assert re.fullmatch(r"node\.request proto=udp peer=127\.0\.0\.1:\d+ id=[0-9a-f]{8} "
-                        r"handle=88\.123\.99/PUMP-0001 answer=1 values=3 fault=none ms=[\d.]+", lines[0])  # fmt: skip
+    assert re.fullmatch(
+        r"node\.request proto=udp peer=127\.0\.0\.1:\d+ id=[0-9a-f]{8} "
+        r"handle=88\.123\.99/PUMP-0001 answer=1 values=3 fault=none ms=[\d.]+",
+        lines[0],
+    )
     assert "proto=http" in lines[1] and "handle=88.123.99/NOPE answer=100" in lines[1]

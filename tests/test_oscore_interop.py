@@ -85,17 +85,31 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[[str], Any]]:
         gw.registry.close()
 
 
-async def device(gw: Gw, ident: str, key: bytes, *actions: str, secure: bool = True, name: str = "dev",
-                 on_line: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:  # fmt: skip
+async def device(
+    gw: Gw,
+    ident: str,
+    key: bytes,
+    *actions: str,
+    secure: bool = True,
+    name: str = "dev",
+    on_line: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the micropython device; returns {action: result line} (and "_output": all of its output)."""
     doc = {"id": ident, "coap": f"coap://127.0.0.1:{gw.port}", "key": key.hex(), "secure": secure}
     data = gw.tmp / name
     data.mkdir(exist_ok=True)
     env = dict(os.environ, MICROPYPATH=f"{ROOT / 'firmware'}:.frozen")
     proc = await asyncio.create_subprocess_exec(
-        micropython_binary(), str(DEVICE), str(data), json.dumps(doc), *actions,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
-    )  # fmt: skip
+        micropython_binary(),
+        str(DEVICE),
+        str(data),
+        json.dumps(doc),
+        *actions,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     results: dict[str, Any] = {}
     lines = []
@@ -225,8 +239,10 @@ async def test_cost_on_the_wire_and_heap(gateway, capsys) -> None:
     m = r["measure"][0]
     plain, sec = m["plain"], m["secure"]
     with capsys.disabled():
-        print(f"\nOSCORE cost, 24-char identifier resolve request: {plain['request_bytes']} B plain -> "
-              f"{sec['request_bytes']} B protected; client heap {plain['client_heap']} B plain -> "
-              f"{sec['client_heap']} B with OSCORE")  # fmt: skip
+        print(
+            f"\nOSCORE cost, 24-char identifier resolve request: {plain['request_bytes']} B plain -> "
+            f"{sec['request_bytes']} B protected; client heap {plain['client_heap']} B plain -> "
+            f"{sec['client_heap']} B with OSCORE"
+        )
     assert sec["request_bytes"] - plain["request_bytes"] <= 20
     assert sec["client_heap"] - plain["client_heap"] <= 6000

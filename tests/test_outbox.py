@@ -23,8 +23,17 @@ DEV = "88.123.99/PUMP-0001"
 
 
 def fields(seq: int, boot: int = 1, ident: str = DEV) -> dict[str, Any]:
-    return {"id": ident, "boot": boot, "seq": seq, "uptime": seq, "heap": 1, "rssi": 0, "queue": 0, "board": "unix",
-            "fw": "0"}  # fmt: skip
+    return {
+        "id": ident,
+        "boot": boot,
+        "seq": seq,
+        "uptime": seq,
+        "heap": 1,
+        "rssi": 0,
+        "queue": 0,
+        "board": "unix",
+        "fw": "0",
+    }
 
 
 def payload(seq: int, boot: int = 1, ident: str = DEV) -> dict[str, Any]:

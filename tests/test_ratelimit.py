@@ -84,7 +84,9 @@ def test_limiter_takes_from_both_or_neither() -> None:
     assert v.limit == SOURCE
     assert not lim.check(device=None, source="10.0.0.2").limited  # device unknown: only the source counts
     assert lim.refused == {DEVICE: 1, SOURCE: 1}
-    assert not RateLimiter(Limits()).enabled and not RateLimiter(Limits()).check(device="x", source="y").limited
+    assert (
+        not RateLimiter(Limits()).enabled and not RateLimiter(Limits()).check(device="x", source="y").limited
+    )
 
 
 def test_retry_after_and_sources() -> None:
@@ -96,7 +98,9 @@ def test_retry_after_and_sources() -> None:
 
 
 def test_config_section() -> None:
-    cfg = gwconfig.from_mapping({"limits": {"device_rate": 2, "device_burst": 4, "source_rate": 50.5}}, env={})
+    cfg = gwconfig.from_mapping(
+        {"limits": {"device_rate": 2, "device_burst": 4, "source_rate": 50.5}}, env={}
+    )
     lim = rate_limiter(cfg)
     assert lim.device is not None and (lim.device.rate, lim.device.burst) == (2.0, 4.0)
     assert lim.source is not None and lim.source.rate == 50.5
@@ -109,15 +113,21 @@ def test_config_section() -> None:
 async def test_coap_answers_4_29_with_max_age(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "registry.sqlite3")
     metrics = Metrics()
-    limiter = RateLimiter(Limits(device_rate=0.5, device_burst=2, source_rate=1, source_burst=4), clock=Clock())
+    limiter = RateLimiter(
+        Limits(device_rate=0.5, device_burst=2, source_rate=1, source_burst=4), clock=Clock()
+    )
     fe = CoapFrontEnd("127.0.0.1", 0, FakeResolver(), registry, metrics, limiter=limiter)
     _h, port = await fe.start()
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     base = f"coap://127.0.0.1:{port}"
 
     async def post(ident: str, seq: int) -> aiocoap.Message:
-        msg = aiocoap.Message(code=Code.POST, uri=f"{base}/d/{ident}/rpt", content_format=60,
-                              payload=wire.encode("report", report_fields(boot=1, seq=seq, id=ident)))  # fmt: skip
+        msg = aiocoap.Message(
+            code=Code.POST,
+            uri=f"{base}/d/{ident}/rpt",
+            content_format=60,
+            payload=wire.encode("report", report_fields(boot=1, seq=seq, id=ident)),
+        )
         return await asyncio.wait_for(client.request(msg).response, 10)
 
     try:

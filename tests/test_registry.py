@@ -38,8 +38,18 @@ class Clock:
 
 
 def report(boot: int = 1, seq: int = 1, ident: str = DEV, **extra: Any) -> dict[str, Any]:
-    return {"id": ident, "boot": boot, "seq": seq, "uptime": 10 * seq, "heap": 80000, "rssi": -61, "queue": 2,
-            "board": "esp32-devkitc", "fw": "0.1.0", **extra}  # fmt: skip
+    return {
+        "id": ident,
+        "boot": boot,
+        "seq": seq,
+        "uptime": 10 * seq,
+        "heap": 80000,
+        "rssi": -61,
+        "queue": 2,
+        "board": "esp32-devkitc",
+        "fw": "0.1.0",
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -121,8 +131,13 @@ def test_status_online_offline(db: Path) -> None:
     assert d is not None and d["online"] is False and d["status_changed"] == clock.t
     assert reg.stats()["devices_online"] == 0
     reg.set_status("88.123.99/PUMP-0002", True, "mqtt")
-    assert reg.stats() == {"devices_online": 1, "devices_total": 2, "reports_total": 0, "duplicates_total": 0,
-                           "outbox_depth": 0}  # fmt: skip
+    assert reg.stats() == {
+        "devices_online": 1,
+        "devices_total": 2,
+        "reports_total": 0,
+        "duplicates_total": 0,
+        "outbox_depth": 0,
+    }
     reg.close()
 
 

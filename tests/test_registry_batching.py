@@ -33,8 +33,17 @@ class NullSink:
 
 
 def report(boot: int = 1, seq: int = 1, ident: str = DEV) -> dict[str, Any]:
-    return {"id": ident, "boot": boot, "seq": seq, "uptime": 10 * seq, "heap": 80000, "rssi": -61, "queue": 2,
-            "board": "esp32-devkitc", "fw": "0.1.0"}  # fmt: skip
+    return {
+        "id": ident,
+        "boot": boot,
+        "seq": seq,
+        "uptime": 10 * seq,
+        "heap": 80000,
+        "rssi": -61,
+        "queue": 2,
+        "board": "esp32-devkitc",
+        "fw": "0.1.0",
+    }
 
 
 def dev(i: int) -> str:
@@ -60,8 +69,9 @@ async def test_many_concurrent_reports_few_transactions(db: Path) -> None:
     reg = Registry(db, ob, batch_max=64, batch_delay=0.005)
     try:
         n = 300
-        results = await asyncio.gather(*(reg.record_report_async(dev(i), report(1, 1, dev(i)), "mqtt")
-                                         for i in range(n)))  # fmt: skip
+        results = await asyncio.gather(
+            *(reg.record_report_async(dev(i), report(1, 1, dev(i)), "mqtt") for i in range(n))
+        )
         assert results == [True] * n
         assert reg.commits <= 8, reg.commits  # 300 / 64 -> 5 batches, not 300 transactions
         assert reg.stats()["reports_total"] == n

@@ -75,8 +75,11 @@ def test_not_found_exits_1(node: RestNode, capsys: pytest.CaptureFixture[str]) -
     cap = capsys.readouterr()
     assert rc == 1
     assert "not found" in cap.err
-    assert json.loads(cap.out) == {"responseCode": 100, "handle": "88.123.99/PUMP-9999",
-                                   "message": "88.123.99/PUMP-9999: handle not found"}
+    assert json.loads(cap.out) == {
+        "responseCode": 100,
+        "handle": "88.123.99/PUMP-9999",
+        "message": "88.123.99/PUMP-9999: handle not found",
+    }
 
 
 def test_bad_identifier_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,23 +95,35 @@ def test_bad_upstream_url_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_all_upstreams_down_exits_3_quickly(capsys: pytest.CaptureFixture[str]) -> None:
     t0 = time.monotonic()
-    rc = main(["resolve", "88.123.99/PUMP-0001", "-u", f"http://127.0.0.1:{free_port()}",
-               "-u", f"http://127.0.0.1:{free_port()}", "--timeout", "3"])
+    rc = main(
+        [
+            "resolve",
+            "88.123.99/PUMP-0001",
+            "-u",
+            f"http://127.0.0.1:{free_port()}",
+            "-u",
+            f"http://127.0.0.1:{free_port()}",
+            "--timeout",
+            "3",
+        ]
+    )
     assert rc == 3
     assert time.monotonic() - t0 < 1.0
     err = capsys.readouterr().err
     assert "all upstreams failed" in err
 
 
-def test_env_upstream_is_the_default(node: RestNode, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_env_upstream_is_the_default(
+    node: RestNode, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("IDA_UPSTREAM", node.url)
     assert main(["resolve", "88.123.99/PUMP-0001"]) == 0
     assert "source: upstream" in capsys.readouterr().out
 
 
-def test_data_dir_keeps_the_answer_across_runs(node: RestNode, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_dir_keeps_the_answer_across_runs(
+    node: RestNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["resolve", "88.123.99/PUMP-0001", "-u", node.url, "--data-dir", str(tmp_path)]) == 0
     capsys.readouterr()
     assert (tmp_path / "cache.sqlite3").exists()
@@ -118,8 +133,23 @@ def test_data_dir_keeps_the_answer_across_runs(node: RestNode, tmp_path: Path,
 
 
 def test_data_dir_zone_answers_without_upstream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "zone.json").write_text(json.dumps([{"handle": "88.123.99/FACTORY-1", "values": [
-        {"index": 1, "type": "URL", "data": {"format": "string", "value": "https://factory/1"}, "ttl": 60}]}]))
+    (tmp_path / "zone.json").write_text(
+        json.dumps(
+            [
+                {
+                    "handle": "88.123.99/FACTORY-1",
+                    "values": [
+                        {
+                            "index": 1,
+                            "type": "URL",
+                            "data": {"format": "string", "value": "https://factory/1"},
+                            "ttl": 60,
+                        }
+                    ],
+                }
+            ]
+        )
+    )
     dead = f"http://127.0.0.1:{free_port()}"
     assert main(["resolve", "88.123.99/FACTORY-1", "-u", dead, "--data-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["values"][0]["data"]["value"] == "https://factory/1"

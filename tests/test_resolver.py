@@ -35,8 +35,9 @@ def make(
     clock = clock or Clock()
     config = ResolverConfig(**cfg)  # type: ignore[arg-type]
     pool = UpstreamPool([(f"fake://{i}", n) for i, n in enumerate(nodes)], **(pool_kw or {}))  # type: ignore[arg-type]
-    return Resolver(config, pool=pool, cache=cache or Cache(config.cache_config(), clock=clock), zone=zone,
-                    clock=clock)
+    return Resolver(
+        config, pool=pool, cache=cache or Cache(config.cache_config(), clock=clock), zone=zone, clock=clock
+    )
 
 
 def test_resolver_is_a_resolving() -> None:
@@ -126,7 +127,9 @@ async def test_1000_concurrent_misses_make_one_upstream_request() -> None:
     gate.set()
     answers = await asyncio.gather(*tasks)
     assert up.calls == 1
-    assert {(a.code, a.source, a.etag) for a in answers} == {(wire.OK, wire.SOURCE_UPSTREAM, etag_of(PUMP, wire.OK))}
+    assert {(a.code, a.source, a.etag) for a in answers} == {
+        (wire.OK, wire.SOURCE_UPSTREAM, etag_of(PUMP, wire.OK))
+    }
     st = r.stats()
     assert st.upstream_fetches == 1 and st.coalesced == 999 and st.upstream["fake://0"].requests == 1
     assert st.cache.misses == 1000 and st.cache.inserts == 1
@@ -183,7 +186,9 @@ async def test_cancelled_waiters_leave_the_outcome_to_the_others() -> None:
             callers[2].cancel()
             gate.set()
             results = await asyncio.gather(*callers, return_exceptions=True)
-            assert isinstance(results[0], asyncio.CancelledError) and isinstance(results[2], asyncio.CancelledError)
+            assert isinstance(results[0], asyncio.CancelledError) and isinstance(
+                results[2], asyncio.CancelledError
+            )
             for res in (results[1], results[3]):
                 if error is None:
                     assert not isinstance(res, BaseException) and res.code == wire.OK
@@ -343,8 +348,11 @@ async def test_zone_answers_before_cache_and_without_upstream() -> None:
 
 
 async def test_zone_file_in_the_data_dir_is_loaded(tmp_path: Path) -> None:
-    (tmp_path / "zone.json").write_text(json.dumps({"88.123.99/Z": [
-        {"index": 1, "type": "URL", "data": {"format": "string", "value": "https://z"}}]}))
+    (tmp_path / "zone.json").write_text(
+        json.dumps(
+            {"88.123.99/Z": [{"index": 1, "type": "URL", "data": {"format": "string", "value": "https://z"}}]}
+        )
+    )
     r = Resolver(ResolverConfig(upstreams=["http://127.0.0.1:9"], data_dir=tmp_path))
     a = await r.resolve("88.123.99/Z")
     assert a.source == wire.SOURCE_ZONE and a.record is not None and a.record.values[0].data == b"https://z"
@@ -356,8 +364,12 @@ async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> N
     clock = Clock()
     config = ResolverConfig(upstreams=["fake://0"], data_dir=tmp_path)
     up = FakeUpstream([PUMP])
-    r = Resolver(config, pool=UpstreamPool([("fake://0", up)]),
-                 cache=Cache(config.cache_config(), path=config.cache_path(), clock=clock), clock=clock)
+    r = Resolver(
+        config,
+        pool=UpstreamPool([("fake://0", up)]),
+        cache=Cache(config.cache_config(), path=config.cache_path(), clock=clock),
+        clock=clock,
+    )
     first = await r.resolve(H)
     await r.resolve("88.123.99/NOPE")
     await r.close()  # flushes
@@ -365,10 +377,19 @@ async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> N
 
     clock.advance(30)
     down = FakeUpstream(error=refused())
-    r2 = Resolver(config, pool=UpstreamPool([("fake://0", down)]),
-                  cache=Cache(config.cache_config(), path=config.cache_path(), clock=clock), clock=clock)
+    r2 = Resolver(
+        config,
+        pool=UpstreamPool([("fake://0", down)]),
+        cache=Cache(config.cache_config(), path=config.cache_path(), clock=clock),
+        clock=clock,
+    )
     a = await r2.resolve(H)
-    assert (a.source, a.record, a.expires_at, a.etag) == (wire.SOURCE_CACHE, PUMP, first.expires_at, first.etag)
+    assert (a.source, a.record, a.expires_at, a.etag) == (
+        wire.SOURCE_CACHE,
+        PUMP,
+        first.expires_at,
+        first.etag,
+    )
     assert (await r2.resolve("88.123.99/NOPE")).code == wire.NOT_FOUND
     assert down.calls == 0
     await r2.close()
@@ -450,14 +471,37 @@ _alphabet = st.sampled_from(list("aZ09-_./. \t\n\x7f\x80éÄ𝄞/") + ["\x00", "
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.text(_alphabet, max_size=30), st.text(max_size=30),
-                 st.builds(lambda p, s: f"{p}/{s}", st.text(_alphabet, max_size=12), st.text(_alphabet, max_size=12))))
+@given(
+    st.one_of(
+        st.text(_alphabet, max_size=30),
+        st.text(max_size=30),
+        st.builds(lambda p, s: f"{p}/{s}", st.text(_alphabet, max_size=12), st.text(_alphabet, max_size=12)),
+    )
+)
 def test_normalise_shortcut_is_identifier_normalise(text: str) -> None:
     assert _shortcut(text) == _normalised(text)
 
 
-@pytest.mark.parametrize("text", ["88.123.99/PUMP-0001", "88.abc.Xy_-z/a/b c~", "a/b", "A.b/" + "x" * 251,
-                                  "A.b/" + "x" * 252, "a..b/x", ".a/x", "a./x", "a/", "/x", "ab", "a b/x",
-                                  "a/\x7f", "a/\x1f", "88.1/Ä", ""])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "88.123.99/PUMP-0001",
+        "88.abc.Xy_-z/a/b c~",
+        "a/b",
+        "A.b/" + "x" * 251,
+        "A.b/" + "x" * 252,
+        "a..b/x",
+        ".a/x",
+        "a./x",
+        "a/",
+        "/x",
+        "ab",
+        "a b/x",
+        "a/\x7f",
+        "a/\x1f",
+        "88.1/Ä",
+        "",
+    ],
+)
 def test_normalise_shortcut_edges(text: str) -> None:
     assert _shortcut(text) == _normalised(text)

@@ -39,8 +39,11 @@ CANNED: dict[str, tuple[int, bytes, float]] = {
     "88.1/nocode": (200, b'{"handle": "88.1/nocode", "values": []}', 0),
     "88.1/badvalue": (200, b'{"responseCode": 1, "handle": "88.1/badvalue", "values": [{"index": -1}]}', 0),
     "88.1/slow": (200, b'{"responseCode": 100}', 0.3),
-    "88.1/huge": (200, b'{"responseCode": 1, "handle": "88.1/huge", "values": [], "pad": "' + b"x" * (MAX_BODY + 10)
-                  + b'"}', 0),
+    "88.1/huge": (
+        200,
+        b'{"responseCode": 1, "handle": "88.1/huge", "values": [], "pad": "' + b"x" * (MAX_BODY + 10) + b'"}',
+        0,
+    ),
     "88.1/empty404": (404, b"", 0),
 }
 
@@ -120,7 +123,9 @@ async def test_not_found_and_values_not_found(client: RestClient) -> None:
         ("88.1/huge", ProtocolError, None),
     ],
 )
-async def test_failures_map_to_typed_errors(client: RestClient, handle: str, error: type, code: int | None) -> None:
+async def test_failures_map_to_typed_errors(
+    client: RestClient, handle: str, error: type, code: int | None
+) -> None:
     with pytest.raises(error) as e:
         await client.resolve(handle)
     assert type(e.value) is error
@@ -201,18 +206,33 @@ json_value = st.recursive(
 data_obj = st.one_of(
     json_value,
     st.fixed_dictionaries(
-        {"format": st.sampled_from(["string", "base64", "hex", "admin", "weird"]) | json_value, "value": json_value}
+        {
+            "format": st.sampled_from(["string", "base64", "hex", "admin", "weird"]) | json_value,
+            "value": json_value,
+        }
     ),
 )
 value_obj = st.one_of(
     json_value,
     st.fixed_dictionaries(
-        {"index": st.integers(-5, 2**33) | json_value, "type": st.text(max_size=12) | json_value, "data": data_obj},
+        {
+            "index": st.integers(-5, 2**33) | json_value,
+            "type": st.text(max_size=12) | json_value,
+            "data": data_obj,
+        },
         optional={
             "ttl": st.integers(-(2**33), 2**33) | json_value,
             "ttlType": st.sampled_from([0, 1]) | json_value,
-            "timestamp": st.sampled_from(["2024-01-01T00:00:00Z", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59",
-                                          "yesterday", ""]) | json_value,
+            "timestamp": st.sampled_from(
+                [
+                    "2024-01-01T00:00:00Z",
+                    "9999-12-31T23:59:59-23:59",
+                    "0001-01-01T00:00:00+23:59",
+                    "yesterday",
+                    "",
+                ]
+            )
+            | json_value,
         },
     ),
 )
@@ -220,28 +240,49 @@ record_obj = st.one_of(
     json_value,
     st.fixed_dictionaries(
         {"responseCode": st.sampled_from([1, 2, 3, 100, 200, 302, 303, 999, -1]) | json_value},
-        optional={"handle": st.text(max_size=20) | json_value, "values": st.lists(value_obj, max_size=4) | json_value,
-                  "message": json_value},
+        optional={
+            "handle": st.text(max_size=20) | json_value,
+            "values": st.lists(value_obj, max_size=4) | json_value,
+            "message": json_value,
+        },
     ),
 )
 statuses = st.sampled_from([200, 201, 204, 301, 400, 404, 429, 500, 502, 503, 599])
-odd_text = st.text(alphabet=st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010) | st.characters(), max_size=8)
+odd_text = st.text(
+    alphabet=st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010) | st.characters(), max_size=8
+)
 nearly_valid_value = st.fixed_dictionaries(
     {
         "index": st.integers(0, 2**32 - 1) | st.integers(),
         "type": st.sampled_from(["URL", "EMAIL", "HS_ADMIN", "X"]) | odd_text,
         "data": st.fixed_dictionaries(
-            {"format": st.sampled_from(["string", "base64", "hex", "admin"]),
-             "value": st.text(max_size=12) | odd_text | st.sampled_from(["AAEC", "00ff", "zz"]) | st.fixed_dictionaries(
-                 {"handle": st.text(max_size=8), "index": st.integers(-1, 2**33) | json_scalar,
-                  "permissions": st.sampled_from(["010101010101", "2", ""]) | json_scalar})}
+            {
+                "format": st.sampled_from(["string", "base64", "hex", "admin"]),
+                "value": st.text(max_size=12)
+                | odd_text
+                | st.sampled_from(["AAEC", "00ff", "zz"])
+                | st.fixed_dictionaries(
+                    {
+                        "handle": st.text(max_size=8),
+                        "index": st.integers(-1, 2**33) | json_scalar,
+                        "permissions": st.sampled_from(["010101010101", "2", ""]) | json_scalar,
+                    }
+                ),
+            }
         ),
     },
     optional={
         "ttl": st.integers(-(2**31), 2**32 - 1) | st.integers(),
         "ttlType": st.sampled_from([0, 1, 2]),
-        "timestamp": st.sampled_from(["2024-01-01T00:00:00Z", "9999-12-31T23:59:59-23:59",
-                                      "0001-01-01T00:00:00+23:59", "2024-02-30T00:00:00Z"]) | st.text(max_size=25),
+        "timestamp": st.sampled_from(
+            [
+                "2024-01-01T00:00:00Z",
+                "9999-12-31T23:59:59-23:59",
+                "0001-01-01T00:00:00+23:59",
+                "2024-02-30T00:00:00Z",
+            ]
+        )
+        | st.text(max_size=25),
     },
 )
 
@@ -270,11 +311,26 @@ def test_malformed_json_records_only_raise_documented_errors(status: int, obj: A
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(nearly_valid_value, max_size=4), odd_text | st.just(H))
-@example([{"index": 0, "type": "URL", "data": {"format": "admin", "value": {"handle": "", "index": -1,
-                                                                          "permissions": "010101010101"}}}],
-         H)  # found by this fuzzer: a negative HS_ADMIN index raised struct.error  # fmt: skip
-@example([{"index": 0, "type": "HS_ADMIN", "data": {"format": "admin", "value": {"handle": "0.NA/x", "index": 1,
-                                                                               "permissions": "1" * 17}}}], H)  # fmt: skip
+@example(
+    [
+        {
+            "index": 0,
+            "type": "URL",
+            "data": {"format": "admin", "value": {"handle": "", "index": -1, "permissions": "010101010101"}},
+        }
+    ],
+    H,
+)  # found by this fuzzer: a negative HS_ADMIN index raised struct.error
+@example(
+    [
+        {
+            "index": 0,
+            "type": "HS_ADMIN",
+            "data": {"format": "admin", "value": {"handle": "0.NA/x", "index": 1, "permissions": "1" * 17}},
+        }
+    ],
+    H,
+)
 def test_nearly_valid_records_only_raise_protocol_error(values: list[Any], handle: str) -> None:
     body = json.dumps({"responseCode": 1, "handle": handle, "values": values}).encode()
     try:
@@ -295,7 +351,9 @@ def test_random_bytes_only_raise_documented_errors(status: int, body: bytes) -> 
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.binary(max_size=100) | record_obj.map(lambda o: json.dumps(o).encode("utf-8", "surrogatepass")))
+@given(
+    body=st.binary(max_size=100) | record_obj.map(lambda o: json.dumps(o).encode("utf-8", "surrogatepass"))
+)
 async def test_malformed_bodies_through_http(body: bytes) -> None:
     n = await RestNode([], {"88.1/fuzz": (200, body, 0)}).start()
     c = RestClient(n.url, timeout=1.0, node="node")

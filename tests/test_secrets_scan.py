@@ -67,12 +67,32 @@ async def test_no_secret_in_logs_metrics_transcript_or_exports(
     outputs: dict[str, str] = {}
 
     # 2. the broker's files, then the broker
-    assert cli.main(["broker", "config", "--data-dir", str(data), "--out", str(tmp_path / "gen"),
-                     "--tls-cert", str(broker.tls.cert), "--tls-key", str(broker.tls.key), "--ca",
-                     str(broker.ca)]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "broker",
+                "config",
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "gen"),
+                "--tls-cert",
+                str(broker.tls.cert),
+                "--tls-key",
+                str(broker.tls.key),
+                "--ca",
+                str(broker.ca),
+            ]
+        )
+        == 0
+    )
     broker.start()
-    secrets = {"key": key.hex(), "mqtt password": bc.mqtt_password(key), "wifi psk": WIFI_PSK,
-               "gateway password": broker.gateway_password()}  # fmt: skip
+    secrets = {
+        "key": key.hex(),
+        "mqtt password": bc.mqtt_password(key),
+        "wifi psk": WIFI_PSK,
+        "gateway password": broker.gateway_password(),
+    }
 
     # 3. the gateway, from a TOML file like an operator's
     toml = tmp_path / "gateway.toml"
@@ -117,11 +137,16 @@ async def test_no_secret_in_logs_metrics_transcript_or_exports(
         broker.stop()
     assert dev is not None
     outputs["device console transcript"] = "\n".join(dev.lines + dev.err)
-    assert ident in outputs["device console transcript"] and result.key_fingerprint in outputs["device console transcript"]
+    assert (
+        ident in outputs["device console transcript"]
+        and result.key_fingerprint in outputs["device console transcript"]
+    )
 
     # 5. the exports
     csv = tmp_path / "ledger.csv"
-    assert cli.main(["flash", "--data-dir", str(data), "ledger", "export", "--out", str(csv), "--history"]) == 0
+    assert (
+        cli.main(["flash", "--data-dir", str(data), "ledger", "export", "--out", str(csv), "--history"]) == 0
+    )
     outputs["ledger export"] = csv.read_text()
     assert result.key_fingerprint in outputs["ledger export"]  # the fingerprint is there, the key is not
     outputs["process log (flashing, gateway), DEBUG"] = caplog.text

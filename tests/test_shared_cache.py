@@ -24,8 +24,9 @@ from tests.upstream_fakes import PUMP, Clock, FakeUpstream
 H = PUMP.handle
 
 
-def gateway(up: FakeUpstream, url: str, clock: Clock, *, lock_wait: float = 1.0,
-            timeout: float = 2.0) -> tuple[Resolver, RedisSharedCache]:  # fmt: skip
+def gateway(
+    up: FakeUpstream, url: str, clock: Clock, *, lock_wait: float = 1.0, timeout: float = 2.0
+) -> tuple[Resolver, RedisSharedCache]:
     """One gateway's resolver: its own local (memory) cache, the shared Redis tier, the common upstream."""
     cfg = ResolverConfig(prefetch=False)
     shared = RedisSharedCache(url, max_stale=cfg.max_stale, clock=clock, lock_wait=lock_wait, timeout=timeout)
@@ -43,7 +44,7 @@ async def close(*pairs: tuple[Resolver, RedisSharedCache]) -> None:
 def test_keys_share_one_hash_slot_and_values_check_their_key() -> None:
     k = cache_key(H, ("URL", "EMAIL"), (1,))
     vkey, lkey = redis_keys(k)
-    tag = vkey[vkey.index("{"): vkey.index("}") + 1]
+    tag = vkey[vkey.index("{") : vkey.index("}") + 1]
     assert tag in lkey and tag in redis_keys(cache_key(H))[0]  # every variant of one handle: one slot
     assert redis_keys(cache_key(H))[0] != vkey and len(vkey) < 40
     long_handle = "88.123.99/" + "X" * 240
@@ -54,7 +55,11 @@ def test_keys_share_one_hash_slot_and_values_check_their_key() -> None:
     assert entry is not None
     raw = encode_value(entry)
     got = decode_value(raw, cache_key(H))
-    assert got is not None and (got.code, got.expires_at, got.stored_at) == (wire.OK, entry.expires_at, entry.stored_at)
+    assert got is not None and (got.code, got.expires_at, got.stored_at) == (
+        wire.OK,
+        entry.expires_at,
+        entry.stored_at,
+    )
     assert decode_value(raw, cache_key("88.123.99/OTHER")) is None  # a hash collision is a miss
     assert decode_value(raw, cache_key(H, ("URL",))) is None
     assert decode_value(b"\xff garbage", cache_key(H)) is None
@@ -80,7 +85,12 @@ async def test_gateways_share_answers_with_the_same_expiry(redis_server: RedisSe
         n1 = await g1[0].resolve("88.123.99/NOPE")
         await g1[1].flush()
         n2 = await g2[0].resolve("88.123.99/NOPE")
-        assert (n1.code, n2.code, n2.source, up.calls) == (wire.NOT_FOUND, wire.NOT_FOUND, wire.SOURCE_CACHE, 2)
+        assert (n1.code, n2.code, n2.source, up.calls) == (
+            wire.NOT_FOUND,
+            wire.NOT_FOUND,
+            wire.SOURCE_CACHE,
+            2,
+        )
         assert n2.expires_at == n1.expires_at
         # Redis keeps an answer for its remaining lifetime plus the stale window
         pttl = int(redis_server.cli("PTTL", redis_keys(cache_key(H))[0]))
@@ -161,8 +171,9 @@ async def test_stale_answer_fetched_by_another_gateway(redis_server: RedisServer
         await close(g1, g2)
 
 
-async def test_redis_down_resolves_local_only_then_recovers(redis_server: RedisServer,
-                                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+async def test_redis_down_resolves_local_only_then_recovers(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "gateway.shared_cache")
     up = FakeUpstream([PUMP])
     clock = Clock()
@@ -209,8 +220,13 @@ async def test_gateway_service_exposes_the_shared_tier(redis_server: RedisServer
     from gateway import config as gwconfig
     from gateway.service import Gateway
 
-    cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0",
-                                  data_dir=str(tmp_path / "data"), upstream=["hdl://127.0.0.1:9"])  # fmt: skip
+    cfg = gwconfig.with_overrides(
+        gwconfig.load(None, env={}),
+        coap="127.0.0.1:0",
+        http="127.0.0.1:0",
+        data_dir=str(tmp_path / "data"),
+        upstream=["hdl://127.0.0.1:9"],
+    )
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, redis_url=redis_server.url))
     gw = Gateway(cfg)
     await gw.start()
@@ -246,7 +262,9 @@ async def test_redis_cluster_hash_slots_and_a_failed_node(tmp_path) -> None:  # 
     try:
         assert all([await s.ping() for _, s in gws])  # as the gateway does at start: learns the slot map
         answers = await asyncio.gather(*(r.resolve(rec.handle) for r, _ in gws for rec in recs))
-        assert {a.code for a in answers} == {wire.OK} and up.calls == len(recs)  # one request per key, 3 gateways
+        assert {a.code for a in answers} == {wire.OK} and up.calls == len(
+            recs
+        )  # one request per key, 3 gateways
         counts = [int(n.cli("DBSIZE")) for n in cluster.nodes]
         assert all(c > 0 for c in counts) and sum(counts) == len(recs), counts  # spread, locks released
         cluster.nodes[1].kill()

@@ -59,9 +59,14 @@ def test_config_identifiers_transports_and_checks(tmp_path: Path) -> None:
         and SimConfig(devices=11, data_dir=tmp_path).effective_mode == "light"
     )
     assert SimConfig(devices=100_000, first=5, data_dir=tmp_path).identifier(0) == "88.123.99/SIM-000005"
-    for bad in ({"devices": 0}, {"devices": 1, "transport": "x"}, {"devices": 1, "gateway": "http://h"},
-                {"devices": 1, "prefix": "a..b"}, {"devices": 2, "mode": "firmware", "interval": 2.5},
-                {"devices": 1, "transport": "mqtt", "broker": "mqtt://"}):  # fmt: skip
+    for bad in (
+        {"devices": 0},
+        {"devices": 1, "transport": "x"},
+        {"devices": 1, "gateway": "http://h"},
+        {"devices": 1, "prefix": "a..b"},
+        {"devices": 2, "mode": "firmware", "interval": 2.5},
+        {"devices": 1, "transport": "mqtt", "broker": "mqtt://"},
+    ):
         with pytest.raises(SimError):
             SimConfig(data_dir=tmp_path, **bad)  # type: ignore[arg-type]
 
@@ -220,8 +225,18 @@ async def _fake_fleet(
     gw = FakeGateway(first)
     transport, _ = await loop.create_datagram_endpoint(lambda: gw, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
-    cfg = SimConfig(devices=20, gateway=f"coap://127.0.0.1:{port}", interval=0.5, duration=seconds, mode="light",
-                    data_dir=tmp_path, summary_every=0, drain=5, seed=1, **kw)  # fmt: skip
+    cfg = SimConfig(
+        devices=20,
+        gateway=f"coap://127.0.0.1:{port}",
+        interval=0.5,
+        duration=seconds,
+        mode="light",
+        data_dir=tmp_path,
+        summary_every=0,
+        drain=5,
+        seed=1,
+        **kw,
+    )
     try:
         return await run_fleet(cfg), gw
     finally:
@@ -302,9 +317,19 @@ def _check_every_report_once(gw: RealGateway, prefix: str, devices: int, r: Any)
 @pytest.mark.slow
 def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.201"
-    cfg = SimConfig(devices=200, gateway=gateway.coap, transport="coap", interval=1.5, duration=3.0, mode="light",
-                    prefix=prefix, data_dir=tmp_path, summary_every=1.0, resolve_every=1.5,
-                    resolve_ids=("88.123.99/PUMP-0001",))  # fmt: skip
+    cfg = SimConfig(
+        devices=200,
+        gateway=gateway.coap,
+        transport="coap",
+        interval=1.5,
+        duration=3.0,
+        mode="light",
+        prefix=prefix,
+        data_dir=tmp_path,
+        summary_every=1.0,
+        resolve_every=1.5,
+        resolve_ids=("88.123.99/PUMP-0001",),
+    )
     lines: list[str] = []
     r = run_sim(cfg, out=lines.append)
     _check_every_report_once(gateway, prefix, 200, r)
@@ -321,9 +346,19 @@ def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, t
 @pytest.mark.slow
 def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.202"
-    cfg = SimConfig(devices=200, broker=gateway.mqtt, transport="mqtt", interval=1.5, duration=3.0, mode="light",
-                    prefix=prefix, data_dir=tmp_path, summary_every=0, resolve_every=1.0,
-                    resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"))  # fmt: skip
+    cfg = SimConfig(
+        devices=200,
+        broker=gateway.mqtt,
+        transport="mqtt",
+        interval=1.5,
+        duration=3.0,
+        mode="light",
+        prefix=prefix,
+        data_dir=tmp_path,
+        summary_every=0,
+        resolve_every=1.0,
+        resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"),
+    )
     r = run_sim(cfg)
     _check_every_report_once(gateway, prefix, 200, r)
     c = r.counters
@@ -366,11 +401,35 @@ def test_firmware_mode_two_real_devices_coap_and_mqtt(gateway: RealGateway, tmp_
     prefix = "88.123.203"
     data = tmp_path / "fleet"
     proc = subprocess.run(
-        _ida("sim", "--devices", "2", "--mode", "firmware", "--transport", "mix", "--gateway", gateway.coap,
-             "--broker", gateway.mqtt, "--interval", "10", "--duration", "3", "--prefix", prefix, "--data-dir",
-             str(data), "--summary-every", "1", "--json"),
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        _ida(
+            "sim",
+            "--devices",
+            "2",
+            "--mode",
+            "firmware",
+            "--transport",
+            "mix",
+            "--gateway",
+            gateway.coap,
+            "--broker",
+            gateway.mqtt,
+            "--interval",
+            "10",
+            "--duration",
+            "3",
+            "--prefix",
+            prefix,
+            "--data-dir",
+            str(data),
+            "--summary-every",
+            "1",
+            "--json",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["mode"] == "firmware" and r["devices"] == 2
@@ -392,10 +451,28 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
     """No gateway at all: reports time out; SIGINT still ends the run promptly with the final summary."""
     dead = free_port()
     proc = subprocess.Popen(
-        _ida("sim", "--devices", "20", "--mode", "light", "--gateway", f"coap://127.0.0.1:{dead}", "--interval", "1",
-             "--data-dir", str(tmp_path), "--drain", "0.5", "--summary-every", "0"),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        _ida(
+            "sim",
+            "--devices",
+            "20",
+            "--mode",
+            "light",
+            "--gateway",
+            f"coap://127.0.0.1:{dead}",
+            "--interval",
+            "1",
+            "--data-dir",
+            str(tmp_path),
+            "--drain",
+            "0.5",
+            "--summary-every",
+            "0",
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stderr is not None
         assert "light fleet: 20 devices" in proc.stderr.readline()  # running, signal handlers in place
@@ -414,6 +491,11 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
-    proc = subprocess.run(_ida("sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir",
-                               str(tmp_path)), cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+    proc = subprocess.run(
+        _ida("sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "10-86400" in proc.stderr

@@ -82,8 +82,11 @@ async def test_recording_resolver_notes_answers_and_failures() -> None:
     assert http.inner is fake and coap.board is http.board is status.board_for(fake)
     assert (await coap.resolve(PUMP)).code == wire.OK
     assert (await http.resolve("88.123.99/NOPE")).code == wire.NOT_FOUND
-    for ident, exc in (("88.123.99/DOWN", AllUpstreamsFailed), ("88.123.99/SLOW", UpstreamTimeout),
-                       ("no-slash", IdentifierError)):  # fmt: skip
+    for ident, exc in (
+        ("88.123.99/DOWN", AllUpstreamsFailed),
+        ("88.123.99/SLOW", UpstreamTimeout),
+        ("no-slash", IdentifierError),
+    ):
         with pytest.raises(exc):
             await coap.resolve(ident)
     await asyncio.sleep(0)  # noted on the next loop turn, once the answer is on its way
@@ -104,20 +107,29 @@ async def test_snapshot_with_fake_resolver_and_registry(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "registry.sqlite3")
     try:
         registry.record_report(PUMP, report_fields(PUMP, queue=2, dropped=1), "coap", "127.0.0.1:5")
-        registry.record_report("88.123.99/MQTT-1", report_fields("88.123.99/MQTT-1", board="esp32-s3-devkitc-1"), "mqtt")
+        registry.record_report(
+            "88.123.99/MQTT-1", report_fields("88.123.99/MQTT-1", board="esp32-s3-devkitc-1"), "mqtt"
+        )
         registry.set_status("88.123.99/MQTT-1", False, "mqtt")
         fake = FakeResolver()
         wrapped = status.recording(fake, "coap")
         await wrapped.resolve(PUMP)
         await asyncio.sleep(0)
-        snap = status.status_snapshot(wrapped, registry, components={"coap": "listening", "mqtt": "down"}, now=now)
+        snap = status.status_snapshot(
+            wrapped, registry, components={"coap": "listening", "mqtt": "down"}, now=now
+        )
     finally:
         registry.close()
     assert snap["status"] == "degraded" and snap["components"]["mqtt"] == "down"
     assert snap["devices_total"] == 2 and snap["devices_online"] == 1
     rows = {d["id"]: d for d in snap["devices"]}
     pump, mq = rows[PUMP], rows["88.123.99/MQTT-1"]
-    assert (pump["board"], pump["transport"], pump["online"], pump["state"]) == ("esp32-devkitc", "coap", None, "active")
+    assert (pump["board"], pump["transport"], pump["online"], pump["state"]) == (
+        "esp32-devkitc",
+        "coap",
+        None,
+        "active",
+    )
     assert (pump["queue"], pump["dropped"], pump["reports"], pump["seq"]) == (2, 1, 1, 1)
     assert abs(pump["last_report"] - now) < 60
     assert (mq["state"], mq["online"], mq["board"]) == ("offline", False, "esp32-s3-devkitc-1")
@@ -178,7 +190,11 @@ DEVICES: dict[str, dict[str, Any]] = {
     PUMP: {"board": "esp32-devkitc", "queue": 0},
     "88.123.99/VALVE-0001": {"board": "esp32-s3-devkitc-1", "queue": 3},
     # identifiers are user data: this one must show up as text, not as markup
-    '88.123.99/<img src=x onerror="document.title=1">&amp;': {"board": "esp32-c3-devkitm-1", "queue": 1, "dropped": 2},
+    '88.123.99/<img src=x onerror="document.title=1">&amp;': {
+        "board": "esp32-c3-devkitm-1",
+        "queue": 1,
+        "dropped": 2,
+    },
 }
 KNOWN = [PUMP, "88.123.99/VALVE-0001", "88.123.99/VALVE-0002", "88.123.99/MANY-0001", "88.123.99/TTL-0001"]
 
@@ -233,8 +249,13 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
     dead = f"http://127.0.0.1:{_free_port()}"  # a node that refuses connections: shown failing
     async with NodeServer(http=None) as node:
-        cfg = gwconfig.with_overrides(gwconfig.load(None, env={}), upstream=[dead, node.handle_url],
-                                      coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(tmp_path / "data"))  # fmt: skip
+        cfg = gwconfig.with_overrides(
+            gwconfig.load(None, env={}),
+            upstream=[dead, node.handle_url],
+            coap="127.0.0.1:0",
+            http="127.0.0.1:0",
+            data_dir=str(tmp_path / "data"),
+        )
         gw = Gateway(cfg)
         await gw.start()
         client = await aiocoap.Context.create_client_context(transports=["udp6"])
@@ -243,9 +264,15 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
             coap = f"coap://127.0.0.1:{gw.addresses.coap[1]}"
             base = f"http://127.0.0.1:{gw.addresses.http[1]}"
 
-            async def coap_request(code: Code, path: str, payload: bytes = b"", query: str = "") -> aiocoap.Message:
-                msg = aiocoap.Message(code=code, uri=coap + quote(path, safe="/") + query, payload=payload,
-                                      content_format=60 if payload else None)  # fmt: skip
+            async def coap_request(
+                code: Code, path: str, payload: bytes = b"", query: str = ""
+            ) -> aiocoap.Message:
+                msg = aiocoap.Message(
+                    code=code,
+                    uri=coap + quote(path, safe="/") + query,
+                    payload=payload,
+                    content_format=60 if payload else None,
+                )
                 return await asyncio.wait_for(client.request(msg).response, 10)
 
             for n, (ident, extra) in enumerate(DEVICES.items()):
@@ -285,7 +312,9 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
             async def keep_busy() -> None:  # traffic while the page loads, so the chart runs up to "now"
                 for n in range(1000):
                     await coap_request(Code.GET, f"/r/{KNOWN[n % len(KNOWN)]}")
-                    if n % 7 == 6:  # a key not cached yet: a miss that goes upstream (no such index: code 200)
+                    if (
+                        n % 7 == 6
+                    ):  # a key not cached yet: a miss that goes upstream (no such index: code 200)
                         await coap_request(Code.GET, f"/r/{PUMP}", query=f"?index={n}")
                     await asyncio.sleep(0.1)
 
@@ -309,7 +338,9 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
     assert summary.testids.count("hit-point") >= 8 and "hit-line" in summary.testids
     assert summary.testids.count("upstream-row") == 2
     assert summary.testids.count("recent-row") >= 20
-    assert summary.texts.get("status-pill") == "ok" and summary.texts.get("outbox-depth", "").strip().isdigit()
+    assert (
+        summary.texts.get("status-pill") == "ok" and summary.texts.get("outbox-depth", "").strip().isdigit()
+    )
     assert summary.texts.get("hit-ratio", "").endswith("%")
 
     data = shot.read_bytes()
@@ -323,15 +354,28 @@ async def _chromium(binary: str, url: str, screenshot: Path, profile: Path) -> s
     """Load ``url`` in headless Chromium, let its scripts run (virtual time), save a screenshot, return the DOM."""
     profile.mkdir(parents=True, exist_ok=True)
     args = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1280,800",
-        "--virtual-time-budget=5000", f"--screenshot={screenshot}", "--dump-dom", url,
-    ]  # fmt: skip
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,800",
+        "--virtual-time-budget=5000",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        url,
+    ]
     env = {**os.environ, "TMPDIR": tempfile.gettempdir()}
     env.pop("DBUS_SESSION_BUS_ADDRESS", None)
-    proc = await asyncio.create_subprocess_exec(binary, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=env)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        binary, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 90)
     except TimeoutError:

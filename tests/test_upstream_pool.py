@@ -122,7 +122,9 @@ async def test_every_node_failing_raises_all_upstreams_failed_with_each_error() 
 
 
 async def test_overall_timeout_raises_upstream_timeout() -> None:
-    p = pool(FakeUpstream(latency=5), FakeUpstream(latency=5), timeout=0.1, attempt_timeout=5, hedge_delay=0.02)
+    p = pool(
+        FakeUpstream(latency=5), FakeUpstream(latency=5), timeout=0.1, attempt_timeout=5, hedge_delay=0.02
+    )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     with pytest.raises(UpstreamTimeout):
@@ -250,7 +252,9 @@ async def test_refused_rest_nodes_fail_fast() -> None:
         s.bind(("127.0.0.1", 0))
         ports.append(s.getsockname()[1])
         s.close()
-    p = UpstreamPool.from_urls([f"http://127.0.0.1:{port}" for port in ports], timeout=2.0, attempt_timeout=2.0)
+    p = UpstreamPool.from_urls(
+        [f"http://127.0.0.1:{port}" for port in ports], timeout=2.0, attempt_timeout=2.0
+    )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     try:

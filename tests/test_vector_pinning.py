@@ -24,7 +24,11 @@ def _run_suite(target: str, vectors: Path) -> tuple[int, str]:
     env = dict(os.environ, IDA_VECTORS=str(vectors))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
     )
     return r.returncode, r.stdout
 
@@ -43,7 +47,11 @@ def test_one_byte_changed_fails_both_runtimes(tmp_path: Path, file: str, section
     code_cpy, out_cpy = _run_suite("tests/test_vectors.py", vectors)
     code_mpy, out_mpy = _run_suite("tests/firmware/test_vectors.py", vectors)
     assert code_cpy == 1 and re.search(r"\b1 failed\b|\b2 failed\b", out_cpy), out_cpy[-2000:]
-    assert code_mpy == 1 and "MicroPython 0 passed" not in out_mpy and re.search(r"MicroPython \d+ passed, [1-9]", out_mpy), out_mpy[-2000:]
+    assert (
+        code_mpy == 1
+        and "MicroPython 0 passed" not in out_mpy
+        and re.search(r"MicroPython \d+ passed, [1-9]", out_mpy)
+    ), out_mpy[-2000:]
 
     # the unchanged copy passes both, so the failure above is the changed byte
     shutil.copy(ROOT / "tests" / "vectors" / file, vectors / file)

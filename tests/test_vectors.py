@@ -71,7 +71,12 @@ def test_every_reason_has_a_vector() -> None:
 
 
 def test_encode_resolve_response_is_encode() -> None:
-    ok = {"code": 1, "id": "88.123.99/P", "values": [[1, "URL", "https://x", 86400], [2, "B", b"\x00", 0]], "source": 2}
+    ok = {
+        "code": 1,
+        "id": "88.123.99/P",
+        "values": [[1, "URL", "https://x", 86400], [2, "B", b"\x00", 0]],
+        "source": 2,
+    }
     assert wire.encode_resolve_response(ok) == wire.encode("resolve_response", ok)
     for bad in ({**ok, "values": [[1, "URL", "x", -5]]}, {**ok, "source": 9}, {**ok, "code": True}):
         with pytest.raises(wire.WireError):

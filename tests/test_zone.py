@@ -50,8 +50,9 @@ def test_load_missing_file_is_empty_and_add_creates_it(tmp_path: Path) -> None:
     assert len(z) == 0
     z.add(PUMP)
     assert json.loads(path.read_text()) == dump_zone([PUMP])
-    assert Zone.load(path).get(PUMP.handle) == Record(PUMP.handle, tuple(
-        v for v in parse_zone(dump_zone([PUMP]))[PUMP.handle].values))
+    assert Zone.load(path).get(PUMP.handle) == Record(
+        PUMP.handle, tuple(v for v in parse_zone(dump_zone([PUMP]))[PUMP.handle].values)
+    )
 
 
 def test_add_keeps_records_added_by_another_writer(tmp_path: Path) -> None:

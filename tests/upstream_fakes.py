@@ -110,7 +110,9 @@ class RestNode:
     raw target (path and query, still percent-encoded) is kept in ``targets``.
     """
 
-    def __init__(self, records: Sequence[Record] = (), canned: dict[str, tuple[int, bytes, float]] | None = None):
+    def __init__(
+        self, records: Sequence[Record] = (), canned: dict[str, tuple[int, bytes, float]] | None = None
+    ):
         self.records = {r.handle.upper(): r for r in records}
         self.canned = canned or {}
         self.targets: list[str] = []
@@ -125,7 +127,7 @@ class RestNode:
         raw = request.raw_path
         self.targets.append(raw)
         path = raw.split("?", 1)[0]
-        handle = unquote(path[len("/api/handles/"):])
+        handle = unquote(path[len("/api/handles/") :])
         if handle in self.canned:
             status, body, delay = self.canned[handle]
             if delay:

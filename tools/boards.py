@@ -66,10 +66,28 @@ def _same(a: Any, b: Any) -> bool:
 
 
 _KEYWORDS = _ANNOTATIONS | {
-    "$ref", "type", "const", "enum", "not", "anyOf", "if", "then", "else", "minimum", "maximum", "multipleOf",
-    "minLength", "pattern", "items", "minItems", "maxItems", "uniqueItems", "required", "properties",
+    "$ref",
+    "type",
+    "const",
+    "enum",
+    "not",
+    "anyOf",
+    "if",
+    "then",
+    "else",
+    "minimum",
+    "maximum",
+    "multipleOf",
+    "minLength",
+    "pattern",
+    "items",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "required",
+    "properties",
     "additionalProperties",
-}  # fmt: skip
+}
 
 
 def check_schema(schema: Any, where: str = "#") -> None:

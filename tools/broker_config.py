@@ -100,9 +100,11 @@ def username_problem(username: str) -> str | None:
 def device_acl(username: str) -> list[str]:
     """The explicit ACL block of one device: its own subtree, each leaf in one direction only."""
     base = f"{wire.TOPIC_ROOT}/{username}"
-    return [f"user {username}"] + [f"topic write {base}/{leaf}" for leaf in DEVICE_PUBLISH] + [
-        f"topic read {base}/{leaf}" for leaf in DEVICE_RECEIVE
-    ]
+    return (
+        [f"user {username}"]
+        + [f"topic write {base}/{leaf}" for leaf in DEVICE_PUBLISH]
+        + [f"topic read {base}/{leaf}" for leaf in DEVICE_RECEIVE]
+    )
 
 
 def device_patterns() -> list[str]:
@@ -149,11 +151,15 @@ class TlsFiles:
         except OSError as e:
             raise BrokerConfigError(f"cannot read TLS file: {e}") from None
         except ValueError as e:
-            raise BrokerConfigError(f"TLS files must be PEM (certificate, CA, unencrypted key): {e}") from None
+            raise BrokerConfigError(
+                f"TLS files must be PEM (certificate, CA, unencrypted key): {e}"
+            ) from None
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as e:
-            raise BrokerConfigError(f"{self.cert} is not issued by {self.ca}: {e or 'bad signature'}") from None
+            raise BrokerConfigError(
+                f"{self.cert} is not issued by {self.ca}: {e or 'bad signature'}"
+            ) from None
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         if key.public_key().public_bytes(serialization.Encoding.DER, pub) != cert.public_key().public_bytes(
             serialization.Encoding.DER, pub
@@ -181,24 +187,43 @@ def make_certs(out: Path, hosts: Sequence[str], days: int = 825) -> TlsFiles:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ida broker CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(days=max(days, 3650)))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     out.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     pkcs8 = serialization.PrivateFormat.PKCS8
@@ -278,7 +303,9 @@ def generate(
         raise BrokerConfigError(f"--acl must be one of {', '.join(ACL_MODES)}")
     for name in gateways:
         if not _GATEWAY_NAME.fullmatch(name):
-            raise BrokerConfigError(f"gateway name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+            raise BrokerConfigError(
+                f"gateway name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)"
+            )
     if len(set(gateways)) != len(gateways):
         raise BrokerConfigError("gateway names must differ")
     if tls is not None:
@@ -317,8 +344,11 @@ def generate(
     if plain_port is not None:
         _write(out / PASSWD_ALL, _lines(device_lines + gateway_lines), 0o600)
         res.files.append(out / PASSWD_ALL)
-    _write(out / CONF_FILE, mosquitto_conf(out, tls, port, bind, service_port, service_bind, plain_port,
-                                           res.devices).encode(), 0o644)  # fmt: skip
+    _write(
+        out / CONF_FILE,
+        mosquitto_conf(out, tls, port, bind, service_port, service_bind, plain_port, res.devices).encode(),
+        0o644,
+    )
     res.files.append(out / CONF_FILE)
     for name in gateways:
         path = out / f"gateway-{name}.toml"
@@ -326,8 +356,13 @@ def generate(
             url = f"mqtts://{broker_host}:{service_port}"
         else:
             url = f"mqtt://127.0.0.1:{plain_port}"
-        toml = [f"# [mqtt] of gateway {name!r} (generated by `ida broker config`)", "[mqtt]", f'url = "{url}"',
-                f'username = "{name}"', f'password_file = "{gateway_secret(out, name).resolve()}"']  # fmt: skip
+        toml = [
+            f"# [mqtt] of gateway {name!r} (generated by `ida broker config`)",
+            "[mqtt]",
+            f'url = "{url}"',
+            f'username = "{name}"',
+            f'password_file = "{gateway_secret(out, name).resolve()}"',
+        ]
         if tls is not None:
             toml.append(f'ca_file = "{tls.ca.resolve()}"')
         _write(path, _lines(toml), 0o644)
@@ -335,8 +370,16 @@ def generate(
     return res
 
 
-def mosquitto_conf(out: Path, tls: TlsFiles | None, port: int, bind: str, service_port: int, service_bind: str,
-                   plain_port: int | None, devices: int) -> str:  # fmt: skip
+def mosquitto_conf(
+    out: Path,
+    tls: TlsFiles | None,
+    port: int,
+    bind: str,
+    service_port: int,
+    service_bind: str,
+    plain_port: int | None,
+    devices: int,
+) -> str:
     o = out.resolve()
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [
@@ -350,19 +393,39 @@ def mosquitto_conf(out: Path, tls: TlsFiles | None, port: int, bind: str, servic
 
     def tls_lines() -> list[str]:
         assert tls is not None
-        return [f"certfile {tls.cert.resolve()}", f"keyfile {tls.key.resolve()}", f"cafile {tls.ca.resolve()}",
-                "tls_version tlsv1.2"]  # fmt: skip
+        return [
+            f"certfile {tls.cert.resolve()}",
+            f"keyfile {tls.key.resolve()}",
+            f"cafile {tls.ca.resolve()}",
+            "tls_version tlsv1.2",
+        ]
 
     if tls is not None:
-        lines += ["", "# devices: TLS, username/password, client id forced to the username (no session takeover)",
-                  f"listener {port} {bind}", "protocol mqtt", *security(PASSWD_DEVICES),
-                  "use_username_as_clientid true", *tls_lines()]  # fmt: skip
-        lines += ["", "# gateways: TLS, their own users (keep this listener on the gateways' network)",
-                  f"listener {service_port} {service_bind}", "protocol mqtt", *security(PASSWD_GATEWAYS),
-                  *tls_lines()]  # fmt: skip
+        lines += [
+            "",
+            "# devices: TLS, username/password, client id forced to the username (no session takeover)",
+            f"listener {port} {bind}",
+            "protocol mqtt",
+            *security(PASSWD_DEVICES),
+            "use_username_as_clientid true",
+            *tls_lines(),
+        ]
+        lines += [
+            "",
+            "# gateways: TLS, their own users (keep this listener on the gateways' network)",
+            f"listener {service_port} {service_bind}",
+            "protocol mqtt",
+            *security(PASSWD_GATEWAYS),
+            *tls_lines(),
+        ]
     if plain_port is not None:
-        lines += ["", "# INSECURE plain mode: no TLS, passwords and traffic in clear. FACTORY BENCH ONLY, loopback.",
-                  f"listener {plain_port} 127.0.0.1", "protocol mqtt", *security(PASSWD_ALL)]  # fmt: skip
+        lines += [
+            "",
+            "# INSECURE plain mode: no TLS, passwords and traffic in clear. FACTORY BENCH ONLY, loopback.",
+            f"listener {plain_port} 127.0.0.1",
+            "protocol mqtt",
+            *security(PASSWD_ALL),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -380,15 +443,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--bind", default="0.0.0.0", help="device listener address (default 0.0.0.0)")
     c.add_argument("--service-port", type=int, default=8884, help="gateway TLS listener port (default 8884)")
     c.add_argument("--service-bind", default="127.0.0.1", help="gateway listener address (default 127.0.0.1)")
-    c.add_argument("--broker-host", default="localhost",
-                   help="name of the broker in its certificate, for the gateway's URL (default localhost)")
-    c.add_argument("--plain-port", type=int, help="also a plain loopback listener: INSECURE, factory bench only")
-    c.add_argument("--gateway", action="append", metavar="NAME",
-                   help=f"gateway user (repeatable; default {DEFAULT_GATEWAY})")
-    c.add_argument("--outbox-topic", action="append", default=[], metavar="TOPIC",
-                   help="[outbox] mqtt_topic the gateways may publish to ({key} allowed)")
-    c.add_argument("--acl", choices=ACL_MODES, default="explicit",
-                   help="explicit per-device entries (default) or one %%u pattern block (large fleets)")
+    c.add_argument(
+        "--broker-host",
+        default="localhost",
+        help="name of the broker in its certificate, for the gateway's URL (default localhost)",
+    )
+    c.add_argument(
+        "--plain-port", type=int, help="also a plain loopback listener: INSECURE, factory bench only"
+    )
+    c.add_argument(
+        "--gateway",
+        action="append",
+        metavar="NAME",
+        help=f"gateway user (repeatable; default {DEFAULT_GATEWAY})",
+    )
+    c.add_argument(
+        "--outbox-topic",
+        action="append",
+        default=[],
+        metavar="TOPIC",
+        help="[outbox] mqtt_topic the gateways may publish to ({key} allowed)",
+    )
+    c.add_argument(
+        "--acl",
+        choices=ACL_MODES,
+        default="explicit",
+        help="explicit per-device entries (default) or one %%u pattern block (large fleets)",
+    )
     k = sub.add_parser("certs", help="a private CA and a server certificate for the broker")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--host", action="append", required=True, help="DNS name or IP of the broker (repeatable)")
@@ -406,10 +487,21 @@ def run(args: argparse.Namespace) -> int:
             raise BrokerConfigError("--tls-cert, --tls-key and --ca go together")
         tls = TlsFiles(*tls_args) if all(tls_args) else None
         data = Path(args.data_dir or os.environ.get("IDA_DATA") or "data")
-        res = generate(data, args.out, tls=tls, port=args.port, bind=args.bind, service_port=args.service_port,
-                       service_bind=args.service_bind, broker_host=args.broker_host, plain_port=args.plain_port,
-                       gateways=args.gateway or (DEFAULT_GATEWAY,), outbox_topics=args.outbox_topic,
-                       acl_mode=args.acl, keystore=args.keystore)  # fmt: skip
+        res = generate(
+            data,
+            args.out,
+            tls=tls,
+            port=args.port,
+            bind=args.bind,
+            service_port=args.service_port,
+            service_bind=args.service_bind,
+            broker_host=args.broker_host,
+            plain_port=args.plain_port,
+            gateways=args.gateway or (DEFAULT_GATEWAY,),
+            outbox_topics=args.outbox_topic,
+            acl_mode=args.acl,
+            keystore=args.keystore,
+        )
     except BrokerConfigError as e:
         raise CliError(str(e)) from None
     print(f"{res.devices} devices, gateways {', '.join(res.gateways)} -> {res.out}")

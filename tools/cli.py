@@ -14,16 +14,28 @@ from gateway import __version__
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
     ("flash", "tools.flash.cli", "factory flashing and provisioning"),
-    ("gateway", "tools.gateway_cmd", "run the edge gateway (CoAP, HTTP, MQTT front ends) until SIGTERM/SIGINT"),
+    (
+        "gateway",
+        "tools.gateway_cmd",
+        "run the edge gateway (CoAP, HTTP, MQTT front ends) until SIGTERM/SIGINT",
+    ),
     ("devices", "tools.devices_cmd", "list devices and set their desired config through a running gateway"),
-    ("resolve", "tools.resolve_cmd", "resolve an identifier through the gateway engine (zone, cache, upstreams)"),
+    (
+        "resolve",
+        "tools.resolve_cmd",
+        "resolve an identifier through the gateway engine (zone, cache, upstreams)",
+    ),
     ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
     ("bench", "tools.bench.cli", "benchmarks against anchors measured in the same run"),
     ("broker", "tools.broker_config", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
     ("console", "tools.console.cli", "technician's serial console"),
     ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
     ("demo", "tools.demo", "run the whole system locally with narration (make demo)"),
-    ("device", "tools.device_cmd", "run one simulated device (the real firmware under micropython) in the foreground"),
+    (
+        "device",
+        "tools.device_cmd",
+        "run one simulated device (the real firmware under micropython) in the foreground",
+    ),
 ]
 
 

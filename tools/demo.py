@@ -91,8 +91,14 @@ SOURCE_WORDS = {
     "device-cache": "from the device's own cache (no network)",
     "device-revalidated": "from the device's own cache, revalidated with the gateway",
 }
-_LOG_SOURCES = {"-2": "device-revalidated", "-1": "device-cache", "0": "zone", "1": "cache", "2": "upstream",
-                "3": "stale"}  # fmt: skip
+_LOG_SOURCES = {
+    "-2": "device-revalidated",
+    "-1": "device-cache",
+    "0": "zone",
+    "1": "cache",
+    "2": "upstream",
+    "3": "stale",
+}
 
 _BOOT = re.compile(r"^I app boot=(\d+) fw=(\S+) board=(\S+)")
 _STARTED = re.compile(r"^I net (\w+) started")
@@ -149,9 +155,15 @@ class Service:
         self.env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.cmd, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )  # fmt: skip
+                self.cmd,
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         return self
 
     @property
@@ -217,15 +229,23 @@ def start_broker(workdir: Path) -> tuple[Service, int]:
     port = free_port(socket.SOCK_STREAM)
     conf = workdir / "mosquitto.conf"
     conf.write_text(mosquitto.config(port))
-    svc = mosquitto.start([exe, "-c", str(conf)], lambda cmd: Service("mosquitto", cmd, workdir).start(),
-                          "127.0.0.1", port, START_TIMEOUT)  # fmt: skip
+    svc = mosquitto.start(
+        [exe, "-c", str(conf)],
+        lambda cmd: Service("mosquitto", cmd, workdir).start(),
+        "127.0.0.1",
+        port,
+        START_TIMEOUT,
+    )
     return svc, port
 
 
 def start_node(workdir: Path, latency_ms: float) -> tuple[Service, int, int]:
     """``ida node`` with the sample records; (service, records served, handle port)."""
-    svc = Service("node", _ida("node", "--handle", "127.0.0.1:0", "--http", "off", "--latency", str(latency_ms)),
-                  workdir).start()  # fmt: skip
+    svc = Service(
+        "node",
+        _ida("node", "--handle", "127.0.0.1:0", "--http", "off", "--latency", str(latency_ms)),
+        workdir,
+    ).start()
     m = svc.wait_log(r"handle udp\+tcp listening on [\d.]+:(\d+)")
     n = svc.wait_log(r"ida node: (\d+) records")
     return svc, int(n.group(1)), int(m.group(1))
@@ -245,10 +265,25 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 def start_gateway(workdir: Path, node_port: int, broker_port: int) -> tuple[Service, int, int]:
     """``ida gateway`` with CoAP and HTTP on any free port (read back from its log) and MQTT on the broker;
     returns once ``/healthz`` says the MQTT front end has subscribed. (service, coap port, http port)."""
-    svc = Service("gateway", _ida(
-        "gateway", "--coap", "127.0.0.1:0", "--http", "127.0.0.1:0", "--mqtt", f"mqtt://127.0.0.1:{broker_port}",
-        "--data-dir", str(workdir / "gateway-data"), "-u", f"hdl://127.0.0.1:{node_port}", "--log-level", "info",
-    ), workdir).start()  # fmt: skip
+    svc = Service(
+        "gateway",
+        _ida(
+            "gateway",
+            "--coap",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--mqtt",
+            f"mqtt://127.0.0.1:{broker_port}",
+            "--data-dir",
+            str(workdir / "gateway-data"),
+            "-u",
+            f"hdl://127.0.0.1:{node_port}",
+            "--log-level",
+            "info",
+        ),
+        workdir,
+    ).start()
     coap = int(svc.wait_log(r"coap listening on [\d.]+:(\d+)").group(1))
     http = int(svc.wait_log(r"http listening on [\d.]+:(\d+)").group(1))
     deadline = time.monotonic() + START_TIMEOUT
@@ -368,12 +403,16 @@ class Demo:
         say(f"Mosquitto (MQTT broker) listening on 127.0.0.1:{self.broker_port}")
         node, self.node_records, node_port = start_node(self.workdir, self.latency_ms)
         self.services.append(node)
-        say(f"recursive node (ida node) serving {self.node_records} sample records under {PREFIX} on "
-            f"hdl://127.0.0.1:{node_port} (Handle native protocol, {self.latency_ms:g} ms added latency)")  # fmt: skip
+        say(
+            f"recursive node (ida node) serving {self.node_records} sample records under {PREFIX} on "
+            f"hdl://127.0.0.1:{node_port} (Handle native protocol, {self.latency_ms:g} ms added latency)"
+        )
         gw, self.coap_port, self.http_port = start_gateway(self.workdir, node_port, self.broker_port)
         self.services.append(gw)
-        say(f"gateway (ida gateway) up: CoAP on 127.0.0.1:{self.coap_port}, MQTT front end subscribed on the broker, "
-            f"HTTP on 127.0.0.1:{self.http_port}, cache empty")  # fmt: skip
+        say(
+            f"gateway (ida gateway) up: CoAP on 127.0.0.1:{self.coap_port}, MQTT front end subscribed on the broker, "
+            f"HTTP on 127.0.0.1:{self.http_port}, cache empty"
+        )
         say(
             f"status page: http://127.0.0.1:{self.http_port}/  (devices, cache hit ratio, upstream, recent resolutions)"
         )
@@ -390,9 +429,13 @@ class Demo:
         for i, (ident, transport, role) in enumerate(DEVICES, start=1):
             d = Device(ident, transport, role, self.workdir / "devices" / wire.topic_key(ident))
             try:
-                provision(d.data_dir, ident, transport=transport,
-                          coap=f"coap://127.0.0.1:{self.coap_port}" if transport == "coap" else None,
-                          mqtt=f"mqtt://127.0.0.1:{self.broker_port}" if transport == "mqtt" else None)  # fmt: skip
+                provision(
+                    d.data_dir,
+                    ident,
+                    transport=transport,
+                    coap=f"coap://127.0.0.1:{self.coap_port}" if transport == "coap" else None,
+                    mqtt=f"mqtt://127.0.0.1:{self.broker_port}" if transport == "mqtt" else None,
+                )
             except SimError as e:
                 raise DemoError(f"cannot provision {ident}: {e}") from None
             env = device_env(d.data_dir, uid=uid_for(i), interval=REPORT_INTERVAL)
@@ -400,14 +443,21 @@ class Demo:
             d.transcript = open(d.data_dir / "console.log", "w", encoding="utf-8")  # noqa: SIM115 -- closed in stop
             with open(d.data_dir / "stderr.log", "ab") as err:
                 d.proc = await asyncio.create_subprocess_exec(
-                    *device_command(mp), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=err, env=env, cwd=str(d.data_dir), start_new_session=True, preexec_fn=die_with_parent,
-                )  # fmt: skip
+                    *device_command(mp),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=err,
+                    env=env,
+                    cwd=str(d.data_dir),
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
             self.devices.append(d)
             d.reader = asyncio.ensure_future(self._read(d))
             d.send("json on")
-            self.say(f"device {d.name} started: real firmware under micropython, {role}, "
-                     f"provisioned as {ident}")  # fmt: skip
+            self.say(
+                f"device {d.name} started: real firmware under micropython, {role}, provisioned as {ident}"
+            )
         try:
             await asyncio.wait_for(asyncio.gather(*(d.booted.wait() for d in self.devices)), START_TIMEOUT)
             await asyncio.wait_for(
@@ -415,8 +465,10 @@ class Demo:
             )
         except TimeoutError:
             late = [d.name for d in self.devices if not d.first_resolve.is_set()]
-            raise DemoError(f"devices {', '.join(late)} did not come online within {START_TIMEOUT:.0f} s "
-                            f"(see {self.workdir}/devices/*/console.log)") from None  # fmt: skip
+            raise DemoError(
+                f"devices {', '.join(late)} did not come online within {START_TIMEOUT:.0f} s "
+                f"(see {self.workdir}/devices/*/console.log)"
+            ) from None
 
     # ---- device output
     async def _read(self, d: Device) -> None:
@@ -479,8 +531,10 @@ class Demo:
             source = _LOG_SOURCES.get(src, src)
             when = "after reconnecting" if d.first_resolve.is_set() else "at boot"
             if code == 1:
-                self.say(f"{d.label} resolved its own identifier {ident} {when}: {nvalues} values "
-                         f"{SOURCE_WORDS.get(source, 'from ' + source)}")  # fmt: skip
+                self.say(
+                    f"{d.label} resolved its own identifier {ident} {when}: {nvalues} values "
+                    f"{SOURCE_WORDS.get(source, 'from ' + source)}"
+                )
             else:
                 self.say(f"{d.label} could not resolve its own identifier {when}: code {code}")
             d.first_resolve.set()
@@ -561,10 +615,12 @@ class Demo:
         if ups and ups[0].get("latency_mean_ms") is not None:
             lat = f", upstream {ups[0]['requests']} requests, {ups[0]['latency_mean_ms']:.1f} ms mean"
         depth = (st.get("outbox") or {}).get("depth")
-        self.say(f"gateway{' (final)' if final else ''}: {reports} reports stored, {st.get('devices_online', 0)} of "
-                 f"{st.get('devices_total', 0)} devices online, {hits + misses} cache lookups: {hits} hits, "
-                 f"{misses} misses{ratio}, {cache.get('entries', 0)} cache entries{lat}"
-                 + (f", outbox {depth}" if depth is not None else ""))  # fmt: skip
+        self.say(
+            f"gateway{' (final)' if final else ''}: {reports} reports stored, {st.get('devices_online', 0)} of "
+            f"{st.get('devices_total', 0)} devices online, {hits + misses} cache lookups: {hits} hits, "
+            f"{misses} misses{ratio}, {cache.get('entries', 0)} cache entries{lat}"
+            + (f", outbox {depth}" if depth is not None else "")
+        )
 
     # ---- scripted actions
     def dev(self, name: str) -> Device:
@@ -588,8 +644,10 @@ class Demo:
             return None
         values = reply.get("values") or []
         shown = _shown_value(values)
-        self.say(f"{d.label} resolved {reply.get('id', target)} in {ms:.1f} ms {words}: {len(values)} values"
-                 + (f", {shown}" if shown else ""))  # fmt: skip
+        self.say(
+            f"{d.label} resolved {reply.get('id', target)} in {ms:.1f} ms {words}: {len(values)} values"
+            + (f", {shown}" if shown else "")
+        )
         return source
 
     async def outage(
@@ -633,15 +691,19 @@ class Demo:
         finally:
             d.catching_up = False
         delivered = int(st.get("acked") or 0) - acked0
-        self.say(f"{d.label} back online: {delivered} queued reports delivered in {time.monotonic() - t0:.1f} s "
-                 f"(queue {queued} -> 0, all acknowledged)")  # fmt: skip
+        self.say(
+            f"{d.label} back online: {delivered} queued reports delivered in {time.monotonic() - t0:.1f} s "
+            f"(queue {queued} -> 0, all acknowledged)"
+        )
         with contextlib.suppress(OSError, ValueError, DemoError):
             rows = (await self.gateway_json("/api/devices")).get("devices", [])
             row = next((r for r in rows if r.get("id") == d.ident), None)
             if row:
                 last = row.get("last_report") or {}
-                self.say(f"gateway confirms: {row.get('reports_total')} reports stored from {d.name}, the last one "
-                         f"seq {last.get('seq')} of boot {last.get('boot')}")  # fmt: skip
+                self.say(
+                    f"gateway confirms: {row.get('reports_total')} reports stored from {d.name}, the last one "
+                    f"seq {last.get('seq')} of boot {last.get('boot')}"
+                )
 
     async def script(self) -> None:
         """The demo's story; once it is told, a quieter loop keeps the system busy until the end."""
@@ -672,13 +734,26 @@ class Demo:
         await self.resolve(valve, f"{PREFIX}/LINE-0001/STATION-03")  # gateway cache, CoAP
         await asyncio.sleep(STEP / 2)
         await self.gateway_summary()
-        say(f"-- the story is told; devices keep reporting every {REPORT_INTERVAL} s and resolving now and then "
-            "(Ctrl-C to stop)")  # fmt: skip
+        say(
+            f"-- the story is told; devices keep reporting every {REPORT_INTERVAL} s and resolving now and then "
+            "(Ctrl-C to stop)"
+        )
         await self.steady()
 
     async def steady(self) -> None:
-        targets = [f"{PREFIX}/{s}" for s in ("MOTOR-0002", "VALVE-0002", "LINE-0001", "TTL-0001", "MANY-0001",
-                                             "PUMP-0001", "SENSOR-0001", "NOPE-0404")]  # fmt: skip
+        targets = [
+            f"{PREFIX}/{s}"
+            for s in (
+                "MOTOR-0002",
+                "VALVE-0002",
+                "LINE-0001",
+                "TTL-0001",
+                "MANY-0001",
+                "PUMP-0001",
+                "SENSOR-0001",
+                "NOPE-0404",
+            )
+        ]
         k = 0
         last_summary = time.monotonic()
         while True:
@@ -771,10 +846,20 @@ def _shown_value(values: Any) -> str | None:
 
 # -- the command -------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seconds", type=float, default=None, metavar="S",
-                   help="stop after S seconds (default $DEMO_SECONDS, else run until Ctrl-C)")  # fmt: skip
-    p.add_argument("--latency", type=float, default=NODE_LATENCY_MS, metavar="MS",
-                   help=f"latency the recursive node adds to each answer (default {NODE_LATENCY_MS:g} ms)")  # fmt: skip
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop after S seconds (default $DEMO_SECONDS, else run until Ctrl-C)",
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=NODE_LATENCY_MS,
+        metavar="MS",
+        help=f"latency the recursive node adds to each answer (default {NODE_LATENCY_MS:g} ms)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, data) at the end")
 
 
@@ -856,8 +941,10 @@ def run(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     workdir = Path(tempfile.mkdtemp(prefix="ida-demo-"))
     demo = Demo(workdir, seconds, narrator, args.latency)
-    narrator.say("ida demo: a recursive node, an MQTT broker, the gateway and three devices running the real "
-                 "firmware, all on this machine")  # fmt: skip
+    narrator.say(
+        "ida demo: a recursive node, an MQTT broker, the gateway and three devices running the real "
+        "firmware, all on this machine"
+    )
     error: str | None = None
     try:
         asyncio.run(_main(demo))

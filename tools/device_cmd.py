@@ -42,8 +42,17 @@ from gateway import identifier as gwident
 from gateway import wire
 from tools.cli import CliError
 
-__all__ = ["add_arguments", "run", "prepare", "Prepared", "default_data_dir", "uid_from_identifier",
-           "STOP_GRACE", "DEFAULT_GATEWAY", "DEFAULT_BROKER"]  # fmt: skip
+__all__ = [
+    "add_arguments",
+    "run",
+    "prepare",
+    "Prepared",
+    "default_data_dir",
+    "uid_from_identifier",
+    "STOP_GRACE",
+    "DEFAULT_GATEWAY",
+    "DEFAULT_BROKER",
+]
 
 DEFAULT_GATEWAY = "coap://127.0.0.1:5683"
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -52,7 +61,9 @@ STOP_GRACE = 5.0  # s between the SIGINT a stop sends and SIGKILL
 LOCK_FILE = "run.lock"
 # files of the device that a re-provisioning for another identifier erases (not kv/boot: the boot counter)
 _OTHER_DEVICE_STATE = ("q.dat", "q.dat.tmp", "config.json", "config.json.tmp", "rtc.bin", "kv/key")
-_SI_KERNEL = 0x80  # siginfo si_code of a signal the kernel sent, e.g. Ctrl-C from the terminal's line discipline
+_SI_KERNEL = (
+    0x80  # siginfo si_code of a signal the kernel sent, e.g. Ctrl-C from the terminal's line discipline
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,28 +74,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         description="Provision a unix-board identity in the data dir when absent, then run the firmware under "
         "micropython in the foreground with its console on this terminal (Ctrl-C stops it).",
     )
-    r.add_argument("--identifier", "--id", dest="identifier", required=True, metavar="ID",
-                   help="the device's identifier, e.g. 88.123.99/PUMP-0001")  # fmt: skip
-    r.add_argument("--gateway", metavar="URL", default=None,
-                   help=f"the gateway's CoAP address (default: the stored one, else {DEFAULT_GATEWAY})")  # fmt: skip
-    r.add_argument("--transport", choices=("coap", "mqtt"), default=None,
-                   help="coap or mqtt (default: the stored one, else coap)")  # fmt: skip
-    r.add_argument("--broker", metavar="URL", default=None,
-                   help=f"the MQTT broker the gateway listens on (default with --transport mqtt: the stored one, "
-                        f"else {DEFAULT_BROKER})")  # fmt: skip
-    r.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help=f"the device's flash (default {DEFAULT_DEVICES_DIR}/<topic key of the identifier>)")  # fmt: skip
-    r.add_argument("--board", default="unix", metavar="NAME", help="simulated board file boards/NAME.json (default unix)")
-    r.add_argument("--interval", type=int, default=None, metavar="S",
-                   help="report interval in seconds until the gateway configures one (10-86400; firmware "
-                        "default 60)")  # fmt: skip
-    r.add_argument("--uid", default=None, metavar="HEX",
-                   help="unique id, 1-16 bytes hex (default: derived from the identifier)")  # fmt: skip
-    r.add_argument("--watchdog", type=int, default=0, metavar="MS",
-                   help="software watchdog timeout in ms (default 0 = off: a busy host should not 'reset' it)")
-    r.add_argument("--force", action="store_true",
-                   help="re-provision a data dir that holds another identifier's identity (new key; its "
-                        "queued reports and config are erased)")  # fmt: skip
+    r.add_argument(
+        "--identifier",
+        "--id",
+        dest="identifier",
+        required=True,
+        metavar="ID",
+        help="the device's identifier, e.g. 88.123.99/PUMP-0001",
+    )
+    r.add_argument(
+        "--gateway",
+        metavar="URL",
+        default=None,
+        help=f"the gateway's CoAP address (default: the stored one, else {DEFAULT_GATEWAY})",
+    )
+    r.add_argument(
+        "--transport",
+        choices=("coap", "mqtt"),
+        default=None,
+        help="coap or mqtt (default: the stored one, else coap)",
+    )
+    r.add_argument(
+        "--broker",
+        metavar="URL",
+        default=None,
+        help=f"the MQTT broker the gateway listens on (default with --transport mqtt: the stored one, "
+        f"else {DEFAULT_BROKER})",
+    )
+    r.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"the device's flash (default {DEFAULT_DEVICES_DIR}/<topic key of the identifier>)",
+    )
+    r.add_argument(
+        "--board", default="unix", metavar="NAME", help="simulated board file boards/NAME.json (default unix)"
+    )
+    r.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        metavar="S",
+        help="report interval in seconds until the gateway configures one (10-86400; firmware default 60)",
+    )
+    r.add_argument(
+        "--uid",
+        default=None,
+        metavar="HEX",
+        help="unique id, 1-16 bytes hex (default: derived from the identifier)",
+    )
+    r.add_argument(
+        "--watchdog",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="software watchdog timeout in ms (default 0 = off: a busy host should not 'reset' it)",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="re-provision a data dir that holds another identifier's identity (new key; its "
+        "queued reports and config are erased)",
+    )
 
 
 # -- provisioning ----------------------------------------------------------------------------------------------
@@ -155,8 +207,10 @@ def _copy_board(data_dir: Path, board: str) -> None:
     except BoardError as e:
         raise CliError(str(e)) from None
     if not b.simulated:  # a chip's board file would switch the console to UART behaviour (echo) on a pipe
-        raise CliError(f"board {board!r} is a real chip; the unix port runs simulated boards only "
-                       f"({', '.join(n for n in list_boards() if load_board(n).simulated)})")  # fmt: skip
+        raise CliError(
+            f"board {board!r} is a real chip; the unix port runs simulated boards only "
+            f"({', '.join(n for n in list_boards() if load_board(n).simulated)})"
+        )
     data = (BOARDS_DIR / f"{board}.json").read_bytes()
     dst = data_dir / "board.json"
     with contextlib.suppress(OSError):
@@ -170,9 +224,16 @@ def _copy_board(data_dir: Path, board: str) -> None:
         raise CliError(f"cannot write {dst}: {e.strerror or e}", 1) from None
 
 
-def prepare(identifier: str, data_dir: Path | None = None, *, gateway: str | None = None,
-            broker: str | None = None, transport: str | None = None, board: str = "unix",
-            force: bool = False) -> Prepared:  # fmt: skip
+def prepare(
+    identifier: str,
+    data_dir: Path | None = None,
+    *,
+    gateway: str | None = None,
+    broker: str | None = None,
+    transport: str | None = None,
+    board: str = "unix",
+    force: bool = False,
+) -> Prepared:
     """Make ``data_dir`` hold a provisioned unix-board device for ``identifier`` (see the module docstring).
     CliError (exit 2) for a bad identifier, address or board, or a data dir that belongs to another device."""
     from tools.flash.identity import key_fingerprint, new_key
@@ -199,8 +260,10 @@ def prepare(identifier: str, data_dir: Path | None = None, *, gateway: str | Non
                 other = f"{data_dir} holds the identity of {old_id!r}, not {ident!r}"
         if other is not None:
             if not force:
-                raise CliError(f"{other}; use another --data-dir, or --force to re-provision it (new key; that "
-                               f"device's queued reports and config are erased)")  # fmt: skip
+                raise CliError(
+                    f"{other}; use another --data-dir, or --force to re-provision it (new key; that "
+                    f"device's queued reports and config are erased)"
+                )
             _erase_other_device(data_dir)
             doc = None
             key = new_key()
@@ -211,12 +274,18 @@ def prepare(identifier: str, data_dir: Path | None = None, *, gateway: str | Non
     mqtt = broker or _url(stored, "mqtt") or (DEFAULT_BROKER if t == "mqtt" else None)
     if doc is not None:
         key = _stored_key(data_dir, doc)
-        unchanged = (key is not None and (doc.get("transport") or "coap") == t and _url(doc, "coap") == coap
-                     and _url(doc, "mqtt") == mqtt)  # fmt: skip
+        unchanged = (
+            key is not None
+            and (doc.get("transport") or "coap") == t
+            and _url(doc, "coap") == coap
+            and _url(doc, "mqtt") == mqtt
+        )
         if unchanged:
             assert key is not None
             _copy_board(data_dir, board)
-            return Prepared(data_dir, ident, t, str(coap if t == "coap" else mqtt), key_fingerprint(key), "kept")
+            return Prepared(
+                data_dir, ident, t, str(coap if t == "coap" else mqtt), key_fingerprint(key), "kept"
+            )
         action = "updated"
         if key is None:
             key = new_key()  # an identity without any key: the firmware could not have run with it either
@@ -225,7 +294,9 @@ def prepare(identifier: str, data_dir: Path | None = None, *, gateway: str | Non
     except SimError as e:
         raise CliError(str(e)) from None
     _copy_board(data_dir, board)
-    return Prepared(data_dir, made.identifier, t, str(coap if t == "coap" else mqtt), made.fingerprint, action)
+    return Prepared(
+        data_dir, made.identifier, t, str(coap if t == "coap" else mqtt), made.fingerprint, action
+    )
 
 
 def _url(doc: dict[str, object], scheme: str) -> str | None:
@@ -255,8 +326,9 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _WAIT_SIGNALS = {*_STOP_SIGNALS, signal.SIGCHLD}
 
 
-def run_device(cmd: list[str], env: dict[str, str], *, grace: float = STOP_GRACE,
-               err: TextIO | None = None) -> int:  # fmt: skip
+def run_device(
+    cmd: list[str], env: dict[str, str], *, grace: float = STOP_GRACE, err: TextIO | None = None
+) -> int:
     """Run ``cmd`` in the foreground (stdin/stdout/stderr inherited) until it exits; returns its exit code
     (128+N when signal N killed it). SIGINT, SIGTERM and SIGHUP sent to this process reach the device as one
     SIGINT (its clean stop); a Ctrl-C typed on the terminal already reached it (same process group) and is not
@@ -310,8 +382,10 @@ def run_device(cmd: list[str], env: dict[str, str], *, grace: float = STOP_GRACE
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "action", None) != "run":
-        raise CliError("usage: ida device run --identifier ID [--gateway coap://HOST:PORT] "
-                       "[--transport coap|mqtt --broker mqtt://HOST:PORT] [--data-dir DIR]")  # fmt: skip
+        raise CliError(
+            "usage: ida device run --identifier ID [--gateway coap://HOST:PORT] "
+            "[--transport coap|mqtt --broker mqtt://HOST:PORT] [--data-dir DIR]"
+        )
     if args.interval is not None and not 10 <= args.interval <= 86400:
         raise CliError(f"--interval must be 10-86400 seconds, got {args.interval}")
     uid = args.uid
@@ -341,11 +415,25 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot create {data_dir}: {e.strerror or e}", 1) from None
     with _lock(data_dir):  # before provisioning: never rewrite the identity under a running device
-        p = prepare(ident, data_dir, gateway=args.gateway, broker=args.broker, transport=args.transport,
-                    board=args.board, force=args.force)  # fmt: skip
-        env = device_env(data_dir.resolve(), uid=uid or uid_from_identifier(p.identifier), interval=args.interval,
-                         wdt_ms=args.watchdog)  # fmt: skip
-        print(f"ida device: {p.identifier} over {p.transport} to {p.gateway_url} (key {p.fingerprint}, identity "
-              f"{p.action}) in {data_dir}; console: help, status, json on; Ctrl-C stops", file=sys.stderr)  # fmt: skip
+        p = prepare(
+            ident,
+            data_dir,
+            gateway=args.gateway,
+            broker=args.broker,
+            transport=args.transport,
+            board=args.board,
+            force=args.force,
+        )
+        env = device_env(
+            data_dir.resolve(),
+            uid=uid or uid_from_identifier(p.identifier),
+            interval=args.interval,
+            wdt_ms=args.watchdog,
+        )
+        print(
+            f"ida device: {p.identifier} over {p.transport} to {p.gateway_url} (key {p.fingerprint}, identity "
+            f"{p.action}) in {data_dir}; console: help, status, json on; Ctrl-C stops",
+            file=sys.stderr,
+        )
         sys.stderr.flush()
         return run_device(cmd, env)

@@ -27,19 +27,31 @@ EXIT_UNREACHABLE = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gateway", "-g", metavar="URL", default=os.environ.get("IDA_GATEWAY") or DEFAULT_GATEWAY,
-                   help=f"gateway HTTP API (default $IDA_GATEWAY or {DEFAULT_GATEWAY})")  # fmt: skip
+    p.add_argument(
+        "--gateway",
+        "-g",
+        metavar="URL",
+        default=os.environ.get("IDA_GATEWAY") or DEFAULT_GATEWAY,
+        help=f"gateway HTTP API (default $IDA_GATEWAY or {DEFAULT_GATEWAY})",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="HTTP timeout (default 5)")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.add_parser("list", help="list devices (the default)")
     show = sub.add_parser("show", help="one device as JSON")
     show.add_argument("identifier", metavar="ID")
-    cfg = sub.add_parser("config", help="set a device's desired config (report interval, identifier metadata)")
+    cfg = sub.add_parser(
+        "config", help="set a device's desired config (report interval, identifier metadata)"
+    )
     cfg.add_argument("identifier", metavar="ID")
     cfg.add_argument("--interval", type=int, metavar="S", help="report interval in seconds (10-86400)")
-    cfg.add_argument("--meta", action="append", metavar="TYPE=TEXT", default=None,
-                     help="identifier metadata value (repeatable; replaces the whole map; --meta '' clears it)")  # fmt: skip
+    cfg.add_argument(
+        "--meta",
+        action="append",
+        metavar="TYPE=TEXT",
+        default=None,
+        help="identifier metadata value (repeatable; replaces the whole map; --meta '' clears it)",
+    )
 
 
 def _meta(items: list[str] | None) -> dict[str, str] | None:
@@ -82,9 +94,11 @@ def _path(ident: str) -> str:
 def _line(d: dict[str, Any]) -> str:
     online = {True: "online", False: "offline", None: "-"}[d.get("online")]
     cfg = d.get("config") or {}
-    return (f"{d['id']}  {online}  {d.get('transport') or '-'}  board={d.get('board') or '-'}  "
-            f"fw={d.get('fw') or '-'}  reports={d.get('reports_total', 0)}  queue={d.get('queue')}  "
-            f"config={cfg.get('state', '-')}")  # fmt: skip
+    return (
+        f"{d['id']}  {online}  {d.get('transport') or '-'}  board={d.get('board') or '-'}  "
+        f"fw={d.get('fw') or '-'}  reports={d.get('reports_total', 0)}  queue={d.get('queue')}  "
+        f"config={cfg.get('state', '-')}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         if status == 404:
             raise CliError(f"{args.identifier}: unknown device", EXIT_UNKNOWN)
         if status != 200:
-            raise CliError(f"gateway answered {status}: {body.get('error', body) if isinstance(body, dict) else body}")
+            raise CliError(
+                f"gateway answered {status}: {body.get('error', body) if isinstance(body, dict) else body}"
+            )
         print(json.dumps(body, indent=2, ensure_ascii=False))
         return 0
     # config
@@ -119,13 +135,19 @@ def run(args: argparse.Namespace) -> int:
         payload["meta"] = meta
     if not payload:
         raise CliError("config: give --interval and/or --meta")
-    status, body = request(args.gateway, "PUT", _path(args.identifier) + "/config", payload, timeout=args.timeout)
+    status, body = request(
+        args.gateway, "PUT", _path(args.identifier) + "/config", payload, timeout=args.timeout
+    )
     if status != 200:
-        raise CliError(f"gateway refused the config ({status}): {body.get('error', body) if isinstance(body, dict) else body}")
+        raise CliError(
+            f"gateway refused the config ({status}): {body.get('error', body) if isinstance(body, dict) else body}"
+        )
     if args.json:
         print(json.dumps(body, ensure_ascii=False))
     else:
         c = body["config"]
-        print(f"{body['id']}: desired config cfgver={c['cfgver']} interval={c.get('interval', '-')} "
-              f"meta={json.dumps(c.get('meta', {}), ensure_ascii=False)}")  # fmt: skip
+        print(
+            f"{body['id']}: desired config cfgver={c['cfgver']} interval={c.get('interval', '-')} "
+            f"meta={json.dumps(c.get('meta', {}), ensure_ascii=False)}"
+        )
     return 0

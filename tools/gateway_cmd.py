@@ -20,16 +20,30 @@ from tools.cli import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file (default: built-in defaults)")
-    p.add_argument("--upstream", "-u", action="append", metavar="URL", default=None,
-                   help="recursive node, replaces [upstream] urls (repeatable): hdl://host:2641, hdl+tcp://host:port, "
-                        "http(s)://host:port")  # fmt: skip
-    p.add_argument("--coap", metavar="HOST:PORT", help="CoAP bind address (default 127.0.0.1:5683; port 0 = any)")
-    p.add_argument("--http", metavar="HOST:PORT", help="HTTP bind address (default 127.0.0.1:8080; port 0 = any)")
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="TOML configuration file (default: built-in defaults)"
+    )
+    p.add_argument(
+        "--upstream",
+        "-u",
+        action="append",
+        metavar="URL",
+        default=None,
+        help="recursive node, replaces [upstream] urls (repeatable): hdl://host:2641, hdl+tcp://host:port, "
+        "http(s)://host:port",
+    )
+    p.add_argument(
+        "--coap", metavar="HOST:PORT", help="CoAP bind address (default 127.0.0.1:5683; port 0 = any)"
+    )
+    p.add_argument(
+        "--http", metavar="HOST:PORT", help="HTTP bind address (default 127.0.0.1:8080; port 0 = any)"
+    )
     p.add_argument("--mqtt", metavar="URL", help="MQTT broker, e.g. mqtt://127.0.0.1:1883 ('' = MQTT off)")
     p.add_argument("--data-dir", metavar="DIR", help="runtime state directory (default $IDA_DATA or ./data)")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
-    p.add_argument("--print-config", action="store_true", help="print the effective configuration as JSON and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration as JSON and exit"
+    )
 
 
 def load_config(args: argparse.Namespace) -> gwconfig.GatewayConfig:

@@ -26,8 +26,18 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{text!r}: invalid, {e.reason}: {e.detail}")
             continue
         if args.json:
-            print(json.dumps({"input": text, "valid": True, "normalised": str(ident), "prefix": ident.prefix,
-                              "suffix": ident.suffix}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "input": text,
+                        "valid": True,
+                        "normalised": str(ident),
+                        "prefix": ident.prefix,
+                        "suffix": ident.suffix,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(f"{ident}")
     return 1 if bad else 0

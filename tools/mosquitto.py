@@ -52,13 +52,19 @@ def keep_user() -> str:
     return f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
 
 
-def config(port: int, host: str = "127.0.0.1", *, max_keepalive: int = 300, notice: bool = True,
-           extra: str = "") -> str:  # fmt: skip
+def config(
+    port: int, host: str = "127.0.0.1", *, max_keepalive: int = 300, notice: bool = True, extra: str = ""
+) -> str:
     """A throwaway broker's config: anonymous listener on ``host:port``, no persistence, log to stderr (errors,
     warnings and, with ``notice``, notices), ``extra`` lines, the invoking user kept."""
-    return (f"listener {port} {host}\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-            "log_type error\nlog_type warning\n" + ("log_type notice\n" if notice else "")
-            + f"max_keepalive {max_keepalive}\nset_tcp_nodelay true\n" + extra + keep_user())  # fmt: skip
+    return (
+        f"listener {port} {host}\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+        "log_type error\nlog_type warning\n"
+        + ("log_type notice\n" if notice else "")
+        + f"max_keepalive {max_keepalive}\nset_tcp_nodelay true\n"
+        + extra
+        + keep_user()
+    )
 
 
 def start(cmd: Sequence[str], spawn: Callable[[list[str]], P], host: str, port: int, timeout: float) -> P:

@@ -29,19 +29,52 @@ EXIT_UPSTREAM_DOWN = 3
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("identifier", metavar="ID", help="handle to resolve, e.g. 88.123.99/PUMP-0001")
-    p.add_argument("--upstream", "-u", action="append", metavar="URL", default=[],
-                   help="recursive node: hdl://host:2641, hdl+tcp://host:port, http(s)://host:port "
-                        "(repeatable; default $IDA_UPSTREAM or hdl://127.0.0.1:2641)")
-    p.add_argument("--type", "-t", action="append", dest="types", metavar="T", default=[],
-                   help="only values of this type (repeatable)")
-    p.add_argument("--index", "-i", action="append", dest="indexes", metavar="N", type=int, default=[],
-                   help="only the value with this index (repeatable)")
+    p.add_argument(
+        "--upstream",
+        "-u",
+        action="append",
+        metavar="URL",
+        default=[],
+        help="recursive node: hdl://host:2641, hdl+tcp://host:port, http(s)://host:port "
+        "(repeatable; default $IDA_UPSTREAM or hdl://127.0.0.1:2641)",
+    )
+    p.add_argument(
+        "--type",
+        "-t",
+        action="append",
+        dest="types",
+        metavar="T",
+        default=[],
+        help="only values of this type (repeatable)",
+    )
+    p.add_argument(
+        "--index",
+        "-i",
+        action="append",
+        dest="indexes",
+        metavar="N",
+        type=int,
+        default=[],
+        help="only the value with this index (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the Handle REST JSON shape")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="overall upstream timeout (default 5)")
-    p.add_argument("--hedge", type=float, default=None, metavar="S",
-                   help="ask the next node too when the first is silent this long")
-    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="use (and update) the persistent cache and zone in DIR; default: in-memory cache")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="overall upstream timeout (default 5)"
+    )
+    p.add_argument(
+        "--hedge",
+        type=float,
+        default=None,
+        metavar="S",
+        help="ask the next node too when the first is silent this long",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="use (and update) the persistent cache and zone in DIR; default: in-memory cache",
+    )
 
 
 def _config(args: argparse.Namespace) -> ResolverConfig:
@@ -59,8 +92,9 @@ def _config(args: argparse.Namespace) -> ResolverConfig:
     )
 
 
-async def resolve_once(config: ResolverConfig, ident: str, types: tuple[str, ...] = (),
-                       indexes: tuple[int, ...] = ()) -> Answer:
+async def resolve_once(
+    config: ResolverConfig, ident: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
+) -> Answer:
     """Library form of the command: build a resolver, resolve once, close it (flushing the cache)."""
     resolver = Resolver(config)
     try:
@@ -101,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         name = identifier.normalise(args.identifier)
     except identifier.IdentifierError as e:
-        raise CliError(f"bad identifier {args.identifier!r}: {e.detail} ({e.reason})", EXIT_BAD_INPUT) from None
+        raise CliError(
+            f"bad identifier {args.identifier!r}: {e.detail} ({e.reason})", EXIT_BAD_INPUT
+        ) from None
     try:
         config = _config(args)
         answer = asyncio.run(resolve_once(config, name, tuple(args.types), tuple(args.indexes)))

@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 
 CF_CBOR = ContentFormat.CBOR  # 60
 CF_JSON = ContentFormat.JSON  # 50
-_CF_OPTION = {as_json: OptionNumber.CONTENT_FORMAT.create_option(value=CF_JSON if as_json else CF_CBOR)
-              for as_json in (False, True)}  # fmt: skip
+_CF_OPTION = {
+    as_json: OptionNumber.CONTENT_FORMAT.create_option(value=CF_JSON if as_json else CF_CBOR)
+    for as_json in (False, True)
+}
 
 # docs/protocol.md "Codes": wire code -> CoAP response code.
 COAP_CODE: dict[int, Code] = {
@@ -76,7 +78,9 @@ REPORT = "rpt"
 CONFIG = "cfg"
 
 
-def error_message(code: int, msg: str, *, ident: str | None = None, max_age: int | None = None) -> aiocoap.Message:
+def error_message(
+    code: int, msg: str, *, ident: str | None = None, max_age: int | None = None
+) -> aiocoap.Message:
     """An error response: the CoAP code for ``code`` and an ``error`` payload (CF 60)."""
     fields: dict[str, Any] = {"code": code, "msg": msg}
     if ident is not None:
@@ -175,7 +179,8 @@ class CoapFrontEnd:
         self.address: tuple[str, int] | None = None
         self.site = resource.Site()
         self.site.add_resource(
-            (".well-known", "core"), resource.WKCResource(self.site.get_resources_as_linkheader, impl_info=None)
+            (".well-known", "core"),
+            resource.WKCResource(self.site.get_resources_as_linkheader, impl_info=None),
         )
         self._resolve_resource = _ResolveResource(self)
         self.site.add_resource(("r",), self._resolve_resource)
@@ -199,8 +204,13 @@ class CoapFrontEnd:
         if self._fast_path:
             from gateway.frontends.coap_fast import FastPath
 
-            self.fast = FastPath(self.resolver, clock=self.clock, limiter=lambda: getattr(self, "limiter", None),
-                                 learning=self.site is self._plain_site, miss=self.render_resolve)  # fmt: skip
+            self.fast = FastPath(
+                self.resolver,
+                clock=self.clock,
+                limiter=lambda: getattr(self, "limiter", None),
+                learning=self.site is self._plain_site,
+                miss=self.render_resolve,
+            )
             self._ctx = await self.fast.start(self.site, *self._bind)
             self.metrics.add_collector(self.fast.samples, add=True)
             self.address = self.fast.address
@@ -232,14 +242,18 @@ class CoapFrontEnd:
 
     def _limited(self, request: aiocoap.Message, device: str | None) -> aiocoap.Message | None:
         """4.29 (Max-Age = seconds until allowed) when a rate limit refuses the request, else None."""
-        if self.limiter is None or not getattr(self.limiter, "enabled", True):  # no bucket: nothing to take from
+        if self.limiter is None or not getattr(
+            self.limiter, "enabled", True
+        ):  # no bucket: nothing to take from
             return None
         verdict = self.limiter.check(device=_authenticated(request) or device, source=_source(request))
         if not verdict.limited:
             return None
         self.metrics.count_ratelimited("coap", verdict.limit or "device")
         wait = retry_after(verdict.wait)
-        return self._fail(wire.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait)
+        return self._fail(
+            wire.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait
+        )
 
     async def resolve(self, request: aiocoap.Message) -> aiocoap.Message:
         if self._closing:
@@ -251,10 +265,15 @@ class CoapFrontEnd:
             if accept is not None and accept not in (CF_CBOR, CF_JSON):
                 return self._finish(
                     wire.BAD_REQUEST,
-                    aiocoap.Message(code=Code.NOT_ACCEPTABLE, payload=wire.encode(
-                        "error", {"code": wire.BAD_REQUEST, "msg": "Accept must be 60 (CBOR) or 50 (JSON)"}),
-                        content_format=CF_CBOR),
-                )  # fmt: skip
+                    aiocoap.Message(
+                        code=Code.NOT_ACCEPTABLE,
+                        payload=wire.encode(
+                            "error",
+                            {"code": wire.BAD_REQUEST, "msg": "Accept must be 60 (CBOR) or 50 (JSON)"},
+                        ),
+                        content_format=CF_CBOR,
+                    ),
+                )
             ident = "/".join(request.opt.uri_path)
             try:
                 types, indexes = _query(request)
@@ -265,7 +284,8 @@ class CoapFrontEnd:
             response = self._answer(request, answer, accept == CF_JSON)
             if self.fast is not None:  # once the answer is sent: the next loop turn, before the next datagram
                 asyncio.get_running_loop().call_soon(
-                    self.fast.learn, request, answer, types, indexes, accept == CF_JSON, response)  # fmt: skip
+                    self.fast.learn, request, answer, types, indexes, accept == CF_JSON, response
+                )
             return response
 
     async def render_resolve(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -307,7 +327,9 @@ class CoapFrontEnd:
         if as_json:
             payload = json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
         else:
-            payload = resolve_payload(wire.OK, answer.handle, answer.record.to_device_values(now), answer.source)
+            payload = resolve_payload(
+                wire.OK, answer.handle, answer.record.to_device_values(now), answer.source
+            )
         # The options added as objects (what the content_format / etag / max_age setters would add, without their
         # delete-and-create round); the Content-Format option objects are shared, nothing changes an option.
         response = aiocoap.Message(code=Code.CONTENT, payload=payload)
@@ -342,7 +364,9 @@ class CoapFrontEnd:
                 name = "report" if leaf == REPORT else "config_ack"
                 fields = wire.decode(name, request.payload)
                 if identifier.normalise(fields["id"]) != ident:
-                    return self._fail(wire.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path")
+                    return self._fail(
+                        wire.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path"
+                    )
                 if leaf == REPORT:
                     return await self._report(request, ident, fields)
                 self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
@@ -350,7 +374,9 @@ class CoapFrontEnd:
                 return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED))
             except (identifier.IdentifierError, wire.WireError) as e:
                 return self._fail(*failure(e))
-            except ValueError as e:  # the registry refuses a field (e.g. a boot count beyond SQLite's integers)
+            except (
+                ValueError
+            ) as e:  # the registry refuses a field (e.g. a boot count beyond SQLite's integers)
                 return self._fail(wire.BAD_REQUEST, str(e))
             except Exception as e:
                 return self._fail(*failure(e))
@@ -363,7 +389,9 @@ class CoapFrontEnd:
         log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
         ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK}
         cfgver = _desired_cfgver(self.registry, ident)
-        if cfgver is not None:  # the device fetches it when it holds an older one (e.g. missed a notification)
+        if (
+            cfgver is not None
+        ):  # the device fetches it when it holds an older one (e.g. missed a notification)
             ack_fields["cfgver"] = cfgver
         ack = wire.encode("report_ack", ack_fields)
         return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR))
@@ -374,7 +402,9 @@ class CoapFrontEnd:
             return self._fail(wire.NOT_FOUND, "no desired config", ident=ident)
         keys = wire.MESSAGES["config"][0] + wire.MESSAGES["config"][1]
         payload = wire.encode("config", {k: v for k, v in desired.items() if k in keys and v is not None})
-        return self._finish(wire.OK, aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR))
+        return self._finish(
+            wire.OK, aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+        )
 
 
 class _ResolveResource(resource.Resource, resource.PathCapable):

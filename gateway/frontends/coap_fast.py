@@ -128,7 +128,9 @@ _ACK_VALID = tuple(bytes((0x40 | ACK << 4 | tkl, VALID)) for tkl in range(9))
 _NON_CONTENT = tuple(bytes((0x40 | NON << 4 | tkl, CONTENT)) for tkl in range(9))
 _NON_VALID = tuple(bytes((0x40 | NON << 4 | tkl, VALID)) for tkl in range(9))
 _SLOW = b""  # de-duplication marker: this CON went to the slow path
-_PENDING = b"\x00"  # de-duplication marker: this CON is on the miss path, no answer yet (a duplicate is ignored)
+_PENDING = (
+    b"\x00"  # de-duplication marker: this CON is on the miss path, no answer yet (a duplicate is ignored)
+)
 _EMPTY_ACK_HEAD = bytes((0x40 | ACK << 4, 0))  # an empty ACK: version 1, ACK, no token, code 0.00
 
 _URI_PATH = OptionNumber.URI_PATH
@@ -233,20 +235,46 @@ def render_payload(answer: Answer, as_json: bool, now: float) -> bytes:
     assert answer.record is not None
     if as_json:
         return json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
-    return wire.encode_resolve_response({"code": wire.OK, "id": answer.handle,
-                                         "values": answer.record.to_device_values(now),
-                                         "source": wire.SOURCE_CACHE})  # fmt: skip
+    return wire.encode_resolve_response(
+        {
+            "code": wire.OK,
+            "id": answer.handle,
+            "values": answer.record.to_device_values(now),
+            "source": wire.SOURCE_CACHE,
+        }
+    )
 
 
 # -- the table ---------------------------------------------------------------------------------------------
 class _Entry(HotEntry):
     """A cached answer: its encoded options and payload, and until when they are right."""
 
-    __slots__ = ("key", "as_json", "etag", "dynamic", "age", "until", "tail", "vtail", "_etag_opt", "_cf_opt",
-                 "_payload")  # fmt: skip
+    __slots__ = (
+        "key",
+        "as_json",
+        "etag",
+        "dynamic",
+        "age",
+        "until",
+        "tail",
+        "vtail",
+        "_etag_opt",
+        "_cf_opt",
+        "_payload",
+    )
 
-    def __init__(self, key: bytes, answer: Answer, as_json: bool, etag: bytes, payload: bytes | None, refresh_at: float,
-                 ref: Any, cache_key: Any, dynamic: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        key: bytes,
+        answer: Answer,
+        as_json: bool,
+        etag: bytes,
+        payload: bytes | None,
+        refresh_at: float,
+        ref: Any,
+        cache_key: Any,
+        dynamic: bool,
+    ) -> None:
         super().__init__(answer, refresh_at, ref, cache_key)
         self.key = key
         self.as_json = as_json
@@ -271,8 +299,13 @@ class _Entry(HotEntry):
         if age != self.age or self.dynamic:
             self.age = age
             value = _uint(age)
-            self.tail = (self._etag_opt + self._cf_opt + _option(OPT_MAX_AGE - OPT_CONTENT_FORMAT, value)
-                         + b"\xff" + self._payload)  # fmt: skip
+            self.tail = (
+                self._etag_opt
+                + self._cf_opt
+                + _option(OPT_MAX_AGE - OPT_CONTENT_FORMAT, value)
+                + b"\xff"
+                + self._payload
+            )
             self.vtail = self._etag_opt + _option(OPT_MAX_AGE - OPT_ETAG, value)
         until = self.hold_until(age, now, self.dynamic)
         self.until = until
@@ -289,8 +322,13 @@ class _Remote(interfaces.EndpointAddress):
     scheme = "coap"
     maximum_block_size_exp = 6  # 1024-byte blocks, as udp6
 
-    def __init__(self, sockaddr: Any, interface: _Interface, pktinfo: bytes | None = None,
-                 fast_key: bytes | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sockaddr: Any,
+        interface: _Interface,
+        pktinfo: bytes | None = None,
+        fast_key: bytes | None = None,
+    ) -> None:
         self.sockaddr = sockaddr
         self.pktinfo = pktinfo
         self.fast_key = fast_key
@@ -389,10 +427,17 @@ class FastPath:
     ``uri_path`` = the identifier's segments) as the ``/r`` resource does: with it, misses skip aiocoap's
     routing (the miss path)."""
 
-    def __init__(self, resolver: Any, *, clock: Callable[[], float] = time.time,
-                 limiter: Callable[[], Any] | None = None, learning: bool = True,
-                 miss: Callable[[aiocoap.Message], Awaitable[aiocoap.Message]] | None = None,
-                 max_entries: int = MAX_ENTRIES, prefetch_fraction: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        resolver: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+        limiter: Callable[[], Any] | None = None,
+        learning: bool = True,
+        miss: Callable[[aiocoap.Message], Awaitable[aiocoap.Message]] | None = None,
+        max_entries: int = MAX_ENTRIES,
+        prefetch_fraction: float | None = None,
+    ) -> None:
         self.resolver = resolver
         self.clock = clock
         self._limiter = limiter or (lambda: None)
@@ -432,8 +477,9 @@ class FastPath:
         self.guard.prefetch_fraction = value
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    async def start(self, site: Any, host: str, port: int, *, reuse_port: bool = True,
-                    loggername: str = "coap-server") -> aiocoap.Context:  # fmt: skip
+    async def start(
+        self, site: Any, host: str, port: int, *, reuse_port: bool = True, loggername: str = "coap-server"
+    ) -> aiocoap.Context:
         """Bind ``host:port`` (port 0 = any) and return the aiocoap context serving ``site`` behind the fast
         path."""
         loop = asyncio.get_running_loop()
@@ -616,8 +662,16 @@ class FastPath:
             host = host[7:]
         return bool(limiter is not None and limiter.check(source=host).limited)
 
-    def _other(self, data: bytes, addr: Any, pktinfo: bytes | None, anc: list[Any], now: float, serving: bool,
-               limited: Callable[[Any], bool] | None) -> int:  # fmt: skip
+    def _other(
+        self,
+        data: bytes,
+        addr: Any,
+        pktinfo: bytes | None,
+        anc: list[Any],
+        now: float,
+        serving: bool,
+        limited: Callable[[Any], bool] | None,
+    ) -> int:
         """A datagram that is not a plain hit: a revalidation hit (answered here), a CON duplicate, or one for
         aiocoap. Returns 1 (2.05 answered), 2 (2.03 answered), 3 (duplicate replayed) or 0 (handed on)."""
         fast = classify(data) if self.learning else None
@@ -638,8 +692,12 @@ class FastPath:
         if fast is not None and serving:
             key, etags = fast
             entry = self.table.get(key)
-            if entry is not None and etags and (now <= entry.until or self._refresh(entry, now)) \
-                    and (limited is None or not limited(addr)):  # fmt: skip
+            if (
+                entry is not None
+                and etags
+                and (now <= entry.until or self._refresh(entry, now))
+                and (limited is None or not limited(addr))
+            ):
                 tkl = data[0] & 0x0F
                 hit = entry.etag in etags
                 if con:
@@ -768,8 +826,15 @@ class FastPath:
             del self.table[entry.key]
 
     # -- learning ------------------------------------------------------------------------------------------
-    def learn(self, request: aiocoap.Message, answer: Answer, types: tuple[str, ...], indexes: tuple[int, ...],
-              as_json: bool, response: aiocoap.Message | None = None) -> bool:  # fmt: skip
+    def learn(
+        self,
+        request: aiocoap.Message,
+        answer: Answer,
+        types: tuple[str, ...],
+        indexes: tuple[int, ...],
+        as_json: bool,
+        response: aiocoap.Message | None = None,
+    ) -> bool:
         """Remember the slow path's answer to ``request`` when the fast path may serve it from now on.
 
         ``response`` is what the slow path answers: a 2.05's payload is taken over (with ``source`` = cache)
@@ -809,9 +874,17 @@ class FastPath:
         yield "ida_requests_total", {"frontend": "coap", "code": str(wire.NOT_MODIFIED)}, float(self.valid)
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self.table), "answered": self.answered, "valid": self.valid,
-                "replayed": self.replayed, "slow": self.slow, "misses": self.misses, "learned": self.learned,
-                "dropped": self.dropped, "unparsable": self.unparsable}  # fmt: skip
+        return {
+            "entries": len(self.table),
+            "answered": self.answered,
+            "valid": self.valid,
+            "replayed": self.replayed,
+            "slow": self.slow,
+            "misses": self.misses,
+            "learned": self.learned,
+            "dropped": self.dropped,
+            "unparsable": self.unparsable,
+        }
 
 
 def _no_monitor() -> None:

@@ -231,8 +231,14 @@ class KeystoreCredentials:
     atomic replace within the file system's timestamp granularity is still seen), so a newly flashed device is
     accepted without a restart. Derived contexts are kept (LRU, ``max_contexts``)."""
 
-    def __init__(self, keystore: str | os.PathLike[str], seqnos: SequenceNumbers, *, max_contexts: int = 10000,
-                 reload_interval: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keystore: str | os.PathLike[str],
+        seqnos: SequenceNumbers,
+        *,
+        max_contexts: int = 10000,
+        reload_interval: float = 2.0,
+    ) -> None:
         self.path = Path(keystore)
         self.seqnos = seqnos
         self.max_contexts = max_contexts
@@ -448,8 +454,16 @@ class _Gate(_Resource):
 class CoapSecurity:
     """Mode, credentials and counters of the secured CoAP front end."""
 
-    def __init__(self, mode: str, keystore: str | os.PathLike[str], data_dir: str | os.PathLike[str], *,
-                 plain_resolve: bool = False, metrics: Any = None, instance: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        mode: str,
+        keystore: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str],
+        *,
+        plain_resolve: bool = False,
+        metrics: Any = None,
+        instance: int = 0,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"[coap] security must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
@@ -485,8 +499,15 @@ class CoapSecurity:
             yield "ida_coap_security_requests_total", {"result": result}, float(n)
 
 
-def secure_frontend(fe: CoapFrontEnd, mode: str, keystore: str | os.PathLike[str], data_dir: str | os.PathLike[str],
-                    *, plain_resolve: bool = False, instance: int = 0) -> CoapSecurity:  # fmt: skip
+def secure_frontend(
+    fe: CoapFrontEnd,
+    mode: str,
+    keystore: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    *,
+    plain_resolve: bool = False,
+    instance: int = 0,
+) -> CoapSecurity:
     """Wrap ``fe.site`` (call before ``fe.start()``), register metrics, log the mode. Returns the CoapSecurity
     (``.health()`` for /healthz). ``instance``: see :class:`SequenceNumbers`."""
     sec = CoapSecurity(
@@ -502,14 +523,21 @@ def secure_frontend(fe: CoapFrontEnd, mode: str, keystore: str | os.PathLike[str
     m.declare(
         "ida_coap_keystore_devices", GAUGE, "Devices with a key in the keystore the CoAP front end reads."
     )
-    m.declare("ida_coap_security_requests_total", COUNTER,
-              "CoAP requests by security outcome (protected, authenticated, unauthenticated, forbidden, plain).",
-              ("result",))  # fmt: skip
+    m.declare(
+        "ida_coap_security_requests_total",
+        COUNTER,
+        "CoAP requests by security outcome (protected, authenticated, unauthenticated, forbidden, plain).",
+        ("result",),
+    )
     m.add_collector(sec.samples)
     if mode == PLAIN:
-        log.warning("coap security is PLAIN: unauthenticated requests are served (factory bench only) %s",
-                    kv(keystore=str(keystore), devices=sec.credentials.devices))  # fmt: skip
+        log.warning(
+            "coap security is PLAIN: unauthenticated requests are served (factory bench only) %s",
+            kv(keystore=str(keystore), devices=sec.credentials.devices),
+        )
     else:
-        log.info("coap security oscore %s", kv(keystore=str(keystore), devices=sec.credentials.devices,
-                                                plain_resolve=plain_resolve))  # fmt: skip
+        log.info(
+            "coap security oscore %s",
+            kv(keystore=str(keystore), devices=sec.credentials.devices, plain_resolve=plain_resolve),
+        )
     return sec

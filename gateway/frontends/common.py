@@ -17,17 +17,21 @@ from gateway.identifier import IdentifierError
 log = logging.getLogger(__name__)
 
 # docs/protocol.md "Codes": wire code -> HTTP status.
+# fmt: off
 HTTP_STATUS = {
     wire.OK: 200, wire.NOT_FOUND: 404, wire.VALUES_NOT_FOUND: 200, wire.NOT_MODIFIED: 304,
     wire.BAD_REQUEST: 400, wire.FORBIDDEN: 403, wire.TOO_LARGE: 413, wire.RATE_LIMITED: 429,
     wire.INTERNAL: 500, wire.UPSTREAM_UNAVAILABLE: 503, wire.UPSTREAM_TIMEOUT: 504,
-}  # fmt: skip
+}
+# fmt: on
 
 
 class DeviceRegistry(Protocol):
     """The part of gateway.registry.Registry the front ends use (R's SQLite registry implements it)."""
 
-    def record_report(self, identifier: str, fields: dict[str, Any], transport: str, peer: str | None = None) -> bool: ...
+    def record_report(
+        self, identifier: str, fields: dict[str, Any], transport: str, peer: str | None = None
+    ) -> bool: ...
 
     def set_desired_config(
         self, identifier: str, interval: int | None = None, meta: dict[str, str] | None = None
@@ -110,7 +114,9 @@ class InFlight:
         self._idle.clear()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._count -= 1
         if self._count == 0:
             self._idle.set()

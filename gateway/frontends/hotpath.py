@@ -71,7 +71,9 @@ class CacheGuard:
     ``gateway.status``) enables the cache and zone checks; any other resolver is trusted up to the answer's
     expiry."""
 
-    def __init__(self, resolver: Any, prefetch_fraction: float | None = None, frontend: str | None = None) -> None:
+    def __init__(
+        self, resolver: Any, prefetch_fraction: float | None = None, frontend: str | None = None
+    ) -> None:
         cache = getattr(resolver, "cache", None)
         self.cache = cache if hasattr(cache, "peek") and hasattr(cache, "stats") else None
         self.zone = getattr(resolver, "zone", None) if self.cache is not None else None
@@ -84,8 +86,14 @@ class CacheGuard:
         self.recent = recent if callable(getattr(recent, "add", None)) else None
         self.frontend = frontend or str(getattr(resolver, "frontend", ""))
 
-    def admit(self, answer: Answer, types: tuple[str, ...], indexes: tuple[int, ...], now: float,
-              old: HotEntry | None = None) -> tuple[Any, Any, float] | None:  # fmt: skip
+    def admit(
+        self,
+        answer: Answer,
+        types: tuple[str, ...],
+        indexes: tuple[int, ...],
+        now: float,
+        old: HotEntry | None = None,
+    ) -> tuple[Any, Any, float] | None:
         """(cache entry, cache key, prefetch time) for an answer a fast path may serve from now on, else None.
 
         ``old`` is the entry the table holds for the same request (if any): when it is the same answer and its

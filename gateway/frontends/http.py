@@ -83,7 +83,9 @@ class HttpFrontEnd:
         app.router.add_get("/api/devices/{id:.*}", self.get_device)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.get_metrics)
-        status.add_routes(app, self.resolver, self.registry, health=self.health)  # GET /, /status, /api/status
+        status.add_routes(
+            app, self.resolver, self.registry, health=self.health
+        )  # GET /, /status, /api/status
         return app
 
     @web.middleware
@@ -93,13 +95,18 @@ class HttpFrontEnd:
             if verdict.limited:
                 self.metrics.count_ratelimited("http", verdict.limit or "source")
                 wait = retry_after(verdict.wait)
-                return self._json(wire.RATE_LIMITED, {"responseCode": RC_ERROR, "message": f"rate limited; retry in {wait} s"},
-                                  headers={"Retry-After": str(wait)})  # fmt: skip
+                return self._json(
+                    wire.RATE_LIMITED,
+                    {"responseCode": RC_ERROR, "message": f"rate limited; retry in {wait} s"},
+                    headers={"Retry-After": str(wait)},
+                )
         result: web.StreamResponse = await handler(request)
         return result
 
     async def start(self) -> tuple[str, int]:
-        self._runner = web.AppRunner(self.application(), shutdown_timeout=self._shutdown_timeout, access_log=None)
+        self._runner = web.AppRunner(
+            self.application(), shutdown_timeout=self._shutdown_timeout, access_log=None
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._bind[0], self._bind[1])
         await site.start()
@@ -116,14 +123,18 @@ class HttpFrontEnd:
             self._runner = None
 
     # -- Handle REST -------------------------------------------------------------------------------------
-    def _json(self, code: int, body: Any, status: int | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    def _json(
+        self, code: int, body: Any, status: int | None = None, headers: dict[str, str] | None = None
+    ) -> web.Response:
         self.metrics.count_request("http", code)
         return web.json_response(body, status=status or HTTP_STATUS[code], headers=headers, dumps=_dumps)
 
     async def get_handle(self, request: web.Request) -> web.Response:
         raw = request.match_info["handle"]
         try:
-            types, indexes = parse_filters(request.query.getall("type", []), request.query.getall("index", []))
+            types, indexes = parse_filters(
+                request.query.getall("type", []), request.query.getall("index", [])
+            )
             answer = await self.resolver.resolve(raw, types, indexes)
         except Exception as e:
             code, msg = failure(e)
@@ -162,13 +173,22 @@ class HttpFrontEnd:
         except IdentifierError as e:
             return self._json(wire.BAD_REQUEST, {"error": f"bad identifier: {e}"})
         except (ValueError, UnicodeDecodeError) as e:
-            return self._json(wire.BAD_REQUEST, {"error": str(e) if isinstance(e, _BodyError) else f"body is not JSON: {e}"})
+            return self._json(
+                wire.BAD_REQUEST, {"error": str(e) if isinstance(e, _BodyError) else f"body is not JSON: {e}"}
+            )
         try:
             fields = self.registry.set_desired_config(ident, interval=interval, meta=meta)
         except ValueError as e:  # e.g. a config too big for a device to hold
             return self._json(wire.BAD_REQUEST, {"error": str(e)})
-        log.info("desired config set %s", kv(device=ident, cfgver=fields.get("cfgver"), interval=interval,
-                                              meta=None if meta is None else ",".join(sorted(meta))))  # fmt: skip
+        log.info(
+            "desired config set %s",
+            kv(
+                device=ident,
+                cfgver=fields.get("cfgver"),
+                interval=interval,
+                meta=None if meta is None else ",".join(sorted(meta)),
+            ),
+        )
         return self._json(wire.OK, {"id": ident, "config": fields})
 
     # -- operations --------------------------------------------------------------------------------------
@@ -202,9 +222,14 @@ def _config_body(body: Any) -> tuple[int | None, dict[str, str] | None]:
     meta = body.get("meta")
     if interval is None and meta is None:
         raise _BodyError("give interval and/or meta")
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or not 10 <= interval <= 86400):
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, int) or not 10 <= interval <= 86400
+    ):
         raise _BodyError("interval must be an integer number of seconds, 10-86400")
-    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+    if meta is not None and (
+        not isinstance(meta, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
         raise _BodyError("meta must be an object of strings (value type -> text)")
     return interval, meta
 

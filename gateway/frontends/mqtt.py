@@ -124,7 +124,9 @@ class MqttFrontEnd:
         self.metrics = metrics
         self.group = group
         # the paho link's filters: without the requests when the resolve link takes them
-        self.topics = subscriptions(group, tuple(leaf for leaf in LEAVES_SHARED if leaf != "req" or not fast_path))
+        self.topics = subscriptions(
+            group, tuple(leaf for leaf in LEAVES_SHARED if leaf != "req" or not fast_path)
+        )
         self._max_inflight = max_inflight
         self._ready_timeout = ready_timeout
         self._clock = clock
@@ -141,10 +143,19 @@ class MqttFrontEnd:
         )
         self.fast: ResolveLink | None = None
         if fast_path:
-            self.fast = ResolveLink(url, on_message=self._on_request_message, resolver=resolver, auth=auth, group=group,
-                                    client_id=_link_client_id(client_id), keepalive=keepalive,
-                                    reconnect_max=reconnect_max, limit=self._limit_request,
-                                    limiting=self._device_limiting, clock=clock)  # fmt: skip
+            self.fast = ResolveLink(
+                url,
+                on_message=self._on_request_message,
+                resolver=resolver,
+                auth=auth,
+                group=group,
+                client_id=_link_client_id(client_id),
+                keepalive=keepalive,
+                reconnect_max=reconnect_max,
+                limit=self._limit_request,
+                limiting=self._device_limiting,
+                clock=clock,
+            )
             add = getattr(metrics, "add_collector", None)
             if add is not None:
                 add(self.fast.samples, add=True)
@@ -153,8 +164,14 @@ class MqttFrontEnd:
         self._inflight = InFlight()
         self._closing = False
         self._started = False
-        self.counters: dict[str, int] = {"req": 0, "rpt": 0, "cfgack": 0, "status": 0, "dropped": 0,
-                                         "ratelimited": 0}  # fmt: skip
+        self.counters: dict[str, int] = {
+            "req": 0,
+            "rpt": 0,
+            "cfgack": 0,
+            "status": 0,
+            "dropped": 0,
+            "ratelimited": 0,
+        }
 
     @property
     def client_id(self) -> str:
@@ -344,8 +361,11 @@ class MqttFrontEnd:
             fields = {"token": fields["token"], "code": wire.INTERNAL, "msg": "internal error"}
             payload = wire.encode("error", fields)
         if len(payload) > wire.MAX_PAYLOAD:
-            fields = {"token": fields["token"], "code": wire.TOO_LARGE,
-                      "msg": f"answer of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}"}  # fmt: skip
+            fields = {
+                "token": fields["token"],
+                "code": wire.TOO_LARGE,
+                "msg": f"answer of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}",
+            }
             payload = wire.encode("error", fields)
         if self.fast is not None:
             self.fast.publish_res(key, payload)

@@ -65,7 +65,9 @@ log = logging.getLogger(__name__)
 ROOT = wire.TOPIC_ROOT  # "ida/v1/d"
 _ROOT_B = (ROOT + "/").encode()
 _REQ_B = b"/req"
-MAX_PACKET = 1 << 16  # announced to the broker: it does not send us anything larger (requests are far smaller)
+MAX_PACKET = (
+    1 << 16
+)  # announced to the broker: it does not send us anything larger (requests are far smaller)
 MAX_ENTRIES = 20_000  # entries in the table; when full it is emptied (and refilled by the slow path)
 CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
 
@@ -87,8 +89,14 @@ def answer_fields(token: bytes, answer: Answer, etag: bytes | None, now: float) 
     if etag is not None and answer.etag and etag == answer.etag:
         return {"token": token, "code": wire.NOT_MODIFIED, "ttl": ttl, "etag": answer.etag}
     values = answer.record.to_device_values(now) if answer.record is not None else []
-    out: dict[str, Any] = {"token": token, "code": wire.OK, "id": answer.handle, "values": values, "ttl": ttl,
-                           "source": answer.source}  # fmt: skip
+    out: dict[str, Any] = {
+        "token": token,
+        "code": wire.OK,
+        "id": answer.handle,
+        "values": values,
+        "ttl": ttl,
+        "source": answer.source,
+    }
     if answer.etag:
         out["etag"] = answer.etag
     return out
@@ -98,7 +106,12 @@ def request_key(payload: bytes) -> tuple[bytes, bytes] | None:
     """(key, token item) of a request payload the table can serve: a CBOR map whose first item is the token (key 1,
     1-8 bytes), as deterministic CBOR puts it; the key is everything after the token, the token item its CBOR
     bytes. None for any other payload."""
-    if len(payload) < 4 or not 0xA2 <= payload[0] <= 0xA5 or payload[1] != 0x01 or not 0x41 <= payload[2] <= 0x48:
+    if (
+        len(payload) < 4
+        or not 0xA2 <= payload[0] <= 0xA5
+        or payload[1] != 0x01
+        or not 0x41 <= payload[2] <= 0x48
+    ):
         return None
     end = 3 + (payload[2] & 0x1F)
     if len(payload) <= end:
@@ -111,14 +124,24 @@ class _Entry(HotEntry):
 
     __slots__ = ("key", "req_head", "etag", "dynamic", "age", "until", "code", "head", "tail")
 
-    def __init__(self, key: bytes, req_head: int, answer: Answer, etag: bytes | None, refresh_at: float, ref: Any,
-                 ckey: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        key: bytes,
+        req_head: int,
+        answer: Answer,
+        etag: bytes | None,
+        refresh_at: float,
+        ref: Any,
+        ckey: Any,
+    ) -> None:
         super().__init__(answer, refresh_at, ref, ckey)
         self.key = key
         self.req_head = req_head  # the request's CBOR map header (its item count)
         self.etag = etag  # the request's ETag (None: it sent none)
         assert answer.record is not None
-        self.dynamic = any(v.ttl_type == TTL_ABSOLUTE for v in answer.record.values)  # absolute TTLs count down
+        self.dynamic = any(
+            v.ttl_type == TTL_ABSOLUTE for v in answer.record.values
+        )  # absolute TTLs count down
         self.age = -1
         self.until = -math.inf
         self.code = wire.OK  # or wire.NOT_MODIFIED (the request's ETag is the answer's)
@@ -150,8 +173,15 @@ class AnswerTable:
         self.max_entries = max_entries
         self.learned = 0
 
-    def learn(self, payload: bytes, answer: Answer, types: tuple[str, ...], indexes: tuple[int, ...],
-              etag: bytes | None, now: float) -> bool:  # fmt: skip
+    def learn(
+        self,
+        payload: bytes,
+        answer: Answer,
+        types: tuple[str, ...],
+        indexes: tuple[int, ...],
+        etag: bytes | None,
+        now: float,
+    ) -> bool:
         """Remember the answer to the request ``payload`` when the table may serve it from now on."""
         split = request_key(payload)
         if split is None:
@@ -188,7 +218,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = mqttwire.Reader(MAX_PACKET)
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self.connack: asyncio.Future[tuple[int, dict[int, object]]] = asyncio.get_running_loop().create_future()
+        self.connack: asyncio.Future[tuple[int, dict[int, object]]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.acks: dict[int, asyncio.Future[list[int]]] = {}
         self.last_read = time.monotonic()
 
@@ -239,11 +271,23 @@ class ResolveLink:
     front end's rate-limit check for a hit, True when it refused (and counted) the request; ``resolver`` is the
     front end's (for the table's cache checks); ``learning`` false leaves the table empty."""
 
-    def __init__(self, url: str, *, on_message: Callable[[str, bytes], None], resolver: Any,
-                 auth: MqttAuth | None = None, group: str | None = "ida-gw", client_id: str = "ida-gw-r",
-                 keepalive: int = 30, reconnect_max: float = 30.0, limit: Callable[[str], bool] | None = None,
-                 limiting: Callable[[], bool] | None = None, clock: Callable[[], float] = time.time,
-                 learning: bool = True, connect_timeout: float = CONNECT_TIMEOUT) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_message: Callable[[str, bytes], None],
+        resolver: Any,
+        auth: MqttAuth | None = None,
+        group: str | None = "ida-gw",
+        client_id: str = "ida-gw-r",
+        keepalive: int = 30,
+        reconnect_max: float = 30.0,
+        limit: Callable[[str], bool] | None = None,
+        limiting: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.time,
+        learning: bool = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
         self.address = parse_url(url)
         self.auth = auth or MqttAuth()
         self.client_id = client_id
@@ -262,7 +306,9 @@ class ResolveLink:
         self._ready = asyncio.Event()
         self._started = False
         self._pid = 0
-        self._heads: dict[int, bytes] = {}  # PUBLISH fixed header by remaining length (answers come in few sizes)
+        self._heads: dict[
+            int, bytes
+        ] = {}  # PUBLISH fixed header by remaining length (answers come in few sizes)
         self.serving = True  # false: every request goes to on_message (the front end is stopping)
         self.connects = 0
         # counters (samples() and the tests)
@@ -330,15 +376,19 @@ class ResolveLink:
         while self._started:
             if not self.address.tls and not insecure_said:
                 insecure_said = True
-                log.warning("mqtt resolve link INSECURE plain mode: no TLS; factory bench only %s",
-                            kv(broker=self.address))  # fmt: skip
+                log.warning(
+                    "mqtt resolve link INSECURE plain mode: no TLS; factory bench only %s",
+                    kv(broker=self.address),
+                )
             subscribed = False
             try:
                 subscribed = await self._session()
             except (OSError, ConnectionError, TimeoutError, mqttwire.MqttProtocolError, ssl.SSLError) as e:
                 if self._started:
-                    log.warning("mqtt resolve link down, reconnecting %s",
-                                kv(broker=self.address, error=e or type(e).__name__, retry_s=round(delay, 1)))  # fmt: skip
+                    log.warning(
+                        "mqtt resolve link down, reconnecting %s",
+                        kv(broker=self.address, error=e or type(e).__name__, retry_s=round(delay, 1)),
+                    )
             finally:
                 self._ready.clear()
                 conn, self._conn = self._conn, None
@@ -362,15 +412,23 @@ class ResolveLink:
         addr = self.address
         tls = self._ssl()
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), addr.host, addr.port, ssl=tls,
-                                   server_hostname=addr.host if tls else None),
+            loop.create_connection(
+                lambda: _Connection(self),
+                addr.host,
+                addr.port,
+                ssl=tls,
+                server_hostname=addr.host if tls else None,
+            ),
             self.connect_timeout,
-        )  # fmt: skip
+        )
         self._conn = conn
         username = self.auth.username or addr.username
         password = self.auth.password if self.auth.username else addr.password
-        conn.write(mqttwire.connect(self.client_id, self.keepalive, username=username, password=password,
-                                    max_packet=MAX_PACKET))  # fmt: skip
+        conn.write(
+            mqttwire.connect(
+                self.client_id, self.keepalive, username=username, password=password, max_packet=MAX_PACKET
+            )
+        )
         code, props = await asyncio.wait_for(asyncio.shield(conn.connack), self.connect_timeout)
         if code >= 0x80:
             raise ConnectionError(f"broker refused the connection: {mqttwire.reason(code)}")
@@ -385,8 +443,10 @@ class ResolveLink:
         self.connects += 1
         self.serving = True
         self._ready.set()
-        log.info("mqtt resolve link subscribed %s", kv(broker=addr, client_id=self.client_id, filter=self.filter,
-                                                        connects=self.connects))  # fmt: skip
+        log.info(
+            "mqtt resolve link subscribed %s",
+            kv(broker=addr, client_id=self.client_id, filter=self.filter, connects=self.connects),
+        )
         pinger = loop.create_task(self._keepalive(conn, keepalive)) if keepalive > 0 else None
         try:
             exc = await asyncio.shield(conn.closed)
@@ -397,8 +457,9 @@ class ResolveLink:
             raise ConnectionError(f"connection closed{f': {exc}' if exc else ''}")
         return True
 
-    async def _request(self, conn: _Connection, encode: Callable[[int, Any], bytes], arg: Any,
-                       timeout: float) -> list[int]:  # fmt: skip
+    async def _request(
+        self, conn: _Connection, encode: Callable[[int, Any], bytes], arg: Any, timeout: float
+    ) -> list[int]:
         """Send a SUBSCRIBE or UNSUBSCRIBE and wait for its reason codes."""
         self._pid = self._pid % 0xFFFF + 1
         pid = self._pid
@@ -415,7 +476,9 @@ class ResolveLink:
         while True:
             await asyncio.sleep(keepalive / 2)
             if time.monotonic() - conn.last_read > keepalive * 1.5:
-                log.warning("mqtt resolve link: broker silent %s", kv(broker=self.address, keepalive=keepalive))
+                log.warning(
+                    "mqtt resolve link: broker silent %s", kv(broker=self.address, keepalive=keepalive)
+                )
                 conn.abort()
                 return
             conn.write(mqttwire.PINGREQ)
@@ -441,7 +504,9 @@ class ResolveLink:
                     continue
                 n = (body[0] << 8) | body[1] if len(body) > 1 else 0
                 pos = 2 + n
-                if first & 0x06:  # QoS 1 (our subscription is QoS 0; a broker may still send one): acknowledge
+                if (
+                    first & 0x06
+                ):  # QoS 1 (our subscription is QoS 0; a broker may still send one): acknowledge
                     if pos + 2 > len(body) or first & 0x06 == 0x06:
                         raise mqttwire.MqttProtocolError("malformed PUBLISH")
                     out.append(mqttwire.puback((body[pos] << 8) | body[pos + 1]))
@@ -461,8 +526,11 @@ class ResolveLink:
                         topic = body[2 : 2 + n]
                         if not now:
                             now = self.clock()
-                        if (topic.startswith(_ROOT_B) and topic.endswith(_REQ_B)
-                                and (now <= entry.until or self.table.refresh(entry, now))):  # fmt: skip
+                        if (
+                            topic.startswith(_ROOT_B)
+                            and topic.endswith(_REQ_B)
+                            and (now <= entry.until or self.table.refresh(entry, now))
+                        ):
                             if limiting and self._limited(topic):
                                 continue  # refused (and counted) by the front end's rate limit
                             size = n + 3 + len(entry.head) + 1 + tl + len(entry.tail)
@@ -512,8 +580,10 @@ class ResolveLink:
             pass
         elif kind == mqttwire.DISCONNECT_TYPE:
             code, text = mqttwire.parse_disconnect(body)
-            log.warning("mqtt resolve link: broker disconnects %s",
-                        kv(broker=self.address, reason=mqttwire.reason(code), text=text or None))  # fmt: skip
+            log.warning(
+                "mqtt resolve link: broker disconnects %s",
+                kv(broker=self.address, reason=mqttwire.reason(code), text=text or None),
+            )
             conn.abort()
         else:
             raise mqttwire.MqttProtocolError(f"unexpected packet type {kind}")
@@ -528,8 +598,14 @@ class ResolveLink:
             return False
         return True
 
-    def learn(self, payload: bytes, answer: Answer, types: tuple[str, ...], indexes: tuple[int, ...],
-              etag: bytes | None) -> bool:  # fmt: skip
+    def learn(
+        self,
+        payload: bytes,
+        answer: Answer,
+        types: tuple[str, ...],
+        indexes: tuple[int, ...],
+        etag: bytes | None,
+    ) -> bool:
         """Remember the answer the slow path gave to the request ``payload`` (module doc)."""
         if not self.learning:
             return False
@@ -542,5 +618,12 @@ class ResolveLink:
         yield "ida_requests_total", {"frontend": "mqtt", "code": str(wire.NOT_MODIFIED)}, float(self.valid)
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self.table.entries), "answered": self.answered, "valid": self.valid, "handed_on": self.handed_on,
-                "learned": self.table.learned, "dropped": self.dropped, "connects": self.connects}  # fmt: skip
+        return {
+            "entries": len(self.table.entries),
+            "answered": self.answered,
+            "valid": self.valid,
+            "handed_on": self.handed_on,
+            "learned": self.table.learned,
+            "dropped": self.dropped,
+            "connects": self.connects,
+        }

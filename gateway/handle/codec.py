@@ -324,12 +324,21 @@ def encode_message(envelope: Envelope, header: Header, body: bytes, credential: 
     e, h = envelope, header
     return (
         _pack(_ENVELOPE, e.major, e.minor, e.flags, e.session_id, e.request_id, e.sequence, length)
-        + _pack(_HEADER, h.opcode, h.response_code, h.op_flags, h.site_info_serial, h.recursion_count, 0,
-                h.expiration, len(body))
+        + _pack(
+            _HEADER,
+            h.opcode,
+            h.response_code,
+            h.op_flags,
+            h.site_info_serial,
+            h.recursion_count,
+            0,
+            h.expiration,
+            len(body),
+        )
         + body
         + _U32.pack(len(credential))
         + credential
-    )  # fmt: skip
+    )
 
 
 def decode_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
@@ -709,11 +718,20 @@ def encode_request(
         raise ValueError(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
     return (
         _pack(_ENVELOPE, version[0], version[1], 0, session_id, request_id, 0, length)
-        + _pack(_HEADER, _OC_RESOLUTION, RC_RESERVED, op_flags, site_info_serial, recursion_count, 0,
-                expiration & _U32_MASK, len(body))
+        + _pack(
+            _HEADER,
+            _OC_RESOLUTION,
+            RC_RESERVED,
+            op_flags,
+            site_info_serial,
+            recursion_count,
+            0,
+            expiration & _U32_MASK,
+            len(body),
+        )
         + body
         + b"\0\0\0\0"  # no credential
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -61,8 +61,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HANDLE_PORT = 2641
-LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_SCHEMES = {"hdl": ("native", "udp"), "hdl+udp": ("native", "udp"), "hdl+tcp": ("native", "tcp"), "http": ("rest", ""), "https": ("rest", "")}
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_SCHEMES = {
+    "hdl": ("native", "udp"),
+    "hdl+udp": ("native", "udp"),
+    "hdl+tcp": ("native", "tcp"),
+    "http": ("rest", ""),
+    "https": ("rest", ""),
+}
 
 
 # -- URLs ----------------------------------------------------------------------------------------------
@@ -279,7 +299,9 @@ class UpstreamPool:
         ok = [n for n in self._nodes if n.down_until <= now]
         return sorted(ok, key=lambda n: (n.consecutive_failures, n.ewma if n.ewma is not None else 0.0))
 
-    async def resolve(self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()) -> PoolAnswer:
+    async def resolve(
+        self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()
+    ) -> PoolAnswer:
         """The first answer of a node (success, not found or values not found), or raise (module doc)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -322,38 +344,51 @@ class UpstreamPool:
                     exc = task.exception()
                     if exc is None:
                         return task.result()
-                    errors[node.name] = exc if isinstance(exc, UpstreamError) else UpstreamError(str(exc), node.name)
+                    errors[node.name] = (
+                        exc if isinstance(exc, UpstreamError) else UpstreamError(str(exc), node.name)
+                    )
                 now = loop.time()
                 if done and queue and len(pending) < (2 if hedged else 1):
                     log.debug("upstream.failover handle=%s to=%s", handle, queue[0].name)
                     launch()
-                elif (not done and hedge_at is not None and not hedged and queue and now >= hedge_at
-                      and now < deadline):
+                elif (
+                    not done
+                    and hedge_at is not None
+                    and not hedged
+                    and queue
+                    and now >= hedge_at
+                    and now < deadline
+                ):
                     hedged = True
                     log.debug("upstream.hedge handle=%s to=%s after=%.3f", handle, queue[0].name, now - start)
                     launch()
                 if pending and now >= deadline:
                     names = ", ".join(n.name for n in pending.values())
                     log.info("upstream.timeout handle=%s timeout=%g waiting=%s", handle, self.timeout, names)
-                    raise UpstreamTimeout(f"{handle}: no upstream answered within {self.timeout:g}s "
-                                          f"(waiting for {names})")
+                    raise UpstreamTimeout(
+                        f"{handle}: no upstream answered within {self.timeout:g}s (waiting for {names})"
+                    )
         finally:
             for task in pending:
                 task.cancel()
         self._all_failed(handle, errors)
 
-    async def _only(self, node: _Node, handle: str, types: tuple[str, ...], indexes: tuple[int, ...],
-                    deadline: float) -> PoolAnswer:  # fmt: skip
+    async def _only(
+        self, node: _Node, handle: str, types: tuple[str, ...], indexes: tuple[int, ...], deadline: float
+    ) -> PoolAnswer:
         """:meth:`resolve` when ``node`` is the only one eligible: the same outcome, two event-loop turns less."""
         try:
             if asyncio.get_running_loop().time() + self.attempt_timeout <= deadline:
-                return await self._attempt(node, handle, types, indexes)  # its own timeout comes first: no 2nd timer
+                return await self._attempt(
+                    node, handle, types, indexes
+                )  # its own timeout comes first: no 2nd timer
             async with asyncio.timeout_at(deadline):
                 return await self._attempt(node, handle, types, indexes)
         except TimeoutError:  # the overall timeout (an attempt's own timeout comes back as UpstreamTimeout)
             log.info("upstream.timeout handle=%s timeout=%g waiting=%s", handle, self.timeout, node.name)
-            raise UpstreamTimeout(f"{handle}: no upstream answered within {self.timeout:g}s "
-                                  f"(waiting for {node.name})") from None  # fmt: skip
+            raise UpstreamTimeout(
+                f"{handle}: no upstream answered within {self.timeout:g}s (waiting for {node.name})"
+            ) from None
         except UpstreamError as e:
             self._all_failed(handle, {node.name: e})
 
@@ -364,7 +399,9 @@ class UpstreamPool:
         log.info("upstream.all_failed handle=%s errors=%d", handle, len(errors))
         raise AllUpstreamsFailed(errors)
 
-    async def _attempt(self, node: _Node, handle: str, types: tuple[str, ...], indexes: tuple[int, ...]) -> PoolAnswer:
+    async def _attempt(
+        self, node: _Node, handle: str, types: tuple[str, ...], indexes: tuple[int, ...]
+    ) -> PoolAnswer:
         node.requests += 1
         t0 = self._clock()
         err: UpstreamError
@@ -430,10 +467,17 @@ class UpstreamPool:
         if extra >= 0:
             pause = min(self.max_cooldown, self.cooldown * (2 ** min(extra, 30)))
             node.down_until = self._clock() + pause
-            log.warning("upstream.sick node=%s failures=%d cooldown=%.3g error=%r",
-                        node.name, node.consecutive_failures, pause, str(err))
+            log.warning(
+                "upstream.sick node=%s failures=%d cooldown=%.3g error=%r",
+                node.name,
+                node.consecutive_failures,
+                pause,
+                str(err),
+            )
         else:
-            log.info("upstream.failed node=%s failures=%d error=%r", node.name, node.consecutive_failures, str(err))
+            log.info(
+                "upstream.failed node=%s failures=%d error=%r", node.name, node.consecutive_failures, str(err)
+            )
 
     def stats(self) -> dict[str, NodeStats]:
         now = self._clock()

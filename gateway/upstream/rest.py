@@ -128,8 +128,9 @@ def parse_response(status: int, body: bytes, handle: str, node: str | None = Non
         detail += f": {message[:200]}"
 
     # Answers first: "not found" is not a failure.
-    if rc == RC_HANDLE_NOT_FOUND or (status == 404 and rc is None and json_error is None and
-                                     (obj is None or isinstance(obj, dict))):
+    if rc == RC_HANDLE_NOT_FOUND or (
+        status == 404 and rc is None and json_error is None and (obj is None or isinstance(obj, dict))
+    ):
         return Result(RC_HANDLE_NOT_FOUND, handle)
     if rc == RC_VALUES_NOT_FOUND:
         return Result(RC_VALUES_NOT_FOUND, handle)
@@ -138,8 +139,9 @@ def parse_response(status: int, body: bytes, handle: str, node: str | None = Non
     if rc in RC_REFERRALS:
         raise UpstreamReferral(detail, node, code=rc)
     if status == 404 and rc is None:
-        raise UpstreamRefused(f"{detail}: 404 without a Handle REST body (is this a Handle REST endpoint?)",
-                              node, code=RC_ERROR)
+        raise UpstreamRefused(
+            f"{detail}: 404 without a Handle REST body (is this a Handle REST endpoint?)", node, code=RC_ERROR
+        )
     if status >= 300 or (rc is not None and rc != RC_SUCCESS):
         raise UpstreamRefused(detail, node, code=rc if rc is not None else RC_ERROR)
     # HTTP 2xx from here on.
@@ -225,13 +227,21 @@ class RestClient:
         except UpstreamError as e:
             log.info("rest.failed node=%s handle=%s status=%d error=%r", self.node, handle, status, str(e))
             raise
-        log.debug("rest.answer node=%s handle=%s status=%d code=%d values=%d",
-                  self.node, handle, status, result.code, len(result.values))
+        log.debug(
+            "rest.answer node=%s handle=%s status=%d code=%d values=%d",
+            self.node,
+            handle,
+            status,
+            result.code,
+            len(result.values),
+        )
         return result
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         if resp.content_length is not None and resp.content_length > self.max_body:
-            raise ProtocolError(f"REST body of {resp.content_length} bytes exceeds {self.max_body}", self.node)
+            raise ProtocolError(
+                f"REST body of {resp.content_length} bytes exceeds {self.max_body}", self.node
+            )
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(16384):

@@ -21,8 +21,18 @@ import importlib
 from tools.bench.loadgen import LoadGenerator, LoadResult, LoadSpec, run_load
 from tools.bench.scenario import SCENARIOS, BenchOptions, ScenarioResult, run_scenarios
 
-__all__ = ["BenchOptions", "LoadGenerator", "LoadResult", "LoadSpec", "SCENARIOS", "SCENARIO_KEYS",
-           "ScenarioResult", "load_scenarios", "run_load", "run_scenarios"]  # fmt: skip
+__all__ = [
+    "BenchOptions",
+    "LoadGenerator",
+    "LoadResult",
+    "LoadSpec",
+    "SCENARIOS",
+    "SCENARIO_KEYS",
+    "ScenarioResult",
+    "load_scenarios",
+    "run_load",
+    "run_scenarios",
+]
 
 SCENARIO_KEYS = ("P1", "P2", "P3", "P4", "P5")
 

@@ -32,7 +32,7 @@ from tools.bench.coapmsg import (
     parse_header,
     parse_options,
     uint_value,
-)  # fmt: skip
+)
 from tools.bench.procs import BenchError, Child, free_port, python_module_cmd
 
 __all__ = ["ANCHOR_NAMES", "Anchors", "ResponseShape", "Target", "coap_request", "LIBCOAP_SERVER"]
@@ -69,9 +69,17 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
-def coap_request(host: str, port: int, path: tuple[str, ...], *, code: int = GET, payload: bytes = b"",
-                 options: tuple[tuple[int, bytes], ...] = (), timeout: float = 1.0,
-                 attempts: int = 3) -> tuple[int, list[tuple[int, bytes]], bytes]:  # fmt: skip
+def coap_request(
+    host: str,
+    port: int,
+    path: tuple[str, ...],
+    *,
+    code: int = GET,
+    payload: bytes = b"",
+    options: tuple[tuple[int, bytes], ...] = (),
+    timeout: float = 1.0,
+    attempts: int = 3,
+) -> tuple[int, list[tuple[int, bytes]], bytes]:
     """One blocking confirmable request (for setup and probes, not for load). Returns (code, options, payload);
     TimeoutError when nothing answers."""
     opts = [(11, s.encode()) for s in path] + list(options)
@@ -113,19 +121,36 @@ def start_raw(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: 
     return _start_py("raw", "raw_udp", shape, path, log_dir, host)
 
 
-def start_raw_drain(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1") -> Target:
+def start_raw_drain(
+    shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1"
+) -> Target:
     return _start_py("raw-drain", "raw_udp_drain", shape, path, log_dir, host)
 
 
-def start_aiocoap(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1") -> Target:
+def start_aiocoap(
+    shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1"
+) -> Target:
     return _start_py("aiocoap", "aiocoap", shape, path, log_dir, host)
 
 
-def _start_py(kind: str, name: str, shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str) -> Target:
-    args = ["--host", host, "--port", "0", "--payload", shape.payload.hex(), "--etag", (shape.etag or b"").hex()]
+def _start_py(
+    kind: str, name: str, shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str
+) -> Target:
+    args = [
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--payload",
+        shape.payload.hex(),
+        "--etag",
+        (shape.etag or b"").hex(),
+    ]
     if shape.max_age is not None:
         args += ["--max-age", str(shape.max_age)]
-    child = Child(name, python_module_cmd("tools.bench.servers", kind, *args), log_dir=log_dir).start(stdout_pipe=True)
+    child = Child(name, python_module_cmd("tools.bench.servers", kind, *args), log_dir=log_dir).start(
+        stdout_pipe=True
+    )
     try:
         port = child.wait_ready_line()
         wait_coap(host, port, path, child)
@@ -135,7 +160,9 @@ def _start_py(kind: str, name: str, shape: ResponseShape, path: tuple[str, ...],
     return Target(name, LABELS[name], host, port, (path,), child)
 
 
-def start_libcoap(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1") -> Target:
+def start_libcoap(
+    shape: ResponseShape, path: tuple[str, ...], log_dir: Path, host: str = "127.0.0.1"
+) -> Target:
     exe = shutil.which(LIBCOAP_SERVER)
     if exe is None:
         raise BenchError(f"{LIBCOAP_SERVER} not installed (apt-get install libcoap3-bin)")
@@ -143,8 +170,9 @@ def start_libcoap(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, ho
     child = Child("libcoap", [exe, "-A", host, "-p", str(port), "-d", "4"], log_dir=log_dir).start()
     try:
         wait_coap(host, port, (), child)
-        code, _, _ = coap_request(host, port, path, code=PUT, payload=shape.payload,
-                                  options=((OPT_CONTENT_FORMAT, uint_value(60)),))  # fmt: skip
+        code, _, _ = coap_request(
+            host, port, path, code=PUT, payload=shape.payload, options=((OPT_CONTENT_FORMAT, uint_value(60)),)
+        )
         if code not in (0x41, 0x44):  # 2.01 Created, 2.04 Changed
             raise child.fail(f"PUT of the payload answered {code >> 5}.{code & 31:02d}")
         code, _, body = coap_request(host, port, path)
@@ -153,18 +181,35 @@ def start_libcoap(shape: ResponseShape, path: tuple[str, ...], log_dir: Path, ho
     except BaseException:
         child.stop()
         raise
-    return Target("libcoap", LABELS["libcoap"], host, port, (path,), child,
-                  notes=["same request bytes; dynamic resource created by PUT; answer has no ETag/Max-Age"])  # fmt: skip
+    return Target(
+        "libcoap",
+        LABELS["libcoap"],
+        host,
+        port,
+        (path,),
+        child,
+        notes=["same request bytes; dynamic resource created by PUT; answer has no ETag/Max-Age"],
+    )
 
 
-STARTERS = {"raw_udp": start_raw, "raw_udp_drain": start_raw_drain, "aiocoap": start_aiocoap, "libcoap": start_libcoap}
+STARTERS = {
+    "raw_udp": start_raw,
+    "raw_udp_drain": start_raw_drain,
+    "aiocoap": start_aiocoap,
+    "libcoap": start_libcoap,
+}
 
 
 class Anchors:
     """Start the named anchors (all by default); an anchor that cannot start is listed in ``missing``."""
 
-    def __init__(self, shape: ResponseShape, path: tuple[str, ...], log_dir: Path,
-                 names: tuple[str, ...] = ANCHOR_NAMES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        shape: ResponseShape,
+        path: tuple[str, ...],
+        log_dir: Path,
+        names: tuple[str, ...] = ANCHOR_NAMES,
+    ) -> None:
         self.shape = shape
         self.path = path
         self.log_dir = log_dir
@@ -188,5 +233,7 @@ class Anchors:
     def __enter__(self) -> Anchors:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -32,10 +32,16 @@ class Mosquitto:
             raise BenchError("mosquitto not installed (apt-get install mosquitto)")
         self.port = free_port(kind=socket.SOCK_STREAM)
         conf = self.log_dir / f"{self.name}.conf"
-        conf.write_text(mosquitto.config(self.port, self.host, notice=False, extra="max_queued_messages 100000\n"))
-        self.child = mosquitto.start([exe, "-c", str(conf)],
-                                     lambda cmd: Child(self.name, cmd, log_dir=self.log_dir).start(),
-                                     self.host, self.port, timeout)  # fmt: skip
+        conf.write_text(
+            mosquitto.config(self.port, self.host, notice=False, extra="max_queued_messages 100000\n")
+        )
+        self.child = mosquitto.start(
+            [exe, "-c", str(conf)],
+            lambda cmd: Child(self.name, cmd, log_dir=self.log_dir).start(),
+            self.host,
+            self.port,
+            timeout,
+        )
         return self
 
     def stop(self) -> None:
@@ -46,5 +52,7 @@ class Mosquitto:
     def __enter__(self) -> Mosquitto:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -26,13 +26,21 @@ from tools.cli import CliError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="short run: 2 rounds x 0.6 s per target")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    p.add_argument("--only", metavar="P1,P3", help=f"scenarios to run (default all: {','.join(SCENARIO_KEYS)})")
-    p.add_argument("--out", metavar="FILE", help="also write the run as a Markdown report (e.g. docs/benchmarks.md)")
+    p.add_argument(
+        "--only", metavar="P1,P3", help=f"scenarios to run (default all: {','.join(SCENARIO_KEYS)})"
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="also write the run as a Markdown report (e.g. docs/benchmarks.md)"
+    )
     p.add_argument("--workers", type=int, default=1, metavar="N", help="load generator processes (default 1)")
     p.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight (default 32)")
-    p.add_argument("--duration", type=float, metavar="S", help="seconds per measurement (default 0.6 quick, 5 full)")
+    p.add_argument(
+        "--duration", type=float, metavar="S", help="seconds per measurement (default 0.6 quick, 5 full)"
+    )
     p.add_argument("--rounds", type=int, metavar="N", help="rounds per target (default 2 quick, 3 full)")
-    p.add_argument("--log-dir", metavar="DIR", help="keep the servers' logs and data here (default a temp dir)")
+    p.add_argument(
+        "--log-dir", metavar="DIR", help="keep the servers' logs and data here (default a temp dir)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 
@@ -57,16 +65,26 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    opts = BenchOptions(quick=args.quick, workers=args.workers, concurrency=args.concurrency, duration=args.duration,
-                        rounds=args.rounds, log_dir=Path(args.log_dir) if args.log_dir else None,
-                        progress=None if args.quiet else progress)  # fmt: skip
+    opts = BenchOptions(
+        quick=args.quick,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        rounds=args.rounds,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        progress=None if args.quiet else progress,
+    )
     results = run_scenarios(keys, opts)
     if args.json:
         print(as_json(results))
     else:
         print(as_text(results))
     if args.out:
-        command = "ida bench " + shlex.join(a for a in sys.argv[2:] if a) if sys.argv[1:2] == ["bench"] else "ida bench"
+        command = (
+            "ida bench " + shlex.join(a for a in sys.argv[2:] if a)
+            if sys.argv[1:2] == ["bench"]
+            else "ida bench"
+        )
         Path(args.out).write_text(as_markdown(results, command))
         if not args.quiet:
             progress(f"wrote {args.out}")

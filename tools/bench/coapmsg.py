@@ -19,11 +19,30 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "CON", "NON", "ACK", "RST", "GET", "PUT", "CONTENT", "CREATED", "CHANGED", "VALID",
-    "OPT_ETAG", "OPT_URI_PATH", "OPT_CONTENT_FORMAT", "OPT_MAX_AGE", "OPT_URI_QUERY",
-    "RequestTemplate", "encode_request", "encode_options", "encode_message", "parse_header", "parse_options",
-    "code_str", "split_path",
-]  # fmt: skip
+    "CON",
+    "NON",
+    "ACK",
+    "RST",
+    "GET",
+    "PUT",
+    "CONTENT",
+    "CREATED",
+    "CHANGED",
+    "VALID",
+    "OPT_ETAG",
+    "OPT_URI_PATH",
+    "OPT_CONTENT_FORMAT",
+    "OPT_MAX_AGE",
+    "OPT_URI_QUERY",
+    "RequestTemplate",
+    "encode_request",
+    "encode_options",
+    "encode_message",
+    "parse_header",
+    "parse_options",
+    "code_str",
+    "split_path",
+]
 
 VERSION = 1
 CON, NON, ACK, RST = 0, 1, 2, 3
@@ -71,11 +90,19 @@ def uint_value(n: int) -> bytes:
     return n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
 
 
-def encode_message(mtype: int, code: int, mid: int, token: bytes, options: Iterable[tuple[int, bytes]] = (),
-                   payload: bytes = b"") -> bytes:  # fmt: skip
+def encode_message(
+    mtype: int,
+    code: int,
+    mid: int,
+    token: bytes,
+    options: Iterable[tuple[int, bytes]] = (),
+    payload: bytes = b"",
+) -> bytes:
     if not 0 <= len(token) <= 8:
         raise ValueError("a token is 0-8 bytes")
-    head = _H.pack(VERSION << 6 | mtype << 4 | len(token), code, mid & 0xFFFF) + token + encode_options(options)
+    head = (
+        _H.pack(VERSION << 6 | mtype << 4 | len(token), code, mid & 0xFFFF) + token + encode_options(options)
+    )
     return head + (bytes((PAYLOAD_MARKER,)) + payload if payload else b"")
 
 
@@ -95,9 +122,16 @@ class RequestTemplate:
         return _H.pack(self.first, self.code, mid) + token + self.tail
 
 
-def encode_request(path: Sequence[str], *, confirmable: bool = True, code: int = GET, token_len: int = 2,
-                   query: Sequence[str] = (), options: Iterable[tuple[int, bytes]] = (),
-                   payload: bytes = b"") -> RequestTemplate:  # fmt: skip
+def encode_request(
+    path: Sequence[str],
+    *,
+    confirmable: bool = True,
+    code: int = GET,
+    token_len: int = 2,
+    query: Sequence[str] = (),
+    options: Iterable[tuple[int, bytes]] = (),
+    payload: bytes = b"",
+) -> RequestTemplate:
     """A template for ``code`` on ``path`` (segments, each one Uri-Path option)."""
     if not 0 <= token_len <= 8:
         raise ValueError("a token is 0-8 bytes")

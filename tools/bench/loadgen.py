@@ -165,8 +165,22 @@ class LoadResult:
         return out
 
     def to_wire(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("ok", "errors", "timeouts", "sent", "retransmits", "unmatched",
-                                           "endpoints", "elapsed_s", "codes", "workers", "cpu_s")}  # fmt: skip
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "ok",
+                "errors",
+                "timeouts",
+                "sent",
+                "retransmits",
+                "unmatched",
+                "endpoints",
+                "elapsed_s",
+                "codes",
+                "workers",
+                "cpu_s",
+            )
+        }
         d["latencies"] = self.latencies_ns.tobytes()
         return d
 
@@ -404,7 +418,9 @@ class LoadGenerator:
 
     def _maybe_finish(self) -> None:
         spec = self.spec
-        if self._inflight == 0 and (self._stopping or (spec.count is not None and self._issued >= spec.count)):
+        if self._inflight == 0 and (
+            self._stopping or (spec.count is not None and self._issued >= spec.count)
+        ):
             self._finish()
 
     def _finish(self) -> None:
@@ -472,8 +488,10 @@ def run_load(spec: LoadSpec, workers: int = 1) -> LoadResult:
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     conc = [c for c in _split(spec.concurrency, workers) if c > 0]
     counts = _split(spec.count, len(conc)) if spec.count is not None else [None] * len(conc)
-    procs = [ctx.Process(target=_worker, args=(replace(spec, concurrency=c, count=n), ready, go, out), daemon=True)
-             for c, n in zip(conc, counts, strict=True)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_worker, args=(replace(spec, concurrency=c, count=n), ready, go, out), daemon=True)
+        for c, n in zip(conc, counts, strict=True)
+    ]
     for p in procs:
         p.start()
     try:

@@ -32,7 +32,7 @@ from tools.bench.mqttmsg import (
     encode_subscribe,
     parse_publish,
     publish_header,
-)  # fmt: skip
+)
 
 __all__ = ["MqttLoadSpec", "run_mqtt_load", "request_template", "TOKEN_LEN"]
 
@@ -76,8 +76,10 @@ class _Device(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(encode_connect(self.key, keepalive=120) +
-                             encode_subscribe(1, f"{self.gen.spec.root}/{self.key}/res", 0))  # fmt: skip
+        self.transport.write(
+            encode_connect(self.key, keepalive=120)
+            + encode_subscribe(1, f"{self.gen.spec.root}/{self.key}/res", 0)
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -190,12 +192,16 @@ class MqttLoadGenerator:
                 dev = _Device(self, f"bench-{tag}-{i}")
                 await loop.create_connection(lambda d=dev: d, spec.host, spec.port)  # type: ignore[misc]
                 self.devices.append(dev)
-            await asyncio.wait_for(asyncio.gather(*(d.subscribed for d in self.devices)), spec.connect_timeout)
+            await asyncio.wait_for(
+                asyncio.gather(*(d.subscribed for d in self.devices)), spec.connect_timeout
+            )
             start = _perf_ns()
             self._win_start = start + int(spec.warmup * NS)
             self._win_end = self._win_start + int(spec.duration * NS)
-            per = [spec.concurrency // spec.connections + (1 if i < spec.concurrency % spec.connections else 0)
-                   for i in range(spec.connections)]  # fmt: skip
+            per = [
+                spec.concurrency // spec.connections + (1 if i < spec.concurrency % spec.connections else 0)
+                for i in range(spec.connections)
+            ]
             for dev, n in zip(self.devices, per, strict=True):
                 for _ in range(n):
                     self._next(dev, start)
@@ -220,7 +226,9 @@ def run_mqtt_load(spec: MqttLoadSpec) -> LoadResult:
     return asyncio.run(MqttLoadGenerator(spec).run())
 
 
-async def mqtt_request(host: str, port: int, ident: str, root: str = "ida/v1/d", timeout: float = 2.0) -> bytes:
+async def mqtt_request(
+    host: str, port: int, ident: str, root: str = "ida/v1/d", timeout: float = 2.0
+) -> bytes:
     """One resolve request as a device sends it; the answer payload (TimeoutError when none comes)."""
     gen = MqttLoadGenerator(MqttLoadSpec(host, port, ident, root, connections=1, concurrency=1))
     loop = asyncio.get_running_loop()

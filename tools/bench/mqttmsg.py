@@ -18,10 +18,32 @@ import struct
 
 from gateway.mqttwire import varlen
 
-__all__ = ["CONNACK", "PUBLISH", "SUBACK", "PINGRESP", "PacketReader", "encode_connect", "encode_subscribe",
-           "encode_publish", "publish_header", "parse_publish", "PINGREQ_BYTES", "DISCONNECT_BYTES"]  # fmt: skip
+__all__ = [
+    "CONNACK",
+    "PUBLISH",
+    "SUBACK",
+    "PINGRESP",
+    "PacketReader",
+    "encode_connect",
+    "encode_subscribe",
+    "encode_publish",
+    "publish_header",
+    "parse_publish",
+    "PINGREQ_BYTES",
+    "DISCONNECT_BYTES",
+]
 
-CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
+CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = (
+    1,
+    2,
+    3,
+    4,
+    8,
+    9,
+    12,
+    13,
+    14,
+)
 PINGREQ_BYTES = b"\xc0\x00"
 DISCONNECT_BYTES = b"\xe0\x00"
 MAX_PACKET = 1 << 20
@@ -37,8 +59,10 @@ def _packet(first: int, body: bytes) -> bytes:
 
 
 def encode_connect(client_id: str, keepalive: int = 60, clean: bool = True) -> bytes:
-    return _packet(CONNECT << 4, _str("MQTT") + bytes((4, 0x02 if clean else 0)) + struct.pack("!H", keepalive)
-                   + _str(client_id))  # fmt: skip
+    return _packet(
+        CONNECT << 4,
+        _str("MQTT") + bytes((4, 0x02 if clean else 0)) + struct.pack("!H", keepalive) + _str(client_id),
+    )
 
 
 def encode_subscribe(packet_id: int, topic: str, qos: int = 0) -> bytes:

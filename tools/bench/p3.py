@@ -23,20 +23,24 @@ from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
 
 __all__ = ["run_p3", "concurrent_misses", "GOAL_P3"]
 
-GOAL_P3 = "1,000 concurrent misses for one identifier -> exactly 1 upstream request; miss overhead <= 1 ms p50"
-LIMITS_P3 = ("The overhead is a difference of two p50s over a few hundred single requests each: on a shared "
-             "machine sub-millisecond differences are close to the noise (a quick run moves by +-0.3 ms, a full one "
-             "by +-0.2 ms). Both sides use Python clients (the gateway's own HandleClient directly; the bench's CoAP "
-             "client through the gateway), so the HandleClient's own cost is on both sides. Inside the gateway (p50, "
-             "timestamps in the process): request in -> request to the node about 0.35 ms, the node's answer in -> "
-             "answer out about 0.5 ms; of that the CoAP miss path outside the resolver (aiocoap decode and "
-             "de-duplication, the task hop, aiocoap's send) about 0.27 ms and the HandleClient about 0.15 ms, "
-             "measured before the miss path de-duplicated and sent its answers itself (aiocoap now only decodes the "
-             "request and sends late, separate answers), which took about 0.1 ms off the p50 in alternating runs. Each "
-             "miss runs after ~5 ms idle, and code that has not run for 5 ms runs 3-6x slower than warm on this "
-             "machine (caches cold): the figure follows how much distinct code a miss touches more than its warm "
-             "CPU time. The path has two more process wake-ups than the direct one (a bare asyncio relay adds "
-             "about 0.15 ms); on a loaded 2-core machine each may wait for a core.")
+GOAL_P3 = (
+    "1,000 concurrent misses for one identifier -> exactly 1 upstream request; miss overhead <= 1 ms p50"
+)
+LIMITS_P3 = (
+    "The overhead is a difference of two p50s over a few hundred single requests each: on a shared "
+    "machine sub-millisecond differences are close to the noise (a quick run moves by +-0.3 ms, a full one "
+    "by +-0.2 ms). Both sides use Python clients (the gateway's own HandleClient directly; the bench's CoAP "
+    "client through the gateway), so the HandleClient's own cost is on both sides. Inside the gateway (p50, "
+    "timestamps in the process): request in -> request to the node about 0.35 ms, the node's answer in -> "
+    "answer out about 0.5 ms; of that the CoAP miss path outside the resolver (aiocoap decode and "
+    "de-duplication, the task hop, aiocoap's send) about 0.27 ms and the HandleClient about 0.15 ms, "
+    "measured before the miss path de-duplicated and sent its answers itself (aiocoap now only decodes the "
+    "request and sends late, separate answers), which took about 0.1 ms off the p50 in alternating runs. Each "
+    "miss runs after ~5 ms idle, and code that has not run for 5 ms runs 3-6x slower than warm on this "
+    "machine (caches cold): the figure follows how much distinct code a miss touches more than its warm "
+    "CPU time. The path has two more process wake-ups than the direct one (a bare asyncio relay adds "
+    "about 0.15 ms); on a loaded 2-core machine each may wait for a core."
+)
 MISS_LATENCY_MS = 20.0
 OVERHEAD_LATENCY_MS = 5.0
 CONCURRENT = 1000
@@ -90,13 +94,23 @@ def miss_overhead(opts: BenchOptions, n: int) -> dict[str, Any]:
     direct: list[int] = []
     through: list[int] = []
     errors = 0
-    with NodeProcess(log_dir, latency_ms=OVERHEAD_LATENCY_MS, extra_records=recs, name="p3-node-latency") as node, \
-            GatewayProcess(log_dir, node.url, name="p3-gateway") as gw:  # fmt: skip
+    with (
+        NodeProcess(
+            log_dir, latency_ms=OVERHEAD_LATENCY_MS, extra_records=recs, name="p3-node-latency"
+        ) as node,
+        GatewayProcess(log_dir, node.url, name="p3-gateway") as gw,
+    ):
         for start in range(0, n, CHUNK):
             d_ids, g_ids = direct_ids[start : start + CHUNK], gw_ids[start : start + CHUNK]
             direct += asyncio.run(_direct(node.host, node.port, d_ids))
-            spec = LoadSpec(gw.host, gw.port, tuple(("r", PREFIX, i.split("/", 1)[1]) for i in g_ids),
-                            concurrency=1, count=len(g_ids), duration=None)  # fmt: skip
+            spec = LoadSpec(
+                gw.host,
+                gw.port,
+                tuple(("r", PREFIX, i.split("/", 1)[1]) for i in g_ids),
+                concurrency=1,
+                count=len(g_ids),
+                duration=None,
+            )
             r = run_load(spec)
             errors += r.errors + r.timeouts
             through += list(r.latencies_ns)
@@ -119,7 +133,9 @@ def miss_overhead(opts: BenchOptions, n: int) -> dict[str, Any]:
 def run_p3(opts: BenchOptions) -> ScenarioResult:
     require_gateway()
     log_dir = opts.logs()
-    res = ScenarioResult("P3", "misses: single-flight and gateway overhead", GOAL_P3, columns=("figure", "value"))
+    res = ScenarioResult(
+        "P3", "misses: single-flight and gateway overhead", GOAL_P3, columns=("figure", "value")
+    )
     with NodeProcess(log_dir, latency_ms=MISS_LATENCY_MS, name="p3-node-flight") as node:
         flight = asyncio.run(concurrent_misses(node.url))
     seen = node.stats
@@ -131,20 +147,30 @@ def run_p3(opts: BenchOptions) -> ScenarioResult:
     over = miss_overhead(opts, n)
     opts.say(f"  miss overhead: {over}")
     figs: dict[str, Any] = {"upstream_requests": upstream, "concurrent_misses": CONCURRENT, **flight, **over}
-    figs["meets_goal"] = upstream == 1 and flight["answered_ok"] == CONCURRENT and over["miss_overhead_p50_ms"] <= 1.0
+    figs["meets_goal"] = (
+        upstream == 1 and flight["answered_ok"] == CONCURRENT and over["miss_overhead_p50_ms"] <= 1.0
+    )
     res.figures = figs
     res.rows = [
         (f"upstream requests for {CONCURRENT} concurrent misses (seen by the node)", upstream),
         ("callers answered OK", flight["answered_ok"]),
-        ("resolver: upstream fetches / coalesced callers", f"{flight['resolver_upstream_fetches']} / "
-                                                           f"{flight['resolver_coalesced']}"),
-        (f"miss through gateway, p50 / p99 ms (node adds {OVERHEAD_LATENCY_MS:g} ms)",
-         f"{over['gateway_miss_p50_ms']} / {over['gateway_miss_p99_ms']}"),
-        ("straight to the node (HandleClient), p50 / p99 ms",
-         f"{over['direct_upstream_p50_ms']} / {over['direct_upstream_p99_ms']}"),
+        (
+            "resolver: upstream fetches / coalesced callers",
+            f"{flight['resolver_upstream_fetches']} / {flight['resolver_coalesced']}",
+        ),
+        (
+            f"miss through gateway, p50 / p99 ms (node adds {OVERHEAD_LATENCY_MS:g} ms)",
+            f"{over['gateway_miss_p50_ms']} / {over['gateway_miss_p99_ms']}",
+        ),
+        (
+            "straight to the node (HandleClient), p50 / p99 ms",
+            f"{over['direct_upstream_p50_ms']} / {over['direct_upstream_p99_ms']}",
+        ),
         ("**gateway overhead on a miss, p50 ms**", over["miss_overhead_p50_ms"]),
-    ]  # fmt: skip
+    ]
     if over["miss_errors"]:
         res.notes.append(f"{over['miss_errors']} misses through the gateway failed or timed out")
-    res.notes.append(f"{over['misses_measured']} misses each way, one at a time, interleaved in chunks of {CHUNK}")
+    res.notes.append(
+        f"{over['misses_measured']} misses each way, one at a time, interleaved in chunks of {CHUNK}"
+    )
     return res

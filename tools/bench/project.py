@@ -44,11 +44,25 @@ def bench_records(n: int, stem: str = "BENCH", start: int = 0) -> list[dict[str,
     out = []
     for i in range(start, start + n):
         h = f"{PREFIX}/{stem}-{i:05d}"
-        out.append({"handle": h, "values": [
-            {"index": 1, "type": "URL", "data": {"format": "string", "value": f"https://example.com/bench/{i}"},
-             "ttl": 86400},
-            {"index": 2, "type": "EMAIL", "data": {"format": "string", "value": "ops@example.com"}, "ttl": 86400},
-        ]})  # fmt: skip
+        out.append(
+            {
+                "handle": h,
+                "values": [
+                    {
+                        "index": 1,
+                        "type": "URL",
+                        "data": {"format": "string", "value": f"https://example.com/bench/{i}"},
+                        "ttl": 86400,
+                    },
+                    {
+                        "index": 2,
+                        "type": "EMAIL",
+                        "data": {"format": "string", "value": "ops@example.com"},
+                        "ttl": 86400,
+                    },
+                ],
+            }
+        )
     return out
 
 
@@ -57,8 +71,14 @@ class NodeProcess:
 
     ``extra_records`` are served in addition to the built-in sample set (written to a records file)."""
 
-    def __init__(self, log_dir: Path, *, latency_ms: float = 0.0, extra_records: list[dict[str, Any]] | None = None,
-                 name: str = "node") -> None:  # fmt: skip
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        latency_ms: float = 0.0,
+        extra_records: list[dict[str, Any]] | None = None,
+        name: str = "node",
+    ) -> None:
         self.log_dir = log_dir
         self.latency_ms = latency_ms
         self.extra_records = extra_records or []
@@ -106,7 +126,9 @@ class NodeProcess:
     def __enter__(self) -> NodeProcess:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -123,8 +145,17 @@ class GatewayProcess:
     resolves with 2.05 over CoAP -- which also puts it in the cache. Unless ``extra`` names a ``--config``,
     the gateway runs with :data:`BENCH_CONFIG` (no per-device rate limit)."""
 
-    def __init__(self, log_dir: Path, upstream: str, *, probe: str = SAMPLE_ID, mqtt: str = "",
-                 name: str = "gateway", log_level: str = "warning", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        log_dir: Path,
+        upstream: str,
+        *,
+        probe: str = SAMPLE_ID,
+        mqtt: str = "",
+        name: str = "gateway",
+        log_level: str = "warning",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.log_dir = log_dir
         self.upstream = upstream
         self.probe = probe
@@ -144,20 +175,39 @@ class GatewayProcess:
             cfg_file = self.log_dir / f"{self.name}.toml"
             cfg_file.write_text(BENCH_CONFIG)
             config = ("--config", str(cfg_file))
-        args = ["gateway", "--coap", f"{self.host}:{self.port}", "--http", f"{self.host}:0", "--mqtt", self.mqtt,
-                "--data-dir", str(data), "-u", self.upstream, "--log-level", self.log_level, *config, *self.extra]  # fmt: skip
+        args = [
+            "gateway",
+            "--coap",
+            f"{self.host}:{self.port}",
+            "--http",
+            f"{self.host}:0",
+            "--mqtt",
+            self.mqtt,
+            "--data-dir",
+            str(data),
+            "-u",
+            self.upstream,
+            "--log-level",
+            self.log_level,
+            *config,
+            *self.extra,
+        ]
         self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start()
         deadline = time.monotonic() + timeout
         path = resolve_path(self.probe)
         try:
             while True:
                 if not self.child.alive():
-                    raise self.child.fail(f"exited with {self.child.proc.returncode if self.child.proc else '?'}")
+                    raise self.child.fail(
+                        f"exited with {self.child.proc.returncode if self.child.proc else '?'}"
+                    )
                 try:
                     code, _, _ = coap_request(self.host, self.port, path, timeout=0.5, attempts=1)
                     if code == 0x45:
                         return self
-                    raise self.child.fail(f"probe {self.probe} answered {code >> 5}.{code & 31:02d}, not 2.05")
+                    raise self.child.fail(
+                        f"probe {self.probe} answered {code >> 5}.{code & 31:02d}, not 2.05"
+                    )
                 except TimeoutError:
                     pass
                 if time.monotonic() > deadline:
@@ -178,7 +228,9 @@ class GatewayProcess:
     def __enter__(self) -> GatewayProcess:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

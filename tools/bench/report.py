@@ -75,29 +75,43 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
     out = ["  " + "  ".join(h.ljust(w) for h, w in zip(columns, widths, strict=True))]
     for r in cells:
-        out.append("  " + "  ".join((c.rjust(w) if i else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths,
-                                                                                                          strict=True))))  # fmt: skip
+        out.append(
+            "  "
+            + "  ".join(
+                (c.rjust(w) if i else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     return out
 
 
 def _headline(r: ScenarioResult) -> str:
     f = r.figures
     if r.key == "P1":
-        return (f"P1 gateway {_cell(f.get('rps'))} req/s, p50 {_cell(f.get('p50_ms'))} ms, p99 {_cell(f.get('p99_ms'))} ms"
-                f" | x libcoap {_cell(f.get('ratio_libcoap'))}, x aiocoap {_cell(f.get('ratio_aiocoap'))}, "
-                f"x raw UDP {_cell(f.get('ratio_raw_udp'))}, x raw UDP batched {_cell(f.get('ratio_raw_udp_drain'))}")  # fmt: skip
+        return (
+            f"P1 gateway {_cell(f.get('rps'))} req/s, p50 {_cell(f.get('p50_ms'))} ms, p99 {_cell(f.get('p99_ms'))} ms"
+            f" | x libcoap {_cell(f.get('ratio_libcoap'))}, x aiocoap {_cell(f.get('ratio_aiocoap'))}, "
+            f"x raw UDP {_cell(f.get('ratio_raw_udp'))}, x raw UDP batched {_cell(f.get('ratio_raw_udp_drain'))}"
+        )
     if r.key == "P3":
-        return (f"P3 upstream requests for {f.get('concurrent_misses')} concurrent misses: {f.get('upstream_requests')}"
-                f" | miss overhead p50 {_cell(f.get('miss_overhead_p50_ms'))} ms")  # fmt: skip
+        return (
+            f"P3 upstream requests for {f.get('concurrent_misses')} concurrent misses: {f.get('upstream_requests')}"
+            f" | miss overhead p50 {_cell(f.get('miss_overhead_p50_ms'))} ms"
+        )
     if r.key == "P2":
-        return (f"P2 gateway {_cell(f.get('rps'))} req/s over MQTT, p50 {_cell(f.get('p50_ms'))} ms, p99 "
-                f"{_cell(f.get('p99_ms'))} ms | x bare MQTT responder {_cell(f.get('ratio_mqtt_raw'))}")  # fmt: skip
+        return (
+            f"P2 gateway {_cell(f.get('rps'))} req/s over MQTT, p50 {_cell(f.get('p50_ms'))} ms, p99 "
+            f"{_cell(f.get('p99_ms'))} ms | x bare MQTT responder {_cell(f.get('ratio_mqtt_raw'))}"
+        )
     if r.key == "P4":
-        return (f"P4 heap {_cell(f.get('heap_bytes'))} B, .mpy {_cell(f.get('mpy_bytes'))} B, resolve request "
-                f"{_cell(f.get('request_bytes'))} B")  # fmt: skip
+        return (
+            f"P4 heap {_cell(f.get('heap_bytes'))} B, .mpy {_cell(f.get('mpy_bytes'))} B, resolve request "
+            f"{_cell(f.get('request_bytes'))} B"
+        )
     if r.key == "P5":
-        return (f"P5 gateway CPU {_cell(f.get('gateway_cpu'))} of a core for {_cell(f.get('reports_per_s'))} reports/s "
-                f"({_cell(f.get('reports_acked'))}/{_cell(f.get('reports_sent'))} acknowledged)")  # fmt: skip
+        return (
+            f"P5 gateway CPU {_cell(f.get('gateway_cpu'))} of a core for {_cell(f.get('reports_per_s'))} reports/s "
+            f"({_cell(f.get('reports_acked'))}/{_cell(f.get('reports_sent'))} acknowledged)"
+        )
     keys = [k for k in f if k not in ("meets_goal",)][:5]
     return f"{r.key} " + ", ".join(f"{k} {_cell(f[k])}" for k in keys)
 

@@ -31,8 +31,18 @@ from tools.bench.anchors import Target
 from tools.bench.loadgen import LoadResult, LoadSpec, run_load
 from tools.bench.procs import BenchError, Child, machine_busy
 
-__all__ = ["BenchOptions", "Measurement", "ScenarioResult", "Scenario", "SCENARIOS", "scenario", "skipped",
-           "measure_targets", "run_scenarios", "ratio"]  # fmt: skip
+__all__ = [
+    "BenchOptions",
+    "Measurement",
+    "ScenarioResult",
+    "Scenario",
+    "SCENARIOS",
+    "scenario",
+    "skipped",
+    "measure_targets",
+    "run_scenarios",
+    "ratio",
+]
 
 Figure = float | int | str | bool | None
 
@@ -182,8 +192,11 @@ def _cpu(child: Child | None) -> float | None:
         return None
 
 
-def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Child] | None = None,
-                 ) -> tuple[LoadResult, float | None, dict[str, float]]:  # fmt: skip
+def measure_once(
+    t: Target,
+    load: Callable[[], LoadResult],
+    watch: dict[str, Child] | None = None,
+) -> tuple[LoadResult, float | None, dict[str, float]]:
     """Run ``load``; the target's CPU share and each watched process's over the run."""
     watch = watch or {}
     b0, c0, w0 = machine_busy(), _cpu(t.child), time.monotonic()
@@ -204,16 +217,28 @@ def measure_once(t: Target, load: Callable[[], LoadResult], watch: dict[str, Chi
     return res, share, others
 
 
-def coap_load(t: Target, opts: BenchOptions, *, concurrency: int | None = None,
-              confirmable: bool = True) -> Callable[[], LoadResult]:  # fmt: skip
-    spec = LoadSpec(t.host, t.port, t.paths, concurrency=concurrency or opts.concurrency,
-                    duration=opts.measure_s, warmup=opts.warmup_s, confirmable=confirmable)  # fmt: skip
+def coap_load(
+    t: Target, opts: BenchOptions, *, concurrency: int | None = None, confirmable: bool = True
+) -> Callable[[], LoadResult]:
+    spec = LoadSpec(
+        t.host,
+        t.port,
+        t.paths,
+        concurrency=concurrency or opts.concurrency,
+        duration=opts.measure_s,
+        warmup=opts.warmup_s,
+        confirmable=confirmable,
+    )
     return lambda: run_load(spec, workers=opts.workers)
 
 
-def measure_targets(targets: Sequence[Target], opts: BenchOptions, *,
-                    load: Callable[[Target], Callable[[], LoadResult]] | None = None,
-                    watch: dict[str, Child] | None = None) -> dict[str, Measurement]:  # fmt: skip
+def measure_targets(
+    targets: Sequence[Target],
+    opts: BenchOptions,
+    *,
+    load: Callable[[Target], Callable[[], LoadResult]] | None = None,
+    watch: dict[str, Child] | None = None,
+) -> dict[str, Measurement]:
     """Measure each target ``opts.n_rounds`` times in rotating order; each target's best round.
 
     ``load(target)`` gives the function that runs one measurement (default: the CoAP generator with the
@@ -226,14 +251,18 @@ def measure_targets(targets: Sequence[Target], opts: BenchOptions, *,
             t = targets[(i + rnd) % n]
             res, share, others = measure_once(t, make(t), watch)
             extra = "".join(f"  {k} cpu {v:.2f}" for k, v in others.items())
-            opts.say(f"  {t.name:<14} round {rnd + 1}: {res.rps:9.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
-                     f"p99 {res.p99_ms:7.3f} ms  server cpu {share if share is not None else float('nan'):.2f}{extra}")  # fmt: skip
+            opts.say(
+                f"  {t.name:<14} round {rnd + 1}: {res.rps:9.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
+                f"p99 {res.p99_ms:7.3f} ms  server cpu {share if share is not None else float('nan'):.2f}{extra}"
+            )
             runs[t.name].append((res, share, others))
     out = {}
     for t in targets:
         rs = runs[t.name]
         best = max(rs, key=lambda x: x[0].rps)
-        out[t.name] = Measurement(t.name, t.label, best[0], best[1], [round(r.rps, 1) for r, _, _ in rs], best[2])
+        out[t.name] = Measurement(
+            t.name, t.label, best[0], best[1], [round(r.rps, 1) for r, _, _ in rs], best[2]
+        )
     return out
 
 

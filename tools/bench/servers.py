@@ -42,7 +42,9 @@ CF_CBOR = 60
 DRAIN_MAX = 64
 
 
-def response_tail(payload: bytes, etag: bytes | None, max_age: int | None, content_format: int = CF_CBOR) -> bytes:
+def response_tail(
+    payload: bytes, etag: bytes | None, max_age: int | None, content_format: int = CF_CBOR
+) -> bytes:
     """The part of a 2.05 response after the token: options, marker, payload."""
     opts: list[tuple[int, bytes]] = [(OPT_CONTENT_FORMAT, _uint(content_format))]
     if etag:
@@ -121,7 +123,9 @@ async def serve_raw(host: str, port: int, tail: bytes, stop: asyncio.Event, drai
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((host, port))
     sock.setblocking(False)
-    transport, _ = await loop.create_datagram_endpoint(lambda: RawResponder(tail, sock if drain else None), sock=sock)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: RawResponder(tail, sock if drain else None), sock=sock
+    )
     _ready(sock.getsockname()[1])
     try:
         await stop.wait()
@@ -129,8 +133,9 @@ async def serve_raw(host: str, port: int, tail: bytes, stop: asyncio.Event, drai
         transport.close()
 
 
-async def serve_aiocoap(host: str, port: int, payload: bytes, etag: bytes | None, max_age: int | None,
-                        stop: asyncio.Event) -> None:  # fmt: skip
+async def serve_aiocoap(
+    host: str, port: int, payload: bytes, etag: bytes | None, max_age: int | None, stop: asyncio.Event
+) -> None:
     import aiocoap
     from aiocoap import resource
 
@@ -181,8 +186,10 @@ class MqttResponder(asyncio.Protocol):
         from tools.bench.mqttmsg import encode_connect, encode_subscribe
 
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(encode_connect(f"bench-responder-{os.getpid()}", keepalive=120)
-                             + encode_subscribe(1, f"{self.root}/+/req", 0))  # fmt: skip
+        self.transport.write(
+            encode_connect(f"bench-responder-{os.getpid()}", keepalive=120)
+            + encode_subscribe(1, f"{self.root}/+/req", 0)
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -237,7 +244,9 @@ async def _main(args: argparse.Namespace) -> None:
     payload = bytes.fromhex(args.payload)
     etag = bytes.fromhex(args.etag) if args.etag else None
     if args.kind in ("raw", "raw-drain"):
-        await serve_raw(args.host, args.port, response_tail(payload, etag, args.max_age), stop, args.kind == "raw-drain")
+        await serve_raw(
+            args.host, args.port, response_tail(payload, etag, args.max_age), stop, args.kind == "raw-drain"
+        )
     else:
         await serve_aiocoap(args.host, args.port, payload, etag, args.max_age, stop)
 

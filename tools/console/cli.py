@@ -31,11 +31,13 @@ _PORTISH = re.compile(r"^(/|\\\\\.\\|[A-Za-z][A-Za-z0-9+.-]*://|COM\d+$)", re.IG
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = "ida console [PORT] [options] [COMMAND ...]"
     p.add_argument(
-        "words", nargs="*", metavar="[PORT] [COMMAND ...]",
+        "words",
+        nargs="*",
+        metavar="[PORT] [COMMAND ...]",
         help="serial port (a path such as /dev/ttyUSB0, COM3, or a pyserial URL; default: the one Espressif "
         "console found by USB VID:PID), then a device command (status, id, net, config get, resolve ID, log 20, "
         "selftest, reboot, factory-reset, ...) or inspect; none = interactive line mode",
-    )  # fmt: skip
+    )
     p.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=f"baud rate (default {DEFAULT_BAUD})")
     p.add_argument(
         "--json", action="store_true", help="print the device's JSON replies (and the report as JSON)"
@@ -43,8 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--transcript", metavar="FILE", help="record the session to FILE (inspect: instead of the default)"
     )
-    p.add_argument("--transcript-dir", metavar="DIR", default="transcripts",
-                   help="where inspect saves its transcript when --transcript is not given (default ./transcripts)")  # fmt: skip
+    p.add_argument(
+        "--transcript-dir",
+        metavar="DIR",
+        default="transcripts",
+        help="where inspect saves its transcript when --transcript is not given (default ./transcripts)",
+    )
     p.add_argument(
         "--timeout", type=float, metavar="S", help="seconds to wait for the reply (default per command)"
     )

@@ -28,9 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "Banner", "Crash", "DEVICE_MAX_LINE", "Event", "Garbage", "LineParser", "Log", "MAX_LINE", "Reply", "Text",
+    "Banner",
+    "Crash",
+    "DEVICE_MAX_LINE",
+    "Event",
+    "Garbage",
+    "LineParser",
+    "Log",
+    "MAX_LINE",
+    "Reply",
+    "Text",
     "check_command",
-]  # fmt: skip
+]
 
 MAX_LINE = 16384
 """Longest line the host accepts (a resolve reply with many values is a few kilobytes)."""

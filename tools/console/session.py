@@ -36,9 +36,18 @@ from .protocol import Banner, Crash, Event, Garbage, LineParser, Reply, Text, ch
 from .transcript import Transcript
 
 __all__ = [
-    "BOOT_QUIET", "BOOT_WAIT", "CLOSE_TIMEOUT", "COMMAND_TIMEOUT", "COMMAND_TIMEOUTS", "ConsoleSession",
-    "JSON_MODE_TIMEOUT", "NOT_REPEATED", "PortLike", "SessionStats", "Timeouts",
-]  # fmt: skip
+    "BOOT_QUIET",
+    "BOOT_WAIT",
+    "CLOSE_TIMEOUT",
+    "COMMAND_TIMEOUT",
+    "COMMAND_TIMEOUTS",
+    "ConsoleSession",
+    "JSON_MODE_TIMEOUT",
+    "NOT_REPEATED",
+    "PortLike",
+    "SessionStats",
+    "Timeouts",
+]
 
 COMMAND_TIMEOUT = 3.0
 """Seconds for a reply to an ordinary command (the firmware answers within one loop, 50 ms)."""
@@ -115,10 +124,14 @@ class SessionStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "resets": self.resets, "retries": self.retries, "crashes": [list(c) for c in self.crashes],
-            "garbage": self.garbage, "rejected": self.rejected, "bytes_in": self.bytes_in,
+            "resets": self.resets,
+            "retries": self.retries,
+            "crashes": [list(c) for c in self.crashes],
+            "garbage": self.garbage,
+            "rejected": self.rejected,
+            "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-        }  # fmt: skip
+        }
 
 
 class _Restarted(Exception):

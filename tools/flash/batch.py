@@ -62,7 +62,9 @@ class Summary:
         n = len(self.passed) + len(self.failed)
         secs = time.monotonic() - self.started
         lines = [f"batch: {n} chip(s), {len(self.passed)} passed, {len(self.failed)} failed, {secs:.0f} s"]
-        lines += [f"  PASS {r.identifier}  {r.mac}  {r.fs_mode}, {r.bytes_written} bytes" for r in self.passed]
+        lines += [
+            f"  PASS {r.identifier}  {r.mac}  {r.fs_mode}, {r.bytes_written} bytes" for r in self.passed
+        ]
         lines += [f"  FAIL {port}: {why}" for port, why in self.failed]
         return "\n".join(lines)
 

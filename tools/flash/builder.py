@@ -120,9 +120,13 @@ class Build:
 
 def firmware_version(firmware_dir: Path = FIRMWARE_DIR) -> str:
     init = firmware_dir / "carrier" / "__init__.py"
-    m = re.search(r'^VERSION\s*=\s*"([^"]+)"', init.read_text(encoding="utf-8"), re.M) if init.exists() else None
+    m = (
+        re.search(r'^VERSION\s*=\s*"([^"]+)"', init.read_text(encoding="utf-8"), re.M)
+        if init.exists()
+        else None
+    )
     if not m:
-        raise BuildError(f"{init}: no VERSION = \"...\" line")
+        raise BuildError(f'{init}: no VERSION = "..." line')
     return m.group(1)
 
 
@@ -212,14 +216,20 @@ def inspect_runtime(board: Board, data: bytes, path: str = "<bytes>") -> Runtime
         raise BuildError(f"{path}: not an ESP image (first byte 0x{data[:1].hex() or '--'}, expected 0xe9)")
     want = im.image_chip_id(board.chip)
     if head.chip_id != want:
-        raise BuildError(f"{path}: image is for chip id {head.chip_id}, board {board.name!r} ({board.chip}) is {want}")
+        raise BuildError(
+            f"{path}: image is for chip id {head.chip_id}, board {board.name!r} ({board.chip}) is {want}"
+        )
     bl, pt, app = board.bootloader, board.partition_table, board.app
     rel_pt, rel_app = pt.offset - bl.offset, app.offset - bl.offset
     if len(data) > rel_pt + 2 and data[rel_pt : rel_pt + 2] == im.PT_MAGIC:
         kind, offset = "merged", bl.offset
-        problems = im.check_table_against_board(im.decode_partition_table(data[rel_pt : rel_pt + pt.size]), board)
+        problems = im.check_table_against_board(
+            im.decode_partition_table(data[rel_pt : rel_pt + pt.size]), board
+        )
         if problems:
-            raise BuildError(f"{path}: its partition table does not match board {board.name!r}: " + "; ".join(problems))
+            raise BuildError(
+                f"{path}: its partition table does not match board {board.name!r}: " + "; ".join(problems)
+            )
         if im.parse_image_header(data[rel_app:]) is None:
             raise BuildError(f"{path}: merged image has no app at 0x{app.offset:x}")
         desc = im.app_description(data[rel_app:])
@@ -242,7 +252,9 @@ def inspect_runtime(board: Board, data: bytes, path: str = "<bytes>") -> Runtime
     )
 
 
-def load_runtime(board: Board, path: str | os.PathLike[str], expect_sha256: str | None = None) -> tuple[RuntimeInfo, bytes]:
+def load_runtime(
+    board: Board, path: str | os.PathLike[str], expect_sha256: str | None = None
+) -> tuple[RuntimeInfo, bytes]:
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -288,7 +300,9 @@ def build(
     if ca is not None and ca_cert is not None:
         source = str(Path(ca).resolve())
         files[CA_PATH] = ca_cert.der
-        entries = sorted([*entries, FileEntry(CA_PATH, source, len(ca_cert.der), ca_cert.sha256)], key=lambda e: e.path)
+        entries = sorted(
+            [*entries, FileEntry(CA_PATH, source, len(ca_cert.der), ca_cert.sha256)], key=lambda e: e.path
+        )
         ca_info = ca_cert.manifest(source)
     fs = im.make_fs_image(params, files)
 
@@ -312,7 +326,11 @@ def build(
     if board.flash is not None:
         table = im.encode_partition_table(im.board_partitions(board))
         _write(out / PARTITION_TABLE, table)
-        pt_info = {"file": PARTITION_TABLE, "offset": board.partition_table.offset, "sha256": im.sha256(table)}
+        pt_info = {
+            "file": PARTITION_TABLE,
+            "offset": board.partition_table.offset,
+            "sha256": im.sha256(table),
+        }
 
     rt_info: RuntimeInfo | None = None
     factory: dict[str, Any] | None = None
@@ -345,7 +363,10 @@ def _factory_image(board: Board, out: Path, rt: RuntimeInfo, rt_data: bytes, fs:
     path = out / FACTORY_IMAGE
     with quiet_esptool():
         merge_bin(
-            [(rt.offset, rt_data), (board.vfs.offset, fs)], board.chip, output=str(path), target_offset=rt.offset
+            [(rt.offset, rt_data), (board.vfs.offset, fs)],
+            board.chip,
+            output=str(path),
+            target_offset=rt.offset,
         )
     return {"file": FACTORY_IMAGE, "offset": rt.offset, "sha256": im.sha256(path.read_bytes())}
 
@@ -374,7 +395,9 @@ def flash_args(b: Build, runtime: str | None = None) -> list[tuple[int, str]]:
     return sorted(pairs)
 
 
-def esptool_command(b: Build, port: str = "PORT", runtime: str | None = None, baud: int = 460800) -> list[str]:
+def esptool_command(
+    b: Build, port: str = "PORT", runtime: str | None = None, baud: int = 460800
+) -> list[str]:
     """The esptool command line equivalent to a full flash of the batch image (for a station without
     ``ida``, or to check by hand)."""
     cmd = ["esptool", "--chip", b.board.chip, "--port", port, "--baud", str(baud), "write-flash"]
@@ -390,11 +413,15 @@ def load_build(out_dir: str | os.PathLike[str], board_name: str | None = None) -
         manifest = Manifest.from_json((d / MANIFEST).read_text(encoding="utf-8"))
         fs = (d / manifest.fs_image["file"]).read_bytes()
     except FileNotFoundError as e:
-        raise BuildError(f"{d} is not a build directory ({e.filename} missing): run `ida flash build`") from None
+        raise BuildError(
+            f"{d} is not a build directory ({e.filename} missing): run `ida flash build`"
+        ) from None
     if board_name is not None and manifest.board != board_name:
         raise BuildError(f"{d} was built for board {manifest.board!r}, not {board_name!r}")
     if im.sha256(fs) != manifest.fs_image["sha256"]:
-        raise BuildError(f"{d / manifest.fs_image['file']} does not match the sha256 in its manifest: rebuild")
+        raise BuildError(
+            f"{d / manifest.fs_image['file']} does not match the sha256 in its manifest: rebuild"
+        )
     board = load_board(manifest.board)
     if len(fs) != im.lfs_params(board).size:
         raise BuildError(f"{d}: the filesystem image no longer matches board {board.name!r}: rebuild")

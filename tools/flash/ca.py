@@ -38,8 +38,14 @@ class CaCert:
 
     def manifest(self, source: str) -> dict[str, str | int]:
         """The build manifest's ``ca`` entry."""
-        return {"file": CA_PATH, "source": source, "size": len(self.der), "sha256": self.sha256,
-                "subject": self.subject, "not_after": self.not_after}  # fmt: skip
+        return {
+            "file": CA_PATH,
+            "source": source,
+            "size": len(self.der),
+            "sha256": self.sha256,
+            "subject": self.subject,
+            "not_after": self.not_after,
+        }
 
 
 def to_der(data: bytes, name: str = "<ca>") -> bytes:
@@ -76,9 +82,17 @@ def load_ca(path: str | os.PathLike[str], now: _dt.datetime | None = None) -> Ca
     except ValueError as e:  # a malformed extension
         raise CaError(f"{p}: the certificate's extensions cannot be parsed ({e})") from None
     if bc is not None and not bc.ca:
-        raise CaError(f"{p}: {cert.subject.rfc4514_string()} is not a CA certificate (basicConstraints CA:FALSE)")
+        raise CaError(
+            f"{p}: {cert.subject.rfc4514_string()} is not a CA certificate (basicConstraints CA:FALSE)"
+        )
     not_after = cert.not_valid_after_utc
     if not_after <= (now or _dt.datetime.now(_dt.UTC)):
-        raise CaError(f"{p}: the CA certificate expired on {not_after:%Y-%m-%d}; devices would refuse the broker")
-    return CaCert(der, cert.subject.rfc4514_string(), not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                  hashlib.sha256(der).hexdigest())  # fmt: skip
+        raise CaError(
+            f"{p}: the CA certificate expired on {not_after:%Y-%m-%d}; devices would refuse the broker"
+        )
+    return CaCert(
+        der,
+        cert.subject.rfc4514_string(),
+        not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        hashlib.sha256(der).hexdigest(),
+    )

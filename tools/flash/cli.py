@@ -31,36 +31,61 @@ def data_dir(args: argparse.Namespace) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="ledger, keystore and zone file live here (default $IDA_DATA or ./data)")
+    p.add_argument(
+        "--data-dir", help="ledger, keystore and zone file live here (default $IDA_DATA or ./data)"
+    )
     sub = p.add_subparsers(dest="flash_command", metavar="COMMAND", required=True)
 
     b = sub.add_parser("build", help="compile the firmware and build the filesystem image for a batch")
     b.add_argument("--board", required=True, help=f"board file name ({', '.join(list_boards())})")
     b.add_argument("--out", help="output directory (default build/flash/<board>)")
-    b.add_argument("--runtime", help="MicroPython .bin for the chip (never downloaded); only its checksum is kept")
-    b.add_argument("--native", action="store_true", help="let mpy-cross emit native code for the board's arch")
+    b.add_argument(
+        "--runtime", help="MicroPython .bin for the chip (never downloaded); only its checksum is kept"
+    )
+    b.add_argument(
+        "--native", action="store_true", help="let mpy-cross emit native code for the board's arch"
+    )
     b.add_argument("--firmware", type=Path, default=FIRMWARE_DIR, help="firmware tree (default: firmware/)")
-    b.add_argument("--ca", metavar="FILE",
-                   help="the MQTT broker's CA certificate (PEM or DER), put into the image as /ca.crt")  # fmt: skip
+    b.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="the MQTT broker's CA certificate (PEM or DER), put into the image as /ca.crt",
+    )
     b.set_defaults(_flash=_build)
 
     def station_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--board", required=True)
         q.add_argument("--build", dest="build_dir", help="build directory (default build/flash/<board>)")
         q.add_argument("--runtime", help="MicroPython .bin to write when the chip has none or with --full")
-        q.add_argument("--gateway", action="append", default=[], metavar="URL",
-                       help="coap://HOST[:PORT] and/or mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (MQTT over TLS) "
-                            "written into the identity")  # fmt: skip
+        q.add_argument(
+            "--gateway",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="coap://HOST[:PORT] and/or mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (MQTT over TLS) "
+            "written into the identity",
+        )
         q.add_argument("--transport", choices=("coap", "mqtt"), help="default: the first --gateway's scheme")
-        q.add_argument("--ca", metavar="FILE", help="broker CA (PEM or DER) for mqtts:// when the build has none "
-                                                   "(added to each chip; better: ida flash build --ca)")  # fmt: skip
-        q.add_argument("--insecure", action="store_true",
-                       help="factory bench only: CoAP without OSCORE (identity without \"secure\": true); "
-                            "logged and recorded in the ledger")  # fmt: skip
+        q.add_argument(
+            "--ca",
+            metavar="FILE",
+            help="broker CA (PEM or DER) for mqtts:// when the build has none "
+            "(added to each chip; better: ida flash build --ca)",
+        )
+        q.add_argument(
+            "--insecure",
+            action="store_true",
+            help='factory bench only: CoAP without OSCORE (identity without "secure": true); '
+            "logged and recorded in the ledger",
+        )
         q.add_argument("--wifi-ssid", default=os.environ.get("IDA_WIFI_SSID"))
         q.add_argument("--wifi-psk", default=os.environ.get("IDA_WIFI_PSK"), help="default $IDA_WIFI_PSK")
-        q.add_argument("--operator", default=os.environ.get("USER"), help="recorded in the ledger (default $USER)")
-        q.add_argument("--station", default=socket.gethostname(), help="recorded in the ledger (default hostname)")
+        q.add_argument(
+            "--operator", default=os.environ.get("USER"), help="recorded in the ledger (default $USER)"
+        )
+        q.add_argument(
+            "--station", default=socket.gethostname(), help="recorded in the ledger (default hostname)"
+        )
         q.add_argument("--zone", help="local zone file to register devices in (default <data dir>/zone.json)")
         q.add_argument("--no-register", action="store_true", help="do not add devices to the local zone")
         q.add_argument("--baud", type=int, default=460800, help="flashing baud rate (default 460800)")
@@ -71,8 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     who = d.add_mutually_exclusive_group(required=True)
     who.add_argument("--identifier", help="this identifier (must not be on another chip)")
     who.add_argument("--next", action="store_true", help="the next free identifier from the pools")
-    d.add_argument("--full", action="store_true", help="write runtime and whole filesystem, not only what differs")
-    d.add_argument("--wait-console", action="store_true", help="after reset, wait until the device reports its id")
+    d.add_argument(
+        "--full", action="store_true", help="write runtime and whole filesystem, not only what differs"
+    )
+    d.add_argument(
+        "--wait-console", action="store_true", help="after reset, wait until the device reports its id"
+    )
     d.add_argument("--console-timeout", type=float, default=20.0)
     d.set_defaults(_flash=_device)
 
@@ -127,29 +156,45 @@ def run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     board = load_board(args.board)
     out = Path(args.out) if args.out else default_build_dir(board.name)
-    m = build(board.name, out, args.runtime, args.firmware, board.micropython.mpy_arch if args.native else None,
-              ca=args.ca)  # fmt: skip
+    m = build(
+        board.name,
+        out,
+        args.runtime,
+        args.firmware,
+        board.micropython.mpy_arch if args.native else None,
+        ca=args.ca,
+    )
     fs = m.fs_image
     print(f"built {m.board} firmware {m.firmware_version} into {out}")
     print(f"  files: {len(m.files)} ({sum(f.size for f in m.files)} bytes), mpy-cross: {m.mpy_cross}")
     if m.ca:
-        print(f"  ca.crt: {m.ca['subject']} (until {m.ca['not_after']}), {m.ca['size']} bytes DER, for mqtts://")
-    print(f"  fs.bin: {fs['size']} bytes = {fs['block_count']} x {fs['block_size']}, {fs['used_blocks']} blocks used, "
-          f"for 0x{fs['offset'] or 0:x}, sha256 {fs['sha256']}")  # fmt: skip
+        print(
+            f"  ca.crt: {m.ca['subject']} (until {m.ca['not_after']}), {m.ca['size']} bytes DER, for mqtts://"
+        )
+    print(
+        f"  fs.bin: {fs['size']} bytes = {fs['block_count']} x {fs['block_size']}, {fs['used_blocks']} blocks used, "
+        f"for 0x{fs['offset'] or 0:x}, sha256 {fs['sha256']}"
+    )
     if m.runtime:
-        print(f"  runtime: {m.runtime.kind} image {m.runtime.path} ({m.runtime.version or 'version unknown'}), "
-              f"sha256 {m.runtime.sha256}")  # fmt: skip
+        print(
+            f"  runtime: {m.runtime.kind} image {m.runtime.path} ({m.runtime.version or 'version unknown'}), "
+            f"sha256 {m.runtime.sha256}"
+        )
         if m.factory_image:
             print(f"  factory.bin: runtime + fs for a gang programmer, at 0x{m.factory_image['offset']:x}")
         print("  by hand: " + " ".join(esptool_command(load_build(out, board.name))))
     else:
-        print("  runtime: none given; `ida flash device` will need --runtime PATH with --full or for a blank chip")
+        print(
+            "  runtime: none given; `ida flash device` will need --runtime PATH with --full or for a blank chip"
+        )
     return 0
 
 
 def _template(args: argparse.Namespace) -> IdentityTemplate:
     if not args.gateway:
-        raise CliError("give the gateway address the devices use: --gateway coap://HOST[:PORT] (or mqtt(s)://...)")
+        raise CliError(
+            "give the gateway address the devices use: --gateway coap://HOST[:PORT] (or mqtt(s)://...)"
+        )
     transport = args.transport or SCHEMES.get(args.gateway[0].partition("://")[0], "coap")
     wifi = (args.wifi_ssid, args.wifi_psk or "") if args.wifi_ssid else None
     ca = load_ca(args.ca).der if args.ca else None
@@ -174,7 +219,9 @@ def _device(args: argparse.Namespace) -> int:
     b = _load(args)
     template = _template(args)
     progress = batch_mod.ProgressPrinter(sys.stdout, args.port)
-    console = wait_console(args.port, b.board.console.baud, args.console_timeout) if args.wait_console else None
+    console = (
+        wait_console(args.port, b.board.console.baud, args.console_timeout) if args.wait_console else None
+    )
     try:
         r = flash_device(
             EsptoolProgrammer(args.port, baud=args.baud),
@@ -193,8 +240,10 @@ def _device(args: argparse.Namespace) -> int:
     key = "new key" if r.new_key else "key kept"
     if r.previous_key_fingerprint:
         key += f", replaces {r.previous_key_fingerprint}"
-    print(f"  wrote {r.bytes_written} bytes in {r.blocks_written} block(s), filesystem {r.fs_mode}, "
-          f"key fingerprint {r.key_fingerprint} ({key}), {r.seconds:.1f} s")  # fmt: skip
+    print(
+        f"  wrote {r.bytes_written} bytes in {r.blocks_written} block(s), filesystem {r.fs_mode}, "
+        f"key fingerprint {r.key_fingerprint} ({key}), {r.seconds:.1f} s"
+    )
     if not r.secure:
         print("  WARNING: INSECURE identity (--insecure): CoAP without OSCORE, factory bench only")
     for w in r.writes:
@@ -280,5 +329,7 @@ def _boards(args: argparse.Namespace) -> int:
         if b.flash is None:
             continue
         usb = ", ".join(str(u) for u in b.usb_ids)
-        print(f"{name:22} {b.chip:8} {b.flash.size_name:5} vfs 0x{b.vfs.offset:x}+0x{b.vfs.size:x}  usb {usb}")
+        print(
+            f"{name:22} {b.chip:8} {b.flash.size_name:5} vfs 0x{b.vfs.offset:x}+0x{b.vfs.size:x}  usb {usb}"
+        )
     return 0

@@ -43,7 +43,9 @@ class PortMissing(PortError):
 
 
 class NoChip(PortError):
-    hint = "the port opens but no ESP ROM bootloader answers: check power, cable, and hold BOOT while resetting"
+    hint = (
+        "the port opens but no ESP ROM bootloader answers: check power, cable, and hold BOOT while resetting"
+    )
 
 
 class WrongChip(FlashError):
@@ -69,7 +71,9 @@ class WriteFailed(FlashError):
 class VerifyFailed(FlashError):
     """What was read back from the chip differs from what was written."""
 
-    hint = "flash it again; if it fails twice the flash chip is faulty (the identifier stays bound to this MAC)"
+    hint = (
+        "flash it again; if it fails twice the flash chip is faulty (the identifier stays bound to this MAC)"
+    )
 
     def __init__(self, mismatches: list[tuple[int, int]]) -> None:
         where = ", ".join(f"0x{o:x}+0x{s:x}" for o, s in mismatches)

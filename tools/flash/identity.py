@@ -55,9 +55,17 @@ def check_gateway_url(url: str) -> str:
         u.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         u = None
-    if (u is None or u.scheme not in SCHEMES or not url.startswith(u.scheme + "://") or not u.hostname
-            or u.path not in ("", "/") or u.query):
-        raise FlashError(f"gateway address {url!r} is not coap://host[:port], mqtt://host[:port] or mqtts://host[:port]")
+    if (
+        u is None
+        or u.scheme not in SCHEMES
+        or not url.startswith(u.scheme + "://")
+        or not u.hostname
+        or u.path not in ("", "/")
+        or u.query
+    ):
+        raise FlashError(
+            f"gateway address {url!r} is not coap://host[:port], mqtt://host[:port] or mqtts://host[:port]"
+        )
     return SCHEMES[u.scheme]
 
 
@@ -86,7 +94,9 @@ class Identity:
     gateways: tuple[str, ...] = ()  # coap://... and/or mqtt(s)://..., at most one per transport
     transport: str = "coap"
     wifi: tuple[str, str] | None = field(default=None, repr=False)  # (ssid, psk)
-    secure: bool = False  # "secure": true = CoAP OSCORE-protected with the key (``ida flash`` sets it by default)
+    secure: bool = (
+        False  # "secure": true = CoAP OSCORE-protected with the key (``ida flash`` sets it by default)
+    )
     ca: str | None = None  # "ca": the CA file for mqtts://, a name under the data root (e.g. "ca.crt")
 
     def __post_init__(self) -> None:
@@ -126,7 +136,9 @@ class Identity:
 
     def __repr__(self) -> str:  # never print the key or the Wi-Fi passphrase
         sec = "oscore" if self.secure else "insecure"
-        return f"Identity({self.identifier!r}, key={self.fingerprint}, {self.transport}, {self.gateways}, {sec})"
+        return (
+            f"Identity({self.identifier!r}, key={self.fingerprint}, {self.transport}, {self.gateways}, {sec})"
+        )
 
 
 def parse_identity(data: bytes) -> Identity:

@@ -80,7 +80,9 @@ def lfs_params(board: Board) -> LfsParams:
             f"board {board.name!r}: littlefs block_count {lfs.block_count} x {lfs.block_size} != vfs size "
             f"0x{board.vfs.size:x}; MicroPython would re-format the region"
         )
-    return LfsParams(lfs.block_size, lfs.block_count, lfs.read_size, lfs.prog_size, lfs.lookahead_size, lfs.name_max)
+    return LfsParams(
+        lfs.block_size, lfs.block_count, lfs.read_size, lfs.prog_size, lfs.lookahead_size, lfs.name_max
+    )
 
 
 def _open(params: LfsParams, image: bytearray, write: bool = False) -> LittleFS:
@@ -236,10 +238,19 @@ PT_TYPES = {"app": 0x00, "data": 0x01}
 PT_SUBTYPES = {
     "app": {"factory": 0x00, "test": 0x20, **{f"ota_{i}": 0x10 + i for i in range(16)}},
     "data": {
-        "ota": 0x00, "phy": 0x01, "nvs": 0x02, "coredump": 0x03, "nvs_keys": 0x04, "efuse": 0x05,
-        "undefined": 0x06, "esphttpd": 0x80, "fat": 0x81, "spiffs": 0x82, "littlefs": 0x83,
+        "ota": 0x00,
+        "phy": 0x01,
+        "nvs": 0x02,
+        "coredump": 0x03,
+        "nvs_keys": 0x04,
+        "efuse": 0x05,
+        "undefined": 0x06,
+        "esphttpd": 0x80,
+        "fat": 0x81,
+        "spiffs": 0x82,
+        "littlefs": 0x83,
     },
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -261,7 +272,9 @@ def board_partitions(board: Board) -> list[PartitionEntry]:
         try:
             subtype = PT_SUBTYPES[r.type][r.subtype]
         except KeyError:
-            raise BuildError(f"board {board.name!r}: region {r.name} has unknown subtype {r.subtype!r}") from None
+            raise BuildError(
+                f"board {board.name!r}: region {r.name} has unknown subtype {r.subtype!r}"
+            ) from None
         out.append(PartitionEntry(r.name, PT_TYPES[r.type], subtype, r.offset, r.size))
     return out
 
@@ -314,4 +327,3 @@ def check_table_against_board(entries: list[PartitionEntry], board: Board) -> li
                 f"{r.name}: table says 0x{e.offset:x}+0x{e.size:x}, board file says 0x{r.offset:x}+0x{r.size:x}"
             )
     return problems
-

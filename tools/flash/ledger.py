@@ -247,14 +247,17 @@ class Ledger:
             for text in identifiers:
                 h = ident.normalise(text)
                 f = fold(h)
-                if db.execute("SELECT 1 FROM pool WHERE fold = ?", (f,)).fetchone() or db.execute(
-                    "SELECT 1 FROM devices WHERE fold = ?", (f,)
-                ).fetchone():
+                if (
+                    db.execute("SELECT 1 FROM pool WHERE fold = ?", (f,)).fetchone()
+                    or db.execute("SELECT 1 FROM devices WHERE fold = ?", (f,)).fetchone()
+                ):
                     skipped += 1
                     continue
                 seq += 1
-                db.execute("INSERT INTO pool (identifier, fold, pool, seq, free, added) VALUES (?, ?, ?, ?, 1, ?)",
-                           (h, f, pool, seq, now))  # fmt: skip
+                db.execute(
+                    "INSERT INTO pool (identifier, fold, pool, seq, free, added) VALUES (?, ?, ?, ?, 1, ?)",
+                    (h, f, pool, seq, now),
+                )
                 added += 1
         return added, skipped
 
@@ -290,12 +293,19 @@ class Ledger:
                         f"chip {mac} already carries {row['identifier']}; it cannot also get {wanted}",
                         "flash it without --identifier (or with its own), or release the old one first",
                     )
-                db.execute("UPDATE devices SET state = 'allocated', board = ?, operator = ?, station = ?, "
-                           "updated = ?, detail = NULL WHERE mac = ?", (board, operator, station, now, mac))  # fmt: skip
-                self._event(db, row["identifier"], mac, board, "allocated", operator, station, detail="re-flash")
+                db.execute(
+                    "UPDATE devices SET state = 'allocated', board = ?, operator = ?, station = ?, "
+                    "updated = ?, detail = NULL WHERE mac = ?",
+                    (board, operator, station, now, mac),
+                )
+                self._event(
+                    db, row["identifier"], mac, board, "allocated", operator, station, detail="re-flash"
+                )
                 return Allocation(row["identifier"], mac, True)
             if wanted is not None:
-                other = db.execute("SELECT identifier, mac FROM devices WHERE fold = ?", (fold(wanted),)).fetchone()
+                other = db.execute(
+                    "SELECT identifier, mac FROM devices WHERE fold = ?", (fold(wanted),)
+                ).fetchone()
                 if other is not None:
                     raise IdentifierConflict(
                         f"{other['identifier']} is already bound to chip {other['mac']}; an identifier goes on one "
@@ -306,7 +316,9 @@ class Ledger:
                 chosen = in_pool["identifier"] if in_pool else wanted  # the pool's spelling
                 db.execute("UPDATE pool SET free = 0 WHERE identifier = ?", (chosen,))
             else:
-                free = db.execute("SELECT identifier FROM pool WHERE free = 1 ORDER BY seq LIMIT 1").fetchone()
+                free = db.execute(
+                    "SELECT identifier FROM pool WHERE free = 1 ORDER BY seq LIMIT 1"
+                ).fetchone()
                 if free is None:
                     raise PoolExhausted("no free identifier left in the pools")
                 chosen = free["identifier"]
@@ -340,7 +352,9 @@ class Ledger:
                 (*sets.values(), h),
             )
             merged = dict(row) | sets
-            self._event(db, h, row["mac"], row["board"], result, row["operator"], row["station"], merged, detail)
+            self._event(
+                db, h, row["mac"], row["board"], result, row["operator"], row["station"], merged, detail
+            )
             return Device(**{k: merged[k] for k in DEVICE_COLUMNS})
 
     def release(self, identifier: str, operator: str | None = None, reason: str = "") -> None:
@@ -365,7 +379,9 @@ class Ledger:
         return _device(row.fetchone())
 
     def device_by_mac(self, mac: str) -> Device | None:
-        return _device(self._db.execute("SELECT * FROM devices WHERE mac = ?", (normalise_mac(mac),)).fetchone())
+        return _device(
+            self._db.execute("SELECT * FROM devices WHERE mac = ?", (normalise_mac(mac),)).fetchone()
+        )
 
     def devices(self) -> list[Device]:
         rows = self._db.execute("SELECT * FROM devices ORDER BY created, identifier").fetchall()
@@ -405,10 +421,24 @@ class Ledger:
             "INSERT INTO events (time, identifier, mac, board, result, firmware_version, fs_sha256, image_sha256, "
             "runtime_sha256, key_fingerprint, previous_key_fingerprint, security, operator, station, detail) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (_now(), identifier, mac, board, result, c.get("firmware_version"), c.get("fs_sha256"),
-             c.get("image_sha256"), c.get("runtime_sha256"), c.get("key_fingerprint"),
-             c.get("previous_key_fingerprint"), c.get("security"), operator, station, detail),
-        )  # fmt: skip
+            (
+                _now(),
+                identifier,
+                mac,
+                board,
+                result,
+                c.get("firmware_version"),
+                c.get("fs_sha256"),
+                c.get("image_sha256"),
+                c.get("runtime_sha256"),
+                c.get("key_fingerprint"),
+                c.get("previous_key_fingerprint"),
+                c.get("security"),
+                operator,
+                station,
+                detail,
+            ),
+        )
 
 
 def _device(row: sqlite3.Row | None) -> Device | None:

@@ -68,7 +68,9 @@ class Programmer(ABC):
     def verify(self, parts: Parts) -> list[tuple[int, int]]:
         """The (offset, size) of every part whose flash content differs from ``data`` (empty: all good)."""
         return [
-            (off, len(data)) for off, data in parts if self.flash_md5(off, len(data)) != hashlib.md5(data).hexdigest()
+            (off, len(data))
+            for off, data in parts
+            if self.flash_md5(off, len(data)) != hashlib.md5(data).hexdigest()
         ]
 
 
@@ -202,7 +204,9 @@ class EsptoolProgrammer(Programmer):
             except (FatalError, SerialException, OSError) as e:
                 self.close()
                 raise NoChip(self.port, f"chip stopped answering while connecting ({e})") from None
-        return ChipInfo(chip_key(esp.CHIP_NAME), esp.get_chip_description(), flash_size_bytes(size) if size else None)
+        return ChipInfo(
+            chip_key(esp.CHIP_NAME), esp.get_chip_description(), flash_size_bytes(size) if size else None
+        )
 
     def read_mac(self) -> str:
         return format_mac(self.esp.read_mac())

@@ -134,7 +134,9 @@ class Result:
     seconds: float
     console: str | None = None
     secure: bool = True
-    previous_key_fingerprint: str | None = None  # set when a new key replaced one (the filesystem was written)
+    previous_key_fingerprint: str | None = (
+        None  # set when a new key replaced one (the filesystem was written)
+    )
 
     @property
     def new_key(self) -> bool:
@@ -176,7 +178,9 @@ def runtime_present(programmer: Programmer, board: Board) -> bool:
     return bl[0] == im.ESP_IMAGE_MAGIC and pt == im.PT_MAGIC and app[0] == im.ESP_IMAGE_MAGIC
 
 
-def runtime_parts(build: Build, info: RuntimeInfo, data: bytes, bootloader_present: bool) -> list[tuple[str, int, bytes]]:
+def runtime_parts(
+    build: Build, info: RuntimeInfo, data: bytes, bootloader_present: bool
+) -> list[tuple[str, int, bytes]]:
     board = build.board
     if info.kind == "merged":
         return [("runtime", info.offset, _pad(data))]
@@ -186,7 +190,10 @@ def runtime_parts(build: Build, info: RuntimeInfo, data: bytes, bootloader_prese
             "give MicroPython's merged firmware.bin for this chip instead",
         )
     table = (build.directory / build.manifest.partition_table["file"]).read_bytes()
-    return [("partition-table", board.partition_table.offset, _pad(table)), ("runtime", info.offset, _pad(data))]
+    return [
+        ("partition-table", board.partition_table.offset, _pad(table)),
+        ("runtime", info.offset, _pad(data)),
+    ]
 
 
 def _pad(data: bytes) -> bytes:
@@ -227,13 +234,22 @@ def flash_device(
         )
 
         def chip_for(key: bytes) -> tuple[Identity, ChipImage]:
-            ident = Identity(alloc.identifier, key, template.gateways, template.transport, template.wifi,
-                             template.secure, ca_ref)  # fmt: skip
+            ident = Identity(
+                alloc.identifier,
+                key,
+                template.gateways,
+                template.transport,
+                template.wifi,
+                template.secure,
+                ca_ref,
+            )
             return ident, personalise(params, build.fs_image, ident, extra)
 
         if not template.secure:
-            log.warning("INSECURE identity for %s: CoAP without OSCORE (--insecure, factory bench only)",
-                        alloc.identifier)  # fmt: skip
+            log.warning(
+                "INSECURE identity for %s: CoAP without OSCORE (--insecure, factory bench only)",
+                alloc.identifier,
+            )
         keystore = station.keystore()
         checks = Checksums(
             firmware_version=man.firmware_version,
@@ -253,7 +269,9 @@ def flash_device(
                 if on_chip == im.md5(chip_image.image):
                     base = chip_image.image
                     if not wipes_nvs:
-                        fs_mode = "unchanged"  # its image under its key, state kept: nothing written, key kept
+                        fs_mode = (
+                            "unchanged"  # its image under its key, state kept: nothing written, key kept
+                        )
             previous = None
             delta: tuple[tuple[int, bytes], ...] = ()
             if fs_mode != "unchanged":
@@ -267,11 +285,21 @@ def flash_device(
                     delta = tuple(im.changed_blocks(base, chip_image.image, params.block_size))
                 keystore.rekey(alloc.identifier, ident.key)
                 previous = key_fingerprint(old_key) if old_key is not None else None
-                log.info("%s: new key %s%s (%s)", alloc.identifier, ident.fingerprint,
-                         f", replacing {previous}" if previous else "",
-                         "the runtime write erases nvs" if wipes_nvs else "the filesystem is written")  # fmt: skip
-            checks = Checksums(**{**vars(checks), "image_sha256": im.sha256(chip_image.image),
-                                  "key_fingerprint": ident.fingerprint, "previous_key_fingerprint": previous})  # fmt: skip
+                log.info(
+                    "%s: new key %s%s (%s)",
+                    alloc.identifier,
+                    ident.fingerprint,
+                    f", replacing {previous}" if previous else "",
+                    "the runtime write erases nvs" if wipes_nvs else "the filesystem is written",
+                )
+            checks = Checksums(
+                **{
+                    **vars(checks),
+                    "image_sha256": im.sha256(chip_image.image),
+                    "key_fingerprint": ident.fingerprint,
+                    "previous_key_fingerprint": previous,
+                }
+            )
             plan += _fs_plan(board, fs_mode, chip_image.image, delta)
             parts: Parts = [(off, data) for _, off, data in plan]
             _write(programmer, plan, progress)
@@ -284,7 +312,9 @@ def flash_device(
                 raise VerifyFailed(bad)
             progress("verify", 1, 1)
             ledger.record(alloc.identifier, "verified", checks)
-        except BaseException as e:  # Ctrl-C mid-write too: the chip's state is unknown, the identifier stays its
+        except (
+            BaseException
+        ) as e:  # Ctrl-C mid-write too: the chip's state is unknown, the identifier stays its
             ledger.record(alloc.identifier, "failed", checks, detail=(str(e) or type(e).__name__)[:500])
             programmer.close()
             raise
@@ -301,8 +331,19 @@ def flash_device(
         progress("console", 0, 1)
         line = console(alloc.identifier)
     writes = tuple(Write(what, off, len(data)) for what, off, data in plan)
-    return Result(alloc.identifier, mac, board.chip, alloc.reused, fs_mode, writes, ident.fingerprint,
-                  time.monotonic() - t0, line, template.secure, previous)  # fmt: skip
+    return Result(
+        alloc.identifier,
+        mac,
+        board.chip,
+        alloc.reused,
+        fs_mode,
+        writes,
+        ident.fingerprint,
+        time.monotonic() - t0,
+        line,
+        template.secure,
+        previous,
+    )
 
 
 def _touches(plan: list[tuple[str, int, bytes]], board: Board, names: tuple[str, ...]) -> bool:
@@ -347,7 +388,11 @@ def _runtime_plan(
         return [], None
     path = runtime or (man.runtime.path if man.runtime else None)
     if path is None:
-        why = "--full writes the runtime" if full else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
+        why = (
+            "--full writes the runtime"
+            if full
+            else f"the chip has no MicroPython runtime at 0x{board.app.offset:x}"
+        )
         raise RuntimeMissing(f"{why}, and none was given")
     expect = man.runtime.sha256 if man.runtime and runtime is None else None
     info, data = load_runtime(board, path, expect)

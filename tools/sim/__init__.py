@@ -30,5 +30,15 @@ from tools.sim.config import SimConfig, SimError
 from tools.sim.runner import make_fleet, run_fleet, run_sim
 from tools.sim.stats import Counters, Histogram, SimResult, format_final, format_line
 
-__all__ = ["SimConfig", "SimError", "SimResult", "Counters", "Histogram", "make_fleet", "run_fleet", "run_sim",
-           "format_final", "format_line"]  # fmt: skip
+__all__ = [
+    "SimConfig",
+    "SimError",
+    "SimResult",
+    "Counters",
+    "Histogram",
+    "make_fleet",
+    "run_fleet",
+    "run_sim",
+    "format_final",
+    "format_line",
+]

@@ -50,16 +50,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: Ctrl-C)"
     )
-    p.add_argument("--mode", choices=MODES, default="auto",
-                   help=f"firmware: real firmware processes; light: protocol-level simulator in one process; "
-                        f"auto: firmware for N <= {FIRMWARE_MAX_AUTO}, else light")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help=f"firmware: real firmware processes; light: protocol-level simulator in one process; "
+        f"auto: firmware for N <= {FIRMWARE_MAX_AUTO}, else light",
+    )
     p.add_argument(
         "--prefix", default="88.123.99", help="identifier prefix (devices are <prefix>/SIM-00001...)"
     )
     p.add_argument("--first", type=int, default=1, metavar="K", help="number of the first device (default 1)")
-    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="device state: firmware devices' flash dirs, the light fleet's boot counter "
-                        "(default $IDA_SIM_DATA or ./sim-data)")  # fmt: skip
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="device state: firmware devices' flash dirs, the light fleet's boot counter "
+        "(default $IDA_SIM_DATA or ./sim-data)",
+    )
     p.add_argument(
         "--resolve-every",
         type=float,
@@ -114,12 +123,24 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         kw["data_dir"] = args.data_dir
     try:
         return SimConfig(
-            devices=args.devices, gateway=args.gateway, broker=args.broker, transport=args.transport,
-            interval=args.interval, duration=args.duration, mode=args.mode, prefix=args.prefix, first=args.first,
-            resolve_every=args.resolve_every, resolve_ids=tuple(args.resolve_id), summary_every=args.summary_every,
-            drain=args.drain, coap_sockets=args.coap_sockets, mqtt_connections=args.mqtt_connections,
-            seed=args.seed, **kw,
-        )  # fmt: skip
+            devices=args.devices,
+            gateway=args.gateway,
+            broker=args.broker,
+            transport=args.transport,
+            interval=args.interval,
+            duration=args.duration,
+            mode=args.mode,
+            prefix=args.prefix,
+            first=args.first,
+            resolve_every=args.resolve_every,
+            resolve_ids=tuple(args.resolve_id),
+            summary_every=args.summary_every,
+            drain=args.drain,
+            coap_sockets=args.coap_sockets,
+            mqtt_connections=args.mqtt_connections,
+            seed=args.seed,
+            **kw,
+        )
     except SimError as e:
         raise CliError(str(e)) from None
 

@@ -92,8 +92,9 @@ def _same(s: _Socket) -> _Socket:
 class CoapClient:
     """Confirmable requests to one server from ``sockets`` UDP sockets."""
 
-    def __init__(self, host: str, port: int, sockets: int, counters: Counters,
-                 rng: random.Random | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, host: str, port: int, sockets: int, counters: Counters, rng: random.Random | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.n_sockets = max(1, sockets)

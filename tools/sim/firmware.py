@@ -89,9 +89,13 @@ class FirmwareFleet:
             ident = cfg.identifier(n)
             transport = cfg.transport_of(n)
             d = _Device(n, ident, transport, cfg.data_dir / wire.topic_key(ident))
-            provision(d.data_dir, ident, transport=transport,
-                      coap=cfg.gateway if cfg.uses("coap") else None,
-                      mqtt=cfg.broker if cfg.uses("mqtt") else None)  # fmt: skip
+            provision(
+                d.data_dir,
+                ident,
+                transport=transport,
+                coap=cfg.gateway if cfg.uses("coap") else None,
+                mqtt=cfg.broker if cfg.uses("mqtt") else None,
+            )
             self.devices.append(d)
         self.log(f"firmware fleet: {cfg.devices} micropython processes under {cfg.data_dir}")
         try:
@@ -110,9 +114,15 @@ class FirmwareFleet:
         env = device_env(d.data_dir, uid=uid_for(self.cfg.first + d.n), interval=int(self.cfg.interval))
         with open(d.data_dir / "stderr.log", "ab") as err:
             d.proc = await asyncio.create_subprocess_exec(
-                *device_command(mp), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env=env, cwd=str(d.data_dir), start_new_session=True, preexec_fn=die_with_parent,
-            )  # fmt: skip
+                *device_command(mp),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=str(d.data_dir),
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         d.reader = asyncio.ensure_future(self._read(d))
         self._send(d, "json on")
 
@@ -223,14 +233,21 @@ class FirmwareFleet:
         c.errors += sum(int(s.get("errors") or 0) for s in st)
         end = self.t_stop if self.t_stop is not None else time.monotonic()
         res = SimResult(
-            mode=self.mode, transport=self.cfg.transport, devices=len(self.devices),
-            elapsed_s=max(0.0, end - self.t_start) if self.t_start else 0.0, counters=c, pending=self.pending,
-            online=sum(1 for s in st if s.get("transport_on")), resolve_ms=self.resolve_ms,
+            mode=self.mode,
+            transport=self.cfg.transport,
+            devices=len(self.devices),
+            elapsed_s=max(0.0, end - self.t_start) if self.t_start else 0.0,
+            counters=c,
+            pending=self.pending,
+            online=sum(1 for s in st if s.get("transport_on")),
+            resolve_ms=self.resolve_ms,
             processes=sum(1 for d in self.devices if d.proc is not None and d.proc.returncode is None),
             sim_cpu_s=time.process_time() - self._cpu0 if self.t_start else 0.0,
-        )  # fmt: skip
-        res.notes.append("firmware mode: counts come from each device's `status` (sent = made; retries and ack "
-                         "latency are not exposed by the firmware)")  # fmt: skip
+        )
+        res.notes.append(
+            "firmware mode: counts come from each device's `status` (sent = made; retries and ack "
+            "latency are not exposed by the firmware)"
+        )
         return res
 
     def take_window(self) -> Histogram:

@@ -107,11 +107,37 @@ class _Report:
 
 
 class Device:
-    __slots__ = ("n", "ident", "key", "transport", "seq", "queue", "inflight", "backoff", "retry_timer",
-                 "interval", "next_due", "next_timer", "rssi", "heap", "tail", "sock", "conn", "etags",
-                 "resolve_token", "resolve_timer", "resolve_due", "resolve_timer_next", "resolves", "resolve_t0",
-                 "resolve_target", "cfgver",
-                 "report_timer", "report_t0", "dropped")  # fmt: skip
+    __slots__ = (
+        "n",
+        "ident",
+        "key",
+        "transport",
+        "seq",
+        "queue",
+        "inflight",
+        "backoff",
+        "retry_timer",
+        "interval",
+        "next_due",
+        "next_timer",
+        "rssi",
+        "heap",
+        "tail",
+        "sock",
+        "conn",
+        "etags",
+        "resolve_token",
+        "resolve_timer",
+        "resolve_due",
+        "resolve_timer_next",
+        "resolves",
+        "resolve_t0",
+        "resolve_target",
+        "cfgver",
+        "report_timer",
+        "report_t0",
+        "dropped",
+    )
 
     def __init__(self, n: int, ident: str, transport: str, interval: float, rng: random.Random) -> None:
         self.n = n
@@ -171,8 +197,10 @@ class LightFleet:
         self.ack_ms = Histogram()
         self.window_ms = Histogram()
         self.resolve_ms = Histogram()
-        self.devices = [Device(n, cfg.identifier(n), cfg.transport_of(n), cfg.interval, self.rng)
-                        for n in range(cfg.devices)]  # fmt: skip
+        self.devices = [
+            Device(n, cfg.identifier(n), cfg.transport_of(n), cfg.interval, self.rng)
+            for n in range(cfg.devices)
+        ]
         self.by_key = {d.key: d for d in self.devices}
         self.boot = 0
         self.coap: CoapClient | None = None
@@ -227,9 +255,12 @@ class LightFleet:
             if cfg.resolve_every > 0:
                 d.resolve_due = now + (d.n + self.rng.random()) / n * cfg.resolve_every
                 d.resolve_timer_next = loop.call_at(d.resolve_due, self._resolve_due, d)
-        self.log(f"light fleet: {n} devices ({len(coap_devs)} coap, {len(mqtt_devs)} mqtt"
-                 + (f" on {len(self.conns)} shared connections" if self._shared else "") + f"), boot {self.boot}, "
-                 f"{n / cfg.interval:.1f} reports/s")  # fmt: skip
+        self.log(
+            f"light fleet: {n} devices ({len(coap_devs)} coap, {len(mqtt_devs)} mqtt"
+            + (f" on {len(self.conns)} shared connections" if self._shared else "")
+            + f"), boot {self.boot}, "
+            f"{n / cfg.interval:.1f} reports/s"
+        )
 
     async def stop(self, drain: float | None = None) -> SimResult:
         """Stop making reports and resolves, wait up to ``drain`` s for the ones in flight, then disconnect."""
@@ -278,11 +309,17 @@ class LightFleet:
     def snapshot(self) -> SimResult:
         end = self.t_stop if self.t_stop is not None else time.monotonic()
         return SimResult(
-            mode=self.mode, transport=self.cfg.transport, devices=len(self.devices),
-            elapsed_s=max(0.0, end - self.t_start) if self.t_start else 0.0, counters=self.counters.copy(),
-            pending=self.pending, online=self.online, ack_ms=self.ack_ms, resolve_ms=self.resolve_ms,
+            mode=self.mode,
+            transport=self.cfg.transport,
+            devices=len(self.devices),
+            elapsed_s=max(0.0, end - self.t_start) if self.t_start else 0.0,
+            counters=self.counters.copy(),
+            pending=self.pending,
+            online=self.online,
+            ack_ms=self.ack_ms,
+            resolve_ms=self.resolve_ms,
             sim_cpu_s=time.process_time() - self._cpu0 if self.t_start else 0.0,
-        )  # fmt: skip
+        )
 
     def take_window(self) -> Histogram:
         """Ack latencies since the last call (for the periodic line)."""
@@ -306,11 +343,19 @@ class LightFleet:
     def _make(self, d: Device) -> None:
         d.seq += 1
         fields: dict[str, Any] = {
-            "id": d.ident, "boot": self.boot, "seq": d.seq, "uptime": int(time.monotonic() - self.t_start),
-            "heap": d.heap, "rssi": d.rssi, "queue": len(d.queue), "board": BOARD, "fw": FW,
-            "dropped": d.dropped, "time": int(time.time()),
+            "id": d.ident,
+            "boot": self.boot,
+            "seq": d.seq,
+            "uptime": int(time.monotonic() - self.t_start),
+            "heap": d.heap,
+            "rssi": d.rssi,
+            "queue": len(d.queue),
+            "board": BOARD,
+            "fw": FW,
+            "dropped": d.dropped,
+            "time": int(time.time()),
             "sensors": {"temp": round(18.0 + (d.n % 80) / 10.0, 1)},
-        }  # fmt: skip
+        }
         payload = wire.encode("report", fields)
         if len(d.queue) >= self.cfg.queue_cap:  # full: the oldest report not in flight goes
             victim = 1 if d.inflight is not None and d.queue[0] is d.inflight else 0
@@ -468,8 +513,9 @@ class LightFleet:
         etag = d.etags.get(target)
         if d.transport == "coap":
             assert self.coap is not None
-            self.coap.request(d.sock, GET, _resolve_options(target, etag), b"",
-                              partial(self._coap_resolve_done, d, target))  # fmt: skip
+            self.coap.request(
+                d.sock, GET, _resolve_options(target, etag), b"", partial(self._coap_resolve_done, d, target)
+            )
             return
         fields: dict[str, Any] = {"token": d.resolve_token, "id": target}
         if etag:
@@ -543,8 +589,13 @@ class LightFleet:
         ms = (_perf() - d.resolve_t0) * 1000.0
         code = obj.get(wire.KEYS["code"])
         etag = obj.get(wire.KEYS["etag"])
-        self._resolved(d, d.resolve_target, code if isinstance(code, int) else 500,
-                       etag if isinstance(etag, bytes) else None, ms)  # fmt: skip
+        self._resolved(
+            d,
+            d.resolve_target,
+            code if isinstance(code, int) else 500,
+            etag if isinstance(etag, bytes) else None,
+            ms,
+        )
 
     # -- remote config (MQTT) -------------------------------------------------------------------------------
     def _mqtt_cfg(self, d: Device, payload: bytes) -> None:
@@ -600,9 +651,16 @@ class LightFleet:
         else:
             d = devs[0]
             client_id, will = d.key, (wire.topic(d.ident, "status"), self._status(d, False), 1, True)
-        return MqttConn(client_id, subs, keepalive=MQTT_KEEPALIVE, will=will, on_connack=partial(self._on_connack, j),
-                        on_ready=partial(self._on_ready, j), on_message=self._on_message,
-                        on_lost=partial(self._on_lost, j))  # fmt: skip
+        return MqttConn(
+            client_id,
+            subs,
+            keepalive=MQTT_KEEPALIVE,
+            will=will,
+            on_connack=partial(self._on_connack, j),
+            on_ready=partial(self._on_ready, j),
+            on_message=self._on_message,
+            on_lost=partial(self._on_lost, j),
+        )
 
     async def _connect_all(self) -> None:
         """Open the connections in device order, CONNECT_CONCURRENCY at a time."""

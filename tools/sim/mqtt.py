@@ -50,8 +50,13 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + varlen(len(body)) + body
 
 
-def encode_connect(client_id: str, keepalive: int = 60, *, clean: bool = True,
-                   will: tuple[str, bytes, int, bool] | None = None) -> bytes:  # fmt: skip
+def encode_connect(
+    client_id: str,
+    keepalive: int = 60,
+    *,
+    clean: bool = True,
+    will: tuple[str, bytes, int, bool] | None = None,
+) -> bytes:
     """CONNECT; ``will`` = (topic, payload, qos, retain)."""
     flags = 0x02 if clean else 0
     tail = _str(client_id)
@@ -96,11 +101,18 @@ class MqttConn(asyncio.Protocol):
     subscription is acknowledged, ``on_message(conn, topic, payload)`` for each PUBLISH received, and
     ``on_lost(conn, error)`` when the connection ends (``error`` None for a close asked by the owner)."""
 
-    def __init__(self, client_id: str, subscriptions: list[tuple[str, int]], *, keepalive: int = 60,
-                 will: tuple[str, bytes, int, bool] | None = None,
-                 on_connack: Callable[[MqttConn], None], on_ready: Callable[[MqttConn], None],
-                 on_message: Callable[[MqttConn, str, bytes], None],
-                 on_lost: Callable[[MqttConn, str | None], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client_id: str,
+        subscriptions: list[tuple[str, int]],
+        *,
+        keepalive: int = 60,
+        will: tuple[str, bytes, int, bool] | None = None,
+        on_connack: Callable[[MqttConn], None],
+        on_ready: Callable[[MqttConn], None],
+        on_message: Callable[[MqttConn, str, bytes], None],
+        on_lost: Callable[[MqttConn, str | None], None],
+    ) -> None:
         self.client_id = client_id
         self.subscriptions = subscriptions
         self.keepalive = keepalive

@@ -94,8 +94,15 @@ def _reports_total(http_port: int) -> int | None:
     return int(float(m.group(1))) if m else None
 
 
-async def _measure(cfg: SimConfig, gw_pid: int, http_port: int, warmup: float, window: float, quick: bool,
-                   say: Callable[[str], None]) -> P5Result:  # fmt: skip
+async def _measure(
+    cfg: SimConfig,
+    gw_pid: int,
+    http_port: int,
+    warmup: float,
+    window: float,
+    quick: bool,
+    say: Callable[[str], None],
+) -> P5Result:
     load0 = list(os.getloadavg())
     fleet = LightFleet(cfg, log=say)
     await fleet.start()
@@ -127,22 +134,45 @@ async def _measure(cfg: SimConfig, gw_pid: int, http_port: int, warmup: float, w
     lost = result.pending + rc.rejected + rc.dropped
     gw_total = await asyncio.to_thread(_reports_total, http_port)
     return P5Result(
-        devices=cfg.devices, interval_s=cfg.interval, transport=cfg.transport, quick=quick,
-        window_s=round(span, 2), reports_per_s=round(acked / span, 1),
+        devices=cfg.devices,
+        interval_s=cfg.interval,
+        transport=cfg.transport,
+        quick=quick,
+        window_s=round(span, 2),
+        reports_per_s=round(acked / span, 1),
         nominal_reports_per_s=round(cfg.devices / cfg.interval, 1),
-        gateway_cpu_pct_of_one_core=round(100 * share, 1), gateway_cpu_pct_worst_5s=round(100 * worst, 1),
-        acked=acked, lost=lost, sent=rc.sent, retried=rc.retried, timeouts=rc.timeouts, errors=rc.errors,
-        ack_p50_ms=lat.percentile(50), ack_p99_ms=lat.percentile(99),
-        sim_cpu_pct_of_one_core=round(100 * (sim1 - sim0) / span, 1), gateway_reports_total=gw_total,
-        loadavg_before=[round(x, 2) for x in load0], loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        gateway_cpu_pct_of_one_core=round(100 * share, 1),
+        gateway_cpu_pct_worst_5s=round(100 * worst, 1),
+        acked=acked,
+        lost=lost,
+        sent=rc.sent,
+        retried=rc.retried,
+        timeouts=rc.timeouts,
+        errors=rc.errors,
+        ack_p50_ms=lat.percentile(50),
+        ack_p99_ms=lat.percentile(99),
+        sim_cpu_pct_of_one_core=round(100 * (sim1 - sim0) / span, 1),
+        gateway_reports_total=gw_total,
+        loadavg_before=[round(x, 2) for x in load0],
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
         meets_goal=100 * share <= GOAL_CPU_PCT and lost == 0,
-    )  # fmt: skip
+    )
 
 
-def measure_p5(*, devices: int = DEVICES, interval: float = INTERVAL, window: float | None = None,
-               warmup: float | None = None, quick: bool = False, transport: str = "coap",
-               mqtt_connections: int = 0, drain: float = 10.0, log_dir: Path | None = None,
-               gateway_args: Sequence[str] = (), say: Callable[[str], None] | None = None) -> P5Result:  # fmt: skip
+def measure_p5(
+    *,
+    devices: int = DEVICES,
+    interval: float = INTERVAL,
+    window: float | None = None,
+    warmup: float | None = None,
+    quick: bool = False,
+    transport: str = "coap",
+    mqtt_connections: int = 0,
+    drain: float = 10.0,
+    log_dir: Path | None = None,
+    gateway_args: Sequence[str] = (),
+    say: Callable[[str], None] | None = None,
+) -> P5Result:
     """Run P5 and return its figures (see the module doc). ``quick`` divides ``devices`` and ``interval`` by
     QUICK_SCALE (same report rate) and shortens the default window to 15 s. ``transport`` "mqtt" or "mix" also
     starts a Mosquitto (one connection per device unless ``mqtt_connections``). ``gateway_args`` are extra
@@ -163,14 +193,33 @@ def measure_p5(*, devices: int = DEVICES, interval: float = INTERVAL, window: fl
 
             broker = stack.enter_context(Mosquitto(log_dir, name="p5-mosquitto")).url
         node = stack.enter_context(NodeProcess(log_dir, name="p5-node"))
-        gw = stack.enter_context(GatewayProcess(log_dir, node.url, name="p5-gateway", mqtt=broker,
-                                                extra=("--http", f"127.0.0.1:{http_port}", *gateway_args)))  # fmt: skip
+        gw = stack.enter_context(
+            GatewayProcess(
+                log_dir,
+                node.url,
+                name="p5-gateway",
+                mqtt=broker,
+                extra=("--http", f"127.0.0.1:{http_port}", *gateway_args),
+            )
+        )
         assert gw.child is not None
-        cfg = SimConfig(devices=devices, gateway=f"coap://{gw.host}:{gw.port}", broker=broker or "mqtt://127.0.0.1:1883",
-                        transport=transport, interval=interval, mode="light", data_dir=log_dir / "p5-sim",
-                        drain=drain, summary_every=0, mqtt_connections=mqtt_connections, seed=5)  # fmt: skip
-        say(f"p5: {devices} devices every {interval:g} s = {devices / interval:.1f} reports/s over {transport}, "
-            f"warm-up {warmup:g} s, window {window:g} s (gateway pid {gw.child.pid})")  # fmt: skip
+        cfg = SimConfig(
+            devices=devices,
+            gateway=f"coap://{gw.host}:{gw.port}",
+            broker=broker or "mqtt://127.0.0.1:1883",
+            transport=transport,
+            interval=interval,
+            mode="light",
+            data_dir=log_dir / "p5-sim",
+            drain=drain,
+            summary_every=0,
+            mqtt_connections=mqtt_connections,
+            seed=5,
+        )
+        say(
+            f"p5: {devices} devices every {interval:g} s = {devices / interval:.1f} reports/s over {transport}, "
+            f"warm-up {warmup:g} s, window {window:g} s (gateway pid {gw.child.pid})"
+        )
         return asyncio.run(_measure(cfg, gw.child.pid, http_port, warmup, window, quick, say))
 
 
@@ -190,17 +239,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-dir", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = measure_p5(devices=a.devices, interval=a.interval, window=a.window, warmup=a.warmup, quick=a.quick,
-                   transport=a.transport, mqtt_connections=a.mqtt_connections, log_dir=a.log_dir,
-                   say=lambda m: print(m, flush=True) if not a.json else None)  # fmt: skip
+    r = measure_p5(
+        devices=a.devices,
+        interval=a.interval,
+        window=a.window,
+        warmup=a.warmup,
+        quick=a.quick,
+        transport=a.transport,
+        mqtt_connections=a.mqtt_connections,
+        log_dir=a.log_dir,
+        say=lambda m: print(m, flush=True) if not a.json else None,
+    )
     if a.json:
         print(json.dumps(r, indent=2))
     else:
-        print(f"P5: {r['devices']} devices / {r['interval_s']:g} s: {r['reports_per_s']} reports/s acked, gateway "
-              f"{r['gateway_cpu_pct_of_one_core']} % of one core (worst 5 s {r['gateway_cpu_pct_worst_5s']} %), "
-              f"acked {r['acked']}, lost {r['lost']}, p99 {r['ack_p99_ms']} ms, simulator "
-              f"{r['sim_cpu_pct_of_one_core']} %, load {r['loadavg_before']} -> {r['loadavg_after']}"
-              f" -> {'meets' if r['meets_goal'] else 'misses'} the goal (<= {GOAL_CPU_PCT:g} %)")  # fmt: skip
+        print(
+            f"P5: {r['devices']} devices / {r['interval_s']:g} s: {r['reports_per_s']} reports/s acked, gateway "
+            f"{r['gateway_cpu_pct_of_one_core']} % of one core (worst 5 s {r['gateway_cpu_pct_worst_5s']} %), "
+            f"acked {r['acked']}, lost {r['lost']}, p99 {r['ack_p99_ms']} ms, simulator "
+            f"{r['sim_cpu_pct_of_one_core']} %, load {r['loadavg_before']} -> {r['loadavg_after']}"
+            f" -> {'meets' if r['meets_goal'] else 'misses'} the goal (<= {GOAL_CPU_PCT:g} %)"
+        )
     return 0
 
 

@@ -27,8 +27,16 @@ from tools.sim.config import SimError
 if TYPE_CHECKING:
     from tools.flash.identity import Identity
 
-__all__ = ["provision", "device_env", "device_command", "micropython_binary", "uid_for", "FIRMWARE_DIR",
-           "IDENTITY_FILE", "die_with_parent"]  # fmt: skip
+__all__ = [
+    "provision",
+    "device_env",
+    "device_command",
+    "micropython_binary",
+    "uid_for",
+    "FIRMWARE_DIR",
+    "IDENTITY_FILE",
+    "die_with_parent",
+]
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
 IDENTITY_FILE = "identity.json"
@@ -50,8 +58,15 @@ def micropython_binary() -> str:
     )
 
 
-def provision(data_dir: Path, identifier: str, *, coap: str | None = None, mqtt: str | None = None,
-              transport: str = "coap", key: bytes | None = None) -> Identity:  # fmt: skip
+def provision(
+    data_dir: Path,
+    identifier: str,
+    *,
+    coap: str | None = None,
+    mqtt: str | None = None,
+    transport: str = "coap",
+    key: bytes | None = None,
+) -> Identity:
     """Write ``<data_dir>/identity.json`` for the firmware (atomically: temp file, then rename). An existing
     identity's key is kept unless ``key`` is given; the file is left alone when nothing changed. Raises
     SimError for a bad identifier, address or transport."""
@@ -90,8 +105,14 @@ def uid_for(n: int) -> str:
     return f"02{n & 0xFFFFFFFFFF:010x}"
 
 
-def device_env(data_dir: Path, *, uid: str | None = None, interval: int | None = None, wdt_ms: int = 0,
-               base: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+def device_env(
+    data_dir: Path,
+    *,
+    uid: str | None = None,
+    interval: int | None = None,
+    wdt_ms: int = 0,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The environment of a firmware process (see the top of firmware/main.py). ``wdt_ms`` 0 turns the
     software watchdog off: a host under load should not 'reset' a simulated device."""
     env = dict(os.environ if base is None else base)

@@ -42,8 +42,13 @@ def make_fleet(cfg: SimConfig, log: Callable[[str], None] | None = None) -> Flee
     return LightFleet(cfg, log=log)
 
 
-async def run_fleet(cfg: SimConfig, *, out: Callable[[str], None] | None = None,
-                    log: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> SimResult:  # fmt: skip
+async def run_fleet(
+    cfg: SimConfig,
+    *,
+    out: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> SimResult:
     """Run until ``cfg.duration`` (None: until ``stop`` is set); ``out`` gets the periodic lines."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -73,8 +78,9 @@ async def run_fleet(cfg: SimConfig, *, out: Callable[[str], None] | None = None,
     return result
 
 
-def run_sim(cfg: SimConfig, *, out: Callable[[str], None] | None = None,
-            log: Callable[[str], None] | None = None) -> SimResult:  # fmt: skip
+def run_sim(
+    cfg: SimConfig, *, out: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None
+) -> SimResult:
     """:func:`run_fleet` in a fresh event loop; SIGINT and SIGTERM stop the fleet cleanly (final summary)."""
 
     async def main() -> SimResult:

@@ -109,24 +109,48 @@ class SimResult:
     def to_dict(self) -> dict[str, Any]:
         c = self.counters
         return {
-            "mode": self.mode, "transport": self.transport, "devices": self.devices,
-            "elapsed_s": round(self.elapsed_s, 3), "online": self.online,
-            "reports": {"made": c.made, "sent": c.sent, "acked": c.acked, "retried": c.retried,
-                        "retransmits": c.retransmits, "rejected": c.rejected, "dropped": c.dropped,
-                        "pending": self.pending, "late": c.late},
-            "ack_latency_ms": {"p50": self.ack_ms.percentile(50), "p99": self.ack_ms.percentile(99),
-                               "max": round(self.ack_ms.max_ms, 3) if self.ack_ms.n else None,
-                               "n": self.ack_ms.n},
-            "resolves": {"total": c.resolves, "ok": c.resolves_ok, "not_modified": c.resolves_not_modified,
-                         "not_found": c.resolves_not_found, "errors": c.resolve_errors,
-                         "p50_ms": self.resolve_ms.percentile(50), "p99_ms": self.resolve_ms.percentile(99)},
+            "mode": self.mode,
+            "transport": self.transport,
+            "devices": self.devices,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "online": self.online,
+            "reports": {
+                "made": c.made,
+                "sent": c.sent,
+                "acked": c.acked,
+                "retried": c.retried,
+                "retransmits": c.retransmits,
+                "rejected": c.rejected,
+                "dropped": c.dropped,
+                "pending": self.pending,
+                "late": c.late,
+            },
+            "ack_latency_ms": {
+                "p50": self.ack_ms.percentile(50),
+                "p99": self.ack_ms.percentile(99),
+                "max": round(self.ack_ms.max_ms, 3) if self.ack_ms.n else None,
+                "n": self.ack_ms.n,
+            },
+            "resolves": {
+                "total": c.resolves,
+                "ok": c.resolves_ok,
+                "not_modified": c.resolves_not_modified,
+                "not_found": c.resolves_not_found,
+                "errors": c.resolve_errors,
+                "p50_ms": self.resolve_ms.percentile(50),
+                "p99_ms": self.resolve_ms.percentile(99),
+            },
             "configs_applied": c.configs,
-            "timeouts": c.timeouts, "errors": c.errors,
-            "connects": c.connects, "disconnects": c.disconnects,
+            "timeouts": c.timeouts,
+            "errors": c.errors,
+            "connects": c.connects,
+            "disconnects": c.disconnects,
             "reports_per_s": round(c.acked / self.elapsed_s, 2) if self.elapsed_s > 0 else 0.0,
-            "sim_cpu_pct_of_one_core": round(100 * self.sim_cpu_s / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
+            "sim_cpu_pct_of_one_core": round(100 * self.sim_cpu_s / self.elapsed_s, 1)
+            if self.elapsed_s > 0
+            else 0.0,
             "notes": list(self.notes),
-        }  # fmt: skip
+        }
 
 
 def _ms(v: float | None) -> str:
@@ -141,9 +165,11 @@ def format_line(r: SimResult, window: Counters | None = None, window_ms: Histogr
     rate = ""
     if window is not None:
         rate = f" (+{window.acked})"
-    return (f"[{r.elapsed_s:6.1f}s] {r.devices} devices{online} | reports sent {c.sent} acked {c.acked}{rate} "
-            f"retried {c.retried} pending {r.pending} | resolves {c.resolves} | errors {c.errors} "
-            f"timeouts {c.timeouts} | ack p50 {_ms(lat.percentile(50))} ms p99 {_ms(lat.percentile(99))} ms")  # fmt: skip
+    return (
+        f"[{r.elapsed_s:6.1f}s] {r.devices} devices{online} | reports sent {c.sent} acked {c.acked}{rate} "
+        f"retried {c.retried} pending {r.pending} | resolves {c.resolves} | errors {c.errors} "
+        f"timeouts {c.timeouts} | ack p50 {_ms(lat.percentile(50))} ms p99 {_ms(lat.percentile(99))} ms"
+    )
 
 
 def format_final(r: SimResult) -> str:
@@ -160,6 +186,6 @@ def format_final(r: SimResult) -> str:
         f"{res['not_found']}, errors {res['errors']})  p50 {_ms(res['p50_ms'])} ms",
         f"  errors {d['errors']}  timeouts {d['timeouts']}  configs applied {d['configs_applied']}  "
         f"connects {d['connects']}  disconnects {d['disconnects']}  sim CPU {d['sim_cpu_pct_of_one_core']} % of a core",
-    ]  # fmt: skip
+    ]
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)
