@@ -46,7 +46,7 @@ typecheck: setup
 	@$(BIN)/mypy --no-error-summary && echo "typecheck: mypy clean (gateway, tools)"
 
 firmware-check: setup
-	@$(BIN)/python -m tools.fwcheck --stubs $(STUBS)
+	@$(BIN)/python -m tools.harness.fwcheck --stubs $(STUBS)
 
 pytest: setup
 	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

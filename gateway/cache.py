@@ -48,16 +48,16 @@ from pathlib import Path
 
 import cbor2
 
-from gateway import wire
-from gateway.records import TTL_ABSOLUTE, HandleValue, Record
 from gateway.resolution import etag_of
+from proto import devicemsg
+from proto.records import TTL_ABSOLUTE, HandleValue, Record
 
 __all__ = ["Cache", "CacheConfig", "CacheEntry", "CacheKey", "CacheStats", "cache_key", "ENTRY_OVERHEAD"]
 
 log = logging.getLogger(__name__)
 
 CacheKey = tuple[str, tuple[str, ...], tuple[int, ...]]
-ANSWER_CODES = (wire.OK, wire.NOT_FOUND, wire.VALUES_NOT_FOUND)
+ANSWER_CODES = (devicemsg.OK, devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND)
 ENTRY_OVERHEAD = 256  # bytes charged per entry for the Python objects around the serialized form
 SCHEMA_VERSION = 1
 
@@ -324,7 +324,7 @@ def decode_record(blob: bytes) -> tuple[int, Record | None]:
     code, handle, values = cbor2.loads(blob)
     if code not in ANSWER_CODES or not isinstance(handle, str) or not isinstance(values, list):
         raise ValueError("bad record blob")
-    if code != wire.OK:
+    if code != devicemsg.OK:
         return code, None
     vals = tuple(
         HandleValue(
@@ -436,13 +436,13 @@ class Cache:
     def lifetime(self, code: int, record: Record | None, now: float) -> float:
         """Seconds an answer stays fresh (module doc)."""
         return self._clamp(
-            code, record, record.min_ttl(now) if code == wire.OK and record is not None else None
+            code, record, record.min_ttl(now) if code == devicemsg.OK and record is not None else None
         )
 
     def _clamp(self, code: int, record: Record | None, min_ttl: float | None) -> float:
         """:meth:`lifetime` given the record's smallest value lifetime (None: no values)."""
         c = self.config
-        if code == wire.OK and record is not None and min_ttl is not None:
+        if code == devicemsg.OK and record is not None and min_ttl is not None:
             return min(c.max_ttl, max(c.min_ttl, min_ttl))
         return min(c.negative_max_ttl, max(0.0, c.negative_ttl))
 
@@ -516,7 +516,7 @@ class Cache:
         if code not in ANSWER_CODES:
             raise ValueError(f"only answers are cached (codes {ANSWER_CODES}), not code {code}")
         now = self._clock()
-        rec = record if code == wire.OK else None
+        rec = record if code == devicemsg.OK else None
         if rec is not None:
             min_ttl, size, etag = _measure(code, key[0], rec, now)
         else:

@@ -4,7 +4,7 @@ Every option is a field of one of the section dataclasses below; the field's ``m
 that turns the TOML value into the field value (or says what was expected). Unknown sections or keys and
 badly typed values raise :class:`ConfigError` naming the key, e.g.
 ``[coap] port: expected a port number 0-65535 (0 = any free port), got "x"``. docs/gateway.md and gateway.example.toml document
-every option; ``tests/test_gateway_config.py`` checks that they name each one.
+every option; ``tests/unit/gateway/test_gateway_config.py`` checks that they name each one.
 
 Precedence, lowest first: built-in defaults, ``$IDA_DATA`` (data dir only), the TOML file, command-line flags.
 """

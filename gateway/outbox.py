@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway import wire
 from gateway.logfmt import kv
+from proto import devicemsg
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def report_payload(
     if peer is not None:
         out["peer"] = peer
     for k, v in fields.items():
-        if k not in out and k in wire.KEYS:
+        if k not in out and k in devicemsg.KEYS:
             out[k] = v
     return out
 
@@ -159,7 +159,7 @@ class WebhookSink:
 class MqttSink:
     """Publish the JSON payload at QoS 1 on a broker and wait for its PUBACK.
 
-    ``topic`` may contain ``{key}``, replaced by the device's topic key (``wire.topic_key``), e.g.
+    ``topic`` may contain ``{key}``, replaced by the device's topic key (``devicemsg.topic_key``), e.g.
     ``ida/v1/north/{key}/report``. With ``require_subscriber`` (default) a PUBACK saying "no matching
     subscribers" counts as not delivered, so reports are kept until a consumer (or a bridge, or a persistent
     session) subscribes instead of vanishing in the broker.
@@ -203,7 +203,7 @@ class MqttSink:
 
         if not await self._link.wait_connected(self._timeout):
             raise DeliveryError(f"not connected to {self._link.address}")
-        topic = self.topic.replace("{key}", wire.topic_key(str(payload.get("id", ""))))
+        topic = self.topic.replace("{key}", devicemsg.topic_key(str(payload.get("id", ""))))
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         try:
             await self._link.publish_acked(

@@ -34,7 +34,7 @@ restarts and clears) and notifies ``on_config_change`` listeners (the MQTT front
 a given one replaces it (``meta`` is replaced as a whole map). The device's ``config_ack`` is recorded with
 ``record_config_ack``; an ack for an older cfgver than one already recorded is ignored.
 
-Identifiers are stored normalised (``gateway.identifier.normalise``). Times are Unix seconds (floats).
+Identifiers are stored normalised (``proto.identifier.normalise``). Times are Unix seconds (floats).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import wire
 from gateway.errors import StorageError
-from gateway.identifier import normalise
 from gateway.logfmt import kv
 from gateway.outbox import Outbox, connect, report_payload, transaction
+from proto import devicemsg
+from proto.identifier import normalise
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Registry:
             raise ValueError(f"report id {fields['id']!r} does not match device {ident!r}")
         boot, seq = _uint(fields, "boot"), _uint(fields, "seq")
         body = {k: v for k, v in fields.items() if k != "id"}
-        wire.encode("report", {**body, "id": ident})  # same checks as a decoded payload (WireError)
+        devicemsg.encode("report", {**body, "id": ident})  # same checks as a decoded payload (WireError)
         return _Report(ident, boot, seq, body, fields, self._clock(), transport, peer)
 
     def record_report(
@@ -272,7 +272,7 @@ class Registry:
         """Store a report; True if new, False if a duplicate by (device, boot, seq).
 
         A new report is stored and enqueued to the outbox in one transaction. Raises ValueError (incl.
-        IdentifierError and wire.WireError) for a bad identifier or fields, or when ``fields['id']`` names
+        IdentifierError and devicemsg.WireError) for a bad identifier or fields, or when ``fields['id']`` names
         another device (front ends check that first and answer 403); StorageError when the disk is full (or
         the write fails): nothing stored, the front end answers 5.00 and the device sends it again.
         """
@@ -538,7 +538,7 @@ class Registry:
                         cfg["meta"] = meta
                 elif "meta" in current:
                     cfg["meta"] = current["meta"]
-                size = len(wire.encode("config", cfg))
+                size = len(devicemsg.encode("config", cfg))
                 if size > MAX_CONFIG_BYTES:
                     raise ValueError(f"config would be {size} bytes on the wire, at most {MAX_CONFIG_BYTES}")
                 c.execute(
@@ -652,7 +652,7 @@ class Registry:
         if desired is None:
             state = "none"
         elif ack_ver == desired["cfgver"]:
-            state = "applied" if ack_code == wire.OK else "rejected"
+            state = "applied" if ack_code == devicemsg.OK else "rejected"
         else:
             state = "pending"
         return {

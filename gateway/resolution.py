@@ -10,16 +10,16 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway import wire
-from gateway.records import Record
+from proto import devicemsg
+from proto.records import Record
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A resolution result. ``code`` is wire.OK, wire.NOT_FOUND or wire.VALUES_NOT_FOUND (errors are raised).
+    """A resolution result. ``code`` is devicemsg.OK, devicemsg.NOT_FOUND or devicemsg.VALUES_NOT_FOUND (errors are raised).
 
     ``expires_at`` is wall-clock time (time.time()) when the answer stops being fresh; ``source`` is one of
-    wire.SOURCE_ZONE / SOURCE_CACHE / SOURCE_UPSTREAM / SOURCE_STALE.
+    devicemsg.SOURCE_ZONE / SOURCE_CACHE / SOURCE_UPSTREAM / SOURCE_STALE.
     """
 
     code: int
@@ -48,7 +48,7 @@ def etag_of(record: Record | None, code: int) -> bytes:
 class Resolving(Protocol):
     """The resolver as front ends see it.
 
-    Raises gateway.identifier.IdentifierError for a malformed identifier (-> 400), and
+    Raises proto.identifier.IdentifierError for a malformed identifier (-> 400), and
     gateway.errors.UpstreamError subclasses when no node answered and nothing stale is kept
     (AllUpstreamsFailed -> 503, UpstreamTimeout -> 504).
     """
@@ -59,8 +59,8 @@ class Resolving(Protocol):
 
 
 SOURCE_NAMES = {
-    wire.SOURCE_ZONE: "zone",
-    wire.SOURCE_CACHE: "cache",
-    wire.SOURCE_UPSTREAM: "upstream",
-    wire.SOURCE_STALE: "stale",
+    devicemsg.SOURCE_ZONE: "zone",
+    devicemsg.SOURCE_CACHE: "cache",
+    devicemsg.SOURCE_UPSTREAM: "upstream",
+    devicemsg.SOURCE_STALE: "stale",
 }

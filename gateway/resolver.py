@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import identifier, wire
 from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
-from gateway.records import Record
 from gateway.resolution import Answer, etag_of
 from gateway.upstream.pool import NodeStats, UpstreamPool
 from gateway.zone import Zone
+from proto import devicemsg, identifier
+from proto.records import Record
 
 if TYPE_CHECKING:
     from gateway.shared_cache import SharedTier
@@ -133,7 +133,7 @@ class ResolverStats:
 
 
 # An identifier that is plainly valid: ASCII, no control characters, a prefix of non-empty segments of letters,
-# digits, '-' and '_' (gateway/identifier.py's rules for such text; anything else is judged there).
+# digits, '-' and '_' (proto/identifier.py's rules for such text; anything else is judged there).
 _PLAIN = re.compile(r"([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)/([\x20-\x7e]+)")
 
 
@@ -238,7 +238,7 @@ class Resolver:
                 self.cache.note_prefetch(entry)
                 log.debug("resolver.prefetch handle=%s", name)
                 self._fetch_task(key, types, indexes)
-            return self._answer(entry, wire.SOURCE_CACHE)
+            return self._answer(entry, devicemsg.SOURCE_CACHE)
 
         flight = self._inflight.get(key)
         if flight is None:
@@ -299,17 +299,17 @@ class Resolver:
             ):  # local miss: the shared tier may answer, or make us wait for another gateway
                 shared = await self.shared.begin(key, self.cache)
             if shared is not None and shared.entry is not None:
-                answer = self._answer(shared.entry, wire.SOURCE_CACHE)
+                answer = self._answer(shared.entry, devicemsg.SOURCE_CACHE)
             else:
                 res = await self.pool.resolve(name, types, indexes)
                 code = res.code
                 record: Record | None = None
-                if code == wire.OK:
+                if code == devicemsg.OK:
                     record = Record(name, res.values)
                     if types or indexes:
                         record = record.select(types, indexes)
                         if not record.values:
-                            code, record = wire.VALUES_NOT_FOUND, None
+                            code, record = devicemsg.VALUES_NOT_FOUND, None
                 entry = self.cache.put(key, code, record)
                 if shared is not None:
                     shared.publish(entry)
@@ -322,14 +322,14 @@ class Resolver:
                             res.node,
                             entry.lifetime,
                         )
-                    answer = self._answer(entry, wire.SOURCE_UPSTREAM)
+                    answer = self._answer(entry, devicemsg.SOURCE_UPSTREAM)
                 else:
                     now = self._clock()
                     answer = Answer(
                         code,
                         name,
                         record,
-                        wire.SOURCE_UPSTREAM,
+                        devicemsg.SOURCE_UPSTREAM,
                         now + self.cache.lifetime(code, record, now),
                         etag_of(record, code),
                     )
@@ -368,7 +368,7 @@ class Resolver:
             entry.code,
             entry.key[0],
             entry.record,
-            wire.SOURCE_STALE,
+            devicemsg.SOURCE_STALE,
             self._clock() + self.config.stale_reply_ttl,
             entry.etag,
         )
@@ -379,11 +379,16 @@ class Resolver:
         now = self._clock()
         sel = rec.select(types, indexes)
         if not sel.values and (types or indexes):
-            code, out = wire.VALUES_NOT_FOUND, None
+            code, out = devicemsg.VALUES_NOT_FOUND, None
         else:
-            code, out = wire.OK, Record(name, sel.values)
+            code, out = devicemsg.OK, Record(name, sel.values)
         return Answer(
-            code, name, out, wire.SOURCE_ZONE, now + self.cache.lifetime(code, out, now), etag_of(out, code)
+            code,
+            name,
+            out,
+            devicemsg.SOURCE_ZONE,
+            now + self.cache.lifetime(code, out, now),
+            etag_of(out, code),
         )
 
     # -- housekeeping --------------------------------------------------------------------------------

@@ -34,12 +34,13 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway import __version__, wire
+from gateway import __version__
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.identifier import IdentifierError
 from gateway.registry import Registry
 from gateway.resolution import SOURCE_NAMES, Answer, Resolving
 from gateway.resolver import Resolver
+from proto import devicemsg
+from proto.identifier import IdentifierError
 
 __all__ = [
     "HitRatioSeries",
@@ -113,13 +114,13 @@ class RecentResolutions:
 
 def _error_code(exc: BaseException) -> int:
     """The wire code a front end answers for ``exc`` (as gateway.frontends.common.failure, without logging)."""
-    if isinstance(exc, IdentifierError | wire.WireError | ValueError):
-        return wire.BAD_REQUEST
+    if isinstance(exc, IdentifierError | devicemsg.WireError | ValueError):
+        return devicemsg.BAD_REQUEST
     if isinstance(exc, UpstreamTimeout):
-        return wire.UPSTREAM_TIMEOUT
+        return devicemsg.UPSTREAM_TIMEOUT
     if isinstance(exc, UpstreamError):
-        return wire.UPSTREAM_UNAVAILABLE
-    return wire.INTERNAL
+        return devicemsg.UPSTREAM_UNAVAILABLE
+    return devicemsg.INTERNAL
 
 
 # -- hit-ratio series -------------------------------------------------------------------------------------

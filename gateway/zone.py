@@ -15,7 +15,7 @@ File format (UTF-8 JSON), one of:
 Handles are normalised (prefix upper-cased); a handle given twice is an error. :meth:`Zone.add` adds or
 replaces one record and, when the zone has a file, rewrites it in the list form (sorted by handle):
 under an exclusive ``flock`` on ``<file>.lock`` it re-reads the file (so records another process such as
-``tools/flash`` added meanwhile are kept), writes a temp file in the same directory, fsyncs it and
+``tools/commands/flash`` added meanwhile are kept), writes a temp file in the same directory, fsyncs it and
 ``os.replace``\\ s it over the zone file -- a crash leaves either the old or the new file, never half of one.
 """
 
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway import identifier
-from gateway.records import HandleValue, Record, RecordFormatError
+from proto import identifier
+from proto.records import HandleValue, Record, RecordFormatError
 
 try:
     import fcntl
@@ -181,7 +181,7 @@ class Zone:
         return rec
 
     def get_normalised(self, name: str) -> Record | None:
-        """The record of an already normalised handle (:func:`gateway.identifier.normalise`), or None."""
+        """The record of an already normalised handle (:func:`proto.identifier.normalise`), or None."""
         return self._records.get(name)
 
     def add(self, record: Record | dict[str, Any], *, persist: bool = True) -> Record:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# -- MQTT: a real Mosquitto per test (tests/brokers.py) --------------------------------------------------
-from tests.brokers import Broker, mosquitto_binary
+# -- MQTT: a real Mosquitto per test (tests/support/brokers.py) --------------------------------------------------
+from tests.support.brokers import Broker, mosquitto_binary
 
 
 @pytest.fixture
@@ -30,8 +30,8 @@ def mqtt_url(mosquitto: Broker) -> str:
     return mosquitto.url
 
 
-# -- Redis: a real redis-server per test (tests/faultkit.py; shared cache tier, fault tests) -------------
-from tests.faultkit import RedisServer, redis_binary  # noqa: E402
+# -- Redis: a real redis-server per test (tests/support/faultkit.py; shared cache tier, fault tests) -------------
+from tests.support.faultkit import RedisServer, redis_binary  # noqa: E402
 
 
 @pytest.fixture

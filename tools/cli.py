@@ -12,28 +12,36 @@ from gateway import __version__
 
 # (name, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("identifier", "tools.identifier_cmd", "check and normalise identifiers"),
-    ("flash", "tools.flash.cli", "factory flashing and provisioning"),
+    ("identifier", "tools.commands.identifier", "check and normalise identifiers"),
+    ("flash", "tools.commands.flash.cli", "factory flashing and provisioning"),
     (
         "gateway",
-        "tools.gateway_cmd",
+        "tools.commands.gateway",
         "run the edge gateway (CoAP, HTTP, MQTT front ends) until SIGTERM/SIGINT",
     ),
-    ("devices", "tools.devices_cmd", "list devices and set their desired config through a running gateway"),
+    (
+        "devices",
+        "tools.commands.devices",
+        "list devices and set their desired config through a running gateway",
+    ),
     (
         "resolve",
-        "tools.resolve_cmd",
+        "tools.commands.resolve",
         "resolve an identifier through the gateway engine (zone, cache, upstreams)",
     ),
-    ("node", "tools.node.cli", "local recursive-node simulator (Handle native + REST)"),
-    ("bench", "tools.bench.cli", "benchmarks against anchors measured in the same run"),
-    ("broker", "tools.broker_config", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
-    ("console", "tools.console.cli", "technician's serial console"),
-    ("sim", "tools.sim.cli", "simulated fleet: real firmware processes or a protocol-level simulator"),
-    ("demo", "tools.demo", "run the whole system locally with narration (make demo)"),
+    ("node", "tools.harness.node.cli", "local recursive-node simulator (Handle native + REST)"),
+    ("bench", "tools.harness.bench.cli", "benchmarks against anchors measured in the same run"),
+    ("broker", "tools.commands.broker", "generate Mosquitto TLS/ACL/password config for provisioned devices"),
+    ("console", "tools.commands.console.cli", "technician's serial console"),
+    (
+        "sim",
+        "tools.harness.sim.cli",
+        "simulated fleet: real firmware processes or a protocol-level simulator",
+    ),
+    ("demo", "tools.harness.demo", "run the whole system locally with narration (make demo)"),
     (
         "device",
-        "tools.device_cmd",
+        "tools.commands.device_run",
         "run one simulated device (the real firmware under micropython) in the foreground",
     ),
 ]

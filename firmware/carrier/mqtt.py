@@ -11,7 +11,7 @@
 #    Username = the topic key <dev> (for a broker ACL `pattern readwrite ida/v1/d/%u/#`), password =
 #    password(key) below, client id = <dev>, cut to 23 bytes if the broker rejects a longer one.
 # Security (docs/security-mqtt.md): an identity with an mqtts:// address connects over TLS, the broker's
-# certificate verified against the identity's CA file and host name; tools/broker_config.py writes the
+# certificate verified against the identity's CA file and host name; tools/commands/broker.py writes the
 # broker's password file and ACL from the same keys. mqtt:// is the factory-bench plain mode, logged so.
 import os
 import time

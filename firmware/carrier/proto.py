@@ -1,4 +1,4 @@
-# Message keys, codes and checks of docs/protocol.md (device side). The CPython twin is gateway/wire.py;
+# Message keys, codes and checks of docs/protocol.md (device side). The CPython twin is proto/devicemsg.py;
 # tests/vectors/messages.json pins both.
 from micropython import const
 

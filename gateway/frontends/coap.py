@@ -39,13 +39,13 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.util.linkformat import Link, LinkFormat
 
-from gateway import identifier, wire
 from gateway.frontends.common import DeviceRegistry, InFlight, failure, json_etag, parse_filters
 from gateway.logfmt import kv
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from gateway.registry import Registry
 from gateway.resolution import Answer, Resolving, etag_of
+from proto import devicemsg, identifier
 
 if TYPE_CHECKING:
     from gateway.frontends.coap_fast import FastPath
@@ -61,17 +61,17 @@ _CF_OPTION = {
 
 # docs/protocol.md "Codes": wire code -> CoAP response code.
 COAP_CODE: dict[int, Code] = {
-    wire.OK: Code.CONTENT,
-    wire.NOT_FOUND: Code.NOT_FOUND,
-    wire.VALUES_NOT_FOUND: Code.NOT_FOUND,
-    wire.NOT_MODIFIED: Code.VALID,
-    wire.BAD_REQUEST: Code.BAD_REQUEST,
-    wire.FORBIDDEN: Code.FORBIDDEN,
-    wire.TOO_LARGE: Code.REQUEST_ENTITY_TOO_LARGE,
-    wire.RATE_LIMITED: Code.TOO_MANY_REQUESTS,
-    wire.INTERNAL: Code.INTERNAL_SERVER_ERROR,
-    wire.UPSTREAM_UNAVAILABLE: Code.SERVICE_UNAVAILABLE,
-    wire.UPSTREAM_TIMEOUT: Code.GATEWAY_TIMEOUT,
+    devicemsg.OK: Code.CONTENT,
+    devicemsg.NOT_FOUND: Code.NOT_FOUND,
+    devicemsg.VALUES_NOT_FOUND: Code.NOT_FOUND,
+    devicemsg.NOT_MODIFIED: Code.VALID,
+    devicemsg.BAD_REQUEST: Code.BAD_REQUEST,
+    devicemsg.FORBIDDEN: Code.FORBIDDEN,
+    devicemsg.TOO_LARGE: Code.REQUEST_ENTITY_TOO_LARGE,
+    devicemsg.RATE_LIMITED: Code.TOO_MANY_REQUESTS,
+    devicemsg.INTERNAL: Code.INTERNAL_SERVER_ERROR,
+    devicemsg.UPSTREAM_UNAVAILABLE: Code.SERVICE_UNAVAILABLE,
+    devicemsg.UPSTREAM_TIMEOUT: Code.GATEWAY_TIMEOUT,
 }
 
 REPORT = "rpt"
@@ -85,9 +85,15 @@ def error_message(
     fields: dict[str, Any] = {"code": code, "msg": msg}
     if ident is not None:
         fields["id"] = ident
-    if max_age is not None and code in (wire.NOT_FOUND, wire.VALUES_NOT_FOUND, wire.RATE_LIMITED):
+    if max_age is not None and code in (
+        devicemsg.NOT_FOUND,
+        devicemsg.VALUES_NOT_FOUND,
+        devicemsg.RATE_LIMITED,
+    ):
         fields["ttl"] = max_age
-    m = aiocoap.Message(code=COAP_CODE[code], payload=wire.encode("error", fields), content_format=CF_CBOR)
+    m = aiocoap.Message(
+        code=COAP_CODE[code], payload=devicemsg.encode("error", fields), content_format=CF_CBOR
+    )
     if max_age is not None:
         m.opt.max_age = max_age
     elif code >= 500:
@@ -129,7 +135,7 @@ class _Unusual(Exception):
 
 
 def resolve_payload(code: int, ident: str, values: list[list[Any]], source: int) -> bytes:
-    """``wire.encode_resolve_response({"code", "id", "values", "source"})``, the same bytes (canonical CBOR: keys
+    """``devicemsg.encode_resolve_response({"code", "id", "values", "source"})``, the same bytes (canonical CBOR: keys
     id 2, code 3, values 4, source 23), written out here for the answers the gateway builds -- cbor2's encoder
     costs several times more on a cold miss. Anything else (a negative or huge number, a value of another
     shape, text without a UTF-8 form) is left to wire, which checks it in full."""
@@ -149,7 +155,9 @@ def resolve_payload(code: int, ident: str, values: list[list[Any]], source: int)
         out += (b"\x17", _head(0x00, source))
         return b"".join(out)
     except (_Unusual, UnicodeEncodeError):
-        return wire.encode_resolve_response({"code": code, "id": ident, "values": values, "source": source})
+        return devicemsg.encode_resolve_response(
+            {"code": code, "id": ident, "values": values, "source": source}
+        )
 
 
 class CoapFrontEnd:
@@ -252,24 +260,24 @@ class CoapFrontEnd:
         self.metrics.count_ratelimited("coap", verdict.limit or "device")
         wait = retry_after(verdict.wait)
         return self._fail(
-            wire.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait
+            devicemsg.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait
         )
 
     async def resolve(self, request: aiocoap.Message) -> aiocoap.Message:
         if self._closing:
-            return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+            return self._fail(devicemsg.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
         if (limited := self._limited(request, None)) is not None:
             return limited
         with self._inflight:
             accept = request.opt.accept
             if accept is not None and accept not in (CF_CBOR, CF_JSON):
                 return self._finish(
-                    wire.BAD_REQUEST,
+                    devicemsg.BAD_REQUEST,
                     aiocoap.Message(
                         code=Code.NOT_ACCEPTABLE,
-                        payload=wire.encode(
+                        payload=devicemsg.encode(
                             "error",
-                            {"code": wire.BAD_REQUEST, "msg": "Accept must be 60 (CBOR) or 50 (JSON)"},
+                            {"code": devicemsg.BAD_REQUEST, "msg": "Accept must be 60 (CBOR) or 50 (JSON)"},
                         ),
                         content_format=CF_CBOR,
                     ),
@@ -313,8 +321,8 @@ class CoapFrontEnd:
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()
         max_age = answer.max_age(now)
-        if answer.code != wire.OK or answer.record is None:
-            msg = "handle not found" if answer.code == wire.NOT_FOUND else "no value matches the filter"
+        if answer.code != devicemsg.OK or answer.record is None:
+            msg = "handle not found" if answer.code == devicemsg.NOT_FOUND else "no value matches the filter"
             return self._fail(answer.code, msg, ident=answer.handle, max_age=max_age)
         etag = answer.etag or etag_of(answer.record, answer.code)
         if as_json:
@@ -323,12 +331,12 @@ class CoapFrontEnd:
             valid = aiocoap.Message(code=Code.VALID)
             valid.opt.etag = etag
             valid.opt.max_age = max_age
-            return self._finish(wire.NOT_MODIFIED, valid)
+            return self._finish(devicemsg.NOT_MODIFIED, valid)
         if as_json:
             payload = json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
         else:
             payload = resolve_payload(
-                wire.OK, answer.handle, answer.record.to_device_values(now), answer.source
+                devicemsg.OK, answer.handle, answer.record.to_device_values(now), answer.source
             )
         # The options added as objects (what the content_format / etag / max_age setters would add, without their
         # delete-and-create round); the Content-Format option objects are shared, nothing changes an option.
@@ -338,46 +346,48 @@ class CoapFrontEnd:
         opt.add_option(optiontypes.OpaqueOption(OptionNumber.ETAG, etag))
         opt.add_option(optiontypes.UintOption(OptionNumber.MAX_AGE, max_age))
         # counted on the next loop turn, once the answer is sent
-        asyncio.get_running_loop().call_soon(self.metrics.count_request, "coap", wire.OK)
+        asyncio.get_running_loop().call_soon(self.metrics.count_request, "coap", devicemsg.OK)
         return response
 
     async def device(self, request: aiocoap.Message) -> aiocoap.Message:
         """POST .../rpt, GET .../cfg, POST .../cfg (the path is what follows /d/)."""
         if self._closing:
-            return self._fail(wire.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
+            return self._fail(devicemsg.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
         if (limited := self._limited(request, _path_device(request.opt.uri_path))) is not None:
             return limited
         with self._inflight:
             path = request.opt.uri_path
             leaf = path[-1] if path else ""
             if leaf not in (REPORT, CONFIG) or len(path) < 2:
-                return self._fail(wire.NOT_FOUND, "no such resource: use /d/<id>/rpt or /d/<id>/cfg")
+                return self._fail(devicemsg.NOT_FOUND, "no such resource: use /d/<id>/rpt or /d/<id>/cfg")
             allowed = (Code.POST,) if leaf == REPORT else (Code.GET, Code.POST)
             if request.code not in allowed:
-                return self._finish(wire.BAD_REQUEST, aiocoap.Message(code=Code.METHOD_NOT_ALLOWED))
+                return self._finish(devicemsg.BAD_REQUEST, aiocoap.Message(code=Code.METHOD_NOT_ALLOWED))
             if request.code == Code.POST and request.opt.content_format not in (None, CF_CBOR):
-                return self._finish(wire.BAD_REQUEST, aiocoap.Message(code=Code.UNSUPPORTED_CONTENT_FORMAT))
+                return self._finish(
+                    devicemsg.BAD_REQUEST, aiocoap.Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
+                )
             try:
                 ident = identifier.normalise("/".join(path[:-1]))
                 if leaf == CONFIG and request.code == Code.GET:
                     return self._get_config(ident)
                 name = "report" if leaf == REPORT else "config_ack"
-                fields = wire.decode(name, request.payload)
+                fields = devicemsg.decode(name, request.payload)
                 if identifier.normalise(fields["id"]) != ident:
                     return self._fail(
-                        wire.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path"
+                        devicemsg.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path"
                     )
                 if leaf == REPORT:
                     return await self._report(request, ident, fields)
                 self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
                 log.info("config ack %s", kv(device=ident, cfgver=fields["cfgver"], code=fields["code"]))
-                return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED))
-            except (identifier.IdentifierError, wire.WireError) as e:
+                return self._finish(devicemsg.OK, aiocoap.Message(code=Code.CHANGED))
+            except (identifier.IdentifierError, devicemsg.WireError) as e:
                 return self._fail(*failure(e))
             except (
                 ValueError
             ) as e:  # the registry refuses a field (e.g. a boot count beyond SQLite's integers)
-                return self._fail(wire.BAD_REQUEST, str(e))
+                return self._fail(devicemsg.BAD_REQUEST, str(e))
             except Exception as e:
                 return self._fail(*failure(e))
 
@@ -387,23 +397,27 @@ class CoapFrontEnd:
         else:
             new = self.registry.record_report(ident, fields, "coap", _peer(request))
         log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
-        ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": wire.OK}
+        ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": devicemsg.OK}
         cfgver = _desired_cfgver(self.registry, ident)
         if (
             cfgver is not None
         ):  # the device fetches it when it holds an older one (e.g. missed a notification)
             ack_fields["cfgver"] = cfgver
-        ack = wire.encode("report_ack", ack_fields)
-        return self._finish(wire.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR))
+        ack = devicemsg.encode("report_ack", ack_fields)
+        return self._finish(
+            devicemsg.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR)
+        )
 
     def _get_config(self, ident: str) -> aiocoap.Message:
         desired = self.registry.desired_config(ident)
         if desired is None:
-            return self._fail(wire.NOT_FOUND, "no desired config", ident=ident)
-        keys = wire.MESSAGES["config"][0] + wire.MESSAGES["config"][1]
-        payload = wire.encode("config", {k: v for k, v in desired.items() if k in keys and v is not None})
+            return self._fail(devicemsg.NOT_FOUND, "no desired config", ident=ident)
+        keys = devicemsg.MESSAGES["config"][0] + devicemsg.MESSAGES["config"][1]
+        payload = devicemsg.encode(
+            "config", {k: v for k, v in desired.items() if k in keys and v is not None}
+        )
         return self._finish(
-            wire.OK, aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+            devicemsg.OK, aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
         )
 
 

@@ -85,12 +85,12 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.util import hostportjoin
 
-from gateway import wire
 from gateway.frontends.common import json_etag
 from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.metrics import Sample
-from gateway.records import TTL_ABSOLUTE
 from gateway.resolution import Answer, etag_of
+from proto import devicemsg
+from proto.records import TTL_ABSOLUTE
 
 __all__ = ["FastPath", "MAX_PAYLOAD", "DRAIN_MAX", "classify"]
 
@@ -235,12 +235,12 @@ def render_payload(answer: Answer, as_json: bool, now: float) -> bytes:
     assert answer.record is not None
     if as_json:
         return json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
-    return wire.encode_resolve_response(
+    return devicemsg.encode_resolve_response(
         {
-            "code": wire.OK,
+            "code": devicemsg.OK,
             "id": answer.handle,
             "values": answer.record.to_device_values(now),
-            "source": wire.SOURCE_CACHE,
+            "source": devicemsg.SOURCE_CACHE,
         }
     )
 
@@ -859,7 +859,9 @@ class FastPath:
                 return False  # block-wise: aiocoap's
             if not as_json:  # the CBOR map ends with key 23 (source): say "cache", as the resolver would now
                 source = bytes((0x17, answer.source))
-                payload = payload[:-1] + bytes((wire.SOURCE_CACHE,)) if payload.endswith(source) else None
+                payload = (
+                    payload[:-1] + bytes((devicemsg.SOURCE_CACHE,)) if payload.endswith(source) else None
+                )
         entry = _Entry(key, answer, as_json, etag, payload, refresh_at, ref, ckey, dynamic)
         if key not in self.table and len(self.table) >= self.max_entries:
             self.table.clear()  # rare (more hot keys than entries); the slow path refills what is asked
@@ -870,8 +872,12 @@ class FastPath:
     # -- metrics -------------------------------------------------------------------------------------------
     def samples(self) -> Iterable[Sample]:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
-        yield "ida_requests_total", {"frontend": "coap", "code": str(wire.OK)}, float(self.answered)
-        yield "ida_requests_total", {"frontend": "coap", "code": str(wire.NOT_MODIFIED)}, float(self.valid)
+        yield "ida_requests_total", {"frontend": "coap", "code": str(devicemsg.OK)}, float(self.answered)
+        yield (
+            "ida_requests_total",
+            {"frontend": "coap", "code": str(devicemsg.NOT_MODIFIED)},
+            float(self.valid),
+        )
 
     def stats(self) -> dict[str, int]:
         return {

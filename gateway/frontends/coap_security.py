@@ -53,9 +53,9 @@ from aiocoap import interfaces, oscore
 from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-from gateway import identifier, wire
 from gateway.logfmt import kv
 from gateway.metrics import COUNTER, GAUGE, Sample
+from proto import devicemsg, identifier
 
 if TYPE_CHECKING:
     from gateway.frontends.coap import CoapFrontEnd
@@ -226,7 +226,7 @@ class _TrialContext(oscore.CanProtect, oscore.CanUnprotect):
 
 class KeystoreCredentials:
     """The server credentials aiocoap's OscoreSiteWrapper asks: ``find_oscore(unprotected)`` -> the context of
-    the device whose kid the request carries. Keys come from the keystore file (``tools/flash/keystore.py``
+    the device whose kid the request carries. Keys come from the keystore file (``tools/commands/flash/keystore.py``
     format), re-read at most every ``reload_interval`` s when the file changed (mtime, ctime, size or inode: an
     atomic replace within the file system's timestamp granularity is still seen), so a newly flashed device is
     accepted without a restart. Derived contexts are kept (LRU, ``max_contexts``)."""
@@ -375,15 +375,15 @@ class _Guard(_Resource):
             if refusal is not None:
                 self._sec.counts["forbidden"] += 1
                 log.warning("device refused %s", kv(device=device, reason=refusal))
-                self._sec.metrics_count(wire.FORBIDDEN)
-                pipe.add_response(_error(Code.FORBIDDEN, wire.FORBIDDEN, refusal), is_last=True)
+                self._sec.metrics_count(devicemsg.FORBIDDEN)
+                pipe.add_response(_error(Code.FORBIDDEN, devicemsg.FORBIDDEN, refusal), is_last=True)
                 return
         await self._inner.render_to_pipe(pipe)
 
 
 def _error(coap_code: Code, code: int, msg: str) -> aiocoap.Message:
     """An error answer with an ``error`` payload (CF 60), as the front end writes them."""
-    return aiocoap.Message(code=coap_code, payload=wire.dumps({3: code, 9: msg}), content_format=60)
+    return aiocoap.Message(code=coap_code, payload=devicemsg.dumps({3: code, 9: msg}), content_format=60)
 
 
 def _impersonation(request: aiocoap.Message, device: str) -> str | None:
@@ -443,8 +443,8 @@ class _Gate(_Resource):
                 # Fuzz finding: aiocoap's site wrapper lets these out of a malformed OSCORE option (reserved
                 # bits, a kid context or Partial IV announced but missing): 5.00 and an ERROR traceback per
                 # datagram, on demand. RFC 8613 8.2: 4.02 Bad Option.
-                self._sec.metrics_count(wire.BAD_REQUEST)
-                bad = _error(Code.BAD_OPTION, wire.BAD_REQUEST, "malformed OSCORE option")
+                self._sec.metrics_count(devicemsg.BAD_REQUEST)
+                bad = _error(Code.BAD_OPTION, devicemsg.BAD_REQUEST, "malformed OSCORE option")
                 pipe.add_response(bad, is_last=True)
                 return
             self._sec.counts["protected"] += 1

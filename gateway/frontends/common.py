@@ -10,18 +10,18 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
-from gateway import wire
 from gateway.errors import StorageError, UpstreamError, UpstreamTimeout
-from gateway.identifier import IdentifierError
+from proto import devicemsg
+from proto.identifier import IdentifierError
 
 log = logging.getLogger(__name__)
 
 # docs/protocol.md "Codes": wire code -> HTTP status.
 # fmt: off
 HTTP_STATUS = {
-    wire.OK: 200, wire.NOT_FOUND: 404, wire.VALUES_NOT_FOUND: 200, wire.NOT_MODIFIED: 304,
-    wire.BAD_REQUEST: 400, wire.FORBIDDEN: 403, wire.TOO_LARGE: 413, wire.RATE_LIMITED: 429,
-    wire.INTERNAL: 500, wire.UPSTREAM_UNAVAILABLE: 503, wire.UPSTREAM_TIMEOUT: 504,
+    devicemsg.OK: 200, devicemsg.NOT_FOUND: 404, devicemsg.VALUES_NOT_FOUND: 200, devicemsg.NOT_MODIFIED: 304,
+    devicemsg.BAD_REQUEST: 400, devicemsg.FORBIDDEN: 403, devicemsg.TOO_LARGE: 413, devicemsg.RATE_LIMITED: 429,
+    devicemsg.INTERNAL: 500, devicemsg.UPSTREAM_UNAVAILABLE: 503, devicemsg.UPSTREAM_TIMEOUT: 504,
 }
 # fmt: on
 
@@ -58,17 +58,17 @@ def failure(exc: BaseException) -> tuple[int, str]:
     with its traceback: that is a bug).
     """
     if isinstance(exc, IdentifierError):
-        return wire.BAD_REQUEST, f"bad identifier: {exc}"
-    if isinstance(exc, wire.WireError | FilterError):
-        return wire.BAD_REQUEST, str(exc)
+        return devicemsg.BAD_REQUEST, f"bad identifier: {exc}"
+    if isinstance(exc, devicemsg.WireError | FilterError):
+        return devicemsg.BAD_REQUEST, str(exc)
     if isinstance(exc, UpstreamTimeout):
-        return wire.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
+        return devicemsg.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
     if isinstance(exc, UpstreamError):
-        return wire.UPSTREAM_UNAVAILABLE, str(exc) or "no upstream answered"
+        return devicemsg.UPSTREAM_UNAVAILABLE, str(exc) or "no upstream answered"
     if isinstance(exc, StorageError):  # logged where it happened (registry), without a traceback
-        return wire.INTERNAL, str(exc)
+        return devicemsg.INTERNAL, str(exc)
     log.error("internal error answering a request", exc_info=exc)
-    return wire.INTERNAL, "internal error"
+    return devicemsg.INTERNAL, "internal error"
 
 
 def json_etag(etag: bytes) -> bytes:

@@ -26,9 +26,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from gateway import wire
 from gateway.cache import cache_key
 from gateway.resolution import Answer
+from proto import devicemsg
 
 __all__ = ["HotEntry", "CacheGuard", "SERVE", "DROP", "ONCE"]
 
@@ -98,9 +98,9 @@ class CacheGuard:
 
         ``old`` is the entry the table holds for the same request (if any): when it is the same answer and its
         prefetch window was handed on already, it is not handed on again."""
-        if answer.code != wire.OK or answer.record is None:
+        if answer.code != devicemsg.OK or answer.record is None:
             return None
-        if answer.source not in (wire.SOURCE_CACHE, wire.SOURCE_UPSTREAM):
+        if answer.source not in (devicemsg.SOURCE_CACHE, devicemsg.SOURCE_UPSTREAM):
             return None
         if answer.expires_at <= now:
             return None
@@ -154,7 +154,7 @@ class CacheGuard:
     def seen(self, entry: HotEntry) -> None:
         """Tell the status page the entry's identifier is in use (call at most once a second per entry)."""
         if self.recent is not None:
-            self.recent.add(entry.answer.handle, self.frontend, "cache", wire.OK, 0.0)
+            self.recent.add(entry.answer.handle, self.frontend, "cache", devicemsg.OK, 0.0)
 
     def count_hits(self, n: int) -> None:
         """Add fast answers to the resolver cache's hit counter (once per batch, never per request)."""

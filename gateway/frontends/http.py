@@ -26,14 +26,15 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__, identifier, status, wire
+from gateway import __version__, status
 from gateway.frontends.common import HTTP_STATUS, DeviceRegistry, failure, json_etag, parse_filters
-from gateway.identifier import IdentifierError
 from gateway.logfmt import kv
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
-from gateway.records import RC_ERROR, rest_error
 from gateway.resolution import Resolving, etag_of
+from proto import devicemsg, identifier
+from proto.identifier import IdentifierError
+from proto.records import RC_ERROR, rest_error
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class HttpFrontEnd:
                 self.metrics.count_ratelimited("http", verdict.limit or "source")
                 wait = retry_after(verdict.wait)
                 return self._json(
-                    wire.RATE_LIMITED,
+                    devicemsg.RATE_LIMITED,
                     {"responseCode": RC_ERROR, "message": f"rate limited; retry in {wait} s"},
                     headers={"Retry-After": str(wait)},
                 )
@@ -142,28 +143,28 @@ class HttpFrontEnd:
             return self._json(code, rest_error(rc, raw, msg))
         max_age = answer.max_age(self.clock())
         headers = {"Cache-Control": f"max-age={max_age}"}
-        if answer.code != wire.OK or answer.record is None:
+        if answer.code != devicemsg.OK or answer.record is None:
             return self._json(answer.code, rest_error(answer.code, answer.handle), headers=headers)
         etag = '"' + json_etag(answer.etag or etag_of(answer.record, answer.code)).hex() + '"'
         headers["ETag"] = etag
         if _etag_matches(request.headers.get("If-None-Match"), etag):
-            self.metrics.count_request("http", wire.NOT_MODIFIED)
+            self.metrics.count_request("http", devicemsg.NOT_MODIFIED)
             return web.Response(status=304, headers=headers)
-        return self._json(wire.OK, answer.record.to_rest(), headers=headers)
+        return self._json(devicemsg.OK, answer.record.to_rest(), headers=headers)
 
     # -- devices and remote management -------------------------------------------------------------------
     async def list_devices(self, request: web.Request) -> web.Response:
-        return self._json(wire.OK, {"devices": self.registry.devices()})
+        return self._json(devicemsg.OK, {"devices": self.registry.devices()})
 
     async def get_device(self, request: web.Request) -> web.Response:
         try:
             ident = identifier.normalise(request.match_info["id"])
         except IdentifierError as e:
-            return self._json(wire.BAD_REQUEST, {"error": f"bad identifier: {e}"})
+            return self._json(devicemsg.BAD_REQUEST, {"error": f"bad identifier: {e}"})
         dev = self.registry.device(ident)
         if dev is None:
-            return self._json(wire.NOT_FOUND, {"error": "unknown device", "id": ident})
-        return self._json(wire.OK, dev)
+            return self._json(devicemsg.NOT_FOUND, {"error": "unknown device", "id": ident})
+        return self._json(devicemsg.OK, dev)
 
     async def set_config(self, request: web.Request) -> web.Response:
         try:
@@ -171,15 +172,16 @@ class HttpFrontEnd:
             body = await request.json(loads=json.loads)
             interval, meta = _config_body(body)
         except IdentifierError as e:
-            return self._json(wire.BAD_REQUEST, {"error": f"bad identifier: {e}"})
+            return self._json(devicemsg.BAD_REQUEST, {"error": f"bad identifier: {e}"})
         except (ValueError, UnicodeDecodeError) as e:
             return self._json(
-                wire.BAD_REQUEST, {"error": str(e) if isinstance(e, _BodyError) else f"body is not JSON: {e}"}
+                devicemsg.BAD_REQUEST,
+                {"error": str(e) if isinstance(e, _BodyError) else f"body is not JSON: {e}"},
             )
         try:
             fields = self.registry.set_desired_config(ident, interval=interval, meta=meta)
         except ValueError as e:  # e.g. a config too big for a device to hold
-            return self._json(wire.BAD_REQUEST, {"error": str(e)})
+            return self._json(devicemsg.BAD_REQUEST, {"error": str(e)})
         log.info(
             "desired config set %s",
             kv(
@@ -189,7 +191,7 @@ class HttpFrontEnd:
                 meta=None if meta is None else ",".join(sorted(meta)),
             ),
         )
-        return self._json(wire.OK, {"id": ident, "config": fields})
+        return self._json(devicemsg.OK, {"id": ident, "config": fields})
 
     # -- operations --------------------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gateway import identifier, wire
 from gateway.frontends.common import InFlight, failure
 from gateway.frontends.mqtt_fast import ResolveLink, answer_fields, reply_name
 from gateway.logfmt import kv
@@ -50,10 +49,11 @@ from gateway.mqttlink import MqttAuth, MqttError, MqttLink, default_client_id
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Resolving
+from proto import devicemsg, identifier
 
 log = logging.getLogger(__name__)
 
-ROOT = wire.TOPIC_ROOT  # "ida/v1/d"
+ROOT = devicemsg.TOPIC_ROOT  # "ida/v1/d"
 LEAVES_SHARED = ("req", "rpt", "cfgack")
 FRONTEND = "mqtt"
 TRANSPORT = "mqtt"
@@ -74,21 +74,21 @@ def subscriptions(group: str | None, leaves: tuple[str, ...] = LEAVES_SHARED) ->
 def _peek_token(payload: bytes) -> bytes | None:
     """The token of a request that did not decode, if it can be read (so the error can still be matched)."""
     try:
-        obj = wire.loads(payload)
-    except wire.WireError:
+        obj = devicemsg.loads(payload)
+    except devicemsg.WireError:
         return None
-    tok = obj.get(wire.KEYS["token"]) if isinstance(obj, dict) else None
+    tok = obj.get(devicemsg.KEYS["token"]) if isinstance(obj, dict) else None
     return tok if isinstance(tok, bytes) and 1 <= len(tok) <= 8 else None
 
 
 def _peek_boot_seq(payload: bytes) -> tuple[int, int] | None:
     try:
-        obj = wire.loads(payload)
-    except wire.WireError:
+        obj = devicemsg.loads(payload)
+    except devicemsg.WireError:
         return None
     if not isinstance(obj, dict):
         return None
-    boot, seq = obj.get(wire.KEYS["boot"]), obj.get(wire.KEYS["seq"])
+    boot, seq = obj.get(devicemsg.KEYS["boot"]), obj.get(devicemsg.KEYS["seq"])
     if (
         not (isinstance(boot, int) and isinstance(seq, int))
         or isinstance(boot, bool)
@@ -271,11 +271,11 @@ class MqttFrontEnd:
 
     def _publish_config(self, ident: str, cfg: dict[str, Any]) -> None:
         try:
-            payload = wire.encode("config", cfg) if cfg else b""
-        except wire.WireError as e:
+            payload = devicemsg.encode("config", cfg) if cfg else b""
+        except devicemsg.WireError as e:
             log.error("mqtt desired config not encodable %s", kv(device=ident, error=e))
             return
-        self._link.publish(wire.topic(ident, "cfg"), payload, qos=1, retain=True)
+        self._link.publish(devicemsg.topic(ident, "cfg"), payload, qos=1, retain=True)
         log.debug("mqtt config published %s", kv(device=ident, cfgver=cfg.get("cfgver"), clear=not cfg))
 
     # -- messages (on the asyncio loop) ----------------------------------------------------------------
@@ -302,7 +302,7 @@ class MqttFrontEnd:
             self.counters[leaf] += 1
         except Exception:  # a bug must not stop the front end: log it and go on with the next message
             log.exception("mqtt message handling failed %s", kv(topic=topic, bytes=len(payload)))
-            self._count(wire.INTERNAL)
+            self._count(devicemsg.INTERNAL)
 
     def _on_request_message(self, topic: str, payload: bytes) -> None:
         """A request the resolve link did not answer itself."""
@@ -355,18 +355,18 @@ class MqttFrontEnd:
         """Publish an answer on the requester's ``res`` topic and count it."""
         name = reply_name(fields["code"])
         try:
-            payload = wire.encode(name, fields)
-        except wire.WireError:  # an answer we cannot express is our bug; the device still gets a reply
+            payload = devicemsg.encode(name, fields)
+        except devicemsg.WireError:  # an answer we cannot express is our bug; the device still gets a reply
             log.exception("mqtt answer not encodable %s", kv(key=key, code=fields["code"]))
-            fields = {"token": fields["token"], "code": wire.INTERNAL, "msg": "internal error"}
-            payload = wire.encode("error", fields)
-        if len(payload) > wire.MAX_PAYLOAD:
+            fields = {"token": fields["token"], "code": devicemsg.INTERNAL, "msg": "internal error"}
+            payload = devicemsg.encode("error", fields)
+        if len(payload) > devicemsg.MAX_PAYLOAD:
             fields = {
                 "token": fields["token"],
-                "code": wire.TOO_LARGE,
-                "msg": f"answer of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}",
+                "code": devicemsg.TOO_LARGE,
+                "msg": f"answer of {len(payload)} bytes exceeds {devicemsg.MAX_PAYLOAD}",
             }
-            payload = wire.encode("error", fields)
+            payload = devicemsg.encode("error", fields)
         if self.fast is not None:
             self.fast.publish_res(key, payload)
         else:
@@ -376,26 +376,32 @@ class MqttFrontEnd:
     # resolve -------------------------------------------------------------------------------------------
     def _request(self, key: str, payload: bytes) -> None:
         try:
-            fields = wire.decode("resolve_request", payload)
-        except wire.WireError as e:
+            fields = devicemsg.decode("resolve_request", payload)
+        except devicemsg.WireError as e:
             token = _peek_token(payload)
             log.info("mqtt bad resolve request %s", kv(key=key, error=e, answered=token is not None))
             if token is None:
                 self.counters["dropped"] += 1
-                self._count(wire.BAD_REQUEST)
+                self._count(devicemsg.BAD_REQUEST)
             else:
-                self._reply(key, {"token": token, "code": wire.BAD_REQUEST, "msg": str(e)})
+                self._reply(key, {"token": token, "code": devicemsg.BAD_REQUEST, "msg": str(e)})
             return
         token = fields["token"]
         if self._closing:
             self._reply(
-                key, {"token": token, "code": wire.UPSTREAM_UNAVAILABLE, "msg": "gateway is shutting down"}
+                key,
+                {"token": token, "code": devicemsg.UPSTREAM_UNAVAILABLE, "msg": "gateway is shutting down"},
             )
             return
         if self._inflight.count >= self._max_inflight:
             self._reply(
                 key,
-                {"token": token, "code": wire.RATE_LIMITED, "ttl": 1, "msg": "too many requests in flight"},
+                {
+                    "token": token,
+                    "code": devicemsg.RATE_LIMITED,
+                    "ttl": 1,
+                    "msg": "too many requests in flight",
+                },
             )
             return
         # Counted from now (not from when the task first runs), so a burst of requests sees the limit.
@@ -417,7 +423,7 @@ class MqttFrontEnd:
             except Exception as e:
                 code, msg = failure(e)
                 reply = {"token": token, "code": code, "msg": msg}
-                if code == wire.BAD_REQUEST and len(fields["id"]) <= 255:
+                if code == devicemsg.BAD_REQUEST and len(fields["id"]) <= 255:
                     reply["id"] = fields["id"]
             self._reply(key, reply)
         finally:
@@ -426,20 +432,20 @@ class MqttFrontEnd:
     # reports -------------------------------------------------------------------------------------------
     def _ack(self, key: str, boot: int, seq: int, code: int, device: str | None = None) -> None:
         fields = {"boot": boot, "seq": seq, "code": code}
-        cfgver = self.registry.desired_cfgver(device) if device is not None and code == wire.OK else None
+        cfgver = self.registry.desired_cfgver(device) if device is not None and code == devicemsg.OK else None
         if cfgver is not None:  # the device fetches it when it holds an older one
             fields["cfgver"] = cfgver
-        payload = wire.encode("report_ack", fields)
+        payload = devicemsg.encode("report_ack", fields)
         self._link.publish(f"{ROOT}/{key}/ack", payload, qos=1)
         self._count(code)
 
     def _device_of(self, key: str) -> str:
         """The normalised identifier named by a topic key (WireError / IdentifierError when it names none)."""
-        return identifier.normalise(wire.identifier_from_topic_key(key))
+        return identifier.normalise(devicemsg.identifier_from_topic_key(key))
 
     def _report(self, key: str, payload: bytes) -> None:
         try:
-            fields = wire.decode("report", payload)
+            fields = devicemsg.decode("report", payload)
             device = self._device_of(key)
             claimed = identifier.normalise(fields["id"])
         except ValueError as e:  # WireError, IdentifierError
@@ -447,14 +453,14 @@ class MqttFrontEnd:
             log.info("mqtt bad report %s", kv(key=key, error=e, answered=bs is not None))
             if bs is None:
                 self.counters["dropped"] += 1
-                self._count(wire.BAD_REQUEST)
+                self._count(devicemsg.BAD_REQUEST)
             else:  # a report that can never be stored: tell the device, so it can drop it from its queue
-                self._ack(key, bs[0], bs[1], wire.BAD_REQUEST)
+                self._ack(key, bs[0], bs[1], devicemsg.BAD_REQUEST)
             return
         boot, seq = fields["boot"], fields["seq"]
         if claimed != device:
             log.warning("mqtt report for another device %s", kv(topic_device=device, payload_id=claimed))
-            self._ack(key, boot, seq, wire.FORBIDDEN)
+            self._ack(key, boot, seq, devicemsg.FORBIDDEN)
             return
         self._spawn(self._store_report(key, device, fields))
 
@@ -465,39 +471,39 @@ class MqttFrontEnd:
             new = await self.registry.record_report_async(device, fields, TRANSPORT)
         except ValueError as e:
             log.info("mqtt report rejected %s", kv(device=device, boot=boot, seq=seq, error=e))
-            self._ack(key, boot, seq, wire.BAD_REQUEST)
+            self._ack(key, boot, seq, devicemsg.BAD_REQUEST)
             return
         except Exception:
             # Not stored (database trouble): no ack, so the device keeps it and sends it again.
             log.exception("mqtt report not stored %s", kv(device=device, boot=boot, seq=seq))
-            self._count(wire.INTERNAL)
+            self._count(devicemsg.INTERNAL)
             return
         log.debug("mqtt report %s", kv(device=device, boot=boot, seq=seq, new=new))
-        self._ack(key, boot, seq, wire.OK, device)
+        self._ack(key, boot, seq, devicemsg.OK, device)
 
     # config acks and status ----------------------------------------------------------------------------
     def _config_ack(self, key: str, payload: bytes) -> None:
         try:
-            fields = wire.decode("config_ack", payload)
+            fields = devicemsg.decode("config_ack", payload)
             device = self._device_of(key)
             claimed = identifier.normalise(fields["id"])
         except ValueError as e:
             log.info("mqtt bad config ack %s", kv(key=key, error=e))
             self.counters["dropped"] += 1
-            self._count(wire.BAD_REQUEST)
+            self._count(devicemsg.BAD_REQUEST)
             return
         if claimed != device:
             log.warning("mqtt config ack for another device %s", kv(topic_device=device, payload_id=claimed))
-            self._count(wire.FORBIDDEN)
+            self._count(devicemsg.FORBIDDEN)
             return
         self.registry.record_config_ack(device, fields["cfgver"], fields["code"], fields.get("msg"))
-        self._count(wire.OK)
+        self._count(devicemsg.OK)
 
     def _status(self, key: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status
             return
         try:
-            fields = wire.decode("status", payload)
+            fields = devicemsg.decode("status", payload)
             device = self._device_of(key)
             claimed = identifier.normalise(fields["id"])
         except ValueError as e:

@@ -4,7 +4,7 @@ Why a second connection: the paho link (``gateway/mqttlink.py``) runs paho's net
 that thread and the asyncio loop share one GIL; every request then costs a thread hand-off and paho's packet
 handling on top of the work (about 0.45 ms on the 2-core bench machine, 2,000 requests/s per process). Requests
 and answers are QoS 0 and need none of what paho is there for (QoS 1 retries, retained config, the last will), so
-the front end (``gateway/frontends/mqtt.py``) leaves them to this link: the MQTT framing (``gateway/mqttwire.py``)
+the front end (``gateway/frontends/mqtt.py``) leaves them to this link: the MQTT framing (``proto/mqtt/packets.py``)
 runs on the asyncio loop, and a repeated request is answered from a table of pre-encoded answers without
 decoding it. Reports, config acks, status and desired config stay on the paho link.
 
@@ -50,19 +50,20 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gateway import mqttwire, wire
 from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.logfmt import kv
 from gateway.metrics import Sample
 from gateway.mqttlink import MqttAuth, parse_url
-from gateway.records import TTL_ABSOLUTE
 from gateway.resolution import Answer
+from proto import devicemsg
+from proto.mqtt import packets as mqttwire
+from proto.records import TTL_ABSOLUTE
 
 __all__ = ["ResolveLink", "AnswerTable", "answer_fields", "reply_name", "request_key", "MAX_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
-ROOT = wire.TOPIC_ROOT  # "ida/v1/d"
+ROOT = devicemsg.TOPIC_ROOT  # "ida/v1/d"
 _ROOT_B = (ROOT + "/").encode()
 _REQ_B = b"/req"
 MAX_PACKET = (
@@ -74,9 +75,9 @@ CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
 
 def reply_name(code: int) -> str:
     """The wire message an answer with ``code`` is."""
-    if code == wire.OK:
+    if code == devicemsg.OK:
         return "resolve_response"
-    if code == wire.NOT_MODIFIED:
+    if code == devicemsg.NOT_MODIFIED:
         return "not_modified"
     return "error"
 
@@ -84,14 +85,14 @@ def reply_name(code: int) -> str:
 def answer_fields(token: bytes, answer: Answer, etag: bytes | None, now: float) -> dict[str, Any]:
     """The fields of the answer to a resolve request (its ``etag`` None when it sent none), TTLs as at ``now``."""
     ttl = answer.max_age(now)
-    if answer.code != wire.OK:
+    if answer.code != devicemsg.OK:
         return {"token": token, "code": answer.code, "id": answer.handle, "ttl": ttl}
     if etag is not None and answer.etag and etag == answer.etag:
-        return {"token": token, "code": wire.NOT_MODIFIED, "ttl": ttl, "etag": answer.etag}
+        return {"token": token, "code": devicemsg.NOT_MODIFIED, "ttl": ttl, "etag": answer.etag}
     values = answer.record.to_device_values(now) if answer.record is not None else []
     out: dict[str, Any] = {
         "token": token,
-        "code": wire.OK,
+        "code": devicemsg.OK,
         "id": answer.handle,
         "values": values,
         "ttl": ttl,
@@ -144,7 +145,7 @@ class _Entry(HotEntry):
         )  # absolute TTLs count down
         self.age = -1
         self.until = -math.inf
-        self.code = wire.OK  # or wire.NOT_MODIFIED (the request's ETag is the answer's)
+        self.code = devicemsg.OK  # or devicemsg.NOT_MODIFIED (the request's ETag is the answer's)
         self.head = b""  # map header and the token's key
         self.tail = b""  # everything after the token
 
@@ -154,10 +155,10 @@ class _Entry(HotEntry):
         if age != self.age or self.dynamic:
             fields = answer_fields(b"\x00", self.answer, self.etag, now)
             try:
-                payload = wire.encode(reply_name(fields["code"]), fields)
-            except wire.WireError:
+                payload = devicemsg.encode(reply_name(fields["code"]), fields)
+            except devicemsg.WireError:
                 return False
-            if len(payload) > wire.MAX_PAYLOAD or payload[1:4] != b"\x01\x41\x00":
+            if len(payload) > devicemsg.MAX_PAYLOAD or payload[1:4] != b"\x01\x41\x00":
                 return False
             self.head, self.tail, self.age, self.code = payload[:2], payload[4:], age, fields["code"]
         self.until = self.hold_until(age, now, self.dynamic)
@@ -191,7 +192,9 @@ class AnswerTable:
         if admitted is None:
             return False
         ref, ckey, refresh_at = admitted
-        cached = dataclasses.replace(answer, source=wire.SOURCE_CACHE)  # what the resolver says for a hit
+        cached = dataclasses.replace(
+            answer, source=devicemsg.SOURCE_CACHE
+        )  # what the resolver says for a hit
         entry = _Entry(key, payload[0], cached, etag, refresh_at, ref, ckey)
         if not entry.render(now):
             return False
@@ -543,7 +546,7 @@ class ResolveLink:
                             out.append(entry.head)
                             out.append(payload[2 : 3 + tl])
                             out.append(entry.tail)
-                            if entry.code == wire.OK:
+                            if entry.code == devicemsg.OK:
                                 answered += 1
                             else:
                                 valid += 1
@@ -614,8 +617,12 @@ class ResolveLink:
     # -- metrics -----------------------------------------------------------------------------------------------
     def samples(self) -> Iterable[Sample]:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
-        yield "ida_requests_total", {"frontend": "mqtt", "code": str(wire.OK)}, float(self.answered)
-        yield "ida_requests_total", {"frontend": "mqtt", "code": str(wire.NOT_MODIFIED)}, float(self.valid)
+        yield "ida_requests_total", {"frontend": "mqtt", "code": str(devicemsg.OK)}, float(self.answered)
+        yield (
+            "ida_requests_total",
+            {"frontend": "mqtt", "code": str(devicemsg.NOT_MODIFIED)},
+            float(self.valid),
+        )
 
     def stats(self) -> dict[str, int]:
         return {

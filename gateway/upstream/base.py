@@ -4,7 +4,7 @@ A client resolves a handle and either returns a result carrying ``(code, handle,
 RC_SUCCESS (1), RC_HANDLE_NOT_FOUND (100) or RC_VALUES_NOT_FOUND (200) -- "not found" is an *answer* --
 or raises one of the :mod:`gateway.errors` types (UpstreamTimeout, UpstreamBusy, UpstreamRefused,
 UpstreamReferral, ProtocolError, or plain UpstreamError for a connection that could not be made).
-:class:`gateway.handle.client.HandleClient` and :class:`gateway.upstream.rest.RestClient` both fit.
+:class:`gateway.upstream.native.HandleClient` and :class:`gateway.upstream.rest.RestClient` both fit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.records import RC_HANDLE_NOT_FOUND, RC_SUCCESS, RC_VALUES_NOT_FOUND, HandleValue
+from proto.records import RC_HANDLE_NOT_FOUND, RC_SUCCESS, RC_VALUES_NOT_FOUND, HandleValue
 
 ANSWER_CODES = (RC_SUCCESS, RC_HANDLE_NOT_FOUND, RC_VALUES_NOT_FOUND)
 

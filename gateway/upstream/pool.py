@@ -44,8 +44,8 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamRefused, UpstreamTimeout
-from gateway.records import HandleValue
 from gateway.upstream.base import ANSWER_CODES, Upstream
+from proto.records import HandleValue
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -136,7 +136,7 @@ def make_client(spec: UpstreamSpec, timeout: float) -> Upstream:
         from gateway.upstream.rest import RestClient
 
         return RestClient(spec.base, timeout=timeout, node=spec.url)
-    from gateway.handle.client import HandleClient
+    from gateway.upstream.native import HandleClient
 
     if spec.transport == "tcp":
         return HandleClient(spec.host, spec.port, transport="tcp", timeout=timeout)

@@ -46,7 +46,8 @@ from gateway.errors import (
     UpstreamRefused,
     UpstreamTimeout,
 )
-from gateway.records import (
+from gateway.upstream.base import Result
+from proto.records import (
     RC_ERROR,
     RC_HANDLE_NOT_FOUND,
     RC_SUCCESS,
@@ -54,7 +55,6 @@ from gateway.records import (
     Record,
     RecordFormatError,
 )
-from gateway.upstream.base import Result
 
 __all__ = ["RestClient", "handle_path", "parse_response", "request_target", "MAX_BODY"]
 

@@ -1,0 +1,194 @@
+# The device as a whole, on a fake HAL (settable clock, network switch, console) against a loopback CoAP
+# gateway served from the test: provisioning mode, boot counter and seq, crash streak and safe mode, first
+# report and resolve, offline queueing and drain, remote config, and the key never reaching any output.
+from mptest import eq, ok, raises, note
+from carrier import app as A, log, proto
+
+from fwfakes import Rig, KEY, ID
+
+
+def _with(fn, **kw):
+    r = Rig(**kw)
+    try:
+        fn(r)
+    finally:
+        log.sink = log._print
+        r.close()
+
+
+def test_provisioning_mode_and_provision():
+    def t(r):
+        a = r.boot()
+        eq((a.ident, a.t, a.rep), (None, None, None))
+        out = r.con("status")
+        ok("id: None" in out, out)
+        out = r.con("provision 88.1/new coap://127.0.0.1:%d" % r.srv.port)
+        ok("rebooting: True" in out, out)
+        ok(a._reboot)
+        a = r.boot()
+        eq(a.ident.id, "88.1/new")
+        ok(a.t is not None)
+        ok(len(a.ident.key) == 16)
+        out = r.con("provision 88.1/other coap://h")
+        ok("already provisioned" in out, out)
+
+    _with(t, provision=False)
+
+
+def test_invalid_identity_is_reported_not_fatal():
+    def t(r):
+        with open(r.root + "identity.json", "w") as f:
+            f.write('{"id": "no-separator", "coap": "coap://h", "key": "%s"}' % KEY)
+        a = r.boot()
+        eq(a.ident, None)
+        ok("NO_SEPARATOR" in a.ident_error)
+        ok("NO_SEPARATOR" in r.con("id"))
+
+    _with(t, provision=False)
+
+
+def test_boot_counter_and_seq_restart():
+    def t(r):
+        a = r.boot()
+        eq(a.boot_n, 1)
+        ok(r.run(5000, lambda: a.rep.acked))
+        a.shutdown()
+        a = r.boot()
+        eq(a.boot_n, 2)
+        ok(r.run(5000, lambda: a.rep.acked))
+        eq([(m[10], m[11]) for m in r.srv.reports], [(1, 1), (2, 1)])
+
+    _with(t)
+
+
+def test_safe_mode_after_three_quick_crashes():
+    def t(r):
+        for i in range(A.SAFE_AFTER):
+            raises(RuntimeError, lambda: r.boot(fault="boot"))
+        a = r.boot(fault="boot")  # the fourth boot does not reach the faulty code
+        ok(a.safe)
+        eq((a.t, a.rep), (None, None))
+        ok("safe: True" in r.con("status"))
+        ok("no transport" in r.con("resolve 88.1/x"))
+        a.shutdown()  # a clean reboot (console `reboot`) clears the streak
+        a = r.boot()
+        ok(not a.safe)
+        eq(a.streak, 1)
+        r.run(A.STABLE_MS + 100)
+        eq(r.h.rtc[4], 0, "a stable boot clears the streak")
+
+    _with(t)
+
+
+def test_first_report_resolve_and_config():
+    def t(r):
+        r.srv.cfg = {20: 7, 21: 30, 22: {"URL": "https://example.org/pump"}}
+        a = r.boot()
+        ok(r.run(5000, lambda: r.srv.reports and r.srv.cfg_acks and a.rep.acked), "report + config")
+        rep = proto.check("report", r.srv.reports[0])
+        eq((rep[2], rep[10], rep[11], rep[16], rep[17], rep[15]), (ID, 1, 1, "unix", "0.1.0", 0))
+        ok(rep[13] > 0, "free heap")
+        eq(r.srv.resolves[0], ID, "resolves its own identifier once")
+        eq(r.srv.cfg_acks, [{2: ID, 20: 7, 3: 1}])
+        eq((a.cfg.interval, a.rep.interval, a.q.count, a.q.writes), (30, 30, 0, 0))
+        ok("resolve id=" + ID + " code=1 values=1" in "\n".join(log.tail(20)))
+        # the interval from the gateway paces the next reports
+        ok(r.run(31000, lambda: len(r.srv.reports) >= 2))
+        eq(r.srv.reports[1][11], 2)
+
+    _with(t)
+
+
+def test_a_newer_config_named_by_a_report_ack_is_fetched_once():
+    def t(r):
+        r.srv.cfg = {20: 7, 21: 30}
+        a = r.boot()
+        ok(r.run(5000, lambda: r.srv.cfg_acks and a.rep.acked), "first config")
+        ok(a.t.observing(), "observing /cfg")
+        # set while the gateway had forgotten the observation (a restart): no notification will come
+        r.srv.cfg, r.srv.desired = {20: 8, 21: 40}, 8
+        gets = r.srv.cfg_gets
+        ok(r.run(35000, lambda: len(r.srv.cfg_acks) >= 2), "fetched after the next report ack")
+        eq(r.srv.cfg_acks[1], {2: ID, 20: 8, 3: 1})
+        eq((a.cfg.cfgver, a.cfg.interval), (8, 40))
+        eq(r.srv.cfg_gets, gets + 1)
+        n = len(r.srv.reports)
+        ok(r.run(90000, lambda: len(r.srv.reports) >= n + 2), "two more reports, each acked naming cfgver 8")
+        eq(r.srv.cfg_gets, gets + 1, "once per version, not after every ack")
+
+    _with(t)
+
+
+def test_offline_reports_queue_then_drain_in_order():
+    def t(r):
+        a = r.boot(interval=10)
+        ok(r.run(3000, lambda: a.rep.acked == 1))
+        r.h.net = False
+        r.run(65000)
+        ok(a.q.count >= 6, "queued while offline: %d" % a.q.count)
+        ok(a.q.writes >= 1, "batched to flash")
+        eq(len(r.srv.reports), 1)
+        r.h.net = True
+        ok(r.run(20000, lambda: a.q.count == 0), "drained")
+        seqs = [m[11] for m in r.srv.reports]
+        eq(seqs, list(range(1, len(seqs) + 1)), "every report once, in order")
+        ok(r.srv.reports[-1][15] >= 0)
+        note("offline: %d reports queued, %d flash writes" % (len(seqs) - 1, a.q.writes))
+
+    _with(t)
+
+
+def test_gateway_down_then_back():
+    def t(r):
+        a = r.boot(interval=10)
+        r.srv.down = True
+        r.run(40000)
+        ok(a.q.count >= 3)
+        eq(r.srv.reports, [])
+        r.srv.down = False
+        ok(r.run(200000, lambda: a.q.count == 0), "drained after the gateway returned")
+        seqs = [m[11] for m in r.srv.reports]
+        eq(sorted(set(seqs)), list(range(1, max(seqs) + 1)))
+
+    _with(t)
+
+
+def test_reports_survive_a_reboot_while_offline():
+    def t(r):
+        a = r.boot(interval=10)
+        r.h.net = False
+        r.run(25000)
+        n = a.q.count
+        ok(n >= 2)
+        a.shutdown()  # flush before reset
+        r.h.net = True
+        a = r.boot(interval=10)
+        eq(a.q.count, n, "the queued reports are back")
+        ok(r.run(10000, lambda: a.q.count == 0))
+        eq(sorted((m[10], m[11]) for m in r.srv.reports)[:n], [(1, s) for s in range(1, n + 1)])
+
+    _with(t)
+
+
+def test_key_never_in_logs_or_console():
+    def t(r):
+        a = r.boot()
+        r.run(2000, lambda: a.rep.acked)
+        out = ""
+        for line in (
+            "id",
+            "status",
+            "config get",
+            "config get key",
+            "json on",
+            "id",
+            "status",
+            "log 100",
+            "selftest",
+        ):
+            out += r.con(line)
+        ok(KEY not in out and KEY.upper() not in out, "console output")
+        ok(KEY not in "\n".join(log.tail(200)), "log ring")
+        ok(a.ident.fingerprint() in out)
+
+    _with(t)

@@ -1,0 +1,46 @@
+"""A device started the way a person starts one: ``ida device run`` as a subprocess, its console (the firmware's
+stdin/stdout, passed through) on pipes. ``IdaDevice`` is tests/support/fwdevice.py's ``DeviceProc`` (``send``,
+``expect``, ``json``, ``json_on``, ``wait_status``, ``stop`` = SIGTERM) with the ``ida`` command line instead of
+``micropython firmware/main.py``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+from tests.support.fwdevice import DeviceProc
+from tests.support.mpcollect import ROOT
+from tools.harness.bench.project import ida_cmd
+
+__all__ = ["IdaDevice", "ROOT"]
+
+
+class IdaDevice(DeviceProc):
+    """``ida device run --identifier ID --data-dir DIR ARGS...``; ``stderr`` lines (this command's own messages)
+    land in ``err``."""
+
+    def __init__(
+        self, data_dir: Path, identifier: str, *args: str, cwd: Path = ROOT, default_dir: bool = False
+    ) -> None:
+        super().__init__(data_dir, cwd=cwd)
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        where = () if default_dir else ("--data-dir", str(data_dir))
+        self.cmd = ida_cmd("device", "run", "--identifier", identifier, *where, *args)
+
+    def start(self) -> IdaDevice:
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=self.cwd,
+        )
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+        return self
+
+    def __enter__(self) -> IdaDevice:
+        return self.start()

@@ -1,0 +1,43 @@
+"""`ida bench`: the benchmark suite (library first; ``tools.harness.bench.cli`` is the command line).
+
+    from tools.harness.bench import LoadSpec, run_load                 # the CoAP load generator
+    result = run_load(LoadSpec("127.0.0.1", 5683, (("r", "88.123.99", "PUMP-0001"),), duration=2))
+    result.rps, result.p50_ms, result.p99_ms
+
+    from tools.harness.bench import BenchOptions, run_scenarios, load_scenarios
+    load_scenarios()
+    results = run_scenarios(["P1", "P3"], BenchOptions(quick=True))   # ScenarioResult per key
+
+Modules: ``coapmsg`` (the CoAP bytes), ``loadgen`` (closed-loop generator, worker processes), ``servers``
+(anchor servers, run as processes), ``anchors`` (start/stop them), ``procs`` (child processes, CPU time),
+``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario`` (framework), ``p1``...``p5``
+(scenarios), ``report`` (text, JSON, Markdown), ``cli``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tools.harness.bench.loadgen import LoadGenerator, LoadResult, LoadSpec, run_load
+from tools.harness.bench.scenario import SCENARIOS, BenchOptions, ScenarioResult, run_scenarios
+
+__all__ = [
+    "BenchOptions",
+    "LoadGenerator",
+    "LoadResult",
+    "LoadSpec",
+    "SCENARIOS",
+    "SCENARIO_KEYS",
+    "ScenarioResult",
+    "load_scenarios",
+    "run_load",
+    "run_scenarios",
+]
+
+SCENARIO_KEYS = ("P1", "P2", "P3", "P4", "P5")
+
+
+def load_scenarios() -> None:
+    """Import the scenario modules (each registers itself in SCENARIOS)."""
+    for key in SCENARIO_KEYS:
+        importlib.import_module(f"tools.harness.bench.{key.lower()}")

@@ -1,0 +1,58 @@
+"""A Mosquitto broker for a benchmark run: loopback listener on a free port, anonymous, no persistence
+(tools/support/mosquitto.py; the broker's process is a :class:`~tools.harness.bench.procs.Child`, so its CPU time can be watched)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from tools.harness.bench.procs import BenchError, Child, free_port
+from tools.support import mosquitto
+from tools.support.mosquitto import mosquitto_binary
+
+__all__ = ["Mosquitto", "mosquitto_binary"]
+
+
+class Mosquitto:
+    def __init__(self, log_dir: Path, name: str = "mosquitto") -> None:
+        self.log_dir = log_dir
+        self.name = name
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.child: Child | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        exe = mosquitto_binary()
+        if exe is None:
+            raise BenchError("mosquitto not installed (apt-get install mosquitto)")
+        self.port = free_port(kind=socket.SOCK_STREAM)
+        conf = self.log_dir / f"{self.name}.conf"
+        conf.write_text(
+            mosquitto.config(self.port, self.host, notice=False, extra="max_queued_messages 100000\n")
+        )
+        self.child = mosquitto.start(
+            [exe, "-c", str(conf)],
+            lambda cmd: Child(self.name, cmd, log_dir=self.log_dir).start(),
+            self.host,
+            self.port,
+            timeout,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

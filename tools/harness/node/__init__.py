@@ -1,0 +1,33 @@
+"""`ida node`: a local recursive Handle node for tests, benchmarks and the demo (library first).
+
+:class:`NodeServer` serves records (:class:`RecordStore`; the built-in sample set by default) over the
+Handle native protocol (UDP and TCP on one port) and the Handle REST API, with fault knobs (:class:`Knobs`).
+``tools.harness.node.cli`` is the command-line wrapper.
+"""
+
+from tools.harness.node.faults import Fault, Knobs
+from tools.harness.node.server import NodeError, NodeServer, NodeStats, format_hostport, parse_hostport
+from tools.harness.node.store import (
+    Lookup,
+    RecordsError,
+    RecordStore,
+    load_records,
+    parse_records,
+    sample_records,
+)
+
+__all__ = [
+    "Fault",
+    "Knobs",
+    "Lookup",
+    "NodeError",
+    "NodeServer",
+    "NodeStats",
+    "RecordStore",
+    "RecordsError",
+    "format_hostport",
+    "load_records",
+    "parse_hostport",
+    "parse_records",
+    "sample_records",
+]
