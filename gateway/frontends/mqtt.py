@@ -48,7 +48,7 @@ from gateway.logfmt import kv
 from gateway.mqttlink import MqttAuth, MqttError, MqttLink, default_client_id
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
-from gateway.resolution import Resolving
+from gateway.resolution import AnswerCache, ResolutionNote, Resolving, resolve_noted
 from proto import devicemsg, identifier
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,11 @@ class MqttFrontEnd:
         auth: MqttAuth | None = None,
         limiter: RateLimiter | None = None,
         fast_path: bool = True,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
     ) -> None:
         self.url = url
+        self.note = note
         self.limiter = limiter
         self.resolver = resolver
         self.registry = registry
@@ -146,7 +149,8 @@ class MqttFrontEnd:
             self.fast = ResolveLink(
                 url,
                 on_message=self._on_request_message,
-                resolver=resolver,
+                answers=answers,
+                note=note,
                 auth=auth,
                 group=group,
                 client_id=_link_client_id(client_id),
@@ -414,7 +418,7 @@ class MqttFrontEnd:
             try:
                 handle = identifier.normalise(fields["id"])
                 types, indexes = tuple(fields.get("types", ())), tuple(fields.get("indexes", ()))
-                answer = await self.resolver.resolve(handle, types, indexes)
+                answer = await resolve_noted(self.resolver, self.note, "mqtt", handle, types, indexes)
                 reply = answer_fields(token, answer, fields.get("etag"), self._clock())
                 if self.fast is not None and payload:
                     self.fast.learn(payload, answer, types, indexes, fields.get("etag"))

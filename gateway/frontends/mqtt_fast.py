@@ -54,7 +54,7 @@ from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.logfmt import kv
 from gateway.metrics import Sample
 from gateway.mqttlink import MqttAuth, parse_url
-from gateway.resolution import Answer
+from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote
 from proto import devicemsg
 from proto.mqtt import packets as mqttwire
 from proto.records import TTL_ABSOLUTE
@@ -132,10 +132,9 @@ class _Entry(HotEntry):
         answer: Answer,
         etag: bytes | None,
         refresh_at: float,
-        ref: Any,
-        ckey: Any,
+        ref: CachedAnswer | None,
     ) -> None:
-        super().__init__(answer, refresh_at, ref, ckey)
+        super().__init__(answer, refresh_at, ref)
         self.key = key
         self.req_head = req_head  # the request's CBOR map header (its item count)
         self.etag = etag  # the request's ETag (None: it sent none)
@@ -168,8 +167,14 @@ class _Entry(HotEntry):
 class AnswerTable:
     """Pre-encoded answers by request key (module doc), kept equal to the resolver by a CacheGuard."""
 
-    def __init__(self, resolver: Any, *, max_entries: int = MAX_ENTRIES) -> None:
-        self.guard = CacheGuard(resolver, frontend=str(getattr(resolver, "frontend", "mqtt")))
+    def __init__(
+        self,
+        answers: AnswerCache | None = None,
+        *,
+        note: ResolutionNote | None = None,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
+        self.guard = CacheGuard(answers, frontend="mqtt", note=note)
         self.entries: dict[bytes, _Entry] = {}
         self.max_entries = max_entries
         self.learned = 0
@@ -191,11 +196,11 @@ class AnswerTable:
         admitted = self.guard.admit(answer, types, indexes, now, self.entries.get(key))
         if admitted is None:
             return False
-        ref, ckey, refresh_at = admitted
+        ref, refresh_at = admitted
         cached = dataclasses.replace(
             answer, source=devicemsg.SOURCE_CACHE
         )  # what the resolver says for a hit
-        entry = _Entry(key, payload[0], cached, etag, refresh_at, ref, ckey)
+        entry = _Entry(key, payload[0], cached, etag, refresh_at, ref)
         if not entry.render(now):
             return False
         if key not in self.entries and len(self.entries) >= self.max_entries:
@@ -271,15 +276,17 @@ class ResolveLink:
     """The asyncio MQTT connection for resolve requests (module doc).
 
     ``on_message(topic, payload)`` takes every request the table does not answer; ``limit(key)`` (optional) is the
-    front end's rate-limit check for a hit, True when it refused (and counted) the request; ``resolver`` is the
-    front end's (for the table's cache checks); ``learning`` false leaves the table empty."""
+    front end's rate-limit check for a hit, True when it refused (and counted) the request; ``answers`` and
+    ``note`` are the resolver's answer cache and the status hook (for the table's guard, see hotpath.py);
+    ``learning`` false leaves the table empty."""
 
     def __init__(
         self,
         url: str,
         *,
         on_message: Callable[[str, bytes], None],
-        resolver: Any,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
         auth: MqttAuth | None = None,
         group: str | None = "ida-gw",
         client_id: str = "ida-gw-r",
@@ -300,7 +307,7 @@ class ResolveLink:
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.learning = learning
-        self.table = AnswerTable(resolver)
+        self.table = AnswerTable(answers, note=note)
         self._on_message = on_message
         self._limit = limit
         self._limiting = limiting or (lambda: False)
