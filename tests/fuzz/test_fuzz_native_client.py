@@ -9,7 +9,7 @@ lengths of values, types, data and references, blown up or cut), bit flips, trun
 framed mutations, garbage, half messages and early closes. One client lives through a sequence of such answers
 (stateful), then must still resolve a clean answer.
 
-Properties: ``resolve`` returns a ResolveResult or raises an ``UpstreamError`` subclass, nothing else; a result's
+Properties: ``resolve`` returns a Result or raises an ``UpstreamError`` subclass, nothing else; a result's
 values are well-formed; no request stays pending; nothing unhandled is logged or reaches the loop's exception
 handler. The sans-I/O codec's own garbage tests are in tests/unit/proto/test_handle_codec.py.
 """
@@ -27,12 +27,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gateway.errors import ProtocolError, UpstreamError
+from gateway.errors import UpstreamError
+from gateway.upstream.base import Result
 from gateway.upstream.native import HandleClient
-from proto.handle.codec import (
+from proto.handle import (
+    HandleFormatError,
     Reassembler,
     ResolutionResponse,
-    ResolveResult,
     decode_message,
     decode_response,
 )
@@ -226,8 +227,8 @@ async def _serve(node: Node) -> tuple[asyncio.Server, asyncio.DatagramTransport,
     raise RuntimeError("no port free for both TCP and UDP")
 
 
-def _check_result(r: ResolveResult, handle: str) -> None:
-    assert isinstance(r, ResolveResult) and r.handle.upper() == handle.upper()
+def _check_result(r: Result, handle: str) -> None:
+    assert isinstance(r, Result) and r.handle.upper() == handle.upper()
     for v in r.values:
         assert isinstance(v, HandleValue) and isinstance(v.type, str) and isinstance(v.data, bytes)
         assert 0 <= v.index <= 0xFFFFFFFF and 0 <= v.ttl <= 0xFFFFFFFF
@@ -312,7 +313,7 @@ def test_regression_handle_fuzz_smoke() -> None:
 class ReassemblerMachine(RuleBasedStateMachine):
     """Pieces of the real 3-datagram answer, mutated pieces, pieces of other answers and garbage, in any order and
     any number: feed() returns the original message exactly once, when every original piece is in and no
-    inconsistent one was accepted first; it raises nothing but ProtocolError; ``missing`` and ``received``
+    inconsistent one was accepted first; it raises nothing but HandleFormatError; ``missing`` and ``received``
     always agree with what was accepted."""
 
     def __init__(self) -> None:
@@ -325,7 +326,7 @@ class ReassemblerMachine(RuleBasedStateMachine):
     def _feed(self, d: bytes, original: int | None) -> None:
         try:
             out = self.r.feed(d)
-        except ProtocolError:
+        except HandleFormatError:
             return
         if original is None:
             self.tainted = True

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamRefused, UpstreamTimeout
 from gateway.upstream.native import HandleClient
 from gateway.upstream.rest import RestClient
-from proto.handle.codec import Reassembler, decode_message, decode_response, split_datagrams
+from proto.handle import Reassembler, decode_message, decode_response, split_datagrams
 from proto.records import RC_HANDLE_NOT_FOUND, RC_SUCCESS, RC_VALUES_NOT_FOUND, HandleValue
 from tools.cli import main as ida_main
 from tools.harness.node import (
@@ -73,7 +73,7 @@ def capture(name: str) -> tuple[bytes, list[bytes]]:
 FOUND_REQUEST = capture("capture_found.hex")[0]
 
 
-# -- RFC 3652 layout, written out by hand (not through proto.handle.codec) ------------------------------
+# -- RFC 3652 layout, written out by hand (not through proto.handle) ------------------------------
 def rfc_request(
     handle: bytes,
     *,
