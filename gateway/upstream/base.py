@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.errors import UpstreamReferral, UpstreamRefused
+from gateway.errors import UpstreamBusy, UpstreamError, UpstreamReferral, UpstreamRefused
 from proto.handle.numbers import (
     RC_HANDLE_NOT_FOUND,
+    RC_SERVER_BUSY,
     RC_SERVER_NOT_RESP,
     RC_SUCCESS,
     RC_VALUES_NOT_FOUND,
@@ -38,6 +39,7 @@ __all__ = [
     "Result",
     "Upstream",
     "UpstreamResult",
+    "error_for_code",
     "outcome_of",
 ]
 
@@ -79,6 +81,17 @@ class Outcome(enum.Enum):
     NOT_SERVED = "not-served"  # 301 / 302 / 303: the name is not served at this node
     REFUSED = "refused"  # the node refused this request (see REQUEST_REFUSAL_CODES)
     NODE_FAILURE = "node-failure"  # no answer, transport error, unparsable answer, server-side failure
+
+
+def error_for_code(code: int, detail: str, node: str | None, referral: bytes = b"") -> UpstreamError:
+    """The error for a node's response code that is not an answer (neither 1 nor 100 / 200), as both clients
+    raise it: RC_SERVER_BUSY -> UpstreamBusy; 302/303 -> UpstreamReferral (with the referral body); any
+    other code -> UpstreamRefused(code)."""
+    if code == RC_SERVER_BUSY:
+        return UpstreamBusy(detail, node)
+    if ResponseCode.is_referral(code):
+        return UpstreamReferral(detail, node, code=code, referral=referral)
+    return UpstreamRefused(detail, node, code=code)
 
 
 def outcome_of(error: BaseException) -> Outcome:

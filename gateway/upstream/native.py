@@ -33,16 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.errors import (
-    ProtocolError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamReferral,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
+from gateway.errors import ProtocolError, UpstreamError, UpstreamTimeout
 from gateway.logfmt import kv
-from gateway.upstream.base import Result
+from gateway.upstream.base import Result, error_for_code
 from proto.handle import (
     HandleFormatError,
     Reassembler,
@@ -62,7 +55,6 @@ from proto.handle.numbers import (
     MAX_MESSAGE_SIZE,
     MAX_UDP_DATAGRAM,
     MAX_UDP_MESSAGE_SIZE,
-    RC_SERVER_BUSY,
     RC_SUCCESS,
     ResponseCode,
 )
@@ -94,14 +86,10 @@ def to_result(response: Response, *, handle: str, node: str | None = None) -> Re
     code = response.code
     if ResponseCode.is_not_found(code):
         return Result(code, handle)
-    detail = f"{handle}: {response.name}" + (f": {response.message}" if response.message else "")
-    if code == RC_SERVER_BUSY:
-        raise UpstreamBusy(detail, node)
-    if ResponseCode.is_referral(code):
-        raise UpstreamReferral(detail, node, code=code, referral=response.data)
     if code == RC_SUCCESS:  # an ErrorResponse built by hand with code 1
         raise ProtocolError(f"{handle}: success code without values", node)
-    raise UpstreamRefused(detail, node, code=code)
+    detail = f"{handle}: {response.name}" + (f": {response.message}" if response.message else "")
+    raise error_for_code(code, detail, node, response.data)
 
 
 class _Truncated:

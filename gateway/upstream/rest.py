@@ -38,22 +38,14 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.errors import (
-    ProtocolError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamReferral,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
-from gateway.upstream.base import Result
+from gateway.errors import ProtocolError, UpstreamBusy, UpstreamError, UpstreamRefused, UpstreamTimeout
+from gateway.upstream.base import Result, error_for_code
 from proto.handle.numbers import (
     RC_ERROR,
     RC_HANDLE_NOT_FOUND,
     RC_SERVER_BUSY,
     RC_SUCCESS,
     RC_VALUES_NOT_FOUND,
-    ResponseCode,
 )
 from proto.records import Record, RecordFormatError
 
@@ -135,15 +127,15 @@ def parse_response(status: int, body: bytes, handle: str, node: str | None = Non
         return Result(int(RC_VALUES_NOT_FOUND), handle)
     if rc == RC_SERVER_BUSY or status in (429, 503):
         raise UpstreamBusy(detail, node)
-    if rc is not None and ResponseCode.is_referral(rc):
-        raise UpstreamReferral(detail, node, code=rc)
     if status == 404 and rc is None:
         raise UpstreamRefused(
             f"{detail}: 404 without a Handle REST body (is this a Handle REST endpoint?)",
             node,
             code=int(RC_ERROR),
         )
-    if status >= 300 or (rc is not None and rc != RC_SUCCESS):
+    if rc is not None and rc != RC_SUCCESS:  # a referral (302/303) or a refusal
+        raise error_for_code(rc, detail, node)
+    if status >= 300:
         raise UpstreamRefused(detail, node, code=rc if rc is not None else int(RC_ERROR))
     # HTTP 2xx from here on.
     if json_error is not None:

@@ -81,15 +81,9 @@ class Envelope:
         return major, self.flags & ENV_SUGGEST_MINOR_MASK
 
     def encode(self) -> bytes:
+        e = self
         return pack(
-            ENVELOPE,
-            self.major,
-            self.minor,
-            self.flags,
-            self.session_id,
-            self.request_id,
-            self.sequence,
-            self.message_length,
+            ENVELOPE, e.major, e.minor, e.flags, e.session_id, e.request_id, e.sequence, e.message_length
         )
 
 

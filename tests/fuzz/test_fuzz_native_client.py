@@ -20,7 +20,6 @@ import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 from hypothesis import given
@@ -38,28 +37,17 @@ from proto.handle import (
     decode_response,
 )
 from proto.records import HandleValue
+from tests.support.captures import load_capture
 from tests.support.fuzzing import fuzz_settings, watch_logs
 
-CAPTURES = Path(__file__).resolve().parents[1] / "vectors" / "handle-native"
 PUMP = "88.123.99/PUMP-0001"
 MANY = "88.123.99/MANY-0001"
 
 
-def _load(name: str) -> list[bytes]:
-    out, direction = [], ""
-    for line in (CAPTURES / name).read_text().splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            direction = line[1:].split()[0]
-        elif line and direction == "RESPONSE":
-            out.append(bytes.fromhex(line))
-    return out
-
-
-FOUND = _load("capture_found.hex")[0]
-NOTFOUND = _load("capture_notfound.hex")[0]
-TTL = _load("capture_ttl.hex")[0]
-MANY_PIECES = _load("capture_many.hex")
+FOUND = load_capture("capture_found.hex")[1][0]
+NOTFOUND = load_capture("capture_notfound.hex")[1][0]
+TTL = load_capture("capture_ttl.hex")[1][0]
+MANY_PIECES = load_capture("capture_many.hex")[1]
 ANSWERS = {
     PUMP: [FOUND],
     "88.123.99/DOES-NOT-EXIST": [NOTFOUND],
@@ -73,24 +61,22 @@ def _readdress(datagram: bytes, rid: int) -> bytes:
 
 
 # -- mutations ------------------------------------------------------------------------------------------------
-ENV_FIELDS = {
-    "major": (0, ">B"),
-    "minor": (1, ">B"),
-    "flags": (2, ">H"),
-    "session": (4, ">I"),
-    "rid": (8, ">I"),
-    "seq": (12, ">I"),
-    "length": (16, ">I"),
-}
-HDR_FIELDS = {
-    "opcode": (20, ">I"),
-    "code": (24, ">I"),
-    "opflags": (28, ">I"),
-    "serial": (32, ">H"),
-    "recursion": (34, ">B"),
-    "expiration": (36, ">I"),
-    "body_length": (40, ">I"),
-}
+def _layout(spec: str) -> dict[str, tuple[int, str]]:
+    """``name:fmt`` fields laid end to end from offset 0 -> {name: (offset, ">fmt")}; ``-`` skips a field."""
+    out, off = {}, 0
+    for item in spec.split():
+        name, fmt = item.split(":")
+        if name != "-":
+            out[name] = (off, ">" + fmt)
+        off += struct.calcsize(">" + fmt)
+    return out
+
+
+# The envelope (20 bytes) and the header (24) as RFC 3652 lays them out; "-" is the header's reserved byte.
+FIELDS = _layout(
+    "major:B minor:B flags:H session:I rid:I seq:I length:I "
+    "opcode:I code:I opflags:I serial:H recursion:B -:B expiration:I body_length:I"
+)
 INTERESTING = {
     ">B": [0, 1, 2, 5, 0x7F, 0xFF],
     ">H": [0, 0x8000, 0x4000, 0x2000, 0xE000, 0x0205, 0xFFFF],
@@ -104,7 +90,7 @@ def edits(draw: st.DrawFn, data: bytes) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.integers(0, 9))
         if op <= 2:  # a field of the envelope or header
-            name, (off, fmt) = draw(st.sampled_from(sorted({**ENV_FIELDS, **HDR_FIELDS}.items())))
+            name, (off, fmt) = draw(st.sampled_from(sorted(FIELDS.items())))
             if name == "rid" and draw(st.integers(0, 3)):
                 continue  # mostly keep the request id: the answer has to get past the matching
             if off + struct.calcsize(fmt) <= len(b):

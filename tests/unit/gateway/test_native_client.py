@@ -11,7 +11,6 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -38,6 +37,7 @@ from proto.handle import (
 )
 from proto.handle import numbers as N
 from proto.records import AdminRef, HandleValue
+from tests.support.captures import NAMES, load_capture
 
 PUMP = "88.123.99/PUMP-0001"
 MANY = "88.123.99/MANY-0001"
@@ -530,28 +530,15 @@ async def test_whole_answer_datagram_is_the_message(node: FakeNode) -> None:
 
 
 # -- to_result: what a decoded answer means for a resolution ------------------------------------------------
-CAPTURES = Path(__file__).resolve().parents[2] / "vectors" / "handle-native"
-
-
 def _capture(name: str) -> tuple[Message, Message]:
     """(request, whole response) of one capture file."""
-    request, pieces, direction = b"", [], ""
-    for line in (CAPTURES / name).read_text().splitlines():
-        if line.startswith("#"):
-            direction = line[1:].split()[0]
-        elif line.strip():
-            if direction == "REQUEST":
-                request = bytes.fromhex(line.strip())
-            else:
-                pieces.append(bytes.fromhex(line.strip()))
+    request, pieces = load_capture(name)
     r = Reassembler()
     (whole,) = [m for m in (r.feed(p) for p in pieces) if m is not None]
     return decode_message(request), decode_message(whole)
 
 
-@pytest.mark.parametrize(
-    "name", ["capture_found.hex", "capture_notfound.hex", "capture_many.hex", "capture_ttl.hex"]
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_captured_answers_map_to_results_and_back(name: str) -> None:
     """A captured answer's result holds everything the node said: re-encoded, it is the capture again."""
     request, response = _capture(name)

@@ -41,33 +41,7 @@ from proto.handle import (
 )
 from proto.handle import numbers as N
 from proto.records import TTL_ABSOLUTE, AdminRef, HandleValue
-
-CAPTURES = Path(__file__).resolve().parents[2] / "vectors" / "handle-native"
-NAMES = ("capture_found.hex", "capture_notfound.hex", "capture_many.hex", "capture_ttl.hex")
-
-
-def load_capture(name: str) -> tuple[bytes, list[bytes]]:
-    """(request datagram, response datagrams) of one capture file: `#` lines are comments, others hex."""
-    request: bytes | None = None
-    responses: list[bytes] = []
-    direction = ""
-    for line in (CAPTURES / name).read_text().splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            direction = line[1:].split()[0]
-            continue
-        if not line:
-            continue
-        data = bytes.fromhex(line)
-        if direction == "REQUEST":
-            assert request is None
-            request = data
-        else:
-            assert direction == "RESPONSE"
-            responses.append(data)
-    assert request is not None
-    return request, responses
-
+from tests.support.captures import NAMES, load_capture
 
 ALL = {name: load_capture(name) for name in NAMES}
 EVERY_DATAGRAM = [d for req, resps in ALL.values() for d in (req, *resps)]
