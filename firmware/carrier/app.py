@@ -19,7 +19,7 @@ import time
 import struct
 import select
 
-from carrier import VERSION, hal, log, ident as _ident, identity
+from carrier import VERSION, hal, log, identity, idsyntax
 from carrier.config import Config, ack_payload
 from carrier.queue import Queue
 from carrier.reporter import Reporter
@@ -211,7 +211,7 @@ class App:
                 # (e.g. the gateway restarted and forgot the observation); fetch it now, once per version
                 self._cfg_asked = h
             self._backoff = RETRY_MIN
-        except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, ProtoError, CBORError
+        except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, WireError, CBORError
             self.errors += 1
             self.last_error = "%s: %s" % (type(e).__name__, e)
             log.w("net", "%s error %s; retry in %d ms" % (t.name, self.last_error, self._backoff))
@@ -296,8 +296,8 @@ class App:
     def resolve(self, text, cb, qtype=None):
         """Start a resolve for the console; an error text when it cannot start."""
         try:
-            target = _ident.parse(text)
-        except _ident.IdentError as e:
+            target = idsyntax.parse(text)
+        except idsyntax.IdentifierError as e:
             return "bad identifier: " + e.reason
         t = self.t
         if t is None:
@@ -379,11 +379,11 @@ class App:
         self.request_reboot()
 
     def selftest(self):
-        from carrier import proto
+        from carrier import devicemsg
         c = {}
         try:
-            m = {proto.K_ID: "0.NA/TEST", proto.K_ONLINE: True}
-            c["cbor"] = proto.decode("status", proto.encode("status", m)) == m
+            m = {devicemsg.K_ID: "0.NA/TEST", devicemsg.K_ONLINE: True}
+            c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
         except ValueError:
             c["cbor"] = False
         p = self.h.root + "selftest.tmp"

@@ -16,7 +16,7 @@ import socket
 from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
-from carrier import cbor, proto, rcache
+from carrier import cbor, devicemsg, rcache
 
 CON = const(0)
 NON = const(1)
@@ -58,9 +58,9 @@ _K_CFGACK = const(4)
 _KNOWN_CRIT = (1, 3, 5, 7, 11, 15, 17, 23, 27, 35, 39)  # critical options of RFC 7252/7959
 
 # CoAP response code -> protocol code (docs/protocol.md#codes), when the payload carries none
-_CODES = {67: proto.NOT_MODIFIED, 128: proto.BAD_REQUEST, 131: proto.FORBIDDEN, 132: proto.NOT_FOUND,
-          141: proto.TOO_LARGE, 157: proto.RATE_LIMITED, 163: proto.UPSTREAM_UNAVAILABLE,
-          164: proto.UPSTREAM_TIMEOUT}
+_CODES = {67: devicemsg.NOT_MODIFIED, 128: devicemsg.BAD_REQUEST, 131: devicemsg.FORBIDDEN, 132: devicemsg.NOT_FOUND,
+          141: devicemsg.TOO_LARGE, 157: devicemsg.RATE_LIMITED, 163: devicemsg.UPSTREAM_UNAVAILABLE,
+          164: devicemsg.UPSTREAM_TIMEOUT}
 
 
 class CoapError(ValueError):
@@ -333,7 +333,7 @@ class Client:
         self._obs = -1
         for ex in self._ex:
             if ex.st:
-                self._finish(ex, proto.NO_RESPONSE, None)
+                self._finish(ex, devicemsg.NO_RESPONSE, None)
 
     def ready(self):
         return self._slot() is not None
@@ -431,7 +431,7 @@ class Client:
         try:
             self._build_get(ex)
         except CoapError:
-            cb((proto.TOO_LARGE, target, None, 0, "identifier too long for a request"))
+            cb((devicemsg.TOO_LARGE, target, None, 0, "identifier too long for a request"))
             return True
         self._send(ex, now)
         return True
@@ -459,7 +459,7 @@ class Client:
         except CoapError:
             ex.cb = ex.arg = None
             if cb:
-                cb(proto.TOO_LARGE, arg[0], arg[1])
+                cb(devicemsg.TOO_LARGE, arg[0], arg[1])
             return True
         b[pos] = 0xFF
         b[pos + 1:pos + 1 + n] = payload
@@ -509,7 +509,7 @@ class Client:
                     self.errors += 1
                     for ex in self._ex:
                         if ex.st == _WAIT_ACK:
-                            self._finish(ex, proto.NO_RESPONSE, None)
+                            self._finish(ex, devicemsg.NO_RESPONSE, None)
                 elif not e.args or e.args[0] != EAGAIN:
                     self.errors += 1
                 break
@@ -527,7 +527,7 @@ class Client:
                     self._send(ex, now, False)
                 else:
                     self.errors += 1
-                    self._finish(ex, proto.NO_RESPONSE, None)
+                    self._finish(ex, devicemsg.NO_RESPONSE, None)
 
     def _empty(self, t, mid):
         a = self._ack
@@ -561,7 +561,7 @@ class Client:
                 return
             if m.t == RST:
                 self.errors += 1
-                self._finish(ex, proto.NO_RESPONSE, None)
+                self._finish(ex, devicemsg.NO_RESPONSE, None)
             elif m.code == 0:
                 ex.st = _WAIT_RESP
                 ex.due = time.ticks_add(now, SEPARATE_WAIT)
@@ -602,12 +602,12 @@ class Client:
         m = self._m
         pl = self._rxv[m.pl:m.n]
         if m.crit:
-            self._finish(ex, proto.INTERNAL, None)
+            self._finish(ex, devicemsg.INTERNAL, None)
             return
         if m.block2 >= 0 and m.code == CONTENT and ex.kind in (_K_RESOLVE, _K_CFG):
             num = m.block2 >> 4
             if num != ex.block or (num and m.etag != ex.etag):
-                self._finish(ex, proto.INTERNAL, None)
+                self._finish(ex, devicemsg.INTERNAL, None)
                 return
             if num == 0:
                 ex.etag = m.etag
@@ -616,7 +616,7 @@ class Client:
                     self._body = bytearray(BODY_MAX)
             k = len(pl)
             if self._blen + k > BODY_MAX:
-                self._finish(ex, proto.TOO_LARGE, None)
+                self._finish(ex, devicemsg.TOO_LARGE, None)
                 return
             self._body[self._blen:self._blen + k] = pl
             self._blen += k
@@ -645,11 +645,11 @@ class Client:
             if code == CONTENT:
                 data = bytes(pl)
                 res = rcache.answer(target, data)
-                if res[0] == proto.OK:
+                if res[0] == devicemsg.OK:
                     self.cache.put(arg, m.etag, m.max_age, data, now)
             elif code == VALID:
                 e = self.cache.refresh(arg, m.max_age, now)
-                res = rcache.answer(target, e[3], -2) if e else (proto.INTERNAL, target, None, 0, "2.03 without entry")
+                res = rcache.answer(target, e[3], -2) if e else (devicemsg.INTERNAL, target, None, 0, "2.03 without entry")
             else:
                 res = _failure(code, target, pl)
             cb(res)
@@ -657,11 +657,11 @@ class Client:
             boot, seq = arg
             if code == CHANGED:
                 try:
-                    a = proto.decode("report_ack", pl)
-                    c = a[proto.K_CODE] if a[proto.K_BOOT] == boot and a[proto.K_SEQ] == seq else proto.INTERNAL
-                    self.cfg_hint = a.get(proto.K_CFGVER, self.cfg_hint)
-                except proto.ProtoError:
-                    c = proto.BAD_REQUEST
+                    a = devicemsg.decode("report_ack", pl)
+                    c = a[devicemsg.K_CODE] if a[devicemsg.K_BOOT] == boot and a[devicemsg.K_SEQ] == seq else devicemsg.INTERNAL
+                    self.cfg_hint = a.get(devicemsg.K_CFGVER, self.cfg_hint)
+                except devicemsg.WireError:
+                    c = devicemsg.BAD_REQUEST
             else:
                 c = _failure(code, None, pl)[0]
             cb(c, boot, seq)
@@ -678,14 +678,14 @@ def _failure(code, target, pl):
     if code < 0:
         return (code, target, None, 0, "no response")
     msg = dotted(code)
-    c = _CODES.get(code, proto.BAD_REQUEST if code < 160 else proto.INTERNAL)
+    c = _CODES.get(code, devicemsg.BAD_REQUEST if code < 160 else devicemsg.INTERNAL)
     if pl is not None and len(pl):
         try:
             e = cbor.loads(pl)
-            if type(e) is dict and type(e.get(proto.K_CODE)) is int:
-                c = e[proto.K_CODE]
-                if type(e.get(proto.K_MSG)) is str:
-                    msg = e[proto.K_MSG]
+            if type(e) is dict and type(e.get(devicemsg.K_CODE)) is int:
+                c = e[devicemsg.K_CODE]
+                if type(e.get(devicemsg.K_MSG)) is str:
+                    msg = e[devicemsg.K_MSG]
         except cbor.CBORError:
             pass
     return (c, target, None, 0, msg)

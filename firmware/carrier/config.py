@@ -4,7 +4,7 @@
 # nothing but is still acknowledged (code 1), so a gateway that missed the first ack stops resending.
 import json
 
-from carrier import cbor, hal, proto
+from carrier import cbor, hal, devicemsg
 
 FILE = "config.json"
 DEFAULT_INTERVAL = 60
@@ -44,28 +44,28 @@ class Config:
     def apply(self, payload):
         """Apply a `config` payload from the gateway: (code, cfgver, msg) for the acknowledgement."""
         try:
-            m = proto.decode("config", payload)
-        except proto.ProtoError as e:
+            m = devicemsg.decode("config", payload)
+        except devicemsg.WireError as e:
             self.rejected += 1
-            return proto.BAD_REQUEST, _cfgver_of(payload), str(e)
-        v = m[proto.K_CFGVER]
-        meta = m.get(proto.K_META)
+            return devicemsg.BAD_REQUEST, _cfgver_of(payload), str(e)
+        v = m[devicemsg.K_CFGVER]
+        meta = m.get(devicemsg.K_META)
         msg = check_meta(meta) if meta is not None else None
         if msg:
             self.rejected += 1
-            return proto.BAD_REQUEST, v, msg
+            return devicemsg.BAD_REQUEST, v, msg
         if v <= self.cfgver:
-            return proto.OK, v, "not newer than applied cfgver %d" % self.cfgver
+            return devicemsg.OK, v, "not newer than applied cfgver %d" % self.cfgver
         self.cfgver = v
-        if proto.K_INTERVAL in m:
-            self.interval = m[proto.K_INTERVAL]
+        if devicemsg.K_INTERVAL in m:
+            self.interval = m[devicemsg.K_INTERVAL]
         if meta is not None:
             self.meta = meta
         self.save()
         self.applied += 1
         if self.on_change:
             self.on_change()
-        return proto.OK, v, None
+        return devicemsg.OK, v, None
 
     def set_interval(self, s):
         """Local change from the console (cfgver unchanged); ValueError when out of range."""
@@ -96,14 +96,14 @@ def check_meta(meta):
 
 def _cfgver_of(payload):
     try:
-        v = cbor.loads(payload).get(proto.K_CFGVER)
+        v = cbor.loads(payload).get(devicemsg.K_CFGVER)
     except (cbor.CBORError, AttributeError):
         return 0
     return v if type(v) is int and v >= 0 else 0
 
 
 def ack_payload(ident, code, cfgver, msg=None):
-    m = {proto.K_ID: ident, proto.K_CFGVER: cfgver, proto.K_CODE: code}
+    m = {devicemsg.K_ID: ident, devicemsg.K_CFGVER: cfgver, devicemsg.K_CODE: code}
     if msg:
-        m[proto.K_MSG] = msg
-    return proto.encode("config_ack", m)
+        m[devicemsg.K_MSG] = msg
+    return devicemsg.encode("config_ack", m)

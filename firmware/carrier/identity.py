@@ -14,7 +14,7 @@ import json
 import hashlib
 import binascii
 
-from carrier import hal, ident
+from carrier import hal, idsyntax
 
 FILE = "identity.json"
 KV_KEY = "key"
@@ -62,11 +62,11 @@ class Identity:
         if type(d) is not dict:
             raise IdentityError("identity must be a JSON object")
         i = d.get("id") or ""
-        if type(i) is not str:  # a number or list would reach bytes() in ident.parse: TypeError, not IdentityError
+        if type(i) is not str:  # a number or list would reach bytes() in idsyntax.parse: TypeError, not IdentityError
             raise IdentityError("bad identifier: id must be text")
         try:
-            self.id = ident.parse(i)
-        except ident.IdentError as e:
+            self.id = idsyntax.parse(i)
+        except idsyntax.IdentifierError as e:
             raise IdentityError("bad identifier: " + e.reason)
         self.idb = self.id.encode()
         t = d.get("transport") or "coap"

@@ -21,7 +21,7 @@ import socket
 import binascii
 from micropython import const
 
-from carrier import cbor, proto, rcache, log
+from carrier import cbor, devicemsg, rcache, log
 
 CONNECT = const(1)
 CONNACK = const(2)
@@ -610,7 +610,7 @@ class Transport:
 
     def __init__(self, ident, poller=None, cache=None, keepalive=60, retry_ms=RETRY_MS):
         self.id = ident.id
-        dev = proto.topic_key(ident.id)
+        dev = devicemsg.topic_key(ident.id)
         base = "ida/v1/d/" + dev + "/"
         self.t_status = (base + "status").encode()
         self.t_req = (base + "req").encode()
@@ -618,7 +618,7 @@ class Transport:
         self.t_cfgack = (base + "cfgack").encode()
         self._subs = [((base + s).encode(), 1) for s in ("res", "ack", "cfg")]
         self._blen = len(base)
-        will = (self.t_status, proto.encode("status", {proto.K_ID: ident.id, proto.K_ONLINE: False}), 1, True)
+        will = (self.t_status, devicemsg.encode("status", {devicemsg.K_ID: ident.id, devicemsg.K_ONLINE: False}), 1, True)
         tls = getattr(ident, "mqtt_tls", False)
         self.c = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms,
                         ca=ident.ca_path if tls else None)
@@ -648,7 +648,7 @@ class Transport:
 
     def stop(self):
         if self.c.state == UP:
-            self.c.publish(self.t_status, proto.encode("status", {proto.K_ID: self.id, proto.K_ONLINE: False}),
+            self.c.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: False}),
                            0, True, self.now)
         self.s.stop()
         self._fail_all()
@@ -656,17 +656,17 @@ class Transport:
     def _fail_all(self):
         res, self._res = self._res, []
         for r in res:
-            r[2]((proto.NO_RESPONSE, r[1], None, 0, "no response"))
+            r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
         if self._rep:
             boot, seq = self._rep[0], self._rep[1]
             self._rep = None
-            self._rep_cb(proto.NO_RESPONSE, boot, seq)
+            self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
 
     def ready(self):
         return self.c.state == UP and self.c.inflight() < INFLIGHT
 
     def _up(self, now):
-        self.c.publish(self.t_status, proto.encode("status", {proto.K_ID: self.id, proto.K_ONLINE: True}),
+        self.c.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: True}),
                        1, True, now)
         self.c.subscribe(self._subs, now)
 
@@ -685,19 +685,19 @@ class Transport:
             if self._rep:
                 boot, seq = self._rep[0], self._rep[1]
                 self._rep = None
-                self._rep_cb(proto.NO_RESPONSE, boot, seq)
+                self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
         for r in self._res:
             if time.ticks_diff(now, r[3]) >= 0:
                 if r[4] < RESOLVE_TRIES and self._send_req(r, now):
                     continue
                 self._res.remove(r)
-                r[2]((proto.NO_RESPONSE, r[1], None, 0, "no response"))
+                r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
                 break  # the list changed: the others wait for the next poll
         if self._rep and time.ticks_diff(now, self._rep[2]) >= 0:
             boot, seq = self._rep[0], self._rep[1]
             self._rep = None
             self.errors += 1
-            self._rep_cb(proto.NO_RESPONSE, boot, seq)
+            self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
 
     def _send_req(self, r, now):
         self._tok = (self._tok + 1) & 0xFFFF
@@ -706,12 +706,12 @@ class Transport:
         r[3] = time.ticks_add(now, RESOLVE_WAIT)
         key = r[1]
         q = key.find("?type=")
-        m = {proto.K_TOKEN: r[0], proto.K_ID: key if q < 0 else key[:q]}
+        m = {devicemsg.K_TOKEN: r[0], devicemsg.K_ID: key if q < 0 else key[:q]}
         if q >= 0:
-            m[proto.K_TYPES] = [key[q + 6:]]
+            m[devicemsg.K_TYPES] = [key[q + 6:]]
         e = self.cache.get(key)
         if e and e[1]:
-            m[proto.K_ETAG] = e[1]
+            m[devicemsg.K_ETAG] = e[1]
         return self.c.publish(self.t_req, cbor.dumps(m), 0, False, now) == 0
 
     def resolve(self, target, cb, qtype=None):
@@ -759,20 +759,20 @@ class Transport:
             self.errors += 1
         elif kind == b"ack":
             try:
-                proto.check("report_ack", m)
-            except proto.ProtoError:
+                devicemsg.check("report_ack", m)
+            except devicemsg.WireError:
                 self.errors += 1
                 return
-            boot, seq = m[proto.K_BOOT], m[proto.K_SEQ]
-            self.cfg_hint = m.get(proto.K_CFGVER, self.cfg_hint)
+            boot, seq = m[devicemsg.K_BOOT], m[devicemsg.K_SEQ]
+            self.cfg_hint = m.get(devicemsg.K_CFGVER, self.cfg_hint)
             if self._rep and self._rep[0] == boot and self._rep[1] == seq:
                 self._rep = None
-            self._rep_cb(m[proto.K_CODE], boot, seq)  # late acks still clear the queue
+            self._rep_cb(m[devicemsg.K_CODE], boot, seq)  # late acks still clear the queue
         elif kind == b"res":
             self._resolved(m, payload)
 
     def _resolved(self, m, payload):
-        tok = m.get(proto.K_TOKEN)
+        tok = m.get(devicemsg.K_TOKEN)
         for r in self._res:
             if r[0] == tok:
                 break
@@ -782,19 +782,19 @@ class Transport:
         key, cb = r[1], r[2]
         q = key.find("?type=")
         target = key if q < 0 else key[:q]
-        code = m.get(proto.K_CODE)
-        ttl = m.get(proto.K_TTL)
+        code = m.get(devicemsg.K_CODE)
+        ttl = m.get(devicemsg.K_TTL)
         ttl = ttl if type(ttl) is int and ttl >= 0 else 60
-        if code == proto.OK:
+        if code == devicemsg.OK:
             data = bytes(payload)
             res = rcache.answer(target, data)
-            if res[0] == proto.OK:
-                self.cache.put(key, m.get(proto.K_ETAG), ttl, data, self.now)
-        elif code == proto.NOT_MODIFIED:
+            if res[0] == devicemsg.OK:
+                self.cache.put(key, m.get(devicemsg.K_ETAG), ttl, data, self.now)
+        elif code == devicemsg.NOT_MODIFIED:
             e = self.cache.refresh(key, ttl, self.now)
-            res = rcache.answer(target, e[3], -2) if e else (proto.INTERNAL, target, None, 0, "203 without entry")
+            res = rcache.answer(target, e[3], -2) if e else (devicemsg.INTERNAL, target, None, 0, "203 without entry")
         else:
-            msg = m.get(proto.K_MSG)
-            res = (code if type(code) is int else proto.BAD_REQUEST, target, None, 0,
+            msg = m.get(devicemsg.K_MSG)
+            res = (code if type(code) is int else devicemsg.BAD_REQUEST, target, None, 0,
                    msg if type(msg) is str else str(code))
         cb(res)

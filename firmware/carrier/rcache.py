@@ -4,7 +4,7 @@
 # Bounded by entry count and payload bytes; least recently used goes first.
 import time
 
-from carrier import proto
+from carrier import devicemsg
 
 MAX_AGE_CAP = 86400  # s; keeps ticks arithmetic inside half the ticks period
 
@@ -66,8 +66,8 @@ def answer(target, payload, src=None):
     """Result tuple (code, id, values, src, msg) of a resolve_response payload. src: the gateway's source
     (0 zone, 1 cache, 2 upstream, 3 stale) or, when given, -1 served by the device cache / -2 revalidated."""
     try:
-        r = proto.decode("resolve_response", payload)
-    except proto.ProtoError as e:
-        return (proto.BAD_REQUEST, target, None, 0, str(e))
-    return (r[proto.K_CODE], r[proto.K_ID], r[proto.K_VALUES], r.get(proto.K_SOURCE, 0) if src is None else src,
+        r = devicemsg.decode("resolve_response", payload)
+    except devicemsg.WireError as e:
+        return (devicemsg.BAD_REQUEST, target, None, 0, str(e))
+    return (r[devicemsg.K_CODE], r[devicemsg.K_ID], r[devicemsg.K_VALUES], r.get(devicemsg.K_SOURCE, 0) if src is None else src,
             None)

@@ -6,7 +6,7 @@
 import gc
 import time
 
-from carrier import proto, log
+from carrier import devicemsg, log
 
 RETRY_MIN = 2000     # ms
 RETRY_MAX = 300000
@@ -50,25 +50,25 @@ class Reporter:
     def make(self, uptime_s):
         """Build the next report and queue it; returns its seq."""
         self.seq += 1
-        m = {proto.K_ID: self.id, proto.K_BOOT: self.boot, proto.K_SEQ: self.seq, proto.K_UPTIME: uptime_s,
-             proto.K_HEAP: gc.mem_free(), proto.K_RSSI: self.h.rssi(), proto.K_QUEUE: self.q.count,
-             proto.K_BOARD: self.board, proto.K_FW: self.fw, proto.K_DROPPED: self.q.dropped}
+        m = {devicemsg.K_ID: self.id, devicemsg.K_BOOT: self.boot, devicemsg.K_SEQ: self.seq, devicemsg.K_UPTIME: uptime_s,
+             devicemsg.K_HEAP: gc.mem_free(), devicemsg.K_RSSI: self.h.rssi(), devicemsg.K_QUEUE: self.q.count,
+             devicemsg.K_BOARD: self.board, devicemsg.K_FW: self.fw, devicemsg.K_DROPPED: self.q.dropped}
         t = self.h.time()
         if t:
-            m[proto.K_TIME] = t
+            m[devicemsg.K_TIME] = t
         if self.sensors:
             try:
                 s = self.sensors()
                 if s:
-                    m[proto.K_SENSORS] = s
+                    m[devicemsg.K_SENSORS] = s
             except Exception as e:  # a sensor fault must not stop reporting
                 log.w("rpt", "sensors failed: %s" % e)
         try:
-            payload = proto.encode("report", m)
-        except proto.ProtoError as e:  # a bad sensor value: report without sensors
+            payload = devicemsg.encode("report", m)
+        except devicemsg.WireError as e:  # a bad sensor value: report without sensors
             log.w("rpt", "report dropped sensors: %s" % e)
-            m.pop(proto.K_SENSORS, None)
-            payload = proto.encode("report", m)
+            m.pop(devicemsg.K_SENSORS, None)
+            payload = devicemsg.encode("report", m)
         self.q.put(self.boot, self.seq, payload, self.now)
         self.made += 1
         return self.seq
@@ -89,16 +89,16 @@ class Reporter:
                 self.inflight = (boot, seq)
 
     def done(self, code, boot, seq):
-        """Transport callback: the gateway's report_ack code, or proto.NO_RESPONSE."""
+        """Transport callback: the gateway's report_ack code, or devicemsg.NO_RESPONSE."""
         if self.inflight == (boot, seq):
             self.inflight = None
         self.last_code = code
-        if code == proto.OK:
+        if code == devicemsg.OK:
             if self.q.ack(boot, seq, self.now):
                 self.acked += 1
             self._backoff = RETRY_MIN
             self._retry = self.now
-        elif code == proto.NO_RESPONSE or code == proto.RATE_LIMITED or code == proto.UNAUTHORIZED or code >= 500:
+        elif code == devicemsg.NO_RESPONSE or code == devicemsg.RATE_LIMITED or code == devicemsg.UNAUTHORIZED or code >= 500:
             # kept and retried with backoff: 4.01 means the gateway does not (yet) hold this device's key
             self.failed += 1
             self._retry = time.ticks_add(self.now, self._backoff)

@@ -2,7 +2,7 @@
 # gateway served from the test: provisioning mode, boot counter and seq, crash streak and safe mode, first
 # report and resolve, offline queueing and drain, remote config, and the key never reaching any output.
 from mptest import eq, ok, raises, note
-from carrier import app as A, log, proto
+from carrier import app as A, log, devicemsg
 
 from fwfakes import Rig, KEY, ID
 
@@ -85,7 +85,7 @@ def test_first_report_resolve_and_config():
         r.srv.cfg = {20: 7, 21: 30, 22: {"URL": "https://example.org/pump"}}
         a = r.boot()
         ok(r.run(5000, lambda: r.srv.reports and r.srv.cfg_acks and a.rep.acked), "report + config")
-        rep = proto.check("report", r.srv.reports[0])
+        rep = devicemsg.check("report", r.srv.reports[0])
         eq((rep[2], rep[10], rep[11], rep[16], rep[17], rep[15]), (ID, 1, 1, "unix", "0.1.0", 0))
         ok(rep[13] > 0, "free heap")
         eq(r.srv.resolves[0], ID, "resolves its own identifier once")

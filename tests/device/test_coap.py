@@ -3,7 +3,7 @@
 # revalidation, reports, config observation) against a fake socket with a fake clock.
 from mptest import eq, ok, raises, note
 from fwfakes import FakeSock, coap_reply
-from carrier import coap, cbor, proto
+from carrier import coap, cbor, devicemsg
 from carrier.identity import Identity
 
 ID24 = "88.123.99/PUMP-0001-ABCD"  # 24 characters
@@ -182,7 +182,7 @@ def test_retransmission_timers_and_give_up():
     for i, g in enumerate(gaps):
         ok(abs(g - t0 * (1 << i)) <= 10, "gap %d: %d vs %d" % (i, g, t0 << i))
     ok(abs((now - 1000) - t0 * 31) <= 50, "gives up after the last timeout: %d vs %d" % (now - 1000, t0 * 31))
-    eq(got[0][0], proto.NO_RESPONSE)
+    eq(got[0][0], devicemsg.NO_RESPONSE)
     eq(c.retrans, 4)
     note("retransmissions at", sends, "ms; gave up at", now - 1000, "ms")
 
@@ -363,7 +363,7 @@ def test_slots_are_bounded_and_stop_fails_pending():
     ok(not c.ready())
     c.stop()
     eq(len(got), coap.SLOTS)
-    ok(all(g[0] == proto.NO_RESPONSE for g in got))
+    ok(all(g[0] == devicemsg.NO_RESPONSE for g in got))
     ok(not c.resolve("88.1/after", got.append), "no socket: not accepted")
 
 
@@ -412,5 +412,5 @@ def test_icmp_unreachable_fails_fast():
     c.resolve("88.1/X", got.append)
     c.sock.rx.append(OSError(111))  # ECONNREFUSED: nothing listens on the gateway port
     c.poll(1100)
-    eq(got[0][0], proto.NO_RESPONSE)
+    eq(got[0][0], devicemsg.NO_RESPONSE)
     ok(c.ready())

@@ -234,7 +234,7 @@ def test_fuzz_client_exchanges():
 # -- findings -----------------------------------------------------------------------------------------------
 def test_regression_float_key_in_config_notification():
     # fuzz finding (seed 4): a /cfg answer whose payload is {20.0: {"0.NA/x": "\u0085"}} (a float key equal to
-    # cfgver) raised TypeError out of Client.poll via Config.apply -> proto.check.
+    # cfgver) raised TypeError out of Client.poll via Config.apply -> devicemsg.check.
     r = Rig()
     try:
         ok(r.c.get_config())

@@ -244,7 +244,7 @@ def test_fuzz_transport():
 # -- findings -----------------------------------------------------------------------------------------------
 def test_regression_float_key_in_report_ack_and_config():
     # fuzz finding (every seed, through the MQTT path): a report_ack {10: 2**64-1, 11: 22, 3.0: {}} on the ack
-    # topic, or a config {20.0: {"0.NA/x": "\u0085"}} on cfg, raised TypeError out of Transport.poll (proto.check
+    # topic, or a config {20.0: {"0.NA/x": "\u0085"}} on cfg, raised TypeError out of Transport.poll (devicemsg.check
     # indexed its type table with the float key); the device app treats that as a crash and resets.
     r = Rig()
     try:

@@ -6,7 +6,7 @@ import socket
 import select
 from mptest import eq, ok, raises, note
 from fwfakes import FakeSock
-from carrier import mqtt, proto, cbor
+from carrier import mqtt, devicemsg, cbor
 from carrier.identity import Identity
 
 
@@ -333,7 +333,7 @@ def _deliver(t, topic, payload, qos=0, pid=1):
 
 def _req(t):
     """The resolve requests published since the last look (the unacknowledged status may be resent)."""
-    return [proto.decode("resolve_request", p[1]) for p in _pubs(t) if p[0].endswith("/req")]
+    return [devicemsg.decode("resolve_request", p[1]) for p in _pubs(t) if p[0].endswith("/req")]
 
 
 def test_transport_resolve_with_token_cache_and_retry():
@@ -343,7 +343,7 @@ def test_transport_resolve_with_token_cache_and_retry():
     ok(t.resolve("88.1/X", got.append))
     ((topic, payload, q, _r),) = _pubs(t)
     eq((topic, q), ("ida/v1/d/88.123.99%2FPUMP-0001/req", 0))
-    req = proto.decode("resolve_request", payload)
+    req = devicemsg.decode("resolve_request", payload)
     _deliver(t, "res", cbor.dumps({1: b"zz", 3: 1, 2: "88.1/X", 4: [], 5: 60, 6: b"e1"}))
     eq(got, [], "another request's token")
     _deliver(
@@ -359,7 +359,7 @@ def test_transport_resolve_with_token_cache_and_retry():
     second = _req(t)[0]
     ok(first[1] != second[1], "retried with a new token")
     t.poll(t.now + mqtt.RESOLVE_WAIT + 1)
-    eq(got[2][0], proto.NO_RESPONSE)
+    eq(got[2][0], devicemsg.NO_RESPONSE)
     ok(t.resolve("88.1/Z", got.append))
     tok = _req(t)[0][1]
     _deliver(t, "res", cbor.dumps({1: tok, 3: 100, 9: "handle not found", 5: 30}))
@@ -385,7 +385,7 @@ def test_transport_report_ack_and_config():
     eq(cfgs, [cbor.dumps({20: 3, 21: 30})])
     ok(t.report(b"\xa0", 2, 2, cb))
     t.poll(t.now + mqtt.REPORT_WAIT + 1)
-    eq(acks[-1], (proto.NO_RESPONSE, 2, 2))
+    eq(acks[-1], (devicemsg.NO_RESPONSE, 2, 2))
 
 
 def test_password_is_derived_not_the_key():
