@@ -116,8 +116,8 @@ class App:
     def _make_transport(self, i):
         # imported here: a device loads only the transport it uses
         if i.transport == "mqtt":
-            from carrier import mqtt
-            return mqtt.Transport(i, self.poller)
+            from carrier import mqttdevice
+            return mqttdevice.Transport(i, self.poller)
         if i.secure:  # OSCORE-protected CoAP (docs/security.md)
             from carrier import oscore
             return oscore.Client(i, self.poller, store=self.h)

@@ -317,7 +317,11 @@ class CoapServer:
                     code = 68
                 elif self.cfg is not None:
                     self.cfg_gets += 1
-                    code, opts, payload = 69, ((coapmsg.O_OBSERVE, 1), (coapmsg.O_CF, 60)), cbor.dumps(self.cfg)
+                    code, opts, payload = (
+                        69,
+                        ((coapmsg.O_OBSERVE, 1), (coapmsg.O_CF, 60)),
+                        cbor.dumps(self.cfg),
+                    )
             elif path and path[0] == "r":
                 ident = path[1] + "/" + "/".join(path[2:])
                 self.resolves.append(ident)

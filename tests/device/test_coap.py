@@ -47,7 +47,11 @@ def test_piggybacked_response_and_device_cache():
             coapmsg.CONTENT,
             m.mid,
             m.token,
-            ((coapmsg.O_ETAG, b"\x01\x02\x03\x04\x05\x06\x07\x08"), (coapmsg.O_CF, 60), (coapmsg.O_MAX_AGE, 60)),
+            (
+                (coapmsg.O_ETAG, b"\x01\x02\x03\x04\x05\x06\x07\x08"),
+                (coapmsg.O_CF, 60),
+                (coapmsg.O_MAX_AGE, 60),
+            ),
             _resp_payload(),
         )
     )
@@ -206,7 +210,9 @@ def test_etag_revalidation_refreshes_max_age():
     m, d = _sent(c)
     eq(m.etag, b"tag1", "revalidates with the ETag")
     c.sock.rx.append(
-        _reply(coapmsg.ACK, coapmsg.VALID, m.mid, m.token, ((coapmsg.O_ETAG, b"tag1"), (coapmsg.O_MAX_AGE, 30)))
+        _reply(
+            coapmsg.ACK, coapmsg.VALID, m.mid, m.token, ((coapmsg.O_ETAG, b"tag1"), (coapmsg.O_MAX_AGE, 30))
+        )
     )
     c.poll(3100)
     eq((got[1][0], got[1][2], got[1][3]), (1, [[1, "URL", "https://x.example/", 86400]], -2))
@@ -241,12 +247,16 @@ def test_report_post_and_ack():
     # Uri-Path d / 88.123.99 / pump / 7 / rpt, then Content-Format
     ok(b"\xb1d\x0988.123.99\x04pump\x017\x03rpt\x11\x3c\xff" in d, d)
     eq(d[m.payload_at :], payload)
-    c.sock.rx.append(_reply(coapmsg.ACK, coapmsg.CHANGED, m.mid, m.token, (), cbor.dumps({10: 3, 11: 1, 3: 1})))
+    c.sock.rx.append(
+        _reply(coapmsg.ACK, coapmsg.CHANGED, m.mid, m.token, (), cbor.dumps({10: 3, 11: 1, 3: 1}))
+    )
     c.poll(1100)
     eq(got, [(1, 3, 1)])
     c.report(payload, 3, 2, lambda code, b, s: got.append((code, b, s)))
     m, d = _sent(c)
-    c.sock.rx.append(_reply(coapmsg.ACK, coapmsg.CHANGED, m.mid, m.token, (), cbor.dumps({10: 3, 11: 9, 3: 1})))
+    c.sock.rx.append(
+        _reply(coapmsg.ACK, coapmsg.CHANGED, m.mid, m.token, (), cbor.dumps({10: 3, 11: 9, 3: 1}))
+    )
     c.poll(1200)
     eq(got[1], (500, 3, 2), "an ack for another report is not this report's ack")
 

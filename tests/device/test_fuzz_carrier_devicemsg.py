@@ -223,4 +223,7 @@ def test_regression_float_key_equal_to_known_key():
     finally:
         rmtree(d[:-1])
     # a float key the message does not use is ignored, as the gateway ignores it
-    eq(devicemsg.decode("report_ack", cbor.dumps({10: 1, 11: 2, 3: 1, 15.0: 0})), {10: 1, 11: 2, 3: 1, 15.0: 0})
+    eq(
+        devicemsg.decode("report_ack", cbor.dumps({10: 1, 11: 2, 3: 1, 15.0: 0})),
+        {10: 1, 11: 2, 3: 1, 15.0: 0},
+    )

@@ -154,7 +154,11 @@ def _datagram(r):
     if F.chance(6):
         tok ^= 1
     t = F.pick((coapmsg.ACK, coapmsg.ACK, coapmsg.CON, coapmsg.NON, coapmsg.RST))
-    code = F.pick((coapmsg.CONTENT, coapmsg.CONTENT, coapmsg.CHANGED, coapmsg.VALID)) if F.chance(2) else F.pick(CODES)
+    code = (
+        F.pick((coapmsg.CONTENT, coapmsg.CONTENT, coapmsg.CHANGED, coapmsg.VALID))
+        if F.chance(2)
+        else F.pick(CODES)
+    )
     d = _reply(t, code, mid, tok, tkl, _opts(), _payload() if not F.chance(5) else b"")
     return F.mutate(d) if F.chance(4) else d
 
@@ -254,7 +258,15 @@ def test_regression_float_key_in_config_notification():
         eq((r.configs, r.cfg.rejected, r.cfg.cfgver), (1, 1, 0))
         # the observation stays: a later good notification is applied
         r.feed(
-            _reply(coapmsg.NON, coapmsg.CONTENT, 7, tok, tkl, ((coapmsg.O_OBSERVE, 4),), cbor.dumps({20: 5, 21: 30}))
+            _reply(
+                coapmsg.NON,
+                coapmsg.CONTENT,
+                7,
+                tok,
+                tkl,
+                ((coapmsg.O_OBSERVE, 4),),
+                cbor.dumps({20: 5, 21: 30}),
+            )
         )
         eq((r.configs, r.cfg.cfgver, r.cfg.interval), (2, 5, 30))
     finally:
