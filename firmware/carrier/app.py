@@ -38,16 +38,16 @@ KV_BOOT = "boot"
 
 class App:
     def __init__(self, h, wdt_ms=WDT_MS, interval=None, fault=None):
-        self.h = h
+        self.hal = h
         self.wdt_ms = wdt_ms
         self.default_interval = interval
         self.fault = fault  # test hooks: "boot" raises after the crash streak is counted, "hang" stops feeding
         self.poller = select.poll()
         self.ident = None
         self.ident_error = None
-        self.t = None
-        self.t_on = False
-        self.rep = None
+        self.transport = None
+        self.transport_on = False
+        self.reporter = None
         self.safe = False
         self.errors = 0
         self.last_error = None
@@ -67,7 +67,7 @@ class App:
 
     # ---- boot
     def boot(self):
-        h = self.h
+        h = self.hal
         now = h.ticks()
         self._last = now
         self.boot_n = self._count_boot()
@@ -80,10 +80,10 @@ class App:
         except identity.IdentityError as e:
             self.ident_error = str(e)
         self.cfg = Config(h, self.default_interval or 60)
-        self.q = Queue(h.root + "q.dat")
+        self.queue = Queue(h.root + "q.dat")
         log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
-            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.q.count, self.q.dropped,
-            self.q.corrupt))
+            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.queue.count, self.queue.dropped,
+            self.queue.corrupt))
         if self.cfg.error:
             log.w("cfg", self.cfg.error)
         if h.con is not None:
@@ -103,15 +103,15 @@ class App:
             log.w("app", "safe mode: %d quick crashes in a row (or button held): console only, no network"
                   % (self.streak - 1))
             return
-        self.rep = Reporter(h, i.id, self.q, self.boot_n, self.cfg.interval, h.board.name, VERSION)
-        self.rep.start(now)
+        self.reporter = Reporter(h, i.id, self.queue, self.boot_n, self.cfg.interval, h.board.name, VERSION)
+        self.reporter.start(now)
         self.cfg.on_change = self._cfg_changed
         if self.fault == "boot":
             raise RuntimeError("injected boot fault")
         h.net_set(True, i.wifi)
         t = self._make_transport(i)
         t.on_config = self._on_config
-        self.t = t
+        self.transport = t
 
     def _make_transport(self, i):
         # imported here: a device loads only the transport it uses
@@ -120,28 +120,28 @@ class App:
             return mqttdevice.Transport(i, self.poller)
         if i.secure:  # OSCORE-protected CoAP (docs/security.md)
             from carrier import oscore
-            return oscore.Client(i, self.poller, store=self.h)
+            return oscore.Client(i, self.poller, store=self.hal)
         from carrier import coap
         return coap.Client(i, self.poller)
 
     def _count_boot(self):
-        b = self.h.kv_get(KV_BOOT)
+        b = self.hal.kv_get(KV_BOOT)
         n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
-        self.h.kv_set(KV_BOOT, struct.pack("<I", n))
+        self.hal.kv_set(KV_BOOT, struct.pack("<I", n))
         return n
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
-        d = self.h.rtc_get()
+        d = self.hal.rtc_get()
         s = d[4] if len(d) >= 5 and d[:4] == RTC_MAGIC else 0
         s = 0 if add is None else min(s + add, 255)
-        self.h.rtc_set(RTC_MAGIC + bytes((s,)))
+        self.hal.rtc_set(RTC_MAGIC + bytes((s,)))
         return s
 
     # ---- loop
     def run(self):
         self.boot()
-        h = self.h
+        h = self.hal
         while True:
             self.step(h.ticks())
             if self._reboot:
@@ -155,7 +155,7 @@ class App:
 
     def step(self, now):
         """One loop iteration: never blocks."""
-        h = self.h
+        h = self.hal
         h.wdt_feed()
         self.up_ms += time.ticks_diff(now, self._last)
         self._last = now
@@ -163,30 +163,30 @@ class App:
             self._stable = True
             if not self.safe:
                 self._streak(None)
-        t = self.t
+        t = self.transport
         if t is not None:
             h.net_poll(now)
             self._transport(t, now, h.net_up())
-        if self.rep:
-            self.rep.poll(now, t if self.t_on else None, self.up_ms // 1000)
-        self.q.poll(now)
+        if self.reporter:
+            self.reporter.poll(now, t if self.transport_on else None, self.up_ms // 1000)
+        self.queue.poll(now)
         self.console.poll(h.con_read)
-        if self.t_on != self._led:  # status LED: lit while the transport runs (written on change only)
-            self._led = self.t_on
+        if self.transport_on != self._led:  # status LED: lit while the transport runs (written on change only)
+            self._led = self.transport_on
             h.led(self._led)
 
     def _transport(self, t, now, net):
         if not net:
-            if self.t_on:
+            if self.transport_on:
                 log.w("net", "down: reports queue in flash")
                 self._stop()
             return
         try:
-            if not self.t_on:
+            if not self.transport_on:
                 if time.ticks_diff(now, self._retry) < 0:
                     return
                 t.start(now)
-                self.t_on = True
+                self.transport_on = True
                 self._first = False
                 self._cfg_at = now
                 t.get_config()
@@ -198,7 +198,7 @@ class App:
                 t.resolve(i.id, self._first_resolved)
             if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
                 self._cfg_at = now
-            r = self.rep
+            r = self.reporter
             if r is not None and r.acked != self._cfg_acked:
                 # CoAP: no observation when the last fetch found no desired config (a 4.04 ends it); fetch and
                 # observe again after each acknowledged report, so a config set later arrives within an interval
@@ -220,8 +220,8 @@ class App:
             self._backoff = min(self._backoff * 2, RETRY_MAX)
 
     def _stop(self):
-        self.t_on = False
-        t = self.t
+        self.transport_on = False
+        t = self.transport
         if t is None:
             return
         try:
@@ -237,24 +237,24 @@ class App:
     def _on_config(self, payload):
         code, v, msg = self.cfg.apply(payload)
         log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
-        t = self.t
+        t = self.transport
         i = self.ident
-        if self.t_on and t is not None and i is not None:
+        if self.transport_on and t is not None and i is not None:
             t.cfg_ack(ack_payload(i.id, code, v, msg))
 
     def _cfg_changed(self):
-        if self.rep:
-            self.rep.set_interval(self.cfg.interval)
+        if self.reporter:
+            self.reporter.set_interval(self.cfg.interval)
 
     def shutdown(self, clean=True):
         """Before a reset or deep sleep: persist the queue; a clean one also clears the crash streak."""
         try:
-            self.q.flush()
+            self.queue.flush()
         except (OSError, AttributeError):
             pass
         if clean:
             self._streak(None)
-        if self.t_on:
+        if self.transport_on:
             self._stop()
 
     def request_reboot(self):
@@ -262,7 +262,7 @@ class App:
 
     def deepsleep(self, ms):
         self.shutdown()
-        self.h.deepsleep(ms)
+        self.hal.deepsleep(ms)
 
     # ---- console services
     def info_id(self):
@@ -272,26 +272,26 @@ class App:
             d += [("transport", i.transport), ("key", i.fingerprint())]
         else:
             d.append(("error", self.ident_error or "not provisioned"))
-        return d + [("uid", self.h.uid().hex()), ("board", self.h.board.name), ("fw", VERSION)]
+        return d + [("uid", self.hal.uid().hex()), ("board", self.hal.board.name), ("fw", VERSION)]
 
     def info_status(self):
         gc.collect()
-        r = self.rep
-        t = self.t
+        r = self.reporter
+        t = self.transport
         return [("id", self.ident.id if self.ident else None), ("boot", self.boot_n), ("seq", r.seq if r else 0),
                 ("uptime", self.up_ms // 1000), ("safe", self.safe),
-                ("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()),
-                ("transport", t.name if t else None), ("transport_on", self.t_on),
-                ("queue", self.q.count), ("dropped", self.q.dropped), ("acked", r.acked if r else 0),
+                ("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()),
+                ("transport", t.name if t else None), ("transport_on", self.transport_on),
+                ("queue", self.queue.count), ("dropped", self.queue.dropped), ("acked", r.acked if r else 0),
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
                 ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
 
     def info_net(self):
-        return [("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()), ("transport_on", self.t_on)]
+        return [("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()), ("transport_on", self.transport_on)]
 
     def set_net(self, on):
-        self.h.net_set(on, self.ident.wifi if self.ident else None)
+        self.hal.net_set(on, self.ident.wifi if self.ident else None)
 
     def resolve(self, text, cb, qtype=None):
         """Start a resolve for the console; an error text when it cannot start."""
@@ -299,20 +299,20 @@ class App:
             target = idsyntax.parse(text)
         except idsyntax.IdentifierError as e:
             return "bad identifier: " + e.reason
-        t = self.t
+        t = self.transport
         if t is None:
             return "no transport (safe mode or not provisioned)"
-        if not self.t_on:
+        if not self.transport_on:
             return "offline"
         if not t.resolve(target, cb, qtype):
             return "busy: try again"
         return None
 
     def report_now(self):
-        if not self.rep:
+        if not self.reporter:
             raise ValueError("no reporter (safe mode or not provisioned)")
-        seq = self.rep.make(self.up_ms // 1000)
-        return [("seq", seq), ("queue", self.q.count)]
+        seq = self.reporter.make(self.up_ms // 1000)
+        return [("seq", seq), ("queue", self.queue.count)]
 
     def config_get(self, key):
         i = self.ident
@@ -321,7 +321,7 @@ class App:
             d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
                  ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
         d += [("interval", self.cfg.interval), ("cfgver", self.cfg.cfgver), ("meta", self.cfg.meta),
-              ("board", self.h.board.name), ("fw", VERSION)]
+              ("board", self.hal.board.name), ("fw", VERSION)]
         if key is None:
             return d
         for kv in d:
@@ -344,7 +344,7 @@ class App:
             d = base.to_dict()
             d[key] = value
             new = identity.Identity(d, base.key)
-            identity.save(self.h, new)
+            identity.save(self.hal, new)
             self._pending = new
             return [(key, value), ("note", "saved; reboot to apply")]
         raise ValueError("settable keys: interval, transport, coap, mqtt")
@@ -362,19 +362,19 @@ class App:
         if keyhex is not None:
             d["key"] = keyhex
         new = identity.Identity(d, key)
-        identity.save(self.h, new)
+        identity.save(self.hal, new)
         log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
         self.request_reboot()
         return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
 
     def factory_reset(self):
         log.w("app", "factory reset")
-        identity.erase(self.h)
-        hal.remove(self.h.root + "config.json")
-        self.q.clear()
-        if self.t_on:
+        identity.erase(self.hal)
+        hal.remove(self.hal.root + "config.json")
+        self.queue.clear()
+        if self.transport_on:
             self._stop()
-        self.t = None
+        self.transport = None
         self._streak(None)
         self.request_reboot()
 
@@ -386,7 +386,7 @@ class App:
             c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
         except ValueError:
             c["cbor"] = False
-        p = self.h.root + "selftest.tmp"
+        p = self.hal.root + "selftest.tmp"
         try:
             hal.write_atomic(p, b"selftest")
             c["fs"] = hal.read(p) == b"selftest"
@@ -394,11 +394,11 @@ class App:
         except OSError:
             c["fs"] = False
         c["identity"] = self.ident is not None
-        c["queue"] = self.q.errors == 0
+        c["queue"] = self.queue.errors == 0
         gc.collect()
         c["heap"] = gc.mem_free() > 16384
-        c["net"] = bool(self.h.net_up())
-        c["transport"] = self.t_on
+        c["net"] = bool(self.hal.net_up())
+        c["transport"] = self.transport_on
         c["safe_mode"] = not self.safe
         ok = True
         for k in c:

@@ -72,9 +72,9 @@ class Client:
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self.exchanges = [exchange(size) for _ in range(SLOTS)]
-        self._rxv = memoryview(b"")  # the datagram being handled
+        self._rx_view = memoryview(b"")  # the datagram being handled
         self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
-        self._blen = 0
+        self._body_len = 0
         self._msg = Msg()
         self._mid = _rand(0x10000)
         self._token = _rand(0x10000)
@@ -331,9 +331,9 @@ class Client:
     def datagram(self, data, now):
         """Handle one received datagram."""
         m = self._msg
-        self._rxv = memoryview(data)
+        self._rx_view = memoryview(data)
         try:
-            decode(self._rxv, len(data), m)
+            decode(self._rx_view, len(data), m)
         except CoapError:
             self.errors += 1
             return
@@ -381,11 +381,11 @@ class Client:
         if ex is not None:
             self._response(ex, now)
         elif known and m.code == CONTENT and self.on_config:
-            self.on_config(bytes(self._rxv[m.payload_at:m.length]))
+            self.on_config(bytes(self._rx_view[m.payload_at:m.length]))
 
     def _response(self, ex, now):
         m = self._msg
-        pl = self._rxv[m.payload_at:m.length]
+        pl = self._rx_view[m.payload_at:m.length]
         if m.crit:
             self._finish(ex, devicemsg.INTERNAL, None)
             return
@@ -396,15 +396,15 @@ class Client:
                 return
             if num == 0:
                 ex.etag = m.etag
-                self._blen = 0
+                self._body_len = 0
                 if not len(self._body):
                     self._body = bytearray(BODY_MAX)
             k = len(pl)
-            if self._blen + k > BODY_MAX:
+            if self._body_len + k > BODY_MAX:
                 self._finish(ex, devicemsg.TOO_LARGE, None)
                 return
-            self._body[self._blen:self._blen + k] = pl
-            self._blen += k
+            self._body[self._body_len:self._body_len + k] = pl
+            self._body_len += k
             if m.block2 & 8:  # more blocks: ask for the next one
                 ex.block = num + 1
                 keep = ex.etag
@@ -413,7 +413,7 @@ class Client:
                 ex.etag = keep
                 self._send(ex, now)
                 return
-            pl = memoryview(self._body)[:self._blen]
+            pl = memoryview(self._body)[:self._body_len]
         self._finish(ex, m.code, pl)
 
     def _finish(self, ex, code, pl):

@@ -14,7 +14,7 @@ META_MAX_BYTES = 512
 
 class Config:
     def __init__(self, h, default_interval=DEFAULT_INTERVAL):
-        self.h = h
+        self.hal = h
         self.cfgver = 0
         self.interval = default_interval
         self.meta = {}
@@ -38,7 +38,7 @@ class Config:
         self.meta = meta
 
     def save(self):
-        hal.write_atomic(self.h.root + FILE,
+        hal.write_atomic(self.hal.root + FILE,
                          json.dumps({"cfgver": self.cfgver, "interval": self.interval, "meta": self.meta}).encode())
 
     def apply(self, payload):

@@ -85,7 +85,7 @@ class Identity:
         ca = d.get("ca")
         if ca is not None and (type(ca) is not str or not ca):
             raise IdentityError("ca must be a file name")
-        self.ca = ca
+        self.ca_file = ca
         self.ca_path = ca or CA_FILE  # load() puts it under the data root
         if not self.urls.get(t):
             raise IdentityError("no %s gateway address" % t)
@@ -115,8 +115,8 @@ class Identity:
             d[s] = self.urls[s]
         if self.secure:
             d["secure"] = True
-        if self.ca:
-            d["ca"] = self.ca
+        if self.ca_file:
+            d["ca"] = self.ca_file
         if self.wifi:
             d["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
         return d

@@ -35,7 +35,7 @@ class Transport:
         self.t_rpt = (base + "rpt").encode()
         self.t_cfgack = (base + "cfgack").encode()
         self._subs = [((base + s).encode(), 1) for s in ("res", "ack", "cfg")]
-        self._blen = len(base)
+        self._base_len = len(base)
         will = (self.t_status, devicemsg.encode("status", {devicemsg.K_ID: ident.id, devicemsg.K_ONLINE: False}), 1, True)
         tls = getattr(ident, "mqtt_tls", False)
         self.client = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms,
@@ -47,10 +47,10 @@ class Transport:
         self.client.on_msg = self._msg
         self.session = Session(self.client, ident.mqtt[0], ident.mqtt[1], self._up)
         self.cache = cache if cache is not None else rcache.Cache()
-        self._tok = int.from_bytes(os.urandom(2), "big")
-        self._res = []  # pending resolves: [token, key, cb, due, tries]
-        self._rep = None  # pending report: [boot, seq, due]
-        self._rep_cb = _nop
+        self._token = int.from_bytes(os.urandom(2), "big")
+        self._resolves = []  # pending resolves: [token, key, cb, due, tries]
+        self._report = None  # pending report: [boot, seq, due]
+        self._report_cb = _nop
         self.on_config = None
         self.cfg_hint = 0  # the desired cfgver the last report ack named (0: none)
         self.errors = 0
@@ -72,13 +72,13 @@ class Transport:
         self._fail_all()
 
     def _fail_all(self):
-        res, self._res = self._res, []
+        res, self._resolves = self._resolves, []
         for r in res:
             r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
-        if self._rep:
-            boot, seq = self._rep[0], self._rep[1]
-            self._rep = None
-            self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
+        if self._report:
+            boot, seq = self._report[0], self._report[1]
+            self._report = None
+            self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
 
     def ready(self):
         return self.client.state == UP and self.client.inflight() < INFLIGHT
@@ -100,26 +100,26 @@ class Transport:
         if was == UP and self.client.state != UP:
             self.errors += 1
             # the pending report's PUBACK/ack may be lost: the reporter resends it from the queue
-            if self._rep:
-                boot, seq = self._rep[0], self._rep[1]
-                self._rep = None
-                self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
-        for r in self._res:
+            if self._report:
+                boot, seq = self._report[0], self._report[1]
+                self._report = None
+                self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
+        for r in self._resolves:
             if time.ticks_diff(now, r[3]) >= 0:
                 if r[4] < RESOLVE_TRIES and self._send_req(r, now):
                     continue
-                self._res.remove(r)
+                self._resolves.remove(r)
                 r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
                 break  # the list changed: the others wait for the next poll
-        if self._rep and time.ticks_diff(now, self._rep[2]) >= 0:
-            boot, seq = self._rep[0], self._rep[1]
-            self._rep = None
+        if self._report and time.ticks_diff(now, self._report[2]) >= 0:
+            boot, seq = self._report[0], self._report[1]
+            self._report = None
             self.errors += 1
-            self._rep_cb(devicemsg.NO_RESPONSE, boot, seq)
+            self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
 
     def _send_req(self, r, now):
-        self._tok = (self._tok + 1) & 0xFFFF
-        r[0] = self._tok.to_bytes(2, "big")
+        self._token = (self._token + 1) & 0xFFFF
+        r[0] = self._token.to_bytes(2, "big")
         r[4] += 1
         r[3] = time.ticks_add(now, RESOLVE_WAIT)
         key = r[1]
@@ -139,19 +139,19 @@ class Transport:
             self.cache.hits += 1
             cb(rcache.answer(target, e[3], -1))
             return True
-        if self.client.state != UP or len(self._res) >= 2:
+        if self.client.state != UP or len(self._resolves) >= 2:
             return False
         r = [b"", key, cb, 0, 0]
         if not self._send_req(r, self.now):
             return False
-        self._res.append(r)
+        self._resolves.append(r)
         return True
 
     def report(self, payload, boot, seq, cb):
-        if self._rep is not None or self.client.publish(self.t_rpt, payload, 1, False, self.now) < 0:
+        if self._report is not None or self.client.publish(self.t_rpt, payload, 1, False, self.now) < 0:
             return False
-        self._rep = [boot, seq, time.ticks_add(self.now, REPORT_WAIT)]
-        self._rep_cb = cb
+        self._report = [boot, seq, time.ticks_add(self.now, REPORT_WAIT)]
+        self._report_cb = cb
         return True
 
     def cfg_ack(self, payload):
@@ -161,7 +161,7 @@ class Transport:
         return True  # the broker delivers the retained desired config on every subscribe
 
     def _msg(self, topic, payload, retained):
-        if len(topic) != self._blen + 3:
+        if len(topic) != self._base_len + 3:
             return
         kind = bytes(topic[-3:])
         if kind == b"cfg":
@@ -183,20 +183,20 @@ class Transport:
                 return
             boot, seq = m[devicemsg.K_BOOT], m[devicemsg.K_SEQ]
             self.cfg_hint = m.get(devicemsg.K_CFGVER, self.cfg_hint)
-            if self._rep and self._rep[0] == boot and self._rep[1] == seq:
-                self._rep = None
-            self._rep_cb(m[devicemsg.K_CODE], boot, seq)  # late acks still clear the queue
+            if self._report and self._report[0] == boot and self._report[1] == seq:
+                self._report = None
+            self._report_cb(m[devicemsg.K_CODE], boot, seq)  # late acks still clear the queue
         elif kind == b"res":
             self._resolved(m, payload)
 
     def _resolved(self, m, payload):
         tok = m.get(devicemsg.K_TOKEN)
-        for r in self._res:
+        for r in self._resolves:
             if r[0] == tok:
                 break
         else:
             return  # an answer to a request we retried or gave up on
-        self._res.remove(r)
+        self._resolves.remove(r)
         key, cb = r[1], r[2]
         q = key.find("?type=")
         target = key if q < 0 else key[:q]

@@ -13,15 +13,15 @@ class Cache:
     def __init__(self, entries=4, max_bytes=1024):
         self.entries = entries
         self.max_bytes = max_bytes
-        self._e = []  # [key, etag, expires_ticks, payload], least recently used first
+        self._lru = []  # [key, etag, expires_ticks, payload], least recently used first
         self.bytes = 0
         self.hits = 0
 
     def get(self, key):
-        for e in self._e:
+        for e in self._lru:
             if e[0] == key:
-                self._e.remove(e)
-                self._e.append(e)
+                self._lru.remove(e)
+                self._lru.append(e)
                 return e
         return None
 
@@ -34,10 +34,10 @@ class Cache:
         n = len(payload)
         if n > self.max_bytes or (max_age <= 0 and not etag):
             return None
-        while self._e and (len(self._e) >= self.entries or self.bytes + n > self.max_bytes):
-            self.bytes -= len(self._e.pop(0)[3])
+        while self._lru and (len(self._lru) >= self.entries or self.bytes + n > self.max_bytes):
+            self.bytes -= len(self._lru.pop(0)[3])
         e = [key, etag, time.ticks_add(now, min(max_age, MAX_AGE_CAP) * 1000), payload]
-        self._e.append(e)
+        self._lru.append(e)
         self.bytes += n
         return e
 
@@ -48,18 +48,18 @@ class Cache:
         return e
 
     def drop(self, key):
-        for e in self._e:
+        for e in self._lru:
             if e[0] == key:
-                self._e.remove(e)
+                self._lru.remove(e)
                 self.bytes -= len(e[3])
                 return
 
     def clear(self):
-        self._e = []
+        self._lru = []
         self.bytes = 0
 
     def __len__(self):
-        return len(self._e)
+        return len(self._lru)
 
 
 def answer(target, payload, src=None):

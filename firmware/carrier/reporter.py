@@ -14,13 +14,13 @@ RETRY_MAX = 300000
 
 class Reporter:
     def __init__(self, h, ident, q, boot, interval, board, fw):
-        self.h = h
+        self.hal = h
         self.id = ident
-        self.q = q
+        self.queue = q
         self.boot = boot
         self.interval = interval
         self.board = board
-        self.fw = fw
+        self.fw_version = fw
         self.seq = 0
         self.sensors = None   # hook: () -> {name: int|float|str|bool} or None
         self.inflight = None  # (boot, seq) sent, waiting for its ack
@@ -51,9 +51,9 @@ class Reporter:
         """Build the next report and queue it; returns its seq."""
         self.seq += 1
         m = {devicemsg.K_ID: self.id, devicemsg.K_BOOT: self.boot, devicemsg.K_SEQ: self.seq, devicemsg.K_UPTIME: uptime_s,
-             devicemsg.K_HEAP: gc.mem_free(), devicemsg.K_RSSI: self.h.rssi(), devicemsg.K_QUEUE: self.q.count,
-             devicemsg.K_BOARD: self.board, devicemsg.K_FW: self.fw, devicemsg.K_DROPPED: self.q.dropped}
-        t = self.h.time()
+             devicemsg.K_HEAP: gc.mem_free(), devicemsg.K_RSSI: self.hal.rssi(), devicemsg.K_QUEUE: self.queue.count,
+             devicemsg.K_BOARD: self.board, devicemsg.K_FW: self.fw_version, devicemsg.K_DROPPED: self.queue.dropped}
+        t = self.hal.time()
         if t:
             m[devicemsg.K_TIME] = t
         if self.sensors:
@@ -69,7 +69,7 @@ class Reporter:
             log.w("rpt", "report dropped sensors: %s" % e)
             m.pop(devicemsg.K_SENSORS, None)
             payload = devicemsg.encode("report", m)
-        self.q.put(self.boot, self.seq, payload, self.now)
+        self.queue.put(self.boot, self.seq, payload, self.now)
         self.made += 1
         return self.seq
 
@@ -79,13 +79,13 @@ class Reporter:
         if self._next is not None and time.ticks_diff(now, self._next) >= 0:
             self.make(uptime_s)
             self._next = time.ticks_add(now, self.interval * 1000)
-        if t is None or self.inflight is not None or not self.q.count:
+        if t is None or self.inflight is not None or not self.queue.count:
             return
         if time.ticks_diff(now, self._retry) < 0 or not t.ready():
             return
-        boot, seq = self.q.key(0)
-        if t.report(self.q.payload(0), boot, seq, self.done):
-            if self.q.count and self.q.key(0) == (boot, seq):  # not already answered synchronously
+        boot, seq = self.queue.key(0)
+        if t.report(self.queue.payload(0), boot, seq, self.done):
+            if self.queue.count and self.queue.key(0) == (boot, seq):  # not already answered synchronously
                 self.inflight = (boot, seq)
 
     def done(self, code, boot, seq):
@@ -94,7 +94,7 @@ class Reporter:
             self.inflight = None
         self.last_code = code
         if code == devicemsg.OK:
-            if self.q.ack(boot, seq, self.now):
+            if self.queue.ack(boot, seq, self.now):
                 self.acked += 1
             self._backoff = RETRY_MIN
             self._retry = self.now
@@ -106,4 +106,4 @@ class Reporter:
         else:
             self.rejected += 1
             log.w("rpt", "report boot=%d seq=%d rejected code=%d" % (boot, seq, code))
-            self.q.ack(boot, seq, self.now)
+            self.queue.ack(boot, seq, self.now)

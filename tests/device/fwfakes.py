@@ -363,7 +363,7 @@ class Rig:
     def __init__(self, provision=True, transport="coap"):
         self.root = tmpdir("app")
         self.srv = CoapServer()
-        self.h = FakeHal(self.root)
+        self.hal = FakeHal(self.root)
         if provision:
             d = {"id": ID, "transport": transport, "coap": "coap://127.0.0.1:%d" % self.srv.port, "key": KEY}
             with open(self.root + "identity.json", "w") as f:
@@ -372,11 +372,11 @@ class Rig:
 
     def boot(self, **kw):
         h2 = FakeHal(self.root)  # a reboot: same flash, kv and RTC memory; fresh RAM
-        h2.kv = self.h.kv
-        h2.rtc = self.h.rtc
-        h2.now = self.h.now
-        h2.net = self.h.net
-        self.h = h2
+        h2.kv = self.hal.kv
+        h2.rtc = self.hal.rtc
+        h2.now = self.hal.now
+        h2.net = self.hal.net
+        self.hal = h2
         from carrier import app as A
 
         self.app = A.App(h2, **kw)
@@ -384,23 +384,23 @@ class Rig:
         return self.app
 
     def run(self, ms, until=None):
-        end = self.h.now + ms
-        while self.h.now < end:
-            self.app.step(self.h.now)
+        end = self.hal.now + ms
+        while self.hal.now < end:
+            self.app.step(self.hal.now)
             self.srv.serve()
             if until and until():
                 return True
-            self.h.now += 10  # loopback datagrams arrive at once: no real sleeping needed
+            self.hal.now += 10  # loopback datagrams arrive at once: no real sleeping needed
         return False
 
     def con(self, line):
-        self.h.output()
-        self.h.inp.extend(line.encode() + b"\n")
+        self.hal.output()
+        self.hal.inp.extend(line.encode() + b"\n")
         for _ in range(50):  # the console takes at most READ_MAX bytes per loop
-            self.app.step(self.h.now)
-            if not self.h.inp:
+            self.app.step(self.hal.now)
+            if not self.hal.inp:
                 break
-        return self.h.output()
+        return self.hal.output()
 
     def close(self):
         self.srv.close()

@@ -136,7 +136,7 @@ class Rig(F.ClientRig):
         self.keep(code)
 
     def tokens(self):
-        return [r[0] for r in self.t._res]
+        return [r[0] for r in self.t._resolves]
 
 
 def _payload(rig):
@@ -148,8 +148,8 @@ def _payload(rig):
     toks = rig.tokens()
     if toks and name in ("resolve_response", "not_modified", "error") and not F.chance(4):
         m[1] = F.pick(toks)
-    if name == "report_ack" and rig.t._rep and not F.chance(4):
-        m[10], m[11] = rig.t._rep[0], rig.t._rep[1]
+    if name == "report_ack" and rig.t._report and not F.chance(4):
+        m[10], m[11] = rig.t._report[0], rig.t._report[1]
     try:
         d = cbor.dumps(m)
     except cbor.CBORError:
@@ -176,9 +176,9 @@ def test_fuzz_transport():
         framed = garbage = 0
         base = F.heap()
         for i in range(F.rounds(800)):
-            if F.chance(3) and len(t._res) < 2:
+            if F.chance(3) and len(t._resolves) < 2:
                 t.resolve(F.pick(("88.1/X", "88.1/Y", "0.NA/88.1")), r.resolved, F.pick((None, "URL")))
-            if F.chance(5) and t._rep is None:
+            if F.chance(5) and t._report is None:
                 t.report(cbor.dumps({2: ID, 10: 3, 11: i}), 3, i, r.reported)
             c = t.client
             if F.chance(8):  # garbage on the stream: may cost the connection, never an exception
@@ -223,11 +223,11 @@ def test_fuzz_transport():
             r.poll()
             if t.client.state != mqtt.UP:
                 r.connect()
-        eq(t._res, [], "pending resolves at %d" % r.now)
+        eq(t._resolves, [], "pending resolves at %d" % r.now)
         r.results = []
         t.cache.clear()
         ok(t.resolve("88.1/CLEAN", r.resolved))
-        tok = t._res[0][0]
+        tok = t._resolves[0][0]
         t.client.sock.rx.append(
             _publish(
                 (BASE + "res").encode(),

@@ -26,8 +26,8 @@ def test_heap_after_boot_and_first_report():
     m2 = _alloc()
     try:
         a = r.boot()
-        ok(r.run(5000, lambda: a.rep.acked == 1), "first report acknowledged")
-        r.app.step(r.h.now)
+        ok(r.run(5000, lambda: a.reporter.acked == 1), "first report acknowledged")
+        r.app.step(r.hal.now)
         m3 = _alloc()
     finally:
         fwfakes.log_reset()

@@ -19,7 +19,7 @@ def test_mqtts_identity():
     i = identity.Identity(_d())
     eq(i.mqtt, ("broker.plant", 8883))
     ok(i.mqtt_tls)
-    eq((i.ca, i.ca_path), (None, "ca.crt"))
+    eq((i.ca_file, i.ca_path), (None, "ca.crt"))
     i = identity.Identity(_d(mqtt="mqtts://10.0.0.2:18883", ca="site-ca.der"))
     eq((i.mqtt, i.ca_path), (("10.0.0.2", 18883), "site-ca.der"))
     eq(i.to_dict()["ca"], "site-ca.der")

@@ -29,14 +29,14 @@ class Hal:
         self._kvbuf = bytearray(KV_MAX)
         self._rtc = machine.RTC()
         self._led = None
-        self._np = None
+        self._pixel = None
         self._led_on = 1
         led = self.board.led
         if led:
             kind, pin, active_high = led
             if kind == "ws2812":
                 import neopixel
-                self._np = neopixel.NeoPixel(machine.Pin(pin), 1)
+                self._pixel = neopixel.NeoPixel(machine.Pin(pin), 1)
             else:
                 self._led = machine.Pin(pin, machine.Pin.OUT)
                 self._led_on = 1 if active_high else 0
@@ -53,8 +53,8 @@ class Hal:
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
         import select
-        self._cp = select.poll()
-        self._cp.register(sys.stdin, select.POLLIN)
+        self._console_poll = select.poll()
+        self._console_poll.register(sys.stdin, select.POLLIN)
 
     # time
     def ticks(self):
@@ -122,9 +122,9 @@ class Hal:
 
     # board I/O
     def led(self, on):
-        if self._np:
-            self._np[0] = (0, 8, 0) if on else (0, 0, 0)
-            self._np.write()
+        if self._pixel:
+            self._pixel[0] = (0, 8, 0) if on else (0, 0, 0)
+            self._pixel.write()
         elif self._led:
             self._led.value(self._led_on if on else 1 - self._led_on)
 
@@ -166,7 +166,7 @@ class Hal:
 
     # console (the REPL's stdin/stdout: UART or USB-Serial-JTAG)
     def con_read(self, mv1):
-        for _obj, ev in self._cp.ipoll(0):
+        for _obj, ev in self._console_poll.ipoll(0):
             if ev & 1 and self._cin.readinto(mv1):
                 return 1
         return 0

@@ -57,8 +57,8 @@ class Hal:
         self._led = False
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
-        self._cp = select.poll()
-        self._cp.register(sys.stdin, select.POLLIN)
+        self._console_poll = select.poll()
+        self._console_poll.register(sys.stdin, select.POLLIN)
         self._eof = False
 
     # time
@@ -153,12 +153,12 @@ class Hal:
         """Read at most one byte without blocking: 1, 0 (nothing waiting) or -1 (input closed)."""
         if self._eof:
             return -1
-        for _obj, ev in self._cp.ipoll(0):
+        for _obj, ev in self._console_poll.ipoll(0):
             if ev & select.POLLIN:
                 if self._cin.readinto(mv1):
                     return 1
             self._eof = True  # POLLHUP or a read of 0 bytes: stdin is closed
-            self._cp.unregister(self.con)
+            self._console_poll.unregister(self.con)
             return -1
         return 0
 

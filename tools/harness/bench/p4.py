@@ -60,9 +60,9 @@ try:
     m2 = alloc()
     try:
         a = r.boot()
-        if not r.run(5000, lambda: a.rep.acked >= 1):
+        if not r.run(5000, lambda: a.reporter.acked >= 1):
             raise RuntimeError("first report not acknowledged within 5 s of rig time")
-        r.app.step(r.h.now)
+        r.app.step(r.hal.now)
         m3 = alloc()
     finally:
         try:
