@@ -2,7 +2,7 @@
 #
 # Why a poll loop and not uasyncio: every component is already a non-blocking state machine driven by
 # poll(now) (CoAP exchanges, the MQTT client, reporter, queue, console), so one loop that calls them in
-# turn and then sleeps in select.poll() on the sockets and the console for at most IDLE_MS is all the
+# turn and then sleeps in select.poll() on the sockets and the console for at most _IDLE_MS is all the
 # scheduling the device needs. It costs no task objects, closures or event-loop heap, keeps the longest
 # blocking call visible (that one poll(), bounded), makes the watchdog feed point obvious (once per
 # iteration: a stuck component trips it), and lets tests drive step(now) with a fake clock.
@@ -18,6 +18,7 @@ import sys
 import time
 import struct
 import select
+from micropython import const
 
 from carrier import VERSION, hal, log, identity, idsyntax
 from carrier.config import Config, ack_payload
@@ -27,17 +28,17 @@ from carrier.console import Console
 
 SAFE_AFTER = 3         # crashes within STABLE_MS of boot, in a row, before safe mode
 STABLE_MS = 60000      # uptime after which a boot counts as good
-IDLE_MS = 50           # longest sleep of the loop
-WDT_MS = 30000
-RETRY_MIN = 2000       # transport restart backoff
-RETRY_MAX = 120000
-CFG_REFRESH_MS = 600000  # re-register the CoAP /cfg observation
+_IDLE_MS = const(50)           # longest sleep of the loop
+_WDT_MS = const(30000)
+_RETRY_MIN = const(2000)       # transport restart backoff
+_RETRY_MAX = const(120000)
+_CFG_REFRESH_MS = const(600000)  # re-register the CoAP /cfg observation
 RTC_MAGIC = b"IDA1"
 KV_BOOT = "boot"
 
 
 class App:
-    def __init__(self, h, wdt_ms=WDT_MS, interval=None, fault=None):
+    def __init__(self, h, wdt_ms=_WDT_MS, interval=None, fault=None):
         self.hal = h
         self.wdt_ms = wdt_ms
         self.default_interval = interval
@@ -53,7 +54,7 @@ class App:
         self.last_error = None
         self._pending = None  # identity saved from the console, applied at the next boot
         self._retry = 0
-        self._backoff = RETRY_MIN
+        self._backoff = _RETRY_MIN
         self._reboot = False
         self._first = False    # own identifier resolved after the transport came up
         self._cfg_at = 0
@@ -150,7 +151,7 @@ class App:
             if self.console.eof and self._con_reg:
                 self.poller.unregister(h.con)
                 self._con_reg = False
-            for _ in self.poller.ipoll(IDLE_MS):
+            for _ in self.poller.ipoll(_IDLE_MS):
                 break
 
     def step(self, now):
@@ -196,7 +197,7 @@ class App:
             if not self._first and i is not None and t.ready():
                 self._first = True
                 t.resolve(i.id, self._first_resolved)
-            if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
+            if time.ticks_diff(now, self._cfg_at) >= _CFG_REFRESH_MS and t.get_config():
                 self._cfg_at = now
             r = self.reporter
             if r is not None and r.acked != self._cfg_acked:
@@ -210,14 +211,14 @@ class App:
                 # a report ack names a newer desired config than ours: it was set while we were not observing
                 # (e.g. the gateway restarted and forgot the observation); fetch it now, once per version
                 self._cfg_asked = h
-            self._backoff = RETRY_MIN
+            self._backoff = _RETRY_MIN
         except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, WireError, CBORError
             self.errors += 1
             self.last_error = "%s: %s" % (type(e).__name__, e)
             log.w("net", "%s error %s; retry in %d ms" % (t.name, self.last_error, self._backoff))
             self._stop()
             self._retry = time.ticks_add(now, self._backoff)
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self._backoff = min(self._backoff * 2, _RETRY_MAX)
 
     def _stop(self):
         self.transport_on = False
@@ -406,7 +407,7 @@ class App:
         return [("pass", ok), ("checks", c)]
 
 
-def main(root=None, uid=None, board=None, wdt_ms=WDT_MS, interval=None, fault=None):
+def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):
     """Run the device forever; a reset on the unix port restarts it in-process."""
     while True:
         kw = {}

@@ -1,5 +1,5 @@
 # CoAP (RFC 7252) client of the device: confirmable exchanges driven by poll(now) on a non-blocking UDP
-# socket (never blocks): ACK_TIMEOUT 2 s x random 1-1.5, MAX_RETRANSMIT 4 with doubling, 2-byte tokens and
+# socket (never blocks): _ACK_TIMEOUT 2 s x random 1-1.5, _MAX_RETRANSMIT 4 with doubling, 2-byte tokens and
 # Message-IDs, de-duplication of the gateway's CON/NON messages by MID (a duplicate CON is re-ACKed, not
 # delivered twice), empty ACK then separate response, Block2 reassembly for large answers, Observe on /cfg.
 # The messages themselves are coapmsg.py (no I/O); oscore.py protects what this client sends.
@@ -15,17 +15,16 @@ from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
 from carrier import cbor, devicemsg, rcache
-from carrier.coapmsg import (CON, ACK, RST, GET, POST, VALID, CHANGED, CONTENT, O_OBSERVE, O_URI_PATH, O_CF,
-                             O_BLOCK2, CF_CBOR, RX_MAX, CoapError, Msg, decode, dotted, header, path_opts,
-                             resolve_request, uint_opt)
+from carrier.coapmsg import (CON, ACK, RST, VALID, CHANGED, CONTENT, RX_MAX, CoapError, Msg, config_request,
+                             decode, dotted, header, post_request, resolve_request)
 
-ACK_TIMEOUT = const(2000)      # ms
-ACK_RANDOM = const(1000)       # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
-MAX_RETRANSMIT = const(4)
-SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
+_ACK_TIMEOUT = const(2000)      # ms
+_ACK_RANDOM = const(1000)       # ms: _ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
+_MAX_RETRANSMIT = const(4)
+_SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
 SLOTS = const(4)
-BODY_MAX = const(2048)         # largest Block2-reassembled answer
-DEDUP = const(8)
+_BODY_MAX = const(2048)         # largest Block2-reassembled answer
+_DEDUP = const(8)
 
 _FREE = const(0)
 _WAIT_ACK = const(1)
@@ -78,7 +77,7 @@ class Client:
         self._msg = Msg()
         self._mid = _rand(0x10000)
         self._token = _rand(0x10000)
-        self._seen = [-1] * DEDUP  # MIDs of recent CON/NON messages from the gateway, | answer type << 16
+        self._seen = [-1] * _DEDUP  # MIDs of recent CON/NON messages from the gateway, | answer type << 16
         self._seen_at = 0
         self._empty_buf = bytearray(4)
         self._obs = -1  # token of the /cfg observation
@@ -159,7 +158,7 @@ class Client:
             if not self._seal(ex):
                 return
             ex.tries = 0
-            ex.timeout = ACK_TIMEOUT + _rand(ACK_RANDOM + 1)
+            ex.timeout = _ACK_TIMEOUT + _rand(_ACK_RANDOM + 1)
             ex.state = _WAIT_ACK
         ex.due = time.ticks_add(now, ex.timeout)
         s = self.sock
@@ -171,41 +170,22 @@ class Client:
             self.errors += 1  # lost like a datagram: the retransmission timer covers it
 
     def _build_get(self, ex):
-        b = ex.buf
         mid = self._next_mid()
         ex.mid = mid
         if ex.kind == _K_RESOLVE:
-            q = ex.arg.find("?type=")
-            idb = (ex.arg if q < 0 else ex.arg[:q]).encode()
-            qt = None if q < 0 else ex.arg[q + 6:].encode()
-            ex.length = resolve_request(b, mid, ex.token, idb, ex.etag, qt, self._b2(ex))
-            return
-        # _K_CFG: GET /d/<id>/cfg, Observe: 0 on the first block
-        pos = header(b, CON, GET, mid, ex.token)
-        last = 0
-        if ex.block == 0:
-            pos = uint_opt(b, pos, O_OBSERVE, 0)
-            last = O_OBSERVE
-        pos = path_opts(b, pos, last, b"d")
-        pos = path_opts(b, pos, O_URI_PATH, self.idb)
-        pos = path_opts(b, pos, O_URI_PATH, b"cfg")
-        if ex.block:
-            pos = uint_opt(b, pos, O_BLOCK2 - O_URI_PATH, self._b2(ex))
-        ex.length = pos
-
-    @staticmethod
-    def _b2(ex):
-        return (ex.block << 4) | 6 if ex.block else -1  # SZX 6 = 1024-byte blocks
+            key = ex.arg
+            t = rcache.target(key)
+            qt = key[len(t) + 6:].encode() if len(key) > len(t) else None
+            ex.length = resolve_request(ex.buf, mid, ex.token, t.encode(), ex.etag, qt,
+                                        (ex.block << 4) | 6 if ex.block else -1)  # SZX 6: 1024-byte blocks
+        else:
+            ex.length = config_request(ex.buf, mid, ex.token, self.idb, ex.block)
 
     def resolve(self, target, cb, qtype=None):
         """Resolve target (a normalised identifier); cb((code, id, values, src, msg)) later.
         src is the gateway's source (0-3) or -1 when served from the device's own cache."""
-        key = target if qtype is None else target + "?type=" + qtype
-        now = self.now
-        e = self.cache.get(key)
-        if e and self.cache.fresh(e, now):
-            self.cache.hits += 1
-            cb(rcache.answer(target, e[3], -1))
+        key = rcache.key(target, qtype)
+        if self.cache.serve(key, self.now, cb):
             return True
         ex = self._slot()
         if ex is None:
@@ -214,44 +194,32 @@ class Client:
         ex.arg = key
         ex.callback = cb
         ex.block = 0
-        ex.etag = e[1] if e else None
+        ex.etag = self.cache.etag(key)
         ex.token = self._next_token()
         try:
             self._build_get(ex)
         except CoapError:
             cb((devicemsg.TOO_LARGE, target, None, 0, "identifier too long for a request"))
             return True
-        self._send(ex, now)
+        self._send(ex, self.now)
         return True
 
-    def _post(self, kind, seg, payload, cb, arg):
+    def _post(self, kind, leaf, payload, cb, arg):
         ex = self._slot()
         if ex is None:
             return False
         ex.kind = kind
-        ex.callback = cb
-        ex.arg = arg
         ex.block = 0
         ex.token = self._next_token()
         ex.mid = self._next_mid()
-        b = ex.buf
         try:
-            pos = header(b, CON, POST, ex.mid, ex.token)
-            pos = path_opts(b, pos, 0, b"d")
-            pos = path_opts(b, pos, O_URI_PATH, self.idb)
-            pos = path_opts(b, pos, O_URI_PATH, seg)
-            pos = uint_opt(b, pos, O_CF - O_URI_PATH, CF_CBOR)
-            n = len(payload)
-            if pos + 1 + n > len(b):
-                raise CoapError("payload larger than the transmit buffer")
+            ex.length = post_request(ex.buf, ex.mid, ex.token, self.idb, leaf, payload)
         except CoapError:
-            ex.callback = ex.arg = None
             if cb:
                 cb(devicemsg.TOO_LARGE, arg[0], arg[1])
             return True
-        b[pos] = 0xFF
-        b[pos + 1:pos + 1 + n] = payload
-        ex.length = pos + 1 + n
+        ex.callback = cb
+        ex.arg = arg
         self._send(ex, self.now)
         return True
 
@@ -308,7 +276,7 @@ class Client:
                 return
         for ex in self.exchanges:
             if ex.state and time.ticks_diff(now, ex.due) >= 0:
-                if ex.state == _WAIT_ACK and ex.tries < MAX_RETRANSMIT:
+                if ex.state == _WAIT_ACK and ex.tries < _MAX_RETRANSMIT:
                     ex.tries += 1
                     ex.timeout *= 2
                     self.retrans += 1
@@ -349,7 +317,7 @@ class Client:
                 self._finish(ex, devicemsg.NO_RESPONSE, None)
             elif m.code == 0:
                 ex.state = _WAIT_RESP
-                ex.due = time.ticks_add(now, SEPARATE_WAIT)
+                ex.due = time.ticks_add(now, _SEPARATE_WAIT)
             elif m.tkl == 2 and m.token == ex.token:
                 self._response(ex, now)
             else:
@@ -377,7 +345,7 @@ class Client:
         if m.type == CON:
             self._empty(answer, m.mid)
         seen[self._seen_at] = m.mid | (answer << 16)
-        self._seen_at = (self._seen_at + 1) % DEDUP
+        self._seen_at = (self._seen_at + 1) % _DEDUP
         if ex is not None:
             self._response(ex, now)
         elif known and m.code == CONTENT and self.on_config:
@@ -398,9 +366,9 @@ class Client:
                 ex.etag = m.etag
                 self._body_len = 0
                 if not len(self._body):
-                    self._body = bytearray(BODY_MAX)
+                    self._body = bytearray(_BODY_MAX)
             k = len(pl)
-            if self._body_len + k > BODY_MAX:
+            if self._body_len + k > _BODY_MAX:
                 self._finish(ex, devicemsg.TOO_LARGE, None)
                 return
             self._body[self._body_len:self._body_len + k] = pl
@@ -424,20 +392,10 @@ class Client:
         ex.callback = ex.arg = None
         m = self._msg
         if kind == _K_RESOLVE:
-            q = arg.find("?type=")
-            target = arg if q < 0 else arg[:q]
-            now = self.now
-            if code == CONTENT:
-                data = bytes(pl)
-                res = rcache.answer(target, data)
-                if res[0] == devicemsg.OK:
-                    self.cache.put(arg, m.etag, m.max_age, data, now)
-            elif code == VALID:
-                e = self.cache.refresh(arg, m.max_age, now)
-                res = rcache.answer(target, e[3], -2) if e else (devicemsg.INTERNAL, target, None, 0, "2.03 without entry")
+            if code == CONTENT or code == VALID:
+                cb(self.cache.settle(arg, code == CONTENT, pl, m.etag, m.max_age, self.now))
             else:
-                res = _failure(code, target, pl)
-            cb(res)
+                cb(_failure(code, rcache.target(arg), pl))
         elif kind == _K_REPORT:
             boot, seq = arg
             if code == CHANGED:

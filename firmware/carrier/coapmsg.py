@@ -1,7 +1,9 @@
 # CoAP (RFC 7252) messages of the device, no I/O; the client that sends them is coap.py, and oscore.py reads
 # and writes its options with the same functions.
 #  * writing: header(), opt(), uint_opt() and path_opts() put a message together in a preallocated buffer and
-#    return the next position; resolve_request() is the whole GET /r/<prefix>/<suffix segs>[?type=];
+#    return the next position; the device's requests are templates: resolve_request() (GET /r/<prefix>/<suffix
+#    segs>[?type=]), config_request() (GET /d/<id segs>/cfg, observed) and post_request() (POST /d/<id segs>/<leaf>
+#    with a CBOR payload);
 #  * reading: decode() fills a reused Msg from a memoryview; option() reads one option header into the
 #    caller's [delta, length] pair (no tuple per option).
 # Anything malformed or too large for its buffer raises CoapError: the caller drops and counts it.
@@ -22,7 +24,7 @@ O_OBSERVE = const(6)
 O_URI_PATH = const(11)
 O_CF = const(12)
 O_MAX_AGE = const(14)
-O_URI_QUERY = const(15)
+_O_URI_QUERY = const(15)
 O_BLOCK2 = const(23)
 O_SIZE2 = const(28)
 CF_CBOR = const(60)
@@ -136,14 +138,41 @@ def resolve_request(buf, mid, token, idb, etag=None, qtype=None, block=-1):
     last = O_URI_PATH
     if qtype:
         n = len(qtype)
-        pos = _ohdr(buf, pos, O_URI_QUERY - last, 5 + n)
+        pos = _ohdr(buf, pos, _O_URI_QUERY - last, 5 + n)
         buf[pos:pos + 5] = b"type="
         buf[pos + 5:pos + 5 + n] = qtype
         pos += 5 + n
-        last = O_URI_QUERY
+        last = _O_URI_QUERY
     if block >= 0:
         pos = uint_opt(buf, pos, O_BLOCK2 - last, block)
     return pos
+
+
+def _device_path(buf, pos, last, idb, leaf):
+    pos = path_opts(buf, pos, last, b"d")
+    pos = path_opts(buf, pos, O_URI_PATH, idb)
+    return path_opts(buf, pos, O_URI_PATH, leaf)
+
+
+def config_request(buf, mid, token, idb, block=0):
+    """CON GET /d/<id segs>/cfg into buf: Observe: 0 on the first block, Block2 (SZX 6) asking for the others;
+    returns the length."""
+    pos = header(buf, CON, GET, mid, token)
+    if block:
+        return uint_opt(buf, _device_path(buf, pos, 0, idb, b"cfg"), O_BLOCK2 - O_URI_PATH, (block << 4) | 6)
+    return _device_path(buf, uint_opt(buf, pos, O_OBSERVE, 0), O_OBSERVE, idb, b"cfg")
+
+
+def post_request(buf, mid, token, idb, leaf, payload):
+    """CON POST /d/<id segs>/<leaf> with Content-Format CBOR and payload into buf; returns the length."""
+    pos = header(buf, CON, POST, mid, token)
+    pos = uint_opt(buf, _device_path(buf, pos, 0, idb, leaf), O_CF - O_URI_PATH, CF_CBOR)
+    n = len(payload)
+    if pos + 1 + n > len(buf):
+        raise CoapError("payload larger than its buffer")
+    buf[pos] = 0xFF
+    buf[pos + 1:pos + 1 + n] = payload
+    return pos + 1 + n
 
 
 # ---- reading ---------------------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 # config_ack (code 1 applied, 400 rejected + msg). A cfgver that is not newer than the applied one changes
 # nothing but is still acknowledged (code 1), so a gateway that missed the first ack stops resending.
 import json
+from micropython import const
 
 from carrier import cbor, hal, devicemsg
 
 FILE = "config.json"
 DEFAULT_INTERVAL = 60
-META_MAX_ENTRIES = 16
-META_MAX_BYTES = 512
+_META_MAX_ENTRIES = const(16)
+_META_MAX_BYTES = const(512)
 
 
 class Config:
@@ -81,16 +82,16 @@ def check_meta(meta):
     """None when meta is an acceptable map tstr -> tstr, else the reason."""
     if type(meta) is not dict:
         return "meta must be a map"
-    if len(meta) > META_MAX_ENTRIES:
-        return "meta has more than %d entries" % META_MAX_ENTRIES
+    if len(meta) > _META_MAX_ENTRIES:
+        return "meta has more than %d entries" % _META_MAX_ENTRIES
     n = 0
     for k in meta:
         v = meta[k]
         if type(k) is not str or type(v) is not str:
             return "meta must map text to text"
         n += len(k) + len(v)
-    if n > META_MAX_BYTES:
-        return "meta larger than %d bytes" % META_MAX_BYTES
+    if n > _META_MAX_BYTES:
+        return "meta larger than %d bytes" % _META_MAX_BYTES
     return None
 
 

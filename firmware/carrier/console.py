@@ -1,16 +1,17 @@
 # Serial console on the UART / stdin for a plain terminal and for tools. Bytes are read without blocking
-# (at most READ_MAX per loop) into one preallocated line buffer; backspace edits; a line that is too long,
+# (at most _READ_MAX per loop) into one preallocated line buffer; backspace edits; a line that is too long,
 # holds control bytes or is not UTF-8 gets an error reply and is discarded. Every reply is either text
 # ("key: value" lines, "error: ...") or, after `json on`, exactly one JSON object per line:
 #   {"ok": true, "cmd": "status", ...}   {"ok": false, "cmd": "x", "error": "..."}   {"log": "I app ..."}
 # `resolve` answers later (when the gateway does), as its own line. The key is never shown: only its
 # fingerprint. `factory-reset` asks for confirmation: the next line must be YES.
 import json
+from micropython import const
 
 from carrier import log
 
 MAXLINE = 128
-READ_MAX = 64
+_READ_MAX = const(64)
 HELP = ("help", "id", "status", "resolve <id> [type]", "report", "net [up|down]", "config get [key]",
         "config set <key> <value>", "log [n]", "selftest", "reboot", "factory-reset", "json on|off",
         "provision <id> <coap://|mqtt://host:port> [key-hex]")
@@ -36,7 +37,7 @@ class Console:
     # -- input
     def poll(self, read):
         """Consume what is waiting on the console; read(mv1) -> 1 byte, 0 nothing, -1 closed."""
-        for _ in range(READ_MAX):
+        for _ in range(_READ_MAX):
             r = read(self._one_view)
             if r <= 0:
                 if r < 0:

@@ -2,7 +2,8 @@
 # docs/protocol.md. Works on the UTF-8 bytes (iterating bytes yields ints: no allocation per character).
 # The CPython twin is proto/identifier.py; tests/vectors/identifiers.json pins both. (identity.py holds this
 # device's own identifier and key.)
-MAX_LENGTH = 255
+from micropython import const
+_MAX_LENGTH = const(255)
 
 EMPTY = "EMPTY"
 TOO_LONG = "TOO_LONG"
@@ -70,7 +71,7 @@ def parse(text):
         prev = c
     if need:
         raise IdentifierError(NOT_UTF8, "not valid UTF-8")
-    if n > MAX_LENGTH:
+    if n > _MAX_LENGTH:
         raise IdentifierError(TOO_LONG, "%d characters" % n)
     if ctl:
         raise IdentifierError(CONTROL_CHAR, "control character")

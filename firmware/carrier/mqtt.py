@@ -18,11 +18,11 @@ from carrier.mqttmsg import (CONNACK, PUBLISH, PUBACK, SUBACK, PINGREQ, PINGRESP
                              connect, empty, puback, publish, publish_size, subscribe)
 
 IDLE = const(0)
-CONNECTING = const(1)  # TCP handshake in progress
+_CONNECTING = const(1)  # TCP handshake in progress
 WAIT_CONNACK = const(2)
 UP = const(3)
 
-CONNECT_TIMEOUT = const(10000)  # ms for TCP + CONNACK
+_CONNECT_TIMEOUT = const(10000)  # ms for TCP + CONNACK
 RETRY_MS = const(10000)         # resend an unacknowledged QoS 1 PUBLISH (DUP) after this
 INFLIGHT = const(4)
 BACKOFF_MIN = const(1000)
@@ -80,7 +80,7 @@ class Client:
                 s.close()
                 raise
         self.sock = s
-        self.state = CONNECTING
+        self.state = _CONNECTING
         self._connect_at = now
         self._reader.reset()
         self._out_len = 0
@@ -174,7 +174,7 @@ class Client:
         if self.state == IDLE:
             return
         try:
-            if self.state == CONNECTING:
+            if self.state == _CONNECTING:
                 self._connecting(now)
             if self.state >= WAIT_CONNACK:
                 self._read(now)
@@ -207,7 +207,7 @@ class Client:
                 if self.poller:
                     self.poller.register(self.sock, select.POLLIN)
                 return
-        if time.ticks_diff(now, self._connect_at) > CONNECT_TIMEOUT:
+        if time.ticks_diff(now, self._connect_at) > _CONNECT_TIMEOUT:
             raise MQTTError("connect timeout")
 
     def _flush(self):
@@ -287,7 +287,7 @@ class Client:
 
     def _timers(self, now):
         if self.state == WAIT_CONNACK:
-            if time.ticks_diff(now, self._connect_at) > CONNECT_TIMEOUT:
+            if time.ticks_diff(now, self._connect_at) > _CONNECT_TIMEOUT:
                 raise MQTTError("no CONNACK")
             return
         ka = self.keepalive * 1000

@@ -15,7 +15,7 @@ from carrier import cbor, devicemsg, rcache, log
 from carrier.mqtt import INFLIGHT, RETRY_MS, UP, Client, Session, password
 
 RESOLVE_WAIT = const(5000)   # ms before a resolve request is retried with a new token
-RESOLVE_TRIES = const(2)
+_RESOLVE_TRIES = const(2)
 REPORT_WAIT = const(30000)   # ms for the gateway's report_ack
 
 
@@ -106,7 +106,7 @@ class Transport:
                 self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
         for r in self._resolves:
             if time.ticks_diff(now, r[3]) >= 0:
-                if r[4] < RESOLVE_TRIES and self._send_req(r, now):
+                if r[4] < _RESOLVE_TRIES and self._send_req(r, now):
                     continue
                 self._resolves.remove(r)
                 r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
@@ -123,21 +123,18 @@ class Transport:
         r[4] += 1
         r[3] = time.ticks_add(now, RESOLVE_WAIT)
         key = r[1]
-        q = key.find("?type=")
-        m = {devicemsg.K_TOKEN: r[0], devicemsg.K_ID: key if q < 0 else key[:q]}
-        if q >= 0:
-            m[devicemsg.K_TYPES] = [key[q + 6:]]
-        e = self.cache.get(key)
-        if e and e[1]:
-            m[devicemsg.K_ETAG] = e[1]
+        t = rcache.target(key)
+        m = {devicemsg.K_TOKEN: r[0], devicemsg.K_ID: t}
+        if len(key) > len(t):
+            m[devicemsg.K_TYPES] = [key[len(t) + 6:]]
+        etag = self.cache.etag(key)
+        if etag:
+            m[devicemsg.K_ETAG] = etag
         return self.client.publish(self.t_req, cbor.dumps(m), 0, False, now) == 0
 
     def resolve(self, target, cb, qtype=None):
-        key = target if qtype is None else target + "?type=" + qtype
-        e = self.cache.get(key)
-        if e and self.cache.fresh(e, self.now):
-            self.cache.hits += 1
-            cb(rcache.answer(target, e[3], -1))
+        key = rcache.key(target, qtype)
+        if self.cache.serve(key, self.now, cb):
             return True
         if self.client.state != UP or len(self._resolves) >= 2:
             return False
@@ -198,21 +195,12 @@ class Transport:
             return  # an answer to a request we retried or gave up on
         self._resolves.remove(r)
         key, cb = r[1], r[2]
-        q = key.find("?type=")
-        target = key if q < 0 else key[:q]
         code = m.get(devicemsg.K_CODE)
-        ttl = m.get(devicemsg.K_TTL)
-        ttl = ttl if type(ttl) is int and ttl >= 0 else 60
-        if code == devicemsg.OK:
-            data = bytes(payload)
-            res = rcache.answer(target, data)
-            if res[0] == devicemsg.OK:
-                self.cache.put(key, m.get(devicemsg.K_ETAG), ttl, data, self.now)
-        elif code == devicemsg.NOT_MODIFIED:
-            e = self.cache.refresh(key, ttl, self.now)
-            res = rcache.answer(target, e[3], -2) if e else (devicemsg.INTERNAL, target, None, 0, "203 without entry")
+        if code == devicemsg.OK or code == devicemsg.NOT_MODIFIED:
+            ttl = m.get(devicemsg.K_TTL)
+            cb(self.cache.settle(key, code == devicemsg.OK, payload, m.get(devicemsg.K_ETAG),
+                                 ttl if type(ttl) is int and ttl >= 0 else 60, self.now))
         else:
             msg = m.get(devicemsg.K_MSG)
-            res = (code if type(code) is int else devicemsg.BAD_REQUEST, target, None, 0,
-                   msg if type(msg) is str else str(code))
-        cb(res)
+            cb((code if type(code) is int else devicemsg.BAD_REQUEST, rcache.target(key), None, 0,
+                msg if type(msg) is str else str(code)))

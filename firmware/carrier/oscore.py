@@ -10,12 +10,12 @@
 # Layers:
 #   * Context: key derivation (RFC 8613 3.2), AAD and nonce construction (5.3, 5.4), protect() a plain CoAP
 #     request into an OSCORE message (4: Uri-Host/Uri-Port/Proxy-* stay outer, Observe both, all else inner;
-#     outer code POST, FETCH with Observe), unprotect() a response (8.4: kid, kid context and flag checks;
+#     outer code POST, _FETCH with Observe), unprotect() a response (8.4: kid, kid context and flag checks;
 #     nonce from the response's Partial IV when present, else from the request's). The sender sequence number
 #     is reserved SEQ_WINDOW at a time through persist() before use, so a power cut never reuses a nonce.
 #   * Client: coap.Client whose exchanges go out protected (its _seal() hook) and whose answers are unprotected
 #     before the plain client sees them; Echo (RFC 9175) replay-window recovery is answered once per request; an
-#     unprotected error answer ends the exchange with code UNAUTHORIZED (401); an unprotected success answer
+#     unprotected error answer ends the exchange with code _UNAUTHORIZED (401); an unprotected success answer
 #     is dropped (anyone could have sent it); notifications must carry increasing Partial IVs (7.4.1).
 import time
 import struct
@@ -25,22 +25,22 @@ from micropython import const
 from carrier import cbor, coap, coapmsg, crypto
 from carrier.coapmsg import ACK, CON, O_OBSERVE, POST, CoapError, option, opt, uint, uint_opt
 
-ALG = const(10)          # COSE AES-CCM-16-64-128
-KEY_LEN = const(16)
-KID_LEN = const(6)
+_ALG = const(10)          # COSE AES-CCM-16-64-128
+_KEY_LEN = const(16)
+_KID_LEN = const(6)
 SALT = b"ida-oscore-v1"
 KID_TAG = b"ida-oscore-kid\x00"
 GATEWAY_ID = b""
 SEQ_WINDOW = const(100)  # sequence numbers reserved per write to the kv store
 MAX_SEQ = 0xFFFFFFFFFF   # 2**40 - 1: Partial IV is at most 5 bytes
 KV_SEQ = "oscseq"
-PT_MAX = const(1152)     # largest plaintext handled (coapmsg.RX_MAX)
-OVERHEAD = const(80)     # OSCORE option, code byte, payload marker, tag and an Echo value, over a plain request
-UNAUTHORIZED = const(401)  # device-side code: the gateway did not authenticate us (unprotected 4.xx answer)
+_PT_MAX = const(1152)     # largest plaintext handled (coapmsg.RX_MAX)
+_OVERHEAD = const(80)     # OSCORE option, code byte, payload marker, tag and an Echo value, over a plain request
+_UNAUTHORIZED = const(401)  # device-side code: the gateway did not authenticate us (unprotected 4.xx answer)
 
-O_OSCORE = const(9)
-O_ECHO = const(252)
-FETCH = const(5)
+_O_OSCORE = const(9)
+_O_ECHO = const(252)
+_FETCH = const(5)
 _OUTER = (3, 7, 35, 39)  # Uri-Host, Uri-Port, Proxy-Uri, Proxy-Scheme: class U
 # coap.py keeps these two as private const()s (not module attributes on MicroPython): same values
 _WAIT_ACK = const(1)
@@ -61,17 +61,17 @@ class NotProtected(OscoreError):
 
 def kid(idb):
     """The device's Sender ID for its normalised identifier (bytes)."""
-    return hashlib.sha256(KID_TAG + idb).digest()[:KID_LEN]
+    return hashlib.sha256(KID_TAG + idb).digest()[:_KID_LEN]
 
 
 def _info(rid, idctx, typ, n):
-    return cbor.dumps([rid, idctx, ALG, typ, n])
+    return cbor.dumps([rid, idctx, _ALG, typ, n])
 
 
 def derive(secret, sender_id, recipient_id, salt=SALT, id_context=None):
     """(Sender Key, Recipient Key, Common IV) of RFC 8613 3.2.1."""
-    return (crypto.hkdf(salt, secret, _info(sender_id, id_context, "Key", KEY_LEN), KEY_LEN),
-            crypto.hkdf(salt, secret, _info(recipient_id, id_context, "Key", KEY_LEN), KEY_LEN),
+    return (crypto.hkdf(salt, secret, _info(sender_id, id_context, "Key", _KEY_LEN), _KEY_LEN),
+            crypto.hkdf(salt, secret, _info(recipient_id, id_context, "Key", _KEY_LEN), _KEY_LEN),
             crypto.hkdf(salt, secret, _info(b"", id_context, "IV", crypto.NONCE), crypto.NONCE))
 
 
@@ -131,7 +131,7 @@ class Context:
         self._piv = bytearray(5)
         self._rpiv = bytearray(5)
         self._optval = bytearray(8 + kl + (1 + len(id_context) if id_context else 0))
-        self.plain = bytearray(PT_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
+        self.plain = bytearray(_PT_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
 
     def next_seq(self):
         s = self.seq
@@ -213,9 +213,9 @@ class Context:
             num += _hd[0]
             ln = _hd[1]
             if num in _OUTER or num == O_OBSERVE:
-                if num > O_OSCORE and not osc:
-                    op = opt(out, op, O_OSCORE - olast, ov, 0, k)
-                    olast = O_OSCORE
+                if num > _O_OSCORE and not osc:
+                    op = opt(out, op, _O_OSCORE - olast, ov, 0, k)
+                    olast = _O_OSCORE
                     osc = True
                 op = opt(out, op, num - olast, src, pos, ln)
                 olast = num
@@ -225,9 +225,9 @@ class Context:
                 ilast = num
             pos += ln
         if not osc:
-            op = opt(out, op, O_OSCORE - olast, ov, 0, k)
+            op = opt(out, op, _O_OSCORE - olast, ov, 0, k)
         if echo:
-            ip = opt(pt, ip, O_ECHO - ilast, echo, 0, len(echo))
+            ip = opt(pt, ip, _O_ECHO - ilast, echo, 0, len(echo))
         if pos < n:
             m = n - pos - 1
             if m <= 0 or ip + 1 + m > len(pt):
@@ -238,7 +238,7 @@ class Context:
             ip += 1 + m
         if op + 1 + ip + crypto.TAG > len(out):
             raise OscoreError("protected message larger than its buffer")
-        out[1] = FETCH if obs else POST
+        out[1] = _FETCH if obs else POST
         out[op] = 0xFF
         al = self._mkaad(piv, 0, pl)
         c = self._snd.encrypt(self._mknonce(self.sid, piv, 0, pl), self._aad, pt, ip, out, al, 0, op + 1)
@@ -262,7 +262,7 @@ class Context:
                 raise OscoreError(e.args[0])
             num += _hd[0]
             ln = _hd[1]
-            if num == O_OSCORE:
+            if num == _O_OSCORE:
                 ovs = pos
                 ovl = ln
             elif num == O_OBSERVE:
@@ -322,7 +322,7 @@ class Context:
 class _ProtectedExchange(coap.Exchange):
     def __init__(self, size):
         super().__init__(size)
-        self.wire = bytearray(size + OVERHEAD)  # the protected message (retransmitted as is)
+        self.wire = bytearray(size + _OVERHEAD)  # the protected message (retransmitted as is)
         self.seq = -1       # sequence number of the request on the wire
         self.echo = None    # Echo value to send with the next protection
         self.echoed = False
@@ -447,7 +447,7 @@ class Client(coap.Client):
                     p = uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
                     last = O_OBSERVE
                     done = True
-                if num == O_ECHO:
+                if num == _O_ECHO:
                     self._echo = (i, ln)
                 p = opt(rx, p, num - last, pt, i, ln)
                 last = num
@@ -476,7 +476,7 @@ class Client(coap.Client):
                 text = " " + str(bytes(data[pos:min(n, pos + 40)]), "utf-8")
         except ValueError:  # CoapError, UnicodeError
             pass
-        pl = cbor.dumps({3: UNAUTHORIZED, 9: "gateway did not authenticate us: %s%s" % (coapmsg.dotted(data[1]), text)})
+        pl = cbor.dumps({3: _UNAUTHORIZED, 9: "gateway did not authenticate us: %s%s" % (coapmsg.dotted(data[1]), text)})
         out = bytearray(4 + tkl + 1 + len(pl))
         out[0:4 + tkl] = data[0:4 + tkl]
         out[4 + tkl] = 0xFF

@@ -5,11 +5,12 @@
 # (boot, seq) names every report: boot is persisted and incremented at each boot, seq restarts at 1.
 import gc
 import time
+from micropython import const
 
 from carrier import devicemsg, log
 
 RETRY_MIN = 2000     # ms
-RETRY_MAX = 300000
+_RETRY_MAX = const(300000)
 
 
 class Reporter:
@@ -102,7 +103,7 @@ class Reporter:
             # kept and retried with backoff: 4.01 means the gateway does not (yet) hold this device's key
             self.failed += 1
             self._retry = time.ticks_add(self.now, self._backoff)
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self._backoff = min(self._backoff * 2, _RETRY_MAX)
         else:
             self.rejected += 1
             log.w("rpt", "report boot=%d seq=%d rejected code=%d" % (boot, seq, code))

@@ -6,13 +6,14 @@ import time
 import machine
 import network
 import esp32
+from micropython import const
 
 from carrier import hal as _h
 
 NVS_NS = "ida"
-KV_MAX = 96  # largest NVS blob this firmware stores (key, counters)
-NET_RETRY_MS = 5000
-NET_RETRY_MAX_MS = 120000
+_KV_MAX = const(96)  # largest NVS blob this firmware stores (key, counters)
+_NET_RETRY_MS = const(5000)
+_NET_RETRY_MAX_MS = const(120000)
 
 
 class Hal:
@@ -23,10 +24,10 @@ class Hal:
         self._wifi = None  # (ssid, psk)
         self._want = False
         self._next = time.ticks_ms()
-        self._retry = NET_RETRY_MS
+        self._retry = _NET_RETRY_MS
         self._wdt = None
         self._nvs = esp32.NVS(NVS_NS)
-        self._kvbuf = bytearray(KV_MAX)
+        self._kvbuf = bytearray(_KV_MAX)
         self._rtc = machine.RTC()
         self._led = None
         self._pixel = None
@@ -78,7 +79,7 @@ class Hal:
         if on:
             self._wlan.active(True)
             self._next = time.ticks_ms()
-            self._retry = NET_RETRY_MS
+            self._retry = _NET_RETRY_MS
         else:
             try:
                 self._wlan.disconnect()
@@ -97,12 +98,12 @@ class Hal:
         except OSError:
             pass
         self._next = time.ticks_add(now, self._retry)
-        self._retry = min(self._retry * 2, NET_RETRY_MAX_MS)
+        self._retry = min(self._retry * 2, _NET_RETRY_MAX_MS)
 
     def net_up(self):
         up = self._wlan.isconnected()
         if up:
-            self._retry = NET_RETRY_MS
+            self._retry = _NET_RETRY_MS
         return up
 
     def rssi(self):

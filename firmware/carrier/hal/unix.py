@@ -8,10 +8,11 @@ import os
 import sys
 import time
 import select
+from micropython import const
 
 from carrier import hal as _h
 
-NET_CHECK_MS = 500
+_NET_CHECK_MS = const(500)
 
 # one watchdog per process, like the hardware one: it survives an in-process reboot
 _wdt_ms = 0
@@ -53,7 +54,7 @@ class Hal:
         self._uid = bytes.fromhex(u) if u else b"\x02\x00\x00\x00\x00\x01"
         self._flag = root + "netdown"
         self._net = True
-        self._checked = time.ticks_add(time.ticks_ms(), -NET_CHECK_MS)
+        self._checked = time.ticks_add(time.ticks_ms(), -_NET_CHECK_MS)
         self._led = False
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
@@ -76,7 +77,7 @@ class Hal:
 
     # network: always "connected" unless the netdown flag file exists
     def net_poll(self, now):
-        if time.ticks_diff(now, self._checked) >= NET_CHECK_MS:
+        if time.ticks_diff(now, self._checked) >= _NET_CHECK_MS:
             self._checked = now
             try:
                 os.stat(self._flag)
