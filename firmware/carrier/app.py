@@ -2,7 +2,7 @@
 #
 # Why a poll loop and not uasyncio: every component is already a non-blocking state machine driven by
 # poll(now) (CoAP exchanges, the MQTT client, reporter, queue, console), so one loop that calls them in
-# turn and then sleeps in select.poll() on the sockets and the console for at most _IDLE_MS is all the
+# turn and then sleeps in select.poll() on the sockets and the console for at most IDLE_MS is all the
 # scheduling the device needs. It costs no task objects, closures or event-loop heap, keeps the longest
 # blocking call visible (that one poll(), bounded), makes the watchdog feed point obvious (once per
 # iteration: a stuck component trips it), and lets tests drive step(now) with a fake clock.

@@ -1,5 +1,5 @@
 # CoAP (RFC 7252) client of the device: confirmable exchanges driven by poll(now) on a non-blocking UDP
-# socket (never blocks): _ACK_TIMEOUT 2 s x random 1-1.5, _MAX_RETRANSMIT 4 with doubling, 2-byte tokens and
+# socket (never blocks): ACK_TIMEOUT 2 s x random 1-1.5, MAX_RETRANSMIT 4 with doubling, 2-byte tokens and
 # Message-IDs, de-duplication of the gateway's CON/NON messages by MID (a duplicate CON is re-ACKed, not
 # delivered twice), empty ACK then separate response, Block2 reassembly for large answers, Observe on /cfg.
 # The messages themselves are coapmsg.py (no I/O); oscore.py protects what this client sends.
@@ -15,11 +15,19 @@ from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
 from carrier import cbor, devicemsg, rcache
-from carrier.coapmsg import (CON, ACK, RST, VALID, CHANGED, CONTENT, RX_MAX, CoapError, Msg, config_request,
-                             decode, dotted, header, post_request, resolve_request)
+from carrier.coapmsg import CoapError, Msg, config_request, decode, dotted, header, post_request, resolve_request
+
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_CON = const(0)        # mirrors coapmsg.CON
+_ACK = const(2)        # mirrors coapmsg.ACK
+_RST = const(3)        # mirrors coapmsg.RST
+_VALID = const(67)     # mirrors coapmsg.VALID
+_CHANGED = const(68)   # mirrors coapmsg.CHANGED
+_CONTENT = const(69)   # mirrors coapmsg.CONTENT
+_RX_MAX = const(1152)  # mirrors coapmsg.RX_MAX
 
 _ACK_TIMEOUT = const(2000)      # ms
-_ACK_RANDOM = const(1000)       # ms: _ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
+_ACK_RANDOM = const(1000)       # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
 _MAX_RETRANSMIT = const(4)
 _SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
 SLOTS = const(4)
@@ -257,7 +265,7 @@ class Client:
         for _ in range(8):  # bounded work per call
             try:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
-                d = s.recv(RX_MAX)
+                d = s.recv(_RX_MAX)
             except OSError as e:
                 if e.args and e.args[0] == ECONNREFUSED:
                     # ICMP port unreachable: nothing listens there now; fail fast rather than
@@ -305,14 +313,14 @@ class Client:
         except CoapError:
             self.errors += 1
             return
-        if m.type == ACK or m.type == RST:
+        if m.type == _ACK or m.type == _RST:
             for ex in self.exchanges:
                 if ex.state == _WAIT_ACK and ex.mid == m.mid:
                     break
             else:
                 self.dups += 1  # late or duplicate ACK: its exchange is over
                 return
-            if m.type == RST:
+            if m.type == _RST:
                 self.errors += 1
                 self._finish(ex, devicemsg.NO_RESPONSE, None)
             elif m.code == 0:
@@ -324,8 +332,8 @@ class Client:
                 self.errors += 1
             return
         if m.code < 64:  # a request: the device serves nothing
-            if m.type == CON:
-                self._empty(RST, m.mid)
+            if m.type == _CON:
+                self._empty(_RST, m.mid)
             return
         ex = None
         if m.tkl == 2:
@@ -337,18 +345,18 @@ class Client:
         for v in seen:
             if v & 0xFFFF == m.mid and v >= 0:  # duplicate: answer as before, deliver nothing
                 self.dups += 1
-                if m.type == CON:
+                if m.type == _CON:
                     self._empty(v >> 16, m.mid)
                 return
         known = ex is not None or (m.tkl == 2 and m.token == self._obs)
-        answer = ACK if known else RST
-        if m.type == CON:
+        answer = _ACK if known else _RST
+        if m.type == _CON:
             self._empty(answer, m.mid)
         seen[self._seen_at] = m.mid | (answer << 16)
         self._seen_at = (self._seen_at + 1) % _DEDUP
         if ex is not None:
             self._response(ex, now)
-        elif known and m.code == CONTENT and self.on_config:
+        elif known and m.code == _CONTENT and self.on_config:
             self.on_config(bytes(self._rx_view[m.payload_at:m.length]))
 
     def _response(self, ex, now):
@@ -357,7 +365,7 @@ class Client:
         if m.crit:
             self._finish(ex, devicemsg.INTERNAL, None)
             return
-        if m.block2 >= 0 and m.code == CONTENT and ex.kind in (_K_RESOLVE, _K_CFG):
+        if m.block2 >= 0 and m.code == _CONTENT and ex.kind in (_K_RESOLVE, _K_CFG):
             num = m.block2 >> 4
             if num != ex.block or (num and m.etag != ex.etag):
                 self._finish(ex, devicemsg.INTERNAL, None)
@@ -392,13 +400,13 @@ class Client:
         ex.callback = ex.arg = None
         m = self._msg
         if kind == _K_RESOLVE:
-            if code == CONTENT or code == VALID:
-                cb(self.cache.settle(arg, code == CONTENT, pl, m.etag, m.max_age, self.now))
+            if code == _CONTENT or code == _VALID:
+                cb(self.cache.settle(arg, code == _CONTENT, pl, m.etag, m.max_age, self.now))
             else:
                 cb(_failure(code, rcache.target(arg), pl))
         elif kind == _K_REPORT:
             boot, seq = arg
-            if code == CHANGED:
+            if code == _CHANGED:
                 try:
                     a = devicemsg.decode("report_ack", pl)
                     c = a[devicemsg.K_CODE] if a[devicemsg.K_BOOT] == boot and a[devicemsg.K_SEQ] == seq else devicemsg.INTERNAL
@@ -409,7 +417,7 @@ class Client:
                 c = _failure(code, None, pl)[0]
             cb(c, boot, seq)
         elif kind == _K_CFG:
-            if code == CONTENT:
+            if code == _CONTENT:
                 if m.observe >= 0 and ex.block == 0:
                     self._obs = ex.token
                 if self.on_config:

@@ -1,5 +1,5 @@
 # Serial console on the UART / stdin for a plain terminal and for tools. Bytes are read without blocking
-# (at most _READ_MAX per loop) into one preallocated line buffer; backspace edits; a line that is too long,
+# (at most READ_MAX per loop) into one preallocated line buffer; backspace edits; a line that is too long,
 # holds control bytes or is not UTF-8 gets an error reply and is discarded. Every reply is either text
 # ("key: value" lines, "error: ...") or, after `json on`, exactly one JSON object per line:
 #   {"ok": true, "cmd": "status", ...}   {"ok": false, "cmd": "x", "error": "..."}   {"log": "I app ..."}
@@ -158,10 +158,6 @@ class Console:
             self.write(json.dumps({"log": line}) + "\n")
         else:
             self.write(line + "\n")
-
-    def prompt(self):
-        if not self.json:
-            self.write("> " if self.echo else "")
 
     # -- commands
     def c_help(self, a):

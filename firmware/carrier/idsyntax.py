@@ -107,14 +107,6 @@ def parse(text):
     return str(b[:slash], "ascii").upper() + str(b[slash:], "utf-8")
 
 
-def reason_of(text):
-    try:
-        parse(text)
-    except IdentifierError as e:
-        return e.reason
-    return None
-
-
 def split(ident):
     """(prefix, suffix) of a normalised identifier."""
     i = ident.find("/")

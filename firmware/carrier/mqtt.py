@@ -14,8 +14,16 @@ import select
 import socket
 from micropython import const
 
-from carrier.mqttmsg import (CONNACK, PUBLISH, PUBACK, SUBACK, PINGREQ, PINGRESP, DISCONNECT, MQTTError, Reader,
-                             connect, empty, puback, publish, publish_size, subscribe)
+from carrier.mqttmsg import MQTTError, Reader, connect, empty, puback, publish, publish_size, subscribe
+
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_CONNACK = const(2)      # mirrors mqttmsg.CONNACK
+_PUBLISH = const(3)      # mirrors mqttmsg.PUBLISH
+_PUBACK = const(4)       # mirrors mqttmsg.PUBACK
+_SUBACK = const(9)       # mirrors mqttmsg.SUBACK
+_PINGREQ = const(12)     # mirrors mqttmsg.PINGREQ
+_PINGRESP = const(13)    # mirrors mqttmsg.PINGRESP
+_DISCONNECT = const(14)  # mirrors mqttmsg.DISCONNECT
 
 IDLE = const(0)
 _CONNECTING = const(1)  # TCP handshake in progress
@@ -111,7 +119,7 @@ class Client:
     def disconnect(self):
         """Polite DISCONNECT (the broker then drops the last will)."""
         if self.state == UP and self._room(2):
-            self._out_len = empty(self._out, DISCONNECT, self._out_len)
+            self._out_len = empty(self._out, _DISCONNECT, self._out_len)
             try:
                 self._flush()
             except OSError:
@@ -246,7 +254,7 @@ class Client:
         t = b[0] >> 4
         p = r.pos
         n = r.len
-        if t == PUBLISH:
+        if t == _PUBLISH:
             if self.state != UP:
                 raise MQTTError("PUBLISH before CONNACK")
             qos = (b[0] >> 1) & 3
@@ -259,7 +267,7 @@ class Client:
                 self._out_len = puback(self._out, pid, self._out_len)
             if self.on_msg:
                 self.on_msg(r.view[p + 2:p + 2 + tl], r.view[p + hdr:p + n], b[0] & 1)
-        elif t == PUBACK:
+        elif t == _PUBACK:
             pid = (b[p] << 8) | b[p + 1]
             for f in self._inflight:
                 if f[0] == pid:
@@ -267,12 +275,12 @@ class Client:
                     if self.on_puback:
                         self.on_puback(pid)
                     break
-        elif t == SUBACK:
+        elif t == _SUBACK:
             if self.on_suback:
                 self.on_suback((b[p] << 8) | b[p + 1], b[p + 2] != 0x80)
-        elif t == PINGRESP:
+        elif t == _PINGRESP:
             self._ping = 0
-        elif t == CONNACK:
+        elif t == _CONNACK:
             if self.state != WAIT_CONNACK or n != 2:
                 raise MQTTError("unexpected CONNACK")
             if b[p + 1]:
@@ -296,7 +304,7 @@ class Client:
                 raise MQTTError("broker did not answer PINGREQ")
         elif ka and (time.ticks_diff(now, self.last_tx) >= ka // 2 or time.ticks_diff(now, self.last_rx) >= ka // 2):
             if self._room(2):
-                self._out_len = empty(self._out, PINGREQ, self._out_len)
+                self._out_len = empty(self._out, _PINGREQ, self._out_len)
                 self._ping = now if now else 1
                 self.last_tx = now
         for f in self._inflight:

@@ -12,7 +12,12 @@ import time
 from micropython import const
 
 from carrier import cbor, devicemsg, rcache, log
-from carrier.mqtt import INFLIGHT, RETRY_MS, UP, Client, Session, password
+from carrier.mqtt import Client, Session, password
+
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_UP = const(3)            # mirrors mqtt.UP
+_INFLIGHT = const(4)      # mirrors mqtt.INFLIGHT
+_RETRY_MS = const(10000)  # mirrors mqtt.RETRY_MS
 
 RESOLVE_WAIT = const(5000)   # ms before a resolve request is retried with a new token
 _RESOLVE_TRIES = const(2)
@@ -26,7 +31,7 @@ def _nop(*a):
 class Transport:
     name = "mqtt"
 
-    def __init__(self, ident, poller=None, cache=None, keepalive=60, retry_ms=RETRY_MS):
+    def __init__(self, ident, poller=None, cache=None, keepalive=60, retry_ms=_RETRY_MS):
         self.id = ident.id
         dev = devicemsg.topic_key(ident.id)
         base = "ida/v1/d/" + dev + "/"
@@ -65,7 +70,7 @@ class Transport:
         self.session.start(now)
 
     def stop(self):
-        if self.client.state == UP:
+        if self.client.state == _UP:
             self.client.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: False}),
                            0, True, self.now)
         self.session.stop()
@@ -81,7 +86,7 @@ class Transport:
             self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
 
     def ready(self):
-        return self.client.state == UP and self.client.inflight() < INFLIGHT
+        return self.client.state == _UP and self.client.inflight() < _INFLIGHT
 
     def _up(self, now):
         self.client.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: True}),
@@ -97,7 +102,7 @@ class Transport:
             c.cid = c.cid[:23]
             c.refused = 0
             self.session._next = now  # retry at once with the short id
-        if was == UP and self.client.state != UP:
+        if was == _UP and self.client.state != _UP:
             self.errors += 1
             # the pending report's PUBACK/ack may be lost: the reporter resends it from the queue
             if self._report:
@@ -136,7 +141,7 @@ class Transport:
         key = rcache.key(target, qtype)
         if self.cache.serve(key, self.now, cb):
             return True
-        if self.client.state != UP or len(self._resolves) >= 2:
+        if self.client.state != _UP or len(self._resolves) >= 2:
             return False
         r = [b"", key, cb, 0, 0]
         if not self._send_req(r, self.now):

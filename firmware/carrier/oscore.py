@@ -10,12 +10,12 @@
 # Layers:
 #   * Context: key derivation (RFC 8613 3.2), AAD and nonce construction (5.3, 5.4), protect() a plain CoAP
 #     request into an OSCORE message (4: Uri-Host/Uri-Port/Proxy-* stay outer, Observe both, all else inner;
-#     outer code POST, _FETCH with Observe), unprotect() a response (8.4: kid, kid context and flag checks;
+#     outer code POST, FETCH with Observe), unprotect() a response (8.4: kid, kid context and flag checks;
 #     nonce from the response's Partial IV when present, else from the request's). The sender sequence number
 #     is reserved SEQ_WINDOW at a time through persist() before use, so a power cut never reuses a nonce.
 #   * Client: coap.Client whose exchanges go out protected (its _seal() hook) and whose answers are unprotected
 #     before the plain client sees them; Echo (RFC 9175) replay-window recovery is answered once per request; an
-#     unprotected error answer ends the exchange with code _UNAUTHORIZED (401); an unprotected success answer
+#     unprotected error answer ends the exchange with code UNAUTHORIZED (401); an unprotected success answer
 #     is dropped (anyone could have sent it); notifications must carry increasing Partial IVs (7.4.1).
 import time
 import struct
@@ -23,7 +23,7 @@ import hashlib
 from micropython import const
 
 from carrier import cbor, coap, coapmsg, crypto
-from carrier.coapmsg import ACK, CON, O_OBSERVE, POST, CoapError, option, opt, uint, uint_opt
+from carrier.coapmsg import CoapError, option, opt, uint, uint_opt
 
 _ALG = const(10)          # COSE AES-CCM-16-64-128
 _KEY_LEN = const(16)
@@ -34,21 +34,23 @@ GATEWAY_ID = b""
 SEQ_WINDOW = const(100)  # sequence numbers reserved per write to the kv store
 MAX_SEQ = 0xFFFFFFFFFF   # 2**40 - 1: Partial IV is at most 5 bytes
 KV_SEQ = "oscseq"
-_PT_MAX = const(1152)     # largest plaintext handled (coapmsg.RX_MAX)
 _OVERHEAD = const(80)     # OSCORE option, code byte, payload marker, tag and an Echo value, over a plain request
-_UNAUTHORIZED = const(401)  # device-side code: the gateway did not authenticate us (unprotected 4.xx answer)
-
 _O_OSCORE = const(9)
 _O_ECHO = const(252)
 _FETCH = const(5)
 _OUTER = (3, 7, 35, 39)  # Uri-Host, Uri-Port, Proxy-Uri, Proxy-Scheme: class U
-# coap.py keeps these two as private const()s (not module attributes on MicroPython): same values
-_WAIT_ACK = const(1)
-_K_CFG = const(3)
-# CoAP response codes
-_UNAUTH = const(129)      # 4.01
-_TOO_LARGE = const(141)   # 4.13
-_INTERNAL = const(160)    # 5.00
+_UNAUTH = const(129)      # CoAP 4.01
+_TOO_LARGE = const(141)   # CoAP 4.13
+_INTERNAL = const(160)    # CoAP 5.00
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_CON = const(0)          # mirrors coapmsg.CON
+_ACK = const(2)          # mirrors coapmsg.ACK
+_POST = const(2)         # mirrors coapmsg.POST
+_O_OBSERVE = const(6)    # mirrors coapmsg.O_OBSERVE
+_RX_MAX = const(1152)    # mirrors coapmsg.RX_MAX: also the largest plaintext handled
+_WAIT_ACK = const(1)     # mirrors coap._WAIT_ACK
+_K_CFG = const(3)        # mirrors coap._K_CFG
+_UNAUTHORIZED = const(401)  # mirrors devicemsg.UNAUTHORIZED: the gateway did not authenticate us
 
 
 class OscoreError(CoapError):
@@ -131,7 +133,7 @@ class Context:
         self._piv = bytearray(5)
         self._rpiv = bytearray(5)
         self._optval = bytearray(8 + kl + (1 + len(id_context) if id_context else 0))
-        self.plain = bytearray(_PT_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
+        self.plain = bytearray(_RX_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
 
     def next_seq(self):
         s = self.seq
@@ -212,14 +214,14 @@ class Context:
             pos = option(src, pos, n, _hd)
             num += _hd[0]
             ln = _hd[1]
-            if num in _OUTER or num == O_OBSERVE:
+            if num in _OUTER or num == _O_OBSERVE:
                 if num > _O_OSCORE and not osc:
                     op = opt(out, op, _O_OSCORE - olast, ov, 0, k)
                     olast = _O_OSCORE
                     osc = True
                 op = opt(out, op, num - olast, src, pos, ln)
                 olast = num
-                obs = obs or num == O_OBSERVE
+                obs = obs or num == _O_OBSERVE
             if num not in _OUTER:
                 ip = opt(pt, ip, num - ilast, src, pos, ln)
                 ilast = num
@@ -238,7 +240,7 @@ class Context:
             ip += 1 + m
         if op + 1 + ip + crypto.TAG > len(out):
             raise OscoreError("protected message larger than its buffer")
-        out[1] = _FETCH if obs else POST
+        out[1] = _FETCH if obs else _POST
         out[op] = 0xFF
         al = self._mkaad(piv, 0, pl)
         c = self._snd.encrypt(self._mknonce(self.sid, piv, 0, pl), self._aad, pt, ip, out, al, 0, op + 1)
@@ -265,7 +267,7 @@ class Context:
             if num == _O_OSCORE:
                 ovs = pos
                 ovl = ln
-            elif num == O_OBSERVE:
+            elif num == _O_OBSERVE:
                 if ln > 3:
                     raise OscoreError("bad Observe")
                 obs = uint(src, pos, ln)
@@ -339,7 +341,7 @@ class Client(coap.Client):
         coap.Client.__init__(self, ident, poller, cache, _ProtectedExchange)
         start, persist = seq_store(store, ident.key)
         self.ctx = Context(ident.key, kid(ident.idb), GATEWAY_ID, seq=start, persist=persist)
-        self._answer = bytearray(coapmsg.RX_MAX)  # the unprotected answer, handed to the plain client
+        self._answer = bytearray(_RX_MAX)  # the unprotected answer, handed to the plain client
         self._obs_seq = -1  # sequence number of the request that registered the /cfg observation
         self._obs_n = -1    # Partial IV of the newest notification accepted
         self._echo = None   # (offset, length) of an Echo option in the inner message being handled
@@ -368,7 +370,7 @@ class Client(coap.Client):
         t = (b0 >> 4) & 3
         mid = (data[2] << 8) | data[3]
         tok = uint(data, 4, tkl)
-        if t != ACK:
+        if t != _ACK:
             for v in self._seen:
                 if v >= 0 and v & 0xFFFF == mid:  # a duplicate: re-acknowledged by the plain client
                     coap.Client.datagram(self, data, now)
@@ -376,7 +378,7 @@ class Client(coap.Client):
         ex = None
         if tkl == 2:
             for x in self.exchanges:
-                if x.state and x.token == tok and (t != ACK or (x.state == _WAIT_ACK and x.mid == mid)):
+                if x.state and x.token == tok and (t != _ACK or (x.state == _WAIT_ACK and x.mid == mid)):
                     ex = x
                     break
         note = ex is None and tkl == 2 and tok == self._obs
@@ -398,8 +400,8 @@ class Client(coap.Client):
         if note:
             if piv <= self._obs_n:  # replayed or reordered notification (RFC 8613 7.4.1)
                 self.dups += 1
-                if t == CON:
-                    self._empty(ACK, mid)
+                if t == _CON:
+                    self._empty(_ACK, mid)
                 return
             self._obs_n = piv
         out = self._answer
@@ -414,8 +416,8 @@ class Client(coap.Client):
         echo = self._echo
         if ex is not None and pt[0] == _UNAUTH and echo and not ex.echoed:
             # Echo (RFC 9175): the gateway has no replay state for us yet; repeat the request once with it
-            if t == CON:
-                self._empty(ACK, mid)
+            if t == _CON:
+                self._empty(_ACK, mid)
             ex.echo = bytes(pt[echo[0]:echo[0] + echo[1]])
             ex.mid = self._next_mid()
             ex.buf[2] = ex.mid >> 8
@@ -442,10 +444,10 @@ class Client(coap.Client):
             i = option(pt, i, m, _hd)
             num += _hd[0]
             ln = _hd[1]
-            if num != O_OBSERVE:
-                if not done and num > O_OBSERVE:
-                    p = uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
-                    last = O_OBSERVE
+            if num != _O_OBSERVE:
+                if not done and num > _O_OBSERVE:
+                    p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
+                    last = _O_OBSERVE
                     done = True
                 if num == _O_ECHO:
                     self._echo = (i, ln)
@@ -453,7 +455,7 @@ class Client(coap.Client):
                 last = num
             i += ln
         if not done:
-            p = uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
+            p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
         if i < m:
             if i + 1 == m:
                 raise OscoreError("payload marker without payload")

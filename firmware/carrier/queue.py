@@ -3,7 +3,7 @@
 # kinds: REPORT (payload = the CBOR report), ACK and DROP (remove boot/seq; DROP also counts it as dropped),
 # HEAD (first record of a file; boot field = the dropped counter). Little-endian.
 # Flash wears out, so records are first collected in a preallocated RAM buffer and written together when
-# _BATCH reports are waiting, the oldest buffered record is _FLUSH_MS old, or flush() is called (before a
+# BATCH reports are waiting, the oldest buffered record is FLUSH_MS old, or flush() is called (before a
 # reboot or deep sleep). A report acknowledged while still in RAM never touches flash: a device that is
 # online writes nothing. When the queue is full the oldest report goes (counted, persisted). At boot the
 # file is replayed; a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:

@@ -83,9 +83,6 @@ class Cache:
         self._lru = []
         self.bytes = 0
 
-    def __len__(self):
-        return len(self._lru)
-
 
 def key(ident, qtype=None):
     """The cache key of a resolve: the identifier, with "?type=<qtype>" when only that type is asked for."""

@@ -37,9 +37,6 @@ class Reporter:
         self._retry = now
         self._next = time.ticks_add(now, delay_ms)
 
-    def report_now(self):
-        self._next = self.now
-
     def set_interval(self, s):
         """A shorter interval brings the next report forward; a longer one applies after it."""
         if self._next is not None:
