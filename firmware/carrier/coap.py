@@ -5,7 +5,7 @@
 # The messages themselves are coapmsg.py (no I/O); oscore.py protects what this client sends.
 # Device resources (docs/protocol.md): GET /r/<prefix>/<suffix segs> resolves (through rcache),
 # POST /d/<id segs>/rpt reports, GET (observe) and POST /d/<id segs>/cfg fetch and acknowledge config.
-# Results go to callbacks; the transport interface it shares with mqtt.Transport is
+# Results go to callbacks; the transport interface it shares with mqttdevice.Transport is
 #   start(now) stop() poll(now) ready() resolve(id, cb) report(payload, boot, seq, cb) get_config()
 #   cfg_ack(payload) on_config(payload) errors.
 import os

@@ -1,4 +1,4 @@
-"""Identifier edge cases: the gateway's parser (proto/identifier.py) and the firmware's (firmware/carrier/ident.py,
+"""Identifier edge cases: the gateway's parser (proto/identifier.py) and the firmware's (firmware/carrier/idsyntax.py,
 run by the real micropython) must give the same normalised form or the same reason for every input, as bytes
 and (when it is UTF-8) as text. tests/fuzz/test_firmware_agreement.py has the random agreement test; this module
 aims at the corners: malformed UTF-8 (overlong forms, surrogates, beyond U+10FFFF, truncated sequences, lone
