@@ -10,10 +10,11 @@ def h(s):
     return bytes.fromhex(s.replace(" ", ""))
 
 
-def _transport():
+def _transport(ident="88.123.99/PUMP-0001", connack="20 02 00 00"):
+    """A Transport on a fake socket that has just read the broker's CONNACK."""
     idt = Identity(
         {
-            "id": "88.123.99/PUMP-0001",
+            "id": ident,
             "transport": "mqtt",
             "mqtt": "mqtt://127.0.0.1",
             "key": "00112233445566778899aabbccddeeff",
@@ -23,7 +24,7 @@ def _transport():
     t.client.sock = FakeSock()
     t.client.state = mqtt.WAIT_CONNACK
     t.session.enabled = True
-    t.client.sock.rx.append(h("20 02 00 00"))
+    t.client.sock.rx.append(h(connack))
     t.poll(0)
     return t
 
@@ -152,19 +153,6 @@ def test_password_is_derived_not_the_key():
 def test_client_id_cut_to_23_bytes_when_rejected():
     t = _transport()
     eq(t.client.cid, b"88.123.99%2FPUMP-0001")  # 21 bytes: fine
-    idt = Identity(
-        {
-            "id": "88.123.99/A-RATHER-LONG-DEVICE-NAME",
-            "transport": "mqtt",
-            "mqtt": "mqtt://127.0.0.1",
-            "key": "00112233445566778899aabbccddeeff",
-        }
-    )
-    t = mqttdevice.Transport(idt, keepalive=30)
-    t.client.sock = FakeSock()
-    t.client.state = mqtt.WAIT_CONNACK
-    t.session.enabled = True
-    t.client.sock.rx.append(h("20 02 00 02"))  # identifier rejected
-    t.poll(0)
+    t = _transport("88.123.99/A-RATHER-LONG-DEVICE-NAME", "20 02 00 02")  # identifier rejected
     eq(t.client.state, mqtt.IDLE)
     eq(t.client.cid, b"88.123.99%2FA-RATHER-LO")
