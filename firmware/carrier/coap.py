@@ -124,7 +124,7 @@ class Client:
                 self._finish(ex, devicemsg.NO_RESPONSE, None)
 
     def ready(self):
-        return self._slot() is not None
+        return self._free() is not None
 
     def busy(self):
         n = 0
@@ -138,13 +138,25 @@ class Client:
         return self._obs >= 0
 
     # -- requests
-    def _slot(self):
+    def _free(self):
         if self.sock is None:
             return None
         for ex in self.exchanges:
             if ex.state == _FREE:
                 return ex
         return None
+
+    def _start(self, kind, cb, arg):
+        """A free exchange set up for a new request with a new token; None when all are busy or stopped."""
+        ex = self._free()
+        if ex is not None:
+            ex.kind = kind
+            ex.callback = cb
+            ex.arg = arg
+            ex.block = 0
+            ex.etag = None
+            ex.token = self._next_token()
+        return ex
 
     def _next_mid(self):
         self._mid = (self._mid + 1) & 0xFFFF
@@ -195,15 +207,10 @@ class Client:
         key = rcache.key(target, qtype)
         if self.cache.serve(key, self.now, cb):
             return True
-        ex = self._slot()
+        ex = self._start(_K_RESOLVE, cb, key)
         if ex is None:
             return False
-        ex.kind = _K_RESOLVE
-        ex.arg = key
-        ex.callback = cb
-        ex.block = 0
         ex.etag = self.cache.etag(key)
-        ex.token = self._next_token()
         try:
             self._build_get(ex)
         except CoapError:
@@ -213,21 +220,17 @@ class Client:
         return True
 
     def _post(self, kind, leaf, payload, cb, arg):
-        ex = self._slot()
+        ex = self._start(kind, cb, arg)
         if ex is None:
             return False
-        ex.kind = kind
-        ex.block = 0
-        ex.token = self._next_token()
         ex.mid = self._next_mid()
         try:
             ex.length = post_request(ex.buf, ex.mid, ex.token, self.idb, leaf, payload)
         except CoapError:
+            ex.callback = ex.arg = None
             if cb:
                 cb(devicemsg.TOO_LARGE, arg[0], arg[1])
             return True
-        ex.callback = cb
-        ex.arg = arg
         self._send(ex, self.now)
         return True
 
@@ -243,15 +246,9 @@ class Client:
         for ex in self.exchanges:
             if ex.state and ex.kind == _K_CFG:
                 return True
-        ex = self._slot()
+        ex = self._start(_K_CFG, None, None)
         if ex is None:
             return False
-        ex.kind = _K_CFG
-        ex.callback = None
-        ex.arg = None
-        ex.block = 0
-        ex.etag = None
-        ex.token = self._next_token()
         self._build_get(ex)
         self._send(ex, self.now)
         return True
