@@ -492,7 +492,7 @@ def test_gateway_outage_every_queued_report_is_delivered_exactly_once(
 # -- (e) ----------------------------------------------------------------------------------------------------------
 def _code_heap(transport: str) -> int:
     """gc.mem_alloc() of a MicroPython process that has imported what a running device imports, nothing run."""
-    mods = "app, coap" if transport == "coap" else "app, mqtt"
+    mods = "app, coap" if transport == "coap" else "app, mqttdevice"
     script = (
         f"import sys\nsys.path.insert(0, {str(FIRMWARE_DIR)!r})\nimport gc, json\n"
         f"from carrier import {mods}, rcache, hal\nfrom carrier.hal import unix\n"

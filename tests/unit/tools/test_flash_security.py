@@ -409,7 +409,7 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
     builds: Builds, station: Station, tmp_path: Path
 ) -> None:
     """The chip's files under the real micropython: carrier.identity parses the identity (secure, mqtts, the
-    CA path under its data root) and carrier.mqtt builds its TLS context from the DER CA."""
+    CA path under its data root) and carrier.tls builds the MQTT TLS context from the DER CA."""
     from tests.support.mp import run_mp
 
     b = builds.with_ca
@@ -420,10 +420,10 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
     for path in (IDENTITY_PATH, CA_PATH):
         (root / path[1:]).write_bytes(chip_files(b, chip)[path])
     out = run_mp(
-        "from carrier import identity, mqtt\n"
+        "from carrier import identity, tls\n"
         "from fwfakes import FakeHal\n"
         f"i = identity.load(FakeHal({str(root) + '/'!r}))\n"
-        "ctx = mqtt.tls_context(i.ca_path)\n"
+        "ctx = tls.context(i.ca_path)\n"
         "print(i.secure, i.mqtt_tls, i.transport, i.mqtt[0], i.mqtt[1], i.ca_path, i.fingerprint())\n"
     )
     key = station.keystore().get(chip_identity(b, chip)[1].identifier)

@@ -1,6 +1,9 @@
-# Handle-syntax identifiers on the device: <prefix>/<suffix>, rules and reason codes as in
+# Identifier syntax on the device: Handle-syntax <prefix>/<suffix>, rules and reason codes as in
 # docs/protocol.md. Works on the UTF-8 bytes (iterating bytes yields ints: no allocation per character).
-MAX_LENGTH = 255
+# The CPython twin is proto/identifier.py; tests/vectors/identifiers.json pins both. (identity.py holds this
+# device's own identifier and key.)
+from micropython import const
+_MAX_LENGTH = const(255)
 
 EMPTY = "EMPTY"
 TOO_LONG = "TOO_LONG"
@@ -13,7 +16,7 @@ BAD_PREFIX_CHAR = "BAD_PREFIX_CHAR"
 EMPTY_SUFFIX = "EMPTY_SUFFIX"
 
 
-class IdentError(ValueError):
+class IdentifierError(ValueError):
     def __init__(self, reason, detail=""):
         super().__init__(reason)
         self.reason = reason
@@ -25,12 +28,12 @@ def _prefix_char(c):
 
 
 def parse(text):
-    """Return the normalised identifier (prefix upper-cased) as str, or raise IdentError(reason)."""
+    """Return the normalised identifier (prefix upper-cased) as str, or raise IdentifierError(reason)."""
     # UTF-8 is checked here, strictly (RFC 3629): MicroPython's str(b, "utf-8") lets overlong forms,
     # surrogates and code points past U+10FFFF through, and its str can hold such bytes.
     b = text.encode() if isinstance(text, str) else bytes(text)
     if not b:
-        raise IdentError(EMPTY)
+        raise IdentifierError(EMPTY)
     n = 0  # characters
     prev = 0
     ctl = False
@@ -40,7 +43,7 @@ def parse(text):
     for c in b:
         if need:
             if c < lo or c > hi:
-                raise IdentError(NOT_UTF8, "not valid UTF-8")
+                raise IdentifierError(NOT_UTF8, "not valid UTF-8")
             lo = 0x80
             hi = 0xBF
             need -= 1
@@ -60,56 +63,48 @@ def parse(text):
                 elif c == 0xF4:
                     hi = 0x8F  # nothing past U+10FFFF
             else:
-                raise IdentError(NOT_UTF8, "not valid UTF-8")
+                raise IdentifierError(NOT_UTF8, "not valid UTF-8")
         if c & 0xC0 != 0x80:
             n += 1
         if c < 0x20 or c == 0x7F or (prev == 0xC2 and 0x80 <= c <= 0x9F):
             ctl = True
         prev = c
     if need:
-        raise IdentError(NOT_UTF8, "not valid UTF-8")
-    if n > MAX_LENGTH:
-        raise IdentError(TOO_LONG, "%d characters" % n)
+        raise IdentifierError(NOT_UTF8, "not valid UTF-8")
+    if n > _MAX_LENGTH:
+        raise IdentifierError(TOO_LONG, "%d characters" % n)
     if ctl:
-        raise IdentError(CONTROL_CHAR, "control character")
+        raise IdentifierError(CONTROL_CHAR, "control character")
     slash = b.find(b"/")
     if slash < 0:
-        raise IdentError(NO_SEPARATOR)
+        raise IdentifierError(NO_SEPARATOR)
     if slash == 0:
-        raise IdentError(EMPTY_PREFIX)
+        raise IdentifierError(EMPTY_PREFIX)
     dot = True  # previous prefix char was '.' (or start)
     lower = False
     for i in range(slash):
         c = b[i]
         if not _prefix_char(c):
-            raise IdentError(BAD_PREFIX_CHAR, "prefix character %r" % chr(c))
+            raise IdentifierError(BAD_PREFIX_CHAR, "prefix character %r" % chr(c))
         if 0x61 <= c <= 0x7A:
             lower = True
     for i in range(slash):
         c = b[i]
         if c == 0x2E:
             if dot:
-                raise IdentError(EMPTY_SEGMENT)
+                raise IdentifierError(EMPTY_SEGMENT)
             dot = True
         else:
             dot = False
     if dot:
-        raise IdentError(EMPTY_SEGMENT)
+        raise IdentifierError(EMPTY_SEGMENT)
     if slash == len(b) - 1:
-        raise IdentError(EMPTY_SUFFIX)
+        raise IdentifierError(EMPTY_SUFFIX)
     if isinstance(text, str) and not lower:
         return text
     if not lower:
         return str(b, "utf-8")
     return str(b[:slash], "ascii").upper() + str(b[slash:], "utf-8")
-
-
-def reason_of(text):
-    try:
-        parse(text)
-    except IdentError as e:
-        return e.reason
-    return None
 
 
 def split(ident):

@@ -67,7 +67,7 @@ MESSAGES = {
 }
 
 
-class ProtoError(ValueError):
+class WireError(ValueError):
     pass
 
 
@@ -118,28 +118,28 @@ def _ok(t, v):
 
 
 def check(name, m):
-    """Raise ProtoError unless the int-keyed dict m is a valid message `name`; returns m."""
+    """Raise WireError unless the int-keyed dict m is a valid message `name`; returns m."""
     if type(m) is not dict:
-        raise ProtoError(name + ": payload must be a map")
+        raise WireError(name + ": payload must be a map")
     req, opt = MESSAGES[name]
     for k in req:
         if k not in m:
-            raise ProtoError("%s: missing %s" % (name, NAMES[k]))
+            raise WireError("%s: missing %s" % (name, NAMES[k]))
     for k in m:
         if k in req or k in opt:
             if type(k) is float:  # 10.0 == 10 finds the key, but the message says integer keys
-                raise ProtoError("%s: key %r is not an integer" % (name, k))
+                raise WireError("%s: key %r is not an integer" % (name, k))
             if not _ok(_TYPES[k], m[k]):
-                raise ProtoError("%s: bad %s" % (name, NAMES[k]))
+                raise WireError("%s: bad %s" % (name, NAMES[k]))
     return m
 
 
 def decode(name, data):
-    """Decode and check a payload; ProtoError (a ValueError) for anything malformed."""
+    """Decode and check a payload; WireError (a ValueError) for anything malformed."""
     try:
         m = cbor.loads(data)
     except cbor.CBORError as e:
-        raise ProtoError("%s: %s" % (name, e))
+        raise WireError("%s: %s" % (name, e))
     return check(name, m)
 
 
