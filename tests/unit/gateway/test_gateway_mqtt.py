@@ -351,7 +351,7 @@ async def test_stop_answers_requests_in_flight(tmp_path: Path, mosquitto: Broker
 
 async def test_too_many_in_flight_is_rate_limited(tmp_path: Path, mosquitto: Broker) -> None:
     g = Gateway(tmp_path, mosquitto.url, delay=0.5)
-    g.fe._max_inflight = 2
+    g.fe.requests.max_inflight = 2
     await g.start()
     dev = Device(mosquitto.url, DEV)
     await dev.connect()

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.mqttlink import parse_url
+from gateway.broker import parse_url
 from gateway.outbox import DEFAULT_TOPIC, MqttSink, Outbox, WebhookSink, make_sink, report_payload
 from gateway.registry import Registry
 from tests.support.brokers import Broker
