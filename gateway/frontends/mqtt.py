@@ -92,11 +92,8 @@ class MqttFrontEnd:
         limiter: RateLimiter | None = None,
         fast_path: bool = True,
     ) -> None:
-        self.url = url
         self.limiter = limiter
-        self.resolver = resolver
         self.registry = registry
-        self.metrics = metrics
         self.group = group
         # the paho link's filters: without the requests when the resolve link takes them
         self.topics = subscriptions(

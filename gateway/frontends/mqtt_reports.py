@@ -51,6 +51,13 @@ def device_of(key: str) -> str:
     return identifier.normalise(devicemsg.identifier_from_topic_key(key))
 
 
+def _decode(name: str, key: str, payload: bytes) -> tuple[dict[str, Any], str, str]:
+    """(fields, the device the topic key names, the device the payload's ``id`` names) of a message ``name``;
+    ValueError (WireError, IdentifierError) when any of them cannot be read."""
+    fields = devicemsg.decode(name, payload)
+    return fields, device_of(key), identifier.normalise(fields["id"])
+
+
 class DeviceMessages:
     """``report``, ``config_ack`` and ``status`` take a message of the topic key ``key``; ``publish`` is the paho
     link's; ``spawn`` runs a coroutine as a task the front end cancels at stop."""
@@ -80,9 +87,7 @@ class DeviceMessages:
 
     def report(self, key: str, payload: bytes) -> None:
         try:
-            fields = devicemsg.decode("report", payload)
-            device = device_of(key)
-            claimed = identifier.normalise(fields["id"])
+            fields, device, claimed = _decode("report", key, payload)
         except ValueError as e:  # WireError, IdentifierError
             bs = peek_boot_seq(payload)
             log.info("mqtt bad report %s", kv(key=key, error=e, answered=bs is not None))
@@ -118,9 +123,7 @@ class DeviceMessages:
     # config acks and status ----------------------------------------------------------------------------
     def config_ack(self, key: str, payload: bytes) -> None:
         try:
-            fields = devicemsg.decode("config_ack", payload)
-            device = device_of(key)
-            claimed = identifier.normalise(fields["id"])
+            fields, device, claimed = _decode("config_ack", key, payload)
         except ValueError as e:
             log.info("mqtt bad config ack %s", kv(key=key, error=e))
             self.tally.dropped(devicemsg.BAD_REQUEST)
@@ -136,9 +139,7 @@ class DeviceMessages:
         if not payload:  # a cleared retained status
             return
         try:
-            fields = devicemsg.decode("status", payload)
-            device = device_of(key)
-            claimed = identifier.normalise(fields["id"])
+            fields, device, claimed = _decode("status", key, payload)
         except ValueError as e:
             log.info("mqtt bad status %s", kv(key=key, error=e))
             self.tally.dropped()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.frontends.common import InFlight, failure
@@ -38,30 +39,20 @@ def peek_token(payload: bytes) -> bytes | None:
     return tok if isinstance(tok, bytes) and 1 <= len(tok) <= 8 else None
 
 
+@dataclass(eq=False)
 class Requests:
     """``handle(key, payload)`` for each request on ``ida/v1/d/<key>/req``; ``send(key, payload)`` publishes an
     answer on ``ida/v1/d/<key>/res``; ``spawn`` runs a coroutine as a task the front end cancels at stop."""
 
-    def __init__(
-        self,
-        resolver: Resolving,
-        tally: Tally,
-        *,
-        send: Callable[[str, bytes], object],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
-        learn: Learn | None = None,
-        clock: Callable[[], float] = time.time,
-        max_inflight: int = 512,
-    ) -> None:
-        self.resolver = resolver
-        self.tally = tally
-        self.send = send
-        self.spawn = spawn
-        self.learn = learn
-        self.clock = clock
-        self.max_inflight = max_inflight
-        self.inflight = InFlight()
-        self.closing = False  # answer "shutting down" instead of resolving
+    resolver: Resolving
+    tally: Tally
+    send: Callable[[str, bytes], object]
+    spawn: Callable[[Coroutine[Any, Any, None]], None]
+    learn: Learn | None = None
+    clock: Callable[[], float] = time.time
+    max_inflight: int = 512
+    inflight: InFlight = field(default_factory=InFlight)
+    closing: bool = False  # answer "shutting down" instead of resolving
 
     def handle(self, key: str, payload: bytes) -> None:
         try:

@@ -17,7 +17,7 @@ The link subscribes to ``[$share/<group>/]ida/v1/d/+/req`` at QoS 0 and for ever
    reply topic from a table by request topic, so a hit encodes nothing;
 2. anything else goes to the front end's message handler (``on_message``): decoding, errors, the resolver; its
    answer is published through :meth:`ResolveLink.publish_res`, and an OK or not-modified answer from the
-   resolver's cache or upstream is learned (:meth:`ResolveLink.learn`).
+   resolver's cache or upstream is learned (``learn``, :meth:`AnswerTable.learn`).
 
 All answers of one read from the socket go out in one write. Rate limits (``[limits] device_rate``) are checked
 for hits as for any request, through the front end (``limit``). Counting: hits are integer counters
@@ -36,7 +36,6 @@ from gateway.frontends.mqtt_answers import ROOT
 from gateway.frontends.mqtt_session import CONNECT_TIMEOUT, MqttSession
 from gateway.frontends.mqtt_table import MAX_ENTRIES, AnswerTable
 from gateway.metrics import Sample
-from gateway.resolution import Answer
 from proto import devicemsg, mqtt
 
 __all__ = ["ResolveLink"]
@@ -94,8 +93,8 @@ class ResolveLink:
         )
         self.address = self.session.address
         self.clock = clock
-        self.learning = learning
-        self.table = AnswerTable(resolver)
+        self.table = AnswerTable(resolver, clock=clock, learning=learning)
+        self.learn = self.table.learn  # the slow path's answers (AnswerTable.learn)
         self._on_message = on_message
         self._limit = limit
         self._limiting = limiting or (lambda: False)
@@ -196,28 +195,11 @@ class ResolveLink:
             return False
         return True
 
-    def learn(
-        self,
-        payload: bytes,
-        answer: Answer,
-        types: tuple[str, ...],
-        indexes: tuple[int, ...],
-        etag: bytes | None,
-    ) -> bool:
-        """Remember the answer the slow path gave to the request ``payload`` (module doc)."""
-        if not self.learning:
-            return False
-        return self.table.learn(payload, answer, types, indexes, etag, self.clock())
-
     # -- metrics -----------------------------------------------------------------------------------------------
     def samples(self) -> Iterable[Sample]:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
-        yield "ida_requests_total", {"frontend": "mqtt", "code": str(devicemsg.OK)}, float(self.answered)
-        yield (
-            "ida_requests_total",
-            {"frontend": "mqtt", "code": str(devicemsg.NOT_MODIFIED)},
-            float(self.valid),
-        )
+        for code, count in ((devicemsg.OK, self.answered), (devicemsg.NOT_MODIFIED, self.valid)):
+            yield "ida_requests_total", {"frontend": "mqtt", "code": str(code)}, float(count)
 
     def stats(self) -> dict[str, int]:
         return {

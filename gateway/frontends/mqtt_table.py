@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.frontends.hotpath import CacheGuard, HotEntry
@@ -91,11 +93,21 @@ class _Entry(HotEntry):
 
 
 class AnswerTable:
-    """Pre-encoded answers by request key (module doc), kept equal to the resolver by a CacheGuard."""
+    """Pre-encoded answers by request key (module doc), kept equal to the resolver by a CacheGuard; ``clock``
+    gives the time an answer is learned at; ``learning`` false leaves the table empty."""
 
-    def __init__(self, resolver: Any, *, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self,
+        resolver: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+        learning: bool = True,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
         self.guard = CacheGuard(resolver, frontend=str(getattr(resolver, "frontend", "mqtt")))
         self.entries: dict[bytes, _Entry] = {}
+        self.clock = clock
+        self.learning = learning
         self.max_entries = max_entries
         self.learned = 0
 
@@ -106,13 +118,14 @@ class AnswerTable:
         types: tuple[str, ...],
         indexes: tuple[int, ...],
         etag: bytes | None,
-        now: float,
     ) -> bool:
-        """Remember the answer to the request ``payload`` when the table may serve it from now on."""
-        split = request_key(payload)
+        """Remember the answer the slow path gave to the request ``payload`` when the table may serve it from now
+        on (``etag``: the request's, None when it sent none)."""
+        split = request_key(payload) if self.learning else None
         if split is None:
             return False
         key = split[0]
+        now = self.clock()
         admitted = self.guard.admit(answer, types, indexes, now, self.entries.get(key))
         if admitted is None:
             return False

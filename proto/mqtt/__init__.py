@@ -15,97 +15,11 @@ The firmware has its own MicroPython client (firmware/carrier/mqtt.py), checked 
 
 from __future__ import annotations
 
-from proto.mqtt.decode import (
-    Connack,
-    Disconnect,
-    Suback,
-    parse_connack,
-    parse_disconnect,
-    parse_properties,
-    parse_publish,
-    parse_suback,
-    read_varint,
-)
-from proto.mqtt.encode import (
-    FixedHeaders,
-    Will,
-    connect,
-    puback,
-    publish,
-    publish_head,
-    publish_topic,
-    subscribe,
-    unsubscribe,
-    varlen,
-)
-from proto.mqtt.errors import MqttProtocolError
-from proto.mqtt.numbers import (
-    CONNACK,
-    CONNECT,
-    DISCONNECT,
-    DISCONNECT_BYTES,
-    MQTT5,
-    MQTT311,
-    PINGREQ,
-    PINGREQ_BYTES,
-    PINGRESP,
-    PINGRESP_BYTES,
-    PROP_ASSIGNED_CLIENT_ID,
-    PROP_MAXIMUM_PACKET_SIZE,
-    PROP_REASON_STRING,
-    PROP_SERVER_KEEP_ALIVE,
-    PUBACK,
-    PUBLISH,
-    SUBACK,
-    SUBSCRIBE,
-    UNSUBACK,
-    UNSUBSCRIBE,
-    reason,
-)
-from proto.mqtt.reader import DEFAULT_MAX_PACKET, Reader
+from proto.mqtt import decode, encode, errors, numbers, reader
+from proto.mqtt.decode import *  # noqa: F403
+from proto.mqtt.encode import *  # noqa: F403
+from proto.mqtt.errors import *  # noqa: F403
+from proto.mqtt.numbers import *  # noqa: F403
+from proto.mqtt.reader import *  # noqa: F403
 
-__all__ = [
-    "MQTT311",
-    "MQTT5",
-    "CONNECT",
-    "CONNACK",
-    "PUBLISH",
-    "PUBACK",
-    "SUBSCRIBE",
-    "SUBACK",
-    "UNSUBSCRIBE",
-    "UNSUBACK",
-    "PINGREQ",
-    "PINGRESP",
-    "DISCONNECT",
-    "PINGREQ_BYTES",
-    "PINGRESP_BYTES",
-    "DISCONNECT_BYTES",
-    "PROP_ASSIGNED_CLIENT_ID",
-    "PROP_MAXIMUM_PACKET_SIZE",
-    "PROP_REASON_STRING",
-    "PROP_SERVER_KEEP_ALIVE",
-    "reason",
-    "MqttProtocolError",
-    "Reader",
-    "DEFAULT_MAX_PACKET",
-    "Will",
-    "varlen",
-    "connect",
-    "subscribe",
-    "unsubscribe",
-    "publish",
-    "publish_topic",
-    "publish_head",
-    "puback",
-    "FixedHeaders",
-    "Connack",
-    "Suback",
-    "Disconnect",
-    "read_varint",
-    "parse_properties",
-    "parse_connack",
-    "parse_suback",
-    "parse_publish",
-    "parse_disconnect",
-]
+__all__ = [*numbers.__all__, *errors.__all__, *reader.__all__, *encode.__all__, *decode.__all__]

@@ -23,11 +23,10 @@ from gateway.registry import Registry
 from gateway.resolver import Resolver, ResolverConfig
 from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
-from proto import devicemsg
-from proto import mqtt
+from proto import devicemsg, mqtt
 from proto.records import HandleValue, Record
 from tests.support.brokers import Broker, Device
-from tests.support.gwhelpers import POSITIVE_TTL, PUMP, Clock, FakeResolver, sample_records
+from tests.support.gwhelpers import POSITIVE_TTL, PUMP, Clock, FakeResolver, eventually, sample_records
 from tests.support.upstream_fakes import FakeUpstream
 
 
@@ -305,13 +304,6 @@ def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> ResolveLink:
     )
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -324,7 +316,7 @@ async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
         caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_session")
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2)
+            await eventually(lambda: broker.connections >= 2)
         finally:
             await link.stop()
     assert "bad data from the broker" in caplog.text
@@ -338,7 +330,7 @@ async def test_a_refused_connect_is_retried_and_never_ready(caplog: pytest.LogCa
         caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_session")
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2)
+            await eventually(lambda: broker.connections >= 2)
             assert not link.ready
         finally:
             await link.stop()
@@ -355,7 +347,7 @@ async def test_credentials_and_maximum_packet_size_are_sent() -> None:
             assert await link.wait_ready(5)
         finally:
             await link.stop()
-        await _until(lambda: any(first == 0xE0 for first, _ in broker.received))  # DISCONNECT on stop
+        await eventually(lambda: any(first == 0xE0 for first, _ in broker.received))  # DISCONNECT on stop
     connect = next(body for first, body in broker.received if first >> 4 == 1)
     assert connect[:7] == b"\x00\x04MQTT\x05" and connect[7] & 0xC2 == 0xC2  # v5, user, password, clean start
     assert b"\x27\x00\x01\x00\x00" in connect and connect.endswith(b"\x00\x04gw-1\x00\x06s3cret")
@@ -376,7 +368,7 @@ async def test_qos1_requests_are_acknowledged_and_handed_on() -> None:
         link = _link(broker.url, handled)
         await link.start()
         try:
-            await _until(lambda: bool(handled) and any(f == 0x40 for f, _ in broker.received))
+            await eventually(lambda: bool(handled) and any(f == 0x40 for f, _ in broker.received))
         finally:
             await link.stop()
     assert handled == [(topic.decode(), req)]
@@ -388,7 +380,7 @@ async def test_a_silent_broker_is_dropped_after_the_keepalive() -> None:
         link = _link(broker.url, [], keepalive=1)
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2, timeout=15)
+            await eventually(lambda: broker.connections >= 2, timeout=15)
         finally:
             await link.stop()
 
