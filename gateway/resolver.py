@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
-from gateway.resolution import Answer, etag_of
+from gateway.resolution import Answer, CachedAnswer, etag_of
 from gateway.upstream.pool import NodeStats, UpstreamPool
 from gateway.zone import Zone
 from proto import devicemsg, identifier
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Resolver",
+    "ResolverAnswers",
     "ResolverConfig",
     "ResolverStats",
     "DEFAULT_UPSTREAM",
@@ -157,6 +158,29 @@ class _Flight:
         self.waiters: list[asyncio.Future[Answer]] = []
 
 
+class ResolverAnswers:
+    """The resolver's :class:`gateway.resolution.AnswerCache`: its cache, as seen through its local zone."""
+
+    __slots__ = ("_cache", "_zone", "prefetch_fraction")
+
+    def __init__(self, cache: Cache, zone: Zone, prefetch_fraction: float) -> None:
+        self._cache = cache
+        self._zone = zone
+        self.prefetch_fraction = prefetch_fraction
+
+    def current(self, handle: str, types: tuple[str, ...], indexes: tuple[int, ...]) -> CacheEntry | None:
+        return self._cache.peek(cache_key(handle, types, indexes))
+
+    def is_current(self, entry: CachedAnswer, now: float) -> bool:
+        if not isinstance(entry, CacheEntry) or now >= entry.expires_at:
+            return False
+        key = entry.key
+        return self._cache.peek(key) is entry and self._zone.get_normalised(key[0]) is None
+
+    def count_hits(self, n: int) -> None:
+        self._cache.stats.hits += n
+
+
 class Resolver:
     """Zone > cache > single-flight upstream > stale. Build with a config; parts may be injected (tests)."""
 
@@ -205,6 +229,11 @@ class Resolver:
         self._coalesced = 0
         self._upstream_errors = 0
         self._stale_answers = 0
+
+    def answer_cache(self) -> ResolverAnswers:
+        """The view of this resolver's cache that front ends answering from pre-encoded bytes use."""
+        fraction = self.cache.config.prefetch_fraction if self.config.prefetch else 0.0
+        return ResolverAnswers(self.cache, self.zone, fraction)
 
     # -- the Resolving interface ---------------------------------------------------------------------
     async def resolve(

@@ -49,7 +49,7 @@ from gateway.logfmt import kv
 from gateway.paholink import MqttError, PahoLink
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
-from gateway.resolution import Resolving
+from gateway.resolution import AnswerCache, ResolutionNote, Resolving
 from proto import devicemsg
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class MqttFrontEnd:
         auth: MqttAuth | None = None,
         limiter: RateLimiter | None = None,
         fast_path: bool = True,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
     ) -> None:
         self.limiter = limiter
         self.registry = registry
@@ -122,7 +124,8 @@ class MqttFrontEnd:
             self.fast = ResolveLink(
                 url,
                 on_message=self._on_request_message,
-                resolver=resolver,
+                answers=answers,
+                note=note,
                 auth=auth,
                 group=group,
                 client_id=_link_client_id(client_id),
@@ -141,6 +144,7 @@ class MqttFrontEnd:
             send=self._send_answer,
             spawn=self._spawn,
             learn=self.fast.learn if self.fast is not None else None,
+            note=note,
             clock=clock,
             max_inflight=max_inflight,
         )

@@ -19,7 +19,7 @@ from typing import Any
 from gateway.frontends.common import InFlight, failure
 from gateway.frontends.mqtt_answers import Tally, answer_fields, encode_answer
 from gateway.logfmt import kv
-from gateway.resolution import Answer, Resolving
+from gateway.resolution import Answer, ResolutionNote, Resolving, resolve_noted
 from proto import devicemsg, identifier
 
 __all__ = ["Requests", "peek_token"]
@@ -49,6 +49,7 @@ class Requests:
     send: Callable[[str, bytes], object]
     spawn: Callable[[Coroutine[Any, Any, None]], None]
     learn: Learn | None = None
+    note: ResolutionNote | None = None  # the status page's list of recent resolutions
     clock: Callable[[], float] = time.time
     max_inflight: int = 512
     inflight: InFlight = field(default_factory=InFlight)
@@ -93,7 +94,7 @@ class Requests:
             try:
                 handle = identifier.normalise(fields["id"])
                 types, indexes = tuple(fields.get("types", ())), tuple(fields.get("indexes", ()))
-                answer = await self.resolver.resolve(handle, types, indexes)
+                answer = await resolve_noted(self.resolver, self.note, "mqtt", handle, types, indexes)
                 reply = answer_fields(token, answer, fields.get("etag"), self.clock())
                 if self.learn is not None:
                     self.learn(payload, answer, types, indexes, fields.get("etag"))

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from gateway.broker import MqttAuth
 from gateway.frontends.mqtt_answers import ROOT
 from gateway.frontends.mqtt_session import CONNECT_TIMEOUT, MqttSession
 from gateway.frontends.mqtt_table import MAX_ENTRIES, AnswerTable
 from gateway.metrics import Sample
+from gateway.resolution import AnswerCache, ResolutionNote
 from proto import devicemsg, mqtt
 
 __all__ = ["ResolveLink"]
@@ -60,15 +60,17 @@ class ResolveLink:
     """The asyncio MQTT connection for resolve requests (module doc).
 
     ``on_message(topic, payload)`` takes every request the table does not answer; ``limit(key)`` (optional) is the
-    front end's rate-limit check for a hit, True when it refused (and counted) the request; ``resolver`` is the
-    front end's (for the table's cache checks); ``learning`` false leaves the table empty."""
+    front end's rate-limit check for a hit, True when it refused (and counted) the request; ``answers`` and
+    ``note`` are the resolver's answer cache and the status hook (for the table's guard, see hotpath.py);
+    ``learning`` false leaves the table empty."""
 
     def __init__(
         self,
         url: str,
         *,
         on_message: Callable[[str, bytes], None],
-        resolver: Any,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
         auth: MqttAuth | None = None,
         group: str | None = "ida-gw",
         client_id: str = "ida-gw-r",
@@ -93,7 +95,7 @@ class ResolveLink:
         )
         self.address = self.session.address
         self.clock = clock
-        self.table = AnswerTable(resolver, clock=clock, learning=learning)
+        self.table = AnswerTable(answers, note=note, clock=clock, learning=learning)
         self.learn = self.table.learn  # the slow path's answers (AnswerTable.learn)
         self._on_message = on_message
         self._limit = limit

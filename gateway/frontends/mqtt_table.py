@@ -17,11 +17,10 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.frontends.mqtt_answers import answer_fields, reply_name
-from gateway.resolution import Answer
+from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote
 from proto import devicemsg
 from proto.records import TTL_ABSOLUTE
 
@@ -59,10 +58,9 @@ class _Entry(HotEntry):
         answer: Answer,
         etag: bytes | None,
         refresh_at: float,
-        ref: Any,
-        ckey: Any,
+        ref: CachedAnswer | None,
     ) -> None:
-        super().__init__(answer, refresh_at, ref, ckey)
+        super().__init__(answer, refresh_at, ref)
         self.key = key
         self.req_head = req_head  # the request's CBOR map header (its item count)
         self.etag = etag  # the request's ETag (None: it sent none)
@@ -98,13 +96,14 @@ class AnswerTable:
 
     def __init__(
         self,
-        resolver: Any,
+        answers: AnswerCache | None = None,
         *,
+        note: ResolutionNote | None = None,
         clock: Callable[[], float] = time.time,
         learning: bool = True,
         max_entries: int = MAX_ENTRIES,
     ) -> None:
-        self.guard = CacheGuard(resolver, frontend=str(getattr(resolver, "frontend", "mqtt")))
+        self.guard = CacheGuard(answers, frontend="mqtt", note=note)
         self.entries: dict[bytes, _Entry] = {}
         self.clock = clock
         self.learning = learning
@@ -129,11 +128,11 @@ class AnswerTable:
         admitted = self.guard.admit(answer, types, indexes, now, self.entries.get(key))
         if admitted is None:
             return False
-        ref, ckey, refresh_at = admitted
+        ref, refresh_at = admitted
         cached = dataclasses.replace(
             answer, source=devicemsg.SOURCE_CACHE
         )  # what the resolver says for a hit
-        entry = _Entry(key, payload[0], cached, etag, refresh_at, ref, ckey)
+        entry = _Entry(key, payload[0], cached, etag, refresh_at, ref)
         if not entry.render(now):
             return False
         if key not in self.entries and len(self.entries) >= self.max_entries:
