@@ -39,7 +39,13 @@ MAX_PACKET = (
 )  # announced to the broker: it does not send us anything larger (requests are far smaller)
 CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
 V5 = mqtt.MQTT5
+_PUBLISH_QOS0 = mqtt.PUBLISH << 4  # the first byte of a QoS 0 PUBLISH, not retained, not a duplicate
 OnPublish = Callable[[list[tuple[int, bytes]]], bytes]
+
+
+def acks_for(publishes: list[tuple[int, bytes]]) -> list[bytes]:
+    """PUBACKs for the QoS 1 packets among ``publishes`` (the subscription is QoS 0; a broker may still send one)."""
+    return [mqtt.puback(mqtt.parse_publish(f, body, version=V5)[2]) for f, body in publishes if f & 0x06]
 
 
 class _Connection(asyncio.Protocol):
@@ -81,18 +87,15 @@ class _Connection(asyncio.Protocol):
             )
             self.abort()
             return
-        publishes: list[tuple[int, bytes]] = []
         acks = b""
         try:
-            for first, body in packets:
-                if first & 0xF0 != 0x30:
-                    self._control(first, body)
-                    continue
-                publishes.append((first, body))
-                if (
-                    first & 0x06
-                ):  # QoS 1 (the subscription is QoS 0; a broker may still send one): acknowledge
-                    acks += mqtt.puback(mqtt.parse_publish(first, body, version=V5)[2])
+            for first, _ in packets:
+                if first != _PUBLISH_QOS0:
+                    publishes = self._sort(packets)
+                    acks = b"".join(acks_for(publishes))
+                    break
+            else:  # the usual read: QoS 0 PUBLISH packets only
+                publishes = packets
             out = self.session.on_publish(publishes) if publishes else b""
         except mqtt.MqttProtocolError as e:
             log.warning(
@@ -102,6 +105,16 @@ class _Connection(asyncio.Protocol):
             return
         if acks or out:
             self.write(acks + out)
+
+    def _sort(self, packets: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """Handle the control packets among ``packets``; the PUBLISH packets, in order."""
+        publishes = []
+        for first, body in packets:
+            if first & 0xF0 == 0x30:
+                publishes.append((first, body))
+            else:
+                self._control(first, body)
+        return publishes
 
     def _control(self, first: int, body: bytes) -> None:
         kind = first >> 4
