@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import NameNotServed, UpstreamError, UpstreamTimeout
 from proto import devicemsg
 from proto.identifier import IdentifierError
 from proto.records import Record
@@ -89,6 +89,8 @@ def error_code(exc: BaseException) -> int:
     """The wire code a front end answers for a resolution that raised ``exc``."""
     if isinstance(exc, IdentifierError | devicemsg.WireError | ValueError):
         return devicemsg.BAD_REQUEST
+    if isinstance(exc, NameNotServed):
+        return devicemsg.NOT_FOUND
     if isinstance(exc, UpstreamTimeout):
         return devicemsg.UPSTREAM_TIMEOUT
     if isinstance(exc, UpstreamError):

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
+from gateway.errors import NameNotServed, UpstreamError
+from gateway.logfmt import kv
 from gateway.resolution import Answer, CachedAnswer, etag_of
 from gateway.upstream.pool import NodeStats, UpstreamPool
 from gateway.zone import Zone
@@ -55,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_UPSTREAM = "hdl://127.0.0.1:2641"
+MAX_NOT_SERVED = 10_000  # prefixes remembered as served by no node (the oldest forgotten first)
 CACHE_FILE = "cache.sqlite3"
 ZONE_FILE = "zone.json"
 
@@ -126,6 +129,7 @@ class ResolverStats:
     stale_answers: int
     inflight: int
     zone_records: int
+    not_served_answers: int = 0  # resolutions refused from the table of prefixes no node serves
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -229,6 +233,9 @@ class Resolver:
         self._coalesced = 0
         self._upstream_errors = 0
         self._stale_answers = 0
+        # prefix -> (until, the nodes' answers): prefixes every node said it does not serve (301/302/303)
+        self._not_served: dict[str, tuple[float, dict[str, UpstreamError]]] = {}
+        self._not_served_answers = 0
 
     def answer_cache(self) -> ResolverAnswers:
         """The view of this resolver's cache that front ends answering from pre-encoded bytes use."""
@@ -257,6 +264,8 @@ class Resolver:
             return self._zone_answer(name, zrec, types, indexes)
 
         entry = self.cache.get(key)
+        if entry is None and self._not_served:
+            self._raise_if_not_served(name)
         if entry is not None:
             if (
                 self.config.prefetch
@@ -297,6 +306,29 @@ class Resolver:
                 log.info("resolver.stale handle=%s reason=%r", name, str(e))
                 return stale
             raise
+
+    # -- prefixes no node serves ------------------------------------------------------------------------
+    def _raise_if_not_served(self, name: str) -> None:
+        """Raise NameNotServed (no upstream request) while ``name``'s prefix is remembered as served nowhere."""
+        prefix = name.partition("/")[0]
+        known = self._not_served.get(prefix)
+        if known is None:
+            return
+        until, errors = known
+        if self._clock() >= until:
+            del self._not_served[prefix]
+            return
+        self._not_served_answers += 1
+        raise NameNotServed(name, errors)
+
+    def _remember_not_served(self, e: NameNotServed) -> None:
+        """Negative-cache ``e``'s prefix for the negative TTL (a bounded table: anyone can ask for any prefix)."""
+        now = self._clock()
+        self._not_served.pop(e.prefix, None)
+        if len(self._not_served) >= MAX_NOT_SERVED:
+            del self._not_served[next(iter(self._not_served))]  # the oldest
+        self._not_served[e.prefix] = (now + self.cache.lifetime(devicemsg.NOT_FOUND, None, now), e.errors)
+        log.info("resolver.not_served %s", kv(prefix=e.prefix, code=e.code))
 
     # -- upstream ------------------------------------------------------------------------------------
     def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> _Flight:
@@ -363,6 +395,8 @@ class Resolver:
                         etag_of(record, code),
                     )
         except BaseException as e:
+            if isinstance(e, NameNotServed):
+                self._remember_not_served(e)
             self._land(key, flight, shared)
             for w in flight.waiters:
                 if not w.done():
@@ -448,6 +482,7 @@ class Resolver:
             stale_answers=self._stale_answers,
             inflight=len(self._inflight),
             zone_records=len(self.zone),
+            not_served_answers=self._not_served_answers,
         )
 
     async def close(self) -> None:
