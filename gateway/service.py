@@ -118,8 +118,8 @@ def rate_limiter(cfg: GatewayConfig) -> RateLimiter:
 
 
 def mqtt_auth(cfg: GatewayConfig) -> Any:
-    """The gateway's broker credentials ([mqtt] username, password_file, ca_file) as a mqttlink.MqttAuth."""
-    from gateway.mqttlink import MqttAuth
+    """The gateway's broker credentials ([mqtt] username, password_file, ca_file) as a gateway.broker.MqttAuth."""
+    from gateway.broker import MqttAuth
 
     m = cfg.mqtt
     try:

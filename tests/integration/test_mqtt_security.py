@@ -333,8 +333,8 @@ async def test_plain_bench_listener_is_flagged(
 async def test_gateway_with_a_wrong_password_is_not_ready(
     tmp_path: Path, broker: SecureBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from gateway.broker import MqttAuth
     from gateway.frontends.mqtt import MqttFrontEnd
-    from gateway.mqttlink import MqttAuth
     from gateway.registry import Registry
 
     reg = Registry(tmp_path / "gw.db")

@@ -107,7 +107,7 @@ class Device:
         will: bool = True,
         subscribe: tuple[str, ...] = ("res", "ack", "cfg"),
     ) -> None:
-        from gateway.mqttlink import parse_url
+        from gateway.broker import parse_url
 
         self.identifier = identifier
         self.key = devicemsg.topic_key(identifier)

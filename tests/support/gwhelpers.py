@@ -151,3 +151,13 @@ def report_fields(ident: str = PUMP, boot: int = 1, seq: int = 1, **extra: Any) 
     }
     fields.update(extra)
     return fields
+
+
+async def eventually(cond: Any, timeout: float = 10.0, step: float = 0.01) -> None:
+    """Wait until ``cond()`` is true (AssertionError after ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)

@@ -27,13 +27,7 @@ from tools.harness.bench.procs import free_port
 from tools.harness.bench.project import GatewayProcess, NodeProcess, ida_cmd
 from tools.harness.sim import SimConfig, SimError, run_fleet, run_sim
 from tools.harness.sim import coap as simcoap
-from tools.harness.sim.mqtt import (
-    PacketReader,
-    encode_connect,
-    encode_publish,
-    encode_subscribe,
-    parse_publish,
-)
+from tools.harness.sim.mqtt import MqttConn
 from tools.harness.sim.provision import provision
 from tools.harness.sim.stats import Counters, Histogram
 
@@ -96,16 +90,53 @@ def test_provision_keeps_the_key_and_rewrites_only_on_change(tmp_path: Path) -> 
         provision(d, "no-separator", coap="coap://127.0.0.1:5683")
 
 
-def test_mqtt_codec_round_trip() -> None:
-    r = PacketReader()
-    pub = encode_publish("ida/v1/d/x/rpt", b"\xa1\x01\x02", qos=1, retain=True, packet_id=7)
-    sub = encode_subscribe(3, [("a/b", 0), ("c/d", 1)])
-    con = encode_connect("dev", 60, will=("ida/v1/d/x/status", b"off", 1, True))
-    packets = r.feed(pub[:3]) + r.feed(pub[3:] + sub + con)
-    assert [p[0] for p in packets] == [3, 8, 1]
-    assert parse_publish(packets[0][1], packets[0][2]) == ("ida/v1/d/x/rpt", b"\xa1\x01\x02", 1, 7)
-    assert packets[0][1] & 1 == 1  # retain
-    assert packets[2][2][7] == 0x02 | 0x04 | 0x08 | 0x20  # clean, will, will QoS 1, will retain
+async def test_mqtt_client_against_mosquitto(mosquitto: Broker) -> None:
+    """The simulator's client (packets from proto/mqtt): connect with a last will, subscribe in batches, publish
+    QoS 0/1 and retained, take an incoming QoS 1 message, and a lost connection publishes the will."""
+    loop = asyncio.get_running_loop()
+    events: list[tuple[str, object]] = []
+    got: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+
+    def conn(name: str, subs: list[tuple[str, int]], **kw: Any) -> MqttConn:
+        return MqttConn(
+            name,
+            subs,
+            on_connack=lambda c: events.append(("connack", c.client_id)),
+            on_ready=lambda c: events.append(("ready", c.client_id)),
+            on_message=lambda c, t, p: got.put_nowait((c.client_id, t, p)),
+            on_lost=lambda c, why: events.append(("lost", why)),
+            **kw,
+        )
+
+    many = [(f"sim/t/{i}", i % 2) for i in range(70)]  # two SUBSCRIBE packets (SUBSCRIBE_BATCH 64)
+    a = conn("sim-a", [*many, ("sim/will", 1)])
+    b = conn("sim-b", [], will=("sim/will", b"gone", 1, False))
+    await loop.create_connection(lambda: a, mosquitto.host, mosquitto.port)
+    await loop.create_connection(lambda: b, mosquitto.host, mosquitto.port)
+    assert await asyncio.wait_for(a.connack, 5) == 0 and await asyncio.wait_for(b.connack, 5) == 0
+    for _ in range(50):
+        if a.ready and b.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert a.ready and b.ready and ("ready", "sim-a") in events
+    assert b.publish("sim/t/69", b"\xa1\x01\x02", qos=1)
+    assert b.publish("sim/t/0", b"zero")
+    assert b.publish("sim/t/5", b"kept", qos=1, retain=True)
+    assert {await asyncio.wait_for(got.get(), 5) for _ in range(3)} == {
+        ("sim-a", "sim/t/69", b"\xa1\x01\x02"),
+        ("sim-a", "sim/t/0", b"zero"),
+        ("sim-a", "sim/t/5", b"kept"),
+    }
+    c = conn("sim-c", [("sim/t/5", 0)])  # a later subscriber gets the retained message
+    await loop.create_connection(lambda: c, mosquitto.host, mosquitto.port)
+    assert await asyncio.wait_for(got.get(), 5) == ("sim-c", "sim/t/5", b"kept")
+    c.disconnect()
+    b.abort("test drops it")  # no DISCONNECT: the broker publishes the will
+    assert await asyncio.wait_for(got.get(), 5) == ("sim-a", "sim/will", b"gone")
+    assert ("lost", "test drops it") in events
+    a.disconnect()
+    await asyncio.sleep(0.1)
+    assert ("lost", None) in events  # a close the owner asked for
 
 
 # -- the CoAP client against a scripted peer ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The MQTT resolve link (gateway/frontends/mqtt_fast.py): against a real Mosquitto with a paho device, and against
+"""The MQTT resolve link (gateway/frontends/mqtt_resolve.py, its session and table): against a real Mosquitto with a paho device, and against
 small fake brokers for what Mosquitto will not do (garbage, refusals, QoS 1 requests, silence)."""
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import pytest
 
 from gateway.cache import Cache
 from gateway.frontends.mqtt import MqttFrontEnd
-from gateway.frontends.mqtt_fast import ResolveLink, request_key
+from gateway.frontends.mqtt_resolve import ResolveLink
+from gateway.frontends.mqtt_table import request_key
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
 from gateway.resolver import Resolver, ResolverConfig
 from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
-from proto import devicemsg
-from proto.mqtt import packets as mqttwire
+from proto import devicemsg, mqtt
 from proto.records import HandleValue, Record
 from tests.support.brokers import Broker, Device
-from tests.support.gwhelpers import POSITIVE_TTL, PUMP, Clock, FakeResolver, sample_records
+from tests.support.gwhelpers import POSITIVE_TTL, PUMP, Clock, FakeResolver, eventually, sample_records
 from tests.support.upstream_fakes import FakeUpstream
 
 
@@ -276,7 +276,7 @@ class FakeBroker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        r = mqttwire.Reader(1 << 16)
+        r = mqtt.Reader(1 << 16)
         try:
             while data := await reader.read(4096):
                 for first, body in r.feed(data):
@@ -293,8 +293,8 @@ class FakeBroker:
                         if self.script is not None:
                             await self.script(writer)
                     elif kind == 12 and self.pong:
-                        writer.write(mqttwire.PINGRESP)
-        except (ConnectionError, mqttwire.MqttProtocolError):
+                        writer.write(mqtt.PINGRESP_BYTES)
+        except (ConnectionError, mqtt.MqttProtocolError):
             pass
         finally:
             writer.close()
@@ -302,13 +302,6 @@ class FakeBroker:
 
 def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> ResolveLink:
     return ResolveLink(url, on_message=lambda t, p: handled.append((t, p)), reconnect_max=1, **kw)
-
-
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
@@ -320,10 +313,10 @@ async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
     handled: list[tuple[str, bytes]] = []
     async with FakeBroker(script=garbage) as broker:
         link = _link(broker.url, handled)
-        caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_fast")
+        caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_session")
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2)
+            await eventually(lambda: broker.connections >= 2)
         finally:
             await link.stop()
     assert "bad data from the broker" in caplog.text
@@ -334,10 +327,10 @@ async def test_a_refused_connect_is_retried_and_never_ready(caplog: pytest.LogCa
     handled: list[tuple[str, bytes]] = []
     async with FakeBroker(refuse=0x86) as broker:
         link = _link(broker.url, handled)
-        caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_fast")
+        caplog.set_level(logging.WARNING, "gateway.frontends.mqtt_session")
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2)
+            await eventually(lambda: broker.connections >= 2)
             assert not link.ready
         finally:
             await link.stop()
@@ -345,7 +338,7 @@ async def test_a_refused_connect_is_retried_and_never_ready(caplog: pytest.LogCa
 
 
 async def test_credentials_and_maximum_packet_size_are_sent() -> None:
-    from gateway.mqttlink import MqttAuth
+    from gateway.broker import MqttAuth
 
     async with FakeBroker() as broker:
         link = _link(broker.url, [], auth=MqttAuth("gw-1", "s3cret"), group="g9", client_id="gw-1-r")
@@ -354,7 +347,7 @@ async def test_credentials_and_maximum_packet_size_are_sent() -> None:
             assert await link.wait_ready(5)
         finally:
             await link.stop()
-        await _until(lambda: any(first == 0xE0 for first, _ in broker.received))  # DISCONNECT on stop
+        await eventually(lambda: any(first == 0xE0 for first, _ in broker.received))  # DISCONNECT on stop
     connect = next(body for first, body in broker.received if first >> 4 == 1)
     assert connect[:7] == b"\x00\x04MQTT\x05" and connect[7] & 0xC2 == 0xC2  # v5, user, password, clean start
     assert b"\x27\x00\x01\x00\x00" in connect and connect.endswith(b"\x00\x04gw-1\x00\x06s3cret")
@@ -368,14 +361,14 @@ async def test_qos1_requests_are_acknowledged_and_handed_on() -> None:
 
     async def qos1(w: asyncio.StreamWriter) -> None:
         body = len(topic).to_bytes(2, "big") + topic + b"\x12\x34" + b"\x00" + req
-        w.write(bytes((0x32,)) + mqttwire.varlen(len(body)) + body)
+        w.write(bytes((0x32,)) + mqtt.varlen(len(body)) + body)
 
     handled: list[tuple[str, bytes]] = []
     async with FakeBroker(script=qos1) as broker:
         link = _link(broker.url, handled)
         await link.start()
         try:
-            await _until(lambda: bool(handled) and any(f == 0x40 for f, _ in broker.received))
+            await eventually(lambda: bool(handled) and any(f == 0x40 for f, _ in broker.received))
         finally:
             await link.stop()
     assert handled == [(topic.decode(), req)]
@@ -387,7 +380,7 @@ async def test_a_silent_broker_is_dropped_after_the_keepalive() -> None:
         link = _link(broker.url, [], keepalive=1)
         await link.start()
         try:
-            await _until(lambda: broker.connections >= 2, timeout=15)
+            await eventually(lambda: broker.connections >= 2, timeout=15)
         finally:
             await link.stop()
 
@@ -400,7 +393,7 @@ async def test_answers_while_disconnected_are_counted_as_dropped() -> None:
 async def test_back_pressure_stops_reading_until_the_socket_drains(tmp_path: Path, mosquitto: Broker) -> None:
     clock = Clock()
     async for env in _env(tmp_path, mosquitto.url, FakeResolver(clock=clock), clock):
-        conn = env.link._conn
+        conn = env.link.session._conn
         assert conn is not None and conn.transport is not None
         conn.pause_writing()
         assert not conn.transport.is_reading()

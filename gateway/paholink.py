@@ -1,6 +1,10 @@
-"""One paho-mqtt 2.x client (MQTT v5) bridged to an asyncio loop; used by the MQTT front end and the outbox's MQTT sink.
+"""The paho link: one paho-mqtt 2.x client (MQTT v5) bridged to an asyncio loop, for the broker traffic that needs
+what paho is there for (QoS 1 with re-sending, retained messages, reconnects): the MQTT front end's reports,
+config acks, device status and desired config (gateway/frontends/mqtt_reports.py), and the outbox's MQTT sink.
+Resolve requests have a connection of their own without paho (gateway/frontends/mqtt_resolve.py); where the broker
+is and the gateway's credentials are in gateway/broker.py.
 
-Threading model (a decision, see ``MqttLink``): paho's network loop runs in paho's own thread (``loop_start``);
+Threading model (a decision, see ``PahoLink``): paho's network loop runs in paho's own thread (``loop_start``);
 its callbacks do nothing but hand the event to the asyncio loop with ``call_soon_threadsafe``. All our logic
 (subscribing, decoding, the registry, the resolver) therefore runs on the asyncio loop, never in paho's thread.
 Publishing is done from the asyncio loop: paho's ``publish``/``subscribe`` are thread-safe (they queue the packet
@@ -13,26 +17,22 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
-import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.broker import MqttAuth, default_client_id, parse_url
 from gateway.logfmt import kv
+
+__all__ = ["PahoLink", "MqttError"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 1883
-DEFAULT_TLS_PORT = 8883
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code (a success code: the broker accepted the message)
 
 
@@ -40,69 +40,7 @@ class MqttError(Exception):
     """A publish or subscribe that the broker refused, that timed out, or that was attempted while disconnected."""
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` (1883) or ``mqtts://…`` (TLS, 8883); a bare ``host:port`` is mqtt."""
-    if "://" not in url:
-        url = "mqtt://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT)
-    except ValueError as e:
-        raise ValueError(f"broker URL {url!r}: {e}") from None
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return BrokerAddress(parts.hostname, port, user, password, tls)
-
-
-@dataclass(frozen=True, slots=True)
-class MqttAuth:
-    """The gateway's own broker credentials and the CA its TLS connection verifies the broker against
-    (``[mqtt] username``, ``password_file``, ``ca_file``). The password never reaches a log line or a repr."""
-
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-
-    @classmethod
-    def from_files(cls, username: str = "", password_file: str = "", ca_file: str = "") -> MqttAuth:
-        """Read the password file (its first line); ValueError naming the file (never its content)."""
-        password = None
-        if password_file:
-            try:
-                password = Path(password_file).read_text(encoding="utf-8").splitlines()[0].strip()
-            except (OSError, UnicodeDecodeError, IndexError) as e:
-                raise ValueError(
-                    f"[mqtt] password_file: cannot read a password from {password_file!r}: "
-                    f"{getattr(e, 'strerror', None) or 'empty or not UTF-8'}"
-                ) from None
-        if ca_file and not Path(ca_file).is_file():
-            raise ValueError(f"[mqtt] ca_file: no such file {ca_file!r}")
-        return cls(username or None, password, ca_file or None)
-
-
-def default_client_id(prefix: str = "ida-gw") -> str:
-    """Unique per process and instance, at most 23 characters (the MQTT 3.1.1 limit some brokers still apply)."""
-    return f"{prefix}-{os.getpid() % 100000}-{secrets.token_hex(3)}"[:23]
-
-
-class MqttLink:
+class PahoLink:
     """A paho client that connects by itself, reconnects by itself, and reports to the asyncio loop.
 
     Why paho's thread (``loop_start``) rather than driving paho from asyncio (add_reader/add_writer +
