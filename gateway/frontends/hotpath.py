@@ -1,4 +1,4 @@
-"""What the fast paths (CoAP: ``coap_fast.py``, MQTT: ``mqtt_fast.py``) share: keeping a pre-encoded answer equal
+"""What the fast paths (CoAP: ``coap_fast.py``, MQTT: ``mqtt_table.py``) share: keeping a pre-encoded answer equal
 to the resolver's.
 
 A fast path answers a repeated request with bytes it encoded once, without asking the resolver. That is only right
