@@ -39,11 +39,11 @@ from aiohttp import web
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tests.support.devicerun import IdaDevice
-from tests.support.mpcollect import micropython_binary
 from tools.harness.bench.coapmsg import GET, parse_header, parse_options
-from tools.harness.bench.procs import Child, free_port
-from tools.harness.bench.project import NodeProcess, ida_cmd
+from tools.harness.bench.procs import Child
+from tools.harness.bench.project import NodeProcess
 from tools.harness.sim.provision import FIRMWARE_DIR
+from tools.support.procs import free_port, ida_command, micropython_binary
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ class GatewayProc:
     def start(self, timeout: float = 30.0) -> None:
         self.starts += 1
         self.child = Child(
-            f"gateway-{self.starts}", ida_cmd("gateway", "--config", str(self.config)), log_dir=self.work
+            f"gateway-{self.starts}", ida_command("gateway", "--config", str(self.config)), log_dir=self.work
         ).start()
         deadline = time.monotonic() + timeout
         while True:
@@ -234,7 +234,7 @@ class GatewayProc:
     def stop(self) -> int | None:
         if self.child is None:
             return None
-        self.child.stop(timeout=15)
+        self.child.stop(grace=15)
         rc = self.child.proc.returncode if self.child.proc else None
         self.child = None
         return rc

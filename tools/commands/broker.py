@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proto import devicemsg
-from tools.cli import CliError
+from tools.errors import CliError
 
 PASSWORD_TAG = b"ida/mqtt/password/v1"  # firmware/carrier/mqtt.py password() uses the same
 HASH_ITERATIONS = 101  # mosquitto_passwd's default for $7$ (PBKDF2-SHA512)

@@ -40,7 +40,7 @@ from typing import TextIO
 
 from proto import devicemsg
 from proto import identifier as gwident
-from tools.cli import CliError
+from tools.errors import CliError
 
 __all__ = [
     "add_arguments",

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.bench.procs import free_port
 from tools.harness.sim.provision import die_with_parent
 from tools.support import mosquitto

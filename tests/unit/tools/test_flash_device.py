@@ -294,8 +294,8 @@ def test_cli_device_reports_errors_without_traceback(
 ) -> None:
     import argparse
 
-    from tools.cli import CliError
     from tools.commands.flash import cli
+    from tools.errors import CliError
 
     p = argparse.ArgumentParser()
     cli.add_arguments(p)

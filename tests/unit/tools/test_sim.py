@@ -23,8 +23,7 @@ import pytest
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tools.harness.bench.coapmsg import ACK, CON, RST, encode_message, parse_header, parse_options
-from tools.harness.bench.procs import free_port
-from tools.harness.bench.project import GatewayProcess, NodeProcess, ida_cmd
+from tools.harness.bench.project import GatewayProcess, NodeProcess
 from tools.harness.sim import SimConfig, SimError, run_fleet, run_sim
 from tools.harness.sim import coap as simcoap
 from tools.harness.sim.mqtt import (
@@ -36,6 +35,7 @@ from tools.harness.sim.mqtt import (
 )
 from tools.harness.sim.provision import provision
 from tools.harness.sim.stats import Counters, Histogram
+from tools.support.procs import free_port, ida_command
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -396,18 +396,12 @@ def _processes_under(path: Path) -> list[int]:
     return out
 
 
-def _ida(*args: str) -> list[str]:
-    return ida_cmd(
-        *args
-    )  # `python -c "from tools.cli import main..."`: CliError is the class the CLI catches
-
-
 @pytest.mark.slow
 def test_firmware_mode_two_real_devices_coap_and_mqtt(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.203"
     data = tmp_path / "fleet"
     proc = subprocess.run(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "2",
@@ -457,7 +451,7 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
     """No gateway at all: reports time out; SIGINT still ends the run promptly with the final summary."""
     dead = free_port()
     proc = subprocess.Popen(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "20",
@@ -498,7 +492,9 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     proc = subprocess.run(
-        _ida("sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)),
+        ida_command(
+            "sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,42 +1,53 @@
-"""The technician's serial console: library first, ``cli.py`` is the thin ``ida console`` layer.
+"""The technician's serial console (``ida console``): library first, ``cli`` is the thin command layer.
 
-    from tools.commands.console import ConsoleSession, inspect
+    from tools.commands.console import DeviceConsole, inspect
 
-    with ConsoleSession.open("/dev/ttyUSB0") as s:       # DTR/RTS released before the open: no reset
+    with DeviceConsole.open("/dev/ttyUSB0") as s:        # DTR/RTS released before the open: no reset
         print(s.command("status").fields["uptime"])
         report = inspect(s)                               # id, status, net, config, queue, log, selftest
     report.text(); report.to_json(); s.transcript.save(default_transcript_path(report))
 
-``ConsoleSession(port)`` takes any already-open pyserial-like port object (tests inject one). See
-docs/console.md.
+The console itself (``DeviceConsole`` over any pyserial-like port, the line parser, transcript, errors, time
+limits) is :mod:`tools.support.console`, shared with the simulated devices; it is named here too. Modules of this
+package: ``ports`` (finding the Espressif console port by USB VID:PID), ``report`` (``inspect``: the inspection
+report), ``interactive`` (line mode with history), ``cli`` (``ida console``). See docs/console.md.
 """
 
-from .errors import (
-    AmbiguousPort,
-    BadCommand,
-    CommandTimeout,
-    ConsoleError,
-    DeviceReset,
-    NoPortFound,
-    PortError,
-)
-from .ports import DEFAULT_BAUD, PortInfo, choose_port, find_ports, list_serial_ports, open_port
-from .protocol import Banner, Crash, Event, Garbage, LineParser, Log, Reply, Text, check_command
-from .report import Report, default_transcript_path, inspect
-from .scrub import scrub, scrub_obj
-from .session import (
+from tools.support.console import (
     BOOT_QUIET,
     BOOT_WAIT,
     COMMAND_TIMEOUT,
     COMMAND_TIMEOUTS,
+    DEFAULT_BAUD,
     JSON_MODE_TIMEOUT,
     NOT_REPEATED,
-    ConsoleSession,
+    AmbiguousPort,
+    BadCommand,
+    Banner,
+    CommandTimeout,
+    ConsoleError,
+    Crash,
+    DeviceConsole,
+    DeviceReset,
+    Event,
+    Garbage,
+    LineParser,
+    Log,
+    NoPortFound,
+    PortError,
     PortLike,
+    Reply,
     SessionStats,
+    Text,
     Timeouts,
+    Transcript,
+    check_command,
+    open_port,
 )
-from .transcript import Transcript
+from tools.support.console.scrub import scrub, scrub_obj
+
+from .ports import PortInfo, choose_port, find_ports, list_serial_ports
+from .report import Report, default_transcript_path, inspect
 
 __all__ = [
     "AmbiguousPort",
@@ -48,9 +59,9 @@ __all__ = [
     "COMMAND_TIMEOUTS",
     "CommandTimeout",
     "ConsoleError",
-    "ConsoleSession",
     "Crash",
     "DEFAULT_BAUD",
+    "DeviceConsole",
     "DeviceReset",
     "Event",
     "Garbage",

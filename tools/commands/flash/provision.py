@@ -428,7 +428,7 @@ def wait_console(port: str, baud: int, timeout: float = 20.0) -> Callable[[str],
     every second and return the first line that contains the identifier."""
 
     def wait(identifier: str) -> str:
-        from tools.commands.console import PortError, open_port
+        from tools.support.console import PortError, open_port
 
         from .errors import ConsoleTimeout
 

@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from tools.harness.bench.anchors import coap_request
-from tools.harness.bench.procs import BenchError, Child, free_port
+from tools.harness.bench.procs import BenchError, Child
+from tools.support.procs import free_port, ida_command
 
-__all__ = ["GatewayProcess", "NodeProcess", "ida_cmd", "bench_records", "PREFIX", "SAMPLE_ID", "resolve_path"]
+__all__ = ["GatewayProcess", "NodeProcess", "bench_records", "PREFIX", "SAMPLE_ID", "resolve_path"]
 
 PREFIX = "88.123.99"
 SAMPLE_ID = "88.123.99/PUMP-0001"
 _STATS = re.compile(rb"^node stats: requests ([^;]*);")
-
-
-def ida_cmd(*args: str) -> list[str]:
-    """``ida ARGS`` with this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())", *args]
 
 
 def resolve_path(ident: str) -> tuple[str, ...]:
@@ -101,7 +96,7 @@ class NodeProcess:
             path = self.log_dir / f"{self.name}-records.json"
             path.write_text(json.dumps(recs))
             args += ["--records", str(path)]
-        self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start(stdout_pipe=True)
+        self.child = Child(self.name, ida_command(*args), log_dir=self.log_dir).start(stdout_pipe=True)
         try:
             m = self.child.wait_line(rb"handle udp\+tcp listening on (\S+):(\d+)", timeout=30)
         except BaseException:
@@ -192,7 +187,7 @@ class GatewayProcess:
             *config,
             *self.extra,
         ]
-        self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start()
+        self.child = Child(self.name, ida_command(*args), log_dir=self.log_dir).start()
         deadline = time.monotonic() + timeout
         path = resolve_path(self.probe)
         try:
@@ -222,7 +217,7 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.child is not None:
-            self.child.stop(timeout=10)
+            self.child.stop(grace=10)
             self.child = None
 
     def __enter__(self) -> GatewayProcess:

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from proto.handle.numbers import DEFAULT_PORT
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.node.faults import FAILURE_MODES, Knobs
 from tools.harness.node.server import DEFAULT_HTTP_PORT, Address, NodeError, NodeServer, parse_hostport
 from tools.harness.node.store import RecordsError, load_records, sample_records

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.sim.config import FIRMWARE_MAX_AUTO, MODES, TRANSPORTS, SimConfig, SimError
 
 

@@ -247,7 +247,7 @@ class LineParser:
 
 
 def check_command(line: str) -> list[str]:
-    """The words of a command line the firmware will accept; :class:`~tools.commands.console.errors.BadCommand`
+    """The words of a command line the firmware will accept; :class:`~tools.support.console.errors.BadCommand`
     otherwise (empty, too long, control characters)."""
     from .errors import BadCommand
 
