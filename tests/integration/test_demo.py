@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.harness.demo import mosquitto_binary
+from tools.support.mosquitto import mosquitto_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 IDA = ROOT / ".venv" / "bin" / "ida"

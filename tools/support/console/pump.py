@@ -34,7 +34,7 @@ class ConsolePump:
         console: DeviceConsole,
         *,
         name: str = "",
-        on_end: Callable[[ConsoleError | None], None] | None = None,
+        on_end: Callable[[ConsoleError | None], object] | None = None,
     ) -> None:
         self.console = console
         self.name = name or console.name

@@ -1,0 +1,289 @@
+"""The demo's three devices: the real firmware under ``micropython`` (provisioned with
+:mod:`tools.harness.sim.provision`), each driven through its console by a
+:class:`~tools.support.console.DeviceConsole` over the process's pipes, read by a
+:class:`~tools.support.console.ConsolePump` thread. What the consoles say (boot, network, resolves, status) is
+narrated; the story asks them questions with :meth:`DemoDevice.ask`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proto import devicemsg
+from tools.harness.demo import narration
+from tools.harness.demo.errors import DemoError
+from tools.harness.demo.settings import (
+    DEMO_DIR_ENV,
+    DEVICE_STOP_GRACE,
+    DEVICES,
+    REPORT_INTERVAL,
+    START_TIMEOUT,
+    STATUS_EVERY,
+)
+from tools.harness.sim.config import SimError
+from tools.harness.sim.provision import device_command, device_env, provision, uid_for
+from tools.support.console import (
+    Banner,
+    CommandTimeout,
+    ConsoleError,
+    ConsolePump,
+    Crash,
+    DeviceConsole,
+    Event,
+    Log,
+    PipePort,
+    Timeouts,
+    Transcript,
+)
+from tools.support.procs import Process, ProcessError, micropython_binary
+
+__all__ = ["DemoDevice", "DemoFleet", "CONSOLE_TIMEOUTS"]
+
+CONSOLE_TIMEOUTS = Timeouts(command=10.0, json_mode=10.0, boot_wait=START_TIMEOUT)
+"""A simulated device on a busy machine: longer than a serial console's limits."""
+TRANSCRIPT_LINES = 200  # console lines kept in memory per device (console.log has them all)
+
+
+@dataclass
+class DemoDevice:
+    ident: str
+    transport: str
+    role: str
+    data_dir: Path
+    process: Process | None = None
+    console: DeviceConsole | None = None
+    pump: ConsolePump | None = None
+    status: dict[str, Any] | None = None
+    booted: asyncio.Event = field(default_factory=asyncio.Event)
+    first_resolve: asyncio.Event = field(default_factory=asyncio.Event)
+    catching_up: bool = False
+    offline_at: float | None = None
+    exit_code: int | None = None
+    stopping: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.ident.split("/", 1)[1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.transport})"
+
+    async def ask(self, line: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Send a console command and wait for its JSON reply (the reply object)."""
+        if self.pump is None or self.pump.ended.is_set():
+            raise DemoError(f"device {self.name} is not running")
+        try:
+            reply = await self.pump.ask_async(line, timeout)
+        except CommandTimeout:
+            raise DemoError(f"device {self.name} did not answer `{line}` within {timeout:.0f} s") from None
+        except ConsoleError as e:
+            raise DemoError(f"device {self.name}: {e}") from None
+        return reply.obj
+
+
+class DemoFleet:
+    """Starts the devices, narrates their consoles, follows their status; ``failed`` is called when one dies."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        say: Callable[[str], None],
+        failed: Callable[[str], None],
+        *,
+        coap_port: int,
+        broker_port: int,
+    ) -> None:
+        self.workdir = workdir
+        self.say = say
+        self.failed = failed
+        self.coap_port = coap_port
+        self.broker_port = broker_port
+        self.devices: list[DemoDevice] = []
+
+    def dev(self, name: str) -> DemoDevice:
+        return next(d for d in self.devices if d.name == name)
+
+    # ---- start
+    async def start(self) -> None:
+        try:
+            mp = micropython_binary()
+        except ProcessError as e:
+            raise DemoError(str(e)) from None
+        loop = asyncio.get_running_loop()
+        for i, (ident, transport, role) in enumerate(DEVICES, start=1):
+            d = DemoDevice(ident, transport, role, self.workdir / "devices" / devicemsg.topic_key(ident))
+            try:
+                provision(
+                    d.data_dir,
+                    ident,
+                    transport=transport,
+                    coap=f"coap://127.0.0.1:{self.coap_port}" if transport == "coap" else None,
+                    mqtt=f"mqtt://127.0.0.1:{self.broker_port}" if transport == "mqtt" else None,
+                )
+            except SimError as e:
+                raise DemoError(f"cannot provision {ident}: {e}") from None
+            env = device_env(d.data_dir, uid=uid_for(i), interval=REPORT_INTERVAL)
+            env[DEMO_DIR_ENV] = str(self.workdir)
+            d.process = Process(
+                f"device {d.name}",
+                device_command(mp),
+                env=env,
+                cwd=d.data_dir,
+                log=d.data_dir / "stderr.log",
+                stdin=True,
+                stdout=True,
+                error=DemoError,
+            ).start()
+            self.devices.append(d)
+            self._attach(d, loop)
+            self.say(
+                f"device {d.name} started: real firmware under micropython, {role}, provisioned as {ident}"
+            )
+        try:
+            await asyncio.wait_for(asyncio.gather(*(d.booted.wait() for d in self.devices)), START_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.gather(*(d.first_resolve.wait() for d in self.devices)), START_TIMEOUT
+            )
+        except TimeoutError:
+            late = [d.name for d in self.devices if not d.first_resolve.is_set()]
+            raise DemoError(
+                f"devices {', '.join(late)} did not come online within {START_TIMEOUT:.0f} s "
+                f"(see {self.workdir}/devices/*/console.log)"
+            ) from None
+
+    def _attach(self, d: DemoDevice, loop: asyncio.AbstractEventLoop) -> None:
+        """A console on the process's pipes, read by its own thread; events come back to the event loop."""
+        p = d.process.proc if d.process is not None else None
+        assert p is not None and p.stdout is not None and p.stdin is not None
+        transcript = Transcript(d.name, keep=TRANSCRIPT_LINES)
+        transcript.attach(d.data_dir / "console.log")
+        d.console = DeviceConsole(
+            PipePort(p.stdout, p.stdin, d.name),
+            name=d.name,
+            transcript=transcript,
+            timeouts=CONSOLE_TIMEOUTS,
+            on_event=lambda ev: loop.call_soon_threadsafe(self._event, d, ev),
+            read_slice=0.25,
+        )
+        d.pump = ConsolePump(d.console, on_end=lambda _err: loop.call_soon_threadsafe(self._ended, d)).start()
+
+    # ---- device output
+    def _event(self, d: DemoDevice, ev: Event) -> None:
+        if isinstance(ev, Banner):
+            line = narration.boot_line(d.label, ev.line)
+            if line is not None:
+                d.booted.set()
+                self.say(line)
+            return
+        if not isinstance(ev, Log | Crash):
+            return  # replies nobody waits for any more, echoed text
+        text = ev.text if isinstance(ev, Log) else ev.line
+        target = (
+            f"127.0.0.1:{self.coap_port}"
+            if d.transport == "coap"
+            else f"the broker 127.0.0.1:{self.broker_port}"
+        )
+        told = narration.log_line(
+            d.name, d.label, text.strip(), target=target, first_resolve_done=d.first_resolve.is_set()
+        )
+        if told is None:
+            return
+        kind, sentence = told
+        if kind == "down":
+            d.offline_at = time.monotonic()
+        self.say(sentence)
+        if kind == "resolved":
+            d.first_resolve.set()
+
+    def _ended(self, d: DemoDevice) -> None:
+        """The console's pipe closed: the process exited (or is about to)."""
+        asyncio.ensure_future(self._reap(d))
+
+    async def _reap(self, d: DemoDevice) -> None:
+        proc = d.process.proc if d.process is not None else None
+        deadline = time.monotonic() + 5
+        while proc is not None and proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        d.exit_code = proc.returncode if proc is not None else None
+        if not d.stopping:
+            self.failed(f"device {d.name} exited with code {d.exit_code} (see {d.data_dir}/stderr.log)")
+
+    # ---- status: reports made, queued, delivered
+    async def status_loop(self) -> None:
+        while True:
+            for d in self.devices:
+                if d.booted.is_set() and d.exit_code is None and not d.stopping:
+                    with contextlib.suppress(DemoError):
+                        self.status(d, await d.ask("status", timeout=5))
+            await asyncio.sleep(STATUS_EVERY)
+
+    def status(self, d: DemoDevice, st: dict[str, Any]) -> None:
+        """Take a ``status`` reply; say what changed: reports queued offline, reports delivered."""
+        prev = d.status or {"seq": 0, "acked": 0, "queue": 0}
+        d.status = st
+        seq, acked, queue = int(st.get("seq") or 0), int(st.get("acked") or 0), int(st.get("queue") or 0)
+        made = seq - int(prev.get("seq") or 0)
+        delivered = acked - int(prev.get("acked") or 0)
+        if made > 0 and st.get("net") == "down":
+            what = f"report {seq}" if made == 1 else f"reports {seq - made + 1}-{seq}"
+            self.say(f"{d.name} offline: {what} queued in flash ({queue} waiting)")
+        if delivered > 0 and not d.catching_up:
+            if delivered == 1 and queue == 0:
+                self.say(
+                    f"{d.label} report {seq} delivered: the gateway acknowledged it ({acked} since boot)"
+                )
+            else:
+                self.say(
+                    f"{d.label} {delivered} reports delivered ({acked} since boot, {queue} still queued)"
+                )
+
+    async def fresh_status(self, d: DemoDevice) -> dict[str, Any]:
+        st = await d.ask("status", timeout=5)
+        self.status(d, st)
+        return st
+
+    # ---- stop
+    async def stop(self) -> None:
+        """SIGINT to every device (the firmware flushes its queue to flash), SIGKILL after DEVICE_STOP_GRACE."""
+        for d in self.devices:
+            d.stopping = True
+        for d in self.devices:
+            if d.process is not None and d.process.alive():
+                assert d.process.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    d.process.proc.send_signal(signal.SIGINT)
+        killed = []
+        for d in self.devices:
+            if d.process is None:
+                continue
+            if not await _exited(d.process, DEVICE_STOP_GRACE):
+                killed.append(d.name)
+                await asyncio.to_thread(d.process.kill)
+            if d.pump is not None:
+                await asyncio.to_thread(d.pump.stop, 2.0)
+            if d.console is not None:
+                d.console.close()  # the process is gone: nothing to switch back, the port is released
+                d.console.transcript.close()
+            d.process.close()
+        if self.devices:
+            extra = f" ({', '.join(killed)} killed after {DEVICE_STOP_GRACE:.0f} s)" if killed else ""
+            q = ", ".join(f"{d.name} {d.status.get('queue', 0)}" for d in self.devices if d.status)
+            self.say(
+                f"{len(self.devices)} devices stopped{extra}; reports left in their queues: {q or 'none'}"
+            )
+
+
+async def _exited(process: Process, grace: float) -> bool:
+    deadline = time.monotonic() + grace
+    while process.alive():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
