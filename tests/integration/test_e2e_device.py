@@ -39,6 +39,7 @@ from aiohttp import web
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tests.support.devicerun import IdaDevice
+from tests.support.webapp import serve
 from tools.harness.bench.coapmsg import GET, parse_header, parse_options
 from tools.harness.bench.procs import Child
 from tools.harness.bench.project import NodeProcess
@@ -108,11 +109,8 @@ class Webhook:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/hook", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        self._runner, port = await serve(app)
+        self.url = f"http://127.0.0.1:{port}/hook"
 
     async def stop(self) -> None:
         if self._runner is not None:
