@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import queue
 import re
@@ -28,17 +29,8 @@ import cbor2
 
 from tests.support.mpcollect import ROOT, micropython_binary
 from tools.harness.sim import provision as simprovision
-from tools.support.console import (
-    CommandTimeout,
-    ConsolePump,
-    DeviceConsole,
-    Event,
-    Garbage,
-    PipePort,
-    Timeouts,
-    Transcript,
-)
-from tools.support.procs import Process
+from tools.support.console import CommandTimeout, Event, Garbage, Timeouts, Transcript
+from tools.support.console.process import ConsoleProcess
 from tools.support.procs import free_port as free_udp_port  # UDP, 127.0.0.1
 
 FIRMWARE = ROOT / "firmware"
@@ -49,19 +41,8 @@ TIMEOUTS = Timeouts(command=10.0, json_mode=10.0, boot_wait=20.0)
 __all__ = ["KEY", "CoapGateway", "DeviceProc", "free_udp_port", "provision", "romfs_image", "wait_for"]
 
 
-def provision(
-    data_dir: Path,
-    identifier: str,
-    *,
-    coap: str | None = None,
-    mqtt: str | None = None,
-    transport: str = "coap",
-    key: str = KEY,
-) -> None:
-    """``identity.json`` for the firmware, with the test key ``key`` (hex)."""
-    simprovision.provision(
-        data_dir, identifier, coap=coap, mqtt=mqtt, transport=transport, key=bytes.fromhex(key)
-    )
+provision = functools.partial(simprovision.provision, key=bytes.fromhex(KEY))
+"""``provision(data_dir, identifier, coap=..., mqtt=..., transport=...)``: ``identity.json`` with the test key."""
 
 
 def _line_of(ev: Event) -> str:
@@ -91,31 +72,27 @@ class DeviceProc:
         self.lines: list[str] = []
         self.err: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
-        self.process: Process | None = None
-        self.console: DeviceConsole | None = None
-        self.pump: ConsolePump | None = None
+        self.device: ConsoleProcess | None = None
 
     @property
     def proc(self) -> subprocess.Popen[bytes] | None:
-        return self.process.proc if self.process is not None else None
+        return self.device.proc if self.device is not None else None
 
     def start(self) -> DeviceProc:
-        cmd = self.cmd or [micropython_binary(), *self.argv]
-        self.process = Process(
-            "device", cmd, env=self.env, cwd=self.cwd, stdin=True, stdout=True, stderr=True, new_session=False
-        ).start()
-        p = self.process.proc
-        assert p is not None and p.stdout is not None and p.stdin is not None
-        self.console = DeviceConsole(
-            PipePort(p.stdout, p.stdin, "device"),
-            name="device",
-            transcript=Transcript("device", keep=400),
+        self.device = ConsoleProcess(
+            "device",
+            self.cmd or [micropython_binary(), *self.argv],
+            env=self.env,
+            cwd=self.cwd,
+            stderr=True,
+            new_session=False,
             timeouts=TIMEOUTS,
+            transcript=Transcript("device", keep=400),
             monitor=self._seen,
             read_slice=0.1,
-        )
-        self.pump = ConsolePump(self.console).start()
-        threading.Thread(target=self._stderr, args=(p.stderr,), daemon=True).start()
+        ).start()
+        assert self.device.proc is not None
+        threading.Thread(target=self._stderr, args=(self.device.proc.stderr,), daemon=True).start()
         return self
 
     def _seen(self, ev: Event) -> None:
@@ -160,17 +137,17 @@ class DeviceProc:
 
     def json(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
         """Send a command in JSON mode (switched on when the console is not) and return its reply object."""
-        assert self.pump is not None
+        assert self.device is not None
         try:
-            return self.pump.ask(command, timeout).obj
+            return self.device.ask(command, timeout).obj
         except CommandTimeout:
             raise AssertionError(
                 f"no reply to {command!r} in {timeout}s; last output:\n" + self._output()
             ) from None
 
     def json_on(self, timeout: float = 20.0) -> None:
-        assert self.pump is not None
-        self.pump.call(lambda c: c.set_json(True)).result(timeout)
+        assert self.device is not None and self.device.pump is not None
+        self.device.pump.call(lambda c: c.set_json(True)).result(timeout)
 
     def wait_status(self, pred: Any, timeout: float = 20.0, poll: float = 0.3) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -184,22 +161,16 @@ class DeviceProc:
 
     def stop(self) -> int | None:
         """SIGTERM (SIGKILL after 5 s); the exit code."""
-        if self.process is None:
+        if self.device is None:
             return None
-        rc = self.process.stop()
-        self._release()
+        rc = self.device.process.stop()
+        self.device.release()
         return rc
 
     def kill9(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self._release()
-
-    def _release(self) -> None:
-        if self.pump is not None:
-            self.pump.stop(2.0)
-        if self.console is not None:
-            self.console.close()
+        if self.device is not None:
+            self.device.process.kill()
+            self.device.release()
 
     def __enter__(self) -> DeviceProc:
         return self.start()

@@ -30,7 +30,12 @@ from typing import Any
 import pytest
 
 from tests.support.mpcollect import ROOT, micropython_binary
-from tools.commands.console import (
+from tools.commands.console import PortInfo, choose_port, default_transcript_path, inspect
+from tools.commands.console import cli as console_cli
+from tools.commands.console.interactive import run_interactive
+from tools.errors import CliError
+from tools.support.boards import UsbId
+from tools.support.console import (
     AmbiguousPort,
     BadCommand,
     Banner,
@@ -43,23 +48,14 @@ from tools.commands.console import (
     Log,
     NoPortFound,
     PortError,
-    PortInfo,
     Reply,
     Text,
     Timeouts,
     Transcript,
-    choose_port,
-    default_transcript_path,
-    inspect,
     open_port,
-    scrub,
-    scrub_obj,
 )
-from tools.commands.console import cli as console_cli
-from tools.commands.console.interactive import run_interactive
-from tools.errors import CliError
-from tools.support.boards import UsbId
 from tools.support.console.protocol import DEVICE_MAX_LINE
+from tools.support.console.scrub import scrub, scrub_obj
 
 PUMP = "88.123.99/PUMP-0001"
 URL = "https://example.com/pumps/0001"

@@ -320,18 +320,21 @@ def _check_every_report_once(gw: RealGateway, prefix: str, devices: int, r: Any)
     )
 
 
+def _light_200(prefix: str, data_dir: Path, **kw: Any) -> SimConfig:
+    """200 light devices reporting every 1.5 s for 3 s under ``prefix``; ``kw``: the transport and the rest."""
+    return SimConfig(
+        devices=200, interval=1.5, duration=3.0, mode="light", prefix=prefix, data_dir=data_dir, **kw
+    )
+
+
 @pytest.mark.slow
 def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.201"
-    cfg = SimConfig(
-        devices=200,
+    cfg = _light_200(
+        prefix,
+        tmp_path,
         gateway=gateway.coap,
         transport="coap",
-        interval=1.5,
-        duration=3.0,
-        mode="light",
-        prefix=prefix,
-        data_dir=tmp_path,
         summary_every=1.0,
         resolve_every=1.5,
         resolve_ids=("88.123.99/PUMP-0001",),
@@ -352,15 +355,11 @@ def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, t
 @pytest.mark.slow
 def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.202"
-    cfg = SimConfig(
-        devices=200,
+    cfg = _light_200(
+        prefix,
+        tmp_path,
         broker=gateway.mqtt,
         transport="mqtt",
-        interval=1.5,
-        duration=3.0,
-        mode="light",
-        prefix=prefix,
-        data_dir=tmp_path,
         summary_every=0,
         resolve_every=1.0,
         resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"),

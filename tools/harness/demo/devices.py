@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,16 +31,14 @@ from tools.support.console import (
     Banner,
     CommandTimeout,
     ConsoleError,
-    ConsolePump,
     Crash,
-    DeviceConsole,
     Event,
     Log,
-    PipePort,
     Timeouts,
     Transcript,
 )
-from tools.support.procs import Process, ProcessError, micropython_binary
+from tools.support.console.process import ConsoleProcess
+from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["DemoDevice", "DemoFleet", "CONSOLE_TIMEOUTS"]
 
@@ -56,9 +53,7 @@ class DemoDevice:
     transport: str
     role: str
     data_dir: Path
-    process: Process | None = None
-    console: DeviceConsole | None = None
-    pump: ConsolePump | None = None
+    device: ConsoleProcess | None = None
     status: dict[str, Any] | None = None
     booted: asyncio.Event = field(default_factory=asyncio.Event)
     first_resolve: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,10 +72,10 @@ class DemoDevice:
 
     async def ask(self, line: str, timeout: float = 10.0) -> dict[str, Any]:
         """Send a console command and wait for its JSON reply (the reply object)."""
-        if self.pump is None or self.pump.ended.is_set():
+        if self.device is None or not self.device.reading:
             raise DemoError(f"device {self.name} is not running")
         try:
-            reply = await self.pump.ask_async(line, timeout)
+            reply = await self.device.ask_async(line, timeout)
         except CommandTimeout:
             raise DemoError(f"device {self.name} did not answer `{line}` within {timeout:.0f} s") from None
         except ConsoleError as e:
@@ -131,18 +126,21 @@ class DemoFleet:
                 raise DemoError(f"cannot provision {ident}: {e}") from None
             env = device_env(d.data_dir, uid=uid_for(i), interval=REPORT_INTERVAL)
             env[DEMO_DIR_ENV] = str(self.workdir)
-            d.process = Process(
-                f"device {d.name}",
+            transcript = Transcript(d.name, keep=TRANSCRIPT_LINES)
+            transcript.attach(d.data_dir / "console.log")
+            d.device = ConsoleProcess(
+                d.name,
                 device_command(mp),
                 env=env,
                 cwd=d.data_dir,
                 log=d.data_dir / "stderr.log",
-                stdin=True,
-                stdout=True,
+                timeouts=CONSOLE_TIMEOUTS,
+                transcript=transcript,
+                on_event=_on_loop(loop, self._event, d),
+                on_end=_on_loop(loop, self._ended, d),
                 error=DemoError,
             ).start()
             self.devices.append(d)
-            self._attach(d, loop)
             self.say(
                 f"device {d.name} started: real firmware under micropython, {role}, provisioned as {ident}"
             )
@@ -157,22 +155,6 @@ class DemoFleet:
                 f"devices {', '.join(late)} did not come online within {START_TIMEOUT:.0f} s "
                 f"(see {self.workdir}/devices/*/console.log)"
             ) from None
-
-    def _attach(self, d: DemoDevice, loop: asyncio.AbstractEventLoop) -> None:
-        """A console on the process's pipes, read by its own thread; events come back to the event loop."""
-        p = d.process.proc if d.process is not None else None
-        assert p is not None and p.stdout is not None and p.stdin is not None
-        transcript = Transcript(d.name, keep=TRANSCRIPT_LINES)
-        transcript.attach(d.data_dir / "console.log")
-        d.console = DeviceConsole(
-            PipePort(p.stdout, p.stdin, d.name),
-            name=d.name,
-            transcript=transcript,
-            timeouts=CONSOLE_TIMEOUTS,
-            on_event=lambda ev: loop.call_soon_threadsafe(self._event, d, ev),
-            read_slice=0.25,
-        )
-        d.pump = ConsolePump(d.console, on_end=lambda _err: loop.call_soon_threadsafe(self._ended, d)).start()
 
     # ---- device output
     def _event(self, d: DemoDevice, ev: Event) -> None:
@@ -202,12 +184,12 @@ class DemoFleet:
         if kind == "resolved":
             d.first_resolve.set()
 
-    def _ended(self, d: DemoDevice) -> None:
+    def _ended(self, d: DemoDevice, _why: ConsoleError | None = None) -> None:
         """The console's pipe closed: the process exited (or is about to)."""
         asyncio.ensure_future(self._reap(d))
 
     async def _reap(self, d: DemoDevice) -> None:
-        proc = d.process.proc if d.process is not None else None
+        proc = d.device.proc if d.device is not None else None
         deadline = time.monotonic() + 5
         while proc is not None and proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -255,23 +237,18 @@ class DemoFleet:
         for d in self.devices:
             d.stopping = True
         for d in self.devices:
-            if d.process is not None and d.process.alive():
-                assert d.process.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    d.process.proc.send_signal(signal.SIGINT)
+            if d.device is not None:
+                d.device.interrupt()
         killed = []
         for d in self.devices:
-            if d.process is None:
+            if d.device is None:
                 continue
-            if not await _exited(d.process, DEVICE_STOP_GRACE):
+            if not await _exited(d.device, DEVICE_STOP_GRACE):
                 killed.append(d.name)
-                await asyncio.to_thread(d.process.kill)
-            if d.pump is not None:
-                await asyncio.to_thread(d.pump.stop, 2.0)
-            if d.console is not None:
-                d.console.close()  # the process is gone: nothing to switch back, the port is released
-                d.console.transcript.close()
-            d.process.close()
+                await asyncio.to_thread(d.device.process.kill)
+            await asyncio.to_thread(d.device.release)
+            if d.device.transcript is not None:
+                d.device.transcript.close()
         if self.devices:
             extra = f" ({', '.join(killed)} killed after {DEVICE_STOP_GRACE:.0f} s)" if killed else ""
             q = ", ".join(f"{d.name} {d.status.get('queue', 0)}" for d in self.devices if d.status)
@@ -280,9 +257,16 @@ class DemoFleet:
             )
 
 
-async def _exited(process: Process, grace: float) -> bool:
+def _on_loop(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[DemoDevice, Any], object], d: DemoDevice
+) -> Callable[[Any], object]:
+    """``fn(d, x)`` run on the event loop, for a callback of the console's thread."""
+    return lambda x: loop.call_soon_threadsafe(fn, d, x)
+
+
+async def _exited(device: ConsoleProcess, grace: float) -> bool:
     deadline = time.monotonic() + grace
-    while process.alive():
+    while device.alive():
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(0.05)

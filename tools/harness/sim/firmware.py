@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,20 +29,9 @@ from proto import devicemsg
 from tools.harness.sim.config import SimConfig, SimError
 from tools.harness.sim.provision import device_command, device_env, provision, uid_for
 from tools.harness.sim.stats import Counters, Histogram, SimResult
-from tools.support.console import (
-    RESOLVE_TIMEOUT,
-    Banner,
-    ConsoleError,
-    ConsolePump,
-    Crash,
-    DeviceConsole,
-    Event,
-    Log,
-    PipePort,
-    Timeouts,
-    Transcript,
-)
-from tools.support.procs import Process, ProcessError, micropython_binary
+from tools.support.console import RESOLVE_TIMEOUT, Banner, ConsoleError, Crash, Event, Log, Transcript
+from tools.support.console.process import SIMULATED, ConsoleProcess
+from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["FirmwareFleet"]
 
@@ -51,8 +39,6 @@ STATUS_EVERY = 2.0
 START_GAP = 0.05
 STOP_GRACE = 3.0
 STATUS_TIMEOUT = 10.0
-CONSOLE_TIMEOUTS = Timeouts(command=STATUS_TIMEOUT, json_mode=10.0, boot_wait=30.0)
-"""A simulated device on a busy machine: longer than a serial console's limits."""
 TAIL_LINES = 40  # console lines kept per device, shown when it exits
 _RESOLVE_LOG = re.compile(r"^I app resolve id=\S+ code=(\d+)")
 
@@ -63,15 +49,13 @@ class _Device:
         self.ident = ident
         self.transport = transport
         self.data_dir = data_dir
-        self.process: Process | None = None
-        self.console: DeviceConsole | None = None
-        self.pump: ConsolePump | None = None
+        self.device: ConsoleProcess | None = None
         self.status: dict[str, Any] = {}
         self.exited_reported = False
         self.replies = 0  # status replies received
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.alive()
+        return self.device is not None and self.device.alive()
 
 
 class FirmwareFleet:
@@ -129,35 +113,26 @@ class FirmwareFleet:
     def _spawn(self, d: _Device, mp: str) -> None:
         """The firmware process, and a console on its pipes read by its own thread (events to the loop)."""
         env = device_env(d.data_dir, uid=uid_for(self.cfg.first + d.n), interval=int(self.cfg.interval))
-        d.process = Process(
+        loop = asyncio.get_running_loop()
+        d.device = ConsoleProcess(
             d.ident,
             device_command(mp),
             env=env,
             cwd=d.data_dir,
             log=d.data_dir / "stderr.log",
-            stdin=True,
-            stdout=True,
+            timeouts=SIMULATED,
+            transcript=Transcript(d.ident, keep=TAIL_LINES),
+            on_event=lambda ev: loop.call_soon_threadsafe(self._event, ev),
+            on_end=lambda _e: loop.call_soon_threadsafe(self._ended, d),
             error=SimError,
         ).start()
-        p = d.process.proc
-        assert p is not None and p.stdout is not None and p.stdin is not None
-        loop = asyncio.get_running_loop()
-        d.console = DeviceConsole(
-            PipePort(p.stdout, p.stdin, d.ident),
-            name=d.ident,
-            transcript=Transcript(d.ident, keep=TAIL_LINES),
-            timeouts=CONSOLE_TIMEOUTS,
-            on_event=lambda ev: loop.call_soon_threadsafe(self._event, d, ev),
-            read_slice=0.25,
-        )
-        d.pump = ConsolePump(d.console, on_end=lambda _e: loop.call_soon_threadsafe(self._ended, d)).start()
 
     def _task(self, coro: Any) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    def _event(self, d: _Device, ev: Event) -> None:
+    def _event(self, ev: Event) -> None:
         """A log line or boot banner (replies go to whoever asked): the firmware resolves its own identifier
         once its transport is up, and says so in its log."""
         if isinstance(ev, Log | Banner | Crash):
@@ -172,20 +147,20 @@ class FirmwareFleet:
             self._task(self._report_exit(d))
 
     async def _report_exit(self, d: _Device) -> None:
-        proc = d.process.proc if d.process is not None else None
+        proc = d.device.proc if d.device is not None else None
         deadline = time.monotonic() + 5
         while proc is not None and proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         rc = proc.returncode if proc is not None else None
-        tail = list(d.console.transcript.lines)[-10:] if d.console is not None else []
+        tail = list(d.device.transcript.lines)[-10:] if d.device and d.device.transcript else []
         self.log(f"device {d.ident} exited with {rc}; last output:\n  " + "\n  ".join(tail))
 
     async def _ask(self, d: _Device, line: str, timeout: float) -> dict[str, Any] | None:
         """The reply object, None when the device could not be asked or did not answer in time."""
-        if d.pump is None or d.pump.ended.is_set():
+        if d.device is None or not d.device.reading:
             return None
         try:
-            return (await d.pump.ask_async(line, timeout)).obj
+            return (await d.device.ask_async(line, timeout)).obj
         except ConsoleError:
             return None
 
@@ -302,20 +277,14 @@ class FirmwareFleet:
         self.stopping = True
         live = [d for d in self.devices if d.alive()]
         for d in live:
-            assert d.process is not None and d.process.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                d.process.proc.send_signal(signal.SIGINT)
+            assert d.device is not None
+            d.device.interrupt()
         deadline = time.monotonic() + STOP_GRACE
         while any(d.alive() for d in live) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for d in live:
-            if d.alive():
-                assert d.process is not None
-                await asyncio.to_thread(d.process.kill)
+            if d.device is not None and d.device.alive():
+                await asyncio.to_thread(d.device.process.kill)
         for d in self.devices:
-            if d.pump is not None:
-                await asyncio.to_thread(d.pump.stop, 2.0)
-            if d.console is not None:
-                d.console.close()  # the process is gone: nothing to switch back, the port is released
-            if d.process is not None:
-                d.process.close()
+            if d.device is not None:
+                await asyncio.to_thread(d.device.release)
