@@ -42,7 +42,7 @@ from tests.support.devicerun import IdaDevice
 from tests.support.webapp import serve
 from tools.harness.bench.coapmsg import GET, parse_header, parse_options
 from tools.harness.bench.procs import Child
-from tools.harness.bench.project import NodeProcess
+from tools.harness.bench.project import NodeProcess, rest_record
 from tools.harness.sim.provision import FIRMWARE_DIR
 from tools.support.procs import free_port, ida_command, micropython_binary
 
@@ -56,23 +56,7 @@ URI_PATH = 11
 
 
 def _record(handle: str) -> dict[str, Any]:
-    return {
-        "handle": handle,
-        "values": [
-            {
-                "index": 1,
-                "type": "URL",
-                "data": {"format": "string", "value": f"https://example.com/{handle}"},
-                "ttl": 86400,
-            },
-            {
-                "index": 2,
-                "type": "EMAIL",
-                "data": {"format": "string", "value": "ops@example.com"},
-                "ttl": 86400,
-            },
-        ],
-    }
+    return rest_record(handle, f"https://example.com/{handle}")
 
 
 # -- what runs in this test process: a webhook consumer and a UDP relay, on one asyncio loop in a thread -----------

@@ -320,25 +320,36 @@ def _check_every_report_once(gw: RealGateway, prefix: str, devices: int, r: Any)
     )
 
 
-def _light_200(prefix: str, data_dir: Path, **kw: Any) -> SimConfig:
-    """200 light devices reporting every 1.5 s for 3 s under ``prefix``; ``kw``: the transport and the rest."""
+def _light_200(
+    gw: RealGateway,
+    transport: str,
+    prefix: str,
+    data_dir: Path,
+    resolves: tuple[float, tuple[str, ...]],
+    **kw: Any,
+) -> SimConfig:
+    """200 light devices of ``gw`` reporting every 1.5 s for 3 s under ``prefix``; ``resolves``: (every, ids)."""
+    to = {"gateway": gw.coap} if transport == "coap" else {"broker": gw.mqtt}
+    every, ids = resolves
     return SimConfig(
-        devices=200, interval=1.5, duration=3.0, mode="light", prefix=prefix, data_dir=data_dir, **kw
+        devices=200,
+        interval=1.5,
+        duration=3.0,
+        mode="light",
+        transport=transport,
+        prefix=prefix,
+        data_dir=data_dir,
+        resolve_every=every,
+        resolve_ids=ids,
+        **to,
+        **kw,
     )
 
 
 @pytest.mark.slow
 def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.201"
-    cfg = _light_200(
-        prefix,
-        tmp_path,
-        gateway=gateway.coap,
-        transport="coap",
-        summary_every=1.0,
-        resolve_every=1.5,
-        resolve_ids=("88.123.99/PUMP-0001",),
-    )
+    cfg = _light_200(gateway, "coap", prefix, tmp_path, (1.5, ("88.123.99/PUMP-0001",)), summary_every=1.0)
     lines: list[str] = []
     r = run_sim(cfg, out=lines.append)
     _check_every_report_once(gateway, prefix, 200, r)
@@ -355,15 +366,8 @@ def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, t
 @pytest.mark.slow
 def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.202"
-    cfg = _light_200(
-        prefix,
-        tmp_path,
-        broker=gateway.mqtt,
-        transport="mqtt",
-        summary_every=0,
-        resolve_every=1.0,
-        resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"),
-    )
+    ids = ("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001")
+    cfg = _light_200(gateway, "mqtt", prefix, tmp_path, (1.0, ids), summary_every=0)
     r = run_sim(cfg)
     _check_every_report_once(gateway, prefix, 200, r)
     c = r.counters

@@ -21,7 +21,15 @@ from tools.harness.bench.anchors import coap_request
 from tools.harness.bench.procs import BenchError, Child
 from tools.support.procs import free_port, ida_command
 
-__all__ = ["GatewayProcess", "NodeProcess", "bench_records", "PREFIX", "SAMPLE_ID", "resolve_path"]
+__all__ = [
+    "GatewayProcess",
+    "NodeProcess",
+    "bench_records",
+    "rest_record",
+    "PREFIX",
+    "SAMPLE_ID",
+    "resolve_path",
+]
 
 PREFIX = "88.123.99"
 SAMPLE_ID = "88.123.99/PUMP-0001"
@@ -34,31 +42,24 @@ def resolve_path(ident: str) -> tuple[str, ...]:
     return ("r", prefix, *suffix.split("/"))
 
 
+def rest_record(handle: str, url: str) -> dict[str, Any]:
+    """A Handle REST record shaped like the sample PUMP record: a URL (index 1) and an EMAIL (index 2)."""
+    values = [(1, "URL", url), (2, "EMAIL", "ops@example.com")]
+    return {
+        "handle": handle,
+        "values": [
+            {"index": i, "type": t, "data": {"format": "string", "value": v}, "ttl": 86400}
+            for i, t, v in values
+        ],
+    }
+
+
 def bench_records(n: int, stem: str = "BENCH", start: int = 0) -> list[dict[str, Any]]:
     """``n`` Handle REST records ``88.123.99/<stem>-00000``... shaped like the sample PUMP record."""
-    out = []
-    for i in range(start, start + n):
-        h = f"{PREFIX}/{stem}-{i:05d}"
-        out.append(
-            {
-                "handle": h,
-                "values": [
-                    {
-                        "index": 1,
-                        "type": "URL",
-                        "data": {"format": "string", "value": f"https://example.com/bench/{i}"},
-                        "ttl": 86400,
-                    },
-                    {
-                        "index": 2,
-                        "type": "EMAIL",
-                        "data": {"format": "string", "value": "ops@example.com"},
-                        "ttl": 86400,
-                    },
-                ],
-            }
-        )
-    return out
+    return [
+        rest_record(f"{PREFIX}/{stem}-{i:05d}", f"https://example.com/bench/{i}")
+        for i in range(start, start + n)
+    ]
 
 
 class NodeProcess:

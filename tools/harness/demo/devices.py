@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from tools.harness.demo.settings import (
     STATUS_EVERY,
 )
 from tools.harness.sim.config import SimError
-from tools.harness.sim.provision import device_command, device_env, provision, uid_for
+from tools.harness.sim.provision import device_env, device_process, provision, uid_for
 from tools.support.console import (
     Banner,
     CommandTimeout,
@@ -34,16 +35,13 @@ from tools.support.console import (
     Crash,
     Event,
     Log,
-    Timeouts,
     Transcript,
 )
 from tools.support.console.process import ConsoleProcess
 from tools.support.procs import ProcessError, micropython_binary
 
-__all__ = ["DemoDevice", "DemoFleet", "CONSOLE_TIMEOUTS"]
+__all__ = ["DemoDevice", "DemoFleet"]
 
-CONSOLE_TIMEOUTS = Timeouts(command=10.0, json_mode=10.0, boot_wait=START_TIMEOUT)
-"""A simulated device on a busy machine: longer than a serial console's limits."""
 TRANSCRIPT_LINES = 200  # console lines kept in memory per device (console.log has them all)
 
 
@@ -128,16 +126,15 @@ class DemoFleet:
             env[DEMO_DIR_ENV] = str(self.workdir)
             transcript = Transcript(d.name, keep=TRANSCRIPT_LINES)
             transcript.attach(d.data_dir / "console.log")
-            d.device = ConsoleProcess(
+            d.device = device_process(
                 d.name,
-                device_command(mp),
-                env=env,
-                cwd=d.data_dir,
-                log=d.data_dir / "stderr.log",
-                timeouts=CONSOLE_TIMEOUTS,
+                d.data_dir,
+                env,
+                mp,
                 transcript=transcript,
-                on_event=_on_loop(loop, self._event, d),
-                on_end=_on_loop(loop, self._ended, d),
+                on_event=functools.partial(self._event, d),
+                on_end=functools.partial(self._ended, d),
+                loop=loop,
                 error=DemoError,
             ).start()
             self.devices.append(d)
@@ -255,13 +252,6 @@ class DemoFleet:
             self.say(
                 f"{len(self.devices)} devices stopped{extra}; reports left in their queues: {q or 'none'}"
             )
-
-
-def _on_loop(
-    loop: asyncio.AbstractEventLoop, fn: Callable[[DemoDevice, Any], object], d: DemoDevice
-) -> Callable[[Any], object]:
-    """``fn(d, x)`` run on the event loop, for a callback of the console's thread."""
-    return lambda x: loop.call_soon_threadsafe(fn, d, x)
 
 
 async def _exited(device: ConsoleProcess, grace: float) -> bool:

@@ -27,10 +27,10 @@ from typing import Any
 
 from proto import devicemsg
 from tools.harness.sim.config import SimConfig, SimError
-from tools.harness.sim.provision import device_command, device_env, provision, uid_for
+from tools.harness.sim.provision import device_env, device_process, provision, uid_for
 from tools.harness.sim.stats import Counters, Histogram, SimResult
 from tools.support.console import RESOLVE_TIMEOUT, Banner, ConsoleError, Crash, Event, Log, Transcript
-from tools.support.console.process import SIMULATED, ConsoleProcess
+from tools.support.console.process import ConsoleProcess
 from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["FirmwareFleet"]
@@ -113,17 +113,15 @@ class FirmwareFleet:
     def _spawn(self, d: _Device, mp: str) -> None:
         """The firmware process, and a console on its pipes read by its own thread (events to the loop)."""
         env = device_env(d.data_dir, uid=uid_for(self.cfg.first + d.n), interval=int(self.cfg.interval))
-        loop = asyncio.get_running_loop()
-        d.device = ConsoleProcess(
+        d.device = device_process(
             d.ident,
-            device_command(mp),
-            env=env,
-            cwd=d.data_dir,
-            log=d.data_dir / "stderr.log",
-            timeouts=SIMULATED,
+            d.data_dir,
+            env,
+            mp,
             transcript=Transcript(d.ident, keep=TAIL_LINES),
-            on_event=lambda ev: loop.call_soon_threadsafe(self._event, ev),
-            on_end=lambda _e: loop.call_soon_threadsafe(self._ended, d),
+            on_event=self._event,
+            on_end=lambda _why: self._ended(d),
+            loop=asyncio.get_running_loop(),
             error=SimError,
         ).start()
 

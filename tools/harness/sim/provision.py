@@ -3,7 +3,8 @@ port -- used by ``ida sim`` in firmware mode, and meant for ``ida device run`` t
 
     ident = provision(Path("sim-data/dev1"), "88.123.99/PUMP-0001", coap="coap://127.0.0.1:5683")
     env = device_env(Path("sim-data/dev1"), uid=uid_for(1), interval=60)
-    subprocess.Popen(device_command(), env=env, stdin=PIPE, stdout=PIPE)     # the console is stdin/stdout
+    device = device_process("dev1", Path("sim-data/dev1"), env).start()     # its console is stdin/stdout
+    device.ask("status", 5)
 
 The data dir is the device's flash: ``identity.json`` (what the flashing tool writes: identifier, transport,
 gateway addresses, the 16-byte key in hex), and whatever the firmware keeps there itself (boot counter, report
@@ -16,9 +17,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tools.harness.sim.config import SimError
+from tools.support.console.process import ConsoleProcess
 from tools.support.procs import micropython_binary
 
 if TYPE_CHECKING:
@@ -28,6 +30,7 @@ __all__ = [
     "provision",
     "device_env",
     "device_command",
+    "device_process",
     "uid_for",
     "FIRMWARE_DIR",
     "IDENTITY_FILE",
@@ -103,6 +106,17 @@ def device_env(
     if interval is not None:
         env["IDA_INTERVAL"] = str(int(interval))
     return env
+
+
+def device_process(
+    name: str, data_dir: Path, env: dict[str, str], micropython: str | None = None, **console: Any
+) -> ConsoleProcess:
+    """The firmware of the device provisioned in ``data_dir`` as a
+    :class:`~tools.support.console.process.ConsoleProcess` (not started): it runs in its data dir with ``env``
+    (:func:`device_env`), its stderr to ``<data_dir>/stderr.log``, its console on pipes; ``console`` are the
+    other options (timeouts, transcript, callbacks, loop, error type)."""
+    cmd = device_command(micropython)
+    return ConsoleProcess(name, cmd, env=env, cwd=data_dir, log=data_dir / "stderr.log", **console)
 
 
 def device_command(micropython: str | None = None, heap: str | None = None) -> list[str]:

@@ -10,11 +10,13 @@ tests start for a simulated device.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from tools.support.procs import Process, ProcessError
 
@@ -28,6 +30,8 @@ from .transcript import Transcript
 
 __all__ = ["ConsoleProcess", "SIMULATED"]
 
+T = TypeVar("T")
+
 SIMULATED = Timeouts(command=10.0, json_mode=10.0, boot_wait=30.0)
 """Limits for a simulated device on a busy machine: longer than a serial console's."""
 
@@ -35,7 +39,8 @@ SIMULATED = Timeouts(command=10.0, json_mode=10.0, boot_wait=30.0)
 class ConsoleProcess:
     """``process`` (a :class:`tools.support.procs.Process`), ``console`` and ``pump`` once started. ``log``
     receives stderr unless ``stderr`` asks for a pipe; ``on_event``, ``monitor`` and ``on_end`` are called in
-    the pump's thread (see :class:`DeviceConsole` and :class:`ConsolePump`)."""
+    the pump's thread (see :class:`DeviceConsole` and :class:`ConsolePump`), ``on_event`` and ``on_end`` on
+    ``loop`` instead when one is given (asyncio code)."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class ConsoleProcess:
         on_end: Callable[[ConsoleError | None], object] | None = None,
         read_slice: float = 0.25,
         error: type[Exception] = ProcessError,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.name = name
         self.process = Process(
@@ -70,9 +76,9 @@ class ConsoleProcess:
         )
         self.timeouts = timeouts
         self.transcript = transcript
-        self.on_event = on_event
+        self.on_event = _on(loop, on_event)
         self.monitor = monitor
-        self.on_end = on_end
+        self.on_end = _on(loop, on_end)
         self.read_slice = read_slice
         self.console: DeviceConsole | None = None
         self.pump: ConsolePump | None = None
@@ -130,3 +136,12 @@ class ConsoleProcess:
             self.pump.stop(2.0)
         if self.console is not None:
             self.console.close()
+
+
+def _on(
+    loop: asyncio.AbstractEventLoop | None, fn: Callable[[T], object] | None
+) -> Callable[[T], object] | None:
+    """``fn``, run on ``loop`` when called from another thread (as it is as given without a loop)."""
+    if loop is None or fn is None:
+        return fn
+    return lambda x: loop.call_soon_threadsafe(fn, x)
