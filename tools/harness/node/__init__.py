@@ -3,6 +3,10 @@
 :class:`NodeServer` serves records (:class:`RecordStore`; the built-in sample set by default) over the
 Handle native protocol (UDP and TCP on one port) and the Handle REST API, with fault knobs (:class:`Knobs`).
 ``tools.harness.node.cli`` is the command-line wrapper.
+
+Modules: ``server`` (``NodeServer``: sockets, counters), ``native`` (the Handle native protocol side), ``rest``
+(the Handle REST API side), ``store`` (records, lookups, the sample set in ``sample_records.json``), ``faults``
+(latency, failures, truncation), ``cli`` (``ida node``).
 """
 
 from tools.harness.node.faults import Fault, Knobs
