@@ -81,24 +81,16 @@ class DemoDevice:
         return reply.obj
 
 
+@dataclass
 class DemoFleet:
     """Starts the devices, narrates their consoles, follows their status; ``failed`` is called when one dies."""
 
-    def __init__(
-        self,
-        workdir: Path,
-        say: Callable[[str], None],
-        failed: Callable[[str], None],
-        *,
-        coap_port: int,
-        broker_port: int,
-    ) -> None:
-        self.workdir = workdir
-        self.say = say
-        self.failed = failed
-        self.coap_port = coap_port
-        self.broker_port = broker_port
-        self.devices: list[DemoDevice] = []
+    workdir: Path
+    say: Callable[[str], None]
+    failed: Callable[[str], None]
+    coap_port: int
+    broker_port: int
+    devices: list[DemoDevice] = field(default_factory=list)
 
     def dev(self, name: str) -> DemoDevice:
         return next(d for d in self.devices if d.name == name)
@@ -186,11 +178,9 @@ class DemoFleet:
         asyncio.ensure_future(self._reap(d))
 
     async def _reap(self, d: DemoDevice) -> None:
-        proc = d.device.proc if d.device is not None else None
-        deadline = time.monotonic() + 5
-        while proc is not None and proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        d.exit_code = proc.returncode if proc is not None else None
+        if d.device is not None:
+            await d.device.wait_exit(5.0)
+            d.exit_code = d.device.process.returncode
         if not d.stopping:
             self.failed(f"device {d.name} exited with code {d.exit_code} (see {d.data_dir}/stderr.log)")
 
@@ -240,7 +230,7 @@ class DemoFleet:
         for d in self.devices:
             if d.device is None:
                 continue
-            if not await _exited(d.device, DEVICE_STOP_GRACE):
+            if not await d.device.wait_exit(DEVICE_STOP_GRACE):
                 killed.append(d.name)
                 await asyncio.to_thread(d.device.process.kill)
             await asyncio.to_thread(d.device.release)
@@ -252,12 +242,3 @@ class DemoFleet:
             self.say(
                 f"{len(self.devices)} devices stopped{extra}; reports left in their queues: {q or 'none'}"
             )
-
-
-async def _exited(device: ConsoleProcess, grace: float) -> bool:
-    deadline = time.monotonic() + grace
-    while device.alive():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True

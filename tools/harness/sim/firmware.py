@@ -145,12 +145,11 @@ class FirmwareFleet:
             self._task(self._report_exit(d))
 
     async def _report_exit(self, d: _Device) -> None:
-        proc = d.device.proc if d.device is not None else None
-        deadline = time.monotonic() + 5
-        while proc is not None and proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        rc = proc.returncode if proc is not None else None
-        tail = list(d.device.transcript.lines)[-10:] if d.device and d.device.transcript else []
+        if d.device is None:
+            return
+        await d.device.wait_exit(5.0)
+        tail = list(d.device.transcript.lines)[-10:] if d.device.transcript else []
+        rc = d.device.process.returncode
         self.log(f"device {d.ident} exited with {rc}; last output:\n  " + "\n  ".join(tail))
 
     async def _ask(self, d: _Device, line: str, timeout: float) -> dict[str, Any] | None:
@@ -277,9 +276,7 @@ class FirmwareFleet:
         for d in live:
             assert d.device is not None
             d.device.interrupt()
-        deadline = time.monotonic() + STOP_GRACE
-        while any(d.alive() for d in live) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.gather(*(d.device.wait_exit(STOP_GRACE) for d in live if d.device is not None))
         for d in live:
             if d.device is not None and d.device.alive():
                 await asyncio.to_thread(d.device.process.kill)

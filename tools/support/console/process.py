@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -122,6 +123,15 @@ class ConsoleProcess:
 
     async def ask_async(self, line: str, timeout: float) -> Reply:
         return await self._pump().ask_async(line, timeout)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Whether the process has exited within ``timeout`` seconds (polled, so the event loop runs on)."""
+        deadline = time.monotonic() + timeout
+        while self.process.alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def interrupt(self) -> None:
         """SIGINT: the firmware's clean stop (it flushes its report queue to flash and exits)."""
