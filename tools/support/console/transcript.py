@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -37,10 +38,16 @@ def utc_stamp(t: float, ms: bool = True) -> str:
 
 class Transcript:
     def __init__(
-        self, port: str = "", baud: int | None = None, clock: Callable[[], float] = time.time
+        self,
+        port: str = "",
+        baud: int | None = None,
+        clock: Callable[[], float] = time.time,
+        keep: int | None = None,
     ) -> None:
+        """``keep``: hold only the last ``keep`` lines in memory (a console that runs for days; a file
+        :meth:`attach`-ed still gets every line)."""
         self.clock = clock
-        self.lines: list[str] = ["# ida console transcript"]
+        self.lines: deque[str] = deque(["# ida console transcript"], maxlen=keep)
         where = f"# port: {port or '?'}" + (f"  baud: {baud}" if baud else "")
         self.lines.append(f"{where}  opened: {utc_stamp(clock(), ms=False)}")
         self._stream: TextIO | None = None

@@ -1,89 +1,50 @@
-"""A session with a device's serial console over any pyserial-like port.
+"""One device console, written once over any transport: a serial port (the technician's ``ida console``, the
+factory station) or the stdin/stdout pipes of a firmware process (``ida demo``, ``ida sim``, the tests), the
+way mpremote writes its behaviour once over a transport.
 
-:class:`ConsoleSession` sends commands in the firmware's JSON-lines mode and returns the matching
-:class:`~tools.commands.console.protocol.Reply`. It owns the robustness rules:
+:class:`DeviceConsole` sends commands in the firmware's JSON-lines mode and returns the matching
+:class:`~tools.support.console.protocol.Reply`. It owns the robustness rules:
 
 * **Before each command** it reads what is waiting (a reply that came too late, logs, a reset) and sends a
   line end first, so junk the device has half-received cannot glue onto the command.
 * **Device resets.** A boot banner (ROM ``rst:``/``ets``/``ESP-ROM:``, the firmware's ``I app boot=``) means the
-  device restarted and its console is back in text mode. The session waits until the boot has gone quiet,
+  device restarted and its console is back in text mode. The console waits until the boot has gone quiet,
   turns JSON mode back on and sends the interrupted command once more (commands with effects that must not
   happen twice -- ``reboot``, ``factory-reset``, ``provision`` -- are not repeated: :class:`DeviceReset`). A
-  device that answers in plain text while the session thinks JSON mode is on (a reset whose banner was lost)
+  device that answers in plain text while the console thinks JSON mode is on (a reset whose banner was lost)
   is handled the same way.
 * **Garbage** (not UTF-8, control characters, overlong lines, junk before a JSON line) is counted and kept in
   the transcript; what can be salvaged from such a line is used. Replies to garbled lines the device
   rejected (``cmd: "?"``) are counted, never mistaken for an answer.
 * **Crash reports** (``Traceback``, ``Guru Meditation Error``...) are collected with the lines that follow.
-* **Time limits** per command are the named constants below (see :class:`Timeouts`).
+* **Time limits** per command are the named constants of :mod:`~tools.support.console.timeouts`.
 
-Every line sent and received goes to the session's :class:`~tools.commands.console.transcript.Transcript`. All I/O
-holds ``session.lock`` (an RLock), so one thread may pump ``poll()`` while another runs commands.
+:meth:`DeviceConsole.command` waits for its reply; :meth:`DeviceConsole.request` sends and returns a future the
+reply completes whenever a read comes across it, so several commands can be in flight (the firmware answers
+``resolve`` when the gateway does, and ``status`` meanwhile).
+
+Every line sent and received goes to the console's :class:`~tools.support.console.transcript.Transcript`. All I/O
+holds ``console.lock`` (an RLock), so one thread may pump ``poll()`` while another runs commands
+(:class:`~tools.support.console.pump.ConsolePump` is that thread).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
 from .errors import CommandTimeout, DeviceReset, PortError
-from .ports import DEFAULT_BAUD, READ_SLICE, open_port
 from .protocol import Banner, Crash, Event, Garbage, LineParser, Reply, Text, check_command
+from .serialport import DEFAULT_BAUD, READ_SLICE, open_port
+from .timeouts import CRASH_LINES, NOT_REPEATED, RESTART_LIMIT, Timeouts
 from .transcript import Transcript
 
-__all__ = [
-    "BOOT_QUIET",
-    "BOOT_WAIT",
-    "CLOSE_TIMEOUT",
-    "COMMAND_TIMEOUT",
-    "COMMAND_TIMEOUTS",
-    "ConsoleSession",
-    "JSON_MODE_TIMEOUT",
-    "NOT_REPEATED",
-    "PortLike",
-    "SessionStats",
-    "Timeouts",
-]
-
-COMMAND_TIMEOUT = 3.0
-"""Seconds for a reply to an ordinary command (the firmware answers within one loop, 50 ms)."""
-JSON_MODE_TIMEOUT = 2.0
-"""Seconds for the reply to ``json on``; after a reset it is re-sent until :data:`BOOT_WAIT` is over."""
-RESOLVE_TIMEOUT = 95.0
-"""``resolve`` answers when the gateway does: CoAP's MAX_TRANSMIT_WAIT (93 s) bounds the device's wait."""
-SELFTEST_TIMEOUT = 10.0
-"""``selftest`` writes and reads back a file in flash."""
-LOG_TIMEOUT = 5.0
-"""``log`` and ``config``: a few kilobytes at 115200 baud."""
-RESET_TIMEOUT = 10.0
-"""``factory-reset`` erases files; ``provision`` writes the identity."""
-BOOT_WAIT = 10.0
-"""Seconds a restarted device may take until its console answers again."""
-BOOT_QUIET = 0.3
-"""After a boot banner, the boot is over when the line has been quiet this long."""
-CLOSE_TIMEOUT = 1.0
-"""Seconds for the ``json off`` that returns the console to text mode when the session closes."""
-RESTART_LIMIT = 6
-"""Restarts in a row (a boot loop) after which a command gives up with :class:`DeviceReset`."""
-CRASH_LINES = 40
-"""Lines kept after the start of a crash report."""
-
-COMMAND_TIMEOUTS: Mapping[str, float] = {
-    "resolve": RESOLVE_TIMEOUT,
-    "selftest": SELFTEST_TIMEOUT,
-    "log": LOG_TIMEOUT,
-    "config": LOG_TIMEOUT,
-    "help": LOG_TIMEOUT,
-    "factory-reset": RESET_TIMEOUT,
-    "provision": RESET_TIMEOUT,
-}
-
-NOT_REPEATED = frozenset({"reboot", "factory-reset", "provision"})
-"""Commands not sent again after a reset interrupted them (their effect must not happen twice)."""
+__all__ = ["DeviceConsole", "PortLike", "SessionStats"]
 
 
 class PortLike(Protocol):
@@ -97,19 +58,6 @@ class PortLike(Protocol):
     def write(self, data: bytes, /) -> int | None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    command: float = COMMAND_TIMEOUT
-    json_mode: float = JSON_MODE_TIMEOUT
-    boot_wait: float = BOOT_WAIT
-    boot_quiet: float = BOOT_QUIET
-    close: float = CLOSE_TIMEOUT
-    per_command: Mapping[str, float] = field(default_factory=lambda: dict(COMMAND_TIMEOUTS))
-
-    def for_command(self, cmd: str) -> float:
-        return self.per_command.get(cmd, self.command)
 
 
 @dataclass(slots=True)
@@ -138,10 +86,20 @@ class _Restarted(Exception):
     """Internal: the device restarted (or lost JSON mode) while the session waited for a reply."""
 
 
-class ConsoleSession:
-    """See the module docstring. ``port`` is an open pyserial-like port (:class:`PortLike`); the session
-    sets its ``timeout`` to ``read_slice``. ``on_event`` is called (under the lock) with every event except
-    the replies the session's own commands consume."""
+@dataclass(slots=True)
+class _Pending:
+    """A command sent by :meth:`DeviceConsole.request` whose reply has not been read yet."""
+
+    cmd: str
+    words: list[str]
+    future: Future[Reply]
+
+
+class DeviceConsole:
+    """See the module docstring. ``port`` is an open port (:class:`PortLike`: a pyserial port, a
+    :class:`~tools.support.console.pipe.PipePort`); the console sets its ``timeout`` to ``read_slice``.
+    ``on_event`` is called (under the lock) with every event except the replies the console's own commands and
+    requests consume; ``monitor`` with every event read, those replies included (a test's view of all output)."""
 
     def __init__(
         self,
@@ -151,7 +109,8 @@ class ConsoleSession:
         baud: int | None = None,
         transcript: Transcript | None = None,
         timeouts: Timeouts | None = None,
-        on_event: Callable[[Event], None] | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        monitor: Callable[[Event], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_slice: float = READ_SLICE,
     ) -> None:
@@ -160,6 +119,7 @@ class ConsoleSession:
         self.transcript = transcript if transcript is not None else Transcript(self.name, baud)
         self.timeouts = timeouts or Timeouts()
         self.on_event = on_event
+        self.monitor = monitor
         self.clock = clock
         self.lock = threading.RLock()
         self.stats = SessionStats()
@@ -171,12 +131,13 @@ class ConsoleSession:
         self._crash: list[str] | None = None
         self._set_json_by_us = False
         self._sent_last = ""
+        self._pending: list[_Pending] = []
         port.timeout = read_slice
 
     # -- opening and closing -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, device: str, baud: int = DEFAULT_BAUD, **kwargs: Any) -> ConsoleSession:
-        """Open ``device`` without resetting the chip (:func:`~tools.commands.console.ports.open_port`)."""
+    def open(cls, device: str, baud: int = DEFAULT_BAUD, **kwargs: Any) -> DeviceConsole:
+        """Open ``device`` without resetting the chip (:func:`~tools.support.console.serialport.open_port`)."""
         kwargs.setdefault("name", device)
         return cls(open_port(device, baud), baud=baud, **kwargs)
 
@@ -194,7 +155,7 @@ class ConsoleSession:
             self.transcript.note("port closed")
             self.port.close()  # the transcript stays open: its owner saves or closes it
 
-    def __enter__(self) -> ConsoleSession:
+    def __enter__(self) -> DeviceConsole:
         return self
 
     def __exit__(
@@ -211,10 +172,10 @@ class ConsoleSession:
             waiting = getattr(self.port, "in_waiting", 0) if data else 0
             if waiting:
                 data += self.port.read(waiting)
-        except Exception as e:  # pyserial: SerialException (device unplugged), OSError
-            raise PortError(
-                f"{self.name or 'port'}: read failed: {e}", "is the device still connected?"
-            ) from None
+        except Exception as e:  # pyserial: SerialException (device unplugged), OSError; a pipe's end
+            failed = PortError(f"{self.name or 'port'}: read failed: {e}", "is the device still connected?")
+            self._abandon(failed)
+            raise failed from None
         now = self.clock()
         if not data:
             if self._parser.pending and now - self._last_rx >= self.timeouts.boot_quiet:
@@ -231,6 +192,8 @@ class ConsoleSession:
 
     def _dispatch(self, ev: Event, consumed: bool = False) -> None:
         self.transcript.received(ev)
+        if self.monitor is not None:
+            self.monitor(ev)
         if isinstance(ev, Text):
             if self._crash is not None and len(self._crash) < CRASH_LINES:
                 self._crash.append(ev.line)
@@ -251,6 +214,7 @@ class ConsoleSession:
                 self.transcript.note(f"device restart detected ({ev.kind} banner)")
             self._boot_until = now + self.timeouts.boot_wait
             self.json = False  # a fresh console starts in text mode
+            self._abandon(DeviceReset(f"the device restarted before answering ({ev.kind} banner)"))
         elif isinstance(ev, Reply):
             self._boot_until = 0.0
             if ev.cmd == "?":
@@ -258,10 +222,33 @@ class ConsoleSession:
             elif ev.cmd == "json" and ev.ok:  # also when typed by hand in line mode
                 self.json = ev.obj.get("json") is True
                 self._set_json_by_us = self._set_json_by_us or self.json
+            consumed = consumed or self._answer(ev)
         elif isinstance(ev, Text) and ev.line.strip() == "json: False":
             self.json = False
         if self.on_event is not None and not consumed:
             self.on_event(ev)
+
+    def _answer(self, reply: Reply) -> bool:
+        """Complete the oldest request this reply answers (requests whose caller stopped waiting are dropped)."""
+        for p in list(self._pending):
+            if p.future.done():
+                self._pending.remove(p)
+            elif _matches(reply, p.cmd, p.words):
+                self._pending.remove(p)
+                if p.future.set_running_or_notify_cancel():  # False: cancelled just now
+                    p.future.set_result(reply)
+                    return True
+        return False
+
+    def _awaited(self, reply: Reply) -> bool:
+        return any(not p.future.done() and _matches(reply, p.cmd, p.words) for p in self._pending)
+
+    def _abandon(self, error: Exception) -> None:
+        """Fail every request in flight (the device restarted or the port is gone: no reply will come)."""
+        pending, self._pending = self._pending, []
+        for p in pending:
+            if p.future.set_running_or_notify_cancel():
+                p.future.set_exception(error)
 
     def poll(self) -> list[Event]:
         """Read once (at most ``read_slice`` seconds) and dispatch what arrived; for a pump thread."""
@@ -311,8 +298,8 @@ class ConsoleSession:
         """The reply to ``words``; :class:`_Restarted` when the device restarted first."""
         deadline = self.clock() + timeout
 
-        def wanted(ev: Event) -> bool:
-            return isinstance(ev, Reply) and _matches(ev, cmd, words)
+        def wanted(ev: Event) -> bool:  # a request sent earlier for the same command gets its reply first
+            return isinstance(ev, Reply) and _matches(ev, cmd, words) and not self._awaited(ev)
 
         while True:
             for ev in self._read(wanted):
@@ -416,7 +403,7 @@ class ConsoleSession:
         """Send ``line`` in JSON mode and return the device's reply (``reply.ok`` may be False: the device
         refused). A restart during the command repeats it once (``retry``; default: all but
         :data:`NOT_REPEATED`). Raises :class:`CommandTimeout`, :class:`DeviceReset`, :class:`PortError`,
-        :class:`~tools.commands.console.errors.BadCommand`."""
+        :class:`~tools.support.console.errors.BadCommand`."""
         words = check_command(line)
         cmd = words[0]
         limit = self.timeouts.for_command(cmd) if timeout is None else timeout
@@ -440,6 +427,19 @@ class ConsoleSession:
                 if attempts == 1
                 else "see the transcript",
             )
+
+    def request(self, line: str) -> Future[Reply]:
+        """Send ``line`` in JSON mode now and return at once: the future gets the device's reply when a read
+        (:meth:`poll`, :meth:`listen`, another command) comes across it, or :class:`DeviceReset` /
+        :class:`PortError` when the device restarts or the port fails first. Several requests may be in flight;
+        cancel the future to stop waiting. Raises what :meth:`command` raises before the line is sent."""
+        words = check_command(line)
+        future: Future[Reply] = Future()
+        with self.lock:
+            self._ready()
+            self._send(line)
+            self._pending.append(_Pending(words[0], words, future))
+        return future
 
     def reboot(self, wait: bool = True) -> Reply:
         """``reboot``; with ``wait``, also wait for the device to come back (then JSON mode is on again)."""

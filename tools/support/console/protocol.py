@@ -104,12 +104,9 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Log:
+    """A log line (``I|W|E <tag> ...``); ``text`` is the log text, ``line`` the line it came in."""
+
     text: str
-    line: str
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
     line: str
 
 
@@ -122,8 +119,20 @@ class Banner:
 
 
 @dataclass(frozen=True, slots=True)
-class Crash:
+class _Line:
     line: str
+
+
+class Text(_Line):
+    """Any other line (a text-mode reply, an echo, the lines that follow a crash report's start)."""
+
+    __slots__ = ()
+
+
+class Crash(_Line):
+    """The start of a crash report (a traceback, a panic, the firmware's crash log)."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +256,7 @@ class LineParser:
 
 
 def check_command(line: str) -> list[str]:
-    """The words of a command line the firmware will accept; :class:`~tools.commands.console.errors.BadCommand`
+    """The words of a command line the firmware will accept; :class:`~tools.support.console.errors.BadCommand`
     otherwise (empty, too long, control characters)."""
     from .errors import BadCommand
 
