@@ -42,7 +42,8 @@ from tests.support.faultkit import (
 )
 from tests.support.fleet import Consumer, MqttFleet
 from tests.support.fwdevice import CoapGateway, DeviceProc, free_udp_port, provision
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
+from tools.support.procs import micropython_binary
 
 pytestmark = pytest.mark.slow
 

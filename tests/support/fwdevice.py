@@ -27,11 +27,12 @@ from typing import Any
 
 import cbor2
 
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
 from tools.harness.sim import provision as simprovision
 from tools.support.console import CommandTimeout, Event, Garbage, Timeouts, Transcript
 from tools.support.console.process import ConsoleProcess
 from tools.support.procs import free_port as free_udp_port  # UDP, 127.0.0.1
+from tools.support.procs import micropython_binary
 
 FIRMWARE = ROOT / "firmware"
 KEY = "00112233445566778899aabbccddeeff"

@@ -22,7 +22,7 @@ FIRMWARE_TESTS = ROOT / "tests" / "device"
 RUNNER = FIRMWARE_TESTS / "runner.py"
 TIMEOUT = float(os.environ.get("IDA_MP_TEST_TIMEOUT", "300"))
 
-__all__ = ["ROOT", "micropython_binary"]  # the binary is tools/support/procs.py's, named here for the tests
+__all__ = ["ROOT"]
 
 
 class MicroPythonFailure(Exception):

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from gateway.service import Gateway
 from proto import devicemsg
 from proto.identifier import IdentifierError
 from tests.support.gwhelpers import PUMP, FakeResolver, report_fields
+from tests.support.upstream_fakes import free_port
 from tools.harness.node.server import NodeServer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -232,12 +232,6 @@ class DomSummary(HTMLParser):
         self._capture = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def fast_sampling(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(status, "SAMPLE_INTERVAL", 0.25)  # the chart gets a dozen points in three seconds
@@ -248,7 +242,7 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
     chromium = chromium_binary()
     if chromium is None:
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
-    dead = f"http://127.0.0.1:{_free_port()}"  # a node that refuses connections: shown failing
+    dead = f"http://127.0.0.1:{free_port()}"  # a node that refuses connections: shown failing
     async with NodeServer(http=None) as node:
         cfg = gwconfig.with_overrides(
             gwconfig.load(None, env={}),

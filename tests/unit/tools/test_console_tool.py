@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
 from tools.commands.console import PortInfo, choose_port, default_transcript_path, inspect
 from tools.commands.console import cli as console_cli
 from tools.commands.console.interactive import run_interactive
@@ -56,6 +56,7 @@ from tools.support.console import (
 )
 from tools.support.console.protocol import DEVICE_MAX_LINE
 from tools.support.console.scrub import scrub, scrub_obj
+from tools.support.procs import micropython_binary
 
 PUMP = "88.123.99/PUMP-0001"
 URL = "https://example.com/pumps/0001"

@@ -22,12 +22,11 @@ from typing import IO
 import pytest
 
 from tests.support.flashutil import firmware_tree
-from tests.support.mpcollect import micropython_binary
 from tools.commands.flash import builder as fb
 from tools.commands.flash import image as im
 from tools.commands.flash.identity import IDENTITY_PATH, Identity, new_key, parse_identity, personalise
 from tools.support.boards import load_board
-from tools.support.procs import ida_command
+from tools.support.procs import ida_command, micropython_binary
 
 BOARD = "esp32-devkitc"
 
