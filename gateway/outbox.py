@@ -31,7 +31,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,8 +45,8 @@ DEFAULT_TOPIC = "ida/v1/north/reports"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    payload TEXT NOT NULL,          -- JSON (the northbound payload)
-    created REAL NOT NULL,          -- Unix s when enqueued
+    payload TEXT NOT NULL,          -- JSON text: the northbound payload; or a BLOB: the report's CBOR (below)
+    created REAL NOT NULL,          -- Unix s when enqueued (= received, for a report)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,     -- Unix s; due when <= now
     done TEXT NOT NULL DEFAULT '',  -- names of the sinks that already took it, one per line
@@ -54,6 +54,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt, id);
 """
+# A report row (Outbox.enqueue_reports_on) keeps the report as it was stored (CBOR, devicemsg.Report.raw) and what
+# the payload adds to it; the JSON payload is made when the row is delivered (report_payload). Added to files
+# made before these columns existed.
+REPORT_COLUMNS = (("device", "TEXT"), ("transport", "TEXT"), ("peer", "TEXT"))
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the outbox table, or add the report columns to one made by an older version."""
+    conn.executescript(SCHEMA)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+    for name, kind in REPORT_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -97,6 +110,21 @@ def report_payload(
         if k not in out and k in devicemsg.KEYS:
             out[k] = v
     return out
+
+
+def row_payload(
+    payload: str | bytes, created: float, device: str | None, transport: str | None, peer: str | None
+) -> dict[str, Any]:
+    """The northbound payload of an outbox row: its JSON text, or ``report_payload`` of the report it keeps
+    (ValueError when the row holds neither)."""
+    if isinstance(payload, str):
+        out = json.loads(payload)
+        if not isinstance(out, dict):
+            raise ValueError("row payload is not a JSON object")
+        return out
+    if device is None or transport is None:
+        raise ValueError("report row without device or transport")
+    return report_payload(device, devicemsg.stored_fields(payload), created, transport, peer)
 
 
 class DeliveryError(Exception):
@@ -256,7 +284,7 @@ class Outbox:
         self._rng = random.Random()
         self._lock = threading.RLock()
         self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA)
+        ensure_schema(self._conn)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -288,6 +316,19 @@ class Outbox:
             "INSERT INTO outbox(payload, created, next_attempt) VALUES (?, ?, ?)", (body, t, t)
         )
         return cur.lastrowid
+
+    def enqueue_reports_on(
+        self, conn: sqlite3.Connection, rows: Iterable[tuple[bytes, float, str, str, str | None]]
+    ) -> None:
+        """Insert report rows inside the caller's open transaction, one statement: each ``(report CBOR
+        (devicemsg.Report.raw), received, normalised identifier, transport, peer)``. Nothing is serialised here:
+        the payload (``report_payload``) is made at delivery. No sinks: nothing. Call ``notify()`` after commit."""
+        if self.sinks:
+            conn.executemany(
+                "INSERT INTO outbox(payload, created, next_attempt, device, transport, peer)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(raw, t, t, ident, transport, peer) for raw, t, ident, transport, peer in rows],
+            )
 
     def enqueue(self, payload: Mapping[str, Any]) -> int | None:
         """Insert and commit a row on the outbox's own connection; wakes the drain loop."""
@@ -331,12 +372,13 @@ class Outbox:
         """Every row (for tests and debugging)."""
         with self._lock:
             cur = self._conn.execute(
-                "SELECT id, payload, created, attempts, next_attempt, done, last_error FROM outbox ORDER BY id"
+                "SELECT id, payload, created, attempts, next_attempt, done, last_error, device, transport, peer"
+                " FROM outbox ORDER BY id"
             )
             return [
                 {
                     "id": r[0],
-                    "payload": json.loads(r[1]),
+                    "payload": row_payload(r[1], r[2], r[7], r[8], r[9]),
                     "created": r[2],
                     "attempts": r[3],
                     "next_attempt": r[4],
@@ -362,15 +404,16 @@ class Outbox:
         now = self._clock()
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, payload, attempts, done FROM outbox WHERE next_attempt <= ? ORDER BY id LIMIT ?",
+                "SELECT id, payload, attempts, done, created, device, transport, peer FROM outbox"
+                " WHERE next_attempt <= ? ORDER BY id LIMIT ?",
                 (now, self._batch),
             ).fetchall()
         if not rows or not self.sinks:
             return 0
-        results = await asyncio.gather(*(self._attempt(r[1], r[3]) for r in rows))
+        results = await asyncio.gather(*(self._attempt(r[1:2] + r[4:], r[3]) for r in rows))
         now = self._clock()
         with self._lock, transaction(self._conn):
-            for (rowid, _payload, attempts, _done), (done, error) in zip(rows, results, strict=True):
+            for (rowid, _payload, attempts, *_), (done, error) in zip(rows, results, strict=True):
                 if all(s.name in done for s in self.sinks):
                     self._conn.execute("DELETE FROM outbox WHERE id = ?", (rowid,))
                 else:
@@ -386,12 +429,12 @@ class Outbox:
                     )
         return len(rows)
 
-    async def _attempt(self, body: str, done_text: str) -> tuple[set[str], str | None]:
+    async def _attempt(self, stored: tuple[Any, ...], done_text: str) -> tuple[set[str], str | None]:
         done = {d for d in done_text.split("\n") if d}
         try:
-            payload = json.loads(body)
+            payload = row_payload(*stored)
         except ValueError as e:  # cannot happen for rows we wrote; keep it, and say so
-            return done, f"row payload is not JSON: {e}"
+            return done, f"row payload is not JSON or a stored report: {e}"
         pending = [s for s in self.sinks if s.name not in done]
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(s.deliver(payload), self._attempt_timeout) for s in pending),

@@ -1,0 +1,306 @@
+"""P6's storage anchor and the registry's ingest engine, measured in one run (in this process).
+
+    from tools.harness.bench.ingest import run_ingest
+    fig = run_ingest(reports=20_000, devices=2_000, sink=True)
+    fig.ceiling.rows_per_s, fig.engine.reports_per_s, fig.ratio, fig.engine.cpu_us_per_report
+
+* **Ceiling** (:func:`measure_ceiling`): the registry's own SQLite file -- schema made by ``gateway.registry.
+  Registry``, opened by ``gateway.outbox.connect`` (WAL, ``synchronous=FULL``) -- and one ``reports`` row per
+  report inserted by a bare loop, ``batch`` rows per transaction (``executemany``, one fsync each). No
+  de-duplication, no device row, no outbox: the most SQLite does for one row per report here.
+* **Engine** (:func:`measure_engine`): the same reports through ``Registry.submit_report`` (the front ends'
+  entry: reports already decoded and checked, as a front end holds them) or ``Registry.record_report_async``
+  (a dict of fields, checked inside), submitted by ``callers`` concurrent coroutines in a closed loop, with or
+  without an outbox sink (a sink that is never started: each report is enqueued, nothing is delivered).
+  Afterwards the registry is asked what it holds: ``lost`` = acknowledged but not stored, ``duplicates`` =
+  stored more than once (both must be 0).
+
+CPU is the process's CPU time (``time.process_time``: the event loop and the registry's writer thread together)
+over the run; reports/s is wall-clock. Both are this machine's figures; nothing here asserts a time.
+``python -m tools.harness.bench.ingest --devices 1,100,10000`` prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.outbox import Outbox, connect
+from gateway.registry import Registry
+from proto import devicemsg
+
+__all__ = ["IngestFigures", "Run", "measure_ceiling", "measure_engine", "run_ingest", "sample_reports"]
+
+TRANSPORT = "coap"
+
+
+@dataclass
+class Run:
+    """One measured run: reports (rows) stored, seconds, CPU seconds."""
+
+    label: str
+    reports: int
+    devices: int
+    seconds: float
+    cpu_s: float
+    stored: int = 0
+    duplicates: int = 0
+    lost: int = 0
+
+    @property
+    def reports_per_s(self) -> float:
+        return self.reports / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.reports_per_s
+
+    @property
+    def cpu_us_per_report(self) -> float:
+        return self.cpu_s / self.reports * 1e6 if self.reports else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            reports_per_s=round(self.reports_per_s), cpu_us_per_report=round(self.cpu_us_per_report, 2)
+        )
+        return out
+
+
+@dataclass
+class IngestFigures:
+    """The ceiling and the engine of one run, and their ratios."""
+
+    ceiling: Run
+    engine: Run
+
+    @property
+    def ratio(self) -> float:
+        """Engine reports/s over ceiling rows/s."""
+        c = self.ceiling.rows_per_s
+        return self.engine.reports_per_s / c if c > 0 else 0.0
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Engine CPU per report over ceiling CPU per row."""
+        c = self.ceiling.cpu_us_per_report
+        return self.engine.cpu_us_per_report / c if c > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ceiling": self.ceiling.as_dict(),
+            "engine": self.engine.as_dict(),
+            "ratio": round(self.ratio, 3),
+            "cpu_ratio": round(self.cpu_ratio, 2),
+        }
+
+
+class _NullSink:
+    """An outbox sink that is never started: reports are enqueued, nothing is delivered."""
+
+    name = "bench-null"
+
+    async def start(self) -> None: ...
+
+    async def deliver(self, payload: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def device_id(i: int) -> str:
+    return f"88.123.99/BENCH-{i:06d}"
+
+
+def sample_reports(reports: int, devices: int) -> list[dict[str, Any]]:
+    """``reports`` report fields as the firmware sends them, round robin over ``devices`` devices, each
+    device's (boot, seq) new every time."""
+    out = []
+    for n in range(reports):
+        dev, seq = n % devices, n // devices + 1
+        out.append(
+            {
+                "id": device_id(dev),
+                "boot": 1,
+                "seq": seq,
+                "uptime": 60 * seq,
+                "heap": 81234 - seq % 100,
+                "rssi": -61,
+                "queue": 0,
+                "board": "esp32-devkitc",
+                "fw": "0.1.0",
+                "dropped": 0,
+                "time": 1_760_000_000 + seq,
+                "sensors": {"temp": 21.5, "rpm": 1480, "ok": True},
+            }
+        )
+    return out
+
+
+def measure_ceiling(workdir: Path, reports: Sequence[dict[str, Any]], *, batch: int = 256) -> Run:
+    """Bare loop: one ``reports`` row per report into the registry's schema, ``batch`` rows per transaction."""
+    path = workdir / "ceiling.sqlite3"
+    Registry(path).close()  # the registry's schema, nothing else
+    conn = connect(path)
+    now = time.time()
+    rows = [
+        (f["id"], f["boot"], f["seq"], now, TRANSPORT, None, devicemsg.check_report(f).raw) for f in reports
+    ]
+    devices = len({f["id"] for f in reports})
+    sql = "INSERT INTO reports(device, boot, seq, received, transport, peer, fields) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(0, len(rows), batch):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(sql, rows[i : i + batch])
+            conn.execute("COMMIT")
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        (stored,) = conn.execute("SELECT COUNT(*) FROM reports").fetchone()
+    finally:
+        conn.close()
+    return Run("sqlite ceiling", len(rows), devices, t, c, stored=int(stored))
+
+
+async def _drive(submit: Callable[[int], Awaitable[bool]], n: int, callers: int) -> tuple[int, int]:
+    """``callers`` coroutines submit report 0..n-1 (each the next one not taken); (new, duplicate) answers."""
+    todo = iter(range(n))
+    counts = [0, 0]
+
+    async def caller() -> None:
+        for i in todo:
+            counts[0 if await submit(i) else 1] += 1
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return counts[0], counts[1]
+
+
+def measure_engine(
+    workdir: Path,
+    reports: Sequence[dict[str, Any]],
+    *,
+    sink: bool,
+    callers: int = 512,
+    checked: bool = True,
+    make_registry: Callable[[Path, Outbox | None], Any] | None = None,
+) -> Run:
+    """The reports through a fresh registry (``checked``: ``submit_report`` with reports decoded beforehand, as a
+    front end holds them; else ``record_report_async`` with dicts). ``make_registry(path, outbox)`` replaces
+    ``Registry(path, outbox)`` (e.g. another implementation to compare)."""
+    path = workdir / f"engine-{'sink' if sink else 'nosink'}.sqlite3"
+    outbox = Outbox(path, [_NullSink()]) if sink else None
+    reg = (make_registry or Registry)(path, outbox)
+    devices = len({f["id"] for f in reports})
+    idents = [f["id"] for f in reports]
+    try:
+        if checked:
+            payloads = [devicemsg.check_report(f) for f in reports]
+
+            def submit(i: int) -> Awaitable[bool]:
+                return reg.submit_report(idents[i], payloads[i], TRANSPORT)
+
+        else:
+
+            def submit(i: int) -> Awaitable[bool]:
+                return reg.record_report_async(idents[i], reports[i], TRANSPORT)  # type: ignore[no-any-return]
+
+        c0, t0 = time.process_time(), time.perf_counter()
+        new, dup = asyncio.run(_drive(submit, len(reports), callers))
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        stats = reg.stats()
+        rows = [] if outbox is None else outbox.rows()
+        keys = (
+            None
+            if outbox is None
+            else [(r["payload"]["id"], r["payload"]["boot"], r["payload"]["seq"]) for r in rows]
+        )
+    finally:
+        reg.close()
+        if outbox is not None:
+            outbox.close()
+    lost = new - int(stats["reports_total"])  # acknowledged as new, not in the registry's durable count
+    duplicates = dup  # every sample report is new: a duplicate answer is a wrong one
+    if keys is not None:  # every stored report has its outbox row: a report stored twice shows there
+        duplicates += len(keys) - len(set(keys))
+        lost = max(lost, new - len(set(keys)))
+    label = (
+        f"engine ({'submit_report' if checked else 'record_report_async'}, {'outbox' if sink else 'no sink'})"
+    )
+    return Run(
+        label,
+        len(reports),
+        devices,
+        t,
+        c,
+        stored=int(stats["reports_total"]),
+        duplicates=duplicates,
+        lost=lost,
+    )
+
+
+def run_ingest(
+    *,
+    reports: int = 20_000,
+    devices: int = 2_000,
+    sink: bool = True,
+    callers: int = 512,
+    checked: bool = True,
+    batch: int = 256,
+    workdir: Path | None = None,
+) -> IngestFigures:
+    """The ceiling and the engine on the same reports, in one run (a temporary directory unless given)."""
+    own = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="ida-ingest-")) if workdir is None else workdir
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        sample = sample_reports(reports, devices)
+        ceiling = measure_ceiling(base, sample, batch=batch)
+        engine = measure_engine(base, sample, sink=sink, callers=callers, checked=checked)
+        return IngestFigures(ceiling, engine)
+    finally:
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.harness.bench.ingest", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--reports", type=int, default=20_000)
+    p.add_argument("--devices", default="1,100,10000", help="comma-separated device counts")
+    p.add_argument("--callers", type=int, default=512)
+    p.add_argument(
+        "--dicts", action="store_true", help="record_report_async with dicts instead of submit_report"
+    )
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    out = []
+    for devices, sink in itertools.product([int(d) for d in a.devices.split(",")], (False, True)):
+        fig = run_ingest(
+            reports=a.reports, devices=devices, sink=sink, callers=a.callers, checked=not a.dicts
+        )
+        out.append({"devices": devices, "sink": sink, **fig.as_dict()})
+        if not a.json:
+            c, e = fig.ceiling, fig.engine
+            print(
+                f"devices {devices:>6}  {'outbox ' if sink else 'no sink'}  ceiling {c.rows_per_s:>8.0f} rows/s"
+                f" {c.cpu_us_per_report:6.2f} us/row   engine {e.reports_per_s:>8.0f} reports/s"
+                f" {e.cpu_us_per_report:6.2f} us/report   ratio {fig.ratio:.2f}  lost {e.lost} dup {e.duplicates}",
+                flush=True,
+            )
+    if a.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
