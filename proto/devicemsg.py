@@ -222,7 +222,7 @@ def _validate(name: str, fields: Mapping[str, Any]) -> None:
 
 
 # -- reports the gateway stores (docs/protocol.md "Reports the gateway stores") ---------------------------
-REPORT_TEXT_MAX = 64  # characters of board, fw and a sensor's text value
+REPORT_TEXT_MAX = 255  # characters of board, fw and a sensor's text value
 REPORT_ID_MAX = 255  # characters of id (the identifier rules themselves are the gateway's check)
 SENSORS_MAX = 32  # entries of the sensors map
 SENSOR_NAME_MAX = 32  # characters of a sensor name
