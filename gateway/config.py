@@ -284,7 +284,9 @@ class OutboxConfig:
 @dataclass(frozen=True, slots=True)
 class RegistryConfig:
     queue_max: int = _opt(
-        10_000, _positive_int, "reports waiting for their commit before more are refused (CoAP 5.03 + Max-Age)"
+        10_000,
+        _positive_int,
+        "reports waiting for their commit before more are refused (CoAP 5.03 + Max-Age)",
     )
 
 

@@ -18,7 +18,9 @@ Northbound payload (JSON object, one report per MQTT message / POST)::
      "sensors": {...}, "dropped": 0, "time": 0}
 
 ``received`` is the gateway's wall clock (Unix seconds) when the report was accepted; ``transport`` is
-``mqtt`` or ``coap``; every report field from docs/protocol.md is copied under its name.
+``mqtt`` or ``coap``; every report field from docs/protocol.md is copied under its name. A report row keeps the
+report's CBOR as stored (``devicemsg.Report.raw``) and the JSON is made at delivery (``row_payload``): the
+registry's commit serialises nothing. Rows from ``enqueue`` (and older files) hold the JSON text itself.
 """
 
 from __future__ import annotations
@@ -50,23 +52,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,     -- Unix s; due when <= now
     done TEXT NOT NULL DEFAULT '',  -- names of the sinks that already took it, one per line
-    last_error TEXT
+    last_error TEXT,
+    device TEXT, transport TEXT, peer TEXT  -- a report row (enqueue_reports_on): what report_payload adds
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt, id);
 """
-# A report row (Outbox.enqueue_reports_on) keeps the report as it was stored (CBOR, devicemsg.Report.raw) and what
-# the payload adds to it; the JSON payload is made when the row is delivered (report_payload). Added to files
-# made before these columns existed.
-REPORT_COLUMNS = (("device", "TEXT"), ("transport", "TEXT"), ("peer", "TEXT"))
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the outbox table, or add the report columns to one made by an older version."""
+    """Create the outbox table; add the report row columns to a table made before they existed."""
     conn.executescript(SCHEMA)
     have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
-    for name, kind in REPORT_COLUMNS:
+    for name in ("device", "transport", "peer"):
         if name not in have:
-            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} TEXT")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -117,13 +116,10 @@ def row_payload(
 ) -> dict[str, Any]:
     """The northbound payload of an outbox row: its JSON text, or ``report_payload`` of the report it keeps
     (ValueError when the row holds neither)."""
-    if isinstance(payload, str):
-        out = json.loads(payload)
-        if not isinstance(out, dict):
-            raise ValueError("row payload is not a JSON object")
+    if isinstance(payload, str) and isinstance(out := json.loads(payload), dict):
         return out
-    if device is None or transport is None:
-        raise ValueError("report row without device or transport")
+    if isinstance(payload, str) or device is None or transport is None:
+        raise ValueError("neither a JSON object nor a report with its device and transport")
     return report_payload(device, devicemsg.stored_fields(payload), created, transport, peer)
 
 
@@ -317,18 +313,12 @@ class Outbox:
         )
         return cur.lastrowid
 
-    def enqueue_reports_on(
-        self, conn: sqlite3.Connection, rows: Iterable[tuple[bytes, float, str, str, str | None]]
-    ) -> None:
-        """Insert report rows inside the caller's open transaction, one statement: each ``(report CBOR
-        (devicemsg.Report.raw), received, normalised identifier, transport, peer)``. Nothing is serialised here:
-        the payload (``report_payload``) is made at delivery. No sinks: nothing. Call ``notify()`` after commit."""
+    def enqueue_reports_on(self, conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert report rows ``(devicemsg.Report.raw, received, received, identifier, transport, peer)`` in the
+        caller's open transaction, one statement (no sinks: nothing). Call ``notify()`` after the commit."""
         if self.sinks:
-            conn.executemany(
-                "INSERT INTO outbox(payload, created, next_attempt, device, transport, peer)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(raw, t, t, ident, transport, peer) for raw, t, ident, transport, peer in rows],
-            )
+            sql = "INSERT INTO outbox(payload, created, next_attempt, device, transport, peer) VALUES (?, ?, ?, ?, ?, ?)"
+            conn.executemany(sql, rows)
 
     def enqueue(self, payload: Mapping[str, Any]) -> int | None:
         """Insert and commit a row on the outbox's own connection; wakes the drain loop."""

@@ -1,11 +1,13 @@
 """The registry's tables and the SQL of the report path: a batch of rows (``gateway/ingest.py``) written inside
 the caller's transaction, the bounded windows, and the reads of stored reports.
 
-Layout (``PRAGMA user_version`` 1): ``reports`` holds a device's newest reports, keyed and ordered by
-(device, boot, seq) -- a device never reuses a boot number and counts seq up within a boot, so that order is the
-order it made them in; ``seen`` holds the keys of its older reports, for de-duplication; both are WITHOUT ROWID
-tables (one B-tree each). A report's fields are stored as the CBOR it came in (``devicemsg.Report.raw``), older
-files' rows as JSON text; readers take both. :func:`open_schema` moves a file of the previous layout over, once.
+Layout (``PRAGMA user_version`` 1): ``reports`` holds a device's newest reports, appended in arrival order and
+found by their key (device, boot, seq) through one small unique index -- a device never reuses a boot number and
+counts seq up within a boot, so key order is the order it made them in; ``seen`` (one WITHOUT ROWID B-tree) holds
+the keys of its older reports, for de-duplication. Of what a report writes, only the index entry and the device
+row land at a random place; the report row and its outbox row are appended. A report's fields are stored as the
+CBOR it came in (``devicemsg.Report.raw``), rows of older files as JSON text; readers take both.
+:func:`open_schema` moves a file of the previous layout (layout 0) over, once.
 
 Per batch, whatever its size: every row in one ``INSERT OR IGNORE ... RETURNING`` statement per power-of-two
 chunk (the statement texts stay few and cached) that also skips keys found in ``seen`` -- a key comes back only
@@ -54,18 +56,21 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 """
 REPORTS = """
-CREATE TABLE IF NOT EXISTS {reports} (
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,         -- arrival order: rows are appended
     device TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL,
     received REAL NOT NULL, transport TEXT NOT NULL, peer TEXT,
-    fields BLOB NOT NULL,           -- the report's CBOR map (layout 0 rows: JSON text without id)
-    PRIMARY KEY (device, boot, seq)
-) WITHOUT ROWID;
+    fields BLOB NOT NULL            -- the report's CBOR map (rows of layout 0: JSON text without id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS reports_key ON reports(device, boot, seq);
+"""
+SEEN = """
 CREATE TABLE IF NOT EXISTS {seen} (
     device TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (device, boot, seq)
 ) WITHOUT ROWID;
 """
-SCHEMA = DEVICES + REPORTS.format(reports="reports", seen="seen")
+SCHEMA = DEVICES + REPORTS + SEEN.format(seen="seen")
 
 UPSERT_DEVICE = (
     "INSERT INTO devices(id, board, fw, transport, peer, first_seen, last_seen, reports, duplicates)"
@@ -110,21 +115,19 @@ def open_schema(conn: sqlite3.Connection) -> None:
     try:
         _script(conn, DEVICES)
         old = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "reports" in old:  # layout 0: copy into the new tables, then replace the old ones
-            _script(conn, REPORTS.format(reports="reports_v1", seen="seen_v1"))
-            conn.execute(
-                "INSERT OR IGNORE INTO reports_v1 SELECT device, boot, seq, received, transport, peer, fields"
-                " FROM reports"
+        if "reports" in old:  # layout 0: the same reports table, indexed by key; seen becomes one B-tree
+            conn.execute(  # a key layout 0 stored twice (resent after its seen window) is kept once
+                "DELETE FROM reports WHERE id NOT IN (SELECT MIN(id) FROM reports GROUP BY device, boot, seq)"
             )
+            conn.execute("DROP INDEX IF EXISTS reports_by_device")
+            _script(conn, REPORTS + SEEN.format(seen="seen_v1"))
             if "seen" in old:
                 conn.execute("INSERT OR IGNORE INTO seen_v1 SELECT device, boot, seq FROM seen")
                 conn.execute("DROP TABLE seen")
-            conn.execute("DROP TABLE reports")
-            conn.execute("ALTER TABLE reports_v1 RENAME TO reports")
             conn.execute("ALTER TABLE seen_v1 RENAME TO seen")
             conn.execute("UPDATE devices SET last_report = NULL")  # read from `reports` from now on
         else:
-            _script(conn, REPORTS.format(reports="reports", seen="seen"))
+            _script(conn, REPORTS + SEEN.format(seen="seen"))
         conn.execute(f"PRAGMA user_version = {LAYOUT}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -183,7 +186,7 @@ class ReportStore:
     ) -> None:
         if fresh and self._outbox is not None:
             self._outbox.enqueue_reports_on(
-                c, [(r.raw, r.received, r.ident, r.transport, r.peer) for r in fresh]
+                c, [(r.raw, r.received, r.received, r.ident, r.transport, r.peer) for r in fresh]
             )
         c.executemany(UPSERT_DEVICE, _device_rows(rows, outcomes))
         since = self._since_prune

@@ -402,7 +402,7 @@ def test_a_registry_file_of_the_previous_layout_is_moved_over(db: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        assert "reports_v1" not in names and "seen_by_device" not in names
+        assert "seen_v1" not in names and "seen_by_device" not in names and "reports_by_device" not in names
     finally:
         conn.close()
 

@@ -20,6 +20,9 @@ KEYS = {
     "sqlite_cpu_us_per_row",
     "ratio_sqlite",
     "cpu_ratio",
+    "bytes_per_report",
+    "sqlite_bytes_per_row",
+    "reports_per_commit",
     "lost",
     "duplicates",
 }
@@ -31,10 +34,19 @@ def test_run_ingest_reports_numbers(sink: bool) -> None:
     out = fig.as_dict()
     assert set(out) == KEYS
     assert (out["reports"], out["devices"], out["outbox_sink"], out["rounds"]) == (300, 7, sink, 2)
-    for k in ("reports_per_s", "cpu_us_per_report", "sqlite_rows_per_s", "sqlite_cpu_us_per_row"):
+    for k in (
+        "reports_per_s",
+        "cpu_us_per_report",
+        "sqlite_rows_per_s",
+        "sqlite_cpu_us_per_row",
+        "reports_per_commit",
+    ):
         assert isinstance(out[k], int | float) and out[k] > 0, k
-    assert out["ratio_sqlite"] == pytest.approx(out["reports_per_s"] / out["sqlite_rows_per_s"], rel=0.01)
+    assert out["ratio_sqlite"] == pytest.approx(
+        out["reports_per_s"] / out["sqlite_rows_per_s"], rel=0.01, abs=0.001
+    )
     assert out["lost"] == 0 and out["duplicates"] == 0
+    assert isinstance(out["bytes_per_report"], int) and isinstance(out["sqlite_bytes_per_row"], int)
     assert all(r.stored == 300 for r in fig.engine_runs) and all(r.stored == 300 for r in fig.ceiling_runs)
 
 
