@@ -23,45 +23,11 @@ from gateway.ingest import IdentifierCache
 from gateway.outbox import Outbox, report_payload
 from gateway.registry import Registry
 from proto import devicemsg, identifier
-
-DEV = "88.123.99/PUMP-0001"
-
-
-class NullSink:
-    name = "null"
-
-    async def start(self) -> None: ...
-
-    async def deliver(self, payload: dict[str, Any]) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class Clock:
-    def __init__(self, t: float = 1_700_000_000.25) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.unit.gateway.test_registry import DEV, Clock, NullSink, report
 
 
 def dev(i: int) -> str:
     return f"88.123.99/PUMP-{i:04d}"
-
-
-def report(boot: int = 1, seq: int = 1, ident: str = DEV, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "boot": boot,
-        "seq": seq,
-        "uptime": 10 * seq,
-        "heap": 80000,
-        "rssi": -61,
-        "queue": 2,
-        "board": "esp32-devkitc",
-        "fw": "0.1.0",
-        **extra,
-    }
 
 
 def wire(fields: dict[str, Any]) -> bytes:

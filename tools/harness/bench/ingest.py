@@ -6,8 +6,9 @@
 
 * **Ceiling** (:func:`measure_ceiling`): the registry's own SQLite file -- schema made by ``gateway.registry.
   Registry``, opened by ``gateway.outbox.connect`` (WAL, ``synchronous=FULL``) -- and one ``reports`` row per
-  report inserted by a bare loop, ``batch`` rows per transaction (``executemany``, one fsync each). No
-  de-duplication, no device row, no outbox: the most SQLite does for one row per report here.
+  report inserted by a bare loop, ``batch`` rows per transaction (``executemany``, one fsync each; by default as
+  many as the engine's batches held in the same round). No de-duplication, no device row, no outbox: the most
+  SQLite does for one row per report here.
 * **Engine** (:func:`measure_engine`): the same reports through ``Registry.submit_report`` (the front ends'
   entry: reports already decoded and checked, as a front end holds them) or ``Registry.record_report_async``
   (a dict of fields, checked inside), submitted by ``callers`` concurrent coroutines in a closed loop, with or
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -56,14 +58,12 @@ class Run:
     stored: int = 0
     duplicates: int = 0
     lost: int = 0
+    written: int = 0  # bytes handed to write() meanwhile (WAL and checkpoints; 0 where /proc is missing)
+    commits: int = 0  # transactions (= fsyncs of the WAL)
 
     @property
     def reports_per_s(self) -> float:
         return self.reports / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.reports_per_s
 
     @property
     def cpu_us_per_report(self) -> float:
@@ -90,7 +90,7 @@ class IngestFigures:
 
     @property
     def ceiling(self) -> Run:
-        return max(self.ceiling_runs, key=lambda r: r.rows_per_s)
+        return max(self.ceiling_runs, key=lambda r: r.reports_per_s)
 
     @property
     def engine(self) -> Run:
@@ -107,22 +107,7 @@ class IngestFigures:
     @property
     def ratio(self) -> float:
         """Engine reports/s over ceiling rows/s (the issue's ``ratio_sqlite``)."""
-        c = self.ceiling.rows_per_s
-        return self.engine.reports_per_s / c if c > 0 else 0.0
-
-    @property
-    def cpu_ratio(self) -> float:
-        """Engine CPU per report over ceiling CPU per row."""
-        c = self.ceiling_cpu_us
-        return self.engine_cpu_us / c if c > 0 else 0.0
-
-    @property
-    def lost(self) -> int:
-        return max(r.lost for r in self.engine_runs)
-
-    @property
-    def duplicates(self) -> int:
-        return max(r.duplicates for r in self.engine_runs)
+        return self.engine.reports_per_s / max(self.ceiling.reports_per_s, 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
         """Flat figures, named as P6's (``reports_per_s``, ``sqlite_rows_per_s``, ``ratio_sqlite``, ...)."""
@@ -134,12 +119,17 @@ class IngestFigures:
             "rounds": len(self.engine_runs),
             "reports_per_s": round(e.reports_per_s),
             "cpu_us_per_report": round(self.engine_cpu_us, 2),
-            "sqlite_rows_per_s": round(self.ceiling.rows_per_s),
+            "sqlite_rows_per_s": round(self.ceiling.reports_per_s),
             "sqlite_cpu_us_per_row": round(self.ceiling_cpu_us, 2),
             "ratio_sqlite": round(self.ratio, 3),
-            "cpu_ratio": round(self.cpu_ratio, 2),
-            "lost": self.lost,
-            "duplicates": self.duplicates,
+            "cpu_ratio": round(self.engine_cpu_us / max(self.ceiling_cpu_us, 1e-9), 2),
+            "bytes_per_report": round(e.written / e.reports) if e.reports else 0,
+            "sqlite_bytes_per_row": round(self.ceiling.written / self.ceiling.reports)
+            if self.ceiling.reports
+            else 0,
+            "reports_per_commit": round(e.reports / e.commits, 1) if e.commits else 0.0,
+            "lost": max(r.lost for r in self.engine_runs),
+            "duplicates": max(r.duplicates for r in self.engine_runs),
         }
 
 
@@ -155,16 +145,33 @@ class _NullSink:
     async def close(self) -> None: ...
 
 
+def _written() -> int:
+    """Bytes this process passed to write() so far (Linux ``/proc/self/io`` wchar; 0 elsewhere)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def device_id(i: int) -> str:
     return f"88.123.99/BENCH-{i:06d}"
 
 
-def sample_reports(reports: int, devices: int) -> list[dict[str, Any]]:
-    """``reports`` report fields as the firmware sends them, round robin over ``devices`` devices, each
-    device's (boot, seq) new every time."""
+def sample_reports(reports: int, devices: int, seed: int = 6) -> list[dict[str, Any]]:
+    """``reports`` report fields as the firmware sends them from ``devices`` devices: every device once per
+    pass, in a shuffled order each pass (a fleet's reports arrive in no order of identifiers), each device's
+    (boot, seq) new every time."""
+    rng = random.Random(seed)
+    order = list(range(devices))
     out = []
     for n in range(reports):
-        dev, seq = n % devices, n // devices + 1
+        if n % devices == 0:
+            rng.shuffle(order)
+        dev, seq = order[n % devices], n // devices + 1
         out.append(
             {
                 "id": device_id(dev),
@@ -196,16 +203,17 @@ def measure_ceiling(workdir: Path, reports: Sequence[dict[str, Any]], *, batch: 
     devices = len({f["id"] for f in reports})
     sql = "INSERT INTO reports(device, boot, seq, received, transport, peer, fields) VALUES (?, ?, ?, ?, ?, ?, ?)"
     try:
-        c0, t0 = time.process_time(), time.perf_counter()
+        w0, c0, t0 = _written(), time.process_time(), time.perf_counter()
         for i in range(0, len(rows), batch):
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(sql, rows[i : i + batch])
             conn.execute("COMMIT")
-        t, c = time.perf_counter() - t0, time.process_time() - c0
+        t, c, w = time.perf_counter() - t0, time.process_time() - c0, _written() - w0
         (stored,) = conn.execute("SELECT COUNT(*) FROM reports").fetchone()
     finally:
         conn.close()
-    return Run("sqlite ceiling", len(rows), devices, t, c, stored=int(stored))
+    commits = -(-len(rows) // batch)
+    return Run("sqlite ceiling", len(rows), devices, t, c, stored=int(stored), written=w, commits=commits)
 
 
 async def _drive(submit: Callable[[int], Awaitable[bool]], n: int, callers: int) -> tuple[int, int]:
@@ -250,9 +258,11 @@ def measure_engine(
             def submit(i: int) -> Awaitable[bool]:
                 return reg.record_report_async(idents[i], reports[i], TRANSPORT)  # type: ignore[no-any-return]
 
-        c0, t0 = time.process_time(), time.perf_counter()
+        w0, c0, t0 = _written(), time.process_time(), time.perf_counter()
+        commits = reg.commits
         new, dup = asyncio.run(_drive(submit, len(reports), callers))
-        t, c = time.perf_counter() - t0, time.process_time() - c0
+        t, c, w = time.perf_counter() - t0, time.process_time() - c0, _written() - w0
+        commits = reg.commits - commits
         stats = reg.stats()
         rows = [] if outbox is None else outbox.rows()
         keys = (
@@ -281,6 +291,8 @@ def measure_engine(
         stored=int(stats["reports_total"]),
         duplicates=duplicates,
         lost=lost,
+        written=w,
+        commits=commits,
     )
 
 
@@ -292,11 +304,12 @@ def run_ingest(
     rounds: int = 3,
     callers: int = 512,
     checked: bool = True,
-    batch: int = 256,
+    batch: int = 0,
     workdir: Path | None = None,
 ) -> IngestFigures:
     """The ceiling and the engine on the same reports, ``rounds`` times each, alternating (a temporary directory
-    unless ``workdir`` is given; every round starts from fresh files)."""
+    unless ``workdir`` is given; every round starts from fresh files). The ceiling commits ``batch`` rows per
+    transaction; 0 = as many as the engine's batches held on average in the same round."""
     if reports < 1 or devices < 1 or rounds < 1:
         raise ValueError("need reports, devices and rounds >= 1")
     own = workdir is None
@@ -309,8 +322,10 @@ def run_ingest(
         for n in range(rounds):
             round_dir = base / f"round-{n}"
             round_dir.mkdir()
-            ceiling.append(measure_ceiling(round_dir, sample, batch=batch))
-            engine.append(measure_engine(round_dir, sample, sink=sink, callers=callers, checked=checked))
+            e = measure_engine(round_dir, sample, sink=sink, callers=callers, checked=checked)
+            engine.append(e)
+            rows = batch or max(1, round(e.reports / max(e.commits, 1)))  # the engine's own batches
+            ceiling.append(measure_ceiling(round_dir, sample, batch=rows))
             shutil.rmtree(round_dir, ignore_errors=True)
         return IngestFigures(ceiling, engine, sink)
     finally:
@@ -341,13 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             callers=a.callers,
             checked=not a.dicts,
         )
-        out.append(fig.as_dict())
+        o = fig.as_dict()
+        out.append(o)
         if not a.json:
             print(
                 f"devices {devices:>6}  {'outbox ' if sink else 'no sink'}"
-                f"  ceiling {fig.ceiling.rows_per_s:>8.0f} rows/s {fig.ceiling_cpu_us:6.2f} us/row"
-                f"  engine {fig.engine.reports_per_s:>8.0f} reports/s {fig.engine_cpu_us:6.2f} us/report"
-                f"  ratio {fig.ratio:.2f}  lost {fig.lost} dup {fig.duplicates}",
+                f"  ceiling {o['sqlite_rows_per_s']:>8} rows/s {o['sqlite_cpu_us_per_row']:6.2f} us/row"
+                f"  engine {o['reports_per_s']:>8} reports/s {o['cpu_us_per_report']:6.2f} us/report"
+                f"  ratio {o['ratio_sqlite']:.2f}  lost {o['lost']} dup {o['duplicates']}",
                 flush=True,
             )
     if a.json:
