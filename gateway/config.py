@@ -282,6 +282,15 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    queue_max: int = _opt(
+        10_000,
+        _positive_int,
+        "reports waiting for their commit before more are refused (CoAP 5.03 + Max-Age)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     device_rate: float = _opt(
         10.0, _rate, "requests per second per device (CoAP /d/<id>, MQTT topic key); 0 = no limit"
@@ -321,6 +330,7 @@ class GatewayConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     zone: ZoneConfig = field(default_factory=ZoneConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)

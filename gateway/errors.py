@@ -91,3 +91,13 @@ class NameNotServed(AllUpstreamsFailed):
 class StorageError(GatewayError):
     """The gateway's SQLite could not be written (disk full, I/O error, file size limit): nothing was stored;
     the front ends answer 5.00 / 500 with this message (the device keeps the report and sends it again)."""
+
+
+class Overloaded(GatewayError):
+    """More reports wait for their commit than the registry commits in a bounded time: this one was refused at
+    once and nothing of it was stored. Front ends answer CoAP 5.03 with ``Max-Age = retry_after`` (MQTT: no
+    acknowledgement); the device keeps the report and sends it again later."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

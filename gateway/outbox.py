@@ -18,7 +18,9 @@ Northbound payload (JSON object, one report per MQTT message / POST)::
      "sensors": {...}, "dropped": 0, "time": 0}
 
 ``received`` is the gateway's wall clock (Unix seconds) when the report was accepted; ``transport`` is
-``mqtt`` or ``coap``; every report field from docs/protocol.md is copied under its name.
+``mqtt`` or ``coap``; every report field from docs/protocol.md is copied under its name. A report row keeps the
+report's CBOR as stored (``devicemsg.Report.raw``) and the JSON is made at delivery (``row_payload``): the
+registry's commit serialises nothing. Rows from ``enqueue`` (and older files) hold the JSON text itself.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,15 +47,25 @@ DEFAULT_TOPIC = "ida/v1/north/reports"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    payload TEXT NOT NULL,          -- JSON (the northbound payload)
-    created REAL NOT NULL,          -- Unix s when enqueued
+    payload TEXT NOT NULL,          -- JSON text: the northbound payload; or a BLOB: the report's CBOR (below)
+    created REAL NOT NULL,          -- Unix s when enqueued (= received, for a report)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,     -- Unix s; due when <= now
     done TEXT NOT NULL DEFAULT '',  -- names of the sinks that already took it, one per line
-    last_error TEXT
+    last_error TEXT,
+    device TEXT, transport TEXT, peer TEXT  -- a report row (enqueue_reports_on): what report_payload adds
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt, id);
 """
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the outbox table; add the report row columns to a table made before they existed."""
+    conn.executescript(SCHEMA)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+    for name in ("device", "transport", "peer"):
+        if name not in have:
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} TEXT")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -97,6 +109,18 @@ def report_payload(
         if k not in out and k in devicemsg.KEYS:
             out[k] = v
     return out
+
+
+def row_payload(
+    payload: str | bytes, created: float, device: str | None, transport: str | None, peer: str | None
+) -> dict[str, Any]:
+    """The northbound payload of an outbox row: its JSON text, or ``report_payload`` of the report it keeps
+    (ValueError when the row holds neither)."""
+    if isinstance(payload, str) and isinstance(out := json.loads(payload), dict):
+        return out
+    if isinstance(payload, str) or device is None or transport is None:
+        raise ValueError("neither a JSON object nor a report with its device and transport")
+    return report_payload(device, devicemsg.stored_fields(payload), created, transport, peer)
 
 
 class DeliveryError(Exception):
@@ -257,7 +281,7 @@ class Outbox:
         self._rng = random.Random()
         self._lock = threading.RLock()
         self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA)
+        ensure_schema(self._conn)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -289,6 +313,13 @@ class Outbox:
             "INSERT INTO outbox(payload, created, next_attempt) VALUES (?, ?, ?)", (body, t, t)
         )
         return cur.lastrowid
+
+    def enqueue_reports_on(self, conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert report rows ``(devicemsg.Report.raw, received, received, identifier, transport, peer)`` in the
+        caller's open transaction, one statement (no sinks: nothing). Call ``notify()`` after the commit."""
+        if self.sinks:
+            sql = "INSERT INTO outbox(payload, created, next_attempt, device, transport, peer) VALUES (?, ?, ?, ?, ?, ?)"
+            conn.executemany(sql, rows)
 
     def enqueue(self, payload: Mapping[str, Any]) -> int | None:
         """Insert and commit a row on the outbox's own connection; wakes the drain loop."""
@@ -332,12 +363,13 @@ class Outbox:
         """Every row (for tests and debugging)."""
         with self._lock:
             cur = self._conn.execute(
-                "SELECT id, payload, created, attempts, next_attempt, done, last_error FROM outbox ORDER BY id"
+                "SELECT id, payload, created, attempts, next_attempt, done, last_error, device, transport, peer"
+                " FROM outbox ORDER BY id"
             )
             return [
                 {
                     "id": r[0],
-                    "payload": json.loads(r[1]),
+                    "payload": row_payload(r[1], r[2], r[7], r[8], r[9]),
                     "created": r[2],
                     "attempts": r[3],
                     "next_attempt": r[4],
@@ -363,15 +395,16 @@ class Outbox:
         now = self._clock()
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, payload, attempts, done FROM outbox WHERE next_attempt <= ? ORDER BY id LIMIT ?",
+                "SELECT id, payload, attempts, done, created, device, transport, peer FROM outbox"
+                " WHERE next_attempt <= ? ORDER BY id LIMIT ?",
                 (now, self._batch),
             ).fetchall()
         if not rows or not self.sinks:
             return 0
-        results = await asyncio.gather(*(self._attempt(r[1], r[3]) for r in rows))
+        results = await asyncio.gather(*(self._attempt(r[1:2] + r[4:], r[3]) for r in rows))
         now = self._clock()
         with self._lock, transaction(self._conn):
-            for (rowid, _payload, attempts, _done), (done, error) in zip(rows, results, strict=True):
+            for (rowid, _payload, attempts, *_), (done, error) in zip(rows, results, strict=True):
                 if all(s.name in done for s in self.sinks):
                     self._conn.execute("DELETE FROM outbox WHERE id = ?", (rowid,))
                 else:
@@ -387,12 +420,12 @@ class Outbox:
                     )
         return len(rows)
 
-    async def _attempt(self, body: str, done_text: str) -> tuple[set[str], str | None]:
+    async def _attempt(self, stored: tuple[Any, ...], done_text: str) -> tuple[set[str], str | None]:
         done = {d for d in done_text.split("\n") if d}
         try:
-            payload = json.loads(body)
+            payload = row_payload(*stored)
         except ValueError as e:  # cannot happen for rows we wrote; keep it, and say so
-            return done, f"row payload is not JSON: {e}"
+            return done, f"row payload is not JSON or a stored report: {e}"
         pending = [s for s in self.sinks if s.name not in done]
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(s.deliver(payload), self._attempt_timeout) for s in pending),

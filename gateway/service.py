@@ -222,7 +222,7 @@ class Gateway:
         self.resolver = resolver
         db = cfg.data_dir / REGISTRY_FILE
         self.outbox = Outbox(db, outbox_sinks(cfg))
-        self.registry = Registry(db, self.outbox)
+        self.registry = Registry(db, self.outbox, queue_max=cfg.registry.queue_max)
         self._add_collectors()
         await self.outbox.start()
 

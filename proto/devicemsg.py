@@ -8,7 +8,9 @@ floats, map keys in length-first order), so both runtimes produce the same bytes
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -217,6 +219,156 @@ def _validate(name: str, fields: Mapping[str, Any]) -> None:
             continue  # a known key this message does not use: ignored, as receivers do
         if not _CHECKS[k](v):
             raise WireError(f"{name}: field {k} (key {KEYS[k]}) has the wrong type or range: {v!r}")
+
+
+# -- reports the gateway stores (docs/protocol.md "Reports the gateway stores") ---------------------------
+REPORT_TEXT_MAX = 255  # characters of board, fw and a sensor's text value
+REPORT_ID_MAX = 255  # characters of id (the identifier rules themselves are the gateway's check)
+SENSORS_MAX = 32  # entries of the sensors map
+SENSOR_NAME_MAX = 32  # characters of a sensor name
+_I64 = 2**63
+
+
+class InvalidReport(WireError):
+    """A report that can never be stored: permanent. Answer it with code 400 (CoAP 4.00, an MQTT ``report_ack``
+    with code 400) so the device drops it from its queue instead of sending it again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A report that passed :func:`check_report`: every field can be stored as it is.
+
+    ``fields`` holds the report's own keys only (id, boot, seq, ...), in the order they came; ``raw`` is the
+    report as one CBOR map of those keys (the payload as received when it had no other keys)."""
+
+    id: str
+    boot: int
+    seq: int
+    fields: dict[str, Any]
+    raw: bytes
+
+
+def _text_ok(v: str) -> bool:
+    """Text that UTF-8 can carry (a lone surrogate from a Python caller cannot be stored)."""
+    if v.isascii():
+        return True
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sensors_ok(v: Any) -> bool:
+    if not isinstance(v, dict) or len(v) > SENSORS_MAX:
+        return False
+    for name, x in v.items():
+        if type(name) is not str or not 0 < len(name) <= SENSOR_NAME_MAX or not _text_ok(name):
+            return False
+        t = type(x)
+        if t is float:
+            if not math.isfinite(x):  # JSON (northbound, the API) has no NaN or Infinity
+                return False
+        elif t is int:
+            if not -_I64 <= x < _I64:
+                return False
+        elif t is str:
+            if len(x) > REPORT_TEXT_MAX or not _text_ok(x):
+                return False
+        elif t is not bool:
+            return False
+    return True
+
+
+# the report's keys -> kind: U uint (64 bit), K uint below 2^63 (boot, seq: SQLite integers), I int64,
+# T text up to REPORT_TEXT_MAX, D the identifier text, S the sensors map
+_REPORT_KINDS = {
+    "id": "D",
+    "boot": "K",
+    "seq": "K",
+    "uptime": "U",
+    "heap": "U",
+    "rssi": "I",
+    "queue": "U",
+    "board": "T",
+    "fw": "T",
+    "sensors": "S",
+    "dropped": "U",
+    "time": "U",
+}
+_REPORT_REQUIRED = MESSAGES["report"][0]
+assert set(_REPORT_KINDS) == {*MESSAGES["report"][0], *MESSAGES["report"][1]}
+
+
+def _report_value_ok(kind: str, v: Any) -> bool:
+    t = type(v)
+    if kind == "U":
+        return t is int and 0 <= v <= _U64
+    if kind == "K":
+        return t is int and 0 <= v < _I64
+    if kind == "T":
+        return t is str and len(v) <= REPORT_TEXT_MAX and _text_ok(v)
+    if kind == "I":
+        return t is int and -_I64 <= v < _I64
+    if kind == "D":
+        return t is str and 0 < len(v) <= REPORT_ID_MAX and _text_ok(v)
+    return _sensors_ok(v)
+
+
+def _checked(fields: Mapping[Any, Any]) -> tuple[dict[str, Any], bool]:
+    """The report's own fields, checked; and whether ``fields`` held other keys (dropped)."""
+    out: dict[str, Any] = {}
+    dropped = False
+    kinds = _REPORT_KINDS
+    for k, v in fields.items():
+        kind = kinds.get(k) if type(k) is str else None
+        if kind is None:
+            dropped = True
+            continue
+        if not _report_value_ok(kind, v):
+            raise InvalidReport(f"report: field {k} (key {KEYS[k]}) has the wrong type or range: {_short(v)}")
+        out[k] = v
+    if len(out) < len(kinds):
+        for k in _REPORT_REQUIRED:
+            if k not in out:
+                raise InvalidReport(f"report: missing {k} (key {KEYS[k]})")
+    return out, dropped
+
+
+def check_report(fields: Mapping[Any, Any]) -> Report:
+    """Check a report given by named fields completely, as the gateway will store it; InvalidReport if not.
+
+    Every key of the ``report`` message gets its type and range checked (the table in docs/protocol.md plus the
+    storage limits above); every other key -- a key of another message such as ``token`` or ``etag``, a name
+    this codec does not know -- is dropped whatever its value (the one rule for keys a report does not define)."""
+    out, _ = _checked(fields)
+    return Report(out["id"], out["boot"], out["seq"], out, cbor2.dumps({KEYS[k]: v for k, v in out.items()}))
+
+
+def decode_report(data: bytes) -> Report:
+    """Decode a ``report`` payload and check it as :func:`check_report` does, in one pass (WireError for bytes
+    that are not one CBOR item, InvalidReport for anything else that is not a storable report)."""
+    obj = loads(data)
+    if not isinstance(obj, dict):
+        raise InvalidReport("report: payload must be a CBOR map")
+    named = {NAMES[k]: v for k, v in obj.items() if type(k) is int and k in NAMES}
+    out, dropped = _checked(named)
+    if dropped or len(named) != len(obj):  # keep only the report's own keys
+        data = cbor2.dumps({KEYS[k]: v for k, v in out.items()})
+    return Report(out["id"], out["boot"], out["seq"], out, data)
+
+
+def stored_fields(data: bytes) -> dict[str, Any]:
+    """The named fields of a report stored as ``Report.raw`` (checked when it was stored: read as it is)."""
+    obj = loads(data)
+    if not isinstance(obj, dict):
+        raise WireError("stored report: not a CBOR map")
+    return {NAMES[k]: v for k, v in obj.items() if type(k) is int and k in NAMES}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # -- MQTT topic tree ----------------------------------------------------------------------------------

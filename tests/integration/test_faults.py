@@ -49,6 +49,11 @@ pytestmark = pytest.mark.slow
 
 HANDLES = [f"88.123.99/PART-{i:04d}" for i in range(24)]
 
+# every (device, boot, seq) a registry holds: the keys of a device's newest reports, then those of older ones
+STORED_KEYS = (
+    "SELECT COUNT(*) FROM (SELECT device FROM reports{where} UNION ALL SELECT device FROM seen{where})"
+)
+
 
 def records(path: Path, handles: list[str], ttl: int = 3600) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +199,7 @@ async def test_broker_restart_mid_load_loses_nothing(tmp_path: Path, mosquitto: 
         await until(lambda: set(consumer.keys) >= fleet.sent_keys, 30, "every report downstream")
         await asyncio.sleep(0.3)
         assert set(consumer.keys) == fleet.sent_keys
-        assert sql(gw.registry, "SELECT COUNT(*) FROM seen")[0][0] == total
+        assert sql(gw.registry, STORED_KEYS.format(where=""))[0][0] == total
         assert gw.logged("mqtt") and mosquitto.starts == 2
         assert gw.terminate() == 0
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
@@ -356,7 +361,7 @@ async def test_kill9_during_report_ingestion_loses_and_doubles_nothing(
         await asyncio.sleep(0.3)
         assert set(consumer.keys) == sent, "nothing lost, nothing invented"
         assert max(consumer.keys.values()) >= 1 and consumer.raw >= consumer.unique
-        assert sql(gw.registry, "SELECT COUNT(*) FROM seen")[0][0] == len(sent)  # stored once each
+        assert sql(gw.registry, STORED_KEYS.format(where=""))[0][0] == len(sent)  # stored once each
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
         await until(lambda: sql(gw.registry, "SELECT COUNT(*) FROM outbox")[0][0] == 0, 20, "outbox drained")
 
@@ -588,7 +593,7 @@ async def test_disk_full_clear_error_no_corruption_recovers(tmp_path: Path, how:
             await coap_report(ctx, gw.coap_port, dev, 1, seq, give_up=15)
         await until(lambda: consumer.unique == 10, 20, "every report downstream after space came back")
         recovered = time.monotonic() - t_free
-        assert sql(gw.registry, "SELECT COUNT(*) FROM seen")[0][0] == 10
+        assert sql(gw.registry, STORED_KEYS.format(where=""))[0][0] == 10
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
         assert gw.terminate() == 0
         assert integrity(gw.registry) == "ok" and integrity(gw.cache_db) == "ok"
@@ -660,8 +665,8 @@ async def test_two_gateways_one_killed_under_load(
         await until(
             lambda: fleet.progress >= (n_dev + len(coap_devs)) * cycles * 2 * 0.3, 60, "load on both gateways"
         )
-        served_a = sql(a.registry, "SELECT COUNT(*) FROM seen")[0][0]
-        served_b = sql(b.registry, "SELECT COUNT(*) FROM seen")[0][0]
+        served_a = sql(a.registry, STORED_KEYS.format(where=""))[0][0]
+        served_b = sql(b.registry, STORED_KEYS.format(where=""))[0][0]
         assert served_a > 0 and served_b > 0, "the shared subscription splits the devices' reports"
         a.kill9()
         t_kill = time.monotonic()
@@ -682,12 +687,12 @@ async def test_two_gateways_one_killed_under_load(
         await asyncio.sleep(0.3)
         assert set(consumer.keys) == sent, "exactly once after de-duplication"
         coap_split = {
-            g.name: sql(g.registry, "SELECT COUNT(*) FROM seen WHERE device LIKE '%TWOC%'")[0][0]
+            g.name: sql(g.registry, STORED_KEYS.format(where=" WHERE device LIKE '%TWOC%'"))[0][0]
             for g in (a, b)
         }
         stored = (
-            sql(a.registry, "SELECT COUNT(*) FROM seen")[0][0]
-            + sql(b.registry, "SELECT COUNT(*) FROM seen")[0][0]
+            sql(a.registry, STORED_KEYS.format(where=""))[0][0]
+            + sql(b.registry, STORED_KEYS.format(where=""))[0][0]
         )
         assert stored >= len(sent)  # a report A stored but could not acknowledge is stored again by B
         for g in (a, b):

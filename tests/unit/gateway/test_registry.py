@@ -101,7 +101,7 @@ def test_bad_reports_are_rejected(reg: Registry) -> None:
 
 
 def test_history_and_dedupe_window_are_bounded(db: Path) -> None:
-    r = Registry(db, history=3, dedupe=5)
+    r = Registry(db, history=3, dedupe=5, prune_every=1)  # windows applied after every report: exact
     for seq in range(1, 11):
         assert r.record_report(DEV, report(1, seq), "mqtt")
     d = r.device(DEV)
@@ -113,6 +113,32 @@ def test_history_and_dedupe_window_are_bounded(db: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0] == 3
     conn.close()
     r.close()
+
+
+def test_windows_pruned_amortised(db: Path) -> None:
+    """By default a device's windows are applied every ``history`` new reports: the tables stay within
+    window + history - 1 rows of it, reads show exactly the newest ``history``, and every key of the window
+    is still a duplicate."""
+    history, dedupe = 4, 10
+    r = Registry(db, history=history, dedupe=dedupe)
+    conn = sqlite3.connect(db)
+    try:
+        for seq in range(1, 41):
+            assert r.record_report(DEV, report(1, seq), "mqtt")
+            n_reports = conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+            n_seen = conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+            assert history <= n_reports <= 2 * history - 1 or n_reports == seq
+            assert n_seen <= dedupe
+            d = r.device(DEV)
+            assert d is not None
+            assert [x["seq"] for x in d["recent_reports"]] == list(range(seq, max(0, seq - history), -1))
+            assert d["last_report"]["seq"] == seq
+        for seq in range(40 - history - dedupe + 1, 41):  # the whole window
+            assert r.record_report(DEV, report(1, seq), "mqtt") is False
+        assert r.stats()["reports_total"] == 40
+    finally:
+        conn.close()
+        r.close()
 
 
 def test_status_online_offline(db: Path) -> None:
