@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamTimeout
-from gateway.frontends.coap import CoapFrontEnd, resolve_payload
+from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.common import json_etag
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -381,7 +381,7 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
     assert env.registry.stats()["reports_total"] == 1
 
 
-# -- the 2.05 payload: written out by the front end, the bytes wire's encoder gives ------------------------------
+# -- the 2.05 payload: written out by devicemsg.encode_resolve_response, the bytes of the general encoder ---------
 _ints = st.one_of(
     st.integers(0, 2**64 - 1),
     st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1, -(2**64)]),
@@ -397,8 +397,8 @@ _value = st.one_of(
 
 def _wire_or_error(code: object, ident: object, values: object, source: object) -> object:
     try:
-        return devicemsg.encode_resolve_response(
-            {"code": code, "id": ident, "values": values, "source": source}
+        return devicemsg.encode(
+            "resolve_response", {"code": code, "id": ident, "values": values, "source": source}
         )
     except Exception as e:  # the same failure both ways
         return type(e)
@@ -411,7 +411,9 @@ def test_resolve_payload_is_wires_encoding(
 ) -> None:
     want = _wire_or_error(code, ident, values, source)
     try:
-        got: object = resolve_payload(code, ident, values, source)
+        got: object = devicemsg.encode_resolve_response(
+            {"code": code, "id": ident, "values": values, "source": source}
+        )
     except Exception as e:
         got = type(e)
     assert got == want
@@ -421,8 +423,7 @@ def test_resolve_payload_of_real_records() -> None:
     for rec in sample_records().values():
         values = rec.to_device_values(0.0)
         for source in (devicemsg.SOURCE_UPSTREAM, devicemsg.SOURCE_CACHE):
-            assert resolve_payload(
-                devicemsg.OK, rec.handle, values, source
-            ) == devicemsg.encode_resolve_response(
-                {"code": devicemsg.OK, "id": rec.handle, "values": values, "source": source}
+            fields = {"code": devicemsg.OK, "id": rec.handle, "values": values, "source": source}
+            assert devicemsg.encode_resolve_response(fields) == devicemsg.dumps(
+                {devicemsg.KEYS[k]: v for k, v in fields.items()}
             )
