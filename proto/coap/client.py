@@ -15,6 +15,7 @@ Behaviour:
 * CON: the first timeout is ``ack_timeout`` x uniform(1, ``random_factor``), doubling; the same datagram is sent
   again at most ``max_retransmit`` times, then the exchange is given up. NON: never sent again, given up after
   the first timeout;
+* every event has ``reply``: the bytes to send back (empty for none);
 * a piggybacked answer (ACK with a code) matches by token and Message ID -> :class:`Response`; an empty ACK
   (matched by Message ID) stops the retransmissions -> :class:`Acknowledged`, and the separate answer (CON or
   NON, matched by token) is awaited for ``separate_timeout`` -> :class:`Response`, whose ``reply`` is the empty
@@ -98,16 +99,18 @@ class Response:
 
 @dataclass(slots=True)
 class Acknowledged:
-    """An empty ACK: the server has the request; the answer comes separately."""
+    """An empty ACK: the server has the request; the answer comes separately. (``reply`` is always empty.)"""
 
     exchange: Exchange
+    reply: bytes = b""
 
 
 @dataclass(slots=True)
 class Reset:
-    """The server rejected the request (RST)."""
+    """The server rejected the request (RST). (``reply`` is always empty.)"""
 
     exchange: Exchange
+    reply: bytes = b""
 
 
 @dataclass(slots=True)

@@ -8,10 +8,11 @@
     load_scenarios()
     results = run_scenarios(["P1", "P3"], BenchOptions(quick=True))   # ScenarioResult per key
 
-Modules: ``coapmsg`` (the CoAP bytes), ``loadgen`` (closed-loop generator, worker processes), ``servers``
+Modules: ``loadgen`` (closed-loop CoAP generator on :class:`proto.coap.Client`, worker processes), ``servers``
 (anchor servers, run as processes), ``anchors`` (start/stop them), ``procs`` (child processes, CPU time),
 ``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario`` (framework), ``p1``...``p5``
-(scenarios), ``report`` (text, JSON, Markdown), ``cli``.
+(scenarios; ``p5`` is also ``measure_p5`` and ``python -m tools.harness.bench.p5``, on the light simulator),
+``report`` (text, JSON, Markdown), ``cli``. The CoAP bytes are :mod:`proto.coap`'s.
 """
 
 from __future__ import annotations

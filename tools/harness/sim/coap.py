@@ -179,9 +179,8 @@ class CoapClient:
         assert self._loop is not None
         now = self._loop.time()
         ev = s.exchanges.receive(data, now)
-        reply = getattr(ev, "reply", b"")
-        if reply and s.transport is not None:
-            s.transport.sendto(reply)
+        if ev.reply and s.transport is not None:
+            s.transport.sendto(ev.reply)
         if type(ev) is Response:
             ev.exchange.context(ev.code, data, (now - ev.exchange.sent_at) * 1000.0)
         elif type(ev) is Reset:
