@@ -205,7 +205,7 @@ class CoapFrontEnd:
             self.limiter, "enabled", True
         ):  # no bucket: nothing to take from
             return None
-        verdict = self.limiter.check(device=_authenticated(request) or device, source=_source(request))
+        verdict = self.limiter.check(device=authenticated_device(request) or device, source=_source(request))
         if not verdict.limited:
             return None
         self.metrics.count_ratelimited("coap", verdict.limit or "device")
@@ -376,13 +376,17 @@ def _path_device(path: tuple[str, ...]) -> str | None:
         return None
 
 
-def _authenticated(request: aiocoap.Message) -> str | None:
-    """The device an OSCORE-protected request was verified as (gateway/frontends/coap_security.py)."""
+def authenticated_device(request: aiocoap.Message) -> str | None:
+    """The identifier an OSCORE-protected request was verified as (gateway/frontends/coap_security.py), None for
+    an unprotected request."""
     try:
         claims = list(request.remote.authenticated_claims)
     except Exception:
         return None
-    return claims[0] if claims and isinstance(claims[0], str) else None
+    for c in claims:
+        if isinstance(c, str):
+            return c
+    return None
 
 
 def _source(request: aiocoap.Message) -> str | None:

@@ -28,21 +28,13 @@ The message layer of cases 1-3 is :class:`proto.coap.Server`: a CON whose (sourc
 gets the very same bytes again (RFC 7252 section 4.5), a duplicate of a request still being resolved is ignored,
 and a duplicate of a CON aiocoap took goes to aiocoap again (it de-duplicates its own).
 
-Staying equal to the resolver (the checks live in ``gateway/frontends/hotpath.py``, shared with the MQTT fast path):
-
-* an entry expires with the resolver's answer (its absolute expiry); after that the miss path asks again;
-* when the resolver is a :class:`gateway.resolver.Resolver`, an entry is only stored when the answer is the one
-  its cache holds, and every time the entry's Max-Age ticks (once per second while in use) it checks that the
-  cache still holds that same entry and that the local zone does not have the handle: a refreshed, evicted or
-  zone-overridden answer drops the entry within a second;
-* prefetch: the first hit in the last ``prefetch_fraction`` of the entry's lifetime takes the miss path once,
-  so the resolver starts its background refresh exactly as for a hit of its own;
-* zone answers (the zone can change at any time) and stale answers are never stored; neither are answers
-  bigger than ``MAX_PAYLOAD`` (block-wise stays aiocoap's);
-* while the front end stops (:attr:`FastPath.serving` false), and while the socket holds answers back, every
-  request goes to the slow path (5.03);
-* a source-address rate limit (``[limits] source_rate``) is checked for fast answers too; a refused request
-  goes to the slow path, which answers 4.29.
+Staying equal to the resolver is :class:`gateway.frontends.hotpath.CacheGuard`'s job (shared with the MQTT fast
+path): an entry expires with the resolver's answer, is checked against the resolver's cache and local zone every
+time its Max-Age ticks (dropped within a second when refreshed, evicted or taken over by the zone), hands the first
+hit of its prefetch window to the slow path, and never holds zone, stale or block-wise answers (bigger than
+``MAX_PAYLOAD``). While the front end stops (:attr:`FastPath.serving` false) or the socket holds answers back,
+every request goes to the slow path (5.03); a source-address rate limit (``[limits] source_rate``) is checked for
+fast answers too, and a refused request goes to the slow path, which answers 4.29.
 
 Counting: hits are integer counters (:attr:`FastPath.answered`, :attr:`FastPath.valid`), added to
 ``ida_requests_total{frontend="coap"}`` at scrape time by :meth:`FastPath.samples`, and added to the resolver
@@ -81,15 +73,14 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD = 1024  # larger answers go block-wise: aiocoap's (RFC 7959)
 MAX_ENTRIES = 20_000  # entries in the table; when full it is emptied (and refilled by the slow path)
 
-ETAG, URI_PORT, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT = (
+ETAG, URI_PORT, URI_PATH, URI_QUERY, ACCEPT = (
     Option.ETAG,
     Option.URI_PORT,
     Option.URI_PATH,
-    Option.CONTENT_FORMAT,
-    Option.MAX_AGE,
     Option.URI_QUERY,
     Option.ACCEPT,
 )
+CONTENT_FORMAT, MAX_AGE = Option.CONTENT_FORMAT, Option.MAX_AGE
 FAST_OPTIONS = frozenset((ETAG, URI_PORT, URI_PATH, URI_QUERY, ACCEPT))
 _ACK_CONTENT = heads(ACK, CONTENT)  # first two header bytes by token length
 _NON_CONTENT = heads(NON, CONTENT)
@@ -267,14 +258,6 @@ class FastPath:
         self.slow = 0  # datagrams handed to aiocoap
         self.misses = 0  # requests that took the miss path
         self.learned = 0  # entries stored
-
-    @property
-    def prefetch_fraction(self) -> float:
-        return self.guard.prefetch_fraction
-
-    @prefetch_fraction.setter
-    def prefetch_fraction(self, value: float) -> None:
-        self.guard.prefetch_fraction = value
 
     def close(self) -> None:
         self.serving = False

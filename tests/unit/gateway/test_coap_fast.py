@@ -303,7 +303,9 @@ async def test_revalidation_learns_too(env: Env) -> None:
 
 
 async def test_expired_entry_goes_to_the_slow_path(env: Env) -> None:
-    env.fast.prefetch_fraction = 0.0  # no prefetch hand-over in the last 10 % (tested with the real resolver)
+    env.fast.guard.prefetch_fraction = (
+        0.0  # no prefetch hand-over in the last 10 % (tested with the real resolver)
+    )
     await env.raw.ask(request(1, b"w"))
     env.clock.advance(POSITIVE_TTL - 0.5)
     r = await env.raw.ask(request(2, b"x"))
