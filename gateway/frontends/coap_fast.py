@@ -474,22 +474,14 @@ class FastPath:
     # -- metrics -------------------------------------------------------------------------------------------
     def samples(self) -> Iterable[Sample]:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
-        yield "ida_requests_total", {"frontend": "coap", "code": str(devicemsg.OK)}, float(self.answered)
-        yield (
-            "ida_requests_total",
-            {"frontend": "coap", "code": str(devicemsg.NOT_MODIFIED)},
-            float(self.valid),
-        )
+        for code, n in ((devicemsg.OK, self.answered), (devicemsg.NOT_MODIFIED, self.valid)):
+            yield "ida_requests_total", {"frontend": "coap", "code": str(code)}, float(n)
 
     def stats(self) -> dict[str, int]:
+        counts = {k: getattr(self, k) for k in ("answered", "valid", "replayed", "slow", "misses", "learned")}
         return {
             "entries": len(self.table),
-            "answered": self.answered,
-            "valid": self.valid,
-            "replayed": self.replayed,
-            "slow": self.slow,
-            "misses": self.misses,
-            "learned": self.learned,
+            **counts,
             "dropped": self.sock.dropped,
             "unparsable": self.bridge.unparsable,
         }

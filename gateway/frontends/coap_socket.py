@@ -53,6 +53,14 @@ def _anc(pktinfo: bytes) -> list[tuple[int, int, bytes]]:
     return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
 
 
+def _put(sock: socket.socket, data: bytes, addr: Any, anc: list[Any]) -> None:
+    """One datagram out (from the packet-info address when ``anc``); BlockingIOError when the socket is full."""
+    if anc:
+        sock.sendmsg((data,), anc, 0, addr)
+    else:
+        sock.sendto(data, addr)
+
+
 class CoapSocket:
     """Owns the UDP socket (module doc): ``await open(host, port)``, then ``serve(handler)``; ``close()``."""
 
@@ -101,10 +109,7 @@ class CoapSocket:
             self._queue(data, addr, anc)
             return
         try:
-            if anc:
-                sock.sendmsg((data,), anc, 0, addr)
-            else:
-                sock.sendto(data, addr)
+            _put(sock, data, addr, anc)
         except (BlockingIOError, InterruptedError):
             self._queue(data, addr, anc)
         except OSError as e:  # e.g. an unreachable peer address
@@ -124,10 +129,7 @@ class CoapSocket:
         while self.backlog and sock is not None:
             data, addr, anc = self.backlog[0]
             try:
-                if anc:
-                    sock.sendmsg((data,), anc, 0, addr)
-                else:
-                    sock.sendto(data, addr)
+                _put(sock, data, addr, anc)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -146,7 +148,7 @@ class CoapSocket:
         pk = self._pktinfo
         recvfrom = sock.recvfrom
         recvmsg = sock.recvmsg
-        sendto = sock.sendto
+        put = _put
         on = handler.datagram
         backlog = self.backlog
         anc: list[Any] = []
@@ -174,10 +176,7 @@ class CoapSocket:
                     self._queue(out, addr, anc)
                     continue
                 try:
-                    if pk:
-                        sock.sendmsg((out,), anc, 0, addr)
-                    else:
-                        sendto(out, addr)
+                    put(sock, out, addr, anc)
                 except (BlockingIOError, InterruptedError):
                     self._queue(out, addr, anc)  # the socket is full: the rest of this batch waits in order
                 except OSError:

@@ -1,7 +1,7 @@
 """The client side of the CoAP message layer (RFC 7252 sections 4 and 5.3), sans-I/O: one :class:`Client` per
 source endpoint (one socket towards one server) keeps its Message IDs, tokens and the exchanges in flight.
 
-The three verbs, as in h11 -- no socket, no clock (``now`` is a parameter, in the unit of ``ack_timeout``):
+The three verbs, as in h11 -- no socket, no clock (``now`` is a parameter, in seconds):
 
     ex = client.request(template, now, payload)      an exchange in -> ``ex.datagram`` to send
     ev = client.receive(datagram, now)               a datagram in -> one event out (``ev.reply``: bytes to send)
@@ -12,9 +12,9 @@ Behaviour:
 
 * the token is ``token_prefix`` + the 2-byte Message ID (one request per Message ID, so a token is unique for
   as long as its Message ID is);
-* CON: the first timeout is ``ack_timeout`` x uniform(1, ``random_factor``), doubling; the same datagram is sent
-  again at most ``max_retransmit`` times, then the exchange is given up. NON: never sent again, given up after
-  the first timeout;
+* CON: sent again as ``timing`` says (:class:`proto.coap.numbers.Timing`: ACK_TIMEOUT x uniform(1, 1.5),
+  doubling, at most MAX_RETRANSMIT times), the same datagram each time, then the exchange is given up. NON: never
+  sent again, given up after the first timeout;
 * every event has ``reply``: the bytes to send back (empty for none);
 * a piggybacked answer (ACK with a code) matches by token and Message ID -> :class:`Response`; an empty ACK
   (matched by Message ID) stops the retransmissions -> :class:`Acknowledged`, and the separate answer (CON or
@@ -33,55 +33,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.coap.message import RequestTemplate, empty
-from proto.coap.numbers import (
-    ACK,
-    ACK_RANDOM_FACTOR,
-    ACK_TIMEOUT,
-    CON,
-    MAX_RETRANSMIT,
-    MAX_TRANSMIT_WAIT,
-    RST,
-)
+from proto.coap.numbers import ACK, CON, MAX_TRANSMIT_WAIT, RST, TIMING, Timing
 
 __all__ = ["Client", "Exchange", "Response", "Acknowledged", "Reset", "Unexpected", "Event"]
 
 
+@dataclass(slots=True, eq=False)
 class Exchange:
     """A request in flight. ``context`` is the caller's (what to do with the answer)."""
 
-    __slots__ = (
-        "token",
-        "mid",
-        "datagram",
-        "confirmable",
-        "sent_at",
-        "deadline",
-        "timeout",
-        "retransmissions",
-        "acknowledged",
-        "context",
-    )
+    token: bytes
+    mid: int
+    datagram: bytes
+    confirmable: bool
+    sent_at: float
+    timeout: float  # the current one: doubles with each retransmission
+    context: Any
+    deadline: float = 0.0  # the next retransmission, or giving up
+    retransmissions: int = 0
+    acknowledged: bool = False  # an empty ACK came: the answer comes separately
 
-    def __init__(
-        self,
-        token: bytes,
-        mid: int,
-        datagram: bytes,
-        confirmable: bool,
-        now: float,
-        timeout: float,
-        context: Any,
-    ) -> None:
-        self.token = token
-        self.mid = mid
-        self.datagram = datagram
-        self.confirmable = confirmable
-        self.sent_at = now
-        self.timeout = timeout
-        self.deadline = now + timeout
-        self.retransmissions = 0
-        self.acknowledged = False  # an empty ACK came: the answer comes separately
-        self.context = context
+    def __post_init__(self) -> None:
+        self.deadline = self.sent_at + self.timeout
 
     def __repr__(self) -> str:
         return f"<Exchange mid={self.mid:#06x} token={self.token.hex()} sends={1 + self.retransmissions}>"
@@ -105,12 +78,10 @@ class Acknowledged:
     reply: bytes = b""
 
 
-@dataclass(slots=True)
-class Reset:
+class Reset(Acknowledged):
     """The server rejected the request (RST). (``reply`` is always empty.)"""
 
-    exchange: Exchange
-    reply: bytes = b""
+    __slots__ = ()
 
 
 @dataclass(slots=True)
@@ -134,9 +105,7 @@ class Client:
         token_prefix: bytes = b"",
         mid: int | None = None,
         rng: random.Random | None = None,
-        ack_timeout: float = ACK_TIMEOUT,
-        random_factor: float = ACK_RANDOM_FACTOR,
-        max_retransmit: int = MAX_RETRANSMIT,
+        timing: Timing = TIMING,
         separate_timeout: float = MAX_TRANSMIT_WAIT,
     ) -> None:
         if len(token_prefix) > 6:
@@ -146,9 +115,7 @@ class Client:
         self.token_len = len(token_prefix) + 2
         self.mid = self.rng.randrange(0x10000) if mid is None else mid & 0xFFFF  # the next one used
         self.used = 0  # Message IDs used so far
-        self.ack_timeout = ack_timeout
-        self.random_factor = random_factor
-        self.max_retransmit = max_retransmit
+        self.timing = timing
         self.separate_timeout = separate_timeout
         self.exchanges: dict[bytes, Exchange] = {}  # by token: every exchange in flight
         self._by_mid: dict[int, Exchange] = {}  # those an ACK or RST may still acknowledge
@@ -168,18 +135,9 @@ class Client:
         self.mid = (mid + 1) & 0xFFFF
         self.used += 1
         token = self.prefix + mid.to_bytes(2, "big")
-        timeout = self.ack_timeout
-        if self.random_factor > 1.0:
-            timeout *= self.rng.uniform(1.0, self.random_factor)
-        ex = Exchange(
-            token,
-            mid,
-            template.datagram(mid, token, payload),
-            template.first & 0x30 == 0,
-            now,
-            timeout,
-            context,
-        )
+        datagram = template.datagram(mid, token, payload)
+        confirmable = template.first & 0x30 == 0
+        ex = Exchange(token, mid, datagram, confirmable, now, self.timing.first_timeout(self.rng), context)
         self.exchanges[token] = ex
         self._by_mid[mid] = ex
         if ex.deadline < self._due:
@@ -229,7 +187,7 @@ class Client:
         for ex in list(self.exchanges.values()):
             if ex.deadline > now:
                 due = min(due, ex.deadline)
-            elif ex.acknowledged or not ex.confirmable or ex.retransmissions >= self.max_retransmit:
+            elif ex.acknowledged or not ex.confirmable or ex.retransmissions >= self.timing.max_retransmit:
                 self._finish(ex)
                 gone.append(ex)
             else:

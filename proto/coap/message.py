@@ -98,6 +98,21 @@ def encode_body(options: Iterable[tuple[int, bytes]], payload: bytes = b"") -> b
     return out + b"\xff" + payload if payload else out
 
 
+def _extended(nibble: int, data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """An option delta or length given its 4-bit field: (value, position after its extended bytes)."""
+    if nibble < 13:
+        return nibble, pos
+    if nibble == 13:
+        if pos >= len(data):
+            raise MessageError(f"option {what} runs past the end")
+        return data[pos] + 13, pos + 1
+    if nibble == 14:
+        if pos + 1 >= len(data):
+            raise MessageError(f"option {what} runs past the end")
+        return (data[pos] << 8 | data[pos + 1]) + 269, pos + 2
+    raise MessageError(f"reserved option {what} 15")
+
+
 def option_spans(data: bytes, pos: int) -> tuple[list[tuple[int, int, int, int]], int]:
     """Where the options starting at ``pos`` lie: ``([(number, head, start, end), ...], payload_start)``, ``head``
     being the offset of the option's first byte and ``data[start:end]`` its value. ``payload_start`` is
@@ -108,36 +123,12 @@ def option_spans(data: bytes, pos: int) -> tuple[list[tuple[int, int, int, int]]
     while pos < n:
         head = pos
         byte = data[pos]
-        pos += 1
         if byte == PAYLOAD_MARKER:
-            if pos == n:
+            if pos + 1 == n:
                 raise MessageError("payload marker followed by no payload")
-            return spans, pos
-        delta, length = byte >> 4, byte & 0x0F
-        if delta == 13:
-            if pos >= n:
-                raise MessageError("option delta runs past the end")
-            delta = data[pos] + 13
-            pos += 1
-        elif delta == 14:
-            if pos + 1 >= n:
-                raise MessageError("option delta runs past the end")
-            delta = (data[pos] << 8 | data[pos + 1]) + 269
-            pos += 2
-        elif delta == 15:
-            raise MessageError("reserved option delta 15")
-        if length == 13:
-            if pos >= n:
-                raise MessageError("option length runs past the end")
-            length = data[pos] + 13
-            pos += 1
-        elif length == 14:
-            if pos + 1 >= n:
-                raise MessageError("option length runs past the end")
-            length = (data[pos] << 8 | data[pos + 1]) + 269
-            pos += 2
-        elif length == 15:
-            raise MessageError("reserved option length 15")
+            return spans, pos + 1
+        delta, pos = _extended(byte >> 4, data, pos + 1, "delta")
+        length, pos = _extended(byte & 0x0F, data, pos, "length")
         number += delta
         if pos + length > n:
             raise MessageError("option value runs past the end")

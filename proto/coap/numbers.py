@@ -12,6 +12,8 @@ The enums are ``IntEnum``: a value read off the wire compares equal to its membe
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "MAX_TRANSMIT_WAIT",
     "EXCHANGE_LIFETIME",
     "EMPTY_ACK_DELAY",
+    "Timing",
+    "TIMING",
 ]
 
 VERSION = 1
@@ -170,3 +174,21 @@ EXCHANGE_LIFETIME = 247.0
 # How long a server waits for an answer before it sends an empty ACK and answers separately (section 5.2.2
 # leaves it to the implementation; aiocoap's value, so that both paths of the gateway behave alike).
 EMPTY_ACK_DELAY = 0.1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a confirmable message is sent again (section 4.2): after ``ack_timeout`` x uniform(1, ``random_factor``),
+    the timeout doubling each time, at most ``max_retransmit`` times. ``random_factor`` 1 makes it exact."""
+
+    ack_timeout: float = ACK_TIMEOUT
+    random_factor: float = ACK_RANDOM_FACTOR
+    max_retransmit: int = MAX_RETRANSMIT
+
+    def first_timeout(self, rng: random.Random) -> float:
+        if self.random_factor > 1.0:
+            return self.ack_timeout * rng.uniform(1.0, self.random_factor)
+        return self.ack_timeout
+
+
+TIMING = Timing()  # RFC 7252's

@@ -24,8 +24,8 @@ when the newer fills up or is ``lifetime`` / 2 old (:meth:`rotate`): under a flo
 EXCHANGE_LIFETIME, which section 4.5 allows for idempotent requests. Code that answers per datagram without
 building events uses the same table through :meth:`seen` and :meth:`remember`.
 
-A separate CON response is sent again after ACK_TIMEOUT x uniform(1, ACK_RANDOM_FACTOR), doubling, at most
-MAX_RETRANSMIT times, until the peer's empty ACK or RST (:class:`Acknowledged`). Separate responses to one peer
+A separate CON response is sent again as ``timing`` says (:class:`proto.coap.numbers.Timing`: ACK_TIMEOUT x
+uniform(1, 1.5), doubling, at most MAX_RETRANSMIT times), until the peer's empty ACK or RST (:class:`Acknowledged`). Separate responses to one peer
 are not serialised (NSTART limits clients).
 """
 
@@ -38,17 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.coap.message import empty, heads
-from proto.coap.numbers import (
-    ACK,
-    ACK_RANDOM_FACTOR,
-    ACK_TIMEOUT,
-    CON,
-    EMPTY_ACK_DELAY,
-    EXCHANGE_LIFETIME,
-    MAX_RETRANSMIT,
-    NON,
-    RST,
-)
+from proto.coap.numbers import ACK, CON, EMPTY_ACK_DELAY, EXCHANGE_LIFETIME, NON, RST, TIMING, Timing
 
 __all__ = [
     "Server",
@@ -148,9 +138,7 @@ class Server:
         generation: int = DEDUP_GENERATION,
         lifetime: float = EXCHANGE_LIFETIME,
         empty_ack_delay: float = EMPTY_ACK_DELAY,
-        ack_timeout: float = ACK_TIMEOUT,
-        random_factor: float = ACK_RANDOM_FACTOR,
-        max_retransmit: int = MAX_RETRANSMIT,
+        timing: Timing = TIMING,
         now: float = 0.0,
     ) -> None:
         self.rng = rng or random.Random()
@@ -158,9 +146,7 @@ class Server:
         self.generation = generation
         self.lifetime = lifetime
         self.empty_ack_delay = empty_ack_delay
-        self.ack_timeout = ack_timeout
-        self.random_factor = random_factor
-        self.max_retransmit = max_retransmit
+        self.timing = timing
         self._current: dict[Any, bytes] = {}
         self._previous: dict[Any, bytes] = {}
         self._since = now
@@ -249,8 +235,9 @@ class Server:
             return out
         mid = self.next_mid()
         out = heads(CON, code)[len(token)] + mid.to_bytes(2, "big") + token + tail
-        timeout = self.ack_timeout * self.rng.uniform(1.0, self.random_factor)
-        sep = self._separate[(d.key[0], mid)] = _Separate(out, d.route, timeout, now)
+        sep = self._separate[(d.key[0], mid)] = _Separate(
+            out, d.route, self.timing.first_timeout(self.rng), now
+        )
         self._due = min(self._due, sep.deadline)
         return out
 
@@ -278,7 +265,7 @@ class Server:
         for key, sep in list(self._separate.items()):
             if sep.deadline > now:
                 due = min(due, sep.deadline)
-            elif sep.retransmissions >= self.max_retransmit:
+            elif sep.retransmissions >= self.timing.max_retransmit:
                 del self._separate[key]
                 self.given_up += 1
             else:

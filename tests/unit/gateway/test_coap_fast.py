@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -34,10 +33,17 @@ from gateway.zone import Zone
 from proto import devicemsg
 from proto.coap.message import Message, parse_header, uint_value
 from proto.records import HandleValue, Record
-from tests.support.gwhelpers import BIG, POSITIVE_TTL, PUMP, Clock, FakeResolver, sample_records
+from tests.support.gwhelpers import (
+    BIG,
+    COAP_CLIENT,
+    POSITIVE_TTL,
+    PUMP,
+    Clock,
+    FakeResolver,
+    coap_client,
+    sample_records,
+)
 from tests.support.upstream_fakes import FakeUpstream
-
-COAP_CLIENT = shutil.which("coap-client-notls")
 
 CON, NON, ACK, RST = 0, 1, 2, 3
 GET, POST = 1, 2
@@ -646,21 +652,12 @@ async def test_aiocoap_client(env: Env) -> None:
         await client.shutdown()
 
 
-async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
-    assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(
-        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out, err
-
-
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client(env: Env) -> None:
     uri = f"coap://127.0.0.1:{env.port}/r/{PUMP}"
     outs = []
     for args in (("-A", "50"), ("-A", "50"), ("-A", "50", "-N"), ("-A", "50", "-T", "cafe")):
-        rc, out, err = await _coap_client("-m", "get", "-B", "5", *args, uri)
+        rc, out, err = await coap_client("-m", "get", "-B", "5", *args, uri)
         assert rc == 0, err
         outs.append(out)
     assert all(json.loads(o) == sample_records()[PUMP].to_rest() for o in outs)

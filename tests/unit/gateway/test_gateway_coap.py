@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,16 +23,16 @@ from proto import devicemsg
 from proto.records import Record
 from tests.support.gwhelpers import (
     BIG,
+    COAP_CLIENT,
     NEGATIVE_TTL,
     POSITIVE_TTL,
     PUMP,
     Clock,
     FakeResolver,
+    coap_client,
     report_fields,
     sample_records,
 )
-
-COAP_CLIENT = shutil.which("coap-client-notls")
 
 
 @dataclass
@@ -346,25 +345,16 @@ async def test_stop_answers_requests_in_flight(env: Env) -> None:
 
 
 # -- libcoap -----------------------------------------------------------------------------------------------
-async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
-    assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(
-        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out, err
-
-
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client_json(env: Env) -> None:
-    rc, out, err = await _coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{PUMP}")
+    rc, out, err = await coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{PUMP}")
     assert rc == 0, err
     assert json.loads(out) == sample_records()[PUMP].to_rest()
 
 
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
-    rc, out, err = await _coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{BIG}")
+    rc, out, err = await coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{BIG}")
     assert rc == 0, err
     body = json.loads(out)
     assert len(out) > 8 * 1024 and len(body["values"]) == 100
@@ -372,7 +362,7 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
     payload = tmp_path / "report.cbor"
     payload.write_bytes(devicemsg.encode("report", report_fields(boot=9, seq=1)))
     for _ in range(2):
-        rc, out, err = await _coap_client(
+        rc, out, err = await coap_client(
             "-m", "post", "-t", "60", "-f", str(payload), f"coap://127.0.0.1:{env.port}/d/{PUMP}/rpt"
         )
         assert rc == 0, err

@@ -15,18 +15,18 @@ from hypothesis import strategies as st
 from proto.coap import Client, Message, Server, request_template
 from proto.coap.client import Acknowledged, Reset, Response, Unexpected
 from proto.coap.message import empty, encode_body
-from proto.coap.numbers import ACK, CHANGED, CON, CONTENT, NON, POST, RST, VALID, Option
+from proto.coap.numbers import ACK, CHANGED, CON, CONTENT, NON, POST, RST, VALID, Option, Timing
 from proto.coap.server import DELEGATED, PENDING, Duplicate, Other, Request
 from proto.coap.server import Acknowledged as Acked
 
 GET_R = request_template(("r", "88.123.99", "PUMP-0001"), token_len=4)
 BODY = encode_body([(Option.CONTENT_FORMAT, b"\x3c"), (Option.MAX_AGE, b"\x3c")], b"\xa1\x03\x01")
 PEER = ("127.0.0.1", 40000)
+EXACT = Timing(random_factor=1.0)  # no random factor: the schedule is exact
 
 
 def client(**kw: Any) -> Client:
-    kw.setdefault("random_factor", 1.0)
-    return Client(token_prefix=b"tk", mid=0x1000, **kw)
+    return Client(token_prefix=b"tk", mid=0x1000, timing=EXACT, **kw)
 
 
 # -- the client ----------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_non_is_given_up_after_the_first_timeout() -> None:
 def test_empty_ack_then_separate_con_response_like_a_device() -> None:
     """Two reports: the first gets an empty ACK, the second a piggybacked 2.04; no more retransmissions after;
     the first's separate CON response is acknowledged with an empty ACK of its Message ID."""
-    c = Client(token_prefix=b"\x00\x01", mid=0x2000, random_factor=1.0, separate_timeout=30.0)
+    c = Client(token_prefix=b"\x00\x01", mid=0x2000, timing=EXACT, separate_timeout=30.0)
     report = request_template(("d", "x", "rpt"), code=POST, token_len=4)
     first, second = c.request(report, 0.0, b"R1"), c.request(report, 0.0, b"R2")
     assert first.datagram.endswith(b"\xffR1") and not any(c.timeouts(1.9))
@@ -110,8 +110,7 @@ def test_reset_ping_request_late_and_junk() -> None:
 
 # -- the server ----------------------------------------------------------------------------------------------
 def server(**kw: Any) -> Server:
-    kw.setdefault("random_factor", 1.0)
-    return Server(mid=0x7000, **kw)
+    return Server(mid=0x7000, timing=EXACT, **kw)
 
 
 def test_answer_piggybacked_and_duplicates_get_the_same_bytes() -> None:

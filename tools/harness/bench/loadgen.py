@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from proto.coap import Client, RequestTemplate, dotted, request_template
 from proto.coap.client import Exchange, Reset, Response, Unexpected
+from proto.coap.numbers import Timing
 
 __all__ = ["LoadSpec", "LoadResult", "LoadGenerator", "run_load", "percentile"]
 
@@ -285,9 +286,7 @@ class LoadGenerator:
         client = Client(
             token_prefix=os.urandom(spec.token_len - 2),
             mid=int.from_bytes(os.urandom(2), "big"),
-            ack_timeout=spec.ack_timeout,
-            random_factor=1.0,
-            max_retransmit=spec.max_retransmit,
+            timing=Timing(spec.ack_timeout, 1.0, spec.max_retransmit),
             separate_timeout=spec.ack_timeout * 2 ** (spec.max_retransmit + 1),
         )
         ep = _Endpoint(self, client, sock)

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from proto.coap import Client, RequestTemplate, request_template, uint_value
 from proto.coap.client import Acknowledged, Reset, Response
-from proto.coap.numbers import ContentFormat, Option
+from proto.coap.numbers import ContentFormat, Option, Timing
 from tools.harness.sim.stats import Counters
 
 __all__ = [
@@ -119,9 +119,7 @@ class CoapClient:
             exchanges = Client(
                 token_prefix=self.rng.randbytes(TOKEN_LEN - 2),
                 rng=self.rng,
-                ack_timeout=ACK_TIMEOUT,
-                random_factor=ACK_RANDOM_FACTOR,
-                max_retransmit=MAX_RETRANSMIT,
+                timing=Timing(ACK_TIMEOUT, ACK_RANDOM_FACTOR, MAX_RETRANSMIT),
                 separate_timeout=SEPARATE_TIMEOUT,
             )
             s = _Socket(self, exchanges)

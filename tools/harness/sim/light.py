@@ -474,12 +474,9 @@ class LightFleet:
         self._pump(d)
 
     def message(self, d: Device, leaf: str, payload: bytes) -> None:
-        if leaf == "ack":
-            self._mqtt_ack(d, payload)
-        elif leaf == "res":
-            self._mqtt_res(d, payload)
-        elif leaf == "cfg":
-            self._mqtt_cfg(d, payload)
+        handle = {"ack": self._mqtt_ack, "res": self._mqtt_res, "cfg": self._mqtt_cfg}.get(leaf)
+        if handle is not None:
+            handle(d, payload)
 
     def connection_lost(self, d: Device, why: str | None) -> None:
         """``d``'s connection is gone: what it had in flight cannot be answered any more."""
