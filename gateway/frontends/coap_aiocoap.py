@@ -150,8 +150,8 @@ class Bridge(interfaces.MessageInterface):
             log.exception("coap: dispatching a datagram from %s failed", message.remote.hostinfo)
 
     # -- the socket's handler when the fast path is off ------------------------------------------------------
-    def begin(self) -> None:
-        pass
+    def begin(self) -> Callable[[bytes, Any, bytes | None], bytes | None]:
+        return self.datagram
 
     def datagram(self, data: bytes, addr: Any, pktinfo: bytes | None) -> bytes | None:
         self.feed(data, addr, pktinfo)

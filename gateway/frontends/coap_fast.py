@@ -1,7 +1,8 @@
 """The CoAP fast path: cached resolutions answered from a table of pre-encoded responses, everything else handed to
 aiocoap.
 
-The socket (gateway/frontends/coap_socket.py) hands every datagram to :meth:`FastPath.datagram`, and:
+The socket (gateway/frontends/coap_socket.py) hands every datagram to the function :meth:`FastPath.begin` gives
+for each wake-up, and:
 
 1. a **hit**: a GET (CON or NON, CoAP version 1, token of 0-8 bytes) whose option bytes -- everything after the
    token, taken raw -- are a key of the table. Only requests the slow path validated and answered with a 2.05
@@ -268,15 +269,59 @@ class FastPath:
             self._timer = None
 
     # -- the socket's handler ------------------------------------------------------------------------------
-    def begin(self) -> None:
-        self._now = self.clock()
+    def begin(self) -> Callable[[bytes, Any, bytes | None], bytes | None]:
+        """A wake-up starts: the function for each of its datagrams -- the answer to a hit, or None (the datagram
+        went elsewhere: a duplicate, the miss path, aiocoap). What it reads is bound once per wake-up."""
+        now = self._now = self.clock()
         self._mono = self._loop.time()
-        self._serving = self.serving
+        serving = self._serving = self.serving
         limiter = self._limiter()
-        self._limited = (
+        limited = self._limited = (
             None if limiter is None or getattr(limiter, "source", None) is None else self._source_limited
         )
         self._hits_before = self.answered + self.valid
+        table, backlog, refresh, other, next_mid = (
+            self.table,
+            self._backlog,
+            self._refresh,
+            self._other,
+            self.server.next_mid,
+        )
+        seen_now, seen_old = self.server.current, self.server.previous  # until end() rotates them
+
+        def datagram(data: bytes, addr: Any, pktinfo: bytes | None) -> bytes | None:
+            if serving and not backlog and len(data) > 4 and data[1] == GET:
+                b0 = data[0]
+                tkl = b0 & 0x0F
+                entry = table.get(data[4 + tkl :])
+                if (
+                    entry is not None
+                    and tkl <= 8
+                    and 0x40 <= b0 < 0x60  # version 1, CON or NON
+                    and (now <= entry.until or refresh(entry, now))
+                    and (limited is None or not limited(addr))
+                ):
+                    if b0 >> 4 == 5:  # NON: answered with a NON of our own Message ID
+                        self.answered += 1
+                        return (
+                            _NON_CONTENT[tkl] + next_mid().to_bytes(2, "big") + data[4 : 4 + tkl] + entry.tail
+                        )
+                    key = (addr, data[2] << 8 | data[3])  # CON: de-duplicated, piggybacked on the ACK
+                    out = seen_now.get(key)
+                    if out is None:
+                        out = seen_old.get(key)
+                    if out is None:
+                        out = seen_now[key] = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + entry.tail
+                        self.answered += 1
+                        return out
+                    if out is DELEGATED:  # aiocoap took the original, it de-duplicates its own
+                        self._to_slow(data, addr, pktinfo)
+                        return None
+                    self.replayed += 1
+                    return None if out is PENDING else out  # pending: the original is on the miss path
+            return other(data, addr, pktinfo)
+
+        return datagram
 
     def end(self) -> None:
         """Once per wake-up: the hits into the cache's counter, the de-duplication memory's generations."""
@@ -284,41 +329,6 @@ class FastPath:
         if hits:
             self.guard.count_hits(hits)
         self.server.rotate(self._mono)
-
-    def datagram(self, data: bytes, addr: Any, pktinfo: bytes | None) -> bytes | None:
-        """The answer to a hit, or None (the datagram went elsewhere: a duplicate, the miss path, aiocoap)."""
-        if self._serving and not self._backlog and len(data) > 4 and data[1] == GET:
-            b0 = data[0]
-            tkl = b0 & 0x0F
-            entry = self.table.get(data[4 + tkl :])
-            if (
-                entry is not None
-                and tkl <= 8
-                and 0x40 <= b0 < 0x60  # version 1, CON or NON
-                and (self._now <= entry.until or self._refresh(entry, self._now))
-                and (self._limited is None or not self._limited(addr))
-            ):
-                if b0 >> 4 == 5:  # NON: answered with a NON of our own Message ID
-                    self.answered += 1
-                    return (
-                        _NON_CONTENT[tkl]
-                        + self.server.next_mid().to_bytes(2, "big")
-                        + data[4 : 4 + tkl]
-                        + entry.tail
-                    )
-                key = (addr, data[2] << 8 | data[3])  # CON: de-duplicated, piggybacked on the ACK
-                out = self.server.seen(key)
-                if out is None:
-                    out = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + entry.tail
-                    self.server.remember(key, out)
-                    self.answered += 1
-                    return out
-                if out is DELEGATED:  # aiocoap took the original, it de-duplicates its own
-                    self._to_slow(data, addr, pktinfo)
-                    return None
-                self.replayed += 1
-                return None if out is PENDING else out  # pending: the original is on the miss path
-        return self._other(data, addr, pktinfo)
 
     def _other(self, data: bytes, addr: Any, pktinfo: bytes | None) -> bytes | None:
         """A datagram that is not a plain hit: a revalidation hit (answered here), a duplicate, a miss, or one for

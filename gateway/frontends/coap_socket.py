@@ -1,8 +1,8 @@
 """The CoAP front end's UDP socket: it binds, reads every datagram queued per wake-up of the event loop, hands each
 to a handler, sends what the handler answers, and holds answers back while the socket is full.
 
-On every wake-up it reads at most ``DRAIN_MAX`` datagrams; for each, ``handler.datagram(data, addr, pktinfo)``
-returns the bytes to send back (or None), between ``handler.begin()`` and ``handler.end()``. The handler is the
+On every wake-up it reads at most ``DRAIN_MAX`` datagrams; ``handler.begin()`` gives the function that takes
+each (``(data, addr, pktinfo)`` -> the bytes to send back, or None), and ``handler.end()`` closes the wake-up. The handler is the
 fast path (gateway/frontends/coap_fast.py) or, without it, aiocoap's bridge (gateway/frontends/coap_aiocoap.py).
 
 A specific bind address is served with ``recvfrom`` / ``sendto``. A wildcard bind (``::``, ``0.0.0.0``) is served
@@ -24,6 +24,7 @@ import errno
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 __all__ = ["CoapSocket", "DatagramHandler", "DRAIN_MAX"]
@@ -39,11 +40,9 @@ _WILDCARDS = ("", "::", "0.0.0.0", "::ffff:0.0.0.0")
 
 
 class DatagramHandler(Protocol):
-    def begin(self) -> None:
-        """A wake-up starts: datagrams follow."""
-
-    def datagram(self, data: bytes, addr: Any, pktinfo: bytes | None) -> bytes | None:
-        """One datagram; the bytes to send back to ``addr`` (from ``pktinfo``), or None."""
+    def begin(self) -> Callable[[bytes, Any, bytes | None], bytes | None]:
+        """A wake-up starts: the function for each of its datagrams, which returns the bytes to send back to
+        ``addr`` (from ``pktinfo``), or None."""
 
     def end(self) -> None:
         """The wake-up's datagrams were read (also after one raised)."""
@@ -148,12 +147,11 @@ class CoapSocket:
         pk = self._pktinfo
         recvfrom = sock.recvfrom
         recvmsg = sock.recvmsg
-        put = _put
-        on = handler.datagram
+        sendto = sock.sendto
         backlog = self.backlog
         anc: list[Any] = []
         pktinfo: bytes | None = None
-        handler.begin()
+        on = handler.begin()
         try:
             for _ in range(DRAIN_MAX):
                 try:
@@ -176,7 +174,10 @@ class CoapSocket:
                     self._queue(out, addr, anc)
                     continue
                 try:
-                    put(sock, out, addr, anc)
+                    if pk:
+                        _put(sock, out, addr, anc)
+                    else:
+                        sendto(out, addr)
                 except (BlockingIOError, InterruptedError):
                     self._queue(out, addr, anc)  # the socket is full: the rest of this batch waits in order
                 except OSError:

@@ -22,7 +22,10 @@ took the original. A NON being answered later is remembered as :data:`PENDING` t
 not answered twice. The memory is two generations of at most ``generation`` exchanges each, the older dropped
 when the newer fills up or is ``lifetime`` / 2 old (:meth:`rotate`): under a flood it remembers less than
 EXCHANGE_LIFETIME, which section 4.5 allows for idempotent requests. Code that answers per datagram without
-building events uses the same table through :meth:`seen` and :meth:`remember`.
+building events uses the same memory through :meth:`seen` and :meth:`remember`, or, where a method call per
+datagram counts, through the two dicts themselves: look a key up in :attr:`Server.current`, then in
+:attr:`Server.previous`, store in ``current`` (both are replaced by :meth:`rotate`, so hold them only between
+two rotations).
 
 A separate CON response is sent again as ``timing`` says (:class:`proto.coap.numbers.Timing`: ACK_TIMEOUT x
 uniform(1, 1.5), doubling, at most MAX_RETRANSMIT times), until the peer's empty ACK or RST (:class:`Acknowledged`). Separate responses to one peer
@@ -147,8 +150,8 @@ class Server:
         self.lifetime = lifetime
         self.empty_ack_delay = empty_ack_delay
         self.timing = timing
-        self._current: dict[Any, bytes] = {}
-        self._previous: dict[Any, bytes] = {}
+        self.current: dict[Any, bytes] = {}
+        self.previous: dict[Any, bytes] = {}
         self._since = now
         self._waiting: dict[Any, Deferred] = {}  # deferred CONs whose empty ACK has not gone yet
         self._separate: dict[
@@ -160,17 +163,17 @@ class Server:
     # -- de-duplication -------------------------------------------------------------------------------------
     def seen(self, key: Any) -> bytes | None:
         """What was remembered for ``key`` = (address, Message ID), None when it is new."""
-        out = self._current.get(key)
-        return self._previous.get(key) if out is None else out
+        out = self.current.get(key)
+        return self.previous.get(key) if out is None else out
 
     def remember(self, key: Any, answer: bytes) -> None:
-        self._current[key] = answer
+        self.current[key] = answer
 
     def rotate(self, now: float) -> None:
         """Start a new generation when the current one is full or half an EXCHANGE_LIFETIME old."""
-        if len(self._current) >= self.generation or now - self._since >= self.lifetime / 2:
-            self._previous = self._current
-            self._current = {}
+        if len(self.current) >= self.generation or now - self._since >= self.lifetime / 2:
+            self.previous = self.current
+            self.current = {}
             self._since = now
 
     def next_mid(self) -> int:
@@ -206,7 +209,7 @@ class Server:
         token = request.token
         if request.mtype == CON:
             out = heads(ACK, code)[len(token)] + request.datagram[2:4] + token + tail
-            self._current[request.key] = out
+            self.current[request.key] = out
             return out
         return heads(NON, code)[len(token)] + self.next_mid().to_bytes(2, "big") + token + tail
 
@@ -214,7 +217,7 @@ class Server:
         """``request`` is answered later (:meth:`respond`); meanwhile a duplicate is ignored, and a CON gets an
         empty ACK once ``empty_ack_delay`` has passed (:meth:`timeouts`)."""
         d = Deferred(request, request.addr if route is None else route, now + self.empty_ack_delay)
-        self._current[d.key] = PENDING
+        self.current[d.key] = PENDING
         if request.mtype == CON:
             self._waiting[d.key] = d
             self._due = min(self._due, d.due)
@@ -231,7 +234,7 @@ class Server:
             self._waiting.pop(d.key, None)
             d.acked = True
             out = heads(ACK, code)[len(token)] + d.key[1].to_bytes(2, "big") + token + tail
-            self._current[d.key] = out
+            self.current[d.key] = out
             return out
         mid = self.next_mid()
         out = heads(CON, code)[len(token)] + mid.to_bytes(2, "big") + token + tail
@@ -244,7 +247,7 @@ class Server:
     def delegate(self, request: Request) -> None:
         """Another layer answers ``request``: a duplicate of a CON is a :class:`Duplicate` of :data:`DELEGATED`."""
         if request.mtype == CON:
-            self._current[request.key] = DELEGATED
+            self.current[request.key] = DELEGATED
 
     # -- the clock ------------------------------------------------------------------------------------------
     def timeouts(self, now: float) -> list[tuple[bytes, Any]]:
@@ -258,7 +261,7 @@ class Server:
                 del self._waiting[key]
                 d.acked = True
                 ack = empty(ACK, key[1])
-                self._current[key] = ack  # a duplicate gets the empty ACK again
+                self.current[key] = ack  # a duplicate gets the empty ACK again
                 out.append((ack, d.route))
             else:
                 due = min(due, d.due)
