@@ -11,7 +11,8 @@ The three verbs, as in h11 -- no socket, no clock (``now`` is a parameter, in se
 Behaviour:
 
 * the token is ``token_prefix`` + the 2-byte Message ID (one request per Message ID, so a token is unique for
-  as long as its Message ID is);
+  as long as its Message ID is, and an empty ACK or RST, which carries only the Message ID, finds its exchange
+  by the same key);
 * CON: sent again as ``timing`` says (:class:`proto.coap.numbers.Timing`: ACK_TIMEOUT x uniform(1, 1.5),
   doubling, at most MAX_RETRANSMIT times), the same datagram each time, then the exchange is given up. NON: never
   sent again, given up after the first timeout;
@@ -48,13 +49,10 @@ class Exchange:
     confirmable: bool
     sent_at: float
     timeout: float  # the current one: doubles with each retransmission
+    deadline: float  # the next retransmission, or giving up
     context: Any
-    deadline: float = 0.0  # the next retransmission, or giving up
     retransmissions: int = 0
     acknowledged: bool = False  # an empty ACK came: the answer comes separately
-
-    def __post_init__(self) -> None:
-        self.deadline = self.sent_at + self.timeout
 
     def __repr__(self) -> str:
         return f"<Exchange mid={self.mid:#06x} token={self.token.hex()} sends={1 + self.retransmissions}>"
@@ -117,9 +115,11 @@ class Client:
         self.used = 0  # Message IDs used so far
         self.timing = timing
         self.separate_timeout = separate_timeout
-        self.exchanges: dict[bytes, Exchange] = {}  # by token: every exchange in flight
-        self._by_mid: dict[int, Exchange] = {}  # those an ACK or RST may still acknowledge
+        self.exchanges: dict[bytes, Exchange] = {}  # by token (prefix + Message ID): every exchange in flight
         self._due = math.inf  # no deadline before this (a lower bound)
+        self._fixed = (
+            timing.ack_timeout if timing.random_factor <= 1.0 else 0.0
+        )  # the first timeout, when exact
 
     @property
     def in_flight(self) -> int:
@@ -136,12 +136,12 @@ class Client:
         self.used += 1
         token = self.prefix + mid.to_bytes(2, "big")
         datagram = template.datagram(mid, token, payload)
-        confirmable = template.first & 0x30 == 0
-        ex = Exchange(token, mid, datagram, confirmable, now, self.timing.first_timeout(self.rng), context)
+        timeout = self._fixed or self.timing.first_timeout(self.rng)
+        deadline = now + timeout
+        ex = Exchange(token, mid, datagram, template.first & 0x30 == 0, now, timeout, deadline, context)
         self.exchanges[token] = ex
-        self._by_mid[mid] = ex
-        if ex.deadline < self._due:
-            self._due = ex.deadline
+        if deadline < self._due:
+            self._due = deadline
         return ex
 
     def receive(self, datagram: bytes, now: float) -> Event:
@@ -151,17 +151,15 @@ class Client:
         first = datagram[0]
         mtype = (first >> 4) & 3
         code = datagram[1]
-        if code == 0:  # Empty: ACK or RST matched by Message ID, or a ping
-            mid = datagram[2] << 8 | datagram[3]
+        if code == 0:  # Empty: ACK or RST matched by Message ID (the token ends with it), or a ping
             if mtype == CON:
-                return Unexpected(datagram, empty(RST, mid))
-            ex = self._by_mid.get(mid)
-            if ex is None or mtype < ACK:
+                return Unexpected(datagram, empty(RST, datagram[2] << 8 | datagram[3]))
+            ex = self.exchanges.get(self.prefix + datagram[2:4])
+            if ex is None or ex.acknowledged or mtype < ACK:
                 return Unexpected(datagram)
             if mtype == RST:
-                self._finish(ex)
+                del self.exchanges[ex.token]
                 return Reset(ex)
-            del self._by_mid[mid]
             ex.acknowledged = True
             ex.deadline = now + self.separate_timeout
             return Acknowledged(ex)
@@ -174,7 +172,7 @@ class Client:
             reply = empty(ACK if ex is not None else RST, datagram[2] << 8 | datagram[3])
         if ex is None or mtype == RST or (mtype == ACK and datagram[2] << 8 | datagram[3] != ex.mid):
             return Unexpected(datagram, reply)
-        self._finish(ex)
+        del self.exchanges[ex.token]
         return Response(ex, code, datagram, reply)
 
     def timeouts(self, now: float) -> tuple[Sequence[bytes], Sequence[Exchange]]:
@@ -188,7 +186,7 @@ class Client:
             if ex.deadline > now:
                 due = min(due, ex.deadline)
             elif ex.acknowledged or not ex.confirmable or ex.retransmissions >= self.timing.max_retransmit:
-                self._finish(ex)
+                del self.exchanges[ex.token]
                 gone.append(ex)
             else:
                 ex.retransmissions += 1
@@ -206,9 +204,4 @@ class Client:
     def cancel(self, ex: Exchange) -> None:
         """Forget ``ex`` (no event will name it)."""
         if self.exchanges.get(ex.token) is ex:
-            self._finish(ex)
-
-    def _finish(self, ex: Exchange) -> None:
-        del self.exchanges[ex.token]
-        if self._by_mid.get(ex.mid) is ex:
-            del self._by_mid[ex.mid]
+            del self.exchanges[ex.token]
