@@ -248,10 +248,10 @@ class CoapFrontEnd:
             return response
 
     async def render_resolve(self, request: aiocoap.Message) -> aiocoap.Message:
-        """``GET /r/...`` rendered by the ``/r`` resource as aiocoap's site would render it (block-wise included),
-        for a request that did not come through aiocoap's routing (the fast path's misses; ``uri_path`` is what
-        follows ``r``)."""
-        return await coap_aiocoap.render(self._resolve_resource, request)
+        """``GET /r/...`` rendered by the ``/r`` resource (block-wise included) for a request that did not come
+        through aiocoap's routing: a fast-path miss (``uri_path`` is what follows ``r``; no Block or No-Response
+        option, so what aiocoap's ``Resource.render`` would add is nothing)."""
+        return await self._resolve_resource.render_get(request)
 
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()

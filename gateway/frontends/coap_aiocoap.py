@@ -1,5 +1,5 @@
-"""The one place the gateway's CoAP socket meets aiocoap: the datagrams the fast path does not answer go in,
-aiocoap's answers come out, and a resource renders the fast path's misses.
+"""The one place the gateway's CoAP socket meets aiocoap: the datagrams the fast path does not answer go in, and
+aiocoap's answers come out.
 
 What this relies on (aiocoap 0.4.17; ``tests/unit/gateway/test_coap_aiocoap.py`` fails when any of it changes):
 
@@ -15,9 +15,7 @@ What this relies on (aiocoap 0.4.17; ``tests/unit/gateway/test_coap_aiocoap.py``
    ``recognize_remote(remote)`` (asked by aiocoap's message manager, though not part of the ABC).
 4. :class:`Remote` is an :class:`aiocoap.interfaces.EndpointAddress` (every abstract property), equal and hashed
    by (host, port), like udp6's.
-5. A resource's ``render_to_pipe(pipe)`` uses only ``pipe.request`` and ``pipe.add_response(message, is_last)``
-   (aiocoap's Pipe documentation: resources "can stably use the add_response method of a Pipe (or something that
-   quacks like it)"); :func:`render` renders one request that way, block-wise cache and all.
+5. ``aiocoap.Message.encode()`` gives the bytes of a response (:func:`body`: the fast path sends them itself).
 
 Nothing here reads or writes an attribute of an aiocoap object that is not public, and nothing subclasses anything
 but the ABCs of ``aiocoap.interfaces``.
@@ -30,11 +28,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiocoap
-from aiocoap import error, interfaces
+from aiocoap import interfaces
 from aiocoap.numbers import COAP_PORT
 from aiocoap.util import hostportjoin
 
-__all__ = ["Bridge", "Remote", "attach", "render", "body", "Sender"]
+__all__ = ["Bridge", "Remote", "attach", "body", "Sender"]
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +119,6 @@ class Bridge(interfaces.MessageInterface):
         self.fed = 0  # datagrams handed to aiocoap
         self.unparsable = 0  # of which aiocoap could not decode
 
-    def remote(self, addr: Any, pktinfo: bytes | None = None, fast_key: bytes | None = None) -> Remote:
-        return Remote(addr, self, pktinfo, fast_key)
-
     def decode(
         self, data: bytes, addr: Any, pktinfo: bytes | None = None, fast_key: bytes | None = None
     ) -> aiocoap.Message:
@@ -185,33 +180,6 @@ async def attach(ctx: aiocoap.Context, bridge: Bridge) -> Bridge:
 
     await ctx._append_tokenmanaged_messagemanaged_transport(factory)
     return bridge
-
-
-class _Pipe:
-    """The part of aiocoap's Pipe a resource uses (contract point 5)."""
-
-    __slots__ = ("request", "response")
-
-    def __init__(self, request: aiocoap.Message) -> None:
-        self.request = request
-        self.response: aiocoap.Message | None = None
-
-    def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
-        if self.response is None:
-            self.response = response
-
-
-async def render(resource: interfaces.Resource, request: aiocoap.Message) -> aiocoap.Message:
-    """``request`` rendered by ``resource`` as aiocoap's site would render it (the first response; a
-    :class:`aiocoap.error.RenderableError` becomes its message, as aiocoap's context makes it)."""
-    pipe = _Pipe(request)
-    try:
-        await resource.render_to_pipe(pipe)  # type: ignore[arg-type]
-    except error.RenderableError as e:
-        return e.to_message()
-    if pipe.response is None:
-        raise RuntimeError("the resource gave no response")
-    return pipe.response
 
 
 def body(response: aiocoap.Message) -> tuple[int, bytes]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import aiocoap
 from aiocoap import resource
+from aiocoap.blockwise import Block2Cache
 from aiocoap.numbers.codes import Code
 from aiocoap.util.linkformat import Link, LinkFormat
 
@@ -34,14 +35,33 @@ class Answering(Protocol):
 
 
 class ResolveResource(resource.Resource, resource.PathCapable):
-    """``/r/<identifier path>``: receives the identifier's segments as ``uri_path``."""
+    """``/r/<identifier path>``: receives the identifier's segments as ``uri_path``.
+
+    Block-wise answers (RFC 7959) are its own, from a ``Block2Cache`` of its own (:attr:`blocks`): aiocoap's
+    assembly is asked for requests with Block1 only (a resolve has no body), so a plain GET -- every miss of the
+    fast path, which calls :meth:`render_get` directly -- costs the resolution and no block-wise bookkeeping."""
 
     def __init__(self, frontend: Answering) -> None:
         super().__init__()
         self._fe = frontend
+        self.blocks = Block2Cache()
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return request.opt.block1 is not None
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return await self._fe.resolve(request)
+        """The resolution; an answer larger than the peer's maximum payload, or than the block it asked for, is cut
+        into blocks and kept for the later ones."""
+        if request.opt.block2 is not None:
+            return await self.blocks.extract_or_insert(request, lambda: self._fe.resolve(request))
+        response = await self._fe.resolve(request)
+        if len(response.payload) <= request.remote.maximum_payload_size:
+            return response
+
+        async def rendered() -> aiocoap.Message:
+            return response
+
+        return await self.blocks.extract_or_insert(request, rendered)
 
     def get_resources_as_linkheader(self) -> LinkFormat:
         return LinkFormat([Link("", [("rt", "ida.resolve"), ("ct", "60 50")])])
