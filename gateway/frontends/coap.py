@@ -201,9 +201,7 @@ class CoapFrontEnd:
 
     def _limited(self, request: aiocoap.Message, device: str | None) -> aiocoap.Message | None:
         """4.29 (Max-Age = seconds until allowed) when a rate limit refuses the request, else None."""
-        if self.limiter is None or not getattr(
-            self.limiter, "enabled", True
-        ):  # no bucket: nothing to take from
+        if self.limiter is None or not getattr(self.limiter, "enabled", True):  # no bucket: nothing to take
             return None
         verdict = self.limiter.check(device=authenticated_device(request) or device, source=_source(request))
         if not verdict.limited:
@@ -314,9 +312,7 @@ class CoapFrontEnd:
                 return self._finish(devicemsg.OK, aiocoap.Message(code=Code.CHANGED))
             except (identifier.IdentifierError, devicemsg.WireError) as e:
                 return self._fail(*failure(e))
-            except (
-                ValueError
-            ) as e:  # the registry refuses a field (e.g. a boot count beyond SQLite's integers)
+            except ValueError as e:  # the registry refuses a field (a boot count beyond SQLite's integers)
                 return self._fail(devicemsg.BAD_REQUEST, str(e))
             except Exception as e:
                 return self._fail(*failure(e))
@@ -329,9 +325,8 @@ class CoapFrontEnd:
         log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
         ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": devicemsg.OK}
         cfgver = _desired_cfgver(self.registry, ident)
-        if (
-            cfgver is not None
-        ):  # the device fetches it when it holds an older one (e.g. missed a notification)
+        # the device fetches it when it holds an older one (e.g. it missed a notification)
+        if cfgver is not None:
             ack_fields["cfgver"] = cfgver
         ack = devicemsg.encode("report_ack", ack_fields)
         return self._finish(

@@ -276,9 +276,8 @@ class KeystoreCredentials:
         c = DeviceContext(ident, key, self.seqnos)
         self._contexts[ident] = c
         while len(self._contexts) > self.max_contexts:
-            self._contexts.popitem(
-                last=False
-            )  # its replay state is gone: that device's next request goes via Echo
+            # its replay state is gone: that device's next request goes via Echo
+            self._contexts.popitem(last=False)
         return c
 
     def find_oscore(self, unprotected: dict[int, Any]) -> Any:

@@ -117,9 +117,8 @@ class Client:
         self.separate_timeout = separate_timeout
         self.exchanges: dict[bytes, Exchange] = {}  # by token (prefix + Message ID): every exchange in flight
         self._due = math.inf  # no deadline before this (a lower bound)
-        self._fixed = (
-            timing.ack_timeout if timing.random_factor <= 1.0 else 0.0
-        )  # the first timeout, when exact
+        # the first timeout when it is exact (no random factor), else 0: drawn per request
+        self._fixed = timing.ack_timeout if timing.random_factor <= 1.0 else 0.0
 
     @property
     def in_flight(self) -> int:

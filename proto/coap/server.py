@@ -154,9 +154,8 @@ class Server:
         self.previous: dict[Any, bytes] = {}
         self._since = now
         self._waiting: dict[Any, Deferred] = {}  # deferred CONs whose empty ACK has not gone yet
-        self._separate: dict[
-            Any, _Separate
-        ] = {}  # separate CON responses not acknowledged yet, by (addr, mid)
+        # separate CON responses not acknowledged yet, by (addr, their Message ID)
+        self._separate: dict[Any, _Separate] = {}
         self._due = math.inf
         self.given_up = 0  # separate responses never acknowledged
 
@@ -238,9 +237,8 @@ class Server:
             return out
         mid = self.next_mid()
         out = heads(CON, code)[len(token)] + mid.to_bytes(2, "big") + token + tail
-        sep = self._separate[(d.key[0], mid)] = _Separate(
-            out, d.route, self.timing.first_timeout(self.rng), now
-        )
+        sep = _Separate(out, d.route, self.timing.first_timeout(self.rng), now)
+        self._separate[(d.key[0], mid)] = sep
         self._due = min(self._due, sep.deadline)
         return out
 
