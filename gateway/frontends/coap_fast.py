@@ -229,7 +229,6 @@ class FastPath:
         max_entries: int = MAX_ENTRIES,
         prefetch_fraction: float | None = None,
     ) -> None:
-        self.resolver = resolver
         self.bridge = bridge
         self.sock = sock
         self.clock = clock
@@ -266,7 +265,6 @@ class FastPath:
             task.cancel()
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
 
     # -- the socket's handler ------------------------------------------------------------------------------
     def begin(self) -> Callable[[bytes, Any, bytes | None], bytes | None]:
@@ -422,14 +420,17 @@ class FastPath:
             log.exception("coap: sending a resolution answer failed")
 
     def _arm(self) -> None:
-        """Wake up for the message layer's next deadline (an empty ACK, a separate response sent again)."""
+        """Wake up for the message layer's next deadline (an empty ACK, a separate response sent again); no
+        wake-up when nothing waits (a miss answered in time)."""
         due = self.server.next_timeout()
-        if due is None or due >= self._timer_at:
+        if due is not None and due >= self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = due
-        self._timer = self._loop.call_at(due, self._timeouts)
+            self._timer, self._timer_at = None, math.inf
+        if due is not None:
+            self._timer_at = due
+            self._timer = self._loop.call_at(due, self._timeouts)
 
     def _timeouts(self) -> None:
         self._timer, self._timer_at = None, math.inf
