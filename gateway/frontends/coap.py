@@ -212,7 +212,8 @@ class CoapFrontEnd:
             devicemsg.RATE_LIMITED, f"rate limited ({verdict.limit}); retry in {wait} s", max_age=wait
         )
 
-    async def resolve(self, request: aiocoap.Message) -> aiocoap.Message:
+    async def resolve(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> aiocoap.Message:
+        """``GET /r/<path>``: ``path`` is the identifier's segments (the request's Uri-Path when None)."""
         if self._closing:
             return self._fail(devicemsg.UPSTREAM_UNAVAILABLE, "gateway is shutting down")
         if (limited := self._limited(request, None)) is not None:
@@ -231,7 +232,7 @@ class CoapFrontEnd:
                         content_format=CF_CBOR,
                     ),
                 )
-            ident = "/".join(request.opt.uri_path)
+            ident = "/".join(request.opt.uri_path if path is None else path)
             try:
                 types, indexes = _query(request)
                 answer = await self.resolver.resolve(ident, types, indexes)
@@ -247,9 +248,9 @@ class CoapFrontEnd:
 
     async def render_resolve(self, request: aiocoap.Message) -> aiocoap.Message:
         """``GET /r/...`` rendered by the ``/r`` resource (block-wise included) for a request that did not come
-        through aiocoap's routing: a fast-path miss (``uri_path`` is what follows ``r``; no Block or No-Response
-        option, so what aiocoap's ``Resource.render`` would add is nothing)."""
-        return await self._resolve_resource.render_get(request)
+        through aiocoap's routing: a fast-path miss (its Uri-Path still begins with ``r``; no Block or
+        No-Response option, so what aiocoap's ``Resource.render`` would add is nothing)."""
+        return await self._resolve_resource.answer(request, request.opt.uri_path[1:])
 
     def _answer(self, request: aiocoap.Message, answer: Answer, as_json: bool) -> aiocoap.Message:
         now = self.clock()

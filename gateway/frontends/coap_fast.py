@@ -213,8 +213,8 @@ class FastPath:
     checks); ``bridge`` feeds aiocoap; ``sock`` sends. ``clock`` is the front end's wall clock; ``limiter``
     returns the front end's rate limiter (read once per wake-up: the service sets it after start). ``learning``
     false keeps the table empty (every request goes to aiocoap, e.g. when OSCORE wraps the site). ``miss``
-    renders ``GET /r/...`` (the request's ``uri_path`` = the identifier's segments) as the ``/r`` resource does:
-    with it, misses skip aiocoap's routing (the miss path)."""
+    renders ``GET /r/...`` as the ``/r`` resource does: with it, misses skip aiocoap's routing (the miss
+    path)."""
 
     def __init__(
         self,
@@ -398,7 +398,6 @@ class FastPath:
             return
         pending = self.server.defer(ev, self._mono, (ev.addr, pktinfo))
         self._arm()
-        request.opt.uri_path = request.opt.uri_path[1:]  # what aiocoap's Site hands the /r resource
         task = self._loop.create_task(self._answer_miss(request, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -29,7 +29,9 @@ CONFIG = "cfg"
 class Answering(Protocol):
     """The front end, as the resources see it."""
 
-    async def resolve(self, request: aiocoap.Message) -> aiocoap.Message: ...
+    async def resolve(
+        self, request: aiocoap.Message, path: tuple[str, ...] | None = None
+    ) -> aiocoap.Message: ...
 
     async def device(self, request: aiocoap.Message) -> aiocoap.Message: ...
 
@@ -39,7 +41,7 @@ class ResolveResource(resource.Resource, resource.PathCapable):
 
     Block-wise answers (RFC 7959) are its own, from a ``Block2Cache`` of its own (:attr:`blocks`): aiocoap's
     assembly is asked for requests with Block1 only (a resolve has no body), so a plain GET -- every miss of the
-    fast path, which calls :meth:`render_get` directly -- costs the resolution and no block-wise bookkeeping."""
+    fast path, which calls :meth:`answer` directly -- costs the resolution and no block-wise bookkeeping."""
 
     def __init__(self, frontend: Answering) -> None:
         super().__init__()
@@ -50,13 +52,19 @@ class ResolveResource(resource.Resource, resource.PathCapable):
         return request.opt.block1 is not None
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self.answer(request)
+
+    async def answer(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> aiocoap.Message:
         """The resolution; an answer larger than the peer's maximum payload, or than the block it asked for, is cut
-        into blocks and kept for the later ones."""
+        into blocks and kept for the later ones. ``path`` is the identifier's segments of a request that still
+        has the ``r`` in front (a fast-path miss: aiocoap's site did not strip it)."""
         if request.opt.block2 is not None:
-            return await self.blocks.extract_or_insert(request, lambda: self._fe.resolve(request))
-        response = await self._fe.resolve(request)
+            return await self.blocks.extract_or_insert(request, lambda: self._fe.resolve(request, path))
+        response = await self._fe.resolve(request, path)
         if len(response.payload) <= request.remote.maximum_payload_size:
             return response
+        if path is not None:  # kept under the key of the later blocks, which come through aiocoap's site
+            request.opt.uri_path = path
 
         async def rendered() -> aiocoap.Message:
             return response
