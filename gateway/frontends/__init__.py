@@ -2,6 +2,12 @@
 
 common.py   shared pieces: the registry interface they use, error -> code mapping, filters, in-flight count
 coap.py     CoAP (aiocoap): /r/<identifier>, /d/<id>/rpt, /d/<id>/cfg, /.well-known/core
+coap_site.py         the aiocoap resource tree (routes, the observable device resource)
+coap_socket.py       the CoAP UDP socket: bind, read per wake-up, send with packet info, back-pressure
+coap_fast.py         the fast path: cached resolutions answered from pre-encoded bytes (proto.coap.Server)
+coap_aiocoap.py      the one place datagrams meet aiocoap (its transport ABCs), and the contract relied on
+coap_security.py     OSCORE: the site wrappers, modes, metrics
+coap_credentials.py  OSCORE: keystore lookups, device contexts, the gateway's sequence numbers
 http.py     HTTP (aiohttp): Handle REST /api/handles, /api/devices, /healthz, /metrics
 mqtt.py     MQTT: the ida/v1/d/<dev>/ topic tree, put together from
   mqtt_reports.py   reports, config acks, status, desired config (on the paho link, gateway/paholink.py)

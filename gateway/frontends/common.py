@@ -1,16 +1,18 @@
 """What the CoAP, MQTT and HTTP front ends share: the registry interface, failure -> code mapping, query
-filters and the in-flight request count used for graceful shutdown."""
+filters, the in-flight request count used for graceful shutdown, and the representations of a resolution."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
 from gateway.errors import NameNotServed, StorageError, UpstreamError, UpstreamTimeout
+from gateway.resolution import Answer
 from proto import devicemsg
 from proto.identifier import IdentifierError
 
@@ -78,6 +80,22 @@ def json_etag(etag: bytes) -> bytes:
     """The ETag of the JSON representation (CoAP CF 50, HTTP) of an answer whose device-form tag is ``etag``:
     a different representation needs a different tag."""
     return hashlib.blake2b(b"json" + etag, digest_size=8).digest()
+
+
+def resolution_payload(answer: Answer, as_json: bool, now: float, source: int) -> bytes:
+    """The payload of a 2.05 resolution over CoAP (the slow path's and the fast path's): compact JSON in the
+    Handle REST shape (CF 50), else the device message (CF 60) with value TTLs as at ``now`` and ``source``."""
+    assert answer.record is not None
+    if as_json:
+        return json.dumps(answer.record.to_rest(), ensure_ascii=False, separators=(",", ":")).encode()
+    return devicemsg.encode_resolve_response(
+        {
+            "code": devicemsg.OK,
+            "id": answer.handle,
+            "values": answer.record.to_device_values(now),
+            "source": source,
+        }
+    )
 
 
 class FilterError(ValueError):

@@ -37,10 +37,11 @@ import pytest
 from aiohttp import web
 
 from proto import devicemsg
+from proto.coap import Message, MessageError
+from proto.coap.numbers import GET
 from tests.support.brokers import Broker, mosquitto_binary
 from tests.support.devicerun import IdaDevice
 from tests.support.webapp import serve
-from tools.harness.bench.coapmsg import GET, parse_header, parse_options
 from tools.harness.bench.procs import Child
 from tools.harness.bench.project import NodeProcess, rest_record
 from tools.harness.sim.provision import FIRMWARE_DIR
@@ -163,11 +164,13 @@ class UdpRelay:
         """Datagrams the device sent that are a GET of /r/..."""
         out = []
         for d in list(self.up):
-            h = parse_header(d)
-            if h is None or h[1] != GET:
+            try:
+                m = Message.decode(d)
+            except MessageError:
                 continue
-            opts, _ = parse_options(d)
-            path = [v for n, v in opts if n == URI_PATH]
+            if m.code != GET:
+                continue
+            path = m.values(URI_PATH)
             if path and path[0] == b"r":
                 out.append(d)
         return out

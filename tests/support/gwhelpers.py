@@ -1,8 +1,10 @@
-"""Test helpers for the gateway service tests: a controllable resolver, a clock, a Handle REST upstream node."""
+"""Test helpers for the gateway service tests: a controllable resolver, a clock, a Handle REST upstream node,
+libcoap's command-line client."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from typing import Any
 
@@ -158,3 +160,16 @@ async def eventually(cond: Any, timeout: float = 10.0, step: float = 0.01) -> No
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)
+
+
+COAP_CLIENT = shutil.which("coap-client-notls")
+
+
+async def coap_client(*args: str) -> tuple[int, bytes, bytes]:
+    """Run libcoap's ``coap-client-notls`` (skip the test when ``COAP_CLIENT`` is None): (exit code, out, err)."""
+    assert COAP_CLIENT is not None
+    proc = await asyncio.create_subprocess_exec(
+        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out, err

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 from gateway.cache import Cache
 from gateway.errors import AllUpstreamsFailed, UpstreamError
-from gateway.frontends import coap_fast
+from gateway.frontends import coap_fast, coap_socket
 from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.coap_fast import FastPath, classify
 from gateway.frontends.common import json_etag
@@ -32,12 +31,19 @@ from gateway.resolver import Resolver, ResolverConfig
 from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
 from proto import devicemsg
+from proto.coap.message import Message, parse_header, uint_value
 from proto.records import HandleValue, Record
-from tests.support.gwhelpers import BIG, POSITIVE_TTL, PUMP, Clock, FakeResolver, sample_records
+from tests.support.gwhelpers import (
+    BIG,
+    COAP_CLIENT,
+    POSITIVE_TTL,
+    PUMP,
+    Clock,
+    FakeResolver,
+    coap_client,
+    sample_records,
+)
 from tests.support.upstream_fakes import FakeUpstream
-from tools.harness.bench.coapmsg import encode_message, parse_header, parse_options, uint_value
-
-COAP_CLIENT = shutil.which("coap-client-notls")
 
 CON, NON, ACK, RST = 0, 1, 2, 3
 GET, POST = 1, 2
@@ -61,7 +67,7 @@ def request(
     payload: bytes = b"",
 ) -> bytes:
     opts = sorted(path_opts(ident) + (extra or []), key=lambda o: o[0])
-    return encode_message(mtype, code, mid, token, opts, payload)
+    return Message(mtype, code, mid, token, tuple(opts), payload).encode()
 
 
 @dataclass
@@ -76,13 +82,11 @@ class Reply:
 
     @classmethod
     def parse(cls, raw: bytes) -> Reply:
-        h = parse_header(raw)
-        assert h is not None, raw
-        opts, payload = parse_options(raw)
+        m = Message.decode(raw)
         grouped: dict[int, list[bytes]] = {}
-        for n, v in opts:
+        for n, v in m.options:
             grouped.setdefault(n, []).append(v)
-        return cls(raw, h[0], h[1], h[2], h[3], grouped, payload)
+        return cls(raw, m.mtype, m.code, m.mid, m.token, grouped, m.payload)
 
     def opt(self, n: int) -> bytes | None:
         vals = self.options.get(n)
@@ -307,7 +311,9 @@ async def test_revalidation_learns_too(env: Env) -> None:
 
 
 async def test_expired_entry_goes_to_the_slow_path(env: Env) -> None:
-    env.fast.prefetch_fraction = 0.0  # no prefetch hand-over in the last 10 % (tested with the real resolver)
+    env.fast.guard.prefetch_fraction = (
+        0.0  # no prefetch hand-over in the last 10 % (tested with the real resolver)
+    )
     await env.raw.ask(request(1, b"w"))
     env.clock.advance(POSITIVE_TTL - 0.5)
     r = await env.raw.ask(request(2, b"x"))
@@ -344,9 +350,9 @@ async def test_requests_that_are_not_cached_resolutions(env: Env) -> None:
     assert (await env.raw.ask(request(2, b"p", code=POST))).code == 0x85  # 4.05: POST on /r
     assert (await env.raw.ask(request(3, b"y", payload=b"\x01"))).code == 0x45  # a GET with a payload
     # the /r segment is part of the key: /d/... and unknown paths never hit
-    d = encode_message(CON, GET, 4, b"d", path_opts(prefix="d"))
+    d = Message(CON, GET, 4, b"d", tuple(path_opts(prefix="d"))).encode()
     assert (await env.raw.ask(d)).code == 0x84
-    wkc = encode_message(CON, GET, 5, b"k", [(OPT_URI_PATH, b".well-known"), (OPT_URI_PATH, b"core")])
+    wkc = Message(CON, GET, 5, b"k", ((OPT_URI_PATH, b".well-known"), (OPT_URI_PATH, b"core"))).encode()
     assert (await env.raw.ask(wkc)).code == 0x45
     assert env.fast.answered == 0
     # an empty CON (ping) gets aiocoap's RST
@@ -411,7 +417,7 @@ async def test_miss_path_answers_as_aiocoap_does(tmp_path: Any) -> None:
         request(0x6008, b"a8", extra=[(OPT_URI_QUERY, b"index=x")]),
         request(0x6009, b"a9", ident=BIG),  # block 0 of a block-wise answer
         request(0x600A, b"aa", mtype=NON),
-        encode_message(CON, GET, 0x600B, b"ab", [(OPT_URI_PATH, b"r"), (OPT_URI_PATH, b"88.123.99")]),
+        Message(CON, GET, 0x600B, b"ab", ((OPT_URI_PATH, b"r"), (OPT_URI_PATH, b"88.123.99"))).encode(),
     ]
     answers: dict[bool, list[bytes]] = {}
     for fast_path in (True, False):
@@ -449,7 +455,7 @@ async def test_slow_miss_gets_an_empty_ack_then_a_separate_response(env: Env) ->
     gate.set()
     sep = await env.raw.recv()
     assert (sep.mtype, sep.code, sep.token) == (CON, 0x45, b"slow")
-    await env.raw.send(encode_message(ACK, 0, sep.mid, b""))  # acknowledged: no retransmission
+    await env.raw.send(Message(ACK, 0, sep.mid).encode())  # acknowledged: no retransmission
     assert await env.raw.nothing(0.5)
     assert env.fast.misses == 1 and len(env.resolver.calls) == 1
     assert env.metrics.value("ida_requests_total", {"frontend": "coap", "code": "1"}) == 1
@@ -491,7 +497,7 @@ async def test_duplicate_after_the_empty_ack_gets_the_empty_ack_again(env: Env) 
     gate.set()
     sep = await env.raw.recv()
     assert (sep.mtype, sep.code, sep.token) == (CON, 0x45, b"e") and len(env.resolver.calls) == 1
-    await env.raw.send(encode_message(ACK, 0, sep.mid, b""))
+    await env.raw.send(Message(ACK, 0, sep.mid).encode())
 
 
 async def test_status_page_sees_fast_hits_once_a_second(tmp_path: Any) -> None:
@@ -586,7 +592,7 @@ async def test_zone_answers_are_not_learned_and_override(tmp_path: Any) -> None:
 async def test_wildcard_bind_answers_from_the_requested_address(tmp_path: Any, host: str) -> None:
     clock = Clock()
     async for e in _env(tmp_path, FakeResolver(clock=clock), clock, host=host):
-        assert e.fast._pktinfo
+        assert e.fast.sock.pktinfo
         await e.raw.ask(request(1, b"a"))
         data, addr = await asyncio.wait_for(_recvfrom_after(e.raw, request(2, b"b")), 3)
         assert addr == ("127.0.0.1", e.port) and Reply.parse(data).code == 0x45
@@ -608,7 +614,7 @@ async def _recvfrom_after(raw: RawClient, data: bytes) -> tuple[bytes, Any]:
     return await loop.sock_recvfrom(raw.sock, 65535)
 
 
-async def test_fast_path_off_uses_aiocoap_udp6(tmp_path: Any) -> None:
+async def test_fast_path_off_hands_every_datagram_to_aiocoap(tmp_path: Any) -> None:
     registry = Registry(tmp_path / "registry.sqlite3")
     fe = CoapFrontEnd("127.0.0.1", 0, FakeResolver(), registry, Metrics(), fast_path=False)
     _h, port = await fe.start()
@@ -616,7 +622,7 @@ async def test_fast_path_off_uses_aiocoap_udp6(tmp_path: Any) -> None:
     try:
         for i in range(2):
             assert (await raw.ask(request(i, b"x"))).code == 0x45
-        assert fe.fast is None
+        assert fe.fast is None and fe.bridge is not None and fe.bridge.fed == 2
     finally:
         raw.close()
         await fe.stop()
@@ -648,21 +654,12 @@ async def test_aiocoap_client(env: Env) -> None:
         await client.shutdown()
 
 
-async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
-    assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(
-        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out, err
-
-
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client(env: Env) -> None:
     uri = f"coap://127.0.0.1:{env.port}/r/{PUMP}"
     outs = []
     for args in (("-A", "50"), ("-A", "50"), ("-A", "50", "-N"), ("-A", "50", "-T", "cafe")):
-        rc, out, err = await _coap_client("-m", "get", "-B", "5", *args, uri)
+        rc, out, err = await coap_client("-m", "get", "-B", "5", *args, uri)
         assert rc == 0, err
         outs.append(out)
     assert all(json.loads(o) == sample_records()[PUMP].to_rest() for o in outs)
@@ -863,4 +860,4 @@ def test_junk_never_crashes_nor_gets_a_wrong_answer(threaded: ThreadedGateway, j
 
 
 def test_drain_limit_is_sane() -> None:
-    assert coap_fast.DRAIN_MAX >= 16 and coap_fast.MAX_PAYLOAD <= 1024
+    assert coap_socket.DRAIN_MAX >= 16 and coap_fast.MAX_PAYLOAD <= 1024

@@ -1,5 +1,5 @@
-"""gateway/frontends/coap_security.py without sockets: gateway sequence numbers, keystore lookups and reloads,
-kid collisions, and the mode switch. (End to end with the real device: tests/integration/test_oscore_interop.py.)"""
+"""gateway/frontends/coap_security.py and coap_credentials.py without sockets: gateway sequence numbers, keystore
+lookups and reloads, kid collisions, and the mode switch. (End to end with the real device: tests/integration/test_oscore_interop.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from aiocoap import oscore
 from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
 
+from gateway.frontends import coap_credentials
 from gateway.frontends import coap_security as cs
 from tools.commands.flash.keystore import Keystore
 
@@ -117,7 +118,7 @@ def test_kid_collision_is_resolved_by_trial_decryption(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     same = b"\x01" * 6
-    monkeypatch.setattr(cs, "kid_of", lambda _ident: same)
+    monkeypatch.setattr(coap_credentials, "kid_of", lambda _ident: same)
     ks = Keystore.in_dir(tmp_path)
     ks.put(ID_A, KEY_A)
     ks.put(ID_B, KEY_B)
@@ -126,7 +127,7 @@ def test_kid_collision_is_resolved_by_trial_decryption(
         creds.context(ident).recipient_replay_window.initialize_empty()  # type: ignore[union-attr]
         req = protected_post(device_context(tmp_path, ident, key, same), "r/x")
         sc = creds.find_oscore(oscore.verify_start(req))
-        assert isinstance(sc, cs._TrialContext)
+        assert isinstance(sc, coap_credentials._TrialContext)
         inner, _ = sc.unprotect(req)
         assert inner.payload == b"x"
         assert sc.authenticated_claims == [ident]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamTimeout
-from gateway.frontends.coap import CoapFrontEnd, resolve_payload
+from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.common import json_etag
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -24,16 +23,16 @@ from proto import devicemsg
 from proto.records import Record
 from tests.support.gwhelpers import (
     BIG,
+    COAP_CLIENT,
     NEGATIVE_TTL,
     POSITIVE_TTL,
     PUMP,
     Clock,
     FakeResolver,
+    coap_client,
     report_fields,
     sample_records,
 )
-
-COAP_CLIENT = shutil.which("coap-client-notls")
 
 
 @dataclass
@@ -346,25 +345,16 @@ async def test_stop_answers_requests_in_flight(env: Env) -> None:
 
 
 # -- libcoap -----------------------------------------------------------------------------------------------
-async def _coap_client(*args: str) -> tuple[int, bytes, bytes]:
-    assert COAP_CLIENT is not None
-    proc = await asyncio.create_subprocess_exec(
-        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out, err
-
-
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client_json(env: Env) -> None:
-    rc, out, err = await _coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{PUMP}")
+    rc, out, err = await coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{PUMP}")
     assert rc == 0, err
     assert json.loads(out) == sample_records()[PUMP].to_rest()
 
 
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls (libcoap3-bin) not installed")
 async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
-    rc, out, err = await _coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{BIG}")
+    rc, out, err = await coap_client("-m", "get", "-A", "50", f"coap://127.0.0.1:{env.port}/r/{BIG}")
     assert rc == 0, err
     body = json.loads(out)
     assert len(out) > 8 * 1024 and len(body["values"]) == 100
@@ -372,7 +362,7 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
     payload = tmp_path / "report.cbor"
     payload.write_bytes(devicemsg.encode("report", report_fields(boot=9, seq=1)))
     for _ in range(2):
-        rc, out, err = await _coap_client(
+        rc, out, err = await coap_client(
             "-m", "post", "-t", "60", "-f", str(payload), f"coap://127.0.0.1:{env.port}/d/{PUMP}/rpt"
         )
         assert rc == 0, err
@@ -381,7 +371,7 @@ async def test_libcoap_client_block2_and_report(env: Env, tmp_path) -> None:
     assert env.registry.stats()["reports_total"] == 1
 
 
-# -- the 2.05 payload: written out by the front end, the bytes wire's encoder gives ------------------------------
+# -- the 2.05 payload: written out by devicemsg.encode_resolve_response, the bytes of the general encoder ---------
 _ints = st.one_of(
     st.integers(0, 2**64 - 1),
     st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1, -(2**64)]),
@@ -397,8 +387,8 @@ _value = st.one_of(
 
 def _wire_or_error(code: object, ident: object, values: object, source: object) -> object:
     try:
-        return devicemsg.encode_resolve_response(
-            {"code": code, "id": ident, "values": values, "source": source}
+        return devicemsg.encode(
+            "resolve_response", {"code": code, "id": ident, "values": values, "source": source}
         )
     except Exception as e:  # the same failure both ways
         return type(e)
@@ -411,7 +401,9 @@ def test_resolve_payload_is_wires_encoding(
 ) -> None:
     want = _wire_or_error(code, ident, values, source)
     try:
-        got: object = resolve_payload(code, ident, values, source)
+        got: object = devicemsg.encode_resolve_response(
+            {"code": code, "id": ident, "values": values, "source": source}
+        )
     except Exception as e:
         got = type(e)
     assert got == want
@@ -421,8 +413,7 @@ def test_resolve_payload_of_real_records() -> None:
     for rec in sample_records().values():
         values = rec.to_device_values(0.0)
         for source in (devicemsg.SOURCE_UPSTREAM, devicemsg.SOURCE_CACHE):
-            assert resolve_payload(
-                devicemsg.OK, rec.handle, values, source
-            ) == devicemsg.encode_resolve_response(
-                {"code": devicemsg.OK, "id": rec.handle, "values": values, "source": source}
+            fields = {"code": devicemsg.OK, "id": rec.handle, "values": values, "source": source}
+            assert devicemsg.encode_resolve_response(fields) == devicemsg.dumps(
+                {devicemsg.KEYS[k]: v for k, v in fields.items()}
             )

@@ -13,15 +13,8 @@ from typing import Any
 
 import pytest
 
-from tools.harness.bench.coapmsg import (
-    ACK,
-    CON,
-    CONTENT,
-    encode_message,
-    encode_request,
-    parse_header,
-    parse_options,
-)
+from proto.coap import Message, parse_header, request_template
+from proto.coap.numbers import ACK, CON, CONTENT
 from tools.harness.bench.loadgen import LoadGenerator, LoadSpec
 from tools.harness.bench.servers import RawResponder, response_tail
 
@@ -30,7 +23,7 @@ PATH = ("r", "88.123.99", "PUMP-0001")
 
 
 def test_request_bytes() -> None:
-    t = encode_request(PATH)
+    t = request_template(PATH)
     d = t.datagram(0xBEEF, b"\xbe\xef")
     assert (
         d
@@ -41,10 +34,10 @@ def test_request_bytes() -> None:
         + b"\x09PUMP-0001"
     )
     assert parse_header(d) == (CON, 0x01, 0xBEEF, b"\xbe\xef")
-    opts, payload = parse_options(d)
-    assert [v for _, v in opts] == [b"r", b"88.123.99", b"PUMP-0001"] and payload == b""
+    m = Message.decode(d)
+    assert [v for _, v in m.options] == [b"r", b"88.123.99", b"PUMP-0001"] and m.payload == b""
     # a 14-byte segment needs the extended length byte (RFC 7252 3.1): 24-character identifier -> 34 bytes
-    assert len(encode_request(("r", "88.123.99", "PUMP-0001-ABCD")).datagram(1, b"\x00\x01")) == 34
+    assert len(request_template(("r", "88.123.99", "PUMP-0001-ABCD")).datagram(1, b"\x00\x01")) == 34
 
 
 class _Flaky(RawResponder):
@@ -70,8 +63,8 @@ class _Flaky(RawResponder):
             return
         if self.separate_every and self.n % self.separate_every == 0:
             assert self.transport is not None
-            self.transport.sendto(encode_message(ACK, 0, h[2], b""), addr)
-            self.transport.sendto(encode_message(CON, CONTENT, (h[2] + 7) & 0xFFFF, h[3], (), b"x"), addr)
+            self.transport.sendto(Message(ACK, 0, h[2]).encode(), addr)
+            self.transport.sendto(Message(CON, CONTENT, (h[2] + 7) & 0xFFFF, h[3], (), b"x").encode(), addr)
             return
         super().datagram_received(data, addr)
 
@@ -155,41 +148,3 @@ def test_ida_bench_quick_json_p1_p3(tmp_path: Path) -> None:
     assert p3["upstream_requests"] >= 1
     assert isinstance(p3["miss_overhead_p50_ms"], int | float)
     assert p3["gateway_miss_p50_ms"] > 0 and p3["direct_upstream_p50_ms"] > 0
-
-
-def test_p5_fleet_retransmits_like_a_device_until_acknowledged() -> None:
-    from tools.harness.bench import p5
-
-    class Transport:
-        def __init__(self) -> None:
-            self.sent: list[bytes] = []
-
-        def sendto(self, data: bytes) -> None:
-            self.sent.append(data)
-
-    fleet = p5._Fleet(p5.FleetSpec("127.0.0.1", 9, devices=2))
-    src = p5._Source(fleet)
-    tr = Transport()
-    src.transport = tr  # type: ignore[assignment]
-    fleet.sources.append(src)
-    fleet.send(0, 1, 0.0)
-    fleet.send(1, 1, 0.0)
-    first, second = tr.sent
-    t0 = min(src.pending.values())
-    fleet.retransmit(t0 + int(1.9e9))
-    assert fleet.result.retransmits == 0  # not yet: ACK_TIMEOUT is 2 s
-    fleet.retransmit(t0 + int(2.1e9))
-    assert fleet.result.retransmits == 2 and tr.sent[2:] == [first, second]
-    # the first gets an empty ACK (the gateway has it), the second a piggybacked 2.04
-    fleet.on_datagram(src, encode_message(ACK, 0, int.from_bytes(first[2:4], "big"), b""))
-    tkl = second[0] & 0x0F
-    fleet.on_datagram(
-        src, encode_message(ACK, p5.CHANGED, int.from_bytes(second[2:4], "big"), second[4 : 4 + tkl])
-    )
-    assert fleet.result.ok == 1 and len(src.pending) == 1 and not src.unacked
-    fleet.retransmit(t0 + int(60e9))
-    assert fleet.result.retransmits == 2  # acknowledged ones are not sent again
-    # its separate CON response is acknowledged, as a device does
-    tkl = first[0] & 0x0F
-    fleet.on_datagram(src, encode_message(CON, p5.CHANGED, 0x0777, first[4 : 4 + tkl]))
-    assert fleet.result.ok == 2 and tr.sent[-1] == b"\x60\x00\x07\x77"

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from proto import devicemsg
+from proto.coap import Message, parse_header, request_template
+from proto.coap.numbers import ACK, CON, RST
 from tests.support.brokers import Broker, mosquitto_binary
-from tools.harness.bench.coapmsg import ACK, CON, RST, encode_message, parse_header, parse_options
 from tools.harness.bench.project import GatewayProcess, NodeProcess
 from tools.harness.sim import SimConfig, SimError, run_fleet, run_sim
 from tools.harness.sim import coap as simcoap
@@ -179,7 +180,8 @@ async def _exchange(
     client = simcoap.CoapClient("127.0.0.1", port, 1, counters)
     await client.open()
     done: asyncio.Future[tuple[int, bytes, float]] = loop.create_future()
-    client.request(0, simcoap.POST, b"\xb1d", b"\x01", lambda c, d, ms: done.set_result((c, d, ms)))
+    template = request_template(("d",), code=simcoap.POST, token_len=simcoap.TOKEN_LEN)
+    client.request(0, template, b"\x01", lambda c, d, ms: done.set_result((c, d, ms)))
     try:
         return await asyncio.wait_for(done, timeout), peer, counters
     finally:
@@ -191,10 +193,10 @@ async def _exchange(
 async def test_coap_piggybacked_answer_matches_token_and_mid() -> None:
     def script(p: Peer, d: bytes) -> None:
         _t, _c, mid, tok = _hdr(d)
-        p.send(encode_message(ACK, 0x44, mid, tok, payload=b"ok"))
+        p.send(Message(ACK, 0x44, mid, tok, payload=b"ok").encode())
 
     (code, data, ms), peer, c = await _exchange(script)
-    assert code == 0x44 and parse_options(data)[1] == b"ok" and ms >= 0
+    assert code == 0x44 and Message.decode(data).payload == b"ok" and ms >= 0
     t, _code, _mid, tok = _hdr(peer.got[0])
     assert t == CON and len(tok) == 4 and c.retransmits == 0
 
@@ -203,13 +205,13 @@ async def test_coap_empty_ack_then_separate_response_is_acknowledged() -> None:
     def script(p: Peer, d: bytes) -> None:
         t, code, mid, tok = _hdr(d)
         if t == CON and code:
-            p.send(encode_message(ACK, 0, mid, b""))
+            p.send(Message(ACK, 0, mid).encode())
             asyncio.get_running_loop().call_later(
-                0.05, p.send, encode_message(CON, 0x44, 0x7777, tok, payload=b"late")
+                0.05, p.send, Message(CON, 0x44, 0x7777, tok, payload=b"late").encode()
             )
 
     (code, data, _ms), peer, _c = await _exchange(script)
-    assert code == 0x44 and parse_options(data)[1] == b"late"
+    assert code == 0x44 and Message.decode(data).payload == b"late"
     await asyncio.sleep(0.1)
     assert any(_hdr(g)[:3] == (ACK, 0, 0x7777) for g in peer.got), "the separate CON response was ACKed"
 
@@ -224,7 +226,7 @@ async def test_coap_retransmits_same_message_then_gives_up(monkeypatch: pytest.M
 
 async def test_coap_reset_fails_the_exchange() -> None:
     def script(p: Peer, d: bytes) -> None:
-        p.send(encode_message(RST, 0, _hdr(d)[2], b""))  # type: ignore[index]
+        p.send(Message(RST, 0, _hdr(d)[2]).encode())
 
     (code, _data, _ms), _peer, _c = await _exchange(script)
     assert code == simcoap.RESET
@@ -244,15 +246,14 @@ class FakeGateway(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         _t, _code, mid, tok = _hdr(data)
-        _opts, payload = parse_options(data)
-        rep = devicemsg.decode("report", payload)
+        rep = devicemsg.decode("report", Message.decode(data).payload)
         k = (rep["id"], rep["boot"], rep["seq"])
         self.seen[k] = self.seen.get(k, 0) + 1
         if self.first is not None and self.seen[k] == 1:
-            self.transport.sendto(encode_message(ACK, self.first, mid, tok), addr)
+            self.transport.sendto(Message(ACK, self.first, mid, tok).encode(), addr)
             return
         ack = devicemsg.encode("report_ack", {"boot": rep["boot"], "seq": rep["seq"], "code": devicemsg.OK})
-        self.transport.sendto(encode_message(ACK, 0x44, mid, tok, payload=ack), addr)
+        self.transport.sendto(Message(ACK, 0x44, mid, tok, payload=ack).encode(), addr)
 
 
 async def _fake_fleet(
@@ -283,9 +284,9 @@ async def _fake_fleet(
 async def test_light_fleet_retries_5xx_then_acks_each_report_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tools.harness.sim.light as light
+    import tools.harness.sim.devices as devices
 
-    monkeypatch.setattr(light, "RETRY_MIN", 0.05)
+    monkeypatch.setattr(devices, "RETRY_MIN", 0.05)
     r, gw = await _fake_fleet(tmp_path, 0xA3, 1.0)  # 5.03 first
     c = r.counters
     assert c.made >= 40 and c.acked == c.made and r.pending == 0

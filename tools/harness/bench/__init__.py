@@ -8,11 +8,13 @@
     load_scenarios()
     results = run_scenarios(["P1", "P3"], BenchOptions(quick=True))   # ScenarioResult per key
 
-Modules: ``coapmsg`` (the CoAP bytes), ``loadgen`` (closed-loop CoAP generator, worker processes), ``mqttmsg``
-and ``mqttload`` (the MQTT bytes and load), ``servers`` (anchor servers, run as processes), ``anchors`` (start/stop
+Modules: ``loadgen`` (closed-loop CoAP generator on :class:`proto.coap.Client`, worker processes), ``mqttload``
+(the MQTT load, on :mod:`proto.mqtt`), ``servers`` (anchor servers, run as processes), ``anchors`` (start/stop
 them), ``broker`` (a Mosquitto for P2/P5), ``procs`` (``Child``: a :class:`tools.support.procs.Process` with
 ``BenchError`` and CPU time), ``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario``
-(framework), ``p1``...``p5`` (scenarios), ``report`` (text, JSON, Markdown), ``cli``.
+(framework), ``p1``...``p5`` (scenarios; ``p5`` is also ``measure_p5`` and ``python -m tools.harness.bench.p5``, on
+the light simulator), ``ingest`` (the report-ingest engine against the bare-SQLite ceiling), ``report`` (text,
+JSON, Markdown), ``cli``. The CoAP bytes are :mod:`proto.coap`'s, the MQTT bytes :mod:`proto.mqtt`'s.
 """
 
 from __future__ import annotations

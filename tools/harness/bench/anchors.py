@@ -23,16 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from tools.harness.bench.coapmsg import (
-    CON,
-    GET,
-    OPT_CONTENT_FORMAT,
-    PUT,
-    encode_message,
-    parse_header,
-    parse_options,
-    uint_value,
-)
+from proto.coap import Message, MessageError, uint_value
+from proto.coap.numbers import CON, GET, PUT, ContentFormat, Option
 from tools.harness.bench.procs import BenchError, Child, free_port, python_module_cmd
 
 __all__ = ["ANCHOR_NAMES", "Anchors", "ResponseShape", "Target", "coap_request", "LIBCOAP_SERVER"]
@@ -82,25 +74,26 @@ def coap_request(
 ) -> tuple[int, list[tuple[int, bytes]], bytes]:
     """One blocking confirmable request (for setup and probes, not for load). Returns (code, options, payload);
     TimeoutError when nothing answers."""
-    opts = [(11, s.encode()) for s in path] + list(options)
+    opts = tuple([(int(Option.URI_PATH), s.encode()) for s in path] + list(options))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, port))
         s.settimeout(timeout)
         for attempt in range(attempts):
             mid = (int(time.monotonic_ns()) + attempt) & 0xFFFF
             token = mid.to_bytes(2, "big") + b"pr"
-            s.send(encode_message(CON, code, mid, token, opts, payload))
+            s.send(Message(CON, code, mid, token, opts, payload).encode())
             end = time.monotonic() + timeout
             while time.monotonic() < end:
                 try:
                     data = s.recv(65535)
                 except (TimeoutError, ConnectionRefusedError):
                     break
-                h = parse_header(data)
-                if h is None or h[3] != token:
+                try:
+                    answer = Message.decode(data)
+                except MessageError:
                     continue
-                got, rest = parse_options(data)
-                return h[1], got, rest
+                if answer.token == token:
+                    return answer.code, list(answer.options), answer.payload
     raise TimeoutError(f"no CoAP answer from {host}:{port}")
 
 
@@ -171,7 +164,12 @@ def start_libcoap(
     try:
         wait_coap(host, port, (), child)
         code, _, _ = coap_request(
-            host, port, path, code=PUT, payload=shape.payload, options=((OPT_CONTENT_FORMAT, uint_value(60)),)
+            host,
+            port,
+            path,
+            code=PUT,
+            payload=shape.payload,
+            options=((Option.CONTENT_FORMAT, uint_value(ContentFormat.CBOR)),),
         )
         if code not in (0x41, 0x44):  # 2.01 Created, 2.04 Changed
             raise child.fail(f"PUT of the payload answered {code >> 5}.{code & 31:02d}")

@@ -5,18 +5,18 @@
     result = await LoadGenerator(spec).run()    # inside a running event loop
     result.rps, result.p50_ms, result.p99_ms, result.timeouts
 
-How it works: ``concurrency`` requests are kept in flight; each response (matched by token) immediately
-sends the next request from inside ``datagram_received`` -- no tasks, no futures per request. Requests are
-pre-encoded per path (:class:`tools.harness.bench.coapmsg.RequestTemplate`); only the Message ID and token are
-patched in. Tokens are ``token_len`` bytes ending in the Message ID, so empty ACKs (matched by Message ID)
-and responses (matched by token) find the same request.
+How it works: ``concurrency`` requests are kept in flight; each response immediately sends the next request from
+inside ``datagram_received`` -- no tasks, no futures per request. Requests are pre-encoded per path
+(:class:`proto.coap.RequestTemplate`); only the Message ID and token are patched in. The message layer is
+:class:`proto.coap.Client`, one per source endpoint: tokens are ``token_len`` bytes ending in the Message ID.
 
-RFC 7252 behaviour: confirmable requests (or non-confirmable with ``confirmable=False``) are retransmitted
-after ``ack_timeout`` doubling each time, at most ``max_retransmit`` times, then counted as a timeout and
-replaced. An empty ACK stops retransmission and the separate response is then awaited (and ACKed when it is
-confirmable). Message IDs must not repeat towards one server within EXCHANGE_LIFETIME (247 s), or the server's
-de-duplication answers the replay with an old response: after ``mid_budget`` Message IDs a source endpoint is
-retired and a fresh one (a new source port) takes over.
+RFC 7252 behaviour: confirmable requests (or non-confirmable with ``confirmable=False``, never sent again) are
+retransmitted after ``ack_timeout`` doubling each time (no random factor: runs are comparable), at most
+``max_retransmit`` times, then counted as a timeout and replaced. An empty ACK stops retransmission and the
+separate response is then awaited (and ACKed when it is confirmable). Message IDs must not repeat towards one
+server within EXCHANGE_LIFETIME (247 s), or the server's de-duplication answers the replay with an old
+response: after ``mid_budget`` Message IDs a source endpoint is retired and a fresh one (a new source port)
+takes over.
 
 Bounds: ``duration`` seconds of measurement after ``warmup`` seconds, or ``count`` requests; either way the run
 ends by itself (``max_time`` is a hard stop). Only requests that complete inside the measurement window count.
@@ -36,11 +36,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from tools.harness.bench.coapmsg import ACK, CON, RST, RequestTemplate, code_str, encode_request
+from proto.coap import Client, RequestTemplate, dotted, request_template
+from proto.coap.client import Exchange, Reset, Response, Unexpected
+from proto.coap.numbers import Timing
 
 __all__ = ["LoadSpec", "LoadResult", "LoadGenerator", "run_load", "percentile"]
 
-_perf_ns = time.perf_counter_ns
+_perf = time.perf_counter
 NS = 1_000_000_000
 DRAIN_MAX = 64  # datagrams read per event-loop wake-up
 
@@ -192,7 +194,7 @@ class LoadResult:
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    """One source port: its own Message ID space and the requests in flight on it (token -> request).
+    """One source port and its message layer (its own Message ID space and the requests in flight on it).
 
     The generator owns the (connected, non-blocking) socket, so it sends with ``sock.send`` directly and,
     after asyncio hands it one datagram, drains whatever else is queued with ``sock.recv`` -- one event-loop
@@ -200,14 +202,11 @@ class _Endpoint(asyncio.DatagramProtocol):
     is full.
     """
 
-    def __init__(self, gen: LoadGenerator, prefix: bytes, sock: socket.socket) -> None:
+    def __init__(self, gen: LoadGenerator, client: Client, sock: socket.socket) -> None:
         self.gen = gen
-        self.prefix = prefix  # token bytes before the Message ID
+        self.client = client
         self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[bytes, list[Any]] = {}
-        self.next_mid = int.from_bytes(os.urandom(2), "big")
-        self.used = 0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,17 +248,13 @@ class _Endpoint(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-# request state (a small list, indexes below): first send time, deadline, transmissions, datagram, endpoint
-_T0, _DEADLINE, _TRIES, _DATA, _EP = range(5)
-
-
 class LoadGenerator:
     """One closed-loop run against one server; ``await run()`` once."""
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
         self.templates: list[RequestTemplate] = [
-            encode_request(p, confirmable=spec.confirmable, token_len=spec.token_len, query=spec.query)
+            request_template(p, confirmable=spec.confirmable, token_len=spec.token_len, query=spec.query)
             for p in spec.paths
         ]
         self.result = LoadResult()
@@ -273,21 +268,28 @@ class LoadGenerator:
         self._issued = 0
         self._inflight = 0
         self._stopping = False
-        self._win_start = 0
-        self._win_end = 0
-        self._last_done = 0
-        self._timeout_ns = int(spec.ack_timeout * NS)
+        self._win_start = 0.0
+        self._win_end = 0.0
+        self._last_done = 0.0
+        self._drain_until = 0.0
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- endpoints --------------------------------------------------------------------------------------
     async def _open_endpoint(self) -> _Endpoint:
         assert self._loop is not None
-        sock = socket.socket(socket.AF_INET6 if ":" in self.spec.host else socket.AF_INET, socket.SOCK_DGRAM)
+        spec = self.spec
+        sock = socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.connect((self.spec.host, self.spec.port))  # connected: the kernel filters other senders
+        sock.connect((spec.host, spec.port))  # connected: the kernel filters other senders
         sock.setblocking(False)
-        ep = _Endpoint(self, os.urandom(self.spec.token_len - 2), sock)
+        client = Client(
+            token_prefix=os.urandom(spec.token_len - 2),
+            mid=int.from_bytes(os.urandom(2), "big"),
+            timing=Timing(spec.ack_timeout, 1.0, spec.max_retransmit),
+            separate_timeout=spec.ack_timeout * 2 ** (spec.max_retransmit + 1),
+        )
+        ep = _Endpoint(self, client, sock)
         await self._loop.create_datagram_endpoint(lambda: ep, sock=sock)
         self._endpoints.append(ep)
         self.result.endpoints += 1
@@ -298,23 +300,23 @@ class LoadGenerator:
         if self._stalled and not self._stopping:
             n, self._stalled = self._stalled, 0
             for _ in range(n):
-                self._issue(_perf_ns())
+                self._issue(_perf())
 
     def _endpoint(self) -> _Endpoint | None:
         ep = self._current
-        if ep is not None and ep.used < self.spec.mid_budget:
+        if ep is not None and ep.client.used < self.spec.mid_budget:
             return ep
         if self._spare is None:
             return None
         old, self._current, self._spare = ep, self._spare, None
-        if old is not None and not old.pending:
+        if old is not None and not old.client.in_flight:
             old.close()
         assert self._loop is not None
         self._spare_task = self._loop.create_task(self._make_spare())
         return self._current
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def _issue(self, now: int) -> None:
+    def _issue(self, now: float) -> None:
         spec = self.spec
         if now >= self._win_end and not self._stopping:
             self._stop(now)
@@ -325,19 +327,14 @@ class LoadGenerator:
         if ep is None:  # the next source port is still opening
             self._stalled += 1
             return
-        mid = ep.next_mid
-        ep.next_mid = (mid + 1) & 0xFFFF
-        ep.used += 1
-        token = ep.prefix + mid.to_bytes(2, "big")
-        data = self.templates[self._issued % len(self.templates)].datagram(mid, token)
+        ex = ep.client.request(self.templates[self._issued % len(self.templates)], now)
         self._issued += 1
         self._inflight += 1
         self.result.sent += 1
-        ep.pending[token] = [now, now + self._timeout_ns, 1, data, ep]
-        ep.send(data)
+        ep.send(ex.datagram)
 
-    def _complete(self, ep: _Endpoint, token: bytes, req: list[Any], code: int, now: int) -> None:
-        del ep.pending[token]
+    def _complete(self, ep: _Endpoint, ex: Exchange, code: int, now: float) -> None:
+        """``code``: the answer's, 0 for a RST, -1 for no answer."""
         self._inflight -= 1
         res = self.result
         if self._win_start <= now <= self._win_end:
@@ -346,62 +343,42 @@ class LoadGenerator:
                 res.timeouts += 1
             elif 0x40 <= code < 0x60:
                 res.ok += 1
-                self._lat.append(now - req[_T0])
+                self._lat.append(int((now - ex.sent_at) * NS))
             else:
                 res.errors += 1
-                key = "RST" if code == 0 else code_str(code)
+                key = "RST" if code == 0 else dotted(code)
                 res.codes[key] = res.codes.get(key, 0) + 1
-        if ep is not self._current and not ep.pending and ep is not self._spare:
+        if ep is not self._current and not ep.client.in_flight and ep is not self._spare:
             ep.close()
         self._issue(now)
 
     def _on_datagram(self, ep: _Endpoint, data: bytes) -> None:
-        now = _perf_ns()
-        if len(data) < 4 or data[0] >> 6 != 1:
+        now = _perf()
+        ev = ep.client.receive(data, now)
+        if type(ev) is Response:
+            if ev.reply:
+                ep.send(ev.reply)  # a separate CON response: acknowledged
+            self._complete(ep, ev.exchange, ev.code, now)
+        elif type(ev) is Reset:
+            self._complete(ep, ev.exchange, 0, now)
+        elif type(ev) is Unexpected:
             self.result.unmatched += 1
-            return
-        first = data[0]
-        mtype = (first >> 4) & 3
-        code = data[1]
-        if code == 0:  # empty: ACK (separate response follows) or RST, matched by Message ID
-            token = ep.prefix + data[2:4]
-            req = ep.pending.get(token)
-            if req is None:
-                self.result.unmatched += 1
-            elif mtype == RST:
-                self._complete(ep, token, req, 0, now)
-            elif mtype == ACK:
-                req[_TRIES] = -1  # acknowledged: no more retransmissions, wait for the separate response
-                req[_DEADLINE] = now + self._timeout_ns * (2 ** (self.spec.max_retransmit + 1))
-            return
-        if mtype == CON:  # a separate response: acknowledge it
-            ep.send(bytes((0x60, 0, data[2], data[3])))
-        tkl = first & 0x0F
-        token = data[4 : 4 + tkl]
-        req = ep.pending.get(token)
-        if req is None:
-            self.result.unmatched += 1
-            return
-        self._complete(ep, token, req, code, now)
+            if ev.reply:
+                ep.send(ev.reply)
 
     def _tick(self) -> None:
         """Retransmit what is due, time out what has run out of retransmissions, check the window."""
         assert self._loop is not None
-        now = _perf_ns()
-        spec = self.spec
+        now = _perf()
         if now >= self._win_end and not self._stopping:
             self._stop(now)
         for ep in list(self._endpoints):
-            expired = [(t, r) for t, r in ep.pending.items() if r[_DEADLINE] <= now]
-            for token, req in expired:
-                tries = req[_TRIES]
-                if spec.confirmable and 0 < tries <= spec.max_retransmit:
-                    req[_TRIES] = tries + 1
-                    req[_DEADLINE] = now + self._timeout_ns * (2**tries)
-                    self.result.retransmits += 1
-                    ep.send(req[_DATA])
-                else:
-                    self._complete(ep, token, req, -1, now)
+            again, gone = ep.client.timeouts(now)
+            for datagram in again:
+                self.result.retransmits += 1
+                ep.send(datagram)
+            for ex in gone:
+                self._complete(ep, ex, -1, now)
         self._endpoints = [e for e in self._endpoints if not e.closed]
         if self._stopping and now >= self._drain_until:
             self._finish()
@@ -410,11 +387,11 @@ class LoadGenerator:
         if self._done is not None and not self._done.done():
             self._loop.call_later(self._tick_s, self._tick)
 
-    def _stop(self, now: int) -> None:
+    def _stop(self, now: float) -> None:
         """The window is over: send nothing new; let what is in flight land (uncounted) for a moment so the
         server is idle before the next measurement."""
         self._stopping = True
-        self._drain_until = now + min(self._timeout_ns, NS // 2)
+        self._drain_until = now + min(self.spec.ack_timeout, 0.5)
 
     def _maybe_finish(self) -> None:
         spec = self.spec
@@ -432,18 +409,17 @@ class LoadGenerator:
         self._loop = loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         self._tick_s = max(0.002, min(spec.ack_timeout / 8, 0.05))
-        self._drain_until = 0
         cpu0 = time.process_time()
         self._current = await self._open_endpoint()
         self._spare = await self._open_endpoint()
-        start = _perf_ns()
-        self._win_start = start + int(spec.warmup * NS)
-        self._win_end = (self._win_start + int((spec.duration or 0) * NS)) if spec.count is None else 1 << 62
+        start = _perf()
+        self._win_start = start + spec.warmup
+        self._win_end = (self._win_start + (spec.duration or 0)) if spec.count is None else math.inf
         hard = loop.call_later(spec.hard_limit(), self._finish)
         loop.call_later(self._tick_s, self._tick)
         n = spec.concurrency if spec.count is None else min(spec.concurrency, spec.count)
         for _ in range(n):
-            self._issue(_perf_ns())
+            self._issue(_perf())
         try:
             await self._done
         finally:
@@ -453,16 +429,16 @@ class LoadGenerator:
                 await asyncio.gather(self._spare_task, return_exceptions=True)
             for ep in self._endpoints + ([self._spare] if self._spare else []):
                 ep.close()
-        end = _perf_ns()
+        end = _perf()
         res = self.result
         if spec.count is None:
-            res.elapsed_s = (min(end, self._win_end) - self._win_start) / NS
+            res.elapsed_s = min(end, self._win_end) - self._win_start
         else:
-            res.elapsed_s = max(0, (self._last_done or end) - self._win_start) / NS
+            res.elapsed_s = max(0.0, (self._last_done or end) - self._win_start)
         res.cpu_s = time.process_time() - cpu0
         # still in flight at the end of a count-bounded run (hard stop): timeouts
         if spec.count is not None:
-            res.timeouts += sum(len(ep.pending) for ep in self._endpoints)
+            res.timeouts += sum(ep.client.in_flight for ep in self._endpoints)
         return res
 
 

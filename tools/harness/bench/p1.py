@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proto.coap.numbers import Option
 from tools.harness.bench.anchors import Anchors, ResponseShape, Target
-from tools.harness.bench.coapmsg import OPT_ETAG, OPT_MAX_AGE
 from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway, resolve_path
 from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
@@ -49,7 +49,7 @@ def _shape(gw: GatewayProcess) -> tuple[ResponseShape, int | None]:
     if code != 0x45:
         raise BenchError(f"gateway answered {code >> 5}.{code & 31:02d} for {SAMPLE_ID}")
     o = dict(opts)
-    max_age = int.from_bytes(o[OPT_MAX_AGE], "big") if OPT_MAX_AGE in o else None
+    max_age = int.from_bytes(o[Option.MAX_AGE], "big") if Option.MAX_AGE in o else None
     source: int | None = None
     try:
         import cbor2
@@ -57,7 +57,7 @@ def _shape(gw: GatewayProcess) -> tuple[ResponseShape, int | None]:
         source = cbor2.loads(payload).get(23)
     except Exception:
         pass
-    return ResponseShape(payload, o.get(OPT_ETAG), max_age), source
+    return ResponseShape(payload, o.get(Option.ETAG), max_age), source
 
 
 @scenario("P1", "cached resolve over CoAP (gateway vs anchors)", GOAL_P1, LIMITS_P1)

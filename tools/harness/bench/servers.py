@@ -27,32 +27,27 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from proto import mqtt
-from tools.harness.bench.coapmsg import (
-    CON,
-    CONTENT,
-    GET,
-    NON,
-    OPT_CONTENT_FORMAT,
-    OPT_ETAG,
-    OPT_MAX_AGE,
-    encode_options,
-)
-from tools.harness.bench.coapmsg import uint_value as _uint
+from proto.coap import encode_body, uint_value
+from proto.coap.message import heads
+from proto.coap.numbers import ACK, CON, CONTENT, GET, NON, ContentFormat, Option
+from tools.harness.bench.procs import free_port
 
-CF_CBOR = 60
+CF_CBOR = ContentFormat.CBOR
 DRAIN_MAX = 64
+_ACK_CONTENT = heads(ACK, CONTENT)
+_NON_CONTENT = heads(NON, CONTENT)
 
 
 def response_tail(
     payload: bytes, etag: bytes | None, max_age: int | None, content_format: int = CF_CBOR
 ) -> bytes:
     """The part of a 2.05 response after the token: options, marker, payload."""
-    opts: list[tuple[int, bytes]] = [(OPT_CONTENT_FORMAT, _uint(content_format))]
+    opts: list[tuple[int, bytes]] = [(Option.CONTENT_FORMAT, uint_value(content_format))]
     if etag:
-        opts.append((OPT_ETAG, etag))
+        opts.append((Option.ETAG, etag))
     if max_age is not None:
-        opts.append((OPT_MAX_AGE, _uint(max_age)))
-    return encode_options(opts) + (b"\xff" + payload if payload else b"")
+        opts.append((Option.MAX_AGE, uint_value(max_age)))
+    return encode_body(opts, payload)
 
 
 class RawResponder(asyncio.DatagramProtocol):
@@ -96,10 +91,10 @@ class RawResponder(asyncio.DatagramProtocol):
             return
         mtype = (first >> 4) & 3
         if mtype == CON:
-            out = bytes((0x60 | tkl, CONTENT)) + data[2 : 4 + tkl] + self.tail
+            out = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + self.tail
         elif mtype == NON:
             self.mid = (self.mid + 1) & 0xFFFF
-            out = bytes((0x50 | tkl, CONTENT, self.mid >> 8, self.mid & 0xFF)) + data[4 : 4 + tkl] + self.tail
+            out = _NON_CONTENT[tkl] + self.mid.to_bytes(2, "big") + data[4 : 4 + tkl] + self.tail
         else:
             return
         self._send(out, addr)
@@ -151,22 +146,19 @@ async def serve_aiocoap(
 
     site = resource.Site()
     site.add_resource(("r",), Fixed())
-    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port), transports=["udp6"])
-    _ready(_aiocoap_port(ctx, port))
+    for attempt in range(5):  # aiocoap says no port it bound: pick a free one (racy, so try again)
+        bound = port or free_port(host=host)
+        try:
+            ctx = await aiocoap.Context.create_server_context(site, bind=(host, bound), transports=["udp6"])
+            break
+        except OSError:
+            if port or attempt == 4:
+                raise
+    _ready(bound)
     try:
         await stop.wait()
     finally:
         await ctx.shutdown()
-
-
-def _aiocoap_port(ctx: Any, default: int) -> int:
-    for ri in ctx.request_interfaces:
-        mi = getattr(getattr(ri, "token_interface", None), "message_interface", None)
-        transport = getattr(mi, "transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            return int(sock.getsockname()[1])
-    return default
 
 
 class MqttResponder(asyncio.Protocol):

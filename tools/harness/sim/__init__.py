@@ -14,18 +14,20 @@ Two modes (``auto`` = firmware up to 10 devices, light above):
   to the byte; each device is a process (~13 MB: the venv's ``micropython`` hosts the interpreter in a CPython
   process), so keep N small (<= 20).
 * **light** (:mod:`tools.harness.sim.light`): one asyncio process that speaks docs/protocol.md itself -- CoAP over raw
-  UDP endpoints with its own CON/ACK/token handling (:mod:`tools.harness.sim.coap`), MQTT 3.1.1 with its own small
-  client (:mod:`tools.harness.sim.mqtt`) -- keeping per-device boot/seq/uptime/queue state, a report schedule spread
+  UDP endpoints with the message layer of :class:`proto.coap.Client` (:mod:`tools.harness.sim.coap`), MQTT 3.1.1
+  with its own small client (:mod:`tools.harness.sim.mqtt`, connections in :mod:`tools.harness.sim.light_mqtt`) --
+  keeping per-device boot/seq/uptime/queue state (:mod:`tools.harness.sim.devices`), a report schedule spread
   evenly over the interval, one report in flight per device, retries with backoff, optional resolves. 10,000
   CoAP devices at 60 s (167 reports/s) cost the simulator ~10 % of a core on the 2-core dev machine, most of
   it in the UDP send system call.
 
-:mod:`tools.harness.sim.p5` measures benchmark P5 (10,000 devices every 60 s against a real ``ida gateway``, the
-gateway's CPU share) with the light fleet.
+Benchmark P5 (10,000 devices every 60 s against a real ``ida gateway``, the gateway's CPU share) runs the light
+fleet: :mod:`tools.harness.bench.p5`.
 
 Modules: ``config`` (``SimConfig``, ``SimError``), ``provision`` (a device's identity, environment and process),
-``firmware`` and ``light`` (the two fleets), ``coap`` and ``mqtt`` (the light fleet's clients), ``stats``
-(counters, histograms, summaries), ``runner`` (start, run, stop a fleet), ``p5``, ``cli`` (``ida sim``).
+``firmware`` and ``light`` (the two fleets; ``devices`` what a light device keeps and reports, ``light_mqtt`` its
+MQTT connections), ``coap`` and ``mqtt`` (the light fleet's clients), ``stats`` (counters, histograms,
+summaries), ``runner`` (start, run, stop a fleet), ``cli`` (``ida sim``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The light simulator: thousands of devices in one asyncio process, speaking docs/protocol.md themselves.
 
-Each device keeps what the firmware keeps: a boot number (one per run, persisted in ``<data dir>/light-boot.json``
-so a second run against the same gateway is not taken for duplicates), a sequence number per boot, uptime, and
-a bounded queue of unacknowledged reports (oldest dropped when full, counted in ``dropped``). As the firmware's
+Each device keeps what the firmware keeps (:mod:`tools.harness.sim.devices`): a boot number (one per run, persisted in
+``<data dir>/light-boot.json``), a sequence number per boot, uptime, and a bounded queue of unacknowledged reports
+(oldest dropped when full, counted in ``dropped``). As the firmware's
 reporter does, a device has one report in flight, sends the oldest queued first, and on no answer, 4.29 or 5.xx
 retries the same report after a backoff (2 s doubling to 300 s); any other 4.xx drops it (``rejected``).
 
@@ -11,22 +11,13 @@ fleet is spread evenly over the interval, with jitter inside each slot) and then
 gateway sees a steady ``N / interval`` reports per second, as from a real fleet, not bursts. Resolves
 (``resolve_every``) are spread the same way.
 
-CoAP devices: ``POST /d/<id>/rpt`` confirmable, via :mod:`tools.harness.sim.coap` (a raw UDP endpoint with its own
-CON/ACK/token handling; devices share ``coap_sockets`` sockets, default ``min(N, 1024)``). Resolves are
-``GET /r/<id>`` with the ETag of the last answer (2.03 when unchanged). Light CoAP devices do not observe
+CoAP devices: ``POST /d/<id>/rpt`` confirmable, via :mod:`tools.harness.sim.coap` (raw UDP endpoints, the message
+layer of :class:`proto.coap.Client`; devices share ``coap_sockets`` sockets, default ``min(N, 1024)``). Resolves
+are ``GET /r/<id>`` with the ETag of the last answer (2.03 when unchanged). Light CoAP devices do not observe
 ``/d/<id>/cfg`` (10,000 observations would measure something else); MQTT devices do apply remote config.
 
-MQTT devices (:mod:`tools.harness.sim.mqtt`, a small asyncio 3.1.1 client). Trade-off, set by ``mqtt_connections``:
-
-* 0 (default): one connection per device, exactly as a device connects -- client id = topic key, clean
-  session, last will = ``status`` offline (retained, QoS 1), ``status`` online after CONNACK, subscriptions to
-  ``res``/``ack``/``cfg``. Most faithful (the broker and the gateway see N clients and N statuses); costs one
-  socket per device here and in the broker (10,000 devices need ``ulimit -n`` above 10,000 in both) and the
-  connection set-up at start (about 64 connections in flight at a time, in device order).
-* K > 0: K shared connections, each carrying every K-th device's publishes and subscriptions (topic
-  filters for its devices only, so no message is delivered twice). Cheap at any N, but a broker ACL per
-  device cannot be applied, and there is no last will per device (a clean stop still publishes each device's
-  offline status).
+MQTT devices (:mod:`tools.harness.sim.mqtt`, a small asyncio 3.1.1 client) connect one per device or share K
+connections (``mqtt_connections``; :mod:`tools.harness.sim.light_mqtt` says what each costs).
 
 Reports go out at QoS 1 on ``rpt``; the ``report_ack`` on ``ack`` (matched by boot and seq) completes them;
 none within 10 s counts as a timeout and the report is retried. Resolves are QoS 0 ``req`` with a 4-byte token
@@ -37,150 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from proto import devicemsg
-from tools.harness.bench.coapmsg import (
-    OPT_CONTENT_FORMAT,
-    OPT_ETAG,
-    OPT_URI_PATH,
-    encode_options,
-    parse_options,
-    uint_value,
-)
-from tools.harness.sim.coap import GET, NO_RESPONSE, POST, RESET, CoapClient
+from proto.coap import Message, MessageError
+from proto.coap.numbers import CHANGED, CONTENT, VALID, Code, Option
+from tools.harness.sim import devices
+from tools.harness.sim.coap import NO_RESPONSE, RESET, CoapClient, resolve_template
 from tools.harness.sim.config import SimConfig, SimError, parse_url
-from tools.harness.sim.mqtt import MqttConn, MqttError
+from tools.harness.sim.devices import BOARD, FW, Device, Report, next_boot
+from tools.harness.sim.light_mqtt import MqttLinks
 from tools.harness.sim.stats import Counters, Histogram, SimResult
 
 __all__ = ["LightFleet", "BOARD", "FW", "next_boot"]
 
-BOARD = "sim"
-FW = "0.1.0-sim"
-RETRY_MIN = 2.0  # firmware/carrier/reporter.py
-RETRY_MAX = 300.0
 MQTT_REPORT_TIMEOUT = 10.0
 MQTT_RESOLVE_TIMEOUT = 5.0
-MQTT_KEEPALIVE = 60
-CONNECT_TIMEOUT = 10.0
-CONNECT_CONCURRENCY = 64
-RECONNECT_MIN = 1.0
-RECONNECT_MAX = 30.0
 COAP_SOCKETS_MAX = 1024
-CHANGED, CONTENT, VALID, NOT_FOUND, TOO_MANY = 0x44, 0x45, 0x43, 0x84, 0x9D
-BOOT_FILE = "light-boot.json"
+NOT_FOUND, TOO_MANY = Code.NOT_FOUND, Code.TOO_MANY_REQUESTS
 _perf = time.perf_counter
-
-
-def next_boot(data_dir: Path) -> int:
-    """The fleet's boot number for this run: the last one + 1, persisted (temp file + rename)."""
-    path = data_dir / BOOT_FILE
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            boot = int(json.loads(path.read_text())["boot"]) + 1
-        except (OSError, ValueError, KeyError, TypeError):
-            boot = 1
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"boot": boot}))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SimError(f"data dir {str(data_dir)!r}: {e.strerror or e}") from None
-    return boot
-
-
-class _Report:
-    __slots__ = ("seq", "payload", "sends")
-
-    def __init__(self, seq: int, payload: bytes) -> None:
-        self.seq = seq
-        self.payload = payload
-        self.sends = 0
-
-
-class Device:
-    __slots__ = (
-        "n",
-        "ident",
-        "key",
-        "transport",
-        "seq",
-        "queue",
-        "inflight",
-        "backoff",
-        "retry_timer",
-        "interval",
-        "next_due",
-        "next_timer",
-        "rssi",
-        "heap",
-        "tail",
-        "sock",
-        "conn",
-        "etags",
-        "resolve_token",
-        "resolve_timer",
-        "resolve_due",
-        "resolve_timer_next",
-        "resolves",
-        "resolve_t0",
-        "resolve_target",
-        "cfgver",
-        "report_timer",
-        "report_t0",
-        "dropped",
-    )
-
-    def __init__(self, n: int, ident: str, transport: str, interval: float, rng: random.Random) -> None:
-        self.n = n
-        self.ident = ident
-        self.key = devicemsg.topic_key(ident)
-        self.transport = transport
-        self.seq = 0
-        self.queue: deque[_Report] = deque()
-        self.inflight: _Report | None = None
-        self.backoff = RETRY_MIN
-        self.retry_timer: asyncio.TimerHandle | None = None
-        self.interval = interval
-        self.next_due = 0.0
-        self.next_timer: asyncio.TimerHandle | None = None
-        self.rssi = -rng.randrange(40, 85)
-        self.heap = rng.randrange(70_000, 110_000)
-        prefix, _, suffix = ident.partition("/")
-        segs = [(OPT_URI_PATH, b"d"), (OPT_URI_PATH, prefix.encode())]
-        segs += [(OPT_URI_PATH, s.encode()) for s in suffix.split("/")]
-        self.tail = encode_options([*segs, (OPT_URI_PATH, b"rpt"), (OPT_CONTENT_FORMAT, uint_value(60))])
-        self.sock = 0
-        self.conn: MqttConn | None = None
-        self.etags: dict[str, bytes] = {}
-        self.resolve_token: bytes | None = None
-        self.resolve_timer: asyncio.TimerHandle | None = None
-        self.resolve_due = 0.0
-        self.resolve_timer_next: asyncio.TimerHandle | None = None
-        self.resolves = 0
-        self.resolve_t0 = 0.0
-        self.resolve_target = ident
-        self.cfgver = 0
-        self.report_timer: asyncio.TimerHandle | None = None
-        self.report_t0 = 0.0
-        self.dropped = 0
-
-
-def _resolve_options(target: str, etag: bytes | None) -> bytes:
-    prefix, _, suffix = target.partition("/")
-    opts = [(OPT_URI_PATH, b"r"), (OPT_URI_PATH, prefix.encode())]
-    opts += [(OPT_URI_PATH, s.encode()) for s in suffix.split("/")]
-    if etag:
-        opts.append((OPT_ETAG, etag))
-    return encode_options(opts)
 
 
 class LightFleet:
@@ -201,13 +71,9 @@ class LightFleet:
             Device(n, cfg.identifier(n), cfg.transport_of(n), cfg.interval, self.rng)
             for n in range(cfg.devices)
         ]
-        self.by_key = {d.key: d for d in self.devices}
         self.boot = 0
         self.coap: CoapClient | None = None
-        self.conns: list[MqttConn | None] = []
-        self.conn_devices: list[list[Device]] = []
-        self._conn_backoff: list[float] = []
-        self._shared = False
+        self.mqtt: MqttLinks | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
@@ -238,15 +104,8 @@ class LightFleet:
             for i, d in enumerate(coap_devs):
                 d.sock = i
         if mqtt_devs:
-            self._shared = cfg.mqtt_connections > 0
-            k = min(cfg.mqtt_connections, len(mqtt_devs)) if self._shared else len(mqtt_devs)
-            self.conn_devices = [[] for _ in range(k)]
-            for i, d in enumerate(mqtt_devs):
-                self.conn_devices[i % k].append(d)
-            self.conns = [None] * k
-            self._conn_backoff = [RECONNECT_MIN] * k
-            self._spawn(self._connect_all())
-            self._spawn(self._keepalive_loop())
+            self.mqtt = MqttLinks(self, mqtt_devs)
+            self.mqtt.start()
         now = loop.time()
         n = len(self.devices)
         for d in self.devices:
@@ -255,9 +114,10 @@ class LightFleet:
             if cfg.resolve_every > 0:
                 d.resolve_due = now + (d.n + self.rng.random()) / n * cfg.resolve_every
                 d.resolve_timer_next = loop.call_at(d.resolve_due, self._resolve_due, d)
+        shared = self.mqtt is not None and self.mqtt.shared
         self.log(
             f"light fleet: {n} devices ({len(coap_devs)} coap, {len(mqtt_devs)} mqtt"
-            + (f" on {len(self.conns)} shared connections" if self._shared else "")
+            + (f" on {len(self.mqtt.conns)} shared connections" if self.mqtt is not None and shared else "")
             + f"), boot {self.boot}, "
             f"{n / cfg.interval:.1f} reports/s"
         )
@@ -289,7 +149,8 @@ class LightFleet:
                 await t
         if self.coap is not None:
             self.coap.close()
-        await self._disconnect_all()
+        if self.mqtt is not None:
+            await self.mqtt.close()
         return self.snapshot()
 
     @property
@@ -300,11 +161,7 @@ class LightFleet:
     @property
     def online(self) -> int:
         n = sum(1 for d in self.devices if d.transport == "coap")
-        return n + sum(
-            len(devs)
-            for c, devs in zip(self.conns, self.conn_devices, strict=True)
-            if c is not None and c.ready
-        )
+        return n + (self.mqtt.online if self.mqtt is not None else 0)
 
     def snapshot(self) -> SimResult:
         end = self.t_stop if self.t_stop is not None else time.monotonic()
@@ -326,7 +183,7 @@ class LightFleet:
         h, self.window_ms = self.window_ms, Histogram()
         return h
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -341,28 +198,8 @@ class LightFleet:
         self._make(d)
 
     def _make(self, d: Device) -> None:
-        d.seq += 1
-        fields: dict[str, Any] = {
-            "id": d.ident,
-            "boot": self.boot,
-            "seq": d.seq,
-            "uptime": int(time.monotonic() - self.t_start),
-            "heap": d.heap,
-            "rssi": d.rssi,
-            "queue": len(d.queue),
-            "board": BOARD,
-            "fw": FW,
-            "dropped": d.dropped,
-            "time": int(time.time()),
-            "sensors": {"temp": round(18.0 + (d.n % 80) / 10.0, 1)},
-        }
-        payload = devicemsg.encode("report", fields)
-        if len(d.queue) >= self.cfg.queue_cap:  # full: the oldest report not in flight goes
-            victim = 1 if d.inflight is not None and d.queue[0] is d.inflight else 0
-            del d.queue[victim]
-            d.dropped += 1
+        if d.queue_report(self.boot, int(time.monotonic() - self.t_start), self.cfg.queue_cap):
             self.counters.dropped += 1
-        d.queue.append(_Report(d.seq, payload))
         self.counters.made += 1
         self._pump(d)
 
@@ -373,7 +210,8 @@ class LightFleet:
         rep = d.queue[0]
         if d.transport == "coap":
             assert self.coap is not None
-            self.coap.request(d.sock, POST, d.tail, rep.payload, partial(self._coap_report_done, d, rep))
+            assert d.template is not None
+            self.coap.request(d.sock, d.template, rep.payload, partial(self._coap_report_done, d, rep))
         else:
             conn = d.conn
             if (
@@ -392,7 +230,7 @@ class LightFleet:
             self.counters.sent += 1
         rep.sends += 1
 
-    def _acked(self, d: Device, rep: _Report, ms: float) -> None:
+    def _acked(self, d: Device, rep: Report, ms: float) -> None:
         d.inflight = None
         if d.queue and d.queue[0] is rep:
             d.queue.popleft()
@@ -402,23 +240,23 @@ class LightFleet:
         self.counters.acked += 1
         self.ack_ms.add(ms)
         self.window_ms.add(ms)
-        d.backoff = RETRY_MIN
+        d.backoff = devices.RETRY_MIN
         self._pump(d)
 
-    def _failed(self, d: Device, rep: _Report) -> None:
+    def _failed(self, d: Device, rep: Report) -> None:
         """No answer, 4.29 or 5.xx: the same report again after the backoff."""
         d.inflight = None
         if self.closed:
             return
         assert self._loop is not None
         d.retry_timer = self._loop.call_later(d.backoff * self.rng.uniform(1.0, 1.25), self._retry, d)
-        d.backoff = min(d.backoff * 2, RETRY_MAX)
+        d.backoff = min(d.backoff * 2, devices.RETRY_MAX)
 
     def _retry(self, d: Device) -> None:
         d.retry_timer = None
         self._pump(d)
 
-    def _rejected(self, d: Device, rep: _Report) -> None:
+    def _rejected(self, d: Device, rep: Report) -> None:
         d.inflight = None
         with contextlib.suppress(ValueError):
             d.queue.remove(rep)
@@ -426,22 +264,21 @@ class LightFleet:
         self.counters.errors += 1
         self._pump(d)
 
-    def _ack_code(self, d: Device, rep: _Report, ack: Any) -> int | None:
+    def _ack_code(self, d: Device, rep: Report, ack: Any) -> int | None:
         """The code of a report_ack for ``rep``; None when it names another report."""
         if not isinstance(ack, dict) or ack.get("boot") != self.boot or ack.get("seq") != rep.seq:
             return None
         code = ack.get("code")
         return code if isinstance(code, int) else None
 
-    def _coap_report_done(self, d: Device, rep: _Report, code: int, data: bytes, ms: float) -> None:
+    def _coap_report_done(self, d: Device, rep: Report, code: int, data: bytes, ms: float) -> None:
         if d.inflight is not rep:
             self.counters.late += 1
             return
         if code == CHANGED:
             try:
-                _opts, payload = parse_options(data)
-                ack = devicemsg.decode("report_ack", payload)
-            except (ValueError, IndexError):
+                ack = devicemsg.decode("report_ack", Message.decode(data).payload)
+            except (MessageError, devicemsg.WireError):
                 ack = None
             result = self._ack_code(d, rep, ack)
             if result == devicemsg.OK:
@@ -461,7 +298,7 @@ class LightFleet:
         else:
             self._rejected(d, rep)
 
-    def _mqtt_report_timeout(self, d: Device, rep: _Report) -> None:
+    def _mqtt_report_timeout(self, d: Device, rep: Report) -> None:
         d.report_timer = None
         if d.inflight is rep:
             self.counters.timeouts += 1
@@ -514,7 +351,7 @@ class LightFleet:
         if d.transport == "coap":
             assert self.coap is not None
             self.coap.request(
-                d.sock, GET, _resolve_options(target, etag), b"", partial(self._coap_resolve_done, d, target)
+                d.sock, resolve_template(target, etag), b"", partial(self._coap_resolve_done, d, target)
             )
             return
         fields: dict[str, Any] = {"token": d.resolve_token, "id": target}
@@ -552,11 +389,8 @@ class LightFleet:
     def _coap_resolve_done(self, d: Device, target: str, code: int, data: bytes, ms: float) -> None:
         etag = None
         if code == CONTENT:
-            try:
-                opts, _payload = parse_options(data)
-                etag = next((v for n, v in opts if n == OPT_ETAG), None)
-            except (ValueError, IndexError):
-                pass
+            with contextlib.suppress(MessageError):
+                etag = Message.decode(data).option(Option.ETAG)
         proto = {
             CONTENT: devicemsg.OK,
             VALID: devicemsg.NOT_MODIFIED,
@@ -635,141 +469,26 @@ class LightFleet:
             d.next_due = t
             d.next_timer = self._loop.call_at(t, self._report_due, d)
 
-    # -- MQTT connections -----------------------------------------------------------------------------------
-    def _status(self, d: Device, online: bool) -> bytes:
-        return devicemsg.encode("status", {"id": d.ident, "online": online})
+    # -- MQTT connections (light_mqtt.Host) ---------------------------------------------------------------------
+    def ready(self, d: Device) -> None:
+        self._pump(d)
 
-    def _new_conn(self, j: int) -> MqttConn:
-        devs = self.conn_devices[j]
-        subs = [
-            (devicemsg.topic(d.ident, leaf), qos)
-            for d in devs
-            for leaf, qos in (("res", 0), ("ack", 1), ("cfg", 1))
-        ]
-        if self._shared:
-            client_id, will = f"ida-sim-{os.getpid()}-{j}", None
-        else:
-            d = devs[0]
-            client_id, will = d.key, (devicemsg.topic(d.ident, "status"), self._status(d, False), 1, True)
-        return MqttConn(
-            client_id,
-            subs,
-            keepalive=MQTT_KEEPALIVE,
-            will=will,
-            on_connack=partial(self._on_connack, j),
-            on_ready=partial(self._on_ready, j),
-            on_message=self._on_message,
-            on_lost=partial(self._on_lost, j),
-        )
+    def message(self, d: Device, leaf: str, payload: bytes) -> None:
+        handle = {"ack": self._mqtt_ack, "res": self._mqtt_res, "cfg": self._mqtt_cfg}.get(leaf)
+        if handle is not None:
+            handle(d, payload)
 
-    async def _connect_all(self) -> None:
-        """Open the connections in device order, CONNECT_CONCURRENCY at a time."""
-        it = iter(range(len(self.conns)))
-
-        async def worker() -> None:
-            for j in it:
-                await self._connect(j)
-
-        await asyncio.gather(*(worker() for _ in range(min(CONNECT_CONCURRENCY, len(self.conns)))))
-
-    async def _connect(self, j: int) -> None:
-        if self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        host, port = parse_url(self.cfg.broker, "mqtt")
-        conn = self._new_conn(j)
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), CONNECT_TIMEOUT)
-            self.conns[j] = conn
-            await asyncio.wait_for(asyncio.shield(conn.connack), CONNECT_TIMEOUT)
-            return
-        except (OSError, TimeoutError, MqttError) as e:
-            self.counters.errors += 1
-            if self.counters.errors <= 3:
-                self.log(f"mqtt: {self.cfg.broker}: {type(e).__name__}: {e}")
-            if conn.transport is not None:
-                conn.closing = True  # no on_lost reconnect: scheduled below
-                conn.abort("connect failed")
-            self.conns[j] = None
-        self._schedule_reconnect(j)
-
-    def _schedule_reconnect(self, j: int) -> None:
-        if self.closed or self._loop is None:
-            return
-        delay = self._conn_backoff[j] * self.rng.uniform(1.0, 1.5)
-        self._conn_backoff[j] = min(self._conn_backoff[j] * 2, RECONNECT_MAX)
-        self._loop.call_later(delay, lambda: self._spawn(self._connect(j)) if not self.closed else None)
-
-    def _on_connack(self, j: int, conn: MqttConn) -> None:
-        self.counters.connects += 1
-        for d in self.conn_devices[j]:
-            conn.publish(devicemsg.topic(d.ident, "status"), self._status(d, True), qos=1, retain=True)
-
-    def _on_ready(self, j: int, conn: MqttConn) -> None:
-        self._conn_backoff[j] = RECONNECT_MIN
-        for d in self.conn_devices[j]:
-            d.conn = conn
-            self._pump(d)
-
-    def _on_message(self, conn: MqttConn, topic: str, payload: bytes) -> None:
-        parts = topic.split("/")
-        if len(parts) != 5:
-            return
-        d = self.by_key.get(parts[3])
-        if d is None:
-            return
-        leaf = parts[4]
-        if leaf == "ack":
-            self._mqtt_ack(d, payload)
-        elif leaf == "res":
-            self._mqtt_res(d, payload)
-        elif leaf == "cfg":
-            self._mqtt_cfg(d, payload)
-
-    def _on_lost(self, j: int, conn: MqttConn, why: str | None) -> None:
-        if self.conns[j] is conn:
-            self.conns[j] = None
-        if why is not None:
-            self.counters.disconnects += 1
-        for d in self.conn_devices[j]:
-            if d.conn is conn:
-                d.conn = None
-            if d.report_timer is not None:  # the answer cannot come any more: retry after reconnecting
-                d.report_timer.cancel()
-                d.report_timer = None
-                d.inflight = None
-            if d.resolve_timer is not None:
-                d.resolve_timer.cancel()
-                d.resolve_timer = None
-            if d.resolve_token is not None:  # its answer cannot come any more
-                d.resolve_token = None
-                self.resolving -= 1
-                if why is not None:
-                    self.counters.resolve_errors += 1
-        if why is not None:
-            self.counters.errors += 1
-            if self.counters.disconnects <= 3:
-                self.log(f"mqtt: connection {conn.client_id} lost: {why}")
-            self._schedule_reconnect(j)
-
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(5.0)
-            now = time.monotonic()
-            for c in self.conns:
-                if c is not None:
-                    c.ping_if_idle(now)
-
-    async def _disconnect_all(self) -> None:
-        conns = [(j, c) for j, c in enumerate(self.conns) if c is not None and c.transport is not None]
-        for j, c in conns:
-            if c.connected:
-                for d in self.conn_devices[j]:
-                    c.publish(devicemsg.topic(d.ident, "status"), self._status(d, False), qos=1, retain=True)
-            c.disconnect()
-        deadline = time.monotonic() + 3.0
-        while any(c.transport is not None for _j, c in conns) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for _j, c in conns:
-            if c.transport is not None:
-                c.transport.abort()
+    def connection_lost(self, d: Device, why: str | None) -> None:
+        """``d``'s connection is gone: what it had in flight cannot be answered any more."""
+        if d.report_timer is not None:  # retried after reconnecting
+            d.report_timer.cancel()
+            d.report_timer = None
+            d.inflight = None
+        if d.resolve_timer is not None:
+            d.resolve_timer.cancel()
+            d.resolve_timer = None
+        if d.resolve_token is not None:
+            d.resolve_token = None
+            self.resolving -= 1
+            if why is not None:
+                self.counters.resolve_errors += 1
