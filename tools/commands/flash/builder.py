@@ -74,7 +74,7 @@ class RuntimeInfo:
     path: str
     sha256: str
     size: int
-    kind: str  # "merged" (bootloader + table + app) or "app"
+    kind: str  # "merged" (bootloader + table + app), "app", or "program" (the host's, simulated boards)
     offset: int  # where it is flashed
     version: str | None  # from the app description, when present
     idf: str | None
@@ -230,9 +230,14 @@ def board_json(board: Board) -> bytes:
 
 
 def inspect_runtime(board: Board, data: bytes, path: str = "<bytes>") -> RuntimeInfo:
-    """Classify a MicroPython image for ``board``: merged or app-only, for the right chip, fitting its region."""
+    """Classify a MicroPython image for ``board``: merged or app-only, for the right chip, fitting its region.
+    A simulated board (no flash) takes a MicroPython program for the host instead (kind "program")."""
     if board.flash is None:
-        raise BuildError(f"board {board.name!r} has no flash: it takes no runtime image")
+        if not data.startswith(b"\x7fELF"):
+            raise BuildError(
+                f"{path}: board {board.name!r} runs on the host: its runtime is a MicroPython program"
+            )
+        return RuntimeInfo(path, im.sha256(data), len(data), "program", 0, None, None, frozen_names(data))
     head = im.parse_image_header(data)
     if head is None:
         raise BuildError(f"{path}: not an ESP image (first byte 0x{data[:1].hex() or '--'}, expected 0xe9)")
@@ -309,9 +314,9 @@ def check_runtime_layout(man: Manifest, info: RuntimeInfo) -> None:
             "the firmware frozen in" if man.frozen else "nothing of the firmware frozen in (a stock runtime)"
         )
         raise BuildError(
-            f"{info.path}: the build {man.board} was made for a runtime with {want}, and this one has "
+            f"{info.path}: this build (board {man.board}) was made for a runtime with {want}, and this one has "
             f"{len(got)} firmware file(s) frozen in",
-            "flash the runtime the batch was built with, or rebuild the batch with `ida flash build --runtime` this one",
+            "use the runtime the batch was built with, or rebuild the batch with `ida flash build --runtime` this one",
         )
 
 

@@ -184,7 +184,8 @@ def _build(args: argparse.Namespace) -> int:
         if m.factory_image:
             print(f"  factory.bin: runtime + fs for a gang programmer, at 0x{m.factory_image['offset']:x}")
         _runtime_layout(m)
-        print("  by hand: " + " ".join(esptool_command(load_build(out, board.name))))
+        if board.flash is not None:
+            print("  by hand: " + " ".join(esptool_command(load_build(out, board.name))))
     else:
         print(
             "  runtime: none given; `ida flash device` will need --runtime PATH with --full or for a blank chip"
