@@ -1,6 +1,6 @@
 """`ida flash build --runtime`: a stock MicroPython runtime told from one with the firmware frozen in, from the
-image bytes. The runtime images stand in for real ESP32 ones: merged esp32-devkitc images whose app carries the
-bytes of the two real 32-bit MicroPython programs of tools/harness/mp32.py (stock, and built with
+image bytes. The runtime images stand in for real ESP32 ones: merged esp32-devkitc images whose app's flash data
+carries the bytes of the two real 32-bit MicroPython programs of tools/harness/mp32.py (stock, and built with
 firmware/manifest.py), so what is detected is their real frozen-module table."""
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.flashutil import CHIP_CODE, app_desc, esptool, tiny_elf
+from tests.support.flashutil import standin_runtime
 from tests.support.mp import mp32
 from tools.commands.flash import builder as fb
 from tools.commands.flash import image as im
 from tools.commands.flash.errors import BuildError
 from tools.commands.flash.frozen import frozen_firmware, frozen_names
-from tools.support.boards import load_board
 
 BOARD = "esp32-devkitc"
 ROOT = Path(__file__).resolve().parents[3]
@@ -28,49 +27,13 @@ def _sources() -> list[str]:
     return [p.as_posix() for p in fb.firmware_sources()]
 
 
-def _runtime_image(tmp: Path, program: bytes, name: str) -> Path:
-    """A merged esp32-devkitc image (bootloader, partition table, app) whose app's flash data segment is the app
-    description followed by ``program``, as a MicroPython app carries its frozen-module table in flash."""
-    board = load_board(BOARD)
-    machine, iram, drom = CHIP_CODE[board.chip]
-    flash = ["--flash-mode", "dio", "--flash-freq", "40m", "--flash-size", "4MB"]
-    parts: dict[str, Path] = {}
-    for part, sections in (
-        ("bootloader", [(".text", iram, bytes(range(64)))]),
-        ("app", [(".flash.appdesc", drom, app_desc("v1.29.0") + program), (".text", iram, bytes(64))]),
-    ):
-        elf = tmp / f"{name}-{part}.elf"
-        elf.write_bytes(tiny_elf(machine, iram, sections))
-        parts[part] = tmp / f"{name}-{part}.bin"
-        esptool("--chip", board.chip, "elf2image", *flash, "-o", str(parts[part]), str(elf))
-    table = tmp / f"{name}-pt.bin"
-    table.write_bytes(im.encode_partition_table(im.board_partitions(board)))
-    out = tmp / f"{name}.bin"
-    esptool(
-        "--chip",
-        board.chip,
-        "merge-bin",
-        "-o",
-        str(out),
-        "--target-offset",
-        hex(board.bootloader.offset),
-        hex(board.bootloader.offset),
-        str(parts["bootloader"]),
-        hex(board.partition_table.offset),
-        str(table),
-        hex(board.app.offset),
-        str(parts["app"]),
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def runtimes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("runtimes")
-    return {
-        kind: _runtime_image(tmp, Path(mp32(frozen=kind == "frozen")).read_bytes(), kind)
-        for kind in ("stock", "frozen")
-    }
+    out = {}
+    for kind in ("stock", "frozen"):
+        program = Path(mp32(frozen=kind == "frozen")).read_bytes()
+        out[kind], _ = standin_runtime(BOARD, tmp_path_factory.mktemp(kind), "v1.29.0", data=program)
+    return out
 
 
 def test_the_frozen_module_table_of_the_real_programs() -> None:
