@@ -36,7 +36,6 @@ No I/O except SQLite, no asyncio, no global state; time comes from the injectabl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -46,20 +45,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cbor2
-
+from gateway.cache_store import (
+    ANSWER_CODES,
+    CacheKey,
+    Row,
+    Store,
+    decode_record,
+    encode_record,
+    key_blob,
+    key_from_blob,
+    key_size,
+    measure,
+    record_size,
+)
 from gateway.resolution import etag_of
 from proto import devicemsg
-from proto.records import TTL_ABSOLUTE, HandleValue, Record
+from proto.records import Record
 
-__all__ = ["Cache", "CacheConfig", "CacheEntry", "CacheKey", "CacheStats", "cache_key", "ENTRY_OVERHEAD"]
+__all__ = [
+    "ANSWER_CODES",
+    "Cache",
+    "CacheConfig",
+    "CacheEntry",
+    "CacheKey",
+    "CacheStats",
+    "cache_key",
+    "decode_record",
+    "encode_record",
+    "ENTRY_OVERHEAD",
+]
 
 log = logging.getLogger(__name__)
 
-CacheKey = tuple[str, tuple[str, ...], tuple[int, ...]]
-ANSWER_CODES = (devicemsg.OK, devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND)
 ENTRY_OVERHEAD = 256  # bytes charged per entry for the Python objects around the serialized form
-SCHEMA_VERSION = 1
 
 
 def cache_key(handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()) -> CacheKey:
@@ -171,241 +189,16 @@ class CacheStats:
         return asdict(self)
 
 
-# -- serialization ---------------------------------------------------------------------------------------
-def _key_blob(key: CacheKey) -> bytes:
-    return cbor2.dumps([key[0], list(key[1]), list(key[2])], canonical=True)
-
-
-def _key_from_blob(blob: bytes) -> CacheKey:
-    h, types, indexes = cbor2.loads(blob)
-    if not isinstance(h, str) or not all(isinstance(t, str) for t in types):
-        raise ValueError("bad key")
-    return h, tuple(types), tuple(int(i) for i in indexes)
-
-
-def encode_record(code: int, handle: str, record: Record | None) -> bytes:
-    values = (
-        []
-        if record is None
-        else [
-            [
-                v.index,
-                v.type,
-                v.data,
-                v.ttl,
-                v.ttl_type,
-                v.timestamp,
-                v.permissions,
-                [list(r) for r in v.references],
-            ]
-            for v in record.values
-        ]
-    )
-    return cbor2.dumps([code, handle, values], canonical=True)
-
-
-def _head_len(n: int) -> int:
-    """Bytes of a CBOR head (major type + argument) for argument ``n`` (0 <= n < 2**64)."""
-    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 0x100000000 else 9
-
-
-def _int_len(n: int) -> int:
-    if type(n) is not int or not -(1 << 64) <= n < (1 << 64):
-        raise _Unsized
-    return _head_len(n if n >= 0 else -1 - n)
-
-
-def _str_len(s: str) -> int:
-    if type(s) is not str:
-        raise _Unsized
-    n = len(s) if s.isascii() else len(s.encode("utf-8"))
-    return _head_len(n) + n
-
-
-class _Unsized(Exception):
-    """A value the size shortcut does not handle: encode it to measure it."""
-
-
-def _record_size(code: int, handle: str, record: Record | None) -> int:
-    """``len(encode_record(code, handle, record))`` without encoding (the record is encoded when it is
-    written to SQLite, see :meth:`Cache.flush`); falls back to encoding for unusual values."""
-    try:
-        values = () if record is None else record.values
-        size = 1 + _int_len(code) + _str_len(handle) + _head_len(len(values))
-        for v in values:
-            data = v.data
-            if type(data) is not bytes:
-                raise _Unsized
-            refs = v.references
-            size += (
-                1
-                + _int_len(v.index)
-                + _str_len(v.type)
-                + _head_len(len(data))
-                + len(data)
-                + _int_len(v.ttl)
-                + _int_len(v.ttl_type)
-                + _int_len(v.timestamp)
-                + _int_len(v.permissions)
-                + _head_len(len(refs))
-            )
-            for r in refs:
-                if len(r) != 2:
-                    raise _Unsized
-                size += 1 + _str_len(r[0]) + _int_len(r[1])
-        return size
-    except (_Unsized, UnicodeEncodeError):
-        return len(encode_record(code, handle, record))
-
-
-def _measure(code: int, handle: str, record: Record, now: float) -> tuple[float | None, int, bytes]:
-    """``(record.min_ttl(now), len(encode_record(code, handle, record)), etag_of(record, code))`` in one pass over
-    the values -- what :meth:`Cache.put` needs of a positive answer (three passes cost ~30 us more on a cold
-    miss); anything unusual takes the three functions."""
-    try:
-        hb = handle.encode()
-        values = record.values
-        parts = [code.to_bytes(2, "big"), hb]
-        size = 1 + _int_len(code) + _head_len(len(hb)) + len(hb) + _head_len(len(values))
-        ttl: float | None = None
-        for v in values:
-            data, tb, refs = v.data, v.type.encode(), v.references
-            if type(data) is not bytes:
-                raise _Unsized
-            parts.append(v.index.to_bytes(4, "big") + tb + b"\0" + data + b"\0")
-            life = (
-                max(0.0, v.ttl - now) if v.ttl_type == TTL_ABSOLUTE else float(v.ttl)
-            )  # HandleValue.lifetime
-            if ttl is None or life < ttl:
-                ttl = life
-            size += (
-                1
-                + _int_len(v.index)
-                + _head_len(len(tb))
-                + len(tb)
-                + _head_len(len(data))
-                + len(data)
-                + _int_len(v.ttl)
-                + _int_len(v.ttl_type)
-                + _int_len(v.timestamp)
-                + _int_len(v.permissions)
-                + _head_len(len(refs))
-            )
-            for r in refs:
-                if len(r) != 2:
-                    raise _Unsized
-                size += 1 + _str_len(r[0]) + _int_len(r[1])
-        return (
-            ttl,
-            size,
-            hashlib.blake2b(b"".join(parts), digest_size=8).digest(),
-        )  # etag_of's bytes, hashed at once
-    except (_Unsized, UnicodeEncodeError, OverflowError, AttributeError, TypeError):
-        return record.min_ttl(now), _record_size(code, handle, record), etag_of(record, code)
-
-
-def _key_size(key: CacheKey) -> int:
-    """``len(_key_blob(key))`` without encoding."""
-    try:
-        types, indexes = key[1], key[2]
-        return (
-            1
-            + _str_len(key[0])
-            + _head_len(len(types))
-            + sum(_str_len(t) for t in types)
-            + _head_len(len(indexes))
-            + sum(_int_len(i) for i in indexes)
-        )
-    except (_Unsized, UnicodeEncodeError):
-        return len(_key_blob(key))
-
-
-def decode_record(blob: bytes) -> tuple[int, Record | None]:
-    code, handle, values = cbor2.loads(blob)
-    if code not in ANSWER_CODES or not isinstance(handle, str) or not isinstance(values, list):
-        raise ValueError("bad record blob")
-    if code != devicemsg.OK:
-        return code, None
-    vals = tuple(
-        HandleValue(
-            index=int(i),
-            type=str(t),
-            data=bytes(d),
-            ttl=int(ttl),
-            ttl_type=int(tt),
-            timestamp=int(ts),
-            permissions=int(p),
-            references=tuple((str(rh), int(ri)) for rh, ri in refs),
-        )
-        for i, t, d, ttl, tt, ts, p, refs in values
-    )
-    return code, Record(handle, vals)
-
-
-# -- SQLite ------------------------------------------------------------------------------------------------
-_Row = tuple[bytes, int, float, float, bytes]  # key blob, code, stored_at, expires_at, record blob
-
-
-def _row(key: CacheKey, entry: CacheEntry) -> _Row:
+# -- SQLite rows ------------------------------------------------------------------------------------------
+def _row(key: CacheKey, entry: CacheEntry) -> Row:
     """The SQLite row of an entry stored by :meth:`Cache.put` (its record is in memory, never a blob)."""
     return (
-        _key_blob(key),
+        key_blob(key),
         entry.code,
         entry.stored_at,
         entry.expires_at,
         encode_record(entry.code, key[0], entry._record),
     )
-
-
-class _Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.conn = self._open()
-        except sqlite3.DatabaseError as e:
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            log.warning("cache.corrupt path=%s moved_to=%s error=%r", path, aside, str(e))
-            for suffix in ("", "-wal", "-shm"):
-                p = Path(str(path) + suffix)
-                if p.exists():
-                    os.replace(p, Path(str(aside) + suffix))
-            self.conn = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                conn.execute("DROP TABLE IF EXISTS entries")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS entries (key BLOB PRIMARY KEY, code INTEGER NOT NULL, "
-                "stored_at REAL NOT NULL, expires_at REAL NOT NULL, record BLOB NOT NULL) WITHOUT ROWID"
-            )
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError:
-            conn.close()
-            raise
-        return conn
-
-    def load(self, keep_after: float) -> list[_Row]:
-        self.conn.execute("DELETE FROM entries WHERE expires_at < ?", (keep_after,))
-        return self.conn.execute(
-            "SELECT key, code, stored_at, expires_at, record FROM entries ORDER BY stored_at"
-        ).fetchall()
-
-    def write(self, upserts: list[_Row], deletes: list[bytes]) -> None:
-        with self.conn:  # one transaction
-            self.conn.execute("BEGIN")
-            if deletes:
-                self.conn.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in deletes])
-            if upserts:
-                self.conn.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)", upserts)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 # -- the cache ---------------------------------------------------------------------------------------------
@@ -424,12 +217,12 @@ class Cache:
         self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
         self._bytes = 0
         # not yet in SQLite: an entry to encode at flush (or its row, after a failed write); None = delete
-        self._pending: dict[CacheKey, CacheEntry | _Row | None] = {}
+        self._pending: dict[CacheKey, CacheEntry | Row | None] = {}
         self._last_flush = clock()
         self.stats = CacheStats()
-        self._store: _Store | None = None
+        self._store: Store | None = None
         if path is not None:
-            self._store = _Store(Path(path))
+            self._store = Store(Path(path))
             self._load()
 
     # -- rules ---------------------------------------------------------------------------------------
@@ -518,14 +311,14 @@ class Cache:
         now = self._clock()
         rec = record if code == devicemsg.OK else None
         if rec is not None:
-            min_ttl, size, etag = _measure(code, key[0], rec, now)
+            min_ttl, size, etag = measure(code, key[0], rec, now)
         else:
-            min_ttl, size, etag = None, _record_size(code, key[0], None), etag_of(None, code)
+            min_ttl, size, etag = None, record_size(code, key[0], None), etag_of(None, code)
         if stored_at is not None and expires_at is not None:
             now, life = stored_at, max(0.0, expires_at - stored_at)
         else:
             life = self._clamp(code, rec, min_ttl)
-        size += _key_size(key) + ENTRY_OVERHEAD
+        size += key_size(key) + ENTRY_OVERHEAD
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
@@ -616,7 +409,7 @@ class Cache:
         pending, self._pending = self._pending, {}
         rows = {k: _row(k, r) if isinstance(r, CacheEntry) else r for k, r in pending.items()}
         upserts = [r for r in rows.values() if r is not None]
-        deletes = [_key_blob(k) for k, r in rows.items() if r is None]
+        deletes = [key_blob(k) for k, r in rows.items() if r is None]
         t0 = time.perf_counter()
         try:
             self._store.write(upserts, deletes)
@@ -644,7 +437,7 @@ class Cache:
         bad: list[bytes] = []
         for kblob, code, stored_at, expires_at, blob in rows:
             try:
-                key = _key_from_blob(kblob)
+                key = key_from_blob(kblob)
                 if code not in ANSWER_CODES or not isinstance(blob, bytes):
                     raise ValueError(f"row with code {code!r}")
             except Exception as e:  # a row we cannot read is dropped, never fatal

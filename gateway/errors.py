@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from proto.handle.numbers import RC_ERROR, RC_SERVER_NOT_RESP, RC_SERVICE_REFERRAL
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
@@ -24,9 +26,12 @@ class UpstreamBusy(UpstreamError):
 
 
 class UpstreamRefused(UpstreamError):
-    """The node answered with an error code (RC_ERROR, not responsible, auth needed, ...)."""
+    """The node answered with an error code (RC_ERROR, not responsible, auth needed, ...).
 
-    def __init__(self, message: str, node: str | None = None, code: int = 2) -> None:
+    Whether that is the node's fault (RC_ERROR) or an answer about the name or the request (301 not
+    responsible, 402 authentication needed, ...) is :func:`gateway.upstream.base.outcome_of`'s call."""
+
+    def __init__(self, message: str, node: str | None = None, code: int = int(RC_ERROR)) -> None:
         super().__init__(message, node)
         self.code = code
 
@@ -34,7 +39,13 @@ class UpstreamRefused(UpstreamError):
 class UpstreamReferral(UpstreamError):
     """The node referred us elsewhere (RC_SERVICE_REFERRAL 302 / RC_PREFIX_REFERRAL 303)."""
 
-    def __init__(self, message: str, node: str | None = None, code: int = 302, referral: bytes = b"") -> None:
+    def __init__(
+        self,
+        message: str,
+        node: str | None = None,
+        code: int = int(RC_SERVICE_REFERRAL),
+        referral: bytes = b"",
+    ) -> None:
         super().__init__(message, node)
         self.code = code
         self.referral = referral
@@ -51,6 +62,30 @@ class AllUpstreamsFailed(UpstreamError):
         detail = "; ".join(f"{n}: {e}" for n, e in errors.items()) or "no upstream configured"
         super().__init__(f"all upstreams failed ({detail})")
         self.errors = errors
+
+
+class NameNotServed(AllUpstreamsFailed):
+    """Every node asked answered that the name is not served there: 301 (not responsible for it) or a
+    referral elsewhere (302 service referral, 303 prefix referral). An answer about the name's prefix -- the
+    nodes are healthy -- that the resolver may negative-cache per prefix (:attr:`prefix`).
+
+    ``code`` is 302/303 when some node referred elsewhere (``referral`` = that node's referral body: the
+    service handle and its values, :func:`proto.handle.decode_referral`), else 301. An AllUpstreamsFailed
+    too: a caller that does not know it answers as for any other resolution no node could answer.
+    """
+
+    def __init__(self, handle: str, errors: dict[str, UpstreamError]) -> None:
+        super().__init__(errors)
+        self.handle = handle
+        referrals = [e for e in errors.values() if isinstance(e, UpstreamReferral)]
+        first = referrals[0] if referrals else None
+        self.code = first.code if first is not None else int(RC_SERVER_NOT_RESP)
+        self.referral = first.referral if first is not None else b""
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of the handle (``88.123.99`` of ``88.123.99/PUMP-0001``)."""
+        return self.handle.partition("/")[0]
 
 
 class StorageError(GatewayError):

@@ -175,9 +175,10 @@ class MqttSink:
         timeout: float = 10.0,
         require_subscriber: bool = True,
         reconnect_max: int = 30,
-        auth: Any = None,  # gateway.mqttlink.MqttAuth: the gateway's broker credentials and CA
+        auth: Any = None,  # gateway.broker.MqttAuth: the gateway's broker credentials and CA
     ) -> None:
-        from gateway.mqttlink import MqttLink, default_client_id
+        from gateway.broker import default_client_id
+        from gateway.paholink import PahoLink
 
         if qos not in (1, 2):
             raise ValueError("the outbox MQTT sink needs QoS 1 or 2 (it waits for the acknowledgement)")
@@ -187,7 +188,7 @@ class MqttSink:
         self._qos = qos
         self._timeout = timeout
         self._require_subscriber = require_subscriber
-        self._link = MqttLink(
+        self._link = PahoLink(
             url,
             client_id=client_id or default_client_id("ida-north"),
             name="north",
@@ -199,7 +200,7 @@ class MqttSink:
         await self._link.start()
 
     async def deliver(self, payload: dict[str, Any]) -> None:
-        from gateway.mqttlink import MqttError
+        from gateway.paholink import MqttError
 
         if not await self._link.wait_connected(self._timeout):
             raise DeliveryError(f"not connected to {self._link.address}")

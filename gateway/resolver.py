@@ -11,12 +11,17 @@
    fails, every caller waiting on it gets the failure -- or the stale entry if the cache still keeps one
    (SOURCE_STALE, max-age ``stale_reply_ttl``). The failure itself is not remembered: the next caller
    starts a new request. (The pool's node cooldown is what makes repeated requests to dead nodes cheap.)
+   One failure is remembered: when every node answers that it does not serve the handle's prefix (301, or a
+   302/303 referral: NameNotServed), the prefix is refused without asking for the negative TTL.
 5. With a stale entry available the caller waits at most ``stale_answer_after`` (RFC 8767's client
    response timer, 1.8 s) for the upstream; after that it gets the stale answer while the request goes
    on and refreshes the cache when it completes.
 
-Errors raised: IdentifierError; AllUpstreamsFailed (no node could answer; -> 503) and UpstreamTimeout
+Errors raised: IdentifierError; NameNotServed (no node serves the prefix; -> 404); AllUpstreamsFailed (no node could answer; -> 503) and UpstreamTimeout
 (the overall upstream timeout expired; -> 504), both only when nothing stale is kept.
+
+Settings and counters are in ``gateway/resolver_config.py``; what front ends see of it is
+``gateway/resolution.py`` (answers, the AnswerCache view this module implements as :class:`ResolverAnswers`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,21 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cache import Cache, CacheConfig, CacheEntry, CacheKey, CacheStats, cache_key
-from gateway.resolution import Answer, etag_of
-from gateway.upstream.pool import NodeStats, UpstreamPool
+from gateway.cache import Cache, CacheEntry, CacheKey, CacheStats, cache_key
+from gateway.errors import NameNotServed, UpstreamError
+from gateway.logfmt import kv
+from gateway.resolution import Answer, CachedAnswer, etag_of
+from gateway.resolver_config import (
+    CACHE_FILE,
+    DEFAULT_UPSTREAM,
+    ZONE_FILE,
+    ResolverConfig,
+    ResolverStats,
+    default_upstreams,
+)
+from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
 from proto import devicemsg, identifier
 from proto.records import Record
@@ -43,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Resolver",
+    "ResolverAnswers",
     "ResolverConfig",
     "ResolverStats",
     "DEFAULT_UPSTREAM",
@@ -53,83 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UPSTREAM = "hdl://127.0.0.1:2641"
-CACHE_FILE = "cache.sqlite3"
-ZONE_FILE = "zone.json"
-
-
-@dataclass
-class ResolverConfig:
-    """Everything the resolver needs; the TOML loader fills it (field names = config keys).
-
-    Times are seconds. ``data_dir`` None keeps the cache in memory only; otherwise the cache lives in
-    ``<data_dir>/cache.sqlite3`` and the zone in ``zone_file`` (default ``<data_dir>/zone.json``).
-    """
-
-    upstreams: list[str] = field(default_factory=lambda: [DEFAULT_UPSTREAM])
-    timeout: float = 5.0  # one resolution, all nodes together
-    attempt_timeout: float = 2.0  # one request to one node
-    hedge_delay: float | None = None  # ask a second node when the first is silent this long (None/0 = off)
-    failure_threshold: int = 3  # consecutive failures before a node is put in cooldown
-    cooldown: float = 1.0  # first cooldown, doubling up to max_cooldown
-    max_cooldown: float = 30.0
-    stale_answer_after: float = 1.8  # with a stale entry, wait this long for upstream, then answer stale
-    stale_reply_ttl: float = 30.0  # max-age of a stale answer
-    cache_max_entries: int = 100_000
-    cache_max_bytes: int = 64 << 20
-    min_ttl: float = 0.0
-    max_ttl: float = 3600.0
-    negative_ttl: float = 60.0
-    negative_max_ttl: float = 300.0
-    max_stale: float = 86400.0
-    prefetch: bool = True  # refresh entries hit in the last prefetch_fraction of their lifetime
-    prefetch_fraction: float = 0.1
-    persist: bool = True  # with a data_dir: keep the cache in SQLite
-    flush_interval: float = 0.5  # cache write-behind period
-    purge_interval: float = 300.0  # drop entries more than max_stale past expiry this often
-    data_dir: Path | None = None
-    zone_file: Path | None = None
-
-    def cache_config(self) -> CacheConfig:
-        return CacheConfig(
-            max_entries=self.cache_max_entries,
-            max_bytes=self.cache_max_bytes,
-            min_ttl=self.min_ttl,
-            max_ttl=self.max_ttl,
-            negative_ttl=self.negative_ttl,
-            negative_max_ttl=self.negative_max_ttl,
-            max_stale=self.max_stale,
-            prefetch_fraction=self.prefetch_fraction,
-            flush_interval=self.flush_interval,
-        )
-
-    def cache_path(self) -> Path | None:
-        return None if self.data_dir is None or not self.persist else Path(self.data_dir) / CACHE_FILE
-
-    def zone_path(self) -> Path | None:
-        if self.zone_file is not None:
-            return Path(self.zone_file)
-        return None if self.data_dir is None else Path(self.data_dir) / ZONE_FILE
-
-
-@dataclass(frozen=True)
-class ResolverStats:
-    """Counters for metrics: cache counters, per-node upstream counters, resolver-level counters."""
-
-    cache: CacheStats
-    upstream: dict[str, NodeStats]
-    zone_hits: int
-    upstream_fetches: int  # upstream requests started by the resolver (after single-flight)
-    coalesced: int  # callers that joined a request already in flight
-    upstream_errors: int  # fetches that failed
-    stale_answers: int
-    inflight: int
-    zone_records: int
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["upstream"] = {name: asdict(s) for name, s in self.upstream.items()}
-        return out
+MAX_NOT_SERVED = 10_000  # prefixes remembered as served by no node (the oldest forgotten first)
 
 
 # An identifier that is plainly valid: ASCII, no control characters, a prefix of non-empty segments of letters,
@@ -155,6 +93,29 @@ class _Flight:
     def __init__(self) -> None:
         self.task: asyncio.Task[Answer] | None = None
         self.waiters: list[asyncio.Future[Answer]] = []
+
+
+class ResolverAnswers:
+    """The resolver's :class:`gateway.resolution.AnswerCache`: its cache, as seen through its local zone."""
+
+    __slots__ = ("_cache", "_zone", "prefetch_fraction")
+
+    def __init__(self, cache: Cache, zone: Zone, prefetch_fraction: float) -> None:
+        self._cache = cache
+        self._zone = zone
+        self.prefetch_fraction = prefetch_fraction
+
+    def current(self, handle: str, types: tuple[str, ...], indexes: tuple[int, ...]) -> CacheEntry | None:
+        return self._cache.peek(cache_key(handle, types, indexes))
+
+    def is_current(self, entry: CachedAnswer, now: float) -> bool:
+        if not isinstance(entry, CacheEntry) or now >= entry.expires_at:
+            return False
+        key = entry.key
+        return self._cache.peek(key) is entry and self._zone.get_normalised(key[0]) is None
+
+    def count_hits(self, n: int) -> None:
+        self._cache.stats.hits += n
 
 
 class Resolver:
@@ -205,6 +166,14 @@ class Resolver:
         self._coalesced = 0
         self._upstream_errors = 0
         self._stale_answers = 0
+        # prefix -> (until, the nodes' answers): prefixes every node said it does not serve (301/302/303)
+        self._not_served: dict[str, tuple[float, dict[str, UpstreamError]]] = {}
+        self._not_served_answers = 0
+
+    def answer_cache(self) -> ResolverAnswers:
+        """The view of this resolver's cache that front ends answering from pre-encoded bytes use."""
+        fraction = self.cache.config.prefetch_fraction if self.config.prefetch else 0.0
+        return ResolverAnswers(self.cache, self.zone, fraction)
 
     # -- the Resolving interface ---------------------------------------------------------------------
     async def resolve(
@@ -228,6 +197,8 @@ class Resolver:
             return self._zone_answer(name, zrec, types, indexes)
 
         entry = self.cache.get(key)
+        if entry is None and self._not_served:
+            self._raise_if_not_served(name)
         if entry is not None:
             if (
                 self.config.prefetch
@@ -268,6 +239,29 @@ class Resolver:
                 log.info("resolver.stale handle=%s reason=%r", name, str(e))
                 return stale
             raise
+
+    # -- prefixes no node serves ------------------------------------------------------------------------
+    def _raise_if_not_served(self, name: str) -> None:
+        """Raise NameNotServed (no upstream request) while ``name``'s prefix is remembered as served nowhere."""
+        prefix = name.partition("/")[0]
+        known = self._not_served.get(prefix)
+        if known is None:
+            return
+        until, errors = known
+        if self._clock() >= until:
+            del self._not_served[prefix]
+            return
+        self._not_served_answers += 1
+        raise NameNotServed(name, errors)
+
+    def _remember_not_served(self, e: NameNotServed) -> None:
+        """Negative-cache ``e``'s prefix for the negative TTL (a bounded table: anyone can ask for any prefix)."""
+        now = self._clock()
+        self._not_served.pop(e.prefix, None)
+        if len(self._not_served) >= MAX_NOT_SERVED:
+            del self._not_served[next(iter(self._not_served))]  # the oldest
+        self._not_served[e.prefix] = (now + self.cache.lifetime(devicemsg.NOT_FOUND, None, now), e.errors)
+        log.info("resolver.not_served %s", kv(prefix=e.prefix, code=e.code))
 
     # -- upstream ------------------------------------------------------------------------------------
     def _fetch_task(self, key: CacheKey, types: tuple[str, ...], indexes: tuple[int, ...]) -> _Flight:
@@ -334,6 +328,8 @@ class Resolver:
                         etag_of(record, code),
                     )
         except BaseException as e:
+            if isinstance(e, NameNotServed):
+                self._remember_not_served(e)
             self._land(key, flight, shared)
             for w in flight.waiters:
                 if not w.done():
@@ -419,6 +415,7 @@ class Resolver:
             stale_answers=self._stale_answers,
             inflight=len(self._inflight),
             zone_records=len(self.zone),
+            not_served_answers=self._not_served_answers,
         )
 
     async def close(self) -> None:
@@ -440,10 +437,3 @@ class Resolver:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def default_upstreams() -> list[str]:
-    """Upstream URLs when none are configured: ``$IDA_UPSTREAM`` (space or comma separated), else
-    ``hdl://127.0.0.1:2641``."""
-    env = os.environ.get("IDA_UPSTREAM", "").replace(",", " ").split()
-    return env or [DEFAULT_UPSTREAM]

@@ -35,7 +35,7 @@ from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
-from gateway.status import recording
+from gateway.status import board_for
 
 if TYPE_CHECKING:
     from gateway.frontends.mqtt import MqttFrontEnd
@@ -118,8 +118,8 @@ def rate_limiter(cfg: GatewayConfig) -> RateLimiter:
 
 
 def mqtt_auth(cfg: GatewayConfig) -> Any:
-    """The gateway's broker credentials ([mqtt] username, password_file, ca_file) as a mqttlink.MqttAuth."""
-    from gateway.mqttlink import MqttAuth
+    """The gateway's broker credentials ([mqtt] username, password_file, ca_file) as a gateway.broker.MqttAuth."""
+    from gateway.broker import MqttAuth
 
     m = cfg.mqtt
     try:
@@ -226,13 +226,17 @@ class Gateway:
         self._add_collectors()
         await self.outbox.start()
 
+        answers = resolver.answer_cache() if isinstance(resolver, Resolver) else None
+        note = board_for(resolver).recent.add  # the status page's list of recent resolutions
         self.coap = CoapFrontEnd(
             cfg.coap.host,
             cfg.coap.port,
-            recording(resolver, "coap"),
+            resolver,
             self.registry,
             self.metrics,
             clock=self._clock,
+            answers=answers,
+            note=note,
         )
         self._secure_coap(cfg)
         try:
@@ -247,12 +251,13 @@ class Gateway:
         self.http = HttpFrontEnd(
             cfg.http.host,
             cfg.http.port,
-            recording(resolver, "http"),
+            resolver,
             self.registry,
             self.metrics,
             health=self.health,
             clock=self._clock,
             shutdown_timeout=STOP_TIMEOUT,
+            note=note,
         )
         try:
             host, port = await self.http.start()
@@ -269,12 +274,14 @@ class Gateway:
 
             self.mqtt = MqttFrontEnd(
                 cfg.mqtt.url,
-                recording(resolver, "mqtt"),
+                resolver,
                 self.registry,
                 self.metrics,
                 group=cfg.mqtt.group or None,
                 auth=mqtt_auth(cfg),
                 limiter=self.limiter,
+                answers=answers,
+                note=note,
             )
             await self.mqtt.start()  # returns after its ready timeout even when the broker is not there yet
             log.info(

@@ -8,14 +8,14 @@ The snapshot holds devices, cache counters, upstream nodes, the last resolutions
 time series. Two things are kept here because nothing else in the gateway remembers them:
 
 * :class:`RecentResolutions`, a ring buffer of the last ``RECENT_SIZE`` resolutions (time, identifier, front
-  end, source, code, milliseconds). The front ends feed it through :func:`recording`, a wrapper around the
-  resolver they are given (``gateway/service.py`` wraps the resolver once per front end).
+  end, source, code, milliseconds). The front ends feed it through their ``note`` hook
+  (:data:`gateway.resolution.ResolutionNote`; ``gateway/service.py`` gives them ``board.recent.add``).
 * :class:`HitRatioSeries`, the cache hit/miss counters sampled every ``SAMPLE_INTERVAL`` seconds for the last
   ``SERIES_POINTS`` samples (10 minutes), so that the chart has history on the first load. The sampler runs
   while the HTTP application runs (:func:`add_routes` hooks it into the app's start and cleanup).
 
-Both live in a :class:`StatusBoard`, one per resolver (:func:`board_for`): every wrapper of one resolver and
-the HTTP routes reach the same board without the front ends knowing about each other.
+Both live in a :class:`StatusBoard`, one per resolver (:func:`board_for`): the front ends' hooks and the HTTP
+routes reach the same board without the front ends knowing about each other.
 """
 
 from __future__ import annotations
@@ -35,22 +35,17 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway import __version__
-from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.registry import Registry
-from gateway.resolution import SOURCE_NAMES, Answer, Resolving
+from gateway.resolution import SOURCE_ERROR, Resolving
 from gateway.resolver import Resolver
-from proto import devicemsg
-from proto.identifier import IdentifierError
 
 __all__ = [
     "HitRatioSeries",
     "RecentResolutions",
-    "RecordingResolver",
     "Resolution",
     "StatusBoard",
     "add_routes",
     "board_for",
-    "recording",
     "status_snapshot",
 ]
 
@@ -63,8 +58,6 @@ SERIES_POINTS = 120  # samples kept: 10 minutes at 5 s
 DEVICE_LIMIT = 500  # device rows in one snapshot (the totals count all of them)
 DEFAULT_REPORT_INTERVAL = 60  # firmware default; a device silent for 3 intervals is shown as silent
 MAX_ID_CHARS = 256  # a refused identifier can be anything: keep the page's copy short
-
-SOURCE_ERROR = "error"
 
 
 def _now() -> float:
@@ -110,17 +103,6 @@ class RecentResolutions:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def _error_code(exc: BaseException) -> int:
-    """The wire code a front end answers for ``exc`` (as gateway.frontends.common.failure, without logging)."""
-    if isinstance(exc, IdentifierError | devicemsg.WireError | ValueError):
-        return devicemsg.BAD_REQUEST
-    if isinstance(exc, UpstreamTimeout):
-        return devicemsg.UPSTREAM_TIMEOUT
-    if isinstance(exc, UpstreamError):
-        return devicemsg.UPSTREAM_UNAVAILABLE
-    return devicemsg.INTERNAL
 
 
 # -- hit-ratio series -------------------------------------------------------------------------------------
@@ -183,15 +165,9 @@ class StatusBoard:
 _boards: weakref.WeakKeyDictionary[Any, StatusBoard] = weakref.WeakKeyDictionary()
 
 
-def unwrap(resolver: Resolving) -> Resolving:
-    while isinstance(resolver, RecordingResolver):
-        resolver = resolver.inner
-    return resolver
-
-
 def board_for(resolver: Resolving) -> StatusBoard:
-    """The board of ``resolver`` (a wrapper counts as the resolver it wraps), made on first use."""
-    inner = unwrap(resolver)
+    """The board of ``resolver``, made on first use (every front end of one resolver notes on the same one)."""
+    inner = resolver
     try:
         board = _boards.get(inner)
         if board is None:
@@ -200,54 +176,6 @@ def board_for(resolver: Resolving) -> StatusBoard:
         log.debug("status board not shared: %r is not weak-referenceable", type(inner).__name__)
         return StatusBoard()
     return board
-
-
-class RecordingResolver:
-    """A :class:`Resolving` that notes every resolution on its board's :class:`RecentResolutions`.
-
-    Attributes other than ``resolve`` are the wrapped resolver's."""
-
-    def __init__(self, inner: Resolving, frontend: str, board: StatusBoard | None = None) -> None:
-        self.inner = inner
-        self.frontend = frontend
-        self.board = board if board is not None else board_for(inner)
-
-    async def resolve(
-        self, handle: str, types: tuple[str, ...] = (), indexes: tuple[int, ...] = ()
-    ) -> Answer:
-        t0 = time.perf_counter()
-        try:
-            answer = await self.inner.resolve(handle, types, indexes)
-        except Exception as e:
-            asyncio.get_running_loop().call_soon(
-                self.board.recent.add,
-                str(handle),
-                self.frontend,
-                SOURCE_ERROR,
-                _error_code(e),
-                (time.perf_counter() - t0) * 1000,
-            )
-            raise
-        # noted on the next loop turn (errors too, so the list keeps its order): after the answer is sent
-        asyncio.get_running_loop().call_soon(
-            self.board.recent.add,
-            answer.handle,
-            self.frontend,
-            SOURCE_NAMES.get(answer.source, str(answer.source)),
-            answer.code,
-            (time.perf_counter() - t0) * 1000,
-        )
-        return answer
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (e.g. during copy): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def recording(resolver: Resolving, frontend: str) -> RecordingResolver:
-    """``resolver`` for one front end (``"coap"``, ``"mqtt"``, ``"http"``), its resolutions recorded."""
-    return RecordingResolver(unwrap(resolver), frontend)
 
 
 # -- the snapshot -----------------------------------------------------------------------------------------
@@ -309,11 +237,11 @@ def status_snapshot(
     components: Mapping[str, str] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Everything the status page shows, JSON-ready. ``resolver`` may be a :func:`recording` wrapper; the
-    cache and upstream sections are filled when it is a :class:`gateway.resolver.Resolver`."""
+    """Everything the status page shows, JSON-ready. The cache and upstream sections are filled when
+    ``resolver`` is a :class:`gateway.resolver.Resolver`."""
     now = _now() if now is None else now
     board = board if board is not None else board_for(resolver)
-    inner = unwrap(resolver)
+    inner = resolver
     comps = dict(components or {})
     down = sorted(k for k, v in comps.items() if v in ("down", "error"))
     out: dict[str, Any] = {
@@ -397,7 +325,7 @@ def status_snapshot(
 
 # -- routes -----------------------------------------------------------------------------------------------
 def _take_sample(resolver: Resolving, board: StatusBoard) -> None:
-    hits, misses = _cache_counters(unwrap(resolver), board)
+    hits, misses = _cache_counters(resolver, board)
     board.series.sample(_now(), hits, misses)
 
 

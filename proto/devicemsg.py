@@ -1,6 +1,6 @@
 """Device <-> gateway messages: CBOR maps with small integer keys (docs/protocol.md).
 
-The firmware has its own codec (``firmware/carrier/cbor.py`` + ``proto.py``); both are pinned by
+The firmware has its own codec (``firmware/carrier/cbor.py`` + ``devicemsg.py``); both are pinned by
 ``tests/vectors/messages.json``. Encoding is deterministic (cbor2 ``canonical=True``: shortest integers and
 floats, map keys in length-first order), so both runtimes produce the same bytes for the same message.
 """

@@ -1,7 +1,7 @@
 """Handle-syntax identifiers: ``<prefix>/<suffix>``, e.g. ``88.123.99/PUMP-0001``.
 
 One parser for the CPython side (the firmware has its own, allocation-aware one in
-``firmware/carrier/ident.py``); both are checked against ``tests/vectors/identifiers.json``.
+``firmware/carrier/idsyntax.py``); both are checked against ``tests/vectors/identifiers.json``.
 
 Rules: UTF-8; at most 255 characters; the first ``/`` splits prefix and suffix (the suffix may contain
 more ``/``); the prefix is ``.``-separated non-empty segments of ASCII letters, digits, ``-`` and ``_``

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
+from tools.errors import CliError
 
 # (name, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
@@ -45,14 +46,6 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "run one simulated device (the real firmware under micropython) in the foreground",
     ),
 ]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed without a traceback, exit code 2 unless given."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -1,2 +1,15 @@
-# Active identifier carrier firmware (MicroPython). See docs/protocol.md for the wire format.
+"""Active identifier carrier firmware (MicroPython); the wire format is docs/protocol.md, the map docs/firmware.md.
+
+app         boot sequence and the poll loop      console     serial console, text or JSON lines
+identity    this device's identifier and key     idsyntax    identifier syntax (twin: proto/identifier.py)
+devicemsg   device message keys, codes, checks   cbor        the CBOR subset they use
+            (twin: proto/devicemsg.py)
+coapmsg     CoAP messages, no I/O                coap        the CoAP client (exchanges, Observe, Block2)
+oscore      OSCORE over the CoAP client          crypto      HMAC, HKDF, AES-CCM for OSCORE
+mqttmsg     MQTT 3.1.1 packets and Reader        mqtt        MQTT Client and reconnecting Session
+mqttdevice  the device protocol over MQTT        tls         the MQTT TLS context (mqtts:// only)
+rcache      resolve answers cached on the device reporter    periodic reports, one in flight
+queue       flash queue of unacknowledged reports config     remote config: validate, apply, persist
+log         log lines and their RAM ring         hal/        esp32 and unix ports of the hardware layer
+"""
 VERSION = "0.1.0"

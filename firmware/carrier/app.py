@@ -18,8 +18,9 @@ import sys
 import time
 import struct
 import select
+from micropython import const
 
-from carrier import VERSION, hal, log, ident as _ident, identity
+from carrier import VERSION, hal, log, identity, idsyntax
 from carrier.config import Config, ack_payload
 from carrier.queue import Queue
 from carrier.reporter import Reporter
@@ -27,33 +28,33 @@ from carrier.console import Console
 
 SAFE_AFTER = 3         # crashes within STABLE_MS of boot, in a row, before safe mode
 STABLE_MS = 60000      # uptime after which a boot counts as good
-IDLE_MS = 50           # longest sleep of the loop
-WDT_MS = 30000
-RETRY_MIN = 2000       # transport restart backoff
-RETRY_MAX = 120000
-CFG_REFRESH_MS = 600000  # re-register the CoAP /cfg observation
+_IDLE_MS = const(50)           # longest sleep of the loop
+_WDT_MS = const(30000)
+_RETRY_MIN = const(2000)       # transport restart backoff
+_RETRY_MAX = const(120000)
+_CFG_REFRESH_MS = const(600000)  # re-register the CoAP /cfg observation
 RTC_MAGIC = b"IDA1"
 KV_BOOT = "boot"
 
 
 class App:
-    def __init__(self, h, wdt_ms=WDT_MS, interval=None, fault=None):
-        self.h = h
+    def __init__(self, h, wdt_ms=_WDT_MS, interval=None, fault=None):
+        self.hal = h
         self.wdt_ms = wdt_ms
         self.default_interval = interval
         self.fault = fault  # test hooks: "boot" raises after the crash streak is counted, "hang" stops feeding
         self.poller = select.poll()
         self.ident = None
         self.ident_error = None
-        self.t = None
-        self.t_on = False
-        self.rep = None
+        self.transport = None
+        self.transport_on = False
+        self.reporter = None
         self.safe = False
         self.errors = 0
         self.last_error = None
         self._pending = None  # identity saved from the console, applied at the next boot
         self._retry = 0
-        self._backoff = RETRY_MIN
+        self._backoff = _RETRY_MIN
         self._reboot = False
         self._first = False    # own identifier resolved after the transport came up
         self._cfg_at = 0
@@ -67,7 +68,7 @@ class App:
 
     # ---- boot
     def boot(self):
-        h = self.h
+        h = self.hal
         now = h.ticks()
         self._last = now
         self.boot_n = self._count_boot()
@@ -80,10 +81,10 @@ class App:
         except identity.IdentityError as e:
             self.ident_error = str(e)
         self.cfg = Config(h, self.default_interval or 60)
-        self.q = Queue(h.root + "q.dat")
+        self.queue = Queue(h.root + "q.dat")
         log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
-            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.q.count, self.q.dropped,
-            self.q.corrupt))
+            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.queue.count, self.queue.dropped,
+            self.queue.corrupt))
         if self.cfg.error:
             log.w("cfg", self.cfg.error)
         if h.con is not None:
@@ -103,45 +104,45 @@ class App:
             log.w("app", "safe mode: %d quick crashes in a row (or button held): console only, no network"
                   % (self.streak - 1))
             return
-        self.rep = Reporter(h, i.id, self.q, self.boot_n, self.cfg.interval, h.board.name, VERSION)
-        self.rep.start(now)
+        self.reporter = Reporter(h, i.id, self.queue, self.boot_n, self.cfg.interval, h.board.name, VERSION)
+        self.reporter.start(now)
         self.cfg.on_change = self._cfg_changed
         if self.fault == "boot":
             raise RuntimeError("injected boot fault")
         h.net_set(True, i.wifi)
         t = self._make_transport(i)
         t.on_config = self._on_config
-        self.t = t
+        self.transport = t
 
     def _make_transport(self, i):
         # imported here: a device loads only the transport it uses
         if i.transport == "mqtt":
-            from carrier import mqtt
-            return mqtt.Transport(i, self.poller)
+            from carrier import mqttdevice
+            return mqttdevice.Transport(i, self.poller)
         if i.secure:  # OSCORE-protected CoAP (docs/security.md)
             from carrier import oscore
-            return oscore.Client(i, self.poller, store=self.h)
+            return oscore.Client(i, self.poller, store=self.hal)
         from carrier import coap
         return coap.Client(i, self.poller)
 
     def _count_boot(self):
-        b = self.h.kv_get(KV_BOOT)
+        b = self.hal.kv_get(KV_BOOT)
         n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
-        self.h.kv_set(KV_BOOT, struct.pack("<I", n))
+        self.hal.kv_set(KV_BOOT, struct.pack("<I", n))
         return n
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
-        d = self.h.rtc_get()
+        d = self.hal.rtc_get()
         s = d[4] if len(d) >= 5 and d[:4] == RTC_MAGIC else 0
         s = 0 if add is None else min(s + add, 255)
-        self.h.rtc_set(RTC_MAGIC + bytes((s,)))
+        self.hal.rtc_set(RTC_MAGIC + bytes((s,)))
         return s
 
     # ---- loop
     def run(self):
         self.boot()
-        h = self.h
+        h = self.hal
         while True:
             self.step(h.ticks())
             if self._reboot:
@@ -150,12 +151,12 @@ class App:
             if self.console.eof and self._con_reg:
                 self.poller.unregister(h.con)
                 self._con_reg = False
-            for _ in self.poller.ipoll(IDLE_MS):
+            for _ in self.poller.ipoll(_IDLE_MS):
                 break
 
     def step(self, now):
         """One loop iteration: never blocks."""
-        h = self.h
+        h = self.hal
         h.wdt_feed()
         self.up_ms += time.ticks_diff(now, self._last)
         self._last = now
@@ -163,30 +164,30 @@ class App:
             self._stable = True
             if not self.safe:
                 self._streak(None)
-        t = self.t
+        t = self.transport
         if t is not None:
             h.net_poll(now)
             self._transport(t, now, h.net_up())
-        if self.rep:
-            self.rep.poll(now, t if self.t_on else None, self.up_ms // 1000)
-        self.q.poll(now)
+        if self.reporter:
+            self.reporter.poll(now, t if self.transport_on else None, self.up_ms // 1000)
+        self.queue.poll(now)
         self.console.poll(h.con_read)
-        if self.t_on != self._led:  # status LED: lit while the transport runs (written on change only)
-            self._led = self.t_on
+        if self.transport_on != self._led:  # status LED: lit while the transport runs (written on change only)
+            self._led = self.transport_on
             h.led(self._led)
 
     def _transport(self, t, now, net):
         if not net:
-            if self.t_on:
+            if self.transport_on:
                 log.w("net", "down: reports queue in flash")
                 self._stop()
             return
         try:
-            if not self.t_on:
+            if not self.transport_on:
                 if time.ticks_diff(now, self._retry) < 0:
                     return
                 t.start(now)
-                self.t_on = True
+                self.transport_on = True
                 self._first = False
                 self._cfg_at = now
                 t.get_config()
@@ -196,9 +197,9 @@ class App:
             if not self._first and i is not None and t.ready():
                 self._first = True
                 t.resolve(i.id, self._first_resolved)
-            if time.ticks_diff(now, self._cfg_at) >= CFG_REFRESH_MS and t.get_config():
+            if time.ticks_diff(now, self._cfg_at) >= _CFG_REFRESH_MS and t.get_config():
                 self._cfg_at = now
-            r = self.rep
+            r = self.reporter
             if r is not None and r.acked != self._cfg_acked:
                 # CoAP: no observation when the last fetch found no desired config (a 4.04 ends it); fetch and
                 # observe again after each acknowledged report, so a config set later arrives within an interval
@@ -210,18 +211,18 @@ class App:
                 # a report ack names a newer desired config than ours: it was set while we were not observing
                 # (e.g. the gateway restarted and forgot the observation); fetch it now, once per version
                 self._cfg_asked = h
-            self._backoff = RETRY_MIN
-        except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, ProtoError, CBORError
+            self._backoff = _RETRY_MIN
+        except (OSError, ValueError) as e:  # socket errors; CoapError, MQTTError, WireError, CBORError
             self.errors += 1
             self.last_error = "%s: %s" % (type(e).__name__, e)
             log.w("net", "%s error %s; retry in %d ms" % (t.name, self.last_error, self._backoff))
             self._stop()
             self._retry = time.ticks_add(now, self._backoff)
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self._backoff = min(self._backoff * 2, _RETRY_MAX)
 
     def _stop(self):
-        self.t_on = False
-        t = self.t
+        self.transport_on = False
+        t = self.transport
         if t is None:
             return
         try:
@@ -237,24 +238,24 @@ class App:
     def _on_config(self, payload):
         code, v, msg = self.cfg.apply(payload)
         log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
-        t = self.t
+        t = self.transport
         i = self.ident
-        if self.t_on and t is not None and i is not None:
+        if self.transport_on and t is not None and i is not None:
             t.cfg_ack(ack_payload(i.id, code, v, msg))
 
     def _cfg_changed(self):
-        if self.rep:
-            self.rep.set_interval(self.cfg.interval)
+        if self.reporter:
+            self.reporter.set_interval(self.cfg.interval)
 
     def shutdown(self, clean=True):
         """Before a reset or deep sleep: persist the queue; a clean one also clears the crash streak."""
         try:
-            self.q.flush()
+            self.queue.flush()
         except (OSError, AttributeError):
             pass
         if clean:
             self._streak(None)
-        if self.t_on:
+        if self.transport_on:
             self._stop()
 
     def request_reboot(self):
@@ -262,7 +263,7 @@ class App:
 
     def deepsleep(self, ms):
         self.shutdown()
-        self.h.deepsleep(ms)
+        self.hal.deepsleep(ms)
 
     # ---- console services
     def info_id(self):
@@ -272,47 +273,47 @@ class App:
             d += [("transport", i.transport), ("key", i.fingerprint())]
         else:
             d.append(("error", self.ident_error or "not provisioned"))
-        return d + [("uid", self.h.uid().hex()), ("board", self.h.board.name), ("fw", VERSION)]
+        return d + [("uid", self.hal.uid().hex()), ("board", self.hal.board.name), ("fw", VERSION)]
 
     def info_status(self):
         gc.collect()
-        r = self.rep
-        t = self.t
+        r = self.reporter
+        t = self.transport
         return [("id", self.ident.id if self.ident else None), ("boot", self.boot_n), ("seq", r.seq if r else 0),
                 ("uptime", self.up_ms // 1000), ("safe", self.safe),
-                ("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()),
-                ("transport", t.name if t else None), ("transport_on", self.t_on),
-                ("queue", self.q.count), ("dropped", self.q.dropped), ("acked", r.acked if r else 0),
+                ("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()),
+                ("transport", t.name if t else None), ("transport_on", self.transport_on),
+                ("queue", self.queue.count), ("dropped", self.queue.dropped), ("acked", r.acked if r else 0),
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
                 ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
 
     def info_net(self):
-        return [("net", "up" if self.h.net_up() else "down"), ("rssi", self.h.rssi()), ("transport_on", self.t_on)]
+        return [("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()), ("transport_on", self.transport_on)]
 
     def set_net(self, on):
-        self.h.net_set(on, self.ident.wifi if self.ident else None)
+        self.hal.net_set(on, self.ident.wifi if self.ident else None)
 
     def resolve(self, text, cb, qtype=None):
         """Start a resolve for the console; an error text when it cannot start."""
         try:
-            target = _ident.parse(text)
-        except _ident.IdentError as e:
+            target = idsyntax.parse(text)
+        except idsyntax.IdentifierError as e:
             return "bad identifier: " + e.reason
-        t = self.t
+        t = self.transport
         if t is None:
             return "no transport (safe mode or not provisioned)"
-        if not self.t_on:
+        if not self.transport_on:
             return "offline"
         if not t.resolve(target, cb, qtype):
             return "busy: try again"
         return None
 
     def report_now(self):
-        if not self.rep:
+        if not self.reporter:
             raise ValueError("no reporter (safe mode or not provisioned)")
-        seq = self.rep.make(self.up_ms // 1000)
-        return [("seq", seq), ("queue", self.q.count)]
+        seq = self.reporter.make(self.up_ms // 1000)
+        return [("seq", seq), ("queue", self.queue.count)]
 
     def config_get(self, key):
         i = self.ident
@@ -321,7 +322,7 @@ class App:
             d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
                  ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
         d += [("interval", self.cfg.interval), ("cfgver", self.cfg.cfgver), ("meta", self.cfg.meta),
-              ("board", self.h.board.name), ("fw", VERSION)]
+              ("board", self.hal.board.name), ("fw", VERSION)]
         if key is None:
             return d
         for kv in d:
@@ -344,7 +345,7 @@ class App:
             d = base.to_dict()
             d[key] = value
             new = identity.Identity(d, base.key)
-            identity.save(self.h, new)
+            identity.save(self.hal, new)
             self._pending = new
             return [(key, value), ("note", "saved; reboot to apply")]
         raise ValueError("settable keys: interval, transport, coap, mqtt")
@@ -362,31 +363,31 @@ class App:
         if keyhex is not None:
             d["key"] = keyhex
         new = identity.Identity(d, key)
-        identity.save(self.h, new)
+        identity.save(self.hal, new)
         log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
         self.request_reboot()
         return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
 
     def factory_reset(self):
         log.w("app", "factory reset")
-        identity.erase(self.h)
-        hal.remove(self.h.root + "config.json")
-        self.q.clear()
-        if self.t_on:
+        identity.erase(self.hal)
+        hal.remove(self.hal.root + "config.json")
+        self.queue.clear()
+        if self.transport_on:
             self._stop()
-        self.t = None
+        self.transport = None
         self._streak(None)
         self.request_reboot()
 
     def selftest(self):
-        from carrier import proto
+        from carrier import devicemsg
         c = {}
         try:
-            m = {proto.K_ID: "0.NA/TEST", proto.K_ONLINE: True}
-            c["cbor"] = proto.decode("status", proto.encode("status", m)) == m
+            m = {devicemsg.K_ID: "0.NA/TEST", devicemsg.K_ONLINE: True}
+            c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
         except ValueError:
             c["cbor"] = False
-        p = self.h.root + "selftest.tmp"
+        p = self.hal.root + "selftest.tmp"
         try:
             hal.write_atomic(p, b"selftest")
             c["fs"] = hal.read(p) == b"selftest"
@@ -394,11 +395,11 @@ class App:
         except OSError:
             c["fs"] = False
         c["identity"] = self.ident is not None
-        c["queue"] = self.q.errors == 0
+        c["queue"] = self.queue.errors == 0
         gc.collect()
         c["heap"] = gc.mem_free() > 16384
-        c["net"] = bool(self.h.net_up())
-        c["transport"] = self.t_on
+        c["net"] = bool(self.hal.net_up())
+        c["transport"] = self.transport_on
         c["safe_mode"] = not self.safe
         ok = True
         for k in c:
@@ -406,7 +407,7 @@ class App:
         return [("pass", ok), ("checks", c)]
 
 
-def main(root=None, uid=None, board=None, wdt_ms=WDT_MS, interval=None, fault=None):
+def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):
     """Run the device forever; a reset on the unix port restarts it in-process."""
     while True:
         kw = {}

@@ -3,8 +3,9 @@
 # (shortest ints, shortest lossless float, map keys in length-first order) so both runtimes agree
 # byte for byte. The encoder appends to one bytearray; the decoder reads a memoryview without copies.
 import struct
+from micropython import const
 
-MAX_DEPTH = 16
+_MAX_DEPTH = const(16)
 
 
 class CBORError(ValueError):
@@ -50,7 +51,7 @@ def _float(out, x):
 
 def encode(out, obj, depth=0):
     """Append the encoding of obj to the bytearray out."""
-    if depth > MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         raise CBORError("nesting too deep")
     t = type(obj)
     if t is bool:
@@ -112,7 +113,7 @@ def _need(n, pos, end):
 
 
 def _decode(mv, pos, end, depth):
-    if depth > MAX_DEPTH:
+    if depth > _MAX_DEPTH:
         raise CBORError("nesting too deep")
     _need(1, pos, end)
     ib = mv[pos]

@@ -3,18 +3,19 @@
 # config_ack (code 1 applied, 400 rejected + msg). A cfgver that is not newer than the applied one changes
 # nothing but is still acknowledged (code 1), so a gateway that missed the first ack stops resending.
 import json
+from micropython import const
 
-from carrier import cbor, hal, proto
+from carrier import cbor, hal, devicemsg
 
 FILE = "config.json"
 DEFAULT_INTERVAL = 60
-META_MAX_ENTRIES = 16
-META_MAX_BYTES = 512
+_META_MAX_ENTRIES = const(16)
+_META_MAX_BYTES = const(512)
 
 
 class Config:
     def __init__(self, h, default_interval=DEFAULT_INTERVAL):
-        self.h = h
+        self.hal = h
         self.cfgver = 0
         self.interval = default_interval
         self.meta = {}
@@ -38,34 +39,34 @@ class Config:
         self.meta = meta
 
     def save(self):
-        hal.write_atomic(self.h.root + FILE,
+        hal.write_atomic(self.hal.root + FILE,
                          json.dumps({"cfgver": self.cfgver, "interval": self.interval, "meta": self.meta}).encode())
 
     def apply(self, payload):
         """Apply a `config` payload from the gateway: (code, cfgver, msg) for the acknowledgement."""
         try:
-            m = proto.decode("config", payload)
-        except proto.ProtoError as e:
+            m = devicemsg.decode("config", payload)
+        except devicemsg.WireError as e:
             self.rejected += 1
-            return proto.BAD_REQUEST, _cfgver_of(payload), str(e)
-        v = m[proto.K_CFGVER]
-        meta = m.get(proto.K_META)
+            return devicemsg.BAD_REQUEST, _cfgver_of(payload), str(e)
+        v = m[devicemsg.K_CFGVER]
+        meta = m.get(devicemsg.K_META)
         msg = check_meta(meta) if meta is not None else None
         if msg:
             self.rejected += 1
-            return proto.BAD_REQUEST, v, msg
+            return devicemsg.BAD_REQUEST, v, msg
         if v <= self.cfgver:
-            return proto.OK, v, "not newer than applied cfgver %d" % self.cfgver
+            return devicemsg.OK, v, "not newer than applied cfgver %d" % self.cfgver
         self.cfgver = v
-        if proto.K_INTERVAL in m:
-            self.interval = m[proto.K_INTERVAL]
+        if devicemsg.K_INTERVAL in m:
+            self.interval = m[devicemsg.K_INTERVAL]
         if meta is not None:
             self.meta = meta
         self.save()
         self.applied += 1
         if self.on_change:
             self.on_change()
-        return proto.OK, v, None
+        return devicemsg.OK, v, None
 
     def set_interval(self, s):
         """Local change from the console (cfgver unchanged); ValueError when out of range."""
@@ -81,29 +82,29 @@ def check_meta(meta):
     """None when meta is an acceptable map tstr -> tstr, else the reason."""
     if type(meta) is not dict:
         return "meta must be a map"
-    if len(meta) > META_MAX_ENTRIES:
-        return "meta has more than %d entries" % META_MAX_ENTRIES
+    if len(meta) > _META_MAX_ENTRIES:
+        return "meta has more than %d entries" % _META_MAX_ENTRIES
     n = 0
     for k in meta:
         v = meta[k]
         if type(k) is not str or type(v) is not str:
             return "meta must map text to text"
         n += len(k) + len(v)
-    if n > META_MAX_BYTES:
-        return "meta larger than %d bytes" % META_MAX_BYTES
+    if n > _META_MAX_BYTES:
+        return "meta larger than %d bytes" % _META_MAX_BYTES
     return None
 
 
 def _cfgver_of(payload):
     try:
-        v = cbor.loads(payload).get(proto.K_CFGVER)
+        v = cbor.loads(payload).get(devicemsg.K_CFGVER)
     except (cbor.CBORError, AttributeError):
         return 0
     return v if type(v) is int and v >= 0 else 0
 
 
 def ack_payload(ident, code, cfgver, msg=None):
-    m = {proto.K_ID: ident, proto.K_CFGVER: cfgver, proto.K_CODE: code}
+    m = {devicemsg.K_ID: ident, devicemsg.K_CFGVER: cfgver, devicemsg.K_CODE: code}
     if msg:
-        m[proto.K_MSG] = msg
-    return proto.encode("config_ack", m)
+        m[devicemsg.K_MSG] = msg
+    return devicemsg.encode("config_ack", m)

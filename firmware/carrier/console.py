@@ -6,11 +6,12 @@
 # `resolve` answers later (when the gateway does), as its own line. The key is never shown: only its
 # fingerprint. `factory-reset` asks for confirmation: the next line must be YES.
 import json
+from micropython import const
 
 from carrier import log
 
 MAXLINE = 128
-READ_MAX = 64
+_READ_MAX = const(64)
 HELP = ("help", "id", "status", "resolve <id> [type]", "report", "net [up|down]", "config get [key]",
         "config set <key> <value>", "log [n]", "selftest", "reboot", "factory-reset", "json on|off",
         "provision <id> <coap://|mqtt://host:port> [key-hex]")
@@ -23,12 +24,12 @@ class Console:
         self.echo = echo
         self.json = False
         self._line = bytearray(MAXLINE)
-        self._n = 0
+        self._len = 0
         self._over = False
         self._bad = False
-        self._cr = False
+        self._after_cr = False
         self._one = bytearray(1)
-        self._ov = memoryview(self._one)
+        self._one_view = memoryview(self._one)
         self._confirm = False
         self.eof = False
         self.lines = self.errors = 0
@@ -36,8 +37,8 @@ class Console:
     # -- input
     def poll(self, read):
         """Consume what is waiting on the console; read(mv1) -> 1 byte, 0 nothing, -1 closed."""
-        for _ in range(READ_MAX):
-            r = read(self._ov)
+        for _ in range(_READ_MAX):
+            r = read(self._one_view)
             if r <= 0:
                 if r < 0:
                     self.eof = True
@@ -46,18 +47,18 @@ class Console:
 
     def feed(self, c):
         if c == 10 or c == 13:
-            if c == 10 and self._cr:  # the LF of a CRLF
-                self._cr = False
+            if c == 10 and self._after_cr:  # the LF of a CRLF
+                self._after_cr = False
                 return
-            self._cr = c == 13
+            self._after_cr = c == 13
             if self.echo and not self.json:
                 self.write("\r\n")
             self._end_line()
             return
-        self._cr = False
+        self._after_cr = False
         if c == 8 or c == 127:
-            if self._n:
-                self._n -= 1
+            if self._len:
+                self._len -= 1
                 if self.echo and not self.json:
                     self.write("\b \b")
             return
@@ -66,17 +67,17 @@ class Console:
         if c < 32:
             self._bad = True
             return
-        if self._n >= MAXLINE:
+        if self._len >= MAXLINE:
             self._over = True
             return
-        self._line[self._n] = c
-        self._n += 1
+        self._line[self._len] = c
+        self._len += 1
         if self.echo and not self.json and c < 128:
             self.write(chr(c))
 
     def _end_line(self):
-        n, over, bad = self._n, self._over, self._bad
-        self._n = 0
+        n, over, bad = self._len, self._over, self._bad
+        self._len = 0
         self._over = self._bad = False
         if over:
             self.errors += 1
@@ -157,10 +158,6 @@ class Console:
             self.write(json.dumps({"log": line}) + "\n")
         else:
             self.write(line + "\n")
-
-    def prompt(self):
-        if not self.json:
-            self.write("> " if self.echo else "")
 
     # -- commands
     def c_help(self, a):

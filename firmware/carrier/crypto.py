@@ -67,15 +67,15 @@ class CCM:
     def __init__(self, key):
         if len(key) != 16:
             raise ValueError("AES-128 key must be 16 bytes")
-        self._e = cryptolib.aes(key, _ECB).encrypt
-        self._x = bytearray(16)  # CBC-MAC chaining value
-        self._a = bytearray(16)  # counter block A_i
-        self._s = bytearray(16)  # key stream block S_i
+        self._aes = cryptolib.aes(key, _ECB).encrypt
+        self._chain = bytearray(16)  # CBC-MAC chaining value
+        self._counter = bytearray(16)  # counter block A_i
+        self._keystream = bytearray(16)  # key stream block S_i
 
     def _absorb(self, data, off, n, j):
         """CBC-MAC over data[off:off+n] continuing at byte j of the current block; returns the new j."""
-        x = self._x
-        e = self._e
+        x = self._chain
+        e = self._aes
         for k in range(off, off + n):
             x[j] ^= data[k]
             j += 1
@@ -85,36 +85,36 @@ class CCM:
         return j
 
     def _mac(self, nonce, aad, la, msg, off, n):
-        """T (in self._x[:8]) for msg[off:off+n] under nonce with associated data aad[:la]."""
-        x = self._x
+        """T (in self._chain[:8]) for msg[off:off+n] under nonce with associated data aad[:la]."""
+        x = self._chain
         x[0] = _B0_FLAGS | (0x40 if la else 0)
         for k in range(13):
             x[1 + k] = nonce[k]
         x[14] = n >> 8
         x[15] = n & 255
-        self._e(x, x)
+        self._aes(x, x)
         if la:
             x[0] ^= la >> 8
             x[1] ^= la & 255
             j = self._absorb(aad, 0, la, 2)
             if j:
-                self._e(x, x)
+                self._aes(x, x)
         if n:
             if self._absorb(msg, off, n, 0):
-                self._e(x, x)
+                self._aes(x, x)
 
     def _stream(self, nonce, i):
-        """S_i = E(K, A_i) into self._s."""
-        a = self._a
+        """S_i = E(K, A_i) into self._keystream."""
+        a = self._counter
         a[0] = _A_FLAGS
         for k in range(13):
             a[1 + k] = nonce[k]
         a[14] = i >> 8
         a[15] = i & 255
-        self._e(a, self._s)
+        self._aes(a, self._keystream)
 
     def _ctr(self, nonce, src, so, dst, do, n):
-        s = self._s
+        s = self._keystream
         for k in range(n):
             j = k & 15
             if j == 0:
@@ -130,8 +130,8 @@ class CCM:
         self._mac(nonce, aad, la, src, so, n)
         self._ctr(nonce, src, so, dst, do, n)
         self._stream(nonce, 0)
-        x = self._x
-        s = self._s
+        x = self._chain
+        s = self._keystream
         for j in range(TAG):
             dst[do + n + j] = x[j] ^ s[j]
         return n + TAG
@@ -146,8 +146,8 @@ class CCM:
         self._ctr(nonce, src, so, dst, do, m)
         self._mac(nonce, aad, la, dst, do, m)
         self._stream(nonce, 0)
-        x = self._x
-        s = self._s
+        x = self._chain
+        s = self._keystream
         diff = 0
         for j in range(TAG):  # constant time over the tag
             diff |= src[so + m + j] ^ x[j] ^ s[j]

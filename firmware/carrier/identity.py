@@ -14,7 +14,7 @@ import json
 import hashlib
 import binascii
 
-from carrier import hal, ident
+from carrier import hal, idsyntax
 
 FILE = "identity.json"
 KV_KEY = "key"
@@ -62,11 +62,11 @@ class Identity:
         if type(d) is not dict:
             raise IdentityError("identity must be a JSON object")
         i = d.get("id") or ""
-        if type(i) is not str:  # a number or list would reach bytes() in ident.parse: TypeError, not IdentityError
+        if type(i) is not str:  # a number or list would reach bytes() in idsyntax.parse: TypeError, not IdentityError
             raise IdentityError("bad identifier: id must be text")
         try:
-            self.id = ident.parse(i)
-        except ident.IdentError as e:
+            self.id = idsyntax.parse(i)
+        except idsyntax.IdentifierError as e:
             raise IdentityError("bad identifier: " + e.reason)
         self.idb = self.id.encode()
         t = d.get("transport") or "coap"
@@ -85,7 +85,7 @@ class Identity:
         ca = d.get("ca")
         if ca is not None and (type(ca) is not str or not ca):
             raise IdentityError("ca must be a file name")
-        self.ca = ca
+        self.ca_file = ca
         self.ca_path = ca or CA_FILE  # load() puts it under the data root
         if not self.urls.get(t):
             raise IdentityError("no %s gateway address" % t)
@@ -115,8 +115,8 @@ class Identity:
             d[s] = self.urls[s]
         if self.secure:
             d["secure"] = True
-        if self.ca:
-            d["ca"] = self.ca
+        if self.ca_file:
+            d["ca"] = self.ca_file
         if self.wifi:
             d["wifi"] = {"ssid": self.wifi[0], "psk": self.wifi[1]}
         return d

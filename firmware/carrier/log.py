@@ -2,10 +2,12 @@
 # (the console sets one; default print) and into a preallocated ring buffer that `log [n]` reads back.
 # Callers format their message only when something happens (never per loop); the device key must never
 # be passed here (identity exposes only a fingerprint).
-RING = 2048
-MAX_LINE = 160
+from micropython import const
 
-_ring = bytearray(RING)
+_RING = const(2048)
+_MAX_LINE = const(160)
+
+_ring = bytearray(_RING)
 _end = 0  # write position
 _wrapped = False
 
@@ -20,23 +22,23 @@ sink = _print  # callable(str): where lines go besides the ring (the console set
 def _put(b):
     global _end, _wrapped
     n = len(b)
-    if n > MAX_LINE:
-        n = MAX_LINE
+    if n > _MAX_LINE:
+        n = _MAX_LINE
         while b[n] & 0xC0 == 0x80:  # cut at a UTF-8 character boundary
             n -= 1
     i = 0
     while i < n:
-        room = RING - _end
+        room = _RING - _end
         k = n - i if n - i < room else room
         _ring[_end:_end + k] = b[i:i + k]
         _end += k
         i += k
-        if _end == RING:
+        if _end == _RING:
             _end = 0
             _wrapped = True
     _ring[_end] = 10
     _end += 1
-    if _end == RING:
+    if _end == _RING:
         _end = 0
         _wrapped = True
 

@@ -13,8 +13,8 @@
 #     outer code POST, FETCH with Observe), unprotect() a response (8.4: kid, kid context and flag checks;
 #     nonce from the response's Partial IV when present, else from the request's). The sender sequence number
 #     is reserved SEQ_WINDOW at a time through persist() before use, so a power cut never reuses a nonce.
-#   * Client: coap.Client whose exchanges go out protected and whose answers are unprotected before the
-#     plain client sees them; Echo (RFC 9175) replay-window recovery is answered once per request; an
+#   * Client: coap.Client whose exchanges go out protected (its _seal() hook) and whose answers are unprotected
+#     before the plain client sees them; Echo (RFC 9175) replay-window recovery is answered once per request; an
 #     unprotected error answer ends the exchange with code UNAUTHORIZED (401); an unprotected success answer
 #     is dropped (anyone could have sent it); notifications must carry increasing Partial IVs (7.4.1).
 import time
@@ -22,36 +22,38 @@ import struct
 import hashlib
 from micropython import const
 
-from carrier import cbor, coap, crypto
+from carrier import cbor, coap, coapmsg, crypto
+from carrier.coapmsg import CoapError, option, opt, uint, uint_opt
 
-ALG = const(10)          # COSE AES-CCM-16-64-128
-KEY_LEN = const(16)
-KID_LEN = const(6)
+_ALG = const(10)          # COSE AES-CCM-16-64-128
+_KEY_LEN = const(16)
+_KID_LEN = const(6)
 SALT = b"ida-oscore-v1"
 KID_TAG = b"ida-oscore-kid\x00"
 GATEWAY_ID = b""
 SEQ_WINDOW = const(100)  # sequence numbers reserved per write to the kv store
 MAX_SEQ = 0xFFFFFFFFFF   # 2**40 - 1: Partial IV is at most 5 bytes
 KV_SEQ = "oscseq"
-PT_MAX = const(1152)     # largest plaintext handled (coap.RX_MAX)
-OVERHEAD = const(80)     # OSCORE option, code byte, payload marker, tag and an Echo value, over a plain request
-UNAUTHORIZED = const(401)  # device-side code: the gateway did not authenticate us (unprotected 4.xx answer)
-
-O_OBSERVE = const(6)
-O_OSCORE = const(9)
-O_ECHO = const(252)
-POST = const(2)
-FETCH = const(5)
+_OVERHEAD = const(80)     # OSCORE option, code byte, payload marker, tag and an Echo value, over a plain request
+_O_OSCORE = const(9)
+_O_ECHO = const(252)
+_FETCH = const(5)
 _OUTER = (3, 7, 35, 39)  # Uri-Host, Uri-Port, Proxy-Uri, Proxy-Scheme: class U
-# coap.py keeps these as private const()s (not module attributes on MicroPython): same values
-_WAIT_ACK = const(1)
-_K_CFG = const(3)
-_UNAUTH = const(129)      # 4.01
-_TOO_LARGE = const(141)   # 4.13
-_INTERNAL = const(160)    # 5.00
+_UNAUTH = const(129)      # CoAP 4.01
+_TOO_LARGE = const(141)   # CoAP 4.13
+_INTERNAL = const(160)    # CoAP 5.00
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_CON = const(0)          # mirrors coapmsg.CON
+_ACK = const(2)          # mirrors coapmsg.ACK
+_POST = const(2)         # mirrors coapmsg.POST
+_O_OBSERVE = const(6)    # mirrors coapmsg.O_OBSERVE
+_RX_MAX = const(1152)    # mirrors coapmsg.RX_MAX: also the largest plaintext handled
+_WAIT_ACK = const(1)     # mirrors coap._WAIT_ACK
+_K_CFG = const(3)        # mirrors coap._K_CFG
+_UNAUTHORIZED = const(401)  # mirrors devicemsg.UNAUTHORIZED: the gateway did not authenticate us
 
 
-class OscoreError(coap.CoapError):
+class OscoreError(CoapError):
     pass
 
 
@@ -61,17 +63,17 @@ class NotProtected(OscoreError):
 
 def kid(idb):
     """The device's Sender ID for its normalised identifier (bytes)."""
-    return hashlib.sha256(KID_TAG + idb).digest()[:KID_LEN]
+    return hashlib.sha256(KID_TAG + idb).digest()[:_KID_LEN]
 
 
 def _info(rid, idctx, typ, n):
-    return cbor.dumps([rid, idctx, ALG, typ, n])
+    return cbor.dumps([rid, idctx, _ALG, typ, n])
 
 
 def derive(secret, sender_id, recipient_id, salt=SALT, id_context=None):
     """(Sender Key, Recipient Key, Common IV) of RFC 8613 3.2.1."""
-    return (crypto.hkdf(salt, secret, _info(sender_id, id_context, "Key", KEY_LEN), KEY_LEN),
-            crypto.hkdf(salt, secret, _info(recipient_id, id_context, "Key", KEY_LEN), KEY_LEN),
+    return (crypto.hkdf(salt, secret, _info(sender_id, id_context, "Key", _KEY_LEN), _KEY_LEN),
+            crypto.hkdf(salt, secret, _info(recipient_id, id_context, "Key", _KEY_LEN), _KEY_LEN),
             crypto.hkdf(salt, secret, _info(b"", id_context, "IV", crypto.NONCE), crypto.NONCE))
 
 
@@ -85,58 +87,7 @@ def _put_piv(buf, v):
     return n
 
 
-_hd = [0, 0]  # option delta and length of the last _rd() (no tuple per option)
-
-
-def _rd(src, pos, n):
-    """Read the option header at src[pos] (not 0xFF) into _hd; returns the position of the value."""
-    b = src[pos]
-    pos += 1
-    for i in range(2):
-        v = (b >> 4) if i == 0 else (b & 15)
-        if v == 13:
-            if pos >= n:
-                raise OscoreError("truncated option")
-            v = src[pos] + 13
-            pos += 1
-        elif v == 14:
-            if pos + 1 >= n:
-                raise OscoreError("truncated option")
-            v = ((src[pos] << 8) | src[pos + 1]) + 269
-            pos += 2
-        elif v == 15:
-            raise OscoreError("reserved option nibble 15")
-        _hd[i] = v
-    if pos + _hd[1] > n:
-        raise OscoreError("option longer than the message")
-    return pos
-
-
-def _wr(buf, pos, delta, src, start, ln):
-    """Write option (delta, src[start:start+ln]) at buf[pos]; returns the end. OscoreError when it does not fit."""
-    if pos + 5 + ln > len(buf):
-        raise OscoreError("message larger than its buffer")
-    h = pos
-    pos += 1
-    b = 0
-    for i in range(2):
-        v = delta if i == 0 else ln
-        if v < 13:
-            nib = v
-        elif v < 269:
-            nib = 13
-            buf[pos] = v - 13
-            pos += 1
-        else:
-            nib = 14
-            buf[pos] = (v - 269) >> 8
-            buf[pos + 1] = (v - 269) & 255
-            pos += 2
-        b = (b << 4) | nib
-    buf[h] = b
-    for i in range(ln):
-        buf[pos + i] = src[start + i]
-    return pos + ln
+_hd = [0, 0]  # delta and value length of the option header read last (coapmsg.option)
 
 
 def seq_store(store, key):
@@ -155,7 +106,7 @@ def seq_store(store, key):
 class Context:
     """One OSCORE security context (client side). seq is the next sender sequence number; persist(limit) must
     make every number below limit unusable after a reboot (it is called before the first one is used).
-    protect() and unprotect() work in preallocated buffers (pt, nonce, AAD, Partial IVs)."""
+    protect() and unprotect() work in preallocated buffers (plain, nonce, AAD, Partial IVs)."""
 
     def __init__(self, secret, sender_id, recipient_id, salt=SALT, id_context=None, seq=0, persist=None):
         if len(sender_id) > 7 or len(recipient_id) > 7 or sender_id == recipient_id:
@@ -163,7 +114,7 @@ class Context:
         self.sid = sender_id
         self.rid = recipient_id
         self.idctx = id_context
-        sk, rk, self._iv = derive(secret, sender_id, recipient_id, salt, id_context)
+        sk, rk, self._common_iv = derive(secret, sender_id, recipient_id, salt, id_context)
         self._snd = crypto.CCM(sk)
         self._rcv = crypto.CCM(rk)
         self.seq = seq
@@ -181,8 +132,8 @@ class Context:
         self._aad = a
         self._piv = bytearray(5)
         self._rpiv = bytearray(5)
-        self._ov = bytearray(8 + kl + (1 + len(id_context) if id_context else 0))
-        self.pt = bytearray(PT_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
+        self._optval = bytearray(8 + kl + (1 + len(id_context) if id_context else 0))
+        self.plain = bytearray(_RX_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
 
     def next_seq(self):
         s = self.seq
@@ -210,7 +161,7 @@ class Context:
     def _mknonce(self, idb, piv, po, pl):
         """Common IV XOR (len(id) | id left-padded to 7 | piv left-padded to 5) (RFC 8613 5.2)."""
         nc = self._nonce
-        iv = self._iv
+        iv = self._common_iv
         k = len(idb)
         for i in range(crypto.NONCE):
             v = 0
@@ -235,7 +186,7 @@ class Context:
         seq = self.next_seq()
         piv = self._piv
         pl = _put_piv(piv, seq)
-        ov = self._ov
+        ov = self._optval
         ov[0] = 0x08 | pl
         for i in range(pl):
             ov[1 + i] = piv[i]
@@ -250,7 +201,7 @@ class Context:
         for i in range(len(self.sid)):
             ov[k + i] = self.sid[i]
         k += len(self.sid)
-        pt = self.pt
+        pt = self.plain
         pt[0] = src[1]
         ip = 1
         ilast = 0
@@ -260,25 +211,25 @@ class Context:
         pos = h
         num = 0
         while pos < n and src[pos] != 0xFF:
-            pos = _rd(src, pos, n)
+            pos = option(src, pos, n, _hd)
             num += _hd[0]
             ln = _hd[1]
-            if num in _OUTER or num == O_OBSERVE:
-                if num > O_OSCORE and not osc:
-                    op = _wr(out, op, O_OSCORE - olast, ov, 0, k)
-                    olast = O_OSCORE
+            if num in _OUTER or num == _O_OBSERVE:
+                if num > _O_OSCORE and not osc:
+                    op = opt(out, op, _O_OSCORE - olast, ov, 0, k)
+                    olast = _O_OSCORE
                     osc = True
-                op = _wr(out, op, num - olast, src, pos, ln)
+                op = opt(out, op, num - olast, src, pos, ln)
                 olast = num
-                obs = obs or num == O_OBSERVE
+                obs = obs or num == _O_OBSERVE
             if num not in _OUTER:
-                ip = _wr(pt, ip, num - ilast, src, pos, ln)
+                ip = opt(pt, ip, num - ilast, src, pos, ln)
                 ilast = num
             pos += ln
         if not osc:
-            op = _wr(out, op, O_OSCORE - olast, ov, 0, k)
+            op = opt(out, op, _O_OSCORE - olast, ov, 0, k)
         if echo:
-            ip = _wr(pt, ip, O_ECHO - ilast, echo, 0, len(echo))
+            ip = opt(pt, ip, _O_ECHO - ilast, echo, 0, len(echo))
         if pos < n:
             m = n - pos - 1
             if m <= 0 or ip + 1 + m > len(pt):
@@ -289,7 +240,7 @@ class Context:
             ip += 1 + m
         if op + 1 + ip + crypto.TAG > len(out):
             raise OscoreError("protected message larger than its buffer")
-        out[1] = FETCH if obs else POST
+        out[1] = _FETCH if obs else _POST
         out[op] = 0xFF
         al = self._mkaad(piv, 0, pl)
         c = self._snd.encrypt(self._mknonce(self.sid, piv, 0, pl), self._aad, pt, ip, out, al, 0, op + 1)
@@ -297,7 +248,7 @@ class Context:
 
     def unprotect(self, src, n, req_seq):
         """Verify and decrypt the response src[:n] to the request sent with sequence number req_seq. The inner
-        message (code, options, payload) is left in self.pt; returns (its length, the response's Partial IV as
+        message (code, options, payload) is left in self.plain; returns (its length, the response's Partial IV as
         a number or -1, the outer Observe value or -1). OscoreError when it is not a valid protected answer
         (NotProtected when it carries no OSCORE option at all)."""
         tkl = src[0] & 15
@@ -307,16 +258,19 @@ class Context:
         ovl = 0
         obs = -1
         while pos < n and src[pos] != 0xFF:
-            pos = _rd(src, pos, n)
+            try:
+                pos = option(src, pos, n, _hd)
+            except CoapError as e:  # a damaged outer option: not a valid protected answer either
+                raise OscoreError(e.args[0])
             num += _hd[0]
             ln = _hd[1]
-            if num == O_OSCORE:
+            if num == _O_OSCORE:
                 ovs = pos
                 ovl = ln
-            elif num == O_OBSERVE:
+            elif num == _O_OBSERVE:
                 if ln > 3:
                     raise OscoreError("bad Observe")
-                obs = coap._uint(src, pos, ln)
+                obs = uint(src, pos, ln)
             pos += ln
         if ovs < 0:
             raise NotProtected("not OSCORE-protected")
@@ -354,24 +308,23 @@ class Context:
         al = self._mkaad(rp, 0, rl)
         if pl:
             nonce = self._mknonce(self.rid, src, ps, pl)
-            piv = coap._uint(src, ps, pl)
+            piv = uint(src, ps, pl)
         else:
             nonce = self._mknonce(self.sid, rp, 0, rl)
             piv = -1
         cl = n - pos - 1
-        if cl - crypto.TAG > len(self.pt):
+        if cl - crypto.TAG > len(self.plain):
             raise OscoreError("response too large")
-        m = self._rcv.decrypt(nonce, self._aad, src, cl, self.pt, al, pos + 1, 0)
+        m = self._rcv.decrypt(nonce, self._aad, src, cl, self.plain, al, pos + 1, 0)
         if m < 1:
             raise OscoreError("response does not verify")
         return m, piv, obs
 
 
-class _SEx(coap._Ex):
+class _ProtectedExchange(coap.Exchange):
     def __init__(self, size):
         super().__init__(size)
-        self.p = bytearray(size + OVERHEAD)  # the protected message on the wire (retransmitted as is)
-        self.pn = 0
+        self.wire = bytearray(size + _OVERHEAD)  # the protected message (retransmitted as is)
         self.seq = -1       # sequence number of the request on the wire
         self.echo = None    # Echo value to send with the next protection
         self.echoed = False
@@ -383,43 +336,29 @@ class Client(coap.Client):
     name = "coap+oscore"
 
     def __init__(self, ident, poller=None, cache=None, store=None):
-        coap.Client.__init__(self, ident, poller, cache)
         if store is None:
             raise OscoreError("OSCORE needs a store for its sequence number")
-        size = len(self._ex[0].buf)
-        self._sx = [_SEx(size) for _ in range(len(self._ex))]
-        self._ex = [x for x in self._sx]
+        coap.Client.__init__(self, ident, poller, cache, _ProtectedExchange)
         start, persist = seq_store(store, ident.key)
         self.ctx = Context(ident.key, kid(ident.idb), GATEWAY_ID, seq=start, persist=persist)
-        self._in = bytearray(coap.RX_MAX)  # the unprotected answer, handed to the plain client
+        self._answer = bytearray(_RX_MAX)  # the unprotected answer, handed to the plain client
         self._obs_seq = -1  # sequence number of the request that registered the /cfg observation
         self._obs_n = -1    # Partial IV of the newest notification accepted
         self._echo = None   # (offset, length) of an Echo option in the inner message being handled
         self.auth_fail = 0  # answers that did not verify (forged, damaged, or another key)
 
-    def _send(self, ex, now, new=True):
-        if new:
-            try:
-                ex.pn, ex.seq = self.ctx.protect(ex.buf, ex.n, ex.p, ex.echo)
-            except OSError:  # the sequence number could not be reserved in flash
-                self._finish(ex, _INTERNAL, None)
-                return
-            except coap.CoapError as e:
-                self._finish(ex, _TOO_LARGE if "larger" in str(e) else _INTERNAL, None)
-                return
-            ex.echoed = ex.echo is not None
-            ex.echo = None
-            ex.tries = 0
-            ex.tmo = coap.ACK_TIMEOUT + coap._rand(coap.ACK_RANDOM + 1)
-            ex.st = _WAIT_ACK
-        ex.due = time.ticks_add(now, ex.tmo)
-        s = self.sock
-        if s is None:
-            return
+    def _seal(self, ex):
         try:
-            s.send(memoryview(ex.p)[:ex.pn])
-        except OSError:
-            self.errors += 1
+            ex.wire_len, ex.seq = self.ctx.protect(ex.buf, ex.length, ex.wire, ex.echo)
+        except OSError:  # the sequence number could not be reserved in flash
+            self._finish(ex, _INTERNAL, None)
+            return False
+        except CoapError as e:
+            self._finish(ex, _TOO_LARGE if "larger" in str(e) else _INTERNAL, None)
+            return False
+        ex.echoed = ex.echo is not None
+        ex.echo = None
+        return True
 
     def datagram(self, data, now):
         n = len(data)
@@ -430,16 +369,16 @@ class Client(coap.Client):
             return
         t = (b0 >> 4) & 3
         mid = (data[2] << 8) | data[3]
-        tok = coap._uint(data, 4, tkl)
-        if t != coap.ACK:
+        tok = uint(data, 4, tkl)
+        if t != _ACK:
             for v in self._seen:
                 if v >= 0 and v & 0xFFFF == mid:  # a duplicate: re-acknowledged by the plain client
                     coap.Client.datagram(self, data, now)
                     return
         ex = None
         if tkl == 2:
-            for x in self._sx:
-                if x.st and x.tok == tok and (t != coap.ACK or (x.st == _WAIT_ACK and x.mid == mid)):
+            for x in self.exchanges:
+                if x.state and x.token == tok and (t != _ACK or (x.state == _WAIT_ACK and x.mid == mid)):
                     ex = x
                     break
         note = ex is None and tkl == 2 and tok == self._obs
@@ -461,24 +400,24 @@ class Client(coap.Client):
         if note:
             if piv <= self._obs_n:  # replayed or reordered notification (RFC 8613 7.4.1)
                 self.dups += 1
-                if t == coap.CON:
-                    self._empty(coap.ACK, mid)
+                if t == _CON:
+                    self._empty(_ACK, mid)
                 return
             self._obs_n = piv
-        out = self._in
+        out = self._answer
         for i in range(4 + tkl):
             out[i] = data[i]
         try:
             n2 = self._inner(m, ob, tkl)
-        except coap.CoapError:  # OscoreError, or the Observe option (coap.uint_opt) did not fit
+        except CoapError:  # OscoreError, or the Observe option (uint_opt) did not fit
             self.errors += 1
             return
-        pt = self.ctx.pt
+        pt = self.ctx.plain
         echo = self._echo
         if ex is not None and pt[0] == _UNAUTH and echo and not ex.echoed:
             # Echo (RFC 9175): the gateway has no replay state for us yet; repeat the request once with it
-            if t == coap.CON:
-                self._empty(coap.ACK, mid)
+            if t == _CON:
+                self._empty(_ACK, mid)
             ex.echo = bytes(pt[echo[0]:echo[0] + echo[1]])
             ex.mid = self._next_mid()
             ex.buf[2] = ex.mid >> 8
@@ -491,10 +430,10 @@ class Client(coap.Client):
         coap.Client.datagram(self, memoryview(out)[:n2], now)
 
     def _inner(self, m, ob, tkl):
-        """Rebuild self._rx as the plain response: outer header and token, inner code, inner options (with the
+        """Rebuild self._answer as the plain response: outer header and token, inner code, inner options (with the
         outer Observe value in place of any inner one), inner payload. Returns its length."""
-        pt = self.ctx.pt
-        rx = self._in
+        pt = self.ctx.plain
+        rx = self._answer
         rx[1] = pt[0]
         p = 4 + tkl
         last = num = 0
@@ -502,21 +441,21 @@ class Client(coap.Client):
         done = ob < 0
         self._echo = None
         while i < m and pt[i] != 0xFF:
-            i = _rd(pt, i, m)
+            i = option(pt, i, m, _hd)
             num += _hd[0]
             ln = _hd[1]
-            if num != O_OBSERVE:
-                if not done and num > O_OBSERVE:
-                    p = coap.uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
-                    last = O_OBSERVE
+            if num != _O_OBSERVE:
+                if not done and num > _O_OBSERVE:
+                    p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
+                    last = _O_OBSERVE
                     done = True
-                if num == O_ECHO:
+                if num == _O_ECHO:
                     self._echo = (i, ln)
-                p = _wr(rx, p, num - last, pt, i, ln)
+                p = opt(rx, p, num - last, pt, i, ln)
                 last = num
             i += ln
         if not done:
-            p = coap.uint_opt(rx, p, O_OBSERVE - last, ob & 0xFFFFFF)
+            p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
         if i < m:
             if i + 1 == m:
                 raise OscoreError("payload marker without payload")
@@ -534,12 +473,12 @@ class Client(coap.Client):
         n = len(data)
         text = ""
         try:
-            pos = coap.decode(memoryview(data), n, self._m).pl
+            pos = coapmsg.decode(memoryview(data), n, self._msg).payload_at
             if pos < n:
                 text = " " + str(bytes(data[pos:min(n, pos + 40)]), "utf-8")
-        except (coap.CoapError, UnicodeError, ValueError):
+        except ValueError:  # CoapError, UnicodeError
             pass
-        pl = cbor.dumps({3: UNAUTHORIZED, 9: "gateway did not authenticate us: %s%s" % (coap.dotted(data[1]), text)})
+        pl = cbor.dumps({3: _UNAUTHORIZED, 9: "gateway did not authenticate us: %s%s" % (coapmsg.dotted(data[1]), text)})
         out = bytearray(4 + tkl + 1 + len(pl))
         out[0:4 + tkl] = data[0:4 + tkl]
         out[4 + tkl] = 0xFF

@@ -21,16 +21,16 @@ REPORT = const(1)
 ACK = const(2)
 DROP = const(3)
 HEAD = const(4)
-HDR = const(11)
+_HDR = const(11)
 REC = const(15)  # head + crc
 MAX_PAYLOAD = const(480)
 BUF = const(1024)
-BATCH = const(4)
-FLUSH_MS = const(60000)
+_BATCH = const(4)
+_FLUSH_MS = const(60000)
 
 
 class Queue:
-    def __init__(self, path, cap=64, batch=BATCH, flush_ms=FLUSH_MS, max_file=16384):
+    def __init__(self, path, cap=64, batch=_BATCH, flush_ms=_FLUSH_MS, max_file=16384):
         self.path = path
         self.cap = cap
         self.batch = batch
@@ -46,14 +46,14 @@ class Queue:
         self.errors = 0    # flash write errors
         self.writes = 0    # flash writes (appends and compactions)
         self._buf = bytearray(BUF)
-        self._bv = memoryview(self._buf)
+        self._buf_view = memoryview(self._buf)
         self._blen = 0
         self._breps = 0    # REPORT records in _buf
         self._bsince = 0   # ticks when _buf got its first record
-        self._rd = bytearray(HDR + MAX_PAYLOAD + 4)
-        self._rv = memoryview(self._rd)
-        self._hb = bytearray(HDR)
-        self._cb = bytearray(4)
+        self._read_buf = bytearray(_HDR + MAX_PAYLOAD + 4)
+        self._read_view = memoryview(self._read_buf)
+        self._head_buf = bytearray(_HDR)
+        self._crc_buf = bytearray(4)
         self._size = 0     # bytes of valid records in the file
         self._dead = 0     # records in the file that no longer matter
         self._compact = False
@@ -83,11 +83,11 @@ class Queue:
         off = self._off[i]
         if off < 0:
             p = -1 - off
-            return self._bv[p + HDR:p + HDR + n]
+            return self._buf_view[p + _HDR:p + _HDR + n]
         with open(self.path, "rb") as f:
             f.seek(off)
-            f.readinto(self._rv[:n])
-        return self._rv[:n]
+            f.readinto(self._read_view[:n])
+        return self._read_view[:n]
 
     # -- records in RAM
     def _append(self, kind, boot, seq, payload, now):
@@ -98,8 +98,8 @@ class Queue:
         b = self._buf
         struct.pack_into("<BHII", b, p, kind, n, boot, seq)
         if n:
-            b[p + HDR:p + HDR + n] = payload
-        struct.pack_into("<I", b, p + HDR + n, binascii.crc32(self._bv[p:p + HDR + n]))
+            b[p + _HDR:p + _HDR + n] = payload
+        struct.pack_into("<I", b, p + _HDR + n, binascii.crc32(self._buf_view[p:p + _HDR + n]))
         if not self._blen:
             self._bsince = now
         self._blen = p + REC + n
@@ -109,7 +109,7 @@ class Queue:
         """Cut the record at _buf[p:] out of the buffer and fix the index offsets behind it."""
         n = REC + struct.unpack_from("<H", self._buf, p + 1)[0]
         end = self._blen
-        self._bv[p:end - n] = self._bv[p + n:end]
+        self._buf_view[p:end - n] = self._buf_view[p + n:end]
         self._blen = end - n
         for j in range(self.count):
             o = self._off[j]
@@ -186,7 +186,7 @@ class Queue:
             return
         try:
             with open(self.path, "ab") as f:
-                f.write(self._bv[:self._blen])
+                f.write(self._buf_view[:self._blen])
         except OSError:
             self.errors += 1
             return  # stays in RAM; the next flush tries again
@@ -195,7 +195,7 @@ class Queue:
         for j in range(self.count):
             o = self._off[j]
             if o < 0:
-                self._off[j] = base - 1 - o + HDR
+                self._off[j] = base - 1 - o + _HDR
         p = 0
         while p < self._blen:
             k = self._buf[p]
@@ -209,8 +209,8 @@ class Queue:
     def compact(self):
         """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically."""
         tmp = self.path + ".tmp"
-        hb = self._hb
-        cb = self._cb
+        hb = self._head_buf
+        cb = self._crc_buf
         offs = array("i", bytes(4 * self.count))
         try:
             with open(tmp, "wb") as f:
@@ -227,7 +227,7 @@ class Queue:
                     f.write(hb)
                     f.write(mv)
                     f.write(cb)
-                    offs[i] = pos + HDR
+                    offs[i] = pos + _HDR
                     pos += REC + n
             os.rename(tmp, self.path)
         except OSError:
@@ -259,7 +259,7 @@ class Queue:
             f = open(self.path, "rb")
         except OSError:
             return
-        hv = self._rv[:HDR]
+        hv = self._read_view[:_HDR]
         pos = 0
         torn = False
         with f:
@@ -267,16 +267,16 @@ class Queue:
                 k = f.readinto(hv)
                 if not k:
                     break
-                if k != HDR:
+                if k != _HDR:
                     torn = True
                     break
                 kind, n, boot, seq = struct.unpack("<BHII", hv)
                 if not REPORT <= kind <= HEAD or n > MAX_PAYLOAD or (kind != REPORT and n):
                     torn = True
                     break
-                body = self._rv[HDR:HDR + n + 4]
+                body = self._read_view[_HDR:_HDR + n + 4]
                 if f.readinto(body) != n + 4 or \
-                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", self._rd, HDR + n)[0]:
+                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", self._read_buf, _HDR + n)[0]:
                     torn = True
                     break
                 if kind == REPORT:
@@ -287,7 +287,7 @@ class Queue:
                     i = self.count
                     self._boot[i] = boot
                     self._seq[i] = seq
-                    self._off[i] = pos + HDR
+                    self._off[i] = pos + _HDR
                     self._len[i] = n
                     self.count = i + 1
                 elif kind == HEAD:

@@ -44,7 +44,7 @@ from gateway.logfmt import kv
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from gateway.registry import Registry
-from gateway.resolution import Answer, Resolving, etag_of
+from gateway.resolution import Answer, AnswerCache, ResolutionNote, Resolving, etag_of, resolve_noted
 from proto import devicemsg, identifier
 
 if TYPE_CHECKING:
@@ -174,9 +174,13 @@ class CoapFrontEnd:
         clock: Callable[[], float] = time.time,
         limiter: RateLimiter | None = None,
         fast_path: bool = True,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
     ) -> None:
         self._bind = (host, port)
         self.resolver = resolver
+        self.answers = answers
+        self.note = note
         self.registry = registry
         self.metrics = metrics
         self.clock = clock
@@ -218,6 +222,8 @@ class CoapFrontEnd:
                 limiter=lambda: getattr(self, "limiter", None),
                 learning=self.site is self._plain_site,
                 miss=self.render_resolve,
+                answers=self.answers,
+                note=self.note,
             )
             self._ctx = await self.fast.start(self.site, *self._bind)
             self.metrics.add_collector(self.fast.samples, add=True)
@@ -285,7 +291,7 @@ class CoapFrontEnd:
             ident = "/".join(request.opt.uri_path)
             try:
                 types, indexes = _query(request)
-                answer = await self.resolver.resolve(ident, types, indexes)
+                answer = await resolve_noted(self.resolver, self.note, "coap", ident, types, indexes)
             except Exception as e:
                 code, msg = failure(e)
                 return self._fail(code, msg)

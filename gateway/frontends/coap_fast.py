@@ -88,7 +88,7 @@ from aiocoap.util import hostportjoin
 from gateway.frontends.common import json_etag
 from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.metrics import Sample
-from gateway.resolution import Answer, etag_of
+from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote, etag_of
 from proto import devicemsg
 from proto.records import TTL_ABSOLUTE
 
@@ -271,11 +271,10 @@ class _Entry(HotEntry):
         etag: bytes,
         payload: bytes | None,
         refresh_at: float,
-        ref: Any,
-        cache_key: Any,
+        ref: CachedAnswer | None,
         dynamic: bool,
     ) -> None:
-        super().__init__(answer, refresh_at, ref, cache_key)
+        super().__init__(answer, refresh_at, ref)
         self.key = key
         self.as_json = as_json
         self.etag = etag
@@ -420,8 +419,8 @@ class _Miss:
 class FastPath:
     """Owns the CoAP UDP socket, answers hits, hands the rest to aiocoap (module doc).
 
-    ``resolver`` is the front end's (a :class:`gateway.resolver.Resolver`, possibly wrapped, enables the cache
-    checks); ``clock`` the front end's wall clock; ``limiter`` returns the front end's rate limiter (read once
+    ``resolver`` is the front end's; ``answers`` the resolver's :class:`gateway.resolution.AnswerCache` (enables
+    the cache checks, see hotpath.py) and ``note`` the status page's hook; ``clock`` the front end's wall clock; ``limiter`` returns the front end's rate limiter (read once
     per wake-up: the service sets it after start). ``learning`` false keeps the table empty (every request
     goes to aiocoap, e.g. when OSCORE wraps the site). ``miss`` renders ``GET /r/...`` (the request's
     ``uri_path`` = the identifier's segments) as the ``/r`` resource does: with it, misses skip aiocoap's
@@ -437,6 +436,8 @@ class FastPath:
         miss: Callable[[aiocoap.Message], Awaitable[aiocoap.Message]] | None = None,
         max_entries: int = MAX_ENTRIES,
         prefetch_fraction: float | None = None,
+        answers: AnswerCache | None = None,
+        note: ResolutionNote | None = None,
     ) -> None:
         self.resolver = resolver
         self.clock = clock
@@ -457,7 +458,7 @@ class FastPath:
         self._iface: _Interface | None = None
         self._backlog: collections.deque[tuple[bytes, Any, list[Any]]] = collections.deque()
         self.address: tuple[str, int] = ("", 0)
-        self.guard = CacheGuard(resolver, prefetch_fraction, str(getattr(resolver, "frontend", "coap")))
+        self.guard = CacheGuard(answers, frontend="coap", note=note, prefetch_fraction=prefetch_fraction)
         # counters (read by samples() and the tests)
         self.answered = 0  # 2.05 from the table
         self.valid = 0  # 2.03 from the table
@@ -846,7 +847,7 @@ class FastPath:
         admitted = self.guard.admit(answer, types, indexes, self.clock(), self.table.get(key))
         if admitted is None:
             return False
-        ref, ckey, refresh_at = admitted
+        ref, refresh_at = admitted
         assert answer.record is not None
         etag = answer.etag or etag_of(answer.record, answer.code)
         if as_json:
@@ -862,7 +863,7 @@ class FastPath:
                 payload = (
                     payload[:-1] + bytes((devicemsg.SOURCE_CACHE,)) if payload.endswith(source) else None
                 )
-        entry = _Entry(key, answer, as_json, etag, payload, refresh_at, ref, ckey, dynamic)
+        entry = _Entry(key, answer, as_json, etag, payload, refresh_at, ref, dynamic)
         if key not in self.table and len(self.table) >= self.max_entries:
             self.table.clear()  # rare (more hot keys than entries); the slow path refills what is asked
         self.table[key] = entry

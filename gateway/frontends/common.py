@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
-from gateway.errors import StorageError, UpstreamError, UpstreamTimeout
+from gateway.errors import NameNotServed, StorageError, UpstreamError, UpstreamTimeout
 from proto import devicemsg
 from proto.identifier import IdentifierError
 
@@ -53,7 +53,8 @@ class DeviceRegistry(Protocol):
 def failure(exc: BaseException) -> tuple[int, str]:
     """The wire code and a message for an exception raised while answering a request.
 
-    IdentifierError / WireError / ValueError -> 400, UpstreamTimeout -> 504, any other UpstreamError
+    IdentifierError / WireError / ValueError -> 400, NameNotServed (every node said it does not serve the
+    prefix: 301/302/303) -> 404, UpstreamTimeout -> 504, any other UpstreamError
     (AllUpstreamsFailed) -> 503, StorageError (disk full) -> 500 with its message, anything else -> 500 (logged
     with its traceback: that is a bug).
     """
@@ -61,6 +62,8 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return devicemsg.BAD_REQUEST, f"bad identifier: {exc}"
     if isinstance(exc, devicemsg.WireError | FilterError):
         return devicemsg.BAD_REQUEST, str(exc)
+    if isinstance(exc, NameNotServed):  # an answer about the name, not an outage: retrying will not help
+        return devicemsg.NOT_FOUND, f"no configured node serves prefix {exc.prefix} (code {exc.code})"
     if isinstance(exc, UpstreamTimeout):
         return devicemsg.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
     if isinstance(exc, UpstreamError):

@@ -1,4 +1,4 @@
-"""What the fast paths (CoAP: ``coap_fast.py``, MQTT: ``mqtt_fast.py``) share: keeping a pre-encoded answer equal
+"""What the fast paths (CoAP: ``coap_fast.py``, MQTT: ``mqtt_table.py``) share: keeping a pre-encoded answer equal
 to the resolver's.
 
 A fast path answers a repeated request with bytes it encoded once, without asking the resolver. That is only right
@@ -6,8 +6,8 @@ while the resolver would give the same answer, so each table entry is a :class:`
 :class:`CacheGuard`:
 
 * an entry is admitted only for an OK answer from the cache or the upstream (zone answers can change at any
-  time; stale answers are short-lived stand-ins) and, when the resolver is a :class:`gateway.resolver.Resolver`,
-  only when the answer is the very entry its cache holds;
+  time; stale answers are short-lived stand-ins) and, when the front end has the resolver's
+  :class:`gateway.resolution.AnswerCache`, only when the answer is the very entry the cache holds;
 * it expires with the resolver's answer (its absolute expiry);
 * at most once per second per entry (whenever the fast path re-renders it: TTLs count down in whole seconds) the
   guard checks that the cache still holds that same entry and that the local zone does not have the handle: a
@@ -15,8 +15,9 @@ while the resolver would give the same answer, so each table entry is a :class:`
 * prefetch: the first hit in the last ``prefetch_fraction`` of the entry's lifetime is handed to the slow path once
   (:data:`ONCE`), so the resolver starts its background refresh exactly as for a hit of its own.
 
-The status page's list of recent resolutions (``gateway.status`` wraps the resolver) sees a fast hit at most once
-per entry per second, when the guard checks it.
+The status page's list of recent resolutions (a :data:`gateway.resolution.ResolutionNote` hook) sees a fast hit
+at most once per entry per second, when the guard checks it. The guard knows the resolver only through these two
+interfaces.
 """
 
 from __future__ import annotations
@@ -26,27 +27,26 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from gateway.cache import cache_key
-from gateway.resolution import Answer
+from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote
 from proto import devicemsg
 
 __all__ = ["HotEntry", "CacheGuard", "SERVE", "DROP", "ONCE"]
 
+DEFAULT_PREFETCH_FRACTION = 0.1  # without an AnswerCache: hand on the first request in the last 10 %
 SERVE, DROP, ONCE = 0, 1, 2  # CacheGuard.check: answer from the entry / forget it / hand this one request on
 
 
 class HotEntry(abc.ABC):
     """The part of a fast-path entry the guard looks after (the fast paths subclass it with their bytes)."""
 
-    __slots__ = ("answer", "expires", "refresh_at", "refreshing", "ref", "cache_key")
+    __slots__ = ("answer", "expires", "refresh_at", "refreshing", "ref")
 
-    def __init__(self, answer: Answer, refresh_at: float, ref: Any, ckey: Any) -> None:
+    def __init__(self, answer: Answer, refresh_at: float, ref: CachedAnswer | None) -> None:
         self.answer = answer
         self.expires = answer.expires_at
         self.refresh_at = refresh_at
         self.refreshing = math.isinf(refresh_at)  # the prefetch window was handed to the slow path already
-        self.ref = ref  # the resolver's cache entry this answer is (None: not a gateway.resolver.Resolver)
-        self.cache_key = ckey
+        self.ref = ref  # the cache entry this answer is (None: no AnswerCache, trusted up to its expiry)
 
     @abc.abstractmethod
     def render(self, now: float) -> bool:
@@ -67,24 +67,29 @@ class HotEntry(abc.ABC):
 class CacheGuard:
     """Admits answers into a fast path and tells whether an entry still holds (module doc).
 
-    ``resolver`` is the front end's: a :class:`gateway.resolver.Resolver` (possibly wrapped by
-    ``gateway.status``) enables the cache and zone checks; any other resolver is trusted up to the answer's
-    expiry."""
+    ``answers`` is the resolver's :class:`gateway.resolution.AnswerCache` (``Resolver.answer_cache()``): with it
+    an entry is admitted only for the answer the cache holds and dropped when the cache or the zone moves on;
+    without it (a resolver with no cache of its own) an answer is trusted up to its expiry. ``note`` is the
+    status page's :data:`gateway.resolution.ResolutionNote` (fast hits are noted as ``frontend`` cache hits, at
+    most once a second per entry). ``prefetch_fraction`` overrides the cache's."""
 
     def __init__(
-        self, resolver: Any, prefetch_fraction: float | None = None, frontend: str | None = None
+        self,
+        answers: AnswerCache | None,
+        *,
+        frontend: str,
+        note: ResolutionNote | None = None,
+        prefetch_fraction: float | None = None,
     ) -> None:
-        cache = getattr(resolver, "cache", None)
-        self.cache = cache if hasattr(cache, "peek") and hasattr(cache, "stats") else None
-        self.zone = getattr(resolver, "zone", None) if self.cache is not None else None
-        config = getattr(resolver, "config", None)
-        self.prefetch = bool(getattr(config, "prefetch", True))
+        self.answers = answers
+        self.prefetch = answers is None or answers.prefetch_fraction > 0
         if prefetch_fraction is None:
-            prefetch_fraction = getattr(getattr(self.cache, "config", None), "prefetch_fraction", 0.1)
+            prefetch_fraction = (
+                answers.prefetch_fraction if answers is not None else DEFAULT_PREFETCH_FRACTION
+            )
         self.prefetch_fraction = float(prefetch_fraction or 0.0)
-        recent = getattr(getattr(resolver, "board", None), "recent", None)  # gateway.status.RecordingResolver
-        self.recent = recent if callable(getattr(recent, "add", None)) else None
-        self.frontend = frontend or str(getattr(resolver, "frontend", ""))
+        self.note = note
+        self.frontend = frontend
 
     def admit(
         self,
@@ -93,8 +98,8 @@ class CacheGuard:
         indexes: tuple[int, ...],
         now: float,
         old: HotEntry | None = None,
-    ) -> tuple[Any, Any, float] | None:
-        """(cache entry, cache key, prefetch time) for an answer a fast path may serve from now on, else None.
+    ) -> tuple[CachedAnswer | None, float] | None:
+        """(cache entry, prefetch time) for an answer a fast path may serve from now on, else None.
 
         ``old`` is the entry the table holds for the same request (if any): when it is the same answer and its
         prefetch window was handed on already, it is not handed on again."""
@@ -105,33 +110,28 @@ class CacheGuard:
         if answer.expires_at <= now:
             return None
         fraction = self.prefetch_fraction if self.prefetch else 0.0
-        if self.cache is not None:
-            ckey = cache_key(answer.handle, types, indexes)
-            ref = self.cache.peek(ckey)
+        if self.answers is not None:
+            ref = self.answers.current(answer.handle, types, indexes)
             if ref is None or ref.expires_at != answer.expires_at:
                 return None  # not what the cache holds (e.g. too big to cache): every request asks again
             life = ref.expires_at - ref.stored_at
             refresh_at = (
                 math.inf if ref.prefetched or life <= 0 or fraction <= 0 else ref.expires_at - fraction * life
             )
-            return ref, ckey, refresh_at
+            return ref, refresh_at
         life = answer.expires_at - now
         refresh_at = answer.expires_at - fraction * life if fraction > 0 else math.inf
         if old is not None and old.expires == answer.expires_at and old.refreshing:
             refresh_at = math.inf  # the prefetch window was handed on already for this answer
-        return None, None, refresh_at
+        return None, refresh_at
 
     def check(self, entry: HotEntry, now: float) -> int:
         """SERVE while ``entry`` is the resolver's answer at ``now``; DROP when it is not any more; ONCE for the
         first request in the prefetch window (the slow path answers it and the resolver refreshes)."""
         if now >= entry.expires:
             return DROP
-        cache = self.cache
-        if cache is not None:
-            if cache.peek(entry.cache_key) is not entry.ref:
-                return DROP  # refreshed, evicted or dropped by the resolver's cache
-            if self.zone is not None and self.zone.get(entry.cache_key[0]) is not None:
-                return DROP  # the local zone answers this handle now
+        if entry.ref is not None and self.answers is not None and not self.answers.is_current(entry.ref, now):
+            return DROP  # refreshed, evicted or dropped by the cache, or the local zone answers it now
         if not entry.refreshing and now >= entry.refresh_at:
             entry.refreshing = True
             return ONCE
@@ -153,10 +153,10 @@ class CacheGuard:
 
     def seen(self, entry: HotEntry) -> None:
         """Tell the status page the entry's identifier is in use (call at most once a second per entry)."""
-        if self.recent is not None:
-            self.recent.add(entry.answer.handle, self.frontend, "cache", devicemsg.OK, 0.0)
+        if self.note is not None:
+            self.note(entry.answer.handle, self.frontend, "cache", devicemsg.OK, 0.0)
 
     def count_hits(self, n: int) -> None:
         """Add fast answers to the resolver cache's hit counter (once per batch, never per request)."""
-        if self.cache is not None:
-            self.cache.stats.hits += n
+        if self.answers is not None:
+            self.answers.count_hits(n)

@@ -31,7 +31,7 @@ from gateway.frontends.common import HTTP_STATUS, DeviceRegistry, failure, json_
 from gateway.logfmt import kv
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
-from gateway.resolution import Resolving, etag_of
+from gateway.resolution import ResolutionNote, Resolving, etag_of, resolve_noted
 from proto import devicemsg, identifier
 from proto.identifier import IdentifierError
 from proto.records import RC_ERROR, rest_error
@@ -62,10 +62,12 @@ class HttpFrontEnd:
         clock: Callable[[], float] = time.time,
         shutdown_timeout: float = 5.0,
         limiter: RateLimiter | None = None,
+        note: ResolutionNote | None = None,
     ) -> None:
         self.limiter = limiter
         self._bind = (host, port)
         self.resolver = resolver
+        self.note = note
         self.registry = registry
         self.metrics = metrics
         self.health = health or (lambda: {})
@@ -136,7 +138,7 @@ class HttpFrontEnd:
             types, indexes = parse_filters(
                 request.query.getall("type", []), request.query.getall("index", [])
             )
-            answer = await self.resolver.resolve(raw, types, indexes)
+            answer = await resolve_noted(self.resolver, self.note, "http", raw, types, indexes)
         except Exception as e:
             code, msg = failure(e)
             rc = RC_INVALID_HANDLE if isinstance(e, IdentifierError) else RC_ERROR

@@ -1,7 +1,10 @@
 """Upstream side of the resolver: clients of recursive nodes and the pool that picks between them.
 
-``base`` holds the small interface every client implements (``Upstream``: ``resolve`` + ``close``) and the
-result shape; ``rest`` is the Handle REST JSON client (aiohttp); the native Handle protocol client lives
-in :mod:`gateway.upstream.native`; ``pool`` turns a list of URLs into clients with health tracking,
-failover and hedging.
+``base`` holds the small interface every client implements (``Upstream``: ``resolve`` + ``close``), the
+result shape, and :func:`~gateway.upstream.base.outcome_of` -- which outcomes count against a node's health
+(node failures only; "not responsible" and referrals are answers about the name); ``native`` is the Handle
+native-protocol client (asyncio over :mod:`proto.handle`) and turns a decoded answer into a result or a
+``gateway.errors`` type; ``rest`` is the Handle REST JSON client (aiohttp); ``pool`` turns a list of URLs
+into clients with health tracking, failover and hedging; ``urls`` parses upstream URLs and makes the client
+for each; ``stats`` holds the per-node counters and latency histogram.
 """

@@ -13,10 +13,12 @@ first send. Multi-datagram answers are reassembled. TCP is used instead:
 * when the request itself does not fit in one 512-byte datagram;
 * always, with ``transport="tcp"``.
 
-Results and errors (see :func:`proto.handle.codec.to_result`): a :class:`ResolveResult` with code
-RC_SUCCESS, RC_HANDLE_NOT_FOUND or RC_VALUES_NOT_FOUND; RC_SERVER_BUSY raises UpstreamBusy, referrals
-UpstreamReferral, other codes UpstreamRefused(code); bytes that do not parse raise ProtocolError; no answer
-raises UpstreamTimeout; a TCP connection that cannot be made raises UpstreamError.
+Results and errors: the codec (:mod:`proto.handle`) reads the answer; :func:`to_result` says what it
+means for the resolution -- a :class:`gateway.upstream.base.Result` with code RC_SUCCESS, RC_HANDLE_NOT_FOUND
+or RC_VALUES_NOT_FOUND; RC_SERVER_BUSY raises UpstreamBusy, referrals (302/303) UpstreamReferral with the
+referral body, other codes UpstreamRefused(code); bytes that do not parse (the codec's HandleFormatError)
+raise ProtocolError; no answer raises UpstreamTimeout; a TCP connection that cannot be made raises
+UpstreamError. Which of these count against the node is :func:`gateway.upstream.base.outcome_of`'s call.
 
 Logs go to ``logging.getLogger(__name__)`` as ``event key=value ...``. The client sends no credential,
 so none can be logged.
@@ -27,20 +29,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import ProtocolError, UpstreamError, UpstreamTimeout
-from proto.handle.codec import (
+from gateway.logfmt import kv
+from gateway.upstream.base import Result, error_for_code
+from proto.handle import (
+    HandleFormatError,
     Reassembler,
-    ResolveResult,
+    ResolutionResponse,
+    Response,
     StreamFramer,
     decode_answer,
     decode_envelope,
     encode_request,
-    to_result,
+    peek_envelope,
 )
 from proto.handle.numbers import (
     DEFAULT_PORT,
@@ -50,27 +55,41 @@ from proto.handle.numbers import (
     MAX_MESSAGE_SIZE,
     MAX_UDP_DATAGRAM,
     MAX_UDP_MESSAGE_SIZE,
-    PROTOCOL_MAJOR,
+    RC_SUCCESS,
+    ResponseCode,
 )
 
-__all__ = ["HandleClient", "ResolveResult", "Transport"]
+__all__ = ["HandleClient", "Transport", "to_result"]
 
 log = logging.getLogger(__name__)
 
 Transport = Literal["udp", "tcp"]
 
 _TCP_READ = 64 << 10
-_ENVELOPE = struct.Struct(">BBHIIII")  # major minor flags session_id request_id sequence message_length
 _TC = int(ENV_TC)
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/+@%[],")
 
 
-def _q(v: object) -> str:
-    """A log value: bare when plain, else double-quoted (the ``gateway.logfmt`` convention)."""
-    s = str(v)
-    if s and all(c in _PLAIN for c in s):
-        return s
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def to_result(response: Response, *, handle: str, node: str | None = None) -> Result:
+    """What a node's decoded answer to a resolution of ``handle`` means: a :class:`Result`, or the matching
+    ``gateway.errors`` type raised.
+
+    RC_SUCCESS -> Result with the values (an answer for another handle -> ProtocolError); 100 / 200 -> Result
+    with no values; RC_SERVER_BUSY -> UpstreamBusy; 302/303 -> UpstreamReferral (with the referral body);
+    other codes -> UpstreamRefused(code).
+    """
+    if isinstance(response, ResolutionResponse):
+        if (
+            response.handle.encode().lower() != handle.encode().lower()
+        ):  # ASCII case-insensitive, as servers match
+            raise ProtocolError(f"answer is for {response.handle!r}, asked for {handle!r}", node)
+        return Result(RC_SUCCESS, handle, response.values)
+    code = response.code
+    if ResponseCode.is_not_found(code):
+        return Result(code, handle)
+    if code == RC_SUCCESS:  # an ErrorResponse built by hand with code 1
+        raise ProtocolError(f"{handle}: success code without values", node)
+    detail = f"{handle}: {response.name}" + (f": {response.message}" if response.message else "")
+    raise error_for_code(code, detail, node, response.data)
 
 
 class _Truncated:
@@ -118,7 +137,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors on the connected socket. Port unreachable ends the waiting requests at once (they go
         # to TCP when allowed) instead of letting them time out; other errors: the request times out.
-        log.debug("handle.udp.error node=%s error=%s", self._client.node, _q(exc))
+        log.debug("handle.udp.error %s", kv(node=self._client.node, error=exc))
         if isinstance(exc, ConnectionRefusedError):
             self._client._on_udp_refused()
 
@@ -169,9 +188,7 @@ class HandleClient:
         self._closed = False
 
     # -- public API ----------------------------------------------------------------------------------
-    async def resolve(
-        self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()
-    ) -> ResolveResult:
+    async def resolve(self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()) -> Result:
         """Resolve ``handle`` (optionally only the given types / indexes) at this node."""
         if self._closed:
             raise UpstreamError("client is closed", self.node)
@@ -181,17 +198,13 @@ class HandleClient:
             raw = await self._via_udp(handle, types, indexes)
         try:
             response = decode_answer(raw, max_size=self.max_message)
-        except ProtocolError as e:
-            log.warning("handle.malformed node=%s handle=%s error=%s", self.node, _q(handle), _q(e))
-            raise ProtocolError(f"{handle}: {e}", self.node) from None
+        except HandleFormatError as e:
+            raise self._malformed(handle, None, e) from None
         result = to_result(response, handle=handle, node=self.node)
-        if log.isEnabledFor(logging.DEBUG):  # _q() costs a pass over the handle: not for every request
+        if log.isEnabledFor(logging.DEBUG):  # kv() costs a pass over the handle: not for every request
             log.debug(
-                "handle.answer node=%s handle=%s code=%d values=%d",
-                self.node,
-                _q(handle),
-                result.code,
-                len(result.values),
+                "handle.answer %s",
+                kv(node=self.node, handle=handle, code=result.code, values=len(result.values)),
             )
         return result
 
@@ -211,7 +224,7 @@ class HandleClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- request ids ---------------------------------------------------------------------------------
+    # -- request ids, encoding, malformed answers ------------------------------------------------------
     def _new_id(self) -> int:
         while True:
             rid = secrets.randbits(32)
@@ -225,6 +238,14 @@ class HandleClient:
             )
         except ValueError as e:  # the caller's fault: an index out of range, a huge handle
             raise ValueError(f"cannot encode a request for {handle!r}: {e}") from None
+
+    def _malformed(self, handle: str, rid: int | None, error: Exception) -> ProtocolError:
+        """The ProtocolError for an answer that does not parse (the codec's HandleFormatError), logged."""
+        log.warning(
+            "handle.malformed %s",
+            kv(node=self.node, id=None if rid is None else f"{rid:08x}", handle=handle, error=error),
+        )
+        return ProtocolError(f"{handle}: {error}", self.node)
 
     # -- UDP -----------------------------------------------------------------------------------------
     async def _endpoint(self) -> asyncio.DatagramTransport:
@@ -251,19 +272,16 @@ class HandleClient:
                 p.future.set_result(_REFUSED)
 
     def _on_datagram(self, data: bytes) -> None:
-        n = len(data)
-        if n < ENVELOPE_SIZE:
+        env = peek_envelope(data, self.max_udp_message)
+        if env is None:
             self._drop(data)
             return
-        major, _minor, flags, _session, rid, seq, length = _ENVELOPE.unpack_from(data, 0)
-        if major != PROTOCOL_MAJOR or length > self.max_udp_message:
-            self._drop(data)
-            return
+        flags, rid, seq, length = env
         p = self._pending.get(rid)
         if p is None or p.future.done():
             log.debug("handle.udp.unmatched node=%s id=%08x seq=%d", self.node, rid, seq)
             return
-        if seq == 0 and length == n - ENVELOPE_SIZE:
+        if seq == 0 and length == len(data) - ENVELOPE_SIZE:
             if flags & _TC:  # a whole datagram saying "ask over TCP"
                 p.future.set_result(_TRUNCATED)
                 return
@@ -274,7 +292,7 @@ class HandleClient:
             p.reassembler = Reassembler(rid, max_size=p.max_size)
         try:
             whole = p.reassembler.feed(data)
-        except ProtocolError as e:
+        except HandleFormatError as e:
             p.future.set_exception(e)
             return
         if whole is not None:
@@ -284,15 +302,15 @@ class HandleClient:
         """A datagram whose envelope does not parse: counted and logged, as decode_envelope words it."""
         try:
             decode_envelope(data, max_size=self.max_udp_message)
-        except ProtocolError as e:
+        except HandleFormatError as e:
             self.unparsable_datagrams += 1
-            log.warning("handle.udp.drop node=%s bytes=%d reason=%s", self.node, len(data), _q(e))
+            log.warning("handle.udp.drop %s", kv(node=self.node, bytes=len(data), reason=e))
 
     async def _via_udp(self, handle: str, types: Sequence[str], indexes: Sequence[int]) -> bytes:
         rid = self._new_id()
         request = self._encode(rid, handle, types, indexes)
         if len(request) > MAX_UDP_DATAGRAM:
-            log.debug("handle.tcp.fallback node=%s handle=%s reason=large-request", self.node, _q(handle))
+            log.debug("handle.tcp.fallback %s", kv(node=self.node, handle=handle, reason="large-request"))
             return await self._via_tcp(handle, types, indexes)
         udp = self._udp
         if udp is None or udp.is_closing():
@@ -313,16 +331,13 @@ class HandleClient:
                 sends += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
-                        "handle.send node=%s id=%08x handle=%s transport=udp attempt=%d",
-                        self.node,
-                        rid,
-                        _q(handle),
-                        sends,
+                        "handle.send %s",
+                        kv(node=self.node, id=f"{rid:08x}", handle=handle, transport="udp", attempt=sends),
                     )
                 left = deadline - loop.time()
                 wait = min(self.backoff * 2 ** (sends - 1), left) if sends <= self.retries else left
                 timer = loop.call_later(max(wait, 0.0), _expire, pending.future)
-                outcome = await pending.future  # raises ProtocolError / UpstreamError (closed)
+                outcome = await pending.future  # raises HandleFormatError / UpstreamError (closed)
                 timer.cancel()
                 if outcome is _EXPIRED:
                     pending.future = loop.create_future()  # for the next send's answer
@@ -339,11 +354,8 @@ class HandleClient:
                     break
                 if loop.time() >= deadline or sends > self.retries:
                     break
-        except ProtocolError as e:
-            log.warning(
-                "handle.malformed node=%s id=%08x handle=%s error=%s", self.node, rid, _q(handle), _q(e)
-            )
-            raise ProtocolError(f"{handle}: {e}", self.node) from None
+        except HandleFormatError as e:
+            raise self._malformed(handle, rid, e) from None
         finally:
             if timer is not None:
                 timer.cancel()
@@ -355,11 +367,7 @@ class HandleClient:
             raise UpstreamError(f"{handle}: UDP port unreachable at {self.host}:{self.port}", self.node)
         if reason != "timeout":
             log.info(
-                "handle.tcp.fallback node=%s id=%08x handle=%s reason=%s",
-                self.node,
-                rid,
-                _q(handle),
-                _q(reason),
+                "handle.tcp.fallback %s", kv(node=self.node, id=f"{rid:08x}", handle=handle, reason=reason)
             )
             return await self._via_tcp(handle, types, indexes)
         garbage = self.unparsable_datagrams - garbage_before
@@ -367,10 +375,10 @@ class HandleClient:
         if not self.tcp_fallback:
             if garbage:
                 raise ProtocolError(f"{handle}: {silent}, but {garbage} unparsable datagrams", self.node)
-            log.info("handle.timeout node=%s handle=%s transport=udp sends=%d", self.node, _q(handle), sends)
+            log.info("handle.timeout %s", kv(node=self.node, handle=handle, transport="udp", sends=sends))
             raise UpstreamTimeout(f"{handle}: {silent}", self.node)
         log.info(
-            "handle.tcp.fallback node=%s id=%08x handle=%s reason=udp-timeout", self.node, rid, _q(handle)
+            "handle.tcp.fallback %s", kv(node=self.node, id=f"{rid:08x}", handle=handle, reason="udp-timeout")
         )
         try:
             return await self._via_tcp(handle, types, indexes)
@@ -383,22 +391,20 @@ class HandleClient:
     async def _via_tcp(self, handle: str, types: Sequence[str], indexes: Sequence[int]) -> bytes:
         rid = self._new_id()
         request = self._encode(rid, handle, types, indexes)
-        log.debug("handle.send node=%s id=%08x handle=%s transport=tcp", self.node, rid, _q(handle))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("handle.send %s", kv(node=self.node, id=f"{rid:08x}", handle=handle, transport="tcp"))
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._tcp_exchange(rid, request)
         except TimeoutError:
-            log.info("handle.timeout node=%s handle=%s transport=tcp", self.node, _q(handle))
+            log.info("handle.timeout %s", kv(node=self.node, handle=handle, transport="tcp"))
             raise UpstreamTimeout(
                 f"{handle}: no answer over TCP within {self.timeout:g}s", self.node
             ) from None
-        except ProtocolError as e:
-            log.warning(
-                "handle.malformed node=%s id=%08x handle=%s error=%s", self.node, rid, _q(handle), _q(e)
-            )
-            raise ProtocolError(f"{handle}: {e}", self.node) from None
+        except (HandleFormatError, ProtocolError) as e:
+            raise self._malformed(handle, rid, e) from None
         except OSError as e:
-            log.info("handle.tcp.error node=%s handle=%s error=%s", self.node, _q(handle), _q(e))
+            log.info("handle.tcp.error %s", kv(node=self.node, handle=handle, error=e))
             raise UpstreamError(
                 f"{handle}: TCP connection to {self.host}:{self.port} failed: {e}", self.node
             ) from e

@@ -14,20 +14,30 @@ first request after that probes it. When every node is sick the pool fails at on
 anything, with :class:`AllUpstreamsFailed` carrying each node's last error: that is what makes a
 resolution with all nodes known to be down fail fast.
 
+Health counts node failures only (:func:`gateway.upstream.base.outcome_of`): no answer in time, a transport
+error, an answer that does not parse, a server-side failure (busy, RC_ERROR, ...). A node that answers --
+records, "not found", "not responsible for this prefix" (301), a referral (302/303), a refusal of this
+request (authentication needed, invalid handle, ...) -- is healthy, whatever the name asked: a flood of
+foreign names cannot put it in cooldown.
+
 One resolution: ask the best node; on an error ask the next one at once (failover); if ``hedge_delay`` is
-set (None or 0 = off) and the request in flight has not answered after that long, ask the next node too (one hedge per
-resolution) -- the first *answer* wins and the other request is cancelled. Each request is bounded by
-``attempt_timeout``, the whole resolution by ``timeout``. "Handle not found" and "values not found" are
-answers (they win like a success and do not mark a node unhealthy).
+set (None or 0 = off) and the request in flight has not answered after that long, ask the next node too (one
+hedge per resolution) -- the first *answer* wins and the other request is cancelled. Each request is bounded
+by ``attempt_timeout``, the whole resolution by ``timeout``. "Handle not found" and "values not found" are
+answers (they win like a success). A node that is not responsible for the name or refers elsewhere is asked
+no more for this resolution; the next node is (another one may serve the prefix).
 
 Errors: :class:`AllUpstreamsFailed` (``errors`` maps node -> its error; a node skipped because it is sick
-maps to its last error) when every eligible node was asked and failed, or every node is sick; :class:`UpstreamTimeout` when the overall ``timeout`` expires
-with requests still in flight. A node that times out on its own ``attempt_timeout`` counts as a failed
-node (its error in ``AllUpstreamsFailed.errors`` is an UpstreamTimeout).
+maps to its last error) when every eligible node was asked and none answered, or every node is sick; its
+subclass :class:`NameNotServed` when every node asked said the name is not served there (301/302/303) --
+an answer about the prefix, which the resolver may negative-cache; :class:`UpstreamTimeout` when the
+overall ``timeout`` expires with requests still in flight. A node that times out on its own
+``attempt_timeout`` counts as a failed node (its error in ``AllUpstreamsFailed.errors`` is an
+UpstreamTimeout).
 
-Counters per node (:meth:`UpstreamPool.stats`): requests sent, answers, failures, cancelled (lost a hedge
-race), and a latency histogram with Prometheus-style buckets, observed for every request that completed
-(answer or error, not cancelled).
+Counters per node (:meth:`UpstreamPool.stats`): requests sent, answers (anything the node answered that is
+not a node failure), failures, cancelled (lost a hedge race), and a latency histogram with Prometheus-style
+buckets, observed for every request that completed (answer or error, not cancelled).
 """
 
 from __future__ import annotations
@@ -35,16 +45,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
-from urllib.parse import urlsplit
+from typing import NoReturn, TypedDict, Unpack
 
-from gateway.errors import AllUpstreamsFailed, UpstreamError, UpstreamRefused, UpstreamTimeout
-from gateway.upstream.base import ANSWER_CODES, Upstream
+from gateway.errors import AllUpstreamsFailed, NameNotServed, UpstreamError, UpstreamRefused, UpstreamTimeout
+from gateway.upstream.base import ANSWER_CODES, Outcome, Upstream, outcome_of
+from gateway.upstream.stats import LATENCY_BUCKETS, Histogram, NodeStats
+from gateway.upstream.urls import UpstreamSpec, make_client, parse_upstream_url
 from proto.records import HandleValue
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
     "Histogram",
     "NodeStats",
     "PoolAnswer",
+    "PoolOptions",
     "UpstreamPool",
     "UpstreamSpec",
     "make_client",
@@ -60,135 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HANDLE_PORT = 2641
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-_SCHEMES = {
-    "hdl": ("native", "udp"),
-    "hdl+udp": ("native", "udp"),
-    "hdl+tcp": ("native", "tcp"),
-    "http": ("rest", ""),
-    "https": ("rest", ""),
-}
-
-
-# -- URLs ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class UpstreamSpec:
-    """A parsed upstream URL. ``kind`` is "native" or "rest"; ``transport`` "udp"/"tcp" for native nodes."""
-
-    url: str
-    kind: str
-    host: str
-    port: int
-    transport: str = ""
-    base: str = ""  # REST: scheme://host:port[/path] without a trailing slash
-
-
-def parse_upstream_url(url: str) -> UpstreamSpec:
-    """Parse ``hdl://``, ``hdl+tcp://``, ``http://`` or ``https://`` URLs; ValueError names the URL."""
-    try:
-        parts = urlsplit(url.strip())
-        scheme = parts.scheme.lower()
-        host = parts.hostname
-        port = parts.port
-    except ValueError as e:  # bad port, bad IPv6 brackets
-        raise ValueError(f"upstream URL {url!r}: {e}") from None
-    if scheme not in _SCHEMES:
-        raise ValueError(
-            f"upstream URL {url!r}: scheme must be hdl://, hdl+udp://, hdl+tcp://, http:// or https://, "
-            f"not {scheme or 'none'!r}"
-        )
-    if not host:
-        raise ValueError(f"upstream URL {url!r}: no host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"upstream URL {url!r}: query, fragment and user info are not supported")
-    kind, transport = _SCHEMES[scheme]
-    if kind == "native":
-        if parts.path not in ("", "/"):
-            raise ValueError(f"upstream URL {url!r}: a hdl:// URL takes no path")
-        return UpstreamSpec(url, kind, host, port or HANDLE_PORT, transport)
-    port = port or (443 if scheme == "https" else 80)
-    netloc = f"[{host}]" if ":" in host else host
-    base = f"{scheme}://{netloc}:{port}{parts.path.rstrip('/')}"
-    return UpstreamSpec(url, kind, host, port, base=base)
-
-
-def make_client(spec: UpstreamSpec, timeout: float) -> Upstream:
-    """The client for one node, answering within ``timeout`` seconds.
-
-    The native UDP client gets ``timeout / 2`` per transport so that UDP and its TCP fallback both fit.
-    """
-    if spec.kind == "rest":
-        from gateway.upstream.rest import RestClient
-
-        return RestClient(spec.base, timeout=timeout, node=spec.url)
-    from gateway.upstream.native import HandleClient
-
-    if spec.transport == "tcp":
-        return HandleClient(spec.host, spec.port, transport="tcp", timeout=timeout)
-    return HandleClient(spec.host, spec.port, transport="udp", timeout=timeout / 2)
-
-
-# -- statistics ----------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Histogram:
-    """A Prometheus-style histogram: ``counts[i]`` observations <= ``buckets[i]`` (non-cumulative), the last
-    count is the +Inf overflow. :meth:`cumulative` gives the ``_bucket{le=...}`` series."""
-
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1  # first bucket with value <= bound
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """[(le, count <= le), ..., (inf, total)]."""
-        out: list[tuple[float, int]] = []
-        running = 0
-        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
-
-    def copy(self) -> Histogram:
-        return Histogram(self.buckets, list(self.counts), self.sum, self.count)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStats:
-    """A snapshot of one node's counters (for ``ida_upstream_*{node=...}`` metrics)."""
-
-    node: str
-    requests: int
-    answers: int
-    failures: int
-    cancelled: int
-    consecutive_failures: int
-    healthy: bool
-    latency_ewma: float | None
-    latency: Histogram
+DEFAULT_ATTEMPT_TIMEOUT = 2.0
 
 
 @dataclass(eq=False)
@@ -218,6 +100,19 @@ class PoolAnswer:
 
 
 # -- the pool ------------------------------------------------------------------------------------------
+class PoolOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`UpstreamPool` (and :meth:`UpstreamPool.from_urls`)."""
+
+    timeout: float
+    attempt_timeout: float
+    hedge_delay: float | None
+    failure_threshold: int
+    cooldown: float
+    max_cooldown: float
+    ewma_alpha: float
+    clock: Callable[[], float]
+
+
 class UpstreamPool:
     """Resolves through several nodes; see the module docstring for the policy."""
 
@@ -226,7 +121,7 @@ class UpstreamPool:
         nodes: Iterable[tuple[str, Upstream]],
         *,
         timeout: float = 5.0,
-        attempt_timeout: float = 2.0,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         hedge_delay: float | None = None,
         failure_threshold: int = 3,
         cooldown: float = 1.0,
@@ -258,16 +153,11 @@ class UpstreamPool:
         cls,
         urls: Sequence[str],
         *,
-        timeout: float = 5.0,
-        attempt_timeout: float = 2.0,
-        hedge_delay: float | None = None,
-        failure_threshold: int = 3,
-        cooldown: float = 1.0,
-        max_cooldown: float = 30.0,
         factory: Callable[[UpstreamSpec, float], Upstream] = make_client,
-        clock: Callable[[], float] = time.monotonic,
+        **options: Unpack[PoolOptions],
     ) -> UpstreamPool:
-        """Parse every URL first (ValueError naming the bad one), then build one client per node."""
+        """Parse every URL first (ValueError naming the bad one), then build one client per node, each
+        answering within ``attempt_timeout``; ``options`` are the pool's keyword arguments."""
         specs = [parse_upstream_url(u) for u in urls]
         if not specs:
             raise ValueError("at least one upstream URL is needed")
@@ -276,16 +166,8 @@ class UpstreamPool:
             if s.url in seen:
                 raise ValueError(f"upstream URL {s.url!r} is given twice")
             seen.add(s.url)
-        return cls(
-            [(s.url, factory(s, attempt_timeout)) for s in specs],
-            timeout=timeout,
-            attempt_timeout=attempt_timeout,
-            hedge_delay=hedge_delay,
-            failure_threshold=failure_threshold,
-            cooldown=cooldown,
-            max_cooldown=max_cooldown,
-            clock=clock,
-        )
+        attempt_timeout = options.get("attempt_timeout", DEFAULT_ATTEMPT_TIMEOUT)
+        return cls([(s.url, factory(s, attempt_timeout)) for s in specs], **options)
 
     @property
     def nodes(self) -> list[str]:
@@ -396,6 +278,9 @@ class UpstreamPool:
         for n in self._nodes:  # nodes skipped while cooling down: their last error explains why
             if n.name not in errors and n.last_error is not None:
                 errors[n.name] = n.last_error
+        if errors and all(outcome_of(e) is Outcome.NOT_SERVED for e in errors.values()):
+            log.info("upstream.not_served handle=%s nodes=%d", handle, len(errors))
+            raise NameNotServed(handle, errors)
         log.info("upstream.all_failed handle=%s errors=%d", handle, len(errors))
         raise AllUpstreamsFailed(errors)
 
@@ -443,12 +328,16 @@ class UpstreamPool:
             err = UpstreamError(f"{handle}: {type(e).__name__}: {e}", node.name)
         else:
             elapsed = self._clock() - t0
-            self._succeeded(node, elapsed)
+            self._answered(node, elapsed)
             return PoolAnswer(code, handle, values, node.name, elapsed)
-        self._failed(node, self._clock() - t0, err)
+        if outcome_of(err) is Outcome.NODE_FAILURE:
+            self._failed(node, self._clock() - t0, err)
+        else:  # an answer about the name or the request: the node is up and well
+            self._answered(node, self._clock() - t0)
+            log.debug("upstream.no_answer_here node=%s handle=%s error=%r", node.name, handle, str(err))
         raise err
 
-    def _succeeded(self, node: _Node, elapsed: float) -> None:
+    def _answered(self, node: _Node, elapsed: float) -> None:
         node.answers += 1
         node.latency.observe(elapsed)
         a = self.ewma_alpha

@@ -38,31 +38,22 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.errors import (
-    ProtocolError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamReferral,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
-from gateway.upstream.base import Result
-from proto.records import (
+from gateway.errors import ProtocolError, UpstreamBusy, UpstreamError, UpstreamRefused, UpstreamTimeout
+from gateway.upstream.base import Result, error_for_code
+from proto.handle.numbers import (
     RC_ERROR,
     RC_HANDLE_NOT_FOUND,
+    RC_SERVER_BUSY,
     RC_SUCCESS,
     RC_VALUES_NOT_FOUND,
-    Record,
-    RecordFormatError,
 )
+from proto.records import Record, RecordFormatError
 
 __all__ = ["RestClient", "handle_path", "parse_response", "request_target", "MAX_BODY"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes; a Handle record is rarely more than a few KiB
-RC_SERVER_BUSY = 3
-RC_REFERRALS = (302, 303)
 
 
 # -- sans-I/O ------------------------------------------------------------------------------------------
@@ -131,19 +122,21 @@ def parse_response(status: int, body: bytes, handle: str, node: str | None = Non
     if rc == RC_HANDLE_NOT_FOUND or (
         status == 404 and rc is None and json_error is None and (obj is None or isinstance(obj, dict))
     ):
-        return Result(RC_HANDLE_NOT_FOUND, handle)
+        return Result(int(RC_HANDLE_NOT_FOUND), handle)
     if rc == RC_VALUES_NOT_FOUND:
-        return Result(RC_VALUES_NOT_FOUND, handle)
+        return Result(int(RC_VALUES_NOT_FOUND), handle)
     if rc == RC_SERVER_BUSY or status in (429, 503):
         raise UpstreamBusy(detail, node)
-    if rc in RC_REFERRALS:
-        raise UpstreamReferral(detail, node, code=rc)
     if status == 404 and rc is None:
         raise UpstreamRefused(
-            f"{detail}: 404 without a Handle REST body (is this a Handle REST endpoint?)", node, code=RC_ERROR
+            f"{detail}: 404 without a Handle REST body (is this a Handle REST endpoint?)",
+            node,
+            code=int(RC_ERROR),
         )
-    if status >= 300 or (rc is not None and rc != RC_SUCCESS):
-        raise UpstreamRefused(detail, node, code=rc if rc is not None else RC_ERROR)
+    if rc is not None and rc != RC_SUCCESS:  # a referral (302/303) or a refusal
+        raise error_for_code(rc, detail, node)
+    if status >= 300:
+        raise UpstreamRefused(detail, node, code=rc if rc is not None else int(RC_ERROR))
     # HTTP 2xx from here on.
     if json_error is not None:
         raise json_error
@@ -154,7 +147,7 @@ def parse_response(status: int, body: bytes, handle: str, node: str | None = Non
         _check_record(record)
     except (RecordFormatError, ValueError, TypeError, OverflowError, OSError, RecursionError) as e:
         raise ProtocolError(f"{handle}: malformed record: {str(e)[:200]}", node) from None
-    return Result(RC_SUCCESS, handle, record.values)
+    return Result(int(RC_SUCCESS), handle, record.values)
 
 
 # -- I/O -----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import struct
 import time
 import os
 
-from carrier import hal, identity, proto
+from carrier import hal, identity, devicemsg
 from carrier.queue import Queue
 
 KEYS = ("00112233445566778899aabbccddeeff", "ffeeddccbbaa99887766554433221100")
@@ -24,17 +24,17 @@ KEYS = ("00112233445566778899aabbccddeeff", "ffeeddccbbaa99887766554433221100")
 
 def report(ident, boot, seq):
     m = {
-        proto.K_ID: ident,
-        proto.K_BOOT: boot,
-        proto.K_SEQ: seq,
-        proto.K_UPTIME: seq,
-        proto.K_HEAP: 1000 + seq,
-        proto.K_RSSI: -50,
-        proto.K_QUEUE: 0,
-        proto.K_BOARD: "unix",
-        proto.K_FW: "fault-" + "x" * (seq % 97),
+        devicemsg.K_ID: ident,
+        devicemsg.K_BOOT: boot,
+        devicemsg.K_SEQ: seq,
+        devicemsg.K_UPTIME: seq,
+        devicemsg.K_HEAP: 1000 + seq,
+        devicemsg.K_RSSI: -50,
+        devicemsg.K_QUEUE: 0,
+        devicemsg.K_BOARD: "unix",
+        devicemsg.K_FW: "fault-" + "x" * (seq % 97),
     }
-    return proto.encode("report", m)
+    return devicemsg.encode("report", m)
 
 
 def ident_doc(ident, url, n):

@@ -198,7 +198,7 @@ def key():
 
 
 def _typed(t):
-    """A valid value for a type letter of carrier.proto._TYPES."""
+    """A valid value for a type letter of carrier.devicemsg._TYPES."""
     if t == "b":
         return rbytes(1 + below(8))
     if t == "s":
@@ -232,15 +232,15 @@ def _typed(t):
 def message(name):
     """A protocol message `name` as an int-keyed map: mostly valid, then 0-3 perturbations (a key dropped,
     a value of another type, a key replaced by an equal float or bool, an unknown key added)."""
-    from carrier import proto
+    from carrier import devicemsg
 
-    req, opt = proto.MESSAGES[name]
+    req, opt = devicemsg.MESSAGES[name]
     m = {}
     for k in req:
-        m[k] = _typed(proto._TYPES[k])
+        m[k] = _typed(devicemsg._TYPES[k])
     for k in opt:
         if chance(2):
-            m[k] = _typed(proto._TYPES[k])
+            m[k] = _typed(devicemsg._TYPES[k])
     for _ in range(below(4)):
         keys = list(m)
         op = below(5)
@@ -287,11 +287,11 @@ class ClientRig:
         rmtree(self.dir[:-1])
 
     def on_config(self, payload):
-        from carrier import proto
+        from carrier import devicemsg
 
         self.configs += 1
         code, v, msg = self.cfg.apply(payload)
-        _ok(code in (proto.OK, proto.BAD_REQUEST) and type(v) is int)
+        _ok(code in (devicemsg.OK, devicemsg.BAD_REQUEST) and type(v) is int)
 
     def keep(self, res):
         self.nresults += 1

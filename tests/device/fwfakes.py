@@ -219,16 +219,16 @@ class FakeSock:
 
 def coap_reply(t, code, mid, tok, tkl, opts=(), payload=None):
     """A CoAP message as the gateway would send it; ``opts`` are (number, bytes or int) in any order."""
-    from carrier import coap
+    from carrier import coapmsg
 
     buf = bytearray(1400)
-    pos = coap.header(buf, t, code, mid, tok, tkl)
+    pos = coapmsg.header(buf, t, code, mid, tok, tkl)
     last = 0
     for num, val in sorted(opts, key=lambda o: o[0]):
         if type(val) is int:
-            pos = coap.uint_opt(buf, pos, num - last, val)
+            pos = coapmsg.uint_opt(buf, pos, num - last, val)
         else:
-            pos = coap.opt(buf, pos, num - last, val)
+            pos = coapmsg.opt(buf, pos, num - last, val)
         last = num
     if payload:
         buf[pos] = 0xFF
@@ -245,9 +245,9 @@ class CoapServer:
 
     def __init__(self):
         import socket
-        from carrier import coap
+        from carrier import coapmsg
 
-        self.coap = coap
+        self.coapmsg = coapmsg
         self.sock = None
         for port in range(47300, 47400):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -271,7 +271,7 @@ class CoapServer:
         self.down = False
         self._buf = bytearray(1200)
         self._out = bytearray(1200)
-        self._m = coap.Msg()
+        self._msg = coapmsg.Msg()
 
     def close(self):
         self.sock.close()
@@ -279,7 +279,7 @@ class CoapServer:
     def serve(self):
         from carrier import cbor
 
-        coap = self.coap
+        coapmsg = self.coapmsg
         for _ in range(16):
             try:
                 data, addr = self.sock.recvfrom(1200)
@@ -289,20 +289,20 @@ class CoapServer:
             self._buf[:n] = data
             if self.down:
                 continue
-            m = coap.decode(memoryview(self._buf), n, self._m)
+            m = coapmsg.decode(memoryview(self._buf), n, self._msg)
             path = []
             pos = 4 + m.tkl
             num = 0
             mv = memoryview(self._buf)
+            hd = [0, 0]
             while pos < n and self._buf[pos] != 0xFF:
-                b = self._buf[pos]
-                d, pos = coap._ext(mv, pos + 1, n, b >> 4)
-                ln, pos = coap._ext(mv, pos, n, b & 15)
-                num += d
-                if num == coap.O_URI_PATH:
+                pos = coapmsg.option(mv, pos, n, hd)
+                num += hd[0]
+                ln = hd[1]
+                if num == coapmsg.O_URI_PATH:
                     path.append(str(bytes(mv[pos : pos + ln]), "utf-8"))
                 pos += ln
-            body = bytes(mv[m.pl : n])
+            body = bytes(mv[m.payload_at : n])
             code, opts, payload = 132, (), None
             if path and path[0] == "d" and path[-1] == "rpt":
                 rep = cbor.loads(body)
@@ -317,7 +317,11 @@ class CoapServer:
                     code = 68
                 elif self.cfg is not None:
                     self.cfg_gets += 1
-                    code, opts, payload = 69, ((coap.O_OBSERVE, 1), (coap.O_CF, 60)), cbor.dumps(self.cfg)
+                    code, opts, payload = (
+                        69,
+                        ((coapmsg.O_OBSERVE, 1), (coapmsg.O_CF, 60)),
+                        cbor.dumps(self.cfg),
+                    )
             elif path and path[0] == "r":
                 ident = path[1] + "/" + "/".join(path[2:])
                 self.resolves.append(ident)
@@ -326,21 +330,21 @@ class CoapServer:
                 else:
                     code = 69
                     opts = (
-                        (coap.O_ETAG, b"\x00\x01\x02\x03\x04\x05\x06\x07"),
-                        (coap.O_CF, 60),
-                        (coap.O_MAX_AGE, 300),
+                        (coapmsg.O_ETAG, b"\x00\x01\x02\x03\x04\x05\x06\x07"),
+                        (coapmsg.O_CF, 60),
+                        (coapmsg.O_MAX_AGE, 300),
                     )
                     payload = cbor.dumps(
                         {3: 1, 2: ident, 4: [[1, "URL", "https://example.org/" + ident, 300]], 23: 2}
                     )
             o = self._out
-            p = coap.header(o, coap.ACK, code, m.mid, m.tok, m.tkl)
+            p = coapmsg.header(o, coapmsg.ACK, code, m.mid, m.token, m.tkl)
             last = 0
             for num, val in opts:
                 p = (
-                    coap.uint_opt(o, p, num - last, val)
+                    coapmsg.uint_opt(o, p, num - last, val)
                     if type(val) is int
-                    else coap.opt(o, p, num - last, val)
+                    else coapmsg.opt(o, p, num - last, val)
                 )
                 last = num
             if payload:
@@ -359,7 +363,7 @@ class Rig:
     def __init__(self, provision=True, transport="coap"):
         self.root = tmpdir("app")
         self.srv = CoapServer()
-        self.h = FakeHal(self.root)
+        self.hal = FakeHal(self.root)
         if provision:
             d = {"id": ID, "transport": transport, "coap": "coap://127.0.0.1:%d" % self.srv.port, "key": KEY}
             with open(self.root + "identity.json", "w") as f:
@@ -368,11 +372,11 @@ class Rig:
 
     def boot(self, **kw):
         h2 = FakeHal(self.root)  # a reboot: same flash, kv and RTC memory; fresh RAM
-        h2.kv = self.h.kv
-        h2.rtc = self.h.rtc
-        h2.now = self.h.now
-        h2.net = self.h.net
-        self.h = h2
+        h2.kv = self.hal.kv
+        h2.rtc = self.hal.rtc
+        h2.now = self.hal.now
+        h2.net = self.hal.net
+        self.hal = h2
         from carrier import app as A
 
         self.app = A.App(h2, **kw)
@@ -380,23 +384,23 @@ class Rig:
         return self.app
 
     def run(self, ms, until=None):
-        end = self.h.now + ms
-        while self.h.now < end:
-            self.app.step(self.h.now)
+        end = self.hal.now + ms
+        while self.hal.now < end:
+            self.app.step(self.hal.now)
             self.srv.serve()
             if until and until():
                 return True
-            self.h.now += 10  # loopback datagrams arrive at once: no real sleeping needed
+            self.hal.now += 10  # loopback datagrams arrive at once: no real sleeping needed
         return False
 
     def con(self, line):
-        self.h.output()
-        self.h.inp.extend(line.encode() + b"\n")
+        self.hal.output()
+        self.hal.inp.extend(line.encode() + b"\n")
         for _ in range(50):  # the console takes at most READ_MAX bytes per loop
-            self.app.step(self.h.now)
-            if not self.h.inp:
+            self.app.step(self.hal.now)
+            if not self.hal.inp:
                 break
-        return self.h.output()
+        return self.hal.output()
 
     def close(self):
         self.srv.close()

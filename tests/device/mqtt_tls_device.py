@@ -1,7 +1,7 @@
 # ruff: noqa: B023 -- the closures below run inside the iteration that made them
 # A device for tests/integration/test_mqtt_security.py, run by the real micropython (MICROPYPATH=firmware):
 #   micropython tests/device/mqtt_tls_device.py <identity JSON> <CA file or -> <action> [<action>...]
-# It drives carrier.mqtt.Transport (TLS when the identity's mqtt address is mqtts://) and prints one JSON line
+# It drives carrier.mqttdevice.Transport (TLS when the identity's mqtt address is mqtts://) and prints one JSON line
 # per action, so the test reads results as they come:
 #   up                 wait for CONNACK (or the first refusal)   -> {"a": "up", "ok", "ms", "reason", "refused",
 #                                                                   "heap", "peak"} (heap: in use after connect)
@@ -18,7 +18,7 @@ import time
 gc.collect()
 HEAP0 = gc.mem_alloc()
 
-from carrier import cbor, identity, mqtt  # noqa: E402
+from carrier import cbor, identity, mqtt, mqttdevice  # noqa: E402
 
 WAIT_MS = 15000
 
@@ -39,8 +39,8 @@ def main():
     ident = identity.Identity(json.loads(sys.argv[1]))
     if sys.argv[2] != "-":
         ident.ca_path = sys.argv[2]
-    t = mqtt.Transport(ident, keepalive=30)
-    c = t.c
+    t = mqttdevice.Transport(ident, keepalive=30)
+    c = t.client
     got = []
     inner = c.on_msg
 
@@ -62,7 +62,7 @@ def main():
 
             def connected():
                 peak[0] = max(peak[0], gc.mem_alloc())  # sampled between polls: handshake state included
-                return c.state == mqtt.UP or (t.s.attempts and c.state == mqtt.IDLE and c.reason)
+                return c.state == mqtt.UP or (t.session.attempts and c.state == mqtt.IDLE and c.reason)
 
             run(t, connected)
             ms = time.ticks_diff(time.ticks_ms(), t0)

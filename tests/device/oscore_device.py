@@ -101,17 +101,17 @@ def measure(ident, h):
         gc.collect()
         heap = gc.mem_alloc() - before
         c.sock = None  # not started: build only
-        ex = c._ex[0]
+        ex = c.exchanges[0]
         ex.kind = 1
         ex.arg = ident.id
         ex.block = 0
         ex.etag = None
-        ex.tok = 0x1234
+        ex.token = 0x1234
         c._build_get(ex)
-        n = ex.n
+        n = ex.length
         if secure:
             c._send(ex, time.ticks_ms())  # protects (sock None: nothing is sent)
-            n = ex.pn
+            n = ex.wire_len
         d["secure" if secure else "plain"] = {"request_bytes": n, "client_heap": heap}
     ident.secure = True
     out(d)

@@ -2,7 +2,7 @@
 # gateway served from the test: provisioning mode, boot counter and seq, crash streak and safe mode, first
 # report and resolve, offline queueing and drain, remote config, and the key never reaching any output.
 from mptest import eq, ok, raises, note
-from carrier import app as A, log, proto
+from carrier import app as A, log, devicemsg
 
 from fwfakes import Rig, KEY, ID
 
@@ -19,7 +19,7 @@ def _with(fn, **kw):
 def test_provisioning_mode_and_provision():
     def t(r):
         a = r.boot()
-        eq((a.ident, a.t, a.rep), (None, None, None))
+        eq((a.ident, a.transport, a.reporter), (None, None, None))
         out = r.con("status")
         ok("id: None" in out, out)
         out = r.con("provision 88.1/new coap://127.0.0.1:%d" % r.srv.port)
@@ -27,7 +27,7 @@ def test_provisioning_mode_and_provision():
         ok(a._reboot)
         a = r.boot()
         eq(a.ident.id, "88.1/new")
-        ok(a.t is not None)
+        ok(a.transport is not None)
         ok(len(a.ident.key) == 16)
         out = r.con("provision 88.1/other coap://h")
         ok("already provisioned" in out, out)
@@ -51,11 +51,11 @@ def test_boot_counter_and_seq_restart():
     def t(r):
         a = r.boot()
         eq(a.boot_n, 1)
-        ok(r.run(5000, lambda: a.rep.acked))
+        ok(r.run(5000, lambda: a.reporter.acked))
         a.shutdown()
         a = r.boot()
         eq(a.boot_n, 2)
-        ok(r.run(5000, lambda: a.rep.acked))
+        ok(r.run(5000, lambda: a.reporter.acked))
         eq([(m[10], m[11]) for m in r.srv.reports], [(1, 1), (2, 1)])
 
     _with(t)
@@ -67,7 +67,7 @@ def test_safe_mode_after_three_quick_crashes():
             raises(RuntimeError, lambda: r.boot(fault="boot"))
         a = r.boot(fault="boot")  # the fourth boot does not reach the faulty code
         ok(a.safe)
-        eq((a.t, a.rep), (None, None))
+        eq((a.transport, a.reporter), (None, None))
         ok("safe: True" in r.con("status"))
         ok("no transport" in r.con("resolve 88.1/x"))
         a.shutdown()  # a clean reboot (console `reboot`) clears the streak
@@ -75,7 +75,7 @@ def test_safe_mode_after_three_quick_crashes():
         ok(not a.safe)
         eq(a.streak, 1)
         r.run(A.STABLE_MS + 100)
-        eq(r.h.rtc[4], 0, "a stable boot clears the streak")
+        eq(r.hal.rtc[4], 0, "a stable boot clears the streak")
 
     _with(t)
 
@@ -84,13 +84,13 @@ def test_first_report_resolve_and_config():
     def t(r):
         r.srv.cfg = {20: 7, 21: 30, 22: {"URL": "https://example.org/pump"}}
         a = r.boot()
-        ok(r.run(5000, lambda: r.srv.reports and r.srv.cfg_acks and a.rep.acked), "report + config")
-        rep = proto.check("report", r.srv.reports[0])
+        ok(r.run(5000, lambda: r.srv.reports and r.srv.cfg_acks and a.reporter.acked), "report + config")
+        rep = devicemsg.check("report", r.srv.reports[0])
         eq((rep[2], rep[10], rep[11], rep[16], rep[17], rep[15]), (ID, 1, 1, "unix", "0.1.0", 0))
         ok(rep[13] > 0, "free heap")
         eq(r.srv.resolves[0], ID, "resolves its own identifier once")
         eq(r.srv.cfg_acks, [{2: ID, 20: 7, 3: 1}])
-        eq((a.cfg.interval, a.rep.interval, a.q.count, a.q.writes), (30, 30, 0, 0))
+        eq((a.cfg.interval, a.reporter.interval, a.queue.count, a.queue.writes), (30, 30, 0, 0))
         ok("resolve id=" + ID + " code=1 values=1" in "\n".join(log.tail(20)))
         # the interval from the gateway paces the next reports
         ok(r.run(31000, lambda: len(r.srv.reports) >= 2))
@@ -103,8 +103,8 @@ def test_a_newer_config_named_by_a_report_ack_is_fetched_once():
     def t(r):
         r.srv.cfg = {20: 7, 21: 30}
         a = r.boot()
-        ok(r.run(5000, lambda: r.srv.cfg_acks and a.rep.acked), "first config")
-        ok(a.t.observing(), "observing /cfg")
+        ok(r.run(5000, lambda: r.srv.cfg_acks and a.reporter.acked), "first config")
+        ok(a.transport.observing(), "observing /cfg")
         # set while the gateway had forgotten the observation (a restart): no notification will come
         r.srv.cfg, r.srv.desired = {20: 8, 21: 40}, 8
         gets = r.srv.cfg_gets
@@ -122,18 +122,18 @@ def test_a_newer_config_named_by_a_report_ack_is_fetched_once():
 def test_offline_reports_queue_then_drain_in_order():
     def t(r):
         a = r.boot(interval=10)
-        ok(r.run(3000, lambda: a.rep.acked == 1))
-        r.h.net = False
+        ok(r.run(3000, lambda: a.reporter.acked == 1))
+        r.hal.net = False
         r.run(65000)
-        ok(a.q.count >= 6, "queued while offline: %d" % a.q.count)
-        ok(a.q.writes >= 1, "batched to flash")
+        ok(a.queue.count >= 6, "queued while offline: %d" % a.queue.count)
+        ok(a.queue.writes >= 1, "batched to flash")
         eq(len(r.srv.reports), 1)
-        r.h.net = True
-        ok(r.run(20000, lambda: a.q.count == 0), "drained")
+        r.hal.net = True
+        ok(r.run(20000, lambda: a.queue.count == 0), "drained")
         seqs = [m[11] for m in r.srv.reports]
         eq(seqs, list(range(1, len(seqs) + 1)), "every report once, in order")
         ok(r.srv.reports[-1][15] >= 0)
-        note("offline: %d reports queued, %d flash writes" % (len(seqs) - 1, a.q.writes))
+        note("offline: %d reports queued, %d flash writes" % (len(seqs) - 1, a.queue.writes))
 
     _with(t)
 
@@ -143,10 +143,10 @@ def test_gateway_down_then_back():
         a = r.boot(interval=10)
         r.srv.down = True
         r.run(40000)
-        ok(a.q.count >= 3)
+        ok(a.queue.count >= 3)
         eq(r.srv.reports, [])
         r.srv.down = False
-        ok(r.run(200000, lambda: a.q.count == 0), "drained after the gateway returned")
+        ok(r.run(200000, lambda: a.queue.count == 0), "drained after the gateway returned")
         seqs = [m[11] for m in r.srv.reports]
         eq(sorted(set(seqs)), list(range(1, max(seqs) + 1)))
 
@@ -156,15 +156,15 @@ def test_gateway_down_then_back():
 def test_reports_survive_a_reboot_while_offline():
     def t(r):
         a = r.boot(interval=10)
-        r.h.net = False
+        r.hal.net = False
         r.run(25000)
-        n = a.q.count
+        n = a.queue.count
         ok(n >= 2)
         a.shutdown()  # flush before reset
-        r.h.net = True
+        r.hal.net = True
         a = r.boot(interval=10)
-        eq(a.q.count, n, "the queued reports are back")
-        ok(r.run(10000, lambda: a.q.count == 0))
+        eq(a.queue.count, n, "the queued reports are back")
+        ok(r.run(10000, lambda: a.queue.count == 0))
         eq(sorted((m[10], m[11]) for m in r.srv.reports)[:n], [(1, s) for s in range(1, n + 1)])
 
     _with(t)
@@ -173,7 +173,7 @@ def test_reports_survive_a_reboot_while_offline():
 def test_key_never_in_logs_or_console():
     def t(r):
         a = r.boot()
-        r.run(2000, lambda: a.rep.acked)
+        r.run(2000, lambda: a.reporter.acked)
         out = ""
         for line in (
             "id",

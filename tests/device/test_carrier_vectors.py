@@ -1,15 +1,15 @@
 # The firmware's identifier parser, CBOR codec and message checks against the shared vectors
 # (the CPython side: tests/unit/proto/test_device_vectors.py).
 from mptest import eq, ok, raises, load, from_json, note
-from carrier import cbor, ident, proto
+from carrier import cbor, idsyntax, devicemsg
 
 
 def test_identifiers_valid():
     v = load("identifiers.json")
     for case in v["valid"]:
-        eq(ident.parse(case["input"]), case["normalised"], case["input"])
-        eq(ident.parse(case["input"].encode()), case["normalised"], case["input"])
-        p, s = ident.split(ident.parse(case["input"]))
+        eq(idsyntax.parse(case["input"]), case["normalised"], case["input"])
+        eq(idsyntax.parse(case["input"].encode()), case["normalised"], case["input"])
+        p, s = idsyntax.split(idsyntax.parse(case["input"]))
         eq((p, s), (case["prefix"], case["suffix"]))
     note(len(v["valid"]), "valid identifiers agree")
 
@@ -18,7 +18,7 @@ def test_identifiers_invalid():
     v = load("identifiers.json")
     for case in v["invalid"]:
         inp = bytes.fromhex(case["input_hex"]) if "input_hex" in case else case["input"]
-        e = raises(ident.IdentError, ident.parse, inp)
+        e = raises(idsyntax.IdentifierError, idsyntax.parse, inp)
         eq(e.reason, case["reason"], repr(inp))
     note(len(v["invalid"]), "invalid identifiers agree")
 
@@ -42,25 +42,25 @@ def test_cbor_rejects():
 
 
 def _keyed(fields):
-    return {proto.NAMES.index(k): v for k, v in fields.items()}
+    return {devicemsg.NAMES.index(k): v for k, v in fields.items()}
 
 
 def test_messages():
     v = load("messages.json")
     for case in v["messages"]:
         m = _keyed(from_json(case["fields"]))
-        eq(proto.encode(case["message"], m).hex(), case["hex"], case["description"])
-        eq(proto.decode(case["message"], bytes.fromhex(case["hex"])), m, case["description"])
+        eq(devicemsg.encode(case["message"], m).hex(), case["hex"], case["description"])
+        eq(devicemsg.decode(case["message"], bytes.fromhex(case["hex"])), m, case["description"])
     names = set(c["message"] for c in v["messages"])
-    eq(sorted(names), sorted(proto.MESSAGES), "every message type has a vector")
+    eq(sorted(names), sorted(devicemsg.MESSAGES), "every message type has a vector")
 
 
 def test_invalid_messages():
     for case in load("messages.json")["invalid"]:
-        raises(proto.ProtoError, proto.decode, case["message"], bytes.fromhex(case["hex"]))
+        raises(devicemsg.WireError, devicemsg.decode, case["message"], bytes.fromhex(case["hex"]))
 
 
 def test_topic_key():
-    eq(proto.topic_key("88.123.99/PUMP-0001"), "88.123.99%2FPUMP-0001")
-    eq(proto.topic_key("a/+#$%"), "a%2F%2B%23%24%25")
-    ok(len(proto.NAMES) == 26)
+    eq(devicemsg.topic_key("88.123.99/PUMP-0001"), "88.123.99%2FPUMP-0001")
+    eq(devicemsg.topic_key("a/+#$%"), "a%2F%2B%23%24%25")
+    ok(len(devicemsg.NAMES) == 26)

@@ -1,7 +1,7 @@
 # Remote management: validation, apply, persistence (atomic), acknowledgement payloads, cfgver ordering.
 from mptest import eq, ok, raises
 from fwfakes import FakeHal, tmpdir, rmtree
-from carrier import cbor, proto
+from carrier import cbor, devicemsg
 from carrier.config import Config, ack_payload, check_meta
 
 
@@ -68,9 +68,9 @@ def test_rejections():
 
 
 def test_ack_payloads_match_the_protocol():
-    eq(proto.decode("config_ack", ack_payload("88.1/x", 1, 3)), {2: "88.1/x", 20: 3, 3: 1})
+    eq(devicemsg.decode("config_ack", ack_payload("88.1/x", 1, 3)), {2: "88.1/x", 20: 3, 3: 1})
     eq(
-        proto.decode("config_ack", ack_payload("88.1/x", 400, 3, "bad interval")),
+        devicemsg.decode("config_ack", ack_payload("88.1/x", 400, 3, "bad interval")),
         {2: "88.1/x", 20: 3, 3: 400, 9: "bad interval"},
     )
 

@@ -11,7 +11,7 @@ def _with(fn, **kw):
     r = Rig(**kw)
     try:
         r.boot()
-        r.run(3000, lambda: r.app.rep.acked)
+        r.run(3000, lambda: r.app.reporter.acked)
         fn(r)
     finally:
         log.sink = log._print
@@ -90,16 +90,16 @@ def test_line_editing_crlf_and_garbage():
     def t(r):
         ok("boot: 1" in r.con("stq\x7fatus"), "backspace")
         ok("boot: 1" in r.con("sx\x08tatus"), "ctrl-h")
-        r.h.output()
-        r.h.inp.extend(b"id\r\n")
-        r.app.step(r.h.now)
-        out = r.h.output()
+        r.hal.output()
+        r.hal.inp.extend(b"id\r\n")
+        r.app.step(r.hal.now)
+        out = r.hal.output()
         eq(out.count("board: "), 1, "CRLF is one line")
         out = r.con("\x01\x02status")
         ok(out.startswith("error: bad input: control characters"), out)
-        r.h.inp.extend(b"\xff\xfe\n")
-        r.app.step(r.h.now)
-        ok("not UTF-8" in r.h.output())
+        r.hal.inp.extend(b"\xff\xfe\n")
+        r.app.step(r.hal.now)
+        ok("not UTF-8" in r.hal.output())
         out = r.con("x" * 300)
         ok("line too long" in out, out)
         ok("boot: 1" in r.con("status"), "works after bad input")
@@ -114,12 +114,12 @@ def test_random_bytes_never_crash():
         import os
 
         for i in range(40):
-            r.h.inp.extend(os.urandom(97))
-            r.h.inp.extend(b"\n")
-            r.app.step(r.h.now)
-            r.h.now += 5
-        r.h.inp.extend(bytes(range(256)) + b"\n")
-        r.run(2000, lambda: not r.h.inp)  # READ_MAX bytes per loop: the backlog takes a few loops
+            r.hal.inp.extend(os.urandom(97))
+            r.hal.inp.extend(b"\n")
+            r.app.step(r.hal.now)
+            r.hal.now += 5
+        r.hal.inp.extend(bytes(range(256)) + b"\n")
+        r.run(2000, lambda: not r.hal.inp)  # READ_MAX bytes per loop: the backlog takes a few loops
         ok("boot: 1" in r.con("status"))
         ok(r.app.console.errors > 0)
         note("console errors counted:", r.app.console.errors)
@@ -129,14 +129,14 @@ def test_random_bytes_never_crash():
 
 def test_device_keeps_working_while_a_line_is_half_typed():
     def t(r):
-        r.app.rep.set_interval(10)
-        r.h.inp.extend(b"sta")
-        before = r.app.rep.acked
+        r.app.reporter.set_interval(10)
+        r.hal.inp.extend(b"sta")
+        before = r.app.reporter.acked
         r.run(25000)
-        ok(r.app.rep.acked >= before + 2, "reports went on")
-        r.h.inp.extend(b"tus\n")
-        r.app.step(r.h.now)
-        ok("boot: 1" in r.h.output())
+        ok(r.app.reporter.acked >= before + 2, "reports went on")
+        r.hal.inp.extend(b"tus\n")
+        r.app.step(r.hal.now)
+        ok("boot: 1" in r.hal.output())
 
     _with(t)
 
@@ -145,8 +145,8 @@ def test_resolve_async_cache_and_errors():
     def t(r):
         out = r.con("resolve 88.1/thing")
         eq(out, "", "answered later")
-        r.run(1000, lambda: "values" in "".join(r.h.out))
-        out = r.h.output()
+        r.run(1000, lambda: "values" in "".join(r.hal.out))
+        out = r.hal.output()
         ok("code: 1" in out and "https://example.org/88.1/thing" in out and "source: upstream" in out, out)
         out = r.con("resolve 88.1/thing")
         ok("source: device-cache" in out, out)
@@ -154,8 +154,8 @@ def test_resolve_async_cache_and_errors():
         ok("usage" in r.con("resolve"))
         r.con("json on")
         r.con("resolve 88.1/missing-one")
-        r.run(1000, lambda: "resolve" in "".join(r.h.out))
-        o = [x for x in _json_lines(r.h.output()) if x.get("cmd") == "resolve"][0]
+        r.run(1000, lambda: "resolve" in "".join(r.hal.out))
+        o = [x for x in _json_lines(r.hal.output()) if x.get("cmd") == "resolve"][0]
         eq((o["ok"], o["code"], o["error"]), (False, 100, "handle not found"))
         r.con("resolve 88.1/thing")  # values with URL text; JSON-safe
 
@@ -178,7 +178,7 @@ def test_report_net_config_log_selftest():
         ok("usage" in r.con("net sideways"))
         ok("interval: 60" in r.con("config get interval"))
         ok("interval: 30" in r.con("config set interval 30"))
-        eq(r.app.rep.interval, 30)
+        eq(r.app.reporter.interval, 30)
         ok("10-86400" in r.con("config set interval 5"))
         ok("no mqtt gateway address" in r.con("config set transport mqtt"))
         ok("reboot to apply" in r.con("config set mqtt mqtt://127.0.0.1:1883"))

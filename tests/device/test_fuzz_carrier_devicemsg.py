@@ -1,15 +1,15 @@
 # Fuzzing the firmware's decoders of what arrives from the network (seeded, bounded; see fuzzlib.py):
-# cbor.loads raises only CBORError, proto.decode only ProtoError (and what it accepts re-encodes), rcache.answer
-# and config.Config.apply never raise, ident.parse raises only IdentError. Inputs: random bytes, mutations of
+# cbor.loads raises only CBORError, devicemsg.decode only WireError (and what it accepts re-encodes), rcache.answer
+# and config.Config.apply never raise, idsyntax.parse raises only IdentifierError. Inputs: random bytes, mutations of
 # every vector in tests/vectors/messages.json and cbor.json, and random maps over the protocol's keys
 # (including float and bool keys equal to them). test_regression_* hold the exact inputs of findings.
 from mptest import eq, ok, raises, load, note
 import fuzzlib as F
 from fwfakes import FakeHal, tmpdir, rmtree
-from carrier import cbor, proto, rcache, ident
+from carrier import cbor, devicemsg, rcache, idsyntax
 from carrier import config as fwconfig
 
-NAMES = sorted(proto.MESSAGES)
+NAMES = sorted(devicemsg.MESSAGES)
 
 
 def _corpus():
@@ -73,22 +73,22 @@ def test_fuzz_cbor_and_proto_decode():
             ok(type(again) is type(obj), "re-encoding keeps the type of " + data.hex())
         for name in NAMES:
             try:
-                m = proto.decode(name, data)
-            except proto.ProtoError:
+                m = devicemsg.decode(name, data)
+            except devicemsg.WireError:
                 continue
             except Exception as e:
-                _fail("proto.decode(%r)" % name, data, e)
+                _fail("devicemsg.decode(%r)" % name, data, e)
             accepted += 1
-            req, opt = proto.MESSAGES[name]
+            req, opt = devicemsg.MESSAGES[name]
             for k in m:
                 ok(
                     type(k) is not float or not (k in req or k in opt),
                     "float key used by %s: %s" % (name, data.hex()),
                 )
             try:
-                proto.encode(name, m)
+                devicemsg.encode(name, m)
             except Exception as e:
-                _fail("proto.encode(%r, decoded)" % name, data, e)
+                _fail("devicemsg.encode(%r, decoded)" % name, data, e)
     note(n, "inputs x", len(NAMES), "messages;", accepted, "accepted")
 
 
@@ -119,13 +119,13 @@ def _config_apply(inputs):
                 code, v, msg = c.apply(data)
             except Exception as e:
                 _fail("Config.apply", data, e)
-            ok(code in (proto.OK, proto.BAD_REQUEST), "code %r" % code)
+            ok(code in (devicemsg.OK, devicemsg.BAD_REQUEST), "code %r" % code)
             ok(type(v) is int and v >= 0, "cfgver %r" % v)
             ok(
                 type(c.interval) is int and 10 <= c.interval <= 86400,
                 "interval %r after %s" % (c.interval, data.hex()),
             )
-            ok(code == proto.OK or c.interval == before)
+            ok(code == devicemsg.OK or c.interval == before)
             fwconfig.ack_payload("88.1/X", code, v, msg)  # the ack it sends must encode
         # what was persisted loads again
         c2 = fwconfig.Config(h)
@@ -172,26 +172,26 @@ def test_fuzz_ident_parse():
                 continue
             n += 1
             try:
-                out = ident.parse(inp)
-            except ident.IdentError as e:
+                out = idsyntax.parse(inp)
+            except idsyntax.IdentifierError as e:
                 ok(e.reason in REASONS, e.reason)
                 continue
             except Exception as e:
-                _fail("ident.parse", data, e)
-            eq(ident.parse(out), out, "normalising is idempotent for " + data.hex())
+                _fail("idsyntax.parse", data, e)
+            eq(idsyntax.parse(out), out, "normalising is idempotent for " + data.hex())
     note(n, "identifiers")
 
 
 REASONS = (
-    ident.EMPTY,
-    ident.TOO_LONG,
-    ident.NOT_UTF8,
-    ident.CONTROL_CHAR,
-    ident.NO_SEPARATOR,
-    ident.EMPTY_PREFIX,
-    ident.EMPTY_SEGMENT,
-    ident.BAD_PREFIX_CHAR,
-    ident.EMPTY_SUFFIX,
+    idsyntax.EMPTY,
+    idsyntax.TOO_LONG,
+    idsyntax.NOT_UTF8,
+    idsyntax.CONTROL_CHAR,
+    idsyntax.NO_SEPARATOR,
+    idsyntax.EMPTY_PREFIX,
+    idsyntax.EMPTY_SEGMENT,
+    idsyntax.BAD_PREFIX_CHAR,
+    idsyntax.EMPTY_SUFFIX,
 )
 
 
@@ -204,23 +204,26 @@ def _as_str(b):
 
 # -- findings -----------------------------------------------------------------------------------------------
 def test_regression_float_key_equal_to_known_key():
-    # fuzz finding: a map key 21.0 (CBOR half float f94d40) equals 21, so proto.check indexed its type table
-    # with a float: TypeError (not ProtoError) out of Config.apply, MQTT ack handling and CoAP report acks,
+    # fuzz finding: a map key 21.0 (CBOR half float f94d40) equals 21, so devicemsg.check indexed its type table
+    # with a float: TypeError (not WireError) out of Config.apply, MQTT ack handling and CoAP report acks,
     # past the transport's (OSError, ValueError) handler into the app's crash-and-reset path.
     payload = bytes.fromhex("a214181bf94d4040")  # {20: 27, 21.0: b""}
-    e = raises(proto.ProtoError, proto.decode, "config", payload)
+    e = raises(devicemsg.WireError, devicemsg.decode, "config", payload)
     ok("not an integer" in str(e), str(e))
     data = bytes.fromhex(
         "a411f616f5f94200f666302e4e412f78a40b62c285f44101f5a13748313233343536373818ffa218194a0d343d0b1e2fdff77f51f94a00f97c00"
     )
-    raises(proto.ProtoError, proto.decode, "error", data)
-    raises(proto.ProtoError, proto.decode, "report_ack", cbor.dumps({10.0: 1, 11: 1, 3: 1}))
+    raises(devicemsg.WireError, devicemsg.decode, "error", data)
+    raises(devicemsg.WireError, devicemsg.decode, "report_ack", cbor.dumps({10.0: 1, 11: 1, 3: 1}))
     d = tmpdir("fz")
     try:
         c = fwconfig.Config(FakeHal(d))
         code, v, msg = c.apply(payload)
-        eq((code, v, c.interval), (proto.BAD_REQUEST, 27, fwconfig.DEFAULT_INTERVAL))
+        eq((code, v, c.interval), (devicemsg.BAD_REQUEST, 27, fwconfig.DEFAULT_INTERVAL))
     finally:
         rmtree(d[:-1])
     # a float key the message does not use is ignored, as the gateway ignores it
-    eq(proto.decode("report_ack", cbor.dumps({10: 1, 11: 2, 3: 1, 15.0: 0})), {10: 1, 11: 2, 3: 1, 15.0: 0})
+    eq(
+        devicemsg.decode("report_ack", cbor.dumps({10: 1, 11: 2, 3: 1, 15.0: 0})),
+        {10: 1, 11: 2, 3: 1, 15.0: 0},
+    )

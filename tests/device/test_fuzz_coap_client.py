@@ -1,5 +1,5 @@
 # Fuzzing the device's CoAP client (carrier/coap.py) with what a hostile or broken network can deliver:
-# coap.decode raises only CoapError; Client.poll/datagram never raise, whatever arrives (random datagrams,
+# coapmsg.decode raises only CoapError; Client.poll/datagram never raise, whatever arrives (random datagrams,
 # mutated answers that match a pending exchange's Message ID and token: every type, code, option, Block2,
 # Observe and payload), every callback gets a well-formed result, the config it passes on is applied by
 # the real config.Config without an exception, everything the client sends decodes, and afterwards a clean
@@ -7,7 +7,7 @@
 from mptest import eq, ok, note
 import fuzzlib as F
 from fwfakes import FakeSock, coap_reply as _reply
-from carrier import coap, cbor
+from carrier import coap, coapmsg, cbor
 from carrier import config as fwconfig
 from carrier.identity import Identity
 
@@ -15,12 +15,12 @@ ID = "88.123.99/PUMP-0001"
 TARGETS = ("88.1/X", "88.123.99/PUMP-0001", "0.NA/88.1", "88.1/" + "s" * 200, "88.1/a/b/c")
 CODES = (0, 1, 2, 65, 67, 68, 69, 95, 128, 131, 132, 141, 157, 160, 163, 164, 191, 224, 255)
 OPTS = (
-    coap.O_ETAG,
-    coap.O_OBSERVE,
-    coap.O_CF,
-    coap.O_MAX_AGE,
-    coap.O_BLOCK2,
-    coap.O_SIZE2,
+    coapmsg.O_ETAG,
+    coapmsg.O_OBSERVE,
+    coapmsg.O_CF,
+    coapmsg.O_MAX_AGE,
+    coapmsg.O_BLOCK2,
+    coapmsg.O_SIZE2,
     1,
     3,
     8,
@@ -76,9 +76,9 @@ def _opts():
     out = []
     for _ in range(F.below(5)):
         num = F.pick(OPTS) if F.chance(3) else F.pick(OPTS[:6])
-        if num == coap.O_ETAG or F.chance(4):
+        if num == coapmsg.O_ETAG or F.chance(4):
             val = F.rbytes(F.pick((0, 1, 4, 8, 9)))
-        elif num == coap.O_BLOCK2:
+        elif num == coapmsg.O_BLOCK2:
             val = (F.below(3) << 4) | (8 if F.chance(2) else 0) | F.below(8)
         else:
             val = F.pick((0, 1, 60, 300, 65535, 2**24, 2**32 - 1))
@@ -101,14 +101,14 @@ class Rig(F.ClientRig):
 
     def collect(self):
         """Decode what the client sent (it must all be well-formed CoAP)."""
-        m = coap.Msg()
+        m = coapmsg.Msg()
         for d in self.c.sock.tx:
             try:
-                coap.decode(memoryview(d), len(d), m)
-            except coap.CoapError as e:
+                coapmsg.decode(memoryview(d), len(d), m)
+            except coapmsg.CoapError as e:
                 raise AssertionError("client sent malformed CoAP %s: %s" % (bytes(d).hex(), e))
-            if m.t == coap.CON:
-                self.sent.append((m.mid, m.tok, m.tkl))
+            if m.type == coapmsg.CON:
+                self.sent.append((m.mid, m.token, m.tkl))
                 self.sent = self.sent[-8:]
         self.c.sock.tx.clear()
 
@@ -153,38 +153,42 @@ def _datagram(r):
         mid, tok, tkl = F.below(0x10000), F.below(0x10000), F.pick((0, 2, 8))
     if F.chance(6):
         tok ^= 1
-    t = F.pick((coap.ACK, coap.ACK, coap.CON, coap.NON, coap.RST))
-    code = F.pick((coap.CONTENT, coap.CONTENT, coap.CHANGED, coap.VALID)) if F.chance(2) else F.pick(CODES)
+    t = F.pick((coapmsg.ACK, coapmsg.ACK, coapmsg.CON, coapmsg.NON, coapmsg.RST))
+    code = (
+        F.pick((coapmsg.CONTENT, coapmsg.CONTENT, coapmsg.CHANGED, coapmsg.VALID))
+        if F.chance(2)
+        else F.pick(CODES)
+    )
     d = _reply(t, code, mid, tok, tkl, _opts(), _payload() if not F.chance(5) else b"")
     return F.mutate(d) if F.chance(4) else d
 
 
 def test_fuzz_decode_only_coap_error():
     F.seed("coap-decode")
-    m = coap.Msg()
+    m = coapmsg.Msg()
     seeds = [
         _reply(
-            coap.ACK,
+            coapmsg.ACK,
             69,
             1,
             2,
             2,
-            ((coap.O_ETAG, b"12345678"), (coap.O_BLOCK2, 14), (coap.O_CF, 60)),
+            ((coapmsg.O_ETAG, b"12345678"), (coapmsg.O_BLOCK2, 14), (coapmsg.O_CF, 60)),
             PAYLOADS[0],
         ),
-        _reply(coap.CON, 69, 1, 2, 2, ((coap.O_OBSERVE, 5), (300, b"x" * 20)), b""),
+        _reply(coapmsg.CON, 69, 1, 2, 2, ((coapmsg.O_OBSERVE, 5), (300, b"x" * 20)), b""),
     ]
     n = 0
     for r in range(F.rounds(2000)):
         d = F.rbytes(F.below(24)) if r % 2 else F.mutate(F.pick(seeds), seeds)
         n += 1
         try:
-            coap.decode(memoryview(d), len(d), m)
-        except coap.CoapError:
+            coapmsg.decode(memoryview(d), len(d), m)
+        except coapmsg.CoapError:
             continue
         except Exception as e:
             raise AssertionError("decode raised %s: %s on %s" % (type(e).__name__, e, d.hex()))
-        ok(4 <= m.pl <= len(d) and m.tkl <= 8)
+        ok(4 <= m.payload_at <= len(d) and m.tkl <= 8)
     note(n, "datagrams decoded")
 
 
@@ -216,12 +220,12 @@ def test_fuzz_client_exchanges():
         mid, tok, tkl = r.sent[-1]
         r.feed(
             _reply(
-                coap.ACK,
-                coap.CONTENT,
+                coapmsg.ACK,
+                coapmsg.CONTENT,
                 mid,
                 tok,
                 tkl,
-                ((coap.O_CF, 60),),
+                ((coapmsg.O_CF, 60),),
                 cbor.dumps({3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 23: 2}),
             )
         )
@@ -234,7 +238,7 @@ def test_fuzz_client_exchanges():
 # -- findings -----------------------------------------------------------------------------------------------
 def test_regression_float_key_in_config_notification():
     # fuzz finding (seed 4): a /cfg answer whose payload is {20.0: {"0.NA/x": "\u0085"}} (a float key equal to
-    # cfgver) raised TypeError out of Client.poll via Config.apply -> proto.check.
+    # cfgver) raised TypeError out of Client.poll via Config.apply -> devicemsg.check.
     r = Rig()
     try:
         ok(r.c.get_config())
@@ -242,19 +246,27 @@ def test_regression_float_key_in_config_notification():
         mid, tok, tkl = r.sent[-1]
         r.feed(
             _reply(
-                coap.ACK,
-                coap.CONTENT,
+                coapmsg.ACK,
+                coapmsg.CONTENT,
                 mid,
                 tok,
                 tkl,
-                ((coap.O_OBSERVE, 3), (coap.O_CF, 60)),
+                ((coapmsg.O_OBSERVE, 3), (coapmsg.O_CF, 60)),
                 bytes.fromhex("a1f94d00a166302e4e412f7862c285"),
             )
         )
         eq((r.configs, r.cfg.rejected, r.cfg.cfgver), (1, 1, 0))
         # the observation stays: a later good notification is applied
         r.feed(
-            _reply(coap.NON, coap.CONTENT, 7, tok, tkl, ((coap.O_OBSERVE, 4),), cbor.dumps({20: 5, 21: 30}))
+            _reply(
+                coapmsg.NON,
+                coapmsg.CONTENT,
+                7,
+                tok,
+                tkl,
+                ((coapmsg.O_OBSERVE, 4),),
+                cbor.dumps({20: 5, 21: 30}),
+            )
         )
         eq((r.configs, r.cfg.cfgver, r.cfg.interval), (2, 5, 30))
     finally:

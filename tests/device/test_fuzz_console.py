@@ -105,29 +105,29 @@ def test_fuzz_console_lines():
     sent = 0
     try:
         r.boot()
-        ok(r.run(3000, lambda: r.app.rep.acked), "first report")
-        acked = r.app.rep.acked
+        ok(r.run(3000, lambda: r.app.reporter.acked), "first report")
+        acked = r.app.reporter.acked
         for i in range(F.rounds(250)):
             data = _line() + _ending()
             if data.strip() in (b"YES", b"reboot") or data.startswith(b"provision") or b"reboot" in data:
                 continue
             json_mode = r.app.console.json
-            r.h.output()
-            r.h.inp.extend(data)
+            r.hal.output()
+            r.hal.inp.extend(data)
             sent += len(data)
             try:
                 for _ in range(20):
-                    r.app.step(r.h.now)
+                    r.app.step(r.hal.now)
                     r.srv.serve()
-                    r.h.now += 10
-                    if not r.h.inp:
+                    r.hal.now += 10
+                    if not r.hal.inp:
                         break
             except Exception as e:
                 raise AssertionError(
                     "step raised %s: %s after console input %s (seed %d)"
                     % (type(e).__name__, e, data.hex(), F.SEED)
                 )
-            out = r.h.output()
+            out = r.hal.output()
             if json_mode and r.app.console.json:
                 for ln in out.split("\n"):
                     if ln:
@@ -142,7 +142,7 @@ def test_fuzz_console_lines():
                 r.run(200)
         ok(r.app.ident is not None, "still provisioned")
         r.app.console.json = False
-        ok(r.run(200000, lambda: r.app.rep.acked > acked), "reports go on")
+        ok(r.run(200000, lambda: r.app.reporter.acked > acked), "reports go on")
         r.con("")  # end a line left half typed
         out = r.con("status")
         ok("boot: 1" in out, out)

@@ -1,4 +1,4 @@
-# Fuzzing the device's MQTT 3.1.1 code (carrier/mqtt.py) with what a broken or hostile broker can send:
+# Fuzzing the device's MQTT 3.1.1 code (carrier/mqttmsg.py, mqtt.py, mqttdevice.py) with what a broken or hostile broker can send:
 # Reader.next raises only MQTTError and, fed a stream of packets cut at random points, returns every packet
 # that fits exactly once and in order (oversized ones skipped and counted); Client/Transport.poll never raise;
 # a well-framed PUBLISH, whatever its topic and payload, never costs the connection; every callback gets a
@@ -7,7 +7,7 @@
 from mptest import eq, ok, note
 import fuzzlib as F
 from fwfakes import FakeSock
-from carrier import mqtt, cbor
+from carrier import mqtt, mqttdevice, mqttmsg, cbor
 from carrier.identity import Identity
 
 ID = "88.123.99/PUMP-0001"
@@ -42,7 +42,7 @@ def test_fuzz_reader_stream():
     size = 64
     n_packets = n_dropped = 0
     for _ in range(F.rounds(80)):
-        r = mqtt.Reader(size)
+        r = mqttmsg.Reader(size)
         want = []
         stream = b""
         for _ in range(1 + F.below(8)):
@@ -64,7 +64,7 @@ def test_fuzz_reader_stream():
                 got.append((r.buf[0], bytes(r.buf[r.pos : r.pos + r.len])))
                 r.consume()
         eq(got, want, "stream " + stream.hex())
-        eq(r.n, 0)
+        eq(r.filled, 0)
         n_packets += len(want)
         n_dropped += r.dropped
     note(n_packets, "packets delivered,", n_dropped, "oversized skipped")
@@ -74,7 +74,7 @@ def test_fuzz_reader_garbage():
     F.seed("mqtt-garbage")
     n = 0
     for _ in range(F.rounds(1500)):
-        r = mqtt.Reader(F.pick((16, 64, 1536)))
+        r = mqttmsg.Reader(F.pick((16, 64, 1536)))
         data = F.rbytes(F.below(40)) if F.chance(2) else F.mutate(_publish(b"a/b", b"xyz", 1), ())
         pos = 0
         try:
@@ -87,9 +87,9 @@ def test_fuzz_reader_garbage():
                 pos += k
                 r.added(k)
                 while r.next():
-                    ok(r.pos + r.len <= r.n)
+                    ok(r.pos + r.len <= r.filled)
                     r.consume()
-        except mqtt.MQTTError:
+        except mqttmsg.MQTTError:
             pass
         except Exception as e:
             raise AssertionError("Reader raised %s: %s on %s" % (type(e).__name__, e, data.hex()))
@@ -101,19 +101,19 @@ class Rig(F.ClientRig):
     def __init__(self):
         F.ClientRig.__init__(self, "fzm")
         idt = Identity({"id": ID, "transport": "mqtt", "mqtt": "mqtt://127.0.0.1", "key": "00" * 16})
-        self.t = mqtt.Transport(idt, keepalive=30)
+        self.t = mqttdevice.Transport(idt, keepalive=30)
         self.t.on_config = self.on_config
-        self.t.s.enabled = True
+        self.t.session.enabled = True
         self.now = 0
         self.reconnects = 0
         self.connect()
 
     def connect(self):
-        c = self.t.c
+        c = self.t.client
         c.sock = FakeSock()
         c.state = mqtt.WAIT_CONNACK
-        c._r.reset()
-        c._on = 0
+        c._reader.reset()
+        c._out_len = 0
         c.last_tx = c.last_rx = self.now
         c.sock.rx.append(h("20 02 00 00"))
         self.poll()
@@ -136,7 +136,7 @@ class Rig(F.ClientRig):
         self.keep(code)
 
     def tokens(self):
-        return [r[0] for r in self.t._res]
+        return [r[0] for r in self.t._resolves]
 
 
 def _payload(rig):
@@ -148,8 +148,8 @@ def _payload(rig):
     toks = rig.tokens()
     if toks and name in ("resolve_response", "not_modified", "error") and not F.chance(4):
         m[1] = F.pick(toks)
-    if name == "report_ack" and rig.t._rep and not F.chance(4):
-        m[10], m[11] = rig.t._rep[0], rig.t._rep[1]
+    if name == "report_ack" and rig.t._report and not F.chance(4):
+        m[10], m[11] = rig.t._report[0], rig.t._report[1]
     try:
         d = cbor.dumps(m)
     except cbor.CBORError:
@@ -176,11 +176,11 @@ def test_fuzz_transport():
         framed = garbage = 0
         base = F.heap()
         for i in range(F.rounds(800)):
-            if F.chance(3) and len(t._res) < 2:
+            if F.chance(3) and len(t._resolves) < 2:
                 t.resolve(F.pick(("88.1/X", "88.1/Y", "0.NA/88.1")), r.resolved, F.pick((None, "URL")))
-            if F.chance(5) and t._rep is None:
+            if F.chance(5) and t._report is None:
                 t.report(cbor.dumps({2: ID, 10: 3, 11: i}), 3, i, r.reported)
-            c = t.c
+            c = t.client
             if F.chance(8):  # garbage on the stream: may cost the connection, never an exception
                 d = F.rbytes(1 + F.below(20)) if F.chance(2) else F.mutate(_publish(_topic(), _payload(r), 1))
                 c.sock.rx.append(d)
@@ -200,7 +200,7 @@ def test_fuzz_transport():
                 r.now += F.pick((100, 5001, 30001))
                 r.poll()
             if (
-                c.state != mqtt.UP or c._r.n or c._r.skip
+                c.state != mqtt.UP or c._reader.filled or c._reader.skip
             ):  # closed, or a partial packet left: the stream is out of step
                 r.reconnects += 1
                 r.connect()
@@ -221,14 +221,14 @@ def test_fuzz_transport():
         for _ in range(10):
             r.now += 10000
             r.poll()
-            if t.c.state != mqtt.UP:
+            if t.client.state != mqtt.UP:
                 r.connect()
-        eq(t._res, [], "pending resolves at %d" % r.now)
+        eq(t._resolves, [], "pending resolves at %d" % r.now)
         r.results = []
         t.cache.clear()
         ok(t.resolve("88.1/CLEAN", r.resolved))
-        tok = t._res[0][0]
-        t.c.sock.rx.append(
+        tok = t._resolves[0][0]
+        t.client.sock.rx.append(
             _publish(
                 (BASE + "res").encode(),
                 cbor.dumps({1: tok, 3: 1, 2: "88.1/CLEAN", 4: [[1, "URL", "u", 5]], 5: 60, 23: 2}),
@@ -244,7 +244,7 @@ def test_fuzz_transport():
 # -- findings -----------------------------------------------------------------------------------------------
 def test_regression_float_key_in_report_ack_and_config():
     # fuzz finding (every seed, through the MQTT path): a report_ack {10: 2**64-1, 11: 22, 3.0: {}} on the ack
-    # topic, or a config {20.0: {"0.NA/x": "\u0085"}} on cfg, raised TypeError out of Transport.poll (proto.check
+    # topic, or a config {20.0: {"0.NA/x": "\u0085"}} on cfg, raised TypeError out of Transport.poll (devicemsg.check
     # indexed its type table with the float key); the device app treats that as a crash and resets.
     r = Rig()
     try:
@@ -258,9 +258,9 @@ def test_regression_float_key_in_report_ack_and_config():
             "323200226964612f76312f642f38382e3132332e393925324650554d502d303030312f61636bc58c"
             "a30a0a0b190100f9420018ff",
         ):
-            r.t.c.sock.rx.append(h(packet))
+            r.t.client.sock.rx.append(h(packet))
             r.poll(h(packet))
-            eq(r.t.c.state, mqtt.UP)
+            eq(r.t.client.state, mqtt.UP)
         eq(got, [], "a malformed ack acknowledges nothing")
         eq((r.configs, r.cfg.rejected), (1, 1))
         ok(r.t.errors >= 2)

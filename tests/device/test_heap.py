@@ -26,8 +26,8 @@ def test_heap_after_boot_and_first_report():
     m2 = _alloc()
     try:
         a = r.boot()
-        ok(r.run(5000, lambda: a.rep.acked == 1), "first report acknowledged")
-        r.app.step(r.h.now)
+        ok(r.run(5000, lambda: a.reporter.acked == 1), "first report acknowledged")
+        r.app.step(r.hal.now)
         m3 = _alloc()
     finally:
         fwfakes.log_reset()
@@ -42,9 +42,9 @@ def test_heap_after_boot_and_first_report():
 
 
 def test_resolve_request_bytes():
-    from carrier import coap
+    from carrier import coapmsg
 
     buf = bytearray(64)
-    n = coap.resolve_request(buf, 1, 2, b"88.123.99/PUMP-0001-ABCD")
+    n = coapmsg.resolve_request(buf, 1, 2, b"88.123.99/PUMP-0001-ABCD")
     note("CoAP resolve request for a 24-character identifier: %d bytes (target <= 48)" % n)
     ok(n <= 48)

@@ -4,7 +4,7 @@
 import binascii
 from mptest import eq, ok, raises
 from fwfakes import FakeHal, tmpdir, rmtree
-from carrier import identity, log, mqtt
+from carrier import identity, log, mqtt, mqttdevice, mqttmsg, tls
 
 KEY = "00112233445566778899aabbccddeeff"
 
@@ -19,7 +19,7 @@ def test_mqtts_identity():
     i = identity.Identity(_d())
     eq(i.mqtt, ("broker.plant", 8883))
     ok(i.mqtt_tls)
-    eq((i.ca, i.ca_path), (None, "ca.crt"))
+    eq((i.ca_file, i.ca_path), (None, "ca.crt"))
     i = identity.Identity(_d(mqtt="mqtts://10.0.0.2:18883", ca="site-ca.der"))
     eq((i.mqtt, i.ca_path), (("10.0.0.2", 18883), "site-ca.der"))
     eq(i.to_dict()["ca"], "site-ca.der")
@@ -55,24 +55,24 @@ PEM = (
 
 
 def test_pem_to_der_takes_the_first_certificate():
-    eq(mqtt.pem_to_der(PEM), DER)
-    raises(mqtt.MQTTError, mqtt.pem_to_der, b"-----BEGIN CERTIFICATE-----\nAAAA")
+    eq(tls.pem_to_der(PEM), DER)
+    raises(mqttmsg.MQTTError, tls.pem_to_der, b"-----BEGIN CERTIFICATE-----\nAAAA")
 
 
 def test_tls_context_requires_verification():
     import ssl
 
-    e = raises(mqtt.MQTTError, mqtt.tls_context, "/nonexistent/ca.crt")
+    e = raises(mqttmsg.MQTTError, tls.context, "/nonexistent/ca.crt")
     ok("no CA file" in str(e))
     root = tmpdir("tlsctx")
     try:
         with open(root + "bad.der", "wb") as f:
             f.write(b"\x30\x03\x02\x01\x00")  # DER, but not a certificate
-        raises(ValueError, mqtt.tls_context, root + "bad.der")
+        raises(ValueError, tls.context, root + "bad.der")
     finally:
         rmtree(root[:-1])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    eq(ctx.verify_mode, ssl.CERT_NONE)  # why tls_context sets CERT_REQUIRED itself
+    eq(ctx.verify_mode, ssl.CERT_NONE)  # why tls.context sets CERT_REQUIRED itself
 
 
 def test_transport_tls_or_insecure_warning():
@@ -80,12 +80,12 @@ def test_transport_tls_or_insecure_warning():
     old = log.sink
     log.sink = lines.append
     try:
-        t = mqtt.Transport(identity.Identity(_d(ca="/x/ca.der")))
-        eq(t.c.ca, "/x/ca.der")
-        eq(t.c.sni, "broker.plant")
+        t = mqttdevice.Transport(identity.Identity(_d(ca="/x/ca.der")))
+        eq(t.client.ca_path, "/x/ca.der")
+        eq(t.client.sni, "broker.plant")
         eq(lines, [])
-        t = mqtt.Transport(identity.Identity(_d(mqtt="mqtt://127.0.0.1:1884")))
-        eq(t.c.ca, None)
+        t = mqttdevice.Transport(identity.Identity(_d(mqtt="mqtt://127.0.0.1:1884")))
+        eq(t.client.ca_path, None)
         ok(len(lines) == 1 and "INSECURE plain mode" in lines[0] and "127.0.0.1:1884" in lines[0], lines)
         ok(KEY not in lines[0] and mqtt.password(bytes.fromhex(KEY)).decode() not in lines[0])
     finally:
@@ -93,9 +93,9 @@ def test_transport_tls_or_insecure_warning():
 
 
 def test_missing_ca_is_a_reconnect_not_a_crash():
-    t = mqtt.Transport(identity.Identity(_d(mqtt="mqtts://127.0.0.1:9", ca="/nonexistent/ca.crt")))
+    t = mqttdevice.Transport(identity.Identity(_d(mqtt="mqtts://127.0.0.1:9", ca="/nonexistent/ca.crt")))
     t.start(0)
     t.poll(0)  # the session's first attempt: no CA file -> closed with a reason, backoff, no exception
-    eq(t.c.state, mqtt.IDLE)
-    ok(t.c.reason.startswith("tls no CA file"), t.c.reason)
-    ok(t.s.attempts == 1)
+    eq(t.client.state, mqtt.IDLE)
+    ok(t.client.reason.startswith("tls no CA file"), t.client.reason)
+    ok(t.session.attempts == 1)

@@ -89,7 +89,7 @@ def test_c7_c8_protected_responses():
         c = oscore.Context(SECRET, b"", b"\x01", SALT)
         b = h(wire)
         m, piv, obs = c.unprotect(b, len(b), 20)
-        eq(bytes(c.pt[:m]), h("45ff48656c6c6f20576f726c6421"), name + " inner: 2.05 'Hello World!'")
+        eq(bytes(c.plain[:m]), h("45ff48656c6c6f20576f726c6421"), name + " inner: 2.05 'Hello World!'")
         eq((piv, obs), (-1 if name == "C.7" else 0, -1), name)
 
 
@@ -128,9 +128,9 @@ def test_observe_stays_outer_and_inner_echo_is_added():
     n = len(out) - 12
     piv = bytearray(1)
     piv[0] = 5
-    ok(g._rcv.decrypt(g._mknonce(b"\x01", piv, 0, 1), _req_aad(b"\x01", piv), out[12:], n, g.pt) > 0)
+    ok(g._rcv.decrypt(g._mknonce(b"\x01", piv, 0, 1), _req_aad(b"\x01", piv), out[12:], n, g.plain) > 0)
     eq(
-        bytes(g.pt[: n - 8]),
+        bytes(g.plain[: n - 8]),
         h("01 60 51 64 03 636667 d3 e4 010203"),
         "inner: GET, Observe 0, Uri-Path d, cfg, Echo (delta 241 = 13 + 0xe4)",
     )

@@ -2,7 +2,7 @@
 # after no answer, drop on a permanent rejection, the sensor hook (faulty sensors do not stop reports).
 from mptest import eq, ok
 from fwfakes import FakeHal, tmpdir, rmtree
-from carrier import proto, log
+from carrier import devicemsg, log
 from carrier.queue import Queue
 from carrier.reporter import Reporter, RETRY_MIN
 
@@ -41,7 +41,7 @@ def test_report_fields():
         r.start(h.now)
         r.poll(h.now, None, 12)
         eq(q.count, 1)
-        m = proto.decode("report", q.payload(0))
+        m = devicemsg.decode("report", q.payload(0))
         eq(
             (m[2], m[10], m[11], m[12], m[14], m[15], m[16], m[17], m[19], m[25]),
             ("88.1/dev", 7, 1, 12, -61, 0, "unix", "0.1.0", 0, 1_750_000_000),
@@ -49,7 +49,7 @@ def test_report_fields():
         ok(m[13] > 0)
         h.wall = 0
         r.make(13)
-        ok(25 not in proto.decode("report", q.payload(1)), "no time when the clock is unknown")
+        ok(25 not in devicemsg.decode("report", q.payload(1)), "no time when the clock is unknown")
 
     _with(t)
 
@@ -82,20 +82,20 @@ def test_one_in_flight_backoff_and_drain():
         r.make(0)
         r.make(0)
         eq([s[1] for s in tr.sent], [1], "one report in flight")
-        tr.cb(proto.NO_RESPONSE, 7, 1)
+        tr.cb(devicemsg.NO_RESPONSE, 7, 1)
         r.poll(h.now + RETRY_MIN - 1, tr, 1)
         eq(len(tr.sent), 1, "backs off")
         r.poll(h.now + RETRY_MIN, tr, 2)
         eq([s[1] for s in tr.sent], [1, 1], "retries the oldest")
-        tr.cb(proto.UPSTREAM_UNAVAILABLE, 7, 1)
+        tr.cb(devicemsg.UPSTREAM_UNAVAILABLE, 7, 1)
         r.poll(h.now + 3 * RETRY_MIN - 1, tr, 3)
         eq(len(tr.sent), 2, "doubled backoff")
         r.poll(h.now + 3 * RETRY_MIN, tr, 3)
-        tr.cb(proto.OK, 7, 1)
+        tr.cb(devicemsg.OK, 7, 1)
         r.poll(h.now + 3 * RETRY_MIN, tr, 3)
-        tr.cb(proto.OK, 7, 2)
+        tr.cb(devicemsg.OK, 7, 2)
         r.poll(h.now + 3 * RETRY_MIN, tr, 3)
-        tr.cb(proto.OK, 7, 3)
+        tr.cb(devicemsg.OK, 7, 3)
         eq((q.count, r.acked, r.failed), (0, 3, 2))
         eq([s[1] for s in tr.sent], [1, 1, 1, 2, 3])
 
@@ -107,7 +107,7 @@ def test_permanent_rejection_drops_the_report():
         tr = T()
         r.start(h.now)
         r.poll(h.now, tr, 0)
-        tr.cb(proto.FORBIDDEN, 7, 1)
+        tr.cb(devicemsg.FORBIDDEN, 7, 1)
         eq((q.count, r.rejected), (0, 1))
         ok("rejected code=403" in log.tail(1)[0])
 
@@ -118,10 +118,10 @@ def test_sensor_hook_and_faulty_sensors():
     def t(h, q, r):
         r.sensors = lambda: {"temp": 21.5, "door": True, "label": "A"}
         r.make(0)
-        eq(proto.decode("report", q.payload(0))[18], {"temp": 21.5, "door": True, "label": "A"})
+        eq(devicemsg.decode("report", q.payload(0))[18], {"temp": 21.5, "door": True, "label": "A"})
         r.sensors = lambda: {"bad": [1, 2]}
         r.make(0)
-        ok(18 not in proto.decode("report", q.payload(1)), "invalid sensor values are left out")
+        ok(18 not in devicemsg.decode("report", q.payload(1)), "invalid sensor values are left out")
 
         def boom():
             raise OSError(5)

@@ -26,8 +26,9 @@ with atheris.instrument_imports():
     from gateway import config as gwconfig
     from gateway.errors import UpstreamError
     from gateway.frontends import coap_fast
+    from gateway.upstream import native
     from proto import devicemsg, identifier
-    from proto.handle import codec
+    from proto import handle as codec
 
 NAMES = sorted(devicemsg.MESSAGES)
 
@@ -51,22 +52,22 @@ def fuzz_handle(data: bytes) -> None:
         if msg.header.is_request:
             codec.decode_request(msg)
         else:
-            codec.to_result(codec.decode_response(msg), handle="88.123.99/PUMP-0001")
-    except UpstreamError:  # ProtocolError, and busy/referral/refused mapped from a response code
+            native.to_result(codec.decode_response(msg), handle="88.123.99/PUMP-0001")
+    except (codec.HandleFormatError, UpstreamError):  # bytes that do not parse; busy/referral/refused codes
         pass
     r = codec.Reassembler()
     cut = [data[i : i + 512] for i in range(0, len(data), 512)] or [b""]
     for piece in reversed(cut):
         try:
             r.feed(piece)
-        except UpstreamError:
+        except codec.HandleFormatError:
             break
     f = codec.StreamFramer()
     try:
         for i in range(0, len(data), 37):
             f.feed(data[i : i + 37])
         f.eof()
-    except UpstreamError:
+    except codec.HandleFormatError:
         pass
 
 

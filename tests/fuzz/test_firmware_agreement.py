@@ -58,12 +58,12 @@ def test_firmware_cbor_matches_cbor2(items: list) -> None:
 
 IDENT = """
 import sys, json
-from carrier import ident
+from carrier import idsyntax
 for line in sys.stdin:
     s = json.loads(line)
     try:
-        print(json.dumps({"ok": ident.parse(s)}))
-    except ident.IdentError as e:
+        print(json.dumps({"ok": idsyntax.parse(s)}))
+    except idsyntax.IdentifierError as e:
         print(json.dumps({"reason": e.reason}))
 """
 

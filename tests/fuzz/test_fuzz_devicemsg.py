@@ -4,7 +4,7 @@
   shaped maps with wrong types and float/bool keys, any CBOR value, raw bytes, tags, indefinite lengths, huge
   declared lengths, deep nesting, trailing bytes);
 * what it accepts re-encodes, and decoding that again gives the same message (encode/decode are one codec);
-* the firmware's ``proto.decode`` (under the real micropython) accepts and rejects the same payloads as the
+* the firmware's ``devicemsg.decode`` (under the real micropython) accepts and rejects the same payloads as the
   gateway, apart from the differences listed in ``_known_difference`` (each one is the device being stricter).
 
 Campaign size: IDA_FUZZ_EXAMPLES (tests/support/fuzzing.py) multiplies the examples.
@@ -49,13 +49,13 @@ def test_fuzz_loads_only_wire_error(payload: bytes) -> None:
 
 FIRMWARE = """
 import sys, binascii
-from carrier import proto
+from carrier import devicemsg
 for line in sys.stdin:
     name, _, hx = line.strip().partition(" ")
     try:
-        proto.decode(name, binascii.unhexlify(hx))
+        devicemsg.decode(name, binascii.unhexlify(hx))
         print("ok")
-    except proto.ProtoError as e:
+    except devicemsg.WireError as e:
         print("reject " + str(e).replace(" ", "_"))
     except Exception as e:
         print("CRASH %s:%s" % (type(e).__name__, e))
@@ -107,7 +107,7 @@ def test_fuzz_firmware_agrees_with_gateway(cases: list[tuple[str, st.DataObject]
     assert len(out) == len(items)
     bad = []
     for (name, payload), fw in zip(items, out, strict=True):
-        assert not fw.startswith("CRASH"), f"firmware proto.decode({name!r}, {payload.hex()}): {fw}"
+        assert not fw.startswith("CRASH"), f"firmware devicemsg.decode({name!r}, {payload.hex()}): {fw}"
         try:
             devicemsg.decode(name, payload)
             gw_ok = True

@@ -1,4 +1,4 @@
-"""Identifier edge cases: the gateway's parser (proto/identifier.py) and the firmware's (firmware/carrier/ident.py,
+"""Identifier edge cases: the gateway's parser (proto/identifier.py) and the firmware's (firmware/carrier/idsyntax.py,
 run by the real micropython) must give the same normalised form or the same reason for every input, as bytes
 and (when it is UTF-8) as text. tests/fuzz/test_firmware_agreement.py has the random agreement test; this module
 aims at the corners: malformed UTF-8 (overlong forms, surrogates, beyond U+10FFFF, truncated sequences, lone
@@ -18,14 +18,14 @@ from tests.support.mp import run_mp
 
 FIRMWARE = """
 import sys, json, binascii
-from carrier import ident
+from carrier import idsyntax
 for line in sys.stdin:
     kind, _, hx = line.strip().partition(" ")
     b = binascii.unhexlify(hx)
     inp = b if kind == "b" else str(b, "utf-8")
     try:
-        print(json.dumps({"ok": binascii.hexlify(ident.parse(inp).encode()).decode()}))
-    except ident.IdentError as e:
+        print(json.dumps({"ok": binascii.hexlify(idsyntax.parse(inp).encode()).decode()}))
+    except idsyntax.IdentifierError as e:
         print(json.dumps({"reason": e.reason}))
     except Exception as e:
         print(json.dumps({"crash": "%s: %s" % (type(e).__name__, e)}))

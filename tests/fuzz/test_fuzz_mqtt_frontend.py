@@ -76,7 +76,7 @@ class Client:
     client the broker dropped is replaced by a new connection (``refused`` lists the topics that did it)."""
 
     def __init__(self, url: str, client_id: str, subscribe: list[str] | None = None) -> None:
-        from gateway.mqttlink import parse_url
+        from gateway.broker import parse_url
 
         self.addr = parse_url(url)
         self.client_id = client_id

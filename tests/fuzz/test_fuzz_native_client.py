@@ -9,7 +9,7 @@ lengths of values, types, data and references, blown up or cut), bit flips, trun
 framed mutations, garbage, half messages and early closes. One client lives through a sequence of such answers
 (stateful), then must still resolve a clean answer.
 
-Properties: ``resolve`` returns a ResolveResult or raises an ``UpstreamError`` subclass, nothing else; a result's
+Properties: ``resolve`` returns a Result or raises an ``UpstreamError`` subclass, nothing else; a result's
 values are well-formed; no request stays pending; nothing unhandled is logged or reaches the loop's exception
 handler. The sans-I/O codec's own garbage tests are in tests/unit/proto/test_handle_codec.py.
 """
@@ -20,45 +20,34 @@ import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gateway.errors import ProtocolError, UpstreamError
+from gateway.errors import UpstreamError
+from gateway.upstream.base import Result
 from gateway.upstream.native import HandleClient
-from proto.handle.codec import (
+from proto.handle import (
+    HandleFormatError,
     Reassembler,
     ResolutionResponse,
-    ResolveResult,
     decode_message,
     decode_response,
 )
 from proto.records import HandleValue
+from tests.support.captures import load_capture
 from tests.support.fuzzing import fuzz_settings, watch_logs
 
-CAPTURES = Path(__file__).resolve().parents[1] / "vectors" / "handle-native"
 PUMP = "88.123.99/PUMP-0001"
 MANY = "88.123.99/MANY-0001"
 
 
-def _load(name: str) -> list[bytes]:
-    out, direction = [], ""
-    for line in (CAPTURES / name).read_text().splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            direction = line[1:].split()[0]
-        elif line and direction == "RESPONSE":
-            out.append(bytes.fromhex(line))
-    return out
-
-
-FOUND = _load("capture_found.hex")[0]
-NOTFOUND = _load("capture_notfound.hex")[0]
-TTL = _load("capture_ttl.hex")[0]
-MANY_PIECES = _load("capture_many.hex")
+FOUND = load_capture("capture_found.hex")[1][0]
+NOTFOUND = load_capture("capture_notfound.hex")[1][0]
+TTL = load_capture("capture_ttl.hex")[1][0]
+MANY_PIECES = load_capture("capture_many.hex")[1]
 ANSWERS = {
     PUMP: [FOUND],
     "88.123.99/DOES-NOT-EXIST": [NOTFOUND],
@@ -72,24 +61,22 @@ def _readdress(datagram: bytes, rid: int) -> bytes:
 
 
 # -- mutations ------------------------------------------------------------------------------------------------
-ENV_FIELDS = {
-    "major": (0, ">B"),
-    "minor": (1, ">B"),
-    "flags": (2, ">H"),
-    "session": (4, ">I"),
-    "rid": (8, ">I"),
-    "seq": (12, ">I"),
-    "length": (16, ">I"),
-}
-HDR_FIELDS = {
-    "opcode": (20, ">I"),
-    "code": (24, ">I"),
-    "opflags": (28, ">I"),
-    "serial": (32, ">H"),
-    "recursion": (34, ">B"),
-    "expiration": (36, ">I"),
-    "body_length": (40, ">I"),
-}
+def _layout(spec: str) -> dict[str, tuple[int, str]]:
+    """``name:fmt`` fields laid end to end from offset 0 -> {name: (offset, ">fmt")}; ``-`` skips a field."""
+    out, off = {}, 0
+    for item in spec.split():
+        name, fmt = item.split(":")
+        if name != "-":
+            out[name] = (off, ">" + fmt)
+        off += struct.calcsize(">" + fmt)
+    return out
+
+
+# The envelope (20 bytes) and the header (24) as RFC 3652 lays them out; "-" is the header's reserved byte.
+FIELDS = _layout(
+    "major:B minor:B flags:H session:I rid:I seq:I length:I "
+    "opcode:I code:I opflags:I serial:H recursion:B -:B expiration:I body_length:I"
+)
 INTERESTING = {
     ">B": [0, 1, 2, 5, 0x7F, 0xFF],
     ">H": [0, 0x8000, 0x4000, 0x2000, 0xE000, 0x0205, 0xFFFF],
@@ -103,7 +90,7 @@ def edits(draw: st.DrawFn, data: bytes) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.integers(0, 9))
         if op <= 2:  # a field of the envelope or header
-            name, (off, fmt) = draw(st.sampled_from(sorted({**ENV_FIELDS, **HDR_FIELDS}.items())))
+            name, (off, fmt) = draw(st.sampled_from(sorted(FIELDS.items())))
             if name == "rid" and draw(st.integers(0, 3)):
                 continue  # mostly keep the request id: the answer has to get past the matching
             if off + struct.calcsize(fmt) <= len(b):
@@ -226,8 +213,8 @@ async def _serve(node: Node) -> tuple[asyncio.Server, asyncio.DatagramTransport,
     raise RuntimeError("no port free for both TCP and UDP")
 
 
-def _check_result(r: ResolveResult, handle: str) -> None:
-    assert isinstance(r, ResolveResult) and r.handle.upper() == handle.upper()
+def _check_result(r: Result, handle: str) -> None:
+    assert isinstance(r, Result) and r.handle.upper() == handle.upper()
     for v in r.values:
         assert isinstance(v, HandleValue) and isinstance(v.type, str) and isinstance(v.data, bytes)
         assert 0 <= v.index <= 0xFFFFFFFF and 0 <= v.ttl <= 0xFFFFFFFF
@@ -312,7 +299,7 @@ def test_regression_handle_fuzz_smoke() -> None:
 class ReassemblerMachine(RuleBasedStateMachine):
     """Pieces of the real 3-datagram answer, mutated pieces, pieces of other answers and garbage, in any order and
     any number: feed() returns the original message exactly once, when every original piece is in and no
-    inconsistent one was accepted first; it raises nothing but ProtocolError; ``missing`` and ``received``
+    inconsistent one was accepted first; it raises nothing but HandleFormatError; ``missing`` and ``received``
     always agree with what was accepted."""
 
     def __init__(self) -> None:
@@ -325,7 +312,7 @@ class ReassemblerMachine(RuleBasedStateMachine):
     def _feed(self, d: bytes, original: int | None) -> None:
         try:
             out = self.r.feed(d)
-        except ProtocolError:
+        except HandleFormatError:
             return
         if original is None:
             self.tainted = True

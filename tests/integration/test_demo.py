@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.harness.demo import mosquitto_binary
+from tools.support.mosquitto import mosquitto_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 IDA = ROOT / ".venv" / "bin" / "ida"
@@ -71,23 +71,24 @@ def _left_running(workdir: str, demo_pid: int) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_demo_shows_both_transports_cache_and_upstream_an_outage_and_leaves_nothing() -> None:
-    t0 = time.monotonic()
+def _run(env: dict[str, str], timeout: float) -> tuple[subprocess.Popen[str], str, str]:
+    """``ida demo`` run to its end (killed after ``timeout`` s): (process, stdout, stderr)."""
     proc = subprocess.Popen(
-        _cmd(),
-        cwd=ROOT,
-        env=_env(DEMO_SECONDS="45"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        _cmd(), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        out, err = proc.communicate(timeout=85)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return proc, out, err
+
+
+@pytest.mark.slow
+def test_demo_shows_both_transports_cache_and_upstream_an_outage_and_leaves_nothing() -> None:
+    t0 = time.monotonic()
+    proc, out, err = _run(_env(DEMO_SECONDS="45"), 85)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
     assert elapsed < 80, f"the demo took {elapsed:.0f} s"
@@ -180,20 +181,7 @@ def test_a_component_that_does_not_start_fails_the_demo_with_its_name(tmp_path: 
     fake = tmp_path / "mosquitto"
     fake.write_text("#!/bin/sh\necho 'Error: Address already in use' >&2\nexit 1\n")
     fake.chmod(0o755)
-    proc = subprocess.Popen(
-        _cmd(),
-        cwd=ROOT,
-        env=_env(IDA_MOSQUITTO=str(fake), TMPDIR=str(tmp_path)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, out, err = _run(_env(IDA_MOSQUITTO=str(fake), TMPDIR=str(tmp_path)), 60)
     assert proc.returncode == 1, out + err
     assert "ida demo: mosquitto exited" in err and "Address already in use" in err, err
     assert "nothing left running" in out, out

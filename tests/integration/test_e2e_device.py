@@ -39,11 +39,12 @@ from aiohttp import web
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tests.support.devicerun import IdaDevice
-from tests.support.mpcollect import micropython_binary
+from tests.support.webapp import serve
 from tools.harness.bench.coapmsg import GET, parse_header, parse_options
-from tools.harness.bench.procs import Child, free_port
-from tools.harness.bench.project import NodeProcess, ida_cmd
+from tools.harness.bench.procs import Child
+from tools.harness.bench.project import NodeProcess, rest_record
 from tools.harness.sim.provision import FIRMWARE_DIR
+from tools.support.procs import free_port, ida_command, micropython_binary
 
 pytestmark = pytest.mark.slow
 
@@ -55,23 +56,7 @@ URI_PATH = 11
 
 
 def _record(handle: str) -> dict[str, Any]:
-    return {
-        "handle": handle,
-        "values": [
-            {
-                "index": 1,
-                "type": "URL",
-                "data": {"format": "string", "value": f"https://example.com/{handle}"},
-                "ttl": 86400,
-            },
-            {
-                "index": 2,
-                "type": "EMAIL",
-                "data": {"format": "string", "value": "ops@example.com"},
-                "ttl": 86400,
-            },
-        ],
-    }
+    return rest_record(handle, f"https://example.com/{handle}")
 
 
 # -- what runs in this test process: a webhook consumer and a UDP relay, on one asyncio loop in a thread -----------
@@ -108,11 +93,8 @@ class Webhook:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/hook", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        self._runner, port = await serve(app)
+        self.url = f"http://127.0.0.1:{port}/hook"
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -215,7 +197,7 @@ class GatewayProc:
     def start(self, timeout: float = 30.0) -> None:
         self.starts += 1
         self.child = Child(
-            f"gateway-{self.starts}", ida_cmd("gateway", "--config", str(self.config)), log_dir=self.work
+            f"gateway-{self.starts}", ida_command("gateway", "--config", str(self.config)), log_dir=self.work
         ).start()
         deadline = time.monotonic() + timeout
         while True:
@@ -234,7 +216,7 @@ class GatewayProc:
     def stop(self) -> int | None:
         if self.child is None:
             return None
-        self.child.stop(timeout=15)
+        self.child.stop(grace=15)
         rc = self.child.proc.returncode if self.child.proc else None
         self.child = None
         return rc
@@ -492,7 +474,7 @@ def test_gateway_outage_every_queued_report_is_delivered_exactly_once(
 # -- (e) ----------------------------------------------------------------------------------------------------------
 def _code_heap(transport: str) -> int:
     """gc.mem_alloc() of a MicroPython process that has imported what a running device imports, nothing run."""
-    mods = "app, coap" if transport == "coap" else "app, mqtt"
+    mods = "app, coap" if transport == "coap" else "app, mqttdevice"
     script = (
         f"import sys\nsys.path.insert(0, {str(FIRMWARE_DIR)!r})\nimport gc, json\n"
         f"from carrier import {mods}, rcache, hal\nfrom carrier.hal import unix\n"

@@ -30,9 +30,7 @@ from aiocoap.numbers.codes import Code
 from proto import devicemsg
 from tests.support.brokers import Broker
 from tests.support.faultkit import (
-    Consumer,
     GatewayProc,
-    MqttFleet,
     NodeProc,
     RedisServer,
     fill,
@@ -42,8 +40,10 @@ from tests.support.faultkit import (
     umount,
     until,
 )
+from tests.support.fleet import Consumer, MqttFleet
 from tests.support.fwdevice import CoapGateway, DeviceProc, free_udp_port, provision
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
+from tools.support.procs import micropython_binary
 
 pytestmark = pytest.mark.slow
 

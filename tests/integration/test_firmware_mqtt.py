@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.brokers import Broker
 from tests.support.fwdevice import FIRMWARE, DeviceProc, provision, wait_for
-from tests.support.mpcollect import micropython_binary
+from tools.support.procs import micropython_binary
 
 ID = "88.123.99/PUMP-0001"
 DEV = "88.123.99%2FPUMP-0001"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from gateway.zone import Zone
 from proto import devicemsg
 from tests.support.fwdevice import DeviceProc
 from tools.commands.flash.keystore import Keystore
+from tools.support.procs import ida_command
 
 PUMP = "88.123.99/PUMP-0001"
 GOOD = "88.123.99/OSC-GOOD-01"
@@ -68,14 +68,7 @@ def gateway(tmp_path: Path) -> Iterator[dict[str, Any]]:
         f'[upstream]\nurls = ["hdl://127.0.0.1:9"]\n'
     )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from tools.cli import main; sys.exit(main())",
-            "gateway",
-            "--config",
-            str(conf),
-        ],
+        ida_command("gateway", "--config", str(conf)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

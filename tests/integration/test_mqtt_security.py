@@ -23,10 +23,11 @@ from proto import devicemsg
 from tests.support.brokers import mosquitto_binary
 from tests.support.gwhelpers import PUMP, FakeResolver
 from tests.support.mp import mp_env, run_mp
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
 from tests.support.secure_broker import GATEWAY, Client, SecureBroker
 from tools.commands import broker as bc
 from tools.commands.flash.keystore import Keystore
+from tools.support.procs import micropython_binary
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -333,8 +334,8 @@ async def test_plain_bench_listener_is_flagged(
 async def test_gateway_with_a_wrong_password_is_not_ready(
     tmp_path: Path, broker: SecureBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from gateway.broker import MqttAuth
     from gateway.frontends.mqtt import MqttFrontEnd
-    from gateway.mqttlink import MqttAuth
     from gateway.registry import Registry
 
     reg = Registry(tmp_path / "gw.db")

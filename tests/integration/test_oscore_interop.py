@@ -29,8 +29,9 @@ from gateway.registry import Registry
 from gateway.resolution import Answer, etag_of
 from proto import devicemsg, identifier
 from proto.records import HandleValue, Record
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
 from tools.commands.flash.keystore import Keystore
+from tools.support.procs import micropython_binary
 
 coapfe = pytest.importorskip("gateway.frontends.coap")
 

@@ -22,10 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from proto import devicemsg
-from tests.support.procs import stop_process
-from tools.harness.bench import procs
-from tools.harness.sim.provision import die_with_parent
-from tools.support import mosquitto
+from tools.support import mosquitto, procs
 from tools.support.mosquitto import mosquitto_binary
 
 
@@ -35,8 +32,9 @@ def free_port() -> int:
 
 
 class Broker:
-    """Started by tools/support/mosquitto.py: the broker keeps the invoking user and gets SIGKILL when the thread that
-    started it ends (``PR_SET_PDEATHSIG``), so a SIGKILLed pytest leaves no broker behind."""
+    """Started by tools/support/mosquitto.py as a :class:`tools.support.procs.Process`: the broker keeps the invoking
+    user and gets SIGKILL when the thread that started it ends (``PR_SET_PDEATHSIG``), so a SIGKILLed pytest leaves
+    no broker behind."""
 
     def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
         self.workdir = Path(workdir)
@@ -46,7 +44,7 @@ class Broker:
         self.binary = binary or mosquitto_binary() or "mosquitto"
         self.conf = self.workdir / "mosquitto.conf"
         self.logfile = self.workdir / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: procs.Process | None = None
         self.starts = 0
 
     @property
@@ -61,22 +59,24 @@ class Broker:
         mosquitto.start([self.binary, "-c", str(self.conf)], self._spawn, self.host, self.port, timeout)
 
     def _spawn(self, cmd: list[str]) -> Broker:
-        with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
-            )
+        self.process = procs.Process("mosquitto", cmd, log=self.logfile, new_session=False).start()
         self.starts += 1
         return self
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc if self.process is not None else None
+
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive()
 
     def fail(self, why: str) -> RuntimeError:
         return RuntimeError(f"mosquitto {why}: {self.log_tail()}")
 
     def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
+        if self.process is not None:
+            self.process.stop()
+        self.process = None
 
     def restart(self) -> None:
         self.stop()
@@ -107,7 +107,7 @@ class Device:
         will: bool = True,
         subscribe: tuple[str, ...] = ("res", "ack", "cfg"),
     ) -> None:
-        from gateway.mqttlink import parse_url
+        from gateway.broker import parse_url
 
         self.identifier = identifier
         self.key = devicemsg.topic_key(identifier)

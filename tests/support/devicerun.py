@@ -6,13 +6,11 @@ stdin/stdout, passed through) on pipes. ``IdaDevice`` is tests/support/fwdevice.
 from __future__ import annotations
 
 import os
-import subprocess
-import threading
 from pathlib import Path
 
 from tests.support.fwdevice import DeviceProc
 from tests.support.mpcollect import ROOT
-from tools.harness.bench.project import ida_cmd
+from tools.support.procs import ida_command
 
 __all__ = ["IdaDevice", "ROOT"]
 
@@ -24,23 +22,7 @@ class IdaDevice(DeviceProc):
     def __init__(
         self, data_dir: Path, identifier: str, *args: str, cwd: Path = ROOT, default_dir: bool = False
     ) -> None:
-        super().__init__(data_dir, cwd=cwd)
-        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
         where = () if default_dir else ("--data-dir", str(data_dir))
-        self.cmd = ida_cmd("device", "run", "--identifier", identifier, *where, *args)
-
-    def start(self) -> IdaDevice:
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-            cwd=self.cwd,
-        )
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
-        return self
-
-    def __enter__(self) -> IdaDevice:
-        return self.start()
+        cmd = ida_command("device", "run", "--identifier", identifier, *where, *args)
+        super().__init__(data_dir, cwd=cwd, cmd=cmd)
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")

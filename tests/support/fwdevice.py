@@ -1,18 +1,21 @@
 """A simulated device for CPython tests: ``micropython firmware/main.py`` as a child process whose console is
 its stdin/stdout, plus a small aiocoap gateway stub and a ROMFS image builder.
 
-``DeviceProc(data_dir, env)`` starts the firmware (unix board) with ``IDA_DATA=data_dir``; ``send(line)``
-types a console line, ``expect(regex)`` waits for a line, ``json(cmd)`` sends a command in JSON-lines mode
-and returns its reply object. ``provision(data_dir, ...)`` writes ``identity.json`` the way the flash tool and
-``ida device run`` do. ``CoapGateway`` answers the device's CoAP resources (reports, config with Observe,
-resolve of known identifiers) from a thread with its own event loop.
+``DeviceProc(data_dir, env)`` starts the firmware (unix board) with ``IDA_DATA=data_dir`` as a
+:class:`tools.support.procs.Process`; its console is a :class:`tools.support.console.DeviceConsole` over the pipes
+(the class ``ida console`` uses on a serial port), read by a :class:`~tools.support.console.ConsolePump` thread.
+``send(line)`` types a console line as it is, ``expect(regex)`` waits for a line the device printed,
+``json(cmd)`` sends a command in JSON-lines mode and returns its reply object. ``provision(data_dir, ...)`` writes
+``identity.json`` the way the flash tool and ``ida device run`` do (:func:`tools.harness.sim.provision.provision`).
+``CoapGateway`` answers the device's CoAP resources (reports, config with Observe, resolve of known identifiers)
+from a thread with its own event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
+import functools
 import os
 import queue
 import re
@@ -24,76 +27,93 @@ from typing import Any
 
 import cbor2
 
-from tests.support.mpcollect import ROOT, micropython_binary
-from tests.support.procs import stop_process
-from tools.harness.bench.procs import free_port as free_udp_port  # UDP, 127.0.0.1
+from tests.support.mpcollect import ROOT
+from tools.harness.sim import provision as simprovision
+from tools.support.console import CommandTimeout, Event, Garbage, Timeouts, Transcript
+from tools.support.console.process import ConsoleProcess
+from tools.support.procs import free_port as free_udp_port  # UDP, 127.0.0.1
+from tools.support.procs import micropython_binary
 
 FIRMWARE = ROOT / "firmware"
 KEY = "00112233445566778899aabbccddeeff"
+TIMEOUTS = Timeouts(command=10.0, json_mode=10.0, boot_wait=20.0)
+"""The firmware under test on a loaded machine: generous limits."""
+
+__all__ = ["KEY", "CoapGateway", "DeviceProc", "free_udp_port", "provision", "romfs_image", "wait_for"]
 
 
-def provision(
-    data_dir: Path,
-    identifier: str,
-    *,
-    coap: str | None = None,
-    mqtt: str | None = None,
-    transport: str = "coap",
-    key: str = KEY,
-) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"id": identifier, "key": key, "transport": transport}
-    if coap:
-        doc["coap"] = coap
-    if mqtt:
-        doc["mqtt"] = mqtt
-    (data_dir / "identity.json").write_text(json.dumps(doc))
+provision = functools.partial(simprovision.provision, key=bytes.fromhex(KEY))
+"""``provision(data_dir, identifier, coap=..., mqtt=..., transport=...)``: ``identity.json`` with the test key."""
+
+
+def _line_of(ev: Event) -> str:
+    """The line as the device printed it (a garbled one as its bytes decoded)."""
+    return ev.data.decode("utf-8", "replace").rstrip("\r\n") if isinstance(ev, Garbage) else ev.line
 
 
 class DeviceProc:
+    """One firmware process; ``cmd`` replaces ``micropython <argv>`` (``ida device run`` in
+    tests/support/devicerun.py)."""
+
     def __init__(
         self,
         data_dir: Path,
         env: dict[str, str] | None = None,
         argv: list[str] | None = None,
         cwd: Path = ROOT,
+        cmd: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.env = dict(os.environ, IDA_DATA=str(self.data_dir), IDA_WDT_MS="0")
         self.env.pop("MICROPYPATH", None)
         self.env.update(env or {})
         self.argv = argv or [str(FIRMWARE / "main.py")]
+        self.cmd = cmd
         self.cwd = cwd
         self.lines: list[str] = []
         self.err: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.device: ConsoleProcess | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.device.proc if self.device is not None else None
 
     def start(self) -> DeviceProc:
-        self.proc = subprocess.Popen(
-            [micropython_binary(), *self.argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        self.device = ConsoleProcess(
+            "device",
+            self.cmd or [micropython_binary(), *self.argv],
             env=self.env,
             cwd=self.cwd,
-        )
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+            stderr=True,
+            new_session=False,
+            timeouts=TIMEOUTS,
+            transcript=Transcript("device", keep=400),
+            monitor=self._seen,
+            read_slice=0.1,
+        ).start()
+        assert self.device.proc is not None
+        threading.Thread(target=self._stderr, args=(self.device.proc.stderr,), daemon=True).start()
         return self
 
-    def _pump(self, stream: Any, out: bool) -> None:
+    def _seen(self, ev: Event) -> None:
+        line = _line_of(ev)
+        self.lines.append(line)
+        self._q.put(line)
+
+    def _stderr(self, stream: Any) -> None:
         for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            (self.lines if out else self.err).append(line)
-            if out:
-                self._q.put(line)
+            self.err.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
 
     def send(self, line: str | bytes) -> None:
+        """Type ``line`` (bytes: exactly those bytes) on the console, past the console object."""
         assert self.proc and self.proc.stdin
         data = line if isinstance(line, bytes) else line.encode() + b"\n"
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
+
+    def _output(self) -> str:
+        return "\n".join(self.lines[-30:]) + "\nstderr:\n" + "\n".join(self.err[-30:])
 
     def expect(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         rx = re.compile(pattern)
@@ -102,20 +122,14 @@ class DeviceProc:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(
-                    f"device never printed /{pattern}/ in {timeout}s; last output:\n"
-                    + "\n".join(self.lines[-30:])
-                    + "\nstderr:\n"
-                    + "\n".join(self.err[-30:])
+                    f"device never printed /{pattern}/ in {timeout}s; last output:\n" + self._output()
                 )
             try:
                 line = self._q.get(timeout=min(left, 0.2))
             except queue.Empty:
                 if self.proc and self.proc.poll() is not None and self._q.empty():
                     raise AssertionError(
-                        f"device exited {self.proc.returncode}; output:\n"
-                        + "\n".join(self.lines[-30:])
-                        + "\nstderr:\n"
-                        + "\n".join(self.err[-30:])
+                        f"device exited {self.proc.returncode}; output:\n" + self._output()
                     ) from None
                 continue
             m = rx.search(line)
@@ -123,19 +137,18 @@ class DeviceProc:
                 return m
 
     def json(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Send a command (JSON mode must be on) and return its reply object."""
-        name = command.split()[0] if command.split() else "?"
-        self.send(command)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.expect(r"^\{", max(0.1, deadline - time.monotonic()))
-            obj = json.loads(m.string)
-            if obj.get("cmd") == name:
-                return obj
+        """Send a command in JSON mode (switched on when the console is not) and return its reply object."""
+        assert self.device is not None
+        try:
+            return self.device.ask(command, timeout).obj
+        except CommandTimeout:
+            raise AssertionError(
+                f"no reply to {command!r} in {timeout}s; last output:\n" + self._output()
+            ) from None
 
-    def json_on(self) -> None:
-        self.send("json on")
-        self.expect(r'"cmd": "json"')
+    def json_on(self, timeout: float = 20.0) -> None:
+        assert self.device is not None and self.device.pump is not None
+        self.device.pump.call(lambda c: c.set_json(True)).result(timeout)
 
     def wait_status(self, pred: Any, timeout: float = 20.0, poll: float = 0.3) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -148,12 +161,17 @@ class DeviceProc:
             time.sleep(poll)
 
     def stop(self) -> int | None:
-        return stop_process(self.proc)
+        """SIGTERM (SIGKILL after 5 s); the exit code."""
+        if self.device is None:
+            return None
+        rc = self.device.process.stop()
+        self.device.release()
+        return rc
 
     def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.device is not None:
+            self.device.process.kill()
+            self.device.release()
 
     def __enter__(self) -> DeviceProc:
         return self.start()

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.resolution import Answer, etag_of
 from proto import devicemsg, identifier
 from proto.records import HandleValue, Record, rest_error
+from tests.support.webapp import serve
 
 PUMP = "88.123.99/PUMP-0001"
 BIG = "88.123.99/BIG-0001"
@@ -124,11 +125,7 @@ class RestNode:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/api/handles/{handle:.*}", self._get)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
+        self._runner, port = await serve(app)
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
@@ -151,3 +148,13 @@ def report_fields(ident: str = PUMP, boot: int = 1, seq: int = 1, **extra: Any) 
     }
     fields.update(extra)
     return fields
+
+
+async def eventually(cond: Any, timeout: float = 10.0, step: float = 0.01) -> None:
+    """Wait until ``cond()`` is true (AssertionError after ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)

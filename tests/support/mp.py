@@ -7,7 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.support.mpcollect import ROOT, micropython_binary
+from tests.support.mpcollect import ROOT
+from tools.support.procs import micropython_binary
 
 
 def mp_env(extra: dict[str, str] | None = None) -> dict[str, str]:

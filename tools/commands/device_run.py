@@ -48,7 +48,7 @@ from typing import TextIO
 
 from proto import devicemsg
 from proto import identifier as gwident
-from tools.cli import CliError
+from tools.errors import CliError
 
 __all__ = [
     "add_arguments",
@@ -361,7 +361,7 @@ def run_device(
     (128+N when signal N killed it). SIGINT, SIGTERM and SIGHUP sent to this process reach the device as one
     SIGINT (its clean stop); a Ctrl-C typed on the terminal already reached it (same process group) and is not
     sent twice. SIGKILL follows after ``grace`` seconds, or at once on a second stop signal."""
-    from tools.harness.sim.provision import die_with_parent
+    from tools.support.procs import die_with_parent
 
     err = err or sys.stderr
     tty = os.isatty(0)
@@ -428,12 +428,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--watchdog must be 0 (off) or a number of ms")
     if args.heap is not None and not re.fullmatch(r"[1-9][0-9]*[KM]?", args.heap):
         raise CliError(f"--heap must be a number of bytes (optionally with K or M), got {args.heap!r}")
-    from tools.harness.sim.config import SimError
-    from tools.harness.sim.provision import device_command, device_env, micropython_binary
+    from tools.harness.sim.provision import device_command, device_env
+    from tools.support.procs import ProcessError, micropython_binary
 
     try:
         micropython = args.micropython or micropython_binary()
-    except SimError as e:
+    except ProcessError as e:
         raise CliError(str(e), 1) from None
     cmd = device_command(micropython, args.heap)
     try:

@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from tools.cli import CliError
+from tools.errors import CliError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 EXIT_UNKNOWN = 1

@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway import config as gwconfig
 from gateway.logfmt import configure
-from tools.cli import CliError
+from tools.errors import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

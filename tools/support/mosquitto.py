@@ -3,9 +3,9 @@
 
 :func:`config` is the config of such a broker: one anonymous listener (loopback unless told otherwise), no
 persistence, its log on stderr (the caller sends that to a log file). :func:`start` runs ``mosquitto -c`` through
-the caller's own process object (``spawn``: the demo's ``Service``, the bench's ``Child``, the tests' ``Broker``)
-and returns it once the port accepts TCP connections; a broker that exits, or does not accept within ``timeout``,
-is stopped and the process object's ``fail(why)`` raised (so each caller raises its own error).
+the caller's own process object (``spawn``: a :class:`tools.support.procs.Process`, the bench's ``Child``, the
+tests' ``Broker``) and returns it once the port accepts TCP connections; a broker that exits, or does not accept
+within ``timeout``, is stopped and the process object's ``fail(why)`` raised (so each caller raises its own error).
 
 Started as root, Mosquitto switches to its own user unless the config names one, and a change of user clears the
 parent-death signal (``PR_SET_PDEATHSIG``, which the demo and the tests set): a SIGKILLed demo or pytest would
@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from tools.support.procs import wait_port
 
 __all__ = ["config", "keep_user", "mosquitto_binary", "start"]
 
@@ -70,16 +70,12 @@ def config(
 def start(cmd: Sequence[str], spawn: Callable[[list[str]], P], host: str, port: int, timeout: float) -> P:
     """``spawn(cmd)`` (a started process object), returned once ``host:port`` accepts a TCP connection."""
     proc = spawn(list(cmd))
-    deadline = time.monotonic() + timeout
-    while True:
-        if not proc.alive():
-            proc.stop()
-            raise proc.fail("exited while starting")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.stop()
-                raise proc.fail(f"did not accept connections on port {port} within {timeout:.0f} s") from None
-            time.sleep(0.02)
+    try:
+        accepting = wait_port(host, port, proc.alive, timeout)
+    except TimeoutError:
+        proc.stop()
+        raise proc.fail(f"did not accept connections on port {port} within {timeout:.0f} s") from None
+    if not accepting:
+        proc.stop()
+        raise proc.fail("exited while starting")
+    return proc

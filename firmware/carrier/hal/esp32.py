@@ -6,13 +6,14 @@ import time
 import machine
 import network
 import esp32
+from micropython import const
 
 from carrier import hal as _h
 
 NVS_NS = "ida"
-KV_MAX = 96  # largest NVS blob this firmware stores (key, counters)
-NET_RETRY_MS = 5000
-NET_RETRY_MAX_MS = 120000
+_KV_MAX = const(96)  # largest NVS blob this firmware stores (key, counters)
+_NET_RETRY_MS = const(5000)
+_NET_RETRY_MAX_MS = const(120000)
 
 
 class Hal:
@@ -23,20 +24,20 @@ class Hal:
         self._wifi = None  # (ssid, psk)
         self._want = False
         self._next = time.ticks_ms()
-        self._retry = NET_RETRY_MS
+        self._retry = _NET_RETRY_MS
         self._wdt = None
         self._nvs = esp32.NVS(NVS_NS)
-        self._kvbuf = bytearray(KV_MAX)
+        self._kvbuf = bytearray(_KV_MAX)
         self._rtc = machine.RTC()
         self._led = None
-        self._np = None
+        self._pixel = None
         self._led_on = 1
         led = self.board.led
         if led:
             kind, pin, active_high = led
             if kind == "ws2812":
                 import neopixel
-                self._np = neopixel.NeoPixel(machine.Pin(pin), 1)
+                self._pixel = neopixel.NeoPixel(machine.Pin(pin), 1)
             else:
                 self._led = machine.Pin(pin, machine.Pin.OUT)
                 self._led_on = 1 if active_high else 0
@@ -53,8 +54,8 @@ class Hal:
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
         import select
-        self._cp = select.poll()
-        self._cp.register(sys.stdin, select.POLLIN)
+        self._console_poll = select.poll()
+        self._console_poll.register(sys.stdin, select.POLLIN)
 
     # time
     def ticks(self):
@@ -78,7 +79,7 @@ class Hal:
         if on:
             self._wlan.active(True)
             self._next = time.ticks_ms()
-            self._retry = NET_RETRY_MS
+            self._retry = _NET_RETRY_MS
         else:
             try:
                 self._wlan.disconnect()
@@ -97,12 +98,12 @@ class Hal:
         except OSError:
             pass
         self._next = time.ticks_add(now, self._retry)
-        self._retry = min(self._retry * 2, NET_RETRY_MAX_MS)
+        self._retry = min(self._retry * 2, _NET_RETRY_MAX_MS)
 
     def net_up(self):
         up = self._wlan.isconnected()
         if up:
-            self._retry = NET_RETRY_MS
+            self._retry = _NET_RETRY_MS
         return up
 
     def rssi(self):
@@ -122,9 +123,9 @@ class Hal:
 
     # board I/O
     def led(self, on):
-        if self._np:
-            self._np[0] = (0, 8, 0) if on else (0, 0, 0)
-            self._np.write()
+        if self._pixel:
+            self._pixel[0] = (0, 8, 0) if on else (0, 0, 0)
+            self._pixel.write()
         elif self._led:
             self._led.value(self._led_on if on else 1 - self._led_on)
 
@@ -166,7 +167,7 @@ class Hal:
 
     # console (the REPL's stdin/stdout: UART or USB-Serial-JTAG)
     def con_read(self, mv1):
-        for _obj, ev in self._cp.ipoll(0):
+        for _obj, ev in self._console_poll.ipoll(0):
             if ev & 1 and self._cin.readinto(mv1):
                 return 1
         return 0

@@ -8,10 +8,11 @@ import os
 import sys
 import time
 import select
+from micropython import const
 
 from carrier import hal as _h
 
-NET_CHECK_MS = 500
+_NET_CHECK_MS = const(500)
 
 # one watchdog per process, like the hardware one: it survives an in-process reboot
 _wdt_ms = 0
@@ -53,12 +54,12 @@ class Hal:
         self._uid = bytes.fromhex(u) if u else b"\x02\x00\x00\x00\x00\x01"
         self._flag = root + "netdown"
         self._net = True
-        self._checked = time.ticks_add(time.ticks_ms(), -NET_CHECK_MS)
+        self._checked = time.ticks_add(time.ticks_ms(), -_NET_CHECK_MS)
         self._led = False
         self.con = sys.stdin
         self._cin = sys.stdin.buffer
-        self._cp = select.poll()
-        self._cp.register(sys.stdin, select.POLLIN)
+        self._console_poll = select.poll()
+        self._console_poll.register(sys.stdin, select.POLLIN)
         self._eof = False
 
     # time
@@ -76,7 +77,7 @@ class Hal:
 
     # network: always "connected" unless the netdown flag file exists
     def net_poll(self, now):
-        if time.ticks_diff(now, self._checked) >= NET_CHECK_MS:
+        if time.ticks_diff(now, self._checked) >= _NET_CHECK_MS:
             self._checked = now
             try:
                 os.stat(self._flag)
@@ -153,12 +154,12 @@ class Hal:
         """Read at most one byte without blocking: 1, 0 (nothing waiting) or -1 (input closed)."""
         if self._eof:
             return -1
-        for _obj, ev in self._cp.ipoll(0):
+        for _obj, ev in self._console_poll.ipoll(0):
             if ev & select.POLLIN:
                 if self._cin.readinto(mv1):
                     return 1
             self._eof = True  # POLLHUP or a read of 0 bytes: stdin is closed
-            self._cp.unregister(self.con)
+            self._console_poll.unregister(self.con)
             return -1
         return 0
 

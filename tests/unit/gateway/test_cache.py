@@ -331,13 +331,13 @@ def test_cache_throughput() -> None:
     ],
 )
 def test_size_without_encoding_matches_the_encoded_form(rec: Record) -> None:
-    from gateway.cache import _key_blob, _key_size, _record_size
+    from gateway.cache_store import key_blob, key_size, record_size
 
     for code in (devicemsg.OK, devicemsg.NOT_FOUND):
         r = rec if code == devicemsg.OK else None
-        assert _record_size(code, rec.handle, r) == len(encode_record(code, rec.handle, r))
+        assert record_size(code, rec.handle, r) == len(encode_record(code, rec.handle, r))
     for key in (cache_key(rec.handle), cache_key(rec.handle, ("URL", "ÉMAIL"), (1, 300, 70000, 2**33))):
-        assert _key_size(key) == len(_key_blob(key))
+        assert key_size(key) == len(key_blob(key))
 
 
 def test_pending_entries_are_encoded_at_flush(tmp_path: Path) -> None:
@@ -385,17 +385,17 @@ _MEASURED = [
 @pytest.mark.parametrize("rec", _MEASURED, ids=lambda r: r.handle)
 def test_measure_is_min_ttl_size_and_etag(rec: Record) -> None:
     """Cache.put's one pass gives what the three functions give (or raises what they raise)."""
-    from gateway.cache import _measure, _record_size
+    from gateway.cache_store import measure, record_size
     from gateway.resolution import etag_of
 
     def three() -> object:
         try:
-            return rec.min_ttl(T0), _record_size(devicemsg.OK, rec.handle, rec), etag_of(rec, devicemsg.OK)
+            return rec.min_ttl(T0), record_size(devicemsg.OK, rec.handle, rec), etag_of(rec, devicemsg.OK)
         except Exception as e:
             return type(e)
 
     try:
-        got: object = _measure(devicemsg.OK, rec.handle, rec, T0)
+        got: object = measure(devicemsg.OK, rec.handle, rec, T0)
     except Exception as e:
         got = type(e)
     assert got == three()
@@ -407,13 +407,13 @@ def test_measure_is_min_ttl_size_and_etag(rec: Record) -> None:
     ids=lambda r: r.handle,
 )
 def test_put_entry_has_the_lifetime_size_and_etag_of_the_rules(rec: Record) -> None:
-    from gateway.cache import _key_blob
+    from gateway.cache_store import key_blob
     from gateway.resolution import etag_of
 
     c = make(clock=Clock(), max_ttl=10**6)
     e = c.put(cache_key(rec.handle), devicemsg.OK, rec)
     assert e is not None
     assert e.lifetime == c.lifetime(devicemsg.OK, rec, T0)
-    key_blob = _key_blob(cache_key(rec.handle))
+    key_blob = key_blob(cache_key(rec.handle))
     assert e.size == len(encode_record(devicemsg.OK, rec.handle, rec)) + len(key_blob) + ENTRY_OVERHEAD
     assert e.etag == etag_of(rec, devicemsg.OK)

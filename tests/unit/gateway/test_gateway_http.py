@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gateway import config as gwconfig
-from gateway.errors import AllUpstreamsFailed, UpstreamTimeout
+from gateway.errors import AllUpstreamsFailed, NameNotServed, UpstreamRefused, UpstreamTimeout
 from gateway.frontends.http import HttpFrontEnd
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -91,6 +91,11 @@ async def test_handle_rest_errors(env: Env) -> None:
         assert r.status == 503 and (await r.json())["responseCode"] == 2
     async with env.session.get(f"{env.base}/api/handles/88.1/SLOW") as r:
         assert r.status == 504 and (await r.json())["responseCode"] == 2
+    # every node said it does not serve the prefix (301): an answer about the name, not an outage
+    env.resolver.errors["99.9/X"] = NameNotServed("99.9/X", {"n": UpstreamRefused("no", "n", code=301)})
+    async with env.session.get(f"{env.base}/api/handles/99.9/X") as r:
+        body = await r.json()
+        assert r.status == 404 and body["responseCode"] == 2 and "prefix 99.9" in body["message"]
     assert env.metrics.value("ida_requests_total", {"frontend": "http", "code": "503"}) == 1
 
 

@@ -7,7 +7,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,6 +17,7 @@ from gateway.resolution import Answer, etag_of
 from proto import devicemsg
 from proto.records import HandleValue, Record
 from tests.support.brokers import Broker, Device
+from tests.support.gwhelpers import eventually, report_fields
 
 DEV = "88.123.99/PUMP-0001"
 PUMP = Record(
@@ -65,15 +65,6 @@ class Metrics:
 
     def count_request(self, frontend: str, code: int) -> None:
         self.counts[(frontend, code)] += 1
-
-
-async def eventually(cond: Any, timeout: float = 10.0, step: float = 0.01) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(step)
 
 
 class Gateway:
@@ -207,17 +198,7 @@ async def test_report_ack_names_the_desired_config_version(gw: Gateway, device: 
 
 
 async def test_report_for_another_device_is_refused(gw: Gateway, device: Device) -> None:
-    fields = {
-        "id": "88.123.99/PUMP-0002",
-        "boot": 1,
-        "seq": 1,
-        "uptime": 1,
-        "heap": 1,
-        "rssi": 0,
-        "queue": 0,
-        "board": "unix",
-        "fw": "0",
-    }
+    fields = report_fields("88.123.99/PUMP-0002", boot=1, seq=1)
     device.publish("rpt", devicemsg.encode("report", fields), qos=1)
     ack = devicemsg.decode("report_ack", (await device.recv("ack"))[0])
     assert ack == {"boot": 1, "seq": 1, "code": devicemsg.FORBIDDEN}
@@ -351,7 +332,7 @@ async def test_stop_answers_requests_in_flight(tmp_path: Path, mosquitto: Broker
 
 async def test_too_many_in_flight_is_rate_limited(tmp_path: Path, mosquitto: Broker) -> None:
     g = Gateway(tmp_path, mosquitto.url, delay=0.5)
-    g.fe._max_inflight = 2
+    g.fe.requests.max_inflight = 2
     await g.start()
     dev = Device(mosquitto.url, DEV)
     await dev.connect()

@@ -222,7 +222,7 @@ class NorthboundSubscriber:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from gateway.mqttlink import parse_url
+        from gateway.broker import parse_url
 
         self.received: list[dict] = []
         self._subscribed = asyncio.Event()

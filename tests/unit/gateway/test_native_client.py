@@ -1,5 +1,6 @@
 """HandleClient against an in-test Handle node (UDP + TCP on one ephemeral 127.0.0.1 port) built from the
-codec, with knobs for loss, truncation, missing datagrams, busy/referral/error answers, garbage and silence."""
+codec, with knobs for loss, truncation, missing datagrams, busy/referral/error answers, garbage and silence;
+and :func:`to_result`, what a decoded answer means for a resolution (captures and hand-made answers)."""
 
 from __future__ import annotations
 
@@ -16,30 +17,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import (
-    ProtocolError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamReferral,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
+from gateway import errors as E
 from gateway.upstream import native as client_module
-from gateway.upstream.native import HandleClient
-from proto.handle import numbers as N
-from proto.handle.codec import (
+from gateway.upstream.base import Result
+from gateway.upstream.native import HandleClient, to_result
+from proto.handle import (
     Envelope,
     ErrorResponse,
+    HandleFormatError,
     Message,
+    Reassembler,
     ResolutionResponse,
-    ResolveResult,
     decode_message,
     decode_request,
+    decode_response,
     encode_response,
     encode_truncated,
     split_datagrams,
 )
+from proto.handle import numbers as N
 from proto.records import AdminRef, HandleValue
+from tests.support.captures import NAMES, load_capture
 
 PUMP = "88.123.99/PUMP-0001"
 MANY = "88.123.99/MANY-0001"
@@ -87,12 +85,12 @@ class FakeNode:
         req = decode_request(request)
         values = RECORDS.get(req.name.upper())
         if values is None:
-            return encode_response(request, ResolveResult(N.RC_HANDLE_NOT_FOUND, req.name))
+            return encode_response(request, ErrorResponse(N.RC_HANDLE_NOT_FOUND))
         if req.types or req.indexes:
             types = {t.decode().upper() for t in req.types}
             values = tuple(v for v in values if v.index in req.indexes or v.type in types)
             if not values:
-                return encode_response(request, ResolveResult(N.RC_VALUES_NOT_FOUND, req.name))
+                return encode_response(request, ErrorResponse(N.RC_VALUES_NOT_FOUND))
         name = "88.123.99/OTHER" if k.wrong_handle else req.name
         return encode_response(request, ResolutionResponse(name, values))
 
@@ -201,15 +199,15 @@ def client(node: FakeNode, **kw: object) -> HandleClient:
 async def test_found_over_udp(node: FakeNode) -> None:
     async with client(node) as c:
         r = await c.resolve(PUMP)
-    assert r == ResolveResult(N.RC_SUCCESS, PUMP, PUMP_VALUES) and r.found
+    assert r == Result(N.RC_SUCCESS, PUMP, PUMP_VALUES) and r.found
     assert len(node.udp_requests) == 1 and node.tcp_requests == []
     assert c.node == f"hdl://127.0.0.1:{node.port}"
 
 
 async def test_not_found_is_a_result(node: FakeNode) -> None:
     async with client(node) as c:
-        assert await c.resolve("88.123.99/NOPE") == ResolveResult(100, "88.123.99/NOPE")
-        assert await c.resolve(PUMP, types=["CUSTOM"]) == ResolveResult(200, PUMP)
+        assert await c.resolve("88.123.99/NOPE") == Result(100, "88.123.99/NOPE")
+        assert await c.resolve(PUMP, types=["CUSTOM"]) == Result(200, PUMP)
         r = await c.resolve(PUMP, types=["URL"], indexes=[100])
     assert [v.index for v in r.values] == [1, 100]
 
@@ -265,7 +263,7 @@ async def test_missing_datagram_falls_back_to_tcp(node: FakeNode) -> None:
 async def test_busy(node: FakeNode) -> None:
     node.knobs.code = N.RC_SERVER_BUSY
     async with client(node) as c:
-        with pytest.raises(UpstreamBusy) as e:
+        with pytest.raises(E.UpstreamBusy) as e:
             await c.resolve(PUMP)
     assert e.value.node == c.node
 
@@ -274,7 +272,7 @@ async def test_referral(node: FakeNode) -> None:
     body = struct.pack(">I", 11) + b"0.NA/10.999"
     node.knobs.code, node.knobs.data = N.RC_SERVICE_REFERRAL, body
     async with client(node) as c:
-        with pytest.raises(UpstreamReferral) as e:
+        with pytest.raises(E.UpstreamReferral) as e:
             await c.resolve(PUMP)
     assert (e.value.code, e.value.referral) == (302, body)
 
@@ -285,7 +283,7 @@ async def test_referral(node: FakeNode) -> None:
 async def test_error_codes_are_refusals(node: FakeNode, code: int) -> None:
     node.knobs.code = code
     async with client(node) as c:
-        with pytest.raises(UpstreamRefused) as e:
+        with pytest.raises(E.UpstreamRefused) as e:
             await c.resolve(PUMP)
     assert e.value.code == code
 
@@ -293,7 +291,7 @@ async def test_error_codes_are_refusals(node: FakeNode, code: int) -> None:
 async def test_garbage_message_is_protocol_error(node: FakeNode) -> None:
     node.knobs.garbage_message = b"\x00" * 10
     async with client(node) as c:
-        with pytest.raises(ProtocolError) as e:
+        with pytest.raises(E.ProtocolError) as e:
             await c.resolve(PUMP)
     assert PUMP in str(e.value) and e.value.node == c.node
 
@@ -301,7 +299,7 @@ async def test_garbage_message_is_protocol_error(node: FakeNode) -> None:
 async def test_unparsable_datagrams_without_fallback(node: FakeNode) -> None:
     node.knobs.garbage = b"\xde\xad\xbe\xef" * 3
     async with client(node, tcp_fallback=False) as c:
-        with pytest.raises(ProtocolError, match="unparsable"):
+        with pytest.raises(E.ProtocolError, match="unparsable"):
             await c.resolve(PUMP)
     assert c.unparsable_datagrams >= 1
 
@@ -309,7 +307,7 @@ async def test_unparsable_datagrams_without_fallback(node: FakeNode) -> None:
 async def test_wrong_handle_is_protocol_error(node: FakeNode) -> None:
     node.knobs.wrong_handle = True
     async with client(node) as c:
-        with pytest.raises(ProtocolError, match="asked for"):
+        with pytest.raises(E.ProtocolError, match="asked for"):
             await c.resolve(PUMP)
 
 
@@ -317,7 +315,7 @@ async def test_udp_silent_without_fallback_times_out(node: FakeNode) -> None:
     node.knobs.udp_silent = True
     async with client(node, tcp_fallback=False) as c:
         t0 = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(E.UpstreamTimeout):
             await c.resolve(PUMP)
         elapsed = time.monotonic() - t0
     assert FAST["timeout"] <= elapsed + 0.01 < FAST["timeout"] + 0.3
@@ -334,7 +332,7 @@ async def test_udp_silent_falls_back_to_tcp(node: FakeNode) -> None:
 async def test_everything_silent_times_out(node: FakeNode) -> None:
     node.knobs.udp_silent = node.knobs.tcp_silent = True
     async with client(node, timeout=0.2) as c:
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(E.UpstreamTimeout):
             await c.resolve(PUMP)
 
 
@@ -351,13 +349,13 @@ async def test_tcp_transport(node: FakeNode) -> None:
 async def test_tcp_garbage_and_close(node: FakeNode) -> None:
     node.knobs.tcp_garbage = b"\x09" * 40
     async with client(node, transport="tcp") as c:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(E.ProtocolError):
             await c.resolve(PUMP)
         node.knobs.tcp_garbage = Envelope(message_length=100).encode() + b"\x00" * 30  # cut short
-        with pytest.raises(ProtocolError, match="stream ended"):
+        with pytest.raises(E.ProtocolError, match="stream ended"):
             await c.resolve(PUMP)
         node.knobs.tcp_garbage, node.knobs.tcp_close = None, True
-        with pytest.raises(UpstreamError):
+        with pytest.raises(E.UpstreamError):
             await c.resolve(PUMP)
 
 
@@ -366,9 +364,9 @@ async def test_tcp_connection_refused() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     async with HandleClient("127.0.0.1", port, transport="tcp", timeout=0.5) as c:
-        with pytest.raises(UpstreamError) as e:
+        with pytest.raises(E.UpstreamError) as e:
             await c.resolve(PUMP)
-    assert not isinstance(e.value, ProtocolError)
+    assert not isinstance(e.value, E.ProtocolError)
 
 
 async def test_concurrent_resolutions_share_one_endpoint(node: FakeNode) -> None:
@@ -384,7 +382,7 @@ async def test_concurrent_resolutions_share_one_endpoint(node: FakeNode) -> None
 async def test_closed_client() -> None:
     c = HandleClient("127.0.0.1", 9, timeout=1.0)
     await c.close()
-    with pytest.raises(UpstreamError, match="closed"):
+    with pytest.raises(E.UpstreamError, match="closed"):
         await c.resolve(PUMP)
 
 
@@ -394,7 +392,7 @@ async def test_close_fails_requests_in_flight(node: FakeNode) -> None:
     task = asyncio.create_task(c.resolve(PUMP))
     await asyncio.sleep(0.05)
     await c.close()
-    with pytest.raises(UpstreamError, match="closed"):
+    with pytest.raises(E.UpstreamError, match="closed"):
         await task
 
 
@@ -436,9 +434,15 @@ def test_malformed_answers_only_raise_documented_errors(answer: tuple[str, bytes
             async with HandleClient("127.0.0.1", n.port, timeout=0.05, retries=0) as c:
                 try:
                     await c.resolve(PUMP)
-                except (ProtocolError, UpstreamTimeout, UpstreamBusy, UpstreamReferral, UpstreamRefused):
+                except (
+                    E.ProtocolError,
+                    E.UpstreamTimeout,
+                    E.UpstreamBusy,
+                    E.UpstreamReferral,
+                    E.UpstreamRefused,
+                ):
                     pass
-                except UpstreamError as e:  # TCP connection closed early
+                except E.UpstreamError as e:  # TCP connection closed early
                     assert "TCP" in str(e)
         finally:
             udp.close()
@@ -449,19 +453,13 @@ def test_malformed_answers_only_raise_documented_errors(answer: tuple[str, bytes
 
 async def test_nobody_listening_fails_fast_not_after_the_timeout() -> None:
     """ICMP port unreachable ends the UDP wait at once; TCP is refused too: an error well before the timeout."""
-    import socket
-    import time
-
-    from gateway.errors import UpstreamError as _UpstreamError
-    from gateway.upstream.native import HandleClient as _Client
-
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens on this UDP (nor TCP) port now
-    async with _Client("127.0.0.1", port, timeout=5.0, retries=3, backoff=0.2) as c:
+    async with HandleClient("127.0.0.1", port, timeout=5.0, retries=3, backoff=0.2) as c:
         t0 = time.monotonic()
-        with pytest.raises(_UpstreamError):
+        with pytest.raises(E.UpstreamError):
             await c.resolve("88.123.99/PUMP-0001")
         assert time.monotonic() - t0 < 2.0
 
@@ -484,7 +482,7 @@ async def test_retransmissions_follow_the_backoff(node: FakeNode) -> None:
     node.knobs.udp_silent = True
     async with client(node, timeout=0.5, retries=2, backoff=0.1, tcp_fallback=False) as c:
         t0 = time.monotonic()
-        with pytest.raises(UpstreamTimeout, match=r"3 sends"):
+        with pytest.raises(E.UpstreamTimeout, match=r"3 sends"):
             await c.resolve(PUMP)
         elapsed = time.monotonic() - t0
     assert len(node.udp_requests) == 3 and len(set(node.udp_requests)) == 1
@@ -511,7 +509,7 @@ async def test_whole_tc_datagram_after_pieces_still_means_tcp(node: FakeNode) ->
         if expect == "truncated":
             assert pending.future.result() is client_module._TRUNCATED
         else:
-            assert isinstance(pending.future.exception(), ProtocolError)
+            assert isinstance(pending.future.exception(), HandleFormatError)
         del c._pending[0x1234]
     await c.close()
 
@@ -529,3 +527,70 @@ async def test_whole_answer_datagram_is_the_message(node: FakeNode) -> None:
     c._on_datagram(answer)
     assert pending.future.result() == answer and pending.reassembler is None
     await c.close()
+
+
+# -- to_result: what a decoded answer means for a resolution ------------------------------------------------
+def _capture(name: str) -> tuple[Message, Message]:
+    """(request, whole response) of one capture file."""
+    request, pieces = load_capture(name)
+    r = Reassembler()
+    (whole,) = [m for m in (r.feed(p) for p in pieces) if m is not None]
+    return decode_message(request), decode_message(whole)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_captured_answers_map_to_results_and_back(name: str) -> None:
+    """A captured answer's result holds everything the node said: re-encoded, it is the capture again."""
+    request, response = _capture(name)
+    asked = decode_request(request).name
+    result = to_result(decode_response(response), handle=asked, node="hdl://x")
+    if result.found:
+        assert result.record().to_rest()["handle"] == asked and result.values
+        again: ResolutionResponse | ErrorResponse = ResolutionResponse(result.handle, result.values)
+    else:
+        assert result == Result(N.RC_HANDLE_NOT_FOUND, asked) and not result.found
+        again = ErrorResponse(result.code)
+    assert encode_response(request, again) == response.encode()
+
+
+def test_found_capture_is_a_result() -> None:
+    _, response = _capture("capture_found.hex")
+    resp = decode_response(response)
+    assert isinstance(resp, ResolutionResponse)
+    result = to_result(resp, handle=PUMP, node="hdl://x")
+    assert result == Result(N.RC_SUCCESS, PUMP, resp.values) and result.found
+    assert result.record().to_rest()["values"][0]["data"] == {
+        "format": "string",
+        "value": "https://example.com/pump/0001",
+    }
+
+
+def test_error_mapping() -> None:
+    assert to_result(ErrorResponse(200), handle="a/b") == Result(200, "a/b")
+    assert to_result(ErrorResponse(100, "gone"), handle="a/b") == Result(100, "a/b")
+    with pytest.raises(E.UpstreamBusy):
+        to_result(ErrorResponse(3, "busy"), handle="a/b")
+    for code in (2, 4, 301, 400, 401, 402, 403, 500, 999):
+        with pytest.raises(E.UpstreamRefused) as e:
+            to_result(ErrorResponse(code, "x"), handle="a/b", node="hdl://n")
+        assert e.value.code == code and e.value.node == "hdl://n"
+    with pytest.raises(E.UpstreamRefused, match="SERVER_NOT_RESP") as e:
+        to_result(ErrorResponse(301, "not here"), handle="10.1000/1", node="hdl://n")
+    assert "10.1000/1" in str(e.value) and "not here" in str(e.value)
+    with pytest.raises(E.ProtocolError, match="without values"):
+        to_result(ErrorResponse(1), handle="a/b")
+
+
+def test_referral_mapping_keeps_the_body() -> None:
+    body = struct.pack(">I", 11) + b"0.NA/10.999"
+    for code in (302, 303):
+        with pytest.raises(E.UpstreamReferral) as e:
+            to_result(ErrorResponse(code, "", body), handle="a/b")
+        assert (e.value.code, e.value.referral) == (code, body)
+
+
+def test_answer_for_another_handle_is_protocol_error() -> None:
+    resp = ResolutionResponse(PUMP, PUMP_VALUES)
+    assert to_result(resp, handle="88.123.99/pump-0001").found  # servers match ASCII-case-insensitively
+    with pytest.raises(E.ProtocolError, match="asked for"):
+        to_result(resp, handle="88.123.99/PUMP-0002")

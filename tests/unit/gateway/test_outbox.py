@@ -14,10 +14,11 @@ import pytest
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.mqttlink import parse_url
+from gateway.broker import parse_url
 from gateway.outbox import DEFAULT_TOPIC, MqttSink, Outbox, WebhookSink, make_sink, report_payload
 from gateway.registry import Registry
 from tests.support.brokers import Broker
+from tests.support.gwhelpers import eventually
 
 DEV = "88.123.99/PUMP-0001"
 
@@ -38,15 +39,6 @@ def fields(seq: int, boot: int = 1, ident: str = DEV) -> dict[str, Any]:
 
 def payload(seq: int, boot: int = 1, ident: str = DEV) -> dict[str, Any]:
     return report_payload(ident, fields(seq, boot, ident), 1_700_000_000.5, "mqtt")
-
-
-async def eventually(cond: Any, timeout: float = 10.0, step: float = 0.01) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(step)
 
 
 class Consumer:

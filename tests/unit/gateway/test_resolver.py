@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.cache import Cache, CacheConfig, cache_key
-from gateway.errors import AllUpstreamsFailed, UpstreamBusy, UpstreamTimeout
+from gateway.errors import AllUpstreamsFailed, NameNotServed, UpstreamBusy, UpstreamRefused, UpstreamTimeout
 from gateway.resolution import Resolving, etag_of
 from gateway.resolver import Resolver, ResolverConfig
 from gateway.upstream.pool import UpstreamPool
@@ -99,6 +99,42 @@ async def test_negative_answers_are_cached() -> None:
     await r.resolve("88.123.99/NOPE")
     assert up.calls == 2
     await r.close()
+
+
+async def test_a_prefix_no_node_serves_is_remembered_for_the_negative_ttl() -> None:
+    """Every node answers 301 (not responsible) for a foreign prefix: the resolver remembers the prefix for the
+    negative TTL and refuses other handles under it without asking; other prefixes still go upstream."""
+    up = FakeUpstream([PUMP], error=UpstreamRefused("not responsible", "fake://0", code=301))
+    clock = Clock()
+    r = make(up, clock=clock)
+    with pytest.raises(NameNotServed) as first:
+        await r.resolve("99.999/A")
+    assert (first.value.prefix, first.value.code, up.calls) == ("99.999", 301, 1)
+    with pytest.raises(NameNotServed):
+        await r.resolve("99.999/B")  # same prefix, another handle: answered from the table
+    assert up.calls == 1 and r.stats().not_served_answers == 1
+    up.error = None
+    assert (await r.resolve(H)).code == devicemsg.OK and up.calls == 2  # another prefix: asked as usual
+    clock.advance(61)  # the negative TTL (60 s) is over: the prefix is asked again
+    assert (await r.resolve("99.999/C")).code == devicemsg.NOT_FOUND and up.calls == 3
+    await r.close()
+
+
+async def test_the_table_of_prefixes_no_node_serves_is_bounded() -> None:
+    from gateway import resolver as resolver_module
+
+    up = FakeUpstream(error=UpstreamRefused("not responsible", "fake://0", code=301))
+    r = make(up)
+    limit = resolver_module.MAX_NOT_SERVED
+    resolver_module.MAX_NOT_SERVED = 3
+    try:
+        for i in range(5):
+            with pytest.raises(NameNotServed):
+                await r.resolve(f"99.{i}/X")
+        assert list(r._not_served) == ["99.2", "99.3", "99.4"]  # the oldest forgotten first
+    finally:
+        resolver_module.MAX_NOT_SERVED = limit
+        await r.close()
 
 
 async def test_filters_go_upstream_and_into_the_key() -> None:

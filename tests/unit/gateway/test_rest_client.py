@@ -12,14 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import (
-    ProtocolError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamReferral,
-    UpstreamRefused,
-    UpstreamTimeout,
-)
+from gateway import errors as E
 from gateway.upstream.base import ANSWER_CODES
 from gateway.upstream.rest import MAX_BODY, RestClient, handle_path, parse_response, request_target
 from tests.support.upstream_fakes import PUMP, RestNode, free_port, record, value
@@ -111,16 +104,16 @@ async def test_not_found_and_values_not_found(client: RestClient) -> None:
 @pytest.mark.parametrize(
     ("handle", "error", "code"),
     [
-        ("88.1/busy503", UpstreamBusy, None),
-        ("88.1/rc3", UpstreamBusy, None),
-        ("88.1/err500", UpstreamRefused, 2),
-        ("88.1/rc2", UpstreamRefused, 2),
-        ("88.1/referral", UpstreamReferral, 302),
-        ("88.1/html404", UpstreamRefused, 2),
-        ("88.1/garbage", ProtocolError, None),
-        ("88.1/nocode", ProtocolError, None),
-        ("88.1/badvalue", ProtocolError, None),
-        ("88.1/huge", ProtocolError, None),
+        ("88.1/busy503", E.UpstreamBusy, None),
+        ("88.1/rc3", E.UpstreamBusy, None),
+        ("88.1/err500", E.UpstreamRefused, 2),
+        ("88.1/rc2", E.UpstreamRefused, 2),
+        ("88.1/referral", E.UpstreamReferral, 302),
+        ("88.1/html404", E.UpstreamRefused, 2),
+        ("88.1/garbage", E.ProtocolError, None),
+        ("88.1/nocode", E.ProtocolError, None),
+        ("88.1/badvalue", E.ProtocolError, None),
+        ("88.1/huge", E.ProtocolError, None),
     ],
 )
 async def test_failures_map_to_typed_errors(
@@ -139,7 +132,7 @@ async def test_timeout(node: RestNode) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     try:
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(E.UpstreamTimeout):
             await c.resolve("88.1/slow")
     finally:
         await c.close()
@@ -149,17 +142,17 @@ async def test_timeout(node: RestNode) -> None:
 async def test_refused_connection() -> None:
     c = RestClient(f"http://127.0.0.1:{free_port()}", timeout=1.0)
     try:
-        with pytest.raises(UpstreamError) as e:
+        with pytest.raises(E.UpstreamError) as e:
             await c.resolve(H)
     finally:
         await c.close()
-    assert type(e.value) is UpstreamError and "failed" in str(e.value)
+    assert type(e.value) is E.UpstreamError and "failed" in str(e.value)
 
 
 async def test_closed_client_refuses() -> None:
     c = RestClient("http://127.0.0.1:1")
     await c.close()
-    with pytest.raises(UpstreamError, match="closed"):
+    with pytest.raises(E.UpstreamError, match="closed"):
         await c.resolve(H)
 
 
@@ -176,26 +169,26 @@ def test_parse_response_table() -> None:
     assert parse_response(200, b'{"responseCode":100}', H).code == 100
     assert parse_response(200, b'{"responseCode":200}', H).code == 200
     assert parse_response(404, b'{"responseCode":200}', H).code == 200
-    with pytest.raises(UpstreamBusy):
+    with pytest.raises(E.UpstreamBusy):
         parse_response(429, b"", H)
-    with pytest.raises(UpstreamRefused) as e:
+    with pytest.raises(E.UpstreamRefused) as e:
         parse_response(400, b'{"responseCode":102,"message":"invalid handle"}', H)
     assert e.value.code == 102 and "invalid handle" in str(e.value)
-    with pytest.raises(UpstreamRefused):
+    with pytest.raises(E.UpstreamRefused):
         parse_response(302, b"", H)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(E.ProtocolError):
         parse_response(200, b"", H)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(E.ProtocolError):
         parse_response(200, b"[1, 2]", H)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(E.ProtocolError):
         parse_response(200, b'{"responseCode": true}', H)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(E.ProtocolError):
         parse_response(200, b"\xff\xfe{}", H)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(E.ProtocolError):
         parse_response(200, b"[" * 100_000 + b"]" * 100_000, H)
 
 
-DOCUMENTED = (ProtocolError, UpstreamBusy, UpstreamRefused, UpstreamReferral)
+DOCUMENTED = (E.ProtocolError, E.UpstreamBusy, E.UpstreamRefused, E.UpstreamReferral)
 
 json_scalar = st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=20)
 json_value = st.recursive(
@@ -335,7 +328,7 @@ def test_nearly_valid_records_only_raise_protocol_error(values: list[Any], handl
     body = json.dumps({"responseCode": 1, "handle": handle, "values": values}).encode()
     try:
         res = parse_response(200, body, H, "node")
-    except ProtocolError as e:
+    except E.ProtocolError as e:
         assert e.node == "node"
         return
     assert res.code == 1 and len(res.values) == len(values)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,11 +25,13 @@ from gateway import status
 from gateway.errors import AllUpstreamsFailed, UpstreamTimeout
 from gateway.outbox import Outbox, make_sink
 from gateway.registry import Registry
+from gateway.resolution import resolve_noted
 from gateway.resolver import Resolver, ResolverConfig
 from gateway.service import Gateway
 from proto import devicemsg
 from proto.identifier import IdentifierError
 from tests.support.gwhelpers import PUMP, FakeResolver, report_fields
+from tests.support.upstream_fakes import free_port
 from tools.harness.node.server import NodeServer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -74,24 +75,25 @@ def test_hit_ratio_series_per_interval_and_live_point() -> None:
     assert series.window == 15.0
 
 
-async def test_recording_resolver_notes_answers_and_failures() -> None:
+async def test_resolve_noted_notes_answers_and_failures() -> None:
     fake = FakeResolver()
     fake.errors["88.123.99/DOWN"] = AllUpstreamsFailed({})
     fake.errors["88.123.99/SLOW"] = UpstreamTimeout("slow")
-    coap = status.recording(fake, "coap")
-    http = status.recording(status.recording(fake, "mqtt"), "http")  # wrapping a wrapper wraps the resolver
-    assert http.inner is fake and coap.board is http.board is status.board_for(fake)
-    assert (await coap.resolve(PUMP)).code == devicemsg.OK
-    assert (await http.resolve("88.123.99/NOPE")).code == devicemsg.NOT_FOUND
+    board = status.board_for(fake)
+    assert status.board_for(fake) is board  # one board per resolver: every front end notes on it
+    note = board.recent.add
+    assert (await resolve_noted(fake, note, "coap", PUMP)).code == devicemsg.OK
+    assert (await resolve_noted(fake, note, "http", "88.123.99/NOPE")).code == devicemsg.NOT_FOUND
     for ident, exc in (
         ("88.123.99/DOWN", AllUpstreamsFailed),
         ("88.123.99/SLOW", UpstreamTimeout),
         ("no-slash", IdentifierError),
     ):
         with pytest.raises(exc):
-            await coap.resolve(ident)
-    await asyncio.sleep(0)  # noted on the next loop turn, once the answer is on its way
-    got = [(r.id, r.frontend, r.source, r.code) for r in reversed(coap.board.recent.items())]
+            await resolve_noted(fake, note, "coap", ident)
+    assert board.recent.items() == []  # noted on the next loop turn, once the answer is on its way
+    await asyncio.sleep(0)
+    got = [(r.id, r.frontend, r.source, r.code) for r in reversed(board.recent.items())]
     assert got == [
         (PUMP, "coap", "upstream", 1),
         ("88.123.99/NOPE", "http", "upstream", 100),
@@ -99,8 +101,8 @@ async def test_recording_resolver_notes_answers_and_failures() -> None:
         ("88.123.99/SLOW", "coap", "error", 504),
         ("no-slash", "coap", "error", 400),
     ]
-    assert all(r.ms >= 0 for r in coap.board.recent.items())
-    assert coap.calls == fake.calls  # other attributes are the wrapped resolver's
+    assert all(r.ms >= 0 for r in board.recent.items())
+    assert await resolve_noted(fake, None, "coap", PUMP) == await fake.resolve(PUMP)  # no hook: plain resolve
 
 
 async def test_snapshot_with_fake_resolver_and_registry(tmp_path: Path) -> None:
@@ -113,11 +115,10 @@ async def test_snapshot_with_fake_resolver_and_registry(tmp_path: Path) -> None:
         )
         registry.set_status("88.123.99/MQTT-1", False, "mqtt")
         fake = FakeResolver()
-        wrapped = status.recording(fake, "coap")
-        await wrapped.resolve(PUMP)
+        await resolve_noted(fake, status.board_for(fake).recent.add, "coap", PUMP)
         await asyncio.sleep(0)
         snap = status.status_snapshot(
-            wrapped, registry, components={"coap": "listening", "mqtt": "down"}, now=now
+            fake, registry, components={"coap": "listening", "mqtt": "down"}, now=now
         )
     finally:
         registry.close()
@@ -139,7 +140,7 @@ async def test_snapshot_with_fake_resolver_and_registry(tmp_path: Path) -> None:
     assert snap["recent"][0]["id"] == PUMP and snap["resolutions"]["total"] == 1
     assert snap["outbox"] == {"depth": 0}
     # a device silent for more than three report intervals
-    later = status.status_snapshot(wrapped, _Devices([{"id": "88.1/A", "last_seen": now - 1000}]), now=now)
+    later = status.status_snapshot(fake, _Devices([{"id": "88.1/A", "last_seen": now - 1000}]), now=now)
     assert later["devices"][0]["state"] == "silent" and later["devices_online"] == 0
 
 
@@ -162,13 +163,12 @@ async def test_snapshot_with_real_resolver_cache_upstream_and_outbox(tmp_path: P
         registry = Registry(db, outbox)
         try:
             registry.record_report(PUMP, report_fields(PUMP), "coap")
-            wrapped = status.recording(resolver, "http")
             board = status.board_for(resolver)
             board.series.sample(time.time() - 5, 0, 0)
             for _ in range(3):
-                await wrapped.resolve(PUMP)
+                await resolve_noted(resolver, board.recent.add, "http", PUMP)
             await asyncio.sleep(0)
-            snap = status.status_snapshot(wrapped, registry)
+            snap = status.status_snapshot(resolver, registry)
         finally:
             await resolver.close()
             registry.close()
@@ -232,12 +232,6 @@ class DomSummary(HTMLParser):
         self._capture = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def fast_sampling(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(status, "SAMPLE_INTERVAL", 0.25)  # the chart gets a dozen points in three seconds
@@ -248,7 +242,7 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
     chromium = chromium_binary()
     if chromium is None:
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
-    dead = f"http://127.0.0.1:{_free_port()}"  # a node that refuses connections: shown failing
+    dead = f"http://127.0.0.1:{free_port()}"  # a node that refuses connections: shown failing
     async with NodeServer(http=None) as node:
         cfg = gwconfig.with_overrides(
             gwconfig.load(None, env={}),

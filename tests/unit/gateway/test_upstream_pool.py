@@ -1,17 +1,35 @@
-"""Upstream pool: URL parsing, failover, hedging, health and cooldown, timeouts, counters."""
+"""Upstream pool: URL parsing, failover, hedging, health and cooldown, timeouts, counters; and what counts
+against a node's health (only node failures: a node answering "not responsible" for a foreign prefix stays
+healthy, issue 19)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from gateway.errors import AllUpstreamsFailed, ProtocolError, UpstreamBusy, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    AllUpstreamsFailed,
+    NameNotServed,
+    ProtocolError,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamReferral,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
+from gateway.resolver import Resolver, ResolverConfig
+from gateway.upstream.base import Outcome, outcome_of
 from gateway.upstream.pool import Histogram, UpstreamPool, UpstreamSpec, make_client, parse_upstream_url
 from gateway.upstream.rest import RestClient
+from proto.handle import numbers as N
+from proto.records import HandleValue, Record
 from tests.support.upstream_fakes import PUMP, Clock, FakeUpstream, refused
+from tools.harness.node import NodeServer, sample_records
 
 H = PUMP.handle
 
@@ -353,3 +371,178 @@ async def test_client_that_swallows_the_timer_still_answers() -> None:
     assert a.code == 1
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
+
+
+# -- health counts node failures only (issue 19: a foreign prefix must not take the upstream down) ---------------
+def _refused(code: int) -> UpstreamRefused:
+    return UpstreamRefused(f"a/b: {N.ResponseCode.describe(code)}", code=code)
+
+
+NODE_FAILURES = [
+    UpstreamTimeout("silent"),
+    UpstreamError("connection refused"),
+    ProtocolError("garbage"),
+    UpstreamBusy("busy"),
+    _refused(N.RC_ERROR),
+    _refused(N.RC_PROTOCOL_ERROR),
+    _refused(N.ResponseCode.SERVER_BACKUP),
+    _refused(N.ResponseCode.SESSION_FAILED),
+    _refused(777),  # a code no version defines
+    KeyError("a bug in the client"),
+]
+NOT_SERVED = [
+    _refused(N.RC_SERVER_NOT_RESP),
+    UpstreamReferral("a/b: referral", code=N.RC_SERVICE_REFERRAL, referral=b"\x00\x00\x00\x03x/y"),
+    UpstreamReferral("a/b: referral", code=N.RC_PREFIX_REFERRAL),
+]
+REFUSALS = [
+    _refused(code)
+    for code in (
+        N.RC_OPERATION_DENIED,
+        N.RC_RECUR_LIMIT_EXCEEDED,
+        N.RC_INVALID_HANDLE,
+        N.RC_EXPIRED_SITE_INFO,
+        N.RC_NOT_AUTHORIZED,
+        N.RC_ACCESS_DENIED,
+        N.RC_AUTHEN_NEEDED,
+        N.RC_AUTHEN_FAILED,
+    )
+]
+KINDS = (
+    [(e, Outcome.NODE_FAILURE) for e in NODE_FAILURES]
+    + [(e, Outcome.NOT_SERVED) for e in NOT_SERVED]
+    + [(e, Outcome.REFUSED) for e in REFUSALS]
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"), KINDS, ids=lambda v: type(v).__name__ + str(getattr(v, "code", ""))
+)
+def test_outcome_of_each_error(error: BaseException, kind: Outcome) -> None:
+    assert outcome_of(error) is kind
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"), KINDS, ids=lambda v: type(v).__name__ + str(getattr(v, "code", ""))
+)
+async def test_health_accounting_per_outcome_kind(error: BaseException, kind: Outcome) -> None:
+    """Five outcomes of one kind in a row at threshold 3: only node failures count and put the node in
+    cooldown; an answer about the name or the request counts as an answer and keeps it healthy."""
+    clock = Clock(1000.0)
+    up = FakeUpstream([PUMP], error=error)
+    p = pool(up, failure_threshold=3, cooldown=10.0, clock=clock)
+    for _ in range(5):
+        with pytest.raises(AllUpstreamsFailed) as e:
+            await p.resolve(H)
+        assert isinstance(e.value, NameNotServed) == (kind is Outcome.NOT_SERVED)
+    st = p.stats()["fake://0"]
+    if kind is Outcome.NODE_FAILURE:
+        assert up.calls == 3  # sick after the third: the fourth and fifth are not sent
+        assert (st.failures, st.answers, st.consecutive_failures, st.healthy) == (3, 0, 3, False)
+    else:
+        assert up.calls == 5
+        assert (st.failures, st.answers, st.consecutive_failures, st.healthy) == (0, 5, 0, True)
+        assert st.latency.count == 5
+    up.error = None  # a valid name right after: answered unless the node is cooling down
+    if kind is Outcome.NODE_FAILURE:
+        with pytest.raises(AllUpstreamsFailed):
+            await p.resolve(H)
+    else:
+        assert (await p.resolve(H)).code == N.RC_SUCCESS
+
+
+async def test_an_answer_about_the_name_resets_the_failure_count() -> None:
+    up = FakeUpstream([PUMP], error=UpstreamTimeout("silent"))
+    p = pool(up, failure_threshold=3)
+    for _ in range(2):
+        with pytest.raises(AllUpstreamsFailed):
+            await p.resolve(H)
+    up.error = _refused(N.RC_SERVER_NOT_RESP)
+    with pytest.raises(NameNotServed):
+        await p.resolve("99.1/X")
+    assert p.stats()["fake://0"].consecutive_failures == 0  # the node answered: it is reachable
+
+
+async def test_name_not_served_by_every_node() -> None:
+    body = b"\x00\x00\x00\x0b0.NA/10.999"
+    a = FakeUpstream(error=_refused(N.RC_SERVER_NOT_RESP))
+    b = FakeUpstream(error=UpstreamReferral("referral", code=N.RC_PREFIX_REFERRAL, referral=body))
+    p = pool(a, b)
+    with pytest.raises(NameNotServed) as e:
+        await p.resolve("99.999/FOREIGN-1")
+    assert (a.calls, b.calls) == (1, 1)  # the second node was asked: another node may serve the prefix
+    err = e.value
+    assert isinstance(err, AllUpstreamsFailed) and set(err.errors) == {"fake://0", "fake://1"}
+    assert (err.handle, err.prefix, err.code, err.referral) == ("99.999/FOREIGN-1", "99.999", 303, body)
+    only_301 = pool(FakeUpstream(error=_refused(N.RC_SERVER_NOT_RESP)))
+    with pytest.raises(NameNotServed) as e:
+        await only_301.resolve("99.999/FOREIGN-2")
+    assert (e.value.code, e.value.referral, e.value.prefix) == (301, b"", "99.999")
+
+
+async def test_a_node_that_serves_the_name_answers_after_one_that_does_not() -> None:
+    a = FakeUpstream(error=_refused(N.RC_SERVER_NOT_RESP))
+    b = FakeUpstream([PUMP], latency=0.01)
+    p = pool(a, b)
+    assert (await p.resolve(H)).node == "fake://1"
+    assert p.stats()["fake://0"].failures == 0
+
+
+async def test_not_served_and_failure_together_are_not_name_not_served() -> None:
+    p = pool(FakeUpstream(error=_refused(N.RC_SERVER_NOT_RESP)), FakeUpstream(error=UpstreamBusy("busy")))
+    with pytest.raises(AllUpstreamsFailed) as e:
+        await p.resolve("99.999/X")
+    assert not isinstance(e.value, NameNotServed)  # the busy node may serve it: nothing to say about the name
+
+
+UNITS = [f"88.123.99/UNIT-{i:04d}" for i in range(20)]
+
+
+def _unit_records() -> list[Record]:
+    return [
+        *sample_records(),
+        *(Record(h, (HandleValue(1, "URL", b"https://example.org/unit"),)) for h in UNITS),
+    ]
+
+
+async def _foreign_flood(resolve: Callable[[str], Awaitable[Any]], valid: list[str]) -> int:
+    """Issue 19's pattern: three resolves of a prefix the node does not host, then one valid never-seen
+    identifier, over and over. Returns how many valid ones resolved."""
+    ok = 0
+    for i, name in enumerate(valid):
+        for j in range(3):
+            with pytest.raises(AllUpstreamsFailed):
+                await resolve(f"99.999/FOREIGN-{i}-{j}")
+        try:
+            answer = await resolve(name)
+        except UpstreamError:
+            continue
+        ok += answer.code == N.RC_SUCCESS
+    return ok
+
+
+@pytest.mark.parametrize("side", ["native", "rest"])
+async def test_foreign_prefix_flood_leaves_valid_resolves_at_100_percent(side: str) -> None:
+    """A real node answering 301 for a prefix it does not host: the pool's defaults (threshold 3, cooldown
+    1 s) used to put it in cooldown after three of them, and every valid resolve got 5.03."""
+    async with NodeServer(_unit_records()) as node:
+        p = UpstreamPool.from_urls([node.handle_url if side == "native" else node.http_url])
+        try:
+            assert await _foreign_flood(p.resolve, UNITS) == len(UNITS)
+            st = p.stats()[p.nodes[0]]
+            assert (st.failures, st.healthy, st.answers) == (0, True, 4 * len(UNITS))
+        finally:
+            await p.close()
+
+
+async def test_foreign_prefix_flood_through_the_resolver() -> None:
+    async with NodeServer(_unit_records(), http=None) as node:
+        resolver = Resolver(ResolverConfig(upstreams=[node.handle_url]))
+        try:
+            assert await _foreign_flood(resolver.resolve, UNITS) == len(UNITS)
+            not_served = resolver.stats().not_served_answers
+        finally:
+            await resolver.close()
+        # the first 301 is remembered for the prefix (negative TTL): the others never reach the node
+        assert node.stats.answers[N.RC_SERVER_NOT_RESP] == 1
+        assert not_served == 3 * len(UNITS) - 1

@@ -29,37 +29,34 @@ from typing import Any
 
 import pytest
 
-from tests.support.mpcollect import ROOT, micropython_binary
-from tools.cli import CliError
-from tools.commands.console import (
+from tests.support.mpcollect import ROOT
+from tools.commands.console import PortInfo, choose_port, default_transcript_path, inspect
+from tools.commands.console import cli as console_cli
+from tools.commands.console.interactive import run_interactive
+from tools.errors import CliError
+from tools.support.boards import UsbId
+from tools.support.console import (
     AmbiguousPort,
     BadCommand,
     Banner,
     CommandTimeout,
-    ConsoleSession,
     Crash,
+    DeviceConsole,
     DeviceReset,
     Garbage,
     LineParser,
     Log,
     NoPortFound,
     PortError,
-    PortInfo,
     Reply,
     Text,
     Timeouts,
     Transcript,
-    choose_port,
-    default_transcript_path,
-    inspect,
     open_port,
-    scrub,
-    scrub_obj,
 )
-from tools.commands.console import cli as console_cli
-from tools.commands.console.interactive import run_interactive
-from tools.commands.console.protocol import DEVICE_MAX_LINE
-from tools.support.boards import UsbId
+from tools.support.console.protocol import DEVICE_MAX_LINE
+from tools.support.console.scrub import scrub, scrub_obj
+from tools.support.procs import micropython_binary
 
 PUMP = "88.123.99/PUMP-0001"
 URL = "https://example.com/pumps/0001"
@@ -258,12 +255,12 @@ def device(tmp_path: Path, coap_port: int, key: str) -> Iterator[PtyDevice]:
         dev.close()
 
 
-def session(dev: PtyDevice, **kw: Any) -> ConsoleSession:
+def session(dev: PtyDevice, **kw: Any) -> DeviceConsole:
     kw.setdefault("timeouts", SLOW)
-    return ConsoleSession.open(dev.path, **kw)
+    return DeviceConsole.open(dev.path, **kw)
 
 
-def inject(s: ConsoleSession, dev: PtyDevice, data: bytes) -> None:
+def inject(s: DeviceConsole, dev: PtyDevice, data: bytes) -> None:
     """Put more bytes on the line than the pty buffers (4 KiB) while the session reads them."""
     t = threading.Thread(target=dev.to_tool, args=(data,))
     t.start()
@@ -802,10 +799,10 @@ def firmware(boot: list[int]) -> Callable[[str, ScriptedPort], bytes]:
 
 def scripted(
     answer: Callable[[str, ScriptedPort], bytes], **kw: Any
-) -> tuple[ConsoleSession, ScriptedPort, Clock]:
+) -> tuple[DeviceConsole, ScriptedPort, Clock]:
     clock = Clock()
     port = ScriptedPort(clock, answer)
-    return ConsoleSession(port, name="fake", clock=clock, **kw), port, clock
+    return DeviceConsole(port, name="fake", clock=clock, **kw), port, clock
 
 
 def test_session_matches_its_reply_among_logs_stale_replies_and_rejections() -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.devicerun import ROOT, IdaDevice
-from tools.cli import CliError, main
+from tools.cli import main
 from tools.commands.device_run import default_data_dir, prepare, uid_from_identifier
 from tools.commands.flash.identity import key_fingerprint
+from tools.errors import CliError
 from tools.harness.bench.procs import free_port
 
 ID = "88.123.99/PUMP-0001"

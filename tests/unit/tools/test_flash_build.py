@@ -15,7 +15,6 @@ import select
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -23,11 +22,11 @@ from typing import IO
 import pytest
 
 from tests.support.flashutil import firmware_tree
-from tests.support.mpcollect import micropython_binary
 from tools.commands.flash import builder as fb
 from tools.commands.flash import image as im
 from tools.commands.flash.identity import IDENTITY_PATH, Identity, new_key, parse_identity, personalise
 from tools.support.boards import load_board
+from tools.support.procs import ida_command, micropython_binary
 
 BOARD = "esp32-devkitc"
 
@@ -267,20 +266,8 @@ def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(
     ident = Identity("88.123.99/PUMP-000042", new_key(), (f"coap://127.0.0.1:{gw.getsockname()[1]}",), "coap")
     chip = personalise(built.params, built.fs_image, ident)
     root = tmp_path / "flash"
-    for path, data in im.read_files(built.params, chip.image).items():
-        dest = root / path[1:]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
+    proc = _run_chip(built, chip.image, root)
     assert not any(p.suffix == ".py" for p in (root / "carrier").rglob("*"))  # only the compiled .mpy run
-    env = dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0")
-    proc = subprocess.Popen(
-        [micropython_binary(), "main.py"],
-        cwd=root,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
     try:
         assert proc.stdin is not None and proc.stdout is not None
         datagram, _ = gw.recvfrom(2048)
@@ -300,6 +287,23 @@ def test_extracted_firmware_boots_on_unix_port_with_provisioned_identity(
     assert "board: esp32-devkitc" in text  # /board.json from the image
     path = Message.decode(datagram).opt.uri_path
     assert "/".join(path[1:3]) == ident.identifier, path  # /<resource>/<prefix>/<suffix>/...
+
+
+def _run_chip(built: fb.Build, image: bytes, root: Path) -> subprocess.Popen[bytes]:
+    """The files of a chip ``image`` written to ``root`` and its firmware started there under micropython (the
+    unix board), console on pipes (stderr into stdout)."""
+    for path, data in im.read_files(built.params, image).items():
+        dest = root / path[1:]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return subprocess.Popen(
+        [micropython_binary(), "main.py"],
+        cwd=root,
+        env=dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def read_until(stream: IO[bytes], marker: bytes, timeout: float, settle: float = 0.3) -> list[bytes]:
@@ -344,14 +348,7 @@ def test_factory_image_device_reports_to_a_running_gateway(built: fb.Build, tmp_
         f'port = 0\n[data]\ndir = "{data}"\n[upstream]\nurls = ["hdl://127.0.0.1:9"]\n'
     )
     gw = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from tools.cli import main; sys.exit(main())",
-            "gateway",
-            "--config",
-            str(conf),
-        ],
+        ida_command("gateway", "--config", str(conf)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -365,20 +362,7 @@ def test_factory_image_device_reports_to_a_running_gateway(built: fb.Build, tmp_
 
         ident = Identity(ident_text, key, (f"coap://{coap}",), "coap", secure=True)
         chip = personalise(built.params, built.fs_image, ident)
-        root = tmp_path / "flash"
-        for path, blob in im.read_files(built.params, chip.image).items():
-            dest = root / path[1:]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(blob)
-        env = dict(os.environ, IDA_DATA=str(root), IDA_WDT_MS="0")
-        dev = subprocess.Popen(
-            [micropython_binary(), "main.py"],
-            cwd=root,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        dev = _run_chip(built, chip.image, tmp_path / "flash")
         url = f"http://{http}/api/devices/{ident_text}"
         deadline = time.monotonic() + 40
         record = None

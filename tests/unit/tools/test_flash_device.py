@@ -294,8 +294,8 @@ def test_cli_device_reports_errors_without_traceback(
 ) -> None:
     import argparse
 
-    from tools.cli import CliError
     from tools.commands.flash import cli
+    from tools.errors import CliError
 
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
@@ -386,9 +386,9 @@ def test_wait_console_finds_the_identifier_on_a_pty() -> None:
         assert wait_console(port, 115200, timeout=10)("88.123.99/PUMP-000009") == "id: 88.123.99/PUMP-000009"
         with pytest.raises(ConsoleTimeout, match="did not report"):
             wait_console(port, 115200, timeout=1.2)("88.123.99/PUMP-000010")
-        # opened like `ida console` does (tools.commands.console.open_port): exclusively, so a port another program
+        # opened like `ida console` does (tools.support.console.open_port): exclusively, so a port another program
         # holds is a clear error, not a garbled session
-        from tools.commands.console import open_port
+        from tools.support.console import open_port
 
         held = open_port(port)
         try:

@@ -214,7 +214,7 @@ def test_cli_pool_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert [(r["identifier"], r["mac"], r["state"]) for r in rows] == [
         ("88.123.99/PUMP-000001", mac(7), "allocated")
     ]
-    from tools.cli import CliError
+    from tools.errors import CliError
 
     with pytest.raises(CliError, match="--prefix"):
         run_cli(tmp_path, "pool", "add", "--pattern", "X-{n}")

@@ -77,6 +77,12 @@ def factory_chip(built: fb.Build, cls: type[SimulatedChip] = SimulatedChip, **kw
     return chip
 
 
+def flashed(built: fb.Build, station: Station, url: str) -> tuple[SimulatedChip, Result]:
+    """A factory chip flashed once by the station (identity towards ``url``)."""
+    chip = factory_chip(built)
+    return chip, flash_device(chip, built, station, url)
+
+
 def chip_files(built: fb.Build, chip: SimulatedChip) -> dict[str, bytes]:
     return im.read_files(built.params, bytes(chip.flash[VFS : VFS + VFS_SIZE]))
 
@@ -234,8 +240,7 @@ def test_runtime_writes_and_the_nvs_partition(builds: Builds, station: Station) 
     from the image it holds. An app-only runtime (0x8000 table + 0x10000 app) leaves NVS and the filesystem
     alone: the key is kept."""
     b = builds.plain
-    chip = factory_chip(b)
-    first = flash_device(chip, b, station, COAP)
+    chip, first = flashed(b, station, COAP)
     chip.flash[0x10000] = 0xFF  # no app image any more: the runtime has to be written
     chip.written.clear()
     merged = flash_device(chip, b, station, COAP)
@@ -256,8 +261,7 @@ def test_failed_write_after_rekey_leaves_keystore_and_ledger_consistent(
     builds: Builds, station: Station
 ) -> None:
     b = builds.plain
-    chip = factory_chip(b)
-    first = flash_device(chip, b, station, COAP)
+    chip, first = flashed(b, station, COAP)
     device_ran(b, chip)
     chip.fail_after_writes = len(chip.written)  # the cable is pulled at the next write
     with pytest.raises(FlashError):
@@ -293,8 +297,7 @@ def test_mqtts_identity_references_the_batch_ca_and_only_the_identity_differs(
     builds: Builds, station: Station
 ) -> None:
     b = builds.with_ca
-    chip = factory_chip(b)
-    r = flash_device(chip, b, station, MQTTS)
+    chip, r = flashed(b, station, MQTTS)
     doc, ident = chip_identity(b, chip)
     assert doc["mqtt"] == "mqtts://192.168.4.1:8883" and doc["transport"] == "mqtt"
     assert doc["ca"] == "ca.crt" and doc["secure"] is True and ident.ca == "ca.crt"
@@ -409,7 +412,7 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
     builds: Builds, station: Station, tmp_path: Path
 ) -> None:
     """The chip's files under the real micropython: carrier.identity parses the identity (secure, mqtts, the
-    CA path under its data root) and carrier.mqtt builds its TLS context from the DER CA."""
+    CA path under its data root) and carrier.tls builds the MQTT TLS context from the DER CA."""
     from tests.support.mp import run_mp
 
     b = builds.with_ca
@@ -420,10 +423,10 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
     for path in (IDENTITY_PATH, CA_PATH):
         (root / path[1:]).write_bytes(chip_files(b, chip)[path])
     out = run_mp(
-        "from carrier import identity, mqtt\n"
+        "from carrier import identity, tls\n"
         "from fwfakes import FakeHal\n"
         f"i = identity.load(FakeHal({str(root) + '/'!r}))\n"
-        "ctx = mqtt.tls_context(i.ca_path)\n"
+        "ctx = tls.context(i.ca_path)\n"
         "print(i.secure, i.mqtt_tls, i.transport, i.mqtt[0], i.mqtt[1], i.ca_path, i.fingerprint())\n"
     )
     key = station.keystore().get(chip_identity(b, chip)[1].identifier)

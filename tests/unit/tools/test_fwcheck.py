@@ -112,6 +112,41 @@ def test_mpy_cross_rejects_what_mypy_accepts(mixed: fwcheck.Report) -> None:
     assert mixed.summary().startswith("firmware-check: FAILED, 3 of 6 files: 3 type error(s)")
 
 
+NUMBERS = "from micropython import const\n\nCON = const(0)\nACK = const(2)\n_SLOTS = const(4)\n"
+MIRRORS = """\
+from micropython import const
+
+_CON = const(0)  # mirrors numbers.CON
+_ACK = const(3)  # mirrors numbers.ACK
+_SLOTS = const(4)  # mirrors numbers._SLOTS
+_RST = const(3)  # mirrors numbers.RST
+_MISSING = const(1)  # mirrors nomodule.X
+_PLAIN = const(7)  # a private const() that mirrors nothing
+"""
+
+
+def test_mirrored_constants_must_match_their_source(tmp_path: Path) -> None:
+    fw = _tree(tmp_path, {"carrier/numbers.py": NUMBERS, "carrier/client.py": MIRRORS})
+    errors = fwcheck.mirror_errors(fwcheck.firmware_files(fw), tmp_path)
+    assert errors == {
+        "firmware/carrier/client.py:4": "_ACK = 3 but numbers.ACK = 2",
+        "firmware/carrier/client.py:6": "_RST: no RST = const(...) in numbers.py",
+        "firmware/carrier/client.py:7": "_MISSING: no X = const(...) in nomodule.py",
+    }
+    report = fwcheck.Report(
+        files=[fw / "carrier/client.py"], stubs="stubs", arches=ARCHES, mirror_errors=errors
+    )
+    assert not report.ok
+    assert report.summary().endswith(", 3 mirrored constant(s) wrong")
+    assert report.summary().startswith("firmware-check: FAILED, 1 of 1 file: 0 type error(s)")
+
+
+def test_the_firmware_mirrors_are_in_step() -> None:
+    files = fwcheck.firmware_files(ROOT / "firmware")
+    assert sum(len(fwcheck._MIRROR.findall(f.read_text(encoding="utf-8"))) for f in files) >= 20
+    assert fwcheck.mirror_errors(files, ROOT) == {}
+
+
 def test_cli_clean_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fw = _tree(tmp_path, {"main.py": GOOD, "carrier/__init__.py": "", "carrier/util.py": UTIL})
     assert fwcheck.main(["--stubs", str(STUBS), "--firmware", str(fw)]) == 0

@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 from gateway.errors import UpstreamBusy, UpstreamError, UpstreamRefused, UpstreamTimeout
 from gateway.upstream.native import HandleClient
 from gateway.upstream.rest import RestClient
-from proto.handle.codec import Reassembler, decode_message, decode_response, split_datagrams
+from proto.handle import Reassembler, decode_message, decode_response, split_datagrams
 from proto.records import RC_HANDLE_NOT_FOUND, RC_SUCCESS, RC_VALUES_NOT_FOUND, HandleValue
+from tests.support.captures import load_capture
 from tools.cli import main as ida_main
 from tools.harness.node import (
     Knobs,
@@ -48,7 +49,6 @@ from tools.harness.node import (
 from tools.harness.node.native import NotARequest, answer, read_request
 from tools.harness.node.store import SAMPLE_RECORDS, sample_records
 
-CAPTURES = Path(__file__).resolve().parents[2] / "vectors" / "handle-native"
 IDA = str(Path(sys.executable).parent / "ida")
 PUMP = "88.123.99/PUMP-0001"
 MANY = "88.123.99/MANY-0001"
@@ -56,24 +56,10 @@ TS = "2026-11-21T22:44:41Z"  # the value timestamps of the capture (0x6b021ed9)
 FAST = {"timeout": 0.4, "retries": 1, "backoff": 0.1}
 
 
-def capture(name: str) -> tuple[bytes, list[bytes]]:
-    """(request, [response datagrams]) of one capture file."""
-    request, responses, direction = b"", [], ""
-    for line in (CAPTURES / name).read_text().splitlines():
-        if line.startswith("#"):
-            direction = line[1:].split()[0]
-        elif line.strip():
-            if direction == "REQUEST":
-                request = bytes.fromhex(line.strip())
-            else:
-                responses.append(bytes.fromhex(line.strip()))
-    return request, responses
+FOUND_REQUEST = load_capture("capture_found.hex")[0]
 
 
-FOUND_REQUEST = capture("capture_found.hex")[0]
-
-
-# -- RFC 3652 layout, written out by hand (not through proto.handle.codec) ------------------------------
+# -- RFC 3652 layout, written out by hand (not through proto.handle) ------------------------------
 def rfc_request(
     handle: bytes,
     *,
@@ -188,12 +174,12 @@ def client(node: NodeServer, **kw: Any) -> HandleClient:
 # wire: RFC byte layout and the HANDLE.NET captures
 # ------------------------------------------------------------------------------------------------------
 def test_hand_built_request_is_the_captured_request() -> None:
-    req, _ = capture("capture_found.hex")
+    req, _ = load_capture("capture_found.hex")
     assert rfc_request(b"88.123.99/PUMP-0001", request_id=0x1C77F8E5, expiration=0x6B02C7BA) == req
 
 
 async def test_hand_built_request_gets_the_captured_response_byte_for_byte(node: NodeServer) -> None:
-    req, (want,) = capture("capture_found.hex")
+    req, (want,) = load_capture("capture_found.hex")
     built = rfc_request(b"88.123.99/PUMP-0001", request_id=0x1C77F8E5, expiration=0x6B02C7BA)
     (got,) = await udp_exchange(port_of(node), built)
     assert got == want  # every byte, timestamps and expiration included
@@ -208,7 +194,7 @@ async def test_hand_built_request_gets_the_captured_response_byte_for_byte(node:
 
 @pytest.mark.parametrize("name", ["capture_notfound.hex", "capture_many.hex", "capture_ttl.hex"])
 async def test_every_captured_exchange_is_reproduced(node: NodeServer, name: str) -> None:
-    req, want = capture(name)
+    req, want = load_capture(name)
     got = await udp_exchange(port_of(node), req, want=len(want))
     assert got == want
 
@@ -279,7 +265,7 @@ async def test_unhosted_prefix_is_301_and_other_opcodes_are_refused(node: NodeSe
 
 
 async def test_garbage_and_responses_are_dropped_and_counted(node: NodeServer) -> None:
-    req, (resp,) = capture("capture_found.hex")
+    req, (resp,) = load_capture("capture_found.hex")
     got = await udp_exchange(port_of(node), b"\x00" * 7, b"\x09" * 60, resp, want=1, wait=0.2)
     assert got == []
     assert node.stats.dropped["malformed"] == 3
@@ -338,7 +324,7 @@ async def test_handle_client_gets_many_over_udp(node: NodeServer) -> None:
 
 async def test_truncate_sends_the_client_to_tcp(node: NodeServer) -> None:
     node.knobs.truncate = True
-    (tc,) = await udp_exchange(port_of(node), capture("capture_found.hex")[0])
+    (tc,) = await udp_exchange(port_of(node), load_capture("capture_found.hex")[0])
     assert struct.unpack_from(">H", tc, 2)[0] & 0x2000 and len(tc) == 48  # TC set, header + credential only
     async with client(node) as c:
         r = await c.resolve(PUMP)

@@ -113,6 +113,22 @@ def test_all_upstreams_down_exits_3_quickly(capsys: pytest.CaptureFixture[str]) 
     assert "all upstreams failed" in err
 
 
+def test_foreign_prefix_exits_3_naming_the_refusal(
+    node: RestNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prefix the node does not host (301): the same output as any resolution no node could answer."""
+    body = b'{"responseCode": 301, "handle": "99.999/X", "message": "server not responsible for handle"}'
+    node.canned["99.999/X"] = (404, body, 0.0)
+    try:
+        assert main(["resolve", "99.999/X", "-u", node.url]) == 3
+    finally:
+        del node.canned["99.999/X"]
+    assert capsys.readouterr().err.splitlines() == [
+        "ida resolve: 99.999/X: all upstreams failed, nothing cached",
+        f"  {node.url}: UpstreamRefused: 99.999/X: HTTP 404 responseCode 301: server not responsible for handle",
+    ]
+
+
 def test_env_upstream_is_the_default(
     node: RestNode, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,19 +23,13 @@ import pytest
 from proto import devicemsg
 from tests.support.brokers import Broker, mosquitto_binary
 from tools.harness.bench.coapmsg import ACK, CON, RST, encode_message, parse_header, parse_options
-from tools.harness.bench.procs import free_port
-from tools.harness.bench.project import GatewayProcess, NodeProcess, ida_cmd
+from tools.harness.bench.project import GatewayProcess, NodeProcess
 from tools.harness.sim import SimConfig, SimError, run_fleet, run_sim
 from tools.harness.sim import coap as simcoap
-from tools.harness.sim.mqtt import (
-    PacketReader,
-    encode_connect,
-    encode_publish,
-    encode_subscribe,
-    parse_publish,
-)
+from tools.harness.sim.mqtt import MqttConn
 from tools.harness.sim.provision import provision
 from tools.harness.sim.stats import Counters, Histogram
+from tools.support.procs import free_port, ida_command
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -96,16 +90,53 @@ def test_provision_keeps_the_key_and_rewrites_only_on_change(tmp_path: Path) -> 
         provision(d, "no-separator", coap="coap://127.0.0.1:5683")
 
 
-def test_mqtt_codec_round_trip() -> None:
-    r = PacketReader()
-    pub = encode_publish("ida/v1/d/x/rpt", b"\xa1\x01\x02", qos=1, retain=True, packet_id=7)
-    sub = encode_subscribe(3, [("a/b", 0), ("c/d", 1)])
-    con = encode_connect("dev", 60, will=("ida/v1/d/x/status", b"off", 1, True))
-    packets = r.feed(pub[:3]) + r.feed(pub[3:] + sub + con)
-    assert [p[0] for p in packets] == [3, 8, 1]
-    assert parse_publish(packets[0][1], packets[0][2]) == ("ida/v1/d/x/rpt", b"\xa1\x01\x02", 1, 7)
-    assert packets[0][1] & 1 == 1  # retain
-    assert packets[2][2][7] == 0x02 | 0x04 | 0x08 | 0x20  # clean, will, will QoS 1, will retain
+async def test_mqtt_client_against_mosquitto(mosquitto: Broker) -> None:
+    """The simulator's client (packets from proto/mqtt): connect with a last will, subscribe in batches, publish
+    QoS 0/1 and retained, take an incoming QoS 1 message, and a lost connection publishes the will."""
+    loop = asyncio.get_running_loop()
+    events: list[tuple[str, object]] = []
+    got: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+
+    def conn(name: str, subs: list[tuple[str, int]], **kw: Any) -> MqttConn:
+        return MqttConn(
+            name,
+            subs,
+            on_connack=lambda c: events.append(("connack", c.client_id)),
+            on_ready=lambda c: events.append(("ready", c.client_id)),
+            on_message=lambda c, t, p: got.put_nowait((c.client_id, t, p)),
+            on_lost=lambda c, why: events.append(("lost", why)),
+            **kw,
+        )
+
+    many = [(f"sim/t/{i}", i % 2) for i in range(70)]  # two SUBSCRIBE packets (SUBSCRIBE_BATCH 64)
+    a = conn("sim-a", [*many, ("sim/will", 1)])
+    b = conn("sim-b", [], will=("sim/will", b"gone", 1, False))
+    await loop.create_connection(lambda: a, mosquitto.host, mosquitto.port)
+    await loop.create_connection(lambda: b, mosquitto.host, mosquitto.port)
+    assert await asyncio.wait_for(a.connack, 5) == 0 and await asyncio.wait_for(b.connack, 5) == 0
+    for _ in range(50):
+        if a.ready and b.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert a.ready and b.ready and ("ready", "sim-a") in events
+    assert b.publish("sim/t/69", b"\xa1\x01\x02", qos=1)
+    assert b.publish("sim/t/0", b"zero")
+    assert b.publish("sim/t/5", b"kept", qos=1, retain=True)
+    assert {await asyncio.wait_for(got.get(), 5) for _ in range(3)} == {
+        ("sim-a", "sim/t/69", b"\xa1\x01\x02"),
+        ("sim-a", "sim/t/0", b"zero"),
+        ("sim-a", "sim/t/5", b"kept"),
+    }
+    c = conn("sim-c", [("sim/t/5", 0)])  # a later subscriber gets the retained message
+    await loop.create_connection(lambda: c, mosquitto.host, mosquitto.port)
+    assert await asyncio.wait_for(got.get(), 5) == ("sim-c", "sim/t/5", b"kept")
+    c.disconnect()
+    b.abort("test drops it")  # no DISCONNECT: the broker publishes the will
+    assert await asyncio.wait_for(got.get(), 5) == ("sim-a", "sim/will", b"gone")
+    assert ("lost", "test drops it") in events
+    a.disconnect()
+    await asyncio.sleep(0.1)
+    assert ("lost", None) in events  # a close the owner asked for
 
 
 # -- the CoAP client against a scripted peer ------------------------------------------------------------------
@@ -320,22 +351,36 @@ def _check_every_report_once(gw: RealGateway, prefix: str, devices: int, r: Any)
     )
 
 
-@pytest.mark.slow
-def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
-    prefix = "88.123.201"
-    cfg = SimConfig(
+def _light_200(
+    gw: RealGateway,
+    transport: str,
+    prefix: str,
+    data_dir: Path,
+    resolves: tuple[float, tuple[str, ...]],
+    **kw: Any,
+) -> SimConfig:
+    """200 light devices of ``gw`` reporting every 1.5 s for 3 s under ``prefix``; ``resolves``: (every, ids)."""
+    to = {"gateway": gw.coap} if transport == "coap" else {"broker": gw.mqtt}
+    every, ids = resolves
+    return SimConfig(
         devices=200,
-        gateway=gateway.coap,
-        transport="coap",
         interval=1.5,
         duration=3.0,
         mode="light",
+        transport=transport,
         prefix=prefix,
-        data_dir=tmp_path,
-        summary_every=1.0,
-        resolve_every=1.5,
-        resolve_ids=("88.123.99/PUMP-0001",),
+        data_dir=data_dir,
+        resolve_every=every,
+        resolve_ids=ids,
+        **to,
+        **kw,
     )
+
+
+@pytest.mark.slow
+def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
+    prefix = "88.123.201"
+    cfg = _light_200(gateway, "coap", prefix, tmp_path, (1.5, ("88.123.99/PUMP-0001",)), summary_every=1.0)
     lines: list[str] = []
     r = run_sim(cfg, out=lines.append)
     _check_every_report_once(gateway, prefix, 200, r)
@@ -352,19 +397,8 @@ def test_light_200_devices_over_coap_against_the_gateway(gateway: RealGateway, t
 @pytest.mark.slow
 def test_light_200_devices_over_mqtt_against_the_gateway(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.202"
-    cfg = SimConfig(
-        devices=200,
-        broker=gateway.mqtt,
-        transport="mqtt",
-        interval=1.5,
-        duration=3.0,
-        mode="light",
-        prefix=prefix,
-        data_dir=tmp_path,
-        summary_every=0,
-        resolve_every=1.0,
-        resolve_ids=("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001"),
-    )
+    ids = ("88.123.99/PUMP-0001", "88.123.99/PUMP-0001", "88.123.99/NOPE-0001")
+    cfg = _light_200(gateway, "mqtt", prefix, tmp_path, (1.0, ids), summary_every=0)
     r = run_sim(cfg)
     _check_every_report_once(gateway, prefix, 200, r)
     c = r.counters
@@ -396,18 +430,12 @@ def _processes_under(path: Path) -> list[int]:
     return out
 
 
-def _ida(*args: str) -> list[str]:
-    return ida_cmd(
-        *args
-    )  # `python -c "from tools.cli import main..."`: CliError is the class the CLI catches
-
-
 @pytest.mark.slow
 def test_firmware_mode_two_real_devices_coap_and_mqtt(gateway: RealGateway, tmp_path: Path) -> None:
     prefix = "88.123.203"
     data = tmp_path / "fleet"
     proc = subprocess.run(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "2",
@@ -457,7 +485,7 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
     """No gateway at all: reports time out; SIGINT still ends the run promptly with the final summary."""
     dead = free_port()
     proc = subprocess.Popen(
-        _ida(
+        ida_command(
             "sim",
             "--devices",
             "20",
@@ -498,7 +526,9 @@ def test_ctrl_c_stops_the_fleet_with_a_summary_and_nothing_left(tmp_path: Path) 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     proc = subprocess.run(
-        _ida("sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)),
+        ida_command(
+            "sim", "--devices", "3", "--mode", "firmware", "--interval", "2", "--data-dir", str(tmp_path)
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

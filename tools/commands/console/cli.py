@@ -16,14 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.cli import CliError
+from tools.errors import CliError
+from tools.support.console import DEFAULT_BAUD, ConsoleError, DeviceConsole, Reply, Timeouts, Transcript
 
-from .errors import ConsoleError
-from .ports import DEFAULT_BAUD, choose_port
-from .protocol import Reply
+from .ports import choose_port
 from .report import LOG_LINES, default_transcript_path, inspect
-from .session import ConsoleSession, Timeouts
-from .transcript import Transcript
 
 _PORTISH = re.compile(r"^(/|\\\\\.\\|[A-Za-z][A-Za-z0-9+.-]*://|COM\d+$)", re.IGNORECASE)
 
@@ -100,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         transcript = Transcript(port, args.baud)
         if args.transcript:
             transcript.attach(args.transcript)
-        session = ConsoleSession.open(port, args.baud, transcript=transcript, timeouts=Timeouts())
+        session = DeviceConsole.open(port, args.baud, transcript=transcript, timeouts=Timeouts())
     except (ConsoleError, OSError) as e:
         raise CliError(str(e)) from None
     try:
@@ -127,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         transcript.close()
 
 
-def _inspect(session: ConsoleSession, args: argparse.Namespace) -> int:
+def _inspect(session: DeviceConsole, args: argparse.Namespace) -> int:
     with session:
         report = inspect(session, args.log_lines)
     path = Path(args.transcript) if args.transcript else default_transcript_path(report, args.transcript_dir)

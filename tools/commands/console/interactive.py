@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConsoleError, PortError
-from .protocol import Banner, Crash, Event, Garbage, Text
+from tools.support.console import Banner, ConsoleError, Crash, DeviceConsole, Event, Garbage, PortError, Text
+from tools.support.console.scrub import scrub
+
 from .report import inspect
-from .scrub import scrub
-from .session import ConsoleSession
 
 __all__ = ["FIRST_OUTPUT_WAIT", "HISTORY_LENGTH", "OUTPUT_QUIET", "history_file", "run_interactive"]
 
@@ -124,7 +123,7 @@ def _save_history(readline: Any) -> None:
 
 
 def run_interactive(
-    session: ConsoleSession,
+    session: DeviceConsole,
     *,
     json_mode: bool = False,
     read_line: Callable[[str], str] | None = None,
@@ -223,7 +222,7 @@ def run_interactive(
     return code
 
 
-def _inspect(session: ConsoleSession, json_mode: bool, out: TextIO) -> None:
+def _inspect(session: DeviceConsole, json_mode: bool, out: TextIO) -> None:
     try:
         report = inspect(session)
     except ConsoleError as e:

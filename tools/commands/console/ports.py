@@ -1,34 +1,19 @@
-"""Finding a device's serial port and opening it without resetting the chip.
-
-Espressif boards are found by the USB VID:PID of their console (the USB-UART bridge or the chip's native USB)
-as the board files in ``boards/`` list them (:func:`tools.support.boards.console_usb_ids`).
-
-Opening must not reset the chip. On a DevKit the USB-UART bridge's DTR and RTS lines drive EN (reset) and
-IO0 (boot mode) through two transistors: RTS asserted with DTR released pulls EN low. :func:`open_port`
-therefore creates the port unopened, sets ``dtr = rts = False`` and only then opens it, so pyserial applies
-"both released" as the port's first state (it does so right after the OS opened the device, DTR first, then
-RTS); nothing toggles them afterwards. The port is opened exclusively, so a second program (esptool, another
-terminal) gets a clear "busy" error instead of a garbled session.
+"""Finding a device's serial port: Espressif boards are found by the USB VID:PID of their console (the USB-UART
+bridge or the chip's native USB) as the board files in ``boards/`` list them
+(:func:`tools.support.boards.console_usb_ids`). Opening the port without resetting the chip is
+:func:`tools.support.console.serialport.open_port` (named here too).
 """
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from tools.support.boards import UsbId, console_usb_ids
-
-from .errors import AmbiguousPort, NoPortFound, PortError
+from tools.support.console.errors import AmbiguousPort, NoPortFound
+from tools.support.console.serialport import DEFAULT_BAUD, open_port
 
 __all__ = ["DEFAULT_BAUD", "PortInfo", "choose_port", "find_ports", "list_serial_ports", "open_port"]
-
-DEFAULT_BAUD = 115200
-READ_SLICE = 0.05
-"""Seconds one ``read`` on the port may block: the granularity of every wait in a session."""
-WRITE_TIMEOUT = 2.0
-"""Seconds a write may block (a USB bridge that stopped taking data)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,55 +70,3 @@ def choose_port(usb_ids: Iterable[UsbId] | None = None, ports: Sequence[PortInfo
         f"{len(found)} Espressif console ports found: {'; '.join(str(p) for p in found)}",
         "name the one to use: ida console PORT",
     )
-
-
-def open_port(
-    device: str,
-    baud: int = DEFAULT_BAUD,
-    *,
-    timeout: float = READ_SLICE,
-    serial_factory: Callable[[], Any] | None = None,
-) -> Any:
-    """Open ``device`` (a path, ``COM3``, or a pyserial URL such as ``rfc2217://host:port``) with DTR and
-    RTS released before the open, exclusively, in raw 8N1 at ``baud``. Returns the open pyserial port.
-    Raises :class:`PortError` for a missing, busy or forbidden port."""
-    import serial
-
-    if serial_factory is not None:
-        ser = serial_factory()
-    elif "://" in device:
-        ser = serial.serial_for_url(device, do_not_open=True)
-    else:
-        ser = serial.Serial()
-    ser.port = device
-    ser.baudrate = baud
-    ser.timeout = timeout
-    ser.write_timeout = WRITE_TIMEOUT
-    if hasattr(ser, "exclusive"):
-        ser.exclusive = True
-    ser.dtr = False  # released before the open: the open itself applies them, no reset pulse
-    ser.rts = False
-    try:
-        ser.open()
-    except (serial.SerialException, OSError) as e:
-        raise _port_error(device, e) from None
-    return ser
-
-
-def _port_error(device: str, e: BaseException) -> PortError:
-    code = getattr(e, "errno", None)
-    text = str(e)
-    if code == errno.ENOENT or "No such file" in text or "FileNotFoundError" in text:
-        return PortError(
-            f"{device}: no such port", "is the device plugged in? ida console without PORT lists ports"
-        )
-    if code in (errno.EACCES, errno.EPERM) or "ermission denied" in text:
-        return PortError(
-            f"{device}: permission denied", "add your user to the group owning the port (dialout or uucp)"
-        )
-    if code in (errno.EBUSY, errno.EAGAIN) or "exclusively lock" in text or "busy" in text.lower():
-        return PortError(
-            f"{device}: port busy (another program has it open)",
-            "close esptool, ida flash or the other terminal using it",
-        )
-    return PortError(f"{device}: cannot open the port: {text}")

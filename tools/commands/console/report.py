@@ -1,7 +1,7 @@
 """``inspect``: one report of a device for a service record.
 
 :func:`inspect` runs ``id``, ``status``, ``net``, ``config get``, ``log N`` and ``selftest`` through a
-:class:`~tools.commands.console.session.ConsoleSession` and returns a :class:`Report`: the sections as the device
+:class:`~tools.support.console.device.DeviceConsole` and returns a :class:`Report`: the sections as the device
 answered them (secrets scrubbed), the queue figures taken from ``status``, what the session saw on the line
 (restarts, crash reports, garbage), the problems found (a failed self-test, safe mode, network or transport
 down, dropped reports, a crash...) and notes. A section the device could not answer is recorded with the
@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConsoleError
-from .scrub import scrub_obj
-from .session import ConsoleSession
-from .transcript import utc_stamp
+from tools.support.console import ConsoleError, DeviceConsole
+from tools.support.console.scrub import scrub_obj
+from tools.support.console.transcript import utc_stamp
 
 __all__ = ["LOG_LINES", "Report", "STEPS", "default_transcript_path", "inspect"]
 
@@ -132,10 +131,10 @@ def _fields(d: dict[str, Any], indent: str = "  ") -> list[str]:
     return out
 
 
-def inspect(session: ConsoleSession, log_lines: int = LOG_LINES, clock: Any = time.time) -> Report:
-    """Collect the report (see the module docstring). Raises only :class:`~tools.commands.console.errors.PortError`
+def inspect(session: DeviceConsole, log_lines: int = LOG_LINES, clock: Any = time.time) -> Report:
+    """Collect the report (see the module docstring). Raises only :class:`~tools.support.console.errors.PortError`
     (the port itself failed); a command that times out or fails is recorded in ``report.errors``."""
-    from .errors import PortError
+    from tools.support.console import PortError
 
     report = Report(port=session.name, time=clock())
     session.transcript.note("inspect: collecting id, status, net, config, log, selftest")

@@ -3,9 +3,14 @@
 Per batch, :func:`build` compiles the firmware (mpy-cross) and builds the board's LittleFS image once. Per
 chip, :func:`flash_device` detects the chip through a :class:`Programmer` (esptool, or a simulated chip), binds
 an identifier to its MAC in the :class:`Ledger`, adds ``/identity.json`` (:class:`Identity`, ``"secure": true``,
-a new key in the :class:`Keystore` whenever the chip's filesystem is written) to the batch image, writes only the blocks that differ, verifies, resets and registers the
-device in the gateway's local zone. :func:`run_batch` does that for every chip that appears. See
-docs/flashing.md.
+a new key in the :class:`Keystore` whenever the chip's filesystem is written) to the batch image, writes only the
+blocks that differ, verifies, resets and registers the device in the gateway's local zone. :func:`run_batch` does
+that for every chip that appears. See docs/flashing.md.
+
+Modules: ``builder`` (the batch build), ``image`` (LittleFS images), ``identity`` (the identity file and the
+per-chip image), ``keystore``, ``ledger``, ``ca`` (the broker CA on the image), ``programmer`` (esptool or a
+simulated chip), ``provision`` (one chip), ``batch`` (every chip that appears), ``register`` (the device in the
+gateway's local zone), ``errors``, ``cli`` (``ida flash``).
 """
 
 from __future__ import annotations

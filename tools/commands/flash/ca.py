@@ -2,7 +2,7 @@
 
 ``ida flash build --ca FILE`` puts it into the batch filesystem image as ``/ca.crt`` (so per chip only the
 identity file differs) and the identity names it: ``"ca": "ca.crt"`` (``firmware/carrier/identity.py``; the
-firmware loads it with ``load_verify_locations(cadata=DER)``, ``firmware/carrier/mqtt.py``).
+firmware loads it with ``load_verify_locations(cadata=DER)``, ``firmware/carrier/tls.py``).
 
 The file may be PEM or DER; it is stored as DER (what mbedTLS takes, and a third smaller than PEM). The device
 trusts exactly one CA, so a PEM file with several certificates is refused rather than cut to its first one.

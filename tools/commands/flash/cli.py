@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.support.boards import BoardError, list_boards, load_board
 
 from . import batch as batch_mod

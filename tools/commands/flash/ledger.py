@@ -43,6 +43,18 @@ FILENAME = "flash-ledger.sqlite3"
 BUSY_TIMEOUT_S = 30.0
 STATES = ("allocated", "flashed", "verified", "failed")
 
+# what a flashing left on a chip and who did it: a column of both the devices and the events table
+_FLASH_COLUMNS = (
+    "firmware_version",
+    "fs_sha256",
+    "image_sha256",
+    "runtime_sha256",
+    "key_fingerprint",
+    "previous_key_fingerprint",
+    "security",
+    "operator",
+    "station",
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pool (
     identifier TEXT PRIMARY KEY,
@@ -59,15 +71,7 @@ CREATE TABLE IF NOT EXISTS devices (
     mac              TEXT NOT NULL UNIQUE,
     board            TEXT NOT NULL,
     state            TEXT NOT NULL CHECK (state IN ('allocated', 'flashed', 'verified', 'failed')),
-    firmware_version TEXT,
-    fs_sha256        TEXT,
-    image_sha256     TEXT,
-    runtime_sha256   TEXT,
-    key_fingerprint  TEXT,
-    previous_key_fingerprint TEXT,
-    security         TEXT,
-    operator         TEXT,
-    station          TEXT,
+{flash_columns},
     created          TEXT NOT NULL,
     updated          TEXT NOT NULL,
     detail           TEXT
@@ -79,18 +83,10 @@ CREATE TABLE IF NOT EXISTS events (
     mac              TEXT,
     board            TEXT,
     result           TEXT NOT NULL,
-    firmware_version TEXT,
-    fs_sha256        TEXT,
-    image_sha256     TEXT,
-    runtime_sha256   TEXT,
-    key_fingerprint  TEXT,
-    previous_key_fingerprint TEXT,
-    security         TEXT,
-    operator         TEXT,
-    station          TEXT,
+{flash_columns},
     detail           TEXT
 );
-"""
+""".replace("{flash_columns}", ",\n".join(f"    {c:<16} TEXT" for c in _FLASH_COLUMNS))
 # columns added after the first release: a ledger made before gets them on open (ALTER TABLE ... ADD COLUMN)
 _ADDED_COLUMNS = ("previous_key_fingerprint", "security")
 

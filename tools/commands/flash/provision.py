@@ -424,11 +424,11 @@ def _write(programmer: Programmer, plan: list[tuple[str, int, bytes]], progress:
 
 def wait_console(port: str, baud: int, timeout: float = 20.0) -> Callable[[str], str]:
     """A ``console`` callback for :func:`flash_device`: open the port the way ``ida console`` does
-    (:func:`tools.commands.console.open_port`: DTR/RTS released before the open, so no reset; exclusive), ask ``id``
+    (:func:`tools.support.console.open_port`: DTR/RTS released before the open, so no reset; exclusive), ask ``id``
     every second and return the first line that contains the identifier."""
 
     def wait(identifier: str) -> str:
-        from tools.commands.console import PortError, open_port
+        from tools.support.console import PortError, open_port
 
         from .errors import ConsoleTimeout
 

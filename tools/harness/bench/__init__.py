@@ -8,10 +8,11 @@
     load_scenarios()
     results = run_scenarios(["P1", "P3"], BenchOptions(quick=True))   # ScenarioResult per key
 
-Modules: ``coapmsg`` (the CoAP bytes), ``loadgen`` (closed-loop generator, worker processes), ``servers``
-(anchor servers, run as processes), ``anchors`` (start/stop them), ``procs`` (child processes, CPU time),
-``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario`` (framework), ``p1``...``p5``
-(scenarios), ``report`` (text, JSON, Markdown), ``cli``.
+Modules: ``coapmsg`` (the CoAP bytes), ``loadgen`` (closed-loop CoAP generator, worker processes), ``mqttmsg``
+and ``mqttload`` (the MQTT bytes and load), ``servers`` (anchor servers, run as processes), ``anchors`` (start/stop
+them), ``broker`` (a Mosquitto for P2/P5), ``procs`` (``Child``: a :class:`tools.support.procs.Process` with
+``BenchError`` and CPU time), ``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario``
+(framework), ``p1``...``p5`` (scenarios), ``report`` (text, JSON, Markdown), ``cli``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.bench import SCENARIO_KEYS, load_scenarios
 from tools.harness.bench.report import as_json, as_markdown, as_text
 from tools.harness.bench.scenario import BenchOptions, run_scenarios

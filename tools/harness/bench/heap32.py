@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.harness.bench.procs import BenchError, Child, free_port
-from tools.harness.bench.project import SAMPLE_ID, ida_cmd
+from tools.harness.bench.project import SAMPLE_ID
+from tools.support.procs import ida_command
 
 __all__ = ["Heap32Rig", "Probe", "heap32_figures"]
 
@@ -164,7 +165,7 @@ class Heap32Rig:
         self.coap, self.http = free_port(), free_port(kind=socket.SOCK_STREAM)
         (work / "gateway.toml").write_text(CONFIG.format(coap=self.coap, http=self.http, data=data))
         self.gateway = Child(
-            "gateway", ida_cmd("gateway", "--config", str(work / "gateway.toml")), log_dir=work
+            "gateway", ida_command("gateway", "--config", str(work / "gateway.toml")), log_dir=work
         )
         self.images: dict[bool, tuple[str, Path]] = {}
         self.used = 0

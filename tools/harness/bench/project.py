@@ -12,25 +12,28 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from tools.harness.bench.anchors import coap_request
-from tools.harness.bench.procs import BenchError, Child, free_port
+from tools.harness.bench.procs import BenchError, Child
+from tools.support.procs import free_port, ida_command
 
-__all__ = ["GatewayProcess", "NodeProcess", "ida_cmd", "bench_records", "PREFIX", "SAMPLE_ID", "resolve_path"]
+__all__ = [
+    "GatewayProcess",
+    "NodeProcess",
+    "bench_records",
+    "rest_record",
+    "PREFIX",
+    "SAMPLE_ID",
+    "resolve_path",
+]
 
 PREFIX = "88.123.99"
 SAMPLE_ID = "88.123.99/PUMP-0001"
 _STATS = re.compile(rb"^node stats: requests ([^;]*);")
-
-
-def ida_cmd(*args: str) -> list[str]:
-    """``ida ARGS`` with this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-c", "import sys; from tools.cli import main; sys.exit(main())", *args]
 
 
 def resolve_path(ident: str) -> tuple[str, ...]:
@@ -39,31 +42,24 @@ def resolve_path(ident: str) -> tuple[str, ...]:
     return ("r", prefix, *suffix.split("/"))
 
 
+def rest_record(handle: str, url: str) -> dict[str, Any]:
+    """A Handle REST record shaped like the sample PUMP record: a URL (index 1) and an EMAIL (index 2)."""
+    values = [(1, "URL", url), (2, "EMAIL", "ops@example.com")]
+    return {
+        "handle": handle,
+        "values": [
+            {"index": i, "type": t, "data": {"format": "string", "value": v}, "ttl": 86400}
+            for i, t, v in values
+        ],
+    }
+
+
 def bench_records(n: int, stem: str = "BENCH", start: int = 0) -> list[dict[str, Any]]:
     """``n`` Handle REST records ``88.123.99/<stem>-00000``... shaped like the sample PUMP record."""
-    out = []
-    for i in range(start, start + n):
-        h = f"{PREFIX}/{stem}-{i:05d}"
-        out.append(
-            {
-                "handle": h,
-                "values": [
-                    {
-                        "index": 1,
-                        "type": "URL",
-                        "data": {"format": "string", "value": f"https://example.com/bench/{i}"},
-                        "ttl": 86400,
-                    },
-                    {
-                        "index": 2,
-                        "type": "EMAIL",
-                        "data": {"format": "string", "value": "ops@example.com"},
-                        "ttl": 86400,
-                    },
-                ],
-            }
-        )
-    return out
+    return [
+        rest_record(f"{PREFIX}/{stem}-{i:05d}", f"https://example.com/bench/{i}")
+        for i in range(start, start + n)
+    ]
 
 
 class NodeProcess:
@@ -101,7 +97,7 @@ class NodeProcess:
             path = self.log_dir / f"{self.name}-records.json"
             path.write_text(json.dumps(recs))
             args += ["--records", str(path)]
-        self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start(stdout_pipe=True)
+        self.child = Child(self.name, ida_command(*args), log_dir=self.log_dir).start(stdout_pipe=True)
         try:
             m = self.child.wait_line(rb"handle udp\+tcp listening on (\S+):(\d+)", timeout=30)
         except BaseException:
@@ -192,7 +188,7 @@ class GatewayProcess:
             *config,
             *self.extra,
         ]
-        self.child = Child(self.name, ida_cmd(*args), log_dir=self.log_dir).start()
+        self.child = Child(self.name, ida_command(*args), log_dir=self.log_dir).start()
         deadline = time.monotonic() + timeout
         path = resolve_path(self.probe)
         try:
@@ -222,7 +218,7 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.child is not None:
-            self.child.stop(timeout=10)
+            self.child.stop(grace=10)
             self.child = None
 
     def __enter__(self) -> GatewayProcess:

@@ -84,34 +84,43 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return out
 
 
+# one line per scenario: ``{figure}`` is shown as a table cell, ``{figure!s}`` as it is
+_HEADLINES = {
+    "P1": "P1 gateway {rps} req/s, p50 {p50_ms} ms, p99 {p99_ms} ms | x libcoap {ratio_libcoap}, x aiocoap "
+    "{ratio_aiocoap}, x raw UDP {ratio_raw_udp}, x raw UDP batched {ratio_raw_udp_drain}",
+    "P2": "P2 gateway {rps} req/s over MQTT, p50 {p50_ms} ms, p99 {p99_ms} ms | x bare MQTT responder "
+    "{ratio_mqtt_raw}",
+    "P3": "P3 upstream requests for {concurrent_misses!s} concurrent misses: {upstream_requests!s} | miss "
+    "overhead p50 {miss_overhead_p50_ms} ms",
+    "P4": "P4 heap {heap_bytes} B, .mpy {mpy_bytes} B, resolve request {request_bytes} B",
+    "P5": "P5 gateway CPU {gateway_cpu} of a core for {reports_per_s} reports/s ({reports_acked}/{reports_sent} "
+    "acknowledged)",
+}
+
+
+class _Figure:
+    """A figure in a headline template: formatted as a cell, ``!s`` as it is."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return _cell(self.value)
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class _Figures(dict[str, _Figure]):
+    def __missing__(self, key: str) -> _Figure:
+        return _Figure(None)
+
+
 def _headline(r: ScenarioResult) -> str:
     f = r.figures
-    if r.key == "P1":
-        return (
-            f"P1 gateway {_cell(f.get('rps'))} req/s, p50 {_cell(f.get('p50_ms'))} ms, p99 {_cell(f.get('p99_ms'))} ms"
-            f" | x libcoap {_cell(f.get('ratio_libcoap'))}, x aiocoap {_cell(f.get('ratio_aiocoap'))}, "
-            f"x raw UDP {_cell(f.get('ratio_raw_udp'))}, x raw UDP batched {_cell(f.get('ratio_raw_udp_drain'))}"
-        )
-    if r.key == "P3":
-        return (
-            f"P3 upstream requests for {f.get('concurrent_misses')} concurrent misses: {f.get('upstream_requests')}"
-            f" | miss overhead p50 {_cell(f.get('miss_overhead_p50_ms'))} ms"
-        )
-    if r.key == "P2":
-        return (
-            f"P2 gateway {_cell(f.get('rps'))} req/s over MQTT, p50 {_cell(f.get('p50_ms'))} ms, p99 "
-            f"{_cell(f.get('p99_ms'))} ms | x bare MQTT responder {_cell(f.get('ratio_mqtt_raw'))}"
-        )
-    if r.key == "P4":
-        return (
-            f"P4 heap {_cell(f.get('heap_bytes'))} B, .mpy {_cell(f.get('mpy_bytes'))} B, resolve request "
-            f"{_cell(f.get('request_bytes'))} B"
-        )
-    if r.key == "P5":
-        return (
-            f"P5 gateway CPU {_cell(f.get('gateway_cpu'))} of a core for {_cell(f.get('reports_per_s'))} reports/s "
-            f"({_cell(f.get('reports_acked'))}/{_cell(f.get('reports_sent'))} acknowledged)"
-        )
+    template = _HEADLINES.get(r.key)
+    if template is not None:
+        return template.format_map(_Figures({k: _Figure(v) for k, v in f.items()}))
     keys = [k for k in f if k not in ("meets_goal",)][:5]
     return f"{r.key} " + ", ".join(f"{k} {_cell(f[k])}" for k in keys)
 

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+from proto import mqtt
 from tools.harness.bench.coapmsg import (
     CON,
     CONTENT,
@@ -173,22 +174,18 @@ class MqttResponder(asyncio.Protocol):
     (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker."""
 
     def __init__(self, root: str, pre: bytes, post: bytes, ready: asyncio.Future[None]) -> None:
-        from tools.harness.bench.mqttmsg import PacketReader
-
         self.root = root
         self.pre, self.post = pre, post
-        self.reader = PacketReader()
+        self.reader = mqtt.Reader()
         self.ready = ready
         self.transport: asyncio.Transport | None = None
         self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from tools.harness.bench.mqttmsg import encode_connect, encode_subscribe
-
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(
-            encode_connect(f"bench-responder-{os.getpid()}", keepalive=120)
-            + encode_subscribe(1, f"{self.root}/+/req", 0)
+            mqtt.connect(f"bench-responder-{os.getpid()}", 120, version=mqtt.MQTT311)
+            + mqtt.subscribe(1, [(f"{self.root}/+/req", 0)], version=mqtt.MQTT311)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -196,18 +193,17 @@ class MqttResponder(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
 
     def data_received(self, data: bytes) -> None:
-        from tools.harness.bench.mqttmsg import PUBLISH, SUBACK, parse_publish, publish_header
-
         out = []
-        for ptype, flags, body in self.reader.feed(data):
-            if ptype == PUBLISH:
-                topic, payload = parse_publish(flags, body)
+        for first, body in self.reader.feed(data):
+            kind = first >> 4
+            if kind == mqtt.PUBLISH:
+                topic, payload, _ = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
                 if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
                     continue
                 answer = self.pre + payload[3:7] + self.post
-                out.append(publish_header(topic[:-3] + "res", len(answer)) + answer)
+                out.append(mqtt.publish_head(topic[:-3] + b"res", len(answer), version=mqtt.MQTT311) + answer)
                 self.answered += 1
-            elif ptype == SUBACK and not self.ready.done():
+            elif kind == mqtt.SUBACK and not self.ready.done():
                 self.ready.set_result(None)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
@@ -222,7 +218,7 @@ async def serve_mqtt(host: str, port: int, root: str, pre: bytes, post: bytes, s
     try:
         await stop.wait()
     finally:
-        transport.write(b"\xe0\x00")
+        transport.write(mqtt.DISCONNECT_BYTES)
         transport.close()
 
 

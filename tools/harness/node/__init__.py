@@ -2,11 +2,18 @@
 
 :class:`NodeServer` serves records (:class:`RecordStore`; the built-in sample set by default) over the
 Handle native protocol (UDP and TCP on one port) and the Handle REST API, with fault knobs (:class:`Knobs`).
-``tools.harness.node.cli`` is the command-line wrapper.
+
+Modules: ``server`` (NodeServer: records, silence, lifecycle, the REST gate), ``listener`` (the native side
+on the network: UDP with request reassembly, TCP), ``native`` (sans-I/O: request bytes in, answer bytes out,
+on :mod:`proto.handle`), ``rest`` (the REST API), ``store`` (records, lookups, the sample set in
+``sample_records.json``), ``faults`` (the knobs: latency, failures, truncation), ``stats`` (counters),
+``address`` (HOST:PORT), ``cli`` (``ida node``, the command-line wrapper).
 """
 
+from tools.harness.node.address import NodeError, format_hostport, parse_hostport
 from tools.harness.node.faults import Fault, Knobs
-from tools.harness.node.server import NodeError, NodeServer, NodeStats, format_hostport, parse_hostport
+from tools.harness.node.server import NodeServer
+from tools.harness.node.stats import NodeStats
 from tools.harness.node.store import (
     Lookup,
     RecordsError,

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from proto.handle.numbers import DEFAULT_PORT
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.node.faults import FAILURE_MODES, Knobs
 from tools.harness.node.server import DEFAULT_HTTP_PORT, Address, NodeError, NodeServer, parse_hostport
 from tools.harness.node.store import RecordsError, load_records, sample_records
@@ -86,6 +86,10 @@ def _bind(text: str, default_port: int, flag: str) -> Address | None:
         raise CliError(f"{flag}: {e}") from None
 
 
+# options that are Knobs fields of the same name (latency and jitter are given in ms)
+_KNOB_OPTIONS = ("failure_rate", "failure_mode", "busy_rate", "truncate", "silent")
+
+
 def build_node(args: argparse.Namespace) -> NodeServer:
     """The NodeServer the options describe (not started); CliError for a bad option or records file."""
     handle = _bind(args.handle, DEFAULT_PORT, "--handle")
@@ -93,15 +97,8 @@ def build_node(args: argparse.Namespace) -> NodeServer:
     if handle is None and http is None:
         raise CliError("--handle and --http are both off: nothing to serve")
     try:
-        knobs = Knobs(
-            latency=args.latency / 1000.0,
-            jitter=args.jitter / 1000.0,
-            failure_rate=args.failure_rate,
-            failure_mode=args.failure_mode,
-            busy_rate=args.busy_rate,
-            truncate=args.truncate,
-            silent=args.silent,
-        )
+        same = {name: getattr(args, name) for name in _KNOB_OPTIONS}
+        knobs = Knobs(latency=args.latency / 1000.0, jitter=args.jitter / 1000.0, **same)
     except ValueError as e:
         raise CliError(str(e)) from None
     try:

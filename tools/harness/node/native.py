@@ -1,6 +1,6 @@
 """The node's side of the Handle native protocol (sans-I/O): request bytes in, answer bytes out.
 
-Built on :mod:`proto.handle.codec` (the same codec the gateway's client uses). What the node answers,
+Built on :mod:`proto.handle` (the same codec the gateway's client uses). What the node answers,
 following the captured HANDLE.NET 7.3.1 server (``tests/vectors/handle-native``):
 
 * a resolution (opcode 1): the answer echoes the request's version, session id, request id, opcode,
@@ -17,23 +17,19 @@ The node does not check the request's expiration time (replaying a captured requ
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
-from gateway.errors import ProtocolError
-from proto.handle.codec import (
+from proto.handle import (
     ErrorResponse,
-    Header,
+    HandleFormatError,
     Message,
     ResolutionResponse,
-    decode_envelope,
+    decode_head,
     decode_message,
     decode_request,
     encode_response,
 )
 from proto.handle.numbers import (
-    ENVELOPE_SIZE,
-    HEADER_SIZE,
     OC_RESOLUTION,
     RC_ERROR,
     RC_PROTOCOL_ERROR,
@@ -46,10 +42,8 @@ __all__ = ["Incoming", "Outgoing", "NotARequest", "read_request", "answer", "err
 
 RC_OPERATION_NOT_SUPPORTED = ResponseCode.OPERATION_NOT_SUPPORTED
 
-_HEADER = struct.Struct(">IIIHBBII")
 
-
-class NotARequest(ProtocolError):
+class NotARequest(HandleFormatError):
     """Bytes the node drops without answering (no valid envelope, too short, or a response)."""
 
 
@@ -77,7 +71,7 @@ def read_request(data: bytes) -> Incoming:
     Raises :class:`NotARequest` for what must be dropped."""
     try:
         msg = decode_message(data)
-    except ProtocolError as e:
+    except HandleFormatError as e:
         return Incoming(_salvage(data, str(e)), str(e))
     if not msg.header.is_request:
         raise NotARequest(f"not a request: response code {ResponseCode.describe(msg.header.response_code)}")
@@ -87,17 +81,12 @@ def read_request(data: bytes) -> Incoming:
 def _salvage(data: bytes, why: str) -> Message:
     """Enough of a broken request (envelope + header fields) to address an error answer to it."""
     try:
-        env = decode_envelope(data)
-    except ProtocolError as e:
-        raise NotARequest(str(e)) from None
-    if len(data) < ENVELOPE_SIZE + HEADER_SIZE:
-        raise NotARequest(f"{why} (no complete header to answer)")
-    opcode, code, flags, serial, recursion, _reserved, expiration, _length = _HEADER.unpack_from(
-        data, ENVELOPE_SIZE
-    )
-    if code != 0:
-        raise NotARequest(f"not a request: response code {ResponseCode.describe(code)}")
-    return Message(env, Header(opcode, 0, flags, serial, recursion, expiration, 0))
+        head = decode_head(data)
+    except HandleFormatError as e:
+        raise NotARequest(f"{why} (cannot answer: {e})") from None
+    if not head.header.is_request:
+        raise NotARequest(f"not a request: response code {ResponseCode.describe(head.header.response_code)}")
+    return head
 
 
 def error_answer(request: Message, code: int, text: str = "") -> Outgoing:
@@ -114,7 +103,7 @@ def answer(store: RecordStore, incoming: Incoming) -> Outgoing:
         return error_answer(msg, RC_OPERATION_NOT_SUPPORTED, f"operation {msg.header.opcode} not supported")
     try:
         req = decode_request(msg)
-    except ProtocolError as e:
+    except HandleFormatError as e:
         return error_answer(msg, RC_PROTOCOL_ERROR, str(e))
     handle = req.handle.decode("utf-8")  # decode_request checked it
     types = [t.decode("utf-8", "replace") for t in req.types]

@@ -22,6 +22,10 @@ Two modes (``auto`` = firmware up to 10 devices, light above):
 
 :mod:`tools.harness.sim.p5` measures benchmark P5 (10,000 devices every 60 s against a real ``ida gateway``, the
 gateway's CPU share) with the light fleet.
+
+Modules: ``config`` (``SimConfig``, ``SimError``), ``provision`` (a device's identity, environment and process),
+``firmware`` and ``light`` (the two fleets), ``coap`` and ``mqtt`` (the light fleet's clients), ``stats``
+(counters, histograms, summaries), ``runner`` (start, run, stop a fleet), ``p5``, ``cli`` (``ida sim``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.harness.sim.config import FIRMWARE_MAX_AUTO, MODES, TRANSPORTS, SimConfig, SimError
 
 
@@ -117,30 +117,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# options that are SimConfig fields of the same name
+_CONFIG_OPTIONS = (
+    "devices",
+    "gateway",
+    "broker",
+    "transport",
+    "interval",
+    "duration",
+    "mode",
+    "prefix",
+    "first",
+    "resolve_every",
+    "summary_every",
+    "drain",
+    "coap_sockets",
+    "mqtt_connections",
+    "seed",
+)
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    kw = {}
+    kw = {name: getattr(args, name) for name in _CONFIG_OPTIONS}
     if args.data_dir is not None:
         kw["data_dir"] = args.data_dir
     try:
-        return SimConfig(
-            devices=args.devices,
-            gateway=args.gateway,
-            broker=args.broker,
-            transport=args.transport,
-            interval=args.interval,
-            duration=args.duration,
-            mode=args.mode,
-            prefix=args.prefix,
-            first=args.first,
-            resolve_every=args.resolve_every,
-            resolve_ids=tuple(args.resolve_id),
-            summary_every=args.summary_every,
-            drain=args.drain,
-            coap_sockets=args.coap_sockets,
-            mqtt_connections=args.mqtt_connections,
-            seed=args.seed,
-            **kw,
-        )
+        return SimConfig(resolve_ids=tuple(args.resolve_id), **kw)
     except SimError as e:
         raise CliError(str(e)) from None
 

@@ -3,8 +3,10 @@
 Device ``n`` gets its own data dir ``<data dir>/<topic key of its identifier>/`` (its flash: identity, boot
 counter, report queue, config), provisioned by :func:`tools.harness.sim.provision.provision`, a unique id, and
 ``IDA_INTERVAL`` = the report interval. Processes start 50 ms apart; each reports at boot and then every
-interval (the firmware's own schedule). Their console is a pipe: the fleet switches it to JSON lines, asks
-``status`` every couple of seconds and adds up what the devices say (reports made = seq, acknowledged,
+interval (the firmware's own schedule). Their console is a pipe, spoken by
+:class:`tools.support.console.DeviceConsole` (the ``ida console`` class, over a
+:class:`~tools.support.console.PipePort`, read by a :class:`~tools.support.console.ConsolePump` thread per
+device): the fleet switches it to JSON lines, asks ``status`` every couple of seconds and adds up what the devices say (reports made = seq, acknowledged,
 queued, transport errors, the boot-time resolve of their own identifier, and ``resolve`` commands when
 ``resolve_every`` is set). The firmware does not expose retries or ack latency, so those stay empty here.
 
@@ -17,32 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
-import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from proto import devicemsg
 from tools.harness.sim.config import SimConfig, SimError
-from tools.harness.sim.provision import (
-    device_command,
-    device_env,
-    die_with_parent,
-    micropython_binary,
-    provision,
-    uid_for,
-)
+from tools.harness.sim.provision import device_env, device_process, provision, uid_for
 from tools.harness.sim.stats import Counters, Histogram, SimResult
+from tools.support.console import RESOLVE_TIMEOUT, Banner, ConsoleError, Crash, Event, Log, Transcript
+from tools.support.console.process import ConsoleProcess
+from tools.support.procs import ProcessError, micropython_binary
 
 __all__ = ["FirmwareFleet"]
 
 STATUS_EVERY = 2.0
 START_GAP = 0.05
 STOP_GRACE = 3.0
+STATUS_TIMEOUT = 10.0
+TAIL_LINES = 40  # console lines kept per device, shown when it exits
 _RESOLVE_LOG = re.compile(r"^I app resolve id=\S+ code=(\d+)")
 
 
@@ -52,12 +49,13 @@ class _Device:
         self.ident = ident
         self.transport = transport
         self.data_dir = data_dir
-        self.proc: asyncio.subprocess.Process | None = None
+        self.device: ConsoleProcess | None = None
         self.status: dict[str, Any] = {}
-        self.tail: deque[str] = deque(maxlen=40)
-        self.reader: asyncio.Task[None] | None = None
         self.exited_reported = False
         self.replies = 0  # status replies received
+
+    def alive(self) -> bool:
+        return self.device is not None and self.device.alive()
 
 
 class FirmwareFleet:
@@ -73,12 +71,14 @@ class FirmwareFleet:
         self.t_start = 0.0
         self.t_stop: float | None = None
         self.stopping = False
-        self._resolve_sent: dict[int, float] = {}
         self._cpu0 = 0.0
 
     async def start(self) -> None:
         cfg = self.cfg
-        mp = micropython_binary()
+        try:
+            mp = micropython_binary()
+        except ProcessError as e:
+            raise SimError(str(e)) from None
         self.t_start = time.monotonic()
         self._cpu0 = time.process_time()
         try:
@@ -102,7 +102,7 @@ class FirmwareFleet:
             for i, d in enumerate(self.devices):
                 if i:
                     await asyncio.sleep(START_GAP)
-                await self._spawn(d, mp)
+                self._spawn(d, mp)
         except BaseException:
             await self._kill_all()
             raise
@@ -110,72 +110,56 @@ class FirmwareFleet:
         if cfg.resolve_every > 0:
             self._task(self._resolve_loop())
 
-    async def _spawn(self, d: _Device, mp: str) -> None:
+    def _spawn(self, d: _Device, mp: str) -> None:
+        """The firmware process, and a console on its pipes read by its own thread (events to the loop)."""
         env = device_env(d.data_dir, uid=uid_for(self.cfg.first + d.n), interval=int(self.cfg.interval))
-        with open(d.data_dir / "stderr.log", "ab") as err:
-            d.proc = await asyncio.create_subprocess_exec(
-                *device_command(mp),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                env=env,
-                cwd=str(d.data_dir),
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        d.reader = asyncio.ensure_future(self._read(d))
-        self._send(d, "json on")
+        d.device = device_process(
+            d.ident,
+            d.data_dir,
+            env,
+            mp,
+            transcript=Transcript(d.ident, keep=TAIL_LINES),
+            on_event=self._event,
+            on_end=lambda _why: self._ended(d),
+            loop=asyncio.get_running_loop(),
+            error=SimError,
+        ).start()
 
     def _task(self, coro: Any) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    def _send(self, d: _Device, line: str) -> None:
-        p = d.proc
-        if p is None or p.returncode is not None or p.stdin is None or p.stdin.is_closing():
-            return
-        with contextlib.suppress(OSError, RuntimeError):
-            p.stdin.write(line.encode() + b"\n")
+    def _event(self, ev: Event) -> None:
+        """A log line or boot banner (replies go to whoever asked): the firmware resolves its own identifier
+        once its transport is up, and says so in its log."""
+        if isinstance(ev, Log | Banner | Crash):
+            m = _RESOLVE_LOG.match(ev.line if not isinstance(ev, Log) else ev.text)
+            if m:
+                self._count_resolve(int(m.group(1)))
 
-    async def _read(self, d: _Device) -> None:
-        assert d.proc is not None and d.proc.stdout is not None
-        while True:
-            try:
-                raw = await d.proc.stdout.readline()
-            except (ValueError, OSError):  # a line over the limit, a closed pipe
-                continue
-            if not raw:
-                break
-            self._line(d, raw.decode("utf-8", "replace").rstrip("\r\n"))
+    def _ended(self, d: _Device) -> None:
         if not self.stopping and not d.exited_reported:
             d.exited_reported = True
             self.counters.errors += 1
-            rc = await d.proc.wait()
-            self.log(f"device {d.ident} exited with {rc}; last output:\n  " + "\n  ".join(list(d.tail)[-10:]))
+            self._task(self._report_exit(d))
 
-    def _line(self, d: _Device, line: str) -> None:
-        text = line
-        obj: Any = None
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-        if isinstance(obj, dict):
-            if isinstance(obj.get("log"), str):
-                text = obj["log"]
-            elif obj.get("cmd") == "status" and obj.get("ok"):
-                d.status = obj
-                d.replies += 1
-                return
-            elif obj.get("cmd") == "resolve":
-                self._console_resolve(d, obj)
-                return
-            else:
-                return
-        d.tail.append(text)
-        m = _RESOLVE_LOG.match(text)
-        if m:  # the firmware resolves its own identifier once its transport is up
-            self._count_resolve(int(m.group(1)))
+    async def _report_exit(self, d: _Device) -> None:
+        if d.device is None:
+            return
+        await d.device.wait_exit(5.0)
+        tail = list(d.device.transcript.lines)[-10:] if d.device.transcript else []
+        rc = d.device.process.returncode
+        self.log(f"device {d.ident} exited with {rc}; last output:\n  " + "\n  ".join(tail))
+
+    async def _ask(self, d: _Device, line: str, timeout: float) -> dict[str, Any] | None:
+        """The reply object, None when the device could not be asked or did not answer in time."""
+        if d.device is None or not d.device.reading:
+            return None
+        try:
+            return (await d.device.ask_async(line, timeout)).obj
+        except ConsoleError:
+            return None
 
     def _count_resolve(self, code: int) -> None:
         c = self.counters
@@ -187,21 +171,32 @@ class FirmwareFleet:
         else:
             c.resolve_errors += 1
 
-    def _console_resolve(self, d: _Device, obj: dict[str, Any]) -> None:
-        t0 = self._resolve_sent.pop(d.n, None)
+    async def _status(self, d: _Device) -> None:
+        st = await self._ask(d, "status", STATUS_TIMEOUT)
+        if st is not None and st.get("ok"):
+            d.status = st
+            d.replies += 1
+
+    async def _resolve(self, d: _Device, target: str) -> None:
+        t0 = time.monotonic()
+        obj = await self._ask(d, f"resolve {target}", RESOLVE_TIMEOUT)
+        if obj is None:
+            return  # not asked (the device is gone) or no answer at all: nothing the firmware counted
         code = obj.get("code")
         if isinstance(code, int):
             self._count_resolve(code)
-            if t0 is not None and code in (devicemsg.OK, devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND):
+            if code in (devicemsg.OK, devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND):
                 self.resolve_ms.add((time.monotonic() - t0) * 1000.0)
         else:  # refused by the console: offline, busy...
             self.counters.resolves += 1
             self.counters.resolve_errors += 1
 
+    async def _status_all(self) -> None:
+        await asyncio.gather(*(self._status(d) for d in self.devices if d.alive()))
+
     async def _status_loop(self) -> None:
         while True:
-            for d in self.devices:
-                self._send(d, "status")
+            self._task(self._status_all())
             await asyncio.sleep(STATUS_EVERY)
 
     async def _resolve_loop(self) -> None:
@@ -215,8 +210,7 @@ class FirmwareFleet:
                     return
                 target = ids[k % len(ids)] if ids else d.ident
                 k += 1
-                self._resolve_sent[d.n] = time.monotonic()
-                self._send(d, f"resolve {target}")
+                self._task(self._resolve(d, target))
 
     # -- results --------------------------------------------------------------------------------------------
     @property
@@ -241,7 +235,7 @@ class FirmwareFleet:
             pending=self.pending,
             online=sum(1 for s in st if s.get("transport_on")),
             resolve_ms=self.resolve_ms,
-            processes=sum(1 for d in self.devices if d.proc is not None and d.proc.returncode is None),
+            processes=sum(1 for d in self.devices if d.alive()),
             sim_cpu_s=time.process_time() - self._cpu0 if self.t_start else 0.0,
         )
         res.notes.append(
@@ -258,19 +252,9 @@ class FirmwareFleet:
         self.stopping = True
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline and any(d.status.get("queue") for d in self.devices):
-            for d in self.devices:
-                self._send(d, "status")
+            await self._status_within(max(0.05, deadline - time.monotonic()))
             await asyncio.sleep(0.3)
-        # one last status from everyone
-        before = [d.replies for d in self.devices]
-        for d in self.devices:
-            self._send(d, "status")
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline and any(
-            d.replies == b and d.proc is not None and d.proc.returncode is None
-            for d, b in zip(self.devices, before, strict=True)
-        ):
-            await asyncio.sleep(0.05)
+        await self._status_within(1.5)  # one last status from everyone
         self.t_stop = time.monotonic()
         for t in list(self._tasks):
             t.cancel()
@@ -280,25 +264,22 @@ class FirmwareFleet:
         await self._kill_all()
         return self.snapshot()
 
-    async def _kill_all(self) -> None:
-        """SIGINT (the firmware flushes its queue and exits), SIGKILL after STOP_GRACE; reap every process."""
-        self.stopping = True
-        live = [d for d in self.devices if d.proc is not None and d.proc.returncode is None]
-        for d in live:
-            assert d.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                d.proc.send_signal(signal.SIGINT)
+    async def _status_within(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(d.proc.wait() for d in live if d.proc)), STOP_GRACE)
+            await asyncio.wait_for(self._status_all(), seconds)
+
+    async def _kill_all(self) -> None:
+        """SIGINT (the firmware flushes its queue and exits), SIGKILL after STOP_GRACE; reap every process,
+        end every console thread."""
+        self.stopping = True
+        live = [d for d in self.devices if d.alive()]
         for d in live:
-            assert d.proc is not None
-            if d.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    d.proc.kill()
-                await d.proc.wait()
+            assert d.device is not None
+            d.device.interrupt()
+        await asyncio.gather(*(d.device.wait_exit(STOP_GRACE) for d in live if d.device is not None))
+        for d in live:
+            if d.device is not None and d.device.alive():
+                await asyncio.to_thread(d.device.process.kill)
         for d in self.devices:
-            if d.proc is not None and d.proc.stdin is not None:
-                d.proc.stdin.close()
-            if d.reader is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(d.reader, 2.0)
+            if d.device is not None:
+                await asyncio.to_thread(d.device.release)

