@@ -42,15 +42,11 @@ _HEX = (
     "the test formats its failure message up front, with a hex dump of the whole fuzz input, on every round"
 )
 _CON = "the fake HAL keeps every console reply and copies its input buffer for each byte read (inp = inp[1:])"
-# "<module>::<test>" (or "<module>::<import>") -> (heap it runs in, why it does not fit in HEAP32)
+# "<module>::<test>" -> (the heap it runs in, why it does not fit in HEAP32)
 RIG_HEAP: dict[str, tuple[int, str]] = {
     "test_identity.py::test_power_cut_at_every_write_on_littlefs": (
         512000,
         "fwfakes.RamDev holds the simulated flash (32 KB) in the heap and a copy of it after every write",
-    ),
-    "test_mqtt.py::<import>": (
-        HEAP32_GROWN,
-        "compiling the 13 KB test module from source peaks above what is left",
     ),
     "test_app.py::test_key_never_in_logs_or_console": (
         HEAP32_GROWN,
@@ -63,10 +59,6 @@ RIG_HEAP: dict[str, tuple[int, str]] = {
     "test_fuzz_console.py::test_fuzz_console_lines": (
         HEAP32_GROWN,
         _CON + "; the loopback gateway holds two 1200-byte buffers next to 23 KB of test code",
-    ),
-    "test_fuzz_files.py::test_fuzz_app_boots_whatever_the_files_hold": (
-        HEAP32_GROWN,
-        "each round builds a new loopback gateway (two 1200-byte buffers) next to 24 KB of test code",
     ),
     "test_fuzz_mqtt_client.py::test_fuzz_reader_stream": (HEAP32_GROWN, _HEX),
     "test_fuzz_mqtt_client.py::test_fuzz_transport": (HEAP32_GROWN, _HEX),
@@ -174,12 +166,6 @@ class MicroPythonModule(pytest.File):
         prefix = self.path.name + "::"
         rig = {k[len(prefix) :]: v for k, v in RIG_HEAP.items() if k.startswith(prefix)}
         out = {name: (rec, HEAP32) for name, rec in first.items()}
-        if "<import>" in rig and _out_of_memory(first.get("<import>", {})):
-            out.pop("<import>")  # the module never loaded: every test runs in the larger heap
-            heap, why = rig["<import>"]
-            for n, rec in self._run32(heap).results().items():
-                out[n] = (_noted(rec, heap, why), heap)
-            return out
         redo: dict[int, list[str]] = {}
         for n, rec in first.items():
             if n in rig and _out_of_memory(rec):
