@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["BuildFailed", "FROZEN", "MANIFEST", "PLAIN", "binary", "ensure", "out_dir", "stamp"]
+__all__ = ["BuildFailed", "FROZEN", "MANIFEST", "PLAIN", "binary", "ensure", "mpy_cross", "out_dir", "stamp"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "third_party" / "micropython32"
@@ -60,6 +60,11 @@ def stamp(frozen: bool) -> str:
         h.update(p.relative_to(ROOT).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+def mpy_cross() -> Path:
+    """The mpy-cross of the same source (built by build.sh with the programs): its .mpy suit them exactly."""
+    return out_dir() / "src" / "mpy-cross" / "build" / "mpy-cross"
 
 
 def binary(frozen: bool) -> Path | None:
