@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STUBS := $(VENV)/mpstubs
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages test lint typecheck firmware-check pytest demo clean
+.PHONY: setup system-packages micropython32 test lint typecheck firmware-check pytest demo clean
 
 setup: system-packages $(STAMP)
 
@@ -18,6 +18,8 @@ system-packages:
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v coap-client-openssl >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v i686-linux-gnu-gcc >/dev/null 2>&1 && [ -f "$$(i686-linux-gnu-gcc -print-file-name=crt1.o)" ]; } \
+	  || missing="$$missing gcc-i686-linux-gnu libc6-dev-i386-cross"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "setup: installing$$missing"; \
@@ -48,7 +50,12 @@ typecheck: setup
 firmware-check: setup
 	@$(BIN)/python -m tools.harness.fwcheck --stubs $(STUBS)
 
-pytest: setup
+# The 32-bit MicroPython (third_party/micropython32), stock and with firmware/manifest.py frozen in, built once into
+# $(VENV)/micropython32 and rebuilt (incrementally) when its sources or the firmware change: tools/harness/mp32.py.
+micropython32: setup
+	@$(BIN)/python -m tools.harness.mp32
+
+pytest: setup micropython32
 	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint typecheck firmware-check pytest

@@ -128,10 +128,13 @@ def esptool(*argv: str) -> str:
     return out.getvalue()
 
 
-def standin_runtime(board_name: str, tmp: Path, version: str = "v1.26.1") -> tuple[Path, dict[str, bytes]]:
+def standin_runtime(
+    board_name: str, tmp: Path, version: str = "v1.26.1", data: bytes = b""
+) -> tuple[Path, dict[str, bytes]]:
     """A stand-in for MicroPython's merged ``firmware.bin`` for a board, made the way MicroPython's build
     makes the real one: ``esptool elf2image`` for bootloader and app, the partition table binary, then
-    ``esptool merge-bin`` at the bootloader offset. Returns the file and its parts by name."""
+    ``esptool merge-bin`` at the bootloader offset. ``data`` follows the app description in the app's flash
+    data segment (where a real app keeps its constants). Returns the file and its parts by name."""
     from tools.commands.flash import image as im
     from tools.support.boards import load_board
 
@@ -150,7 +153,7 @@ def standin_runtime(board_name: str, tmp: Path, version: str = "v1.26.1") -> tup
         machine, iram, drom = CHIP_CODE[board.chip]
         sections = [(".text", iram, bytes(range(64)))]
         if ver is not None:
-            sections.insert(0, (".flash.appdesc", drom, app_desc(ver)))
+            sections.insert(0, (".flash.appdesc", drom, app_desc(ver) + data))
         elf = tmp / f"{board_name}-{name}.elf"
         elf.write_bytes(tiny_elf(machine, iram, sections))
         out = tmp / f"{board_name}-{name}.bin"

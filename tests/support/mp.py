@@ -1,4 +1,5 @@
-"""Run MicroPython code from CPython tests: the real `micropython` unix-port binary with the firmware on its path."""
+"""Run MicroPython code from CPython tests: the real `micropython` unix-port binary with the firmware on its path,
+and the 32-bit interpreters of tools/harness/mp32.py (:func:`mp32`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def run_mp(code: str, stdin: str = "", timeout: float = 60, heap: str = "4M", cw
             f"micropython exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return proc.stdout
+
+
+def mp32(frozen: bool) -> str:
+    """The 32-bit interpreter (tools/harness/mp32.py), stock or with the firmware frozen in; built first when
+    missing or out of date (`make test` has built both). A test without one is skipped, saying why."""
+    import pytest
+
+    from tools.harness import mp32 as build32
+
+    try:
+        return str(build32.ensure(frozen=frozen))
+    except build32.BuildFailed as e:
+        pytest.skip(f"no 32-bit MicroPython: {e}")

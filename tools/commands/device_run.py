@@ -4,6 +4,13 @@ port -- in the foreground, its serial console on this terminal.
     ida device run --identifier 88.123.99/PUMP-0001 --gateway coap://127.0.0.1:5683
     ida device run --identifier 88.123.99/PUMP-0002 --transport mqtt --broker mqtt://127.0.0.1:1883
     ida device run --identifier 88.123.99/PUMP-0001 --data-dir /tmp/pump1 --interval 10
+    ida device run --identifier 88.123.99/PUMP-0001 --image build/flash/unix \
+        --micropython .venv/micropython32/micropython32-frozen --heap 64000
+
+``--image BUILD_DIR`` runs the firmware as a build of ``ida flash build`` deploys it (its filesystem image installed
+into the data dir; the code from there or frozen in the interpreter, never from ``firmware/``:
+``device_image.py``); ``--micropython`` picks the interpreter and ``--heap`` its heap (``-X heapsize``), so a
+device can run as the chip has it: ``status`` reports ``heap_used``.
 
 The data dir (default ``./devices/<topic key of the identifier>``, e.g. ``devices/88.123.99%2FPUMP-0001``) is
 the device's flash. When it holds no identity, one is provisioned there (``tools.harness.sim.provision``: the flashing
@@ -29,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +138,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="MS",
         help="software watchdog timeout in ms (default 0 = off: a busy host should not 'reset' it)",
+    )
+    r.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="BUILD_DIR",
+        help="run the firmware of this `ida flash build` output (its filesystem image, or frozen in the "
+        "interpreter), not firmware/",
+    )
+    r.add_argument(
+        "--micropython",
+        default=None,
+        metavar="BIN",
+        help="the MicroPython interpreter (default: $IDA_MICROPYTHON, else the venv's micropython)",
+    )
+    r.add_argument(
+        "--heap",
+        default=None,
+        metavar="BYTES",
+        help="MicroPython heap size (-X heapsize), e.g. 64000 as on an ESP32 without PSRAM, or 4M",
     )
     r.add_argument(
         "--force",
@@ -398,13 +426,16 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--uid must be 1-16 bytes of hex, got {uid!r}")
     if args.watchdog < 0:
         raise CliError("--watchdog must be 0 (off) or a number of ms")
+    if args.heap is not None and not re.fullmatch(r"[1-9][0-9]*[KM]?", args.heap):
+        raise CliError(f"--heap must be a number of bytes (optionally with K or M), got {args.heap!r}")
     from tools.harness.sim.provision import device_command, device_env
-    from tools.support.procs import ProcessError
+    from tools.support.procs import ProcessError, micropython_binary
 
     try:
-        cmd = device_command()
+        micropython = args.micropython or micropython_binary()
     except ProcessError as e:
         raise CliError(str(e), 1) from None
+    cmd = device_command(micropython, args.heap)
     try:
         ident = gwident.normalise(args.identifier)
     except gwident.IdentifierError as e:
@@ -430,9 +461,17 @@ def run(args: argparse.Namespace) -> int:
             interval=args.interval,
             wdt_ms=args.watchdog,
         )
+        firmware = "firmware/"
+        if args.image is not None:
+            from tools.commands.device_image import install_image
+
+            image = install_image(args.image, data_dir.resolve(), micropython)
+            cmd, extra = image.command(data_dir.resolve(), micropython, args.heap)
+            env.update(extra)
+            firmware = image.describe()
         print(
             f"ida device: {p.identifier} over {p.transport} to {p.gateway_url} (key {p.fingerprint}, identity "
-            f"{p.action}) in {data_dir}; console: help, status, json on; Ctrl-C stops",
+            f"{p.action}) in {data_dir}, firmware from {firmware}; console: help, status, json on; Ctrl-C stops",
             file=sys.stderr,
         )
         sys.stderr.flush()

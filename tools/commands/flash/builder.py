@@ -14,6 +14,11 @@ mpy-cross to ``.mpy`` (plain bytecode: architecture-independent, so the same fil
 unix port; ``march`` adds native code for one architecture), ``/board.json``, and with ``ca`` the broker's CA
 certificate as ``/ca.crt`` (DER; devices with an ``mqtts://`` address verify the broker with it, ``ca.py``).
 
+With a runtime that has the firmware frozen in (built with ``firmware/manifest.py``; told from a stock one by the
+frozen-module table in its bytes, ``frozen.py``), the frozen files stay off the filesystem: it holds only
+``/board.json`` and the CA, and per chip the identity. With a stock runtime the build warns what the ``.mpy``
+files cost in heap (docs/flashing.md, "Which runtime").
+
 The MicroPython runtime is never downloaded: the user supplies the ``.bin`` for the chip and only its checksum
 (and version, when its app description says) is recorded. Two shapes are accepted: the merged ``firmware.bin``
 MicroPython publishes (bootloader + partition table + app, flashed at the bootloader offset) and a bare app
@@ -29,6 +34,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -41,11 +47,13 @@ from tools.support.boards import BOARDS_DIR, Board, load_board
 from . import image as im
 from .ca import load_ca
 from .errors import BuildError, RuntimeMissing
+from .frozen import frozen_firmware, frozen_names
 from .identity import CA_PATH
 
 ROOT = Path(__file__).resolve().parents[3]
 FIRMWARE_DIR = ROOT / "firmware"
 SOURCE_FILES = ("main.py", "boot.py")  # stay source: MicroPython runs them by name at boot
+BUILD_ONLY = ("manifest.py", "boards")  # in firmware/ but not device files: they describe MicroPython builds
 MANIFEST = "manifest.json"
 FS_IMAGE = "fs.bin"
 PARTITION_TABLE = "partition-table.bin"
@@ -66,10 +74,11 @@ class RuntimeInfo:
     path: str
     sha256: str
     size: int
-    kind: str  # "merged" (bootloader + table + app) or "app"
+    kind: str  # "merged" (bootloader + table + app), "app", or "program" (the host's, simulated boards)
     offset: int  # where it is flashed
     version: str | None  # from the app description, when present
     idf: str | None
+    frozen: tuple[str, ...] = ()  # its frozen-module table (frozen.py)
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class Manifest:
     runtime: RuntimeInfo | None
     factory_image: dict[str, Any] | None
     ca: dict[str, Any] | None = None  # the broker's CA in the image (ca.py): file, source, sha256, subject
+    frozen: tuple[str, ...] = ()  # firmware files the runtime has frozen in, left off the filesystem
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -97,7 +107,10 @@ class Manifest:
         if d.get("format") != MANIFEST_FORMAT:
             raise BuildError(f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT}: rebuild")
         d["files"] = tuple(FileEntry(**f) for f in d["files"])
+        if d["runtime"]:
+            d["runtime"]["frozen"] = tuple(d["runtime"].get("frozen", ()))
         d["runtime"] = RuntimeInfo(**d["runtime"]) if d["runtime"] else None
+        d["frozen"] = tuple(d.get("frozen", ()))
         return cls(**d)
 
 
@@ -131,11 +144,14 @@ def firmware_version(firmware_dir: Path = FIRMWARE_DIR) -> str:
 
 
 def firmware_sources(firmware_dir: Path = FIRMWARE_DIR) -> list[Path]:
-    """Every file of the app, relative to ``firmware_dir``, sorted; caches and hidden files left out."""
+    """Every file of the app, relative to ``firmware_dir``, sorted; caches, hidden files and the build
+    descriptions (``manifest.py``, ``boards/``) left out."""
     out = []
     for p in sorted(firmware_dir.rglob("*")):
         rel = p.relative_to(firmware_dir)
         if not p.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        if rel.parts[0] in BUILD_ONLY:
             continue
         if p.suffix in (".mpy", ".pyc"):
             continue
@@ -171,17 +187,23 @@ def compile_py(source: bytes, name: str, march: str | None = None) -> bytes:
 
 
 def device_files(
-    board: Board, firmware_dir: Path = FIRMWARE_DIR, march: str | None = None
+    board: Board,
+    firmware_dir: Path = FIRMWARE_DIR,
+    march: str | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[dict[str, bytes], list[FileEntry]]:
-    """The files of the filesystem image, by device path, and their manifest entries."""
+    """The files of the filesystem image, by device path, and their manifest entries; ``frozen`` (firmware
+    paths the runtime has frozen in) are left out."""
     files: dict[str, bytes] = {}
     for rel in firmware_sources(firmware_dir):
+        if rel.as_posix() in frozen:
+            continue
         data = (firmware_dir / rel).read_bytes()
         if rel.suffix == ".py" and str(rel) not in SOURCE_FILES:
             data = compile_py(data, rel.as_posix(), march)
             rel = rel.with_suffix(".mpy")
         files["/" + rel.as_posix()] = data
-    if "/main.py" not in files:
+    if "/main.py" not in files and "main.py" not in frozen:
         raise BuildError(f"{firmware_dir}: no main.py, the device would boot to the REPL")
     files["/board.json"] = board_json(board)
     entries = [
@@ -208,9 +230,14 @@ def board_json(board: Board) -> bytes:
 
 
 def inspect_runtime(board: Board, data: bytes, path: str = "<bytes>") -> RuntimeInfo:
-    """Classify a MicroPython image for ``board``: merged or app-only, for the right chip, fitting its region."""
+    """Classify a MicroPython image for ``board``: merged or app-only, for the right chip, fitting its region.
+    A simulated board (no flash) takes a MicroPython program for the host instead (kind "program")."""
     if board.flash is None:
-        raise BuildError(f"board {board.name!r} has no flash: it takes no runtime image")
+        if not data.startswith(b"\x7fELF"):
+            raise BuildError(
+                f"{path}: board {board.name!r} runs on the host: its runtime is a MicroPython program"
+            )
+        return RuntimeInfo(path, im.sha256(data), len(data), "program", 0, None, None, frozen_names(data))
     head = im.parse_image_header(data)
     if head is None:
         raise BuildError(f"{path}: not an ESP image (first byte 0x{data[:1].hex() or '--'}, expected 0xe9)")
@@ -249,12 +276,19 @@ def inspect_runtime(board: Board, data: bytes, path: str = "<bytes>") -> Runtime
         offset=offset,
         version=desc["version"] if desc else None,
         idf=desc["idf"] if desc else None,
+        frozen=frozen_names(data),
     )
 
 
 def load_runtime(
-    board: Board, path: str | os.PathLike[str], expect_sha256: str | None = None
+    board: Board,
+    path: str | os.PathLike[str],
+    expect_sha256: str | None = None,
+    for_build: Manifest | None = None,
 ) -> tuple[RuntimeInfo, bytes]:
+    """The runtime image at ``path``, checked for the board; with ``for_build``, also that it has frozen in
+    exactly what that build left off the filesystem (a stock runtime under a frozen build would find no
+    firmware; a frozen one under a stock build would load the filesystem's copy instead)."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -265,7 +299,25 @@ def load_runtime(
         raise BuildError(
             f"{p}: sha256 {info.sha256[:16]}... differs from the one recorded at build time {expect_sha256[:16]}..."
         )
+    if for_build is not None:
+        check_runtime_layout(for_build, info)
     return info, data
+
+
+def check_runtime_layout(man: Manifest, info: RuntimeInfo) -> None:
+    """BuildError unless the runtime has frozen in exactly the firmware files the build left off the filesystem."""
+    firmware = (f.source for f in man.files if f.source.endswith(".py") and not f.source.startswith("/"))
+    sources = [*man.frozen, *firmware]
+    got = frozen_firmware(info.frozen, sources)
+    if got != man.frozen:
+        want = (
+            "the firmware frozen in" if man.frozen else "nothing of the firmware frozen in (a stock runtime)"
+        )
+        raise BuildError(
+            f"{info.path}: this build (board {man.board}) was made for a runtime with {want}, and this one has "
+            f"{len(got)} firmware file(s) frozen in",
+            "use the runtime the batch was built with, or rebuild the batch with `ida flash build --runtime` this one",
+        )
 
 
 @contextlib.contextmanager
@@ -289,13 +341,19 @@ def build(
     ca: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Build the batch artefacts for ``board_name`` into ``out_dir`` and return the manifest written there.
-    ``ca``: the broker's CA certificate (PEM or DER), put into the image as ``/ca.crt``."""
+    ``ca``: the broker's CA certificate (PEM or DER), put into the image as ``/ca.crt``. What ``runtime`` has
+    frozen in of the firmware stays off the filesystem (``Manifest.frozen``)."""
     board = load_board(board_name)
     params = im.lfs_params(board)
     ca_cert = load_ca(ca) if ca is not None else None
+    rt_info: RuntimeInfo | None = None
+    frozen: tuple[str, ...] = ()
+    if runtime is not None:
+        rt_info, rt_data = load_runtime(board, runtime)
+        frozen = frozen_firmware(rt_info.frozen, [p.as_posix() for p in firmware_sources(firmware_dir)])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files, entries = device_files(board, firmware_dir, march)
+    files, entries = device_files(board, firmware_dir, march, frozen)
     ca_info: dict[str, Any] | None = None
     if ca is not None and ca_cert is not None:
         source = str(Path(ca).resolve())
@@ -307,6 +365,9 @@ def build(
     fs = im.make_fs_image(params, files)
 
     app_dir = out / "app"
+    shutil.rmtree(
+        app_dir, ignore_errors=True
+    )  # a previous build's files (e.g. .mpy a frozen runtime replaces)
     for path, data in files.items():
         dest = app_dir / path[1:]
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -332,10 +393,8 @@ def build(
             "sha256": im.sha256(table),
         }
 
-    rt_info: RuntimeInfo | None = None
     factory: dict[str, Any] | None = None
-    if runtime is not None:
-        rt_info, rt_data = load_runtime(board, runtime)
+    if rt_info is not None:
         if rt_info.kind == "merged" and "vfs" in board.partitions:
             factory = _factory_image(board, out, rt_info, rt_data, fs)
 
@@ -352,6 +411,7 @@ def build(
         runtime=rt_info,
         factory_image=factory,
         ca=ca_info,
+        frozen=frozen,
     )
     _write(out / MANIFEST, manifest.to_json().encode())
     return manifest
@@ -387,7 +447,7 @@ def flash_args(b: Build, runtime: str | None = None) -> list[tuple[int, str]]:
     pairs: list[tuple[int, str]] = []
     path = runtime or (man.runtime.path if man.runtime else None)
     if path is not None:
-        info = man.runtime if runtime is None and man.runtime else load_runtime(board, path)[0]
+        info = man.runtime if runtime is None and man.runtime else load_runtime(board, path, for_build=man)[0]
         if info.kind == "app":
             pairs.append((board.partition_table.offset, str(b.directory / man.partition_table["file"])))
         pairs.append((info.offset, info.path))

@@ -13,9 +13,10 @@ from tools.errors import CliError
 from tools.support.boards import BoardError, list_boards, load_board
 
 from . import batch as batch_mod
-from .builder import FIRMWARE_DIR, build, esptool_command, load_build
+from .builder import FIRMWARE_DIR, Manifest, build, esptool_command, load_build
 from .ca import load_ca
 from .errors import BuildError, FlashError, LedgerError, RuntimeMissing
+from .frozen import stock_runtime_warning
 from .identity import SCHEMES
 from .ledger import Ledger, file_identifiers, pattern_identifiers
 from .programmer import EsptoolProgrammer
@@ -182,12 +183,26 @@ def _build(args: argparse.Namespace) -> int:
         )
         if m.factory_image:
             print(f"  factory.bin: runtime + fs for a gang programmer, at 0x{m.factory_image['offset']:x}")
-        print("  by hand: " + " ".join(esptool_command(load_build(out, board.name))))
+        _runtime_layout(m)
+        if board.flash is not None:
+            print("  by hand: " + " ".join(esptool_command(load_build(out, board.name))))
     else:
         print(
             "  runtime: none given; `ida flash device` will need --runtime PATH with --full or for a blank chip"
         )
     return 0
+
+
+def _runtime_layout(m: Manifest) -> None:
+    """Frozen runtime: say what stays off the filesystem. Stock runtime: warn what the .mpy files cost."""
+    if m.frozen:
+        on_fs = ", ".join(f.path for f in m.files)
+        print(
+            f"  firmware frozen in the runtime ({len(m.frozen)} files); the filesystem: {on_fs} + identity per chip"
+        )
+        return
+    mpy = [f for f in m.files if f.path.endswith(".mpy")]
+    print("WARNING: " + stock_runtime_warning(sum(f.size for f in mpy), len(mpy)), file=sys.stderr)
 
 
 def _template(args: argparse.Namespace) -> IdentityTemplate:

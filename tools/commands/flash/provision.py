@@ -395,7 +395,7 @@ def _runtime_plan(
         )
         raise RuntimeMissing(f"{why}, and none was given")
     expect = man.runtime.sha256 if man.runtime and runtime is None else None
-    info, data = load_runtime(board, path, expect)
+    info, data = load_runtime(board, path, expect, for_build=man)
     bl_present = programmer.read_flash(board.bootloader.offset, 1)[0] == im.ESP_IMAGE_MAGIC
     return runtime_parts(build, info, data, bl_present), info
 
