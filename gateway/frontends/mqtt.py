@@ -213,9 +213,11 @@ class MqttFrontEnd:
     # -- connection events (on the asyncio loop) -------------------------------------------------------
     def _on_connect(self) -> None:
         self._ready.clear()
+        # The configs go out before the SUBSCRIBE: the broker handles one connection's packets in order, so by the
+        # SUBACK (ready) every desired config is retained there, and a device subscribing after that gets it.
+        self.devices.publish_all_configs()
         fut = self._link.subscribe(self.topics, qos=1)
         self._spawn(self._await_suback(fut))
-        self.devices.publish_all_configs()
 
     async def _await_suback(self, fut: asyncio.Future[list[Any]]) -> None:
         try:
