@@ -176,6 +176,21 @@ def encode_resolve_response(fields: Mapping[str, Any]) -> bytes:
     return encode("resolve_response", fields)
 
 
+def encode_report_ack(boot: int, seq: int, code: int, cfgver: int | None = None) -> bytes:
+    """``encode("report_ack", ...)`` of these fields: the same bytes (canonical CBOR keys 3, 10, 11, 20), written
+    out here because the gateway sends one per report; anything out of range goes through :func:`encode`."""
+    try:
+        out = b"".join(
+            (b"\xa3\x03" if cfgver is None else b"\xa4\x03", _uint(code), b"\x0a", _uint(boot), b"\x0b", _uint(seq))
+        )
+        return out if cfgver is None else out + b"\x14" + _uint(cfgver)
+    except _Unusual:
+        fields: dict[str, Any] = {"boot": boot, "seq": seq, "code": code}
+        if cfgver is not None:
+            fields["cfgver"] = cfgver
+        return encode("report_ack", fields)
+
+
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 

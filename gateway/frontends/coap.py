@@ -38,7 +38,9 @@ from aiocoap.numbers import ContentFormat
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 
+from gateway.errors import Overloaded
 from gateway.frontends import coap_aiocoap
+from gateway.frontends.coap_reports import ReportPath
 from gateway.frontends.coap_site import CONFIG, REPORT, build_site
 from gateway.frontends.coap_socket import CoapSocket
 from gateway.frontends.common import (
@@ -52,7 +54,6 @@ from gateway.frontends.common import (
 from gateway.logfmt import kv
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
-from gateway.registry import Registry
 from gateway.resolution import Answer, AnswerCache, ResolutionNote, Resolving, etag_of, resolve_noted
 from proto import devicemsg, identifier
 
@@ -175,6 +176,20 @@ class CoapFrontEnd:
             answers=self.answers,
             note=self.note,
         )
+        if (
+            self.fast.learning
+        ):  # a plain site: reports from the socket to the registry (OSCORE: aiocoap's path)
+            self.fast.reports = ReportPath(
+                self.registry,
+                self.fast.server,
+                send=lambda out, route: sock.send(out, *route),
+                arm=self.fast.arm,
+                limiter=lambda: self.limiter,
+                count=lambda code: self.metrics.count_request("coap", code),
+                count_limited=lambda limit: self.metrics.count_ratelimited("coap", limit),
+                error_answer=error_message,
+                inflight=self._inflight,
+            )
         sock.serve(self.fast)
         self.metrics.add_collector(self.fast.samples, add=True)
         return self.address
@@ -306,14 +321,18 @@ class CoapFrontEnd:
                 ident = identifier.normalise("/".join(path[:-1]))
                 if leaf == CONFIG and request.code == Code.GET:
                     return self._get_config(ident)
-                name = "report" if leaf == REPORT else "config_ack"
-                fields = devicemsg.decode(name, request.payload)
+                if leaf == REPORT:
+                    report = devicemsg.decode_report(request.payload)
+                    if identifier.normalise(report.id) != ident:
+                        return self._fail(
+                            devicemsg.FORBIDDEN, f"payload id {report.id!r} is not the device in the path"
+                        )
+                    return await self._report(request, ident, report)
+                fields = devicemsg.decode("config_ack", request.payload)
                 if identifier.normalise(fields["id"]) != ident:
                     return self._fail(
                         devicemsg.FORBIDDEN, f"payload id {fields['id']!r} is not the device in the path"
                     )
-                if leaf == REPORT:
-                    return await self._report(request, ident, fields)
                 self.registry.record_config_ack(ident, fields["cfgver"], fields["code"], fields.get("msg"))
                 log.info("config ack %s", kv(device=ident, cfgver=fields["cfgver"], code=fields["code"]))
                 return self._finish(devicemsg.OK, aiocoap.Message(code=Code.CHANGED))
@@ -324,18 +343,21 @@ class CoapFrontEnd:
             except Exception as e:
                 return self._fail(*failure(e))
 
-    async def _report(self, request: aiocoap.Message, ident: str, fields: dict[str, Any]) -> aiocoap.Message:
-        if isinstance(self.registry, Registry):  # group commit: answered once its batch is committed
-            new = await self.registry.record_report_async(ident, fields, "coap", _peer(request))
-        else:
-            new = self.registry.record_report(ident, fields, "coap", _peer(request))
-        log.debug("report %s", kv(device=ident, boot=fields["boot"], seq=fields["seq"], new=new))
-        ack_fields = {"boot": fields["boot"], "seq": fields["seq"], "code": devicemsg.OK}
-        cfgver = _desired_cfgver(self.registry, ident)
-        # the device fetches it when it holds an older one (e.g. it missed a notification)
-        if cfgver is not None:
-            ack_fields["cfgver"] = cfgver
-        ack = devicemsg.encode("report_ack", ack_fields)
+    async def _report(
+        self, request: aiocoap.Message, ident: str, report: devicemsg.Report
+    ) -> aiocoap.Message:
+        """A report the fast path did not take (OSCORE-protected, or the fast path off): the same answers as
+        ``coap_reports.ReportPath`` gives, through aiocoap."""
+        try:
+            fut = self.registry.submit_report(ident, report, "coap", _peer(request))
+        except Overloaded as e:  # nothing stored: the device waits Max-Age and sends it again
+            return self._fail(devicemsg.UPSTREAM_UNAVAILABLE, str(e), max_age=e.retry_after)
+        new = await fut  # group commit: answered once its batch is durable
+        log.debug("report %s", kv(device=ident, boot=report.boot, seq=report.seq, new=new))
+        # the cfgver: the device fetches its config when it holds an older one (e.g. it missed a notification)
+        ack = devicemsg.encode_report_ack(
+            report.boot, report.seq, devicemsg.OK, self.registry.desired_cfgver(ident)
+        )
         return self._finish(
             devicemsg.OK, aiocoap.Message(code=Code.CHANGED, payload=ack, content_format=CF_CBOR)
         )
@@ -403,9 +425,3 @@ def _peer(request: aiocoap.Message) -> str | None:
         return str(request.remote.hostinfo)
     except Exception:  # a transport without host info (not udp6)
         return None
-
-
-def _desired_cfgver(registry: Any, ident: str) -> int | None:
-    """The desired config version a report ack carries (None: no desired config, or a registry without it)."""
-    get = getattr(registry, "desired_cfgver", None)
-    return get(ident) if get is not None else None

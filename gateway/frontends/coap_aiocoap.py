@@ -32,7 +32,7 @@ from aiocoap import interfaces
 from aiocoap.numbers import COAP_PORT
 from aiocoap.util import hostportjoin
 
-__all__ = ["Bridge", "Remote", "attach", "body", "Sender"]
+__all__ = ["Bridge", "Remote", "attach", "body", "hostinfo", "Sender"]
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class Remote(interfaces.EndpointAddress):
 
     @property
     def hostinfo(self) -> str:
-        return _hostinfo(self.sockaddr[0], self.sockaddr[1])
+        return hostinfo(self.sockaddr[0], self.sockaddr[1])
 
     @property
     def hostinfo_local(self) -> str:
-        return _hostinfo(*self._bridge.sock.address)
+        return hostinfo(*self._bridge.sock.address)
 
     @property
     def uri_base(self) -> str:
@@ -102,7 +102,7 @@ class Remote(interfaces.EndpointAddress):
         return self.sockaddr[:2]
 
 
-def _hostinfo(host: str, port: int) -> str:
+def hostinfo(host: str, port: int) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return str(hostportjoin(host, None if port == COAP_PORT else port))
@@ -137,7 +137,7 @@ class Bridge(interfaces.MessageInterface):
             message = self.decode(data, addr, pktinfo, fast_key)
         except Exception:  # UnparsableMessage, and whatever else junk makes the decoder raise
             self.unparsable += 1
-            log.debug("coap: ignoring an unparsable datagram from %s", _hostinfo(addr[0], addr[1]))
+            log.debug("coap: ignoring an unparsable datagram from %s", hostinfo(addr[0], addr[1]))
             return
         try:
             mman.dispatch_message(message)

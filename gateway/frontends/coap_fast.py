@@ -21,7 +21,10 @@ for each wake-up, and:
    separate CON response, sent again until acknowledged. The request carries its key (``fast_key`` on the
    remote); when the answer is a fresh 2.05 resolution that fits in one datagram, :meth:`FastPath.learn` (called
    by the front end) stores the entry.
-4. anything else goes to aiocoap (the slow path, ``gateway/frontends/coap.py``) through the bridge
+4. a **report** (``POST /d/<id>/rpt``, plain CBOR, what the firmware sends) goes straight to the registry's group
+   commit and is answered after it (``gateway/frontends/coap_reports.py``), when the front end set
+   :attr:`FastPath.reports` (not when OSCORE wraps the site).
+5. anything else goes to aiocoap (the slow path, ``gateway/frontends/coap.py``) through the bridge
    (``gateway/frontends/coap_aiocoap.py``): POST/PUT, Observe, block-wise, ``/d/...``, ``/.well-known/core``,
    unknown or malformed options, payloads, other CoAP versions, empty messages, responses, RST.
 
@@ -56,6 +59,7 @@ from typing import Any
 import aiocoap
 
 from gateway.frontends.coap_aiocoap import Bridge, body
+from gateway.frontends.coap_reports import NOT_MINE, ReportPath
 from gateway.frontends.coap_socket import CoapSocket
 from gateway.frontends.common import json_etag, resolution_payload
 from gateway.frontends.hotpath import CacheGuard, HotEntry
@@ -63,7 +67,7 @@ from gateway.metrics import Sample
 from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote, etag_of
 from proto import devicemsg
 from proto.coap.message import MessageError, encode_option, heads, option_spans, uint_value
-from proto.coap.numbers import ACK, CONTENT, GET, NON, VALID, ContentFormat, Option
+from proto.coap.numbers import ACK, CONTENT, GET, NON, POST, VALID, ContentFormat, Option
 from proto.coap.server import DELEGATED, PENDING, Acknowledged, Deferred, Duplicate, Request, Server
 from proto.records import TTL_ABSOLUTE
 
@@ -239,6 +243,7 @@ class FastPath:
         self.max_entries = max_entries
         self.serving = True
         self.table: dict[bytes, _Entry] = {}
+        self.reports: ReportPath | None = None  # set by the front end: reports straight to the registry
         self._loop = asyncio.get_running_loop()
         self.server = Server(now=self._loop.time())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -257,7 +262,7 @@ class FastPath:
         self.valid = 0  # 2.03 from the table
         self.replayed = 0  # CON duplicates answered with the same bytes again (or ignored while pending)
         self.slow = 0  # datagrams handed to aiocoap
-        self.misses = 0  # requests that took the miss path
+        self.misses = 0  # requests that took the miss path (reports: ReportPath's counters)
         self.learned = 0  # entries stored
 
     def close(self) -> None:
@@ -344,6 +349,12 @@ class FastPath:
         if type(ev) is not Request:
             self._to_slow(data, addr, pktinfo)
             return None
+        if data[1] == POST and self.reports is not None and self._serving and not self._backlog:
+            out = self.reports.take(ev, pktinfo, self._mono)
+            if out is not NOT_MINE:
+                if out is None:  # answered after the commit: the message layer may need an empty ACK first
+                    self.arm()
+                return out
         fast = classify(data) if self.learning else None
         if fast is not None and self._serving and not self._backlog:
             key, etags = fast
@@ -398,7 +409,7 @@ class FastPath:
             self._to_slow(ev.datagram, ev.addr, pktinfo)
             return
         pending = self.server.defer(ev, self._mono, (ev.addr, pktinfo))
-        self._arm()
+        self.arm()
         task = self._loop.create_task(self._answer_miss(request, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -415,11 +426,11 @@ class FastPath:
             out = self.server.respond(pending, code, tail, self._loop.time())
             addr, pktinfo = pending.route
             self.sock.send(out, addr, pktinfo)
-            self._arm()
+            self.arm()
         except Exception:
             log.exception("coap: sending a resolution answer failed")
 
-    def _arm(self) -> None:
+    def arm(self) -> None:
         """Wake up for the message layer's next deadline (an empty ACK, a separate response sent again); no
         wake-up when nothing waits (a miss answered in time)."""
         due = self.server.next_timeout()
@@ -436,7 +447,7 @@ class FastPath:
         self._timer, self._timer_at = None, math.inf
         for out, (addr, pktinfo) in self.server.timeouts(self._loop.time()):
             self.sock.send(out, addr, pktinfo)
-        self._arm()
+        self.arm()
 
     # -- learning ------------------------------------------------------------------------------------------
     def learn(
@@ -495,4 +506,5 @@ class FastPath:
             **counts,
             "dropped": self.sock.dropped,
             "unparsable": self.bridge.unparsable,
+            **(self.reports.stats() if self.reports is not None else {}),
         }

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol
 
-from gateway.errors import NameNotServed, StorageError, UpstreamError, UpstreamTimeout
+from gateway.errors import NameNotServed, Overloaded, StorageError, UpstreamError, UpstreamTimeout
 from gateway.resolution import Answer
 from proto import devicemsg
 from proto.identifier import IdentifierError
@@ -31,9 +31,11 @@ HTTP_STATUS = {
 class DeviceRegistry(Protocol):
     """The part of gateway.registry.Registry the front ends use (R's SQLite registry implements it)."""
 
-    def record_report(
-        self, identifier: str, fields: dict[str, Any], transport: str, peer: str | None = None
-    ) -> bool: ...
+    def submit_report(
+        self, ident: str, report: devicemsg.Report, transport: str, peer: str | None = None
+    ) -> asyncio.Future[bool]: ...
+
+    def desired_cfgver(self, identifier: str) -> int | None: ...
 
     def set_desired_config(
         self, identifier: str, interval: int | None = None, meta: dict[str, str] | None = None
@@ -70,6 +72,8 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return devicemsg.UPSTREAM_TIMEOUT, str(exc) or "upstream timeout"
     if isinstance(exc, UpstreamError):
         return devicemsg.UPSTREAM_UNAVAILABLE, str(exc) or "no upstream answered"
+    if isinstance(exc, Overloaded):  # the registry's queue is full: nothing stored, come back later
+        return devicemsg.UPSTREAM_UNAVAILABLE, str(exc)
     if isinstance(exc, StorageError):  # logged where it happened (registry), without a traceback
         return devicemsg.INTERNAL, str(exc)
     log.error("internal error answering a request", exc_info=exc)

@@ -8,7 +8,8 @@
 * ``faultkit`` -- real redis-server, gateway and node processes, SQLite checks, a full disk; ``fleet`` -- a
   webhook consumer and a fleet of light MQTT devices.
 * ``gwhelpers`` and ``upstream_fakes`` -- fake resolvers, upstreams, clocks and records for the gateway tests;
-  ``webapp`` -- an aiohttp app on a free port.
+  ``webapp`` -- an aiohttp app on a free port; ``coapraw`` -- a raw CoAP client (hand-made datagrams) for the
+  CoAP front-end tests.
 * ``flashutil`` -- builds and esptool runs for the flash tests; ``fuzzing`` -- hypothesis strategies;
   ``vecload`` -- the shared wire vectors.
 """
