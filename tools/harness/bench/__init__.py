@@ -37,7 +37,7 @@ __all__ = [
     "run_scenarios",
 ]
 
-SCENARIO_KEYS = ("P1", "P2", "P3", "P4", "P5")
+SCENARIO_KEYS = ("P1", "P2", "P3", "P4", "P5", "P6")
 
 
 def load_scenarios() -> None:

@@ -18,6 +18,12 @@ server within EXCHANGE_LIFETIME (247 s), or the server's de-duplication answers 
 response: after ``mid_budget`` Message IDs a source endpoint is retired and a fresh one (a new source port)
 takes over.
 
+Report mode (``reports`` > 0): instead of ``paths``, ``reports`` simulated devices (:class:`ReportDevice`) each
+``POST /d/<id>/rpt`` their next report (canonical CBOR, as the firmware sends it) with at most one in flight per
+device, as the firmware does: after a 2.04 the device's ``seq`` moves on, after anything else (5.03, no answer)
+the same report goes again. ``concurrency`` reports are in flight at most. The result's ``acked`` maps each device
+to the last seq it got acknowledged, so a caller can check the gateway's registry afterwards.
+
 Bounds: ``duration`` seconds of measurement after ``warmup`` seconds, or ``count`` requests; either way the run
 ends by itself (``max_time`` is a hard stop). Only requests that complete inside the measurement window count.
 """
@@ -36,11 +42,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from proto.coap import Client, RequestTemplate, dotted, request_template
+from proto import devicemsg
+from proto.coap import Client, RequestTemplate, dotted, request_template, uint_value
 from proto.coap.client import Exchange, Reset, Response, Unexpected
-from proto.coap.numbers import Timing
+from proto.coap.numbers import Code, ContentFormat, Option, Timing
 
-__all__ = ["LoadSpec", "LoadResult", "LoadGenerator", "run_load", "percentile"]
+__all__ = [
+    "LoadSpec",
+    "LoadResult",
+    "LoadGenerator",
+    "ReportDevice",
+    "report_device_id",
+    "run_load",
+    "percentile",
+]
 
 _perf = time.perf_counter
 NS = 1_000_000_000
@@ -65,9 +80,12 @@ class LoadSpec:
     mid_budget: int = 60_000  # Message IDs per source port before a fresh port takes over
     max_time: float | None = None  # hard stop (default: warmup + duration/count time + retransmission span)
     query: tuple[str, ...] = ()
+    reports: int = 0  # > 0: report mode (module doc): this many devices, one report in flight each
+    device_offset: int = 0  # report mode: the first device's number (workers get disjoint devices)
+    boot: int = 1  # report mode: the devices' boot number
 
     def __post_init__(self) -> None:
-        if not self.paths:
+        if not self.paths and not self.reports:
             raise ValueError("at least one path")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -111,6 +129,9 @@ class LoadResult:
     latencies_ns: array = field(default_factory=lambda: array("q"))
     workers: int = 1
     cpu_s: float = 0.0  # CPU time of the generator process(es) over the whole run
+    acked: dict[str, int] = field(
+        default_factory=dict
+    )  # report mode: device -> last seq acknowledged (whole run)
 
     @property
     def completed(self) -> int:
@@ -163,6 +184,7 @@ class LoadResult:
             out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
             for k, v in p.codes.items():
                 out.codes[k] = out.codes.get(k, 0) + v
+            out.acked.update(p.acked)
             out.latencies_ns.extend(p.latencies_ns)
         return out
 
@@ -181,6 +203,7 @@ class LoadResult:
                 "codes",
                 "workers",
                 "cpu_s",
+                "acked",
             )
         }
         d["latencies"] = self.latencies_ns.tobytes()
@@ -248,6 +271,60 @@ class _Endpoint(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+class ReportDevice:
+    """One simulated device of report mode: ``POST /d/<id>/rpt`` with its next report, one in flight at a time.
+
+    ``seq`` counts up from 1 after every 2.04 (acknowledged = durably stored, the gateway's promise); any other
+    answer or no answer sends the same report again, as the firmware does. ``acked`` is the last acknowledged seq.
+    The payload is the report the firmware sends (canonical CBOR), written once per device up to ``seq``."""
+
+    __slots__ = ("ident", "boot", "seq", "acked", "template", "_head", "_tail")
+
+    def __init__(self, number: int, boot: int, confirmable: bool = True, token_len: int = 2) -> None:
+        self.ident = report_device_id(number)
+        self.boot = boot
+        self.seq = 1
+        self.acked = 0
+        prefix, _, suffix = self.ident.partition("/")
+        self.template = request_template(
+            ("d", prefix, *suffix.split("/"), "rpt"),
+            confirmable=confirmable,
+            code=int(Code.POST),
+            token_len=token_len,
+            options=((int(Option.CONTENT_FORMAT), uint_value(int(ContentFormat.CBOR))),),
+        )
+        fields = {
+            "id": self.ident,
+            "boot": boot,
+            "seq": 0,
+            "uptime": 3600,
+            "heap": 41000,
+            "rssi": -60,
+            "queue": 0,
+            "board": "esp32-devkitc",
+            "fw": "bench",
+        }
+        whole = devicemsg.encode("report", fields)
+        at = whole.index(b"\x0b\x00")  # key 11 (seq) = 0: the seq goes here
+        self._head, self._tail = whole[: at + 1], whole[at + 2 :]
+
+    def payload(self) -> bytes:
+        seq = self.seq
+        return self._head + (bytes((seq,)) if seq < 24 else _cbor_uint(seq)) + self._tail
+
+
+def report_device_id(number: int) -> str:
+    """The identifier of report-mode device ``number``."""
+    return f"88.123.99/LOAD-{number:07d}"
+
+
+def _cbor_uint(n: int) -> bytes:
+    for limit, head, size in ((0x100, 0x18, 1), (0x10000, 0x19, 2), (0x100000000, 0x1A, 4)):
+        if n < limit:
+            return bytes((head,)) + n.to_bytes(size, "big")
+    return b"\x1b" + n.to_bytes(8, "big")
+
+
 class LoadGenerator:
     """One closed-loop run against one server; ``await run()`` once."""
 
@@ -257,6 +334,13 @@ class LoadGenerator:
             request_template(p, confirmable=spec.confirmable, token_len=spec.token_len, query=spec.query)
             for p in spec.paths
         ]
+        self.devices = [
+            ReportDevice(spec.device_offset + i, spec.boot, spec.confirmable, spec.token_len)
+            for i in range(spec.reports)
+        ]
+        self._idle: list[ReportDevice] = list(
+            reversed(self.devices)
+        )  # report mode: devices with nothing in flight
         self.result = LoadResult()
         self.icmp_errors = 0
         self._lat = self.result.latencies_ns
@@ -327,7 +411,13 @@ class LoadGenerator:
         if ep is None:  # the next source port is still opening
             self._stalled += 1
             return
-        ex = ep.client.request(self.templates[self._issued % len(self.templates)], now)
+        if self.devices:
+            if not self._idle:
+                return
+            dev = self._idle.pop()
+            ex = ep.client.request(dev.template, now, dev.payload(), dev)
+        else:
+            ex = ep.client.request(self.templates[self._issued % len(self.templates)], now)
         self._issued += 1
         self._inflight += 1
         self.result.sent += 1
@@ -337,6 +427,14 @@ class LoadGenerator:
         """``code``: the answer's, 0 for a RST, -1 for no answer."""
         self._inflight -= 1
         res = self.result
+        dev = ex.context
+        if (
+            dev is not None
+        ):  # report mode: a 2.04 moves the device on, anything else sends the same report again
+            if code == 0x44:
+                dev.acked = dev.seq
+                dev.seq += 1
+            self._idle.append(dev)
         if self._win_start <= now <= self._win_end:
             self._last_done = now
             if code < 0:
@@ -436,6 +534,7 @@ class LoadGenerator:
         else:
             res.elapsed_s = max(0.0, (self._last_done or end) - self._win_start)
         res.cpu_s = time.process_time() - cpu0
+        res.acked = {d.ident: d.acked for d in self.devices}
         # still in flight at the end of a count-bounded run (hard stop): timeouts
         if spec.count is not None:
             res.timeouts += sum(ep.client.in_flight for ep in self._endpoints)
@@ -464,9 +563,15 @@ def run_load(spec: LoadSpec, workers: int = 1) -> LoadResult:
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     conc = [c for c in _split(spec.concurrency, workers) if c > 0]
     counts = _split(spec.count, len(conc)) if spec.count is not None else [None] * len(conc)
+    reports = _split(spec.reports, len(conc))  # report mode: each worker its own devices
+    offsets = [spec.device_offset + sum(reports[:i]) for i in range(len(conc))]
     procs = [
-        ctx.Process(target=_worker, args=(replace(spec, concurrency=c, count=n), ready, go, out), daemon=True)
-        for c, n in zip(conc, counts, strict=True)
+        ctx.Process(
+            target=_worker,
+            args=(replace(spec, concurrency=c, count=n, reports=r, device_offset=o), ready, go, out),
+            daemon=True,
+        )
+        for c, n, r, o in zip(conc, counts, reports, offsets, strict=True)
     ]
     for p in procs:
         p.start()

@@ -29,13 +29,11 @@ from typing import Any, cast
 from proto import mqtt
 from proto.coap import encode_body, uint_value
 from proto.coap.message import heads
-from proto.coap.numbers import ACK, CON, CONTENT, GET, NON, ContentFormat, Option
+from proto.coap.numbers import ACK, CHANGED, CON, CONTENT, GET, NON, POST, ContentFormat, Option
 from tools.harness.bench.procs import free_port
 
 CF_CBOR = ContentFormat.CBOR
 DRAIN_MAX = 64
-_ACK_CONTENT = heads(ACK, CONTENT)
-_NON_CONTENT = heads(NON, CONTENT)
 
 
 def response_tail(
@@ -51,16 +49,21 @@ def response_tail(
 
 
 class RawResponder(asyncio.DatagramProtocol):
-    """Answers every CoAP GET with a fixed 2.05 (piggybacked ACK for CON, NON for NON).
+    """Answers every CoAP GET with a fixed 2.05 (piggybacked ACK for CON, NON for NON); with ``method`` POST and
+    ``code`` 2.04, every POST with a fixed 2.04 (P6's responder that acknowledges reports without storing them).
 
     With ``sock`` (the bound socket, owned by the caller) it also drains the socket after each datagram
     asyncio delivers (``sock.recvfrom`` until it would block, at most ``DRAIN_MAX``) and answers with
     ``sock.sendto``: one event-loop iteration per burst instead of one per datagram.
     """
 
-    def __init__(self, tail: bytes, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self, tail: bytes, sock: socket.socket | None = None, method: int = GET, code: int = CONTENT
+    ) -> None:
         self.tail = tail
         self.sock = sock
+        self.method = method
+        self._ack, self._non = heads(ACK, code), heads(NON, code)
         self.transport: asyncio.DatagramTransport | None = None
         self.mid = 0
         self.answered = 0
@@ -83,7 +86,7 @@ class RawResponder(asyncio.DatagramProtocol):
             self._answer(data, addr)
 
     def _answer(self, data: bytes, addr: Any) -> None:
-        if len(data) < 4 or data[1] != GET:
+        if len(data) < 4 or data[1] != self.method:
             return
         first = data[0]
         tkl = first & 0x0F
@@ -91,10 +94,10 @@ class RawResponder(asyncio.DatagramProtocol):
             return
         mtype = (first >> 4) & 3
         if mtype == CON:
-            out = _ACK_CONTENT[tkl] + data[2 : 4 + tkl] + self.tail
+            out = self._ack[tkl] + data[2 : 4 + tkl] + self.tail
         elif mtype == NON:
             self.mid = (self.mid + 1) & 0xFFFF
-            out = _NON_CONTENT[tkl] + self.mid.to_bytes(2, "big") + data[4 : 4 + tkl] + self.tail
+            out = self._non[tkl] + self.mid.to_bytes(2, "big") + data[4 : 4 + tkl] + self.tail
         else:
             return
         self._send(out, addr)
@@ -113,14 +116,22 @@ class RawResponder(asyncio.DatagramProtocol):
         self.transport.sendto(out, addr)
 
 
-async def serve_raw(host: str, port: int, tail: bytes, stop: asyncio.Event, drain: bool = False) -> None:
+async def serve_raw(
+    host: str,
+    port: int,
+    tail: bytes,
+    stop: asyncio.Event,
+    drain: bool = False,
+    method: int = GET,
+    code: int = CONTENT,
+) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((host, port))
     sock.setblocking(False)
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: RawResponder(tail, sock if drain else None), sock=sock
+        lambda: RawResponder(tail, sock if drain else None, method, code), sock=sock
     )
     _ready(sock.getsockname()[1])
     try:
@@ -235,6 +246,10 @@ async def _main(args: argparse.Namespace) -> None:
         await serve_raw(
             args.host, args.port, response_tail(payload, etag, args.max_age), stop, args.kind == "raw-drain"
         )
+    elif (
+        args.kind == "raw-post"
+    ):  # P6: every POST gets a 2.04 with the payload (a report_ack), nothing stored
+        await serve_raw(args.host, args.port, response_tail(payload, None, None), stop, True, POST, CHANGED)
     else:
         await serve_aiocoap(args.host, args.port, payload, etag, args.max_age, stop)
 
@@ -243,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.harness.bench.servers", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("kind", choices=("raw", "raw-drain", "aiocoap", "mqtt"))
+    p.add_argument("kind", choices=("raw", "raw-drain", "raw-post", "aiocoap", "mqtt"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--payload", default="", help="response payload, hex (mqtt: PRE:POST around the token)")
