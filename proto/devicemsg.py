@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +181,14 @@ def encode_report_ack(boot: int, seq: int, code: int, cfgver: int | None = None)
     out here because the gateway sends one per report; anything out of range goes through :func:`encode`."""
     try:
         out = b"".join(
-            (b"\xa3\x03" if cfgver is None else b"\xa4\x03", _uint(code), b"\x0a", _uint(boot), b"\x0b", _uint(seq))
+            (
+                b"\xa3\x03" if cfgver is None else b"\xa4\x03",
+                _uint(code),
+                b"\x0a",
+                _uint(boot),
+                b"\x0b",
+                _uint(seq),
+            )
         )
         return out if cfgver is None else out + b"\x14" + _uint(cfgver)
     except _Unusual:
@@ -321,59 +328,70 @@ def _sensors_ok(v: Any) -> bool:
     return True
 
 
-# the report's keys -> kind: U uint (64 bit), K uint below 2^63 (boot, seq: SQLite integers), I int64,
-# T text up to REPORT_TEXT_MAX, D the identifier text, S the sensors map
-_REPORT_KINDS = {
-    "id": "D",
-    "boot": "K",
-    "seq": "K",
-    "uptime": "U",
-    "heap": "U",
-    "rssi": "I",
-    "queue": "U",
-    "board": "T",
-    "fw": "T",
-    "sensors": "S",
-    "dropped": "U",
-    "time": "U",
+def _u64(v: Any) -> bool:  # uptime, heap, queue, dropped, time
+    return type(v) is int and 0 <= v <= _U64
+
+
+def _k63(v: Any) -> bool:  # boot, seq: SQLite integers
+    return type(v) is int and 0 <= v < _I64
+
+
+def _i64(v: Any) -> bool:  # rssi
+    return type(v) is int and -_I64 <= v < _I64
+
+
+def _short_text(v: Any) -> bool:  # board, fw
+    return type(v) is str and len(v) <= REPORT_TEXT_MAX and (v.isascii() or _text_ok(v))
+
+
+def _id_text(v: Any) -> bool:  # id (the identifier rules themselves are the gateway's check)
+    return type(v) is str and 0 < len(v) <= REPORT_ID_MAX and (v.isascii() or _text_ok(v))
+
+
+# a report's key -> the check of its value (booleans are not integers: type(v) is int)
+_REPORT_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "id": _id_text,
+    "boot": _k63,
+    "seq": _k63,
+    "uptime": _u64,
+    "heap": _u64,
+    "rssi": _i64,
+    "queue": _u64,
+    "board": _short_text,
+    "fw": _short_text,
+    "sensors": _sensors_ok,
+    "dropped": _u64,
+    "time": _u64,
 }
+_REPORT_KEY_CHECKS = {KEYS[name]: (name, check) for name, check in _REPORT_CHECKS.items()}
 _REPORT_REQUIRED = MESSAGES["report"][0]
-assert set(_REPORT_KINDS) == {*MESSAGES["report"][0], *MESSAGES["report"][1]}
+assert set(_REPORT_CHECKS) == {*MESSAGES["report"][0], *MESSAGES["report"][1]}
 
 
-def _report_value_ok(kind: str, v: Any) -> bool:
-    t = type(v)
-    if kind == "U":
-        return t is int and 0 <= v <= _U64
-    if kind == "K":
-        return t is int and 0 <= v < _I64
-    if kind == "T":
-        return t is str and len(v) <= REPORT_TEXT_MAX and _text_ok(v)
-    if kind == "I":
-        return t is int and -_I64 <= v < _I64
-    if kind == "D":
-        return t is str and 0 < len(v) <= REPORT_ID_MAX and _text_ok(v)
-    return _sensors_ok(v)
+def _missing(out: Mapping[str, Any]) -> None:
+    for k in _REPORT_REQUIRED:
+        if k not in out:
+            raise InvalidReport(f"report: missing {k} (key {KEYS[k]})")
+
+
+def _wrong(name: str, v: Any) -> InvalidReport:
+    return InvalidReport(f"report: field {name} (key {KEYS[name]}) has the wrong type or range: {_short(v)}")
 
 
 def _checked(fields: Mapping[Any, Any]) -> tuple[dict[str, Any], bool]:
-    """The report's own fields, checked; and whether ``fields`` held other keys (dropped)."""
+    """The report's own fields (given by name), checked; and whether ``fields`` held other keys (dropped)."""
     out: dict[str, Any] = {}
-    dropped = False
-    kinds = _REPORT_KINDS
+    checks = _REPORT_CHECKS
     for k, v in fields.items():
-        kind = kinds.get(k) if type(k) is str else None
-        if kind is None:
-            dropped = True
+        check = checks.get(k) if type(k) is str else None
+        if check is None:
             continue
-        if not _report_value_ok(kind, v):
-            raise InvalidReport(f"report: field {k} (key {KEYS[k]}) has the wrong type or range: {_short(v)}")
+        if not check(v):
+            raise _wrong(k, v)
         out[k] = v
-    if len(out) < len(kinds):
-        for k in _REPORT_REQUIRED:
-            if k not in out:
-                raise InvalidReport(f"report: missing {k} (key {KEYS[k]})")
-    return out, dropped
+    if len(out) < len(checks):
+        _missing(out)
+    return out, len(out) != len(fields)
 
 
 def check_report(fields: Mapping[Any, Any]) -> Report:
@@ -388,13 +406,24 @@ def check_report(fields: Mapping[Any, Any]) -> Report:
 
 def decode_report(data: bytes) -> Report:
     """Decode a ``report`` payload and check it as :func:`check_report` does, in one pass (WireError for bytes
-    that are not one CBOR item, InvalidReport for anything else that is not a storable report)."""
+    that are not one CBOR item, InvalidReport for anything else that is not a storable report). The gateway does
+    this once per report it receives: one loop over the map's items, one table lookup and one check each."""
     obj = loads(data)
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise InvalidReport("report: payload must be a CBOR map")
-    named = {NAMES[k]: v for k, v in obj.items() if type(k) is int and k in NAMES}
-    out, dropped = _checked(named)
-    if dropped or len(named) != len(obj):  # keep only the report's own keys
+    out: dict[str, Any] = {}
+    checks = _REPORT_KEY_CHECKS
+    for k, v in obj.items():
+        check = checks.get(k) if type(k) is int else None
+        if check is None:
+            continue  # a key the report does not define: dropped, whatever its value
+        name, ok = check
+        if not ok(v):
+            raise _wrong(name, v)
+        out[name] = v
+    if len(out) < len(checks):
+        _missing(out)
+    if len(out) != len(obj):  # keep only the report's own keys
         data = cbor2.dumps({KEYS[k]: v for k, v in out.items()})
     return Report(out["id"], out["boot"], out["seq"], out, data)
 

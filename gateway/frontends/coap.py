@@ -185,7 +185,6 @@ class CoapFrontEnd:
                 send=lambda out, route: sock.send(out, *route),
                 arm=self.fast.arm,
                 limiter=lambda: self.limiter,
-                count=lambda code: self.metrics.count_request("coap", code),
                 count_limited=lambda limit: self.metrics.count_ratelimited("coap", limit),
                 error_answer=error_message,
                 inflight=self._inflight,

@@ -498,6 +498,8 @@ class FastPath:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
         for code, n in ((devicemsg.OK, self.answered), (devicemsg.NOT_MODIFIED, self.valid)):
             yield "ida_requests_total", {"frontend": "coap", "code": str(code)}, float(n)
+        if self.reports is not None:
+            yield from self.reports.samples()
 
     def stats(self) -> dict[str, int]:
         counts = {k: getattr(self, k) for k in ("answered", "valid", "replayed", "slow", "misses", "learned")}

@@ -18,19 +18,21 @@ datagram out:
 * 5.00 when the commit failed (disk full): nothing stored, the device sends it again.
 
 Error answers are the same bytes the slow path sends (``coap.error_message``). The answers are counted in
-``ida_requests_total{frontend="coap"}`` as the slow path counts them.
+``ida_requests_total{frontend="coap"}`` as the slow path counts them, with integer counters added at scrape time
+(:meth:`ReportPath.samples`), not a metrics update per report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.errors import Overloaded
 from gateway.frontends.coap_aiocoap import body, hostinfo
 from gateway.frontends.common import InFlight, failure
+from gateway.metrics import Sample
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from proto import devicemsg, identifier
 from proto.coap.message import PAYLOAD_MARKER
@@ -106,7 +108,7 @@ def report_parts(data: bytes) -> tuple[list[bytes], int] | None:
 class ReportPath:
     """Takes reports off the CoAP socket (module doc). ``send(datagram, route)`` sends an answer; ``arm()`` tells
     the fast path the message layer has a new deadline; ``limiter()`` returns the front end's rate limiter;
-    ``count(code)`` counts an answer and ``count_limited(limit)`` a rate-limit refusal; ``error_answer`` builds the
+    ``count_limited(limit)`` counts a rate-limit refusal; ``error_answer`` builds the
     slow path's error response; ``inflight`` is the front end's count of requests being answered (a stopping
     front end waits for them)."""
 
@@ -118,7 +120,6 @@ class ReportPath:
         send: Callable[[bytes, Any], None],
         arm: Callable[[], None],
         limiter: Callable[[], RateLimiter | None],
-        count: Callable[[int], None],
         count_limited: Callable[[str], None],
         error_answer: ErrorAnswer,
         inflight: InFlight,
@@ -128,11 +129,12 @@ class ReportPath:
         self._send = send
         self._arm = arm
         self._limiter = limiter
-        self._count = count
         self._count_limited = count_limited
         self._error_answer = error_answer
         self._inflight = inflight
         self._ids: dict[bytes | str, str] = {}
+        self._peers: dict[Any, str] = {}  # source address -> its text form (the registry's ``peer``)
+        self.answers: dict[int, int] = {}  # wire code -> answers (ida_requests_total at scrape time)
         self._loop = asyncio.get_running_loop()
         # counters (the tests and stats())
         self.taken = 0  # reports this path answered (stored, duplicate or refused)
@@ -169,7 +171,7 @@ class ReportPath:
                 return self._refuse(
                     ev, devicemsg.FORBIDDEN, f"payload id {report.id!r} is not the device in the path"
                 )
-            fut = self.registry.submit_report(ident, report, "coap", hostinfo(ev.addr[0], ev.addr[1]))  # type: ignore[index]
+            fut = self.registry.submit_report(ident, report, "coap", self._peer(ev.addr))
         except Overloaded as e:
             self.overloaded += 1
             return self._refuse(ev, devicemsg.UPSTREAM_UNAVAILABLE, str(e), max_age=e.retry_after)
@@ -189,6 +191,18 @@ class ReportPath:
                 self._ids.clear()
             self._ids[raw] = ident
         return ident
+
+    def _peer(self, addr: Any) -> str:
+        peer = self._peers.get(addr)
+        if peer is None:
+            if len(self._peers) >= MAX_IDS:
+                self._peers.clear()
+            peer = self._peers[addr] = hostinfo(addr[0], addr[1])
+        return peer
+
+    def _count(self, code: int) -> None:
+        answers = self.answers
+        answers[code] = answers.get(code, 0) + 1
 
     def _refuse(self, ev: Request, code: int, msg: str, max_age: int | None = None) -> bytes:
         self.refused += 1
@@ -223,6 +237,11 @@ class ReportPath:
             log.exception("coap: answering a report failed")
         finally:
             self._inflight.__exit__(None, None, None)
+
+    def samples(self) -> Iterable[Sample]:
+        """What to add to ``ida_requests_total{frontend="coap"}`` (a collector with ``add=True``)."""
+        for code, n in self.answers.items():
+            yield "ida_requests_total", {"frontend": "coap", "code": str(code)}, float(n)
 
     def stats(self) -> dict[str, int]:
         return {"reports": self.taken, "reports_refused": self.refused, "reports_overloaded": self.overloaded}
