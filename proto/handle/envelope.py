@@ -159,6 +159,25 @@ class Message:
     def encode(self) -> bytes:
         return encode_message(self.envelope, self.header, self.body, self.credential)
 
+    def head_and_body(self) -> bytes:
+        """The header (with its body length) and the body: what a request digest, an HS_SIGNED signature and
+        an HS_MAC cover (HANDLE.NET's ``getEncodedMessageBody``)."""
+        h = self.header
+        return (
+            pack(
+                HEADER,
+                h.opcode,
+                h.response_code,
+                h.op_flags,
+                h.site_info_serial,
+                h.recursion_count,
+                0,
+                h.expiration,
+                len(self.body),
+            )
+            + self.body
+        )
+
 
 def encode_message(envelope: Envelope, header: Header, body: bytes, credential: bytes = b"") -> bytes:
     """Envelope + header + body + credential, with ``body_length`` and ``message_length`` filled in."""
