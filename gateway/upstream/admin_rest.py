@@ -121,10 +121,12 @@ class RestAdminClient:
             user = quote(f"{index}:{handle}", safe="/").encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(user + b":" + secret).decode()
         self._tls: ssl.SSLContext | None = None
+        self.certificate: bytes | None = None  # the client certificate (PEM) presented over https
         if https:
             self._tls = tls or ssl.create_default_context()
             if key is not None:
                 cert, pem = client_certificate(key, handle, index)
+                self.certificate = cert
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / "c.pem").write_bytes(cert)
                     (Path(tmp) / "k.pem").write_bytes(pem)

@@ -253,12 +253,12 @@ def install_admin(store: RecordStore, who: Identity, vtype: str, data: bytes) ->
     old = values.get(who.index)
     if old is not None and (old.type, old.data) != (vtype, data):
         raise ValueError(f"{who}: index {who.index} already holds a {old.type} value")
-    values[who.index] = HandleValue(
-        who.index, vtype, data, permissions=0x0C if vtype == AUTH_SECKEY else 0x0E
-    )
+    now = int(time.time())
+    perms = 0x0C if vtype == AUTH_SECKEY else 0x0E  # a secret key is never publicly readable
+    values[who.index] = HandleValue(who.index, vtype, data, timestamp=now, permissions=perms)
     named = AdminRef(who.handle, who.index, int(AdminPerm.ALL))
     admins = [v for v in values.values() if v.type == "HS_ADMIN" and v.data == named.encode()]
     if not admins:
         free = next(i for i in range(100, 0x7FFFFFFF) if i not in values)
-        values[free] = HandleValue(free, "HS_ADMIN", named.encode())
+        values[free] = HandleValue(free, "HS_ADMIN", named.encode(), timestamp=now)
     return store.add(Record(who.handle, tuple(sorted(values.values(), key=lambda v: v.index))))

@@ -230,6 +230,8 @@ class NativeListener:
                         return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # stop(): end quietly (Python 3.11's stream callback logs a re-raise)
+            return
         finally:
             if task is not None:
                 self._tasks.discard(task)

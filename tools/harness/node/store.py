@@ -92,6 +92,8 @@ def _permissions(raw: Any, where: str) -> int:
 
 def _value_json(v: HandleValue) -> dict[str, Any]:
     out = v.to_rest()
+    if not v.timestamp:  # unknown: left out (read back as the load time)
+        del out["timestamp"]
     out["permissions"] = "".join("1" if v.permissions & bit else "0" for bit in _PERM_BITS)
     return out
 
