@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import ssl
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -156,7 +157,9 @@ class RestAdminClient:
             )
         return self._session
 
-    async def create(self, handle: str, values: list[HandleValue], *, overwrite: bool = False) -> AdminResult:
+    async def create(
+        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
+    ) -> AdminResult:
         return await self.request(
             AdminRequest(OPERATIONS["create"], handle, tuple(values)), overwrite=overwrite
         )
@@ -164,13 +167,15 @@ class RestAdminClient:
     async def delete(self, handle: str) -> AdminResult:
         return await self.request(AdminRequest(OPERATIONS["delete"], handle))
 
-    async def add(self, handle: str, values: list[HandleValue], *, overwrite: bool = False) -> AdminResult:
+    async def add(
+        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
+    ) -> AdminResult:
         return await self.request(AdminRequest(OPERATIONS["add"], handle, tuple(values)), overwrite=overwrite)
 
-    async def modify(self, handle: str, values: list[HandleValue]) -> AdminResult:
+    async def modify(self, handle: str, values: Iterable[HandleValue]) -> AdminResult:
         return await self.request(AdminRequest(OPERATIONS["modify"], handle, tuple(values)))
 
-    async def remove(self, handle: str, indexes: list[int]) -> AdminResult:
+    async def remove(self, handle: str, indexes: Iterable[int]) -> AdminResult:
         return await self.request(AdminRequest(OPERATIONS["remove"], handle, indexes=tuple(indexes)))
 
     async def lookup(self, handle: str) -> tuple[HandleValue, ...] | None:
