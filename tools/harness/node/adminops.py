@@ -235,6 +235,14 @@ class AdminOps:
             seen.add(v.index)
         return None
 
+    def summary(self) -> str:
+        """``create=200/200 modify=3/3``: operations done / distinct handles, per operation."""
+        per: dict[str, tuple[int, int]] = {}
+        for (op, _handle), n in self.done.items():
+            total, handles = per.get(op, (0, 0))
+            per[op] = (total + n, handles + 1)
+        return " ".join(f"{op}={t}/{h}" for op, (t, h) in sorted(per.items())) or "-"
+
     def count(self, op: str, code: int) -> None:
         """Count a refusal (``refused[(op, code)]``)."""
         if code != RC_SUCCESS:

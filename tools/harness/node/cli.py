@@ -3,6 +3,8 @@
 Prints one line per listener on stdout when ready (``handle udp+tcp listening on 127.0.0.1:2641``,
 ``http listening on 127.0.0.1:8000``; port 0 prints the port actually bound) and the counters on exit.
 SIGUSR1 toggles silence. Exit codes: 0 clean stop; 2 bad option or records file; 1 could not listen.
+After administration, two more exit lines: ``node admin: OP:CODE=N ...`` (every answer) and
+``node admin done: create=200/200 ...`` (operations done / distinct handles: equal when each was done once).
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ async def serve(node: NodeServer) -> None:
         if admin:
             pairs = " ".join(f"{op}:{code}={n}" for (op, code), n in sorted(admin.items()))
             print(f"node admin: {pairs}", flush=True)
+            print(f"node admin done: {node.admin.ops.summary()}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
