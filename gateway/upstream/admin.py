@@ -75,7 +75,15 @@ from proto.handle.numbers import (
 )
 from proto.records import HandleValue, parse_value_ref
 
-__all__ = ["AdminAuth", "AdminClient", "AdminError", "AdminResult", "admin_error", "OPERATIONS"]
+__all__ = [
+    "AdminAuth",
+    "AdminClient",
+    "AdminError",
+    "AdminOperations",
+    "AdminResult",
+    "admin_error",
+    "OPERATIONS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +192,35 @@ class _SessionLost(Exception):
     """The node no longer knows our session: set up a new one and send again."""
 
 
-class AdminClient:
+class AdminOperations:
+    """The five operations, each one :meth:`request` (the native and the REST client share them)."""
+
+    async def request(self, req: AdminRequest, *, overwrite: bool = False) -> AdminResult:
+        raise NotImplementedError
+
+    async def create(
+        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
+    ) -> AdminResult:
+        return await self.request(
+            AdminRequest(OPERATIONS["create"], handle, tuple(values)), overwrite=overwrite
+        )
+
+    async def delete(self, handle: str) -> AdminResult:
+        return await self.request(AdminRequest(OPERATIONS["delete"], handle))
+
+    async def add(
+        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
+    ) -> AdminResult:
+        return await self.request(AdminRequest(OPERATIONS["add"], handle, tuple(values)), overwrite=overwrite)
+
+    async def modify(self, handle: str, values: Iterable[HandleValue]) -> AdminResult:
+        return await self.request(AdminRequest(OPERATIONS["modify"], handle, tuple(values)))
+
+    async def remove(self, handle: str, indexes: Iterable[int]) -> AdminResult:
+        return await self.request(AdminRequest(OPERATIONS["remove"], handle, indexes=tuple(indexes)))
+
+
+class AdminClient(AdminOperations):
     """Administers handles at one node (``hdl://host:port``) as ``auth``. Use as ``async with``.
 
     ``timeout`` bounds each exchange (one TCP connection); ``server_key`` (optional, the node's public key
@@ -220,28 +256,6 @@ class AdminClient:
 
     async def close(self) -> None:
         self._session = None
-
-    # -- operations ----------------------------------------------------------------------------------
-    async def create(
-        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
-    ) -> AdminResult:
-        return await self.request(
-            AdminRequest(OPERATIONS["create"], handle, tuple(values)), overwrite=overwrite
-        )
-
-    async def delete(self, handle: str) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["delete"], handle))
-
-    async def add(
-        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
-    ) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["add"], handle, tuple(values)), overwrite=overwrite)
-
-    async def modify(self, handle: str, values: Iterable[HandleValue]) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["modify"], handle, tuple(values)))
-
-    async def remove(self, handle: str, indexes: Iterable[int]) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["remove"], handle, indexes=tuple(indexes)))
 
     async def lookup(self, handle: str) -> tuple[HandleValue, ...] | None:
         """The handle's public values at this node (an anonymous resolution), None when it has none."""

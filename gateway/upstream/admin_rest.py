@@ -30,7 +30,6 @@ import datetime as _dt
 import json
 import ssl
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -40,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from gateway.upstream.admin import OPERATIONS, AdminError, AdminResult, admin_error
+from gateway.upstream.admin import OPERATIONS, AdminError, AdminOperations, AdminResult, admin_error
 from gateway.upstream.rest import MAX_BODY, handle_path
 from proto.handle import AdminRequest
 from proto.handle import keys as K
@@ -91,7 +90,7 @@ def client_certificate(key: K.PrivateKey, handle: str, index: int, days: int = 1
     return cert.public_bytes(serialization.Encoding.PEM), pem_key
 
 
-class RestAdminClient:
+class RestAdminClient(AdminOperations):
     """Administers handles through ``base`` (``https://host:8000``) as the admin ``handle``/``index``, with
     ``secret`` (HTTP basic) or ``key`` (TLS client certificate). ``tls`` is the context for ``https://``
     (default: the system's CAs); the client certificate is added to it."""
@@ -156,27 +155,6 @@ class RestAdminClient:
                 headers=self._headers,
             )
         return self._session
-
-    async def create(
-        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
-    ) -> AdminResult:
-        return await self.request(
-            AdminRequest(OPERATIONS["create"], handle, tuple(values)), overwrite=overwrite
-        )
-
-    async def delete(self, handle: str) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["delete"], handle))
-
-    async def add(
-        self, handle: str, values: Iterable[HandleValue], *, overwrite: bool = False
-    ) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["add"], handle, tuple(values)), overwrite=overwrite)
-
-    async def modify(self, handle: str, values: Iterable[HandleValue]) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["modify"], handle, tuple(values)))
-
-    async def remove(self, handle: str, indexes: Iterable[int]) -> AdminResult:
-        return await self.request(AdminRequest(OPERATIONS["remove"], handle, indexes=tuple(indexes)))
 
     async def lookup(self, handle: str) -> tuple[HandleValue, ...] | None:
         """The handle's values as the REST API shows them to this admin, None when it has none."""

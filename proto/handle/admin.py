@@ -36,7 +36,13 @@ from proto.handle.numbers import (
     SITE_INFO_SERIAL_UNKNOWN,
     ResponseCode,
 )
-from proto.handle.response import ErrorResponse, answer_flags, encode_response, skip_request_digest
+from proto.handle.response import (
+    ErrorResponse,
+    answer_flags,
+    decode_response,
+    encode_response,
+    skip_request_digest,
+)
 from proto.handle.values import encode_value, read_values
 from proto.handle.wire import U32_MASK, Reader, blob, u32
 from proto.records import HandleValue
@@ -141,17 +147,14 @@ def decode_admin_response(msg: Message) -> AdminResponse:
     """The answer to an administration request (client side). A 402 challenge is read with
     :func:`proto.handle.challenge.decode_challenge` instead."""
     h = msg.header
-    if h.is_request:
-        raise HandleFormatError("expected a response, got a request (response code 0)")
-    r = Reader(msg.body, f"{ResponseCode.describe(h.response_code)} response")
+    if h.is_request or h.response_code != RC_SUCCESS:
+        error = decode_response(msg)  # a request, or an error text (after any request digest)
+        assert isinstance(error, ErrorResponse)
+        return AdminResponse(error.code, error.message)
+    r = Reader(msg.body, "admin response")
     if h.op_flags & OPF_RD:
         skip_request_digest(r)
-    if h.response_code == RC_SUCCESS:
-        handle = r.text("handle") if r.remaining() else ""
-        return AdminResponse(RC_SUCCESS, "", handle)
-    if not r.remaining():
-        return AdminResponse(h.response_code)
-    return AdminResponse(h.response_code, r.blob("error message").decode("utf-8", "replace"))
+    return AdminResponse(RC_SUCCESS, "", r.text("handle") if r.remaining() else "")
 
 
 def encode_admin_answer(

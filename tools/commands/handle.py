@@ -32,7 +32,7 @@ from typing import Any
 
 from gateway.upstream.admin import OPERATIONS, AdminAuth, AdminClient, AdminError, AdminResult
 from gateway.upstream.admin_rest import RestAdminClient
-from gateway.upstream.urls import parse_upstream_url
+from gateway.upstream.urls import make_admin_client
 from proto import identifier
 from proto.handle import AdminRequest
 from proto.handle.keys import KeyFileError
@@ -167,42 +167,30 @@ def _secret(var: str | None, what: str) -> bytes | None:
 
 def make_client(args: argparse.Namespace) -> AdminClient | RestAdminClient:
     """The client for ``--upstream`` with the admin's credentials; CliError for what is missing or unreadable."""
-    try:
-        spec = parse_upstream_url(args.upstream)
-        handle, index = parse_value_ref(args.auth)
-    except (ValueError, RecordFormatError) as e:
-        raise CliError(str(e)) from None
-    passphrase = _secret(args.passphrase_env, "--passphrase-env")
     key = None
     if args.key:
         try:
-            key = AdminAuth.from_file(args.auth, args.key, passphrase).key
+            key = AdminAuth.from_file(
+                args.auth, args.key, _secret(args.passphrase_env, "--passphrase-env")
+            ).key
         except OSError as e:
             raise CliError(f"--key: cannot read {args.key}: {e.strerror}") from None
         except KeyFileError as e:
             raise CliError(f"--key {args.key}: {e}") from None
-    if spec.kind == "native":
-        if key is None:
-            raise CliError("a hdl:// upstream needs --key FILE (the admin's private key)")
-        return AdminClient(spec.host, spec.port, AdminAuth(handle, index, key), timeout=args.timeout)
-    secret = _secret(args.secret_env, "--secret-env")
+        except (ValueError, RecordFormatError) as e:
+            raise CliError(str(e)) from None
     tls = None
     if args.tls_ca:
         try:
             tls = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as e:
             raise CliError(f"--tls-ca {args.tls_ca}: {e}") from None
+    secret = _secret(args.secret_env, "--secret-env")
     try:
-        return RestAdminClient(
-            spec.base,
-            handle,
-            index,
-            key=None if secret else key,
-            secret=secret,
-            timeout=args.timeout,
-            tls=tls,
+        return make_admin_client(
+            args.upstream, args.auth, key=key, secret=secret, tls=tls, timeout=args.timeout
         )
-    except ValueError as e:
+    except (ValueError, RecordFormatError) as e:
         raise CliError(str(e)) from None
 
 

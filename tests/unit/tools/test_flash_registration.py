@@ -210,52 +210,25 @@ def run(*argv: str) -> int:
     return cli.run(p.parse_args(list(argv)))
 
 
-def test_register_setup_validates_and_copies_the_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    data = ["--data-dir", str(tmp_path / "d")]
-    assert (
-        run(
-            *data,
-            "register",
-            "setup",
+def test_register_setup_validates_and_copies_the_key(tmp_path: Path) -> None:
+    def setup(*extra: str) -> int:
+        base = [
             "--upstream",
             "hdl://127.0.0.1:2641",
             "--auth",
             "300:0.NA/88.123.99",
             "--key",
             str(ADMIN / "admpriv.bin"),
-            "--url",
-            "https://id/{suffix}",
-        )
-        == 0
-    )
+        ]
+        return run("--data-dir", str(tmp_path / "d"), "register", "setup", *base, *extra)
+
+    assert setup("--url", "https://id/{suffix}") == 0
     cfg = UpstreamConfig.load(tmp_path / "d")
     assert cfg is not None and cfg.key == "registration-key.bin" and cfg.url == "https://id/{suffix}"
     assert (tmp_path / "d" / "registration-key.bin").stat().st_mode & 0o777 == 0o600
     with pytest.raises(CliError, match="url pattern"):
-        run(
-            *data,
-            "register",
-            "setup",
-            "--upstream",
-            "hdl://h",
-            "--auth",
-            "300:0.NA/X",
-            "--key",
-            str(ADMIN / "admpriv.bin"),
-            "--url",
-            "https://id/{nope}",
-        )
+        setup("--url", "https://id/{nope}")
     with pytest.raises(CliError, match="INDEX:HANDLE"):
-        run(
-            *data,
-            "register",
-            "setup",
-            "--upstream",
-            "hdl://h",
-            "--auth",
-            "admin",
-            "--key",
-            str(ADMIN / "admpriv.bin"),
-        )
+        setup("--auth", "admin")
+    with pytest.raises(CliError, match="unknown values"):
+        setup("--values", "MAC,COLOUR")

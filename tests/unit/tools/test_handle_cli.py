@@ -130,7 +130,10 @@ def test_upstream_down_and_bad_input(node: dict[str, str], capsys: pytest.Captur
         (native(node, "create", "88.123.99/CLI-4", "--value", "one:URL:x"), "expected INDEX:TYPE:DATA"),
         (native(node, "add", "88.123.99/CLI-4"), "add needs at least one --value"),
         (native(node, "create", "no-slash"), "bad identifier"),
-        (["create", "88.123.99/X", "-u", node["hdl"], "--auth", "300:0.NA/88.123.99"], "needs --key FILE"),
+        (
+            ["create", "88.123.99/X", "-u", node["hdl"], "--auth", "300:0.NA/88.123.99"],
+            "needs the admin's private key (--key FILE)",
+        ),
         (
             ["create", "88.123.99/X", "-u", node["hdl"], "--auth", "300:0.NA/X", "--key", "/nonexistent"],
             "cannot read",

@@ -6,8 +6,6 @@ whose HS_ADMIN does not name the key is refused."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import ipaddress
 import json
 import ssl
 from pathlib import Path
@@ -15,8 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.upstream.admin import AdminAuth, AdminClient, AdminError
@@ -39,6 +36,7 @@ from proto.handle import keys as K
 from proto.handle.numbers import SESSION_SETUP_FLAGS, AdminPerm
 from proto.records import AdminRef, HandleValue, Record
 from tests.support.captures import ADMIN, load_exchange
+from tools.commands.broker.tls import make_certs
 from tools.harness.node import NodeServer
 from tools.harness.node.admin import AdminSide
 from tools.harness.node.adminops import AdminOps, Identity, install_admin
@@ -296,41 +294,15 @@ async def test_rest_administration_with_basic_auth() -> None:
             assert (e.value.kind, e.value.code) == ("wrong-key", 403)
 
 
-def _tls_pair(tmp: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = _dt.datetime.now(_dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - _dt.timedelta(hours=1))
-        .not_valid_after(now + _dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (tmp / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "server.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return tmp / "server.pem"
-
-
 async def test_rest_client_certificate_carries_the_admin_and_its_key(tmp_path: Path) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server_pem = _tls_pair(tmp_path)
+    server = make_certs(tmp_path, ["127.0.0.1"], days=1)  # a CA and a server certificate, as for the broker
     rest = RestAdminClient(
         "https://127.0.0.1:1",
         "0.NA/88.123.99",
         300,
         key=rsa_key,
-        tls=ssl.create_default_context(cafile=server_pem),
+        tls=ssl.create_default_context(cafile=server.ca),
     )
     assert rest.certificate is not None
     seen: list[tuple[str, bytes]] = []
@@ -344,7 +316,7 @@ async def test_rest_client_certificate_carries_the_admin_and_its_key(tmp_path: P
         return web.json_response({"responseCode": 1, "handle": request.match_info["h"]}, status=201)
 
     tls_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_server.load_cert_chain(server_pem, tmp_path / "server.key")
+    tls_server.load_cert_chain(server.cert, server.key)
     tls_server.verify_mode = ssl.CERT_REQUIRED
     tls_server.load_verify_locations(cadata=rest.certificate.decode())  # the server trusts this admin's cert
     app = web.Application()

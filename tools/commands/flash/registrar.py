@@ -29,6 +29,7 @@ import datetime as _dt
 import json
 import os
 import random
+import ssl
 import threading
 import time
 from collections import Counter
@@ -37,9 +38,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gateway.upstream.admin import AdminAuth, AdminClient, AdminError
+from gateway.upstream.admin import AdminClient, AdminError
 from gateway.upstream.admin_rest import RestAdminClient
-from gateway.upstream.urls import parse_upstream_url
+from gateway.upstream.urls import make_admin_client, parse_upstream_url
 from proto.handle.keys import load_private_key
 from proto.handle.numbers import AdminPerm
 from proto.records import AdminRef, HandleValue, parse_value_ref
@@ -160,8 +161,6 @@ class UpstreamConfig:
     def client(self, data_dir: str | os.PathLike[str]) -> Client:
         """The admin client this configuration describes; FlashError for a key or secret it cannot read."""
         base = Path(data_dir)
-        spec = parse_upstream_url(self.upstream)
-        handle, index = parse_value_ref(self.auth)
         key = None
         if self.key:
             passphrase = os.environ.get(self.passphrase_env, "").encode() if self.passphrase_env else None
@@ -172,22 +171,14 @@ class UpstreamConfig:
                 raise FlashError(f"registration: cannot read the key {path}: {e.strerror}") from None
             except ValueError as e:
                 raise FlashError(f"registration: key {path}: {e}") from None
-        if spec.kind == "native":
-            assert key is not None
-            return AdminClient(spec.host, spec.port, AdminAuth(handle, index, key), timeout=self.timeout)
         secret = os.environ.get(self.secret_env, "").encode() if self.secret_env else None
-        import ssl
-
-        tls = ssl.create_default_context(cafile=str(base / self.tls_ca)) if self.tls_ca else None
-        return RestAdminClient(
-            spec.base,
-            handle,
-            index,
-            key=None if secret else key,
-            secret=secret,
-            timeout=self.timeout,
-            tls=tls,
-        )
+        try:
+            tls = ssl.create_default_context(cafile=str(base / self.tls_ca)) if self.tls_ca else None
+            return make_admin_client(
+                self.upstream, self.auth, key=key, secret=secret, tls=tls, timeout=self.timeout
+            )
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise FlashError(f"registration: {e}") from None
 
 
 def _ours(values: Sequence[HandleValue], current: Sequence[HandleValue]) -> bool:

@@ -25,15 +25,15 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from proto.records import HandleValue
 
-from .ledger import BUSY_TIMEOUT_S, FILENAME, Device, Ledger, _now, fold
+from .ledger import BUSY_TIMEOUT_S, FILENAME, Device, Ledger, _now, fold, transaction
 
 __all__ = ["Job", "LEASE_S", "RegistrationQueue", "enqueue_in", "owner_id"]
 
@@ -136,15 +136,8 @@ class RegistrationQueue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # -- the worker's side ------------------------------------------------------------------------------
     def claim(self, limit: int = 32, now: float | None = None) -> list[Job]:
