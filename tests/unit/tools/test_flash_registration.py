@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from tests.support.regstation import (
 )
 from tools.commands.flash import builder as fb
 from tools.commands.flash import cli
-from tools.commands.flash.ledger import Ledger, pattern_identifiers
+from tools.commands.flash.ledger import FILENAME, Device, Ledger, pattern_identifiers
 from tools.commands.flash.provision import Station, flash_device
 from tools.commands.flash.registrar import UpstreamConfig, drain
-from tools.commands.flash.regqueue import RegistrationQueue
+from tools.commands.flash.regqueue import LEASE_S, RegistrationQueue, enqueue_in
 from tools.errors import CliError
 from tools.harness.node import NodeServer
 from tools.harness.node.adminops import Identity, install_admin
@@ -232,3 +233,41 @@ def test_register_setup_validates_and_copies_the_key(tmp_path: Path) -> None:
         setup("--auth", "admin")
     with pytest.raises(CliError, match="unknown values"):
         setup("--values", "MAC,COLOUR")
+
+
+def _device(led: Ledger, n: int) -> Device:
+    a = led.allocate(mac(n), BOARD)
+    return led.record(a.identifier, "verified")
+
+
+def test_queue_leases_and_a_reflash_in_flight(tmp_path: Path) -> None:
+    one = (HandleValue(1, "MAC", b"a"),)
+    two = (HandleValue(1, "MAC", b"b"),)
+    with Ledger.in_dir(tmp_path) as led:
+        led.add_pool(pattern_identifiers("88.123.99", "PUMP-{n:06d}", 1, 5), "pumps")
+        dev = _device(led, 1)
+        led.record(dev.identifier, "verified", also=lambda db, d: enqueue_in(db, d, one, "hdl://n", "line-1"))
+    dead_pid = f"{socket.gethostname()}:999999999"
+    with (
+        RegistrationQueue(tmp_path / FILENAME, owner="otherhost:1") as live,
+        RegistrationQueue(tmp_path / FILENAME, owner=dead_pid) as dead,
+        RegistrationQueue(tmp_path / FILENAME) as q,
+    ):
+        (held,) = live.claim(now=100.0)
+        assert held.op == "create" and held.values == one
+        assert q.claim(now=100.0) == []  # a holder on another host: its lease stands ...
+        (job,) = q.claim(now=100.0 + LEASE_S + 1)  # ... until it expires
+        q.retry(job, "node down", next_try=0.0)
+        assert dead.claim(now=1e9)
+        (job,) = q.claim(now=1e9 + 1)  # a dead process of this host: its lease is taken over at once
+        with Ledger.in_dir(tmp_path) as led:  # the chip is flashed again while the create is in flight
+            led.record(
+                dev.identifier, "verified", also=lambda db, d: enqueue_in(db, d, two, "hdl://n", "line-1")
+            )
+        q.done(job)  # the create got through, with the old values
+        (row,) = q.rows()
+        assert (row["state"], row["op"]) == ("pending", "modify")  # the new values go as a modify
+        (again,) = q.claim()
+        assert again.values == two and again.op == "modify"
+        q.done(again)
+        assert q.counts() == {"pending": 0, "registered": 1, "failed": 0}

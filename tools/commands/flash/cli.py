@@ -272,7 +272,7 @@ def _device(args: argparse.Namespace) -> int:
     station = _station(args)
     upstream = station.upstream_config()
     if upstream is not None:  # the chip is done; the queue gets --register-wait seconds
-        tally, counts = drain(station.data_dir, upstream, station.register_wait)
+        tally, counts = drain(station.data_dir, upstream, station.register_wait, wait_for_retries=False)
         print(f"  {tally.text(counts)}")
     return 0
 

@@ -224,23 +224,28 @@ class Registrar:
         self.tally = Tally()
         self.notes: Counter[str] = Counter()
 
-    async def process(self, job: Job) -> None:
-        """One job to its end: registered, pending again later, or failed."""
+    def _next_try(self, job: Job) -> float:
+        wait = min(self.config.backoff_max, self.config.backoff_min * 2 ** min(job.attempts, 30))
+        return self.clock() + wait * (0.5 + self.rng() / 2)
+
+    async def process(self, job: Job) -> str:
+        """One job to its end: registered, pending again later, or failed. Returns ``registered``, ``failed``
+        or the kind of the transient error (``down``, ``busy``, ...)."""
         try:
             note = await (self._create(job) if job.op == "create" else self._modify(job))
         except AdminError as e:
             self.tally.last_error = str(e)
             if e.transient:
-                wait = min(self.config.backoff_max, self.config.backoff_min * 2 ** min(job.attempts, 30))
-                self.queue.retry(job, str(e), self.clock() + wait * (0.5 + self.rng() / 2))
+                self.queue.retry(job, str(e), self._next_try(job))
                 self.tally.retried += 1
-            else:
-                self.queue.fail(job, str(e))
-                self.tally.failed += 1
-            return
+                return e.kind
+            self.queue.fail(job, str(e))
+            self.tally.failed += 1
+            return "failed"
         self.queue.done(job, note)
         self.notes[note or job.op] += 1
         self.tally.registered += 1
+        return "registered"
 
     async def _create(self, job: Job) -> str | None:
         try:
@@ -276,18 +281,30 @@ class Registrar:
         return "modified"
 
     async def run(
-        self, *, until_empty: bool = True, deadline: float | None = None, stop: threading.Event | None = None
+        self,
+        *,
+        until_empty: bool = True,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+        wait_for_retries: bool = True,
     ) -> Tally:
         """Send what is due until the queue has nothing pending (``until_empty``), ``deadline`` (monotonic
-        seconds) passes, or ``stop`` is set. Waits for rows whose retry is not yet due."""
+        seconds) passes, or ``stop`` is set. Rows whose retry is not yet due are waited for, unless
+        ``wait_for_retries`` is off (then the run ends when nothing is due now)."""
         while not (stop is not None and stop.is_set()):
             jobs = self.queue.claim()
-            for job in jobs:
-                await self.process(job)
+            for i, job in enumerate(jobs):
+                if await self.process(job) == "down":  # the node is down: the rest of the claim waits too
+                    for rest in jobs[i + 1 :]:
+                        self.queue.retry(rest, self.tally.last_error, self._next_try(rest))
+                        self.tally.retried += 1
+                    break
             if jobs:
                 continue
             due = self.queue.next_due()
             if due is None and until_empty:
+                break
+            if due is not None and not wait_for_retries and due > self.clock():
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -299,23 +316,27 @@ class Registrar:
 
 
 async def _drain(
-    data_dir: Path, config: UpstreamConfig, timeout: float, stop: threading.Event | None
+    data_dir: Path, config: UpstreamConfig, timeout: float, stop: threading.Event | None, wait: bool = True
 ) -> Tally:
     with RegistrationQueue.in_dir(data_dir) as queue:
         client = config.client(data_dir)
         try:
             return await Registrar(config, queue, client).run(
-                until_empty=stop is None, deadline=time.monotonic() + timeout, stop=stop
+                until_empty=stop is None,
+                deadline=time.monotonic() + timeout,
+                stop=stop,
+                wait_for_retries=wait,
             )
         finally:
             await client.close()
 
 
 def drain(
-    data_dir: str | os.PathLike[str], config: UpstreamConfig, timeout: float
+    data_dir: str | os.PathLike[str], config: UpstreamConfig, timeout: float, *, wait_for_retries: bool = True
 ) -> tuple[Tally, dict[str, int]]:
-    """Send the station's queue in the foreground for at most ``timeout`` seconds; (tally, counts after)."""
-    tally = asyncio.run(_drain(Path(data_dir), config, timeout, None))
+    """Send the station's queue in the foreground for at most ``timeout`` seconds (without waiting for
+    retries that are not due yet unless ``wait_for_retries``); (tally, counts after)."""
+    tally = asyncio.run(_drain(Path(data_dir), config, timeout, None, wait_for_retries))
     with RegistrationQueue.in_dir(data_dir) as queue:
         return tally, queue.counts()
 

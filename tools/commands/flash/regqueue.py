@@ -37,7 +37,8 @@ from .ledger import BUSY_TIMEOUT_S, FILENAME, Device, Ledger, _now, fold, transa
 
 __all__ = ["Job", "LEASE_S", "RegistrationQueue", "enqueue_in", "owner_id"]
 
-LEASE_S = 120.0
+LEASE_S = 300.0  # a claim of CLAIM jobs, each bounded by its client's timeout, ends well before
+CLAIM = 8
 
 
 def owner_id() -> str:
@@ -140,7 +141,7 @@ class RegistrationQueue:
         return transaction(self._db)
 
     # -- the worker's side ------------------------------------------------------------------------------
-    def claim(self, limit: int = 32, now: float | None = None) -> list[Job]:
+    def claim(self, limit: int = CLAIM, now: float | None = None) -> list[Job]:
         """Rows that are due (pending, ``next_try`` passed, no live lease), leased to this owner."""
         t = time.time() if now is None else now
         with self._tx() as db:
@@ -220,9 +221,11 @@ class RegistrationQueue:
                     ),
                 )
             else:  # the chip was flashed again while this was in flight: the row has new values, send them too
+                # (as a modify once this attempt registered the identifier)
                 db.execute(
-                    "UPDATE registrations SET lease_owner = NULL, lease_until = 0 WHERE identifier = ?",
-                    (job.identifier,),
+                    "UPDATE registrations SET lease_owner = NULL, lease_until = 0, "
+                    "op = CASE WHEN ? THEN 'modify' ELSE op END WHERE identifier = ?",
+                    (registered, job.identifier),
                 )
 
     # -- the operator's side ------------------------------------------------------------------------------

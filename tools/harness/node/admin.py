@@ -209,7 +209,10 @@ class AdminSide:
             return self._perform(msg, req, session.identity, overwrite)
         key = sid if session is not None else self._new_id()
         nonce = self.nonce(CHALLENGE_NONCE_SIZE)
-        self._pending[key] = _Pending(msg, req, nonce, self.clock())
+        now = self.clock()
+        for stale in [k for k, p in self._pending.items() if now - p.since > self.challenge_timeout]:
+            del self._pending[stale]  # never answered
+        self._pending[key] = _Pending(msg, req, nonce, now)
         challenged = msg
         if key != sid:  # outside a session: the challenge carries the id it is kept under
             e = msg.envelope
