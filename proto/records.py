@@ -65,6 +65,18 @@ class AdminRef:
         return cls(handle, index, perms)
 
 
+def parse_value_ref(text: str) -> tuple[str, int]:
+    """``"300:0.NA/88.123.99"`` -> ``("0.NA/88.123.99", 300)``: a value reference as HANDLE.NET writes an
+    administrator (index, colon, handle). RecordFormatError names what is wrong."""
+    index, sep, handle = text.strip().partition(":")
+    if not sep or not index.isdigit() or not handle or "/" not in handle:
+        raise RecordFormatError(f"{text!r} is not INDEX:HANDLE (e.g. 300:0.NA/88.123.99)")
+    value = int(index)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise RecordFormatError(f"{text!r}: index {value} is not an unsigned 32-bit integer")
+    return handle, value
+
+
 @dataclass(frozen=True, slots=True)
 class HandleValue:
     index: int

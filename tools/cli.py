@@ -30,6 +30,11 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "tools.commands.resolve",
         "resolve an identifier through the gateway engine (zone, cache, upstreams)",
     ),
+    (
+        "handle",
+        "tools.commands.handle",
+        "administer a handle at its prefix's primary node (create, add, modify, remove, delete)",
+    ),
     ("node", "tools.harness.node.cli", "local recursive-node simulator (Handle native + REST)"),
     ("bench", "tools.harness.bench.cli", "benchmarks against anchors measured in the same run"),
     ("broker", "tools.commands.broker", "generate Mosquitto TLS/ACL/password config for provisioned devices"),

@@ -59,7 +59,7 @@ from proto.handle.numbers import (
     ResponseCode,
 )
 
-__all__ = ["HandleClient", "Transport", "to_result"]
+__all__ = ["HandleClient", "Transport", "tcp_exchange", "to_result"]
 
 log = logging.getLogger(__name__)
 
@@ -410,26 +410,36 @@ class HandleClient:
             ) from e
 
     async def _tcp_exchange(self, rid: int, request: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            writer.write(request)
-            await writer.drain()
-            framer = StreamFramer(max_size=self.max_message)
-            got = 0
-            while True:
-                chunk = await reader.read(_TCP_READ)
-                if not chunk:
-                    framer.eof()
-                    if got:
-                        raise ProtocolError("connection closed without an answer to our request id")
-                    raise ConnectionResetError("connection closed without an answer")
-                got += len(chunk)
-                for message in framer.feed(chunk):
-                    env = decode_envelope(message, max_size=self.max_message)
-                    if env.request_id == rid:
-                        return message
-                    log.debug(
-                        "handle.tcp.unmatched node=%s id=%08x expected=%08x", self.node, env.request_id, rid
-                    )
-        finally:
-            writer.close()
+        return await tcp_exchange(self.host, self.port, request, rid, self.max_message)
+
+
+async def tcp_exchange(
+    host: str, port: int, request: bytes, request_id: int, max_size: int = MAX_MESSAGE_SIZE
+) -> bytes:
+    """Send one request on a new TCP connection and return the message answering ``request_id`` (no timeout:
+    the caller bounds it). A connection closed before the answer raises ConnectionResetError (nothing came)
+    or ProtocolError (something else came); bytes that do not frame raise HandleFormatError; OSError for a
+    connection that cannot be made."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        framer = StreamFramer(max_size=max_size)
+        got = 0
+        while True:
+            chunk = await reader.read(_TCP_READ)
+            if not chunk:
+                framer.eof()
+                if got:
+                    raise ProtocolError("connection closed without an answer to our request id")
+                raise ConnectionResetError("connection closed without an answer")
+            got += len(chunk)
+            for message in framer.feed(chunk):
+                env = decode_envelope(message, max_size=max_size)
+                if env.request_id == request_id:
+                    return message
+                log.debug(
+                    "handle.tcp.unmatched %s:%d id=%08x expected=%08x", host, port, env.request_id, request_id
+                )
+    finally:
+        writer.close()

@@ -2,17 +2,26 @@
 
 ``hdl://host[:2641]`` (native Handle protocol, UDP first with TCP fallback; ``hdl+udp://`` too),
 ``hdl+tcp://host[:2641]`` (native over TCP only), ``http(s)://host[:port][/base]`` (Handle REST API).
+:func:`make_client` makes the resolution client of a URL, :func:`make_admin_client` its administration client.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from gateway.upstream.base import Upstream
 from proto.handle.numbers import DEFAULT_PORT
+from proto.records import parse_value_ref
 
-__all__ = ["HANDLE_PORT", "UpstreamSpec", "make_client", "parse_upstream_url"]
+if TYPE_CHECKING:
+    from gateway.upstream.admin import AdminClient
+    from gateway.upstream.admin_rest import RestAdminClient
+    from proto.handle.keys import PrivateKey
+
+__all__ = ["HANDLE_PORT", "UpstreamSpec", "make_admin_client", "make_client", "parse_upstream_url"]
 
 HANDLE_PORT = int(DEFAULT_PORT)
 _SCHEMES = {
@@ -79,3 +88,30 @@ def make_client(spec: UpstreamSpec, timeout: float) -> Upstream:
     if spec.transport == "tcp":
         return HandleClient(spec.host, spec.port, transport="tcp", timeout=timeout)
     return HandleClient(spec.host, spec.port, transport="udp", timeout=timeout / 2)
+
+
+def make_admin_client(
+    url: str,
+    auth: str,
+    *,
+    key: PrivateKey | None = None,
+    secret: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> AdminClient | RestAdminClient:
+    """The administration client for the node at ``url`` as the admin ``auth`` (``INDEX:HANDLE``): native
+    (needs ``key``) or REST (``secret`` for basic authentication, else ``key`` for a client certificate).
+    ValueError (naming the problem) for a bad URL or admin, or a missing credential."""
+    spec = parse_upstream_url(url)
+    handle, index = parse_value_ref(auth)
+    if spec.kind == "native":
+        from gateway.upstream.admin import AdminAuth, AdminClient
+
+        if key is None:
+            raise ValueError("a hdl:// upstream needs the admin's private key (--key FILE)")
+        return AdminClient(spec.host, spec.port, AdminAuth(handle, index, key), timeout=timeout)
+    from gateway.upstream.admin_rest import RestAdminClient
+
+    return RestAdminClient(
+        spec.base, handle, index, key=None if secret else key, secret=secret, timeout=timeout, tls=tls
+    )

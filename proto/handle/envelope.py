@@ -159,26 +159,35 @@ class Message:
     def encode(self) -> bytes:
         return encode_message(self.envelope, self.header, self.body, self.credential)
 
+    def head_and_body(self) -> bytes:
+        """The header (with its body length) and the body: what a request digest, an HS_SIGNED signature and
+        an HS_MAC cover (HANDLE.NET's ``getEncodedMessageBody``)."""
+        return _header(self.header, len(self.body)) + self.body
+
+
+def _header(h: Header, body_length: int) -> bytes:
+    return pack(
+        HEADER,
+        h.opcode,
+        h.response_code,
+        h.op_flags,
+        h.site_info_serial,
+        h.recursion_count,
+        0,
+        h.expiration,
+        body_length,
+    )
+
 
 def encode_message(envelope: Envelope, header: Header, body: bytes, credential: bytes = b"") -> bytes:
     """Envelope + header + body + credential, with ``body_length`` and ``message_length`` filled in."""
     length = HEADER_SIZE + len(body) + CREDENTIAL_LENGTH_SIZE + len(credential)
     if length > MAX_MESSAGE_SIZE:
         raise ValueError(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")
-    e, h = envelope, header
+    e = envelope
     return (
         pack(ENVELOPE, e.major, e.minor, e.flags, e.session_id, e.request_id, e.sequence, length)
-        + pack(
-            HEADER,
-            h.opcode,
-            h.response_code,
-            h.op_flags,
-            h.site_info_serial,
-            h.recursion_count,
-            0,
-            h.expiration,
-            len(body),
-        )
+        + _header(header, len(body))
         + body
         + U32.pack(len(credential))
         + credential

@@ -142,12 +142,55 @@ class EnvFlag(IntFlag):
 ENV_SUGGEST_MAJOR_MASK = 0x0300
 ENV_SUGGEST_MINOR_MASK = 0x00FF
 
-# Hash types of a request digest (first body byte of a response with the RD flag).
+# Hash types of a request digest (first body byte of a response with the RD flag), also the one-byte hash
+# names of an HS_MAC credential before protocol 2.6.
 DIGEST_MD5_OLD_FORMAT = 0  # then a length-prefixed byte string
 DIGEST_MD5 = 1
 DIGEST_SHA1 = 2
 DIGEST_SHA256 = 3
+DIGEST_HMAC_SHA1 = 0x12
+DIGEST_HMAC_SHA256 = 0x13
 DIGEST_SIZES = {DIGEST_MD5: 16, DIGEST_SHA1: 20, DIGEST_SHA256: 32}
+
+
+class AdminPerm(IntFlag):
+    """The 12 permission bits of an ``HS_ADMIN`` value (HANDLE.NET ``Encoder.PERM_*``)."""
+
+    ADD_HANDLE = 0x0001
+    DELETE_HANDLE = 0x0002
+    ADD_DERIVED_PREFIX = 0x0004
+    DELETE_DERIVED_PREFIX = 0x0008
+    MODIFY_VALUE = 0x0010
+    REMOVE_VALUE = 0x0020
+    ADD_VALUE = 0x0040
+    MODIFY_ADMIN = 0x0080
+    REMOVE_ADMIN = 0x0100
+    ADD_ADMIN = 0x0200
+    READ_VALUE = 0x0400
+    LIST_HANDLES = 0x0800
+    ALL = 0x0FFF
+
+
+# -- authentication and sessions (RFC 3652 sections 3.5 and 3.6, as HANDLE.NET lays them out) -------------
+AUTH_PUBKEY = "HS_PUBKEY"  # challenge answered with a signature (value type of the admin's public key)
+AUTH_SECKEY = "HS_SECKEY"  # challenge answered with a keyed digest (value type of a secret key)
+CRED_SIGNED = "HS_SIGNED"  # credential: a signature by a key pair
+CRED_MAC = "HS_MAC"  # credential: a MAC under the session key
+CHALLENGE_NONCE_SIZE = 16
+HASH_SHA1 = b"SHA1"  # the hash name in a signature section (HANDLE.NET ``Common.HASH_ALG_SHA1``)
+HASH_SHA256 = b"SHA-256"
+
+# SESSION_SETUP key exchange modes (``Common.KEY_EXCHANGE_*``)
+KEY_EXCHANGE_NONE = 0
+KEY_EXCHANGE_CIPHER_CLIENT = 1
+KEY_EXCHANGE_CIPHER_SERVER = 2
+KEY_EXCHANGE_CIPHER_HDL = 3
+KEY_EXCHANGE_DH = 4
+# the session key's cipher, first 4 bytes of a DH session setup answer (``HdlSecurityProvider.ENCRYPT_ALG_*``)
+SESSION_ALG_DES = 1
+SESSION_ALG_DESEDE = 2
+SESSION_ALG_AES = 3
+DEFAULT_SESSION_TIMEOUT = 86400  # seconds, as hdl-create asks
 
 # -- transport -----------------------------------------------------------------------------------------
 DEFAULT_PORT = 2641
@@ -177,6 +220,11 @@ OC_GET_SITEINFO = OpCode.GET_SITEINFO
 OC_CHALLENGE_RESPONSE = OpCode.CHALLENGE_RESPONSE
 OC_VERIFY_RESPONSE = OpCode.VERIFY_RESPONSE
 OC_SESSION_SETUP = OpCode.SESSION_SETUP
+OC_CREATE_HANDLE = OpCode.CREATE_HANDLE
+OC_DELETE_HANDLE = OpCode.DELETE_HANDLE
+OC_ADD_VALUE = OpCode.ADD_VALUE
+OC_REMOVE_VALUE = OpCode.REMOVE_VALUE
+OC_MODIFY_VALUE = OpCode.MODIFY_VALUE
 OC_IDIS_LOGIN = OpCode.IDIS_LOGIN
 
 RC_RESERVED = ResponseCode.RESERVED
@@ -200,6 +248,12 @@ RC_AUTHEN_FAILED = ResponseCode.AUTHEN_FAILED
 RC_INVALID_CREDENTIAL = ResponseCode.INVALID_CREDENTIAL
 RC_AUTHEN_TIMEOUT = ResponseCode.AUTHEN_TIMEOUT
 RC_UNABLE_TO_AUTHEN = ResponseCode.UNABLE_TO_AUTHEN
+RC_HANDLE_ALREADY_EXIST = ResponseCode.HANDLE_ALREADY_EXIST
+RC_VALUE_ALREADY_EXIST = ResponseCode.VALUE_ALREADY_EXIST
+RC_VALUE_INVALID = ResponseCode.VALUE_INVALID
+RC_SESSION_TIMEOUT = ResponseCode.SESSION_TIMEOUT
+RC_SESSION_FAILED = ResponseCode.SESSION_FAILED
+RC_SESSION_KEY_INVALID = ResponseCode.NO_SESSION_KEY
 
 OPF_AT = OpFlag.AT
 OPF_CT = OpFlag.CT
@@ -217,3 +271,5 @@ ENV_TC = EnvFlag.TC
 
 # What hdl-qresolver sends (0x19000000) and what a HANDLE.NET primary answers with it (0x99000000).
 DEFAULT_REQUEST_FLAGS = OpFlag.REC | OpFlag.CA | OpFlag.PO
+# What hdl-create sends with SESSION_SETUP (0x59800000): certified, with a request digest in the answer.
+SESSION_SETUP_FLAGS = OpFlag.CT | OpFlag.REC | OpFlag.CA | OpFlag.PO | OpFlag.RD

@@ -39,7 +39,9 @@ __all__ = [
     "Response",
     "decode_response",
     "encode_response",
+    "answer_flags",
     "encode_truncated",
+    "skip_request_digest",
 ]
 
 
@@ -79,7 +81,8 @@ class ErrorResponse:
 Response = ResolutionResponse | ErrorResponse
 
 
-def _skip_request_digest(r: Reader) -> None:
+def skip_request_digest(r: Reader) -> None:
+    """Read past the request digest at the start of a body whose header has the RD flag."""
     kind = r.u8("request digest type")
     if kind == DIGEST_MD5_OLD_FORMAT:  # no type byte: a length-prefixed digest (its length's first byte is 0)
         r.pos -= 1
@@ -107,7 +110,7 @@ def decode_response(msg: Message) -> Response:
         raise HandleFormatError("expected a response, got a request (response code 0)")
     r = Reader(msg.body, f"{ResponseCode.describe(code)} response")
     if h.op_flags & OPF_RD:
-        _skip_request_digest(r)
+        skip_request_digest(r)
     if code == RC_SUCCESS:
         if h.opcode != OC_RESOLUTION:
             raise HandleFormatError(f"success response to opcode {h.opcode}, expected a resolution (1)")
@@ -125,7 +128,7 @@ def decode_response(msg: Message) -> Response:
     return ErrorResponse(code, r.blob("error message").decode("utf-8", "replace"))
 
 
-def _answer_flags(request: Header, authoritative: bool = True) -> int:
+def answer_flags(request: Header, authoritative: bool = True) -> int:
     """AT (when authoritative) | REC | the request's CA and PO bits: 0x99000000 for hdl-qresolver's 0x19000000."""
     return (OPF_AT if authoritative else 0) | OPF_REC | (request.op_flags & (OPF_CA | OPF_PO))
 
@@ -154,7 +157,7 @@ def encode_response(
     if code == RC_RESERVED:
         raise ValueError("a response cannot carry response code 0")
     if op_flags is None:
-        op_flags = _answer_flags(req_h, authoritative)
+        op_flags = answer_flags(req_h, authoritative)
     body = b""
     if request_digest is not None:
         op_flags |= OPF_RD
@@ -193,7 +196,7 @@ def encode_truncated(request: Message, *, site_info_serial: int = 1) -> bytes:
     header = Header(
         opcode=h.opcode,
         response_code=RC_SUCCESS,
-        op_flags=_answer_flags(h),
+        op_flags=answer_flags(h),
         site_info_serial=site_info_serial,
         recursion_count=h.recursion_count,
         expiration=h.expiration,

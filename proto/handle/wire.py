@@ -17,6 +17,7 @@ HEADER = struct.Struct(">IIIHBBII")  # opcode code op_flags serial recursion res
 VALUE_FIXED = struct.Struct(">IIBIB")  # index, timestamp, ttl_type, ttl, permissions
 VALUE_HEAD = struct.Struct(">IIBIBI")  # the fixed part of a value and the length of its type
 U32 = struct.Struct(">I")
+U16 = struct.Struct(">H")
 U32_MASK = 0xFFFFFFFF
 
 # Smallest encodings, used to reject counts that cannot fit in the bytes that remain.

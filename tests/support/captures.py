@@ -30,3 +30,23 @@ def load_capture(name: str) -> tuple[bytes, list[bytes]]:
             responses.append(data)
     assert request is not None, f"{name}: no request"
     return request, responses
+
+
+ADMIN = VECTORS / "handle-admin"
+
+
+def load_exchange(name: str) -> list[tuple[str, bytes]]:
+    """(``REQUEST`` | ``RESPONSE``, message) of every message of a tests/vectors/handle-admin file, in order."""
+    out: list[tuple[str, bytes]] = []
+    direction = ""
+    for line in (ADMIN / name).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            words = line[1:].split()
+            if words and words[0] in ("REQUEST", "RESPONSE"):
+                direction = words[0]
+            continue
+        if line:
+            assert direction, f"{name}: a message before any REQUEST / RESPONSE line"
+            out.append((direction, bytes.fromhex(line)))
+    return out

@@ -7,5 +7,6 @@
 * ``devices`` -- ``ida devices``: list devices and set their desired config through a running gateway.
 * ``gateway`` -- ``ida gateway``: run the edge gateway.
 * ``resolve`` -- ``ida resolve``: one resolution through the gateway engine.
+* ``handle`` -- ``ida handle``: administer a handle at its prefix's primary node (native or REST).
 * ``identifier`` -- ``ida identifier``: check and normalise identifiers.
 """

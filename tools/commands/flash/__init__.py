@@ -4,13 +4,16 @@ Per batch, :func:`build` compiles the firmware (mpy-cross) and builds the board'
 chip, :func:`flash_device` detects the chip through a :class:`Programmer` (esptool, or a simulated chip), binds
 an identifier to its MAC in the :class:`Ledger`, adds ``/identity.json`` (:class:`Identity`, ``"secure": true``,
 a new key in the :class:`Keystore` whenever the chip's filesystem is written) to the batch image, writes only the
-blocks that differ, verifies, resets and registers the device in the gateway's local zone. :func:`run_batch` does
-that for every chip that appears. See docs/flashing.md.
+blocks that differ, verifies, resets and registers the device in the gateway's local zone -- and, when the station
+registers upstream, queues its registration at the enterprise's Handle node (:class:`UpstreamConfig`,
+:class:`Registrar`). :func:`run_batch` does that for every chip that appears. See docs/flashing.md.
 
 Modules: ``builder`` (the batch build), ``image`` (LittleFS images), ``identity`` (the identity file and the
 per-chip image), ``keystore``, ``ledger``, ``ca`` (the broker CA on the image), ``programmer`` (esptool or a
 simulated chip), ``provision`` (one chip), ``batch`` (every chip that appears), ``register`` (the device in the
-gateway's local zone), ``errors``, ``cli`` (``ida flash``).
+gateway's local zone), ``registrar`` (the upstream registration: station configuration, the registrar, its
+background thread), ``regqueue`` (the registration queue in the ledger), ``regcli`` (``ida flash register``,
+``ida flash ledger show``), ``errors``, ``cli`` (``ida flash``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from .ledger import Allocation, Checksums, Device, Ledger, file_identifiers, pat
 from .programmer import ChipInfo, EsptoolProgrammer, Programmer, SimulatedChip
 from .provision import IdentityTemplate, Result, Station, Write, flash_device, wait_console
 from .register import Registration, register_device
+from .registrar import Registrar, UpstreamConfig
+from .regqueue import RegistrationQueue
 
 __all__ = [
     "Allocation",
@@ -71,13 +76,16 @@ __all__ = [
     "PortError",
     "PortMissing",
     "Programmer",
+    "Registrar",
     "Registration",
+    "RegistrationQueue",
     "Result",
     "RuntimeInfo",
     "RuntimeMissing",
     "SimulatedChip",
     "Station",
     "Summary",
+    "UpstreamConfig",
     "VerifyFailed",
     "Write",
     "WriteFailed",

@@ -4,6 +4,7 @@ progress bar and a large PASS / FAIL, go on with the next chip, and print a summ
 
 A port is flashed once when it appears and again only after it has gone away and come back (a devkit's own
 USB bridge disappears when the board is unplugged). Ports are found by the USB VID:PID of the board files.
+Upstream registration runs on a thread of its own meanwhile (``registrar.py``): flashing never waits for it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .builder import Build
 from .errors import FlashError
 from .programmer import EsptoolProgrammer, Programmer
 from .provision import IdentityTemplate, Result, Station, flash_device
+from .registrar import Background
 
 POLL_S = 0.5
 
@@ -57,6 +59,7 @@ class Summary:
     passed: list[Result] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (port, reason)
     started: float = field(default_factory=time.monotonic)
+    registration: dict[str, int] | None = None  # queue counts after the batch (registered, pending, failed)
 
     def text(self) -> str:
         n = len(self.passed) + len(self.failed)
@@ -104,9 +107,14 @@ def run_batch(
     poll: float = POLL_S,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Summary:
-    """Flash chips as they appear until ``count`` were done (None: until Ctrl-C); returns the summary."""
+    """Flash chips as they appear until ``count`` were done (None: until Ctrl-C); returns the summary.
+
+    When the station registers upstream, a :class:`~tools.commands.flash.registrar.Background` registrar sends
+    the queue while chips are flashed; after the last chip it gets ``station.register_wait`` seconds to finish."""
     summary = Summary()
     done_ports: set[str] = set()
+    upstream = station.upstream_config()
+    background = Background(station.data_dir, upstream).start() if upstream is not None else None
     out.write(f"batch: board {build.board.name}, waiting for chips (Ctrl-C to stop)\n")
     try:
         while count is None or len(summary.passed) + len(summary.failed) < count:
@@ -123,6 +131,12 @@ def run_batch(
                     break
     except KeyboardInterrupt:
         out.write("\nbatch: stopped\n")
+    if background is not None:
+        counts = background.stop(station.register_wait)
+        summary.registration = counts
+        out.write(background.tally.text(counts) + "\n")
+        if background.error is not None:
+            out.write(f"registration: the registrar stopped: {background.error}\n")
     out.write(summary.text() + "\n")
     return summary
 

@@ -13,6 +13,7 @@ from tools.errors import CliError
 from tools.support.boards import BoardError, list_boards, load_board
 
 from . import batch as batch_mod
+from . import regcli
 from .builder import FIRMWARE_DIR, Manifest, build, esptool_command, load_build
 from .ca import load_ca
 from .errors import BuildError, FlashError, LedgerError, RuntimeMissing
@@ -21,6 +22,7 @@ from .identity import SCHEMES
 from .ledger import Ledger, file_identifiers, pattern_identifiers
 from .programmer import EsptoolProgrammer
 from .provision import IdentityTemplate, Station, flash_device, wait_console
+from .registrar import drain
 
 
 def default_build_dir(board: str) -> Path:
@@ -90,6 +92,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--zone", help="local zone file to register devices in (default <data dir>/zone.json)")
         q.add_argument("--no-register", action="store_true", help="do not add devices to the local zone")
         q.add_argument("--baud", type=int, default=460800, help="flashing baud rate (default 460800)")
+        q.add_argument(
+            "--no-upstream",
+            action="store_true",
+            help="do not queue upstream registrations (see `ida flash register setup`)",
+        )
+        q.add_argument(
+            "--register-wait",
+            type=float,
+            default=30.0,
+            metavar="S",
+            help="after the last chip, give the registration queue S seconds (default 30; never delays a chip)",
+        )
 
     d = sub.add_parser("device", help="flash and provision one chip")
     d.add_argument("--port", required=True)
@@ -135,6 +149,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lr.add_argument("--reason", required=True)
     lr.add_argument("--operator", default=os.environ.get("USER"))
     lr.set_defaults(_flash=_ledger_release)
+
+    regcli.add_ledger_show(lsub)
+    regcli.add_register(sub)
 
     bo = sub.add_parser("boards", help="boards that can be flashed")
     bo.set_defaults(_flash=_boards)
@@ -223,6 +240,8 @@ def _station(args: argparse.Namespace) -> Station:
         station=args.station,
         zone_file=Path(args.zone) if args.zone else None,
         register=not args.no_register,
+        upstream=not args.no_upstream,
+        register_wait=args.register_wait,
     )
 
 
@@ -265,6 +284,11 @@ def _device(args: argparse.Namespace) -> int:
         print(f"    {w.what:16} 0x{w.offset:06x} +{w.size}")
     if r.console:
         print(f"  console: {r.console}")
+    station = _station(args)
+    upstream = station.upstream_config()
+    if upstream is not None:  # the chip is done; the queue gets --register-wait seconds
+        tally, counts = drain(station.data_dir, upstream, station.register_wait, wait_for_retries=False)
+        print(f"  {tally.text(counts)}")
     return 0
 
 

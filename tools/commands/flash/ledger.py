@@ -10,7 +10,9 @@ Tables
                image checksums, firmware version, key fingerprint (never the key) and the fingerprint of the
                key it replaced, security (``oscore``, or ``insecure`` for a ``--insecure`` identity),
                operator, station, times.
-  ``events``   append-only history of every allocation, result and release.
+  ``registrations`` the upstream registration queue of each verified device (``regqueue.py``): what to send
+               (create or modify, the values), its state (pending, registered, failed + why), retries, lease.
+  ``events``   append-only history of every allocation, result, release and registration.
 
 Rules
   * an identifier is bound to at most one MAC and a MAC to at most one identifier (SQL constraints), where
@@ -29,8 +31,8 @@ import datetime as _dt
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +44,7 @@ from .errors import IdentifierConflict, LedgerError, PoolExhausted
 FILENAME = "flash-ledger.sqlite3"
 BUSY_TIMEOUT_S = 30.0
 STATES = ("allocated", "flashed", "verified", "failed")
+REGISTRATION_COLUMNS = ("registration", "registration_detail", "registered")
 
 # what a flashing left on a chip and who did it: a column of both the devices and the events table
 _FLASH_COLUMNS = (
@@ -75,6 +78,23 @@ CREATE TABLE IF NOT EXISTS devices (
     created          TEXT NOT NULL,
     updated          TEXT NOT NULL,
     detail           TEXT
+);
+CREATE TABLE IF NOT EXISTS registrations (
+    identifier       TEXT PRIMARY KEY,
+    fold             TEXT NOT NULL UNIQUE,
+    station          TEXT,
+    upstream         TEXT NOT NULL,
+    op               TEXT NOT NULL CHECK (op IN ('create', 'modify')),
+    ops_json         TEXT NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'registered', 'failed')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_try         REAL NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    lease_until      REAL NOT NULL DEFAULT 0,
+    detail           TEXT,
+    created          TEXT NOT NULL,
+    updated          TEXT NOT NULL,
+    registered       TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -188,6 +208,19 @@ def file_identifiers(lines: Iterable[str]) -> Iterator[str]:
             raise LedgerError(f"line {no}: {e}") from None
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``db``, taken up front (BEGIN IMMEDIATE): no other writer can slip in between
+    our read and our write."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -220,17 +253,8 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front (BEGIN IMMEDIATE): no other writer can slip in between our
-        read and our write."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # -- pool ------------------------------------------------------------------------------------------------
     def add_pool(self, identifiers: Iterable[str], pool: str) -> tuple[int, int]:
@@ -328,10 +352,16 @@ class Ledger:
             return Allocation(chosen, mac, False)
 
     def record(
-        self, identifier: str, result: str, checksums: Checksums | None = None, detail: str | None = None
+        self,
+        identifier: str,
+        result: str,
+        checksums: Checksums | None = None,
+        detail: str | None = None,
+        also: Callable[[sqlite3.Connection, Device], None] | None = None,
     ) -> Device:
         """Set the device's state to ``result`` (flashed / verified / failed), with the checksums of what was
-        written, and append an event."""
+        written, and append an event. ``also(db, device)`` runs in the same transaction (the registration
+        queue: a verified device and its queued registration are committed together or not at all)."""
         if result not in STATES:
             raise LedgerError(f"unknown result {result!r}")
         h = ident.normalise(identifier)
@@ -351,7 +381,10 @@ class Ledger:
             self._event(
                 db, h, row["mac"], row["board"], result, row["operator"], row["station"], merged, detail
             )
-            return Device(**{k: merged[k] for k in DEVICE_COLUMNS})
+            device = Device(**{k: merged[k] for k in DEVICE_COLUMNS})
+            if also is not None:
+                also(db, device)
+            return device
 
     def release(self, identifier: str, operator: str | None = None, reason: str = "") -> None:
         """Give an identifier back to its pool (e.g. its chip was scrapped). Refused for a verified device."""
@@ -383,6 +416,17 @@ class Ledger:
         rows = self._db.execute("SELECT * FROM devices ORDER BY created, identifier").fetchall()
         return [Device(**{k: r[k] for k in DEVICE_COLUMNS}) for r in rows]
 
+    def devices_with_registration(self) -> list[dict[str, Any]]:
+        """Every device with its upstream registration: ``registration`` (pending / registered / failed, or
+        empty when none was queued), ``registration_detail`` (why it failed, the last error while pending),
+        ``registered`` (when)."""
+        rows = self._db.execute(
+            "SELECT d.*, r.state AS registration, r.detail AS registration_detail, r.registered AS registered "
+            "FROM devices d LEFT JOIN registrations r ON r.fold = d.fold ORDER BY d.created, d.identifier"
+        ).fetchall()
+        keep = (*DEVICE_COLUMNS, *REGISTRATION_COLUMNS)
+        return [{k: r[k] for k in keep} for r in rows]
+
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY id")]
 
@@ -393,8 +437,8 @@ class Ledger:
             rows = self.events()
             cols = list(rows[0]) if rows else ["id", "time", "identifier", "mac", "result"]
         else:
-            rows = [vars(d) for d in self.devices()]
-            cols = list(DEVICE_COLUMNS)
+            rows = self.devices_with_registration()
+            cols = [*DEVICE_COLUMNS, *REGISTRATION_COLUMNS]
         w = csv.DictWriter(out, fieldnames=cols, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)

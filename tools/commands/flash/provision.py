@@ -24,7 +24,8 @@ Identities are ``"secure": true`` (CoAP protected with OSCORE under the key) unl
 
 Ledger states follow the work: ``allocated`` before the first write, ``flashed`` after it, ``verified`` after
 the read-back, ``failed`` on any error after allocation (the identifier stays bound to the chip's MAC: see
-``ledger.py``). Errors before allocation (busy port, no chip, wrong chip) touch neither ledger nor chip.
+``ledger.py``). When the station registers upstream (``registration.toml``), the ``verified`` record queues the
+identifier's registration in the same transaction (``regqueue.py``); nothing here waits for the network. Errors before allocation (busy port, no chip, wrong chip) touch neither ledger nor chip.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,9 +63,11 @@ from .identity import (
     uses_tls,
 )
 from .keystore import Keystore
-from .ledger import Checksums, Ledger
+from .ledger import Checksums, Device, Ledger
 from .programmer import Parts, Programmer
 from .register import Registration, register_device
+from .registrar import UpstreamConfig
+from .regqueue import enqueue_in
 
 CHUNK = 256 * 1024  # write in chunks this size so progress can be shown
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -103,9 +107,17 @@ class Station:
     station: str | None = None
     zone_file: Path | None = None  # default <data dir>/zone.json; register=False skips it
     register: bool = True
+    upstream: bool = True  # queue an upstream registration when <data dir>/registration.toml exists
+    register_wait: float = (
+        30.0  # seconds a batch (ida flash device: a chip) gives the queue once flashing is done
+    )
 
     def ledger(self) -> Ledger:
         return Ledger.in_dir(self.data_dir)
+
+    def upstream_config(self) -> UpstreamConfig | None:
+        """How this station registers upstream (None: it does not); FlashError for a broken configuration."""
+        return UpstreamConfig.load(self.data_dir) if self.upstream else None
 
     def keystore(self) -> Keystore:
         return Keystore.in_dir(self.data_dir)
@@ -219,6 +231,7 @@ def flash_device(
     if not board.partitions:
         raise FlashError(f"board {board.name!r} has no flash layout: it cannot be flashed")
     extra, ca_ref = _ca_files(build, template)  # a CA problem is found before anything is spent
+    upstream = station.upstream_config()  # so is a broken registration configuration
     progress("detect", 0, 1)
     mac = check_chip(programmer, board)
     # what the runtime needs is known before any identifier is spent: a missing runtime costs nothing
@@ -227,6 +240,12 @@ def flash_device(
     except BaseException:
         programmer.close()
         raise
+
+    def queue_upstream(db: sqlite3.Connection, device: Device) -> None:
+        if upstream is not None:
+            produced = _dt.datetime.now(_dt.UTC)
+            values = upstream.values_for(device.identifier, mac, board.name, man.firmware_version, produced)
+            enqueue_in(db, device, values, upstream.upstream, station.station)
 
     with station.ledger() as ledger:
         alloc = ledger.allocate(
@@ -311,7 +330,7 @@ def flash_device(
             if bad:
                 raise VerifyFailed(bad)
             progress("verify", 1, 1)
-            ledger.record(alloc.identifier, "verified", checks)
+            ledger.record(alloc.identifier, "verified", checks, also=queue_upstream)
         except (
             BaseException
         ) as e:  # Ctrl-C mid-write too: the chip's state is unknown, the identifier stays its

@@ -5,9 +5,11 @@ Handle native protocol (UDP and TCP on one port) and the Handle REST API, with f
 
 Modules: ``server`` (NodeServer: records, silence, lifecycle, the REST gate), ``listener`` (the native side
 on the network: UDP with request reassembly, TCP), ``native`` (sans-I/O: request bytes in, answer bytes out,
-on :mod:`proto.handle`), ``rest`` (the REST API), ``store`` (records, lookups, the sample set in
-``sample_records.json``), ``faults`` (the knobs: latency, failures, truncation), ``stats`` (counters),
-``address`` (HOST:PORT), ``cli`` (``ida node``, the command-line wrapper).
+on :mod:`proto.handle`), ``admin`` (sans-I/O: sessions, challenges and administration requests of the native
+protocol), ``adminops`` (what an administration request does to the records, and who may ask: ``HS_ADMIN``),
+``rest`` (the REST API), ``restadmin`` (REST ``PUT`` / ``DELETE``), ``store`` (records, lookups, the sample set
+in ``sample_records.json``, the ``--store`` file), ``faults`` (the knobs: latency, failures, truncation),
+``stats`` (counters), ``address`` (HOST:PORT), ``cli`` (``ida node``, the command-line wrapper).
 """
 
 from tools.harness.node.address import NodeError, format_hostport, parse_hostport

@@ -3,6 +3,8 @@
 Prints one line per listener on stdout when ready (``handle udp+tcp listening on 127.0.0.1:2641``,
 ``http listening on 127.0.0.1:8000``; port 0 prints the port actually bound) and the counters on exit.
 SIGUSR1 toggles silence. Exit codes: 0 clean stop; 2 bad option or records file; 1 could not listen.
+After administration, two more exit lines: ``node admin: OP:CODE=N ...`` (every answer) and
+``node admin done: create=200/200 ...`` (operations done / distinct handles: equal when each was done once).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import logging
 import signal
 import sys
 
-from proto.handle.numbers import DEFAULT_PORT
+from proto.handle.keys import KeyFileError, load_public_key
+from proto.handle.numbers import AUTH_PUBKEY, AUTH_SECKEY, DEFAULT_PORT
+from proto.records import RecordFormatError, parse_value_ref
 from tools.errors import CliError
+from tools.harness.node.adminops import Identity, install_admin
 from tools.harness.node.faults import FAILURE_MODES, Knobs
 from tools.harness.node.server import DEFAULT_HTTP_PORT, Address, NodeError, NodeServer, parse_hostport
 from tools.harness.node.store import RecordsError, load_records, sample_records
@@ -75,6 +80,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, metavar="N", help="seed of the fault dice (repeatable runs)"
     )
     p.add_argument("--log-requests", action="store_true", help="log one line per request on stderr")
+    p.add_argument(
+        "--store",
+        metavar="FILE",
+        help="keep the records in FILE: read from it when it exists (instead of --records), written after "
+        "every change an administrator makes",
+    )
+    p.add_argument(
+        "--admin-key",
+        action="append",
+        default=[],
+        metavar="INDEX:HANDLE=FILE",
+        help="administrator: the HANDLE.NET public key file (e.g. admpub.bin) as HS_PUBKEY at INDEX of the "
+        "prefix handle HANDLE, named by its HS_ADMIN (e.g. 300:0.NA/88.123.99=admpub.bin); repeatable",
+    )
+    p.add_argument(
+        "--admin-secret",
+        action="append",
+        default=[],
+        metavar="INDEX:HANDLE=SECRET",
+        help="administrator with a secret key (HS_SECKEY, for REST basic authentication); repeatable",
+    )
 
 
 def _bind(text: str, default_port: int, flag: str) -> Address | None:
@@ -111,8 +137,46 @@ def build_node(args: argparse.Namespace) -> NodeServer:
             prefixes=args.prefix,
             seed=args.seed,
             log_requests=args.log_requests,
+            store_file=args.store,
         )
     except RecordsError as e:
+        raise CliError(str(e)) from None
+
+
+def _admin_option(text: str, flag: str) -> tuple[Identity, str]:
+    ref, sep, rest = text.partition("=")
+    try:
+        if not sep or not rest:
+            raise RecordFormatError(f"{text!r} is not INDEX:HANDLE=...")
+        handle, index = parse_value_ref(ref)
+    except RecordFormatError as e:
+        raise CliError(f"{flag}: {e}") from None
+    return Identity(handle, index), rest
+
+
+def install_admins(node: NodeServer, args: argparse.Namespace) -> None:
+    """Put the administrators of ``--admin-key`` / ``--admin-secret`` into the node's records."""
+    for text in args.admin_key:
+        who, path = _admin_option(text, "--admin-key")
+        try:
+            data = open(path, "rb").read()
+            load_public_key(data)
+        except OSError as e:
+            raise CliError(f"--admin-key: cannot read {path}: {e.strerror}") from None
+        except KeyFileError as e:
+            raise CliError(f"--admin-key: {path}: {e}") from None
+        _install(node, who, AUTH_PUBKEY, data)
+    for text in args.admin_secret:
+        who, secret = _admin_option(text, "--admin-secret")
+        _install(node, who, AUTH_SECKEY, secret.encode())
+    if args.admin_key or args.admin_secret:
+        node.save()
+
+
+def _install(node: NodeServer, who: Identity, vtype: str, data: bytes) -> None:
+    try:
+        install_admin(node.store, who, vtype, data)
+    except (ValueError, RecordsError) as e:
         raise CliError(str(e)) from None
 
 
@@ -145,10 +209,16 @@ async def serve(node: NodeServer) -> None:
             loop.remove_signal_handler(sig)
         await node.stop()
         print(f"node stats: {node.stats.summary()}", flush=True)
+        admin = node.admin.answers
+        if admin:
+            pairs = " ".join(f"{op}:{code}={n}" for (op, code), n in sorted(admin.items()))
+            print(f"node admin: {pairs}", flush=True)
+            print(f"node admin done: {node.admin.ops.summary()}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     node = build_node(args)
+    install_admins(node, args)
     logging.basicConfig(
         level=logging.INFO if args.log_requests else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -122,7 +122,7 @@ class NativeListener:
             return error_answer(incoming.message, RC_ERROR, FAILURE_TEXT)
         if fault is Fault.BUSY:
             return error_answer(incoming.message, RC_SERVER_BUSY, BUSY_TEXT)
-        return answer(self.node.store, incoming)
+        return answer(self.node.store, incoming, self.node.admin)
 
     # -- UDP -----------------------------------------------------------------------------------------
     def _whole_udp_message(self, data: bytes, addr: Any) -> bytes | None:
@@ -230,6 +230,8 @@ class NativeListener:
                         return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # stop(): end quietly (Python 3.11's stream callback logs a re-raise)
+            return
         finally:
             if task is not None:
                 self._tasks.discard(task)

@@ -7,6 +7,8 @@ following the captured HANDLE.NET 7.3.1 server (``tests/vectors/handle-native``)
   recursion count and expiration; op flags AT | REC | the request's CA and PO bits; site-info serial 1;
   no credential. Found: RC_SUCCESS with the public values (see :meth:`RecordStore.resolve`);
   not found (100) and values not found (200): an empty error text; 301 / 102 carry a short text.
+* SESSION_SETUP, CHALLENGE_RESPONSE and the administration requests (create, delete, add, remove, modify):
+  :class:`tools.harness.node.admin.AdminSide` when the node has one;
 * any other opcode: RC_OPERATION_NOT_SUPPORTED (5) "operation N not supported".
 * a message whose envelope parses but whose header or body does not: RC_PROTOCOL_ERROR (4) with the
   parser's text, if at least the 24-byte header is there (else it is dropped).
@@ -36,6 +38,7 @@ from proto.handle.numbers import (
     RC_SUCCESS,
     ResponseCode,
 )
+from tools.harness.node.admin import NODE_OPCODES, AdminSide
 from tools.harness.node.store import RecordStore
 
 __all__ = ["Incoming", "Outgoing", "NotARequest", "read_request", "answer", "error_answer"]
@@ -94,11 +97,14 @@ def error_answer(request: Message, code: int, text: str = "") -> Outgoing:
     return Outgoing(encode_response(request, ErrorResponse(code, text)), code)
 
 
-def answer(store: RecordStore, incoming: Incoming) -> Outgoing:
+def answer(store: RecordStore, incoming: Incoming, admin: AdminSide | None = None) -> Outgoing:
     """The node's answer to one request (see the module docstring for the rules)."""
     msg = incoming.message
     if incoming.error is not None:
         return error_answer(msg, RC_PROTOCOL_ERROR, incoming.error)
+    if admin is not None and msg.header.opcode in NODE_OPCODES:
+        data, code, handle = admin.answer(msg)
+        return Outgoing(data, code, handle)
     if msg.header.opcode != OC_RESOLUTION:
         return error_answer(msg, RC_OPERATION_NOT_SUPPORTED, f"operation {msg.header.opcode} not supported")
     try:

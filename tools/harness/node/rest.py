@@ -21,6 +21,9 @@ values that are not publicly readable are left out. The handle in the answer is 
 
 ``GET /api/handles?prefix=P`` (``page`` and ``pageSize`` optional, page 0-based) lists the handles under a
 hosted prefix: ``{"responseCode": 1, "prefix": P, "totalCount": "n", "handles": [...]}``.
+
+``PUT`` / ``DELETE /api/handles/{handle}`` administer the node (:mod:`tools.harness.node.restadmin`, HTTP
+basic authentication); the fault knobs do not apply to them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from proto.handle.numbers import (
 )
 from proto.records import Record, rest_error
 from tools.harness.node.faults import DropConnection, Fault
+from tools.harness.node.restadmin import add_admin_routes
 
 if TYPE_CHECKING:
     from tools.harness.node.server import NodeServer
@@ -159,4 +163,5 @@ def make_app(node: NodeServer) -> web.Application:
     app = web.Application()
     app.router.add_get("/api/handles", _gated(node, list_handles))
     app.router.add_get("/api/handles/{handle:.*}", _gated(node, get_handle))
+    add_admin_routes(app, node)
     return app

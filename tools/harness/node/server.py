@@ -2,7 +2,9 @@
 
 It serves a :class:`RecordStore` over the Handle native protocol -- UDP **and** TCP on one port, as
 HANDLE.NET does (:mod:`tools.harness.node.listener`) -- and over the Handle REST API (aiohttp,
-:mod:`tools.harness.node.rest`), with the fault knobs of :mod:`tools.harness.node.faults`. Use::
+:mod:`tools.harness.node.rest`), with the fault knobs of :mod:`tools.harness.node.faults`. It is administered
+as a HANDLE.NET primary is (:attr:`NodeServer.admin`: sessions, challenges, ``HS_ADMIN`` permissions); with
+``store_file`` its records are read from that file when it exists and written to it after every change. Use::
 
     async with NodeServer(handle="127.0.0.1:0", http="127.0.0.1:0") as node:
         client = HandleClient(*node.handle_address)
@@ -19,6 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,11 +30,13 @@ from gateway.logfmt import kv
 from proto.handle.numbers import DEFAULT_PORT
 from proto.records import Record
 from tools.harness.node.address import Address, NodeError, format_hostport, parse_hostport, resolve_host
+from tools.harness.node.admin import AdminSide
+from tools.harness.node.adminops import AdminOps
 from tools.harness.node.faults import DropConnection, Fault, Knobs
 from tools.harness.node.listener import NativeListener
 from tools.harness.node.rest import make_app
 from tools.harness.node.stats import NodeStats
-from tools.harness.node.store import RecordStore, sample_records
+from tools.harness.node.store import RecordStore, load_records, sample_records
 
 __all__ = ["NodeServer", "NodeStats", "NodeError", "parse_hostport", "format_hostport", "DEFAULT_HTTP_PORT"]
 
@@ -45,7 +50,9 @@ class NodeServer:
     """A simulated recursive node. ``records`` defaults to the built-in sample set; ``handle`` / ``http``
     are ``"HOST:PORT"`` or ``(host, port)`` bind addresses (port 0 = any free port; None = that side off).
     ``prefixes`` are hosted in addition to those of the records. ``seed`` makes the fault dice repeatable.
-    ``log_requests`` logs one line per request (logger ``tools.harness.node``, INFO).
+    ``log_requests`` logs one line per request (logger ``tools.harness.node``, INFO). ``store_file``: the
+    records are loaded from it when it exists (instead of ``records``) and saved to it after every change an
+    administrator makes.
     """
 
     def __init__(
@@ -58,8 +65,13 @@ class NodeServer:
         prefixes: Iterable[str] = (),
         seed: int | None = None,
         log_requests: bool = False,
+        store_file: str | Path | None = None,
     ) -> None:
+        self.store_file = Path(store_file) if store_file is not None else None
+        if self.store_file is not None and self.store_file.exists():
+            records = load_records(self.store_file)
         self.store = RecordStore(sample_records() if records is None else records, prefixes)
+        self.admin = AdminSide(AdminOps(self.store, on_change=self.save))
         self.knobs = knobs if knobs is not None else Knobs()
         self.knobs.check()
         self.stats = NodeStats()
@@ -85,6 +97,11 @@ class NodeServer:
 
     def get_record(self, handle: str) -> Record | None:
         return self.store.get(handle)
+
+    def save(self) -> None:
+        """Write the records to ``store_file`` (nothing without one)."""
+        if self.store_file is not None:
+            self.store.save(self.store_file)
 
     # -- silence -------------------------------------------------------------------------------------
     @property

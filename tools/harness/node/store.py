@@ -11,12 +11,14 @@ reads (``data`` formats string, base64, hex, admin), plus two fields of HANDLE.N
 node needs: ``"permissions": "1110"`` (admin read, admin write, public read, public write; values without
 public read are left out of every answer, as a HANDLE.NET server leaves them out of anonymous answers) and
 an ISO-8601 string ``ttl`` (an absolute expiry). A value without ``timestamp`` gets the load time.
+:meth:`RecordStore.save` writes this format (the node's ``--store`` file).
 
 Lookup follows what the captured HANDLE.NET 7.3.1 server does: handles and value types match
 ASCII-case-insensitively; a handle whose prefix the node does not host is RC_SERVER_NOT_RESP (301); an
 unknown handle under a hosted prefix is RC_HANDLE_NOT_FOUND (100); a type/index filter that keeps no
 public value is RC_VALUES_NOT_FOUND (200). Hosted prefixes are those of every record ever loaded or added
-(removing a record does not stop hosting its prefix) plus any given explicitly.
+(removing a record does not stop hosting its prefix), the prefix of every prefix handle ``0.NA/<prefix>``
+(HANDLE.NET homes a prefix where its prefix handle lives) and any given explicitly.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def _permissions(raw: Any, where: str) -> int:
             f'public write; e.g. "1110"), got {raw!r}'
         )
     return sum(bit for bit, c in zip(_PERM_BITS, raw, strict=True) if c == "1")
+
+
+def _value_json(v: HandleValue) -> dict[str, Any]:
+    out = v.to_rest()
+    if not v.timestamp:  # unknown: left out (read back as the load time)
+        del out["timestamp"]
+    out["permissions"] = "".join("1" if v.permissions & bit else "0" for bit in _PERM_BITS)
+    return out
 
 
 def _iso_seconds(text: str, where: str) -> int:
@@ -249,6 +259,8 @@ class RecordStore:
                 raise RecordsError(f"record ({rec.handle}): two values share an index")
         self._records[_key(rec.handle)] = rec
         self.host(_prefix_of(rec.handle))
+        if rec.handle[:5].upper() == "0.NA/" and len(rec.handle) > 5:  # a prefix handle homes its prefix
+            self.host(rec.handle[5:])
         return rec
 
     def remove(self, handle: str) -> bool:
@@ -272,6 +284,24 @@ class RecordStore:
             return sorted(r.handle for r in self._records.values())
         want = _key(prefix)
         return sorted(r.handle for r in self._records.values() if _key(_prefix_of(r.handle)) == want)
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every record in the file format :func:`load_records` reads (values with their permissions)."""
+        return [
+            {"handle": r.handle, "values": [_value_json(v) for v in r.values]}
+            for r in sorted(self._records.values(), key=lambda r: r.handle)
+        ]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`dump` to ``path`` atomically (a temporary file, fsync, rename): a node killed while
+        saving leaves the previous file."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.dump(), f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
 
     def __len__(self) -> int:
         return len(self._records)
