@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import re
 import time
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from gateway.errors import Overloaded
 from proto import identifier
 from proto.devicemsg import Report
+
+log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024  # rows per group commit
 BATCH_DELAY = 0.005  # seconds a row waits for others before its batch commits
@@ -89,7 +92,17 @@ Outcome = bool | BaseException  # a row's result: new / duplicate, or the error 
 Commit = Callable[[list[Row]], list[Outcome]]
 
 
-def _settle(fut: asyncio.Future[bool], outcome: Outcome) -> None:
+Done = Callable[[Outcome], None]  # a submitter's callback: called on the event loop with the row's outcome
+Waiter = asyncio.Future[bool] | Done
+
+
+def _settle(fut: Waiter, outcome: Outcome) -> None:
+    if not isinstance(fut, asyncio.Future):  # a callback (the front ends' fast paths: no future per report)
+        try:
+            fut(outcome)
+        except Exception:  # one submitter's bug must not keep the others of the batch from their answers
+            log.exception("ingest: a report's callback failed")
+        return
     if fut.done():  # the caller gave up (cancelled): the report is stored all the same
         return
     if isinstance(outcome, BaseException):
@@ -120,7 +133,7 @@ class IngestQueue:
         self.queue_max = queue_max
         self.refused_total = 0  # submits refused (Overloaded) since start
         self._rows: list[Row] = []
-        self._futs: list[asyncio.Future[bool]] = []
+        self._futs: list[Waiter] = []
         self._inflight = 0  # rows of the batch being committed
         self._flushing: asyncio.Future[list[Outcome]] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -142,6 +155,13 @@ class IngestQueue:
 
     def submit(self, row: Row) -> asyncio.Future[bool]:
         """Queue ``row``; its future settles after the commit of its batch. Overloaded at once past queue_max."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.submit_then(row, fut)
+        return fut
+
+    def submit_then(self, row: Row, done: Waiter) -> None:
+        """Queue ``row``; ``done(outcome)`` is called on the event loop after the commit of its batch (or a future
+        settled). Overloaded at once past queue_max."""
         if len(self._rows) + self._inflight >= self.queue_max:
             self.refused_total += 1
             wait = self.retry_after()
@@ -149,16 +169,13 @@ class IngestQueue:
                 f"registry overloaded: {self.waiting} reports wait for their commit; try again in {wait} s",
                 wait,
             )
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
         self._rows.append(row)
-        self._futs.append(fut)
+        self._futs.append(done)
         if self._flushing is None:  # else the batch in flight starts the next one when it is done
             if len(self._rows) >= self.batch_max or self._closed:
                 self._start()
             elif self._timer is None:
-                self._timer = loop.call_later(self.batch_delay, self._start)
-        return fut
+                self._timer = asyncio.get_running_loop().call_later(self.batch_delay, self._start)
 
     def _start(self) -> None:
         if self._timer is not None:
@@ -189,7 +206,7 @@ class IngestQueue:
         self._rate = rate if self._rate <= 0 else 0.7 * self._rate + 0.3 * rate
         return out
 
-    def _flushed(self, done: asyncio.Future[list[Outcome]], futs: list[asyncio.Future[bool]]) -> None:
+    def _flushed(self, done: asyncio.Future[list[Outcome]], futs: list[Waiter]) -> None:
         self._flushing = None
         self._inflight = 0
         error = done.exception()

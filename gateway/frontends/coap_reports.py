@@ -32,6 +32,7 @@ from typing import Any
 from gateway.errors import Overloaded
 from gateway.frontends.coap_aiocoap import body, hostinfo
 from gateway.frontends.common import InFlight, failure
+from gateway.ingest import Outcome
 from gateway.metrics import Sample
 from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
 from proto import devicemsg, identifier
@@ -171,15 +172,16 @@ class ReportPath:
                 return self._refuse(
                     ev, devicemsg.FORBIDDEN, f"payload id {report.id!r} is not the device in the path"
                 )
-            fut = self.registry.submit_report(ident, report, "coap", self._peer(ev.addr))
+            waiting = _Waiting(self, report)
+            self.registry.submit_report_then(ident, report, "coap", self._peer(ev.addr), waiting)
         except Overloaded as e:
             self.overloaded += 1
             return self._refuse(ev, devicemsg.UPSTREAM_UNAVAILABLE, str(e), max_age=e.retry_after)
         except (identifier.IdentifierError, devicemsg.WireError, ValueError) as e:
             return self._refuse(ev, *failure(e))
-        deferred = self.server.defer(ev, now, (ev.addr, pktinfo))
+        # queued (never before: a refused report is answered at once): its answer waits for the commit
+        waiting.deferred = self.server.defer(ev, now, (ev.addr, pktinfo))
         self._inflight.__enter__()
-        fut.add_done_callback(lambda f: self._committed(f, deferred, ident, report.boot, report.seq))
         return None
 
     def _device(self, raw: bytes | str) -> str:
@@ -211,22 +213,17 @@ class ReportPath:
         return self.server.answer(ev, coap_code, tail)
 
     # -- after the commit ------------------------------------------------------------------------------------
-    def _committed(
-        self, fut: asyncio.Future[bool], deferred: Deferred, ident: str, boot: int, seq: int
-    ) -> None:
+    def _committed(self, outcome: Outcome, deferred: Deferred, report: devicemsg.Report) -> None:
+        """The commit of ``report``'s batch is done: True stored, False a duplicate (both acknowledged), or the
+        error (nothing stored for this report: 5.00)."""
         try:
-            error = (
-                fut.exception() if not fut.cancelled() else ConnectionAbortedError("gateway is shutting down")
-            )
-            if error is None:
-                cfgver = self.registry.desired_cfgver(ident)
-                ack = devicemsg.encode_report_ack(boot, seq, devicemsg.OK, cfgver)
+            if outcome is True or outcome is False:
+                ack = devicemsg.encode_report_ack(
+                    report.boot, report.seq, devicemsg.OK, self.registry.desired_cfgver(report.id)
+                )
                 code, tail, wire_code = _CHANGED, _ACK_HEAD + ack, devicemsg.OK
-            elif isinstance(error, ConnectionAbortedError):
-                wire_code = devicemsg.UPSTREAM_UNAVAILABLE
-                code, tail = body(self._error_answer(wire_code, str(error)))
             else:
-                wire_code, msg = failure(error)
+                wire_code, msg = failure(outcome)
                 code, tail = body(self._error_answer(wire_code, msg))
             self._count(wire_code)
             out = self.server.respond(deferred, code, tail, self._loop.time())
@@ -245,3 +242,18 @@ class ReportPath:
 
     def stats(self) -> dict[str, int]:
         return {"reports": self.taken, "reports_refused": self.refused, "reports_overloaded": self.overloaded}
+
+
+class _Waiting:
+    """A report queued for its commit: the registry calls it with the outcome (no future per report)."""
+
+    __slots__ = ("path", "report", "deferred")
+
+    def __init__(self, path: ReportPath, report: devicemsg.Report) -> None:
+        self.path = path
+        self.report = report
+        self.deferred: Deferred | None = None
+
+    def __call__(self, outcome: Outcome) -> None:
+        assert self.deferred is not None  # set right after the submit; the outcome comes on a later loop turn
+        self.path._committed(outcome, self.deferred, self.report)

@@ -35,6 +35,15 @@ class DeviceRegistry(Protocol):
         self, ident: str, report: devicemsg.Report, transport: str, peer: str | None = None
     ) -> asyncio.Future[bool]: ...
 
+    def submit_report_then(
+        self,
+        ident: str,
+        report: devicemsg.Report,
+        transport: str,
+        peer: str | None,
+        done: Callable[[bool | BaseException], None],
+    ) -> None: ...
+
     def desired_cfgver(self, identifier: str) -> int | None: ...
 
     def set_desired_config(

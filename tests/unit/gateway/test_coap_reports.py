@@ -4,7 +4,7 @@ same bytes as the slow path, permanent and transient refusals, de-duplication, a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,16 +84,19 @@ class HeldRegistry:
 
     def __init__(self, overloaded: int | None = None) -> None:
         self.overloaded = overloaded
-        self.pending: list[tuple[str, devicemsg.Report, asyncio.Future[bool]]] = []
+        self.pending: list[tuple[str, devicemsg.Report, Callable[[bool | BaseException], None]]] = []
 
-    def submit_report(
-        self, ident: str, rep: devicemsg.Report, transport: str, peer: str | None = None
-    ) -> asyncio.Future[bool]:
+    def submit_report_then(
+        self,
+        ident: str,
+        rep: devicemsg.Report,
+        transport: str,
+        peer: str | None,
+        done: Callable[[bool | BaseException], None],
+    ) -> None:
         if self.overloaded is not None:
             raise Overloaded(f"gateway busy: retry in {self.overloaded} s", self.overloaded)
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pending.append((ident, rep, fut))
-        return fut
+        self.pending.append((ident, rep, done))
 
     def desired_cfgver(self, identifier: str) -> int | None:
         return 7
@@ -165,9 +168,9 @@ async def test_the_ack_leaves_only_after_the_commit() -> None:
         assert (empty.mtype, empty.code, empty.mid, empty.token) == (ACK, 0, 0x0101, b"")
         assert await e.raw.nothing(0.3)
         assert len(held.pending) == 1
-        ident, rep, fut = held.pending[0]
+        ident, rep, done = held.pending[0]
         assert (ident, rep.boot, rep.seq) == (PUMP, 1, 9)
-        fut.set_result(True)  # durable now
+        done(True)  # durable now
         sep = await e.raw.recv()
         assert (sep.mtype, sep.code, sep.token) == (CON, CHANGED, b"h")
         assert cbor2.loads(sep.payload) == {3: 1, 10: 1, 11: 9, 20: 7}
@@ -175,7 +178,7 @@ async def test_the_ack_leaves_only_after_the_commit() -> None:
         # a commit that fails: 5.00, nothing acknowledged (the device sends it again)
         await e.raw.send(report_request(0x0102, b"f", report(seq=10), mtype=NON))
         await asyncio.sleep(0.05)
-        held.pending[1][2].set_exception(OSError("disk"))
+        held.pending[1][2](OSError("disk"))
         failed = await e.raw.recv()
         assert (failed.mtype, failed.code >> 5) == (NON, 5)
 
@@ -251,7 +254,7 @@ async def test_stopping_front_end_waits_for_reports_in_commit() -> None:
         stopping = asyncio.ensure_future(e.fe.stop(timeout=5.0))
         await asyncio.sleep(0.2)
         assert not stopping.done()  # the report in commit is still being answered
-        held.pending[0][2].set_result(True)
+        held.pending[0][2](True)
         sep = await e.raw.recv()
         assert sep.code == CHANGED
         await e.raw.send(Message(ACK, 0, sep.mid, b"", (), b"").encode())
