@@ -4,7 +4,8 @@ Each device keeps what the firmware keeps (:mod:`tools.harness.sim.devices`): a 
 ``<data dir>/light-boot.json``), a sequence number per boot, uptime, and a bounded queue of unacknowledged reports
 (oldest dropped when full, counted in ``dropped``). As the firmware's
 reporter does, a device has one report in flight, sends the oldest queued first, and on no answer, 4.29 or 5.xx
-retries the same report after a backoff (2 s doubling to 300 s); any other 4.xx drops it (``rejected``).
+retries the same report after a backoff (2 s doubling to 300 s) -- after a 5.03 with a Max-Age (the gateway's
+"registry busy, come back later") it waits that long instead (``busy``); any other 4.xx drops it (``rejected``).
 
 Schedule: device ``n`` of ``N`` reports first at ``(n + u) / N * interval`` (``u`` uniform in [0, 1): the
 fleet is spread evenly over the interval, with jitter inside each slot) and then every ``interval``, so the
@@ -243,12 +244,16 @@ class LightFleet:
         d.backoff = devices.RETRY_MIN
         self._pump(d)
 
-    def _failed(self, d: Device, rep: Report) -> None:
-        """No answer, 4.29 or 5.xx: the same report again after the backoff."""
+    def _failed(self, d: Device, rep: Report, wait: float | None = None) -> None:
+        """No answer, 4.29 or 5.xx: the same report again after the backoff, or after ``wait`` seconds when the
+        gateway said how long (a 5.03's Max-Age: it is busy, not down -- the backoff does not grow)."""
         d.inflight = None
         if self.closed:
             return
         assert self._loop is not None
+        if wait is not None:
+            d.retry_timer = self._loop.call_later(wait * self.rng.uniform(1.0, 1.25), self._retry, d)
+            return
         d.retry_timer = self._loop.call_later(d.backoff * self.rng.uniform(1.0, 1.25), self._retry, d)
         d.backoff = min(d.backoff * 2, devices.RETRY_MAX)
 
@@ -292,6 +297,9 @@ class LightFleet:
         elif code == NO_RESPONSE:
             self.counters.timeouts += 1
             self._failed(d, rep)
+        elif code == Code.SERVICE_UNAVAILABLE and (wait := _max_age(data)) is not None:
+            self.counters.busy += 1  # the registry is full: come back after Max-Age
+            self._failed(d, rep, wait)
         elif code == RESET or code == TOO_MANY or code >> 5 == 5:
             self.counters.errors += 1
             self._failed(d, rep)
@@ -492,3 +500,14 @@ class LightFleet:
             self.resolving -= 1
             if why is not None:
                 self.counters.resolve_errors += 1
+
+
+def _max_age(datagram: bytes) -> float | None:
+    """The Max-Age option of an answer, None when it has none (or does not parse)."""
+    try:
+        for number, value in Message.decode(datagram).options:
+            if number == Option.MAX_AGE:
+                return float(int.from_bytes(value, "big"))
+    except MessageError:
+        return None
+    return None

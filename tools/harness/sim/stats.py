@@ -61,7 +61,8 @@ class Counters:
     (report_ack code 1, once per report), ``retried`` (a report sent again after no answer or a 5.xx/4.29, or a
     CoAP retransmission), ``rejected`` (a 4.xx answer: dropped), ``dropped`` (oldest report out of a full
     device queue). ``timeouts`` counts exchanges that got no answer at all, ``errors`` every other failure
-    (error codes, socket errors, lost connections), ``late`` answers that arrived after the device gave up."""
+    (error codes, socket errors, lost connections), ``late`` answers that arrived after the device gave up;
+    ``busy`` the CoAP 5.03 answers with a Max-Age (the gateway's "come back later": the device waited that long)."""
 
     made: int = 0
     sent: int = 0
@@ -73,6 +74,7 @@ class Counters:
     timeouts: int = 0
     errors: int = 0
     late: int = 0
+    busy: int = 0
     resolves: int = 0
     resolves_ok: int = 0
     resolves_not_found: int = 0
@@ -124,6 +126,7 @@ class SimResult:
                 "dropped": c.dropped,
                 "pending": self.pending,
                 "late": c.late,
+                "busy": c.busy,
             },
             "ack_latency_ms": {
                 "p50": self.ack_ms.percentile(50),
