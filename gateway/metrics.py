@@ -57,6 +57,11 @@ STANDARD: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ida_outbox_depth": (GAUGE, "Reports waiting to go northbound.", ()),
     "ida_reports_total": (COUNTER, "Reports accepted (new, not duplicates).", ()),
     "ida_reports_duplicate_total": (COUNTER, "Reports received again and acknowledged without storing.", ()),
+    "ida_reports_overloaded_total": (
+        COUNTER,
+        "Reports refused at once because too many waited for their commit (CoAP 5.03, MQTT no ack), by front end.",
+        ("frontend",),
+    ),
     "ida_ratelimited_total": (
         COUNTER,
         "Requests refused by a rate limit (CoAP 4.29, HTTP 429, MQTT dropped), by front end and limit (device, source).",
@@ -176,6 +181,10 @@ class Metrics:
     def count_ratelimited(self, frontend: str, limit: str) -> None:
         """One request refused by a rate limit (``limit``: "device" or "source")."""
         self.inc("ida_ratelimited_total", 1.0, {"frontend": frontend, "limit": limit})
+
+    def count_overloaded(self, frontend: str) -> None:
+        """One report refused because too many wait for their commit (``gateway.errors.Overloaded``)."""
+        self.inc("ida_reports_overloaded_total", 1.0, {"frontend": frontend})
 
     def observe_upstream(self, node: str, seconds: float) -> None:
         """One upstream round trip: counts the request and records its latency."""

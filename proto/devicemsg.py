@@ -176,6 +176,18 @@ def encode_resolve_response(fields: Mapping[str, Any]) -> bytes:
     return encode("resolve_response", fields)
 
 
+def encode_report_ack(boot: int, seq: int, code: int, cfgver: int | None = None) -> bytes:
+    """``encode("report_ack", ...)`` (``cfgver`` None: left out): the same bytes, or the same error, written out
+    (the gateway sends one per report)."""
+    try:
+        out = (b"\xa4\x03" if cfgver is not None else b"\xa3\x03") + _uint(code)
+        out += b"\x0a" + _uint(boot) + b"\x0b" + _uint(seq)
+        return out if cfgver is None else out + b"\x14" + _uint(cfgver)
+    except _Unusual:
+        fields = {"boot": boot, "seq": seq, "code": code}
+        return encode("report_ack", fields if cfgver is None else {**fields, "cfgver": cfgver})
+
+
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 

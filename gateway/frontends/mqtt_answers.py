@@ -76,8 +76,9 @@ class RequestCounter(Protocol):
 
 class Tally:
     """The front end's counts: each answer or refusal by code in ``metrics`` (``ida_requests_total``), rate-limit
-    refusals (``ida_ratelimited_total``), and ``counters`` by leaf, dropped and rate limited (the tests and the
-    status page read them)."""
+    refusals (``ida_ratelimited_total``), reports refused by an overloaded registry
+    (``ida_reports_overloaded_total``), and ``counters`` by leaf, dropped, rate limited and overloaded (the tests
+    and the status page read them)."""
 
     def __init__(self, metrics: RequestCounter | None) -> None:
         self.metrics = metrics
@@ -88,6 +89,7 @@ class Tally:
             "status": 0,
             "dropped": 0,
             "ratelimited": 0,
+            "overloaded": 0,
         }
 
     def code(self, code: int) -> None:
@@ -102,6 +104,16 @@ class Tally:
         self.counters["dropped"] += 1
         if code is not None:
             self.code(code)
+
+    def overloaded(self) -> None:
+        """A report refused because too many wait for their commit (``ida_reports_overloaded_total``)."""
+        self.counters["overloaded"] += 1
+        count = getattr(self.metrics, "count_overloaded", None)
+        if count is not None:
+            try:
+                count(FRONTEND)
+            except Exception:
+                log.exception("metrics.count_overloaded failed")
 
     def ratelimited(self, key: str, leaf: str) -> None:
         # Dropped unanswered (an answer would spend the broker bandwidth the limit protects); debug only, so a

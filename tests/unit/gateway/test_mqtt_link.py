@@ -1,4 +1,4 @@
-"""The MQTT resolve link (gateway/frontends/mqtt_resolve.py, its session and table): against a real Mosquitto with a paho device, and against
+"""The MQTT device link's requests (gateway/frontends/mqtt_link.py, its session and table): against a real Mosquitto with a paho device, and against
 small fake brokers for what Mosquitto will not do (garbage, refusals, QoS 1 requests, silence)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from gateway.cache import Cache
 from gateway.frontends.mqtt import MqttFrontEnd
-from gateway.frontends.mqtt_resolve import ResolveLink
+from gateway.frontends.mqtt_link import DeviceLink
 from gateway.frontends.mqtt_table import request_key
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limits, RateLimiter
@@ -42,7 +42,7 @@ class Env:
         self.dev = Device(url, PUMP)
 
     @property
-    def link(self) -> ResolveLink:
+    def link(self) -> DeviceLink:
         assert self.fe.fast is not None
         return self.fe.fast
 
@@ -218,7 +218,7 @@ async def test_broker_restart_reconnects_and_resubscribes(tmp_path: Path, mosqui
         await env.dev.wait_connected()
         deadline = time.monotonic() + 20
         while not (env.link.ready and env.link.connects >= 2):
-            assert time.monotonic() < deadline, "the resolve link did not come back"
+            assert time.monotonic() < deadline, "the device link did not come back"
             await asyncio.sleep(0.05)
         assert (
             devicemsg.decode(
@@ -289,7 +289,7 @@ class FakeBroker:
                             writer.close()
                             return
                     elif kind == 8:
-                        writer.write(bytes((0x90, 4)) + body[:2] + b"\x00\x00")
+                        writer.write(_suback(body))
                         if self.script is not None:
                             await self.script(writer)
                     elif kind == 12 and self.pong:
@@ -300,8 +300,18 @@ class FakeBroker:
             writer.close()
 
 
-def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> ResolveLink:
-    return ResolveLink(url, on_message=lambda t, p: handled.append((t, p)), reconnect_max=1, **kw)
+def _suback(subscribe: bytes) -> bytes:
+    """The SUBACK to a v5 SUBSCRIBE without properties: each filter granted the QoS it asked for."""
+    pos, codes = 3, b""
+    while pos < len(subscribe):
+        n = int.from_bytes(subscribe[pos : pos + 2], "big")
+        codes += bytes((subscribe[pos + 2 + n] & 3,))
+        pos += 3 + n
+    return bytes((0x90, 3 + len(codes))) + subscribe[:2] + b"\x00" + codes
+
+
+def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> DeviceLink:
+    return DeviceLink(url, on_message=lambda t, p: handled.append((t, p)), reconnect_max=1, **kw)
 
 
 async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
