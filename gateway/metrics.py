@@ -182,10 +182,6 @@ class Metrics:
         """One request refused by a rate limit (``limit``: "device" or "source")."""
         self.inc("ida_ratelimited_total", 1.0, {"frontend": frontend, "limit": limit})
 
-    def count_overloaded(self, frontend: str) -> None:
-        """One report refused because too many wait for their commit (``gateway.errors.Overloaded``)."""
-        self.inc("ida_reports_overloaded_total", 1.0, {"frontend": frontend})
-
     def observe_upstream(self, node: str, seconds: float) -> None:
         """One upstream round trip: counts the request and records its latency."""
         self.inc("ida_upstream_requests_total", 1.0, {"node": node})

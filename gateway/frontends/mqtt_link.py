@@ -10,19 +10,19 @@ config, the last will), so the front end (gateway/frontends/mqtt.py) leaves them
 request is answered from a table of pre-encoded answers (gateway/frontends/mqtt_table.py) without decoding it.
 Config acks, status and desired config stay on the paho link.
 
-The link subscribes to ``[$share/<group>/]ida/v1/d/+/req`` at QoS 0 and, when it carries reports (``reports``),
+The link subscribes to ``[$share/<group>/]ida/v1/d/+/req`` at QoS 0 and, when it carries reports (``on_report``),
 ``[$share/<group>/]ida/v1/d/+/rpt`` at QoS 1 (the session acknowledges each delivery at once). For every PUBLISH:
 
 1. a **hit**: a request whose bytes after its token are a key of the table (:class:`AnswerTable`). The answer is
    the entry's pre-encoded answer with the request's token put in, published on the request topic with ``req``
    replaced by ``res`` (the subtree the device listens on): the fixed header comes from a table by size and the
    reply topic from a table by request topic, so a hit encodes nothing;
-2. anything else -- a report, or a request the table cannot answer -- goes to the front end's message handler
-   (``on_message``): reports to gateway/frontends/mqtt_reports.py (decoded, checked, committed; the
-   ``report_ack`` comes back through :meth:`DeviceLink.publish_ack` at QoS 1 after the commit), requests to
-   decoding, errors, the resolver; a request's answer is published through :meth:`DeviceLink.publish_res`, and an
-   OK or not-modified answer from the resolver's cache or upstream is learned (``learn``,
-   :meth:`AnswerTable.learn`).
+2. a **report** on ``ida/v1/d/<key>/rpt`` goes to ``on_report(key, payload)`` (the front end's: rate limit, then
+   gateway/frontends/mqtt_reports.py: decoded, checked, committed); its ``report_ack`` comes back through
+   :meth:`DeviceLink.publish_ack` (QoS 1) after the commit;
+3. anything else goes to the front end's message handler (``on_message``): decoding, errors, the resolver; a
+   request's answer is published through :meth:`DeviceLink.publish_res`, and an OK or not-modified answer from the
+   resolver's cache or upstream is learned (``learn``, :meth:`AnswerTable.learn`).
 
 All answers of one read from the socket go out in one write, and the acks of one commit in one write. Rate limits
 (``[limits] device_rate``) are checked for hits as for any request, through the front end (``limit``). Counting:
@@ -76,8 +76,8 @@ class _AckTopics(dict[str, bytes]):
 class DeviceLink:
     """The asyncio MQTT connection for the devices' requests and reports (module doc).
 
-    ``on_message(topic, payload)`` takes every report (when ``reports``) and every request the table does not
-    answer; ``limit(key)`` (optional) is the
+    ``on_report(key, payload)`` (optional: then the link subscribes to reports) takes every report,
+    ``on_message(topic, payload)`` every request the table does not answer and anything else; ``limit(key)`` (optional) is the
     front end's rate-limit check for a hit, True when it refused (and counted) the request; ``answers`` and
     ``note`` are the resolver's answer cache and the status hook (for the table's guard, see hotpath.py);
     ``learning`` false leaves the table empty."""
@@ -99,10 +99,10 @@ class DeviceLink:
         clock: Callable[[], float] = time.time,
         learning: bool = True,
         connect_timeout: float = CONNECT_TIMEOUT,
-        reports: bool = False,
+        on_report: Callable[[str, bytes], None] | None = None,
     ) -> None:
         share = f"$share/{group}/" if group else ""
-        filters = [(f"{share}{ROOT}/+/req", 0)] + ([(f"{share}{ROOT}/+/rpt", 1)] if reports else [])
+        filters = [(f"{share}{ROOT}/+/req", 0)] + ([(f"{share}{ROOT}/+/rpt", 1)] if on_report else [])
         self.session = MqttSession(
             url,
             filters,
@@ -119,6 +119,7 @@ class DeviceLink:
         self.table = AnswerTable(answers, note=note, clock=clock, learning=learning)
         self.learn = self.table.learn  # the slow path's answers (AnswerTable.learn)
         self._on_message = on_message
+        self._on_report = on_report
         self._limit = limit
         self._limiting = limiting or (lambda: False)
         self._heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4)  # answers come in few sizes
@@ -129,7 +130,7 @@ class DeviceLink:
         self.answered = 0  # OK answers from the table
         self.valid = 0  # not-modified answers from the table
         self.handed_on = 0  # requests given to on_message
-        self.reports = 0  # reports given to on_message
+        self.reports = 0  # reports given to on_report
         self.dropped = 0  # answers and acks that could not be sent (not connected)
 
     # -- lifecycle (the session's) -----------------------------------------------------------------------------
@@ -164,16 +165,22 @@ class DeviceLink:
 
     # -- serving -----------------------------------------------------------------------------------------------
     def _serve(self, packets: list[tuple[int, bytes]]) -> bytes:
-        """The answers to the PUBLISH packets of one read (hits); the others go to ``on_message``."""
+        """The answers to the PUBLISH packets of one read (hits); reports go to ``on_report``, the others to
+        ``on_message``."""
         out: list[bytes] = []
         entries = self.table.entries if self.serving else None
         limiting = self._limit is not None and self._limiting()
         heads, replies, parse = self._heads, self._replies, mqtt.parse_publish
+        on_report, root_len = self._on_report, len(_ROOT_B)
         now = 0.0
         answered = valid = 0
         try:
             for first, body in packets:
                 topic, payload, _ = parse(first, body, version=V5)
+                if on_report is not None and topic.endswith(_RPT_B) and topic.startswith(_ROOT_B):
+                    self.reports += 1
+                    on_report(topic[root_len:-4].decode("utf-8", "replace"), payload)
+                    continue
                 if entries is not None and len(payload) > 4 and payload[1] == 1:
                     tl = payload[2] - 0x40
                     entry = entries.get(payload[3 + tl :]) if 1 <= tl <= 8 else None
@@ -198,10 +205,7 @@ class DeviceLink:
                             else:
                                 valid += 1
                             continue
-                if topic.endswith(_RPT_B):
-                    self.reports += 1
-                else:
-                    self.handed_on += 1
+                self.handed_on += 1
                 self._on_message(topic.decode("utf-8", "replace"), payload)
         finally:
             if answered or valid:
