@@ -111,7 +111,7 @@ async def test_the_ack_leaves_only_after_the_commit(held: Env) -> None:
 
 
 # issue 19's MQTT reproduction: 5 rounds of 20 valid reports + 1 bad one, all in one commit batch each
-BAD = [
+BAD: list[dict[str, Any]] = [
     {"sensors": {"t": float("nan")}},  # not storable (the northbound JSON cannot carry NaN)
     {"rssi": "weak"},  # the wrong type
     {"board": "x" * 256},  # too long
