@@ -1,5 +1,5 @@
 """What the MQTT front end's parts share: the fields and bytes of an answer to a resolve request (the slow path,
-gateway/frontends/mqtt_requests.py, and the resolve link's table of pre-encoded answers,
+gateway/frontends/mqtt_requests.py, and the device link's table of pre-encoded answers,
 gateway/frontends/mqtt_table.py, must say the same thing), and the counting (:class:`Tally`)."""
 
 from __future__ import annotations

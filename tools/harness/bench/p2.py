@@ -31,14 +31,14 @@ GOAL_P2 = "resolve round trip over MQTT through Mosquitto >= 10,000/s per gatewa
 LIMITS_P2 = (
     "The machine: gateway, Mosquitto and the load generator share 2 cores, and the broker (one thread; two "
     "packets in and two out per round trip) takes the largest share (column broker CPU); together they keep "
-    "both cores busy. The gateway answers a cached request on its resolve link (gateway/frontends/"
-    "mqtt_resolve.py: proto/mqtt framing on the asyncio loop, no paho; the table's pre-encoded answer with "
+    "both cores busy. The gateway answers a cached request on its device link (gateway/frontends/"
+    "mqtt_link.py: proto/mqtt framing on the asyncio loop, no paho; the table's pre-encoded answer with "
     "the token put in; all answers of one socket read in one write) for about as much CPU per request as the "
     "bare responder (server CPU / req/s: about 20 us on this machine; py-spy of the event loop's busy time: "
     "the link's packet parsing, table lookup and answer building about 60 %, the socket write about 20 %, "
     "reads and the loop the rest). The bare responder (the "
     "same framing, no resolver, no table) is what one Python process behind this broker can do. Before the "
-    "resolve link, paho's network thread and the asyncio loop shared the GIL and one process topped out near "
+    "device link, paho's network thread and the asyncio loop shared the GIL and one process topped out near "
     "2,000/s."
 )
 CONNECTIONS = 4
@@ -125,7 +125,7 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
         if cbor2.loads(answer).get(3) != 1:
             raise BenchError(f"the gateway's MQTT answer is not OK: {cbor2.loads(answer)!r}")
         gateway = Target(
-            "gateway", "ida gateway (MQTT resolve link), cache hit", broker.host, broker.port, (), gw.child
+            "gateway", "ida gateway (MQTT device link), cache hit", broker.host, broker.port, (), gw.child
         )
         anchor = _anchor(broker, answer, opts)
         try:
