@@ -274,7 +274,8 @@ class MqttFrontEnd:
 
     def _on_link_report(self, key: str, payload: bytes) -> None:
         """A report from the device link: ``_on_message``'s work for one leaf, without taking the topic apart."""
-        if self._device_limiting() and self._limited(key, "rpt"):
+        limiter = self.limiter
+        if limiter is not None and limiter.device is not None and self._limited(key, "rpt"):
             return
         try:
             self.reports.handle(key, payload)

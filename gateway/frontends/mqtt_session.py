@@ -185,9 +185,12 @@ class _Connection(asyncio.Protocol):
             log.warning("mqtt device link: bad data from the broker %s", kv(broker=session.address, error=e))
             self.abort()
             return
-        queued = session.take_output()
-        if acks or out or queued:
-            self.write(b"".join(acks) + out + queued)
+        if acks:
+            out = b"".join(acks) + out
+        if session.queued:
+            out += session.take_output()
+        if out:
+            self.write(out)
 
     def _sort(self, packets: list[tuple[int, bytes]], acks: list[bytes]) -> list[tuple[int, bytes]]:
         """Handle the control packets among ``packets`` and put a PUBACK for each QoS 1 PUBLISH in ``acks``; the
@@ -369,6 +372,11 @@ class MqttSession:
         """Packets the window let go (a PUBACK made room): written with the rest."""
         for packet in packets:
             self._queue(packet)
+
+    @property
+    def queued(self) -> bool:
+        """QoS 1 packets wait to be written."""
+        return bool(self._out)
 
     def take_output(self) -> bytes:
         """The QoS 1 packets queued for writing (the caller writes them)."""
