@@ -40,7 +40,7 @@ from tools.harness.bench.scenario import BenchOptions, Figure, Measurement, meas
 
 __all__ = ["MqttIngestFigures", "measure_mqtt_ingest", "stored_keys", "DEVICES", "ANCHOR_ROOT"]
 
-DEVICES = 400  # enough reports in flight to saturate the gateway on the 2-core bench machine
+DEVICES = 1000  # enough reports in flight to saturate the gateway on the 2-core bench machine
 ANCHOR_ROOT = "bench/v1/d"
 DEDUPE = 1024  # the registry's default de-duplication window (keys kept per device)
 STORED = "SELECT device, boot, seq FROM reports UNION ALL SELECT device, boot, seq FROM seen"
