@@ -26,7 +26,7 @@ from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
 from proto import devicemsg, mqtt
 from proto.records import HandleValue, Record
-from tests.support.brokers import Broker, Device
+from tests.support.brokers import Broker, Device, with_device
 from tests.support.gwhelpers import (
     POSITIVE_TTL,
     PUMP,
@@ -67,15 +67,8 @@ class Env:
 
 async def _env(tmp_path: Path, url: str, resolver: Any, clock: Clock, **kw: Any) -> AsyncIterator[Env]:
     env = Env(tmp_path, url, resolver, clock, **kw)
-    await env.fe.start()
-    assert env.fe.ready
-    await env.dev.connect()
-    try:
+    async with with_device(env.fe, env.dev, env.registry):
         yield env
-    finally:
-        env.dev.disconnect()
-        await env.fe.stop()
-        env.registry.close()
 
 
 @pytest.fixture

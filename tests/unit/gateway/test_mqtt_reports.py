@@ -18,7 +18,7 @@ from gateway.ingest import Outcome, Row
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from proto import devicemsg
-from tests.support.brokers import Broker, Device
+from tests.support.brokers import Broker, Device, with_device
 from tests.support.gwhelpers import FakeResolver, eventually, report_fields
 
 DEV = "88.123.99/PUMP-0001"
@@ -72,17 +72,9 @@ class Env:
 @contextlib.asynccontextmanager
 async def _env(registry: Registry, url: str, **kw: Any) -> AsyncIterator[Env]:
     env = Env(registry, url, **kw)
-    await env.fe.start()
-    assert env.fe.ready
-    await env.dev.connect()
-    try:
+    release = registry.release if isinstance(registry, HeldRegistry) else None
+    async with with_device(env.fe, env.dev, registry, before_stop=release):
         yield env
-    finally:
-        if isinstance(registry, HeldRegistry):
-            registry.release()
-        env.dev.disconnect()
-        await env.fe.stop()
-        registry.close()
 
 
 @pytest.fixture

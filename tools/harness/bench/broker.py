@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from tools.harness.bench.procs import BenchError, Child, free_port
+from tools.harness.bench.procs import BenchError, Child, free_port, python_module_cmd
 from tools.support import mosquitto
 from tools.support.mosquitto import mosquitto_binary
 
@@ -55,6 +55,28 @@ class Mosquitto:
             timeout,
         )
         return self
+
+    def client(self, kind: str, root: str, *args: str, name: str = "mqtt_raw") -> Child:
+        """A bare MQTT client of tools/harness/bench/servers.py (``kind``: ``mqtt``, ``mqtt-ack``) behind this broker,
+        answering under the topic root ``root``; returned once it is subscribed."""
+        cmd = python_module_cmd(
+            "tools.harness.bench.servers",
+            kind,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--root",
+            root,
+            *args,
+        )
+        child = Child(name, cmd, log_dir=self.log_dir).start(stdout_pipe=True)
+        try:
+            child.wait_ready_line()
+        except BaseException:
+            child.stop()
+            raise
+        return child
 
     def stop(self) -> None:
         if self.child is not None:

@@ -34,7 +34,7 @@ from tools.harness.bench.anchors import Target
 from tools.harness.bench.broker import Mosquitto
 from tools.harness.bench.loadgen import LoadResult
 from tools.harness.bench.mqttreports import ReportLoad, ReportLoadSpec
-from tools.harness.bench.procs import BenchError, Child, python_module_cmd
+from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import GatewayProcess, NodeProcess, require_gateway
 from tools.harness.bench.scenario import BenchOptions, Figure, Measurement, measure_targets, ratio
 
@@ -102,31 +102,6 @@ def stored_keys(registry: Path) -> collections.Counter[tuple[str, int, int]]:
         conn.close()
 
 
-def _anchor(broker: Mosquitto, log_dir: Path) -> Target:
-    child = Child(
-        "mqtt_raw_ack",
-        python_module_cmd(
-            "tools.harness.bench.servers",
-            "mqtt-ack",
-            "--host",
-            broker.host,
-            "--port",
-            str(broker.port),
-            "--root",
-            ANCHOR_ROOT,
-        ),
-        log_dir=log_dir,
-    )
-    child.start(stdout_pipe=True)
-    try:
-        child.wait_ready_line()
-    except BaseException:
-        child.stop()
-        raise
-    label = "bare asyncio MQTT acker (broker round trip, nothing stored)"
-    return Target("mqtt_raw", label, broker.host, broker.port, (), child)
-
-
 def measure_mqtt_ingest(
     opts: BenchOptions | None = None,
     *,
@@ -180,7 +155,9 @@ def measure_mqtt_ingest(
             )
             targets = [gateway]
             if anchor:
-                targets.append(_anchor(broker, log_dir))
+                acker = broker.client("mqtt-ack", ANCHOR_ROOT, name="mqtt_raw_ack")
+                label = "bare asyncio MQTT acker (broker round trip, nothing stored)"
+                targets.append(Target("mqtt_raw", label, broker.host, broker.port, (), acker))
             try:
                 opts.say(
                     f"  {devices} devices over {conns} connections, one report in flight each, {opts.n_rounds} "

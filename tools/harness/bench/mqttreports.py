@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import cbor2
 
 from proto import devicemsg, mqtt
-from tools.harness.bench.loadgen import NS, LoadResult
+from tools.harness.bench.ingest import sample_reports
+from tools.harness.bench.loadgen import NS
+from tools.harness.bench.mqttclient import BenchConnection, ClosedLoop
 
 __all__ = ["ReportLoadSpec", "ReportLoad", "report_template", "device_ident"]
 
-_perf_ns = time.perf_counter_ns
-V311 = mqtt.MQTT311
 _MARK = 0xFEEDFACE  # a seq no real report of the run reaches: where the seq goes in the template
 _PUBLISH_QOS1 = mqtt.PUBLISH << 4 | 0x02
 
@@ -43,19 +42,9 @@ def device_ident(tag: str, n: int) -> str:
 
 
 def report_template(ident: str, boot: int) -> tuple[bytes, bytes]:
-    """A ``report`` as the firmware sends it, as (bytes before the seq's value, bytes after it)."""
-    fields = {
-        "id": ident,
-        "boot": boot,
-        "seq": _MARK,
-        "uptime": 3600,
-        "heap": 81234,
-        "rssi": -61,
-        "queue": 0,
-        "board": "esp32-devkitc",
-        "fw": "0.1.0",
-        "sensors": {"temp": 21.5, "rpm": 1480, "ok": True},
-    }
+    """A ``report`` as the firmware sends it (the engine benchmark's sample report), as (bytes before the seq's
+    value, bytes after it)."""
+    fields = {**sample_reports(1, 1)[0], "id": ident, "boot": boot, "seq": _MARK}
     pre, post = devicemsg.encode("report", fields).split(b"\x1a" + _MARK.to_bytes(4, "big"))
     return pre, post
 
@@ -90,61 +79,25 @@ class _Device:
         self.expect = b""  # the ack it waits for, as the gateway encodes it (no desired config)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(BenchConnection):
     """One TCP connection carrying some of the devices."""
 
     def __init__(self, load: ReportLoad, client_id: str) -> None:
+        super().__init__(client_id)
         self.load = load
-        self.client_id = client_id
         self.devices: dict[bytes, _Device] = {}  # ack topic -> device
-        self.reader = mqtt.Reader()
-        self.transport: asyncio.Transport | None = None
         self.pid = 0
         self.heads = mqtt.FixedHeaders(_PUBLISH_QOS1)
-        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        filters = [(topic.decode(), 1) for topic in self.devices]
-        self.transport.write(
-            mqtt.connect(self.client_id, 120, version=V311) + mqtt.subscribe(1, filters, version=V311)
-        )
+    def filters(self) -> list[tuple[str, int]]:
+        return [(topic.decode(), 1) for topic in self.devices]
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
-
-    def data_received(self, data: bytes) -> None:
-        now = _perf_ns()
-        load = self.load
-        out: list[bytes] = []
-        try:
-            for first, body in self.reader.feed(data):
-                kind = first >> 4
-                if kind == mqtt.PUBLISH:
-                    topic, payload, pid = mqtt.parse_publish(first, body, version=V311)
-                    if pid:
-                        out.append(mqtt.puback(pid))
-                    dev = self.devices.get(topic)
-                    if dev is not None:
-                        load.on_ack(dev, payload, now, out)
-                    else:
-                        load.result.unmatched += 1
-                elif kind == mqtt.SUBACK and not self.subscribed.done():
-                    if any(code >= 0x80 for code in mqtt.parse_suback(body, version=V311).codes):
-                        self.subscribed.set_exception(ConnectionError("subscription refused"))
-                    else:
-                        self.subscribed.set_result(None)
-                elif kind == mqtt.CONNACK and (code := mqtt.parse_connack(body, version=V311).code):
-                    self._fail(f"CONNACK return code {code} ({mqtt.reason(code, V311)})")
-                # a PUBACK for one of our reports needs nothing: the report_ack is what counts
-        except mqtt.MqttProtocolError as e:
-            self._fail(f"bad data from the broker: {e}")
-            return
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+    def on_publish(self, topic: bytes, payload: bytes, now: int, out: list[bytes]) -> None:
+        dev = self.devices.get(topic)
+        if dev is not None:
+            self.load.on_ack(dev, payload, now, out)
+        else:
+            self.load.result.unmatched += 1
 
     def report(self, dev: _Device) -> bytes:
         """The PUBLISH of ``dev``'s current report."""
@@ -153,27 +106,19 @@ class _Connection(asyncio.Protocol):
         size = len(dev.rpt_head) + 2 + len(dev.pre) + len(seq) + len(dev.post)
         return b"".join((self.heads[size], dev.rpt_head, self.pid.to_bytes(2, "big"), dev.pre, seq, dev.post))
 
-    def _fail(self, why: str) -> None:
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(why))
-        if self.transport is not None:
-            self.transport.abort()
 
+class ReportLoad(ClosedLoop):
+    tick = 0.05
 
-class ReportLoad:
     def __init__(self, spec: ReportLoadSpec) -> None:
         if spec.devices < 1 or not 1 <= spec.connections <= spec.devices:
             raise ValueError("need devices >= 1 and 1 <= connections <= devices")
+        super().__init__(spec.warmup, spec.duration)
         self.spec = spec
+        self.grace = spec.timeout
         self.tag = os.urandom(2).hex()
-        self.result = LoadResult()
         self.acked: set[tuple[str, int, int]] = set()
-        self.conns: list[_Connection] = []
         self.devices: list[_Device] = []
-        self._win_start = self._win_end = 0
-        self._stopping = False
-        self._inflight = 0
-        self._done: asyncio.Future[None] | None = None
 
     # -- the closed loop ---------------------------------------------------------------------------------------
     def on_ack(self, dev: _Device, payload: bytes, now: int, out: list[bytes]) -> None:
@@ -193,7 +138,7 @@ class ReportLoad:
         res = self.result
         if code == devicemsg.OK:
             self.acked.add((dev.ident, boot, seq))
-        if self._win_start <= now <= self._win_end:
+        if self.in_window(now):
             if code == devicemsg.OK:
                 res.ok += 1
                 res.latencies_ns.append(now - dev.first_at)
@@ -206,10 +151,7 @@ class ReportLoad:
 
     def _next(self, dev: _Device, now: int, out: list[bytes] | None = None) -> None:
         """``dev``'s next report (into ``out``, written by the caller, or written now)."""
-        if now >= self._win_end:
-            self._stopping = True
-        if self._stopping or dev.conn.lost:
-            self._maybe_done()
+        if not self.going_on(now, dev.conn.lost):
             return
         dev.seq += 1
         dev.expect = devicemsg.encode_report_ack(self.spec.boot, dev.seq, devicemsg.OK)
@@ -225,64 +167,27 @@ class ReportLoad:
         elif dev.conn.transport is not None:
             dev.conn.transport.write(packet)
 
-    def _maybe_done(self) -> None:
-        if self._inflight == 0 and self._done is not None and not self._done.done():
-            self._done.set_result(None)
-
-    def _tick(self) -> None:
-        assert self._done is not None
-        now = _perf_ns()
+    def _overdue(self, now: int) -> None:
         limit = int(self.spec.timeout * NS)
         for dev in self.devices:
             if dev.first_at and now - dev.sent_at >= limit and not dev.conn.lost:
-                if self._win_start <= now <= self._win_end:
+                if self.in_window(now):
                     self.result.timeouts += 1
                 self.result.retransmits += 1
                 dev.sent_at = now
                 self._send(dev, None)  # the same report again
-        if now >= self._win_end:
-            self._stopping = True
-        if self._stopping and (self._inflight == 0 or now >= self._win_end + limit):
-            if not self._done.done():
-                self._done.set_result(None)
-            return
-        asyncio.get_running_loop().call_later(0.05, self._tick)
 
-    async def run(self) -> LoadResult:
+    def _begin(self, start: int) -> None:
+        for dev in self.devices:
+            self._next(dev, start)
+
+    async def _open(self) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        cpu0 = time.process_time()
-        try:
-            await self._connect()
-            start = _perf_ns()
-            self._win_start = start + int(spec.warmup * NS)
-            self._win_end = self._win_start + int(spec.duration * NS)
-            for dev in self.devices:
-                self._next(dev, start)
-            loop.call_later(0.05, self._tick)
-            hard = loop.call_later(spec.warmup + spec.duration + spec.timeout + 10, self._done.cancel)
-            try:
-                await self._done
-            finally:
-                hard.cancel()
-        finally:
-            for c in self.conns:
-                if c.transport is not None:
-                    c.transport.write(mqtt.DISCONNECT_BYTES)
-                    c.transport.close()
-        self.result.elapsed_s = (min(_perf_ns(), self._win_end) - self._win_start) / NS
-        self.result.cpu_s = time.process_time() - cpu0
-        self.result.endpoints = len(self.conns)
-        return self.result
-
-    async def _connect(self) -> None:
-        spec = self.spec
-        loop = asyncio.get_running_loop()
-        for i in range(spec.connections):
-            self.conns.append(_Connection(self, f"mqb-{self.tag}-{i}"))
+        conns = [_Connection(self, f"mqb-{self.tag}-{i}") for i in range(spec.connections)]
+        self.conns.extend(conns)
         for n in range(spec.devices):
-            conn = self.conns[n % spec.connections]
+            conn = conns[n % spec.connections]
             dev = _Device(device_ident(self.tag, n), conn, spec.root, spec.boot)
             conn.devices[f"{spec.root}/{devicemsg.topic_key(dev.ident)}/ack".encode()] = dev
             self.devices.append(dev)
@@ -290,5 +195,5 @@ class ReportLoad:
         async def connect(c: _Connection) -> Any:
             return await loop.create_connection(lambda: c, spec.host, spec.port)
 
-        await asyncio.wait_for(asyncio.gather(*(connect(c) for c in self.conns)), spec.connect_timeout)
-        await asyncio.wait_for(asyncio.gather(*(c.subscribed for c in self.conns)), spec.connect_timeout)
+        await asyncio.wait_for(asyncio.gather(*(connect(c) for c in conns)), spec.connect_timeout)
+        await asyncio.wait_for(asyncio.gather(*(c.subscribed for c in conns)), spec.connect_timeout)

@@ -21,7 +21,7 @@ from tools.harness.bench.anchors import Target
 from tools.harness.bench.broker import Mosquitto
 from tools.harness.bench.loadgen import LoadResult
 from tools.harness.bench.mqttload import MqttLoadSpec, mqtt_request, run_mqtt_load
-from tools.harness.bench.procs import BenchError, Child, python_module_cmd
+from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway
 from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
 
@@ -61,32 +61,11 @@ def _wait_mqtt(broker: Mosquitto, gw: GatewayProcess, timeout: float = 30.0) -> 
                 ) from None
 
 
-def _anchor(broker: Mosquitto, answer: bytes, opts: BenchOptions) -> Target:
+def _anchor(broker: Mosquitto, answer: bytes) -> Target:
     obj = cbor2.loads(answer)
     obj[1] = b"\xfe\xed\xfa\xce"
     pre, post = cbor2.dumps(obj).split(b"\xfe\xed\xfa\xce")
-    child = Child(
-        "mqtt_raw",
-        python_module_cmd(
-            "tools.harness.bench.servers",
-            "mqtt",
-            "--host",
-            broker.host,
-            "--port",
-            str(broker.port),
-            "--root",
-            ANCHOR_ROOT,
-            "--payload",
-            f"{pre.hex()}:{post.hex()}",
-        ),
-        log_dir=opts.logs(),
-    )
-    child.start(stdout_pipe=True)
-    try:
-        child.wait_ready_line()
-    except BaseException:
-        child.stop()
-        raise
+    child = broker.client("mqtt", ANCHOR_ROOT, "--payload", f"{pre.hex()}:{post.hex()}")
     return Target(
         "mqtt_raw", "bare asyncio MQTT responder (Python ceiling)", broker.host, broker.port, (), child
     )
@@ -127,7 +106,7 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
         gateway = Target(
             "gateway", "ida gateway (MQTT device link), cache hit", broker.host, broker.port, (), gw.child
         )
-        anchor = _anchor(broker, answer, opts)
+        anchor = _anchor(broker, answer)
         try:
             assert broker.child is not None
             opts.say(

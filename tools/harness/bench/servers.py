@@ -168,7 +168,10 @@ async def serve_aiocoap(
 
 class MqttResponder(asyncio.Protocol):
     """A bare MQTT client answering every ``<root>/+/req`` resolve request with a fixed answer on ``…/res``
-    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker."""
+    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker.
+    Subclasses answer another leaf (``leaf``, subscribed at ``qos``) in :meth:`answer`."""
+
+    leaf, qos = "req", 0
 
     def __init__(self, root: str, pre: bytes, post: bytes, ready: asyncio.Future[None]) -> None:
         self.root = root
@@ -182,7 +185,7 @@ class MqttResponder(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(
             mqtt.connect(f"bench-responder-{os.getpid()}", 120, version=mqtt.MQTT311)
-            + mqtt.subscribe(1, [(f"{self.root}/+/req", 0)], version=mqtt.MQTT311)
+            + mqtt.subscribe(1, [(f"{self.root}/+/{self.leaf}", self.qos)], version=mqtt.MQTT311)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -190,65 +193,56 @@ class MqttResponder(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
 
     def data_received(self, data: bytes) -> None:
-        out = []
+        out: list[bytes] = []
         for first, body in self.reader.feed(data):
             kind = first >> 4
             if kind == mqtt.PUBLISH:
-                topic, payload, _ = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
-                if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
-                    continue
-                answer = self.pre + payload[3:7] + self.post
-                out.append(mqtt.publish_head(topic[:-3] + b"res", len(answer), version=mqtt.MQTT311) + answer)
-                self.answered += 1
+                self.answer(first, body, out)
             elif kind == mqtt.SUBACK and not self.ready.done():
                 self.ready.set_result(None)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
+    def answer(self, first: int, body: bytes, out: list[bytes]) -> None:
+        """Put the packets answering the PUBLISH (``first``, ``body``) in ``out``."""
+        topic, payload, _ = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
+        if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
+            return
+        answer = self.pre + payload[3:7] + self.post
+        out.append(mqtt.publish_head(topic[:-3] + b"res", len(answer), version=mqtt.MQTT311) + answer)
+        self.answered += 1
+
 
 class MqttAckResponder(MqttResponder):
     """A bare MQTT client acknowledging every ``<root>/+/rpt`` report (QoS 1) with a ``report_ack`` at QoS 1."""
+
+    leaf, qos = "rpt", 1
 
     def __init__(self, root: str, ready: asyncio.Future[None]) -> None:
         super().__init__(root, b"", b"", ready)
         self.pid = 0
         self.heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4 | 0x02)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(
-            mqtt.connect(f"bench-acker-{os.getpid()}", 120, version=mqtt.MQTT311)
-            + mqtt.subscribe(1, [(f"{self.root}/+/rpt", 1)], version=mqtt.MQTT311)
+    def answer(self, first: int, body: bytes, out: list[bytes]) -> None:
+        topic, payload, pid = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
+        if pid:
+            out.append(mqtt.puback(pid))
+        try:
+            report = cbor2.loads(payload)
+            ack = cbor2.dumps({3: 1, 10: report[10], 11: report[11]})
+        except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError):
+            return
+        self.pid = self.pid % 0xFFFF + 1
+        ack_topic = topic[:-3] + b"ack"
+        size = 2 + len(ack_topic) + 2 + len(ack)
+        out += (
+            self.heads[size],
+            len(ack_topic).to_bytes(2, "big"),
+            ack_topic,
+            self.pid.to_bytes(2, "big"),
+            ack,
         )
-
-    def data_received(self, data: bytes) -> None:
-        out = []
-        for first, body in self.reader.feed(data):
-            kind = first >> 4
-            if kind == mqtt.PUBLISH:
-                topic, payload, pid = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
-                if pid:
-                    out.append(mqtt.puback(pid))
-                try:
-                    report = cbor2.loads(payload)
-                    ack = cbor2.dumps({3: 1, 10: report[10], 11: report[11]})
-                except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError):
-                    continue
-                self.pid = self.pid % 0xFFFF + 1
-                ack_topic = topic[:-3] + b"ack"
-                size = 2 + len(ack_topic) + 2 + len(ack)
-                out += (
-                    self.heads[size],
-                    len(ack_topic).to_bytes(2, "big"),
-                    ack_topic,
-                    self.pid.to_bytes(2, "big"),
-                )
-                out.append(ack)
-                self.answered += 1
-            elif kind == mqtt.SUBACK and not self.ready.done():
-                self.ready.set_result(None)
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+        self.answered += 1
 
 
 async def serve_mqtt(
