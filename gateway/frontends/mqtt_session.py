@@ -443,6 +443,7 @@ class MqttSession:
             ),
             self.connect_timeout,
         )
+        self._conn = conn
         username = self.auth.username or addr.username
         password = self.auth.password if self.auth.username else addr.password
         hello = mqtt.connect(
@@ -459,7 +460,6 @@ class MqttSession:
             raise ConnectionError(f"broker refused the connection: {mqtt.reason(connack.code)}")
         receive_max = connack.properties.get(_RECEIVE_MAXIMUM)
         self.window.reset(receive_max if isinstance(receive_max, int) else 0xFFFF)
-        self._conn = conn
         server_keepalive = connack.properties.get(mqtt.PROP_SERVER_KEEP_ALIVE)
         keepalive = server_keepalive if isinstance(server_keepalive, int) else self.keepalive
         pid = self.window.take_id()
