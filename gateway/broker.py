@@ -1,5 +1,5 @@
 """Where the MQTT broker is and how the gateway logs in to it, for every broker connection the gateway opens (the
-front end's paho link and resolve link, the outbox's MQTT sink): the broker URL (:func:`parse_url` ->
+front end's paho link and device link, the outbox's MQTT sink): the broker URL (:func:`parse_url` ->
 :class:`BrokerAddress`), the gateway's credentials and CA (:class:`MqttAuth`, ``[mqtt] username``,
 ``password_file``, ``ca_file``) and unique client ids (:func:`default_client_id`). No I/O but reading the password
 file; no paho."""

@@ -57,6 +57,11 @@ STANDARD: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ida_outbox_depth": (GAUGE, "Reports waiting to go northbound.", ()),
     "ida_reports_total": (COUNTER, "Reports accepted (new, not duplicates).", ()),
     "ida_reports_duplicate_total": (COUNTER, "Reports received again and acknowledged without storing.", ()),
+    "ida_reports_overloaded_total": (
+        COUNTER,
+        "Reports refused at once because too many waited for their commit (CoAP 5.03, MQTT no ack), by front end.",
+        ("frontend",),
+    ),
     "ida_ratelimited_total": (
         COUNTER,
         "Requests refused by a rate limit (CoAP 4.29, HTTP 429, MQTT dropped), by front end and limit (device, source).",

@@ -1,7 +1,7 @@
 """The paho link: one paho-mqtt 2.x client (MQTT v5) bridged to an asyncio loop, for the broker traffic that needs
-what paho is there for (QoS 1 with re-sending, retained messages, reconnects): the MQTT front end's reports,
-config acks, device status and desired config (gateway/frontends/mqtt_reports.py), and the outbox's MQTT sink.
-Resolve requests have a connection of their own without paho (gateway/frontends/mqtt_resolve.py); where the broker
+what paho is there for (QoS 1 with re-sending, retained messages, reconnects): the MQTT front end's config acks,
+device status and desired config (gateway/frontends/mqtt_devices.py), and the outbox's MQTT sink. Resolve requests
+and reports have a connection of their own without paho (gateway/frontends/mqtt_link.py); where the broker
 is and the gateway's credentials are in gateway/broker.py.
 
 Threading model (a decision, see ``PahoLink``): paho's network loop runs in paho's own thread (``loop_start``);

@@ -10,10 +10,11 @@ coap_security.py     OSCORE: the site wrappers, modes, metrics
 coap_credentials.py  OSCORE: keystore lookups, device contexts, the gateway's sequence numbers
 http.py     HTTP (aiohttp): Handle REST /api/handles, /api/devices, /healthz, /metrics
 mqtt.py     MQTT: the ida/v1/d/<dev>/ topic tree, put together from
-  mqtt_reports.py   reports, config acks, status, desired config (on the paho link, gateway/paholink.py)
-  mqtt_resolve.py   the resolve link: requests answered from pre-encoded answers, the rest handed on
-  mqtt_session.py   its asyncio MQTT v5 session with the broker (proto/mqtt framing)
+  mqtt_link.py      the device link: requests (answered from pre-encoded answers, the rest handed on) and reports
+  mqtt_session.py   its asyncio MQTT v5 session with the broker (proto/mqtt framing, QoS 1 window)
   mqtt_table.py     its table of pre-encoded answers (kept equal to the resolver by hotpath.CacheGuard)
   mqtt_requests.py  resolve requests that need the resolver: decode, resolve, answer
+  mqtt_reports.py   reports: decode, check, commit, report_ack after the commit (on either link)
+  mqtt_devices.py   config acks, status, desired config (on the paho link, gateway/paholink.py)
   mqtt_answers.py   what they share: answer fields and bytes, counting
 """

@@ -3,8 +3,9 @@
 Subscriptions (renewed on every connect; the broker forgets them when it restarts):
 
     $share/<group>/ida/v1/d/+/req     resolve_request  -> resolver -> …/res (QoS 0, the request's token; on the
-                                      resolve link)
-    $share/<group>/ida/v1/d/+/rpt     report           -> registry  -> …/ack (QoS 1, also for duplicates)
+                                      device link)
+    $share/<group>/ida/v1/d/+/rpt     report (QoS 1)   -> registry  -> …/ack (QoS 1 after the commit, also for
+                                      duplicates; on the device link)
     $share/<group>/ida/v1/d/+/cfgack  config_ack       -> registry
     ida/v1/d/+/status                 status (retained, last will) -> registry (every gateway sees it)
 
@@ -14,16 +15,18 @@ each message goes to one member. Desired config goes the other way: on every reg
 
 This module puts the front end together; the work is done by its parts:
 
-    gateway/paholink.py                  the paho link (paho's thread, QoS 1, retained): reports, config acks,
-                                         status, desired config
-    gateway/frontends/mqtt_resolve.py    the resolve link (asyncio, proto/mqtt framing): resolve requests and
-                                         answers (QoS 0), repeated requests answered from pre-encoded answers
-    gateway/frontends/mqtt_requests.py   requests the resolve link hands on: decode, resolver, answer
-    gateway/frontends/mqtt_reports.py    reports, config acks, status, desired config
+    gateway/frontends/mqtt_link.py       the device link (asyncio, proto/mqtt framing): resolve requests and
+                                         answers (QoS 0), repeated requests answered from pre-encoded answers,
+                                         reports and their acks (QoS 1)
+    gateway/paholink.py                  the paho link (paho's thread, QoS 1, retained): config acks, status,
+                                         desired config
+    gateway/frontends/mqtt_requests.py   requests the device link hands on: decode, resolver, answer
+    gateway/frontends/mqtt_reports.py    reports: decode, check, commit, ack after the commit
+    gateway/frontends/mqtt_devices.py    config acks, status, desired config
     gateway/frontends/mqtt_answers.py    what they share: answer fields and bytes, counting
 
-``fast_path=False`` leaves out the resolve link: requests then come and go on the paho link with the rest. The two
-connections do not keep one device's requests and reports in order with each other (the protocol never promised
+``fast_path=False`` leaves out the device link: requests and reports then come and go on the paho link with the
+rest. The two connections do not keep one device's messages in order with each other (the protocol never promised
 that). A payload that does not decode is never fatal: it is counted (``metrics.count_request("mqtt", 400)``) and
 answered with an error when a token (resolve) or boot/seq (report) can be read from it, else dropped with a log
 line. Replies go to the topic key the request came in on (not one recomputed from the identifier), so a device
@@ -43,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.broker import MqttAuth, default_client_id
 from gateway.frontends.mqtt_answers import ROOT, RequestCounter, Tally
-from gateway.frontends.mqtt_reports import DeviceMessages
+from gateway.frontends.mqtt_devices import DeviceMessages
+from gateway.frontends.mqtt_reports import Reports
 from gateway.frontends.mqtt_requests import Requests
 from gateway.logfmt import kv
 from gateway.paholink import MqttError, PahoLink
@@ -53,13 +57,14 @@ from gateway.resolution import AnswerCache, ResolutionNote, Resolving
 from proto import devicemsg
 
 if TYPE_CHECKING:
-    from gateway.frontends.mqtt_resolve import ResolveLink
+    from gateway.frontends.mqtt_link import DeviceLink
 
 __all__ = ["MqttFrontEnd", "subscriptions", "RequestCounter", "LEAVES_SHARED"]
 
 log = logging.getLogger(__name__)
 
 LEAVES_SHARED = ("req", "rpt", "cfgack")
+LEAVES_LINKED = ("req", "rpt")  # the device link's, when there is one
 
 
 def subscriptions(group: str | None, leaves: tuple[str, ...] = LEAVES_SHARED) -> list[str]:
@@ -69,7 +74,7 @@ def subscriptions(group: str | None, leaves: tuple[str, ...] = LEAVES_SHARED) ->
 
 
 def _link_client_id(client_id: str) -> str:
-    """The resolve link's client id: the paho link's with "-r", within the 23 characters of MQTT 3.1.1."""
+    """The device link's client id: the paho link's with "-r", within the 23 characters of MQTT 3.1.1."""
     return client_id[:21] + "-r"
 
 
@@ -97,9 +102,9 @@ class MqttFrontEnd:
         self.limiter = limiter
         self.registry = registry
         self.group = group
-        # the paho link's filters: without the requests when the resolve link takes them
+        # the paho link's filters: without the requests and reports when the device link takes them
         self.topics = subscriptions(
-            group, tuple(leaf for leaf in LEAVES_SHARED if leaf != "req" or not fast_path)
+            group, tuple(leaf for leaf in LEAVES_SHARED if leaf not in LEAVES_LINKED or not fast_path)
         )
         self._ready_timeout = ready_timeout
         client_id = client_id or default_client_id("ida-gw")
@@ -116,14 +121,15 @@ class MqttFrontEnd:
         self.tally = Tally(metrics)
         self.counters = self.tally.counters
         self._tasks: set[asyncio.Task[None]] = set()
-        self.fast: ResolveLink | None = None
+        self.fast: DeviceLink | None = None
         if fast_path:
             # Imported here, as coap.py imports its fast path: the rest of the front end does not need it.
-            from gateway.frontends.mqtt_resolve import ResolveLink
+            from gateway.frontends.mqtt_link import DeviceLink
 
-            self.fast = ResolveLink(
+            self.fast = DeviceLink(
                 url,
-                on_message=self._on_request_message,
+                on_message=self._on_link_message,
+                on_report=self._on_link_report,
                 answers=answers,
                 note=note,
                 auth=auth,
@@ -148,7 +154,8 @@ class MqttFrontEnd:
             clock=clock,
             max_inflight=max_inflight,
         )
-        self.devices = DeviceMessages(registry, self.tally, publish=self._link.publish, spawn=self._spawn)
+        self.reports = Reports(registry, self.tally, send=self._send_ack)
+        self.devices = DeviceMessages(registry, self.tally, publish=self._link.publish)
         self._ready = asyncio.Event()
         self._started = False
 
@@ -187,6 +194,8 @@ class MqttFrontEnd:
             await self.fast.unsubscribe(min(timeout, 2.0))
         if not await self.requests.inflight.drain(timeout):
             log.warning("mqtt stop with requests in flight %s", kv(count=self.requests.inflight.count))
+        if not await self.reports.inflight.drain(timeout):  # their acks go out once they are committed
+            log.warning("mqtt stop with reports in flight %s", kv(count=self.reports.inflight.count))
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -248,7 +257,7 @@ class MqttFrontEnd:
             if leaf == "req":
                 self.requests.handle(key, payload)
             elif leaf == "rpt":
-                self.devices.report(key, payload)
+                self.reports.handle(key, payload)
             elif leaf == "cfgack":
                 self.devices.config_ack(key, payload)
             elif leaf == "status":
@@ -261,15 +270,33 @@ class MqttFrontEnd:
             log.exception("mqtt message handling failed %s", kv(topic=topic, bytes=len(payload)))
             self.tally.code(devicemsg.INTERNAL)
 
-    def _on_request_message(self, topic: str, payload: bytes) -> None:
-        """A request the resolve link did not answer itself."""
+    def _on_link_message(self, topic: str, payload: bytes) -> None:
+        """A request the device link did not answer itself (or another message it does not know)."""
         self._on_message(topic, payload, False)
+
+    def _on_link_report(self, key: str, payload: bytes) -> None:
+        """A report from the device link: ``_on_message``'s work for one leaf, without taking the topic apart."""
+        limiter = self.limiter
+        if limiter is not None and limiter.device is not None and self._limited(key, "rpt"):
+            return
+        try:
+            self.reports.handle(key, payload)
+            self.counters["rpt"] += 1
+        except Exception:  # a bug must not stop the front end: log it and go on with the next message
+            log.exception("mqtt report handling failed %s", kv(key=key, bytes=len(payload)))
+            self.tally.code(devicemsg.INTERNAL)
 
     def _send_answer(self, key: str, payload: bytes) -> None:
         if self.fast is not None:
             self.fast.publish_res(key, payload)
         else:
             self._link.publish(f"{ROOT}/{key}/res", payload, qos=0)
+
+    def _send_ack(self, key: str, payload: bytes) -> None:
+        if self.fast is not None:
+            self.fast.publish_ack(key, payload)
+        else:
+            self._link.publish(f"{ROOT}/{key}/ack", payload, qos=1)
 
     def _limited(self, key: str, leaf: str) -> bool:
         """Check the rate limit for a message of ``key``; True when refused (and counted)."""
@@ -279,7 +306,7 @@ class MqttFrontEnd:
         return False
 
     def _limit_request(self, key: str) -> bool:
-        """The rate limit for a request the resolve link answers from its table (``fast.answered`` counts those;
+        """The rate limit for a request the device link answers from its table (``fast.answered`` counts those;
         ``counters`` the messages this module handled)."""
         return self._limited(key, "req")
 

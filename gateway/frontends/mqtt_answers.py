@@ -1,13 +1,15 @@
 """What the MQTT front end's parts share: the fields and bytes of an answer to a resolve request (the slow path,
-gateway/frontends/mqtt_requests.py, and the resolve link's table of pre-encoded answers,
+gateway/frontends/mqtt_requests.py, and the device link's table of pre-encoded answers,
 gateway/frontends/mqtt_table.py, must say the same thing), and the counting (:class:`Tally`)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from gateway.logfmt import kv
+from gateway.metrics import Sample
 from gateway.resolution import Answer
 from proto import devicemsg
 
@@ -75,9 +77,13 @@ class RequestCounter(Protocol):
 
 
 class Tally:
-    """The front end's counts: each answer or refusal by code in ``metrics`` (``ida_requests_total``), rate-limit
-    refusals (``ida_ratelimited_total``), and ``counters`` by leaf, dropped and rate limited (the tests and the
-    status page read them)."""
+    """The front end's counts: each answer or refusal by code (``ida_requests_total``), rate-limit refusals
+    (``ida_ratelimited_total``), reports refused by an overloaded registry (``ida_reports_overloaded_total``), and
+    ``counters`` by leaf, dropped, rate limited and overloaded (the tests and the status page read them).
+
+    With a ``metrics`` that takes collectors (gateway.metrics.Metrics) the codes and overload refusals are integer
+    counts here, added to its families at scrape time (:meth:`samples`: no lock per message); with another
+    ``metrics`` (a plain ``count_request``) each is handed over as it happens."""
 
     def __init__(self, metrics: RequestCounter | None) -> None:
         self.metrics = metrics
@@ -88,20 +94,38 @@ class Tally:
             "status": 0,
             "dropped": 0,
             "ratelimited": 0,
+            "overloaded": 0,
         }
+        self.codes: dict[int, int] = {}  # answers and refusals by code, until a scrape reads them (samples)
+        add = getattr(metrics, "add_collector", None)
+        self._collected = add is not None
+        if add is not None:
+            add(self.samples, add=True)
 
     def code(self, code: int) -> None:
-        if self.metrics is not None:
+        if self._collected:
+            self.codes[code] = self.codes.get(code, 0) + 1
+        elif self.metrics is not None:
             try:
                 self.metrics.count_request(FRONTEND, code)
             except Exception:
                 log.exception("metrics.count_request failed")
+
+    def samples(self) -> Iterable[Sample]:
+        """The counts kept here, for ``Metrics.add_collector(..., add=True)``."""
+        for code, n in list(self.codes.items()):
+            yield "ida_requests_total", {"frontend": FRONTEND, "code": str(code)}, float(n)
+        yield "ida_reports_overloaded_total", {"frontend": FRONTEND}, float(self.counters["overloaded"])
 
     def dropped(self, code: int | None = None) -> None:
         """A message dropped unanswered (``code``: also counted as a request with that code)."""
         self.counters["dropped"] += 1
         if code is not None:
             self.code(code)
+
+    def overloaded(self) -> None:
+        """A report refused because too many wait for their commit (``ida_reports_overloaded_total``)."""
+        self.counters["overloaded"] += 1
 
     def ratelimited(self, key: str, leaf: str) -> None:
         # Dropped unanswered (an answer would spend the broker bandwidth the limit protects); debug only, so a

@@ -1,10 +1,10 @@
 """Resolve requests over MQTT that need the resolver: decode, resolve, answer on the requester's ``…/res`` topic.
 
-These are the requests the resolve link (gateway/frontends/mqtt_resolve.py) does not answer from its table, or
+These are the requests the device link (gateway/frontends/mqtt_link.py) does not answer from its table, or
 every request when the front end runs without it. A request that does not decode is answered with a 4.00 error
 when its token can be read, else counted and dropped. Up to ``max_inflight`` requests are resolved at once; more
 are answered "rate limited" (ttl 1). A stopping front end answers "upstream unavailable". An OK or not-modified
-answer is passed to ``learn`` (the resolve link's table) with the request's bytes.
+answer is passed to ``learn`` (the device link's table) with the request's bytes.
 """
 
 from __future__ import annotations

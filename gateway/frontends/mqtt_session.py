@@ -1,51 +1,142 @@
-"""The resolve link's broker session: an asyncio MQTT v5 client (framing and packets from proto/mqtt) that keeps one
-subscription alive and hands what it receives to its owner, gateway/frontends/mqtt_resolve.py.
+"""The device link's broker session: an asyncio MQTT v5 client (framing and packets from proto/mqtt) that keeps its
+subscriptions alive, hands what it receives to its owner (gateway/frontends/mqtt_link.py) and sends its QoS 0 and
+QoS 1 messages.
 
 Connection: TCP (or TLS for ``mqtts://``, verified against ``[mqtt] ca_file``), TCP_NODELAY, CONNECT with clean
-start, the gateway's credentials and a Maximum Packet Size; SUBSCRIBE to the one filter at QoS 0. It reconnects
-with exponential back-off (1 s up to ``reconnect_max``) and subscribes again on every connect; PINGREQ every half
-keepalive (the broker's Server Keep Alive when it sends one), and a connection that stays silent for 1.5
-keepalives is dropped and opened again. A QoS 1 PUBLISH (the subscription is QoS 0; a broker may still send one)
-is acknowledged here. Bytes that are not MQTT, a refused CONNECT or SUBSCRIBE and a DISCONNECT from the broker
-close the connection, which is then opened again.
+start, the gateway's credentials and a Maximum Packet Size; one SUBSCRIBE with every filter (each at its QoS). It
+reconnects with exponential back-off (1 s up to ``reconnect_max``) and subscribes again on every connect; PINGREQ
+every half keepalive (the broker's Server Keep Alive when it sends one), and a connection that stays silent for 1.5
+keepalives is dropped and opened again. Bytes that are not MQTT, a refused CONNECT or SUBSCRIBE and a DISCONNECT
+from the broker close the connection, which is then opened again.
 
-The PUBLISH packets of one read from the socket go to ``on_publish(packets)`` together; the bytes it returns go
-out in one write. Back-pressure: when the socket's send buffer fills up, the session stops reading from the broker
-until it drains (the broker then queues or drops QoS 0 messages, as it does for any slow subscriber).
+Receiving: the PUBLISH packets of one read from the socket go to ``on_publish(packets)`` together; a QoS 1 PUBLISH
+is acknowledged (PUBACK) here, at once: the broker may forget it then, and whatever the owner promises the device
+it promises with a message of its own (a report's ``report_ack``). Sending: :meth:`MqttSession.write` for bytes
+built by the owner (QoS 0 answers), :meth:`MqttSession.publish_qos1` for QoS 1 messages, which get packet ids and
+stay within the broker's Receive Maximum (:class:`Qos1Window`; the rest wait in order for a PUBACK). The PUBACKs,
+what ``on_publish`` returns and the QoS 1 messages queued meanwhile go out in one write per read; QoS 1 messages
+published outside a read (e.g. when a commit completes) are written together once per turn of the event loop.
+
+Back-pressure: when the socket's send buffer fills up, the session stops reading from the broker until it drains
+(the broker then queues messages for it, up to its own limits, as for any slow subscriber).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.broker import MqttAuth, parse_url
 from gateway.logfmt import kv
 from proto import mqtt
 
-__all__ = ["MqttSession", "MAX_PACKET", "CONNECT_TIMEOUT"]
+__all__ = ["MqttSession", "Qos1Window", "MAX_PACKET", "CONNECT_TIMEOUT", "WAITING_MAX"]
 
 log = logging.getLogger(__name__)
 
 MAX_PACKET = (
     1 << 16
-)  # announced to the broker: it does not send us anything larger (requests are far smaller)
+)  # announced to the broker: it sends us nothing larger (requests and reports are far smaller)
 CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
+WAITING_MAX = 65_536  # QoS 1 messages waiting for room in the broker's window; more are dropped (and counted)
 V5 = mqtt.MQTT5
 _PUBLISH_QOS0 = mqtt.PUBLISH << 4  # the first byte of a QoS 0 PUBLISH, not retained, not a duplicate
+_PUBACK_HEAD = bytes((mqtt.PUBACK << 4, 2))
+_RECEIVE_MAXIMUM = 0x21  # v5 CONNACK property: QoS > 0 PUBLISH packets the broker takes unacknowledged
 OnPublish = Callable[[list[tuple[int, bytes]]], bytes]
 
 
-def acks_for(publishes: list[tuple[int, bytes]]) -> list[bytes]:
-    """PUBACKs for the QoS 1 packets among ``publishes`` (the subscription is QoS 0; a broker may still send one)."""
-    return [mqtt.puback(mqtt.parse_publish(f, body, version=V5)[2]) for f, body in publishes if f & 0x06]
+class Qos1Window:
+    """QoS 1 PUBLISH packets to the broker (v5, no properties), sans-I/O: each gets a packet id; at most ``limit``
+    (the broker's Receive Maximum) are unacknowledged at a time and the others wait in order. There is no re-sending:
+    a session starts clean, so what was in flight when a connection ended is gone with it (:meth:`reset`)."""
+
+    def __init__(self, limit: int = 0xFFFF, waiting_max: int = WAITING_MAX) -> None:
+        self.limit = limit
+        self.waiting_max = waiting_max
+        self.inflight: set[int] = set()
+        self.reserved: set[int] = set()  # ids of SUBSCRIBE / UNSUBSCRIBE packets waiting for their answer
+        self.waiting: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._pid = 0
+        self._heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4 | 0x02)
+        self.sent = 0
+        self.refused = 0  # PUBACKs with a failure reason code (the broker did not take the message)
+        self.dropped = 0  # never sent: the waiting queue was full, or the connection ended first
+
+    def reset(self, limit: int) -> None:
+        """A new connection whose broker takes ``limit`` unacknowledged messages."""
+        self.dropped += len(self.waiting)
+        self.waiting.clear()
+        self.inflight.clear()
+        self.limit = max(1, limit)
+
+    def publish(self, topic: bytes, payload: bytes) -> bytes | None:
+        """The packet to send now, or None when it waits for room (or was dropped: the queue is full)."""
+        if len(self.inflight) < self.limit:
+            return self._packet(topic, payload)
+        if len(self.waiting) >= self.waiting_max:
+            self.dropped += 1
+        else:
+            self.waiting.append((topic, payload))
+        return None
+
+    def acked(self, body: bytes) -> list[bytes]:
+        """A PUBACK from the broker (its body); the packets that now have room."""
+        if len(body) < 2:
+            raise mqtt.MqttProtocolError("truncated PUBACK")
+        pid = (body[0] << 8) | body[1]
+        if pid not in self.inflight:
+            return []  # of an earlier connection, or never sent: nothing to release
+        self.inflight.discard(pid)
+        if len(body) > 2 and body[2] >= 0x80:
+            self.refused += 1
+            log.warning("mqtt device link: the broker refused a message %s", kv(reason=mqtt.reason(body[2])))
+        out = []
+        while self.waiting and len(self.inflight) < self.limit:
+            out.append(self._packet(*self.waiting.popleft()))
+        return out
+
+    def take_id(self) -> int:
+        """A packet id for a SUBSCRIBE or UNSUBSCRIBE (they share the ids with PUBLISH); :meth:`release_id` it
+        when its answer came (or did not)."""
+        pid = self._free_id()
+        self.reserved.add(pid)
+        return pid
+
+    def release_id(self, pid: int) -> None:
+        self.reserved.discard(pid)
+
+    def _free_id(self) -> int:
+        pid = self._pid
+        while True:
+            pid = pid % 0xFFFF + 1
+            if pid not in self.inflight and pid not in self.reserved:
+                self._pid = pid
+                return pid
+
+    def _packet(self, topic: bytes, payload: bytes) -> bytes:
+        pid = self._free_id()
+        self.inflight.add(pid)
+        self.sent += 1
+        size = len(topic)
+        return b"".join(
+            (
+                self._heads[size + 5 + len(payload)],
+                size.to_bytes(2, "big"),
+                topic,
+                pid.to_bytes(2, "big"),
+                b"\x00",  # no properties
+                payload,
+            )
+        )
 
 
 class _Connection(asyncio.Protocol):
@@ -79,38 +170,37 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
+        session = self.session
+        acks: list[bytes] = []
         try:
             packets = self.reader.feed(data)
-        except mqtt.MqttProtocolError as e:
-            log.warning(
-                "mqtt resolve link: bad data from the broker %s", kv(broker=self.session.address, error=e)
-            )
-            self.abort()
-            return
-        acks = b""
-        try:
+            publishes = packets
             for first, _ in packets:
                 if first != _PUBLISH_QOS0:
-                    publishes = self._sort(packets)
-                    acks = b"".join(acks_for(publishes))
+                    publishes = self._sort(packets, acks)
                     break
-            else:  # the usual read: QoS 0 PUBLISH packets only
-                publishes = packets
-            out = self.session.on_publish(publishes) if publishes else b""
+            # else the usual read of requests: QoS 0 PUBLISH packets only
+            out = session.on_publish(publishes) if publishes else b""
         except mqtt.MqttProtocolError as e:
-            log.warning(
-                "mqtt resolve link: bad packet from the broker %s", kv(broker=self.session.address, error=e)
-            )
+            log.warning("mqtt device link: bad data from the broker %s", kv(broker=session.address, error=e))
             self.abort()
             return
-        if acks or out:
-            self.write(acks + out)
+        if acks:
+            out = b"".join(acks) + out
+        if session.queued:
+            out += session.take_output()
+        if out:
+            self.write(out)
 
-    def _sort(self, packets: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        """Handle the control packets among ``packets``; the PUBLISH packets, in order."""
+    def _sort(self, packets: list[tuple[int, bytes]], acks: list[bytes]) -> list[tuple[int, bytes]]:
+        """Handle the control packets among ``packets`` and put a PUBACK for each QoS 1 PUBLISH in ``acks``; the
+        PUBLISH packets, in order."""
         publishes = []
         for first, body in packets:
             if first & 0xF0 == 0x30:
+                qos = first & 0x06
+                if qos:
+                    acks.append(_PUBACK_HEAD + _packet_id(body, qos))
                 publishes.append((first, body))
             else:
                 self._control(first, body)
@@ -118,7 +208,10 @@ class _Connection(asyncio.Protocol):
 
     def _control(self, first: int, body: bytes) -> None:
         kind = first >> 4
-        if kind == mqtt.CONNACK:
+        session = self.session
+        if kind == mqtt.PUBACK:
+            session.released(session.window.acked(body))
+        elif kind == mqtt.CONNACK:
             connack = mqtt.parse_connack(body, version=V5)
             if not self.connack.done():
                 self.connack.set_result(connack)
@@ -130,14 +223,14 @@ class _Connection(asyncio.Protocol):
         elif kind == mqtt.DISCONNECT:
             code, text = mqtt.parse_disconnect(body)
             log.warning(
-                "mqtt resolve link: broker disconnects %s",
-                kv(broker=self.session.address, reason=mqtt.reason(code), text=text or None),
+                "mqtt device link: broker disconnects %s",
+                kv(broker=session.address, reason=mqtt.reason(code), text=text or None),
             )
             self.abort()
         elif kind != mqtt.PINGRESP:
             raise mqtt.MqttProtocolError(f"unexpected packet type {kind}")
 
-    def pause_writing(self) -> None:  # the send buffer is full: stop reading requests until it drains
+    def pause_writing(self) -> None:  # the send buffer is full: stop reading until it drains
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -157,14 +250,28 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _packet_id(body: bytes, qos: int) -> bytes:
+    """The packet identifier of a QoS 1 PUBLISH (its two bytes), read without parsing the rest."""
+    if qos != 0x02:
+        raise mqtt.MqttProtocolError("PUBLISH at QoS 2 (every subscription is at most QoS 1)")
+    if len(body) < 2:
+        raise mqtt.MqttProtocolError("truncated PUBLISH")
+    end = 4 + ((body[0] << 8) | body[1])
+    pid = body[end - 2 : end]
+    if len(pid) != 2 or pid == b"\x00\x00":
+        raise mqtt.MqttProtocolError("QoS 1 PUBLISH without a packet identifier")
+    return pid
+
+
 class MqttSession:
-    """Keeps ``filter`` subscribed on the broker at ``url`` (module doc); ``on_publish(packets)`` takes the
-    ``(first byte, body)`` of the PUBLISH packets of one read and returns the bytes to send back."""
+    """Keeps ``filters`` ((topic filter, QoS) pairs) subscribed on the broker at ``url`` (module doc);
+    ``on_publish(packets)`` takes the ``(first byte, body)`` of the PUBLISH packets of one read and returns the
+    bytes to send back."""
 
     def __init__(
         self,
         url: str,
-        filter: str,
+        filters: Sequence[tuple[str, int]],
         *,
         on_publish: OnPublish,
         auth: MqttAuth | None = None,
@@ -174,20 +281,24 @@ class MqttSession:
         connect_timeout: float = CONNECT_TIMEOUT,
         on_subscribed: Callable[[], None] | None = None,
     ) -> None:
+        if not filters:
+            raise ValueError("a session subscribes to at least one topic filter")
         self.address = parse_url(url)
         self.auth = auth or MqttAuth()
         self.client_id = client_id
-        self.filter = filter
+        self.filters = list(filters)
         self.keepalive = keepalive
         self.reconnect_max = max(1.0, float(reconnect_max))
         self.connect_timeout = connect_timeout
         self.on_publish = on_publish
         self.on_subscribed = on_subscribed
+        self.window = Qos1Window()
         self._conn: _Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._started = False
-        self._pid = 0
+        self._out: list[bytes] = []  # QoS 1 packets to write at the end of this read or turn of the loop
+        self._flush: asyncio.Handle | None = None
         self.connects = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -195,7 +306,7 @@ class MqttSession:
         if self._started:
             return
         self._started = True
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-resolve-link")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-device-link")
 
     async def unsubscribe(self, timeout: float = 2.0) -> None:
         """Stop taking messages (a shared group gives new ones to other members); writes still go out."""
@@ -204,29 +315,30 @@ class MqttSession:
             return
         self._ready.clear()
         try:
-            pid = self._next_pid()
-            codes = await self._request(conn, pid, mqtt.unsubscribe(pid, [self.filter], version=V5), timeout)
+            pid = self.window.take_id()
+            packet = mqtt.unsubscribe(pid, [f for f, _ in self.filters], version=V5)
+            codes = await self._request(conn, pid, packet, timeout)
         except (ConnectionError, TimeoutError) as e:
-            log.info("mqtt resolve link unsubscribe failed %s", kv(error=e))
+            log.info("mqtt device link unsubscribe failed %s", kv(error=e))
             return
-        log.debug("mqtt resolve link unsubscribed %s", kv(codes=codes))
+        log.debug("mqtt device link unsubscribed %s", kv(codes=codes))
 
     async def stop(self) -> None:
-        """Send DISCONNECT and close the connection."""
+        """Send what is queued and DISCONNECT, and close the connection."""
         if not self._started:
             return
         self._started = False
         self._ready.clear()
         conn = self._conn
         if conn is not None and conn.transport is not None:
-            conn.write(mqtt.DISCONNECT_BYTES)
+            conn.write(self.take_output() + mqtt.DISCONNECT_BYTES)
             conn.transport.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._task = None
-        log.info("mqtt resolve link stopped %s", kv(broker=self.address))
+        log.info("mqtt device link stopped %s", kv(broker=self.address))
 
     @property
     def ready(self) -> bool:
@@ -240,18 +352,57 @@ class MqttSession:
             return False
         return True
 
+    # -- sending ---------------------------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:
         """Send ``data`` now; False when not connected."""
         conn = self._conn
         return conn is not None and conn.write(data)
+
+    def publish_qos1(self, topic: bytes, payload: bytes) -> bool:
+        """Publish at QoS 1 (module doc: within the broker's window, written with the others of this turn of
+        the loop); False when not connected (the message is not sent)."""
+        if self._conn is None:
+            return False
+        packet = self.window.publish(topic, payload)
+        if packet is not None:
+            self._queue(packet)
+        return True
+
+    def released(self, packets: list[bytes]) -> None:
+        """Packets the window let go (a PUBACK made room): written with the rest."""
+        for packet in packets:
+            self._queue(packet)
+
+    @property
+    def queued(self) -> bool:
+        """QoS 1 packets wait to be written."""
+        return bool(self._out)
+
+    def take_output(self) -> bytes:
+        """The QoS 1 packets queued for writing (the caller writes them)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    def _queue(self, packet: bytes) -> None:
+        self._out.append(packet)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._flush = None
+        queued = len(self._out)
+        if queued and not self.write(self.take_output()):
+            self.window.dropped += queued  # the connection ended first
 
     # -- the connection loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         delay = 1.0
         if not self.address.tls:
             log.warning(
-                "mqtt resolve link INSECURE plain mode: no TLS; factory bench only %s",
-                kv(broker=self.address),
+                "mqtt device link INSECURE plain mode: no TLS; factory bench only %s", kv(broker=self.address)
             )
         while self._started:
             subscribed = False
@@ -260,12 +411,14 @@ class MqttSession:
             except (OSError, ConnectionError, TimeoutError, mqtt.MqttProtocolError, ssl.SSLError) as e:
                 if self._started:
                     log.warning(
-                        "mqtt resolve link down, reconnecting %s",
+                        "mqtt device link down, reconnecting %s",
                         kv(broker=self.address, error=e or type(e).__name__, retry_s=round(delay, 1)),
                     )
             finally:
                 self._ready.clear()
                 conn, self._conn = self._conn, None
+                self.window.dropped += len(self._out)
+                self._out = []
                 if conn is not None:
                     conn.abort()
             if not self._started:
@@ -305,14 +458,18 @@ class MqttSession:
         connack = await asyncio.wait_for(asyncio.shield(conn.connack), self.connect_timeout)
         if connack.code >= 0x80:
             raise ConnectionError(f"broker refused the connection: {mqtt.reason(connack.code)}")
+        receive_max = connack.properties.get(_RECEIVE_MAXIMUM)
+        self.window.reset(receive_max if isinstance(receive_max, int) else 0xFFFF)
         server_keepalive = connack.properties.get(mqtt.PROP_SERVER_KEEP_ALIVE)
         keepalive = server_keepalive if isinstance(server_keepalive, int) else self.keepalive
-        pid = self._next_pid()
-        packet = mqtt.subscribe(pid, [(self.filter, 0)], version=V5)
+        pid = self.window.take_id()
+        packet = mqtt.subscribe(pid, self.filters, version=V5)
         codes = await self._request(conn, pid, packet, self.connect_timeout)
-        if not codes or codes[0] >= 0x80:
-            reason = mqtt.reason(codes[0]) if codes else "no reason code"
-            raise ConnectionError(f"broker refused the subscription {self.filter}: {reason}")
+        if len(codes) != len(self.filters) or any(code >= 0x80 for code in codes):
+            refused = [
+                f"{f}: {mqtt.reason(c)}" for (f, _), c in zip(self.filters, codes, strict=False) if c >= 0x80
+            ]
+            raise ConnectionError(f"broker refused the subscription: {', '.join(refused) or codes}")
         if not self._started:
             return True
         self.connects += 1
@@ -320,8 +477,13 @@ class MqttSession:
             self.on_subscribed()
         self._ready.set()
         log.info(
-            "mqtt resolve link subscribed %s",
-            kv(broker=addr, client_id=self.client_id, filter=self.filter, connects=self.connects),
+            "mqtt device link subscribed %s",
+            kv(
+                broker=addr,
+                client_id=self.client_id,
+                filters=",".join(f for f, _ in self.filters),
+                connects=self.connects,
+            ),
         )
         pinger = loop.create_task(self._keepalive(conn, keepalive)) if keepalive > 0 else None
         try:
@@ -333,10 +495,6 @@ class MqttSession:
             raise ConnectionError(f"connection closed{f': {exc}' if exc else ''}")
         return True
 
-    def _next_pid(self) -> int:
-        self._pid = self._pid % 0xFFFF + 1
-        return self._pid
-
     async def _request(self, conn: _Connection, pid: int, packet: bytes, timeout: float) -> list[int]:
         """Send the SUBSCRIBE or UNSUBSCRIBE ``packet`` (packet identifier ``pid``), wait for its reason codes."""
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
@@ -347,13 +505,14 @@ class MqttSession:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         finally:
             conn.acks.pop(pid, None)
+            self.window.release_id(pid)
 
     async def _keepalive(self, conn: _Connection, keepalive: int) -> None:
         while True:
             await asyncio.sleep(keepalive / 2)
             if time.monotonic() - conn.last_read > keepalive * 1.5:
                 log.warning(
-                    "mqtt resolve link: broker silent %s", kv(broker=self.address, keepalive=keepalive)
+                    "mqtt device link: broker silent %s", kv(broker=self.address, keepalive=keepalive)
                 )
                 conn.abort()
                 return

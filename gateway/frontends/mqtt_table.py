@@ -1,4 +1,4 @@
-"""The resolve link's table of pre-encoded answers (gateway/frontends/mqtt_resolve.py serves from it).
+"""The device link's table of pre-encoded answers (gateway/frontends/mqtt_link.py serves from it).
 
 A request the table can serve is a deterministic-CBOR resolve request whose token (key 1) comes first
 (:func:`request_key`); the bytes after the token are the table's key. Only requests the slow path decoded and

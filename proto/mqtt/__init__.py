@@ -1,5 +1,5 @@
 """MQTT 3.1.1 and v5, client side, sans-I/O: bytes in, packets out; packets in, bytes out. No sockets, no asyncio,
-no clock. The gateway's resolve link (v5), the bench's load generator and bare responder, and the fleet
+no clock. The gateway's device link (v5), the bench's load generators and bare responders, and the fleet
 simulator (3.1.1, as devices speak it) all frame and build their packets here and only move bytes.
 
 numbers.py   protocol levels (MQTT311, MQTT5), packet types, the body-less packets, properties, reason codes

@@ -8,13 +8,16 @@ restart without persistence).
 ``Device`` is a paho MQTT 3.1.1 client set up as docs/protocol.md says a device connects (clean session, last
 will = status offline retained QoS 1, online status after CONNACK, subscribed to res/ack/cfg); received
 messages are handed to an asyncio queue so async tests can await them without blocking the loop.
+``with_device(front_end, device, registry)`` runs an MQTT front end with one device connected for a test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +233,22 @@ class Device:
         sock = self.client.socket()
         if sock is not None:
             sock.close()
+
+
+@contextlib.asynccontextmanager
+async def with_device(
+    front_end: Any, device: Device, registry: Any, before_stop: Callable[[], object] | None = None
+) -> AsyncIterator[None]:
+    """``front_end`` (a gateway.frontends.mqtt.MqttFrontEnd) started and subscribed and ``device`` connected;
+    afterwards ``before_stop()``, then the device disconnects, the front end stops and ``registry`` is closed."""
+    await front_end.start()
+    assert front_end.ready
+    await device.connect()
+    try:
+        yield
+    finally:
+        if before_stop is not None:
+            before_stop()
+        device.disconnect()
+        await front_end.stop()
+        registry.close()

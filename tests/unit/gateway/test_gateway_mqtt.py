@@ -171,7 +171,7 @@ async def test_bad_payloads_never_crash(gw: Gateway, device: Device) -> None:
     device.resolve(b"\x08", DEV)  # still answering
     ok = await device.recv_message("res", "res")
     assert ok["token"] == b"\x08" and ok["code"] == devicemsg.OK
-    # requests and reports travel on two connections (resolve link, paho): the bad report may come in later
+    # the requests' and reports' answers are not ordered with each other: the bad report may come in later
     await eventually(lambda: gw.metrics.counts[("mqtt", devicemsg.BAD_REQUEST)] >= 4)
 
 
@@ -299,7 +299,7 @@ async def test_shared_subscription_splits_requests(tmp_path: Path, mosquitto: Br
             dev.resolve(i.to_bytes(2, "big"), DEV)
         tokens = [(await dev.recv_message("res", "res", timeout=10))["token"] for _ in range(n)]
         assert sorted(tokens) == [i.to_bytes(2, "big") for i in range(n)]  # every request answered once
-        # each request was answered by one gateway: by its resolver, or by its resolve link's table of answers
+        # each request was answered by one gateway: by its resolver, or by its device link's table of answers
         taken = [g.resolver.calls + (g.fe.fast.answered if g.fe.fast else 0) for g in (a, b)]
         assert sum(taken) == n
         assert taken[0] > 0 and taken[1] > 0  # both members of the group took some

@@ -9,11 +9,13 @@
     results = run_scenarios(["P1", "P3"], BenchOptions(quick=True))   # ScenarioResult per key
 
 Modules: ``loadgen`` (closed-loop CoAP generator on :class:`proto.coap.Client`, worker processes), ``mqttload``
-(the MQTT load, on :mod:`proto.mqtt`), ``servers`` (anchor servers, run as processes), ``anchors`` (start/stop
-them), ``broker`` (a Mosquitto for P2/P5), ``procs`` (``Child``: a :class:`tools.support.procs.Process` with
+(the MQTT resolve load, on :mod:`proto.mqtt`), ``mqttreports`` (the MQTT report fleet: one report in flight per
+device), ``servers`` (anchor servers, run as processes), ``anchors`` (start/stop them), ``broker`` (a Mosquitto
+for P2/P5/P6), ``procs`` (``Child``: a :class:`tools.support.procs.Process` with
 ``BenchError`` and CPU time), ``project`` (``ida node`` / ``ida gateway`` subprocesses), ``scenario``
 (framework), ``p1``...``p5`` (scenarios; ``p5`` is also ``measure_p5`` and ``python -m tools.harness.bench.p5``, on
-the light simulator), ``ingest`` (the report-ingest engine against the bare-SQLite ceiling), ``report`` (text,
+the light simulator), ``ingest`` (the report-ingest engine against the bare-SQLite ceiling), ``ingest_mqtt`` (P6's MQTT figure:
+``measure_mqtt_ingest``, reports through Mosquitto to ``ida gateway`` against the bare broker round trip), ``report`` (text,
 JSON, Markdown), ``cli``. The CoAP bytes are :mod:`proto.coap`'s, the MQTT bytes :mod:`proto.mqtt`'s.
 """
 

@@ -1,5 +1,10 @@
 """A Mosquitto broker for a benchmark run: loopback listener on a free port, anonymous, no persistence
-(tools/support/mosquitto.py; the broker's process is a :class:`~tools.harness.bench.procs.Child`, so its CPU time can be watched)."""
+(tools/support/mosquitto.py; the broker's process is a :class:`~tools.harness.bench.procs.Child`, so its CPU time can be watched).
+
+Two limits are raised for the load of a benchmark: ``max_queued_messages`` (messages queued per client beyond those
+in flight) and ``max_inflight_messages`` (QoS 1 messages in flight per client, and the Receive Maximum announced
+to MQTT v5 clients; Mosquitto's default of 20 holds a gateway taking reports and sending their acks to 20 per
+round trip with the broker). ``ida broker config`` sets the same for a deployment."""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from tools.harness.bench.procs import BenchError, Child, free_port
+from tools.harness.bench.procs import BenchError, Child, free_port, python_module_cmd
 from tools.support import mosquitto
 from tools.support.mosquitto import mosquitto_binary
 
-__all__ = ["Mosquitto", "mosquitto_binary"]
+__all__ = ["Mosquitto", "mosquitto_binary", "INFLIGHT"]
+
+INFLIGHT = 1000  # QoS 1 messages in flight per client (max_inflight_messages)
 
 
 class Mosquitto:
@@ -33,7 +40,12 @@ class Mosquitto:
         self.port = free_port(kind=socket.SOCK_STREAM)
         conf = self.log_dir / f"{self.name}.conf"
         conf.write_text(
-            mosquitto.config(self.port, self.host, notice=False, extra="max_queued_messages 100000\n")
+            mosquitto.config(
+                self.port,
+                self.host,
+                notice=False,
+                extra=f"max_queued_messages 100000\nmax_inflight_messages {INFLIGHT}\n",
+            )
         )
         self.child = mosquitto.start(
             [exe, "-c", str(conf)],
@@ -43,6 +55,28 @@ class Mosquitto:
             timeout,
         )
         return self
+
+    def client(self, kind: str, root: str, *args: str, name: str = "mqtt_raw") -> Child:
+        """A bare MQTT client of tools/harness/bench/servers.py (``kind``: ``mqtt``, ``mqtt-ack``) behind this broker,
+        answering under the topic root ``root``; returned once it is subscribed."""
+        cmd = python_module_cmd(
+            "tools.harness.bench.servers",
+            kind,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--root",
+            root,
+            *args,
+        )
+        child = Child(name, cmd, log_dir=self.log_dir).start(stdout_pipe=True)
+        try:
+            child.wait_ready_line()
+        except BaseException:
+            child.stop()
+            raise
+        return child
 
     def stop(self) -> None:
         if self.child is not None:

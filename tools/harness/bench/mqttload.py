@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import cbor2
 
 from proto import mqtt
 from tools.harness.bench.loadgen import NS, LoadResult
+from tools.harness.bench.mqttclient import V311, BenchConnection, ClosedLoop, perf_ns
 
 __all__ = ["MqttLoadSpec", "run_mqtt_load", "request_template", "TOKEN_LEN"]
 
-_perf_ns = time.perf_counter_ns
 TOKEN_LEN = 4
-V311 = mqtt.MQTT311
 _PLACEHOLDER = b"\xfe\xed\xfa\xce"
 
 
@@ -54,54 +52,21 @@ class MqttLoadSpec:
     connect_timeout: float = 10.0
 
 
-class _Device(asyncio.Protocol):
+class _Device(BenchConnection):
     def __init__(self, gen: MqttLoadGenerator, key: str) -> None:
+        super().__init__(key)
         self.gen = gen
         self.key = key
         size = len(gen.pre) + TOKEN_LEN + len(gen.post)
         self.req_head = mqtt.publish_head(f"{gen.spec.root}/{key}/req".encode(), size, version=V311)
-        self.reader = mqtt.Reader()
-        self.transport: asyncio.Transport | None = None
         self.pending: dict[bytes, int] = {}
         self.counter = int.from_bytes(os.urandom(3), "big")
-        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(
-            mqtt.connect(self.key, 120, version=V311)
-            + mqtt.subscribe(1, [(f"{self.gen.spec.root}/{self.key}/res", 0)], version=V311)
-        )
+    def filters(self) -> list[tuple[str, int]]:
+        return [(f"{self.gen.spec.root}/{self.key}/res", 0)]
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
-
-    def data_received(self, data: bytes) -> None:
-        now = _perf_ns()
-        gen = self.gen
-        try:
-            for first, body in self.reader.feed(data):
-                kind = first >> 4
-                if kind == mqtt.PUBLISH:
-                    gen._on_answer(self, mqtt.parse_publish(first, body, version=V311)[1], now)
-                elif kind == mqtt.SUBACK and not self.subscribed.done():
-                    if any(code >= 0x80 for code in mqtt.parse_suback(body, version=V311).codes):
-                        self.subscribed.set_exception(ConnectionError("subscription refused"))
-                    else:
-                        self.subscribed.set_result(None)
-                elif kind == mqtt.CONNACK and (code := mqtt.parse_connack(body, version=V311).code):
-                    self._fail(f"CONNACK return code {code} ({mqtt.reason(code, V311)})")
-        except mqtt.MqttProtocolError as e:
-            self._fail(f"bad data from the broker: {e}")
-
-    def _fail(self, why: str) -> None:
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(why))
-        if self.transport is not None:
-            self.transport.abort()
+    def on_publish(self, topic: bytes, payload: bytes, now: int, out: list[bytes]) -> None:
+        self.gen._on_answer(self, payload, now)
 
     def send_request(self, now: int) -> None:
         self.counter = (self.counter + 1) & 0xFFFFFFFF
@@ -111,16 +76,15 @@ class _Device(asyncio.Protocol):
         self.transport.write(self.req_head + self.gen.pre + token + self.gen.post)
 
 
-class MqttLoadGenerator:
+class MqttLoadGenerator(ClosedLoop):
+    tick = 0.02
+
     def __init__(self, spec: MqttLoadSpec) -> None:
+        super().__init__(spec.warmup, spec.duration)
         self.spec = spec
+        self.grace = min(spec.timeout, 0.5)
         self.pre, self.post = request_template(spec.ident)
-        self.result = LoadResult()
         self.devices: list[_Device] = []
-        self._stopping = False
-        self._win_start = self._win_end = 0
-        self._inflight = 0
-        self._done: asyncio.Future[None] | None = None
         self.answer_hook: Callable[[bytes], None] | None = None  # takes every answer instead (probes)
 
     def _on_answer(self, dev: _Device, payload: bytes, now: int) -> None:
@@ -143,7 +107,7 @@ class MqttLoadGenerator:
 
     def _count(self, ok: bool, now: int, t0: int, code: Any) -> None:
         res = self.result
-        if not self._win_start <= now <= self._win_end:
+        if not self.in_window(now):
             return
         if code is None:
             res.timeouts += 1
@@ -155,19 +119,13 @@ class MqttLoadGenerator:
             res.codes[str(code)] = res.codes.get(str(code), 0) + 1
 
     def _next(self, dev: _Device, now: int) -> None:
-        if now >= self._win_end:
-            self._stopping = True
-        if self._stopping or dev.lost:
-            if self._inflight == 0 and self._done is not None and not self._done.done():
-                self._done.set_result(None)
+        if not self.going_on(now, dev.lost):
             return
         self._inflight += 1
         self.result.sent += 1
         dev.send_request(now)
 
-    def _tick(self) -> None:
-        assert self._done is not None
-        now = _perf_ns()
+    def _overdue(self, now: int) -> None:
         limit = int(self.spec.timeout * NS)
         for dev in self.devices:
             for token, t0 in [(t, s) for t, s in dev.pending.items() if now - s >= limit]:
@@ -175,53 +133,27 @@ class MqttLoadGenerator:
                 self._inflight -= 1
                 self._count(False, now, t0, None)
                 self._next(dev, now)
-        if now >= self._win_end:
-            self._stopping = True
-        if self._stopping and (self._inflight == 0 or now >= self._win_end + min(limit, NS // 2)):
-            if not self._done.done():
-                self._done.set_result(None)
-            return
-        asyncio.get_running_loop().call_later(0.02, self._tick)
 
-    async def run(self) -> LoadResult:
+    async def _open(self) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        cpu0 = time.process_time()
         tag = os.urandom(3).hex()
-        try:
-            for i in range(spec.connections):
-                dev = _Device(self, f"bench-{tag}-{i}")
-                await loop.create_connection(lambda d=dev: d, spec.host, spec.port)  # type: ignore[misc]
-                self.devices.append(dev)
-            await asyncio.wait_for(
-                asyncio.gather(*(d.subscribed for d in self.devices)), spec.connect_timeout
-            )
-            start = _perf_ns()
-            self._win_start = start + int(spec.warmup * NS)
-            self._win_end = self._win_start + int(spec.duration * NS)
-            per = [
-                spec.concurrency // spec.connections + (1 if i < spec.concurrency % spec.connections else 0)
-                for i in range(spec.connections)
-            ]
-            for dev, n in zip(self.devices, per, strict=True):
-                for _ in range(n):
-                    self._next(dev, start)
-            loop.call_later(0.02, self._tick)
-            hard = loop.call_later(spec.warmup + spec.duration + spec.timeout + 5, self._done.cancel)
-            try:
-                await self._done
-            finally:
-                hard.cancel()
-        finally:
-            for d in self.devices:
-                if d.transport is not None:
-                    d.transport.write(mqtt.DISCONNECT_BYTES)
-                    d.transport.close()
-        self.result.elapsed_s = (min(_perf_ns(), self._win_end) - self._win_start) / NS
-        self.result.cpu_s = time.process_time() - cpu0
-        self.result.endpoints = len(self.devices)
-        return self.result
+        for i in range(spec.connections):
+            dev = _Device(self, f"bench-{tag}-{i}")
+            self.conns.append(dev)
+            await loop.create_connection(lambda d=dev: d, spec.host, spec.port)  # type: ignore[misc]
+            self.devices.append(dev)
+        await asyncio.wait_for(asyncio.gather(*(d.subscribed for d in self.devices)), spec.connect_timeout)
+
+    def _begin(self, start: int) -> None:
+        spec = self.spec
+        per = [
+            spec.concurrency // spec.connections + (1 if i < spec.concurrency % spec.connections else 0)
+            for i in range(spec.connections)
+        ]
+        for dev, n in zip(self.devices, per, strict=True):
+            for _ in range(n):
+                self._next(dev, start)
 
 
 def run_mqtt_load(spec: MqttLoadSpec) -> LoadResult:
@@ -245,7 +177,7 @@ async def mqtt_request(
     transport, _ = await loop.create_connection(lambda: dev, host, port)
     try:
         await asyncio.wait_for(dev.subscribed, timeout)
-        dev.send_request(_perf_ns())
+        dev.send_request(perf_ns())
         return await asyncio.wait_for(got, timeout)
     finally:
         transport.close()

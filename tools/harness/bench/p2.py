@@ -21,7 +21,7 @@ from tools.harness.bench.anchors import Target
 from tools.harness.bench.broker import Mosquitto
 from tools.harness.bench.loadgen import LoadResult
 from tools.harness.bench.mqttload import MqttLoadSpec, mqtt_request, run_mqtt_load
-from tools.harness.bench.procs import BenchError, Child, python_module_cmd
+from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway
 from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
 
@@ -31,14 +31,14 @@ GOAL_P2 = "resolve round trip over MQTT through Mosquitto >= 10,000/s per gatewa
 LIMITS_P2 = (
     "The machine: gateway, Mosquitto and the load generator share 2 cores, and the broker (one thread; two "
     "packets in and two out per round trip) takes the largest share (column broker CPU); together they keep "
-    "both cores busy. The gateway answers a cached request on its resolve link (gateway/frontends/"
-    "mqtt_resolve.py: proto/mqtt framing on the asyncio loop, no paho; the table's pre-encoded answer with "
+    "both cores busy. The gateway answers a cached request on its device link (gateway/frontends/"
+    "mqtt_link.py: proto/mqtt framing on the asyncio loop, no paho; the table's pre-encoded answer with "
     "the token put in; all answers of one socket read in one write) for about as much CPU per request as the "
     "bare responder (server CPU / req/s: about 20 us on this machine; py-spy of the event loop's busy time: "
     "the link's packet parsing, table lookup and answer building about 60 %, the socket write about 20 %, "
     "reads and the loop the rest). The bare responder (the "
     "same framing, no resolver, no table) is what one Python process behind this broker can do. Before the "
-    "resolve link, paho's network thread and the asyncio loop shared the GIL and one process topped out near "
+    "device link, paho's network thread and the asyncio loop shared the GIL and one process topped out near "
     "2,000/s."
 )
 CONNECTIONS = 4
@@ -61,32 +61,11 @@ def _wait_mqtt(broker: Mosquitto, gw: GatewayProcess, timeout: float = 30.0) -> 
                 ) from None
 
 
-def _anchor(broker: Mosquitto, answer: bytes, opts: BenchOptions) -> Target:
+def _anchor(broker: Mosquitto, answer: bytes) -> Target:
     obj = cbor2.loads(answer)
     obj[1] = b"\xfe\xed\xfa\xce"
     pre, post = cbor2.dumps(obj).split(b"\xfe\xed\xfa\xce")
-    child = Child(
-        "mqtt_raw",
-        python_module_cmd(
-            "tools.harness.bench.servers",
-            "mqtt",
-            "--host",
-            broker.host,
-            "--port",
-            str(broker.port),
-            "--root",
-            ANCHOR_ROOT,
-            "--payload",
-            f"{pre.hex()}:{post.hex()}",
-        ),
-        log_dir=opts.logs(),
-    )
-    child.start(stdout_pipe=True)
-    try:
-        child.wait_ready_line()
-    except BaseException:
-        child.stop()
-        raise
+    child = broker.client("mqtt", ANCHOR_ROOT, "--payload", f"{pre.hex()}:{post.hex()}")
     return Target(
         "mqtt_raw", "bare asyncio MQTT responder (Python ceiling)", broker.host, broker.port, (), child
     )
@@ -125,9 +104,9 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
         if cbor2.loads(answer).get(3) != 1:
             raise BenchError(f"the gateway's MQTT answer is not OK: {cbor2.loads(answer)!r}")
         gateway = Target(
-            "gateway", "ida gateway (MQTT resolve link), cache hit", broker.host, broker.port, (), gw.child
+            "gateway", "ida gateway (MQTT device link), cache hit", broker.host, broker.port, (), gw.child
         )
-        anchor = _anchor(broker, answer, opts)
+        anchor = _anchor(broker, answer)
         try:
             assert broker.child is not None
             opts.say(

@@ -163,9 +163,14 @@ class GatewayProcess:
         self.port = 0
         self.child: Child | None = None
 
+    @property
+    def data_dir(self) -> Path:
+        """The gateway's data dir (its registry is ``registry.sqlite3`` there)."""
+        return self.log_dir / f"{self.name}-data"
+
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.port = free_port()
-        data = self.log_dir / f"{self.name}-data"
+        data = self.data_dir
         config: tuple[str, ...] = ()
         if "--config" not in self.extra and "-c" not in self.extra:
             cfg_file = self.log_dir / f"{self.name}.toml"

@@ -7,10 +7,13 @@
   else is queued on the socket: the ceiling for a Python server that batches its reads.
 * ``mqtt`` -- a bare MQTT client behind the broker at ``--host``/``--port`` answering every
   ``<root>/+/req`` with a fixed resolve answer (the request's token patched in): the MQTT ceiling.
+* ``mqtt-ack`` -- a bare MQTT client behind the broker subscribed to ``<root>/+/rpt`` at QoS 1 that acknowledges
+  every report with a ``report_ack`` (code 1, the report's boot and seq) at QoS 1 on ``…/ack``, storing nothing:
+  the ceiling of the report round trip through the broker.
 * ``aiocoap`` -- a plain aiocoap server with one resource under ``/r`` returning the same payload, ETag and
   Max-Age: what aiocoap costs without any of the gateway's work.
 
-Both print ``READY <port>`` on stdout once bound (``--port 0`` = any free port) and run until SIGTERM/SIGINT.
+Each prints ``READY <port>`` on stdout once bound (``--port 0`` = any free port) and runs until SIGTERM/SIGINT.
 The payload is given in hex (``--payload``) so every anchor answers with the same bytes as the gateway.
 """
 
@@ -25,6 +28,8 @@ import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
+
+import cbor2
 
 from proto import mqtt
 from proto.coap import encode_body, uint_value
@@ -174,7 +179,10 @@ async def serve_aiocoap(
 
 class MqttResponder(asyncio.Protocol):
     """A bare MQTT client answering every ``<root>/+/req`` resolve request with a fixed answer on ``…/res``
-    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker."""
+    (the request's 4-byte token patched in): the ceiling for a Python MQTT front end behind the same broker.
+    Subclasses answer another leaf (``leaf``, subscribed at ``qos``) in :meth:`answer`."""
+
+    leaf, qos = "req", 0
 
     def __init__(self, root: str, pre: bytes, post: bytes, ready: asyncio.Future[None]) -> None:
         self.root = root
@@ -188,7 +196,7 @@ class MqttResponder(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(
             mqtt.connect(f"bench-responder-{os.getpid()}", 120, version=mqtt.MQTT311)
-            + mqtt.subscribe(1, [(f"{self.root}/+/req", 0)], version=mqtt.MQTT311)
+            + mqtt.subscribe(1, [(f"{self.root}/+/{self.leaf}", self.qos)], version=mqtt.MQTT311)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -196,26 +204,68 @@ class MqttResponder(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"broker closed the connection: {exc}"))
 
     def data_received(self, data: bytes) -> None:
-        out = []
+        out: list[bytes] = []
         for first, body in self.reader.feed(data):
             kind = first >> 4
             if kind == mqtt.PUBLISH:
-                topic, payload, _ = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
-                if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
-                    continue
-                answer = self.pre + payload[3:7] + self.post
-                out.append(mqtt.publish_head(topic[:-3] + b"res", len(answer), version=mqtt.MQTT311) + answer)
-                self.answered += 1
+                self.answer(first, body, out)
             elif kind == mqtt.SUBACK and not self.ready.done():
                 self.ready.set_result(None)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
+    def answer(self, first: int, body: bytes, out: list[bytes]) -> None:
+        """Put the packets answering the PUBLISH (``first``, ``body``) in ``out``."""
+        topic, payload, _ = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
+        if len(payload) < 7 or payload[1] != 1 or payload[2] != 0x44:  # {1: 4-byte token, ...}
+            return
+        answer = self.pre + payload[3:7] + self.post
+        out.append(mqtt.publish_head(topic[:-3] + b"res", len(answer), version=mqtt.MQTT311) + answer)
+        self.answered += 1
 
-async def serve_mqtt(host: str, port: int, root: str, pre: bytes, post: bytes, stop: asyncio.Event) -> None:
+
+class MqttAckResponder(MqttResponder):
+    """A bare MQTT client acknowledging every ``<root>/+/rpt`` report (QoS 1) with a ``report_ack`` at QoS 1."""
+
+    leaf, qos = "rpt", 1
+
+    def __init__(self, root: str, ready: asyncio.Future[None]) -> None:
+        super().__init__(root, b"", b"", ready)
+        self.pid = 0
+        self.heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4 | 0x02)
+
+    def answer(self, first: int, body: bytes, out: list[bytes]) -> None:
+        topic, payload, pid = mqtt.parse_publish(first, body, version=mqtt.MQTT311)
+        if pid:
+            out.append(mqtt.puback(pid))
+        try:
+            report = cbor2.loads(payload)
+            ack = cbor2.dumps({3: 1, 10: report[10], 11: report[11]})
+        except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError):
+            return
+        self.pid = self.pid % 0xFFFF + 1
+        ack_topic = topic[:-3] + b"ack"
+        size = 2 + len(ack_topic) + 2 + len(ack)
+        out += (
+            self.heads[size],
+            len(ack_topic).to_bytes(2, "big"),
+            ack_topic,
+            self.pid.to_bytes(2, "big"),
+            ack,
+        )
+        self.answered += 1
+
+
+async def serve_mqtt(
+    host: str, port: int, root: str, pre: bytes, post: bytes, stop: asyncio.Event, acks: bool = False
+) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    transport, _ = await loop.create_connection(lambda: MqttResponder(root, pre, post, ready), host, port)
+
+    def client() -> MqttResponder:
+        return MqttAckResponder(root, ready) if acks else MqttResponder(root, pre, post, ready)
+
+    transport, _ = await loop.create_connection(client, host, port)
     await asyncio.wait_for(ready, 10)
     _ready(port)
     try:
@@ -236,9 +286,17 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    if args.kind == "mqtt":
+    if args.kind in ("mqtt", "mqtt-ack"):
         pre, _, post = args.payload.partition(":")
-        await serve_mqtt(args.host, args.port, args.root, bytes.fromhex(pre), bytes.fromhex(post), stop)
+        await serve_mqtt(
+            args.host,
+            args.port,
+            args.root,
+            bytes.fromhex(pre),
+            bytes.fromhex(post),
+            stop,
+            args.kind == "mqtt-ack",
+        )
         return
     payload = bytes.fromhex(args.payload)
     etag = bytes.fromhex(args.etag) if args.etag else None
@@ -258,13 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.harness.bench.servers", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("kind", choices=("raw", "raw-drain", "raw-post", "aiocoap", "mqtt"))
+    p.add_argument("kind", choices=("raw", "raw-drain", "raw-post", "aiocoap", "mqtt", "mqtt-ack"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--payload", default="", help="response payload, hex (mqtt: PRE:POST around the token)")
     p.add_argument("--etag", default="", help="ETag option, hex (empty = none)")
     p.add_argument("--max-age", type=int, default=None)
-    p.add_argument("--root", default="bench/v1/d", help="mqtt: topic root answered (<root>/+/req)")
+    p.add_argument(
+        "--root", default="bench/v1/d", help="mqtt: topic root answered (<root>/+/req, <root>/+/rpt)"
+    )
     args = p.parse_args(argv)
     asyncio.run(_main(args))
     return 0

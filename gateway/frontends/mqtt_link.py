@@ -1,28 +1,33 @@
-"""The MQTT resolve link: resolve requests on an asyncio MQTT v5 connection of their own, cached answers pre-encoded.
+"""The MQTT device link: the device's resolve requests and reports on an asyncio MQTT v5 connection of the gateway's
+own, cached answers pre-encoded.
 
 Why a second connection: the paho link (gateway/paholink.py) runs paho's network loop in its own thread, and that
-thread and the asyncio loop share one GIL; every request then costs a thread hand-off and paho's packet handling
-on top of the work (about 0.45 ms on the 2-core bench machine, 2,000 requests/s per process). Requests and answers
-are QoS 0 and need none of what paho is there for (QoS 1 retries, retained config, the last will), so the front
-end (gateway/frontends/mqtt.py) leaves them to this link: its session (gateway/frontends/mqtt_session.py, framing
-and packets from proto/mqtt) runs on the asyncio loop, and a repeated request is answered from a table of
-pre-encoded answers (gateway/frontends/mqtt_table.py) without decoding it. Reports, config acks, status and
-desired config stay on the paho link.
+thread and the asyncio loop share one GIL; every message then costs a thread hand-off and paho's packet handling
+on top of the work (about 0.45 ms on the 2-core bench machine: 2,000 requests/s per process). Requests, answers,
+reports and their acks need none of what paho is there for (re-sending QoS 1 messages of a kept session, retained
+config, the last will), so the front end (gateway/frontends/mqtt.py) leaves them to this link: its session
+(gateway/frontends/mqtt_session.py, framing and packets from proto/mqtt) runs on the asyncio loop, and a repeated
+request is answered from a table of pre-encoded answers (gateway/frontends/mqtt_table.py) without decoding it.
+Config acks, status and desired config stay on the paho link.
 
-The link subscribes to ``[$share/<group>/]ida/v1/d/+/req`` at QoS 0 and for every PUBLISH on it:
+The link subscribes to ``[$share/<group>/]ida/v1/d/+/req`` at QoS 0 and, when it carries reports (``on_report``),
+``[$share/<group>/]ida/v1/d/+/rpt`` at QoS 1 (the session acknowledges each delivery at once). For every PUBLISH:
 
-1. a **hit**: the request's bytes after its token are a key of the table (:class:`AnswerTable`). The answer is
+1. a **hit**: a request whose bytes after its token are a key of the table (:class:`AnswerTable`). The answer is
    the entry's pre-encoded answer with the request's token put in, published on the request topic with ``req``
    replaced by ``res`` (the subtree the device listens on): the fixed header comes from a table by size and the
    reply topic from a table by request topic, so a hit encodes nothing;
-2. anything else goes to the front end's message handler (``on_message``): decoding, errors, the resolver; its
-   answer is published through :meth:`ResolveLink.publish_res`, and an OK or not-modified answer from the
+2. a **report** on ``ida/v1/d/<key>/rpt`` goes to ``on_report(key, payload)`` (the front end's: rate limit, then
+   gateway/frontends/mqtt_reports.py: decoded, checked, committed); its ``report_ack`` comes back through
+   :meth:`DeviceLink.publish_ack` (QoS 1) after the commit;
+3. anything else goes to the front end's message handler (``on_message``): decoding, errors, the resolver; a
+   request's answer is published through :meth:`DeviceLink.publish_res`, and an OK or not-modified answer from the
    resolver's cache or upstream is learned (``learn``, :meth:`AnswerTable.learn`).
 
-All answers of one read from the socket go out in one write. Rate limits (``[limits] device_rate``) are checked
-for hits as for any request, through the front end (``limit``). Counting: hits are integer counters
-(:attr:`ResolveLink.answered`) added to ``ida_requests_total{frontend="mqtt"}`` at scrape time
-(:meth:`ResolveLink.samples`).
+All answers of one read from the socket go out in one write, and the acks of one commit in one write. Rate limits
+(``[limits] device_rate``) are checked for hits as for any request, through the front end (``limit``). Counting:
+hits are integer counters (:attr:`DeviceLink.answered`) added to ``ida_requests_total{frontend="mqtt"}`` at scrape
+time (:meth:`DeviceLink.samples`).
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from gateway.metrics import Sample
 from gateway.resolution import AnswerCache, ResolutionNote
 from proto import devicemsg, mqtt
 
-__all__ = ["ResolveLink"]
+__all__ = ["DeviceLink"]
 
 V5 = mqtt.MQTT5
 _ROOT_B = (ROOT + "/").encode()
 _REQ_B = b"/req"
+_RPT_B = b"/rpt"
 
 
 class _ReplyTopics(dict[bytes, bytes]):
@@ -56,10 +62,22 @@ class _ReplyTopics(dict[bytes, bytes]):
         return head
 
 
-class ResolveLink:
-    """The asyncio MQTT connection for resolve requests (module doc).
+class _AckTopics(dict[str, bytes]):
+    """A topic key -> the topic ``…/<key>/ack`` as bytes, made on first use (one per device reporting). Emptied when
+    full."""
 
-    ``on_message(topic, payload)`` takes every request the table does not answer; ``limit(key)`` (optional) is the
+    def __missing__(self, key: str) -> bytes:
+        if len(self) >= MAX_ENTRIES:
+            self.clear()
+        topic = self[key] = f"{ROOT}/{key}/ack".encode()
+        return topic
+
+
+class DeviceLink:
+    """The asyncio MQTT connection for the devices' requests and reports (module doc).
+
+    ``on_report(key, payload)`` (optional: then the link subscribes to reports) takes every report,
+    ``on_message(topic, payload)`` every request the table does not answer and anything else; ``limit(key)`` (optional) is the
     front end's rate-limit check for a hit, True when it refused (and counted) the request; ``answers`` and
     ``note`` are the resolver's answer cache and the status hook (for the table's guard, see hotpath.py);
     ``learning`` false leaves the table empty."""
@@ -81,10 +99,13 @@ class ResolveLink:
         clock: Callable[[], float] = time.time,
         learning: bool = True,
         connect_timeout: float = CONNECT_TIMEOUT,
+        on_report: Callable[[str, bytes], None] | None = None,
     ) -> None:
+        share = f"$share/{group}/" if group else ""
+        filters = [(f"{share}{ROOT}/+/req", 0)] + ([(f"{share}{ROOT}/+/rpt", 1)] if on_report else [])
         self.session = MqttSession(
             url,
-            f"$share/{group}/{ROOT}/+/req" if group else f"{ROOT}/+/req",
+            filters,
             on_publish=self._serve,
             auth=auth,
             client_id=client_id,
@@ -98,16 +119,19 @@ class ResolveLink:
         self.table = AnswerTable(answers, note=note, clock=clock, learning=learning)
         self.learn = self.table.learn  # the slow path's answers (AnswerTable.learn)
         self._on_message = on_message
+        self._on_report = on_report
         self._limit = limit
         self._limiting = limiting or (lambda: False)
         self._heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4)  # answers come in few sizes
         self._replies = _ReplyTopics()
+        self._ack_topics = _AckTopics()
         self.serving = True  # false: every request goes to on_message (the front end is stopping)
         # counters (samples() and the tests)
         self.answered = 0  # OK answers from the table
         self.valid = 0  # not-modified answers from the table
         self.handed_on = 0  # requests given to on_message
-        self.dropped = 0  # answers that could not be sent (not connected)
+        self.reports = 0  # reports given to on_report
+        self.dropped = 0  # answers and acks that could not be sent (not connected)
 
     # -- lifecycle (the session's) -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,16 +165,22 @@ class ResolveLink:
 
     # -- serving -----------------------------------------------------------------------------------------------
     def _serve(self, packets: list[tuple[int, bytes]]) -> bytes:
-        """The answers to the PUBLISH packets of one read (hits); the others go to ``on_message``."""
+        """The answers to the PUBLISH packets of one read (hits); reports go to ``on_report``, the others to
+        ``on_message``."""
         out: list[bytes] = []
         entries = self.table.entries if self.serving else None
         limiting = self._limit is not None and self._limiting()
         heads, replies, parse = self._heads, self._replies, mqtt.parse_publish
+        on_report, root_len = self._on_report, len(_ROOT_B)
         now = 0.0
         answered = valid = 0
         try:
             for first, body in packets:
                 topic, payload, _ = parse(first, body, version=V5)
+                if on_report is not None and topic.endswith(_RPT_B) and topic.startswith(_ROOT_B):
+                    self.reports += 1
+                    on_report(topic[root_len:-4].decode("utf-8", "replace"), payload)
+                    continue
                 if entries is not None and len(payload) > 4 and payload[1] == 1:
                     tl = payload[2] - 0x40
                     entry = entries.get(payload[3 + tl :]) if 1 <= tl <= 8 else None
@@ -197,6 +227,14 @@ class ResolveLink:
             return False
         return True
 
+    def publish_ack(self, key: str, payload: bytes) -> bool:
+        """Publish a ``report_ack`` on ``ida/v1/d/<key>/ack`` (QoS 1, with the others of this turn of the loop); False
+        when not connected (the device sends its report again and gets its ack then)."""
+        if not self.session.publish_qos1(self._ack_topics[key], payload):
+            self.dropped += 1
+            return False
+        return True
+
     # -- metrics -----------------------------------------------------------------------------------------------
     def samples(self) -> Iterable[Sample]:
         """Counts to add to the front end's (a ``Metrics`` collector with ``add=True``)."""
@@ -209,7 +247,11 @@ class ResolveLink:
             "answered": self.answered,
             "valid": self.valid,
             "handed_on": self.handed_on,
+            "reports": self.reports,
             "learned": self.table.learned,
             "dropped": self.dropped,
+            "qos1_sent": self.session.window.sent,
+            "qos1_refused": self.session.window.refused,
+            "qos1_dropped": self.session.window.dropped,
             "connects": self.connects,
         }

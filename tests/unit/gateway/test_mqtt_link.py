@@ -1,4 +1,4 @@
-"""The MQTT resolve link (gateway/frontends/mqtt_resolve.py, its session and table): against a real Mosquitto with a paho device, and against
+"""The MQTT device link's requests (gateway/frontends/mqtt_link.py, its session and table): against a real Mosquitto with a paho device, and against
 small fake brokers for what Mosquitto will not do (garbage, refusals, QoS 1 requests, silence)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 from gateway.cache import Cache
 from gateway.frontends.mqtt import MqttFrontEnd
-from gateway.frontends.mqtt_resolve import ResolveLink
+from gateway.frontends.mqtt_link import DeviceLink
+from gateway.frontends.mqtt_session import Qos1Window
 from gateway.frontends.mqtt_table import request_key
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limits, RateLimiter
@@ -25,8 +26,16 @@ from gateway.upstream.pool import UpstreamPool
 from gateway.zone import Zone
 from proto import devicemsg, mqtt
 from proto.records import HandleValue, Record
-from tests.support.brokers import Broker, Device
-from tests.support.gwhelpers import POSITIVE_TTL, PUMP, Clock, FakeResolver, eventually, sample_records
+from tests.support.brokers import Broker, Device, with_device
+from tests.support.gwhelpers import (
+    POSITIVE_TTL,
+    PUMP,
+    Clock,
+    FakeResolver,
+    eventually,
+    report_fields,
+    sample_records,
+)
 from tests.support.upstream_fakes import FakeUpstream
 
 
@@ -42,7 +51,7 @@ class Env:
         self.dev = Device(url, PUMP)
 
     @property
-    def link(self) -> ResolveLink:
+    def link(self) -> DeviceLink:
         assert self.fe.fast is not None
         return self.fe.fast
 
@@ -58,15 +67,8 @@ class Env:
 
 async def _env(tmp_path: Path, url: str, resolver: Any, clock: Clock, **kw: Any) -> AsyncIterator[Env]:
     env = Env(tmp_path, url, resolver, clock, **kw)
-    await env.fe.start()
-    assert env.fe.ready
-    await env.dev.connect()
-    try:
+    async with with_device(env.fe, env.dev, env.registry):
         yield env
-    finally:
-        env.dev.disconnect()
-        await env.fe.stop()
-        env.registry.close()
 
 
 @pytest.fixture
@@ -218,7 +220,7 @@ async def test_broker_restart_reconnects_and_resubscribes(tmp_path: Path, mosqui
         await env.dev.wait_connected()
         deadline = time.monotonic() + 20
         while not (env.link.ready and env.link.connects >= 2):
-            assert time.monotonic() < deadline, "the resolve link did not come back"
+            assert time.monotonic() < deadline, "the device link did not come back"
             await asyncio.sleep(0.05)
         assert (
             devicemsg.decode(
@@ -243,8 +245,9 @@ async def test_without_the_fast_path_requests_use_the_paho_link(tmp_path: Path, 
 
 
 class FakeBroker:
-    """An MQTT v5 broker that does just enough: CONNACK (``refuse`` = its reason code), SUBACK, PINGRESP when
-    ``pong``; ``script(conn)`` runs after the SUBACK. Records the packets each connection sent."""
+    """An MQTT v5 broker that does just enough: CONNACK (``refuse`` = its reason code; ``receive_max``: its Receive
+    Maximum property), SUBACK, PINGRESP when ``pong``; ``script(conn)`` runs after the SUBACK. Records the packets
+    each connection sent."""
 
     def __init__(
         self,
@@ -252,8 +255,10 @@ class FakeBroker:
         refuse: int = 0,
         pong: bool = True,
         script: Callable[[asyncio.StreamWriter], Any] | None = None,
+        receive_max: int = 0,
     ) -> None:
         self.refuse = refuse
+        self.receive_max = receive_max
         self.pong = pong
         self.script = script
         self.connections = 0
@@ -283,13 +288,14 @@ class FakeBroker:
                     self.received.append((first, body))
                     kind = first >> 4
                     if kind == 1:
-                        writer.write(bytes((0x20, 3, 0, self.refuse, 0)))
+                        props = b"\x21" + self.receive_max.to_bytes(2, "big") if self.receive_max else b""
+                        writer.write(bytes((0x20, 3 + len(props), 0, self.refuse, len(props))) + props)
                         if self.refuse:
                             await writer.drain()
                             writer.close()
                             return
                     elif kind == 8:
-                        writer.write(bytes((0x90, 4)) + body[:2] + b"\x00\x00")
+                        writer.write(_suback(body))
                         if self.script is not None:
                             await self.script(writer)
                     elif kind == 12 and self.pong:
@@ -300,8 +306,18 @@ class FakeBroker:
             writer.close()
 
 
-def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> ResolveLink:
-    return ResolveLink(url, on_message=lambda t, p: handled.append((t, p)), reconnect_max=1, **kw)
+def _suback(subscribe: bytes) -> bytes:
+    """The SUBACK to a v5 SUBSCRIBE without properties: each filter granted the QoS it asked for."""
+    pos, codes = 3, b""
+    while pos < len(subscribe):
+        n = int.from_bytes(subscribe[pos : pos + 2], "big")
+        codes += bytes((subscribe[pos + 2 + n] & 3,))
+        pos += 3 + n
+    return bytes((0x90, 3 + len(codes))) + subscribe[:2] + b"\x00" + codes
+
+
+def _link(url: str, handled: list[tuple[str, bytes]], **kw: Any) -> DeviceLink:
+    return DeviceLink(url, on_message=lambda t, p: handled.append((t, p)), reconnect_max=1, **kw)
 
 
 async def test_garbage_from_the_broker_closes_and_reopens_the_connection(
@@ -400,3 +416,75 @@ async def test_back_pressure_stops_reading_until_the_socket_drains(tmp_path: Pat
         conn.resume_writing()
         assert conn.transport.is_reading()
         assert devicemsg.decode("resolve_response", await env.ask(b"\x01"))["code"] == devicemsg.OK
+
+
+async def test_reports_are_acknowledged_and_acks_stay_within_the_receive_maximum() -> None:
+    """The broker's QoS 1 report gets its PUBACK and reaches ``on_report``; of five acks published at once the
+    broker (Receive Maximum 2) gets two, and one more for each PUBACK it sends."""
+    report = devicemsg.encode("report", report_fields(PUMP))
+    key = devicemsg.topic_key(PUMP)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def deliver(w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+        topic = f"ida/v1/d/{key}/rpt".encode()
+        body = len(topic).to_bytes(2, "big") + topic + b"\x00\x09" + b"\x00" + report
+        w.write(bytes((0x32,)) + mqtt.varlen(len(body)) + body)
+
+    def acks() -> list[tuple[bytes, bytes, int]]:
+        return [mqtt.parse_publish(f, b, version=mqtt.MQTT5) for f, b in broker.received if f == 0x32]
+
+    reports: list[tuple[str, bytes]] = []
+    async with FakeBroker(script=deliver, receive_max=2) as broker:
+        link = _link(broker.url, [], on_report=lambda k, p: reports.append((k, p)))
+        await link.start()
+        try:
+            await eventually(lambda: bool(reports) and (0x40, b"\x00\x09") in broker.received)
+            assert reports == [(key, report)]
+            for i in range(5):
+                assert link.publish_ack(key, bytes((i,)))
+            await eventually(lambda: len(acks()) == 2)
+            await asyncio.sleep(0.2)
+            assert [p for _, p, _ in acks()] == [b"\x00", b"\x01"]  # the others wait for room
+            writers[0].write(mqtt.puback(acks()[0][2]))
+            await eventually(lambda: len(acks()) == 3)
+            writers[0].write(mqtt.puback(acks()[1][2]) + mqtt.puback(acks()[2][2]))
+            await eventually(lambda: len(acks()) == 5)
+            assert [p for _, p, _ in acks()] == [bytes((i,)) for i in range(5)]
+            assert {t for t, _, _ in acks()} == {f"ida/v1/d/{key}/ack".encode()}
+            assert len({pid for _, _, pid in acks()}) == 5
+        finally:
+            await link.stop()
+    sub = next(body for first, body in broker.received if first >> 4 == 8)
+    assert b"/+/req\x00" in sub and b"/+/rpt\x01" in sub  # requests at QoS 0, reports at QoS 1
+
+
+def _window_packet(packet: bytes) -> tuple[bytes, bytes, int]:
+    ((first, body),) = mqtt.Reader().feed(packet)
+    assert first == 0x32
+    return mqtt.parse_publish(first, body, version=mqtt.MQTT5)
+
+
+def test_qos1_window_ids_order_room_and_reset() -> None:
+    w = Qos1Window(limit=2, waiting_max=2)
+    a, b = w.publish(b"t/a", b"1"), w.publish(b"t/b", b"2")
+    assert a is not None and b is not None
+    assert _window_packet(a) == (b"t/a", b"1", 1) and _window_packet(b) == (b"t/b", b"2", 2)
+    assert w.publish(b"t/c", b"3") is None and w.publish(b"t/d", b"4") is None  # waiting, in order
+    assert w.publish(b"t/e", b"5") is None and w.dropped == 1  # the queue is full
+    assert w.acked(b"\x00\x07") == []  # not in flight: nothing to release
+    (c,) = w.acked(b"\x00\x01")
+    assert _window_packet(c) == (b"t/c", b"3", 3)
+    (d,) = w.acked(b"\x00\x02\x87")  # refused (not authorized): counted, the window moves on
+    assert _window_packet(d) == (b"t/d", b"4", 4) and w.refused == 1
+    pid = w.take_id()  # a SUBSCRIBE's id is never one in flight
+    assert pid not in w.inflight and pid == 5
+    assert w.acked(b"\x00\x03") == []  # room, and nothing waits for it
+    f = w.publish(b"t/f", b"6")
+    assert f is not None and _window_packet(f)[2] == 6  # 5 is taken by the SUBSCRIBE
+    w.release_id(pid)
+    w.publish(b"t/g", b"7")
+    assert len(w.waiting) == 1
+    w.reset(10)
+    assert w.dropped == 2 and not w.inflight and not w.waiting and w.limit == 10
+    assert w.sent == 5
