@@ -16,10 +16,12 @@ once; the outbox rows of the new reports in one ``executemany``; each device's r
 device with the batch's counts and its last transport/peer). Nothing is serialised here.
 
 Windows, amortised: when ``prune_every`` new reports of a device were stored since its last prune, the keys of its
-reports beyond the newest ``history`` move to ``seen`` and those rows leave ``reports``, and ``seen`` keeps its
-newest ``dedupe`` keys. So ``reports`` holds at most ``history + prune_every - 1`` rows of a device (``prune_every``
-more after a restart, which forgets the counts); reads show the newest ``history``. Keys known beyond the window
-only ever make de-duplication stricter.
+reports beyond the newest ``history`` move to ``seen`` and those rows leave ``reports``; every ``dedupe //
+prune_every`` prunes of a device ``seen`` is trimmed to its newest ``dedupe`` keys (finding that boundary walks
+``dedupe`` index entries: done every prune it cost more than the report itself). So ``reports`` holds at most
+``history + prune_every - 1`` rows of a device and ``seen`` about ``2 * dedupe`` keys (more after a restart, which
+forgets the counts); reads show the newest ``history``. Keys known beyond the window only ever make de-duplication
+stricter.
 
 A row that cannot be written fails alone: when the batch statements raise anything but a storage error, the
 caller rolls the transaction back and calls :meth:`ReportStore.write_each`, which writes the rows one by one,
@@ -101,8 +103,12 @@ _PRUNE = (
     " ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :history)",
     "DELETE FROM reports WHERE device = :d AND (boot, seq) <= (SELECT boot, seq FROM reports WHERE device = :d"
     " ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :history)",
+)
+# `seen` keeps its newest `dedupe` keys: the OFFSET walks that many index entries, so this runs only every
+# `dedupe // history` prunes of a device (seen then holds at most about twice `dedupe` keys of it)
+_TRIM_SEEN = (
     "DELETE FROM seen WHERE device = :d AND (boot, seq) <= (SELECT boot, seq FROM seen WHERE device = :d"
-    " ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :dedupe)",
+    " ORDER BY boot DESC, seq DESC LIMIT 1 OFFSET :dedupe)"
 )
 
 
@@ -153,6 +159,8 @@ class ReportStore:
         self.dedupe = dedupe
         self.prune_every = prune_every
         self._since_prune: dict[str, int] = {}
+        self._prunes: dict[str, int] = {}  # prunes of a device since its seen keys were last trimmed
+        self._trim_every = max(1, dedupe // max(prune_every, 1))
 
     # -- the batch path --------------------------------------------------------------------------------
     def write(self, c: sqlite3.Connection, rows: Sequence[Row]) -> list[Outcome]:
@@ -226,7 +234,16 @@ class ReportStore:
     def prune(self, c: sqlite3.Connection, idents: Sequence[str]) -> None:
         """Apply the windows to each device named (inside a transaction)."""
         for sql in _PRUNE:
-            c.executemany(sql, [{"d": d, "history": self.history, "dedupe": self.dedupe} for d in idents])
+            c.executemany(sql, [{"d": d, "history": self.history} for d in idents])
+        prunes, trim = self._prunes, []
+        for d in idents:
+            n = prunes.get(d, 0) + 1
+            if n >= self._trim_every:
+                trim.append({"d": d, "dedupe": self.dedupe})
+                n = 0
+            prunes[d] = n
+        if trim:
+            c.executemany(_TRIM_SEEN, trim)
 
 
 def _device_rows(rows: Sequence[Row], outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
