@@ -13,14 +13,13 @@
 # the device's own identifier (logged), then reports + queue drain + remote config + console. Transport
 # errors are caught at its boundary, counted and retried with backoff: the device keeps running.
 import gc
-import os
 import sys
 import time
 import struct
 import select
 from micropython import const
 
-from carrier import VERSION, hal, log, identity, idsyntax
+from carrier import VERSION, hal, log
 from carrier.config import Config, ack_payload
 from carrier.queue import Queue
 from carrier.reporter import Reporter
@@ -52,7 +51,7 @@ class App:
         self.safe = False
         self.errors = 0
         self.last_error = None
-        self._pending = None  # identity saved from the console, applied at the next boot
+        self.pending = None  # identity saved from the console, applied at the next boot
         self._retry = 0
         self._backoff = _RETRY_MIN
         self._reboot = False
@@ -74,8 +73,9 @@ class App:
         self.boot_n = self._count_boot()
         self.streak = self._streak(1)
         self.safe = self.streak > SAFE_AFTER or h.button()
-        self.console = Console(self, h.con_write, echo=h.board.console != "stdio")
+        self.console = Console(self, h.con_write, h.con_read, h.board.console != "stdio")
         log.sink = self.console.log_line
+        from carrier import identity  # boot and the console's commands use it
         try:
             self.ident = identity.load(h)
         except identity.IdentityError as e:
@@ -171,7 +171,7 @@ class App:
         if self.reporter:
             self.reporter.poll(now, t if self.transport_on else None, self.up_ms // 1000)
         self.queue.poll(now)
-        self.console.poll(h.con_read)
+        self.console.poll()
         if self.transport_on != self._led:  # status LED: lit while the transport runs (written on change only)
             self._led = self.transport_on
             h.led(self._led)
@@ -265,16 +265,7 @@ class App:
         self.shutdown()
         self.hal.deepsleep(ms)
 
-    # ---- console services
-    def info_id(self):
-        i = self.ident
-        d = [("id", i.id if i else None)]
-        if i:
-            d += [("transport", i.transport), ("key", i.fingerprint())]
-        else:
-            d.append(("error", self.ident_error or "not provisioned"))
-        return d + [("uid", self.hal.uid().hex()), ("board", self.hal.board.name), ("fw", VERSION)]
-
+    # ---- the console's `status` (the other commands and their services: commands.py)
     def info_status(self):
         gc.collect()
         r = self.reporter
@@ -287,124 +278,6 @@ class App:
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
                 ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
-
-    def info_net(self):
-        return [("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()), ("transport_on", self.transport_on)]
-
-    def set_net(self, on):
-        self.hal.net_set(on, self.ident.wifi if self.ident else None)
-
-    def resolve(self, text, cb, qtype=None):
-        """Start a resolve for the console; an error text when it cannot start."""
-        try:
-            target = idsyntax.parse(text)
-        except idsyntax.IdentifierError as e:
-            return "bad identifier: " + e.reason
-        t = self.transport
-        if t is None:
-            return "no transport (safe mode or not provisioned)"
-        if not self.transport_on:
-            return "offline"
-        if not t.resolve(target, cb, qtype):
-            return "busy: try again"
-        return None
-
-    def report_now(self):
-        if not self.reporter:
-            raise ValueError("no reporter (safe mode or not provisioned)")
-        seq = self.reporter.make(self.up_ms // 1000)
-        return [("seq", seq), ("queue", self.queue.count)]
-
-    def config_get(self, key):
-        i = self.ident
-        d = []
-        if i:
-            d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
-                 ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
-        d += [("interval", self.cfg.interval), ("cfgver", self.cfg.cfgver), ("meta", self.cfg.meta),
-              ("board", self.hal.board.name), ("fw", VERSION)]
-        if key is None:
-            return d
-        for kv in d:
-            if kv[0] == key:
-                return [kv]
-        raise ValueError("unknown key: " + key)
-
-    def config_set(self, key, value):
-        if key == "interval":
-            try:
-                s = int(value)
-            except ValueError:
-                raise ValueError("interval must be a number of seconds")
-            self.cfg.set_interval(s)
-            return {"interval": s}
-        if key in ("transport", "coap", "mqtt"):
-            if self.ident is None:
-                raise ValueError("not provisioned")
-            base = self._pending or self.ident
-            d = base.to_dict()
-            d[key] = value
-            new = identity.Identity(d, base.key)
-            identity.save(self.hal, new)
-            self._pending = new
-            return [(key, value), ("note", "saved; reboot to apply")]
-        raise ValueError("settable keys: interval, transport, coap, mqtt")
-
-    def provision(self, text, url, keyhex):
-        if self.ident is not None:
-            raise ValueError("already provisioned (factory-reset first)")
-        scheme = url.split(":", 1)[0]
-        if scheme not in identity.TRANSPORTS:
-            raise ValueError("gateway URL must start with coap:// or mqtt://")
-        key = None
-        if keyhex is None:
-            key = os.urandom(16)
-        d = {"id": text, "transport": scheme, scheme: url}
-        if keyhex is not None:
-            d["key"] = keyhex
-        new = identity.Identity(d, key)
-        identity.save(self.hal, new)
-        log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
-        self.request_reboot()
-        return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
-
-    def factory_reset(self):
-        log.w("app", "factory reset")
-        identity.erase(self.hal)
-        hal.remove(self.hal.root + "config.json")
-        self.queue.clear()
-        if self.transport_on:
-            self._stop()
-        self.transport = None
-        self._streak(None)
-        self.request_reboot()
-
-    def selftest(self):
-        from carrier import devicemsg
-        c = {}
-        try:
-            m = {devicemsg.K_ID: "0.NA/TEST", devicemsg.K_ONLINE: True}
-            c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
-        except ValueError:
-            c["cbor"] = False
-        p = self.hal.root + "selftest.tmp"
-        try:
-            hal.write_atomic(p, b"selftest")
-            c["fs"] = hal.read(p) == b"selftest"
-            hal.remove(p)
-        except OSError:
-            c["fs"] = False
-        c["identity"] = self.ident is not None
-        c["queue"] = self.queue.errors == 0
-        gc.collect()
-        c["heap"] = gc.mem_free() > 16384
-        c["net"] = bool(self.hal.net_up())
-        c["transport"] = self.transport_on
-        c["safe_mode"] = not self.safe
-        ok = True
-        for k in c:
-            ok = ok and c[k]
-        return [("pass", ok), ("checks", c)]
 
 
 def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):

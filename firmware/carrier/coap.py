@@ -10,6 +10,7 @@
 #   cfg_ack(payload) on_config(payload) errors.
 import os
 import time
+import select
 import socket
 from errno import EAGAIN, ECONNREFUSED
 from micropython import const
@@ -24,6 +25,8 @@ _RST = const(3)        # mirrors coapmsg.RST
 _VALID = const(67)     # mirrors coapmsg.VALID
 _CHANGED = const(68)   # mirrors coapmsg.CHANGED
 _CONTENT = const(69)   # mirrors coapmsg.CONTENT
+_TOO_MANY = const(157)      # CoAP 4.29
+_UNAVAILABLE = const(163)   # CoAP 5.03
 _RX_MAX = const(1152)  # mirrors coapmsg.RX_MAX
 
 _ACK_TIMEOUT = const(2000)      # ms
@@ -76,6 +79,8 @@ class Client:
         self.idb = ident.idb
         self.poller = poller
         self.sock = None
+        self._rp = None  # poll object of the socket: recv only when a datagram waits (a recv that finds none
+        # raises, and leaves its receive buffer and the exception behind as garbage)
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self.exchanges = [exchange(size) for _ in range(SLOTS)]
@@ -104,6 +109,8 @@ class Client:
         s.setblocking(False)
         s.connect(ai[-1])
         self.sock = s
+        rp = self._rp = select.poll()
+        rp.register(s, 1)
         if self.poller:
             self.poller.register(s, 1)
 
@@ -112,6 +119,7 @@ class Client:
         if s is None:
             return
         self.sock = None
+        self._rp = None
         if self.poller:
             try:
                 self.poller.unregister(s)
@@ -259,7 +267,13 @@ class Client:
         s = self.sock
         if s is None:
             return
+        rp = self._rp
         for _ in range(8):  # bounded work per call
+            if rp is not None:
+                for _ in rp.ipoll(0):
+                    break
+                else:
+                    break  # nothing waiting
             try:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
                 d = s.recv(_RX_MAX)
@@ -398,7 +412,7 @@ class Client:
         m = self._msg
         if kind == _K_RESOLVE:
             if code == _CONTENT or code == _VALID:
-                cb(self.cache.settle(arg, code == _CONTENT, pl, m.etag, m.max_age, self.now))
+                cb(self.cache.settle(arg, code == _CONTENT, pl, m.etag, m.max_age if m.max_age >= 0 else 60, self.now))
             else:
                 cb(_failure(code, rcache.target(arg), pl))
         elif kind == _K_REPORT:
@@ -410,9 +424,12 @@ class Client:
                     self.cfg_hint = a.get(devicemsg.K_CFGVER, self.cfg_hint)
                 except devicemsg.WireError:
                     c = devicemsg.BAD_REQUEST
+                cb(c, boot, seq)
+            elif (code == _UNAVAILABLE or code == _TOO_MANY) and m.max_age >= 0:
+                # overloaded or rate-limited: the gateway says when to come back (Max-Age)
+                cb(_failure(code, None, pl)[0], boot, seq, m.max_age)
             else:
-                c = _failure(code, None, pl)[0]
-            cb(c, boot, seq)
+                cb(_failure(code, None, pl)[0], boot, seq)
         elif kind == _K_CFG:
             if code == _CONTENT:
                 if m.observe >= 0 and ex.block == 0:
