@@ -268,6 +268,8 @@ class App:
     # ---- the console's `status` (the other commands and their services: commands.py)
     def info_status(self):
         gc.collect()
+        free = gc.mem_free()  # before the reply is built: the heap the device holds, not its answer
+        used = gc.mem_alloc()
         r = self.reporter
         t = self.transport
         return [("id", self.ident.id if self.ident else None), ("boot", self.boot_n), ("seq", r.seq if r else 0),
@@ -276,7 +278,7 @@ class App:
                 ("transport", t.name if t else None), ("transport_on", self.transport_on),
                 ("queue", self.queue.count), ("dropped", self.queue.dropped), ("acked", r.acked if r else 0),
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
-                ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
+                ("cfgver", self.cfg.cfgver), ("heap_free", free), ("heap_used", used),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
 
 

@@ -58,23 +58,22 @@ def _rand(n):
 
 class Exchange:
     """One confirmable exchange (request -> response): the request in buf[:length], what goes on the wire in
-    wire[:wire_len] (the same buffer here; oscore.py protects it into its own)."""
+    wire[:wire_len] (the same buffer here; oscore.py protects into one buffer all exchanges share, again at each
+    retransmission, with the sequence number seq and the Echo value echo of the request)."""
 
     def __init__(self, size):
         self.buf = self.wire = bytearray(size)
         self.length = self.wire_len = 0
         self.state = _FREE
-        self.mid = self.token = self.tries = self.timeout = self.due = self.kind = 0
-        self.block = 0
-        self.callback = None
-        self.arg = None
-        self.etag = None
+        self.mid = self.token = self.tries = self.timeout = self.due = self.kind = self.block = 0
+        self.seq = -1
+        self.callback = self.arg = self.etag = self.echo = None
 
 
 class Client:
     name = "coap"
 
-    def __init__(self, ident, poller=None, cache=None, exchange=Exchange):
+    def __init__(self, ident, poller=None, cache=None):
         self.host, self.port = ident.coap
         self.idb = ident.idb
         self.poller = poller
@@ -83,7 +82,7 @@ class Client:
         # raises, and leaves its receive buffer and the exception behind as garbage)
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
-        self.exchanges = [exchange(size) for _ in range(SLOTS)]
+        self.exchanges = [Exchange(size) for _ in range(SLOTS)]
         self._rx_view = memoryview(b"")  # the datagram being handled
         self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
         self._body_len = 0
@@ -162,7 +161,7 @@ class Client:
             ex.callback = cb
             ex.arg = arg
             ex.block = 0
-            ex.etag = None
+            ex.etag = ex.echo = None
             ex.token = self._next_token()
         return ex
 
@@ -176,15 +175,16 @@ class Client:
             self._token = (self._token + 1) & 0xFFFF
         return self._token
 
-    def _seal(self, ex):
-        """The request in ex.buf becomes what goes on the wire; False when it cannot (then ex is finished)."""
+    def _seal(self, ex, new):
+        """Make ex.wire[:ex.wire_len] what goes on the wire for the request in ex.buf (new: a new request, else a
+        retransmission of it); False when it cannot (then ex is finished)."""
         ex.wire_len = ex.length
         return True
 
     def _send(self, ex, now, new=True):
+        if not self._seal(ex, new):
+            return
         if new:
-            if not self._seal(ex):
-                return
             ex.tries = 0
             ex.timeout = _ACK_TIMEOUT + _rand(_ACK_RANDOM + 1)
             ex.state = _WAIT_ACK
@@ -193,7 +193,7 @@ class Client:
         if s is None:
             return
         try:
-            s.send(memoryview(ex.wire)[:ex.wire_len])
+            s.write(ex.wire, ex.wire_len)  # one datagram of wire[:wire_len], no slice object
         except OSError:
             self.errors += 1  # lost like a datagram: the retransmission timer covers it
 

@@ -24,7 +24,7 @@ HEAD = const(4)
 _HDR = const(11)
 REC = const(15)  # head + crc
 MAX_PAYLOAD = const(480)
-BUF = const(1024)
+BUF = const(495)  # REC + MAX_PAYLOAD: one record of the largest report, or a batch of typical ones (~110 B)
 _BATCH = const(4)
 _FLUSH_MS = const(60000)
 
@@ -50,8 +50,8 @@ class Queue:
         self._blen = 0
         self._breps = 0    # REPORT records in _buf
         self._bsince = 0   # ticks when _buf got its first record
-        self._read_buf = bytearray(_HDR + MAX_PAYLOAD + 4)
-        self._read_view = memoryview(self._read_buf)
+        self._read_buf = None  # records read back from flash: allocated when the file first holds one
+        self._read_view = None
         self._head_buf = bytearray(_HDR)
         self._crc_buf = bytearray(4)
         self._size = 0     # bytes of valid records in the file
@@ -84,10 +84,17 @@ class Queue:
         if off < 0:
             p = -1 - off
             return self._buf_view[p + _HDR:p + _HDR + n]
+        v = self._reader()[:n]
         with open(self.path, "rb") as f:
             f.seek(off)
-            f.readinto(self._read_view[:n])
-        return self._read_view[:n]
+            f.readinto(v)
+        return v
+
+    def _reader(self):
+        if self._read_view is None:
+            self._read_buf = bytearray(_HDR + MAX_PAYLOAD + 4)
+            self._read_view = memoryview(self._read_buf)
+        return self._read_view
 
     # -- records in RAM
     def _append(self, kind, boot, seq, payload, now):
@@ -137,7 +144,6 @@ class Queue:
         return True
 
     def _drop_oldest(self, now):
-        self.dropped += 1
         boot, seq = self._boot[0], self._seq[0]
         off = self._off[0]
         self._remove(0)
@@ -147,6 +153,9 @@ class Queue:
         else:
             self._dead += 1
         self._append(DROP, boot, seq, None, now)  # persists the dropped counter
+        # counted after the append: a full buffer makes it flush first, and a compaction there writes the
+        # counter into the new HEAD, which must not already hold the drop this DROP record counts again
+        self.dropped += 1
 
     def ack(self, boot, seq, now=0):
         """Remove an acknowledged report; False when it is not queued (already gone)."""
@@ -259,7 +268,7 @@ class Queue:
             f = open(self.path, "rb")
         except OSError:
             return
-        hv = self._read_view[:_HDR]
+        hv = self._reader()[:_HDR]
         pos = 0
         torn = False
         with f:

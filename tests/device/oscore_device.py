@@ -59,7 +59,7 @@ def main():
             pl = cbor.dumps(
                 {2: arg or ident.id, 10: 1, 11: seq, 12: 5, 13: 100000, 14: 0, 15: 0, 16: "unix", 17: "test"}
             )
-            c.report(pl, 1, seq, lambda code, b, s: res.append(code))
+            c.report(pl, 1, seq, lambda code, b, s, *wait: res.append(code))
             run(c, lambda: res)
             out({"a": "report", "code": res[0] if res else -9})
         elif name == "path":

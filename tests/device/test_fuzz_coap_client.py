@@ -95,8 +95,9 @@ class Rig(F.ClientRig):
         self.c.on_config = self.on_config
         self.sent = []  # (mid, tok, tkl) of requests the client sent
 
-    def reported(self, code, boot, seq):
+    def reported(self, code, boot, seq, wait_s=-1):
         ok(type(code) is int and (boot, seq) == (7, 9), "report result %r" % ((code, boot, seq),))
+        ok(type(wait_s) is int and (wait_s == -1 or code in (429, 503) and wait_s >= 0), "wait %r" % wait_s)
         self.keep(code)
 
     def collect(self):

@@ -206,3 +206,21 @@ def test_regression_ack_that_drains_queue_survives_shutdown():
         eq([R.key(i) for i in range(R.count)], [(1, 13), (1, 14), (1, 2), (1, 28)])
 
     _with_dir(t)
+
+
+def test_regression_drop_that_fills_the_buffer_counts_once():
+    # fuzz finding (with the RAM buffer sized to one largest record): dropping the oldest report appends a DROP
+    # record; when that append found the buffer full it flushed first, the flush compacted the file, and the new
+    # HEAD already held the incremented dropped counter, which the DROP record then counted again at the reboot.
+    def t(p):
+        Q = q.Queue(p, cap=2, batch=100, max_file=600)
+        Q.put(1, 1, b"a" * q.MAX_PAYLOAD)
+        Q.flush()
+        Q.put(1, 2, b"b" * (q.BUF - q.REC - 10))
+        Q.put(1, 3, b"c" * 5)  # the queue is full: (1, 1) goes, its DROP record does not fit the buffer
+        eq(Q.dropped, 1)
+        Q.flush()
+        R = q.Queue(p, cap=2)
+        eq(([R.key(i) for i in range(R.count)], R.dropped), ([(1, 2), (1, 3)], 1))
+
+    _with_dir(t)
