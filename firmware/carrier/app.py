@@ -15,15 +15,19 @@
 import gc
 import sys
 import time
-import struct
 import select
 from micropython import const
 
-from carrier import VERSION, hal, log
-from carrier.config import Config, ack_payload
-from carrier.queue import Queue
-from carrier.reporter import Reporter
-from carrier.console import Console
+from carrier import hal, log
+from carrier.config import ack_payload
+
+if False:  # for mypy only (MicroPython drops the block): the types boot() gives App's attributes
+    from typing import Any
+    from carrier.config import Config
+    from carrier.console import Console
+    from carrier.identity import Identity
+    from carrier.queue import Queue
+    from carrier.reporter import Reporter
 
 SAFE_AFTER = 3         # crashes within STABLE_MS of boot, in a row, before safe mode
 STABLE_MS = 60000      # uptime after which a boot counts as good
@@ -33,10 +37,19 @@ _RETRY_MIN = const(2000)       # transport restart backoff
 _RETRY_MAX = const(120000)
 _CFG_REFRESH_MS = const(600000)  # re-register the CoAP /cfg observation
 RTC_MAGIC = b"IDA1"
-KV_BOOT = "boot"
 
 
 class App:
+    # set by boot() (startup.py); the annotations cost nothing on the device
+    boot_n: int
+    streak: int
+    console: "Console"
+    cfg: "Config"
+    queue: "Queue"
+    ident: "Identity | None"
+    reporter: "Reporter | None"
+    transport: "Any"
+
     def __init__(self, h, wdt_ms=_WDT_MS, interval=None, fault=None):
         self.hal = h
         self.wdt_ms = wdt_ms
@@ -67,69 +80,11 @@ class App:
 
     # ---- boot
     def boot(self):
-        h = self.hal
-        now = h.ticks()
-        self._last = now
-        self.boot_n = self._count_boot()
-        self.streak = self._streak(1)
-        self.safe = self.streak > SAFE_AFTER or h.button()
-        self.console = Console(self, h.con_write, h.con_read, h.board.console != "stdio")
-        log.sink = self.console.log_line
-        from carrier import identity  # boot and the console's commands use it
+        from carrier import startup  # boot-only code, dropped again once the device runs (see _unload)
         try:
-            self.ident = identity.load(h)
-        except identity.IdentityError as e:
-            self.ident_error = str(e)
-        self.cfg = Config(h, self.default_interval or 60)
-        self.queue = Queue(h.root + "q.dat")
-        log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
-            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.queue.count, self.queue.dropped,
-            self.queue.corrupt))
-        if self.cfg.error:
-            log.w("cfg", self.cfg.error)
-        if h.con is not None:
-            self.poller.register(h.con, select.POLLIN)
-            self._con_reg = True
-        h.wdt_start(self.wdt_ms)
-        if self.fault == "hang":  # test hook: a stuck loop, which the watchdog must end
-            while True:
-                h.sleep_ms(100)
-        if self.ident is None:
-            log.w("app", "not provisioned (%s): console only; use: provision <id> <url>" % (
-                self.ident_error or "no identity.json"))
-            return
-        i = self.ident
-        log.i("app", "id=%s transport=%s key=%s" % (i.id, i.transport, i.fingerprint()))
-        if self.safe:
-            log.w("app", "safe mode: %d quick crashes in a row (or button held): console only, no network"
-                  % (self.streak - 1))
-            return
-        self.reporter = Reporter(h, i.id, self.queue, self.boot_n, self.cfg.interval, h.board.name, VERSION)
-        self.reporter.start(now)
-        self.cfg.on_change = self._cfg_changed
-        if self.fault == "boot":
-            raise RuntimeError("injected boot fault")
-        h.net_set(True, i.wifi)
-        t = self._make_transport(i)
-        t.on_config = self._on_config
-        self.transport = t
-
-    def _make_transport(self, i):
-        # imported here: a device loads only the transport it uses
-        if i.transport == "mqtt":
-            from carrier import mqttdevice
-            return mqttdevice.Transport(i, self.poller)
-        if i.secure:  # OSCORE-protected CoAP (docs/security.md)
-            from carrier import oscore
-            return oscore.Client(i, self.poller, store=self.hal)
-        from carrier import coap
-        return coap.Client(i, self.poller)
-
-    def _count_boot(self):
-        b = self.hal.kv_get(KV_BOOT)
-        n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
-        self.hal.kv_set(KV_BOOT, struct.pack("<I", n))
-        return n
+            startup.boot(self)
+        finally:
+            _unload("startup", "identity", "idsyntax")
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
@@ -280,6 +235,17 @@ class App:
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
                 ("cfgver", self.cfg.cfgver), ("heap_free", free), ("heap_used", used),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
+
+
+def _unload(*names):
+    """Drop modules of the carrier package only boot needs, so the heap no longer holds their code (bytecode,
+    when imported from .mpy files) once nothing refers to them: the identity record that boot keeps has no methods
+    (identity.py). A later import (a console command) loads them again."""
+    pkg = sys.modules.get("carrier")
+    for n in names:
+        sys.modules.pop("carrier." + n, None)
+        if pkg is not None and n in pkg.__dict__:
+            delattr(pkg, n)
 
 
 def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):

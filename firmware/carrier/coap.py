@@ -19,22 +19,32 @@ from carrier import cbor, devicemsg, rcache
 from carrier.coapmsg import CoapError, Msg, config_request, decode, dotted, header, post_request, resolve_request
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
-_CON = const(0)        # mirrors coapmsg.CON
-_ACK = const(2)        # mirrors coapmsg.ACK
-_RST = const(3)        # mirrors coapmsg.RST
-_VALID = const(67)     # mirrors coapmsg.VALID
-_CHANGED = const(68)   # mirrors coapmsg.CHANGED
-_CONTENT = const(69)   # mirrors coapmsg.CONTENT
-_TOO_MANY = const(157)      # CoAP 4.29
-_UNAVAILABLE = const(163)   # CoAP 5.03
-_RX_MAX = const(1152)  # mirrors coapmsg.RX_MAX
+_BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
+_INTERNAL = const(500)     # mirrors devicemsg.INTERNAL
+_K_BOOT = const(10)        # mirrors devicemsg.K_BOOT
+_K_CFGVER = const(20)      # mirrors devicemsg.K_CFGVER
+_K_CODE = const(3)         # mirrors devicemsg.K_CODE
+_K_MSG = const(9)          # mirrors devicemsg.K_MSG
+_K_SEQ = const(11)         # mirrors devicemsg.K_SEQ
+_NOT_FOUND = const(100)    # mirrors devicemsg.NOT_FOUND
+_NO_RESPONSE = const(-1)   # mirrors devicemsg.NO_RESPONSE
+_TOO_LARGE = const(413)    # mirrors devicemsg.TOO_LARGE
+_CON = const(0)            # mirrors coapmsg.CON
+_ACK = const(2)            # mirrors coapmsg.ACK
+_RST = const(3)            # mirrors coapmsg.RST
+_VALID = const(67)         # mirrors coapmsg.VALID
+_CHANGED = const(68)       # mirrors coapmsg.CHANGED
+_CONTENT = const(69)       # mirrors coapmsg.CONTENT
+_TOO_MANY = const(157)     # CoAP 4.29
+_UNAVAILABLE = const(163)  # CoAP 5.03
+_RX_MAX = const(1152)      # mirrors coapmsg.RX_MAX
 
-_ACK_TIMEOUT = const(2000)      # ms
-_ACK_RANDOM = const(1000)       # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
+_ACK_TIMEOUT = const(2000)  # ms
+_ACK_RANDOM = const(1000)   # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
 _MAX_RETRANSMIT = const(4)
-_SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
+_SEPARATE_WAIT = const(60000)  # ms to wait for a separate response after an empty ACK
 SLOTS = const(4)
-_BODY_MAX = const(2048)         # largest Block2-reassembled answer
+_BODY_MAX = const(2048)  # largest Block2-reassembled answer
 _DEDUP = const(8)
 
 _FREE = const(0)
@@ -44,12 +54,6 @@ _K_RESOLVE = const(1)
 _K_REPORT = const(2)
 _K_CFG = const(3)
 _K_CFGACK = const(4)
-
-# CoAP response code -> protocol code (docs/protocol.md#codes), when the payload carries none
-_CODES = {67: devicemsg.NOT_MODIFIED, 128: devicemsg.BAD_REQUEST, 131: devicemsg.FORBIDDEN,
-          132: devicemsg.NOT_FOUND, 141: devicemsg.TOO_LARGE, 157: devicemsg.RATE_LIMITED,
-          163: devicemsg.UPSTREAM_UNAVAILABLE, 164: devicemsg.UPSTREAM_TIMEOUT}
-
 
 def _rand(n):
     b = os.urandom(2)
@@ -128,7 +132,7 @@ class Client:
         self._obs = -1
         for ex in self.exchanges:
             if ex.state:
-                self._finish(ex, devicemsg.NO_RESPONSE, None)
+                self._finish(ex, _NO_RESPONSE, None)
 
     def ready(self):
         return self._free() is not None
@@ -222,7 +226,7 @@ class Client:
         try:
             self._build_get(ex)
         except CoapError:
-            cb((devicemsg.TOO_LARGE, target, None, 0, "identifier too long for a request"))
+            cb((_TOO_LARGE, target, None, 0, "identifier too long for a request"))
             return True
         self._send(ex, self.now)
         return True
@@ -237,7 +241,7 @@ class Client:
         except CoapError:
             ex.callback = ex.arg = None
             if cb:
-                cb(devicemsg.TOO_LARGE, arg[0], arg[1])
+                cb(_TOO_LARGE, arg[0], arg[1])
             return True
         self._send(ex, self.now)
         return True
@@ -284,7 +288,7 @@ class Client:
                     self.errors += 1
                     for ex in self.exchanges:
                         if ex.state == _WAIT_ACK:
-                            self._finish(ex, devicemsg.NO_RESPONSE, None)
+                            self._finish(ex, _NO_RESPONSE, None)
                 elif not e.args or e.args[0] != EAGAIN:
                     self.errors += 1
                 break
@@ -302,7 +306,7 @@ class Client:
                     self._send(ex, now, False)
                 else:
                     self.errors += 1
-                    self._finish(ex, devicemsg.NO_RESPONSE, None)
+                    self._finish(ex, _NO_RESPONSE, None)
 
     def _empty(self, mtype, mid):
         a = self._empty_buf
@@ -333,7 +337,7 @@ class Client:
                 return
             if m.type == _RST:
                 self.errors += 1
-                self._finish(ex, devicemsg.NO_RESPONSE, None)
+                self._finish(ex, _NO_RESPONSE, None)
             elif m.code == 0:
                 ex.state = _WAIT_RESP
                 ex.due = time.ticks_add(now, _SEPARATE_WAIT)
@@ -374,12 +378,12 @@ class Client:
         m = self._msg
         pl = self._rx_view[m.payload_at:m.length]
         if m.crit:
-            self._finish(ex, devicemsg.INTERNAL, None)
+            self._finish(ex, _INTERNAL, None)
             return
         if m.block2 >= 0 and m.code == _CONTENT and ex.kind in (_K_RESOLVE, _K_CFG):
             num = m.block2 >> 4
             if num != ex.block or (num and m.etag != ex.etag):
-                self._finish(ex, devicemsg.INTERNAL, None)
+                self._finish(ex, _INTERNAL, None)
                 return
             if num == 0:
                 ex.etag = m.etag
@@ -388,7 +392,7 @@ class Client:
                     self._body = bytearray(_BODY_MAX)
             k = len(pl)
             if self._body_len + k > _BODY_MAX:
-                self._finish(ex, devicemsg.TOO_LARGE, None)
+                self._finish(ex, _TOO_LARGE, None)
                 return
             self._body[self._body_len:self._body_len + k] = pl
             self._body_len += k
@@ -420,10 +424,10 @@ class Client:
             if code == _CHANGED:
                 try:
                     a = devicemsg.decode("report_ack", pl)
-                    c = a[devicemsg.K_CODE] if a[devicemsg.K_BOOT] == boot and a[devicemsg.K_SEQ] == seq else devicemsg.INTERNAL
-                    self.cfg_hint = a.get(devicemsg.K_CFGVER, self.cfg_hint)
+                    c = a[_K_CODE] if a[_K_BOOT] == boot and a[_K_SEQ] == seq else _INTERNAL
+                    self.cfg_hint = a.get(_K_CFGVER, self.cfg_hint)
                 except devicemsg.WireError:
-                    c = devicemsg.BAD_REQUEST
+                    c = _BAD_REQUEST
                 cb(c, boot, seq)
             elif (code == _UNAVAILABLE or code == _TOO_MANY) and m.max_age >= 0:
                 # overloaded or rate-limited: the gateway says when to come back (Max-Age)
@@ -443,14 +447,20 @@ def _failure(code, target, pl):
     if code < 0:
         return (code, target, None, 0, "no response")
     msg = dotted(code)
-    c = _CODES.get(code, devicemsg.BAD_REQUEST if code < 160 else devicemsg.INTERNAL)
+    # the protocol code of the CoAP code (docs/protocol.md#codes): c.dd -> c*100 + dd, but 4.04 -> NOT_FOUND
+    if code == 132:
+        c = _NOT_FOUND
+    elif code in (67, 128, 131, 141, 157, 163, 164):  # 2.03 4.00 4.03 4.13 4.29 5.03 5.04
+        c = (code >> 5) * 100 + (code & 31)
+    else:
+        c = _BAD_REQUEST if code < 160 else _INTERNAL
     if pl is not None and len(pl):
         try:
             e = cbor.loads(pl)
-            if type(e) is dict and type(e.get(devicemsg.K_CODE)) is int:
-                c = e[devicemsg.K_CODE]
-                if type(e.get(devicemsg.K_MSG)) is str:
-                    msg = e[devicemsg.K_MSG]
+            if type(e) is dict and type(e.get(_K_CODE)) is int:
+                c = e[_K_CODE]
+                if type(e.get(_K_MSG)) is str:
+                    msg = e[_K_MSG]
         except cbor.CBORError:
             pass
     return (c, target, None, 0, msg)

@@ -32,7 +32,7 @@ def c_id(con, a):
     i = app.ident
     d = [("id", i.id if i else None)]
     if i:
-        d += [("transport", i.transport), ("key", i.fingerprint())]
+        d += [("transport", i.transport), ("key", identity.fingerprint(i.key))]
     else:
         d.append(("error", app.ident_error or "not provisioned"))
     return d + [("uid", app.hal.uid().hex()), ("board", app.hal.board.name), ("fw", VERSION)]
@@ -95,7 +95,7 @@ def _config_get(app, key):
     d = []
     if i:
         d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
-             ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
+             ("mqtt", i.urls.get("mqtt")), ("key", identity.fingerprint(i.key))]
     d += [("interval", app.cfg.interval), ("cfgver", app.cfg.cfgver), ("meta", app.cfg.meta),
           ("board", app.hal.board.name), ("fw", VERSION)]
     if key is None:
@@ -118,9 +118,9 @@ def _config_set(app, key, value):
         if app.ident is None:
             raise ValueError("not provisioned")
         base = app.pending or app.ident
-        d = base.to_dict()
+        d = identity.to_dict(base)
         d[key] = value
-        new = identity.Identity(d, base.key)
+        new = identity.parse(d, base.key)
         identity.save(app.hal, new)
         app.pending = new  # applied at the next boot
         return [(key, value), ("note", "saved; reboot to apply")]
@@ -204,8 +204,9 @@ def c_provision(con, a):
     d = {"id": text, "transport": scheme, scheme: url}
     if keyhex is not None:
         d["key"] = keyhex
-    new = identity.Identity(d, None if keyhex is not None else os.urandom(16))
+    new = identity.parse(d, None if keyhex is not None else os.urandom(16))
     identity.save(app.hal, new)
-    log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
+    fp = identity.fingerprint(new.key)
+    log.i("app", "provisioned id=%s key=%s" % (new.id, fp))
     app.request_reboot()
-    return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
+    return [("id", new.id), ("key", fp), ("rebooting", True)]

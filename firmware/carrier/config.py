@@ -7,6 +7,16 @@ from micropython import const
 
 from carrier import cbor, hal, devicemsg
 
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
+_K_CFGVER = const(20)      # mirrors devicemsg.K_CFGVER
+_K_CODE = const(3)         # mirrors devicemsg.K_CODE
+_K_ID = const(2)           # mirrors devicemsg.K_ID
+_K_INTERVAL = const(21)    # mirrors devicemsg.K_INTERVAL
+_K_META = const(22)        # mirrors devicemsg.K_META
+_K_MSG = const(9)          # mirrors devicemsg.K_MSG
+_OK = const(1)             # mirrors devicemsg.OK
+
 FILE = "config.json"
 DEFAULT_INTERVAL = 60
 _META_MAX_ENTRIES = const(16)
@@ -48,25 +58,25 @@ class Config:
             m = devicemsg.decode("config", payload)
         except devicemsg.WireError as e:
             self.rejected += 1
-            return devicemsg.BAD_REQUEST, _cfgver_of(payload), str(e)
-        v = m[devicemsg.K_CFGVER]
-        meta = m.get(devicemsg.K_META)
+            return _BAD_REQUEST, _cfgver_of(payload), str(e)
+        v = m[_K_CFGVER]
+        meta = m.get(_K_META)
         msg = check_meta(meta) if meta is not None else None
         if msg:
             self.rejected += 1
-            return devicemsg.BAD_REQUEST, v, msg
+            return _BAD_REQUEST, v, msg
         if v <= self.cfgver:
-            return devicemsg.OK, v, "not newer than applied cfgver %d" % self.cfgver
+            return _OK, v, "not newer than applied cfgver %d" % self.cfgver
         self.cfgver = v
-        if devicemsg.K_INTERVAL in m:
-            self.interval = m[devicemsg.K_INTERVAL]
+        if _K_INTERVAL in m:
+            self.interval = m[_K_INTERVAL]
         if meta is not None:
             self.meta = meta
         self.save()
         self.applied += 1
         if self.on_change:
             self.on_change()
-        return devicemsg.OK, v, None
+        return _OK, v, None
 
     def set_interval(self, s):
         """Local change from the console (cfgver unchanged); ValueError when out of range."""
@@ -97,14 +107,14 @@ def check_meta(meta):
 
 def _cfgver_of(payload):
     try:
-        v = cbor.loads(payload).get(devicemsg.K_CFGVER)
+        v = cbor.loads(payload).get(_K_CFGVER)
     except (cbor.CBORError, AttributeError):
         return 0
     return v if type(v) is int and v >= 0 else 0
 
 
 def ack_payload(ident, code, cfgver, msg=None):
-    m = {devicemsg.K_ID: ident, devicemsg.K_CFGVER: cfgver, devicemsg.K_CODE: code}
+    m = {_K_ID: ident, _K_CFGVER: cfgver, _K_CODE: code}
     if msg:
-        m[devicemsg.K_MSG] = msg
+        m[_K_MSG] = msg
     return devicemsg.encode("config_ack", m)

@@ -258,9 +258,6 @@ class Queue:
         hal.remove(self.path)
         hal.remove(self.path + ".tmp")
 
-    def depth(self):
-        return self.count
-
     # -- boot
     def _load(self):
         hal.remove(self.path + ".tmp")  # a compaction cut short: the old file is still whole
@@ -268,7 +265,8 @@ class Queue:
             f = open(self.path, "rb")
         except OSError:
             return
-        hv = self._reader()[:_HDR]
+        rv = self._reader()
+        hv = rv[:_HDR]
         pos = 0
         torn = False
         with f:
@@ -283,9 +281,9 @@ class Queue:
                 if not REPORT <= kind <= HEAD or n > MAX_PAYLOAD or (kind != REPORT and n):
                     torn = True
                     break
-                body = self._read_view[_HDR:_HDR + n + 4]
+                body = rv[_HDR:_HDR + n + 4]
                 if f.readinto(body) != n + 4 or \
-                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", self._read_buf, _HDR + n)[0]:
+                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", rv, _HDR + n)[0]:
                     torn = True
                     break
                 if kind == REPORT:

@@ -66,7 +66,7 @@ def write(root, ident, url):
         if i % 4 == 0:
             n = (i // 4) % 2
             print("I", n)
-            identity.save(h, identity.Identity(ident_doc(ident, url, n)))
+            identity.save(h, identity.parse(ident_doc(ident, url, n)))
 
 
 def check(root, ident):

@@ -40,7 +40,7 @@ def make(ident, h):
 def main():
     root, ident_json = sys.argv[1], sys.argv[2]
     h = Hal(root=root)
-    ident = identity.Identity(json.loads(ident_json))
+    ident = identity.parse(json.loads(ident_json))
     c = make(ident, h)
     c.start(time.ticks_ms())
     configs = []

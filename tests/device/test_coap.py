@@ -4,7 +4,7 @@
 from mptest import eq, ok, note
 from fwfakes import FakeSock, coap_reply
 from carrier import coap, coapmsg, cbor, devicemsg
-from carrier.identity import Identity
+from carrier import identity
 
 ID24 = "88.123.99/PUMP-0001-ABCD"  # 24 characters
 
@@ -14,7 +14,7 @@ def h(s):
 
 
 def _client(idt=ID24):
-    c = coap.Client(Identity({"id": idt, "coap": "coap://127.0.0.1", "key": "00" * 16}))
+    c = coap.Client(identity.parse({"id": idt, "coap": "coap://127.0.0.1", "key": "00" * 16}))
     c.sock = FakeSock()
     c.now = 1000
     return c

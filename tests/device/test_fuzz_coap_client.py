@@ -9,7 +9,7 @@ import fuzzlib as F
 from fwfakes import FakeSock, coap_reply as _reply
 from carrier import coap, coapmsg, cbor
 from carrier import config as fwconfig
-from carrier.identity import Identity
+from carrier import identity
 
 ID = "88.123.99/PUMP-0001"
 TARGETS = ("88.1/X", "88.123.99/PUMP-0001", "0.NA/88.1", "88.1/" + "s" * 200, "88.1/a/b/c")
@@ -89,7 +89,7 @@ def _opts():
 class Rig(F.ClientRig):
     def __init__(self):
         F.ClientRig.__init__(self, "fzc")
-        self.c = coap.Client(Identity({"id": ID, "coap": "coap://127.0.0.1", "key": "00" * 16}))
+        self.c = coap.Client(identity.parse({"id": ID, "coap": "coap://127.0.0.1", "key": "00" * 16}))
         self.c.sock = FakeSock()
         self.c.now = self.now = 1000
         self.c.on_config = self.on_config

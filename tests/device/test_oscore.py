@@ -238,12 +238,12 @@ def test_cost_of_protect_and_unprotect():
 def test_retransmissions_repeat_the_protected_bytes():
     # every request is protected into one buffer the exchanges share, again at each retransmission with the
     # request's own sequence number (and Echo): the bytes on the wire are the first ones, the numbers not spent
-    from carrier.identity import Identity
+    from carrier import identity
     from fwfakes import FakeHal, FakeSock, tmpdir, rmtree
 
     d = tmpdir("osc")
     try:
-        ident = Identity({"id": "88.1/x", "coap": "coap://127.0.0.1", "key": "00" * 16, "secure": True})
+        ident = identity.parse({"id": "88.1/x", "coap": "coap://127.0.0.1", "key": "00" * 16, "secure": True})
         c = oscore.Client(ident, store=FakeHal(d))
         c.sock = FakeSock()
         c.now = 1000
