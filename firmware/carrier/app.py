@@ -19,7 +19,6 @@ import select
 from micropython import const
 
 from carrier import hal, log
-from carrier.config import ack_payload
 
 if False:  # for mypy only (MicroPython drops the block): the types boot() gives App's attributes
     from typing import Any
@@ -84,7 +83,7 @@ class App:
         try:
             startup.boot(self)
         finally:
-            _unload("startup", "identity", "idsyntax")
+            _unload("startup", "identity", "idsyntax", "config")
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
@@ -191,12 +190,16 @@ class App:
             ident, code, len(values) if values else 0, src, " msg=" + msg if msg else ""))
 
     def _on_config(self, payload):
-        code, v, msg = self.cfg.apply(payload)
-        log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
-        t = self.transport
-        i = self.ident
-        if self.transport_on and t is not None and i is not None:
-            t.cfg_ack(ack_payload(i.id, code, v, msg))
+        from carrier import config  # only for a config change: dropped again afterwards
+        try:
+            code, v, msg = config.apply(self.cfg, payload)
+            log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
+            t = self.transport
+            i = self.ident
+            if self.transport_on and t is not None and i is not None:
+                t.cfg_ack(config.ack_payload(i.id, code, v, msg))
+        finally:
+            _unload("config")
 
     def _cfg_changed(self):
         if self.reporter:

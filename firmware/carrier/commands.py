@@ -112,7 +112,8 @@ def _config_set(app, key, value):
             s = int(value)
         except ValueError:
             raise ValueError("interval must be a number of seconds")
-        app.cfg.set_interval(s)
+        from carrier import config
+        config.set_interval(app.cfg, s)
         return {"interval": s}
     if key in ("transport", "coap", "mqtt"):
         if app.ident is None:

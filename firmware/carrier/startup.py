@@ -5,9 +5,8 @@
 import struct
 import select
 
-from carrier import VERSION, identity, log
+from carrier import VERSION, config, identity, log
 from carrier.app import SAFE_AFTER
-from carrier.config import Config
 from carrier.console import Console
 from carrier.queue import Queue
 from carrier.reporter import Reporter
@@ -29,7 +28,7 @@ def boot(app):
     except identity.IdentityError as e:
         app.ident_error = str(e)
         i = None
-    app.cfg = cfg = Config(h, app.default_interval or 60)
+    app.cfg = cfg = config.load(h, app.default_interval or 60)
     app.queue = q = Queue(h.root + "q.dat")
     log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
         app.boot_n, VERSION, h.board.name, app.safe, app.streak, q.count, q.dropped, q.corrupt))
