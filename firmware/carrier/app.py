@@ -51,9 +51,9 @@ class App:
 
     def __init__(self, h, wdt_ms=_WDT_MS, interval=None, fault=None):
         self.hal = h
-        self.wdt_ms = wdt_ms
-        self.default_interval = interval
-        self.fault = fault  # test hooks: "boot" raises after the crash streak is counted, "hang" stops feeding
+        # for boot: watchdog ms, report interval until configured, test hook ("boot" raises after the crash
+        # streak is counted, "hang" stops feeding the watchdog)
+        self.args = (wdt_ms, interval, fault)
         self.poller = select.poll()
         self.ident = None
         self.ident_error = None
@@ -83,7 +83,7 @@ class App:
         try:
             startup.boot(self)
         finally:
-            _unload("startup", "identity", "idsyntax", "config")
+            _unload("startup", "identity", "idsyntax", "config", "qreplay")
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""

@@ -21,11 +21,11 @@ from carrier.coapmsg import CoapError, Msg, config_request, decode, dotted, head
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
 _BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
 _INTERNAL = const(500)     # mirrors devicemsg.INTERNAL
-_K_BOOT = const(10)        # mirrors devicemsg.K_BOOT
-_K_CFGVER = const(20)      # mirrors devicemsg.K_CFGVER
-_K_CODE = const(3)         # mirrors devicemsg.K_CODE
-_K_MSG = const(9)          # mirrors devicemsg.K_MSG
-_K_SEQ = const(11)         # mirrors devicemsg.K_SEQ
+_K_BOOT = const(10)        # mirrors devicemsg._K_BOOT
+_K_CFGVER = const(20)      # mirrors devicemsg._K_CFGVER
+_K_CODE = const(3)         # mirrors devicemsg._K_CODE
+_K_MSG = const(9)          # mirrors devicemsg._K_MSG
+_K_SEQ = const(11)         # mirrors devicemsg._K_SEQ
 _NOT_FOUND = const(100)    # mirrors devicemsg.NOT_FOUND
 _NO_RESPONSE = const(-1)   # mirrors devicemsg.NO_RESPONSE
 _TOO_LARGE = const(413)    # mirrors devicemsg.TOO_LARGE

@@ -141,7 +141,7 @@ def c_selftest(con, a):
     app = con.app
     c = {}
     try:
-        m = {devicemsg.K_ID: "0.NA/TEST", devicemsg.K_ONLINE: True}
+        m = {2: "0.NA/TEST", 24: True}  # a `status` message: id, online
         c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
     except ValueError:
         c["cbor"] = False

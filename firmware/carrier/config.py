@@ -10,12 +10,12 @@ from carrier import cbor, hal, devicemsg
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
 _BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
-_K_CFGVER = const(20)      # mirrors devicemsg.K_CFGVER
-_K_CODE = const(3)         # mirrors devicemsg.K_CODE
-_K_ID = const(2)           # mirrors devicemsg.K_ID
-_K_INTERVAL = const(21)    # mirrors devicemsg.K_INTERVAL
-_K_META = const(22)        # mirrors devicemsg.K_META
-_K_MSG = const(9)          # mirrors devicemsg.K_MSG
+_K_CFGVER = const(20)      # mirrors devicemsg._K_CFGVER
+_K_CODE = const(3)         # mirrors devicemsg._K_CODE
+_K_ID = const(2)           # mirrors devicemsg._K_ID
+_K_INTERVAL = const(21)    # mirrors devicemsg._K_INTERVAL
+_K_META = const(22)        # mirrors devicemsg._K_META
+_K_MSG = const(9)          # mirrors devicemsg._K_MSG
 _OK = const(1)             # mirrors devicemsg.OK
 
 FILE = "config.json"

@@ -16,17 +16,17 @@ from carrier.mqtt import Client, Session, password
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
 _BAD_REQUEST = const(400)   # mirrors devicemsg.BAD_REQUEST
-_K_BOOT = const(10)         # mirrors devicemsg.K_BOOT
-_K_CFGVER = const(20)       # mirrors devicemsg.K_CFGVER
-_K_CODE = const(3)          # mirrors devicemsg.K_CODE
-_K_ETAG = const(6)          # mirrors devicemsg.K_ETAG
-_K_ID = const(2)            # mirrors devicemsg.K_ID
-_K_MSG = const(9)           # mirrors devicemsg.K_MSG
-_K_ONLINE = const(24)       # mirrors devicemsg.K_ONLINE
-_K_SEQ = const(11)          # mirrors devicemsg.K_SEQ
-_K_TOKEN = const(1)         # mirrors devicemsg.K_TOKEN
-_K_TTL = const(5)           # mirrors devicemsg.K_TTL
-_K_TYPES = const(7)         # mirrors devicemsg.K_TYPES
+_K_BOOT = const(10)         # mirrors devicemsg._K_BOOT
+_K_CFGVER = const(20)       # mirrors devicemsg._K_CFGVER
+_K_CODE = const(3)          # mirrors devicemsg._K_CODE
+_K_ETAG = const(6)          # mirrors devicemsg._K_ETAG
+_K_ID = const(2)            # mirrors devicemsg._K_ID
+_K_MSG = const(9)           # mirrors devicemsg._K_MSG
+_K_ONLINE = const(24)       # mirrors devicemsg._K_ONLINE
+_K_SEQ = const(11)          # mirrors devicemsg._K_SEQ
+_K_TOKEN = const(1)         # mirrors devicemsg._K_TOKEN
+_K_TTL = const(5)           # mirrors devicemsg._K_TTL
+_K_TYPES = const(7)         # mirrors devicemsg._K_TYPES
 _NOT_MODIFIED = const(203)  # mirrors devicemsg.NOT_MODIFIED
 _NO_RESPONSE = const(-1)    # mirrors devicemsg.NO_RESPONSE
 _OK = const(1)              # mirrors devicemsg.OK

@@ -6,7 +6,7 @@
 # BATCH reports are waiting, the oldest buffered record is FLUSH_MS old, or flush() is called (before a
 # reboot or deep sleep). A report acknowledged while still in RAM never touches flash: a device that is
 # online writes nothing. When the queue is full the oldest report goes (counted, persisted). At boot the
-# file is replayed; a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
+# file is replayed (qreplay.py); a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
 # temp file + rename) with the live reports only, as it is whenever it grows past max_file or drains.
 import struct
 import binascii
@@ -52,12 +52,11 @@ class Queue:
         self._bsince = 0   # ticks when _buf got its first record
         self._read_buf = None  # records read back from flash: allocated when the file first holds one
         self._read_view = None
-        self._head_buf = bytearray(_HDR)
-        self._crc_buf = bytearray(4)
         self._size = 0     # bytes of valid records in the file
         self._dead = 0     # records in the file that no longer matter
         self._compact = False
-        self._load()
+        from carrier import qreplay  # boot only (startup drops it again): the file -> the index above
+        qreplay.load(self)
 
     # -- index
     def _find(self, boot, seq):
@@ -218,8 +217,8 @@ class Queue:
     def compact(self):
         """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically."""
         tmp = self.path + ".tmp"
-        hb = self._head_buf
-        cb = self._crc_buf
+        hb = bytearray(_HDR)  # rare (drained, past max_file, a torn file at boot): made when needed
+        cb = bytearray(4)
         offs = array("i", bytes(4 * self.count))
         try:
             with open(tmp, "wb") as f:
@@ -259,56 +258,3 @@ class Queue:
         hal.remove(self.path + ".tmp")
 
     # -- boot
-    def _load(self):
-        hal.remove(self.path + ".tmp")  # a compaction cut short: the old file is still whole
-        try:
-            f = open(self.path, "rb")
-        except OSError:
-            return
-        rv = self._reader()
-        hv = rv[:_HDR]
-        pos = 0
-        torn = False
-        with f:
-            while True:
-                k = f.readinto(hv)
-                if not k:
-                    break
-                if k != _HDR:
-                    torn = True
-                    break
-                kind, n, boot, seq = struct.unpack("<BHII", hv)
-                if not REPORT <= kind <= HEAD or n > MAX_PAYLOAD or (kind != REPORT and n):
-                    torn = True
-                    break
-                body = rv[_HDR:_HDR + n + 4]
-                if f.readinto(body) != n + 4 or \
-                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", rv, _HDR + n)[0]:
-                    torn = True
-                    break
-                if kind == REPORT:
-                    if self.count >= self.cap:
-                        self._remove(0)
-                        self.dropped += 1
-                        self._dead += 1
-                    i = self.count
-                    self._boot[i] = boot
-                    self._seq[i] = seq
-                    self._off[i] = pos + _HDR
-                    self._len[i] = n
-                    self.count = i + 1
-                elif kind == HEAD:
-                    self.dropped = boot
-                else:
-                    i = self._find(boot, seq)
-                    if i >= 0:
-                        self._remove(i)
-                        self._dead += 1
-                    self._dead += 1
-                    if kind == DROP:
-                        self.dropped += 1
-                pos += REC + n
-        self._size = pos
-        if torn:
-            self.corrupt += 1
-            self.compact()  # drop the bad tail so later appends follow valid records

@@ -11,10 +11,10 @@ from carrier import devicemsg
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
 _BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
 _INTERNAL = const(500)     # mirrors devicemsg.INTERNAL
-_K_CODE = const(3)         # mirrors devicemsg.K_CODE
-_K_ID = const(2)           # mirrors devicemsg.K_ID
-_K_SOURCE = const(23)      # mirrors devicemsg.K_SOURCE
-_K_VALUES = const(4)       # mirrors devicemsg.K_VALUES
+_K_CODE = const(3)         # mirrors devicemsg._K_CODE
+_K_ID = const(2)           # mirrors devicemsg._K_ID
+_K_SOURCE = const(23)      # mirrors devicemsg._K_SOURCE
+_K_VALUES = const(4)       # mirrors devicemsg._K_VALUES
 _OK = const(1)             # mirrors devicemsg.OK
 
 _MAX_AGE_CAP = const(86400)  # s; keeps ticks arithmetic inside half the ticks period

@@ -1,7 +1,7 @@
 # The boot sequence of app.App (docs/firmware.md#boot-and-robustness): board, boot counter, crash streak and
 # safe mode, console, identity (none -> console-only provisioning mode), config, queue, reporter, network and
 # the transport the identity names. Only boot runs this module: App.boot() drops it again afterwards, with
-# identity.py and idsyntax.py, so a device that runs holds none of their code (app._unload).
+# identity.py, idsyntax.py, config.py and qreplay.py, so a device that runs holds none of their code (app._unload).
 import struct
 import select
 
@@ -16,6 +16,7 @@ KV_BOOT = "boot"
 
 def boot(app):
     h = app.hal
+    wdt_ms, interval, fault = app.args
     now = h.ticks()
     app._last = now
     app.boot_n = _count_boot(h)
@@ -28,7 +29,7 @@ def boot(app):
     except identity.IdentityError as e:
         app.ident_error = str(e)
         i = None
-    app.cfg = cfg = config.load(h, app.default_interval or 60)
+    app.cfg = cfg = config.load(h, interval or 60)
     app.queue = q = Queue(h.root + "q.dat")
     log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
         app.boot_n, VERSION, h.board.name, app.safe, app.streak, q.count, q.dropped, q.corrupt))
@@ -37,8 +38,8 @@ def boot(app):
     if h.con is not None:
         app.poller.register(h.con, select.POLLIN)
         app._con_reg = True
-    h.wdt_start(app.wdt_ms)
-    if app.fault == "hang":  # test hook: a stuck loop, which the watchdog must end
+    h.wdt_start(wdt_ms)
+    if fault == "hang":  # test hook: a stuck loop, which the watchdog must end
         while True:
             h.sleep_ms(100)
     if i is None:
@@ -53,7 +54,7 @@ def boot(app):
     app.reporter = r = Reporter(h, i.id, q, app.boot_n, cfg.interval, h.board.name, VERSION)
     r.start(now)
     cfg.on_change = app._cfg_changed
-    if app.fault == "boot":
+    if fault == "boot":
         raise RuntimeError("injected boot fault")
     h.net_set(True, i.wifi)
     t = _transport(i, app.poller, h)
