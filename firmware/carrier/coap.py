@@ -55,6 +55,9 @@ _K_REPORT = const(2)
 _K_CFG = const(3)
 _K_CFGACK = const(4)
 
+_NOTHING = memoryview(b"")
+
+
 def _rand(n):
     b = os.urandom(2)
     return ((b[0] << 8) | b[1]) % n
@@ -87,7 +90,7 @@ class Client:
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self.exchanges = [Exchange(size) for _ in range(SLOTS)]
-        self._rx_view = memoryview(b"")  # the datagram being handled
+        self._rx_view = _NOTHING  # the datagram being handled
         self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
         self._body_len = 0
         self._msg = Msg()
@@ -295,6 +298,10 @@ class Client:
             if not d:
                 break
             self.datagram(d, now)
+            # let the datagram go before the next recv: a 1152-byte buffer is the largest block the device asks
+            # the heap for, and a small object kept alive above its last place would split the free heap
+            d = None
+            self._rx_view = _NOTHING
             if self.sock is None:
                 return
         for ex in self.exchanges:

@@ -2,6 +2,7 @@
 # safe mode, console, identity (none -> console-only provisioning mode), config, queue, reporter, network and
 # the transport the identity names. Only boot runs this module: App.boot() drops it again afterwards, with
 # identity.py, idsyntax.py, config.py and qreplay.py, so a device that runs holds none of their code (app._unload).
+import gc
 import struct
 import select
 
@@ -57,6 +58,10 @@ def boot(app):
     if fault == "boot":
         raise RuntimeError("injected boot fault")
     h.net_set(True, i.wifi)
+    # boot's garbage (JSON of the files, log lines, grown tables) goes before the transport takes its buffers
+    # (the largest the device keeps): they then sit low in the heap, beside the rest, and the free heap above
+    # them stays in one piece for the datagrams, the largest allocations the device makes while it runs
+    gc.collect()
     t = _transport(i, app.poller, h)
     t.on_config = app._on_config
     app.transport = t
