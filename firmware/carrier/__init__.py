@@ -13,3 +13,18 @@ queue       flash queue of unacknowledged reports config     remote config: vali
 log         log lines and their RAM ring         hal/        esp32 and unix ports of the hardware layer
 """
 VERSION = "0.1.0"
+
+
+def unload(*names):
+    """Drop modules of this package that only boot or a rare event needs (startup, identity, config, qfile...), so
+    the heap no longer holds their code (their bytecode, when imported from .mpy files) once nothing refers to
+    them: what the device keeps of them are records without methods (identity.Identity, config.Config,
+    hal.boardfile.Board). The next import loads them again."""
+    import sys
+    for n in names:
+        name = "carrier." + n
+        sys.modules.pop(name, None)
+        parent, _, leaf = name.rpartition(".")
+        pkg = sys.modules.get(parent)
+        if pkg is not None and leaf in pkg.__dict__:
+            delattr(pkg, leaf)

@@ -18,7 +18,7 @@ import time
 import select
 from micropython import const
 
-from carrier import hal, log
+from carrier import hal, log, unload
 
 if False:  # for mypy only (MicroPython drops the block): the types boot() gives App's attributes
     from typing import Any
@@ -84,11 +84,11 @@ class App:
     # ---- boot
     def boot(self):
         gc.threshold(_GC_EVERY)
-        from carrier import startup  # boot-only code, dropped again once the device runs (see _unload)
+        from carrier import startup  # boot-only code, dropped again once the device runs (carrier.unload)
         try:
             startup.boot(self)
         finally:
-            _unload("startup", "identity", "idsyntax", "config", "qreplay")
+            unload("startup", "identity", "idsyntax", "config", "hal.boardfile")
             gc.collect()  # their code and boot's garbage: the heap the device runs in starts in one piece
 
     def _streak(self, add):
@@ -205,7 +205,7 @@ class App:
             if self.transport_on and t is not None and i is not None:
                 t.cfg_ack(config.ack_payload(i.id, code, v, msg))
         finally:
-            _unload("config")
+            unload("config")
 
     def _cfg_changed(self):
         if self.reporter:
@@ -244,17 +244,6 @@ class App:
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
                 ("cfgver", self.cfg.cfgver), ("heap_free", free), ("heap_used", used),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
-
-
-def _unload(*names):
-    """Drop modules of the carrier package only boot needs, so the heap no longer holds their code (bytecode,
-    when imported from .mpy files) once nothing refers to them: the identity record that boot keeps has no methods
-    (identity.py). A later import (a console command) loads them again."""
-    pkg = sys.modules.get("carrier")
-    for n in names:
-        sys.modules.pop("carrier." + n, None)
-        if pkg is not None and n in pkg.__dict__:
-            delattr(pkg, n)
 
 
 def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):

@@ -10,7 +10,6 @@
 #   cfg_ack(payload) on_config(payload) errors.
 import os
 import time
-import select
 import socket
 from errno import EAGAIN, ECONNREFUSED
 from micropython import const
@@ -85,8 +84,6 @@ class Client:
         self.idb = ident.idb
         self.poller = poller
         self.sock = None
-        self._rp = None  # poll object of the socket: recv only when a datagram waits (a recv that finds none
-        # raises, and leaves its receive buffer and the exception behind as garbage)
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self.exchanges = [Exchange(size) for _ in range(SLOTS)]
@@ -115,8 +112,6 @@ class Client:
         s.setblocking(False)
         s.connect(ai[-1])
         self.sock = s
-        rp = self._rp = select.poll()
-        rp.register(s, 1)
         if self.poller:
             self.poller.register(s, 1)
 
@@ -125,7 +120,6 @@ class Client:
         if s is None:
             return
         self.sock = None
-        self._rp = None
         if self.poller:
             try:
                 self.poller.unregister(s)
@@ -274,13 +268,16 @@ class Client:
         s = self.sock
         if s is None:
             return
-        rp = self._rp
+        p = self.poller
         for _ in range(8):  # bounded work per call
-            if rp is not None:
-                for _ in rp.ipoll(0):
-                    break
+            if p is not None:
+                # recv only when the poller says a datagram waits: a recv that finds none raises, and leaves
+                # its receive buffer and the exception behind as garbage
+                for o, _ev in p.ipoll(0):
+                    if o is s:
+                        break
                 else:
-                    break  # nothing waiting
+                    break
             try:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
                 d = s.recv(_RX_MAX)

@@ -27,7 +27,7 @@ _META_MAX_BYTES = const(512)
 class Config:
     """The applied config, as load() makes it. A record without methods: the device keeps it, and it must not
     keep this module in the heap with it (the app imports this module for a config change and drops it again:
-    app._unload). The annotations cost nothing on the device."""
+    carrier.unload). The annotations cost nothing on the device."""
 
     root: str  # data directory (config.json is written there)
     cfgver: int

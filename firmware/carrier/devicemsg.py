@@ -147,14 +147,3 @@ def decode(name, data):
 
 def encode(name, m):
     return cbor.dumps(check(name, m))
-
-
-_ESC = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "$": "%24"}
-
-
-def topic_key(ident):
-    """The identifier as one MQTT topic level (docs/protocol.md#mqtt)."""
-    out = []
-    for c in ident:
-        out.append(_ESC.get(c, c))
-    return "".join(out)

@@ -60,7 +60,7 @@ def fingerprint(key):
 
 class Identity:
     """This device's identity, as parse() makes it. A record without methods: the device keeps it after boot,
-    and it must not keep this module (or idsyntax) in the heap with it (app._unload). The annotations cost
+    and it must not keep this module (or idsyntax) in the heap with it (carrier.unload). The annotations cost
     nothing on the device (MicroPython drops them)."""
 
     id: str  # normalised

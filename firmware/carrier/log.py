@@ -75,9 +75,3 @@ def tail(n):
     for b in lines[-n:] if n > 0 else ():
         out.append(str(b, "utf-8"))
     return out
-
-
-def clear():
-    global _end, _wrapped
-    _end = 0
-    _wrapped = False

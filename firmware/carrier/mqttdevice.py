@@ -43,12 +43,23 @@ def _nop(*a):
     pass
 
 
+_ESC = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "$": "%24"}
+
+
+def topic_key(ident):
+    """The identifier as one MQTT topic level (docs/protocol.md#mqtt; proto.devicemsg.topic_key is its twin)."""
+    out = []
+    for c in ident:
+        out.append(_ESC.get(c, c))
+    return "".join(out)
+
+
 class Transport:
     name = "mqtt"
 
     def __init__(self, ident, poller=None, cache=None, keepalive=60, retry_ms=_RETRY_MS):
         self.id = ident.id
-        dev = devicemsg.topic_key(ident.id)
+        dev = topic_key(ident.id)
         base = "ida/v1/d/" + dev + "/"
         self.t_status = (base + "status").encode()
         self.t_req = (base + "req").encode()

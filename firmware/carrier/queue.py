@@ -6,12 +6,11 @@
 # BATCH reports are waiting, the oldest buffered record is FLUSH_MS old, or flush() is called (before a
 # reboot or deep sleep). A report acknowledged while still in RAM never touches flash: a device that is
 # online writes nothing. When the queue is full the oldest report goes (counted, persisted). At boot the
-# file is replayed (qreplay.py); a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
+# file is replayed (qfile.py); a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
 # temp file + rename) with the live reports only, as it is whenever it grows past max_file or drains.
 import struct
 import binascii
 import time
-import os
 from array import array
 from micropython import const
 
@@ -55,8 +54,7 @@ class Queue:
         self._size = 0     # bytes of valid records in the file
         self._dead = 0     # records in the file that no longer matter
         self._compact = False
-        from carrier import qreplay  # boot only (startup drops it again): the file -> the index above
-        qreplay.load(self)
+        self._file("load")  # the file -> the index above
 
     # -- index
     def _find(self, boot, seq):
@@ -182,73 +180,22 @@ class Queue:
             self.flush()
 
     def flush(self):
-        """Write the buffered records to flash (one append)."""
-        if self._compact:  # an ack drained the queue and left no ACK record: rewrite now, or a reboot resends it
-            self._compact = False
-            self.compact()
-            return
-        if not self._blen:
-            return
-        if self._size + self._blen > self.max_file or self._size == 0:
-            self.compact()
-            return
-        try:
-            with open(self.path, "ab") as f:
-                f.write(self._buf_view[:self._blen])
-        except OSError:
-            self.errors += 1
-            return  # stays in RAM; the next flush tries again
-        self.writes += 1
-        base = self._size
-        for j in range(self.count):
-            o = self._off[j]
-            if o < 0:
-                self._off[j] = base - 1 - o + _HDR
-        p = 0
-        while p < self._blen:
-            k = self._buf[p]
-            if k == ACK or k == DROP:
-                self._dead += 1
-            p += REC + struct.unpack_from("<H", self._buf, p + 1)[0]
-        self._size += self._blen
-        self._blen = 0
-        self._breps = 0
+        """Write the buffered records to flash (one append, or a compaction: qfile.py)."""
+        if self._compact or self._blen:
+            self._file("flush")
 
     def compact(self):
-        """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically."""
-        tmp = self.path + ".tmp"
-        hb = bytearray(_HDR)  # rare (drained, past max_file, a torn file at boot): made when needed
-        cb = bytearray(4)
-        offs = array("i", bytes(4 * self.count))
+        """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically (qfile.py)."""
+        self._file("compact")
+
+    def _file(self, op):
+        # the file is written only offline, at a reboot or when the queue drains: its code is loaded for that
+        # and dropped again (carrier.unload), a device that stays online never holds it
+        from carrier import qfile, unload
         try:
-            with open(tmp, "wb") as f:
-                struct.pack_into("<BHII", hb, 0, HEAD, 0, self.dropped, 0)
-                struct.pack_into("<I", cb, 0, binascii.crc32(hb))
-                f.write(hb)
-                f.write(cb)
-                pos = REC
-                for i in range(self.count):
-                    n = self._len[i]
-                    mv = self.payload(i)
-                    struct.pack_into("<BHII", hb, 0, REPORT, n, self._boot[i], self._seq[i])
-                    struct.pack_into("<I", cb, 0, binascii.crc32(mv, binascii.crc32(hb)))
-                    f.write(hb)
-                    f.write(mv)
-                    f.write(cb)
-                    offs[i] = pos + _HDR
-                    pos += REC + n
-            os.rename(tmp, self.path)
-        except OSError:
-            self.errors += 1
-            hal.remove(tmp)
-            return
-        self.writes += 1
-        for i in range(self.count):
-            self._off[i] = offs[i]
-        self._size = pos
-        self._dead = 0
-        self._blen = 0
-        self._breps = 0
+            getattr(qfile, op)(self)
+        finally:
+            unload("qfile")
 
     def clear(self):
         """Forget everything, counters included (factory reset)."""

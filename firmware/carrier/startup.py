@@ -1,7 +1,8 @@
 # The boot sequence of app.App (docs/firmware.md#boot-and-robustness): board, boot counter, crash streak and
 # safe mode, console, identity (none -> console-only provisioning mode), config, queue, reporter, network and
 # the transport the identity names. Only boot runs this module: App.boot() drops it again afterwards, with
-# identity.py, idsyntax.py, config.py and qreplay.py, so a device that runs holds none of their code (app._unload).
+# identity.py, idsyntax.py, config.py and hal/boardfile.py, so a device that runs holds none of their code
+# (carrier.unload).
 import gc
 import struct
 import select
