@@ -376,11 +376,11 @@ class Client:
         if ex is not None:
             self._response(ex, now)
         elif known and m.code == _CONTENT and self.on_config:
-            self.on_config(bytes(self._rx_view[m.payload_at:m.length]))
+            self.on_config(bytes(self._rx_view[m.payload_at:]))
 
     def _response(self, ex, now):
         m = self._msg
-        pl = self._rx_view[m.payload_at:m.length]
+        pl = self._rx_view[m.payload_at:]
         if m.crit:
             self._finish(ex, _INTERNAL, None)
             return

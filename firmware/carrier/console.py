@@ -27,8 +27,7 @@ class Console:
         self.echo = echo
         self.json = False
         self._line = bytearray(MAXLINE)
-        self._one = bytearray(1)
-        self._one_view = memoryview(self._one)
+        self._one = memoryview(bytearray(1))  # read(mv1) puts a byte here
         self._len = 0
         self._over = self._bad = self._after_cr = self._confirm = self.eof = False
         self.lines = self.errors = 0
@@ -38,7 +37,7 @@ class Console:
         """Consume what is waiting on the console."""
         read = self.read
         for _ in range(_READ_MAX):
-            r = read(self._one_view)
+            r = read(self._one)
             if r <= 0:
                 if r < 0:
                     self.eof = True

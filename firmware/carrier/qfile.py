@@ -57,7 +57,6 @@ def load(q):
                 q._boot[i] = boot
                 q._seq[i] = seq
                 q._off[i] = pos + _HDR
-                q._len[i] = n
                 q.count = i + 1
             elif kind == _HEAD:
                 q.dropped = boot
@@ -124,8 +123,8 @@ def compact(q):
             f.write(cb)
             pos = _REC
             for i in range(q.count):
-                n = q._len[i]
                 mv = q.payload(i)
+                n = len(mv)
                 struct.pack_into("<BHII", hb, 0, _REPORT, n, q._boot[i], q._seq[i])
                 struct.pack_into("<I", cb, 0, binascii.crc32(mv, binascii.crc32(hb)))
                 f.write(hb)

@@ -38,7 +38,6 @@ class Queue:
         self._boot = array("I", bytes(4 * cap))
         self._seq = array("I", bytes(4 * cap))
         self._off = array("i", bytes(4 * cap))  # >= 0: payload offset in the file; < 0: -1 - offset in _buf
-        self._len = array("H", bytes(2 * cap))
         self.count = 0
         self.dropped = 0
         self.corrupt = 0   # torn/corrupt records found at boot
@@ -49,8 +48,7 @@ class Queue:
         self._blen = 0
         self._breps = 0    # REPORT records in _buf
         self._bsince = 0   # ticks when _buf got its first record
-        self._read_buf = None  # records read back from flash: allocated when the file first holds one
-        self._read_view = None
+        self._read_view = None  # a record read back from flash: allocated when the file first holds one
         self._size = 0     # bytes of valid records in the file
         self._dead = 0     # records in the file that no longer matter
         self._compact = False
@@ -68,30 +66,28 @@ class Queue:
             self._boot[j] = self._boot[j + 1]
             self._seq[j] = self._seq[j + 1]
             self._off[j] = self._off[j + 1]
-            self._len[j] = self._len[j + 1]
         self.count -= 1
 
     def key(self, i=0):
         return self._boot[i], self._seq[i]
 
     def payload(self, i=0):
-        """The report's CBOR bytes as a memoryview, valid until the next queue call."""
-        n = self._len[i]
+        """The report's CBOR bytes as a memoryview, valid until the next queue call. Its length is the record's
+        (len u16 in the head, little-endian): the index does not keep it."""
         off = self._off[i]
         if off < 0:
             p = -1 - off
-            return self._buf_view[p + _HDR:p + _HDR + n]
-        v = self._reader()[:n]
+            b = self._buf
+            return self._buf_view[p + _HDR:p + _HDR + (b[p + 1] | b[p + 2] << 8)]
+        r = self._read_view
+        if r is None:  # the file first holds a report the device reads back: offline, or after a reboot
+            r = self._read_view = memoryview(bytearray(_HDR + MAX_PAYLOAD))
         with open(self.path, "rb") as f:
-            f.seek(off)
+            f.seek(off - _HDR)
+            f.readinto(r[:_HDR])
+            v = r[_HDR:_HDR + (r[1] | r[2] << 8)]
             f.readinto(v)
         return v
-
-    def _reader(self):
-        if self._read_view is None:
-            self._read_buf = bytearray(_HDR + MAX_PAYLOAD + 4)
-            self._read_view = memoryview(self._read_buf)
-        return self._read_view
 
     # -- records in RAM
     def _append(self, kind, boot, seq, payload, now):
@@ -133,7 +129,6 @@ class Queue:
         self._boot[i] = boot
         self._seq[i] = seq
         self._off[i] = -1 - p
-        self._len[i] = n
         self.count = i + 1
         self._breps += 1
         if self._breps >= self.batch:

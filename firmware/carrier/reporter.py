@@ -49,7 +49,7 @@ class Reporter:
         self._next = None     # ticks of the next report; None until start()
         self._retry = self.now  # ticks before which nothing is sent
         self._backoff = RETRY_MIN
-        self.made = self.acked = self.failed = self.rejected = self.deferred = 0
+        self.acked = self.failed = self.rejected = self.deferred = 0
         self.last_code = None
         self.done = self._done  # the transport's callback, bound once (a bound method is an allocation)
 
@@ -90,7 +90,6 @@ class Reporter:
             m.pop(_K_SENSORS, None)
             payload = devicemsg.encode("report", m)
         q.put(self.boot, self.seq, payload, self.now)
-        self.made += 1
         return self.seq
 
     def poll(self, now, t, uptime_s):

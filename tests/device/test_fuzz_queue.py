@@ -54,7 +54,8 @@ def _check_loaded(Q, data):
     ok(0 <= Q.count <= Q.cap, "count %d" % Q.count)
     for i in range(Q.count):
         pl = bytes(Q.payload(i))
-        eq(len(pl), Q._len[i], "payload length of %s" % data.hex())
+        ok(len(pl) <= q.MAX_PAYLOAD, "payload length of %s" % data.hex())
+        eq(bytes(Q.payload(i)), pl, "read back the same")
 
 
 def test_fuzz_boot_from_random_file():
