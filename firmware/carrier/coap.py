@@ -134,13 +134,6 @@ class Client:
     def ready(self):
         return self._free() is not None
 
-    def busy(self):
-        n = 0
-        for ex in self.exchanges:
-            if ex.state:
-                n += 1
-        return n
-
     def observing(self):
         """True while the gateway has confirmed our observation of /cfg."""
         return self._obs >= 0

@@ -68,10 +68,10 @@ class Queue:
             self._off[j] = self._off[j + 1]
         self.count -= 1
 
-    def key(self, i=0):
+    def key(self, i):
         return self._boot[i], self._seq[i]
 
-    def payload(self, i=0):
+    def payload(self, i):
         """The report's CBOR bytes as a memoryview, valid until the next queue call. Its length is the record's
         (len u16 in the head, little-endian): the index does not keep it."""
         off = self._off[i]

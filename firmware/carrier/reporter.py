@@ -53,10 +53,10 @@ class Reporter:
         self.last_code = None
         self.done = self._done  # the transport's callback, bound once (a bound method is an allocation)
 
-    def start(self, now, delay_ms=0):
+    def start(self, now):
+        """The first report is due at once."""
         self.now = now
-        self._retry = now
-        self._next = time.ticks_add(now, delay_ms)
+        self._retry = self._next = now
 
     def set_interval(self, s):
         """A shorter interval brings the next report forward; a longer one applies after it."""

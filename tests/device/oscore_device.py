@@ -71,8 +71,9 @@ def main():
             if configs:
                 ack = cbor.dumps({2: ident.id, 20: configs[0][20], 3: 1})
                 c.cfg_ack(ack)
-                run(c, lambda: not c.busy(), 5000)
-                out({"a": "cfg_ack", "done": not c.busy()})
+                idle = lambda: not any(ex.state for ex in c.exchanges)  # noqa: E731
+                run(c, idle, 5000)
+                out({"a": "cfg_ack", "done": idle()})
         elif name == "notify":
             n = len(configs)
             run(c, lambda: len(configs) > n)

@@ -164,7 +164,9 @@ def test_unix_hal_net_switch_kv_rtc_board():
         h.rtc_set(b"abc")
         eq(h.rtc_get(), b"abc")
         raises(hal.Reset, h.reset)
-        b = hal.board(root + "missing.json")
-        eq(b.led, None)
+        from carrier.hal import boardfile
+
+        b = boardfile.load(root + "missing.json")
+        eq((b.led, b.button, b.console), (None, None, "stdio"))
     finally:
         rmtree(root[:-1])

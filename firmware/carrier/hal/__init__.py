@@ -10,20 +10,14 @@
 #   rtc_get() rtc_set(bytes)  memory that survives a reset but not a power cut (boot info)
 #   reset() deepsleep(ms)     never return on a device (unix: raise Reset so main.py reboots in-process)
 #   con                       console stream (for select.poll); con_read(mv1) -> 0|1; con_write(str)
-# File helpers shared by the ports live here: read(), write_atomic(), remove(); board() reads board.json.
+# File helpers shared by the ports live here: read(), write_atomic(), remove(). The ports read board.json with
+# boardfile.load(): only their constructor needs it, and boot drops it again (carrier.unload).
 import os
 import sys
 
 
 class Reset(Exception):
     """Raised by hal.reset() where the port cannot reset (unix): main.py restarts the app in-process."""
-
-
-def board(path):
-    """Board from a boards/<name>.json file copied to the device; defaults when absent or unreadable. The parser is
-    boardfile.py: only the HAL's constructor needs it, and boot drops it again (carrier.unload)."""
-    from carrier.hal import boardfile
-    return boardfile.load(path)
 
 
 def read(path):

@@ -1,5 +1,5 @@
 # The board file (boards/<name>.json, copied to the device as board.json) as a Board record: name, chip, status
-# LED, button, console kind, Wi-Fi. Read once, by the HAL's constructor (hal.board()); boot drops this module again
+# LED, button, console kind, Wi-Fi. Read once, by the HAL's constructor; boot drops this module again
 # (carrier.unload), so the device keeps the record, not the parser.
 import sys
 
