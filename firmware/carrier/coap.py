@@ -41,6 +41,9 @@ _RX_MAX = const(1152)      # mirrors coapmsg.RX_MAX
 _ACK_TIMEOUT = const(2000)  # ms
 _ACK_RANDOM = const(1000)   # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
 _MAX_RETRANSMIT = const(4)
+# after k retransmissions the timeout is in [2, 3] s x 2**k: the ranges do not overlap, so the timeout tells how
+# many were sent, and MAX_RETRANSMIT were sent once it reaches this
+_LAST_TIMEOUT = const(_ACK_TIMEOUT << _MAX_RETRANSMIT)
 _SEPARATE_WAIT = const(60000)  # ms to wait for a separate response after an empty ACK
 SLOTS = const(4)
 _BODY_MAX = const(2048)  # largest Block2-reassembled answer
@@ -63,30 +66,28 @@ def _rand(n):
 
 
 class Exchange:
-    """One confirmable exchange (request -> response): the request in buf[:length], what goes on the wire in
-    wire[:wire_len] (the same buffer here; oscore.py protects into one buffer all exchanges share, again at each
-    retransmission, with the sequence number seq and the Echo value echo of the request)."""
+    """One confirmable exchange (request -> response): the request in buf[:length]. Twelve attributes: the most an
+    instance keeps in its smallest attribute table (oscore.py's exchanges add two)."""
 
     def __init__(self, size):
-        self.buf = self.wire = bytearray(size)
-        self.length = self.wire_len = 0
-        self.state = _FREE
-        self.mid = self.token = self.tries = self.timeout = self.due = self.kind = self.block = 0
-        self.seq = -1
-        self.callback = self.arg = self.etag = self.echo = None
+        self.buf = bytearray(size)
+        self.length = self.state = 0  # _FREE
+        self.mid = self.token = self.timeout = self.due = self.kind = self.block = 0
+        self.callback = self.arg = self.etag = None
 
 
 class Client:
     name = "coap"
+    _tx = None  # oscore.py: the buffer every request is protected into (else the exchange's own goes out)
 
-    def __init__(self, ident, poller=None, cache=None):
+    def __init__(self, ident, poller=None, cache=None, exchange=Exchange):
         self.host, self.port = ident.coap
         self.idb = ident.idb
         self.poller = poller
         self.sock = None
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
-        self.exchanges = [Exchange(size) for _ in range(SLOTS)]
+        self.exchanges = [exchange(size) for _ in range(SLOTS)]
         self._rx_view = _NOTHING  # the datagram being handled
         self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
         self._body_len = 0
@@ -155,7 +156,7 @@ class Client:
             ex.callback = cb
             ex.arg = arg
             ex.block = 0
-            ex.etag = ex.echo = None
+            ex.etag = None
             ex.token = self._next_token()
         return ex
 
@@ -170,16 +171,15 @@ class Client:
         return self._token
 
     def _seal(self, ex, new):
-        """Make ex.wire[:ex.wire_len] what goes on the wire for the request in ex.buf (new: a new request, else a
-        retransmission of it); False when it cannot (then ex is finished)."""
-        ex.wire_len = ex.length
-        return True
+        """The length of what goes on the wire for the request in ex.buf (new: a new request, else a retransmission
+        of it), in self._tx or else ex.buf; -1 when it cannot (then ex is finished)."""
+        return ex.length
 
     def _send(self, ex, now, new=True):
-        if not self._seal(ex, new):
+        n = self._seal(ex, new)
+        if n < 0:
             return
         if new:
-            ex.tries = 0
             ex.timeout = _ACK_TIMEOUT + _rand(_ACK_RANDOM + 1)
             ex.state = _WAIT_ACK
         ex.due = time.ticks_add(now, ex.timeout)
@@ -187,7 +187,7 @@ class Client:
         if s is None:
             return
         try:
-            s.write(ex.wire, ex.wire_len)  # one datagram of wire[:wire_len], no slice object
+            s.write(self._tx or ex.buf, n)  # one datagram of n bytes, no slice object
         except OSError:
             self.errors += 1  # lost like a datagram: the retransmission timer covers it
 
@@ -296,8 +296,7 @@ class Client:
                 return
         for ex in self.exchanges:
             if ex.state and time.ticks_diff(now, ex.due) >= 0:
-                if ex.state == _WAIT_ACK and ex.tries < _MAX_RETRANSMIT:
-                    ex.tries += 1
+                if ex.state == _WAIT_ACK and ex.timeout < _LAST_TIMEOUT:  # fewer than MAX_RETRANSMIT sent
                     ex.timeout *= 2
                     self.retrans += 1
                     self._send(ex, now, False)

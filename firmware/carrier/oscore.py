@@ -325,6 +325,13 @@ class Context:
         return m, piv, obs
 
 
+class _Exchange(coap.Exchange):
+    def __init__(self, size):
+        coap.Exchange.__init__(self, size)
+        self.seq = -1     # sequence number of the request on the wire
+        self.echo = None  # Echo value it carries (after a 4.01 answer with Echo: RFC 9175; its next blocks too)
+
+
 class Client(coap.Client):
     """coap.Client with OSCORE. store is the Hal (kv_get/kv_set) keeping the sender sequence number."""
 
@@ -333,10 +340,8 @@ class Client(coap.Client):
     def __init__(self, ident, poller=None, cache=None, store=None):
         if store is None:
             raise OscoreError("OSCORE needs a store for its sequence number")
-        coap.Client.__init__(self, ident, poller, cache)
-        wire = bytearray(len(self.exchanges[0].buf) + _OVERHEAD)  # every request is protected into it to be sent
-        for ex in self.exchanges:
-            ex.wire = wire
+        coap.Client.__init__(self, ident, poller, cache, _Exchange)
+        self._tx = bytearray(len(self.exchanges[0].buf) + _OVERHEAD)  # every request is protected into it to be sent
         start, persist = seq_store(store, ident.key)
         self.ctx = Context(ident.key, kid(ident.idb), GATEWAY_ID, seq=start, persist=persist)
         self._obs_seq = -1  # sequence number of the request that registered the /cfg observation
@@ -344,16 +349,23 @@ class Client(coap.Client):
         self._echo = None   # (offset, length) of an Echo option in the inner message being handled
         self.auth_fail = 0  # answers that did not verify (forged, damaged, or another key)
 
+    def _start(self, kind, cb, arg):
+        ex = coap.Client._start(self, kind, cb, arg)
+        if ex is not None:
+            ex.echo = None
+        return ex
+
     def _seal(self, ex, new):
+        # protected again at each retransmission, with the request's own sequence number: the same bytes
         try:
-            ex.wire_len, ex.seq = self.ctx.protect(ex.buf, ex.length, ex.wire, ex.echo, -1 if new else ex.seq)
+            n, ex.seq = self.ctx.protect(ex.buf, ex.length, self._tx, ex.echo, -1 if new else ex.seq)
         except OSError:  # the sequence number could not be reserved in flash
             self._finish(ex, _INTERNAL, None)
-            return False
+            return -1
         except CoapError as e:
             self._finish(ex, _TOO_LARGE if "larger" in str(e) else _INTERNAL, None)
-            return False
-        return True
+            return -1
+        return n
 
     def datagram(self, data, now):
         n = len(data)

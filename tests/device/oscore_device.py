@@ -111,8 +111,7 @@ def measure(ident, h):
         c._build_get(ex)
         n = ex.length
         if secure:
-            c._send(ex, time.ticks_ms())  # protects (sock None: nothing is sent)
-            n = ex.wire_len
+            n = c._seal(ex, True)  # the protected request's length
         d["secure" if secure else "plain"] = {"request_bytes": n, "client_heap": heap}
     ident.secure = True
     out(d)
