@@ -83,30 +83,25 @@ def c_net(con, a):
 
 
 def c_config(con, a):
-    if a and a[0] == "get" and len(a) <= 2:
-        return _config_get(con.app, a[1] if len(a) == 2 else None)
-    if len(a) == 3 and a[0] == "set":
-        return _config_set(con.app, a[1], a[2])
-    raise UsageError("usage: config get [key] | config set <key> <value>")
-
-
-def _config_get(app, key):
-    i = app.ident
-    d = []
-    if i:
-        d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
-             ("mqtt", i.urls.get("mqtt")), ("key", identity.fingerprint(i.key))]
-    d += [("interval", app.cfg.interval), ("cfgver", app.cfg.cfgver), ("meta", app.cfg.meta),
-          ("board", app.hal.board.name), ("fw", VERSION)]
-    if key is None:
-        return d
-    for kv in d:
-        if kv[0] == key:
-            return [kv]
-    raise ValueError("unknown key: " + key)
-
-
-def _config_set(app, key, value):
+    app = con.app
+    n = len(a)
+    if n and n <= 2 and a[0] == "get":
+        i = app.ident
+        d = []
+        if i:
+            d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
+                 ("mqtt", i.urls.get("mqtt")), ("key", identity.fingerprint(i.key))]
+        d += [("interval", app.cfg.interval), ("cfgver", app.cfg.cfgver), ("meta", app.cfg.meta),
+              ("board", app.hal.board.name), ("fw", VERSION)]
+        if n == 1:
+            return d
+        for kv in d:
+            if kv[0] == a[1]:
+                return [kv]
+        raise ValueError("unknown key: " + a[1])
+    if n != 3 or a[0] != "set":
+        raise UsageError("usage: config get [key] | config set <key> <value>")
+    key, value = a[1], a[2]
     if key == "interval":
         try:
             s = int(value)
@@ -115,17 +110,17 @@ def _config_set(app, key, value):
         from carrier import config
         config.set_interval(app.cfg, s)
         return {"interval": s}
-    if key in ("transport", "coap", "mqtt"):
-        if app.ident is None:
-            raise ValueError("not provisioned")
-        base = app.pending or app.ident
-        d = identity.to_dict(base)
-        d[key] = value
-        new = identity.parse(d, base.key)
-        identity.save(app.hal, new)
-        app.pending = new  # applied at the next boot
-        return [(key, value), ("note", "saved; reboot to apply")]
-    raise ValueError("settable keys: interval, transport, coap, mqtt")
+    if key not in ("transport", "coap", "mqtt"):
+        raise ValueError("settable keys: interval, transport, coap, mqtt")
+    if app.ident is None:
+        raise ValueError("not provisioned")
+    base = app.pending or app.ident
+    d = identity.to_dict(base)
+    d[key] = value
+    new = identity.parse(d, base.key)
+    identity.save(app.hal, new)
+    app.pending = new  # applied at the next boot
+    return [(key, value), ("note", "saved; reboot to apply")]
 
 
 def c_log(con, a):

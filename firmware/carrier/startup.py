@@ -13,15 +13,14 @@ from carrier.console import Console
 from carrier.queue import Queue
 from carrier.reporter import Reporter
 
-KV_BOOT = "boot"
-
-
 def boot(app):
     h = app.hal
     wdt_ms, interval, fault = app.args
     now = h.ticks()
     app._last = now
-    app.boot_n = _count_boot(h)
+    b = h.kv_get("boot")  # the boot counter
+    app.boot_n = n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
+    h.kv_set("boot", struct.pack("<I", n))
     app.streak = app._streak(1)
     app.safe = app.streak > SAFE_AFTER or h.button()
     app.console = c = Console(app, h.con_write, h.con_read, h.board.console != "stdio")
@@ -63,25 +62,15 @@ def boot(app):
     # (the largest the device keeps): they then sit low in the heap, beside the rest, and the free heap above
     # them stays in one piece for the datagrams, the largest allocations the device makes while it runs
     gc.collect()
-    t = _transport(i, app.poller, h)
-    t.on_config = app._on_config
-    app.transport = t
-
-
-def _transport(i, poller, h):
     # imported here: a device loads only the transport it uses
     if i.transport == "mqtt":
         from carrier import mqttdevice
-        return mqttdevice.Transport(i, poller)
-    if i.secure:  # OSCORE-protected CoAP (docs/security.md)
+        t = mqttdevice.Transport(i, app.poller)
+    elif i.secure:  # OSCORE-protected CoAP (docs/security.md)
         from carrier import oscore
-        return oscore.Client(i, poller, store=h)
-    from carrier import coap
-    return coap.Client(i, poller)
-
-
-def _count_boot(h):
-    b = h.kv_get(KV_BOOT)
-    n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
-    h.kv_set(KV_BOOT, struct.pack("<I", n))
-    return n
+        t = oscore.Client(i, app.poller, store=h)
+    else:
+        from carrier import coap
+        t = coap.Client(i, app.poller)
+    t.on_config = app._on_config
+    app.transport = t
