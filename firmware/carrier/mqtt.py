@@ -232,9 +232,18 @@ class Client:
     def _read(self, now):
         r = self._reader
         s = self.sock
+        p = self.poller
         for _ in range(8):  # bounded work per poll
             if s is None:
                 return
+            if p is not None:
+                # read only when the poller says bytes wait (TLS: or are buffered): the reader's free space is a
+                # new view, an allocation on every idle loop otherwise
+                for o, _ev in p.ipoll(0):
+                    if o is s:
+                        break
+                else:
+                    return
             k = s.readinto(r.space())
             if k is None:
                 return
