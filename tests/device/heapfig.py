@@ -4,7 +4,7 @@
 # the firmware frozen in or not, gives the chip's figures):
 #   MICROPYPATH=firmware:tests/device micropython -X heapsize=64000 tests/device/heapfig.py [steps]
 # prints one line "HEAPFIG {json}" with
-#   code_bytes     heap taken by importing what a CoAP device imports at boot (bytecode too, unless frozen)
+#   code_bytes     heap taken by the modules a CoAP device keeps after boot (bytecode too, unless frozen)
 #   state_bytes    heap the device's state holds after boot + its first acknowledged report
 #   heap_bytes     gc.mem_alloc() of the whole process at that point
 #   idle_step      bytes allocated per loop iteration with nothing to do (the goal: 0)
@@ -35,6 +35,16 @@ def allocated(fn, n=1):
         return (gc.mem_alloc() - b) // n
     finally:
         gc.enable()
+
+
+def imports():
+    """Import what a CoAP device keeps after boot, and load then drop what only boot uses (startup drops it too):
+    code_bytes is then the code a running device holds (with the names of the dropped modules, which a source
+    compile leaves interned), and state_bytes its state."""
+    from carrier import app, coap, console, queue, reporter, rcache, unload  # noqa: F401
+    from carrier import startup, identity, idsyntax, config, qfile  # noqa: F401
+
+    unload("startup", "identity", "idsyntax", "config", "qfile")
 
 
 def booted(rig):
@@ -89,8 +99,7 @@ def figures(steps=200):
     """All the figures of the header, for a plain CoAP device on the rig."""
     out = {}
     m0 = alloc()
-    from carrier import app, coap  # noqa: F401  everything a CoAP device imports at boot
-
+    imports()
     m1 = alloc()
     rig = fwfakes.Rig()
     m2 = alloc()
