@@ -78,7 +78,7 @@ class Exchange:
 
 class Client:
     name = "coap"
-    _tx = None  # oscore.py: the buffer every request is protected into (else the exchange's own goes out)
+    _tx: "bytearray | None" = None  # oscore.py: the buffer every request is protected into (else the exchange's own)
 
     def __init__(self, ident, poller=None, cache=None, exchange=Exchange):
         self.host, self.port = ident.coap
