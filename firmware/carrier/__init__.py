@@ -19,6 +19,18 @@ needs is imported for it and dropped again (unload() below), so that .mpy code d
 VERSION = "0.1.0"
 
 
+def waiting(poller, s):
+    """True when poller (a select.poll holding s) says socket s has bytes to read (TLS: or has them buffered), or
+    when there is no poller: the read then finds out. Reading only then keeps an idle loop from allocating (a recv
+    that finds nothing raises, leaving its buffer and the exception behind; a readinto wants a view of free space)."""
+    if poller is None:
+        return True
+    for o, _ev in poller.ipoll(0):
+        if o is s:
+            return True
+    return False
+
+
 def unload(*names):
     """Drop modules of this package that only boot or a rare event needs (startup, identity, config, qfile...), so
     the heap no longer holds their code (their bytecode, when imported from .mpy files) once nothing refers to

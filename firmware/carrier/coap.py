@@ -14,7 +14,7 @@ import socket
 from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
-from carrier import cbor, devicemsg, rcache
+from carrier import cbor, devicemsg, rcache, waiting
 from carrier.coapmsg import CoapError, Msg, config_request, decode, dotted, header, post_request, resolve_request
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
@@ -261,16 +261,9 @@ class Client:
         s = self.sock
         if s is None:
             return
-        p = self.poller
         for _ in range(8):  # bounded work per call
-            if p is not None:
-                # recv only when the poller says a datagram waits: a recv that finds none raises, and leaves
-                # its receive buffer and the exception behind as garbage
-                for o, _ev in p.ipoll(0):
-                    if o is s:
-                        break
-                else:
-                    break
+            if not waiting(self.poller, s):
+                break
             try:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
                 d = s.recv(_RX_MAX)

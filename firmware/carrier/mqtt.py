@@ -14,6 +14,7 @@ import select
 import socket
 from micropython import const
 
+from carrier import waiting
 from carrier.mqttmsg import MQTTError, Reader, connect, empty, puback, publish, publish_size, subscribe
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
@@ -232,18 +233,9 @@ class Client:
     def _read(self, now):
         r = self._reader
         s = self.sock
-        p = self.poller
         for _ in range(8):  # bounded work per poll
-            if s is None:
+            if s is None or not waiting(self.poller, s):
                 return
-            if p is not None:
-                # read only when the poller says bytes wait (TLS: or are buffered): the reader's free space is a
-                # new view, an allocation on every idle loop otherwise
-                for o, _ev in p.ipoll(0):
-                    if o is s:
-                        break
-                else:
-                    return
             k = s.readinto(r.space())
             if k is None:
                 return

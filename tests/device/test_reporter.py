@@ -110,6 +110,12 @@ def test_permanent_rejection_drops_the_report():
         tr.cb(devicemsg.FORBIDDEN, 7, 1)
         eq((q.count, r.rejected), (0, 1))
         ok("rejected code=403" in log.tail(1)[0])
+        r.make(0)
+        r.poll(h.now, tr, 0)
+        tr.cb(devicemsg.BAD_REQUEST, 7, 2, 30)  # 4.00: a Max-Age with it changes nothing, dropped
+        eq((q.count, r.rejected, r.deferred, r.failed), (0, 2, 0, 0))
+        r.poll(h.now + 59999, tr, 59)
+        eq([s[1] for s in tr.sent], [1, 2], "neither is sent again")
 
     _with(t)
 
@@ -158,18 +164,5 @@ def test_come_back_later_waits_exactly_max_age_without_backoff():
         eq((len(tr.sent), r.failed), (5, 2))
         tr.cb(devicemsg.OK, 7, 1)
         eq((q.count, r.acked), (0, 1))
-
-    _with(t)
-
-
-def test_bad_request_is_permanent_and_dropped():
-    def t(h, q, r):
-        tr = T()
-        r.start(h.now)
-        r.poll(h.now, tr, 0)
-        tr.cb(devicemsg.BAD_REQUEST, 7, 1, 30)  # a Max-Age on a 4.00 changes nothing: dropped
-        eq((q.count, r.rejected, r.deferred, r.failed), (0, 1, 0, 0))
-        r.poll(h.now + 59999, tr, 59)
-        eq(len(tr.sent), 1, "never sent again")
 
     _with(t)
