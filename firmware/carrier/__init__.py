@@ -41,6 +41,4 @@ def unload(*names):
         name = "carrier." + n
         sys.modules.pop(name, None)
         parent, _, leaf = name.rpartition(".")
-        pkg = sys.modules.get(parent)
-        if pkg is not None and leaf in pkg.__dict__:
-            delattr(pkg, leaf)
+        sys.modules[parent].__dict__.pop(leaf, None)  # the attribute the import set on its package

@@ -249,14 +249,7 @@ class App:
 def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):
     """Run the device forever; a reset on the unix port restarts it in-process."""
     while True:
-        kw = {}
-        if root:
-            kw["root"] = root
-        if uid:
-            kw["uid"] = uid
-        if board:
-            kw["board"] = board
-        h = hal.load(**kw)
+        h = hal.load(root, uid, board)
         a = App(h, wdt_ms, interval, fault)
         try:
             a.run()

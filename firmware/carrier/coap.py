@@ -418,11 +418,8 @@ class Client:
                 except devicemsg.WireError:
                     c = _BAD_REQUEST
                 cb(c, boot, seq)
-            elif (code == _UNAVAILABLE or code == _TOO_MANY) and m.max_age >= 0:
-                # overloaded or rate-limited: the gateway says when to come back (Max-Age)
-                cb(_failure(code, None, pl)[0], boot, seq, m.max_age)
-            else:
-                cb(_failure(code, None, pl)[0], boot, seq)
+            else:  # overloaded or rate-limited: Max-Age says when to come back (-1: none)
+                cb(_failure(code, None, pl)[0], boot, seq, m.max_age if code == _UNAVAILABLE or code == _TOO_MANY else -1)
         elif kind == _K_CFG:
             if code == _CONTENT:
                 if m.observe >= 0 and ex.block == 0:

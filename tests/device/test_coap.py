@@ -326,7 +326,7 @@ def test_icmp_unreachable_fails_fast():
 
 def test_report_refused_for_now_carries_max_age():
     # 5.03 / 4.29 with a Max-Age: the callback gets the wait in seconds as a 4th argument; without one (or for
-    # any other code) it gets the usual three
+    # any other failure) -1; an acknowledgement (2.04) comes with the usual three
     c = _client("88.123.99/pump/7")
     got = []
     payload = cbor.dumps({2: "88.123.99/pump/7", 10: 3, 11: 1})
@@ -334,8 +334,8 @@ def test_report_refused_for_now_carries_max_age():
     for code, opts, want in (
         (163, ((coapmsg.O_MAX_AGE, 9),), (503, 3, 1, 9)),
         (157, ((coapmsg.O_MAX_AGE, 0),), (429, 3, 1, 0)),
-        (163, (), (503, 3, 1)),
-        (128, ((coapmsg.O_MAX_AGE, 9),), (400, 3, 1)),
+        (163, (), (503, 3, 1, -1)),
+        (128, ((coapmsg.O_MAX_AGE, 9),), (400, 3, 1, -1)),
     ):
         ok(c.report(payload, 3, 1, lambda *a: got.append(a)))
         m, d = _sent(c)

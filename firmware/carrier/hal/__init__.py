@@ -50,10 +50,10 @@ def write_atomic(path, data):
         os.rename(tmp, path)
 
 
-def load(**kw):
-    """The Hal of this port."""
+def load(root=None, uid=None, board=None):
+    """The Hal of this port (None: its default, or on unix the IDA_* environment)."""
     if sys.platform == "esp32":
         from carrier.hal.esp32 import Hal
     else:
         from carrier.hal.unix import Hal
-    return Hal(**kw)
+    return Hal(root, uid, board)
