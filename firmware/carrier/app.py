@@ -13,18 +13,20 @@
 # the device's own identifier (logged), then reports + queue drain + remote config + console. Transport
 # errors are caught at its boundary, counted and retried with backoff: the device keeps running.
 import gc
-import os
 import sys
 import time
-import struct
 import select
 from micropython import const
 
-from carrier import VERSION, hal, log, identity, idsyntax
-from carrier.config import Config, ack_payload
-from carrier.queue import Queue
-from carrier.reporter import Reporter
-from carrier.console import Console
+from carrier import hal, log, unload
+
+if False:  # for mypy only (MicroPython drops the block): the types boot() gives App's attributes
+    from typing import Any
+    from carrier.config import Config
+    from carrier.console import Console
+    from carrier.identity import Identity
+    from carrier.queue import Queue
+    from carrier.reporter import Reporter
 
 SAFE_AFTER = 3         # crashes within STABLE_MS of boot, in a row, before safe mode
 STABLE_MS = 60000      # uptime after which a boot counts as good
@@ -33,16 +35,29 @@ _WDT_MS = const(30000)
 _RETRY_MIN = const(2000)       # transport restart backoff
 _RETRY_MAX = const(120000)
 _CFG_REFRESH_MS = const(600000)  # re-register the CoAP /cfg observation
+# collect after this many bytes allocated, not only when the heap is full: what lives long (imports, the state
+# boot builds, cache entries) then takes the lowest free blocks instead of landing above garbage, and the free
+# heap stays in one piece for the largest allocation the device makes (a received datagram: 1152 bytes)
+_GC_EVERY = const(4096)
 RTC_MAGIC = b"IDA1"
-KV_BOOT = "boot"
 
 
 class App:
+    # set by boot() (startup.py); the annotations cost nothing on the device
+    boot_n: int
+    streak: int
+    console: "Console"
+    cfg: "Config"
+    queue: "Queue"
+    ident: "Identity | None"
+    reporter: "Reporter | None"
+    transport: "Any"
+
     def __init__(self, h, wdt_ms=_WDT_MS, interval=None, fault=None):
         self.hal = h
-        self.wdt_ms = wdt_ms
-        self.default_interval = interval
-        self.fault = fault  # test hooks: "boot" raises after the crash streak is counted, "hang" stops feeding
+        # for boot: watchdog ms, report interval until configured, test hook ("boot" raises after the crash
+        # streak is counted, "hang" stops feeding the watchdog)
+        self.args = (wdt_ms, interval, fault)
         self.poller = select.poll()
         self.ident = None
         self.ident_error = None
@@ -52,7 +67,7 @@ class App:
         self.safe = False
         self.errors = 0
         self.last_error = None
-        self._pending = None  # identity saved from the console, applied at the next boot
+        self.pending = None  # identity saved from the console, applied at the next boot
         self._retry = 0
         self._backoff = _RETRY_MIN
         self._reboot = False
@@ -68,68 +83,13 @@ class App:
 
     # ---- boot
     def boot(self):
-        h = self.hal
-        now = h.ticks()
-        self._last = now
-        self.boot_n = self._count_boot()
-        self.streak = self._streak(1)
-        self.safe = self.streak > SAFE_AFTER or h.button()
-        self.console = Console(self, h.con_write, echo=h.board.console != "stdio")
-        log.sink = self.console.log_line
+        gc.threshold(_GC_EVERY)
+        from carrier import startup  # boot-only code, dropped again once the device runs (carrier.unload)
         try:
-            self.ident = identity.load(h)
-        except identity.IdentityError as e:
-            self.ident_error = str(e)
-        self.cfg = Config(h, self.default_interval or 60)
-        self.queue = Queue(h.root + "q.dat")
-        log.i("app", "boot=%d fw=%s board=%s safe=%d streak=%d queue=%d dropped=%d corrupt=%d" % (
-            self.boot_n, VERSION, h.board.name, self.safe, self.streak, self.queue.count, self.queue.dropped,
-            self.queue.corrupt))
-        if self.cfg.error:
-            log.w("cfg", self.cfg.error)
-        if h.con is not None:
-            self.poller.register(h.con, select.POLLIN)
-            self._con_reg = True
-        h.wdt_start(self.wdt_ms)
-        if self.fault == "hang":  # test hook: a stuck loop, which the watchdog must end
-            while True:
-                h.sleep_ms(100)
-        if self.ident is None:
-            log.w("app", "not provisioned (%s): console only; use: provision <id> <url>" % (
-                self.ident_error or "no identity.json"))
-            return
-        i = self.ident
-        log.i("app", "id=%s transport=%s key=%s" % (i.id, i.transport, i.fingerprint()))
-        if self.safe:
-            log.w("app", "safe mode: %d quick crashes in a row (or button held): console only, no network"
-                  % (self.streak - 1))
-            return
-        self.reporter = Reporter(h, i.id, self.queue, self.boot_n, self.cfg.interval, h.board.name, VERSION)
-        self.reporter.start(now)
-        self.cfg.on_change = self._cfg_changed
-        if self.fault == "boot":
-            raise RuntimeError("injected boot fault")
-        h.net_set(True, i.wifi)
-        t = self._make_transport(i)
-        t.on_config = self._on_config
-        self.transport = t
-
-    def _make_transport(self, i):
-        # imported here: a device loads only the transport it uses
-        if i.transport == "mqtt":
-            from carrier import mqttdevice
-            return mqttdevice.Transport(i, self.poller)
-        if i.secure:  # OSCORE-protected CoAP (docs/security.md)
-            from carrier import oscore
-            return oscore.Client(i, self.poller, store=self.hal)
-        from carrier import coap
-        return coap.Client(i, self.poller)
-
-    def _count_boot(self):
-        b = self.hal.kv_get(KV_BOOT)
-        n = (struct.unpack("<I", b)[0] if b and len(b) == 4 else 0) + 1
-        self.hal.kv_set(KV_BOOT, struct.pack("<I", n))
-        return n
+            startup.boot(self)
+        finally:
+            unload("startup", "identity", "idsyntax", "config", "hal.boardfile")
+            gc.collect()  # their code and boot's garbage: the heap the device runs in starts in one piece
 
     def _streak(self, add):
         """Crash streak in RTC memory: +1 at each boot, 0 once stable or on a clean reboot."""
@@ -171,7 +131,7 @@ class App:
         if self.reporter:
             self.reporter.poll(now, t if self.transport_on else None, self.up_ms // 1000)
         self.queue.poll(now)
-        self.console.poll(h.con_read)
+        self.console.poll()
         if self.transport_on != self._led:  # status LED: lit while the transport runs (written on change only)
             self._led = self.transport_on
             h.led(self._led)
@@ -236,12 +196,16 @@ class App:
             ident, code, len(values) if values else 0, src, " msg=" + msg if msg else ""))
 
     def _on_config(self, payload):
-        code, v, msg = self.cfg.apply(payload)
-        log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
-        t = self.transport
-        i = self.ident
-        if self.transport_on and t is not None and i is not None:
-            t.cfg_ack(ack_payload(i.id, code, v, msg))
+        from carrier import config  # only for a config change: dropped again afterwards
+        try:
+            code, v, msg = config.apply(self.cfg, payload)
+            log.i("cfg", "cfgver=%d code=%d interval=%d%s" % (v, code, self.cfg.interval, " msg=" + msg if msg else ""))
+            t = self.transport
+            i = self.ident
+            if self.transport_on and t is not None and i is not None:
+                t.cfg_ack(config.ack_payload(i.id, code, v, msg))
+        finally:
+            unload("config")
 
     def _cfg_changed(self):
         if self.reporter:
@@ -265,18 +229,11 @@ class App:
         self.shutdown()
         self.hal.deepsleep(ms)
 
-    # ---- console services
-    def info_id(self):
-        i = self.ident
-        d = [("id", i.id if i else None)]
-        if i:
-            d += [("transport", i.transport), ("key", i.fingerprint())]
-        else:
-            d.append(("error", self.ident_error or "not provisioned"))
-        return d + [("uid", self.hal.uid().hex()), ("board", self.hal.board.name), ("fw", VERSION)]
-
+    # ---- the console's `status` (the other commands and their services: commands.py)
     def info_status(self):
         gc.collect()
+        free = gc.mem_free()  # before the reply is built: the heap the device holds, not its answer
+        used = gc.mem_alloc()
         r = self.reporter
         t = self.transport
         return [("id", self.ident.id if self.ident else None), ("boot", self.boot_n), ("seq", r.seq if r else 0),
@@ -285,139 +242,14 @@ class App:
                 ("transport", t.name if t else None), ("transport_on", self.transport_on),
                 ("queue", self.queue.count), ("dropped", self.queue.dropped), ("acked", r.acked if r else 0),
                 ("last_ack", r.last_code if r else None), ("interval", self.cfg.interval),
-                ("cfgver", self.cfg.cfgver), ("heap_free", gc.mem_free()), ("heap_used", gc.mem_alloc()),
+                ("cfgver", self.cfg.cfgver), ("heap_free", free), ("heap_used", used),
                 ("errors", self.errors + (t.errors if t else 0)), ("last_error", self.last_error)]
-
-    def info_net(self):
-        return [("net", "up" if self.hal.net_up() else "down"), ("rssi", self.hal.rssi()), ("transport_on", self.transport_on)]
-
-    def set_net(self, on):
-        self.hal.net_set(on, self.ident.wifi if self.ident else None)
-
-    def resolve(self, text, cb, qtype=None):
-        """Start a resolve for the console; an error text when it cannot start."""
-        try:
-            target = idsyntax.parse(text)
-        except idsyntax.IdentifierError as e:
-            return "bad identifier: " + e.reason
-        t = self.transport
-        if t is None:
-            return "no transport (safe mode or not provisioned)"
-        if not self.transport_on:
-            return "offline"
-        if not t.resolve(target, cb, qtype):
-            return "busy: try again"
-        return None
-
-    def report_now(self):
-        if not self.reporter:
-            raise ValueError("no reporter (safe mode or not provisioned)")
-        seq = self.reporter.make(self.up_ms // 1000)
-        return [("seq", seq), ("queue", self.queue.count)]
-
-    def config_get(self, key):
-        i = self.ident
-        d = []
-        if i:
-            d = [("id", i.id), ("transport", i.transport), ("coap", i.urls.get("coap")),
-                 ("mqtt", i.urls.get("mqtt")), ("key", i.fingerprint())]
-        d += [("interval", self.cfg.interval), ("cfgver", self.cfg.cfgver), ("meta", self.cfg.meta),
-              ("board", self.hal.board.name), ("fw", VERSION)]
-        if key is None:
-            return d
-        for kv in d:
-            if kv[0] == key:
-                return [kv]
-        raise ValueError("unknown key: " + key)
-
-    def config_set(self, key, value):
-        if key == "interval":
-            try:
-                s = int(value)
-            except ValueError:
-                raise ValueError("interval must be a number of seconds")
-            self.cfg.set_interval(s)
-            return {"interval": s}
-        if key in ("transport", "coap", "mqtt"):
-            if self.ident is None:
-                raise ValueError("not provisioned")
-            base = self._pending or self.ident
-            d = base.to_dict()
-            d[key] = value
-            new = identity.Identity(d, base.key)
-            identity.save(self.hal, new)
-            self._pending = new
-            return [(key, value), ("note", "saved; reboot to apply")]
-        raise ValueError("settable keys: interval, transport, coap, mqtt")
-
-    def provision(self, text, url, keyhex):
-        if self.ident is not None:
-            raise ValueError("already provisioned (factory-reset first)")
-        scheme = url.split(":", 1)[0]
-        if scheme not in identity.TRANSPORTS:
-            raise ValueError("gateway URL must start with coap:// or mqtt://")
-        key = None
-        if keyhex is None:
-            key = os.urandom(16)
-        d = {"id": text, "transport": scheme, scheme: url}
-        if keyhex is not None:
-            d["key"] = keyhex
-        new = identity.Identity(d, key)
-        identity.save(self.hal, new)
-        log.i("app", "provisioned id=%s key=%s" % (new.id, new.fingerprint()))
-        self.request_reboot()
-        return [("id", new.id), ("key", new.fingerprint()), ("rebooting", True)]
-
-    def factory_reset(self):
-        log.w("app", "factory reset")
-        identity.erase(self.hal)
-        hal.remove(self.hal.root + "config.json")
-        self.queue.clear()
-        if self.transport_on:
-            self._stop()
-        self.transport = None
-        self._streak(None)
-        self.request_reboot()
-
-    def selftest(self):
-        from carrier import devicemsg
-        c = {}
-        try:
-            m = {devicemsg.K_ID: "0.NA/TEST", devicemsg.K_ONLINE: True}
-            c["cbor"] = devicemsg.decode("status", devicemsg.encode("status", m)) == m
-        except ValueError:
-            c["cbor"] = False
-        p = self.hal.root + "selftest.tmp"
-        try:
-            hal.write_atomic(p, b"selftest")
-            c["fs"] = hal.read(p) == b"selftest"
-            hal.remove(p)
-        except OSError:
-            c["fs"] = False
-        c["identity"] = self.ident is not None
-        c["queue"] = self.queue.errors == 0
-        gc.collect()
-        c["heap"] = gc.mem_free() > 16384
-        c["net"] = bool(self.hal.net_up())
-        c["transport"] = self.transport_on
-        c["safe_mode"] = not self.safe
-        ok = True
-        for k in c:
-            ok = ok and c[k]
-        return [("pass", ok), ("checks", c)]
 
 
 def main(root=None, uid=None, board=None, wdt_ms=_WDT_MS, interval=None, fault=None):
     """Run the device forever; a reset on the unix port restarts it in-process."""
     while True:
-        kw = {}
-        if root:
-            kw["root"] = root
-        if uid:
-            kw["uid"] = uid
-        if board:
-            kw["board"] = board
-        h = hal.load(**kw)
+        h = hal.load(root, uid, board)
         a = App(h, wdt_ms, interval, fault)
         try:
             a.run()

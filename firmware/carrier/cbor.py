@@ -21,7 +21,8 @@ def _head(out, major, n):
         out.append(n)
     elif n < 0x10000:
         out.append(m | 25)
-        out.extend(struct.pack(">H", n))
+        out.append(n >> 8)
+        out.append(n & 255)
     elif n < 0x100000000:
         out.append(m | 26)
         out.extend(struct.pack(">I", n))
@@ -84,9 +85,10 @@ def encode(out, obj, depth=0):
                 small = False
                 break
         if small:
-            for k in sorted(obj):
-                out.append(k)
-                encode(out, obj[k], depth + 1)
+            for k in range(24):  # ascending, without a sorted copy of the keys
+                if k in obj:
+                    out.append(k)
+                    encode(out, obj[k], depth + 1)
         else:
             pairs = []
             for k in obj:

@@ -14,24 +14,39 @@ import socket
 from errno import EAGAIN, ECONNREFUSED
 from micropython import const
 
-from carrier import cbor, devicemsg, rcache
+from carrier import cbor, devicemsg, rcache, waiting
 from carrier.coapmsg import CoapError, Msg, config_request, decode, dotted, header, post_request, resolve_request
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
-_CON = const(0)        # mirrors coapmsg.CON
-_ACK = const(2)        # mirrors coapmsg.ACK
-_RST = const(3)        # mirrors coapmsg.RST
-_VALID = const(67)     # mirrors coapmsg.VALID
-_CHANGED = const(68)   # mirrors coapmsg.CHANGED
-_CONTENT = const(69)   # mirrors coapmsg.CONTENT
-_RX_MAX = const(1152)  # mirrors coapmsg.RX_MAX
+_BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
+_INTERNAL = const(500)     # mirrors devicemsg.INTERNAL
+_K_BOOT = const(10)        # mirrors devicemsg._K_BOOT
+_K_CFGVER = const(20)      # mirrors devicemsg._K_CFGVER
+_K_CODE = const(3)         # mirrors devicemsg._K_CODE
+_K_MSG = const(9)          # mirrors devicemsg._K_MSG
+_K_SEQ = const(11)         # mirrors devicemsg._K_SEQ
+_NOT_FOUND = const(100)    # mirrors devicemsg.NOT_FOUND
+_NO_RESPONSE = const(-1)   # mirrors devicemsg.NO_RESPONSE
+_TOO_LARGE = const(413)    # mirrors devicemsg.TOO_LARGE
+_CON = const(0)            # mirrors coapmsg.CON
+_ACK = const(2)            # mirrors coapmsg.ACK
+_RST = const(3)            # mirrors coapmsg.RST
+_VALID = const(67)         # mirrors coapmsg.VALID
+_CHANGED = const(68)       # mirrors coapmsg.CHANGED
+_CONTENT = const(69)       # mirrors coapmsg.CONTENT
+_TOO_MANY = const(157)     # CoAP 4.29
+_UNAVAILABLE = const(163)  # CoAP 5.03
+_RX_MAX = const(1152)      # mirrors coapmsg.RX_MAX
 
-_ACK_TIMEOUT = const(2000)      # ms
-_ACK_RANDOM = const(1000)       # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
+_ACK_TIMEOUT = const(2000)  # ms
+_ACK_RANDOM = const(1000)   # ms: ACK_TIMEOUT * (ACK_RANDOM_FACTOR - 1)
 _MAX_RETRANSMIT = const(4)
-_SEPARATE_WAIT = const(60000)   # ms to wait for a separate response after an empty ACK
+# after k retransmissions the timeout is in [2, 3] s x 2**k: the ranges do not overlap, so the timeout tells how
+# many were sent, and MAX_RETRANSMIT were sent once it reaches this
+_LAST_TIMEOUT = const(_ACK_TIMEOUT << _MAX_RETRANSMIT)
+_SEPARATE_WAIT = const(60000)  # ms to wait for a separate response after an empty ACK
 SLOTS = const(4)
-_BODY_MAX = const(2048)         # largest Block2-reassembled answer
+_BODY_MAX = const(2048)  # largest Block2-reassembled answer
 _DEDUP = const(8)
 
 _FREE = const(0)
@@ -42,10 +57,7 @@ _K_REPORT = const(2)
 _K_CFG = const(3)
 _K_CFGACK = const(4)
 
-# CoAP response code -> protocol code (docs/protocol.md#codes), when the payload carries none
-_CODES = {67: devicemsg.NOT_MODIFIED, 128: devicemsg.BAD_REQUEST, 131: devicemsg.FORBIDDEN,
-          132: devicemsg.NOT_FOUND, 141: devicemsg.TOO_LARGE, 157: devicemsg.RATE_LIMITED,
-          163: devicemsg.UPSTREAM_UNAVAILABLE, 164: devicemsg.UPSTREAM_TIMEOUT}
+_NOTHING = memoryview(b"")
 
 
 def _rand(n):
@@ -54,22 +66,19 @@ def _rand(n):
 
 
 class Exchange:
-    """One confirmable exchange (request -> response): the request in buf[:length], what goes on the wire in
-    wire[:wire_len] (the same buffer here; oscore.py protects it into its own)."""
+    """One confirmable exchange (request -> response): the request in buf[:length]. Twelve attributes: the most an
+    instance keeps in its smallest attribute table (oscore.py's exchanges add two)."""
 
     def __init__(self, size):
-        self.buf = self.wire = bytearray(size)
-        self.length = self.wire_len = 0
-        self.state = _FREE
-        self.mid = self.token = self.tries = self.timeout = self.due = self.kind = 0
-        self.block = 0
-        self.callback = None
-        self.arg = None
-        self.etag = None
+        self.buf = bytearray(size)
+        self.length = self.state = 0  # _FREE
+        self.mid = self.token = self.timeout = self.due = self.kind = self.block = 0
+        self.callback = self.arg = self.etag = None
 
 
 class Client:
     name = "coap"
+    _tx: "bytearray | None" = None  # oscore.py: the buffer every request is protected into (else the exchange's own)
 
     def __init__(self, ident, poller=None, cache=None, exchange=Exchange):
         self.host, self.port = ident.coap
@@ -79,7 +88,7 @@ class Client:
         self.cache = cache if cache is not None else rcache.Cache()
         size = max(256, 128 + 2 * len(self.idb))
         self.exchanges = [exchange(size) for _ in range(SLOTS)]
-        self._rx_view = memoryview(b"")  # the datagram being handled
+        self._rx_view = _NOTHING  # the datagram being handled
         self._body = bytearray(0)  # Block2 reassembly buffer, allocated on first use
         self._body_len = 0
         self._msg = Msg()
@@ -121,17 +130,10 @@ class Client:
         self._obs = -1
         for ex in self.exchanges:
             if ex.state:
-                self._finish(ex, devicemsg.NO_RESPONSE, None)
+                self._finish(ex, _NO_RESPONSE, None)
 
     def ready(self):
         return self._free() is not None
-
-    def busy(self):
-        n = 0
-        for ex in self.exchanges:
-            if ex.state:
-                n += 1
-        return n
 
     def observing(self):
         """True while the gateway has confirmed our observation of /cfg."""
@@ -168,16 +170,16 @@ class Client:
             self._token = (self._token + 1) & 0xFFFF
         return self._token
 
-    def _seal(self, ex):
-        """The request in ex.buf becomes what goes on the wire; False when it cannot (then ex is finished)."""
-        ex.wire_len = ex.length
-        return True
+    def _seal(self, ex, new):
+        """The length of what goes on the wire for the request in ex.buf (new: a new request, else a retransmission
+        of it), in self._tx or else ex.buf; -1 when it cannot (then ex is finished)."""
+        return ex.length
 
     def _send(self, ex, now, new=True):
+        n = self._seal(ex, new)
+        if n < 0:
+            return
         if new:
-            if not self._seal(ex):
-                return
-            ex.tries = 0
             ex.timeout = _ACK_TIMEOUT + _rand(_ACK_RANDOM + 1)
             ex.state = _WAIT_ACK
         ex.due = time.ticks_add(now, ex.timeout)
@@ -185,7 +187,7 @@ class Client:
         if s is None:
             return
         try:
-            s.send(memoryview(ex.wire)[:ex.wire_len])
+            s.write(self._tx or ex.buf, n)  # one datagram of n bytes, no slice object
         except OSError:
             self.errors += 1  # lost like a datagram: the retransmission timer covers it
 
@@ -214,7 +216,7 @@ class Client:
         try:
             self._build_get(ex)
         except CoapError:
-            cb((devicemsg.TOO_LARGE, target, None, 0, "identifier too long for a request"))
+            cb((_TOO_LARGE, target, None, 0, "identifier too long for a request"))
             return True
         self._send(ex, self.now)
         return True
@@ -229,7 +231,7 @@ class Client:
         except CoapError:
             ex.callback = ex.arg = None
             if cb:
-                cb(devicemsg.TOO_LARGE, arg[0], arg[1])
+                cb(_TOO_LARGE, arg[0], arg[1])
             return True
         self._send(ex, self.now)
         return True
@@ -260,6 +262,8 @@ class Client:
         if s is None:
             return
         for _ in range(8):  # bounded work per call
+            if not waiting(self.poller, s):
+                break
             try:
                 # recv, not readinto: a stream read would join several datagrams into one buffer
                 d = s.recv(_RX_MAX)
@@ -270,25 +274,28 @@ class Client:
                     self.errors += 1
                     for ex in self.exchanges:
                         if ex.state == _WAIT_ACK:
-                            self._finish(ex, devicemsg.NO_RESPONSE, None)
+                            self._finish(ex, _NO_RESPONSE, None)
                 elif not e.args or e.args[0] != EAGAIN:
                     self.errors += 1
                 break
             if not d:
                 break
             self.datagram(d, now)
+            # let the datagram go before the next recv: a 1152-byte buffer is the largest block the device asks
+            # the heap for, and a small object kept alive above its last place would split the free heap
+            d = None
+            self._rx_view = _NOTHING
             if self.sock is None:
                 return
         for ex in self.exchanges:
             if ex.state and time.ticks_diff(now, ex.due) >= 0:
-                if ex.state == _WAIT_ACK and ex.tries < _MAX_RETRANSMIT:
-                    ex.tries += 1
+                if ex.state == _WAIT_ACK and ex.timeout < _LAST_TIMEOUT:  # fewer than MAX_RETRANSMIT sent
                     ex.timeout *= 2
                     self.retrans += 1
                     self._send(ex, now, False)
                 else:
                     self.errors += 1
-                    self._finish(ex, devicemsg.NO_RESPONSE, None)
+                    self._finish(ex, _NO_RESPONSE, None)
 
     def _empty(self, mtype, mid):
         a = self._empty_buf
@@ -319,7 +326,7 @@ class Client:
                 return
             if m.type == _RST:
                 self.errors += 1
-                self._finish(ex, devicemsg.NO_RESPONSE, None)
+                self._finish(ex, _NO_RESPONSE, None)
             elif m.code == 0:
                 ex.state = _WAIT_RESP
                 ex.due = time.ticks_add(now, _SEPARATE_WAIT)
@@ -354,18 +361,18 @@ class Client:
         if ex is not None:
             self._response(ex, now)
         elif known and m.code == _CONTENT and self.on_config:
-            self.on_config(bytes(self._rx_view[m.payload_at:m.length]))
+            self.on_config(bytes(self._rx_view[m.payload_at:]))
 
     def _response(self, ex, now):
         m = self._msg
-        pl = self._rx_view[m.payload_at:m.length]
+        pl = self._rx_view[m.payload_at:]
         if m.crit:
-            self._finish(ex, devicemsg.INTERNAL, None)
+            self._finish(ex, _INTERNAL, None)
             return
         if m.block2 >= 0 and m.code == _CONTENT and ex.kind in (_K_RESOLVE, _K_CFG):
             num = m.block2 >> 4
             if num != ex.block or (num and m.etag != ex.etag):
-                self._finish(ex, devicemsg.INTERNAL, None)
+                self._finish(ex, _INTERNAL, None)
                 return
             if num == 0:
                 ex.etag = m.etag
@@ -374,7 +381,7 @@ class Client:
                     self._body = bytearray(_BODY_MAX)
             k = len(pl)
             if self._body_len + k > _BODY_MAX:
-                self._finish(ex, devicemsg.TOO_LARGE, None)
+                self._finish(ex, _TOO_LARGE, None)
                 return
             self._body[self._body_len:self._body_len + k] = pl
             self._body_len += k
@@ -398,7 +405,7 @@ class Client:
         m = self._msg
         if kind == _K_RESOLVE:
             if code == _CONTENT or code == _VALID:
-                cb(self.cache.settle(arg, code == _CONTENT, pl, m.etag, m.max_age, self.now))
+                cb(self.cache.settle(arg, code == _CONTENT, pl, m.etag, m.max_age if m.max_age >= 0 else 60, self.now))
             else:
                 cb(_failure(code, rcache.target(arg), pl))
         elif kind == _K_REPORT:
@@ -406,13 +413,13 @@ class Client:
             if code == _CHANGED:
                 try:
                     a = devicemsg.decode("report_ack", pl)
-                    c = a[devicemsg.K_CODE] if a[devicemsg.K_BOOT] == boot and a[devicemsg.K_SEQ] == seq else devicemsg.INTERNAL
-                    self.cfg_hint = a.get(devicemsg.K_CFGVER, self.cfg_hint)
+                    c = a[_K_CODE] if a[_K_BOOT] == boot and a[_K_SEQ] == seq else _INTERNAL
+                    self.cfg_hint = a.get(_K_CFGVER, self.cfg_hint)
                 except devicemsg.WireError:
-                    c = devicemsg.BAD_REQUEST
-            else:
-                c = _failure(code, None, pl)[0]
-            cb(c, boot, seq)
+                    c = _BAD_REQUEST
+                cb(c, boot, seq)
+            else:  # overloaded or rate-limited: Max-Age says when to come back (-1: none)
+                cb(_failure(code, None, pl)[0], boot, seq, m.max_age if code == _UNAVAILABLE or code == _TOO_MANY else -1)
         elif kind == _K_CFG:
             if code == _CONTENT:
                 if m.observe >= 0 and ex.block == 0:
@@ -426,14 +433,20 @@ def _failure(code, target, pl):
     if code < 0:
         return (code, target, None, 0, "no response")
     msg = dotted(code)
-    c = _CODES.get(code, devicemsg.BAD_REQUEST if code < 160 else devicemsg.INTERNAL)
+    # the protocol code of the CoAP code (docs/protocol.md#codes): c.dd -> c*100 + dd, but 4.04 -> NOT_FOUND
+    if code == 132:
+        c = _NOT_FOUND
+    elif code in (67, 128, 131, 141, 157, 163, 164):  # 2.03 4.00 4.03 4.13 4.29 5.03 5.04
+        c = (code >> 5) * 100 + (code & 31)
+    else:
+        c = _BAD_REQUEST if code < 160 else _INTERNAL
     if pl is not None and len(pl):
         try:
             e = cbor.loads(pl)
-            if type(e) is dict and type(e.get(devicemsg.K_CODE)) is int:
-                c = e[devicemsg.K_CODE]
-                if type(e.get(devicemsg.K_MSG)) is str:
-                    msg = e[devicemsg.K_MSG]
+            if type(e) is dict and type(e.get(_K_CODE)) is int:
+                c = e[_K_CODE]
+                if type(e.get(_K_MSG)) is str:
+                    msg = e[_K_MSG]
         except cbor.CBORError:
             pass
     return (c, target, None, 0, msg)

@@ -38,15 +38,15 @@ class CoapError(ValueError):
 
 
 class Msg:
-    """Header and the options the device uses of the last decode(); the payload is buf[payload_at:length]."""
+    """Header and the options the device uses of the last decode(); the payload is buf[payload_at:n]."""
 
     def __init__(self):
         self.type = self.code = self.mid = self.token = self.tkl = 0
         self.etag = None
-        self.max_age = 60
+        self.max_age = -1  # -1: no Max-Age option (which means 60 s, RFC 7252 5.10.5)
         self.observe = self.block2 = self.content_format = -1
         self.crit = 0  # number of an unrecognised critical option, 0 if none
-        self.payload_at = self.length = 0
+        self.payload_at = 0
 
 
 def dotted(code):
@@ -234,10 +234,10 @@ def decode(mv, n, m):
     m.tkl = tkl
     m.token = uint(mv, 4, tkl)
     m.etag = None
-    m.max_age = 60
+    m.max_age = -1
     m.observe = m.block2 = m.content_format = -1
     m.crit = 0
-    m.payload_at = m.length = n
+    m.payload_at = n
     hd = _hd
     num = 0
     while pos < n:

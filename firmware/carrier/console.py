@@ -3,8 +3,9 @@
 # holds control bytes or is not UTF-8 gets an error reply and is discarded. Every reply is either text
 # ("key: value" lines, "error: ...") or, after `json on`, exactly one JSON object per line:
 #   {"ok": true, "cmd": "status", ...}   {"ok": false, "cmd": "x", "error": "..."}   {"log": "I app ..."}
-# `resolve` answers later (when the gateway does), as its own line. The key is never shown: only its
-# fingerprint. `factory-reset` asks for confirmation: the next line must be YES.
+# This module is the part a device always holds: line input, replies, the log sink, and the two commands tools
+# poll (`status`, `json`). Every other command is in commands.py, imported when one first arrives.
+# `factory-reset` asks for confirmation: the next line must be YES.
 import json
 from micropython import const
 
@@ -12,33 +13,31 @@ from carrier import log
 
 MAXLINE = 128
 _READ_MAX = const(64)
-HELP = ("help", "id", "status", "resolve <id> [type]", "report", "net [up|down]", "config get [key]",
-        "config set <key> <value>", "log [n]", "selftest", "reboot", "factory-reset", "json on|off",
-        "provision <id> <coap://|mqtt://host:port> [key-hex]")
+
+
+class UsageError(ValueError):
+    pass
 
 
 class Console:
-    def __init__(self, app, write, echo=False):
+    def __init__(self, app, write, read=None, echo=False):
         self.app = app
         self.write = write
+        self.read = read  # read(mv1) -> 1 byte, 0 nothing, -1 closed
         self.echo = echo
         self.json = False
         self._line = bytearray(MAXLINE)
+        self._one = memoryview(bytearray(1))  # read(mv1) puts a byte here
         self._len = 0
-        self._over = False
-        self._bad = False
-        self._after_cr = False
-        self._one = bytearray(1)
-        self._one_view = memoryview(self._one)
-        self._confirm = False
-        self.eof = False
+        self._over = self._bad = self._after_cr = self._confirm = self.eof = False
         self.lines = self.errors = 0
 
     # -- input
-    def poll(self, read):
-        """Consume what is waiting on the console; read(mv1) -> 1 byte, 0 nothing, -1 closed."""
+    def poll(self):
+        """Consume what is waiting on the console."""
+        read = self.read
         for _ in range(_READ_MAX):
-            r = read(self._one_view)
+            r = read(self._one)
             if r <= 0:
                 if r < 0:
                     self.eof = True
@@ -98,7 +97,8 @@ class Console:
             self._confirm = False
             if words == ["YES"]:
                 self.reply("factory-reset", {"erased": True})
-                self.app.factory_reset()
+                from carrier import commands
+                commands.factory_reset(self.app)
             else:
                 self.reply("factory-reset", None, "cancelled")
             return
@@ -109,12 +109,18 @@ class Console:
 
     def run(self, words):
         cmd = words[0]
-        fn = getattr(self, "c_" + cmd.replace("-", "_"), None)
-        if fn is None:
-            self.reply(cmd, None, "unknown command (try help)")
-            return
+        a = words[1:]
         try:
-            r = fn(words[1:])
+            if cmd == "status":
+                r = self.app.info_status()
+            elif cmd == "json":
+                if a != ["on"] and a != ["off"]:
+                    raise UsageError("usage: json on|off")
+                self.json = a[0] == "on"
+                r = {"json": self.json}
+            else:
+                from carrier import commands  # the command table: loaded by the first other command
+                r = commands.run(self, cmd, a)
         except UsageError as e:
             self.reply(cmd, None, str(e))
             return
@@ -158,88 +164,6 @@ class Console:
             self.write(json.dumps({"log": line}) + "\n")
         else:
             self.write(line + "\n")
-
-    # -- commands
-    def c_help(self, a):
-        return [("commands", list(HELP))]
-
-    def c_json(self, a):
-        if a not in (["on"], ["off"]):
-            raise UsageError("usage: json on|off")
-        self.json = a[0] == "on"
-        return {"json": self.json}
-
-    def c_id(self, a):
-        return self.app.info_id()
-
-    def c_status(self, a):
-        return self.app.info_status()
-
-    def c_resolve(self, a):
-        if not 1 <= len(a) <= 2:
-            raise UsageError("usage: resolve <id> [type]")
-        err = self.app.resolve(a[0], self._resolved, a[1] if len(a) > 1 else None)
-        if err:
-            raise UsageError(err)
-        return None  # answered by _resolved
-
-    def _resolved(self, res):
-        code, ident, values, src, msg = res
-        d = [("id", ident), ("code", code), ("source", _SOURCES.get(src, src))]
-        if values is not None:
-            d.append(("values", values))
-        self.reply("resolve", d, None if code == 1 else (msg or "code %d" % code))
-
-    def c_report(self, a):
-        return self.app.report_now()
-
-    def c_net(self, a):
-        if a and a[0] not in ("up", "down"):
-            raise UsageError("usage: net [up|down]")
-        if a:
-            self.app.set_net(a[0] == "up")
-        return self.app.info_net()
-
-    def c_config(self, a):
-        if a and a[0] == "get" and len(a) <= 2:
-            return self.app.config_get(a[1] if len(a) == 2 else None)
-        if len(a) == 3 and a[0] == "set":
-            return self.app.config_set(a[1], a[2])
-        raise UsageError("usage: config get [key] | config set <key> <value>")
-
-    def c_log(self, a):
-        try:
-            n = int(a[0]) if a else 20
-        except ValueError:
-            raise UsageError("usage: log [n]")
-        return {"lines": log.tail(n)}
-
-    def c_selftest(self, a):
-        return self.app.selftest()
-
-    def c_reboot(self, a):
-        self.app.request_reboot()
-        return {"rebooting": True}
-
-    def c_factory_reset(self, a):
-        self._confirm = True
-        if self.json:
-            self.write('{"ok": true, "cmd": "factory-reset", "confirm": "type YES"}\n')
-        else:
-            self.write("erase identity, config and queued reports? type YES to confirm\n")
-        return None
-
-    def c_provision(self, a):
-        if not 2 <= len(a) <= 3:
-            raise UsageError("usage: provision <id> <coap://host:port|mqtt://host:port> [key-hex]")
-        return self.app.provision(a[0], a[1], a[2] if len(a) == 3 else None)
-
-
-class UsageError(ValueError):
-    pass
-
-
-_SOURCES = {-2: "device-revalidated", -1: "device-cache", 0: "zone", 1: "cache", 2: "upstream", 3: "stale"}
 
 
 def _jsonable(v):

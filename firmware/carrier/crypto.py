@@ -5,7 +5,7 @@
 #   CCM(key)                        AES-CCM (RFC 3610) with M = 8 (64-bit tag), L = 2 (13-byte nonce): COSE
 #                                   algorithm 10, AES-CCM-16-64-128, the OSCORE default. encrypt()/decrypt()
 #                                   work on caller buffers (in place allowed) with three preallocated 16-byte
-#                                   blocks: no allocation per message.
+#                                   blocks, shared by every CCM: no allocation per message.
 # Keys and derived material never leave these objects except through the caller; nothing here logs.
 import hashlib
 import cryptolib
@@ -19,7 +19,11 @@ _A_FLAGS = const(1)      # L - 1
 _MAX_AAD = const(0xFEFF)  # 2-byte length prefix form (RFC 3610 2.2)
 _MAX_MSG = const(0xFFFF)  # L = 2
 
-_pad = bytearray(64)  # HMAC key block (shared scratch: the firmware is single-threaded)
+# shared scratch (the firmware is single-threaded and no call here is interrupted by another):
+_pad = bytearray(64)  # HMAC key block
+_chain = bytearray(16)  # CCM: CBC-MAC chaining value
+_counter = bytearray(16)  # CCM: counter block A_i
+_keystream = bytearray(16)  # CCM: key stream block S_i
 
 
 def hmac_sha256(key, *parts):
@@ -68,13 +72,10 @@ class CCM:
         if len(key) != 16:
             raise ValueError("AES-128 key must be 16 bytes")
         self._aes = cryptolib.aes(key, _ECB).encrypt
-        self._chain = bytearray(16)  # CBC-MAC chaining value
-        self._counter = bytearray(16)  # counter block A_i
-        self._keystream = bytearray(16)  # key stream block S_i
 
     def _absorb(self, data, off, n, j):
         """CBC-MAC over data[off:off+n] continuing at byte j of the current block; returns the new j."""
-        x = self._chain
+        x = _chain
         e = self._aes
         for k in range(off, off + n):
             x[j] ^= data[k]
@@ -85,8 +86,8 @@ class CCM:
         return j
 
     def _mac(self, nonce, aad, la, msg, off, n):
-        """T (in self._chain[:8]) for msg[off:off+n] under nonce with associated data aad[:la]."""
-        x = self._chain
+        """T (in _chain[:8]) for msg[off:off+n] under nonce with associated data aad[:la]."""
+        x = _chain
         x[0] = _B0_FLAGS | (0x40 if la else 0)
         for k in range(13):
             x[1 + k] = nonce[k]
@@ -104,17 +105,17 @@ class CCM:
                 self._aes(x, x)
 
     def _stream(self, nonce, i):
-        """S_i = E(K, A_i) into self._keystream."""
-        a = self._counter
+        """S_i = E(K, A_i) into _keystream."""
+        a = _counter
         a[0] = _A_FLAGS
         for k in range(13):
             a[1 + k] = nonce[k]
         a[14] = i >> 8
         a[15] = i & 255
-        self._aes(a, self._keystream)
+        self._aes(a, _keystream)
 
     def _ctr(self, nonce, src, so, dst, do, n):
-        s = self._keystream
+        s = _keystream
         for k in range(n):
             j = k & 15
             if j == 0:
@@ -130,8 +131,8 @@ class CCM:
         self._mac(nonce, aad, la, src, so, n)
         self._ctr(nonce, src, so, dst, do, n)
         self._stream(nonce, 0)
-        x = self._chain
-        s = self._keystream
+        x = _chain
+        s = _keystream
         for j in range(TAG):
             dst[do + n + j] = x[j] ^ s[j]
         return n + TAG
@@ -146,8 +147,8 @@ class CCM:
         self._ctr(nonce, src, so, dst, do, m)
         self._mac(nonce, aad, la, dst, do, m)
         self._stream(nonce, 0)
-        x = self._chain
-        s = self._keystream
+        x = _chain
+        s = _keystream
         diff = 0
         for j in range(TAG):  # constant time over the tag
             diff |= src[so + m + j] ^ x[j] ^ s[j]

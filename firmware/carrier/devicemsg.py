@@ -4,31 +4,33 @@ from micropython import const
 
 from carrier import cbor
 
-K_TOKEN = const(1)
-K_ID = const(2)
-K_CODE = const(3)
-K_VALUES = const(4)
-K_TTL = const(5)
-K_ETAG = const(6)
-K_TYPES = const(7)
-K_INDEXES = const(8)
-K_MSG = const(9)
-K_BOOT = const(10)
-K_SEQ = const(11)
-K_UPTIME = const(12)
-K_HEAP = const(13)
-K_RSSI = const(14)
-K_QUEUE = const(15)
-K_BOARD = const(16)
-K_FW = const(17)
-K_SENSORS = const(18)
-K_DROPPED = const(19)
-K_CFGVER = const(20)
-K_INTERVAL = const(21)
-K_META = const(22)
-K_SOURCE = const(23)
-K_ONLINE = const(24)
-K_TIME = const(25)
+# Message keys: private (no module attribute on the chip); the modules that build or read messages keep marked
+# copies (`_K_ID = const(2)  # mirrors devicemsg._K_ID`, checked by fwcheck), tests use NAMES or the numbers.
+_K_TOKEN = const(1)
+_K_ID = const(2)
+_K_CODE = const(3)
+_K_VALUES = const(4)
+_K_TTL = const(5)
+_K_ETAG = const(6)
+_K_TYPES = const(7)
+_K_INDEXES = const(8)
+_K_MSG = const(9)
+_K_BOOT = const(10)
+_K_SEQ = const(11)
+_K_UPTIME = const(12)
+_K_HEAP = const(13)
+_K_RSSI = const(14)
+_K_QUEUE = const(15)
+_K_BOARD = const(16)
+_K_FW = const(17)
+_K_SENSORS = const(18)
+_K_DROPPED = const(19)
+_K_CFGVER = const(20)
+_K_INTERVAL = const(21)
+_K_META = const(22)
+_K_SOURCE = const(23)
+_K_ONLINE = const(24)
+_K_TIME = const(25)
 
 # key -> name (index = key); used by tests, the console's JSON mode and error messages
 NAMES = ("", "token", "id", "code", "values", "ttl", "etag", "types", "indexes", "msg", "boot", "seq",
@@ -145,14 +147,3 @@ def decode(name, data):
 
 def encode(name, m):
     return cbor.dumps(check(name, m))
-
-
-_ESC = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "$": "%24"}
-
-
-def topic_key(ident):
-    """The identifier as one MQTT topic level (docs/protocol.md#mqtt)."""
-    out = []
-    for c in ident:
-        out.append(_ESC.get(c, c))
-    return "".join(out)

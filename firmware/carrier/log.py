@@ -4,7 +4,7 @@
 # be passed here (identity exposes only a fingerprint).
 from micropython import const
 
-_RING = const(2048)
+_RING = const(1024)  # about 15 lines of 60-70 characters: boot, the last warnings
 _MAX_LINE = const(160)
 
 _ring = bytearray(_RING)
@@ -75,9 +75,3 @@ def tail(n):
     for b in lines[-n:] if n > 0 else ():
         out.append(str(b, "utf-8"))
     return out
-
-
-def clear():
-    global _end, _wrapped
-    _end = 0
-    _wrapped = False

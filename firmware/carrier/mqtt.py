@@ -14,6 +14,7 @@ import select
 import socket
 from micropython import const
 
+from carrier import waiting
 from carrier.mqttmsg import MQTTError, Reader, connect, empty, puback, publish, publish_size, subscribe
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
@@ -233,7 +234,7 @@ class Client:
         r = self._reader
         s = self.sock
         for _ in range(8):  # bounded work per poll
-            if s is None:
+            if s is None or not waiting(self.poller, s):
                 return
             k = s.readinto(r.space())
             if k is None:

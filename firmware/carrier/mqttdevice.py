@@ -15,17 +15,43 @@ from carrier import cbor, devicemsg, rcache, log
 from carrier.mqtt import Client, Session, password
 
 # const() folds only inside one module: the numbers used here are copies, checked by fwcheck
-_UP = const(3)            # mirrors mqtt.UP
-_INFLIGHT = const(4)      # mirrors mqtt.INFLIGHT
-_RETRY_MS = const(10000)  # mirrors mqtt.RETRY_MS
+_BAD_REQUEST = const(400)   # mirrors devicemsg.BAD_REQUEST
+_K_BOOT = const(10)         # mirrors devicemsg._K_BOOT
+_K_CFGVER = const(20)       # mirrors devicemsg._K_CFGVER
+_K_CODE = const(3)          # mirrors devicemsg._K_CODE
+_K_ETAG = const(6)          # mirrors devicemsg._K_ETAG
+_K_ID = const(2)            # mirrors devicemsg._K_ID
+_K_MSG = const(9)           # mirrors devicemsg._K_MSG
+_K_ONLINE = const(24)       # mirrors devicemsg._K_ONLINE
+_K_SEQ = const(11)          # mirrors devicemsg._K_SEQ
+_K_TOKEN = const(1)         # mirrors devicemsg._K_TOKEN
+_K_TTL = const(5)           # mirrors devicemsg._K_TTL
+_K_TYPES = const(7)         # mirrors devicemsg._K_TYPES
+_NOT_MODIFIED = const(203)  # mirrors devicemsg.NOT_MODIFIED
+_NO_RESPONSE = const(-1)    # mirrors devicemsg.NO_RESPONSE
+_OK = const(1)              # mirrors devicemsg.OK
+_UP = const(3)              # mirrors mqtt.UP
+_INFLIGHT = const(4)        # mirrors mqtt.INFLIGHT
+_RETRY_MS = const(10000)    # mirrors mqtt.RETRY_MS
 
-RESOLVE_WAIT = const(5000)   # ms before a resolve request is retried with a new token
+RESOLVE_WAIT = const(5000)  # ms before a resolve request is retried with a new token
 _RESOLVE_TRIES = const(2)
-REPORT_WAIT = const(30000)   # ms for the gateway's report_ack
+REPORT_WAIT = const(30000)  # ms for the gateway's report_ack
 
 
 def _nop(*a):
     pass
+
+
+_ESC = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "$": "%24"}
+
+
+def topic_key(ident):
+    """The identifier as one MQTT topic level (docs/protocol.md#mqtt; proto.devicemsg.topic_key is its twin)."""
+    out = []
+    for c in ident:
+        out.append(_ESC.get(c, c))
+    return "".join(out)
 
 
 class Transport:
@@ -33,7 +59,7 @@ class Transport:
 
     def __init__(self, ident, poller=None, cache=None, keepalive=60, retry_ms=_RETRY_MS):
         self.id = ident.id
-        dev = devicemsg.topic_key(ident.id)
+        dev = topic_key(ident.id)
         base = "ida/v1/d/" + dev + "/"
         self.t_status = (base + "status").encode()
         self.t_req = (base + "req").encode()
@@ -41,7 +67,7 @@ class Transport:
         self.t_cfgack = (base + "cfgack").encode()
         self._subs = [((base + s).encode(), 1) for s in ("res", "ack", "cfg")]
         self._base_len = len(base)
-        will = (self.t_status, devicemsg.encode("status", {devicemsg.K_ID: ident.id, devicemsg.K_ONLINE: False}), 1, True)
+        will = (self.t_status, devicemsg.encode("status", {_K_ID: ident.id, _K_ONLINE: False}), 1, True)
         tls = getattr(ident, "mqtt_tls", False)
         self.client = Client(dev.encode(), keepalive, will, dev.encode(), password(ident.key), retry_ms=retry_ms,
                         ca_path=ident.ca_path if tls else None)
@@ -71,7 +97,7 @@ class Transport:
 
     def stop(self):
         if self.client.state == _UP:
-            self.client.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: False}),
+            self.client.publish(self.t_status, devicemsg.encode("status", {_K_ID: self.id, _K_ONLINE: False}),
                            0, True, self.now)
         self.session.stop()
         self._fail_all()
@@ -79,17 +105,17 @@ class Transport:
     def _fail_all(self):
         res, self._resolves = self._resolves, []
         for r in res:
-            r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
+            r[2]((_NO_RESPONSE, r[1], None, 0, "no response"))
         if self._report:
             boot, seq = self._report[0], self._report[1]
             self._report = None
-            self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
+            self._report_cb(_NO_RESPONSE, boot, seq)
 
     def ready(self):
         return self.client.state == _UP and self.client.inflight() < _INFLIGHT
 
     def _up(self, now):
-        self.client.publish(self.t_status, devicemsg.encode("status", {devicemsg.K_ID: self.id, devicemsg.K_ONLINE: True}),
+        self.client.publish(self.t_status, devicemsg.encode("status", {_K_ID: self.id, _K_ONLINE: True}),
                        1, True, now)
         self.client.subscribe(self._subs, now)
 
@@ -108,19 +134,19 @@ class Transport:
             if self._report:
                 boot, seq = self._report[0], self._report[1]
                 self._report = None
-                self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
+                self._report_cb(_NO_RESPONSE, boot, seq)
         for r in self._resolves:
             if time.ticks_diff(now, r[3]) >= 0:
                 if r[4] < _RESOLVE_TRIES and self._send_req(r, now):
                     continue
                 self._resolves.remove(r)
-                r[2]((devicemsg.NO_RESPONSE, r[1], None, 0, "no response"))
+                r[2]((_NO_RESPONSE, r[1], None, 0, "no response"))
                 break  # the list changed: the others wait for the next poll
         if self._report and time.ticks_diff(now, self._report[2]) >= 0:
             boot, seq = self._report[0], self._report[1]
             self._report = None
             self.errors += 1
-            self._report_cb(devicemsg.NO_RESPONSE, boot, seq)
+            self._report_cb(_NO_RESPONSE, boot, seq)
 
     def _send_req(self, r, now):
         self._token = (self._token + 1) & 0xFFFF
@@ -129,12 +155,12 @@ class Transport:
         r[3] = time.ticks_add(now, RESOLVE_WAIT)
         key = r[1]
         t = rcache.target(key)
-        m = {devicemsg.K_TOKEN: r[0], devicemsg.K_ID: t}
+        m = {_K_TOKEN: r[0], _K_ID: t}
         if len(key) > len(t):
-            m[devicemsg.K_TYPES] = [key[len(t) + 6:]]
+            m[_K_TYPES] = [key[len(t) + 6:]]
         etag = self.cache.etag(key)
         if etag:
-            m[devicemsg.K_ETAG] = etag
+            m[_K_ETAG] = etag
         return self.client.publish(self.t_req, cbor.dumps(m), 0, False, now) == 0
 
     def resolve(self, target, cb, qtype=None):
@@ -183,16 +209,16 @@ class Transport:
             except devicemsg.WireError:
                 self.errors += 1
                 return
-            boot, seq = m[devicemsg.K_BOOT], m[devicemsg.K_SEQ]
-            self.cfg_hint = m.get(devicemsg.K_CFGVER, self.cfg_hint)
+            boot, seq = m[_K_BOOT], m[_K_SEQ]
+            self.cfg_hint = m.get(_K_CFGVER, self.cfg_hint)
             if self._report and self._report[0] == boot and self._report[1] == seq:
                 self._report = None
-            self._report_cb(m[devicemsg.K_CODE], boot, seq)  # late acks still clear the queue
+            self._report_cb(m[_K_CODE], boot, seq)  # late acks still clear the queue
         elif kind == b"res":
             self._resolved(m, payload)
 
     def _resolved(self, m, payload):
-        tok = m.get(devicemsg.K_TOKEN)
+        tok = m.get(_K_TOKEN)
         for r in self._resolves:
             if r[0] == tok:
                 break
@@ -200,12 +226,12 @@ class Transport:
             return  # an answer to a request we retried or gave up on
         self._resolves.remove(r)
         key, cb = r[1], r[2]
-        code = m.get(devicemsg.K_CODE)
-        if code == devicemsg.OK or code == devicemsg.NOT_MODIFIED:
-            ttl = m.get(devicemsg.K_TTL)
-            cb(self.cache.settle(key, code == devicemsg.OK, payload, m.get(devicemsg.K_ETAG),
+        code = m.get(_K_CODE)
+        if code == _OK or code == _NOT_MODIFIED:
+            ttl = m.get(_K_TTL)
+            cb(self.cache.settle(key, code == _OK, payload, m.get(_K_ETAG),
                                  ttl if type(ttl) is int and ttl >= 0 else 60, self.now))
         else:
-            msg = m.get(devicemsg.K_MSG)
-            cb((code if type(code) is int else devicemsg.BAD_REQUEST, rcache.target(key), None, 0,
+            msg = m.get(_K_MSG)
+            cb((code if type(code) is int else _BAD_REQUEST, rcache.target(key), None, 0,
                 msg if type(msg) is str else str(code)))

@@ -48,6 +48,7 @@ _ACK = const(2)          # mirrors coapmsg.ACK
 _POST = const(2)         # mirrors coapmsg.POST
 _O_OBSERVE = const(6)    # mirrors coapmsg.O_OBSERVE
 _RX_MAX = const(1152)    # mirrors coapmsg.RX_MAX: also the largest plaintext handled
+_GAP = const(16)          # where unprotect() puts a response's inner message for the client (see Client._inner)
 _WAIT_ACK = const(1)     # mirrors coap._WAIT_ACK
 _K_CFG = const(3)        # mirrors coap._K_CFG
 _UNAUTHORIZED = const(401)  # mirrors devicemsg.UNAUTHORIZED: the gateway did not authenticate us
@@ -133,7 +134,8 @@ class Context:
         self._piv = bytearray(5)
         self._rpiv = bytearray(5)
         self._optval = bytearray(8 + kl + (1 + len(id_context) if id_context else 0))
-        self.plain = bytearray(_RX_MAX)  # plaintext scratch: the inner message of the last protect/unprotect
+        # plaintext scratch: the inner message of the last protect, or of the last unprotect (at offset `at`)
+        self.plain = bytearray(_RX_MAX + _GAP)
 
     def next_seq(self):
         s = self.seq
@@ -174,8 +176,9 @@ class Context:
             nc[i] = v ^ iv[i]
         return nc
 
-    def protect(self, src, n, out, echo=None):
-        """Protect the plain CoAP request src[:n] into out (an inner Echo option is added when echo is given);
+    def protect(self, src, n, out, echo=None, seq=-1):
+        """Protect the plain CoAP request src[:n] into out (an inner Echo option is added when echo is given) with
+        the next sequence number, or with seq when given (a retransmission: the same inputs give the same bytes);
         returns (length, sequence number used)."""
         tkl = src[0] & 15
         h = 4 + tkl
@@ -183,7 +186,8 @@ class Context:
             raise OscoreError("not a CoAP request")
         for i in range(h):
             out[i] = src[i]
-        seq = self.next_seq()
+        if seq < 0:
+            seq = self.next_seq()
         piv = self._piv
         pl = _put_piv(piv, seq)
         ov = self._optval
@@ -246,11 +250,11 @@ class Context:
         c = self._snd.encrypt(self._mknonce(self.sid, piv, 0, pl), self._aad, pt, ip, out, al, 0, op + 1)
         return op + 1 + c, seq
 
-    def unprotect(self, src, n, req_seq):
+    def unprotect(self, src, n, req_seq, at=0):
         """Verify and decrypt the response src[:n] to the request sent with sequence number req_seq. The inner
-        message (code, options, payload) is left in self.plain; returns (its length, the response's Partial IV as
-        a number or -1, the outer Observe value or -1). OscoreError when it is not a valid protected answer
-        (NotProtected when it carries no OSCORE option at all)."""
+        message (code, options, payload) is left in self.plain from offset at; returns (its length, the response's
+        Partial IV as a number or -1, the outer Observe value or -1). OscoreError when it is not a valid protected
+        answer (NotProtected when it carries no OSCORE option at all)."""
         tkl = src[0] & 15
         pos = 4 + tkl
         num = 0
@@ -313,21 +317,19 @@ class Context:
             nonce = self._mknonce(self.sid, rp, 0, rl)
             piv = -1
         cl = n - pos - 1
-        if cl - crypto.TAG > len(self.plain):
+        if cl - crypto.TAG > len(self.plain) - at:
             raise OscoreError("response too large")
-        m = self._rcv.decrypt(nonce, self._aad, src, cl, self.plain, al, pos + 1, 0)
+        m = self._rcv.decrypt(nonce, self._aad, src, cl, self.plain, al, pos + 1, at)
         if m < 1:
             raise OscoreError("response does not verify")
         return m, piv, obs
 
 
-class _ProtectedExchange(coap.Exchange):
+class _Exchange(coap.Exchange):
     def __init__(self, size):
-        super().__init__(size)
-        self.wire = bytearray(size + _OVERHEAD)  # the protected message (retransmitted as is)
-        self.seq = -1       # sequence number of the request on the wire
-        self.echo = None    # Echo value to send with the next protection
-        self.echoed = False
+        coap.Exchange.__init__(self, size)
+        self.seq = -1     # sequence number of the request on the wire
+        self.echo = None  # Echo value it carries (after a 4.01 answer with Echo: RFC 9175; its next blocks too)
 
 
 class Client(coap.Client):
@@ -338,27 +340,32 @@ class Client(coap.Client):
     def __init__(self, ident, poller=None, cache=None, store=None):
         if store is None:
             raise OscoreError("OSCORE needs a store for its sequence number")
-        coap.Client.__init__(self, ident, poller, cache, _ProtectedExchange)
+        coap.Client.__init__(self, ident, poller, cache, _Exchange)
+        self._tx = bytearray(len(self.exchanges[0].buf) + _OVERHEAD)  # every request is protected into it to be sent
         start, persist = seq_store(store, ident.key)
         self.ctx = Context(ident.key, kid(ident.idb), GATEWAY_ID, seq=start, persist=persist)
-        self._answer = bytearray(_RX_MAX)  # the unprotected answer, handed to the plain client
         self._obs_seq = -1  # sequence number of the request that registered the /cfg observation
         self._obs_n = -1    # Partial IV of the newest notification accepted
         self._echo = None   # (offset, length) of an Echo option in the inner message being handled
         self.auth_fail = 0  # answers that did not verify (forged, damaged, or another key)
 
-    def _seal(self, ex):
+    def _start(self, kind, cb, arg):
+        ex = coap.Client._start(self, kind, cb, arg)
+        if ex is not None:
+            ex.echo = None
+        return ex
+
+    def _seal(self, ex, new):
+        # protected again at each retransmission, with the request's own sequence number: the same bytes
         try:
-            ex.wire_len, ex.seq = self.ctx.protect(ex.buf, ex.length, ex.wire, ex.echo)
+            n, ex.seq = self.ctx.protect(ex.buf, ex.length, self._tx, ex.echo, -1 if new else ex.seq)
         except OSError:  # the sequence number could not be reserved in flash
             self._finish(ex, _INTERNAL, None)
-            return False
+            return -1
         except CoapError as e:
             self._finish(ex, _TOO_LARGE if "larger" in str(e) else _INTERNAL, None)
-            return False
-        ex.echoed = ex.echo is not None
-        ex.echo = None
-        return True
+            return -1
+        return n
 
     def datagram(self, data, now):
         n = len(data)
@@ -386,7 +393,7 @@ class Client(coap.Client):
             coap.Client.datagram(self, data, now)  # late, unknown or mismatched: RST / counted there
             return
         try:
-            m, piv, ob = self.ctx.unprotect(data, n, ex.seq if ex is not None else self._obs_seq)
+            m, piv, ob = self.ctx.unprotect(data, n, ex.seq if ex is not None else self._obs_seq, _GAP)
         except NotProtected:
             if ex is not None and data[1] >= 128:
                 coap.Client.datagram(self, self._unauthenticated(data, tkl), now)
@@ -404,21 +411,20 @@ class Client(coap.Client):
                     self._empty(_ACK, mid)
                 return
             self._obs_n = piv
-        out = self._answer
+        out = self.ctx.plain  # the plain answer is rebuilt in front of the inner message it comes from
         for i in range(4 + tkl):
             out[i] = data[i]
         try:
-            n2 = self._inner(m, ob, tkl)
+            n2 = self._inner(_GAP + m, ob, tkl)
         except CoapError:  # OscoreError, or the Observe option (uint_opt) did not fit
             self.errors += 1
             return
-        pt = self.ctx.plain
         echo = self._echo
-        if ex is not None and pt[0] == _UNAUTH and echo and not ex.echoed:
+        if ex is not None and out[1] == _UNAUTH and echo and ex.echo is None:
             # Echo (RFC 9175): the gateway has no replay state for us yet; repeat the request once with it
             if t == _CON:
                 self._empty(_ACK, mid)
-            ex.echo = bytes(pt[echo[0]:echo[0] + echo[1]])
+            ex.echo = bytes(out[echo[0]:echo[0] + echo[1]])
             ex.mid = self._next_mid()
             ex.buf[2] = ex.mid >> 8
             ex.buf[3] = ex.mid & 255
@@ -430,41 +436,40 @@ class Client(coap.Client):
         coap.Client.datagram(self, memoryview(out)[:n2], now)
 
     def _inner(self, m, ob, tkl):
-        """Rebuild self._answer as the plain response: outer header and token, inner code, inner options (with the
-        outer Observe value in place of any inner one), inner payload. Returns its length."""
-        pt = self.ctx.plain
-        rx = self._answer
-        rx[1] = pt[0]
+        """Rebuild the plain response in ctx.plain, in front of the inner message (code, options, payload) that
+        unprotect() left at plain[_GAP:m]: outer header and token (already in place), inner code, inner options (with
+        the outer Observe value in place of any inner one), inner payload. Returns its length. Each byte is written
+        before the ones still to be read: the answer is at most _GAP - 1 bytes longer than the inner message (11 of
+        header and token, 4 of Observe)."""
+        b = self.ctx.plain
+        b[1] = b[_GAP]
         p = 4 + tkl
         last = num = 0
-        i = 1
+        i = _GAP + 1
         done = ob < 0
         self._echo = None
-        while i < m and pt[i] != 0xFF:
-            i = option(pt, i, m, _hd)
+        while i < m and b[i] != 0xFF:
+            i = option(b, i, m, _hd)
             num += _hd[0]
             ln = _hd[1]
             if num != _O_OBSERVE:
                 if not done and num > _O_OBSERVE:
-                    p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
+                    p = uint_opt(b, p, _O_OBSERVE - last, ob & 0xFFFFFF)
                     last = _O_OBSERVE
                     done = True
+                p = opt(b, p, num - last, b, i, ln)
                 if num == _O_ECHO:
-                    self._echo = (i, ln)
-                p = opt(rx, p, num - last, pt, i, ln)
+                    self._echo = (p - ln, ln)  # where its value is in the rebuilt answer
                 last = num
             i += ln
         if not done:
-            p = uint_opt(rx, p, _O_OBSERVE - last, ob & 0xFFFFFF)
+            p = uint_opt(b, p, _O_OBSERVE - last, ob & 0xFFFFFF)
         if i < m:
             if i + 1 == m:
                 raise OscoreError("payload marker without payload")
-            k = m - i
-            if p + k > len(rx):
-                raise OscoreError("inner message too large")
-            for j in range(k):
-                rx[p + j] = pt[i + j]
-            p += k
+            for j in range(m - i):
+                b[p + j] = b[i + j]
+            p += m - i
         return p
 
     def _unauthenticated(self, data, tkl):

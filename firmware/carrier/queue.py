@@ -6,12 +6,11 @@
 # BATCH reports are waiting, the oldest buffered record is FLUSH_MS old, or flush() is called (before a
 # reboot or deep sleep). A report acknowledged while still in RAM never touches flash: a device that is
 # online writes nothing. When the queue is full the oldest report goes (counted, persisted). At boot the
-# file is replayed; a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
+# file is replayed (qfile.py); a torn or corrupt record (CRC) ends the replay and the file is rewritten (compaction:
 # temp file + rename) with the live reports only, as it is whenever it grows past max_file or drains.
 import struct
 import binascii
 import time
-import os
 from array import array
 from micropython import const
 
@@ -24,7 +23,7 @@ HEAD = const(4)
 _HDR = const(11)
 REC = const(15)  # head + crc
 MAX_PAYLOAD = const(480)
-BUF = const(1024)
+BUF = const(495)  # REC + MAX_PAYLOAD: one record of the largest report, or a batch of typical ones (~110 B)
 _BATCH = const(4)
 _FLUSH_MS = const(60000)
 
@@ -39,7 +38,6 @@ class Queue:
         self._boot = array("I", bytes(4 * cap))
         self._seq = array("I", bytes(4 * cap))
         self._off = array("i", bytes(4 * cap))  # >= 0: payload offset in the file; < 0: -1 - offset in _buf
-        self._len = array("H", bytes(2 * cap))
         self.count = 0
         self.dropped = 0
         self.corrupt = 0   # torn/corrupt records found at boot
@@ -50,14 +48,11 @@ class Queue:
         self._blen = 0
         self._breps = 0    # REPORT records in _buf
         self._bsince = 0   # ticks when _buf got its first record
-        self._read_buf = bytearray(_HDR + MAX_PAYLOAD + 4)
-        self._read_view = memoryview(self._read_buf)
-        self._head_buf = bytearray(_HDR)
-        self._crc_buf = bytearray(4)
+        self._read_view = None  # a record read back from flash: allocated when the file first holds one
         self._size = 0     # bytes of valid records in the file
         self._dead = 0     # records in the file that no longer matter
         self._compact = False
-        self._load()
+        self._file("load")  # the file -> the index above
 
     # -- index
     def _find(self, boot, seq):
@@ -71,23 +66,28 @@ class Queue:
             self._boot[j] = self._boot[j + 1]
             self._seq[j] = self._seq[j + 1]
             self._off[j] = self._off[j + 1]
-            self._len[j] = self._len[j + 1]
         self.count -= 1
 
-    def key(self, i=0):
+    def key(self, i):
         return self._boot[i], self._seq[i]
 
-    def payload(self, i=0):
-        """The report's CBOR bytes as a memoryview, valid until the next queue call."""
-        n = self._len[i]
+    def payload(self, i):
+        """The report's CBOR bytes as a memoryview, valid until the next queue call. Its length is the record's
+        (len u16 in the head, little-endian): the index does not keep it."""
         off = self._off[i]
         if off < 0:
             p = -1 - off
-            return self._buf_view[p + _HDR:p + _HDR + n]
+            b = self._buf
+            return self._buf_view[p + _HDR:p + _HDR + (b[p + 1] | b[p + 2] << 8)]
+        r = self._read_view
+        if r is None:  # the file first holds a report the device reads back: offline, or after a reboot
+            r = self._read_view = memoryview(bytearray(_HDR + MAX_PAYLOAD))
         with open(self.path, "rb") as f:
-            f.seek(off)
-            f.readinto(self._read_view[:n])
-        return self._read_view[:n]
+            f.seek(off - _HDR)
+            f.readinto(r[:_HDR])
+            v = r[_HDR:_HDR + (r[1] | r[2] << 8)]
+            f.readinto(v)
+        return v
 
     # -- records in RAM
     def _append(self, kind, boot, seq, payload, now):
@@ -129,7 +129,6 @@ class Queue:
         self._boot[i] = boot
         self._seq[i] = seq
         self._off[i] = -1 - p
-        self._len[i] = n
         self.count = i + 1
         self._breps += 1
         if self._breps >= self.batch:
@@ -137,7 +136,6 @@ class Queue:
         return True
 
     def _drop_oldest(self, now):
-        self.dropped += 1
         boot, seq = self._boot[0], self._seq[0]
         off = self._off[0]
         self._remove(0)
@@ -147,6 +145,9 @@ class Queue:
         else:
             self._dead += 1
         self._append(DROP, boot, seq, None, now)  # persists the dropped counter
+        # counted after the append: a full buffer makes it flush first, and a compaction there writes the
+        # counter into the new HEAD, which must not already hold the drop this DROP record counts again
+        self.dropped += 1
 
     def ack(self, boot, seq, now=0):
         """Remove an acknowledged report; False when it is not queued (already gone)."""
@@ -174,73 +175,22 @@ class Queue:
             self.flush()
 
     def flush(self):
-        """Write the buffered records to flash (one append)."""
-        if self._compact:  # an ack drained the queue and left no ACK record: rewrite now, or a reboot resends it
-            self._compact = False
-            self.compact()
-            return
-        if not self._blen:
-            return
-        if self._size + self._blen > self.max_file or self._size == 0:
-            self.compact()
-            return
-        try:
-            with open(self.path, "ab") as f:
-                f.write(self._buf_view[:self._blen])
-        except OSError:
-            self.errors += 1
-            return  # stays in RAM; the next flush tries again
-        self.writes += 1
-        base = self._size
-        for j in range(self.count):
-            o = self._off[j]
-            if o < 0:
-                self._off[j] = base - 1 - o + _HDR
-        p = 0
-        while p < self._blen:
-            k = self._buf[p]
-            if k == ACK or k == DROP:
-                self._dead += 1
-            p += REC + struct.unpack_from("<H", self._buf, p + 1)[0]
-        self._size += self._blen
-        self._blen = 0
-        self._breps = 0
+        """Write the buffered records to flash (one append, or a compaction: qfile.py)."""
+        if self._compact or self._blen:
+            self._file("flush")
 
     def compact(self):
-        """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically."""
-        tmp = self.path + ".tmp"
-        hb = self._head_buf
-        cb = self._crc_buf
-        offs = array("i", bytes(4 * self.count))
+        """Rewrite the file as HEAD + the live reports (from the file and the RAM buffer), atomically (qfile.py)."""
+        self._file("compact")
+
+    def _file(self, op):
+        # the file is written only offline, at a reboot or when the queue drains: its code is loaded for that
+        # and dropped again (carrier.unload), a device that stays online never holds it
+        from carrier import qfile, unload
         try:
-            with open(tmp, "wb") as f:
-                struct.pack_into("<BHII", hb, 0, HEAD, 0, self.dropped, 0)
-                struct.pack_into("<I", cb, 0, binascii.crc32(hb))
-                f.write(hb)
-                f.write(cb)
-                pos = REC
-                for i in range(self.count):
-                    n = self._len[i]
-                    mv = self.payload(i)
-                    struct.pack_into("<BHII", hb, 0, REPORT, n, self._boot[i], self._seq[i])
-                    struct.pack_into("<I", cb, 0, binascii.crc32(mv, binascii.crc32(hb)))
-                    f.write(hb)
-                    f.write(mv)
-                    f.write(cb)
-                    offs[i] = pos + _HDR
-                    pos += REC + n
-            os.rename(tmp, self.path)
-        except OSError:
-            self.errors += 1
-            hal.remove(tmp)
-            return
-        self.writes += 1
-        for i in range(self.count):
-            self._off[i] = offs[i]
-        self._size = pos
-        self._dead = 0
-        self._blen = 0
-        self._breps = 0
+            getattr(qfile, op)(self)
+        finally:
+            unload("qfile")
 
     def clear(self):
         """Forget everything, counters included (factory reset)."""
@@ -249,59 +199,4 @@ class Queue:
         hal.remove(self.path)
         hal.remove(self.path + ".tmp")
 
-    def depth(self):
-        return self.count
-
     # -- boot
-    def _load(self):
-        hal.remove(self.path + ".tmp")  # a compaction cut short: the old file is still whole
-        try:
-            f = open(self.path, "rb")
-        except OSError:
-            return
-        hv = self._read_view[:_HDR]
-        pos = 0
-        torn = False
-        with f:
-            while True:
-                k = f.readinto(hv)
-                if not k:
-                    break
-                if k != _HDR:
-                    torn = True
-                    break
-                kind, n, boot, seq = struct.unpack("<BHII", hv)
-                if not REPORT <= kind <= HEAD or n > MAX_PAYLOAD or (kind != REPORT and n):
-                    torn = True
-                    break
-                body = self._read_view[_HDR:_HDR + n + 4]
-                if f.readinto(body) != n + 4 or \
-                        binascii.crc32(body[:n], binascii.crc32(hv)) != struct.unpack_from("<I", self._read_buf, _HDR + n)[0]:
-                    torn = True
-                    break
-                if kind == REPORT:
-                    if self.count >= self.cap:
-                        self._remove(0)
-                        self.dropped += 1
-                        self._dead += 1
-                    i = self.count
-                    self._boot[i] = boot
-                    self._seq[i] = seq
-                    self._off[i] = pos + _HDR
-                    self._len[i] = n
-                    self.count = i + 1
-                elif kind == HEAD:
-                    self.dropped = boot
-                else:
-                    i = self._find(boot, seq)
-                    if i >= 0:
-                        self._remove(i)
-                        self._dead += 1
-                    self._dead += 1
-                    if kind == DROP:
-                        self.dropped += 1
-                pos += REC + n
-        self._size = pos
-        if torn:
-            self.corrupt += 1
-            self.compact()  # drop the bad tail so later appends follow valid records

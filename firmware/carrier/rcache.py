@@ -8,6 +8,15 @@ from micropython import const
 
 from carrier import devicemsg
 
+# const() folds only inside one module: the numbers used here are copies, checked by fwcheck
+_BAD_REQUEST = const(400)  # mirrors devicemsg.BAD_REQUEST
+_INTERNAL = const(500)     # mirrors devicemsg.INTERNAL
+_K_CODE = const(3)         # mirrors devicemsg._K_CODE
+_K_ID = const(2)           # mirrors devicemsg._K_ID
+_K_SOURCE = const(23)      # mirrors devicemsg._K_SOURCE
+_K_VALUES = const(4)       # mirrors devicemsg._K_VALUES
+_OK = const(1)             # mirrors devicemsg.OK
+
 _MAX_AGE_CAP = const(86400)  # s; keeps ticks arithmetic inside half the ticks period
 
 
@@ -48,11 +57,11 @@ class Cache:
         if fresh:
             data = bytes(data)
             res = answer(t, data)
-            if res[0] == devicemsg.OK:
+            if res[0] == _OK:
                 self.put(key, etag, max_age, data, now)
             return res
         e = self.refresh(key, max_age, now)
-        return answer(t, e[3], -2) if e else (devicemsg.INTERNAL, t, None, 0, "not modified, but not cached")
+        return answer(t, e[3], -2) if e else (_INTERNAL, t, None, 0, "not modified, but not cached")
 
     def put(self, key, etag, max_age, payload, now):
         self.drop(key)
@@ -101,6 +110,6 @@ def answer(target, payload, src=None):
     try:
         r = devicemsg.decode("resolve_response", payload)
     except devicemsg.WireError as e:
-        return (devicemsg.BAD_REQUEST, target, None, 0, str(e))
-    return (r[devicemsg.K_CODE], r[devicemsg.K_ID], r[devicemsg.K_VALUES], r.get(devicemsg.K_SOURCE, 0) if src is None else src,
+        return (_BAD_REQUEST, target, None, 0, str(e))
+    return (r[_K_CODE], r[_K_ID], r[_K_VALUES], r.get(_K_SOURCE, 0) if src is None else src,
             None)

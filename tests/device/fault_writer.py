@@ -23,16 +23,17 @@ KEYS = ("00112233445566778899aabbccddeeff", "ffeeddccbbaa99887766554433221100")
 
 
 def report(ident, boot, seq):
+    k = devicemsg.NAMES.index
     m = {
-        devicemsg.K_ID: ident,
-        devicemsg.K_BOOT: boot,
-        devicemsg.K_SEQ: seq,
-        devicemsg.K_UPTIME: seq,
-        devicemsg.K_HEAP: 1000 + seq,
-        devicemsg.K_RSSI: -50,
-        devicemsg.K_QUEUE: 0,
-        devicemsg.K_BOARD: "unix",
-        devicemsg.K_FW: "fault-" + "x" * (seq % 97),
+        k("id"): ident,
+        k("boot"): boot,
+        k("seq"): seq,
+        k("uptime"): seq,
+        k("heap"): 1000 + seq,
+        k("rssi"): -50,
+        k("queue"): 0,
+        k("board"): "unix",
+        k("fw"): "fault-" + "x" * (seq % 97),
     }
     return devicemsg.encode("report", m)
 
@@ -66,7 +67,7 @@ def write(root, ident, url):
         if i % 4 == 0:
             n = (i // 4) % 2
             print("I", n)
-            identity.save(h, identity.Identity(ident_doc(ident, url, n)))
+            identity.save(h, identity.parse(ident_doc(ident, url, n)))
 
 
 def check(root, ident):

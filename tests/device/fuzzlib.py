@@ -267,7 +267,7 @@ def heap():
 
 
 class ClientRig:
-    """What the CoAP and MQTT client fuzz rigs share: a real config.Config that every desired config handed
+    """What the CoAP and MQTT client fuzz rigs share: a real config.Config record that every desired config handed
     on is applied to, callbacks that check their results, and a bound on what is kept of them (a long campaign
     must not fill the heap itself)."""
 
@@ -276,7 +276,7 @@ class ClientRig:
         from carrier import config
 
         self.dir = tmpdir(tag)
-        self.cfg = config.Config(FakeHal(self.dir))
+        self.cfg = config.load(FakeHal(self.dir))
         self.results = []  # the latest results
         self.nresults = 0
         self.configs = 0
@@ -287,10 +287,10 @@ class ClientRig:
         rmtree(self.dir[:-1])
 
     def on_config(self, payload):
-        from carrier import devicemsg
+        from carrier import config, devicemsg
 
         self.configs += 1
-        code, v, msg = self.cfg.apply(payload)
+        code, v, msg = config.apply(self.cfg, payload)
         _ok(code in (devicemsg.OK, devicemsg.BAD_REQUEST) and type(v) is int)
 
     def keep(self, res):

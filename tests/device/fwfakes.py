@@ -239,7 +239,7 @@ def coap_reply(t, code, mid, tok, tkl, opts=(), payload=None):
 
 class CoapServer:
     """A loopback CoAP gateway for firmware tests, served from the test's own loop (serve() is
-    non-blocking): POST .../rpt -> 2.04 report_ack, GET /r/... -> 2.05 resolve_response (or 4.04 for
+    non-blocking): POST .../rpt -> 2.04 report_ack (5.03 + Max-Age `overload` while set; `refuse`: that code), GET /r/... -> 2.05 resolve_response (or 4.04 for
     suffixes starting with "missing"), GET .../cfg -> 2.05 `cfg` when set else 4.04, POST .../cfg -> 2.04
     (the config_ack is kept in cfg_acks). `down` makes it drop everything."""
 
@@ -269,6 +269,11 @@ class CoapServer:
         )
         self.cfg_gets = 0
         self.down = False
+        self.overload = None  # seconds: answer reports 5.03 with this Max-Age (an overloaded gateway)
+        self.refuse = (
+            None  # a CoAP code (e.g. 128 = 4.00): answer reports with it, an error payload, no Max-Age
+        )
+        self.posts = 0  # report POSTs received, answered or not
         self._buf = bytearray(1200)
         self._out = bytearray(1200)
         self._msg = coapmsg.Msg()
@@ -304,7 +309,19 @@ class CoapServer:
                 pos += ln
             body = bytes(mv[m.payload_at : n])
             code, opts, payload = 132, (), None
-            if path and path[0] == "d" and path[-1] == "rpt":
+            if path and path[0] == "d" and path[-1] == "rpt" and (self.overload is not None or self.refuse):
+                self.posts += 1
+                if self.overload is not None:
+                    code, opts = 163, ((coapmsg.O_CF, 60), (coapmsg.O_MAX_AGE, self.overload))
+                    payload = cbor.dumps({3: 503, 9: "overloaded: come back later"})
+                else:
+                    code, opts, payload = (
+                        self.refuse,
+                        ((coapmsg.O_CF, 60),),
+                        cbor.dumps({3: 400, 9: "bad report"}),
+                    )
+            elif path and path[0] == "d" and path[-1] == "rpt":
+                self.posts += 1
                 rep = cbor.loads(body)
                 self.reports.append(rep)
                 ack = {10: rep[10], 11: rep[11], 3: 1}

@@ -36,7 +36,7 @@ def run(t, done, ms=WAIT_MS):
 
 
 def main():
-    ident = identity.Identity(json.loads(sys.argv[1]))
+    ident = identity.parse(json.loads(sys.argv[1]))
     if sys.argv[2] != "-":
         ident.ca_path = sys.argv[2]
     t = mqttdevice.Transport(ident, keepalive=30)

@@ -40,7 +40,7 @@ def make(ident, h):
 def main():
     root, ident_json = sys.argv[1], sys.argv[2]
     h = Hal(root=root)
-    ident = identity.Identity(json.loads(ident_json))
+    ident = identity.parse(json.loads(ident_json))
     c = make(ident, h)
     c.start(time.ticks_ms())
     configs = []
@@ -59,7 +59,7 @@ def main():
             pl = cbor.dumps(
                 {2: arg or ident.id, 10: 1, 11: seq, 12: 5, 13: 100000, 14: 0, 15: 0, 16: "unix", 17: "test"}
             )
-            c.report(pl, 1, seq, lambda code, b, s: res.append(code))
+            c.report(pl, 1, seq, lambda code, b, s, *wait: res.append(code))
             run(c, lambda: res)
             out({"a": "report", "code": res[0] if res else -9})
         elif name == "path":
@@ -71,8 +71,9 @@ def main():
             if configs:
                 ack = cbor.dumps({2: ident.id, 20: configs[0][20], 3: 1})
                 c.cfg_ack(ack)
-                run(c, lambda: not c.busy(), 5000)
-                out({"a": "cfg_ack", "done": not c.busy()})
+                idle = lambda: not any(ex.state for ex in c.exchanges)  # noqa: E731
+                run(c, idle, 5000)
+                out({"a": "cfg_ack", "done": idle()})
         elif name == "notify":
             n = len(configs)
             run(c, lambda: len(configs) > n)
@@ -110,8 +111,7 @@ def measure(ident, h):
         c._build_get(ex)
         n = ex.length
         if secure:
-            c._send(ex, time.ticks_ms())  # protects (sock None: nothing is sent)
-            n = ex.wire_len
+            n = c._seal(ex, True)  # the protected request's length
         d["secure" if secure else "plain"] = {"request_bytes": n, "client_heap": heap}
     ident.secure = True
     out(d)

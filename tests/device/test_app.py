@@ -2,7 +2,7 @@
 # gateway served from the test: provisioning mode, boot counter and seq, crash streak and safe mode, first
 # report and resolve, offline queueing and drain, remote config, and the key never reaching any output.
 from mptest import eq, ok, raises, note
-from carrier import app as A, log, devicemsg
+from carrier import app as A, log, devicemsg, identity
 
 from fwfakes import Rig, KEY, ID
 
@@ -189,6 +189,47 @@ def test_key_never_in_logs_or_console():
             out += r.con(line)
         ok(KEY not in out and KEY.upper() not in out, "console output")
         ok(KEY not in "\n".join(log.tail(200)), "log ring")
-        ok(a.ident.fingerprint() in out)
+        ok(identity.fingerprint(a.ident.key) in out)
+
+    _with(t)
+
+
+def test_overloaded_gateway_503_max_age_is_waited_out():
+    # issue 14: a gateway past what it can commit answers a report 5.03 with Max-Age = when to come back; the
+    # device keeps the report, sends nothing before then (no backoff of its own, no retransmission storm), and
+    # counts it as deferred, not as a failure of the network
+    def t(r):
+        a = r.boot()
+        ok(r.run(3000, lambda: a.reporter.acked == 1))
+        rep, t0 = a.reporter, r.hal.now
+        r.srv.overload = 7
+        seq = rep.make(0)
+        ok(r.run(1000, lambda: r.srv.posts == 2), "the report went out")
+        ok(not r.run(6900, lambda: r.srv.posts > 2), "nothing sent within the 7 s the gateway asked for")
+        eq((rep.deferred, rep.failed, rep.last_code, a.queue.count), (1, 0, 503, 1))
+        ok(r.run(200, lambda: rep.deferred == 2), "sent again once the 7 s are over, and deferred again")
+        eq((r.srv.posts, rep.failed), (3, 0), "a second 5.03: still no failure")
+        r.srv.overload = None
+        ok(r.run(7100, lambda: rep.acked == 2), "stored once the gateway has room")
+        eq(r.srv.posts, 4, "one POST per Max-Age, none in between")
+        eq((r.srv.reports[-1][10], r.srv.reports[-1][11]), (1, seq))
+        eq((a.queue.count, a.transport.retrans, a.transport.errors, a.errors), (0, 0, 0, 0))
+        ok(r.hal.now - t0 >= 14000)
+
+    _with(t)
+
+
+def test_permanent_refusal_400_drops_the_report():
+    def t(r):
+        a = r.boot()
+        ok(r.run(3000, lambda: a.reporter.acked == 1))
+        r.srv.refuse = 128  # 4.00: the gateway can never store this report
+        a.reporter.make(0)
+        ok(r.run(1000, lambda: a.reporter.rejected == 1))
+        eq((a.queue.count, a.reporter.failed, a.reporter.deferred, a.reporter.last_code), (0, 0, 0, 400))
+        n = r.srv.posts
+        r.run(10000)
+        eq(r.srv.posts, n, "dropped: never sent again")
+        ok("rejected code=400" in "\n".join(log.tail(5)))
 
     _with(t)

@@ -4,7 +4,7 @@
 from mptest import eq, ok, note
 from fwfakes import FakeSock, coap_reply
 from carrier import coap, coapmsg, cbor, devicemsg
-from carrier.identity import Identity
+from carrier import identity
 
 ID24 = "88.123.99/PUMP-0001-ABCD"  # 24 characters
 
@@ -14,7 +14,7 @@ def h(s):
 
 
 def _client(idt=ID24):
-    c = coap.Client(Identity({"id": idt, "coap": "coap://127.0.0.1", "key": "00" * 16}))
+    c = coap.Client(identity.parse({"id": idt, "coap": "coap://127.0.0.1", "key": "00" * 16}))
     c.sock = FakeSock()
     c.now = 1000
     return c
@@ -322,3 +322,27 @@ def test_icmp_unreachable_fails_fast():
     c.poll(1100)
     eq(got[0][0], devicemsg.NO_RESPONSE)
     ok(c.ready())
+
+
+def test_report_refused_for_now_carries_max_age():
+    # 5.03 / 4.29 with a Max-Age: the callback gets the wait in seconds as a 4th argument; without one (or for
+    # any other failure) -1; an acknowledgement (2.04) comes with the usual three
+    c = _client("88.123.99/pump/7")
+    got = []
+    payload = cbor.dumps({2: "88.123.99/pump/7", 10: 3, 11: 1})
+    err = cbor.dumps({3: 503, 9: "overloaded"})
+    for code, opts, want in (
+        (163, ((coapmsg.O_MAX_AGE, 9),), (503, 3, 1, 9)),
+        (157, ((coapmsg.O_MAX_AGE, 0),), (429, 3, 1, 0)),
+        (163, (), (503, 3, 1, -1)),
+        (128, ((coapmsg.O_MAX_AGE, 9),), (400, 3, 1, -1)),
+    ):
+        ok(c.report(payload, 3, 1, lambda *a: got.append(a)))
+        m, d = _sent(c)
+        body = err if code != 157 else cbor.dumps({3: 429})
+        if code == 128:
+            body = cbor.dumps({3: 400})
+        c.sock.rx.append(_reply(coapmsg.ACK, code, m.mid, m.token, opts, body))
+        c.poll(1100)
+        eq(got[-1], want, coapmsg.dotted(code))
+    eq((c.errors, c.retrans), (0, 0), "an answer, even a refusal, is not a network error")

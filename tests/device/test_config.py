@@ -2,7 +2,8 @@
 from mptest import eq, ok, raises
 from fwfakes import FakeHal, tmpdir, rmtree
 from carrier import cbor, devicemsg
-from carrier.config import Config, ack_payload, check_meta
+from carrier import config
+from carrier.config import ack_payload, check_meta
 
 
 def _with(fn):
@@ -15,15 +16,15 @@ def _with(fn):
 
 def test_apply_persist_and_reload():
     def t(h):
-        c = Config(h)
+        c = config.load(h)
         changes = []
         c.on_change = lambda: changes.append(c.interval)
         eq((c.cfgver, c.interval, c.meta), (0, 60, {}))
-        eq(c.apply(cbor.dumps({20: 3, 21: 30, 22: {"URL": "https://x/"}})), (1, 3, None))
+        eq(config.apply(c, cbor.dumps({20: 3, 21: 30, 22: {"URL": "https://x/"}})), (1, 3, None))
         eq(changes, [30])
-        c2 = Config(h)
+        c2 = config.load(h)
         eq((c2.cfgver, c2.interval, c2.meta), (3, 30, {"URL": "https://x/"}))
-        eq(c.apply(cbor.dumps({20: 4})), (1, 4, None), "only cfgver: keeps interval and meta")
+        eq(config.apply(c, cbor.dumps({20: 4})), (1, 4, None), "only cfgver: keeps interval and meta")
         eq((c.interval, c.meta), (30, {"URL": "https://x/"}))
 
     _with(t)
@@ -31,12 +32,12 @@ def test_apply_persist_and_reload():
 
 def test_not_newer_is_acknowledged_but_ignored():
     def t(h):
-        c = Config(h)
-        c.apply(cbor.dumps({20: 5, 21: 100}))
-        code, v, msg = c.apply(cbor.dumps({20: 5, 21: 20}))
+        c = config.load(h)
+        config.apply(c, cbor.dumps({20: 5, 21: 100}))
+        code, v, msg = config.apply(c, cbor.dumps({20: 5, 21: 20}))
         eq((code, v, c.interval), (1, 5, 100))
         ok("not newer" in msg)
-        eq(c.apply(cbor.dumps({20: 2, 21: 20}))[:2], (1, 2))
+        eq(config.apply(c, cbor.dumps({20: 2, 21: 20}))[:2], (1, 2))
         eq(c.interval, 100)
 
     _with(t)
@@ -44,7 +45,7 @@ def test_not_newer_is_acknowledged_but_ignored():
 
 def test_rejections():
     def t(h):
-        c = Config(h)
+        c = config.load(h)
         cases = [
             (cbor.dumps({20: 1, 21: 9}), 1, "interval"),
             (cbor.dumps({20: 1, 21: 86401}), 1, "interval"),
@@ -59,7 +60,7 @@ def test_rejections():
             (cbor.dumps({20: 1, 22: {"k": "v" * 600}}), 1, "bytes"),
         ]
         for payload, v, frag in cases:
-            code, got_v, msg = c.apply(payload)
+            code, got_v, msg = config.apply(c, payload)
             eq((code, got_v), (400, v), repr(payload))
             ok(frag in msg, "%r in %r" % (frag, msg))
         eq((c.cfgver, c.interval, c.rejected), (0, 60, len(cases)))
@@ -77,18 +78,18 @@ def test_ack_payloads_match_the_protocol():
 
 def test_local_interval_and_broken_file():
     def t(h):
-        c = Config(h)
-        c.set_interval(15)
-        raises(ValueError, c.set_interval, 5)
-        eq(Config(h).interval, 15)
+        c = config.load(h)
+        config.set_interval(c, 15)
+        raises(ValueError, config.set_interval, c, 5)
+        eq(config.load(h).interval, 15)
         with open(h.root + "config.json", "w") as f:
             f.write('{"cfgver": 2, "interval": 3}')
-        c = Config(h)
+        c = config.load(h)
         eq((c.cfgver, c.interval), (0, 60))
         ok("ignored" in c.error)
         with open(h.root + "config.json", "w") as f:
             f.write("{garbage")
-        ok(Config(h).error)
+        ok(config.load(h).error)
 
     _with(t)
 

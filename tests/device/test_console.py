@@ -4,7 +4,7 @@
 import json
 from mptest import eq, ok, note
 from fwfakes import Rig, KEY, ID
-from carrier import log, console
+from carrier import log, console, identity
 
 
 def _with(fn, **kw):
@@ -43,7 +43,10 @@ def test_help_id_status_text():
         ):
             ok(c in out, c)
         out = r.con("id")
-        ok("id: " + ID in out and "key: " + r.app.ident.fingerprint() in out and KEY not in out, out)
+        ok(
+            "id: " + ID in out and "key: " + identity.fingerprint(r.app.ident.key) in out and KEY not in out,
+            out,
+        )
         out = r.con("status")
         for k in ("boot: 1", "seq: 1", "queue: 0", "transport: coap", "transport_on: True", "acked: 1"):
             ok(k in out, k + " in " + out)

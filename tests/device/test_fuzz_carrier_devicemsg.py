@@ -110,13 +110,13 @@ def _config_apply(inputs):
     d = tmpdir("fz")
     try:
         h = FakeHal(d)
-        c = fwconfig.Config(h)
+        c = fwconfig.load(h)
         n = 0
         for data in inputs:
             n += 1
             before = c.interval
             try:
-                code, v, msg = c.apply(data)
+                code, v, msg = fwconfig.apply(c, data)
             except Exception as e:
                 _fail("Config.apply", data, e)
             ok(code in (devicemsg.OK, devicemsg.BAD_REQUEST), "code %r" % code)
@@ -128,7 +128,7 @@ def _config_apply(inputs):
             ok(code == devicemsg.OK or c.interval == before)
             fwconfig.ack_payload("88.1/X", code, v, msg)  # the ack it sends must encode
         # what was persisted loads again
-        c2 = fwconfig.Config(h)
+        c2 = fwconfig.load(h)
         eq((c2.cfgver, c2.interval, c2.error), (c.cfgver, c.interval, None))
         return n
     finally:
@@ -217,8 +217,8 @@ def test_regression_float_key_equal_to_known_key():
     raises(devicemsg.WireError, devicemsg.decode, "report_ack", cbor.dumps({10.0: 1, 11: 1, 3: 1}))
     d = tmpdir("fz")
     try:
-        c = fwconfig.Config(FakeHal(d))
-        code, v, msg = c.apply(payload)
+        c = fwconfig.load(FakeHal(d))
+        code, v, msg = fwconfig.apply(c, payload)
         eq((code, v, c.interval), (devicemsg.BAD_REQUEST, 27, fwconfig.DEFAULT_INTERVAL))
     finally:
         rmtree(d[:-1])

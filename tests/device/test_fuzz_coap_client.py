@@ -9,7 +9,7 @@ import fuzzlib as F
 from fwfakes import FakeSock, coap_reply as _reply
 from carrier import coap, coapmsg, cbor
 from carrier import config as fwconfig
-from carrier.identity import Identity
+from carrier import identity
 
 ID = "88.123.99/PUMP-0001"
 TARGETS = ("88.1/X", "88.123.99/PUMP-0001", "0.NA/88.1", "88.1/" + "s" * 200, "88.1/a/b/c")
@@ -89,14 +89,15 @@ def _opts():
 class Rig(F.ClientRig):
     def __init__(self):
         F.ClientRig.__init__(self, "fzc")
-        self.c = coap.Client(Identity({"id": ID, "coap": "coap://127.0.0.1", "key": "00" * 16}))
+        self.c = coap.Client(identity.parse({"id": ID, "coap": "coap://127.0.0.1", "key": "00" * 16}))
         self.c.sock = FakeSock()
         self.c.now = self.now = 1000
         self.c.on_config = self.on_config
         self.sent = []  # (mid, tok, tkl) of requests the client sent
 
-    def reported(self, code, boot, seq):
+    def reported(self, code, boot, seq, wait_s=-1):
         ok(type(code) is int and (boot, seq) == (7, 9), "report result %r" % ((code, boot, seq),))
+        ok(type(wait_s) is int and (wait_s == -1 or code in (429, 503) and wait_s >= 0), "wait %r" % wait_s)
         self.keep(code)
 
     def collect(self):
@@ -211,7 +212,7 @@ def test_fuzz_client_exchanges():
         for _ in range(30):
             r.now += 10000
             r.feed(b"")
-        eq(r.c.busy(), 0, "exchanges left")
+        eq([ex.state for ex in r.c.exchanges if ex.state], [], "exchanges left")
         r.results = []
         r.c.cache.clear()
         ok(r.c.resolve("88.1/CLEAN", r.resolved))

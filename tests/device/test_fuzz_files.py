@@ -76,7 +76,7 @@ def test_fuzz_config_json_at_boot():
             with open(d + "config.json", "wb") as f:
                 f.write(data)
             try:
-                c = fwconfig.Config(FakeHal(d))
+                c = fwconfig.load(FakeHal(d))
             except Exception as e:
                 raise AssertionError(
                     "Config() raised %s: %s with config.json %s" % (type(e).__name__, e, data.hex())
@@ -162,7 +162,7 @@ def test_regression_config_json_number_beyond_float():
         ):
             with open(d + "config.json", "w") as f:
                 f.write(text)
-            c = fwconfig.Config(FakeHal(d))
+            c = fwconfig.load(FakeHal(d))
             eq((c.cfgver, c.interval), (0, fwconfig.DEFAULT_INTERVAL))
             ok(c.error and "ignored" in c.error, c.error)
     finally:

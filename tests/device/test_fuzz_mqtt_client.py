@@ -8,7 +8,7 @@ from mptest import eq, ok, note
 import fuzzlib as F
 from fwfakes import FakeSock
 from carrier import mqtt, mqttdevice, mqttmsg, cbor
-from carrier.identity import Identity
+from carrier import identity
 
 ID = "88.123.99/PUMP-0001"
 BASE = "ida/v1/d/88.123.99%2FPUMP-0001/"
@@ -100,7 +100,7 @@ def test_fuzz_reader_garbage():
 class Rig(F.ClientRig):
     def __init__(self):
         F.ClientRig.__init__(self, "fzm")
-        idt = Identity({"id": ID, "transport": "mqtt", "mqtt": "mqtt://127.0.0.1", "key": "00" * 16})
+        idt = identity.parse({"id": ID, "transport": "mqtt", "mqtt": "mqtt://127.0.0.1", "key": "00" * 16})
         self.t = mqttdevice.Transport(idt, keepalive=30)
         self.t.on_config = self.on_config
         self.t.session.enabled = True

@@ -54,7 +54,8 @@ def _check_loaded(Q, data):
     ok(0 <= Q.count <= Q.cap, "count %d" % Q.count)
     for i in range(Q.count):
         pl = bytes(Q.payload(i))
-        eq(len(pl), Q._len[i], "payload length of %s" % data.hex())
+        ok(len(pl) <= q.MAX_PAYLOAD, "payload length of %s" % data.hex())
+        eq(bytes(Q.payload(i)), pl, "read back the same")
 
 
 def test_fuzz_boot_from_random_file():
@@ -204,5 +205,23 @@ def test_regression_ack_that_drains_queue_survives_shutdown():
         Q.flush()
         R = q.Queue(p, **kw)
         eq([R.key(i) for i in range(R.count)], [(1, 13), (1, 14), (1, 2), (1, 28)])
+
+    _with_dir(t)
+
+
+def test_regression_drop_that_fills_the_buffer_counts_once():
+    # fuzz finding (with the RAM buffer sized to one largest record): dropping the oldest report appends a DROP
+    # record; when that append found the buffer full it flushed first, the flush compacted the file, and the new
+    # HEAD already held the incremented dropped counter, which the DROP record then counted again at the reboot.
+    def t(p):
+        Q = q.Queue(p, cap=2, batch=100, max_file=600)
+        Q.put(1, 1, b"a" * q.MAX_PAYLOAD)
+        Q.flush()
+        Q.put(1, 2, b"b" * (q.BUF - q.REC - 10))
+        Q.put(1, 3, b"c" * 5)  # the queue is full: (1, 1) goes, its DROP record does not fit the buffer
+        eq(Q.dropped, 1)
+        Q.flush()
+        R = q.Queue(p, cap=2)
+        eq(([R.key(i) for i in range(R.count)], R.dropped), ([(1, 2), (1, 3)], 1))
 
     _with_dir(t)

@@ -16,29 +16,29 @@ def _d(**kw):
 
 
 def test_mqtts_identity():
-    i = identity.Identity(_d())
+    i = identity.parse(_d())
     eq(i.mqtt, ("broker.plant", 8883))
     ok(i.mqtt_tls)
     eq((i.ca_file, i.ca_path), (None, "ca.crt"))
-    i = identity.Identity(_d(mqtt="mqtts://10.0.0.2:18883", ca="site-ca.der"))
+    i = identity.parse(_d(mqtt="mqtts://10.0.0.2:18883", ca="site-ca.der"))
     eq((i.mqtt, i.ca_path), (("10.0.0.2", 18883), "site-ca.der"))
-    eq(i.to_dict()["ca"], "site-ca.der")
-    i = identity.Identity(_d(mqtt="mqtt://broker.plant"))
+    eq(identity.to_dict(i)["ca"], "site-ca.der")
+    i = identity.parse(_d(mqtt="mqtt://broker.plant"))
     ok(not i.mqtt_tls)
     eq(i.mqtt, ("broker.plant", 1883))
-    ok("ca" not in i.to_dict())
-    raises(identity.IdentityError, identity.Identity, _d(ca=""))
-    raises(identity.IdentityError, identity.Identity, _d(ca=5))
-    raises(identity.IdentityError, identity.Identity, _d(mqtt="mqtts://"))
+    ok("ca" not in identity.to_dict(i))
+    raises(identity.IdentityError, identity.parse, _d(ca=""))
+    raises(identity.IdentityError, identity.parse, _d(ca=5))
+    raises(identity.IdentityError, identity.parse, _d(mqtt="mqtts://"))
 
 
 def test_ca_path_under_the_data_root():
     root = tmpdir("tls")
     try:
         h = FakeHal(root)
-        identity.save(h, identity.Identity(_d()))
+        identity.save(h, identity.parse(_d()))
         eq(identity.load(h).ca_path, root + "ca.crt")
-        identity.save(h, identity.Identity(_d(ca="/flash/ca.der")))
+        identity.save(h, identity.parse(_d(ca="/flash/ca.der")))
         eq(identity.load(h).ca_path, "/flash/ca.der")
     finally:
         rmtree(root[:-1])
@@ -80,11 +80,11 @@ def test_transport_tls_or_insecure_warning():
     old = log.sink
     log.sink = lines.append
     try:
-        t = mqttdevice.Transport(identity.Identity(_d(ca="/x/ca.der")))
+        t = mqttdevice.Transport(identity.parse(_d(ca="/x/ca.der")))
         eq(t.client.ca_path, "/x/ca.der")
         eq(t.client.sni, "broker.plant")
         eq(lines, [])
-        t = mqttdevice.Transport(identity.Identity(_d(mqtt="mqtt://127.0.0.1:1884")))
+        t = mqttdevice.Transport(identity.parse(_d(mqtt="mqtt://127.0.0.1:1884")))
         eq(t.client.ca_path, None)
         ok(len(lines) == 1 and "INSECURE plain mode" in lines[0] and "127.0.0.1:1884" in lines[0], lines)
         ok(KEY not in lines[0] and mqtt.password(bytes.fromhex(KEY)).decode() not in lines[0])
@@ -93,7 +93,7 @@ def test_transport_tls_or_insecure_warning():
 
 
 def test_missing_ca_is_a_reconnect_not_a_crash():
-    t = mqttdevice.Transport(identity.Identity(_d(mqtt="mqtts://127.0.0.1:9", ca="/nonexistent/ca.crt")))
+    t = mqttdevice.Transport(identity.parse(_d(mqtt="mqtts://127.0.0.1:9", ca="/nonexistent/ca.crt")))
     t.start(0)
     t.poll(0)  # the session's first attempt: no CA file -> closed with a reason, backoff, no exception
     eq(t.client.state, mqtt.IDLE)

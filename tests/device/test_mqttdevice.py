@@ -3,7 +3,7 @@
 from mptest import eq, ok
 from fwfakes import FakeSock
 from carrier import mqtt, mqttdevice, mqttmsg, devicemsg, cbor
-from carrier.identity import Identity
+from carrier import identity
 
 
 def h(s):
@@ -12,7 +12,7 @@ def h(s):
 
 def _transport(ident="88.123.99/PUMP-0001", connack="20 02 00 00"):
     """A Transport on a fake socket that has just read the broker's CONNACK."""
-    idt = Identity(
+    idt = identity.parse(
         {
             "id": ident,
             "transport": "mqtt",

@@ -233,3 +233,26 @@ def test_cost_of_protect_and_unprotect():
         c.unprotect(resp, 8 + k, c.seq - 1)
     dt = time.ticks_diff(time.ticks_us(), t0) / N
     note("unprotect a %d-byte response: %.0f us, heap %d bytes" % (8 + k, dt, used))
+
+
+def test_retransmissions_repeat_the_protected_bytes():
+    # every request is protected into one buffer the exchanges share, again at each retransmission with the
+    # request's own sequence number (and Echo): the bytes on the wire are the first ones, the numbers not spent
+    from carrier import identity
+    from fwfakes import FakeHal, FakeSock, tmpdir, rmtree
+
+    d = tmpdir("osc")
+    try:
+        ident = identity.parse({"id": "88.1/x", "coap": "coap://127.0.0.1", "key": "00" * 16, "secure": True})
+        c = oscore.Client(ident, store=FakeHal(d))
+        c.sock = FakeSock()
+        c.now = 1000
+        ok(c.resolve("88.1/x", lambda r: None))
+        ok(c.report(b"\xa1\x02\x66\x38\x38\x2e\x31\x2f\x78", 1, 1, lambda *a: None))
+        first = list(c.sock.tx)
+        eq((len(first), c.ctx.seq), (2, 2))
+        c.poll(1000 + 3001)  # past both first timeouts (2-3 s)
+        eq(sorted(c.sock.tx[2:]), sorted(first), "retransmitted byte for byte")
+        eq((c.retrans, c.ctx.seq), (2, 2), "no sequence number spent on a retransmission")
+    finally:
+        rmtree(d[:-1])

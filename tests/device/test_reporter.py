@@ -110,6 +110,12 @@ def test_permanent_rejection_drops_the_report():
         tr.cb(devicemsg.FORBIDDEN, 7, 1)
         eq((q.count, r.rejected), (0, 1))
         ok("rejected code=403" in log.tail(1)[0])
+        r.make(0)
+        r.poll(h.now, tr, 0)
+        tr.cb(devicemsg.BAD_REQUEST, 7, 2, 30)  # 4.00: a Max-Age with it changes nothing, dropped
+        eq((q.count, r.rejected, r.deferred, r.failed), (0, 2, 0, 0))
+        r.poll(h.now + 59999, tr, 59)
+        eq([s[1] for s in tr.sent], [1, 2], "neither is sent again")
 
     _with(t)
 
@@ -129,5 +135,34 @@ def test_sensor_hook_and_faulty_sensors():
         r.sensors = boom
         r.make(0)
         eq(q.count, 3, "a failing sensor does not stop the report")
+
+    _with(t)
+
+
+def test_come_back_later_waits_exactly_max_age_without_backoff():
+    def t(h, q, r):
+        tr = T()
+        r.start(h.now)
+        r.poll(h.now, tr, 0)
+        tr.cb(devicemsg.NO_RESPONSE, 7, 1)  # a failure first: the backoff is now doubled
+        r.poll(h.now + RETRY_MIN, tr, 2)
+        eq(len(tr.sent), 2)
+        tr.cb(devicemsg.UPSTREAM_UNAVAILABLE, 7, 1, 30)  # 5.03 + Max-Age 30: overloaded
+        r.poll(h.now + RETRY_MIN + 29999, tr, 31)
+        eq(len(tr.sent), 2, "waits what the gateway asked, not its own backoff")
+        r.poll(h.now + RETRY_MIN + 30000, tr, 32)
+        eq(len(tr.sent), 3, "then sends the same report again")
+        eq(tr.sent[-1][:2], (7, 1))
+        tr.cb(devicemsg.RATE_LIMITED, 7, 1, 0)  # 4.29 + Max-Age 0: at once
+        r.poll(h.now + RETRY_MIN + 30000, tr, 32)
+        eq(len(tr.sent), 4)
+        eq((q.count, r.failed, r.deferred, r.rejected), (1, 1, 2, 0), "kept; deferred is not a failure")
+        tr.cb(devicemsg.UPSTREAM_UNAVAILABLE, 7, 1)  # 5.03 without a time: the device's own backoff (4 s now)
+        r.poll(h.now + RETRY_MIN + 30000 + 2 * RETRY_MIN - 1, tr, 33)
+        eq(len(tr.sent), 4, "doubled backoff kept from before the 5.03s")
+        r.poll(h.now + RETRY_MIN + 30000 + 2 * RETRY_MIN, tr, 33)
+        eq((len(tr.sent), r.failed), (5, 2))
+        tr.cb(devicemsg.OK, 7, 1)
+        eq((q.count, r.acked), (0, 1))
 
     _with(t)

@@ -476,11 +476,15 @@ def test_gateway_outage_every_queued_report_is_delivered_exactly_once(
 
 # -- (e) ----------------------------------------------------------------------------------------------------------
 def _code_heap(transport: str) -> int:
-    """gc.mem_alloc() of a MicroPython process that has imported what a running device imports, nothing run."""
+    """gc.mem_alloc() of a MicroPython process that has imported what a running device keeps, nothing run (what
+    only boot imports is loaded and dropped again, as boot does: carrier.unload)."""
     mods = "app, coap" if transport == "coap" else "app, mqttdevice"
     script = (
         f"import sys\nsys.path.insert(0, {str(FIRMWARE_DIR)!r})\nimport gc, json\n"
-        f"from carrier import {mods}, rcache, hal\nfrom carrier.hal import unix\n"
+        f"from carrier import {mods}, rcache, hal, console, queue, reporter, unload\nfrom carrier.hal import unix\n"
+        "from carrier import startup, identity, idsyntax, config, qfile\nfrom carrier.hal import boardfile\n"
+        "unload('startup', 'identity', 'idsyntax', 'config', 'qfile', 'hal.boardfile')\n"
+        "del startup, identity, idsyntax, config, qfile, boardfile\n"
         "gc.collect()\ngc.collect()\nprint(gc.mem_alloc())\n"
     )
     out = subprocess.run([micropython_binary(), "-c", script], capture_output=True, text=True, timeout=30)

@@ -10,39 +10,14 @@
 #   rtc_get() rtc_set(bytes)  memory that survives a reset but not a power cut (boot info)
 #   reset() deepsleep(ms)     never return on a device (unix: raise Reset so main.py reboots in-process)
 #   con                       console stream (for select.poll); con_read(mv1) -> 0|1; con_write(str)
-# File helpers shared by the ports live here: read(), write_atomic(), remove().
+# File helpers shared by the ports live here: read(), write_atomic(), remove(). The ports read board.json with
+# boardfile.load(): only their constructor needs it, and boot drops it again (carrier.unload).
 import os
 import sys
 
 
 class Reset(Exception):
     """Raised by hal.reset() where the port cannot reset (unix): main.py restarts the app in-process."""
-
-
-class Board:
-    def __init__(self, d):
-        self.name = d.get("name") or sys.platform
-        self.chip = d.get("chip") or sys.platform
-        led = d.get("status_led")
-        self.led = (led["kind"], led["pin"], led.get("active") != "low") if led else None
-        b = d.get("button")
-        self.button = (b["pin"], b.get("active") != "high") if b else None  # (pin, active_low)
-        c = d.get("console") or {}
-        self.console = c.get("kind") or "stdio"
-        self.wifi = bool((d.get("features") or {}).get("wifi"))
-
-
-def board(path):
-    """Board from a boards/<name>.json file copied to the device; defaults when absent or unreadable."""
-    import json
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        if type(d) is not dict:
-            d = {}
-    except (OSError, ValueError):
-        d = {}
-    return Board(d)
 
 
 def read(path):
@@ -75,10 +50,10 @@ def write_atomic(path, data):
         os.rename(tmp, path)
 
 
-def load(**kw):
-    """The Hal of this port."""
+def load(root=None, uid=None, board=None):
+    """The Hal of this port (None: its default, or on unix the IDA_* environment)."""
     if sys.platform == "esp32":
         from carrier.hal.esp32 import Hal
     else:
         from carrier.hal.unix import Hal
-    return Hal(**kw)
+    return Hal(root, uid, board)

@@ -19,7 +19,8 @@ _NET_RETRY_MAX_MS = const(120000)
 class Hal:
     def __init__(self, root=None, uid=None, board=None):
         self.root = root or "/"
-        self.board = _h.board(board or self.root + "board.json")
+        from carrier.hal import boardfile
+        self.board = boardfile.load(board or self.root + "board.json")
         self._wlan = network.WLAN(network.STA_IF)
         self._wifi = None  # (ssid, psk)
         self._want = False

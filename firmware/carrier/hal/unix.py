@@ -47,7 +47,8 @@ class Hal:
         _mkdirs(root)
         _mkdirs(root + "kv")
         self.root = root
-        self.board = _h.board(board or os.getenv("IDA_BOARD") or root + "board.json")
+        from carrier.hal import boardfile
+        self.board = boardfile.load(board or os.getenv("IDA_BOARD") or root + "board.json")
         if self.board.name == sys.platform:
             self.board.name = "unix"
         u = uid or os.getenv("IDA_UID")

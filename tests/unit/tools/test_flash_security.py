@@ -427,7 +427,7 @@ def test_firmware_reads_the_flashed_identity_and_loads_the_ca(
         "from fwfakes import FakeHal\n"
         f"i = identity.load(FakeHal({str(root) + '/'!r}))\n"
         "ctx = tls.context(i.ca_path)\n"
-        "print(i.secure, i.mqtt_tls, i.transport, i.mqtt[0], i.mqtt[1], i.ca_path, i.fingerprint())\n"
+        "print(i.secure, i.mqtt_tls, i.transport, i.mqtt[0], i.mqtt[1], i.ca_path, identity.fingerprint(i.key))\n"
     )
     key = station.keystore().get(chip_identity(b, chip)[1].identifier)
     assert key is not None

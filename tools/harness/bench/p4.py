@@ -50,7 +50,10 @@ def alloc():
     return gc.mem_alloc()
 try:
     m0 = alloc()
-    from carrier import app, coap, coapmsg
+    from carrier import app, coap, coapmsg, console, queue, reporter, rcache, unload  # what a CoAP device keeps
+    from carrier import startup, identity, idsyntax, config, qfile  # boot only: loaded, then dropped again
+    unload("startup", "identity", "idsyntax", "config", "qfile")  # (compiled from source: their names stay)
+    del startup, identity, idsyntax, config, qfile
     m1 = alloc()
     out["code_bytes"] = m1 - m0
     buf = bytearray(96)
