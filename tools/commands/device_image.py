@@ -44,11 +44,14 @@ class ImageRun:
     def main_on_filesystem(self) -> bool:
         return "/main.py" in self.files
 
-    def command(self, data_dir: Path, micropython: str, heap: str | None) -> tuple[list[str], dict[str, str]]:
-        """The device's command line and the environment it needs on top of ``device_env``."""
+    def command(self, micropython: str, heap: str | None) -> tuple[list[str], dict[str, str]]:
+        """The device's command line and the environment it needs on top of ``device_env``. Run it with the data
+        dir as the working directory: it is the chip's filesystem root, and the paths the firmware keeps (its
+        files, ``sys.path`` = ``['', '.frozen', 'lib']`` as on the chip) are as short as they are there -- with
+        absolute host paths they would cost heap a chip does not spend."""
         cmd = [micropython, *(["-X", f"heapsize={heap}"] if heap else [])]
-        cmd += [str(data_dir / "main.py")] if self.main_on_filesystem else ["-m", "main"]
-        return cmd, {"MICROPYPATH": f"{data_dir}:.frozen:{data_dir / 'lib'}"}
+        cmd += ["main.py"] if self.main_on_filesystem else ["-m", "main"]
+        return cmd, {"MICROPYPATH": ":.frozen:lib", "IDA_DATA": "."}
 
     def describe(self) -> str:
         where = (

@@ -355,7 +355,12 @@ _WAIT_SIGNALS = {*_STOP_SIGNALS, signal.SIGCHLD}
 
 
 def run_device(
-    cmd: list[str], env: dict[str, str], *, grace: float = STOP_GRACE, err: TextIO | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    *,
+    grace: float = STOP_GRACE,
+    err: TextIO | None = None,
+    cwd: Path | None = None,
 ) -> int:
     """Run ``cmd`` in the foreground (stdin/stdout/stderr inherited) until it exits; returns its exit code
     (128+N when signal N killed it). SIGINT, SIGTERM and SIGHUP sent to this process reach the device as one
@@ -375,7 +380,9 @@ def run_device(
         try:
             # With a terminal on stdin the device must stay in the foreground process group to read it; with
             # a pipe it gets its own group, so only this process decides what reaches it.
-            proc = subprocess.Popen(cmd, env=env, preexec_fn=child_setup, process_group=None if tty else 0)
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=cwd, preexec_fn=child_setup, process_group=None if tty else 0
+            )
         except OSError as e:
             raise CliError(f"cannot start {cmd[0]}: {e.strerror or e}", 1) from None
         stopping = False
@@ -462,12 +469,14 @@ def run(args: argparse.Namespace) -> int:
             wdt_ms=args.watchdog,
         )
         firmware = "firmware/"
+        cwd: Path | None = None
         if args.image is not None:
             from tools.commands.device_image import install_image
 
             image = install_image(args.image, data_dir.resolve(), micropython)
-            cmd, extra = image.command(data_dir.resolve(), micropython, args.heap)
+            cmd, extra = image.command(micropython, args.heap)
             env.update(extra)
+            cwd = data_dir.resolve()  # the image's root, as on the chip
             firmware = image.describe()
         print(
             f"ida device: {p.identifier} over {p.transport} to {p.gateway_url} (key {p.fingerprint}, identity "
@@ -475,4 +484,4 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         sys.stderr.flush()
-        return run_device(cmd, env)
+        return run_device(cmd, env, cwd=cwd)

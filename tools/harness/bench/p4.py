@@ -172,6 +172,7 @@ def run_p4(opts: BenchOptions) -> ScenarioResult:
     res.notes.append("largest modules: " + ", ".join(f"{k} {v} B" for v, k in largest))
     res.notes.append(
         "the 64-bit figures come from the 64-bit unix port (8-byte pointers): an upper bound for the ESP32; "
-        "the 32-bit ones from whole device processes against an OSCORE gateway (tools/harness/bench/heap32.py)"
+        "the 32-bit ones from whole device processes against a gateway (plain CoAP devices, OSCORE ones where "
+        "named; tools/harness/bench/heap32.py)"
     )
     return res
