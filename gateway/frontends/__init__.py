@@ -1,10 +1,12 @@
 """Front ends: how devices, phones and operators reach the resolver and the registry.
 
 common.py   shared pieces: the registry interface they use, error -> code mapping, filters, in-flight count
+hotpath.py  what the two fast paths share: keeping a pre-encoded answer equal to the resolver's (CacheGuard)
 coap.py     CoAP (aiocoap): /r/<identifier>, /d/<id>/rpt, /d/<id>/cfg, /.well-known/core
 coap_site.py         the aiocoap resource tree (routes, the observable device resource)
 coap_socket.py       the CoAP UDP socket: bind, read per wake-up, send with packet info, back-pressure
 coap_fast.py         the fast path: cached resolutions answered from pre-encoded bytes (proto.coap.Server)
+coap_reports.py      reports from the socket straight to the registry's group commit, answered after it
 coap_aiocoap.py      the one place datagrams meet aiocoap (its transport ABCs), and the contract relied on
 coap_security.py     OSCORE: the site wrappers, modes, metrics
 coap_credentials.py  OSCORE: keystore lookups, device contexts, the gateway's sequence numbers
