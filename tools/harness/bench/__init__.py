@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import importlib
 
-from tools.harness.bench.loadgen import LoadGenerator, LoadResult, LoadSpec, run_load
+from tools.harness.bench.loadgen import LoadGenerator, LoadSpec, run_load
+from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.scenario import SCENARIOS, BenchOptions, ScenarioResult, run_scenarios
 
 __all__ = [

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tools.harness.bench.anchors import Target
 from tools.harness.bench.broker import Mosquitto
-from tools.harness.bench.loadgen import LoadResult
+from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.mqttreports import ReportLoad, ReportLoadSpec
 from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import GatewayProcess, NodeProcess, require_gateway

@@ -37,28 +37,18 @@ import os
 import queue
 import socket
 import time
-from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from proto import devicemsg
-from proto.coap import Client, RequestTemplate, dotted, request_template, uint_value
+from proto.coap import Client, RequestTemplate, dotted, request_template
 from proto.coap.client import Exchange, Reset, Response, Unexpected
-from proto.coap.numbers import Code, ContentFormat, Option, Timing
+from proto.coap.numbers import Timing
+from tools.harness.bench.coapreports import ReportDevice
+from tools.harness.bench.loadresult import NS, LoadResult
 
-__all__ = [
-    "LoadSpec",
-    "LoadResult",
-    "LoadGenerator",
-    "ReportDevice",
-    "report_device_id",
-    "run_load",
-    "percentile",
-]
+__all__ = ["LoadSpec", "LoadGenerator", "run_load"]
 
 _perf = time.perf_counter
-NS = 1_000_000_000
 DRAIN_MAX = 64  # datagrams read per event-loop wake-up
 
 
@@ -103,117 +93,6 @@ class LoadSpec:
         if self.count is not None:
             return self.warmup + span + 60.0 + self.count * 0.01
         return self.warmup + (self.duration or 0.0) + min(span, 5.0)
-
-
-def percentile(sorted_ns: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of sorted nanoseconds, in milliseconds; nan when empty."""
-    if not sorted_ns:
-        return math.nan
-    k = max(0, min(len(sorted_ns) - 1, math.ceil(q / 100 * len(sorted_ns)) - 1))
-    return sorted_ns[k] / 1e6
-
-
-@dataclass
-class LoadResult:
-    """Counts and latencies of one run (or several merged). Only requests completed in the window count."""
-
-    ok: int = 0  # 2.xx responses
-    errors: int = 0  # other codes, RST
-    timeouts: int = 0  # no response after the last retransmission
-    sent: int = 0  # requests started (first transmissions), whole run
-    retransmits: int = 0
-    unmatched: int = 0  # responses for no request in flight (late, duplicate, garbage)
-    endpoints: int = 0  # source ports used
-    elapsed_s: float = 0.0  # measurement window
-    codes: dict[str, int] = field(default_factory=dict)
-    latencies_ns: array = field(default_factory=lambda: array("q"))
-    workers: int = 1
-    cpu_s: float = 0.0  # CPU time of the generator process(es) over the whole run
-    acked: dict[str, int] = field(
-        default_factory=dict
-    )  # report mode: device -> last seq acknowledged (whole run)
-
-    @property
-    def completed(self) -> int:
-        return self.ok + self.errors + self.timeouts
-
-    @property
-    def rps(self) -> float:
-        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def sorted_latencies(self) -> list[int]:
-        return sorted(self.latencies_ns)
-
-    @property
-    def p50_ms(self) -> float:
-        return percentile(self.sorted_latencies(), 50)
-
-    @property
-    def p99_ms(self) -> float:
-        return percentile(self.sorted_latencies(), 99)
-
-    def summary(self) -> dict[str, Any]:
-        lat = self.sorted_latencies()
-        return {
-            "rps": round(self.rps, 1),
-            "p50_ms": round(percentile(lat, 50), 3),
-            "p99_ms": round(percentile(lat, 99), 3),
-            "ok": self.ok,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-            "retransmits": self.retransmits,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "codes": dict(self.codes),
-            "workers": self.workers,
-            "loadgen_cpu": round(self.cpu_s / self.elapsed_s, 3) if self.elapsed_s > 0 else None,
-        }
-
-    @classmethod
-    def merge(cls, parts: Sequence[LoadResult]) -> LoadResult:
-        """Workers ran side by side over the same window: counts add up, the window is the longest."""
-        out = cls(workers=len(parts))
-        for p in parts:
-            out.ok += p.ok
-            out.errors += p.errors
-            out.timeouts += p.timeouts
-            out.sent += p.sent
-            out.retransmits += p.retransmits
-            out.unmatched += p.unmatched
-            out.endpoints += p.endpoints
-            out.cpu_s += p.cpu_s
-            out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
-            for k, v in p.codes.items():
-                out.codes[k] = out.codes.get(k, 0) + v
-            out.acked.update(p.acked)
-            out.latencies_ns.extend(p.latencies_ns)
-        return out
-
-    def to_wire(self) -> dict[str, Any]:
-        d = {
-            k: getattr(self, k)
-            for k in (
-                "ok",
-                "errors",
-                "timeouts",
-                "sent",
-                "retransmits",
-                "unmatched",
-                "endpoints",
-                "elapsed_s",
-                "codes",
-                "workers",
-                "cpu_s",
-                "acked",
-            )
-        }
-        d["latencies"] = self.latencies_ns.tobytes()
-        return d
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> LoadResult:
-        lat = array("q")
-        lat.frombytes(d.pop("latencies"))
-        return cls(latencies_ns=lat, **d)
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -269,60 +148,6 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-
-class ReportDevice:
-    """One simulated device of report mode: ``POST /d/<id>/rpt`` with its next report, one in flight at a time.
-
-    ``seq`` counts up from 1 after every 2.04 (acknowledged = durably stored, the gateway's promise); any other
-    answer or no answer sends the same report again, as the firmware does. ``acked`` is the last acknowledged seq.
-    The payload is the report the firmware sends (canonical CBOR), written once per device up to ``seq``."""
-
-    __slots__ = ("ident", "boot", "seq", "acked", "template", "_head", "_tail")
-
-    def __init__(self, number: int, boot: int, confirmable: bool = True, token_len: int = 2) -> None:
-        self.ident = report_device_id(number)
-        self.boot = boot
-        self.seq = 1
-        self.acked = 0
-        prefix, _, suffix = self.ident.partition("/")
-        self.template = request_template(
-            ("d", prefix, *suffix.split("/"), "rpt"),
-            confirmable=confirmable,
-            code=int(Code.POST),
-            token_len=token_len,
-            options=((int(Option.CONTENT_FORMAT), uint_value(int(ContentFormat.CBOR))),),
-        )
-        fields = {
-            "id": self.ident,
-            "boot": boot,
-            "seq": 0,
-            "uptime": 3600,
-            "heap": 41000,
-            "rssi": -60,
-            "queue": 0,
-            "board": "esp32-devkitc",
-            "fw": "bench",
-        }
-        whole = devicemsg.encode("report", fields)
-        at = whole.index(b"\x0b\x00")  # key 11 (seq) = 0: the seq goes here
-        self._head, self._tail = whole[: at + 1], whole[at + 2 :]
-
-    def payload(self) -> bytes:
-        seq = self.seq
-        return self._head + (bytes((seq,)) if seq < 24 else _cbor_uint(seq)) + self._tail
-
-
-def report_device_id(number: int) -> str:
-    """The identifier of report-mode device ``number``."""
-    return f"88.123.99/LOAD-{number:07d}"
-
-
-def _cbor_uint(n: int) -> bytes:
-    for limit, head, size in ((0x100, 0x18, 1), (0x10000, 0x19, 2), (0x100000000, 0x1A, 4)):
-        if n < limit:
-            return bytes((head,)) + n.to_bytes(size, "big")
-    return b"\x1b" + n.to_bytes(8, "big")
 
 
 class LoadGenerator:

@@ -8,7 +8,7 @@ connection and the run of a closed loop. MQTT 3.1.1 from proto/mqtt, as devices 
 * :class:`ClosedLoop` -- :meth:`~ClosedLoop.run`: connect (``_open``), start the loop (``_begin``), look for overdue
   messages every ``tick`` seconds (``_overdue``) until the measurement window (``warmup``, then ``duration``) is
   over and nothing is in flight (or ``grace`` more seconds have passed), then disconnect; the result is a
-  :class:`~tools.harness.bench.loadgen.LoadResult` counting only what completed in the window.
+  :class:`~tools.harness.bench.loadresult.LoadResult` counting only what completed in the window.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from typing import cast
 
 from proto import mqtt
-from tools.harness.bench.loadgen import NS, LoadResult
+from tools.harness.bench.loadresult import NS, LoadResult
 
 __all__ = ["BenchConnection", "ClosedLoop", "V311", "perf_ns"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import cbor2
 
 from proto import mqtt
-from tools.harness.bench.loadgen import NS, LoadResult
+from tools.harness.bench.loadresult import NS, LoadResult
 from tools.harness.bench.mqttclient import V311, BenchConnection, ClosedLoop, perf_ns
 
 __all__ = ["MqttLoadSpec", "run_mqtt_load", "request_template", "TOKEN_LEN"]

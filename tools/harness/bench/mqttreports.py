@@ -28,7 +28,7 @@ import cbor2
 
 from proto import devicemsg, mqtt
 from tools.harness.bench.ingest import sample_reports
-from tools.harness.bench.loadgen import NS
+from tools.harness.bench.loadresult import NS
 from tools.harness.bench.mqttclient import BenchConnection, ClosedLoop
 
 __all__ = ["ReportLoadSpec", "ReportLoad", "report_template", "device_ident"]

@@ -15,7 +15,14 @@ from proto.coap.numbers import Option
 from tools.harness.bench.anchors import Anchors, ResponseShape, Target
 from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway, resolve_path
-from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
+from tools.harness.bench.scenario import (
+    BenchOptions,
+    ScenarioResult,
+    comparison_rows,
+    measure_targets,
+    ratio,
+    scenario,
+)
 
 __all__ = ["run_p1", "GOAL_P1"]
 
@@ -115,21 +122,12 @@ def run_p1(opts: BenchOptions) -> ScenarioResult:
         figs.get("ratio_libcoap") is not None and figs["ratio_libcoap"] >= 1.0 and p99 <= 3.0
     )
     res.figures = figs
-    for name, m in ms.items():
-        f = m.figures()
-        res.rows.append(
-            (
-                m.label if name != "gateway" else f"**{m.label}**",
-                f["rps"],
-                f["p50_ms"],
-                f["p99_ms"],
-                f["server_cpu"],
-                f["loadgen_cpu"],
-                f["other_load"],
-                f["rps_per_cpu"],
-                "" if name == "gateway" else ratio(g.rps, m.rps),
-            )
-        )
+    res.rows = comparison_rows(
+        ms,
+        lambda m: m.figures()["loadgen_cpu"],
+        lambda m: m.figures()["other_load"],
+        lambda m: m.figures()["rps_per_cpu"],
+    )
     unsat = [n for n, m in ms.items() if m.server_cpu is not None and m.server_cpu < 0.85]
     if unsat:
         res.notes.append(

@@ -19,11 +19,18 @@ import cbor2
 
 from tools.harness.bench.anchors import Target
 from tools.harness.bench.broker import Mosquitto
-from tools.harness.bench.loadgen import LoadResult
+from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.mqttload import MqttLoadSpec, mqtt_request, run_mqtt_load
 from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import SAMPLE_ID, GatewayProcess, NodeProcess, require_gateway
-from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
+from tools.harness.bench.scenario import (
+    BenchOptions,
+    ScenarioResult,
+    comparison_rows,
+    measure_targets,
+    ratio,
+    scenario,
+)
 
 __all__ = ["run_p2", "GOAL_P2"]
 
@@ -132,20 +139,7 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
         "connections": CONNECTIONS,
         "meets_goal": g.rps >= 10_000,
     }
-    for name, m in ms.items():
-        f = m.figures()
-        broker_cpu = m.other_cpu.get("broker")
-        res.rows.append(
-            (
-                m.label if name != "gateway" else f"**{m.label}**",
-                f["rps"],
-                f["p50_ms"],
-                f["p99_ms"],
-                f["server_cpu"],
-                None if broker_cpu is None else round(broker_cpu, 3),
-                "" if name == "gateway" else ratio(g.rps, m.rps),
-            )
-        )
+    res.rows = comparison_rows(ms, lambda m: _round3(m.other_cpu.get("broker")))
     bad = {
         n: (m.result.errors, m.result.timeouts) for n, m in ms.items() if m.result.errors or m.result.timeouts
     }
@@ -154,3 +148,7 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
             "errors/timeouts: " + ", ".join(f"{n} {e}/{t} {ms[n].result.codes}" for n, (e, t) in bad.items())
         )
     return res
+
+
+def _round3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)

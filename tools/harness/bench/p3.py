@@ -16,7 +16,8 @@ import asyncio
 import time
 from typing import Any
 
-from tools.harness.bench.loadgen import LoadSpec, percentile, run_load
+from tools.harness.bench.loadgen import LoadSpec, run_load
+from tools.harness.bench.loadresult import percentile
 from tools.harness.bench.procs import BenchError
 from tools.harness.bench.project import (
     PREFIX,

@@ -36,10 +36,19 @@ from proto import devicemsg
 from tools.harness.bench.anchors import Target
 from tools.harness.bench.ingest import measure_ceiling, sample_reports
 from tools.harness.bench.ingest_mqtt import measure_mqtt_ingest
-from tools.harness.bench.loadgen import LoadResult, LoadSpec, run_load
+from tools.harness.bench.loadgen import LoadSpec, run_load
+from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.procs import BenchError, Child, python_module_cmd
 from tools.harness.bench.project import GatewayProcess, NodeProcess, require_gateway
-from tools.harness.bench.scenario import BenchOptions, ScenarioResult, measure_targets, ratio, scenario
+from tools.harness.bench.scenario import (
+    BenchOptions,
+    Measurement,
+    ScenarioResult,
+    comparison_rows,
+    measure_targets,
+    ratio,
+    scenario,
+)
 
 __all__ = ["run_p6", "GOAL_P6", "stored_reports"]
 
@@ -165,7 +174,7 @@ def run_p6(opts: BenchOptions) -> ScenarioResult:
     sample = sample_reports(20_000 if not opts.quick else 5_000, devices)
     ceiling = measure_ceiling(log_dir, sample, batch=CEILING_BATCH)
     g, r = ms["gateway"], ms["raw_post"]
-    cpu_us = None if not g.server_cpu or not g.rps else round(g.server_cpu / g.rps * 1e6, 1)
+    cpu_us = _us_per_report(g)
     figs: dict[str, Any] = {
         "reports_per_s": round(g.rps, 1),
         "sqlite_rows_per_s": round(ceiling.reports_per_s, 1),
@@ -196,21 +205,7 @@ def run_p6(opts: BenchOptions) -> ScenarioResult:
         and figs["mqtt_reports_per_s"] >= 10_000
     )
     res.figures = figs
-    for name, m in ms.items():
-        f = m.figures()
-        per = None if not m.server_cpu or not m.rps else round(m.server_cpu / m.rps * 1e6, 1)
-        res.rows.append(
-            (
-                m.label if name != "gateway" else f"**{m.label}**",
-                f["rps"],
-                f["p50_ms"],
-                f["p99_ms"],
-                f["server_cpu"],
-                f["loadgen_cpu"],
-                per,
-                "" if name == "gateway" else ratio(g.rps, m.rps),
-            )
-        )
+    res.rows = comparison_rows(ms, lambda m: m.figures()["loadgen_cpu"], _us_per_report)
     res.rows.append(
         (
             f"SQLite ceiling: bare loop, {CEILING_BATCH} rows per transaction, WAL, synchronous=FULL",
@@ -239,3 +234,8 @@ def _mqtt_figures(opts: BenchOptions, res: ScenarioResult) -> dict[str, Any]:
         res.notes.append(f"MQTT ingest not measured: {e}")
         return {}
     return {k if k.startswith("mqtt_") else f"mqtt_{k}": v for k, v in figures.items()}
+
+
+def _us_per_report(m: Measurement) -> float | None:
+    """The server's CPU microseconds per answered report."""
+    return None if not m.server_cpu or not m.rps else round(m.server_cpu / m.rps * 1e6, 1)

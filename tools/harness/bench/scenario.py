@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.harness.bench.anchors import Target
-from tools.harness.bench.loadgen import LoadResult, LoadSpec, run_load
+from tools.harness.bench.loadgen import LoadSpec, run_load
+from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.procs import BenchError, Child, machine_busy
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "scenario",
     "skipped",
     "measure_targets",
+    "comparison_rows",
     "run_scenarios",
     "ratio",
 ]
@@ -122,6 +124,29 @@ class Measurement:
 
 def _r3(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 3)
+
+
+def comparison_rows(
+    ms: dict[str, Measurement], *extra: Callable[[Measurement], Figure]
+) -> list[tuple[Any, ...]]:
+    """One table row per target measured side by side: its label (the gateway's in bold), req/s, p50 and p99 ms,
+    the server's CPU share, the ``extra`` columns, and the gateway's throughput divided by this one's."""
+    g = ms["gateway"]
+    rows: list[tuple[Any, ...]] = []
+    for name, m in ms.items():
+        f = m.figures()
+        rows.append(
+            (
+                m.label if name != "gateway" else f"**{m.label}**",
+                f["rps"],
+                f["p50_ms"],
+                f["p99_ms"],
+                f["server_cpu"],
+                *(column(m) for column in extra),
+                "" if name == "gateway" else ratio(g.rps, m.rps),
+            )
+        )
+    return rows
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
