@@ -51,7 +51,7 @@ async def test_load_generator_against_the_bare_responder(mosquitto: Broker) -> N
     transport, responder = await _responder(mosquitto)
     try:
         spec = MqttLoadSpec(
-            mosquitto.host, mosquitto.port, IDENT, ROOT, connections=2, concurrency=6, duration=0.5
+            mosquitto.host, mosquitto.port, ROOT, ident=IDENT, connections=2, concurrency=6, duration=0.5
         )
         result = await MqttLoadGenerator(spec).run()
     finally:

@@ -21,11 +21,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from proto.coap import Message, MessageError, uint_value
 from proto.coap.numbers import CON, GET, PUT, ContentFormat, Option
-from tools.harness.bench.procs import BenchError, Child, free_port, python_module_cmd
+from tools.harness.bench.procs import BenchError, Child, Service, free_port, python_module_cmd
 
 __all__ = ["ANCHOR_NAMES", "Anchors", "ResponseShape", "Target", "coap_request", "LIBCOAP_SERVER"]
 
@@ -198,7 +197,7 @@ STARTERS = {
 }
 
 
-class Anchors:
+class Anchors(Service):
     """Start the named anchors (all by default); an anchor that cannot start is listed in ``missing``."""
 
     def __init__(
@@ -227,11 +226,3 @@ class Anchors:
         for t in self.targets:
             if t.child is not None:
                 t.child.stop()
-
-    def __enter__(self) -> Anchors:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -10,18 +10,36 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from types import TracebackType
+from typing import TypedDict
 
-from tools.harness.bench.procs import BenchError, Child, free_port, python_module_cmd
+from tools.harness.bench.procs import BenchError, Child, Service, free_port, python_module_cmd
 from tools.support import mosquitto
 from tools.support.mosquitto import mosquitto_binary
+
+# Where an MQTT scenario's load goes: the gateway's topic tree, or the bare anchor's (the same broker, its own tree)
+ROOTS = {"gateway": "ida/v1/d", "mqtt_raw": "bench/v1/d"}
+ANCHOR_ROOT = ROOTS["mqtt_raw"]
+
+
+class RunArgs(TypedDict):
+    host: str
+    port: int
+    root: str
+    duration: float
+    warmup: float
+
+
+def spec_args(target: str, host: str, port: int, duration: float, warmup: float) -> RunArgs:
+    """The common part of an MQTT load spec (``MqttRunSpec``) for ``target`` ("gateway" or "mqtt_raw")."""
+    return RunArgs(host=host, port=port, root=ROOTS[target], duration=duration, warmup=warmup)
+
 
 __all__ = ["Mosquitto", "mosquitto_binary", "INFLIGHT"]
 
 INFLIGHT = 1000  # QoS 1 messages in flight per client (max_inflight_messages)
 
 
-class Mosquitto:
+class Mosquitto(Service):
     def __init__(self, log_dir: Path, name: str = "mosquitto") -> None:
         self.log_dir = log_dir
         self.name = name
@@ -82,11 +100,3 @@ class Mosquitto:
         if self.child is not None:
             self.child.stop()
             self.child = None
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.harness.bench.anchors import Target
-from tools.harness.bench.broker import Mosquitto
+from tools.harness.bench.broker import ANCHOR_ROOT, Mosquitto, spec_args
 from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.mqttreports import ReportLoad, ReportLoadSpec
 from tools.harness.bench.procs import BenchError
@@ -41,7 +41,6 @@ from tools.harness.bench.scenario import BenchOptions, Figure, Measurement, meas
 __all__ = ["MqttIngestFigures", "measure_mqtt_ingest", "stored_keys", "DEVICES", "ANCHOR_ROOT"]
 
 DEVICES = 1000  # enough reports in flight to saturate the gateway on the 2-core bench machine
-ANCHOR_ROOT = "bench/v1/d"
 DEDUPE = 1024  # the registry's default de-duplication window (keys kept per device)
 STORED = "SELECT device, boot, seq FROM reports UNION ALL SELECT device, boot, seq FROM seen"
 
@@ -117,17 +116,12 @@ def measure_mqtt_ingest(
     conns = connections or devices
     log_dir = opts.logs()
     acked: set[tuple[str, int, int]] = set()
-    roots = {"gateway": "ida/v1/d", "mqtt_raw": ANCHOR_ROOT}
 
     def load(t: Target) -> Callable[[], LoadResult]:
         spec = ReportLoadSpec(
-            t.host,
-            t.port,
-            roots[t.name],
+            **spec_args(t.name, t.host, t.port, opts.measure_s, opts.warmup_s),
             devices=devices,
             connections=conns,
-            duration=opts.measure_s,
-            warmup=opts.warmup_s,
         )
 
         def go() -> LoadResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import cast
 
 from proto import mqtt
@@ -24,6 +25,17 @@ __all__ = ["BenchConnection", "ClosedLoop", "V311", "perf_ns"]
 
 perf_ns = time.perf_counter_ns
 V311 = mqtt.MQTT311
+
+
+@dataclass(frozen=True)
+class MqttRunSpec:
+    """Where a closed-loop MQTT run goes and for how long (the load generators' specs add what they send)."""
+
+    host: str
+    port: int
+    root: str = "ida/v1/d"
+    duration: float = 2.0
+    warmup: float = 0.0
 
 
 class BenchConnection(asyncio.Protocol):

@@ -23,7 +23,7 @@ import cbor2
 
 from proto import mqtt
 from tools.harness.bench.loadresult import NS, LoadResult
-from tools.harness.bench.mqttclient import V311, BenchConnection, ClosedLoop, perf_ns
+from tools.harness.bench.mqttclient import V311, BenchConnection, ClosedLoop, MqttRunSpec, perf_ns
 
 __all__ = ["MqttLoadSpec", "run_mqtt_load", "request_template", "TOKEN_LEN"]
 
@@ -39,16 +39,11 @@ def request_template(ident: str) -> tuple[bytes, bytes]:
 
 
 @dataclass(frozen=True)
-class MqttLoadSpec:
-    host: str
-    port: int
-    ident: str = "88.123.99/PUMP-0001"
-    root: str = "ida/v1/d"
+class MqttLoadSpec(MqttRunSpec):
+    ident: str = "88.123.99/PUMP-0001"  # what every request resolves
     connections: int = 4
-    concurrency: int = 32
-    duration: float = 2.0
-    warmup: float = 0.0
-    timeout: float = 2.0
+    concurrency: int = 32  # requests in flight
+    timeout: float = 2.0  # seconds before a request counts as lost
     connect_timeout: float = 10.0
 
 
@@ -164,7 +159,7 @@ async def mqtt_request(
     host: str, port: int, ident: str, root: str = "ida/v1/d", timeout: float = 2.0
 ) -> bytes:
     """One resolve request as a device sends it; the answer payload (TimeoutError when none comes)."""
-    gen = MqttLoadGenerator(MqttLoadSpec(host, port, ident, root, connections=1, concurrency=1))
+    gen = MqttLoadGenerator(MqttLoadSpec(host, port, root, ident=ident, connections=1, concurrency=1))
     loop = asyncio.get_running_loop()
     got: asyncio.Future[bytes] = loop.create_future()
     dev = _Device(gen, f"bench-probe-{os.urandom(3).hex()}")

@@ -29,7 +29,7 @@ import cbor2
 from proto import devicemsg, mqtt
 from tools.harness.bench.ingest import sample_reports
 from tools.harness.bench.loadresult import NS
-from tools.harness.bench.mqttclient import BenchConnection, ClosedLoop
+from tools.harness.bench.mqttclient import BenchConnection, ClosedLoop, MqttRunSpec
 
 __all__ = ["ReportLoadSpec", "ReportLoad", "report_template", "device_ident"]
 
@@ -50,14 +50,9 @@ def report_template(ident: str, boot: int) -> tuple[bytes, bytes]:
 
 
 @dataclass(frozen=True)
-class ReportLoadSpec:
-    host: str
-    port: int
-    root: str = "ida/v1/d"
-    devices: int = 400
+class ReportLoadSpec(MqttRunSpec):
+    devices: int = 400  # one report in flight each
     connections: int = 400
-    duration: float = 2.0
-    warmup: float = 0.0
     timeout: float = 5.0  # seconds before a device sends its report again
     connect_timeout: float = 20.0
     boot: int = 1

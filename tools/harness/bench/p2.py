@@ -18,7 +18,7 @@ from typing import Any
 import cbor2
 
 from tools.harness.bench.anchors import Target
-from tools.harness.bench.broker import Mosquitto
+from tools.harness.bench.broker import ANCHOR_ROOT, Mosquitto, spec_args
 from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.mqttload import MqttLoadSpec, mqtt_request, run_mqtt_load
 from tools.harness.bench.procs import BenchError
@@ -49,7 +49,6 @@ LIMITS_P2 = (
     "2,000/s."
 )
 CONNECTIONS = 4
-ANCHOR_ROOT = "bench/v1/d"
 COLUMNS = ("target", "req/s", "p50 ms", "p99 ms", "server CPU", "broker CPU", "gateway / this")
 
 
@@ -83,18 +82,13 @@ def run_p2(opts: BenchOptions) -> ScenarioResult:
     require_gateway()
     log_dir = opts.logs()
     res = ScenarioResult("P2", "resolve over MQTT through Mosquitto", GOAL_P2, columns=COLUMNS)
-    roots = {"gateway": "ida/v1/d", "mqtt_raw": ANCHOR_ROOT}
 
     def load(t: Target) -> Any:
         spec = MqttLoadSpec(
-            t.host,
-            t.port,
-            SAMPLE_ID,
-            roots[t.name],
+            **spec_args(t.name, t.host, t.port, opts.measure_s, opts.warmup_s),
+            ident=SAMPLE_ID,
             connections=CONNECTIONS,
             concurrency=opts.concurrency,
-            duration=opts.measure_s,
-            warmup=opts.warmup_s,
         )
 
         def go() -> LoadResult:

@@ -8,15 +8,18 @@ CPU time comes from ``/proc/<pid>/stat`` (utime + stime).
 
 from __future__ import annotations
 
+import abc
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 from tools.support.procs import REPO, Process, ProcessError, free_port
 
 __all__ = [
+    "Service",
     "BenchError",
     "Child",
     "cpu_seconds",
@@ -27,6 +30,23 @@ __all__ = [
 ]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class Service(abc.ABC):
+    """Something the bench starts and stops (a server process, a set of them): ``with X(...) as x:`` starts it
+    and stops it on the way out, whatever happened."""
+
+    @abc.abstractmethod
+    def start(self) -> Self: ...
+
+    @abc.abstractmethod
+    def stop(self) -> object: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class BenchError(ProcessError):

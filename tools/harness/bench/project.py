@@ -14,11 +14,10 @@ import json
 import re
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from tools.harness.bench.anchors import coap_request
-from tools.harness.bench.procs import BenchError, Child
+from tools.harness.bench.procs import BenchError, Child, Service
 from tools.support.procs import free_port, ida_command
 
 __all__ = [
@@ -62,7 +61,7 @@ def bench_records(n: int, stem: str = "BENCH", start: int = 0) -> list[dict[str,
     ]
 
 
-class NodeProcess:
+class NodeProcess(Service):
     """``ida node`` on a free UDP+TCP port (REST off), with ``latency_ms`` added to every answer.
 
     ``extra_records`` are served in addition to the built-in sample set (written to a records file)."""
@@ -119,14 +118,6 @@ class NodeProcess:
         self.child = None
         return self.stats
 
-    def __enter__(self) -> NodeProcess:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 BENCH_CONFIG = """# ida bench: a few synthetic devices send thousands of requests per second; the per-device rate limit
 # ([limits] device_rate, 10/s by default) is for real devices and would drop nearly all of them.
@@ -135,7 +126,7 @@ device_rate = 0
 """
 
 
-class GatewayProcess:
+class GatewayProcess(Service):
     """``ida gateway`` with CoAP on a free port, HTTP on any port, MQTT off unless ``mqtt`` is given, the data
     dir under ``log_dir``, and ``upstream`` as its only node. ``start()`` returns once ``probe`` (an identifier)
     resolves with 2.05 over CoAP -- which also puts it in the cache. Unless ``extra`` names a ``--config``,
@@ -225,14 +216,6 @@ class GatewayProcess:
         if self.child is not None:
             self.child.stop(grace=10)
             self.child = None
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def require_gateway() -> None:
