@@ -18,6 +18,9 @@ gateway is stopped and its registry read back: ``lost`` = reports acknowledged w
 ``duplicates`` = reports stored twice; both must be 0. ``cpu_us_per_report`` = the gateway's CPU share over its
 best round divided by its reports per second.
 
+OSCORE (the ``oscore_`` figures): every report protected, through the gateway's OSCORE path (aiocoap's), in the same
+run (:mod:`tools.harness.bench.oscore_reports`).
+
 MQTT (``mqtt_reports_per_s`` and the other ``mqtt_`` figures) is measured through Mosquitto in the same run by
 :func:`tools.harness.bench.ingest_mqtt.measure_mqtt_ingest`: a real ``ida gateway`` with the same closed loop of
 devices over MQTT 3.1.1 (QoS 1 reports, ``report_ack`` after the commit), against a bare client behind the same
@@ -37,6 +40,7 @@ from tools.harness.bench.anchors import Target
 from tools.harness.bench.ingest import measure_ceiling, sample_reports
 from tools.harness.bench.ingest_mqtt import measure_mqtt_ingest
 from tools.harness.bench.loadgen import LoadSpec, run_load
+from tools.harness.bench.oscore_reports import measure_oscore_reports
 from tools.harness.bench.loadresult import LoadResult
 from tools.harness.bench.procs import BenchError, Child, python_module_cmd
 from tools.harness.bench.project import GatewayProcess, NodeProcess, require_gateway
@@ -196,6 +200,10 @@ def run_p6(opts: BenchOptions) -> ScenarioResult:
         "mqtt_reports_per_s": None,
     }
     figs.update(_mqtt_figures(opts, res))
+    try:
+        figs.update(measure_oscore_reports(opts))
+    except BenchError as e:
+        res.notes.append(f"OSCORE reports not measured: {e}")
     figs["meets_goal"] = bool(
         figs["ratio_sqlite"] is not None
         and figs["ratio_sqlite"] >= 0.25
