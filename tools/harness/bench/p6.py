@@ -40,8 +40,8 @@ from tools.harness.bench.anchors import Target
 from tools.harness.bench.ingest import measure_ceiling, sample_reports
 from tools.harness.bench.ingest_mqtt import measure_mqtt_ingest
 from tools.harness.bench.loadgen import LoadSpec, run_load
-from tools.harness.bench.oscore_reports import measure_oscore_reports
 from tools.harness.bench.loadresult import LoadResult
+from tools.harness.bench.oscore_reports import measure_oscore_reports
 from tools.harness.bench.procs import BenchError, Child, python_module_cmd
 from tools.harness.bench.project import GatewayProcess, NodeProcess, require_gateway
 from tools.harness.bench.scenario import (
