@@ -30,11 +30,12 @@ from gateway.frontends.coap_security import PLAIN_WARNING, CoapSecurity, secure_
 from gateway.frontends.http import HttpFrontEnd
 from gateway.logfmt import kv
 from gateway.metrics import HistogramSample, Metrics, Sample
-from gateway.outbox import Outbox, Sink, make_sink
+from gateway.outbox import Outbox
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
+from gateway.sinks import Sink, make_sink
 from gateway.status import board_for
 
 if TYPE_CHECKING:
