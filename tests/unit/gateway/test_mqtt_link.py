@@ -16,8 +16,8 @@ import pytest
 from gateway.cache import Cache
 from gateway.frontends.mqtt import MqttFrontEnd
 from gateway.frontends.mqtt_link import DeviceLink
-from gateway.frontends.mqtt_session import Qos1Window
 from gateway.frontends.mqtt_table import request_key
+from gateway.frontends.mqtt_window import Qos1Window
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
