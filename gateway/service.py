@@ -240,14 +240,7 @@ class Gateway:
             note=note,
         )
         self._secure_coap(cfg)
-        try:
-            host, port = await self.coap.start()
-        except OSError as e:
-            raise OSError(
-                e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}"
-            ) from None
-        self.coap.limiter = self.limiter
-        log.info("coap listening on %s", _hostport(host, port))
+        await self._listen("coap", self.coap, cfg.coap.host, cfg.coap.port)
 
         self.http = HttpFrontEnd(
             cfg.http.host,
@@ -260,14 +253,7 @@ class Gateway:
             shutdown_timeout=STOP_TIMEOUT,
             note=note,
         )
-        try:
-            host, port = await self.http.start()
-        except OSError as e:
-            raise OSError(
-                e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}"
-            ) from None
-        self.http.limiter = self.limiter
-        log.info("http listening on %s", _hostport(host, port))
+        await self._listen("http", self.http, cfg.http.host, cfg.http.port)
 
         if cfg.mqtt.url:
             # Imported here so that paho stays out of a gateway that does not use MQTT.
@@ -288,6 +274,18 @@ class Gateway:
             log.info(
                 "mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url
             )
+
+    async def _listen(self, name: str, fe: CoapFrontEnd | HttpFrontEnd, host: str, port: int) -> None:
+        """Start ``fe`` on its configured ``host``:``port`` and give it the rate limiter; an error to bind names the
+        front end and the address (``coap: cannot listen on 127.0.0.1:5683: address already in use``)."""
+        try:
+            bound = await fe.start()
+        except OSError as e:
+            raise OSError(
+                e.errno, f"{name}: cannot listen on {_hostport(host, port)}: {e.strerror}"
+            ) from None
+        fe.limiter = self.limiter
+        log.info("%s listening on %s", name, _hostport(*bound))
 
     async def stop(self) -> None:
         """Graceful stop; safe to call twice and after a failed start."""
