@@ -151,7 +151,7 @@ class Resolver:
         )
         if cache is None:
             path = cfg.cache_path()
-            cache = Cache(cfg.cache_config(), path=path, clock=clock)
+            cache = Cache(cfg.cache, path=path, clock=clock)
         self.cache = cache
         if zone is None:
             zpath = cfg.zone_path()
@@ -395,7 +395,7 @@ class Resolver:
     async def _housekeeping(self) -> None:
         last_purge = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.flush_interval)
+            await asyncio.sleep(self.config.cache.flush_interval)
             try:
                 self.cache.maybe_flush()
                 if time.monotonic() - last_purge >= self.config.purge_interval:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway.cache import CacheConfig
 from gateway.config import ConfigError, GatewayConfig
 from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.coap_security import PLAIN_WARNING, CoapSecurity, secure_frontend
@@ -52,6 +53,20 @@ class FrontEnd(Protocol):
     async def stop(self, timeout: float = ...) -> None: ...
 
 
+# [cache] keys that are gateway.cache.CacheConfig's settings under the same names
+CACHE_KEYS = (
+    "max_entries",
+    "max_bytes",
+    "min_ttl",
+    "max_ttl",
+    "negative_ttl",
+    "negative_max_ttl",
+    "max_stale",
+    "prefetch_fraction",
+    "flush_interval",
+)
+
+
 def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
     """The resolver's settings from the [upstream], [cache] and [zone] sections and the data dir."""
     up, c = cfg.upstream, cfg.cache
@@ -67,15 +82,7 @@ def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
         max_cooldown=up.max_cooldown,
         stale_answer_after=c.stale_answer_after,
         stale_reply_ttl=c.stale_reply_ttl,
-        cache_max_entries=c.max_entries,
-        cache_max_bytes=c.max_bytes,
-        min_ttl=c.min_ttl,
-        max_ttl=c.max_ttl,
-        negative_ttl=c.negative_ttl,
-        negative_max_ttl=c.negative_max_ttl,
-        max_stale=c.max_stale,
-        prefetch_fraction=c.prefetch_fraction,
-        flush_interval=c.flush_interval,
+        cache=CacheConfig(**{k: getattr(c, k) for k in CACHE_KEYS}),
         data_dir=data_dir,
         zone_file=zone,
     )

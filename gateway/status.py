@@ -272,8 +272,8 @@ def status_snapshot(
         cache.update(
             entries=c.entries,
             bytes=c.bytes,
-            max_entries=cfg.cache_max_entries,
-            max_bytes=cfg.cache_max_bytes,
+            max_entries=cfg.cache.max_entries,
+            max_bytes=cfg.cache.max_bytes,
             stale=st.stale_answers,
             prefetches=c.prefetches,
             evictions=c.evictions,

@@ -113,7 +113,7 @@ def _real_resolver(clock: Clock, up: FakeUpstream, zone: Zone | None = None) -> 
     return Resolver(
         config,
         pool=pool,
-        cache=Cache(config.cache_config(), clock=clock),
+        cache=Cache(config.cache, clock=clock),
         zone=Zone() if zone is None else zone,
         clock=clock,
     )
