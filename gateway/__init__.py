@@ -17,7 +17,8 @@ deviceconfig.py, deviceview.py) -> ``ingest.py`` (the group-commit queue, overlo
 tables) -> ``outbox.py`` (northbound, at least once, to the sinks of ``sinks.py``).
 
 Also: service.py (assembles it all for ``ida gateway``), config.py (the TOML file), status.py (the status page),
-metrics.py, ratelimit.py, errors.py, logfmt.py, broker.py + paholink.py (the MQTT broker connection of paho).
+metrics.py, ratelimit.py, errors.py, logfmt.py, aio.py (asyncio steps the services share), broker.py + paholink.py
+(the MQTT broker connection of paho).
 """
 
 __version__ = "0.1.0"

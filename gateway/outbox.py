@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.aio import cancel_all
 from gateway.logfmt import kv
 from gateway.sinks import Sink
 from proto import devicemsg
@@ -358,9 +359,7 @@ class Outbox:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await cancel_all([self._task])
             self._task = None
         for s in self.sinks:
             try:

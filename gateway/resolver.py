@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.aio import cancel_all
 from gateway.cache import Cache, CacheEntry, CacheKey, CacheStats, cache_key
 from gateway.errors import NameNotServed, UpstreamError
 from gateway.logfmt import kv
@@ -426,9 +427,7 @@ class Resolver:
         tasks = list(self._background)
         if self._housekeeper is not None:
             tasks.append(self._housekeeper)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         await self.pool.close()
         self.cache.close()
 

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 import cbor2
 
+from gateway.aio import cancel_all
 from gateway.cache import ANSWER_CODES, Cache, CacheEntry, CacheKey, decode_record, encode_record
 from gateway.logfmt import kv
 
@@ -455,9 +456,6 @@ class RedisSharedCache:
             return
         await self.flush(min(2.0, self.timeout * 4))
         self._closed = True
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         with contextlib.suppress(Exception):
             await self._client.aclose()

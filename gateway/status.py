@@ -21,7 +21,6 @@ routes reach the same board without the front ends knowing about each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway import __version__
+from gateway.aio import cancel_all
 from gateway.registry import Registry
 from gateway.resolution import SOURCE_ERROR, Resolving
 from gateway.resolver import Resolver
@@ -360,9 +360,7 @@ def add_routes(
             )
         yield
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_all([task])
             if board.sampler is task:
                 board.sampler = None
 

@@ -14,6 +14,7 @@ from dataclasses import KW_ONLY, dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from gateway.aio import wait_set
 from gateway.errors import NameNotServed, Overloaded, StorageError, UpstreamError, UpstreamTimeout
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
@@ -181,8 +182,4 @@ class InFlight:
 
     async def drain(self, timeout: float) -> bool:
         """True when every request finished within ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, timeout)

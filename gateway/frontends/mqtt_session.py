@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.aio import cancel_all, wait_set
 from gateway.broker import MqttAuth, parse_url
 from gateway.frontends.mqtt_window import Qos1Window
 from gateway.logfmt import kv
@@ -249,9 +250,7 @@ class MqttSession:
             conn.write(self.take_output() + mqtt.DISCONNECT_BYTES)
             conn.transport.close()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
         self._task = None
         log.info("mqtt device link stopped %s", kv(broker=self.address))
 
@@ -261,11 +260,7 @@ class MqttSession:
         return self._ready.is_set()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._ready, timeout)
 
     # -- sending ---------------------------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:
