@@ -48,7 +48,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import cbor2
@@ -187,24 +187,23 @@ class SharedStats:
 
 
 # -- the Redis tier ---------------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
 class _RedisFlight:
-    __slots__ = ("_tier", "key", "entry", "_token", "_done")
+    """One :meth:`RedisSharedCache.begin`: ``entry`` what the tier had (or another gateway answered), ``token``
+    the lock this gateway holds (it publishes its answer and lets go once)."""
 
-    def __init__(
-        self, tier: RedisSharedCache, key: CacheKey, entry: CacheEntry | None = None, token: str | None = None
-    ) -> None:
-        self._tier = tier
-        self.key = key
-        self.entry = entry
-        self._token = token
-        self._done = False
+    tier: RedisSharedCache
+    key: CacheKey
+    entry: CacheEntry | None = None
+    token: str | None = None
+    done: bool = field(default=False, init=False)
 
     def publish(self, entry: CacheEntry | None) -> None:
-        if self._done:
+        if self.done:
             return
-        self._done = True
-        if entry is not None or self._token is not None:
-            self._tier._spawn(self._tier._finish(self.key, entry, self._token))
+        self.done = True
+        if entry is not None or self.token is not None:
+            self.tier._spawn(self.tier._finish(self.key, entry, self.token))
 
     def end(self) -> None:
         self.publish(None)
