@@ -78,6 +78,22 @@ def parse_value_ref(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class ValueRef:
+    """A reference to one value of a handle, as HANDLE.NET names an administrator: ``300:0.NA/88.123.99``."""
+
+    handle: str
+    index: int
+
+    @classmethod
+    def parse(cls, text: str) -> ValueRef:
+        """The reference ``text`` (``INDEX:HANDLE``) names (RecordFormatError: :func:`parse_value_ref`)."""
+        return cls(*parse_value_ref(text))
+
+    def __str__(self) -> str:
+        return f"{self.index}:{self.handle}"
+
+
+@dataclass(frozen=True, slots=True)
 class HandleValue:
     index: int
     type: str
