@@ -14,10 +14,11 @@ One resolution, in the order it travels (the wire formats are ``proto/``'s)::
 
 One report: ``frontends/coap_reports.py`` or ``frontends/mqtt_reports.py`` -> ``registry.py`` (devices, configs;
 deviceconfig.py, deviceview.py) -> ``ingest.py`` (the group-commit queue, overload) -> ``reportstore.py`` (the
-tables) -> ``outbox.py`` (northbound, at least once).
+tables) -> ``outbox.py`` (northbound, at least once, to the sinks of ``sinks.py``).
 
 Also: service.py (assembles it all for ``ida gateway``), config.py (the TOML file), status.py (the status page),
-metrics.py, ratelimit.py, errors.py, logfmt.py, broker.py + paholink.py (the MQTT broker connection of paho).
+metrics.py, ratelimit.py, errors.py, logfmt.py, aio.py (asyncio steps the services share), broker.py + paholink.py
+(the MQTT broker connection of paho).
 """
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 from gateway.cache_store import (
@@ -109,33 +109,22 @@ class CacheConfig:
             raise ValueError("prefetch_fraction must be in [0, 1)")
 
 
+@dataclass(slots=True, eq=False)
 class CacheEntry:
     """One cached answer. ``record`` and ``etag`` of an entry restored from SQLite are decoded on first use
-    (a warm start only reads keys and expiry times)."""
+    (a warm start only reads keys and expiry times: the entry is made with ``_record`` None and the serialized
+    record as ``_blob``); read them through the properties."""
 
-    __slots__ = ("key", "code", "stored_at", "expires_at", "size", "prefetched", "_record", "_etag", "_blob")
-
-    def __init__(
-        self,
-        key: CacheKey,
-        code: int,
-        record: Record | None,
-        stored_at: float,
-        expires_at: float,
-        size: int,
-        etag: bytes | None = None,
-        *,
-        blob: bytes | None = None,
-    ) -> None:
-        self.key = key
-        self.code = code
-        self.stored_at = stored_at
-        self.expires_at = expires_at
-        self.size = size
-        self.prefetched = False  # a background refresh was started for this entry
-        self._record = record
-        self._etag = etag
-        self._blob = blob  # serialized record still to decode
+    key: CacheKey
+    code: int
+    _record: Record | None
+    stored_at: float
+    expires_at: float
+    size: int
+    _etag: bytes | None = None
+    _: KW_ONLY
+    _blob: bytes | None = None  # serialized record still to decode
+    prefetched: bool = field(default=False, init=False)  # a background refresh was started for this entry
 
     def materialise(self) -> None:
         """Decode a restored record now; raises ValueError (or a CBOR error) for a damaged one."""
@@ -449,7 +438,7 @@ class Cache:
             if old is not None:
                 self._bytes -= old.size
             self._entries[key] = CacheEntry(
-                key, code, None, float(stored_at), float(expires_at), size, blob=blob
+                key, code, None, float(stored_at), float(expires_at), size, _blob=blob
             )
             self._bytes += size
             self.stats.loaded += 1

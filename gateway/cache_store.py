@@ -93,6 +93,30 @@ def _str_len(s: str) -> int:
     return _head_len(n) + n
 
 
+def _value_len(v: HandleValue, type_len: int) -> int:
+    """Bytes of one value's CBOR array in :func:`encode_record`'s form; ``type_len`` is its type's (head and text)."""
+    data, refs = v.data, v.references
+    if type(data) is not bytes:
+        raise _Unsized
+    size = (
+        1
+        + _int_len(v.index)
+        + type_len
+        + _head_len(len(data))
+        + len(data)
+        + _int_len(v.ttl)
+        + _int_len(v.ttl_type)
+        + _int_len(v.timestamp)
+        + _int_len(v.permissions)
+        + _head_len(len(refs))
+    )
+    for r in refs:
+        if len(r) != 2:
+            raise _Unsized
+        size += 1 + _str_len(r[0]) + _int_len(r[1])
+    return size
+
+
 class _Unsized(Exception):
     """A value the size shortcut does not handle: encode it to measure it."""
 
@@ -104,26 +128,7 @@ def record_size(code: int, handle: str, record: Record | None) -> int:
         values = () if record is None else record.values
         size = 1 + _int_len(code) + _str_len(handle) + _head_len(len(values))
         for v in values:
-            data = v.data
-            if type(data) is not bytes:
-                raise _Unsized
-            refs = v.references
-            size += (
-                1
-                + _int_len(v.index)
-                + _str_len(v.type)
-                + _head_len(len(data))
-                + len(data)
-                + _int_len(v.ttl)
-                + _int_len(v.ttl_type)
-                + _int_len(v.timestamp)
-                + _int_len(v.permissions)
-                + _head_len(len(refs))
-            )
-            for r in refs:
-                if len(r) != 2:
-                    raise _Unsized
-                size += 1 + _str_len(r[0]) + _int_len(r[1])
+            size += _value_len(v, _str_len(v.type))
         return size
     except (_Unsized, UnicodeEncodeError):
         return len(encode_record(code, handle, record))
@@ -140,32 +145,14 @@ def measure(code: int, handle: str, record: Record, now: float) -> tuple[float |
         size = 1 + _int_len(code) + _head_len(len(hb)) + len(hb) + _head_len(len(values))
         ttl: float | None = None
         for v in values:
-            data, tb, refs = v.data, v.type.encode(), v.references
-            if type(data) is not bytes:
-                raise _Unsized
-            parts.append(v.index.to_bytes(4, "big") + tb + b"\0" + data + b"\0")
+            tb = v.type.encode()
+            size += _value_len(v, _head_len(len(tb)) + len(tb))
+            parts.append(v.index.to_bytes(4, "big") + tb + b"\0" + v.data + b"\0")
             life = (
                 max(0.0, v.ttl - now) if v.ttl_type == TTL_ABSOLUTE else float(v.ttl)
             )  # HandleValue.lifetime
             if ttl is None or life < ttl:
                 ttl = life
-            size += (
-                1
-                + _int_len(v.index)
-                + _head_len(len(tb))
-                + len(tb)
-                + _head_len(len(data))
-                + len(data)
-                + _int_len(v.ttl)
-                + _int_len(v.ttl_type)
-                + _int_len(v.timestamp)
-                + _int_len(v.permissions)
-                + _head_len(len(refs))
-            )
-            for r in refs:
-                if len(r) != 2:
-                    raise _Unsized
-                size += 1 + _str_len(r[0]) + _int_len(r[1])
         return (
             ttl,
             size,

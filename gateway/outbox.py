@@ -1,9 +1,9 @@
 """Durable at-least-once outbox: accepted reports go northbound (MQTT topic and/or HTTP webhook) from SQLite.
 
 The ``outbox`` table lives in the registry's SQLite file, so the registry stores a report and enqueues it in one
-transaction (``Outbox.enqueue_on``). ``Outbox.drain()`` delivers due rows to every configured sink and deletes a
-row once every sink has taken it; a failed delivery is retried with exponential back-off, and rows left when the
-gateway stops (or is killed) are delivered after the next start.
+transaction (``Outbox.enqueue_on``). ``Outbox.drain()`` delivers due rows to every configured sink (gateway/sinks.py:
+an MQTT topic, an HTTP webhook) and deletes a row once every sink has taken it; a failed delivery is retried with
+exponential back-off, and rows left when the gateway stops (or is killed) are delivered after the next start.
 
 Delivery guarantee: at least once, per sink. A row is deleted only after its sink acknowledged it (MQTT: the
 broker's PUBACK; webhook: a 2xx answer), so a crash between the acknowledgement and the delete, a lost PUBACK or
@@ -35,14 +35,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from gateway.aio import cancel_all
 from gateway.logfmt import kv
+from gateway.sinks import Sink
 from proto import devicemsg
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TOPIC = "ida/v1/north/reports"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -121,133 +121,6 @@ def row_payload(
     if isinstance(payload, str) or device is None or transport is None:
         raise ValueError("neither a JSON object nor a report with its device and transport")
     return report_payload(device, devicemsg.stored_fields(payload), created, transport, peer)
-
-
-class DeliveryError(Exception):
-    """A sink did not take a payload (it will be retried)."""
-
-
-class Sink(Protocol):
-    """Where the outbox delivers. ``name`` must be stable across restarts (it is stored with each row)."""
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def deliver(self, payload: dict[str, Any]) -> None:
-        """Return once the payload is acknowledged; raise (DeliveryError or anything else) when not."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class WebhookSink:
-    """HTTP POST of the JSON payload; any 2xx answer means delivered."""
-
-    def __init__(self, url: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook URL {url!r} must start with http:// or https://")
-        self.url = url
-        self.name = f"webhook {url}"
-        self._timeout = timeout
-        self._headers = dict(headers or {})
-        self._session: Any = None
-
-    async def start(self) -> None:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
-
-    async def deliver(self, payload: dict[str, Any]) -> None:
-        import aiohttp
-
-        if self._session is None:
-            await self.start()
-        key = f"{payload.get('id')}|{payload.get('boot')}|{payload.get('seq')}"
-        headers = {**self._headers, "Idempotency-Key": key}
-        try:
-            async with self._session.post(self.url, json=payload, headers=headers) as resp:
-                if not 200 <= resp.status < 300:
-                    raise DeliveryError(f"{self.url} answered {resp.status}")
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise DeliveryError(f"{self.url}: {type(e).__name__}: {e}") from None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class MqttSink:
-    """Publish the JSON payload at QoS 1 on a broker and wait for its PUBACK.
-
-    ``topic`` may contain ``{key}``, replaced by the device's topic key (``devicemsg.topic_key``), e.g.
-    ``ida/v1/north/{key}/report``. With ``require_subscriber`` (default) a PUBACK saying "no matching
-    subscribers" counts as not delivered, so reports are kept until a consumer (or a bridge, or a persistent
-    session) subscribes instead of vanishing in the broker.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        topic: str = DEFAULT_TOPIC,
-        *,
-        qos: int = 1,
-        client_id: str | None = None,
-        timeout: float = 10.0,
-        require_subscriber: bool = True,
-        reconnect_max: int = 30,
-        auth: Any = None,  # gateway.broker.MqttAuth: the gateway's broker credentials and CA
-    ) -> None:
-        from gateway.broker import default_client_id
-        from gateway.paholink import PahoLink
-
-        if qos not in (1, 2):
-            raise ValueError("the outbox MQTT sink needs QoS 1 or 2 (it waits for the acknowledgement)")
-        self.url = url
-        self.topic = topic
-        self.name = f"mqtt {url} {topic}"
-        self._qos = qos
-        self._timeout = timeout
-        self._require_subscriber = require_subscriber
-        self._link = PahoLink(
-            url,
-            client_id=client_id or default_client_id("ida-north"),
-            name="north",
-            reconnect_max=reconnect_max,
-            auth=auth,
-        )
-
-    async def start(self) -> None:
-        await self._link.start()
-
-    async def deliver(self, payload: dict[str, Any]) -> None:
-        from gateway.paholink import MqttError
-
-        if not await self._link.wait_connected(self._timeout):
-            raise DeliveryError(f"not connected to {self._link.address}")
-        topic = self.topic.replace("{key}", devicemsg.topic_key(str(payload.get("id", ""))))
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        try:
-            await self._link.publish_acked(
-                topic, body, qos=self._qos, timeout=self._timeout, require_subscriber=self._require_subscriber
-            )
-        except MqttError as e:
-            raise DeliveryError(str(e)) from None
-
-    async def close(self) -> None:
-        await self._link.stop()
-
-
-def make_sink(url: str, topic: str = DEFAULT_TOPIC, auth: Any = None) -> Sink:
-    """A sink from a URL: ``mqtt://host:port`` (publishing on ``topic``) or ``http(s)://…`` (webhook)."""
-    if url.startswith(("http://", "https://")):
-        return WebhookSink(url)
-    if url.startswith(("mqtt://", "mqtts://")):
-        return MqttSink(url, topic, auth=auth)
-    raise ValueError(f"outbox sink {url!r}: use mqtt://host:port or http(s)://…")
 
 
 class Outbox:
@@ -486,9 +359,7 @@ class Outbox:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await cancel_all([self._task])
             self._task = None
         for s in self.sinks:
             try:

@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.aio import wait_set
 from gateway.broker import MqttAuth, default_client_id, parse_url
 from gateway.logfmt import kv
 
@@ -149,11 +150,7 @@ class PahoLink:
         return self._connected.is_set()
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._connected, timeout)
 
     # -- actions (call on the asyncio loop) ------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:

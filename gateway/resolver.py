@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.aio import cancel_all
 from gateway.cache import Cache, CacheEntry, CacheKey, CacheStats, cache_key
 from gateway.errors import NameNotServed, UpstreamError
 from gateway.logfmt import kv
@@ -151,7 +152,7 @@ class Resolver:
         )
         if cache is None:
             path = cfg.cache_path()
-            cache = Cache(cfg.cache_config(), path=path, clock=clock)
+            cache = Cache(cfg.cache, path=path, clock=clock)
         self.cache = cache
         if zone is None:
             zpath = cfg.zone_path()
@@ -395,7 +396,7 @@ class Resolver:
     async def _housekeeping(self) -> None:
         last_purge = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.flush_interval)
+            await asyncio.sleep(self.config.cache.flush_interval)
             try:
                 self.cache.maybe_flush()
                 if time.monotonic() - last_purge >= self.config.purge_interval:
@@ -426,9 +427,7 @@ class Resolver:
         tasks = list(self._background)
         if self._housekeeper is not None:
             tasks.append(self._housekeeper)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         await self.pool.close()
         self.cache.close()
 

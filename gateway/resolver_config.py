@@ -30,7 +30,7 @@ ZONE_FILE = "zone.json"
 class ResolverConfig:
     """Everything the resolver needs; the TOML loader fills it (field names = config keys).
 
-    Times are seconds. ``data_dir`` None keeps the cache in memory only; otherwise the cache lives in
+    Times are seconds; the cache's own settings are ``cache`` (:class:`gateway.cache.CacheConfig`). ``data_dir`` None keeps the cache in memory only; otherwise the cache lives in
     ``<data_dir>/cache.sqlite3`` and the zone in ``zone_file`` (default ``<data_dir>/zone.json``).
     """
 
@@ -43,33 +43,14 @@ class ResolverConfig:
     max_cooldown: float = 30.0
     stale_answer_after: float = 1.8  # with a stale entry, wait this long for upstream, then answer stale
     stale_reply_ttl: float = 30.0  # max-age of a stale answer
-    cache_max_entries: int = 100_000
-    cache_max_bytes: int = 64 << 20
-    min_ttl: float = 0.0
-    max_ttl: float = 3600.0
-    negative_ttl: float = 60.0
-    negative_max_ttl: float = 300.0
-    max_stale: float = 86400.0
-    prefetch: bool = True  # refresh entries hit in the last prefetch_fraction of their lifetime
-    prefetch_fraction: float = 0.1
+    cache: CacheConfig = field(
+        default_factory=CacheConfig
+    )  # bounds, lifetimes, prefetch window, write-behind
+    prefetch: bool = True  # refresh entries hit in the last cache.prefetch_fraction of their lifetime
     persist: bool = True  # with a data_dir: keep the cache in SQLite
-    flush_interval: float = 0.5  # cache write-behind period
     purge_interval: float = 300.0  # drop entries more than max_stale past expiry this often
     data_dir: Path | None = None
     zone_file: Path | None = None
-
-    def cache_config(self) -> CacheConfig:
-        return CacheConfig(
-            max_entries=self.cache_max_entries,
-            max_bytes=self.cache_max_bytes,
-            min_ttl=self.min_ttl,
-            max_ttl=self.max_ttl,
-            negative_ttl=self.negative_ttl,
-            negative_max_ttl=self.negative_max_ttl,
-            max_stale=self.max_stale,
-            prefetch_fraction=self.prefetch_fraction,
-            flush_interval=self.flush_interval,
-        )
 
     def cache_path(self) -> Path | None:
         return None if self.data_dir is None or not self.persist else Path(self.data_dir) / CACHE_FILE

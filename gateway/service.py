@@ -24,17 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway.cache import CacheConfig
 from gateway.config import ConfigError, GatewayConfig
 from gateway.frontends.coap import CoapFrontEnd
 from gateway.frontends.coap_security import PLAIN_WARNING, CoapSecurity, secure_frontend
 from gateway.frontends.http import HttpFrontEnd
 from gateway.logfmt import kv
 from gateway.metrics import HistogramSample, Metrics, Sample
-from gateway.outbox import Outbox, Sink, make_sink
+from gateway.outbox import Outbox
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
 from gateway.resolution import Resolving
 from gateway.resolver import ZONE_FILE, Resolver, ResolverConfig, default_upstreams
+from gateway.sinks import Sink, make_sink
 from gateway.status import board_for
 
 if TYPE_CHECKING:
@@ -49,6 +51,20 @@ STOP_TIMEOUT = 5.0  # seconds each front end gets to answer its requests in flig
 
 class FrontEnd(Protocol):
     async def stop(self, timeout: float = ...) -> None: ...
+
+
+# [cache] keys that are gateway.cache.CacheConfig's settings under the same names
+CACHE_KEYS = (
+    "max_entries",
+    "max_bytes",
+    "min_ttl",
+    "max_ttl",
+    "negative_ttl",
+    "negative_max_ttl",
+    "max_stale",
+    "prefetch_fraction",
+    "flush_interval",
+)
 
 
 def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
@@ -66,15 +82,7 @@ def resolver_config(cfg: GatewayConfig) -> ResolverConfig:
         max_cooldown=up.max_cooldown,
         stale_answer_after=c.stale_answer_after,
         stale_reply_ttl=c.stale_reply_ttl,
-        cache_max_entries=c.max_entries,
-        cache_max_bytes=c.max_bytes,
-        min_ttl=c.min_ttl,
-        max_ttl=c.max_ttl,
-        negative_ttl=c.negative_ttl,
-        negative_max_ttl=c.negative_max_ttl,
-        max_stale=c.max_stale,
-        prefetch_fraction=c.prefetch_fraction,
-        flush_interval=c.flush_interval,
+        cache=CacheConfig(**{k: getattr(c, k) for k in CACHE_KEYS}),
         data_dir=data_dir,
         zone_file=zone,
     )
@@ -239,14 +247,7 @@ class Gateway:
             note=note,
         )
         self._secure_coap(cfg)
-        try:
-            host, port = await self.coap.start()
-        except OSError as e:
-            raise OSError(
-                e.errno, f"coap: cannot listen on {_hostport(cfg.coap.host, cfg.coap.port)}: {e.strerror}"
-            ) from None
-        self.coap.limiter = self.limiter
-        log.info("coap listening on %s", _hostport(host, port))
+        await self._listen("coap", self.coap, cfg.coap.host, cfg.coap.port)
 
         self.http = HttpFrontEnd(
             cfg.http.host,
@@ -259,14 +260,7 @@ class Gateway:
             shutdown_timeout=STOP_TIMEOUT,
             note=note,
         )
-        try:
-            host, port = await self.http.start()
-        except OSError as e:
-            raise OSError(
-                e.errno, f"http: cannot listen on {_hostport(cfg.http.host, cfg.http.port)}: {e.strerror}"
-            ) from None
-        self.http.limiter = self.limiter
-        log.info("http listening on %s", _hostport(host, port))
+        await self._listen("http", self.http, cfg.http.host, cfg.http.port)
 
         if cfg.mqtt.url:
             # Imported here so that paho stays out of a gateway that does not use MQTT.
@@ -287,6 +281,18 @@ class Gateway:
             log.info(
                 "mqtt %s %s", "subscribed at" if self.mqtt.ready else "still connecting to", cfg.mqtt.url
             )
+
+    async def _listen(self, name: str, fe: CoapFrontEnd | HttpFrontEnd, host: str, port: int) -> None:
+        """Start ``fe`` on its configured ``host``:``port`` and give it the rate limiter; an error to bind names the
+        front end and the address (``coap: cannot listen on 127.0.0.1:5683: address already in use``)."""
+        try:
+            bound = await fe.start()
+        except OSError as e:
+            raise OSError(
+                e.errno, f"{name}: cannot listen on {_hostport(host, port)}: {e.strerror}"
+            ) from None
+        fe.limiter = self.limiter
+        log.info("%s listening on %s", name, _hostport(*bound))
 
     async def stop(self) -> None:
         """Graceful stop; safe to call twice and after a failed start."""

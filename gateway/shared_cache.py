@@ -48,11 +48,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import cbor2
 
+from gateway.aio import cancel_all
 from gateway.cache import ANSWER_CODES, Cache, CacheEntry, CacheKey, decode_record, encode_record
 from gateway.logfmt import kv
 
@@ -186,24 +187,23 @@ class SharedStats:
 
 
 # -- the Redis tier ---------------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
 class _RedisFlight:
-    __slots__ = ("_tier", "key", "entry", "_token", "_done")
+    """One :meth:`RedisSharedCache.begin`: ``entry`` what the tier had (or another gateway answered), ``token``
+    the lock this gateway holds (it publishes its answer and lets go once)."""
 
-    def __init__(
-        self, tier: RedisSharedCache, key: CacheKey, entry: CacheEntry | None = None, token: str | None = None
-    ) -> None:
-        self._tier = tier
-        self.key = key
-        self.entry = entry
-        self._token = token
-        self._done = False
+    tier: RedisSharedCache
+    key: CacheKey
+    entry: CacheEntry | None = None
+    token: str | None = None
+    done: bool = field(default=False, init=False)
 
     def publish(self, entry: CacheEntry | None) -> None:
-        if self._done:
+        if self.done:
             return
-        self._done = True
-        if entry is not None or self._token is not None:
-            self._tier._spawn(self._tier._finish(self.key, entry, self._token))
+        self.done = True
+        if entry is not None or self.token is not None:
+            self.tier._spawn(self.tier._finish(self.key, entry, self.token))
 
     def end(self) -> None:
         self.publish(None)
@@ -455,9 +455,6 @@ class RedisSharedCache:
             return
         await self.flush(min(2.0, self.timeout * 4))
         self._closed = True
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         with contextlib.suppress(Exception):
             await self._client.aclose()

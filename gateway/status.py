@@ -21,7 +21,6 @@ routes reach the same board without the front ends knowing about each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway import __version__
+from gateway.aio import cancel_all
 from gateway.registry import Registry
 from gateway.resolution import SOURCE_ERROR, Resolving
 from gateway.resolver import Resolver
@@ -272,8 +272,8 @@ def status_snapshot(
         cache.update(
             entries=c.entries,
             bytes=c.bytes,
-            max_entries=cfg.cache_max_entries,
-            max_bytes=cfg.cache_max_bytes,
+            max_entries=cfg.cache.max_entries,
+            max_bytes=cfg.cache.max_bytes,
             stale=st.stale_answers,
             prefetches=c.prefetches,
             evictions=c.evictions,
@@ -360,9 +360,7 @@ def add_routes(
             )
         yield
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_all([task])
             if board.sampler is task:
                 board.sampler = None
 

@@ -34,12 +34,35 @@ class RecordFormatError(ValueError):
     """A record or value in JSON or CBOR form that does not follow the documented shape."""
 
 
+def parse_value_ref(text: str) -> tuple[str, int]:
+    """``"300:0.NA/88.123.99"`` -> ``("0.NA/88.123.99", 300)``: a value reference as HANDLE.NET writes an
+    administrator (index, colon, handle). RecordFormatError names what is wrong."""
+    index, sep, handle = text.strip().partition(":")
+    if not sep or not index.isdigit() or not handle or "/" not in handle:
+        raise RecordFormatError(f"{text!r} is not INDEX:HANDLE (e.g. 300:0.NA/88.123.99)")
+    value = int(index)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise RecordFormatError(f"{text!r}: index {value} is not an unsigned 32-bit integer")
+    return handle, value
+
+
 @dataclass(frozen=True, slots=True)
-class AdminRef:
-    """Data of an ``HS_ADMIN`` value: who administers the handle, with which rights (12-bit mask)."""
+class ValueRef:
+    """A reference to one value of a handle, as HANDLE.NET names an administrator: ``300:0.NA/88.123.99`` (its
+    ``str``; :func:`parse_value_ref` reads it)."""
 
     handle: str
     index: int
+
+    def __str__(self) -> str:
+        return f"{self.index}:{self.handle}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRef(ValueRef):
+    """Data of an ``HS_ADMIN`` value: who administers the handle (a value reference to the admin's key or group),
+    with which rights (12-bit mask)."""
+
     permissions: int
 
     def encode(self) -> bytes:
@@ -63,18 +86,6 @@ class AdminRef:
             raise RecordFormatError("HS_ADMIN handle is not UTF-8") from e
         (index,) = struct.unpack_from(">I", data, 6 + n)
         return cls(handle, index, perms)
-
-
-def parse_value_ref(text: str) -> tuple[str, int]:
-    """``"300:0.NA/88.123.99"`` -> ``("0.NA/88.123.99", 300)``: a value reference as HANDLE.NET writes an
-    administrator (index, colon, handle). RecordFormatError names what is wrong."""
-    index, sep, handle = text.strip().partition(":")
-    if not sep or not index.isdigit() or not handle or "/" not in handle:
-        raise RecordFormatError(f"{text!r} is not INDEX:HANDLE (e.g. 300:0.NA/88.123.99)")
-    value = int(index)
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise RecordFormatError(f"{text!r}: index {value} is not an unsigned 32-bit integer")
-    return handle, value
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiocoap
@@ -44,17 +43,16 @@ from gateway.frontends.coap_reports import ReportPath
 from gateway.frontends.coap_site import CONFIG, REPORT, build_site
 from gateway.frontends.coap_socket import CoapSocket
 from gateway.frontends.common import (
-    DeviceRegistry,
     InFlight,
+    Listener,
     failure,
     json_etag,
     parse_filters,
     resolution_payload,
 )
 from gateway.logfmt import kv
-from gateway.metrics import Metrics
-from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
-from gateway.resolution import Answer, AnswerCache, ResolutionNote, Resolving, etag_of, resolve_noted
+from gateway.ratelimit import retry_after, source_of_sockaddr
+from gateway.resolution import Answer, AnswerCache, etag_of, resolve_noted
 from proto import devicemsg, identifier
 
 if TYPE_CHECKING:
@@ -108,38 +106,21 @@ def error_message(
     return m
 
 
-class CoapFrontEnd:
-    """The CoAP server. ``start()`` binds (port 0 = any free port) and returns the bound (host, port)."""
+@dataclass(eq=False, repr=False, kw_only=True)
+class CoapFrontEnd(Listener):
+    """The CoAP server (:class:`Listener`'s settings, and ``fast_path``; ``answers`` is the resolver's
+    :class:`gateway.resolution.AnswerCache`, which the fast path keeps its table equal to)."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        resolver: Resolving,
-        registry: DeviceRegistry,
-        metrics: Metrics,
-        *,
-        clock: Callable[[], float] = time.time,
-        limiter: RateLimiter | None = None,
-        fast_path: bool = True,
-        answers: AnswerCache | None = None,
-        note: ResolutionNote | None = None,
-    ) -> None:
-        self._bind = (host, port)
-        self.resolver = resolver
-        self.answers = answers
-        self.note = note
-        self.registry = registry
-        self.metrics = metrics
-        self.clock = clock
-        self.limiter = limiter
+    fast_path: bool = True
+    answers: AnswerCache | None = None
+
+    def __post_init__(self) -> None:
         self._ctx: aiocoap.Context | None = None
         self._inflight = InFlight()
         self._closing = False
         self.address: tuple[str, int] | None = None
         self.site, self._resolve_resource, self.devices = build_site(self)
         self._plain_site = self.site  # a wrapper (OSCORE) put in its place turns the fast path's learning off
-        self._fast_path = fast_path
         self.fast: FastPath | None = None
         self.socket: CoapSocket | None = None
         self.bridge: coap_aiocoap.Bridge | None = None
@@ -157,10 +138,10 @@ class CoapFrontEnd:
 
         self.registry.on_config_change(changed)
         sock = self.socket = CoapSocket()
-        self.address = await sock.open(*self._bind)
+        self.address = await sock.open(self.host, self.port)
         self._ctx = aiocoap.Context(loop=loop, serversite=self.site, loggername="coap-server")
         bridge = self.bridge = await coap_aiocoap.attach(self._ctx, coap_aiocoap.Bridge(sock, self._closed))
-        if not self._fast_path:
+        if not self.fast_path:
             sock.serve(bridge)
             return self.address
         from gateway.frontends.coap_fast import FastPath

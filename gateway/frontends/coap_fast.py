@@ -13,7 +13,8 @@ for each wake-up, and:
    once per second per entry), not per request.
 2. a **revalidation**: the same with ETag options in front (ETag, option 4, is the smallest option number the
    fast path allows, so ETags come first): the key is the request without them (:func:`classify`). An ETag equal
-   to the entry's gets 2.03 Valid with ETag and Max-Age; otherwise the full 2.05.
+   to the entry's gets 2.03 Valid with ETag and Max-Age; otherwise the full 2.05. The keys and the entries' bytes
+   are gateway/frontends/coap_table.py's.
 3. a **miss**: a GET the fast path could serve (case 1 or 2) with no fresh entry goes straight to the ``/r``
    resource (``miss``, block-wise included) without aiocoap's routing, pipes and message copies, and the answer
    goes out from here (the same bytes as aiocoap's message layer would send): piggybacked on the ACK of a CON, a
@@ -61,151 +62,24 @@ import aiocoap
 from gateway.frontends.coap_aiocoap import Bridge, body
 from gateway.frontends.coap_reports import NOT_MINE, ReportPath
 from gateway.frontends.coap_socket import CoapSocket
-from gateway.frontends.common import json_etag, resolution_payload
+from gateway.frontends.coap_table import MAX_PAYLOAD, TableEntry, classify
+from gateway.frontends.common import json_etag
 from gateway.frontends.hotpath import CacheGuard, HotEntry
 from gateway.metrics import Sample
-from gateway.resolution import Answer, AnswerCache, CachedAnswer, ResolutionNote, etag_of
+from gateway.resolution import Answer, AnswerCache, ResolutionNote, etag_of
 from proto import devicemsg
-from proto.coap.message import MessageError, encode_option, heads, option_spans, uint_value
-from proto.coap.numbers import ACK, CONTENT, GET, NON, POST, VALID, ContentFormat, Option
+from proto.coap.message import heads
+from proto.coap.numbers import ACK, CONTENT, GET, NON, POST, VALID
 from proto.coap.server import DELEGATED, PENDING, Acknowledged, Deferred, Duplicate, Request, Server
 from proto.records import TTL_ABSOLUTE
 
-__all__ = ["FastPath", "MAX_PAYLOAD", "classify"]
+__all__ = ["FastPath", "MAX_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
-MAX_PAYLOAD = 1024  # larger answers go block-wise: aiocoap's (RFC 7959)
 MAX_ENTRIES = 20_000  # entries in the table; when full it is emptied (and refilled by the slow path)
-
-ETAG, URI_PORT, URI_PATH, URI_QUERY, ACCEPT = (
-    Option.ETAG,
-    Option.URI_PORT,
-    Option.URI_PATH,
-    Option.URI_QUERY,
-    Option.ACCEPT,
-)
-CONTENT_FORMAT, MAX_AGE = Option.CONTENT_FORMAT, Option.MAX_AGE
-FAST_OPTIONS = frozenset((ETAG, URI_PORT, URI_PATH, URI_QUERY, ACCEPT))
 _ACK_CONTENT = heads(ACK, CONTENT)  # first two header bytes by token length
 _NON_CONTENT = heads(NON, CONTENT)
-
-
-def classify(data: bytes) -> tuple[bytes, tuple[bytes, ...]] | None:
-    """(key, ETags) of a request the fast path could answer, None for anything else.
-
-    Eligible: CoAP version 1, CON or NON, a token of at most 8 bytes, code GET, options only ETag (1-8 bytes),
-    Uri-Port (0-2 bytes; libcoap's client sends it), Uri-Path (the first one ``r``), Uri-Query and Accept (0-2
-    bytes), well formed, no payload. The key is the option bytes after the token with the ETags taken out (the
-    first option after them re-encoded with its delta from 0)."""
-    n = len(data)
-    if n < 4:
-        return None
-    b0 = data[0]
-    tkl = b0 & 0x0F
-    if b0 >> 6 != 1 or (b0 >> 4) & 3 > NON or tkl > 8 or data[1] != GET or n < 4 + tkl:
-        return None
-    start = 4 + tkl
-    try:
-        spans, payload = option_spans(data, start)
-    except MessageError:
-        return None
-    if payload != n:
-        return None  # a GET with a payload: not ours
-    etags: list[bytes] = []
-    first = -1  # offset of the first option that is not an ETag
-    first_number = 0
-    path = False  # the first Uri-Path was seen (and is "r")
-    for number, head, a, b in spans:
-        if number not in FAST_OPTIONS:
-            return None
-        if number == ETAG:
-            if not 1 <= b - a <= 8:
-                return None
-            etags.append(data[a:b])
-            continue
-        if first < 0:
-            if a != head + 1:
-                return None  # Uri-Port or Uri-Path "r" comes first: a one-byte option header
-            first, first_number = head, number
-        if number == URI_PATH and not path:
-            if data[a:b] != b"r":
-                return None  # the path must start with the "r" segment
-            path = True
-        elif (number == ACCEPT or number == URI_PORT) and b - a > 2:
-            return None
-    if not path:
-        return None
-    if not etags:
-        return data[start:], ()
-    # Re-encode the first option after the ETags with its delta from 0 instead of from ETag (4).
-    return bytes((first_number << 4 | data[first] & 0x0F,)) + data[first + 1 :], tuple(etags)
-
-
-# -- the table ---------------------------------------------------------------------------------------------
-class _Entry(HotEntry):
-    """A cached answer: its encoded options and payload, and until when they are right."""
-
-    __slots__ = (
-        "key",
-        "as_json",
-        "etag",
-        "dynamic",
-        "age",
-        "until",
-        "tail",
-        "vtail",
-        "_etag_opt",
-        "_cf_opt",
-        "_payload",
-    )
-
-    def __init__(
-        self,
-        key: bytes,
-        answer: Answer,
-        as_json: bool,
-        etag: bytes,
-        payload: bytes | None,
-        refresh_at: float,
-        ref: CachedAnswer | None,
-        dynamic: bool,
-    ) -> None:
-        super().__init__(answer, refresh_at, ref)
-        self.key = key
-        self.as_json = as_json
-        self.etag = etag
-        self.dynamic = dynamic  # value TTLs in the payload count down (absolute TTLs): re-render every second
-        cf = ContentFormat.JSON if as_json else ContentFormat.CBOR
-        self._etag_opt = encode_option(ETAG, etag)
-        self._cf_opt = encode_option(CONTENT_FORMAT - ETAG, uint_value(cf))
-        self._payload = payload  # None: rendered on first use
-        self.age = -1
-        self.until = -math.inf
-        self.tail = b""  # 2.05: options and payload after the token
-        self.vtail = b""  # 2.03: options after the token
-
-    def render(self, now: float) -> bool:
-        """Encode the tails for the Max-Age at ``now`` and compute until when they hold (``until``); False when
-        the answer does not fit in one datagram after all."""
-        age = int(self.expires - now)
-        if self._payload is None or (self.dynamic and now > self.until):
-            self._payload = resolution_payload(self.answer, self.as_json, now, devicemsg.SOURCE_CACHE)
-            if len(self._payload) > MAX_PAYLOAD:
-                return False
-        if age != self.age or self.dynamic:
-            self.age = age
-            value = uint_value(age)
-            self.tail = (
-                self._etag_opt
-                + self._cf_opt
-                + encode_option(MAX_AGE - CONTENT_FORMAT, value)
-                + b"\xff"
-                + self._payload
-            )
-            self.vtail = self._etag_opt + encode_option(MAX_AGE - ETAG, value)
-        self.until = self.hold_until(age, now, self.dynamic)
-        return True
 
 
 # -- the fast path -----------------------------------------------------------------------------------------
@@ -242,7 +116,7 @@ class FastPath:
         self._miss = miss if learning else None
         self.max_entries = max_entries
         self.serving = True
-        self.table: dict[bytes, _Entry] = {}
+        self.table: dict[bytes, TableEntry] = {}
         self.reports: ReportPath | None = None  # set by the front end: reports straight to the registry
         self._loop = asyncio.get_running_loop()
         self.server = Server(now=self._loop.time())
@@ -388,12 +262,12 @@ class FastPath:
         self.slow += 1
         self.bridge.feed(data, addr, pktinfo, fast_key)
 
-    def _refresh(self, entry: _Entry, now: float) -> bool:
+    def _refresh(self, entry: TableEntry, now: float) -> bool:
         """Bring ``entry`` up to ``now`` (Max-Age, payload); False when the slow path must answer instead."""
         return self.guard.refresh(entry, now, self._forget)
 
     def _forget(self, entry: HotEntry) -> None:
-        assert isinstance(entry, _Entry)
+        assert isinstance(entry, TableEntry)
         if self.table.get(entry.key) is entry:
             del self.table[entry.key]
 
@@ -486,7 +360,7 @@ class FastPath:
                 payload = (
                     payload[:-1] + bytes((devicemsg.SOURCE_CACHE,)) if payload.endswith(source) else None
                 )
-        entry = _Entry(key, answer, as_json, etag, payload, refresh_at, ref, dynamic)
+        entry = TableEntry(key, answer, as_json, etag, payload, refresh_at, ref, dynamic)
         if key not in self.table and len(self.table) >= self.max_entries:
             self.table.clear()  # rare (more hot keys than entries); the slow path refills what is asked
         self.table[key] = entry

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from gateway.errors import Overloaded
@@ -106,33 +107,24 @@ def report_parts(data: bytes) -> tuple[list[bytes], int] | None:
     return None  # no payload
 
 
+@dataclass(eq=False)
 class ReportPath:
-    """Takes reports off the CoAP socket (module doc). ``send(datagram, route)`` sends an answer; ``arm()`` tells
-    the fast path the message layer has a new deadline; ``limiter()`` returns the front end's rate limiter;
-    ``count_limited(limit)`` counts a rate-limit refusal; ``error_answer`` builds the
-    slow path's error response; ``inflight`` is the front end's count of requests being answered (a stopping
-    front end waits for them)."""
+    """Takes reports off the CoAP socket (module doc) for ``registry``, answering through the fast path's message
+    layer ``server``."""
 
-    def __init__(
-        self,
-        registry: Any,
-        server: Server,
-        *,
-        send: Callable[[bytes, Any], None],
-        arm: Callable[[], None],
-        limiter: Callable[[], RateLimiter | None],
-        count_limited: Callable[[str], None],
-        error_answer: ErrorAnswer,
-        inflight: InFlight,
-    ) -> None:
-        self.registry = registry
-        self.server = server
-        self._send = send
-        self._arm = arm
-        self._limiter = limiter
-        self._count_limited = count_limited
-        self._error_answer = error_answer
-        self._inflight = inflight
+    registry: Any
+    server: Server
+    _: KW_ONLY
+    send: Callable[[bytes, Any], None]  # send(datagram, route) sends an answer
+    arm: Callable[[], None]  # tells the fast path the message layer has a new deadline
+    limiter: Callable[[], RateLimiter | None]  # returns the front end's rate limiter
+    count_limited: Callable[[str], None]  # counts a rate-limit refusal
+    error_answer: ErrorAnswer  # builds the slow path's error response
+    inflight: (
+        InFlight  # the front end's count of requests being answered (a stopping front end waits for them)
+    )
+
+    def __post_init__(self) -> None:
         self._ids: dict[bytes | str, str] = {}
         self._peers: dict[Any, str] = {}  # source address -> its text form (the registry's ``peer``)
         self.answers: dict[int, int] = {}  # wire code -> answers (ida_requests_total at scrape time)
@@ -158,12 +150,12 @@ class ReportPath:
             ident = self._device(b"/".join(segments))
         except (identifier.IdentifierError, UnicodeDecodeError) as e:
             return self._refuse(ev, devicemsg.BAD_REQUEST, f"bad identifier: {e}")
-        limiter = self._limiter()
+        limiter = self.limiter()
         if limiter is not None and getattr(limiter, "enabled", True):
             verdict = limiter.check(device=ident, source=source_of_sockaddr(str(ev.addr[0])))  # type: ignore[index]
             if verdict.limited:
                 wait = retry_after(verdict.wait)
-                self._count_limited(verdict.limit or "device")
+                self.count_limited(verdict.limit or "device")
                 msg = f"rate limited ({verdict.limit}); retry in {wait} s"
                 return self._refuse(ev, devicemsg.RATE_LIMITED, msg, max_age=wait)
         try:
@@ -181,7 +173,7 @@ class ReportPath:
             return self._refuse(ev, *failure(e))
         # queued (never before: a refused report is answered at once): its answer waits for the commit
         waiting.deferred = self.server.defer(ev, now, (ev.addr, pktinfo))
-        self._inflight.__enter__()
+        self.inflight.__enter__()
         return None
 
     def _device(self, raw: bytes | str) -> str:
@@ -209,7 +201,7 @@ class ReportPath:
     def _refuse(self, ev: Request, code: int, msg: str, max_age: int | None = None) -> bytes:
         self.refused += 1
         self._count(code)
-        coap_code, tail = body(self._error_answer(code, msg, max_age=max_age))
+        coap_code, tail = body(self.error_answer(code, msg, max_age=max_age))
         return self.server.answer(ev, coap_code, tail)
 
     # -- after the commit ------------------------------------------------------------------------------------
@@ -224,16 +216,16 @@ class ReportPath:
                 code, tail, wire_code = _CHANGED, _ACK_HEAD + ack, devicemsg.OK
             else:
                 wire_code, msg = failure(outcome)
-                code, tail = body(self._error_answer(wire_code, msg))
+                code, tail = body(self.error_answer(wire_code, msg))
             self._count(wire_code)
             out = self.server.respond(deferred, code, tail, self._loop.time())
             addr, pktinfo = deferred.route
-            self._send(out, (addr, pktinfo))
-            self._arm()
+            self.send(out, (addr, pktinfo))
+            self.arm()
         except Exception:
             log.exception("coap: answering a report failed")
         finally:
-            self._inflight.__exit__(None, None, None)
+            self.inflight.__exit__(None, None, None)
 
     def samples(self) -> Iterable[Sample]:
         """What to add to ``ida_requests_total{frontend="coap"}`` (a collector with ``add=True``)."""

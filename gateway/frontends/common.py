@@ -1,5 +1,6 @@
-"""What the CoAP, MQTT and HTTP front ends share: the registry interface, failure -> code mapping, query
-filters, the in-flight request count used for graceful shutdown, and the representations of a resolution."""
+"""What the CoAP, MQTT and HTTP front ends share: the registry interface, what a listening front end is given
+(:class:`Listener`), failure -> code mapping, query filters, the in-flight request count used for graceful
+shutdown, and the representations of a resolution."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import KW_ONLY, dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from gateway.aio import wait_set
 from gateway.errors import NameNotServed, Overloaded, StorageError, UpstreamError, UpstreamTimeout
-from gateway.resolution import Answer
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
+from gateway.resolution import Answer, ResolutionNote, Resolving
 from proto import devicemsg
 from proto.identifier import IdentifierError
 
@@ -61,6 +67,25 @@ class DeviceRegistry(Protocol):
     def device(self, identifier: str) -> dict[str, Any] | None: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass(eq=False, repr=False)
+class Listener:
+    """What a front end that listens on an address (CoAP, HTTP) is given: ``host`` and ``port`` to bind (port 0 =
+    any free port), the resolver it answers from, the device registry, the metrics it counts in; by keyword its
+    clock, the rate limiter (the service sets it after start) and ``note``, the status page's hook for recent
+    resolutions. A front end adds its own settings as keyword fields and builds its state in ``__post_init__``;
+    ``start()`` binds and returns the bound (host, port)."""
+
+    host: str
+    port: int
+    resolver: Resolving
+    registry: DeviceRegistry
+    metrics: Metrics
+    _: KW_ONLY
+    clock: Callable[[], float] = time.time
+    limiter: RateLimiter | None = None
+    note: ResolutionNote | None = None
 
 
 def failure(exc: BaseException) -> tuple[int, str]:
@@ -157,8 +182,4 @@ class InFlight:
 
     async def drain(self, timeout: float) -> bool:
         """True when every request finished within ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, timeout)

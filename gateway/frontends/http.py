@@ -22,16 +22,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from gateway import __version__, status
-from gateway.frontends.common import HTTP_STATUS, DeviceRegistry, failure, json_etag, parse_filters
+from gateway.frontends.common import HTTP_STATUS, Listener, failure, json_etag, parse_filters
 from gateway.logfmt import kv
-from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.ratelimit import RateLimiter, retry_after, source_of_sockaddr
-from gateway.resolution import ResolutionNote, Resolving, etag_of, resolve_noted
+from gateway.metrics import CONTENT_TYPE
+from gateway.ratelimit import retry_after, source_of_sockaddr
+from gateway.resolution import etag_of, resolve_noted
 from proto import devicemsg, identifier
 from proto.identifier import IdentifierError
 from proto.records import RC_ERROR, rest_error
@@ -47,33 +48,16 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-class HttpFrontEnd:
-    """The HTTP server. ``start()`` binds (port 0 = any free port) and returns the bound (host, port)."""
+@dataclass(eq=False, repr=False, kw_only=True)
+class HttpFrontEnd(Listener):
+    """The HTTP server (:class:`Listener`'s settings; ``health`` gives /healthz its components, ``shutdown_timeout``
+    bounds the wait for requests in flight at stop)."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        resolver: Resolving,
-        registry: DeviceRegistry,
-        metrics: Metrics,
-        *,
-        health: Health | None = None,
-        clock: Callable[[], float] = time.time,
-        shutdown_timeout: float = 5.0,
-        limiter: RateLimiter | None = None,
-        note: ResolutionNote | None = None,
-    ) -> None:
-        self.limiter = limiter
-        self._bind = (host, port)
-        self.resolver = resolver
-        self.note = note
-        self.registry = registry
-        self.metrics = metrics
-        self.health = health or (lambda: {})
-        self.clock = clock
+    health: Health = dict
+    shutdown_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
         self.started_at = time.monotonic()
-        self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -108,13 +92,13 @@ class HttpFrontEnd:
 
     async def start(self) -> tuple[str, int]:
         self._runner = web.AppRunner(
-            self.application(), shutdown_timeout=self._shutdown_timeout, access_log=None
+            self.application(), shutdown_timeout=self.shutdown_timeout, access_log=None
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._bind[0], self._bind[1])
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         sockname = self._runner.addresses[0]
-        self.address = (self._bind[0], int(sockname[1]))
+        self.address = (self.host, int(sockname[1]))
         return self.address
 
     async def stop(self, timeout: float | None = None) -> None:

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from gateway.aio import cancel_all
 from gateway.broker import MqttAuth, default_client_id
 from gateway.frontends.mqtt_answers import ROOT, RequestCounter, Tally
 from gateway.frontends.mqtt_devices import DeviceMessages
@@ -196,10 +197,7 @@ class MqttFrontEnd:
             log.warning("mqtt stop with requests in flight %s", kv(count=self.requests.inflight.count))
         if not await self.reports.inflight.drain(timeout):  # their acks go out once they are committed
             log.warning("mqtt stop with reports in flight %s", kv(count=self.reports.inflight.count))
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         if self.fast is not None:
             await self.fast.stop()
         await self._link.stop()

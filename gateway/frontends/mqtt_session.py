@@ -13,9 +13,10 @@ Receiving: the PUBLISH packets of one read from the socket go to ``on_publish(pa
 is acknowledged (PUBACK) here, at once: the broker may forget it then, and whatever the owner promises the device
 it promises with a message of its own (a report's ``report_ack``). Sending: :meth:`MqttSession.write` for bytes
 built by the owner (QoS 0 answers), :meth:`MqttSession.publish_qos1` for QoS 1 messages, which get packet ids and
-stay within the broker's Receive Maximum (:class:`Qos1Window`; the rest wait in order for a PUBACK). The PUBACKs,
-what ``on_publish`` returns and the QoS 1 messages queued meanwhile go out in one write per read; QoS 1 messages
-published outside a read (e.g. when a commit completes) are written together once per turn of the event loop.
+stay within the broker's Receive Maximum (:class:`Qos1Window` of mqtt_window.py; the rest wait in order for a
+PUBACK). The PUBACKs, what ``on_publish`` returns and the QoS 1 messages queued meanwhile go out in one write per
+read; QoS 1 messages published outside a read (e.g. when a commit completes) are written together once per turn of
+the event loop.
 
 Back-pressure: when the socket's send buffer fills up, the session stops reading from the broker until it drains
 (the broker then queues messages for it, up to its own limits, as for any slow subscriber).
@@ -24,7 +25,6 @@ Back-pressure: when the socket's send buffer fills up, the session stops reading
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.aio import cancel_all, wait_set
 from gateway.broker import MqttAuth, parse_url
+from gateway.frontends.mqtt_window import Qos1Window
 from gateway.logfmt import kv
 from proto import mqtt
 
-__all__ = ["MqttSession", "Qos1Window", "MAX_PACKET", "CONNECT_TIMEOUT", "WAITING_MAX"]
+__all__ = ["MqttSession", "MAX_PACKET", "CONNECT_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
@@ -46,97 +48,11 @@ MAX_PACKET = (
     1 << 16
 )  # announced to the broker: it sends us nothing larger (requests and reports are far smaller)
 CONNECT_TIMEOUT = 10.0  # TCP/TLS connect, CONNACK, SUBACK
-WAITING_MAX = 65_536  # QoS 1 messages waiting for room in the broker's window; more are dropped (and counted)
 V5 = mqtt.MQTT5
 _PUBLISH_QOS0 = mqtt.PUBLISH << 4  # the first byte of a QoS 0 PUBLISH, not retained, not a duplicate
 _PUBACK_HEAD = bytes((mqtt.PUBACK << 4, 2))
 _RECEIVE_MAXIMUM = 0x21  # v5 CONNACK property: QoS > 0 PUBLISH packets the broker takes unacknowledged
 OnPublish = Callable[[list[tuple[int, bytes]]], bytes]
-
-
-class Qos1Window:
-    """QoS 1 PUBLISH packets to the broker (v5, no properties), sans-I/O: each gets a packet id; at most ``limit``
-    (the broker's Receive Maximum) are unacknowledged at a time and the others wait in order. There is no re-sending:
-    a session starts clean, so what was in flight when a connection ended is gone with it (:meth:`reset`)."""
-
-    def __init__(self, limit: int = 0xFFFF, waiting_max: int = WAITING_MAX) -> None:
-        self.limit = limit
-        self.waiting_max = waiting_max
-        self.inflight: set[int] = set()
-        self.reserved: set[int] = set()  # ids of SUBSCRIBE / UNSUBSCRIBE packets waiting for their answer
-        self.waiting: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._pid = 0
-        self._heads = mqtt.FixedHeaders(mqtt.PUBLISH << 4 | 0x02)
-        self.sent = 0
-        self.refused = 0  # PUBACKs with a failure reason code (the broker did not take the message)
-        self.dropped = 0  # never sent: the waiting queue was full, or the connection ended first
-
-    def reset(self, limit: int) -> None:
-        """A new connection whose broker takes ``limit`` unacknowledged messages."""
-        self.dropped += len(self.waiting)
-        self.waiting.clear()
-        self.inflight.clear()
-        self.limit = max(1, limit)
-
-    def publish(self, topic: bytes, payload: bytes) -> bytes | None:
-        """The packet to send now, or None when it waits for room (or was dropped: the queue is full)."""
-        if len(self.inflight) < self.limit:
-            return self._packet(topic, payload)
-        if len(self.waiting) >= self.waiting_max:
-            self.dropped += 1
-        else:
-            self.waiting.append((topic, payload))
-        return None
-
-    def acked(self, body: bytes) -> list[bytes]:
-        """A PUBACK from the broker (its body); the packets that now have room."""
-        if len(body) < 2:
-            raise mqtt.MqttProtocolError("truncated PUBACK")
-        pid = (body[0] << 8) | body[1]
-        if pid not in self.inflight:
-            return []  # of an earlier connection, or never sent: nothing to release
-        self.inflight.discard(pid)
-        if len(body) > 2 and body[2] >= 0x80:
-            self.refused += 1
-            log.warning("mqtt device link: the broker refused a message %s", kv(reason=mqtt.reason(body[2])))
-        out = []
-        while self.waiting and len(self.inflight) < self.limit:
-            out.append(self._packet(*self.waiting.popleft()))
-        return out
-
-    def take_id(self) -> int:
-        """A packet id for a SUBSCRIBE or UNSUBSCRIBE (they share the ids with PUBLISH); :meth:`release_id` it
-        when its answer came (or did not)."""
-        pid = self._free_id()
-        self.reserved.add(pid)
-        return pid
-
-    def release_id(self, pid: int) -> None:
-        self.reserved.discard(pid)
-
-    def _free_id(self) -> int:
-        pid = self._pid
-        while True:
-            pid = pid % 0xFFFF + 1
-            if pid not in self.inflight and pid not in self.reserved:
-                self._pid = pid
-                return pid
-
-    def _packet(self, topic: bytes, payload: bytes) -> bytes:
-        pid = self._free_id()
-        self.inflight.add(pid)
-        self.sent += 1
-        size = len(topic)
-        return b"".join(
-            (
-                self._heads[size + 5 + len(payload)],
-                size.to_bytes(2, "big"),
-                topic,
-                pid.to_bytes(2, "big"),
-                b"\x00",  # no properties
-                payload,
-            )
-        )
 
 
 class _Connection(asyncio.Protocol):
@@ -334,9 +250,7 @@ class MqttSession:
             conn.write(self.take_output() + mqtt.DISCONNECT_BYTES)
             conn.transport.close()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
         self._task = None
         log.info("mqtt device link stopped %s", kv(broker=self.address))
 
@@ -346,11 +260,7 @@ class MqttSession:
         return self._ready.is_set()
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._ready, timeout)
 
     # -- sending ---------------------------------------------------------------------------------------------
     def write(self, data: bytes) -> bool:

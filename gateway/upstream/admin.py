@@ -73,7 +73,7 @@ from proto.handle.numbers import (
     OpFlag,
     ResponseCode,
 )
-from proto.records import HandleValue, parse_value_ref
+from proto.records import HandleValue, ValueRef, parse_value_ref
 
 __all__ = [
     "AdminAuth",
@@ -101,11 +101,9 @@ _TRANSIENT = frozenset({"down", "busy", "error", "session", "auth-needed"})
 
 
 @dataclass(frozen=True)
-class AdminAuth:
-    """Who administers: the admin handle and index (``300:0.NA/88.123.99``) and its private key."""
+class AdminAuth(ValueRef):
+    """Who administers: the admin handle and index (``300:0.NA/88.123.99``, its ``str``) and its private key."""
 
-    handle: str
-    index: int
     key: K.PrivateKey
 
     @classmethod
@@ -115,9 +113,6 @@ class AdminAuth:
         handle, index = parse_value_ref(ref)
         data = Path(path).read_bytes()
         return cls(handle, index, K.load_private_key(data, passphrase))
-
-    def __str__(self) -> str:
-        return f"{self.index}:{self.handle}"
 
 
 @dataclass(frozen=True)

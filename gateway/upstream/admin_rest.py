@@ -44,7 +44,7 @@ from gateway.upstream.rest import MAX_BODY, handle_path
 from proto.handle import AdminRequest
 from proto.handle import keys as K
 from proto.handle.numbers import RC_AUTHEN_NEEDED, RC_SUCCESS
-from proto.records import HandleValue, Record, RecordFormatError
+from proto.records import HandleValue, Record, RecordFormatError, ValueRef
 
 __all__ = ["RestAdminClient", "client_certificate", "rest_target"]
 
@@ -72,7 +72,7 @@ def rest_target(req: AdminRequest, overwrite: bool = False) -> tuple[str, str, d
 def client_certificate(key: K.PrivateKey, handle: str, index: int, days: int = 1) -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM): a self-signed certificate for ``key`` with subject
     ``UID=INDEX:HANDLE``, as HANDLE.NET's REST interface reads the admin from a client certificate."""
-    name = x509.Name([x509.NameAttribute(NameOID.USER_ID, f"{index}:{handle}")])
+    name = x509.Name([x509.NameAttribute(NameOID.USER_ID, str(ValueRef(handle, index)))])
     now = _dt.datetime.now(_dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -118,7 +118,7 @@ class RestAdminClient(AdminOperations):
         self.node = node or base
         self._headers = {"Accept": "application/json"}
         if secret is not None:
-            user = quote(f"{index}:{handle}", safe="/").encode()
+            user = quote(str(ValueRef(handle, index)), safe="/").encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(user + b":" + secret).decode()
         self._tls: ssl.SSLContext | None = None
         self.certificate: bytes | None = None  # the client certificate (PEM) presented over https
@@ -135,7 +135,7 @@ class RestAdminClient(AdminOperations):
 
     @property
     def auth(self) -> str:
-        return f"{self.index}:{self.handle}"
+        return str(ValueRef(self.handle, self.index))
 
     async def __aenter__(self) -> RestAdminClient:
         return self

@@ -45,6 +45,7 @@ from proto.coap.numbers import ACK, CON, EMPTY_ACK_DELAY, EXCHANGE_LIFETIME, NON
 
 __all__ = [
     "Server",
+    "Received",
     "Request",
     "Duplicate",
     "Acknowledged",
@@ -61,11 +62,17 @@ DELEGATED = b""  # remembered for a request another layer answers
 
 
 @dataclass(slots=True)
-class Request:
-    """A request not seen before: answer, defer or delegate it."""
+class Received:
+    """What an event about a datagram from a peer carries: the datagram and the peer's address."""
 
     datagram: bytes
     addr: Hashable
+
+
+@dataclass(slots=True)
+class Request(Received):
+    """A request not seen before: answer, defer or delegate it."""
+
     mtype: int
     mid: int
     token: bytes
@@ -76,12 +83,16 @@ class Request:
 
 
 @dataclass(slots=True)
-class Duplicate:
+class Duplicate(Received):
     """A request seen before; ``answer`` is what went out (send it again), :data:`PENDING` or :data:`DELEGATED`."""
 
-    datagram: bytes
-    addr: Hashable
     answer: bytes
+
+
+@dataclass(slots=True)
+class Other(Received):
+    """Not for this layer: a response, an Empty message that acknowledges nothing of ours, a ping, a datagram
+    that is not CoAP version 1."""
 
 
 @dataclass(slots=True)
@@ -91,15 +102,6 @@ class Acknowledged:
     addr: Hashable
     mid: int
     reset: bool
-
-
-@dataclass(slots=True)
-class Other:
-    """Not for this layer: a response, an Empty message that acknowledges nothing of ours, a ping, a datagram
-    that is not CoAP version 1."""
-
-    datagram: bytes
-    addr: Hashable
 
 
 Event = Request | Duplicate | Acknowledged | Other

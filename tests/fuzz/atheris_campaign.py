@@ -25,7 +25,7 @@ with atheris.instrument_imports():
 
     from gateway import config as gwconfig
     from gateway.errors import UpstreamError
-    from gateway.frontends import coap_fast
+    from gateway.frontends import coap_table
     from gateway.upstream import native
     from proto import devicemsg, identifier
     from proto import handle as codec
@@ -99,7 +99,7 @@ def fuzz_config(data: bytes) -> None:
 def fuzz_coapfast(data: bytes) -> None:
     import aiocoap
 
-    got = coap_fast.classify(data)
+    got = coap_table.classify(data)
     if got is None:
         return
     try:

@@ -595,9 +595,9 @@ def fast_gets(draw: st.DrawFn) -> bytes:
 @fuzz_settings(150)
 @given(st.binary(max_size=40) | coap_messages() | mutated(VALID) | fast_gets() | fast_gets())
 def test_fuzz_fast_path_classify_agrees_with_aiocoap(data: bytes) -> None:
-    """gateway/frontends/coap_fast.classify never raises, and what it calls a fast-path request aiocoap parses
+    """gateway/frontends/coap_table.classify never raises, and what it calls a fast-path request aiocoap parses
     as the same GET /r/... (options without the ETags = the key, decoded the same way)."""
-    from gateway.frontends.coap_fast import classify
+    from gateway.frontends.coap_table import classify
 
     got = classify(data)
     if got is None:

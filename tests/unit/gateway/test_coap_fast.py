@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from gateway.cache import Cache
 from gateway.errors import AllUpstreamsFailed, UpstreamError
-from gateway.frontends import coap_fast, coap_socket
+from gateway.frontends import coap_socket, coap_table
 from gateway.frontends.coap import CoapFrontEnd
-from gateway.frontends.coap_fast import FastPath, classify
+from gateway.frontends.coap_fast import FastPath
+from gateway.frontends.coap_table import classify
 from gateway.frontends.common import json_etag
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -112,7 +113,7 @@ def _real_resolver(clock: Clock, up: FakeUpstream, zone: Zone | None = None) -> 
     return Resolver(
         config,
         pool=pool,
-        cache=Cache(config.cache_config(), clock=clock),
+        cache=Cache(config.cache, clock=clock),
         zone=Zone() if zone is None else zone,
         clock=clock,
     )
@@ -798,4 +799,4 @@ def test_junk_never_crashes_nor_gets_a_wrong_answer(threaded: ThreadedGateway, j
 
 
 def test_drain_limit_is_sane() -> None:
-    assert coap_socket.DRAIN_MAX >= 16 and coap_fast.MAX_PAYLOAD <= 1024
+    assert coap_socket.DRAIN_MAX >= 16 and coap_table.MAX_PAYLOAD <= 1024

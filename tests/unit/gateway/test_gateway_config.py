@@ -71,7 +71,7 @@ level = "DEBUG"
     assert cfg.log.level == "debug"
     rc = resolver_config(cfg)
     assert rc.upstreams == ["hdl://10.0.0.5:2641", "http://10.0.0.6:8000"]
-    assert rc.hedge_delay == 0.25 and rc.timeout == 3.0 and rc.cache_max_entries == 500
+    assert rc.hedge_delay == 0.25 and rc.timeout == 3.0 and rc.cache.max_entries == 500
     assert rc.data_dir is None  # persist = false: memory-only cache
     assert rc.zone_file == Path("/tmp/ida-data/zone.json")
 

@@ -16,8 +16,8 @@ import pytest
 from gateway.cache import Cache
 from gateway.frontends.mqtt import MqttFrontEnd
 from gateway.frontends.mqtt_link import DeviceLink
-from gateway.frontends.mqtt_session import Qos1Window
 from gateway.frontends.mqtt_table import request_key
+from gateway.frontends.mqtt_window import Qos1Window
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.registry import Registry
@@ -180,9 +180,7 @@ async def test_rate_limit_applies_to_hits(tmp_path: Path, mosquitto: Broker) -> 
 def _real_resolver(clock: Clock, zone: Zone) -> Resolver:
     config = ResolverConfig(upstreams=[], data_dir=None, persist=False)
     pool = UpstreamPool([("fake://0", FakeUpstream(list(sample_records().values())))])  # type: ignore[list-item]
-    return Resolver(
-        config, pool=pool, cache=Cache(config.cache_config(), clock=clock), zone=zone, clock=clock
-    )
+    return Resolver(config, pool=pool, cache=Cache(config.cache, clock=clock), zone=zone, clock=clock)
 
 
 async def test_with_the_resolver_cache_and_zone(tmp_path: Path, mosquitto: Broker) -> None:

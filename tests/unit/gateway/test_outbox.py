@@ -15,8 +15,9 @@ from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.broker import parse_url
-from gateway.outbox import DEFAULT_TOPIC, MqttSink, Outbox, WebhookSink, make_sink, report_payload
+from gateway.outbox import Outbox, report_payload
 from gateway.registry import Registry
+from gateway.sinks import DEFAULT_TOPIC, MqttSink, WebhookSink, make_sink
 from tests.support.brokers import Broker
 from tests.support.gwhelpers import eventually
 

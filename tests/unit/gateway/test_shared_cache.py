@@ -29,9 +29,11 @@ def gateway(
 ) -> tuple[Resolver, RedisSharedCache]:
     """One gateway's resolver: its own local (memory) cache, the shared Redis tier, the common upstream."""
     cfg = ResolverConfig(prefetch=False)
-    shared = RedisSharedCache(url, max_stale=cfg.max_stale, clock=clock, lock_wait=lock_wait, timeout=timeout)
+    shared = RedisSharedCache(
+        url, max_stale=cfg.cache.max_stale, clock=clock, lock_wait=lock_wait, timeout=timeout
+    )
     pool = UpstreamPool([("fake://up", up)])  # type: ignore[list-item]
-    r = Resolver(cfg, pool=pool, cache=Cache(cfg.cache_config(), clock=clock), clock=clock, shared=shared)
+    r = Resolver(cfg, pool=pool, cache=Cache(cfg.cache, clock=clock), clock=clock, shared=shared)
     return r, shared
 
 
@@ -94,7 +96,7 @@ async def test_gateways_share_answers_with_the_same_expiry(redis_server: RedisSe
         assert n2.expires_at == n1.expires_at
         # Redis keeps an answer for its remaining lifetime plus the stale window
         pttl = int(redis_server.cli("PTTL", redis_keys(cache_key(H))[0]))
-        expected_ms = (a1.expires_at - clock() + g1[0].config.max_stale) * 1000
+        expected_ms = (a1.expires_at - clock() + g1[0].config.cache.max_stale) * 1000
         assert abs(pttl - expected_ms) < 60_000, (pttl, expected_ms)
         assert g2[1].stats.hits == 2 and g1[1].stats.writes == 2 and g1[1].stats.locks == 2
     finally:

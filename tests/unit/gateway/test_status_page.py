@@ -23,11 +23,12 @@ from aiocoap.numbers.codes import Code
 from gateway import config as gwconfig
 from gateway import status
 from gateway.errors import AllUpstreamsFailed, UpstreamTimeout
-from gateway.outbox import Outbox, make_sink
+from gateway.outbox import Outbox
 from gateway.registry import Registry
 from gateway.resolution import resolve_noted
 from gateway.resolver import Resolver, ResolverConfig
 from gateway.service import Gateway
+from gateway.sinks import make_sink
 from proto import devicemsg
 from proto.identifier import IdentifierError
 from tests.support.gwhelpers import PUMP, FakeResolver, report_fields
