@@ -27,8 +27,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
+
+from tools.support.lifecycle import Closable
 
 __all__ = [
     "REPO",
@@ -148,7 +149,7 @@ def wait_port(
             time.sleep(0.02)
 
 
-class Process:
+class Process(Closable):
     """One child process; see the module docstring.
 
     ``env`` is the child's whole environment (default: ours), with ``PYTHONPATH`` set to the repository when
@@ -338,19 +339,12 @@ class Process:
             self.proc.wait(10)
 
     def close(self) -> None:
-        """Close the pipes this side holds (after :meth:`stop`)."""
+        """:meth:`stop` it (when it still runs), then close the pipes this side holds; what ``with`` does at the
+        end."""
+        self.stop()
         p = self.proc
         if p is not None:
             for stream in (p.stdin, p.stdout, p.stderr):
                 if stream is not None:
                     with contextlib.suppress(OSError):
                         stream.close()
-
-    def __enter__(self) -> Process:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        self.close()

@@ -3,18 +3,17 @@ exit codes (only there). The hints of the errors that have a standard one are th
 
 from __future__ import annotations
 
+from tools.errors import HintedError
 
-class FlashError(RuntimeError):
+
+class FlashError(HintedError):
     """Base of every error raised on purpose: not a bug. ``hint`` tells the operator what to do next: the one
     given, else the one :data:`HINTS` holds for the error's kind (or the nearest base class's)."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint if hint is not None else kind_hint(type(self))
+    hint_label = "hint: "
 
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text} (hint: {self.hint})" if self.hint else text
+    def default_hint(self) -> str:
+        return kind_hint(type(self))
 
 
 class BuildError(FlashError):
