@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict
 
 from tools.support.lifecycle import Closable
 
@@ -35,6 +35,7 @@ __all__ = [
     "REPO",
     "Process",
     "ProcessError",
+    "ProcessOptions",
     "die_with_parent",
     "free_port",
     "ida_command",
@@ -147,6 +148,17 @@ def wait_port(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"port {port} not accepting after {timeout:g} s") from None
             time.sleep(0.02)
+
+
+class ProcessOptions(TypedDict, total=False):
+    """The options of a :class:`Process` that a wrapper passes on as they are (``**options: Unpack[...]``)."""
+
+    env: Mapping[str, str] | None
+    cwd: Path | None
+    log: Path | None
+    stderr: bool
+    new_session: bool
+    error: type[Exception]
 
 
 class Process(Closable):
