@@ -7,5 +7,6 @@
 * ``mosquitto`` -- a throwaway Mosquitto: its config and its start.
 * ``lifecycle`` -- what ``with`` does, written once: ``Closable`` (closes at the end), ``Startable`` (starts,
   then stops).
+* ``tasks`` -- ``TaskSet``: the tasks an object runs beside its main work, cancelled together.
 * ``boards`` -- the board files (``boards/*.json``), validated against their schema.
 """

@@ -222,7 +222,7 @@ class FirmwareFleet(FleetBase):
             await asyncio.sleep(0.3)
         await self._status_within(1.5)  # one last status from everyone
         self.t_stop = time.monotonic()
-        await self._end_tasks()
+        await self.tasks.cancel()
         await self._kill_all()
         return self.snapshot()
 

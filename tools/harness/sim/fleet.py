@@ -4,14 +4,13 @@ CPU time they took, and the :class:`~tools.harness.sim.stats.SimResult` a snapsh
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tools.harness.sim.config import SimConfig
 from tools.harness.sim.stats import Counters, Histogram, SimResult
+from tools.support.tasks import TaskSet
 
 __all__ = ["FleetBase"]
 
@@ -30,25 +29,15 @@ class FleetBase:
         self.t_start = 0.0
         self.t_stop: float | None = None
         self._cpu0 = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()
 
     def _started(self) -> None:
         self.t_start = time.monotonic()
         self._cpu0 = time.process_time()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` as a task of the fleet (cancelled by :meth:`_end_tasks`)."""
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _end_tasks(self) -> None:
-        """Cancel the fleet's tasks and wait until each has ended."""
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        """Run ``coro`` as one of the fleet's ``tasks`` (cancelled when it stops)."""
+        self.tasks.spawn(coro)
 
     def _result(self, counters: Counters, devices: int, pending: int, online: int) -> SimResult:
         """A snapshot: these figures, with the run's mode, transport, duration and CPU time so far."""

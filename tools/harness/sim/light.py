@@ -102,7 +102,7 @@ class LightFleet(Reporting, Resolving):
             for h in (d.retry_timer, d.report_timer, d.resolve_timer):
                 if h is not None:
                     h.cancel()
-        await self._end_tasks()
+        await self.tasks.cancel()
         if self.coap is not None:
             self.coap.close()
         if self.mqtt is not None:
@@ -160,12 +160,11 @@ class LightFleet(Reporting, Resolving):
     def _set_interval(self, d: Device, interval: float) -> None:
         """As the firmware: a shorter interval brings the next report forward, a longer one applies after it."""
         d.interval = interval
-        assert self._loop is not None
-        t = self._loop.time() + interval
+        t = self.loop.time() + interval
         if t < d.next_due and d.next_timer is not None and not self.stopping:
             d.next_timer.cancel()
             d.next_due = t
-            d.next_timer = self._loop.call_at(t, self._report_due, d)
+            d.next_timer = self.loop.call_at(t, self._report_due, d)
 
     # -- MQTT connections (light_mqtt.Host) ---------------------------------------------------------------------
     def ready(self, d: Device) -> None:

@@ -41,3 +41,9 @@ class LightBase(FleetBase):
         self.closed = False
         self.resolving = 0  # resolves waiting for an answer
         self._token = self.rng.randrange(0x100000000)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the fleet runs on, once started."""
+        assert self._loop is not None, "the fleet is not started"
+        return self._loop

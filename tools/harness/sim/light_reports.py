@@ -34,13 +34,11 @@ TOO_MANY = Code.TOO_MANY_REQUESTS
 class Reporting(LightBase):
     """The report exchanges of the light fleet: made on schedule (:meth:`_report_due`), sent, answered."""
 
-    # -- reports ------------------------------------------------------------------------------------------
     def _report_due(self, d: Device) -> None:
         if self.stopping:
             return
-        assert self._loop is not None
         d.next_due += d.interval
-        d.next_timer = self._loop.call_at(d.next_due, self._report_due, d)
+        d.next_timer = self.loop.call_at(d.next_due, self._report_due, d)
         self._make(d)
 
     def _make(self, d: Device) -> None:
@@ -66,9 +64,8 @@ class Reporting(LightBase):
                 or not conn.publish(devicemsg.topic(d.ident, "rpt"), rep.payload, qos=1)
             ):
                 return  # offline: stays queued until the connection is back
-            assert self._loop is not None
             d.report_t0 = perf()
-            d.report_timer = self._loop.call_later(MQTT_REPORT_TIMEOUT, self._mqtt_report_timeout, d, rep)
+            d.report_timer = self.loop.call_later(MQTT_REPORT_TIMEOUT, self._mqtt_report_timeout, d, rep)
         d.inflight = rep
         if rep.sends:
             self.counters.retried += 1
@@ -95,11 +92,10 @@ class Reporting(LightBase):
         d.inflight = None
         if self.closed:
             return
-        assert self._loop is not None
         if wait is not None:
-            d.retry_timer = self._loop.call_later(wait * self.rng.uniform(1.0, 1.25), self._retry, d)
+            d.retry_timer = self.loop.call_later(wait * self.rng.uniform(1.0, 1.25), self._retry, d)
             return
-        d.retry_timer = self._loop.call_later(d.backoff * self.rng.uniform(1.0, 1.25), self._retry, d)
+        d.retry_timer = self.loop.call_later(d.backoff * self.rng.uniform(1.0, 1.25), self._retry, d)
         d.backoff = min(d.backoff * 2, devices.RETRY_MAX)
 
     def _retry(self, d: Device) -> None:

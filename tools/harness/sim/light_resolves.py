@@ -32,9 +32,8 @@ class Resolving(LightBase):
     def _resolve_due(self, d: Device) -> None:
         if self.stopping:
             return
-        assert self._loop is not None
         d.resolve_due += self.cfg.resolve_every
-        d.resolve_timer_next = self._loop.call_at(d.resolve_due, self._resolve_due, d)
+        d.resolve_timer_next = self.loop.call_at(d.resolve_due, self._resolve_due, d)
         if d.resolve_token is not None:
             return  # the previous one is still waiting
         conn = d.conn
@@ -63,7 +62,7 @@ class Resolving(LightBase):
         if not conn.publish(devicemsg.topic(d.ident, "req"), devicemsg.encode("resolve_request", fields)):
             self._resolved(d, target, devicemsg.INTERNAL, None, 0.0)
             return
-        d.resolve_timer = self._loop.call_later(MQTT_RESOLVE_TIMEOUT, self._mqtt_resolve_timeout, d)
+        d.resolve_timer = self.loop.call_later(MQTT_RESOLVE_TIMEOUT, self._mqtt_resolve_timeout, d)
 
     def _resolved(self, d: Device, target: str, code: int, etag: bytes | None, ms: float) -> None:
         """``code`` in docs/protocol.md terms (1, 203, 100, 200, errors; -1 = no answer)."""
