@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 from proto import devicemsg
 from tools.harness.sim.coap import CoapClient
 from tools.harness.sim.config import SimError, parse_url
-from tools.harness.sim.devices import BOARD, FW, Device, next_boot
+from tools.harness.sim.devices import BOARD, FW, Device, Schedule, next_boot
 from tools.harness.sim.light_mqtt import MqttLinks
 from tools.harness.sim.light_reports import Reporting
 from tools.harness.sim.light_resolves import Resolving
@@ -69,11 +70,11 @@ class LightFleet(Reporting, Resolving):
         now = loop.time()
         n = len(self.devices)
         for d in self.devices:
-            d.next_due = now + (d.n + self.rng.random()) / n * cfg.interval
-            d.next_timer = loop.call_at(d.next_due, self._report_due, d)
+            first = now + (d.n + self.rng.random()) / n * cfg.interval
+            d.report_schedule = Schedule(loop, partial(self._make, d), cfg.interval, first)
             if cfg.resolve_every > 0:
-                d.resolve_due = now + (d.n + self.rng.random()) / n * cfg.resolve_every
-                d.resolve_timer_next = loop.call_at(d.resolve_due, self._resolve_due, d)
+                first = now + (d.n + self.rng.random()) / n * cfg.resolve_every
+                d.resolve_schedule = Schedule(loop, partial(self._resolve, d), cfg.resolve_every, first)
         shared = self.mqtt is not None and self.mqtt.shared
         self.log(
             f"light fleet: {n} devices ({len(coap_devs)} coap, {len(mqtt_devs)} mqtt"
@@ -89,10 +90,9 @@ class LightFleet(Reporting, Resolving):
         drain = self.cfg.drain if drain is None else drain
         self.stopping = True
         for d in self.devices:
-            for h in (d.next_timer, d.resolve_timer_next):
-                if h is not None:
-                    h.cancel()
-            d.next_timer = d.resolve_timer_next = None
+            for s in (d.report_schedule, d.resolve_schedule):
+                if s is not None:
+                    s.cancel()
         deadline = time.monotonic() + drain
         while (self.pending or self.resolving) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -149,22 +149,14 @@ class LightFleet(Reporting, Resolving):
             code, msg = devicemsg.BAD_REQUEST, str(e)
             fields = {}
         if code == devicemsg.OK and "interval" in fields:
-            self._set_interval(d, float(fields["interval"]))
+            if d.report_schedule is not None and not self.stopping:
+                d.report_schedule.set_period(float(fields["interval"]))
         self.counters.configs += code == devicemsg.OK
         ack: dict[str, Any] = {"id": d.ident, "cfgver": ver, "code": code}
         if msg:
             ack["msg"] = msg[:120]
         if d.conn is not None:
             d.conn.publish(devicemsg.topic(d.ident, "cfgack"), devicemsg.encode("config_ack", ack), qos=1)
-
-    def _set_interval(self, d: Device, interval: float) -> None:
-        """As the firmware: a shorter interval brings the next report forward, a longer one applies after it."""
-        d.interval = interval
-        t = self.loop.time() + interval
-        if t < d.next_due and d.next_timer is not None and not self.stopping:
-            d.next_timer.cancel()
-            d.next_due = t
-            d.next_timer = self.loop.call_at(t, self._report_due, d)
 
     # -- MQTT connections (light_mqtt.Host) ---------------------------------------------------------------------
     def ready(self, d: Device) -> None:

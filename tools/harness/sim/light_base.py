@@ -31,8 +31,7 @@ class LightBase(FleetBase):
         self.ack_ms = Histogram()
         self.window_ms = Histogram()
         self.devices = [
-            Device(n, cfg.identifier(n), cfg.transport_of(n), cfg.interval, self.rng)
-            for n in range(cfg.devices)
+            Device(n, cfg.identifier(n), cfg.transport_of(n), self.rng) for n in range(cfg.devices)
         ]
         self.boot = 0
         self.coap: CoapClient | None = None

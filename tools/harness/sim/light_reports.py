@@ -32,16 +32,10 @@ TOO_MANY = Code.TOO_MANY_REQUESTS
 
 
 class Reporting(LightBase):
-    """The report exchanges of the light fleet: made on schedule (:meth:`_report_due`), sent, answered."""
-
-    def _report_due(self, d: Device) -> None:
-        if self.stopping:
-            return
-        d.next_due += d.interval
-        d.next_timer = self.loop.call_at(d.next_due, self._report_due, d)
-        self._make(d)
+    """The report exchanges of the light fleet: made on schedule (:meth:`_make`), sent, answered."""
 
     def _make(self, d: Device) -> None:
+        """The report of ``d``'s schedule: queued, and sent unless one is in flight."""
         if d.queue_report(self.boot, int(time.monotonic() - self.t_start), self.cfg.queue_cap):
             self.counters.dropped += 1
         self.counters.made += 1

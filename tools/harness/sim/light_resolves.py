@@ -27,13 +27,10 @@ NOT_FOUND = Code.NOT_FOUND
 
 
 class Resolving(LightBase):
-    """The resolve exchanges of the light fleet: asked on schedule (:meth:`_resolve_due`), answered or timed out."""
+    """The resolve exchanges of the light fleet: asked on schedule (:meth:`_resolve`), answered or timed out."""
 
-    def _resolve_due(self, d: Device) -> None:
-        if self.stopping:
-            return
-        d.resolve_due += self.cfg.resolve_every
-        d.resolve_timer_next = self.loop.call_at(d.resolve_due, self._resolve_due, d)
+    def _resolve(self, d: Device) -> None:
+        """The resolve of ``d``'s schedule, unless the previous one is still waiting or ``d`` is offline."""
         if d.resolve_token is not None:
             return  # the previous one is still waiting
         conn = d.conn
