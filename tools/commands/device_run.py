@@ -48,6 +48,7 @@ from typing import TextIO
 
 from proto import devicemsg
 from proto import identifier as gwident
+from tools.cliargs import namesakes
 from tools.errors import CliError
 
 __all__ = [
@@ -453,15 +454,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot create {data_dir}: {e.strerror or e}", 1) from None
     with _lock(data_dir):  # before provisioning: never rewrite the identity under a running device
-        p = prepare(
-            ident,
-            data_dir,
-            gateway=args.gateway,
-            broker=args.broker,
-            transport=args.transport,
-            board=args.board,
-            force=args.force,
-        )
+        p = prepare(ident, data_dir, **namesakes(args, "gateway", "broker", "transport", "board", "force"))
         env = device_env(
             data_dir.resolve(),
             uid=uid or uid_from_identifier(p.identifier),

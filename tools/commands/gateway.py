@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway import config as gwconfig
 from gateway.logfmt import configure
+from tools.cliargs import namesakes
 from tools.errors import CliError
 
 
@@ -50,15 +51,8 @@ def load_config(args: argparse.Namespace) -> gwconfig.GatewayConfig:
     """The config file plus the flags; CliError (exit 2) naming the key or flag when something is wrong."""
     try:
         cfg = gwconfig.load(Path(args.config) if args.config else None)
-        return gwconfig.with_overrides(
-            cfg,
-            upstream=args.upstream,
-            coap=args.coap,
-            http=args.http,
-            mqtt=args.mqtt,
-            data_dir=args.data_dir,
-            log_level=args.log_level,
-        )
+        flags = namesakes(args, "upstream", "coap", "http", "mqtt", "data_dir", "log_level")
+        return gwconfig.with_overrides(cfg, **flags)
     except gwconfig.ConfigError as e:
         raise CliError(f"ConfigError: {e}") from None
 

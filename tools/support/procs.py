@@ -27,13 +27,15 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypedDict
+
+from tools.support.lifecycle import Closable
 
 __all__ = [
     "REPO",
     "Process",
     "ProcessError",
+    "ProcessOptions",
     "die_with_parent",
     "free_port",
     "ida_command",
@@ -148,7 +150,18 @@ def wait_port(
             time.sleep(0.02)
 
 
-class Process:
+class ProcessOptions(TypedDict, total=False):
+    """The options of a :class:`Process` that a wrapper passes on as they are (``**options: Unpack[...]``)."""
+
+    env: Mapping[str, str] | None
+    cwd: Path | None
+    log: Path | None
+    stderr: bool
+    new_session: bool
+    error: type[Exception]
+
+
+class Process(Closable):
     """One child process; see the module docstring.
 
     ``env`` is the child's whole environment (default: ours), with ``PYTHONPATH`` set to the repository when
@@ -338,19 +351,12 @@ class Process:
             self.proc.wait(10)
 
     def close(self) -> None:
-        """Close the pipes this side holds (after :meth:`stop`)."""
+        """:meth:`stop` it (when it still runs), then close the pipes this side holds; what ``with`` does at the
+        end."""
+        self.stop()
         p = self.proc
         if p is not None:
             for stream in (p.stdin, p.stdout, p.stderr):
                 if stream is not None:
                     with contextlib.suppress(OSError):
                         stream.close()
-
-    def __enter__(self) -> Process:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        self.close()

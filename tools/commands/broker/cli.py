@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from tools.cliargs import namesakes
 from tools.errors import CliError
 
 from .errors import BrokerConfigError
@@ -72,20 +73,18 @@ def run(args: argparse.Namespace) -> int:
             raise BrokerConfigError("--tls-cert, --tls-key and --ca go together")
         tls = TlsFiles(*tls_args) if all(tls_args) else None
         data = Path(args.data_dir or os.environ.get("IDA_DATA") or "data")
+        listeners = namesakes(
+            args, "port", "bind", "service_port", "service_bind", "broker_host", "plain_port"
+        )
         res = generate(
             data,
             args.out,
             tls=tls,
-            port=args.port,
-            bind=args.bind,
-            service_port=args.service_port,
-            service_bind=args.service_bind,
-            broker_host=args.broker_host,
-            plain_port=args.plain_port,
             gateways=args.gateway or (DEFAULT_GATEWAY,),
             outbox_topics=args.outbox_topic,
             acl_mode=args.acl,
             keystore=args.keystore,
+            **listeners,
         )
     except BrokerConfigError as e:
         raise CliError(str(e)) from None

@@ -9,9 +9,15 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BrokerConfigError
 from .files import write_file
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 __all__ = ["TlsFiles", "make_certs"]
 
@@ -56,7 +62,7 @@ def make_certs(out: Path, hosts: Sequence[str], days: int = 825) -> TlsFiles:
     """A private CA (``ca.crt``, ``ca.key``) and a server certificate for ``hosts`` (DNS names or IP addresses,
     in the subjectAltName) signed by it (``server.crt``, ``server.key``). Keys are written 0600."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -68,46 +74,28 @@ def make_certs(out: Path, hosts: Sequence[str], days: int = 825) -> TlsFiles:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    now = _dt.datetime.now(_dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ida broker CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=max(days, 3650)))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+    usage = _key_usage("digital_signature", "key_cert_sign", "crl_sign")  # a CA's key signs, nothing else
+    ca = _signed(
+        ca_name,
+        ca_key.public_key(),
+        ca_name,
+        ca_key,
+        max(days, 3650),
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)],
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5))
-        .not_valid_after(now + _dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    cert = _signed(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
+        key.public_key(),
+        ca_name,
+        ca_key,
+        days,
+        [
+            (x509.SubjectAlternativeName(sans), False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
     )
     out.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
@@ -118,3 +106,39 @@ def make_certs(out: Path, hosts: Sequence[str], days: int = 825) -> TlsFiles:
     write_file(files.ca, ca.public_bytes(pem), 0o644)
     write_file(files.cert, cert.public_bytes(pem), 0o644)
     return files
+
+
+def _signed(
+    subject: x509.Name,
+    public_key: CertificateIssuerPublicKeyTypes,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    days: int,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """A certificate for ``subject``'s ``public_key``, signed by ``issuer_key`` (SHA-256), valid from five minutes
+    ago (clock skew) for ``days`` days, with ``extensions`` (each with whether it is critical)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = _dt.datetime.now(_dt.UTC)
+    builder = x509.CertificateBuilder(
+        issuer_name=issuer,
+        subject_name=subject,
+        public_key=public_key,
+        serial_number=x509.random_serial_number(),
+        not_valid_before=now - _dt.timedelta(minutes=5),
+        not_valid_after=now + _dt.timedelta(days=days),
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    """A KeyUsage extension that allows ``allowed`` (its argument names: ``key_cert_sign``...) and nothing else."""
+    import inspect
+
+    from cryptography import x509
+
+    return x509.KeyUsage(**{name: name in allowed for name in inspect.signature(x509.KeyUsage).parameters})

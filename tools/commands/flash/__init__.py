@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from .batch import Summary, espressif_ports, run_batch
 from .builder import Build, Manifest, RuntimeInfo, build, inspect_runtime, load_build
-from .ca import CaCert, CaError, load_ca
+from .ca import CaCert, load_ca
 from .errors import (
     BuildError,
+    CaError,
     ConsoleTimeout,
     FlashError,
     FlashTooSmall,

@@ -19,14 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FlashError
+from .errors import CaError
 from .identity import CA_PATH
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.S)
-
-
-class CaError(FlashError):
-    hint = "give the CA certificate that issued the broker's certificate (PEM or DER), e.g. tls/ca.crt"
 
 
 @dataclass(frozen=True)

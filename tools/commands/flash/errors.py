@@ -1,26 +1,35 @@
 """Typed errors of ``ida flash``, by who is at fault. Each carries a hint for the operator; the CLI maps them to
-exit codes (only there)."""
+exit codes (only there). The hints of the errors that have a standard one are the table :data:`HINTS`."""
 
 from __future__ import annotations
 
+from tools.errors import HintedError
 
-class FlashError(RuntimeError):
-    """Base of every error raised on purpose: not a bug. ``hint`` tells the operator what to do next."""
 
-    hint = ""
+class FlashError(HintedError):
+    """Base of every error raised on purpose: not a bug. ``hint`` tells the operator what to do next: the one
+    given, else the one :data:`HINTS` holds for the error's kind (or the nearest base class's)."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        if hint is not None:
-            self.hint = hint
+    hint_label = "hint: "
 
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text} (hint: {self.hint})" if self.hint else text
+    def default_hint(self) -> str:
+        return kind_hint(type(self))
 
 
 class BuildError(FlashError):
     """The firmware does not compile, a file does not fit, a runtime image is not usable for the board."""
+
+
+class RuntimeMissing(FlashError):
+    """No MicroPython image was given for a chip that needs one."""
+
+
+class CaError(FlashError):
+    """The broker's CA certificate given for the image is not usable."""
+
+
+class KeystoreError(FlashError):
+    """The keystore file cannot be read, parsed or written."""
 
 
 # --- the station and the chip ---------------------------------------------------------------------------
@@ -35,23 +44,19 @@ class PortError(FlashError):
 
 
 class PortBusy(PortError):
-    hint = "another program (a console, a second station, ModemManager) has the port open; close it"
+    """Another program has the port open."""
 
 
 class PortMissing(PortError):
-    hint = "check the port name and the USB cable"
+    """There is no such serial port."""
 
 
 class NoChip(PortError):
-    hint = (
-        "the port opens but no ESP ROM bootloader answers: check power, cable, and hold BOOT while resetting"
-    )
+    """The port opens but no ESP ROM bootloader answers on it."""
 
 
 class WrongChip(FlashError):
     """The chip on the port is not the one the board file describes."""
-
-    hint = "pick the --board that matches the chip (`ida flash boards`), or put the right board on the jig"
 
     def __init__(self, found: str, expected: str, board: str) -> None:
         super().__init__(f"chip on the port is {found}, but board {board!r} needs {expected}")
@@ -61,19 +66,15 @@ class WrongChip(FlashError):
 
 
 class FlashTooSmall(FlashError):
-    hint = "this module has less flash than the board file describes; use the matching board file"
+    """The chip has less flash than the board file describes."""
 
 
 class WriteFailed(FlashError):
-    hint = "re-seat the chip and flash it again: the ledger keeps its identifier bound to its MAC"
+    """A write to the chip's flash did not complete."""
 
 
 class VerifyFailed(FlashError):
     """What was read back from the chip differs from what was written."""
-
-    hint = (
-        "flash it again; if it fails twice the flash chip is faulty (the identifier stays bound to this MAC)"
-    )
 
     def __init__(self, mismatches: list[tuple[int, int]]) -> None:
         where = ", ".join(f"0x{o:x}+0x{s:x}" for o, s in mismatches)
@@ -81,12 +82,8 @@ class VerifyFailed(FlashError):
         self.mismatches = mismatches
 
 
-class RuntimeMissing(FlashError):
-    hint = "give the MicroPython image for this chip with --runtime PATH (it is never downloaded)"
-
-
 class ConsoleTimeout(FlashError):
-    hint = "the chip was flashed and verified; check the console with `ida console`"
+    """The flashed chip's console did not answer in time."""
 
 
 # --- the ledger ------------------------------------------------------------------------------------------
@@ -97,8 +94,31 @@ class LedgerError(FlashError):
 
 
 class PoolExhausted(LedgerError):
-    hint = "add identifiers: `ida flash pool add ...`"
+    """No free identifier is left in the pools."""
 
 
 class IdentifierConflict(LedgerError):
     """An identifier already bound to another MAC, or a MAC already bound to another identifier."""
+
+
+# --- the operator's next step, by kind of error ----------------------------------------------------------
+
+HINTS: dict[type[FlashError], str] = {
+    RuntimeMissing: "give the MicroPython image for this chip with --runtime PATH (it is never downloaded)",
+    CaError: "give the CA certificate that issued the broker's certificate (PEM or DER), e.g. tls/ca.crt",
+    KeystoreError: "the keystore file is damaged or not readable by this user; restore it from the station's backup",
+    PortBusy: "another program (a console, a second station, ModemManager) has the port open; close it",
+    PortMissing: "check the port name and the USB cable",
+    NoChip: "the port opens but no ESP ROM bootloader answers: check power, cable, and hold BOOT while resetting",
+    WrongChip: "pick the --board that matches the chip (`ida flash boards`), or put the right board on the jig",
+    FlashTooSmall: "this module has less flash than the board file describes; use the matching board file",
+    WriteFailed: "re-seat the chip and flash it again: the ledger keeps its identifier bound to its MAC",
+    VerifyFailed: "flash it again; if it fails twice the flash chip is faulty (the identifier stays bound to this MAC)",
+    ConsoleTimeout: "the chip was flashed and verified; check the console with `ida console`",
+    PoolExhausted: "add identifiers: `ida flash pool add ...`",
+}
+
+
+def kind_hint(kind: type[FlashError]) -> str:
+    """The hint of an error class: its own in :data:`HINTS`, else its nearest base class's, else ``""``."""
+    return next((HINTS[k] for k in kind.__mro__ if k in HINTS), "")

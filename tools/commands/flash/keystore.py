@@ -27,7 +27,7 @@ from pathlib import Path
 
 from proto import identifier as ident
 
-from .errors import FlashError
+from .errors import KeystoreError
 from .identity import KEY_BYTES, key_fingerprint, new_key
 
 try:
@@ -37,10 +37,6 @@ except ImportError:  # pragma: no cover - not POSIX
 
 FILENAME = "keystore.json"
 FORMAT = 1
-
-
-class KeystoreError(FlashError):
-    hint = "the keystore file is damaged or not readable by this user; restore it from the station's backup"
 
 
 class Keystore:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from proto import identifier as ident
+from tools.support.lifecycle import Closable
 
 from .errors import IdentifierConflict, LedgerError, PoolExhausted
 
@@ -221,15 +222,31 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
-class Ledger:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+class LedgerFile(Closable):
+    """A connection to a ledger file (WAL, ``synchronous=FULL``, writers wait up to ``BUSY_TIMEOUT_S``): what
+    :class:`Ledger` and the registration queue (``regqueue.py``) each hold, closed by ``with`` or :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, check_same_thread: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=check_same_thread
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
+
+
+class Ledger(LedgerFile):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
         with self._tx():
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
@@ -243,18 +260,6 @@ class Ledger:
     @classmethod
     def in_dir(cls, data_dir: str | os.PathLike[str]) -> Ledger:
         return cls(Path(data_dir) / FILENAME)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
 
     # -- pool ------------------------------------------------------------------------------------------------
     def add_pool(self, identifiers: Iterable[str], pool: str) -> tuple[int, int]:
@@ -367,9 +372,7 @@ class Ledger:
         h = ident.normalise(identifier)
         c = checksums or Checksums()
         with self._tx() as db:
-            row = db.execute("SELECT * FROM devices WHERE fold = ?", (fold(h),)).fetchone()
-            if row is None:
-                raise LedgerError(f"{h} is not bound to any chip")
+            row = _bound(db, h)
             h = row["identifier"]
             sets = {"state": result, "updated": _now(), "detail": detail}
             sets.update({k: v for k, v in vars(c).items() if v is not None})
@@ -390,9 +393,7 @@ class Ledger:
         """Give an identifier back to its pool (e.g. its chip was scrapped). Refused for a verified device."""
         h = ident.normalise(identifier)
         with self._tx() as db:
-            row = db.execute("SELECT * FROM devices WHERE fold = ?", (fold(h),)).fetchone()
-            if row is None:
-                raise LedgerError(f"{h} is not bound to any chip")
+            row = _bound(db, h)
             h = row["identifier"]
             if row["state"] == "verified":
                 raise LedgerError(
@@ -479,6 +480,16 @@ class Ledger:
                 detail,
             ),
         )
+
+
+def _bound(db: sqlite3.Connection, identifier: str) -> sqlite3.Row:
+    """The devices row of ``identifier`` (normalised), in any letter case; LedgerError when no chip has it."""
+    row: sqlite3.Row | None = db.execute(
+        "SELECT * FROM devices WHERE fold = ?", (fold(identifier),)
+    ).fetchone()
+    if row is None:
+        raise LedgerError(f"{identifier} is not bound to any chip")
+    return row
 
 
 def _device(row: sqlite3.Row | None) -> Device | None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tools.cliargs import namesakes
 from tools.errors import CliError
 
 from .errors import FlashError
@@ -92,16 +93,10 @@ def _copy(src: str | None, data_dir: Path, name: str) -> str | None:
 def _setup(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     cfg = UpstreamConfig(
-        upstream=args.upstream,
-        auth=args.auth,
         key=_copy(args.key, data_dir, "registration-key.bin"),
-        passphrase_env=args.passphrase_env,
-        secret_env=args.secret_env,
         tls_ca=_copy(args.tls_ca, data_dir, "registration-ca.pem"),
-        url=args.url,
-        admin=args.admin,
         values=tuple(v.strip().upper() for v in args.values.split(",") if v.strip()),
-        timeout=args.timeout,
+        **namesakes(args, "upstream", "auth", "passphrase_env", "secret_env", "url", "admin", "timeout"),
     ).check()
     cfg.client(data_dir)  # the key opens (and the passphrase is right) before the file is written
     path = cfg.save(data_dir)

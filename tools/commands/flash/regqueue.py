@@ -26,14 +26,13 @@ import socket
 import sqlite3
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from proto.records import HandleValue
 
-from .ledger import BUSY_TIMEOUT_S, FILENAME, Device, Ledger, _now, fold, transaction
+from .ledger import FILENAME, Device, Ledger, LedgerFile, _now, fold
 
 __all__ = ["Job", "LEASE_S", "RegistrationQueue", "enqueue_in", "owner_id"]
 
@@ -109,36 +108,18 @@ class Job:
     upstream: str
 
 
-class RegistrationQueue:
+class RegistrationQueue(LedgerFile):
     """The registrations of one ledger file (its own connection; safe next to a :class:`Ledger` on the same file,
     in this or another process)."""
 
     def __init__(self, path: str | os.PathLike[str], owner: str | None = None) -> None:
-        self.path = Path(path)
-        Ledger(self.path).close()  # the schema, made or upgraded
+        Ledger(path).close()  # the schema, made or upgraded
+        super().__init__(path, check_same_thread=False)
         self.owner = owner or owner_id()
-        self._db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
 
     @classmethod
     def in_dir(cls, data_dir: str | os.PathLike[str], owner: str | None = None) -> RegistrationQueue:
         return cls(Path(data_dir) / FILENAME, owner)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> RegistrationQueue:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
 
     # -- the worker's side ------------------------------------------------------------------------------
     def claim(self, limit: int = CLAIM, now: float | None = None) -> list[Job]:

@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from tools.errors import CliError
 from tools.harness.demo.devices import DemoFleet
@@ -23,6 +22,7 @@ from tools.harness.demo.narration import Narrator
 from tools.harness.demo.services import Services, leftover_processes
 from tools.harness.demo.settings import NODE_LATENCY_MS, STOP_WATCHDOG_S
 from tools.harness.demo.story import Story
+from tools.support.tasks import TaskSet
 
 __all__ = ["Demo", "add_arguments", "run"]
 
@@ -96,21 +96,20 @@ class Demo:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        tasks: list[asyncio.Task[Any]] = []
+        tasks = TaskSet()
         try:
             self.services.start()  # blocking, bounded by START_TIMEOUT per component; a signal waits for it
             if self.stop_event.is_set():
                 return
-            tasks.append(asyncio.ensure_future(self.watch_services()))
+            tasks.spawn(self.watch_services())
             s = self.services
             self.gateway = GatewayApi(s.http_port)
             self.fleet = DemoFleet(
                 self.workdir, self.say, self.fail, coap_port=s.coap_port, broker_port=s.broker_port
             )
             await self.fleet.start()
-            tasks.append(asyncio.ensure_future(self.fleet.status_loop()))
-            story = asyncio.ensure_future(Story(self.fleet, self.gateway, self.say).tell())
-            tasks.append(story)
+            tasks.spawn(self.fleet.status_loop())
+            story = tasks.spawn(Story(self.fleet, self.gateway, self.say).tell())
             if self.seconds is not None:
                 left: float | None = self.seconds - self.n.elapsed()
                 self.say(f"running for {self.seconds:g} s in all (DEMO_SECONDS); Ctrl-C stops it earlier")
@@ -129,11 +128,7 @@ class Demo:
             if self.failure is None:
                 self.say(await self.gateway.summary(final=True))
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await tasks.cancel()
             self.say("stopping in reverse order: devices, gateway, recursive node, broker")
             # every step of the stop is bounded; should one still hang, say where (stderr) and exit, not hang
             faulthandler.dump_traceback_later(STOP_WATCHDOG_S, exit=True)

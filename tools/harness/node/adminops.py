@@ -44,7 +44,7 @@ from proto.handle.numbers import (
     AdminPerm,
     OpCode,
 )
-from proto.records import AdminRef, HandleValue, Record, RecordFormatError
+from proto.records import AdminRef, HandleValue, Record, RecordFormatError, parse_value_ref
 from tools.harness.node.store import RecordStore
 
 __all__ = ["AdminOps", "Identity", "OP_NAMES", "Refusal", "install_admin"]
@@ -69,6 +69,12 @@ class Identity:
 
     handle: str
     index: int
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """``"300:0.NA/88.123.99"`` (as HANDLE.NET writes an administrator); RecordFormatError otherwise."""
+        handle, index = parse_value_ref(text)
+        return cls(handle, index)
 
     def __str__(self) -> str:
         return f"{self.index}:{self.handle}"

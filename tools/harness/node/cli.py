@@ -17,7 +17,8 @@ import sys
 
 from proto.handle.keys import KeyFileError, load_public_key
 from proto.handle.numbers import AUTH_PUBKEY, AUTH_SECKEY, DEFAULT_PORT
-from proto.records import RecordFormatError, parse_value_ref
+from proto.records import RecordFormatError
+from tools.cliargs import namesakes
 from tools.errors import CliError
 from tools.harness.node.adminops import Identity, install_admin
 from tools.harness.node.faults import FAILURE_MODES, Knobs
@@ -123,7 +124,7 @@ def build_node(args: argparse.Namespace) -> NodeServer:
     if handle is None and http is None:
         raise CliError("--handle and --http are both off: nothing to serve")
     try:
-        same = {name: getattr(args, name) for name in _KNOB_OPTIONS}
+        same = namesakes(args, *_KNOB_OPTIONS)
         knobs = Knobs(latency=args.latency / 1000.0, jitter=args.jitter / 1000.0, **same)
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -148,10 +149,10 @@ def _admin_option(text: str, flag: str) -> tuple[Identity, str]:
     try:
         if not sep or not rest:
             raise RecordFormatError(f"{text!r} is not INDEX:HANDLE=...")
-        handle, index = parse_value_ref(ref)
+        who = Identity.parse(ref)
     except RecordFormatError as e:
         raise CliError(f"{flag}: {e}") from None
-    return Identity(handle, index), rest
+    return who, rest
 
 
 def install_admins(node: NodeServer, args: argparse.Namespace) -> None:

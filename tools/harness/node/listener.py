@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.logfmt import kv
@@ -28,6 +27,7 @@ from proto.handle.numbers import ENVELOPE_SIZE, MAX_UDP_MESSAGE_SIZE, RC_ERROR, 
 from tools.harness.node.address import Address, NodeError, format_hostport, resolve_host
 from tools.harness.node.faults import Fault
 from tools.harness.node.native import Incoming, NotARequest, Outgoing, answer, error_answer, read_request
+from tools.support.tasks import TaskSet
 
 if TYPE_CHECKING:
     from tools.harness.node.server import NodeServer
@@ -62,7 +62,7 @@ class NativeListener:
         self.address: Address | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._partials: dict[tuple[Any, int], tuple[Reassembler, float]] = {}
         self._stopping = False
 
@@ -100,18 +100,10 @@ class NativeListener:
             self._udp = None
         if self._tcp is not None:
             self._tcp.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         if self._tcp is not None:
             await self._tcp.wait_closed()
             self._tcp = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _outcome(self, incoming: Incoming, fault: Fault) -> Outgoing | None:
         """The answer after the fault dice: None = dropped (counted)."""
@@ -172,7 +164,7 @@ class NativeListener:
             return
         fault, delay = node.decide()
         if delay > 0:
-            self._spawn(self._udp_answer_later(delay, incoming, fault, addr, t0))
+            self._tasks.spawn(self._udp_answer_later(delay, incoming, fault, addr, t0))
         else:
             self._udp_answer(incoming, fault, addr, t0)
 
@@ -211,7 +203,7 @@ class NativeListener:
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
+            self._tasks.add(task)  # stop() cancels it
         peer = writer.get_extra_info("peername")
         framer = StreamFramer()
         try:
@@ -233,8 +225,6 @@ class NativeListener:
         except asyncio.CancelledError:  # stop(): end quietly (Python 3.11's stream callback logs a re-raise)
             return
         finally:
-            if task is not None:
-                self._tasks.discard(task)
             writer.close()
 
     async def _tcp_answer(self, frame: bytes, writer: asyncio.StreamWriter, peer: Any) -> bool:

@@ -31,7 +31,7 @@ from proto.handle.numbers import (
     RC_SUCCESS,
     OpCode,
 )
-from proto.records import HandleValue, RecordFormatError, parse_value_ref
+from proto.records import HandleValue, RecordFormatError
 from tools.harness.node.adminops import OP_NAMES, Identity, Refusal
 
 if TYPE_CHECKING:
@@ -69,10 +69,9 @@ def _who(header: str | None) -> tuple[Identity, bytes] | None:
     if not sep:
         return None
     try:
-        handle, index = parse_value_ref(unquote(user.decode("utf-8")))
+        return Identity.parse(unquote(user.decode("utf-8"))), password
     except (UnicodeDecodeError, RecordFormatError):
         return None
-    return Identity(handle, index), password
 
 
 def _values(body: Any, handle: str) -> tuple[HandleValue, ...]:

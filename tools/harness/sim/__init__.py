@@ -25,9 +25,10 @@ Benchmark P5 (10,000 devices every 60 s against a real ``ida gateway``, the gate
 fleet: :mod:`tools.harness.bench.p5`.
 
 Modules: ``config`` (``SimConfig``, ``SimError``), ``provision`` (a device's identity, environment and process),
-``firmware`` and ``light`` (the two fleets; ``devices`` what a light device keeps and reports, ``light_mqtt`` its
-MQTT connections), ``coap`` and ``mqtt`` (the light fleet's clients), ``stats`` (counters, histograms,
-summaries), ``runner`` (start, run, stop a fleet), ``cli`` (``ida sim``).
+``fleet`` (what both fleets keep), ``firmware`` and ``light`` (the two fleets; ``light_base`` what the light fleet
+holds, ``light_reports`` and ``light_resolves`` its devices' two exchanges, ``devices`` what a light device keeps
+and reports, ``light_mqtt`` its MQTT connections), ``coap`` and ``mqtt`` (the light fleet's clients), ``stats``
+(counters, histograms, summaries), ``runner`` (start, run, stop a fleet), ``cli`` (``ida sim``).
 """
 
 from __future__ import annotations

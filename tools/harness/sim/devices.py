@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from tools.harness.sim.coap import report_template
 from tools.harness.sim.config import SimError
 from tools.harness.sim.mqtt import MqttConn
 
-__all__ = ["Device", "Report", "next_boot", "BOARD", "FW", "RETRY_MIN", "RETRY_MAX", "BOOT_FILE"]
+__all__ = ["Device", "Report", "Schedule", "next_boot", "BOARD", "FW", "RETRY_MIN", "RETRY_MAX", "BOOT_FILE"]
 
 BOARD = "sim"
 FW = "0.1.0-sim"
@@ -46,6 +47,42 @@ def next_boot(data_dir: Path) -> int:
     return boot
 
 
+class Schedule:
+    """A device's recurring job (its reports, its resolves): ``job()`` at ``due`` (event loop time), then every
+    ``period`` seconds, until :meth:`cancel`."""
+
+    __slots__ = ("loop", "job", "period", "due", "timer")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, job: Callable[[], None], period: float, first: float
+    ) -> None:
+        self.loop = loop
+        self.job = job
+        self.period = period
+        self.due = first
+        self.timer: asyncio.TimerHandle | None = loop.call_at(first, self._run)
+
+    def _run(self) -> None:
+        self.due += self.period
+        self.timer = self.loop.call_at(self.due, self._run)
+        self.job()
+
+    def set_period(self, period: float) -> None:
+        """As the firmware takes a new interval: a shorter one brings the next run forward, a longer one applies
+        after it."""
+        self.period = period
+        t = self.loop.time() + period
+        if t < self.due and self.timer is not None:
+            self.timer.cancel()
+            self.due = t
+            self.timer = self.loop.call_at(t, self._run)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Report:
     __slots__ = ("seq", "payload", "sends")
 
@@ -66,9 +103,7 @@ class Device:
         "inflight",
         "backoff",
         "retry_timer",
-        "interval",
-        "next_due",
-        "next_timer",
+        "report_schedule",
         "rssi",
         "heap",
         "template",
@@ -77,8 +112,7 @@ class Device:
         "etags",
         "resolve_token",
         "resolve_timer",
-        "resolve_due",
-        "resolve_timer_next",
+        "resolve_schedule",
         "resolves",
         "resolve_t0",
         "resolve_target",
@@ -88,7 +122,7 @@ class Device:
         "dropped",
     )
 
-    def __init__(self, n: int, ident: str, transport: str, interval: float, rng: random.Random) -> None:
+    def __init__(self, n: int, ident: str, transport: str, rng: random.Random) -> None:
         self.n = n
         self.ident = ident
         self.key = devicemsg.topic_key(ident)
@@ -98,9 +132,7 @@ class Device:
         self.inflight: Report | None = None
         self.backoff = RETRY_MIN
         self.retry_timer: asyncio.TimerHandle | None = None
-        self.interval = interval
-        self.next_due = 0.0
-        self.next_timer: asyncio.TimerHandle | None = None
+        self.report_schedule: Schedule | None = None  # once the fleet starts
         self.rssi = -rng.randrange(40, 85)
         self.heap = rng.randrange(70_000, 110_000)
         self.template: RequestTemplate | None = report_template(ident) if transport == "coap" else None
@@ -109,8 +141,7 @@ class Device:
         self.etags: dict[str, bytes] = {}
         self.resolve_token: bytes | None = None
         self.resolve_timer: asyncio.TimerHandle | None = None
-        self.resolve_due = 0.0
-        self.resolve_timer_next: asyncio.TimerHandle | None = None
+        self.resolve_schedule: Schedule | None = None
         self.resolves = 0
         self.resolve_t0 = 0.0
         self.resolve_target = ident

@@ -22,13 +22,15 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from proto import devicemsg
 from tools.harness.sim.config import SimConfig, SimError
+from tools.harness.sim.fleet import FleetBase
 from tools.harness.sim.provision import device_env, device_process, provision, uid_for
-from tools.harness.sim.stats import Counters, Histogram, SimResult
+from tools.harness.sim.stats import Histogram, SimResult
 from tools.support.console import RESOLVE_TIMEOUT, Banner, ConsoleError, Crash, Event, Log, Transcript
 from tools.support.console.process import ConsoleProcess
 from tools.support.procs import ProcessError, micropython_binary
@@ -43,35 +45,27 @@ TAIL_LINES = 40  # console lines kept per device, shown when it exits
 _RESOLVE_LOG = re.compile(r"^I app resolve id=\S+ code=(\d+)")
 
 
+@dataclass
 class _Device:
-    def __init__(self, n: int, ident: str, transport: str, data_dir: Path) -> None:
-        self.n = n
-        self.ident = ident
-        self.transport = transport
-        self.data_dir = data_dir
-        self.device: ConsoleProcess | None = None
-        self.status: dict[str, Any] = {}
-        self.exited_reported = False
-        self.replies = 0  # status replies received
+    n: int
+    ident: str
+    transport: str
+    data_dir: Path
+    device: ConsoleProcess | None = None
+    status: dict[str, Any] = field(default_factory=dict)  # its last ``status`` reply
+    exited_reported: bool = False
+    replies: int = 0  # status replies received
 
     def alive(self) -> bool:
         return self.device is not None and self.device.alive()
 
 
-class FirmwareFleet:
+class FirmwareFleet(FleetBase):
     mode = "firmware"
 
     def __init__(self, cfg: SimConfig, *, log: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
-        self.log = log or (lambda _m: None)
-        self.counters = Counters()
-        self.resolve_ms = Histogram()
+        super().__init__(cfg, log=log)
         self.devices: list[_Device] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.t_start = 0.0
-        self.t_stop: float | None = None
-        self.stopping = False
-        self._cpu0 = 0.0
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -79,8 +73,7 @@ class FirmwareFleet:
             mp = micropython_binary()
         except ProcessError as e:
             raise SimError(str(e)) from None
-        self.t_start = time.monotonic()
-        self._cpu0 = time.process_time()
+        self._started()
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -106,9 +99,9 @@ class FirmwareFleet:
         except BaseException:
             await self._kill_all()
             raise
-        self._task(self._status_loop())
+        self.spawn(self._status_loop())
         if cfg.resolve_every > 0:
-            self._task(self._resolve_loop())
+            self.spawn(self._resolve_loop())
 
     def _spawn(self, d: _Device, mp: str) -> None:
         """The firmware process, and a console on its pipes read by its own thread (events to the loop)."""
@@ -125,24 +118,20 @@ class FirmwareFleet:
             error=SimError,
         ).start()
 
-    def _task(self, coro: Any) -> None:
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
     def _event(self, ev: Event) -> None:
         """A log line or boot banner (replies go to whoever asked): the firmware resolves its own identifier
         once its transport is up, and says so in its log."""
         if isinstance(ev, Log | Banner | Crash):
             m = _RESOLVE_LOG.match(ev.line if not isinstance(ev, Log) else ev.text)
             if m:
-                self._count_resolve(int(m.group(1)))
+                self.counters.resolves += 1
+                self.counters.count_resolve(int(m.group(1)))
 
     def _ended(self, d: _Device) -> None:
         if not self.stopping and not d.exited_reported:
             d.exited_reported = True
             self.counters.errors += 1
-            self._task(self._report_exit(d))
+            self.spawn(self._report_exit(d))
 
     async def _report_exit(self, d: _Device) -> None:
         if d.device is None:
@@ -161,16 +150,6 @@ class FirmwareFleet:
         except ConsoleError:
             return None
 
-    def _count_resolve(self, code: int) -> None:
-        c = self.counters
-        c.resolves += 1
-        if code == devicemsg.OK:
-            c.resolves_ok += 1
-        elif code in (devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND):
-            c.resolves_not_found += 1
-        else:
-            c.resolve_errors += 1
-
     async def _status(self, d: _Device) -> None:
         st = await self._ask(d, "status", STATUS_TIMEOUT)
         if st is not None and st.get("ok"):
@@ -183,20 +162,18 @@ class FirmwareFleet:
         if obj is None:
             return  # not asked (the device is gone) or no answer at all: nothing the firmware counted
         code = obj.get("code")
-        if isinstance(code, int):
-            self._count_resolve(code)
-            if code in (devicemsg.OK, devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND):
-                self.resolve_ms.add((time.monotonic() - t0) * 1000.0)
-        else:  # refused by the console: offline, busy...
-            self.counters.resolves += 1
+        self.counters.resolves += 1
+        if not isinstance(code, int):  # refused by the console: offline, busy...
             self.counters.resolve_errors += 1
+        elif self.counters.count_resolve(code):
+            self.resolve_ms.add((time.monotonic() - t0) * 1000.0)
 
     async def _status_all(self) -> None:
         await asyncio.gather(*(self._status(d) for d in self.devices if d.alive()))
 
     async def _status_loop(self) -> None:
         while True:
-            self._task(self._status_all())
+            self.spawn(self._status_all())
             await asyncio.sleep(STATUS_EVERY)
 
     async def _resolve_loop(self) -> None:
@@ -210,7 +187,7 @@ class FirmwareFleet:
                     return
                 target = ids[k % len(ids)] if ids else d.ident
                 k += 1
-                self._task(self._resolve(d, target))
+                self.spawn(self._resolve(d, target))
 
     # -- results --------------------------------------------------------------------------------------------
     @property
@@ -225,19 +202,8 @@ class FirmwareFleet:
         c.dropped = sum(int(s.get("dropped") or 0) for s in st)
         c.sent = c.made
         c.errors += sum(int(s.get("errors") or 0) for s in st)
-        end = self.t_stop if self.t_stop is not None else time.monotonic()
-        res = SimResult(
-            mode=self.mode,
-            transport=self.cfg.transport,
-            devices=len(self.devices),
-            elapsed_s=max(0.0, end - self.t_start) if self.t_start else 0.0,
-            counters=c,
-            pending=self.pending,
-            online=sum(1 for s in st if s.get("transport_on")),
-            resolve_ms=self.resolve_ms,
-            processes=sum(1 for d in self.devices if d.alive()),
-            sim_cpu_s=time.process_time() - self._cpu0 if self.t_start else 0.0,
-        )
+        res = self._result(c, len(self.devices), self.pending, sum(1 for s in st if s.get("transport_on")))
+        res.processes = sum(1 for d in self.devices if d.alive())
         res.notes.append(
             "firmware mode: counts come from each device's `status` (sent = made; retries and ack "
             "latency are not exposed by the firmware)"
@@ -256,11 +222,7 @@ class FirmwareFleet:
             await asyncio.sleep(0.3)
         await self._status_within(1.5)  # one last status from everyone
         self.t_stop = time.monotonic()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.tasks.cancel()
         await self._kill_all()
         return self.snapshot()
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from proto import devicemsg
+
 __all__ = ["Histogram", "Counters", "SimResult", "format_line", "format_final"]
 
 _BASE_MS = 0.01
@@ -86,6 +88,20 @@ class Counters:
 
     def copy(self) -> Counters:
         return Counters(**asdict(self))
+
+    def count_resolve(self, code: int) -> bool:
+        """One resolve's outcome by its docs/protocol.md code (the caller counts ``resolves`` when it asks): True
+        for an answer (found, not modified, not found), False for an error (counted in ``resolve_errors``)."""
+        if code == devicemsg.OK:
+            self.resolves_ok += 1
+        elif code == devicemsg.NOT_MODIFIED:
+            self.resolves_not_modified += 1
+        elif code in (devicemsg.NOT_FOUND, devicemsg.VALUES_NOT_FOUND):
+            self.resolves_not_found += 1
+        else:
+            self.resolve_errors += 1
+            return False
+        return True
 
     def minus(self, other: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})

@@ -35,9 +35,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Protocol
 
+from ..lifecycle import Closable
 from .errors import CommandTimeout, DeviceReset, PortError
 from .protocol import Banner, Crash, Event, Garbage, LineParser, Reply, Text, check_command
 from .serialport import DEFAULT_BAUD, READ_SLICE, open_port
@@ -95,7 +95,7 @@ class _Pending:
     future: Future[Reply]
 
 
-class DeviceConsole:
+class DeviceConsole(Closable):
     """See the module docstring. ``port`` is an open port (:class:`PortLike`: a pyserial port, a
     :class:`~tools.support.console.pipe.PipePort`); the console sets its ``timeout`` to ``read_slice``.
     ``on_event`` is called (under the lock) with every event except the replies the console's own commands and
@@ -154,14 +154,6 @@ class DeviceConsole:
             self.closed = True
             self.transcript.note("port closed")
             self.port.close()  # the transcript stays open: its owner saves or closes it
-
-    def __enter__(self) -> DeviceConsole:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # -- reading -----------------------------------------------------------------------------------------
     def _read(self, expect: Callable[[Event], bool] | None = None) -> list[Event]:

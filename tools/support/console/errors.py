@@ -3,20 +3,11 @@ the user can do something about); the command line turns them into a message and
 
 from __future__ import annotations
 
+from tools.errors import HintedError
 
-class ConsoleError(RuntimeError):
+
+class ConsoleError(HintedError):
     """Base class; ``hint`` says what to try next."""
-
-    hint = ""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        if hint is not None:
-            self.hint = hint
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text} ({self.hint})" if self.hint else text
 
 
 class PortError(ConsoleError):

@@ -15,11 +15,11 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar, Unpack
 
-from tools.support.procs import Process, ProcessError
+from tools.support.procs import Process, ProcessOptions
 
 from .device import DeviceConsole
 from .errors import ConsoleError, PortError
@@ -38,49 +38,40 @@ SIMULATED = Timeouts(command=10.0, json_mode=10.0, boot_wait=30.0)
 
 
 class ConsoleProcess:
-    """``process`` (a :class:`tools.support.procs.Process`), ``console`` and ``pump`` once started. ``log``
-    receives stderr unless ``stderr`` asks for a pipe; ``on_event``, ``monitor`` and ``on_end`` are called in
-    the pump's thread (see :class:`DeviceConsole` and :class:`ConsolePump`), ``on_event`` and ``on_end`` on
-    ``loop`` instead when one is given (asyncio code)."""
+    """``process`` (a :class:`tools.support.procs.Process` on ``cmd``, with ``process`` its options: ``env``,
+    ``cwd``, ``log``...), ``console`` and ``pump`` once started. ``log`` receives stderr unless ``stderr`` asks
+    for a pipe; ``on_event``, ``monitor`` and ``on_end`` are called in the pump's thread (see
+    :class:`DeviceConsole` and :class:`ConsolePump`), ``on_event`` and ``on_end`` on ``loop`` instead when one
+    is given (asyncio code)."""
 
     def __init__(
         self,
         name: str,
         cmd: list[str],
         *,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-        log: Path | None = None,
-        stderr: bool = False,
-        new_session: bool = True,
         timeouts: Timeouts = SIMULATED,
         transcript: Transcript | None = None,
         on_event: Callable[[Event], object] | None = None,
         monitor: Callable[[Event], object] | None = None,
         on_end: Callable[[ConsoleError | None], object] | None = None,
         read_slice: float = 0.25,
-        error: type[Exception] = ProcessError,
         loop: asyncio.AbstractEventLoop | None = None,
+        **process: Unpack[ProcessOptions],
     ) -> None:
         self.name = name
-        self.process = Process(
-            name,
-            cmd,
-            env=env,
-            cwd=cwd,
-            log=log,
-            stdin=True,
-            stdout=True,
-            stderr=stderr,
-            new_session=new_session,
-            error=error,
-        )
-        self.timeouts = timeouts
+        self.process = Process(name, cmd, stdin=True, stdout=True, **process)
         self.transcript = transcript
-        self.on_event = _on(loop, on_event)
-        self.monitor = monitor
         self.on_end = _on(loop, on_end)
-        self.read_slice = read_slice
+        # the console it opens on the process's pipes once started
+        self._console = partial(
+            DeviceConsole,
+            name=name,
+            transcript=transcript,
+            timeouts=timeouts,
+            on_event=_on(loop, on_event),
+            monitor=monitor,
+            read_slice=read_slice,
+        )
         self.console: DeviceConsole | None = None
         self.pump: ConsolePump | None = None
 
@@ -92,15 +83,7 @@ class ConsoleProcess:
         self.process.start()
         p = self.process.proc
         assert p is not None and p.stdout is not None and p.stdin is not None
-        self.console = DeviceConsole(
-            PipePort(p.stdout, p.stdin, self.name),
-            name=self.name,
-            transcript=self.transcript,
-            timeouts=self.timeouts,
-            on_event=self.on_event,
-            monitor=self.monitor,
-            read_slice=self.read_slice,
-        )
+        self.console = self._console(PipePort(p.stdout, p.stdin, self.name))
         self.pump = ConsolePump(self.console, on_end=self.on_end).start()
         return self
 
