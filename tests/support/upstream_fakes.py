@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.errors import UpstreamError
 from gateway.upstream.base import Result
 from proto.records import AdminRef, HandleValue, Record
-from tests.support.webapp import serve
+from tests.support.webapp import LoopbackApp
 from tools.support import procs
 
 T0 = 1_700_000_000.0
@@ -105,7 +105,7 @@ def refused(node: str = "fake") -> UpstreamError:
 
 
 # -- a Handle REST server (aiohttp) -------------------------------------------------------------------
-class RestNode:
+class RestNode(LoopbackApp):
     """A tiny Handle REST API server on 127.0.0.1 serving ``records``.
 
     ``canned`` maps a handle to (HTTP status, body bytes, delay s) served instead of the record. Every request's
@@ -115,15 +115,10 @@ class RestNode:
     def __init__(
         self, records: Sequence[Record] = (), canned: dict[str, tuple[int, bytes, float]] | None = None
     ):
+        super().__init__()
         self.records = {r.handle.upper(): r for r in records}
         self.canned = canned or {}
         self.targets: list[str] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = request.raw_path
@@ -145,15 +140,8 @@ class RestNode:
             return web.json_response({"responseCode": 200, "handle": handle})
         return web.json_response(sel.to_rest())
 
-    async def start(self) -> RestNode:
-        app = web.Application()
-        app.router.add_get("/api/handles/{tail:.*}", self._handle)
-        self._runner, self.port = await serve(app)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/api/handles/{tail:.*}", self._handle)
 
 
 def free_port() -> int:
