@@ -52,7 +52,7 @@ class FakeUpstream:
     """Implements the client shape (``resolve`` + ``close``) from a dict of records.
 
     ``latency`` delays every answer; ``error`` (an exception, or a callable making one) is raised instead of
-    answering; ``gate`` (an asyncio.Event) holds every request until set. Counts calls, cancellations, and
+    answering; after :meth:`hold` every request waits until :meth:`release`. Counts calls, cancellations, and
     keeps the (loop time, handle, types, indexes) of every request.
     """
 
@@ -62,24 +62,30 @@ class FakeUpstream:
         *,
         latency: float = 0.0,
         error: BaseException | None = None,
-        gate: asyncio.Event | None = None,
     ) -> None:
         self.records = {r.handle: r for r in records}
         self.latency = latency
         self.error = error
-        self.gate = gate
+        self._open = asyncio.Event()
+        self._open.set()
         self.calls = 0
         self.cancelled = 0
         self.completed = 0
         self.closed = False
         self.requests: list[tuple[float, str, tuple[str, ...], tuple[int, ...]]] = []
 
+    def hold(self) -> None:
+        """From now on every request (one already waiting too) waits for :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     async def resolve(self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()) -> Result:
         self.calls += 1
         self.requests.append((asyncio.get_running_loop().time(), handle, tuple(types), tuple(indexes)))
         try:
-            if self.gate is not None:
-                await self.gate.wait()
+            await self._open.wait()
             if self.latency:
                 await asyncio.sleep(self.latency)
         except asyncio.CancelledError:
