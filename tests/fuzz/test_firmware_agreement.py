@@ -10,25 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proto import devicemsg, identifier
+from tests.support.fuzzing import cbor_scalars, cbor_trees
 from tests.support.mp import run_mp
 
-scalars = (
-    st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, width=64)
-    | st.booleans()
-    | st.none()
-    | st.text(max_size=40)
-    | st.binary(max_size=40)
-)
-values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=5)
-        | st.dictionaries(
-            st.integers(min_value=-30, max_value=300) | st.text(max_size=8), children, max_size=5
-        )
+# generated values: integers in [-(2**63), 2**64 - 1], floats without NaN, strings up to 40 long
+values = cbor_trees(
+    cbor_scalars(
+        st.integers(min_value=-(2**63), max_value=2**64 - 1), st.floats(allow_nan=False, width=64), 40
     ),
-    max_leaves=20,
+    st.integers(min_value=-30, max_value=300) | st.text(max_size=8),
+    20,
 )
 
 ROUNDTRIP = """

@@ -333,8 +333,8 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with watch_logs() as watch:
 
         async def setup() -> tuple[int, Callable[[], Awaitable[None]]]:
-            node = RestNode()
-            url = await node.start()
+            node = await RestNode().start()
+            url = node.url
             cfg = gwconfig.from_mapping(
                 {
                     "coap": {"host": "127.0.0.1", "port": 0},

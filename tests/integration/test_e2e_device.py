@@ -41,7 +41,7 @@ from proto.coap import Message, MessageError
 from proto.coap.numbers import GET
 from tests.support.brokers import Broker, mosquitto_binary
 from tests.support.devicerun import IdaDevice
-from tests.support.webapp import serve
+from tests.support.webapp import LoopbackApp
 from tools.harness.bench.procs import Child
 from tools.harness.bench.project import NodeProcess, rest_record
 from tools.harness.sim.provision import FIRMWARE_DIR
@@ -76,14 +76,15 @@ class LoopThread:
         self.loop.close()
 
 
-class Webhook:
+class Webhook(LoopbackApp):
     """The northbound consumer: every POST of the gateway's outbox, in arrival order."""
 
+    path = "/hook"
+
     def __init__(self) -> None:
+        super().__init__()
         self.deliveries: list[tuple[str, int, int]] = []
         self.keys: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -91,15 +92,8 @@ class Webhook:
         self.keys.append(request.headers.get("Idempotency-Key", ""))
         return web.json_response({"ok": True})
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._post)
-        self._runner, port = await serve(app)
-        self.url = f"http://127.0.0.1:{port}/hook"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(self.path, self._post)
 
     def of(self, ident: str) -> tuple[int, set[tuple[int, int]]]:
         """(raw deliveries, de-duplicated (boot, seq) set) for one device."""

@@ -14,31 +14,32 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from proto import devicemsg
 from tests.support.brokers import Device
-from tests.support.webapp import serve
+from tests.support.webapp import LoopbackApp
 
 __all__ = ["Consumer", "FleetStats", "MqttFleet"]
 
 
 # -- the northbound consumer ------------------------------------------------------------------------------
-class Consumer:
+class Consumer(LoopbackApp):
     """Webhook sink consumer: counts raw deliveries, keeps the de-duplicated set of (id, boot, seq)."""
 
+    path = "/reports"
+
     def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
         self.delay = (
             delay  # seconds before answering 200 (widens the crash window between delivery and delete)
         )
         self.raw = 0
         self.keys: Counter[tuple[str, int, int]] = Counter()
         self.by_transport: Counter[str] = Counter()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -60,16 +61,8 @@ class Consumer:
     def duplicates(self) -> int:
         return self.raw - len(self.keys)
 
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/reports", self._post)
-        self._runner, port = await serve(app)
-        self.url = f"http://127.0.0.1:{port}/reports"
-        return self.url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(self.path, self._post)
 
 
 # -- light MQTT devices ---------------------------------------------------------------------------------------
@@ -77,47 +70,57 @@ class Consumer:
 class FleetStats:
     resolves_sent: int = 0  # resolve requests published (retries included)
     resolves_answered: int = 0  # distinct resolves that got an answer
-    resolve_retries: int = 0
     resolve_codes: Counter[int] = field(default_factory=Counter)
     reports: int = 0  # distinct reports made
     reports_sent: int = 0  # publishes (retries included)
     reports_acked: int = 0
-    report_retries: int = 0
     failures: list[str] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # longest time a device waited for any answer
 
+    @property
+    def resolve_retries(self) -> int:
+        """Resolve requests that went unanswered: each was followed by a new one, or the device gave up."""
+        return self.resolves_sent - self.resolves_answered
 
+    @property
+    def report_retries(self) -> int:
+        """Report publishes that went unacknowledged: each was followed by a new one, or the device gave up."""
+        return self.reports_sent - self.reports_acked
+
+    def figures(self) -> dict[str, Any]:
+        """The fleet's part of a fault test's FIGURES line: requests sent and retried, the longest wait."""
+        return {
+            "resolves_sent": self.resolves_sent,
+            "resolve_retries": self.resolve_retries,
+            "reports_sent": self.reports_sent,
+            "report_retries": self.report_retries,
+            "max_wait_s": round(max(self.gaps), 2),
+        }
+
+
+@dataclass
 class MqttFleet:
-    """``n`` devices on the broker at ``url``; each runs ``cycles`` rounds of (one resolve, one report), retrying
-    every request until it is answered (resolve: a new token after ``resolve_timeout``; report: the same report
-    after ``report_timeout``), as the firmware does. ``boot`` is the boot number of every device's reports."""
+    """``idents`` devices on the broker at ``url``; each runs ``cycles`` rounds of (one resolve of one of
+    ``handles``, one report), retrying every request until it is answered (resolve: a new token after
+    ``resolve_timeout``; report: the same report after ``report_timeout``), as the firmware does. ``boot`` is the
+    boot number of every device's reports."""
 
-    def __init__(
-        self,
-        url: str,
-        idents: list[str],
-        handles: list[str],
-        *,
-        boot: int = 1,
-        cycles: int = 10,
-        pause: float = 0.05,
-        resolve_timeout: float = 1.0,
-        report_timeout: float = 1.5,
-        give_up: float = 40.0,
-    ) -> None:
-        self.url = url
-        self.idents = idents
-        self.handles = handles
-        self.boot = boot
-        self.cycles = cycles
-        self.pause = pause
-        self.resolve_timeout = resolve_timeout
-        self.report_timeout = report_timeout
-        self.give_up = give_up
-        self.devices: list[Device] = []
-        self.stats = FleetStats()
-        self.sent_keys: set[tuple[str, int, int]] = set()
-        self.progress = 0  # answered requests, all devices together (the test watches it move)
+    url: str
+    idents: list[str]
+    handles: list[str]
+    _: KW_ONLY
+    boot: int = 1
+    cycles: int = 10
+    pause: float = 0.05
+    resolve_timeout: float = 1.0
+    report_timeout: float = 1.5
+    give_up: float = 40.0  # seconds one request is retried before it counts as a failure
+    devices: list[Device] = field(default_factory=list, init=False)
+    stats: FleetStats = field(default_factory=FleetStats, init=False)
+    sent_keys: set[tuple[str, int, int]] = field(default_factory=set, init=False)
+    progress: int = field(
+        default=0, init=False
+    )  # answered requests, all devices together (the test watches it)
 
     async def connect(self) -> None:
         self.devices = [Device(self.url, ident) for ident in self.idents]
@@ -156,32 +159,25 @@ class MqttFleet:
         attempt: Callable[[], Callable[[dict[int, Any]], bool]],
         q: asyncio.Queue[tuple[bytes, bool]],
         timeout: float,
-        retried: Callable[[], None],
         failure: str,
-    ) -> dict[int, Any] | None:
+    ) -> tuple[dict[int, Any] | None, float]:
         """``attempt()`` sends a request and returns the test of its answer; sent again after ``timeout`` until
-        answered, or until ``give_up`` seconds have passed (then ``failure`` is recorded and None returned)."""
+        answered, or until ``give_up`` seconds have passed (then ``failure`` is recorded and the answer is None).
+        Returns the answer and the seconds it took."""
         t0 = time.monotonic()
         while True:
             answer = await self._await(q, attempt(), timeout)
             if answer is not None:
-                return answer
-            retried()
+                self.progress += 1
+                return answer, time.monotonic() - t0
             if time.monotonic() - t0 > self.give_up:
                 self.stats.failures.append(failure)
-                return None
+                return None, time.monotonic() - t0
 
     async def _device(self, i: int, dev: Device) -> None:
         st = self.stats
         tokens = itertools.count(1)
         res_q, ack_q = dev.queue("res"), dev.queue("ack")
-
-        def retried_resolve() -> None:
-            st.resolve_retries += 1
-
-        def retried_report() -> None:
-            st.report_retries += 1
-
         for cycle in range(self.cycles):
             handle = self.handles[(i + cycle) % len(self.handles)]
             seq = cycle + 1
@@ -199,31 +195,18 @@ class MqttFleet:
                     o.get(devicemsg.KEYS["boot"]) == self.boot and o.get(devicemsg.KEYS["seq"]) == seq
                 )
 
-            t0 = time.monotonic()
-            ans = await self._until_answered(
-                resolve,
-                res_q,
-                self.resolve_timeout,
-                retried_resolve,
-                f"{dev.identifier} resolve {handle} never answered",
+            ans, resolve_wait = await self._until_answered(
+                resolve, res_q, self.resolve_timeout, f"{dev.identifier} resolve {handle} never answered"
             )
             if ans is not None:
                 st.resolves_answered += 1
                 st.resolve_codes[int(ans.get(devicemsg.KEYS["code"], 0))] += 1
-                self.progress += 1
-            gap = time.monotonic() - t0
             self.sent_keys.add((dev.identifier, self.boot, seq))
             st.reports += 1
-            t1 = time.monotonic()
-            ack = await self._until_answered(
-                report,
-                ack_q,
-                self.report_timeout,
-                retried_report,
-                f"{dev.identifier} report {seq} never acknowledged",
+            ack, report_wait = await self._until_answered(
+                report, ack_q, self.report_timeout, f"{dev.identifier} report {seq} never acknowledged"
             )
             if ack is not None:
                 st.reports_acked += 1
-                self.progress += 1
-            st.gaps.append(max(gap, time.monotonic() - t1))
+            st.gaps.append(max(resolve_wait, report_wait))
             await asyncio.sleep(self.pause)

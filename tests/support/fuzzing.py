@@ -190,27 +190,35 @@ class LoopThread:
 
 
 # -- CBOR values and protocol messages --------------------------------------------------------------------
-cbor_scalars = (
-    st.integers(min_value=-(2**64), max_value=2**64 - 1)
-    | st.sampled_from([0, 1, 23, 24, 255, 256, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63)])
-    | st.floats(width=64)
-    | st.sampled_from([1.0, 2.0, 10.0, 20.0, float("nan"), float("inf")])
-    | st.booleans()
-    | st.none()
-    | st.text(max_size=30)
-    | st.binary(max_size=30)
-)
-cbor_values = st.recursive(
-    cbor_scalars,
-    lambda kids: (
-        st.lists(kids, max_size=5)
-        | st.dictionaries(
-            st.integers(-3, 30) | st.text(max_size=6) | st.sampled_from([1.0, 2.0, True, False]),
-            kids,
-            max_size=5,
-        )
+def cbor_scalars(
+    ints: st.SearchStrategy[Any], floats: st.SearchStrategy[Any], size: int
+) -> st.SearchStrategy[Any]:
+    """CBOR's scalar values: ``ints``, ``floats``, booleans, null, and text and byte strings up to ``size``."""
+    return ints | floats | st.booleans() | st.none() | st.text(max_size=size) | st.binary(max_size=size)
+
+
+def cbor_trees(
+    scalars: st.SearchStrategy[Any], keys: st.SearchStrategy[Any], max_leaves: int
+) -> st.SearchStrategy[Any]:
+    """Arrays and maps (keys from ``keys``) of up to 5 items, nested over ``scalars``."""
+    return st.recursive(
+        scalars,
+        lambda kids: st.lists(kids, max_size=5) | st.dictionaries(keys, kids, max_size=5),
+        max_leaves=max_leaves,
+    )
+
+
+cbor_values = cbor_trees(
+    cbor_scalars(
+        st.integers(min_value=-(2**64), max_value=2**64 - 1)
+        | st.sampled_from(
+            [0, 1, 23, 24, 255, 256, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63)]
+        ),
+        st.floats(width=64) | st.sampled_from([1.0, 2.0, 10.0, 20.0, float("nan"), float("inf")]),
+        30,
     ),
-    max_leaves=15,
+    st.integers(-3, 30) | st.text(max_size=6) | st.sampled_from([1.0, 2.0, True, False]),
+    15,
 )
 
 

@@ -1,19 +1,24 @@
 """Test helpers for the gateway service tests: a controllable resolver, a clock, a Handle REST upstream node,
-libcoap's command-line client."""
+libcoap's command-line client, a gateway config on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway import config as gwconfig
 from gateway.resolution import Answer, etag_of
 from proto import devicemsg, identifier
 from proto.records import HandleValue, Record, rest_error
-from tests.support.webapp import serve
+from tests.support.webapp import LoopbackApp
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
 
 PUMP = "88.123.99/PUMP-0001"
 BIG = "88.123.99/BIG-0001"
@@ -103,14 +108,13 @@ class FakeResolver:
         )
 
 
-class RestNode:
+class RestNode(LoopbackApp):
     """A Handle REST upstream on loopback (what a HANDLE.NET proxy answers), counting requests per handle."""
 
     def __init__(self, records: dict[str, Record] | None = None) -> None:
+        super().__init__()
         self.records = sample_records() if records is None else records
         self.requests: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _get(self, request: web.Request) -> web.Response:
         handle = request.match_info["handle"]
@@ -124,16 +128,22 @@ class RestNode:
         body: dict[str, Any] = sel.to_rest()
         return web.json_response(body)
 
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/api/handles/{handle:.*}", self._get)
-        self._runner, port = await serve(app)
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/api/handles/{handle:.*}", self._get)
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+
+def loopback_config(data_dir: Path, **flags: Any) -> gwconfig.GatewayConfig:
+    """The default config (the environment ignored) with CoAP and HTTP on free loopback ports and its data in
+    ``data_dir``; ``flags`` are further command-line overrides (``upstream=[...]``, ``mqtt=...``)."""
+    return gwconfig.with_overrides(
+        gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(data_dir), **flags
+    )
+
+
+def http_base(gw: Gateway) -> str:
+    """The base URL of a started gateway's HTTP front end."""
+    assert gw.addresses.http is not None
+    return f"http://127.0.0.1:{gw.addresses.http[1]}"
 
 
 def report_fields(ident: str = PUMP, boot: int = 1, seq: int = 1, **extra: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.errors import UpstreamError
 from gateway.upstream.base import Result
 from proto.records import AdminRef, HandleValue, Record
-from tests.support.webapp import serve
+from tests.support.webapp import LoopbackApp
 from tools.support import procs
 
 T0 = 1_700_000_000.0
@@ -52,7 +52,7 @@ class FakeUpstream:
     """Implements the client shape (``resolve`` + ``close``) from a dict of records.
 
     ``latency`` delays every answer; ``error`` (an exception, or a callable making one) is raised instead of
-    answering; ``gate`` (an asyncio.Event) holds every request until set. Counts calls, cancellations, and
+    answering; after :meth:`hold` every request waits until :meth:`release`. Counts calls, cancellations, and
     keeps the (loop time, handle, types, indexes) of every request.
     """
 
@@ -62,24 +62,30 @@ class FakeUpstream:
         *,
         latency: float = 0.0,
         error: BaseException | None = None,
-        gate: asyncio.Event | None = None,
     ) -> None:
         self.records = {r.handle: r for r in records}
         self.latency = latency
         self.error = error
-        self.gate = gate
+        self._open = asyncio.Event()
+        self._open.set()
         self.calls = 0
         self.cancelled = 0
         self.completed = 0
         self.closed = False
         self.requests: list[tuple[float, str, tuple[str, ...], tuple[int, ...]]] = []
 
+    def hold(self) -> None:
+        """From now on every request (one already waiting too) waits for :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     async def resolve(self, handle: str, types: Sequence[str] = (), indexes: Sequence[int] = ()) -> Result:
         self.calls += 1
         self.requests.append((asyncio.get_running_loop().time(), handle, tuple(types), tuple(indexes)))
         try:
-            if self.gate is not None:
-                await self.gate.wait()
+            await self._open.wait()
             if self.latency:
                 await asyncio.sleep(self.latency)
         except asyncio.CancelledError:
@@ -105,7 +111,7 @@ def refused(node: str = "fake") -> UpstreamError:
 
 
 # -- a Handle REST server (aiohttp) -------------------------------------------------------------------
-class RestNode:
+class RestNode(LoopbackApp):
     """A tiny Handle REST API server on 127.0.0.1 serving ``records``.
 
     ``canned`` maps a handle to (HTTP status, body bytes, delay s) served instead of the record. Every request's
@@ -115,15 +121,10 @@ class RestNode:
     def __init__(
         self, records: Sequence[Record] = (), canned: dict[str, tuple[int, bytes, float]] | None = None
     ):
+        super().__init__()
         self.records = {r.handle.upper(): r for r in records}
         self.canned = canned or {}
         self.targets: list[str] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = request.raw_path
@@ -145,15 +146,8 @@ class RestNode:
             return web.json_response({"responseCode": 200, "handle": handle})
         return web.json_response(sel.to_rest())
 
-    async def start(self) -> RestNode:
-        app = web.Application()
-        app.router.add_get("/api/handles/{tail:.*}", self._handle)
-        self._runner, self.port = await serve(app)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/api/handles/{tail:.*}", self._handle)
 
 
 def free_port() -> int:

@@ -57,24 +57,23 @@ def _is_submodule(module: str, name: str) -> bool:
     return base.is_dir() or base.with_suffix(".py").exists()
 
 
-def test_proto_imports_nothing_else_of_ours() -> None:
+def _assert_no_imports(top: str, banned: set[str]) -> None:
+    """No file under ``top`` imports a package named in ``banned``; the failure lists every such import."""
     bad = [
         f"{_rel(p)}:{line} imports {mod}"
-        for p in _sources("proto")
+        for p in _sources(top)
         for line, mod, _names in _imports(p)
-        if mod.split(".")[0] in OURS - {"proto"}
+        if mod.split(".")[0] in banned
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_proto_imports_nothing_else_of_ours() -> None:
+    _assert_no_imports("proto", OURS - {"proto"})
 
 
 def test_gateway_never_imports_tools_or_tests() -> None:
-    bad = [
-        f"{_rel(p)}:{line} imports {mod}"
-        for p in _sources("gateway")
-        for line, mod, _names in _imports(p)
-        if mod.split(".")[0] in {"tools", "tests", "carrier", "firmware"}
-    ]
-    assert not bad, "\n".join(bad)
+    _assert_no_imports("gateway", {"tools", "tests", "carrier", "firmware"})
 
 
 def test_tools_use_only_the_public_surface_of_gateway() -> None:
@@ -98,13 +97,7 @@ def test_tools_use_only_the_public_surface_of_gateway() -> None:
 
 
 def test_firmware_imports_only_carrier() -> None:
-    bad = [
-        f"{_rel(p)}:{line} imports {mod}"
-        for p in _sources("firmware")
-        for line, mod, _names in _imports(p)
-        if mod.split(".")[0] in OURS - {"carrier"}
-    ]
-    assert not bad, "\n".join(bad)
+    _assert_no_imports("firmware", OURS - {"carrier"})
 
 
 @pytest.mark.parametrize(

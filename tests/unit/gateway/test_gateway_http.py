@@ -11,13 +11,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import config as gwconfig
 from gateway.errors import AllUpstreamsFailed, NameNotServed, UpstreamRefused, UpstreamTimeout
 from gateway.frontends.http import HttpFrontEnd
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.service import Gateway
-from tests.support.gwhelpers import PUMP, Clock, FakeResolver, RestNode, report_fields, sample_records
+from tests.support.gwhelpers import (
+    PUMP,
+    Clock,
+    FakeResolver,
+    RestNode,
+    http_base,
+    loopback_config,
+    report_fields,
+    sample_records,
+)
 from tools import cli
 
 
@@ -222,18 +230,10 @@ async def test_metrics_text_format(env: Env) -> None:
 async def test_second_request_is_a_cache_hit_in_metrics(tmp_path: Path) -> None:
     node = RestNode()
     await node.start()
-    cfg = gwconfig.with_overrides(
-        gwconfig.load(None),
-        upstream=[node.url],
-        coap="127.0.0.1:0",
-        http="127.0.0.1:0",
-        data_dir=str(tmp_path / "data"),
-    )
-    gw = Gateway(cfg)
+    gw = Gateway(loopback_config(tmp_path / "data", upstream=[node.url]))
     await gw.start()
     try:
-        assert gw.addresses.http is not None
-        base = f"http://127.0.0.1:{gw.addresses.http[1]}"
+        base = http_base(gw)
         async with aiohttp.ClientSession() as session:
             for _ in range(2):
                 async with session.get(f"{base}/api/handles/{PUMP}") as r:

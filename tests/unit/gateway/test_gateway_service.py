@@ -22,7 +22,8 @@ from aiohttp import web
 from gateway import config as gwconfig
 from gateway.service import Gateway
 from proto import devicemsg
-from tests.support.gwhelpers import PUMP, RestNode, report_fields, sample_records
+from tests.support.gwhelpers import PUMP, RestNode, http_base, loopback_config, report_fields, sample_records
+from tests.support.webapp import LoopbackApp
 
 ROOT = Path(__file__).resolve().parents[3]
 LISTENING = re.compile(r"(coap|http) listening on (\S+):(\d+)")
@@ -115,29 +116,21 @@ async def test_ida_gateway_sigint_and_port_in_use(tmp_path: Path) -> None:
     assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
-class Webhook:
+class Webhook(LoopbackApp):
     """A northbound consumer: records every report POSTed by the outbox."""
 
+    path = "/reports"
+
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[dict] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _post(self, request: web.Request) -> web.Response:
         self.received.append(await request.json())
         return web.Response(status=204)
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/reports", self._post)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/reports"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(self.path, self._post)
 
 
 async def _until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -152,10 +145,7 @@ async def test_restart_keeps_reports_deduplicated_and_cache_warm(tmp_path: Path)
     node, hook = RestNode(), Webhook()
     await node.start()
     await hook.start()
-    base = gwconfig.load(None, env={})
-    cfg = gwconfig.with_overrides(
-        base, upstream=[node.url], coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(tmp_path / "data")
-    )
+    cfg = loopback_config(tmp_path / "data", upstream=[node.url])
     cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(webhook_url=hook.url))
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     report = devicemsg.encode("report", report_fields(boot=4, seq=11))
@@ -259,13 +249,7 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
     mqtt_dev, coap_dev = "88.123.99/MQTT-0001", "88.123.99/COAP-0001"
     north = NorthboundSubscriber(mosquitto.url, "ida/v1/north/reports")
     await north.ready()
-    cfg = gwconfig.with_overrides(
-        gwconfig.load(None, env={}),
-        coap="127.0.0.1:0",
-        http="127.0.0.1:0",
-        mqtt=mosquitto.url,
-        data_dir=str(tmp_path / "data"),
-    )
+    cfg = loopback_config(tmp_path / "data", mqtt=mosquitto.url)
     cfg = dataclasses.replace(cfg, outbox=gwconfig.OutboxConfig(mqtt_topic="ida/v1/north/reports"))
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     device = Device(mosquitto.url, mqtt_dev)
@@ -290,7 +274,7 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
                     ack = await asyncio.wait_for(client.request(msg).response, 10)
                     assert devicemsg.decode("report_ack", ack.payload)["code"] == devicemsg.OK
                 await _until(lambda: len(north.received) >= 2)
-                base = f"http://127.0.0.1:{gw.addresses.http[1]}"
+                base = http_base(gw)
                 async with aiohttp.ClientSession() as session:
                     for ident, transport in ((mqtt_dev, "mqtt"), (coap_dev, "coap")):
                         async with session.get(f"{base}/api/devices/{ident}") as r:
@@ -314,9 +298,7 @@ async def test_reports_over_mqtt_and_coap_reach_the_outbox_once_across_a_restart
 
 
 async def test_gateway_start_failure_cleans_up(tmp_path: Path) -> None:
-    cfg = gwconfig.with_overrides(
-        gwconfig.load(None, env={}), coap="127.0.0.1:0", http="127.0.0.1:0", data_dir=str(tmp_path / "data")
-    )
+    cfg = loopback_config(tmp_path / "data")
     first = Gateway(cfg)
     await first.start()
     try:

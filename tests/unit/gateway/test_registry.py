@@ -13,6 +13,7 @@ from gateway.outbox import Outbox
 from gateway.registry import Registry
 from proto import devicemsg
 from proto.identifier import IdentifierError
+from tests.support.gwhelpers import report_fields
 
 DEV = "88.123.99/PUMP-0001"
 
@@ -38,18 +39,7 @@ class Clock:
 
 
 def report(boot: int = 1, seq: int = 1, ident: str = DEV, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "boot": boot,
-        "seq": seq,
-        "uptime": 10 * seq,
-        "heap": 80000,
-        "rssi": -61,
-        "queue": 2,
-        "board": "esp32-devkitc",
-        "fw": "0.1.0",
-        **extra,
-    }
+    return report_fields(ident, boot, seq, **{"uptime": 10 * seq, "heap": 80000, "queue": 2, **extra})
 
 
 @pytest.fixture

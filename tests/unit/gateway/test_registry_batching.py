@@ -10,7 +10,6 @@ import errno
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,32 +17,7 @@ import gateway.registry as registry_mod
 from gateway.errors import StorageError
 from gateway.outbox import Outbox
 from gateway.registry import Registry
-
-DEV = "88.123.99/PUMP-0001"
-
-
-class NullSink:
-    name = "null"
-
-    async def start(self) -> None: ...
-
-    async def deliver(self, payload: dict[str, Any]) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-def report(boot: int = 1, seq: int = 1, ident: str = DEV) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "boot": boot,
-        "seq": seq,
-        "uptime": 10 * seq,
-        "heap": 80000,
-        "rssi": -61,
-        "queue": 2,
-        "board": "esp32-devkitc",
-        "fw": "0.1.0",
-    }
+from tests.unit.gateway.test_registry import DEV, NullSink, report
 
 
 def dev(i: int) -> str:
@@ -65,9 +39,10 @@ def wal_changes(reg: Registry) -> int:
 
 
 async def test_many_concurrent_reports_few_transactions(db: Path) -> None:
-    ob = Outbox(db, [NullSink()])
-    reg = Registry(db, ob, batch_max=64, batch_delay=0.005)
-    try:
+    with (
+        contextlib.closing(Outbox(db, [NullSink()])) as ob,
+        contextlib.closing(Registry(db, ob, batch_max=64, batch_delay=0.005)) as reg,
+    ):
         n = 300
         results = await asyncio.gather(
             *(reg.record_report_async(dev(i), report(1, 1, dev(i)), "mqtt") for i in range(n))
@@ -78,15 +53,13 @@ async def test_many_concurrent_reports_few_transactions(db: Path) -> None:
         assert ob.depth() == n  # each stored and enqueued northbound in its batch's transaction
         assert len(reg.devices()) == n
         assert reg.device(dev(7))["last_report"]["seq"] == 1  # type: ignore[index]
-    finally:
-        reg.close()
-        ob.close()
 
 
 async def test_duplicates_inside_one_batch_stored_once(db: Path) -> None:
-    ob = Outbox(db, [NullSink()])
-    reg = Registry(db, ob, batch_max=100, batch_delay=0.01)
-    try:
+    with (
+        contextlib.closing(Outbox(db, [NullSink()])) as ob,
+        contextlib.closing(Registry(db, ob, batch_max=100, batch_delay=0.01)) as reg,
+    ):
         calls = [reg.record_report_async(DEV, report(1, 5), "mqtt") for _ in range(3)]
         calls.append(reg.record_report_async(DEV, report(1, 6), "coap", "10.0.0.7:5683"))
         calls.append(reg.record_report_async(DEV, report(1, 5), "mqtt"))
@@ -99,9 +72,6 @@ async def test_duplicates_inside_one_batch_stored_once(db: Path) -> None:
         assert ob.depth() == 2
         # and a duplicate of an earlier batch is still one
         assert await reg.record_report_async(DEV, report(1, 6), "mqtt") is False
-    finally:
-        reg.close()
-        ob.close()
 
 
 async def test_no_answer_before_commit_and_failed_commit_fails_the_batch(
@@ -154,20 +124,16 @@ async def test_no_answer_before_commit_and_failed_commit_fails_the_batch(
 
 
 async def test_bad_report_raises_at_once(db: Path) -> None:
-    reg = Registry(db)
-    try:
+    with contextlib.closing(Registry(db)) as reg:
         with pytest.raises(ValueError):
             await reg.record_report_async(DEV, {**report(), "id": "88.123.99/OTHER"}, "mqtt")
         with pytest.raises(ValueError):
             await reg.record_report_async(DEV, {**report(), "seq": -1}, "mqtt")
         assert reg.commits == 0
-    finally:
-        reg.close()
 
 
 def test_status_unchanged_no_write(db: Path) -> None:
-    reg = Registry(db)
-    try:
+    with contextlib.closing(Registry(db)) as reg:
         reg.set_status(DEV, True, "mqtt")
         assert reg.commits == 1
         before, wal = wal_changes(reg), wal_size(db)
@@ -180,31 +146,22 @@ def test_status_unchanged_no_write(db: Path) -> None:
         assert reg.commits == 3
         d = reg.device(DEV)
         assert d is not None and d["online"] is False and d["transport"] == "coap"
-    finally:
-        reg.close()
     # after a restart the in-memory copy is empty: the write is attempted but changes no row
-    reg2 = Registry(db)
-    try:
+    with contextlib.closing(Registry(db)) as reg2:
         reg2.set_status(DEV, False, "coap")
         assert wal_changes(reg2) == 0  # the INSERT ... DO NOTHING and the conditional UPDATE touch no row
-    finally:
-        reg2.close()
 
 
 def test_status_after_report_on_another_transport(db: Path) -> None:
-    reg = Registry(db)
-    try:
+    with contextlib.closing(Registry(db)) as reg:
         reg.set_status(DEV, True, "mqtt")
         reg.record_report(DEV, report(1, 1), "coap")
         reg.set_status(DEV, True, "mqtt")  # the report moved transport to coap: this is a change again
         assert reg.device(DEV)["transport"] == "mqtt"  # type: ignore[index]
-    finally:
-        reg.close()
 
 
 async def test_status_batched_without_fsync_and_with_reports(db: Path) -> None:
-    reg = Registry(db, batch_delay=0.002)
-    try:
+    with contextlib.closing(Registry(db, batch_delay=0.002)) as reg:
         for i in range(200):
             reg.set_status(dev(i), True, "mqtt")
         assert reg.commits == 0  # queued on the loop: one write shortly after
@@ -218,8 +175,6 @@ async def test_status_batched_without_fsync_and_with_reports(db: Path) -> None:
         assert reg._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for reports
         d = reg.device(dev(0))
         assert d is not None and d["online"] is False and d["reports_total"] == 1
-    finally:
-        reg.close()
 
 
 async def test_close_commits_what_is_queued(db: Path) -> None:
@@ -229,9 +184,6 @@ async def test_close_commits_what_is_queued(db: Path) -> None:
     reg.set_status(DEV, True, "mqtt")
     reg.close()
     assert await task is True
-    reg2 = Registry(db)
-    try:
+    with contextlib.closing(Registry(db)) as reg2:
         d = reg2.device(DEV)
         assert d is not None and d["reports_total"] == 1 and d["online"] is True
-    finally:
-        reg2.close()

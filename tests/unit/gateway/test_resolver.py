@@ -42,12 +42,11 @@ def make(
     pool_kw: dict[str, float] | None = None,
     **cfg: object,
 ) -> Resolver:
-    clock = clock or Clock()
+    """A resolver over ``nodes`` (``fake://0``, ``fake://1``...); its cache, unless given, is the one the config
+    makes (kept in ``data_dir`` when the config has one), on ``clock``."""
     config = ResolverConfig(**cfg)  # type: ignore[arg-type]
     pool = UpstreamPool([(f"fake://{i}", n) for i, n in enumerate(nodes)], **(pool_kw or {}))  # type: ignore[arg-type]
-    return Resolver(
-        config, pool=pool, cache=cache or Cache(config.cache, clock=clock), zone=zone, clock=clock
-    )
+    return Resolver(config, pool=pool, cache=cache, zone=zone, clock=clock or Clock())
 
 
 def test_resolver_is_a_resolving() -> None:
@@ -169,13 +168,13 @@ async def test_upstream_ignoring_the_filter_is_filtered_locally() -> None:
 
 # -- single-flight --------------------------------------------------------------------------------------
 async def test_1000_concurrent_misses_make_one_upstream_request() -> None:
-    gate = asyncio.Event()
-    up = FakeUpstream([PUMP], gate=gate)
+    up = FakeUpstream([PUMP])
+    up.hold()
     r = make(up)
     tasks = [asyncio.create_task(r.resolve(H)) for _ in range(1000)]
     await asyncio.sleep(0.01)
     assert up.calls == 1
-    gate.set()
+    up.release()
     answers = await asyncio.gather(*tasks)
     assert up.calls == 1
     assert {(a.code, a.source, a.etag) for a in answers} == {
@@ -188,12 +187,12 @@ async def test_1000_concurrent_misses_make_one_upstream_request() -> None:
 
 
 async def test_single_flight_error_goes_to_waiters_but_is_not_remembered() -> None:
-    gate = asyncio.Event()
-    up = FakeUpstream([PUMP], gate=gate, error=UpstreamBusy("busy"))
+    up = FakeUpstream([PUMP], error=UpstreamBusy("busy"))
+    up.hold()
     r = make(up)
     waiters = [asyncio.create_task(r.resolve(H)) for _ in range(50)]
     await asyncio.sleep(0.01)
-    gate.set()
+    up.release()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert up.calls == 1
     assert all(isinstance(e, AllUpstreamsFailed) for e in results)
@@ -207,14 +206,14 @@ async def test_single_flight_error_goes_to_waiters_but_is_not_remembered() -> No
 
 
 async def test_caller_cancelled_does_not_cancel_the_shared_request() -> None:
-    gate = asyncio.Event()
-    up = FakeUpstream([PUMP], gate=gate)
+    up = FakeUpstream([PUMP])
+    up.hold()
     r = make(up)
     first = asyncio.create_task(r.resolve(H))
     second = asyncio.create_task(r.resolve(H))
     await asyncio.sleep(0.01)
     first.cancel()
-    gate.set()
+    up.release()
     assert (await second).code == devicemsg.OK
     assert up.cancelled == 0 and up.calls == 1
     await r.close()
@@ -228,14 +227,14 @@ async def test_cancelled_waiters_leave_the_outcome_to_the_others() -> None:
     loop.set_exception_handler(lambda _loop, ctx: unhandled.append(ctx))
     try:
         for error in (None, UpstreamBusy("busy")):
-            gate = asyncio.Event()
-            up = FakeUpstream([PUMP], gate=gate, error=error)
+            up = FakeUpstream([PUMP], error=error)
+            up.hold()
             r = make(up)
             callers = [asyncio.create_task(r.resolve(H)) for _ in range(4)]
             await asyncio.sleep(0.01)
             callers[0].cancel()  # the caller that started the request
             callers[2].cancel()
-            gate.set()
+            up.release()
             results = await asyncio.gather(*callers, return_exceptions=True)
             assert isinstance(results[0], asyncio.CancelledError) and isinstance(
                 results[2], asyncio.CancelledError
@@ -256,8 +255,8 @@ async def test_cancelled_waiters_leave_the_outcome_to_the_others() -> None:
 
 
 async def test_close_cancels_the_request_and_its_waiters() -> None:
-    gate = asyncio.Event()
-    up = FakeUpstream([PUMP], gate=gate)
+    up = FakeUpstream([PUMP])
+    up.hold()
     r = make(up)
     callers = [asyncio.create_task(r.resolve(H)) for _ in range(3)]
     await asyncio.sleep(0.01)
@@ -301,7 +300,7 @@ async def test_all_real_rest_nodes_refused_stale_and_fast_failure() -> None:
     clock = Clock()
     dead = f"http://127.0.0.1:{free_port()}"
     config = ResolverConfig(upstreams=[node.url, dead], timeout=2.0, attempt_timeout=1.0)
-    r = Resolver(config, cache=Cache(config.cache, clock=clock), clock=clock)
+    r = Resolver(config, cache=Cache(config.cache_config(), clock=clock), clock=clock)
     assert (await r.resolve(H)).source == devicemsg.SOURCE_UPSTREAM
     await node.stop()  # now every upstream is down
     clock.advance(400)
@@ -323,19 +322,17 @@ async def test_timeout_without_stale_raises_upstream_timeout() -> None:
 
 
 async def test_slow_upstream_with_stale_entry_answers_stale_after_the_client_timer() -> None:
-    gate = asyncio.Event()
-    gate.set()
-    up = FakeUpstream([PUMP], gate=gate)
+    up = FakeUpstream([PUMP])
     clock = Clock()
     r = make(up, clock=clock, stale_answer_after=0.05)
     await r.resolve(H)
     clock.advance(400)
-    gate.clear()  # the upstream now hangs
+    up.hold()  # the upstream now hangs
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     a = await r.resolve(H)
     assert a.source == devicemsg.SOURCE_STALE and 0.04 < loop.time() - t0 < 0.5
-    gate.set()  # the request went on and now refreshes the cache
+    up.release()  # the request went on and now refreshes the cache
     await asyncio.sleep(0.01)
     b = await r.resolve(H)
     assert b.source == devicemsg.SOURCE_CACHE and up.calls == 2
@@ -344,9 +341,7 @@ async def test_slow_upstream_with_stale_entry_answers_stale_after_the_client_tim
 
 # -- prefetch -------------------------------------------------------------------------------------------
 async def test_prefetch_in_the_last_tenth_of_the_lifetime() -> None:
-    gate = asyncio.Event()
-    gate.set()
-    up = FakeUpstream([PUMP], gate=gate)
+    up = FakeUpstream([PUMP])
     clock = Clock()
     r = make(up, clock=clock)
     await r.resolve(H)  # lifetime 300 s
@@ -355,7 +350,7 @@ async def test_prefetch_in_the_last_tenth_of_the_lifetime() -> None:
     await asyncio.sleep(0)
     assert up.calls == 1
     clock.advance(15)  # 92 %: a hit that also refreshes in the background
-    gate.clear()
+    up.hold()
     a = await r.resolve(H)
     assert a.source == devicemsg.SOURCE_CACHE and a.expires_at == T0 + 300  # answered at once, from the cache
     await asyncio.sleep(0.01)
@@ -363,7 +358,7 @@ async def test_prefetch_in_the_last_tenth_of_the_lifetime() -> None:
     for _ in range(5):  # once per entry: more hits do not start more refreshes
         await r.resolve(H)
     assert up.calls == 2 and r.stats().cache.prefetches == 1
-    gate.set()
+    up.release()
     await asyncio.sleep(0.01)
     c = await r.resolve(H)
     assert c.source == devicemsg.SOURCE_CACHE and c.expires_at == T0 + 275 + 300  # the refreshed entry
@@ -415,14 +410,7 @@ async def test_zone_file_in_the_data_dir_is_loaded(tmp_path: Path) -> None:
 # -- persistence ----------------------------------------------------------------------------------------
 async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> None:
     clock = Clock()
-    config = ResolverConfig(upstreams=["fake://0"], data_dir=tmp_path)
-    up = FakeUpstream([PUMP])
-    r = Resolver(
-        config,
-        pool=UpstreamPool([("fake://0", up)]),
-        cache=Cache(config.cache, path=config.cache_path(), clock=clock),
-        clock=clock,
-    )
+    r = make(FakeUpstream([PUMP]), clock=clock, upstreams=["fake://0"], data_dir=tmp_path)
     first = await r.resolve(H)
     await r.resolve("88.123.99/NOPE")
     await r.close()  # flushes
@@ -430,12 +418,7 @@ async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> N
 
     clock.advance(30)
     down = FakeUpstream(error=refused())
-    r2 = Resolver(
-        config,
-        pool=UpstreamPool([("fake://0", down)]),
-        cache=Cache(config.cache, path=config.cache_path(), clock=clock),
-        clock=clock,
-    )
+    r2 = make(down, clock=clock, upstreams=["fake://0"], data_dir=tmp_path)
     a = await r2.resolve(H)
     assert (a.source, a.record, a.expires_at, a.etag) == (
         devicemsg.SOURCE_CACHE,
@@ -449,7 +432,7 @@ async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> N
 
 
 async def test_write_behind_flushes_on_a_timer(tmp_path: Path) -> None:
-    config = ResolverConfig(data_dir=tmp_path, cache=CacheConfig(flush_interval=0.02))
+    config = ResolverConfig(data_dir=tmp_path, flush_interval=0.02)
     up = FakeUpstream([PUMP])
     r = Resolver(config, pool=UpstreamPool([("fake://0", up)]))
     await r.resolve(H)
@@ -490,8 +473,8 @@ async def test_default_config_uses_the_native_upstream() -> None:
 
 
 def test_cache_config_from_resolver_config() -> None:
-    c = CacheConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100)
-    assert Resolver(ResolverConfig(cache=c), pool=UpstreamPool([])).cache.config is c
+    c = ResolverConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100).cache_config()
+    assert c == CacheConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100)
     assert ResolverConfig(data_dir=Path("/d"), persist=False).cache_path() is None
     assert ResolverConfig(data_dir=Path("/d")).zone_path() == Path("/d/zone.json")
 

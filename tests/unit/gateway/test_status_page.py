@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 from aiocoap.numbers.codes import Code
 
-from gateway import config as gwconfig
 from gateway import status
 from gateway.errors import AllUpstreamsFailed, UpstreamTimeout
 from gateway.outbox import Outbox
@@ -31,7 +30,7 @@ from gateway.service import Gateway
 from gateway.sinks import make_sink
 from proto import devicemsg
 from proto.identifier import IdentifierError
-from tests.support.gwhelpers import PUMP, FakeResolver, report_fields
+from tests.support.gwhelpers import PUMP, FakeResolver, http_base, loopback_config, report_fields
 from tests.support.upstream_fakes import free_port
 from tools.harness.node.server import NodeServer
 
@@ -245,20 +244,13 @@ async def test_status_page_in_headless_chromium(tmp_path: Path, fast_sampling: N
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
     dead = f"http://127.0.0.1:{free_port()}"  # a node that refuses connections: shown failing
     async with NodeServer(http=None) as node:
-        cfg = gwconfig.with_overrides(
-            gwconfig.load(None, env={}),
-            upstream=[dead, node.handle_url],
-            coap="127.0.0.1:0",
-            http="127.0.0.1:0",
-            data_dir=str(tmp_path / "data"),
-        )
-        gw = Gateway(cfg)
+        gw = Gateway(loopback_config(tmp_path / "data", upstream=[dead, node.handle_url]))
         await gw.start()
         client = await aiocoap.Context.create_client_context(transports=["udp6"])
         try:
-            assert gw.addresses.coap is not None and gw.addresses.http is not None
+            assert gw.addresses.coap is not None
             coap = f"coap://127.0.0.1:{gw.addresses.coap[1]}"
-            base = f"http://127.0.0.1:{gw.addresses.http[1]}"
+            base = http_base(gw)
 
             async def coap_request(
                 code: Code, path: str, payload: bytes = b"", query: str = ""
