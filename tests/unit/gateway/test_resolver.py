@@ -300,7 +300,7 @@ async def test_all_real_rest_nodes_refused_stale_and_fast_failure() -> None:
     clock = Clock()
     dead = f"http://127.0.0.1:{free_port()}"
     config = ResolverConfig(upstreams=[node.url, dead], timeout=2.0, attempt_timeout=1.0)
-    r = Resolver(config, cache=Cache(config.cache_config(), clock=clock), clock=clock)
+    r = Resolver(config, cache=Cache(config.cache, clock=clock), clock=clock)
     assert (await r.resolve(H)).source == devicemsg.SOURCE_UPSTREAM
     await node.stop()  # now every upstream is down
     clock.advance(400)
@@ -432,7 +432,7 @@ async def test_restart_answers_from_sqlite_without_upstream(tmp_path: Path) -> N
 
 
 async def test_write_behind_flushes_on_a_timer(tmp_path: Path) -> None:
-    config = ResolverConfig(data_dir=tmp_path, flush_interval=0.02)
+    config = ResolverConfig(data_dir=tmp_path, cache=CacheConfig(flush_interval=0.02))
     up = FakeUpstream([PUMP])
     r = Resolver(config, pool=UpstreamPool([("fake://0", up)]))
     await r.resolve(H)
@@ -473,8 +473,8 @@ async def test_default_config_uses_the_native_upstream() -> None:
 
 
 def test_cache_config_from_resolver_config() -> None:
-    c = ResolverConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100).cache_config()
-    assert c == CacheConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100)
+    c = CacheConfig(min_ttl=5, max_ttl=60, negative_ttl=10, max_stale=100)
+    assert Resolver(ResolverConfig(cache=c), pool=UpstreamPool([])).cache.config is c
     assert ResolverConfig(data_dir=Path("/d"), persist=False).cache_path() is None
     assert ResolverConfig(data_dir=Path("/d")).zone_path() == Path("/d/zone.json")
 
